@@ -1,0 +1,519 @@
+//! The consumer pipeline: handler, classification, timeout, dedup, retry policy.
+//!
+//! A [`Consumer`] is what a transport runs for every delivery: it turns a [`Message`]
+//! into a [`Disposition`] (ack, retry after a delay, dead-letter), records a tracing
+//! span and metrics, and counts outcomes. Transports differ only in how they carry a
+//! disposition out, so the in-memory broker and RabbitMQ behave the same.
+//!
+//! ```
+//! use idem_core::{Consumer, Disposition, Json, Message, MemoryStore};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idem_core::ConfigError> {
+//! async fn handle(Json(n): Json<u32>) -> Result<(), std::io::Error> {
+//!     println!("got {n}");
+//!     Ok(())
+//! }
+//!
+//! let consumer = Consumer::builder("counter").store(MemoryStore::new()).handler(handle)?;
+//! let msg = || Message::new("7").with_message_id("m-1");
+//! assert_eq!(consumer.process(msg()).await, Disposition::Ack { duplicate: false });
+//! assert_eq!(consumer.process(msg()).await, Disposition::Ack { duplicate: true });
+//! # Ok(()) }
+//! ```
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tower::util::BoxCloneSyncService;
+use tower::{Layer, Service, ServiceExt};
+use tracing::{field, Instrument};
+
+use crate::backoff::Backoff;
+use crate::classify::{Classify, ClassifyLayer};
+use crate::dedup::{DedupLayer, DedupStore, Processed};
+use crate::error::{BoxError, ErrorKind, HandlerError};
+use crate::handler::{Handler, HandlerService};
+use crate::message::Message;
+use crate::outcome::{headers, parse_rfc3339, truncate, Disposition, Failure, MAX_ERROR_LEN};
+
+/// The handler stack below dedup: classified errors, no response.
+pub type ClassifiedService = BoxCloneSyncService<Message, (), HandlerError>;
+/// The stack with dedup: says whether the handler ran or the message was a duplicate.
+pub type DedupedService = BoxCloneSyncService<Message, Processed, HandlerError>;
+
+/// RabbitMQ's default `consumer_timeout`: a delivery unacked for longer makes the
+/// broker close the channel and redeliver everything unacked on it.
+pub const DEFAULT_BROKER_CONSUMER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// A dedup stage: wraps the classified handler stack. Implemented by
+/// [`DedupLayer`] (lease stores) and by the SQL transactional inbox.
+pub trait Deduplicate: Send + Sync + 'static {
+    /// Wraps the stack.
+    fn wrap(&self, inner: ClassifiedService) -> DedupedService;
+    /// How long `done` records are kept.
+    fn retention(&self) -> Duration;
+    /// The claim lease, if this stage uses leases.
+    fn lease(&self) -> Option<Duration>;
+}
+
+impl Deduplicate for DedupLayer {
+    fn wrap(&self, inner: ClassifiedService) -> DedupedService {
+        BoxCloneSyncService::new(self.layer(inner))
+    }
+    fn retention(&self) -> Duration {
+        self.retention_duration()
+    }
+    fn lease(&self) -> Option<Duration> {
+        Some(self.lease_duration())
+    }
+}
+
+/// When a consumer acks, relative to its handler (SEMANTICS section 2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeliveryMode {
+    /// Ack on receipt, before the handler. No duplicates; a crash or failure loses it.
+    AtMostOnce,
+    /// Ack after the handler succeeds. Nothing lost; duplicates possible.
+    AtLeastOnce,
+    /// At-least-once plus a dedup store: each effect applied once. The default when a
+    /// store is configured.
+    EffectivelyOnce,
+}
+
+/// A configuration the framework refuses at start-up.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// Dedup records would expire before the last retry could arrive.
+    #[error("dedup retention {retention:?} is shorter than the retry horizon {horizon:?}: a late retry could run twice; raise the retention or shorten the backoff")]
+    RetentionTooShort {
+        /// Configured retention.
+        retention: Duration,
+        /// Longest retry horizon of the backoff policy.
+        horizon: Duration,
+    },
+    /// A timeout does not fit inside the broker's consumer timeout.
+    #[error("{what} ({value:?}) must be shorter than the broker's consumer_timeout ({broker:?}), or the broker redelivers messages that are still being handled")]
+    TimeoutTooLong {
+        /// Which timeout.
+        what: &'static str,
+        /// Its value.
+        value: Duration,
+        /// The broker's consumer timeout.
+        broker: Duration,
+    },
+    /// Effectively-once needs a dedup store.
+    #[error(
+        "delivery mode effectively-once needs a dedup store (call .store(...) or .dedup(...))"
+    )]
+    MissingStore,
+    /// A store was configured for a mode that does not use it.
+    #[error("a dedup store is configured but the delivery mode is {0:?}; use effectively-once or remove the store")]
+    UnusedStore(DeliveryMode),
+    /// A consumer name is required and must be short and printable.
+    #[error("invalid consumer name {0:?}: 1 to 200 printable characters")]
+    InvalidName(String),
+}
+
+/// Counts of outcomes since the consumer was built.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Messages whose handler succeeded.
+    pub processed: u64,
+    /// Messages acked as duplicates without running the handler.
+    pub duplicates: u64,
+    /// Retry copies scheduled.
+    pub retries: u64,
+    /// Messages dead-lettered.
+    pub dead_lettered: u64,
+    /// At-most-once failures (acked before the handler, not retried).
+    pub dropped: u64,
+}
+
+impl fmt::Display for Stats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "processed={} duplicates={} retries={} dead_lettered={}",
+            self.processed, self.duplicates, self.retries, self.dead_lettered
+        )?;
+        if self.dropped > 0 {
+            write!(f, " dropped={}", self.dropped)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    processed: AtomicU64,
+    duplicates: AtomicU64,
+    retries: AtomicU64,
+    dead_lettered: AtomicU64,
+    dropped: AtomicU64,
+}
+
+struct Meters {
+    processed: metrics::Counter,
+    duplicates: metrics::Counter,
+    retries: metrics::Counter,
+    dead_lettered: metrics::Counter,
+    latency: metrics::Histogram,
+}
+
+impl Meters {
+    fn new(name: &str) -> Self {
+        let c = name.to_owned();
+        Meters {
+            processed: metrics::counter!("idem_processed_total", "consumer" => c.clone()),
+            duplicates: metrics::counter!("idem_duplicates_total", "consumer" => c.clone()),
+            retries: metrics::counter!("idem_retries_total", "consumer" => c.clone()),
+            dead_lettered: metrics::counter!("idem_dead_lettered_total", "consumer" => c.clone()),
+            latency: metrics::histogram!("idem_handler_duration_seconds", "consumer" => c),
+        }
+    }
+}
+
+struct Inner {
+    name: Arc<str>,
+    mode: DeliveryMode,
+    service: DedupedService,
+    backoff: Backoff,
+    handler_timeout: Duration,
+    lease: Option<Duration>,
+    counters: Counters,
+    meters: Meters,
+}
+
+/// A configured consumer: turns messages into dispositions. Cheap to clone.
+#[derive(Clone)]
+pub struct Consumer {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Consumer")
+            .field("name", &self.inner.name)
+            .field("mode", &self.inner.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`Consumer`]. See [`Consumer::builder`].
+pub struct ConsumerBuilder {
+    name: String,
+    mode: Option<DeliveryMode>,
+    dedup: Option<Arc<dyn Deduplicate>>,
+    backoff: Backoff,
+    classifier: ClassifyLayer,
+    handler_timeout: Duration,
+}
+
+impl Consumer {
+    /// Starts configuring consumer `name`. Defaults: at-least-once (effectively-once
+    /// once a store is set), [`Backoff::default`], the default classifier, handler
+    /// timeout 5 minutes.
+    pub fn builder(name: impl Into<String>) -> ConsumerBuilder {
+        ConsumerBuilder {
+            name: name.into(),
+            mode: None,
+            dedup: None,
+            backoff: Backoff::default(),
+            classifier: ClassifyLayer::default(),
+            handler_timeout: Duration::from_secs(300),
+        }
+    }
+
+    /// The consumer name (dedup scope, `x-idem-consumer` header).
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The delivery mode.
+    pub fn mode(&self) -> DeliveryMode {
+        self.inner.mode
+    }
+
+    /// The retry policy.
+    pub fn backoff(&self) -> &Backoff {
+        &self.inner.backoff
+    }
+
+    /// Outcome counts so far.
+    pub fn stats(&self) -> Stats {
+        let c = &self.inner.counters;
+        Stats {
+            processed: c.processed.load(Ordering::Relaxed),
+            duplicates: c.duplicates.load(Ordering::Relaxed),
+            retries: c.retries.load(Ordering::Relaxed),
+            dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
+            dropped: c.dropped.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Checks that the handler timeout and dedup lease fit inside the broker's
+    /// `consumer_timeout`. Transports call this at start-up.
+    pub fn check_broker_timeout(&self, broker: Duration) -> Result<(), ConfigError> {
+        let mut checks = vec![("handler timeout", self.inner.handler_timeout)];
+        if let Some(lease) = self.inner.lease {
+            checks.push(("dedup lease", lease));
+        }
+        for (what, value) in checks {
+            if value >= broker {
+                return Err(ConfigError::TimeoutTooLong {
+                    what,
+                    value,
+                    broker,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the stack on one delivery and decides what the transport must do.
+    ///
+    /// In at-most-once mode the transport has acked already; a failure then yields
+    /// [`Disposition::Ack`] after being logged and counted as dropped.
+    pub async fn process(&self, mut msg: Message) -> Disposition {
+        let inner = &self.inner;
+        let failed_before = msg.failed_attempts();
+        msg.delivery.attempt = failed_before.saturating_add(1);
+        let span = tracing::info_span!(
+            "idem.delivery",
+            consumer = %inner.name,
+            queue = %msg.delivery.queue,
+            message_id = msg.properties.message_id.as_deref().unwrap_or(""),
+            key = field::Empty,
+            attempt = msg.delivery.attempt,
+            outcome = field::Empty,
+            latency_ms = field::Empty,
+        );
+        let fallback_key = msg.properties.message_id.clone();
+        let first_failed_at = msg
+            .headers
+            .get(headers::FIRST_FAILED_AT)
+            .and_then(|v| v.as_str())
+            .and_then(parse_rfc3339);
+        let started = Instant::now();
+        let result = inner
+            .service
+            .clone()
+            .oneshot(msg)
+            .instrument(span.clone())
+            .await;
+        let elapsed = started.elapsed();
+        inner.meters.latency.record(elapsed.as_secs_f64());
+
+        let disposition = match result {
+            Ok(Processed::Handled) => Disposition::Ack { duplicate: false },
+            Ok(Processed::Duplicate) => Disposition::Ack { duplicate: true },
+            Err(err) => self.on_error(err, failed_before, first_failed_at, fallback_key),
+        };
+        let c = &inner.counters;
+        match &disposition {
+            Disposition::Ack { duplicate: false } => {
+                c.processed.fetch_add(1, Ordering::Relaxed);
+                inner.meters.processed.increment(1);
+            }
+            Disposition::Ack { duplicate: true } => {
+                c.duplicates.fetch_add(1, Ordering::Relaxed);
+                inner.meters.duplicates.increment(1);
+            }
+            Disposition::Retry { .. } => {
+                c.retries.fetch_add(1, Ordering::Relaxed);
+                inner.meters.retries.increment(1);
+            }
+            Disposition::DeadLetter(_) => {
+                c.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                inner.meters.dead_lettered.increment(1);
+            }
+        }
+        span.record("outcome", disposition.name());
+        span.record("latency_ms", elapsed.as_secs_f64() * 1000.0);
+        let _enter = span.enter();
+        match &disposition {
+            Disposition::Ack { .. } => tracing::debug!(outcome = disposition.name(), "settled"),
+            Disposition::Retry { delay, failure, .. } => tracing::info!(
+                ?delay, attempts = failure.attempts, error = %failure.error, "retry scheduled"
+            ),
+            Disposition::DeadLetter(failure) => tracing::warn!(
+                kind = %failure.kind, attempts = failure.attempts, error = %failure.error, "dead-lettered"
+            ),
+        }
+        disposition
+    }
+
+    fn on_error(
+        &self,
+        err: HandlerError,
+        failed_before: u32,
+        first_failed_at: Option<SystemTime>,
+        fallback_key: Option<String>,
+    ) -> Disposition {
+        let inner = &self.inner;
+        let now = SystemTime::now();
+        let kind = err.kind().unwrap_or(ErrorKind::Transient);
+        let attempts = if err.counts_attempt() {
+            failed_before.saturating_add(1)
+        } else {
+            failed_before
+        };
+        let failure = Failure {
+            kind,
+            error: truncate(&err.chain(), MAX_ERROR_LEN),
+            attempts,
+            first_failed_at: first_failed_at.unwrap_or(now),
+            last_failed_at: now,
+            key: err.key().map(str::to_owned).or(fallback_key),
+        };
+        if inner.mode == DeliveryMode::AtMostOnce {
+            inner.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %failure.error, "at-most-once handler failed; message was acked on receipt and is not retried");
+            return Disposition::Ack { duplicate: false };
+        }
+        if kind == ErrorKind::Permanent {
+            return Disposition::DeadLetter(failure);
+        }
+        if !err.counts_attempt() {
+            let delay = err.retry_delay().unwrap_or(Duration::from_secs(1));
+            return Disposition::Retry {
+                delay,
+                explicit: true,
+                failure,
+            };
+        }
+        let since_first = now
+            .duration_since(failure.first_failed_at)
+            .unwrap_or_default();
+        match inner.backoff.next_delay(attempts, since_first) {
+            None => Disposition::DeadLetter(failure),
+            Some(computed) => match err.retry_delay() {
+                Some(asked) => Disposition::Retry {
+                    delay: asked,
+                    explicit: true,
+                    failure,
+                },
+                None => Disposition::Retry {
+                    delay: computed,
+                    explicit: false,
+                    failure,
+                },
+            },
+        }
+    }
+}
+
+impl ConsumerBuilder {
+    /// Sets the delivery mode explicitly.
+    pub fn mode(mut self, mode: DeliveryMode) -> Self {
+        self.mode = Some(mode);
+        self
+    }
+
+    /// Dedups through a lease store with the default [`DedupLayer`] settings.
+    pub fn store(self, store: impl DedupStore) -> Self {
+        let layer = DedupLayer::new(self.name.clone(), store);
+        self.dedup(layer)
+    }
+
+    /// Dedups through a configured stage: a [`DedupLayer`] or a transactional inbox.
+    pub fn dedup(mut self, stage: impl Deduplicate) -> Self {
+        self.dedup = Some(Arc::new(stage));
+        self
+    }
+
+    /// The retry policy for transient failures.
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// Maps errors the handler did not classify (`None` defers to the default).
+    pub fn classify(mut self, policy: impl Classify) -> Self {
+        self.classifier = ClassifyLayer::new(policy);
+        self
+    }
+
+    /// Handler timeout: a handler still running after it is a transient failure.
+    pub fn handler_timeout(mut self, timeout: Duration) -> Self {
+        self.handler_timeout = timeout;
+        self
+    }
+
+    /// Finishes with an async fn handler that uses no shared state.
+    pub fn handler<H, T>(self, handler: H) -> Result<Consumer, ConfigError>
+    where
+        H: Handler<T, ()>,
+        T: 'static,
+    {
+        self.service(HandlerService::new(handler, ()))
+    }
+
+    /// Finishes with an async fn handler and the state its [`State`](crate::State)
+    /// extractor reads.
+    pub fn handler_with_state<H, T, S>(self, handler: H, state: S) -> Result<Consumer, ConfigError>
+    where
+        H: Handler<T, S>,
+        T: 'static,
+        S: Clone + Send + Sync + 'static,
+    {
+        self.service(HandlerService::new(handler, state))
+    }
+
+    /// Finishes with any `tower::Service` over messages, e.g. a handler wrapped in
+    /// tower's own layers (concurrency limit, rate limit, load shed).
+    pub fn service<S>(self, service: S) -> Result<Consumer, ConfigError>
+    where
+        S: Service<Message, Response = ()> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        let name = self.name.trim().to_owned();
+        if name.is_empty() || name.len() > 200 || name.chars().any(char::is_control) {
+            return Err(ConfigError::InvalidName(self.name));
+        }
+        let mode = self.mode.unwrap_or(if self.dedup.is_some() {
+            DeliveryMode::EffectivelyOnce
+        } else {
+            DeliveryMode::AtLeastOnce
+        });
+        match (&self.dedup, mode) {
+            (None, DeliveryMode::EffectivelyOnce) => return Err(ConfigError::MissingStore),
+            (Some(_), DeliveryMode::AtMostOnce | DeliveryMode::AtLeastOnce) => {
+                return Err(ConfigError::UnusedStore(mode))
+            }
+            _ => {}
+        }
+        if let Some(stage) = &self.dedup {
+            let horizon = self.backoff.horizon();
+            if stage.retention() < horizon {
+                return Err(ConfigError::RetentionTooShort {
+                    retention: stage.retention(),
+                    horizon,
+                });
+            }
+        }
+        let timed = tower::timeout::Timeout::new(service, self.handler_timeout);
+        let classified: ClassifiedService = BoxCloneSyncService::new(self.classifier.layer(timed));
+        let service = match &self.dedup {
+            Some(stage) => stage.wrap(classified),
+            None => BoxCloneSyncService::new(classified.map_response(|()| Processed::Handled)),
+        };
+        let consumer = Consumer {
+            inner: Arc::new(Inner {
+                meters: Meters::new(&name),
+                name: name.into(),
+                mode,
+                service,
+                backoff: self.backoff,
+                handler_timeout: self.handler_timeout,
+                lease: self.dedup.as_ref().and_then(|s| s.lease()),
+                counters: Counters::default(),
+            }),
+        };
+        consumer.check_broker_timeout(DEFAULT_BROKER_CONSUMER_TIMEOUT)?;
+        Ok(consumer)
+    }
+}

@@ -1,0 +1,185 @@
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::time::Instant;
+
+use super::store::{Claim, Completion, DedupStore, OwnerToken, ScopedKey, StoreError};
+
+#[derive(Debug, Clone)]
+enum State {
+    Processing { owner: OwnerToken },
+    Done { completion: Completion },
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    state: State,
+    expires: Instant,
+    fingerprint: Option<String>,
+}
+
+/// An in-process dedup store: the embedded default for tests and the quickstart.
+///
+/// It forgets everything when the process exits, so it only dedups within one
+/// process. Expired records are swept every 1024 operations. Cloning shares the map.
+#[derive(Clone, Debug, Default)]
+pub struct MemoryStore {
+    inner: Arc<Mutex<Inner>>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    map: HashMap<ScopedKey, Entry>,
+    ops: u64,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of records, expired ones not yet swept included.
+    pub fn len(&self) -> usize {
+        self.lock().map.len()
+    }
+
+    /// Whether the store holds no record.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding this lock cannot leave a half-written entry (every
+        // write is one insert/remove), so a poisoned lock is safe to reuse.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut HashMap<ScopedKey, Entry>, Instant) -> T) -> T {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        inner.ops += 1;
+        if inner.ops.is_multiple_of(1024) {
+            inner.map.retain(|_, e| e.expires > now);
+        }
+        f(&mut inner.map, now)
+    }
+}
+
+fn held_by<'a>(
+    map: &'a mut HashMap<ScopedKey, Entry>,
+    key: &ScopedKey,
+    owner: &OwnerToken,
+    now: Instant,
+) -> Option<&'a mut Entry> {
+    map.get_mut(key).filter(|e| {
+        e.expires > now && matches!(&e.state, State::Processing { owner: o } if o == owner)
+    })
+}
+
+#[async_trait]
+impl DedupStore for MemoryStore {
+    async fn claim(
+        &self,
+        key: &ScopedKey,
+        owner: &OwnerToken,
+        fingerprint: Option<&str>,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        Ok(self.with(|map, now| {
+            if let Some(e) = map.get(key).filter(|e| e.expires > now) {
+                return match &e.state {
+                    State::Done { completion } => Claim::Done {
+                        completion: *completion,
+                        fingerprint: e.fingerprint.clone(),
+                    },
+                    State::Processing { .. } => Claim::Busy {
+                        retry_in: e.expires - now,
+                    },
+                };
+            }
+            map.insert(
+                key.clone(),
+                Entry {
+                    state: State::Processing {
+                        owner: owner.clone(),
+                    },
+                    expires: now + lease,
+                    fingerprint: fingerprint.map(str::to_owned),
+                },
+            );
+            Claim::Acquired
+        }))
+    }
+
+    async fn extend(
+        &self,
+        key: &ScopedKey,
+        owner: &OwnerToken,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        Ok(self.with(|map, now| match held_by(map, key, owner, now) {
+            Some(e) => {
+                e.expires = now + lease;
+                true
+            }
+            None => false,
+        }))
+    }
+
+    async fn complete(
+        &self,
+        key: &ScopedKey,
+        owner: &OwnerToken,
+        completion: Completion,
+        retention: Duration,
+    ) -> Result<bool, StoreError> {
+        Ok(self.with(|map, now| match held_by(map, key, owner, now) {
+            Some(e) => {
+                e.state = State::Done { completion };
+                e.expires = now + retention;
+                true
+            }
+            None => false,
+        }))
+    }
+
+    async fn release(&self, key: &ScopedKey, owner: &OwnerToken) -> Result<bool, StoreError> {
+        Ok(self.with(|map, now| {
+            if held_by(map, key, owner, now).is_some() {
+                map.remove(key);
+                true
+            } else {
+                false
+            }
+        }))
+    }
+
+    async fn reopen_poisoned(
+        &self,
+        key: &ScopedKey,
+        owner: &OwnerToken,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        Ok(self.with(|map, now| match map.get_mut(key) {
+            Some(e)
+                if e.expires > now
+                    && matches!(
+                        e.state,
+                        State::Done {
+                            completion: Completion::Poisoned
+                        }
+                    ) =>
+            {
+                e.state = State::Processing {
+                    owner: owner.clone(),
+                };
+                e.expires = now + lease;
+                true
+            }
+            _ => false,
+        }))
+    }
+}

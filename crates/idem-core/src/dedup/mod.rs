@@ -1,0 +1,55 @@
+//! Idempotence-key dedup: the second arrival of a message is a no-op.
+//!
+//! [`DedupLayer`] wraps a classified handler stack (errors already carry an
+//! [`ErrorKind`](crate::ErrorKind), see [`ClassifyLayer`](crate::classify::ClassifyLayer))
+//! and drives the state machine of a [`DedupStore`]:
+//!
+//! | store says | the layer |
+//! |---|---|
+//! | absent (claim acquired) | runs the handler, extending the lease while it runs |
+//! | done | acks without running the handler ([`Processed::Duplicate`]) |
+//! | processing under a live lease | does not run it and does not drop it: retry later, no attempt spent |
+//! | store error | transient failure: never "duplicate", never run without a claim |
+//!
+//! After the handler: `Ok` -> `done`; permanent error -> `done` (poisoned, so a replay
+//! is a deliberate operator act, header `x-idem-replay`); transient error -> release.
+//! Keys are scoped by consumer name. A message whose key is missing is poison (unless
+//! [`MissingKey::ContentHash`]); one whose key is already `done` with a different payload
+//! fingerprint is poison too ("same key, different payload").
+//!
+//! ```
+//! use std::time::Duration;
+//! use idem_core::dedup::{DedupLayer, MemoryStore};
+//! use idem_core::classify::ClassifyLayer;
+//! use idem_core::{HandlerService, Message};
+//! use tower::{ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! async fn charge() {}
+//! let store = MemoryStore::new();
+//! let svc = ServiceBuilder::new()
+//!     .layer(DedupLayer::new("billing", store).lease(Duration::from_secs(30)))
+//!     .layer(ClassifyLayer::default())
+//!     .service(HandlerService::new(charge, ()));
+//! let first = svc.clone().oneshot(Message::new("{}").with_message_id("c-1")).await.unwrap();
+//! let again = svc.oneshot(Message::new("{}").with_message_id("c-1")).await.unwrap();
+//! assert!(first.is_handled() && again.is_duplicate());
+//! # }
+//! ```
+
+pub mod conformance;
+mod key;
+mod layer;
+mod memory;
+mod store;
+
+pub use key::{
+    DefaultKey, HeaderKey, JsonFieldKey, KeyExtractor, KeyTooLongError, MissingKey,
+    MissingKeyError, MAX_KEY_LEN,
+};
+pub use layer::{DedupLayer, DedupService, PayloadMismatchError, Processed, REPLAY_HEADER};
+pub use memory::MemoryStore;
+pub use store::{Claim, Completion, DedupStore, OwnerToken, ScopedKey, StoreError};
+
+#[cfg(test)]
+mod tests;

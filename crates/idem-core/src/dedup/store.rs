@@ -1,0 +1,212 @@
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::error::BoxError;
+
+/// An idempotence key scoped by consumer name: two consumers of one message (fan-out)
+/// each have their own record.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ScopedKey {
+    consumer: Arc<str>,
+    key: String,
+}
+
+impl ScopedKey {
+    /// A key for this consumer.
+    pub fn new(consumer: impl Into<Arc<str>>, key: impl Into<String>) -> Self {
+        ScopedKey {
+            consumer: consumer.into(),
+            key: key.into(),
+        }
+    }
+
+    /// The consumer name.
+    pub fn consumer(&self) -> &str {
+        &self.consumer
+    }
+
+    /// The idempotence key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+}
+
+impl fmt::Display for ScopedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.consumer, self.key)
+    }
+}
+
+/// Identifies one claim. Complete, release and extend succeed only for the token that
+/// holds the claim (fencing), so a worker whose lease expired cannot overwrite the
+/// state of the worker that took over.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct OwnerToken(String);
+
+impl OwnerToken {
+    /// A fresh random token.
+    pub fn generate() -> Self {
+        OwnerToken(uuid::Uuid::new_v4().simple().to_string())
+    }
+
+    /// The token as a string (32 hex characters for generated tokens).
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for OwnerToken {
+    fn from(s: String) -> Self {
+        OwnerToken(s)
+    }
+}
+
+/// How a message ended, as recorded in a `done` record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Completion {
+    /// The handler succeeded.
+    Succeeded,
+    /// The message was poison (dead-lettered at once). A replay by an operator
+    /// (header `x-idem-replay`) may reopen the record.
+    Poisoned,
+}
+
+/// Result of a claim attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// The caller now holds the claim until the lease expires.
+    Acquired,
+    /// Already processed.
+    Done {
+        /// How it ended.
+        completion: Completion,
+        /// The payload fingerprint recorded with the claim, if any.
+        fingerprint: Option<String>,
+    },
+    /// Another owner holds a live lease.
+    Busy {
+        /// Time left on that lease.
+        retry_in: Duration,
+    },
+}
+
+/// A dedup store failed (unreachable, timed out, ...). Always treated as transient:
+/// the message is retried, never assumed to be a duplicate, and the handler never runs
+/// without a claim.
+#[derive(Debug, thiserror::Error)]
+#[error("dedup store unavailable: {message}")]
+pub struct StoreError {
+    message: String,
+    #[source]
+    source: Option<BoxError>,
+}
+
+impl StoreError {
+    /// An error with a message (which must not contain credentials).
+    pub fn new(message: impl Into<String>) -> Self {
+        StoreError {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// An error with a message and its cause.
+    pub fn with_source(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        StoreError {
+            message: message.into(),
+            source: Some(source.into()),
+        }
+    }
+}
+
+/// The dedup state machine of a store:
+/// `absent -> processing(owner, lease) -> done(retention)`, `processing -> absent` on
+/// release. Every implementation must make each method a single atomic step.
+///
+/// The behavioural test suite in `idem-tests` runs against every implementation.
+#[async_trait]
+pub trait DedupStore: Send + Sync + 'static {
+    /// Takes the claim if the key is absent or its lease has expired; records the
+    /// payload fingerprint with it.
+    async fn claim(
+        &self,
+        key: &ScopedKey,
+        owner: &OwnerToken,
+        fingerprint: Option<&str>,
+        lease: Duration,
+    ) -> Result<Claim, StoreError>;
+
+    /// Pushes the lease of a held claim forward. `false` if `owner` no longer holds it.
+    async fn extend(
+        &self,
+        key: &ScopedKey,
+        owner: &OwnerToken,
+        lease: Duration,
+    ) -> Result<bool, StoreError>;
+
+    /// `processing -> done`, kept for `retention`. `false` if `owner` no longer holds
+    /// the claim (nothing is changed then).
+    async fn complete(
+        &self,
+        key: &ScopedKey,
+        owner: &OwnerToken,
+        completion: Completion,
+        retention: Duration,
+    ) -> Result<bool, StoreError>;
+
+    /// `processing -> absent`. `false` if `owner` no longer holds the claim.
+    async fn release(&self, key: &ScopedKey, owner: &OwnerToken) -> Result<bool, StoreError>;
+
+    /// `done(poisoned) -> processing(owner)`, for an operator's replay of a
+    /// dead-lettered poison message. `false` if the record is anything else.
+    async fn reopen_poisoned(
+        &self,
+        key: &ScopedKey,
+        owner: &OwnerToken,
+        lease: Duration,
+    ) -> Result<bool, StoreError>;
+}
+
+#[async_trait]
+impl<T: DedupStore + ?Sized> DedupStore for Arc<T> {
+    async fn claim(
+        &self,
+        key: &ScopedKey,
+        owner: &OwnerToken,
+        fingerprint: Option<&str>,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        (**self).claim(key, owner, fingerprint, lease).await
+    }
+    async fn extend(
+        &self,
+        key: &ScopedKey,
+        owner: &OwnerToken,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        (**self).extend(key, owner, lease).await
+    }
+    async fn complete(
+        &self,
+        key: &ScopedKey,
+        owner: &OwnerToken,
+        completion: Completion,
+        retention: Duration,
+    ) -> Result<bool, StoreError> {
+        (**self).complete(key, owner, completion, retention).await
+    }
+    async fn release(&self, key: &ScopedKey, owner: &OwnerToken) -> Result<bool, StoreError> {
+        (**self).release(key, owner).await
+    }
+    async fn reopen_poisoned(
+        &self,
+        key: &ScopedKey,
+        owner: &OwnerToken,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        (**self).reopen_poisoned(key, owner, lease).await
+    }
+}

@@ -1,0 +1,368 @@
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use proptest::prelude::*;
+use tower::{Service, ServiceBuilder, ServiceExt};
+
+use super::*;
+use crate::classify::ClassifyLayer;
+use crate::error::{ErrorKind, HandlerError};
+use crate::message::Message;
+
+#[tokio::test]
+async fn memory_store_passes_conformance() {
+    let store = MemoryStore::new();
+    conformance::run(&store, "mem").await;
+    conformance::race(Arc::new(store), "mem", 16).await;
+}
+
+type Svc = tower::util::BoxCloneSyncService<Message, Processed, HandlerError>;
+
+fn stack(
+    layer: DedupLayer,
+    runs: Arc<AtomicUsize>,
+    result: fn(&Message) -> Result<(), HandlerError>,
+) -> Svc {
+    let handler = tower::service_fn(move |m: Message| {
+        let runs = runs.clone();
+        async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            result(&m)
+        }
+    });
+    tower::util::BoxCloneSyncService::new(
+        ServiceBuilder::new()
+            .layer(layer)
+            .layer(ClassifyLayer::default())
+            .service(handler),
+    )
+}
+
+#[tokio::test]
+async fn duplicate_is_acked_without_running() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let svc = stack(
+        DedupLayer::new("c", MemoryStore::new()),
+        runs.clone(),
+        |_| Ok(()),
+    );
+    let m = || Message::new("a").with_message_id("k");
+    assert_eq!(svc.clone().oneshot(m()).await.unwrap(), Processed::Handled);
+    assert_eq!(
+        svc.clone().oneshot(m()).await.unwrap(),
+        Processed::Duplicate
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn same_key_different_payload_is_poison() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let svc = stack(
+        DedupLayer::new("c", MemoryStore::new()),
+        runs.clone(),
+        |_| Ok(()),
+    );
+    svc.clone()
+        .oneshot(Message::new("a").with_message_id("k"))
+        .await
+        .unwrap();
+    let err = svc
+        .oneshot(Message::new("b").with_message_id("k"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), Some(ErrorKind::Permanent));
+    assert!(err.chain().contains("different payload"), "{}", err.chain());
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn missing_key_is_poison_or_content_hash() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let svc = stack(
+        DedupLayer::new("c", MemoryStore::new()),
+        runs.clone(),
+        |_| Ok(()),
+    );
+    let err = svc.oneshot(Message::new("a")).await.unwrap_err();
+    assert_eq!(err.kind(), Some(ErrorKind::Permanent));
+    assert_eq!(runs.load(Ordering::SeqCst), 0, "no key, no run");
+
+    let layer = DedupLayer::new("c", MemoryStore::new()).missing_key(MissingKey::ContentHash);
+    let svc = stack(layer, runs.clone(), |_| Ok(()));
+    assert!(svc
+        .clone()
+        .oneshot(Message::new("a"))
+        .await
+        .unwrap()
+        .is_handled());
+    assert!(svc
+        .clone()
+        .oneshot(Message::new("a"))
+        .await
+        .unwrap()
+        .is_duplicate());
+    assert!(svc.oneshot(Message::new("b")).await.unwrap().is_handled());
+}
+
+#[tokio::test]
+async fn oversized_key_is_poison() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let svc = stack(
+        DedupLayer::new("c", MemoryStore::new()),
+        runs.clone(),
+        |_| Ok(()),
+    );
+    let err = svc
+        .oneshot(Message::new("a").with_message_id("k".repeat(MAX_KEY_LEN + 1)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), Some(ErrorKind::Permanent));
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn transient_failure_releases_so_a_retry_runs() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let store = MemoryStore::new();
+    let failing = stack(DedupLayer::new("c", store.clone()), runs.clone(), |_| {
+        Err(HandlerError::transient("db down"))
+    });
+    let err = failing
+        .oneshot(Message::new("a").with_message_id("k"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.key(),
+        Some("k"),
+        "the key travels with the error for the DLQ headers"
+    );
+    let ok = stack(DedupLayer::new("c", store), runs.clone(), |_| Ok(()));
+    assert!(ok
+        .oneshot(Message::new("a").with_message_id("k"))
+        .await
+        .unwrap()
+        .is_handled());
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn poison_is_done_and_only_a_replay_reopens_it() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let store = MemoryStore::new();
+    let poison = stack(DedupLayer::new("c", store.clone()), runs.clone(), |m| {
+        if m.header_str(REPLAY_HEADER).is_some() {
+            Ok(())
+        } else {
+            Err(HandlerError::permanent("bad"))
+        }
+    });
+    let m = || Message::new("a").with_message_id("k");
+    assert!(poison.clone().oneshot(m()).await.is_err());
+    assert!(
+        poison.clone().oneshot(m()).await.unwrap().is_duplicate(),
+        "a plain redelivery does not rerun poison"
+    );
+    let replay = m().with_header(REPLAY_HEADER, "op-1");
+    assert!(
+        poison
+            .clone()
+            .oneshot(replay.clone())
+            .await
+            .unwrap()
+            .is_handled(),
+        "operator replay reruns it"
+    );
+    assert!(
+        poison.oneshot(replay).await.unwrap().is_duplicate(),
+        "a replay of a success is a duplicate"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn busy_elsewhere_is_retried_without_spending_an_attempt() {
+    let store = MemoryStore::new();
+    let k = ScopedKey::new("c", "k");
+    store
+        .claim(&k, &OwnerToken::generate(), None, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let svc = stack(DedupLayer::new("c", store), runs.clone(), |_| Ok(()));
+    let err = svc
+        .oneshot(Message::new("a").with_message_id("k"))
+        .await
+        .unwrap_err();
+    assert!(!err.counts_attempt());
+    assert_eq!(err.kind(), Some(ErrorKind::Transient));
+    let delay = err.retry_delay().unwrap();
+    assert!(
+        delay > Duration::from_secs(1) && delay <= Duration::from_secs(20),
+        "{delay:?}"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+}
+
+/// A store that always fails: the layer must fail closed.
+struct DownStore;
+
+#[async_trait::async_trait]
+impl DedupStore for DownStore {
+    async fn claim(
+        &self,
+        _: &ScopedKey,
+        _: &OwnerToken,
+        _: Option<&str>,
+        _: Duration,
+    ) -> Result<Claim, StoreError> {
+        Err(StoreError::new("connection refused"))
+    }
+    async fn extend(&self, _: &ScopedKey, _: &OwnerToken, _: Duration) -> Result<bool, StoreError> {
+        Err(StoreError::new("connection refused"))
+    }
+    async fn complete(
+        &self,
+        _: &ScopedKey,
+        _: &OwnerToken,
+        _: Completion,
+        _: Duration,
+    ) -> Result<bool, StoreError> {
+        Err(StoreError::new("connection refused"))
+    }
+    async fn release(&self, _: &ScopedKey, _: &OwnerToken) -> Result<bool, StoreError> {
+        Err(StoreError::new("connection refused"))
+    }
+    async fn reopen_poisoned(
+        &self,
+        _: &ScopedKey,
+        _: &OwnerToken,
+        _: Duration,
+    ) -> Result<bool, StoreError> {
+        Err(StoreError::new("connection refused"))
+    }
+}
+
+#[tokio::test]
+async fn store_down_is_transient_and_the_handler_does_not_run() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let svc = stack(DedupLayer::new("c", DownStore), runs.clone(), |_| Ok(()));
+    let err = svc
+        .oneshot(Message::new("a").with_message_id("k"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), Some(ErrorKind::Transient));
+    assert!(err.counts_attempt());
+    assert!(
+        err.chain().contains("dedup store unavailable"),
+        "{}",
+        err.chain()
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn long_handler_keeps_its_lease() {
+    let store = MemoryStore::new();
+    let layer = DedupLayer::new("c", store.clone()).lease(Duration::from_secs(3));
+    let slow = tower::service_fn(|_m: Message| async {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        Ok::<(), HandlerError>(())
+    });
+    let mut svc = ServiceBuilder::new().layer(layer).service(slow);
+    let fut = svc.call(Message::new("a").with_message_id("k"));
+    let handle = tokio::spawn(fut);
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    // Well past the 3 s lease: still held thanks to extensions.
+    let other = store
+        .claim(
+            &ScopedKey::new("c", "k"),
+            &OwnerToken::generate(),
+            None,
+            Duration::from_secs(3),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(other, Claim::Busy { .. }), "{other:?}");
+    assert!(handle.await.unwrap().unwrap().is_handled());
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    Claim(usize),
+    Complete(usize),
+    Release(usize),
+    Extend(usize),
+    Advance(u64),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0..2usize).prop_map(Op::Claim),
+        (0..2usize).prop_map(Op::Complete),
+        (0..2usize).prop_map(Op::Release),
+        (0..2usize).prop_map(Op::Extend),
+        (0..1500u64).prop_map(Op::Advance),
+    ]
+}
+
+proptest! {
+    /// Random interleavings of two owners against a reference model: both never hold a
+    /// live claim at once, a stale owner never changes state, and a completion is never
+    /// lost.
+    #[test]
+    fn state_machine_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+        rt.block_on(async move {
+            let lease = Duration::from_millis(1000);
+            let store = MemoryStore::new();
+            let k = ScopedKey::new("c", "k");
+            let owners = [OwnerToken::generate(), OwnerToken::generate()];
+            // Model: who holds the claim and until when (ms), or done.
+            let mut now: u64 = 0;
+            let mut holder: Option<(usize, u64)> = None;
+            let mut done = false;
+            for op in ops {
+                let live = |h: Option<(usize, u64)>, now: u64| h.filter(|&(_, until)| until > now);
+                match op {
+                    Op::Advance(ms) => {
+                        tokio::time::advance(Duration::from_millis(ms)).await;
+                        now += ms;
+                    }
+                    Op::Claim(o) => {
+                        let got = store.claim(&k, &owners[o], None, lease).await.unwrap();
+                        let expected_acquire = !done && live(holder, now).is_none();
+                        if done {
+                            prop_assert!(matches!(got, Claim::Done { .. }), "completion lost: {:?}", got);
+                        } else if expected_acquire {
+                            prop_assert_eq!(got, Claim::Acquired);
+                            holder = Some((o, now + 1000));
+                        } else {
+                            prop_assert!(matches!(got, Claim::Busy { .. }), "both could run: {:?}", got);
+                        }
+                    }
+                    Op::Complete(o) => {
+                        let ok = store.complete(&k, &owners[o], Completion::Succeeded, Duration::from_secs(1_000_000)).await.unwrap();
+                        let expected = live(holder, now).is_some_and(|(h, _)| h == o) && !done;
+                        prop_assert_eq!(ok, expected, "complete by {}", o);
+                        if ok { done = true; holder = None; }
+                    }
+                    Op::Release(o) => {
+                        let ok = store.release(&k, &owners[o]).await.unwrap();
+                        let expected = live(holder, now).is_some_and(|(h, _)| h == o) && !done;
+                        prop_assert_eq!(ok, expected, "release by {}", o);
+                        if ok { holder = None; }
+                    }
+                    Op::Extend(o) => {
+                        let ok = store.extend(&k, &owners[o], lease).await.unwrap();
+                        let expected = live(holder, now).is_some_and(|(h, _)| h == o) && !done;
+                        prop_assert_eq!(ok, expected, "extend by {}", o);
+                        if ok { holder = Some((o, now + 1000)); }
+                    }
+                }
+            }
+            Ok(())
+        })?;
+    }
+}

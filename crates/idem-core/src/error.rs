@@ -1,0 +1,286 @@
+//! Handler errors and how they are classified.
+//!
+//! A handler returns `Result<(), E>`. Any `E: std::error::Error` converts into a
+//! [`HandlerError`] with `?`; its [`ErrorKind`] is then decided by the consumer's
+//! [`Classify`](crate::classify::Classify) policy (transient unless the classifier says
+//! otherwise). To decide at the `?` site, use [`ResultExt`]:
+//!
+//! ```
+//! use idem_core::{HandlerError, ResultExt};
+//!
+//! fn parse(raw: &str) -> Result<u64, HandlerError> {
+//!     // A payload that does not parse will never parse: dead-letter it at once.
+//!     let amount = raw.parse::<u64>().permanent()?;
+//!     Ok(amount)
+//! }
+//! assert!(parse("12").is_ok());
+//! assert_eq!(parse("x").unwrap_err().kind(), Some(idem_core::ErrorKind::Permanent));
+//! ```
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::time::Duration;
+
+/// A boxed error, as tower uses.
+pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
+/// Whether retrying can help.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// A technical failure (database down, network cut, timeout, panic): retry with
+    /// backoff, dead-letter once the attempt budget is spent.
+    Transient,
+    /// A content failure (invalid payload, validation, missing key): retrying never
+    /// helps, dead-letter at once ("poison ack").
+    Permanent,
+}
+
+impl ErrorKind {
+    /// `"transient"` or `"permanent"`, as written in the `x-idem-error-kind` header.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Transient => "transient",
+            ErrorKind::Permanent => "permanent",
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The error a handler returns.
+///
+/// Not a `std::error::Error` itself (like `anyhow::Error`), so that every
+/// `std::error::Error` converts into it with `?`.
+pub struct HandlerError {
+    kind: Option<ErrorKind>,
+    retry_after: Option<Duration>,
+    counts_attempt: bool,
+    key: Option<String>,
+    source: BoxError,
+}
+
+impl HandlerError {
+    /// A transient error: retried with backoff.
+    pub fn transient(err: impl Into<BoxError>) -> Self {
+        Self::with_kind(Some(ErrorKind::Transient), err.into())
+    }
+
+    /// A permanent error: dead-lettered at once.
+    pub fn permanent(err: impl Into<BoxError>) -> Self {
+        Self::with_kind(Some(ErrorKind::Permanent), err.into())
+    }
+
+    /// A transient error whose retry must wait at least `delay` (rounded up to a delay
+    /// tier by the transport).
+    pub fn retry_after(delay: Duration, err: impl Into<BoxError>) -> Self {
+        let mut e = Self::transient(err);
+        e.retry_after = Some(delay);
+        e
+    }
+
+    /// An error whose kind the consumer's classifier decides.
+    pub fn unclassified(err: impl Into<BoxError>) -> Self {
+        Self::with_kind(None, err.into())
+    }
+
+    /// The message is being processed elsewhere under a live lease: retry after
+    /// `delay` without spending an attempt.
+    pub fn busy(delay: Duration) -> Self {
+        let mut e = Self::retry_after(delay, "message is being processed by another worker");
+        e.counts_attempt = false;
+        e
+    }
+
+    fn with_kind(kind: Option<ErrorKind>, source: BoxError) -> Self {
+        // An error that crossed a tower layer as a BoxError keeps its classification.
+        match source.downcast::<Classified>() {
+            Ok(inner) => inner.0,
+            Err(source) => HandlerError {
+                kind,
+                retry_after: None,
+                counts_attempt: true,
+                key: None,
+                source,
+            },
+        }
+    }
+
+    /// The kind, if decided.
+    pub fn kind(&self) -> Option<ErrorKind> {
+        self.kind
+    }
+
+    /// Decides the kind if it is not decided yet.
+    pub fn classify_with(mut self, f: impl FnOnce(&(dyn StdError + 'static)) -> ErrorKind) -> Self {
+        if self.kind.is_none() {
+            self.kind = Some(f(self.source.as_ref()));
+        }
+        self
+    }
+
+    /// The requested minimum retry delay, if any.
+    pub fn retry_delay(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
+    /// Whether this failure spends one attempt of the retry budget.
+    pub fn counts_attempt(&self) -> bool {
+        self.counts_attempt
+    }
+
+    /// The idempotence key of the failed message, when the dedup layer found one.
+    pub fn key(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+
+    pub(crate) fn with_key(mut self, key: &str) -> Self {
+        if self.key.is_none() {
+            self.key = Some(key.to_owned());
+        }
+        self
+    }
+
+    /// The underlying error.
+    pub fn source(&self) -> &(dyn StdError + Send + Sync + 'static) {
+        self.source.as_ref()
+    }
+
+    /// The error and its `source()` chain joined by `": "`.
+    pub fn chain(&self) -> String {
+        let mut out = self.source.to_string();
+        let mut cur = self.source.source();
+        while let Some(e) = cur {
+            let s = e.to_string();
+            if !out.ends_with(&s) {
+                out.push_str(": ");
+                out.push_str(&s);
+            }
+            cur = e.source();
+        }
+        out
+    }
+}
+
+impl fmt::Debug for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HandlerError")
+            .field("kind", &self.kind)
+            .field("retry_after", &self.retry_after)
+            .field("error", &self.chain())
+            .finish()
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.chain())
+    }
+}
+
+impl<E: StdError + Send + Sync + 'static> From<E> for HandlerError {
+    fn from(err: E) -> Self {
+        HandlerError::unclassified(err)
+    }
+}
+
+/// Carries a [`HandlerError`] through layers that want a [`BoxError`] (tower's
+/// `Timeout`, `ConcurrencyLimit`, ...) without losing its kind.
+#[derive(Debug)]
+struct Classified(HandlerError);
+
+impl fmt::Display for Classified {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl StdError for Classified {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(self.0.source.as_ref())
+    }
+}
+
+impl From<HandlerError> for BoxError {
+    fn from(err: HandlerError) -> Self {
+        Box::new(Classified(err))
+    }
+}
+
+/// Classify an error at the `?` site.
+pub trait ResultExt<T> {
+    /// Marks the error as transient (retry with backoff).
+    fn transient(self) -> Result<T, HandlerError>;
+    /// Marks the error as permanent (dead-letter at once).
+    fn permanent(self) -> Result<T, HandlerError>;
+    /// Marks the error as transient with a minimum retry delay.
+    fn retry_after(self, delay: Duration) -> Result<T, HandlerError>;
+}
+
+impl<T, E: Into<BoxError>> ResultExt<T> for Result<T, E> {
+    fn transient(self) -> Result<T, HandlerError> {
+        self.map_err(HandlerError::transient)
+    }
+    fn permanent(self) -> Result<T, HandlerError> {
+        self.map_err(HandlerError::permanent)
+    }
+    fn retry_after(self, delay: Duration) -> Result<T, HandlerError> {
+        self.map_err(|e| HandlerError::retry_after(delay, e))
+    }
+}
+
+/// What a handler may return: `()`, `Result<(), E>` with `E: Into<HandlerError>`.
+pub trait IntoHandlerResult {
+    /// Converts into the handler result.
+    fn into_handler_result(self) -> Result<(), HandlerError>;
+}
+
+impl IntoHandlerResult for () {
+    fn into_handler_result(self) -> Result<(), HandlerError> {
+        Ok(())
+    }
+}
+
+impl<E: Into<HandlerError>> IntoHandlerResult for Result<(), E> {
+    fn into_handler_result(self) -> Result<(), HandlerError> {
+        self.map_err(Into::into)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn kind_survives_a_trip_through_box_error() {
+        let boxed: BoxError = HandlerError::permanent("bad").into();
+        let back = HandlerError::unclassified(boxed);
+        assert_eq!(back.kind(), Some(ErrorKind::Permanent));
+    }
+
+    #[test]
+    fn chain_joins_sources() {
+        let e = HandlerError::from(Outer(std::io::Error::other("disk full")));
+        assert_eq!(e.chain(), "outer: disk full");
+        assert_eq!(e.kind(), None);
+    }
+
+    #[test]
+    fn question_mark_markers() {
+        let r: Result<(), std::io::Error> = Err(std::io::Error::other("x"));
+        assert_eq!(
+            r.transient().unwrap_err().kind(),
+            Some(ErrorKind::Transient)
+        );
+        let busy = HandlerError::busy(Duration::from_secs(1));
+        assert!(!busy.counts_attempt());
+        assert_eq!(busy.retry_delay(), Some(Duration::from_secs(1)));
+    }
+}

@@ -1,0 +1,270 @@
+//! An in-memory broker with the consumer semantics of the RabbitMQ transport:
+//! prefetch-bounded concurrent delivery, ack after the handler, delayed retry copies
+//! carrying `x-idem-attempts`, and a dead-letter queue `<queue>.dlq` with the failure
+//! headers. The embedded default: the quickstart and the middleware's tests run on it
+//! with no services.
+//!
+//! It keeps messages in process memory: nothing survives a restart. Delays are exact
+//! (no tiers) since there is no broker to spare timers for.
+//!
+//! ```
+//! use idem_core::memory::MemoryBroker;
+//! use idem_core::{Consumer, Message, MemoryStore};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idem_core::ConfigError> {
+//! async fn handle() {}
+//! let broker = MemoryBroker::new();
+//! broker.publish("orders", Message::new("{}").with_message_id("o-1"));
+//! broker.publish("orders", Message::new("{}").with_message_id("o-1"));
+//! let consumer = Consumer::builder("orders").store(MemoryStore::new()).handler(handle)?;
+//! let stats = broker.worker("orders", consumer).run_until_idle().await;
+//! assert_eq!((stats.processed, stats.duplicates), (1, 1));
+//! # Ok(()) }
+//! ```
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::{Notify, Semaphore};
+
+use crate::consumer::{Consumer, DeliveryMode, Stats};
+use crate::message::Message;
+use crate::outcome::Disposition;
+
+/// Suffix of a queue's dead-letter queue.
+pub const DLQ_SUFFIX: &str = ".dlq";
+
+#[derive(Default)]
+struct Queue {
+    ready: VecDeque<Message>,
+    delayed: usize,
+}
+
+#[derive(Default)]
+struct Shared {
+    queues: Mutex<HashMap<String, Queue>>,
+    changed: Notify,
+}
+
+/// An in-memory broker. Cloning shares the queues.
+#[derive(Clone, Default)]
+pub struct MemoryBroker {
+    shared: Arc<Shared>,
+}
+
+impl MemoryBroker {
+    /// An empty broker.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn queues(&self) -> MutexGuard<'_, HashMap<String, Queue>> {
+        // Every critical section is a single push/pop: a poisoned lock holds no torn state.
+        self.shared.queues.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends a message to `queue` (created on first use), as if published to the
+    /// default exchange with routing key `queue`.
+    pub fn publish(&self, queue: &str, mut msg: Message) {
+        msg.delivery.exchange.clear();
+        msg.delivery.routing_key = queue.to_owned();
+        self.push(queue, msg);
+    }
+
+    fn push(&self, queue: &str, mut msg: Message) {
+        msg.delivery.queue = queue.to_owned();
+        msg.extensions = Default::default();
+        self.queues()
+            .entry(queue.to_owned())
+            .or_default()
+            .ready
+            .push_back(msg);
+        self.shared.changed.notify_waiters();
+    }
+
+    /// Number of ready messages in `queue`.
+    pub fn len(&self, queue: &str) -> usize {
+        self.queues().get(queue).map_or(0, |q| q.ready.len())
+    }
+
+    /// Whether `queue` has no ready message.
+    pub fn is_empty(&self, queue: &str) -> bool {
+        self.len(queue) == 0
+    }
+
+    /// A copy of the ready messages of `queue`, in order; the queue is unchanged.
+    pub fn peek_all(&self, queue: &str) -> Vec<Message> {
+        self.queues()
+            .get(queue)
+            .map(|q| q.ready.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn pop(&self, queue: &str) -> Option<Message> {
+        self.queues().get_mut(queue)?.ready.pop_front()
+    }
+
+    fn idle(&self, queue: &str) -> bool {
+        self.queues()
+            .get(queue)
+            .is_none_or(|q| q.ready.is_empty() && q.delayed == 0)
+    }
+
+    fn schedule(&self, queue: &str, msg: Message, delay: std::time::Duration) {
+        self.queues().entry(queue.to_owned()).or_default().delayed += 1;
+        let broker = self.clone();
+        let queue = queue.to_owned();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            if let Some(q) = broker.queues().get_mut(&queue) {
+                q.delayed -= 1;
+            }
+            broker.push(&queue, msg);
+        });
+    }
+
+    /// A worker consuming `queue` with `consumer`.
+    pub fn worker(&self, queue: &str, consumer: Consumer) -> MemoryWorker {
+        MemoryWorker {
+            broker: self.clone(),
+            queue: queue.to_owned(),
+            consumer,
+            prefetch: 10,
+            on_settle: None,
+        }
+    }
+}
+
+type SettleHook = Arc<dyn Fn(&Message, &Disposition) + Send + Sync>;
+
+/// Consumes one queue of a [`MemoryBroker`]. See the [module docs](self).
+pub struct MemoryWorker {
+    broker: MemoryBroker,
+    queue: String,
+    consumer: Consumer,
+    prefetch: usize,
+    on_settle: Option<SettleHook>,
+}
+
+impl MemoryWorker {
+    /// Most deliveries in flight (unacked) at once; also the concurrency. Default 10.
+    pub fn prefetch(mut self, prefetch: usize) -> Self {
+        self.prefetch = prefetch.max(1);
+        self
+    }
+
+    /// Called after each delivery is settled, with the message and its disposition.
+    pub fn on_settle(
+        mut self,
+        hook: impl Fn(&Message, &Disposition) + Send + Sync + 'static,
+    ) -> Self {
+        self.on_settle = Some(Arc::new(hook));
+        self
+    }
+
+    /// Consumes until the queue is empty, nothing is in flight and no retry is
+    /// pending; returns the consumer's stats.
+    pub async fn run_until_idle(self) -> Stats {
+        self.run_inner(None::<std::future::Pending<()>>).await
+    }
+
+    /// Consumes until `shutdown` completes, then lets in-flight deliveries finish.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Stats {
+        self.run_inner(Some(shutdown)).await
+    }
+
+    async fn run_inner<F: Future<Output = ()>>(self, shutdown: Option<F>) -> Stats {
+        let until_idle = shutdown.is_none();
+        let mut shutdown = std::pin::pin!(async move {
+            match shutdown {
+                Some(f) => f.await,
+                None => std::future::pending().await,
+            }
+        });
+        let permits = Arc::new(Semaphore::new(self.prefetch));
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let shared = self.broker.shared.clone();
+        'outer: loop {
+            let permit = tokio::select! {
+                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                _ = &mut shutdown => break,
+            };
+            let msg = loop {
+                let changed = shared.changed.notified();
+                let mut changed = std::pin::pin!(changed);
+                changed.as_mut().enable();
+                if let Some(m) = self.broker.pop(&self.queue) {
+                    break m;
+                }
+                if until_idle
+                    && in_flight.load(Ordering::SeqCst) == 0
+                    && self.broker.idle(&self.queue)
+                {
+                    break 'outer;
+                }
+                tokio::select! {
+                    _ = changed => {}
+                    _ = &mut shutdown => break 'outer,
+                }
+            };
+            in_flight.fetch_add(1, Ordering::SeqCst);
+            let task = Delivery {
+                broker: self.broker.clone(),
+                queue: self.queue.clone(),
+                consumer: self.consumer.clone(),
+                on_settle: self.on_settle.clone(),
+            };
+            let in_flight = in_flight.clone();
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                task.handle(msg).await;
+                in_flight.fetch_sub(1, Ordering::SeqCst);
+                drop(permit);
+                shared.changed.notify_waiters();
+            });
+        }
+        // Graceful: wait for in-flight deliveries to settle.
+        let _all = permits.acquire_many(self.prefetch as u32).await;
+        self.consumer.stats()
+    }
+}
+
+struct Delivery {
+    broker: MemoryBroker,
+    queue: String,
+    consumer: Consumer,
+    on_settle: Option<SettleHook>,
+}
+
+impl Delivery {
+    async fn handle(self, msg: Message) {
+        let original = msg.clone();
+        let disposition = self.consumer.process(msg).await;
+        if self.consumer.mode() != DeliveryMode::AtMostOnce {
+            match &disposition {
+                Disposition::Ack { .. } => {}
+                Disposition::Retry { delay, failure, .. } => {
+                    let mut copy = original.clone();
+                    copy.headers.extend(failure.retry_headers());
+                    copy.delivery.redelivered = false;
+                    self.broker.schedule(&self.queue, copy, *delay);
+                }
+                Disposition::DeadLetter(failure) => {
+                    let mut copy = original.clone();
+                    copy.headers
+                        .extend(failure.dead_letter_headers(&original, self.consumer.name()));
+                    let dlq = format!("{}{DLQ_SUFFIX}", self.queue);
+                    self.broker.push(&dlq, copy);
+                }
+            }
+        }
+        if let Some(hook) = &self.on_settle {
+            hook(&original, &disposition);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

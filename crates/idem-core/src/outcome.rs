@@ -1,0 +1,225 @@
+//! What a transport does with a delivery once the stack has run: the [`Disposition`].
+//!
+//! Every handler result maps to exactly one disposition (SEMANTICS section 3):
+//! `Ok` -> [`Disposition::Ack`]; transient error -> [`Disposition::Retry`] until the
+//! attempt budget is spent, then [`Disposition::DeadLetter`]; permanent error ->
+//! [`Disposition::DeadLetter`] at once. Transports carry a retry or a dead-letter out as
+//! "publish the copy with a publisher confirm, then ack the original".
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::error::ErrorKind;
+use crate::message::{HeaderValue, Headers, Message, ATTEMPTS_HEADER};
+
+/// Longest `x-idem-error` header value, in bytes.
+pub const MAX_ERROR_LEN: usize = 2048;
+/// Longest value of any other `x-idem-*` string header, in bytes.
+pub const MAX_HEADER_LEN: usize = 512;
+
+/// Header names written on retry copies and dead-lettered messages.
+pub mod headers {
+    pub use crate::message::ATTEMPTS_HEADER as ATTEMPTS;
+    /// The error chain, truncated to [`MAX_ERROR_LEN`](super::MAX_ERROR_LEN).
+    pub const ERROR: &str = "x-idem-error";
+    /// `transient` or `permanent`.
+    pub const ERROR_KIND: &str = "x-idem-error-kind";
+    /// RFC 3339 time of the first failure.
+    pub const FIRST_FAILED_AT: &str = "x-idem-first-failed-at";
+    /// RFC 3339 time of the latest failure.
+    pub const LAST_FAILED_AT: &str = "x-idem-last-failed-at";
+    /// Exchange of the original publish.
+    pub const ORIGINAL_EXCHANGE: &str = "x-idem-original-exchange";
+    /// Routing key of the original publish.
+    pub const ORIGINAL_ROUTING_KEY: &str = "x-idem-original-routing-key";
+    /// Queue the message was consumed from.
+    pub const ORIGINAL_QUEUE: &str = "x-idem-original-queue";
+    /// Consumer name.
+    pub const CONSUMER: &str = "x-idem-consumer";
+    /// Idempotence key, if one was found.
+    pub const KEY: &str = "x-idem-key";
+}
+
+/// Why a message failed, and its failure history.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Failure {
+    /// Transient or permanent.
+    pub kind: ErrorKind,
+    /// Error chain, already truncated to [`MAX_ERROR_LEN`].
+    pub error: String,
+    /// Failed attempts so far, this one included (the new `x-idem-attempts` value).
+    pub attempts: u32,
+    /// When the first failure happened (carried across retries in a header).
+    pub first_failed_at: SystemTime,
+    /// When this failure happened.
+    pub last_failed_at: SystemTime,
+    /// The idempotence key, if one was found.
+    pub key: Option<String>,
+}
+
+/// What the transport must do with a delivery.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Disposition {
+    /// Ack it. `duplicate` is true when the handler did not run because the key was done.
+    Ack {
+        /// The key was already processed.
+        duplicate: bool,
+    },
+    /// Publish a copy for redelivery after `delay` (with confirm), then ack the original.
+    Retry {
+        /// Requested delay; transports may round it to a delay tier.
+        delay: Duration,
+        /// `delay` came from an explicit `RetryAfter` (round up, not to the nearest).
+        explicit: bool,
+        /// The failure.
+        failure: Failure,
+    },
+    /// Publish a copy to the dead-letter queue (with confirm), then ack the original.
+    DeadLetter(Failure),
+}
+
+impl Disposition {
+    /// A short name: `ack`, `duplicate`, `retry` or `dead_letter`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Disposition::Ack { duplicate: false } => "ack",
+            Disposition::Ack { duplicate: true } => "duplicate",
+            Disposition::Retry { .. } => "retry",
+            Disposition::DeadLetter(_) => "dead_letter",
+        }
+    }
+}
+
+impl Failure {
+    /// Headers for a retry copy: attempts and failure history.
+    pub fn retry_headers(&self) -> Headers {
+        let mut h = Headers::new();
+        h.insert(ATTEMPTS_HEADER.into(), HeaderValue::from(self.attempts));
+        h.insert(headers::ERROR.into(), self.error.clone().into());
+        h.insert(headers::ERROR_KIND.into(), self.kind.as_str().into());
+        h.insert(
+            headers::FIRST_FAILED_AT.into(),
+            rfc3339(self.first_failed_at).into(),
+        );
+        h.insert(
+            headers::LAST_FAILED_AT.into(),
+            rfc3339(self.last_failed_at).into(),
+        );
+        h
+    }
+
+    /// Headers for the dead-lettered copy of `msg` (SEMANTICS section 5), every string
+    /// bounded in size.
+    pub fn dead_letter_headers(&self, msg: &Message, consumer: &str) -> Headers {
+        let mut h = self.retry_headers();
+        let d = &msg.delivery;
+        for (name, value) in [
+            (headers::ORIGINAL_EXCHANGE, d.exchange.as_str()),
+            (headers::ORIGINAL_ROUTING_KEY, d.routing_key.as_str()),
+            (headers::ORIGINAL_QUEUE, d.queue.as_str()),
+            (headers::CONSUMER, consumer),
+        ] {
+            h.insert(name.into(), truncate(value, MAX_HEADER_LEN).into());
+        }
+        if let Some(key) = &self.key {
+            h.insert(headers::KEY.into(), truncate(key, MAX_HEADER_LEN).into());
+        }
+        h
+    }
+}
+
+/// Cuts `s` to at most `max` bytes on a character boundary, saying how much was cut.
+pub fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let marker = format!("... [{} bytes cut]", s.len());
+    let mut end = max.saturating_sub(marker.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{}", &s[..end], marker)
+}
+
+/// Formats a time as RFC 3339 UTC with millisecond precision.
+pub fn rfc3339(t: SystemTime) -> String {
+    let ms = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis()) as i64;
+    let (days, rem) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
+    let (y, m, d) = civil_from_days(days);
+    let (h, min, s, milli) = (
+        rem / 3_600_000,
+        rem / 60_000 % 60,
+        rem / 1000 % 60,
+        rem % 1000,
+    );
+    format!("{y:04}-{m:02}-{d:02}T{h:02}:{min:02}:{s:02}.{milli:03}Z")
+}
+
+/// Parses what [`rfc3339`] writes (UTC, `Z` suffix, optional fraction).
+pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
+    let s = s.strip_suffix('Z')?;
+    let (date, time) = s.split_once('T')?;
+    let mut dp = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
+    let (y, m, d) = (dp.next()??, dp.next()??, dp.next()??);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let mut tp = hms.splitn(3, ':').map(|p| p.parse::<i64>().ok());
+    let (h, min, sec) = (tp.next()??, tp.next()??, tp.next()??);
+    let frac_ms: i64 = format!("{frac:0<3}").get(..3)?.parse().ok()?;
+    let days = days_from_civil(y, m, d);
+    let ms = ((days * 24 + h) * 60 + min) * 60_000 + sec * 1000 + frac_ms;
+    u64::try_from(ms)
+        .ok()
+        .map(|ms| UNIX_EPOCH + Duration::from_millis(ms))
+}
+
+// Howard Hinnant's civil-date algorithms.
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = if m > 2 { m - 3 } else { m + 9 };
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn truncation_is_bounded_and_utf8_safe() {
+        let long = "é".repeat(5000);
+        let t = truncate(&long, MAX_ERROR_LEN);
+        assert!(t.len() <= MAX_ERROR_LEN);
+        assert!(t.ends_with("[10000 bytes cut]"));
+        assert_eq!(truncate("short", 10), "short");
+    }
+
+    #[test]
+    fn rfc3339_known_value() {
+        let t = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        assert_eq!(rfc3339(t), "2023-11-14T22:13:20.123Z");
+        assert_eq!(parse_rfc3339("2023-11-14T22:13:20.123Z"), Some(t));
+    }
+
+    proptest! {
+        #[test]
+        fn rfc3339_round_trips(ms in 0u64..4_000_000_000_000) {
+            let t = UNIX_EPOCH + Duration::from_millis(ms);
+            prop_assert_eq!(parse_rfc3339(&rfc3339(t)), Some(t));
+        }
+    }
+}

@@ -1,0 +1,39 @@
+//! idem: message consumers whose effects happen once.
+//!
+//! Brokers such as RabbitMQ deliver at least once: a message can arrive twice. idem
+//! lets you write a consumer as a plain `async fn` and wraps it in a tower stack that
+//!
+//! - deduplicates by idempotence key (in memory, Redis or SQL, including a
+//!   transactional inbox where the dedup record commits with the handler's writes);
+//! - classifies failures: transient -> retry with backoff, permanent -> dead-letter
+//!   queue at once ("poison ack");
+//! - schedules retries as messages in the broker, so they survive crashes and never
+//!   block the queue.
+//!
+//! This facade re-exports [`idem_core`]; transports and stores arrive behind features.
+//!
+//! ```
+//! use idem::memory::MemoryBroker;
+//! use idem::{Consumer, HandlerError, IdempotencyKey, Json, Message, MemoryStore};
+//!
+//! #[derive(serde::Deserialize)]
+//! struct Charge { cents: u64 }
+//!
+//! async fn charge(key: IdempotencyKey, Json(c): Json<Charge>) -> Result<(), HandlerError> {
+//!     println!("charging {} cents for {key}", c.cents);
+//!     Ok(())
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let broker = MemoryBroker::new();
+//! broker.publish("charges", Message::new(r#"{"cents":500}"#).with_message_id("c-1"));
+//! broker.publish("charges", Message::new(r#"{"cents":500}"#).with_message_id("c-1"));
+//! let consumer = Consumer::builder("billing").store(MemoryStore::new()).handler(charge)?;
+//! let stats = broker.worker("charges", consumer).run_until_idle().await;
+//! assert_eq!((stats.processed, stats.duplicates), (1, 1));
+//! # Ok(()) }
+//! ```
+
+#![deny(missing_docs)]
+
+pub use idem_core::*;

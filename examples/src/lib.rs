@@ -1,0 +1,1 @@
+//! Runnable examples of idem: see `cargo run --example NAME`.

@@ -1,0 +1,1 @@
+//! Cross-crate integration tests of idem against real services.
