@@ -39,6 +39,7 @@ pub mod handler;
 pub mod memory;
 pub mod message;
 pub mod outcome;
+mod redact;
 
 pub use backoff::{Backoff, DelayTiers, Jitter};
 pub use consumer::{ConfigError, Consumer, ConsumerBuilder, DeliveryMode, Stats};
@@ -49,3 +50,4 @@ pub use handler::{
 };
 pub use message::{DeliveryInfo, Extensions, HeaderValue, Headers, Message, Properties};
 pub use outcome::{Disposition, Failure};
+pub use redact::redact_url;

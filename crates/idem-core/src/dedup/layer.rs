@@ -305,13 +305,22 @@ where
     }
 }
 
-/// Runs the handler future, pushing the lease forward every third of it.
+/// Runs the handler future, pushing the lease forward every third of it. The timer is
+/// only armed if the handler does not finish on its first poll.
 async fn with_lease<F>(config: &Config, key: &ScopedKey, owner: &OwnerToken, fut: F) -> F::Output
 where
     F: std::future::Future,
 {
-    let period = config.lease / 3;
     let mut fut = std::pin::pin!(fut);
+    let first = std::future::poll_fn(|cx| match fut.as_mut().poll(cx) {
+        std::task::Poll::Ready(out) => std::task::Poll::Ready(Some(out)),
+        std::task::Poll::Pending => std::task::Poll::Ready(None),
+    })
+    .await;
+    if let Some(out) = first {
+        return out;
+    }
+    let period = config.lease / 3;
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     loop {
         tokio::select! {

@@ -23,7 +23,7 @@ struct Entry {
 /// An in-process dedup store: the embedded default for tests and the quickstart.
 ///
 /// It forgets everything when the process exits, so it only dedups within one
-/// process. Expired records are swept every 1024 operations. Cloning shares the map.
+/// process. Expired records are swept every `max(1024, records)` operations. Cloning shares the map.
 #[derive(Clone, Debug, Default)]
 pub struct MemoryStore {
     inner: Arc<Mutex<Inner>>,
@@ -32,7 +32,7 @@ pub struct MemoryStore {
 #[derive(Debug, Default)]
 struct Inner {
     map: HashMap<ScopedKey, Entry>,
-    ops: u64,
+    ops_until_sweep: usize,
 }
 
 impl MemoryStore {
@@ -60,9 +60,12 @@ impl MemoryStore {
     fn with<T>(&self, f: impl FnOnce(&mut HashMap<ScopedKey, Entry>, Instant) -> T) -> T {
         let now = Instant::now();
         let mut inner = self.lock();
-        inner.ops += 1;
-        if inner.ops.is_multiple_of(1024) {
+        // Sweep expired records once per max(1024, len) operations: amortised O(1).
+        if inner.ops_until_sweep == 0 {
             inner.map.retain(|_, e| e.expires > now);
+            inner.ops_until_sweep = inner.map.len().max(1024);
+        } else {
+            inner.ops_until_sweep -= 1;
         }
         f(&mut inner.map, now)
     }

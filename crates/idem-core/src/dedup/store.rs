@@ -47,9 +47,16 @@ impl fmt::Display for ScopedKey {
 pub struct OwnerToken(String);
 
 impl OwnerToken {
-    /// A fresh random token.
+    /// A fresh token: a random per-process part (a UUIDv4 drawn once) and a counter,
+    /// so tokens are unique across processes without a system call per message.
     pub fn generate() -> Self {
-        OwnerToken(uuid::Uuid::new_v4().simple().to_string())
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::OnceLock;
+        static PROCESS: OnceLock<u64> = OnceLock::new();
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let process = PROCESS.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair().0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        OwnerToken(format!("{process:016x}{n:016x}"))
     }
 
     /// The token as a string (32 hex characters for generated tokens).

@@ -1,0 +1,265 @@
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use sqlx::postgres::PgListener;
+use sqlx::{PgPool, Row as _};
+use tokio::sync::Mutex;
+
+use crate::error::OutboxError;
+use crate::message::headers_from_json;
+use crate::publisher::{Publisher, Row};
+use crate::schema::Outbox;
+
+/// What a relay has done so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RelayStats {
+    /// Rows published and marked.
+    pub published: u64,
+    /// Publishes the broker refused (returned unroutable or nacked); those rows are
+    /// retried later with backoff.
+    pub refused: u64,
+}
+
+/// Publishes committed outbox rows to RabbitMQ with publisher confirms, then marks them.
+///
+/// Each round leases up to `batch_size` due rows with `FOR UPDATE SKIP LOCKED` in a
+/// transaction, publishes them in id order on one confirm channel, waits for the
+/// confirms, marks the confirmed rows published and commits. A crash before the commit
+/// leaves the rows unmarked: they are published again (same `message_id`) by the next
+/// round of any relay. A row whose ordering key has an earlier unpublished row that this
+/// round did not lease (another relay holds it, or it waits for a retry) is left for a
+/// later round, so one key's messages go out in order. Rows the broker refuses
+/// (unroutable with `mandatory`, or nacked) are retried with backoff (1 s doubling, at
+/// most 5 min); they stay pending and count in the outbox lag.
+pub struct Relay {
+    pool: PgPool,
+    outbox: Outbox,
+    publisher: Mutex<Publisher>,
+    batch_size: i64,
+    poll_interval: Duration,
+    cleanup_after: Duration,
+    published: AtomicU64,
+    refused: AtomicU64,
+}
+
+impl Relay {
+    /// A relay for `outbox` in `pool`, publishing to the broker at `amqp_url`. The
+    /// pool needs at least two connections while [`run`](Self::run) is used: one is
+    /// held by the LISTEN connection.
+    /// Defaults: batches of 500, polling every second besides LISTEN/NOTIFY, published
+    /// rows deleted after 7 days.
+    pub fn new(pool: PgPool, outbox: Outbox, amqp_url: impl Into<String>) -> Self {
+        Relay {
+            pool,
+            outbox,
+            publisher: Mutex::new(Publisher::new(amqp_url.into())),
+            batch_size: 500,
+            poll_interval: Duration::from_secs(1),
+            cleanup_after: Duration::from_secs(7 * 24 * 3600),
+            published: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+        }
+    }
+
+    /// Rows per round (1 to 10 000).
+    pub fn batch_size(mut self, rows: i64) -> Self {
+        self.batch_size = rows.clamp(1, 10_000);
+        self
+    }
+
+    /// Polling fallback for missed notifications.
+    pub fn poll_interval(mut self, every: Duration) -> Self {
+        self.poll_interval = every.max(Duration::from_millis(10));
+        self
+    }
+
+    /// How long published rows are kept before cleanup deletes them.
+    pub fn cleanup_after(mut self, age: Duration) -> Self {
+        self.cleanup_after = age;
+        self
+    }
+
+    /// Counts so far.
+    pub fn stats(&self) -> RelayStats {
+        RelayStats {
+            published: self.published.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
+        }
+    }
+
+    /// One round: lease a batch, publish, mark. Returns how many rows were leased
+    /// (0 when nothing is due).
+    pub async fn relay_once(&self) -> Result<usize, OutboxError> {
+        let t = self.outbox.table();
+        let mut tx = self.pool.begin().await?;
+        let fetched = sqlx::query(&format!(
+            "SELECT id, message_id, exchange, routing_key, headers, content_type, body, ordering_key
+             FROM {t} WHERE published_at IS NULL AND available_at <= now()
+             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
+        ))
+        .bind(self.batch_size)
+        .fetch_all(&mut *tx)
+        .await?;
+        let leased = fetched.len();
+        if leased == 0 {
+            return Ok(0);
+        }
+        let mut rows = Vec::with_capacity(leased);
+        for r in fetched {
+            rows.push(Row {
+                id: r.try_get(0)?,
+                message_id: r.try_get(1)?,
+                exchange: r.try_get(2)?,
+                routing_key: r.try_get(3)?,
+                headers: headers_from_json(r.try_get::<&str, _>(4)?),
+                content_type: r.try_get(5)?,
+                body: r.try_get(6)?,
+                ordering_key: r.try_get(7)?,
+            });
+        }
+
+        // Keys whose earlier rows this round does not hold must wait.
+        let mut first: BTreeMap<&str, i64> = BTreeMap::new();
+        for r in &rows {
+            if let Some(k) = r.ordering_key.as_deref() {
+                first.entry(k).or_insert(r.id);
+            }
+        }
+        if !first.is_empty() {
+            let keys: Vec<String> = first.keys().map(|k| (*k).to_owned()).collect();
+            let ids: Vec<i64> = first.values().copied().collect();
+            let blocked: Vec<String> = sqlx::query_scalar(&format!(
+                "SELECT DISTINCT p.ordering_key FROM {t} p
+                 JOIN unnest($1::text[], $2::int8[]) AS b(k, first_id) ON p.ordering_key = b.k
+                 WHERE p.published_at IS NULL AND p.id < b.first_id"
+            ))
+            .bind(&keys)
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await?;
+            if !blocked.is_empty() {
+                let blocked: HashSet<String> = blocked.into_iter().collect();
+                rows.retain(|r| r.ordering_key.as_ref().is_none_or(|k| !blocked.contains(k)));
+            }
+        }
+
+        let results = self.publisher.lock().await.publish(&rows).await?;
+        if crate::failpoints::hit("relay-after-publish") {
+            // As if the process died here: published, not marked; the transaction rolls back.
+            return Err(OutboxError::Failpoint("relay-after-publish"));
+        }
+        let mut ok_ids = Vec::with_capacity(rows.len());
+        let mut refused = 0u64;
+        for (row, result) in rows.iter().zip(results) {
+            match result {
+                Ok(()) => ok_ids.push(row.id),
+                Err(reason) => {
+                    refused += 1;
+                    tracing::warn!(message_id = %row.message_id, exchange = %row.exchange, routing_key = %row.routing_key, %reason, "outbox publish refused; will retry");
+                    sqlx::query(&format!(
+                        "UPDATE {t} SET attempts = attempts + 1, last_error = $2,
+                         available_at = now() + make_interval(secs => LEAST(300, power(2, LEAST(attempts, 20)))::float8)
+                         WHERE id = $1"
+                    ))
+                    .bind(row.id)
+                    .bind(&reason)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+        }
+        sqlx::query(&format!(
+            "UPDATE {t} SET published_at = now() WHERE id = ANY($1)"
+        ))
+        .bind(&ok_ids)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        self.published
+            .fetch_add(ok_ids.len() as u64, Ordering::Relaxed);
+        self.refused.fetch_add(refused, Ordering::Relaxed);
+        metrics::counter!("idem_outbox_published_total").increment(ok_ids.len() as u64);
+        Ok(leased)
+    }
+
+    /// Runs rounds until nothing is due. Errors stop it (for tests and batch jobs).
+    pub async fn drain(&self) -> Result<RelayStats, OutboxError> {
+        while self.relay_once().await? > 0 {}
+        Ok(self.stats())
+    }
+
+    /// Relays until `shutdown` completes. Broker and database failures are logged and
+    /// retried with backoff (rows stay in the outbox meanwhile); the relay never gives
+    /// up. Wakes on NOTIFY from [`Outbox::enqueue`], polls as a fallback, cleans up old
+    /// published rows, and reports the gauges `idem_outbox_pending` and
+    /// `idem_outbox_oldest_pending_seconds`.
+    pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<RelayStats, OutboxError> {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut listener: Option<PgListener> = None;
+        let mut failures = 0u32;
+        let mut last_cleanup = tokio::time::Instant::now();
+        loop {
+            if listener.is_none() {
+                listener = self.listen().await;
+            }
+            let full = match self.relay_once().await {
+                Ok(n) => {
+                    failures = 0;
+                    n as i64 >= self.batch_size
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    let wait = Duration::from_millis(100u64 << failures.min(8))
+                        .min(Duration::from_secs(30));
+                    tracing::warn!(error = %e, retry_in = ?wait, "outbox relay round failed");
+                    tokio::select! {
+                        _ = &mut shutdown => return Ok(self.stats()),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                    continue;
+                }
+            };
+            if full {
+                continue;
+            }
+            self.report_gauges().await;
+            if last_cleanup.elapsed() > Duration::from_secs(60) {
+                last_cleanup = tokio::time::Instant::now();
+                if let Err(e) = self
+                    .outbox
+                    .cleanup(&self.pool, self.cleanup_after, 1000)
+                    .await
+                {
+                    tracing::warn!(error = %e, "outbox cleanup failed");
+                }
+            }
+            let notified = async {
+                match listener.as_mut() {
+                    Some(l) => l.recv().await.map(|_| ()),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = &mut shutdown => return Ok(self.stats()),
+                r = notified => if r.is_err() { listener = None },
+                _ = tokio::time::sleep(self.poll_interval) => {}
+            }
+        }
+    }
+
+    async fn listen(&self) -> Option<PgListener> {
+        let mut l = PgListener::connect_with(&self.pool).await.ok()?;
+        l.listen(self.outbox.channel()).await.ok()?;
+        Some(l)
+    }
+
+    async fn report_gauges(&self) {
+        if let Ok(s) = self.outbox.status(&self.pool).await {
+            metrics::gauge!("idem_outbox_pending").set(s.pending as f64);
+            metrics::gauge!("idem_outbox_oldest_pending_seconds")
+                .set(s.oldest_pending_age.map_or(0.0, |d| d.as_secs_f64()));
+        }
+    }
+}

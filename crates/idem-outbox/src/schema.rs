@@ -1,0 +1,224 @@
+use std::time::Duration;
+
+use sqlx::{PgConnection, PgPool, Row};
+use uuid::Uuid;
+
+use crate::error::OutboxError;
+use crate::message::{headers_to_json, OutboxMessage};
+
+/// An outbox table. Cheap to clone.
+///
+/// The table name is validated as an SQL identifier (optionally `schema.table`), so
+/// nothing from configuration is spliced into SQL unchecked. The library creates its own
+/// table with [`ensure_schema`](Self::ensure_schema) and never touches the
+/// application's migrations.
+#[derive(Clone, Debug)]
+pub struct Outbox {
+    table: String,
+    channel: String,
+}
+
+/// How far behind the relay is.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct OutboxStatus {
+    /// Rows not yet published.
+    pub pending: i64,
+    /// Age of the oldest unpublished row (the outbox lag), if any.
+    pub oldest_pending_age: Option<Duration>,
+    /// Rows published and not yet cleaned up.
+    pub published: i64,
+}
+
+pub(crate) fn valid_identifier(name: &str) -> bool {
+    let part = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 63
+            && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && !p.starts_with(|c: char| c.is_ascii_digit())
+    };
+    match name.split_once('.') {
+        Some((schema, table)) => part(schema) && part(table),
+        None => part(name),
+    }
+}
+
+impl Outbox {
+    /// An outbox stored in `table` (default name: `idem_outbox`).
+    pub fn new(table: &str) -> Result<Self, OutboxError> {
+        if !valid_identifier(table) {
+            return Err(OutboxError::InvalidTableName(table.to_owned()));
+        }
+        Ok(Outbox {
+            table: table.to_owned(),
+            channel: table.replace('.', "_"),
+        })
+    }
+
+    /// The table name.
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// The LISTEN/NOTIFY channel relays wait on (the table name, `.` replaced by `_`).
+    pub fn channel(&self) -> &str {
+        &self.channel
+    }
+
+    /// Creates the table and its indexes if they do not exist. Idempotent and safe to
+    /// call from several processes at once (serialised by an advisory lock).
+    pub async fn ensure_schema(&self, pool: &PgPool) -> Result<(), OutboxError> {
+        let t = &self.table;
+        let idx = self.channel.as_str();
+        let mut tx = pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+            .bind(format!("idem-outbox-schema:{t}"))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(&format!(
+            "CREATE TABLE IF NOT EXISTS {t} (
+                id BIGSERIAL PRIMARY KEY,
+                message_id TEXT NOT NULL UNIQUE,
+                exchange TEXT NOT NULL,
+                routing_key TEXT NOT NULL,
+                headers TEXT NOT NULL DEFAULT '{{}}',
+                content_type TEXT,
+                body BYTEA NOT NULL,
+                ordering_key TEXT,
+                created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+                available_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+                attempts INTEGER NOT NULL DEFAULT 0,
+                last_error TEXT,
+                published_at TIMESTAMPTZ
+            )"
+        ))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(&format!(
+            "CREATE INDEX IF NOT EXISTS {idx}_pending ON {t} (id) WHERE published_at IS NULL"
+        ))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(&format!(
+            "CREATE INDEX IF NOT EXISTS {idx}_ordering ON {t} (ordering_key, id) WHERE published_at IS NULL AND ordering_key IS NOT NULL"
+        ))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(&format!(
+            "CREATE INDEX IF NOT EXISTS {idx}_published ON {t} (published_at) WHERE published_at IS NOT NULL"
+        ))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Writes `msg` into the outbox inside the caller's transaction (pass `&mut tx`).
+    /// It is published only if that transaction commits. Returns the message's
+    /// idempotence key (its AMQP `message_id`).
+    pub async fn enqueue(
+        &self,
+        conn: &mut PgConnection,
+        msg: OutboxMessage,
+    ) -> Result<Uuid, OutboxError> {
+        if msg.exchange.is_empty() && msg.routing_key.is_empty() {
+            return Err(OutboxError::InvalidMessage(
+                "both exchange and routing key are empty: the message could not be routed".into(),
+            ));
+        }
+        if msg.exchange.len() > 255 || msg.routing_key.len() > 255 {
+            return Err(OutboxError::InvalidMessage(
+                "exchange and routing key are limited to 255 bytes by AMQP".into(),
+            ));
+        }
+        sqlx::query(&format!(
+            "INSERT INTO {} (message_id, exchange, routing_key, headers, content_type, body, ordering_key)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            self.table
+        ))
+        .bind(msg.id.to_string())
+        .bind(&msg.exchange)
+        .bind(&msg.routing_key)
+        .bind(headers_to_json(&msg.headers))
+        .bind(&msg.content_type)
+        .bind(&msg.body)
+        .bind(&msg.ordering_key)
+        .execute(&mut *conn)
+        .await?;
+        // Delivered to listening relays only when the transaction commits.
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(&self.channel)
+            .execute(&mut *conn)
+            .await?;
+        Ok(msg.id)
+    }
+
+    /// Pending rows, the outbox lag, and published rows awaiting cleanup.
+    pub async fn status(&self, pool: &PgPool) -> Result<OutboxStatus, OutboxError> {
+        let row = sqlx::query(&format!(
+            "SELECT count(*) FILTER (WHERE published_at IS NULL),
+                    EXTRACT(EPOCH FROM now() - min(created_at) FILTER (WHERE published_at IS NULL))::float8,
+                    count(*) FILTER (WHERE published_at IS NOT NULL)
+             FROM {}",
+            self.table
+        ))
+        .fetch_one(pool)
+        .await?;
+        let age: Option<f64> = row.try_get(1)?;
+        Ok(OutboxStatus {
+            pending: row.try_get(0)?,
+            oldest_pending_age: age.map(|s| Duration::from_secs_f64(s.max(0.0))),
+            published: row.try_get(2)?,
+        })
+    }
+
+    /// Deletes rows published more than `older_than` ago, `batch` rows per statement so
+    /// no statement holds many locks. Returns how many were deleted.
+    pub async fn cleanup(
+        &self,
+        pool: &PgPool,
+        older_than: Duration,
+        batch: i64,
+    ) -> Result<u64, OutboxError> {
+        let mut total = 0;
+        loop {
+            let done = sqlx::query(&format!(
+                "DELETE FROM {t} WHERE id IN (
+                    SELECT id FROM {t}
+                    WHERE published_at IS NOT NULL AND published_at < now() - make_interval(secs => $1)
+                    ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                t = self.table
+            ))
+            .bind(older_than.as_secs_f64())
+            .bind(batch.max(1))
+            .execute(pool)
+            .await?
+            .rows_affected();
+            total += done;
+            if done < batch.max(1) as u64 {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_are_checked() {
+        assert!(Outbox::new("idem_outbox").is_ok());
+        assert!(Outbox::new("app.outbox_1").is_ok());
+        for bad in [
+            "",
+            "1abc",
+            "a;drop table x",
+            "a.b.c",
+            "x y",
+            "\"q\"",
+            &"a".repeat(64),
+        ] {
+            assert!(Outbox::new(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

@@ -1,0 +1,447 @@
+//! Outbox and relay against the real PostgreSQL and RabbitMQ.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use idem_core::{Consumer, Disposition, MemoryStore, Message};
+use idem_outbox::{Outbox, OutboxError, OutboxMessage, Relay};
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties};
+use sqlx::PgPool;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+
+fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+async fn pg() -> PgPool {
+    let url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(&url)
+        .await
+        .unwrap_or_else(|e| {
+            panic!("PostgreSQL not reachable at {}: {e}. Start it with `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`", idem_core::redact_url(&url))
+        })
+}
+
+async fn rabbit() -> (Connection, Channel) {
+    let url = amqp_url();
+    let conn = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "RabbitMQ not reachable at {}: {e}. Start it with `rabbitmq-server -detached`",
+                idem_core::redact_url(&url)
+            )
+        });
+    let ch = conn.create_channel().await.unwrap();
+    (conn, ch)
+}
+
+/// A unique table and queue, removed on drop of the returned guard's owner (explicit `cleanup`).
+struct Fixture {
+    pool: PgPool,
+    outbox: Outbox,
+    queue: String,
+    ch: Channel,
+    _conn: Connection,
+}
+
+impl Fixture {
+    async fn new() -> Self {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let pool = pg().await;
+        let outbox = Outbox::new(&format!("idem_outbox_t{}", &id[..12])).unwrap();
+        outbox.ensure_schema(&pool).await.unwrap();
+        let (conn, ch) = rabbit().await;
+        let queue = format!("idem-test-outbox-{id}");
+        ch.queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        Fixture {
+            pool,
+            outbox,
+            queue,
+            ch,
+            _conn: conn,
+        }
+    }
+
+    async fn enqueue(&self, msg: OutboxMessage) -> uuid::Uuid {
+        let mut tx = self.pool.begin().await.unwrap();
+        let id = self.outbox.enqueue(&mut tx, msg).await.unwrap();
+        tx.commit().await.unwrap();
+        id
+    }
+
+    /// Everything in the queue, in order, acked.
+    async fn take_all(&self) -> Vec<lapin::message::Delivery> {
+        let mut out = Vec::new();
+        while let Some(m) = self
+            .ch
+            .basic_get(self.queue.as_str().into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+        {
+            m.ack(BasicAckOptions::default()).await.unwrap();
+            out.push(m.delivery);
+        }
+        out
+    }
+
+    async fn cleanup(self) {
+        self.ch
+            .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+        sqlx::query(&format!("DROP TABLE IF EXISTS {}", self.outbox.table()))
+            .execute(&self.pool)
+            .await
+            .unwrap();
+    }
+}
+
+fn message_id(d: &lapin::message::Delivery) -> String {
+    d.properties
+        .message_id()
+        .as_ref()
+        .map(|s| s.to_string())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn rollback_publishes_nothing_commit_publishes_once() {
+    let f = Fixture::new().await;
+    let mut tx = f.pool.begin().await.unwrap();
+    f.outbox
+        .enqueue(
+            &mut tx,
+            OutboxMessage::new("", f.queue.clone(), b"rolled back".to_vec()),
+        )
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    let id = f
+        .enqueue(
+            OutboxMessage::json("", f.queue.clone(), &serde_json::json!({"n": 1}))
+                .unwrap()
+                .header("tenant", "t-1"),
+        )
+        .await;
+    let relay = Relay::new(f.pool.clone(), f.outbox.clone(), amqp_url());
+    assert_eq!(relay.drain().await.unwrap().published, 1);
+    let got = f.take_all().await;
+    assert_eq!(got.len(), 1, "only the committed message is published");
+    assert_eq!(
+        message_id(&got[0]),
+        id.to_string(),
+        "the idempotence key is the message_id"
+    );
+    assert_eq!(got[0].data, br#"{"n":1}"#);
+    assert_eq!(
+        got[0]
+            .properties
+            .content_type()
+            .as_ref()
+            .map(|s| s.as_str()),
+        Some("application/json")
+    );
+    let status = f.outbox.status(&f.pool).await.unwrap();
+    assert_eq!((status.pending, status.published), (0, 1));
+    assert_eq!(
+        relay.drain().await.unwrap().published,
+        1,
+        "a marked row is not published again"
+    );
+    assert!(f.take_all().await.is_empty());
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn crash_after_publish_republishes_same_id_and_dedup_absorbs_it() {
+    let f = Fixture::new().await;
+    let id = f
+        .enqueue(OutboxMessage::new("", f.queue.clone(), b"deposit".to_vec()))
+        .await;
+    let relay = Relay::new(f.pool.clone(), f.outbox.clone(), amqp_url());
+    idem_outbox::failpoints::arm("relay-after-publish", 1);
+    let err = relay.relay_once().await.unwrap_err();
+    assert!(matches!(err, OutboxError::Failpoint(_)), "{err}");
+    assert_eq!(
+        f.outbox.status(&f.pool).await.unwrap().pending,
+        1,
+        "row still pending after the crash"
+    );
+    relay.drain().await.unwrap();
+    let got = f.take_all().await;
+    assert_eq!(got.len(), 2, "published again after the crash");
+    assert!(
+        got.iter().all(|d| message_id(d) == id.to_string()),
+        "both copies carry the same message_id"
+    );
+
+    // The consumer's dedup applies it once.
+    let applied = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let consumer = Consumer::builder("deposits")
+        .store(MemoryStore::new())
+        .handler_with_state(
+            |idem_core::State(n): idem_core::State<Arc<std::sync::atomic::AtomicUsize>>| async move {
+                n.fetch_add(1, Ordering::SeqCst);
+            },
+            applied.clone(),
+        )
+        .unwrap();
+    let mut dispositions = Vec::new();
+    for d in &got {
+        let msg = Message::new(d.data.clone()).with_message_id(message_id(d));
+        dispositions.push(consumer.process(msg).await);
+    }
+    assert_eq!(
+        dispositions,
+        vec![
+            Disposition::Ack { duplicate: false },
+            Disposition::Ack { duplicate: true }
+        ]
+    );
+    assert_eq!(applied.load(Ordering::SeqCst), 1);
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn two_relays_publish_each_row_once_and_keep_per_key_order() {
+    let f = Fixture::new().await;
+    let keys = 5;
+    let per_key = 40;
+    let mut tx = f.pool.begin().await.unwrap();
+    for seq in 0..per_key {
+        for k in 0..keys {
+            let body = format!("{k}:{seq}");
+            f.outbox
+                .enqueue(
+                    &mut tx,
+                    OutboxMessage::new("", f.queue.clone(), body.into_bytes())
+                        .ordering_key(format!("key-{k}")),
+                )
+                .await
+                .unwrap();
+        }
+    }
+    tx.commit().await.unwrap();
+    let a = Relay::new(f.pool.clone(), f.outbox.clone(), amqp_url()).batch_size(7);
+    let b = Relay::new(f.pool.clone(), f.outbox.clone(), amqp_url()).batch_size(7);
+    // Both relays race until everything is out (a relay may find nothing due while the
+    // other holds the head of every key, so each loops until the outbox is empty).
+    let run = |r: Relay| {
+        let f_pool = f.pool.clone();
+        let outbox = f.outbox.clone();
+        tokio::spawn(async move {
+            loop {
+                r.relay_once().await.unwrap();
+                if outbox.status(&f_pool).await.unwrap().pending == 0 {
+                    return r.stats();
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    let (sa, sb) = tokio::join!(run(a), run(b));
+    let (sa, sb) = (sa.unwrap(), sb.unwrap());
+    assert_eq!(
+        sa.published + sb.published,
+        (keys * per_key) as u64,
+        "each row published once: {sa:?} {sb:?}"
+    );
+    let got = f.take_all().await;
+    assert_eq!(got.len(), keys * per_key);
+    let mut next: HashMap<String, usize> = HashMap::new();
+    for d in &got {
+        let body = String::from_utf8(d.data.clone()).unwrap();
+        let (k, seq) = body.split_once(':').unwrap();
+        let expected = next.entry(k.to_owned()).or_insert(0);
+        assert_eq!(
+            seq.parse::<usize>().unwrap(),
+            *expected,
+            "key {k} out of order"
+        );
+        *expected += 1;
+    }
+    f.cleanup().await;
+}
+
+/// A TCP proxy to RabbitMQ that can be cut and restored, to take the broker away.
+struct Proxy {
+    port: u16,
+    up: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    async fn start() -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let up = Arc::new(AtomicBool::new(true));
+        let flag = up.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                if !flag.load(Ordering::SeqCst) {
+                    let _ = client.shutdown().await;
+                    continue;
+                }
+                let flag = flag.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect("127.0.0.1:5672").await else {
+                        return;
+                    };
+                    let copy = tokio::io::copy_bidirectional(&mut client, &mut server);
+                    let cut = async {
+                        while flag.load(Ordering::SeqCst) {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    };
+                    tokio::select! { _ = copy => {}, _ = cut => {} }
+                });
+            }
+        });
+        Proxy { port, up }
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+}
+
+#[tokio::test]
+async fn broker_down_rows_wait_then_go() {
+    let f = Fixture::new().await;
+    let proxy = Proxy::start().await;
+    let relay = Relay::new(f.pool.clone(), f.outbox.clone(), proxy.url());
+    f.enqueue(OutboxMessage::new("", f.queue.clone(), b"first".to_vec()))
+        .await;
+    relay.drain().await.unwrap();
+
+    proxy.up.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    f.enqueue(OutboxMessage::new(
+        "",
+        f.queue.clone(),
+        b"during outage".to_vec(),
+    ))
+    .await;
+    let err = relay.relay_once().await.unwrap_err();
+    assert!(matches!(err, OutboxError::Broker(_)), "{err}");
+    assert!(
+        !err.to_string().contains("guest:guest"),
+        "credentials redacted: {err}"
+    );
+    assert_eq!(
+        f.outbox.status(&f.pool).await.unwrap().pending,
+        1,
+        "the row waits in the outbox"
+    );
+
+    proxy.up.store(true, Ordering::SeqCst);
+    let mut published = false;
+    for _ in 0..50 {
+        if relay.relay_once().await.is_ok() && f.outbox.status(&f.pool).await.unwrap().pending == 0
+        {
+            published = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(published, "row published once the broker is back");
+    let bodies: Vec<Vec<u8>> = f.take_all().await.into_iter().map(|d| d.data).collect();
+    assert_eq!(bodies, vec![b"first".to_vec(), b"during outage".to_vec()]);
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn notify_wakes_the_running_relay_and_cleanup_removes_old_rows() {
+    let f = Fixture::new().await;
+    let relay = Arc::new(
+        Relay::new(f.pool.clone(), f.outbox.clone(), amqp_url())
+            .poll_interval(Duration::from_secs(30)),
+    );
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let r = relay.clone();
+    let task = tokio::spawn(async move {
+        r.run(async {
+            let _ = stop_rx.await;
+        })
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await; // let it LISTEN
+    f.enqueue(OutboxMessage::new("", f.queue.clone(), b"wake".to_vec()))
+        .await;
+    let mut got = Vec::new();
+    for _ in 0..50 {
+        got.extend(f.take_all().await);
+        if !got.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        got.len(),
+        1,
+        "published well before the 30 s poll: NOTIFY woke the relay"
+    );
+    let _ = stop_tx.send(());
+    task.await.unwrap().unwrap();
+
+    assert_eq!(
+        f.outbox
+            .cleanup(&f.pool, Duration::from_secs(3600), 10)
+            .await
+            .unwrap(),
+        0,
+        "recent rows kept"
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        f.outbox
+            .cleanup(&f.pool, Duration::from_millis(1), 10)
+            .await
+            .unwrap(),
+        1,
+        "old published rows deleted"
+    );
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn bad_messages_are_refused_at_enqueue() {
+    let f = Fixture::new().await;
+    let mut tx = f.pool.begin().await.unwrap();
+    let err = f
+        .outbox
+        .enqueue(&mut tx, OutboxMessage::new("", "", b"x".to_vec()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, OutboxError::InvalidMessage(_)));
+    let err = f
+        .outbox
+        .enqueue(
+            &mut tx,
+            OutboxMessage::new("", "q".repeat(300), b"x".to_vec()),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, OutboxError::InvalidMessage(_)));
+    drop(tx);
+    f.cleanup().await;
+}
