@@ -1,1 +1,93 @@
-//! Runnable examples of idem: see `cargo run --example NAME`.
+//! Helpers shared by the runnable examples (`cargo run --example NAME`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use idem::amqp::Settled;
+use idem::Disposition;
+use tokio::sync::Notify;
+
+/// The broker URL: `AMQP_URL` or the local default.
+pub fn amqp_url() -> String {
+    idem::amqp::amqp_url_from_env()
+}
+
+/// Connects to RabbitMQ or explains how to start it.
+pub async fn rabbit() -> Result<lapin::Connection, String> {
+    let url = amqp_url();
+    idem::amqp::connect(&url, "idem-example-admin")
+        .await
+        .map_err(|e| {
+            format!(
+                "RabbitMQ is not reachable at {} ({e}); start it with `rabbitmq-server -detached`",
+                idem::redact_url(&url)
+            )
+        })
+}
+
+/// Counts deliveries that reached a final outcome (acked or dead-lettered) and wakes
+/// a waiter once `target` of them have.
+#[derive(Clone)]
+pub struct Finished {
+    done: Arc<AtomicU64>,
+    target: u64,
+    notify: Arc<Notify>,
+}
+
+impl Finished {
+    /// Waits for `target` final outcomes.
+    pub fn new(target: u64) -> Self {
+        Finished {
+            done: Arc::new(AtomicU64::new(0)),
+            target,
+            notify: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Records a settled delivery; retries are not final.
+    pub fn record(&self, settled: &Settled<'_>) {
+        if !matches!(settled.disposition, Disposition::Retry { .. })
+            && self.done.fetch_add(1, Ordering::SeqCst) + 1 >= self.target
+        {
+            self.notify.notify_one();
+        }
+    }
+
+    /// Resolves when every message has a final outcome, or after `limit`.
+    pub async fn wait(&self, limit: Duration) -> Result<(), String> {
+        let wait = async {
+            while self.done.load(Ordering::SeqCst) < self.target {
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(200), self.notify.notified()).await;
+            }
+        };
+        tokio::time::timeout(limit, wait).await.map_err(|_| {
+            format!(
+                "only {} of {} messages finished within {limit:?}",
+                self.done.load(Ordering::SeqCst),
+                self.target
+            )
+        })
+    }
+}
+
+/// One line describing a settled delivery.
+pub fn describe(settled: &Settled<'_>) -> String {
+    let id = settled.message_id.unwrap_or("?");
+    match settled.disposition {
+        Disposition::Ack { duplicate: false } => format!("{id}: done, acked"),
+        Disposition::Ack { duplicate: true } => format!("{id}: duplicate, handler not run, acked"),
+        Disposition::Retry { delay, failure, .. } => format!(
+            "{id}: {} failure (attempt {}), retry in ~{} ms: {}",
+            failure.kind,
+            failure.attempts,
+            delay.as_millis(),
+            failure.error
+        ),
+        Disposition::DeadLetter(failure) => format!(
+            "{id}: {} failure after {} attempt(s), dead-lettered: {}",
+            failure.kind, failure.attempts, failure.error
+        ),
+    }
+}

@@ -10,7 +10,12 @@
 //! - schedules retries as messages in the broker, so they survive crashes and never
 //!   block the queue.
 //!
-//! This facade re-exports [`idem_core`]; transports and stores arrive behind features.
+//! This facade re-exports [`idem_core`] at its root; the rest comes behind features:
+//!
+//! | feature | module | what |
+//! |---|---|---|
+//! | `amqp` | [`idem::amqp`](https://docs.rs/idem-amqp) | RabbitMQ worker, topology, publisher |
+//! | `outbox` | [`idem::outbox`](https://docs.rs/idem-outbox) | transactional outbox and relay (PostgreSQL) |
 //!
 //! ```
 //! use idem::memory::MemoryBroker;
@@ -37,3 +42,11 @@
 #![deny(missing_docs)]
 
 pub use idem_core::*;
+
+/// The RabbitMQ transport (feature `amqp`).
+#[cfg(feature = "amqp")]
+pub use idem_amqp as amqp;
+
+/// The transactional outbox (feature `outbox`).
+#[cfg(feature = "outbox")]
+pub use idem_outbox as outbox;
