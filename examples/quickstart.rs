@@ -1,4 +1,6 @@
-//! Quickstart: the whole idem stack on the in-memory broker and store, no services.
+//! Quickstart: the whole idem stack on the embedded defaults, no services: the
+//! in-memory broker and a SQLite dedup store (a file in a temporary directory,
+//! removed at the end).
 //!
 //! ```text
 //! cargo run --example quickstart
@@ -12,9 +14,9 @@
 use std::time::Duration;
 
 use idem::memory::MemoryBroker;
+use idem::sql::SqliteStore;
 use idem::{
-    Attempt, Backoff, Consumer, Disposition, HandlerError, IdempotencyKey, Jitter, Json,
-    MemoryStore, Message,
+    Attempt, Backoff, Consumer, Disposition, HandlerError, IdempotencyKey, Jitter, Json, Message,
 };
 
 #[derive(serde::Deserialize)]
@@ -58,8 +60,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
 
+    let dir = std::env::temp_dir().join(format!("idem-quickstart-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let db = sqlx::sqlite::SqlitePoolOptions::new()
+        .connect_with(
+            sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(dir.join("dedup.db"))
+                .create_if_missing(true),
+        )
+        .await?;
+    let store = SqliteStore::new(db.clone());
+    store.ensure_schema().await?;
+
     let consumer = Consumer::builder("order-service")
-        .store(MemoryStore::new())
+        .store(store)
         .backoff(
             Backoff::exponential(Duration::from_millis(100))
                 .jitter(Jitter::None)
@@ -98,6 +112,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "dlq      orders.dlq holds {} message(s)",
         broker.len("orders.dlq")
     );
+    db.close().await;
+    std::fs::remove_dir_all(&dir)?;
     println!("summary: {stats}");
     Ok(())
 }

@@ -137,7 +137,9 @@ impl HandlerError {
         self.key.as_deref()
     }
 
-    pub(crate) fn with_key(mut self, key: &str) -> Self {
+    /// Records the idempotence key of the failed message (kept if one is already set),
+    /// for the `x-idem-key` dead-letter header. Dedup stages call this.
+    pub fn with_key(mut self, key: &str) -> Self {
         if self.key.is_none() {
             self.key = Some(key.to_owned());
         }

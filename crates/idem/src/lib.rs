@@ -16,6 +16,8 @@
 //! |---|---|---|
 //! | `amqp` | [`idem::amqp`](https://docs.rs/idem-amqp) | RabbitMQ worker, topology, publisher |
 //! | `outbox` | [`idem::outbox`](https://docs.rs/idem-outbox) | transactional outbox and relay (PostgreSQL) |
+//! | `redis` | [`idem::redis`](https://docs.rs/idem-redis) | Redis lease store |
+//! | `postgres`, `sqlite`, `mysql` | [`idem::sql`](https://docs.rs/idem-sql) | SQL lease store and transactional inbox |
 //!
 //! ```
 //! use idem::memory::MemoryBroker;
@@ -46,6 +48,14 @@ pub use idem_core::*;
 /// The RabbitMQ transport (feature `amqp`).
 #[cfg(feature = "amqp")]
 pub use idem_amqp as amqp;
+
+/// The Redis dedup store (feature `redis`).
+#[cfg(feature = "redis")]
+pub use idem_redis as redis;
+
+/// SQL lease store and transactional inbox (features `postgres`, `sqlite`, `mysql`).
+#[cfg(any(feature = "postgres", feature = "sqlite", feature = "mysql"))]
+pub use idem_sql as sql;
 
 /// The transactional outbox (feature `outbox`).
 #[cfg(feature = "outbox")]

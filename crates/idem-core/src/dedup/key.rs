@@ -110,8 +110,29 @@ pub struct MissingKeyError;
 #[error("idempotence key is {0} bytes long, the limit is {MAX_KEY_LEN}")]
 pub struct KeyTooLongError(pub usize);
 
+/// The idempotence key of `msg`: from `extractor`, else per the `missing` policy.
+/// Missing and oversized keys are permanent errors. Shared by every dedup stage so
+/// they agree on what the key of a message is.
+pub fn resolve_key(
+    extractor: &dyn KeyExtractor,
+    missing: MissingKey,
+    msg: &Message,
+) -> Result<String, crate::HandlerError> {
+    let key = match extractor.extract(msg) {
+        Some(k) => k,
+        None => match missing {
+            MissingKey::Poison => return Err(crate::HandlerError::permanent(MissingKeyError)),
+            MissingKey::ContentHash => format!("sha256:{}", sha256_hex(&msg.body)),
+        },
+    };
+    if key.len() > MAX_KEY_LEN {
+        return Err(crate::HandlerError::permanent(KeyTooLongError(key.len())));
+    }
+    Ok(key)
+}
+
 /// Hex SHA-256 of a body.
-pub(crate) fn sha256_hex(body: &[u8]) -> String {
+pub fn sha256_hex(body: &[u8]) -> String {
     let digest = Sha256::digest(body);
     let mut out = String::with_capacity(64);
     for b in digest {

@@ -5,9 +5,7 @@ use std::time::{Duration, Instant};
 use tower::{Layer, Service};
 use tracing::{debug, warn};
 
-use super::key::{
-    sha256_hex, DefaultKey, KeyExtractor, KeyTooLongError, MissingKey, MissingKeyError, MAX_KEY_LEN,
-};
+use super::key::{resolve_key, sha256_hex, DefaultKey, KeyExtractor, MissingKey};
 use super::store::{Claim, Completion, DedupStore, OwnerToken, ScopedKey, StoreError};
 use crate::error::{ErrorKind, HandlerError};
 use crate::handler::{BoxFuture, IdempotencyKey};
@@ -36,6 +34,15 @@ impl Processed {
         self == Processed::Duplicate
     }
 }
+
+/// A redelivered copy of a message that was dead-lettered as poison. Permanent: it is
+/// dead-lettered again rather than acked as a duplicate, because the first
+/// dead-letter copy may never have been confirmed (a crash between recording the
+/// poison and the broker's confirm would otherwise lose the message). The DLQ may
+/// then hold two copies of it; a replay of either runs it once.
+#[derive(Debug, thiserror::Error)]
+#[error("idempotence key {0:?} was dead-lettered as poison before; dead-lettering this copy too (replay with header x-idem-replay to run it)")]
+pub struct PreviouslyPoisonedError(pub String);
 
 /// The key was done with a different payload fingerprint. Permanent.
 #[derive(Debug, thiserror::Error)]
@@ -201,16 +208,7 @@ async fn run<S>(config: Arc<Config>, inner: S, msg: Message) -> Result<Processed
 where
     S: Service<Message, Response = (), Error = HandlerError>,
 {
-    let key = match config.extractor.extract(&msg) {
-        Some(k) => k,
-        None => match config.missing {
-            MissingKey::Poison => return Err(HandlerError::permanent(MissingKeyError)),
-            MissingKey::ContentHash => format!("sha256:{}", sha256_hex(&msg.body)),
-        },
-    };
-    if key.len() > MAX_KEY_LEN {
-        return Err(HandlerError::permanent(KeyTooLongError(key.len())));
-    }
+    let key = resolve_key(config.extractor.as_ref(), config.missing, &msg)?;
     tracing::Span::current().record("key", key.as_str());
     let scoped = ScopedKey::new(config.consumer.clone(), key.clone());
     claimed(&config, inner, msg, &scoped, key)
@@ -253,8 +251,12 @@ where
                 }
             }
             let replay = msg.header_str(REPLAY_HEADER).is_some_and(|v| !v.is_empty());
-            if !(replay && completion == Completion::Poisoned) {
-                return Ok(Processed::Duplicate);
+            match (completion, replay) {
+                (Completion::Succeeded, _) => return Ok(Processed::Duplicate),
+                (Completion::Poisoned, false) => {
+                    return Err(HandlerError::permanent(PreviouslyPoisonedError(key)))
+                }
+                (Completion::Poisoned, true) => {}
             }
             let t = Instant::now();
             let reopened = timed(

@@ -13,6 +13,8 @@
 //!
 //! After the handler: `Ok` -> `done`; permanent error -> `done` (poisoned, so a replay
 //! is a deliberate operator act, header `x-idem-replay`); transient error -> release.
+//! A plain redelivery of a poisoned message is dead-lettered again (never acked as a
+//! duplicate): its first dead-letter copy may not have been confirmed.
 //! Keys are scoped by consumer name. A message whose key is missing is poison (unless
 //! [`MissingKey::ContentHash`]); one whose key is already `done` with a different payload
 //! fingerprint is poison too ("same key, different payload").
@@ -44,10 +46,13 @@ mod memory;
 mod store;
 
 pub use key::{
-    DefaultKey, HeaderKey, JsonFieldKey, KeyExtractor, KeyTooLongError, MissingKey,
-    MissingKeyError, MAX_KEY_LEN,
+    resolve_key, sha256_hex, DefaultKey, HeaderKey, JsonFieldKey, KeyExtractor, KeyTooLongError,
+    MissingKey, MissingKeyError, MAX_KEY_LEN,
 };
-pub use layer::{DedupLayer, DedupService, PayloadMismatchError, Processed, REPLAY_HEADER};
+pub use layer::{
+    DedupLayer, DedupService, PayloadMismatchError, PreviouslyPoisonedError, Processed,
+    REPLAY_HEADER,
+};
 pub use memory::MemoryStore;
 pub use store::{Claim, Completion, DedupStore, OwnerToken, ScopedKey, StoreError};
 

@@ -160,10 +160,13 @@ async fn poison_is_done_and_only_a_replay_reopens_it() {
     });
     let m = || Message::new("a").with_message_id("k");
     assert!(poison.clone().oneshot(m()).await.is_err());
-    assert!(
-        poison.clone().oneshot(m()).await.unwrap().is_duplicate(),
-        "a plain redelivery does not rerun poison"
+    let again = poison.clone().oneshot(m()).await.unwrap_err();
+    assert_eq!(
+        again.kind(),
+        Some(ErrorKind::Permanent),
+        "a plain redelivery is dead-lettered again, not dropped"
     );
+    assert!(again.chain().contains("dead-lettered as poison before"));
     let replay = m().with_header(REPLAY_HEADER, "op-1");
     assert!(
         poison

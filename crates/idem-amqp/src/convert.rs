@@ -1,0 +1,269 @@
+//! Conversions between lapin deliveries and idem [`Message`]s.
+//!
+//! Incoming AMQP header values are mapped to [`HeaderValue`]: booleans, every integer
+//! type and timestamps become `Int`, strings become `String` (or `Bytes` when not
+//! UTF-8), byte arrays become `Bytes`, floats and decimals become their decimal text.
+//! Nested tables, arrays (such as RabbitMQ's `x-death`) and void values are not
+//! mapped; they stay in the original [`BasicProperties`], which the transport keeps
+//! and re-publishes unchanged (plus the `x-idem-*` headers) on retry and dead-letter
+//! copies. No header, however large or odd, makes the conversion fail.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use bytes::Bytes;
+use idem_core::outcome::headers as idem_headers;
+use idem_core::{DeliveryInfo, HeaderValue, Headers, Message, Properties};
+use lapin::message::Delivery;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::BasicProperties;
+
+use crate::error::Error;
+
+/// Converts a delivery consumed from `queue` into a [`Message`], copying the body.
+///
+/// When the delivery carries `x-idem-original-exchange` / `x-idem-original-routing-key`
+/// (a retry copy coming back from a delay queue), those name the original publish and
+/// are used for [`DeliveryInfo::exchange`] and [`DeliveryInfo::routing_key`].
+pub fn message_from_delivery(delivery: &Delivery, queue: &str) -> Message {
+    to_message(
+        &delivery.exchange,
+        &delivery.routing_key,
+        delivery.redelivered,
+        &delivery.properties,
+        Bytes::copy_from_slice(&delivery.data),
+        queue,
+    )
+}
+
+pub(crate) fn to_message(
+    exchange: &ShortString,
+    routing_key: &ShortString,
+    redelivered: bool,
+    props: &BasicProperties,
+    body: Bytes,
+    queue: &str,
+) -> Message {
+    let mut msg = Message::new(body);
+    if let Some(table) = props.headers() {
+        msg.headers = headers_from_table(table);
+    }
+    msg.delivery = delivery_info(exchange, routing_key, redelivered, &msg.headers, queue);
+    msg.properties = Properties {
+        message_id: props.message_id().as_ref().map(|s| s.as_str().to_owned()),
+        content_type: props.content_type().as_ref().map(|s| s.as_str().to_owned()),
+        correlation_id: props
+            .correlation_id()
+            .as_ref()
+            .map(|s| s.as_str().to_owned()),
+        timestamp: props
+            .timestamp()
+            .and_then(|secs| UNIX_EPOCH.checked_add(Duration::from_secs(secs))),
+        kind: props.kind().as_ref().map(|s| s.as_str().to_owned()),
+    };
+    msg
+}
+
+/// Where a delivery really comes from: the `x-idem-original-*` headers win over the
+/// delay queue's dead-lettering (exchange `""`, routing key = the work queue).
+pub(crate) fn delivery_info(
+    exchange: &ShortString,
+    routing_key: &ShortString,
+    redelivered: bool,
+    headers: &Headers,
+    queue: &str,
+) -> DeliveryInfo {
+    let original = |name: &str| headers.get(name).and_then(HeaderValue::as_str);
+    DeliveryInfo {
+        exchange: original(idem_headers::ORIGINAL_EXCHANGE)
+            .unwrap_or(exchange.as_str())
+            .to_owned(),
+        routing_key: original(idem_headers::ORIGINAL_ROUTING_KEY)
+            .unwrap_or(routing_key.as_str())
+            .to_owned(),
+        queue: queue.to_owned(),
+        redelivered,
+        attempt: 1,
+    }
+}
+
+/// Maps the header values idem can represent; see the [module docs](self).
+pub fn headers_from_table(table: &FieldTable) -> Headers {
+    table
+        .inner()
+        .iter()
+        .filter_map(|(k, v)| Some((k.as_str().to_owned(), header_value(v)?)))
+        .collect()
+}
+
+/// One AMQP value as a [`HeaderValue`], if it has a flat representation.
+pub fn header_value(v: &AMQPValue) -> Option<HeaderValue> {
+    Some(match v {
+        AMQPValue::Boolean(b) => HeaderValue::Bool(*b),
+        AMQPValue::ShortShortInt(i) => HeaderValue::Int(i64::from(*i)),
+        AMQPValue::ShortShortUInt(i) => HeaderValue::Int(i64::from(*i)),
+        AMQPValue::ShortInt(i) => HeaderValue::Int(i64::from(*i)),
+        AMQPValue::ShortUInt(i) => HeaderValue::Int(i64::from(*i)),
+        AMQPValue::LongInt(i) => HeaderValue::Int(i64::from(*i)),
+        AMQPValue::LongUInt(i) => HeaderValue::Int(i64::from(*i)),
+        AMQPValue::LongLongInt(i) => HeaderValue::Int(*i),
+        AMQPValue::Timestamp(t) => match i64::try_from(*t) {
+            Ok(i) => HeaderValue::Int(i),
+            Err(_) => HeaderValue::String(t.to_string()),
+        },
+        AMQPValue::Float(f) => HeaderValue::String(f.to_string()),
+        AMQPValue::Double(f) => HeaderValue::String(f.to_string()),
+        AMQPValue::DecimalValue(d) => HeaderValue::String(decimal_text(d.value, d.scale)),
+        AMQPValue::ShortString(s) => HeaderValue::String(s.as_str().to_owned()),
+        AMQPValue::LongString(s) => match std::str::from_utf8(s.as_bytes()) {
+            Ok(text) => HeaderValue::String(text.to_owned()),
+            Err(_) => HeaderValue::Bytes(s.as_bytes().to_vec()),
+        },
+        AMQPValue::ByteArray(b) => HeaderValue::Bytes(b.as_slice().to_vec()),
+        AMQPValue::FieldArray(_) | AMQPValue::FieldTable(_) | AMQPValue::Void => return None,
+    })
+}
+
+fn decimal_text(value: u32, scale: u8) -> String {
+    let digits = value.to_string();
+    let scale = usize::from(scale);
+    if scale == 0 {
+        return digits;
+    }
+    let padded = format!("{digits:0>width$}", width = scale + 1);
+    let (int, frac) = padded.split_at(padded.len() - scale);
+    format!("{int}.{frac}")
+}
+
+/// A [`HeaderValue`] as the AMQP value idem writes. Strings are always long strings:
+/// RabbitMQ rejects short strings in field tables.
+pub fn amqp_value(v: &HeaderValue) -> AMQPValue {
+    match v {
+        HeaderValue::String(s) => AMQPValue::LongString(LongString::from(s.as_bytes())),
+        HeaderValue::Int(i) => AMQPValue::LongLongInt(*i),
+        HeaderValue::Bool(b) => AMQPValue::Boolean(*b),
+        HeaderValue::Bytes(b) => AMQPValue::LongString(LongString::from(b.clone())),
+    }
+}
+
+/// Adds (or replaces) `extra` in a copy of `table`. Names longer than 255 bytes are
+/// rejected.
+pub fn merge_headers(table: Option<&FieldTable>, extra: &Headers) -> Result<FieldTable, Error> {
+    let mut out = table.cloned().unwrap_or_default();
+    for (name, value) in extra {
+        let key =
+            ShortString::try_new(name.as_str()).map_err(|_| Error::NameTooLong(name.clone()))?;
+        out.insert(key, amqp_value(value));
+    }
+    Ok(out)
+}
+
+/// The AMQP properties for publishing `msg`: its properties and headers, persistent
+/// (delivery mode 2). A missing `message_id` is set to a new UUIDv7 *in `msg`*, so
+/// publishing the same `Message` again reuses it and consumers dedup the repeat.
+pub fn properties_for(msg: &mut Message) -> Result<BasicProperties, Error> {
+    let id = msg
+        .properties
+        .message_id
+        .get_or_insert_with(|| uuid::Uuid::now_v7().to_string())
+        .clone();
+    let short = |s: &str| ShortString::try_new(s).map_err(|_| Error::NameTooLong(s.to_owned()));
+    let p = &msg.properties;
+    let mut props = BasicProperties::default()
+        .with_message_id(short(&id)?)
+        .with_delivery_mode(2);
+    if let Some(ct) = &p.content_type {
+        props = props.with_content_type(short(ct)?);
+    }
+    if let Some(c) = &p.correlation_id {
+        props = props.with_correlation_id(short(c)?);
+    }
+    if let Some(kind) = &p.kind {
+        props = props.with_type(short(kind)?);
+    }
+    if let Some(ts) = p.timestamp {
+        let secs = ts.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        props = props.with_timestamp(secs);
+    }
+    if !msg.headers.is_empty() {
+        props = props.with_headers(merge_headers(None, &msg.headers)?);
+    }
+    Ok(props)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::{ByteArray, DecimalValue, FieldArray};
+
+    #[test]
+    fn odd_and_oversized_headers_do_not_break_conversion() {
+        let mut t = FieldTable::default();
+        t.insert(
+            "big".into(),
+            AMQPValue::LongString(vec![b'a'; 4 << 20].into()),
+        );
+        t.insert("bin".into(), AMQPValue::LongString(vec![0xff, 0xfe].into()));
+        t.insert("arr".into(), AMQPValue::FieldArray(FieldArray::default()));
+        t.insert("tbl".into(), AMQPValue::FieldTable(FieldTable::default()));
+        t.insert("void".into(), AMQPValue::Void);
+        t.insert("u32".into(), AMQPValue::LongUInt(u32::MAX));
+        t.insert("ts".into(), AMQPValue::Timestamp(u64::MAX));
+        t.insert("f".into(), AMQPValue::Double(1.5));
+        t.insert(
+            "dec".into(),
+            AMQPValue::DecimalValue(DecimalValue { scale: 3, value: 5 }),
+        );
+        t.insert(
+            "ba".into(),
+            AMQPValue::ByteArray(ByteArray::from(vec![1u8, 2])),
+        );
+        t.insert("b".into(), AMQPValue::Boolean(true));
+        let h = headers_from_table(&t);
+        assert_eq!(h["big"].as_str().map(str::len), Some(4 << 20));
+        assert_eq!(h["bin"], HeaderValue::Bytes(vec![0xff, 0xfe]));
+        assert!(!h.contains_key("arr") && !h.contains_key("tbl") && !h.contains_key("void"));
+        assert_eq!(h["u32"], HeaderValue::Int(i64::from(u32::MAX)));
+        assert_eq!(h["ts"], HeaderValue::String(u64::MAX.to_string()));
+        assert_eq!(h["f"].as_str(), Some("1.5"));
+        assert_eq!(h["dec"].as_str(), Some("0.005"));
+        assert_eq!(h["ba"], HeaderValue::Bytes(vec![1, 2]));
+        assert_eq!(h["b"], HeaderValue::Bool(true));
+    }
+
+    #[test]
+    fn original_route_headers_win() {
+        let mut h = Headers::new();
+        h.insert(idem_headers::ORIGINAL_EXCHANGE.into(), "orders".into());
+        h.insert(
+            idem_headers::ORIGINAL_ROUTING_KEY.into(),
+            "orders.new".into(),
+        );
+        let info = delivery_info(&"".into(), &"q".into(), false, &h, "q");
+        assert_eq!(
+            (info.exchange.as_str(), info.routing_key.as_str()),
+            ("orders", "orders.new")
+        );
+        let info = delivery_info(&"ex".into(), &"rk".into(), true, &Headers::new(), "q");
+        assert_eq!(
+            (info.exchange.as_str(), info.routing_key.as_str()),
+            ("ex", "rk")
+        );
+        assert!(info.redelivered);
+    }
+
+    #[test]
+    fn publishing_sets_a_stable_message_id() {
+        let mut m = Message::new("x").with_header("n", 3i64);
+        let p1 = properties_for(&mut m).unwrap();
+        let p2 = properties_for(&mut m).unwrap();
+        assert_eq!(p1.message_id(), p2.message_id());
+        assert_eq!(p1.delivery_mode(), &Some(2));
+        let back = headers_from_table(p1.headers().as_ref().unwrap());
+        assert_eq!(back["n"], HeaderValue::Int(3));
+        let mut long = Message::new("x").with_header("k".repeat(300), "v");
+        assert!(matches!(
+            properties_for(&mut long),
+            Err(Error::NameTooLong(_))
+        ));
+    }
+}

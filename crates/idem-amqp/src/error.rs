@@ -1,0 +1,71 @@
+//! Errors of the RabbitMQ transport. None of them carries a password: URLs are
+//! redacted before they are stored.
+
+/// An error from the RabbitMQ transport.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The broker could not be reached or refused the connection.
+    #[error("cannot connect to RabbitMQ at {url}: {detail} (is the broker running? start it with `rabbitmq-server -detached`)")]
+    Connect {
+        /// The URL, password redacted.
+        url: String,
+        /// What went wrong, password scrubbed.
+        detail: String,
+    },
+    /// An AMQP operation failed.
+    #[error("AMQP {op} failed: {source}")]
+    Amqp {
+        /// The operation, e.g. `queue.declare`.
+        op: &'static str,
+        /// The lapin error.
+        #[source]
+        source: lapin::Error,
+    },
+    /// A mandatory publish could not be routed and came back.
+    #[error("message returned by the broker ({code} {text}): nothing is bound to exchange {exchange:?} with routing key {routing_key:?}")]
+    Returned {
+        /// AMQP reply code (312 = NO_ROUTE).
+        code: u16,
+        /// AMQP reply text.
+        text: String,
+        /// Exchange published to.
+        exchange: String,
+        /// Routing key published with.
+        routing_key: String,
+    },
+    /// The broker did not accept the publish (negative confirm).
+    #[error("the broker nacked the publish to exchange {exchange:?} with routing key {routing_key:?} (queue full with reject-publish, or an internal error)")]
+    Nacked {
+        /// Exchange published to.
+        exchange: String,
+        /// Routing key published with.
+        routing_key: String,
+    },
+    /// Some messages of a batch were not confirmed. Publishing the batch again is safe:
+    /// the message ids were set before the first try, so consumers dedup the repeats.
+    #[error("{failed} of {total} messages of the batch were not confirmed; first error: {first}")]
+    Batch {
+        /// Messages not confirmed.
+        failed: usize,
+        /// Messages in the batch.
+        total: usize,
+        /// The first failure.
+        first: Box<Error>,
+    },
+    /// A queue, exchange or header name longer than AMQP allows (255 bytes).
+    #[error("name too long for AMQP (max 255 bytes): {0:?}")]
+    NameTooLong(String),
+    /// The consumer configuration does not fit the broker.
+    #[error(transparent)]
+    Config(#[from] idem_core::ConfigError),
+    /// The Prometheus endpoint could not start.
+    #[error("metrics endpoint: {0}")]
+    Metrics(String),
+}
+
+impl Error {
+    pub(crate) fn amqp(op: &'static str) -> impl FnOnce(lapin::Error) -> Error {
+        move |source| Error::Amqp { op, source }
+    }
+}

@@ -1,0 +1,58 @@
+//! RabbitMQ transport for [idem](https://docs.rs/idem): runs an [`idem_core::Consumer`]
+//! on a RabbitMQ queue, with retries as delayed messages in the broker, a dead-letter
+//! queue, publisher confirms, reconnection and graceful shutdown.
+//!
+//! A [`Worker`] consumes a work queue `Q` with a bounded prefetch and concurrency,
+//! turns each delivery into an idem [`Message`](idem_core::Message), runs the
+//! consumer's stack (dedup, classification, backoff) and carries the outcome out:
+//! ack; a retry copy to the delay queue `Q.retry.<tier>` (which dead-letters back to
+//! `Q` when its TTL expires); or a copy with the failure headers to `Q.dlq`. Copies
+//! are confirmed by the broker before the original is acked, so a crash gives a
+//! duplicate (absorbed by dedup), never a loss. [`Topology`] declares those queues.
+//! [`Publisher`] publishes with confirms and mandatory routing.
+//!
+//! ```no_run
+//! use idem_amqp::{Publisher, Topology, Worker};
+//! use idem_core::{Consumer, Json, Message, MemoryStore};
+//!
+//! #[derive(serde::Deserialize)]
+//! struct Charge { cents: u64 }
+//!
+//! async fn charge(Json(c): Json<Charge>) -> Result<(), std::io::Error> {
+//!     println!("charging {} cents", c.cents);
+//!     Ok(())
+//! }
+//!
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let url = idem_amqp::amqp_url_from_env();
+//! let consumer = Consumer::builder("billing").store(MemoryStore::new()).handler(charge)?;
+//! let worker = Worker::builder(&url, Topology::new("charges"), consumer)
+//!     .prefetch(100)
+//!     .build()?;
+//!
+//! let publisher = Publisher::connect(&url).await?;
+//! let mut msg = Message::new(r#"{"cents":500}"#).with_message_id("charge-1");
+//! publisher.publish("", "charges", &mut msg).await?; // confirmed by the broker
+//!
+//! let stats = worker.run_until_signal().await?; // Ctrl-C / SIGTERM: graceful stop
+//! println!("{stats}");
+//! # Ok(()) }
+//! ```
+
+#![deny(missing_docs)]
+
+pub mod convert;
+pub mod error;
+#[cfg(feature = "prometheus")]
+pub mod prometheus;
+pub mod publisher;
+pub mod shutdown;
+pub mod topology;
+pub mod url;
+pub mod worker;
+
+pub use error::Error;
+pub use publisher::{connect, Publisher};
+pub use topology::{QueueType, Topology};
+pub use url::{amqp_url_from_env, redact_url, DEFAULT_AMQP_URL};
+pub use worker::{SettleHook, Settled, Worker, WorkerBuilder};

@@ -1,0 +1,252 @@
+//! The queues idem declares for a work queue `Q` (SEMANTICS section 5).
+//!
+//! - `Q`: the work queue, durable, dead-lettering to `Q.dlq` (so a broker-side
+//!   dead-letter, e.g. a quorum queue's `x-delivery-limit`, is never a loss);
+//! - `Q.retry.<tier>` for each delay tier (`Q.retry.1s`, `Q.retry.2m`, ...): durable,
+//!   `x-message-ttl` = the tier, dead-lettering back to `Q` through the default
+//!   exchange. A retry copy waits there, in the broker, so it survives worker crashes
+//!   and never blocks the consumer;
+//! - `Q.dlq`: where dead-lettered messages are kept for an operator.
+//!
+//! Declaring is idempotent and can be turned off ([`Topology::declare`]) when the
+//! queues are managed elsewhere; they must then exist with the same arguments.
+//!
+//! With [`QueueType::Quorum`], every queue is a quorum queue. A quorum queue's
+//! [`delivery_limit`](Topology::delivery_limit) stays a working last-resort guard: idem
+//! retries through copies (each a new message with delivery count 0), so the limit only
+//! counts broker redeliveries of the *same* message (worker crashes, lost channels,
+//! requeues after a failed copy publish) and moves a message that keeps killing
+//! workers to `Q.dlq`.
+
+use std::time::Duration;
+
+use idem_core::DelayTiers;
+use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::Channel;
+
+use crate::error::Error;
+
+/// Classic or quorum queues.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum QueueType {
+    /// Classic queues (the default).
+    #[default]
+    Classic,
+    /// Quorum queues (replicated; supports `x-delivery-limit`).
+    Quorum,
+}
+
+impl QueueType {
+    fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
+    }
+}
+
+/// The work queue and its delay and dead-letter queues. See the [module docs](self).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Topology {
+    queue: String,
+    tiers: DelayTiers,
+    queue_type: QueueType,
+    delivery_limit: Option<u32>,
+    declare: bool,
+}
+
+impl From<&str> for Topology {
+    fn from(queue: &str) -> Self {
+        Topology::new(queue)
+    }
+}
+
+impl From<String> for Topology {
+    fn from(queue: String) -> Self {
+        Topology::new(queue)
+    }
+}
+
+/// A tier's name in its queue name: `500ms`, `1s`, `2m`, `1h`.
+pub fn tier_name(tier: Duration) -> String {
+    let ms = tier.as_millis();
+    match ms {
+        ms if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+        ms if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+        ms if ms % 1000 == 0 => format!("{}s", ms / 1000),
+        ms => format!("{ms}ms"),
+    }
+}
+
+impl Topology {
+    /// Work queue `queue` with the default tiers, classic queues, declared by idem.
+    pub fn new(queue: impl Into<String>) -> Self {
+        Topology {
+            queue: queue.into(),
+            tiers: DelayTiers::default(),
+            queue_type: QueueType::Classic,
+            delivery_limit: None,
+            declare: true,
+        }
+    }
+
+    /// The delay tiers (default 1 s, 5 s, 30 s, 2 min, 10 min, 30 min).
+    pub fn tiers(mut self, tiers: DelayTiers) -> Self {
+        self.tiers = tiers;
+        self
+    }
+
+    /// Classic or quorum queues.
+    pub fn queue_type(mut self, queue_type: QueueType) -> Self {
+        self.queue_type = queue_type;
+        self
+    }
+
+    /// Quorum queues only: `x-delivery-limit` on the work queue.
+    pub fn delivery_limit(mut self, limit: u32) -> Self {
+        self.delivery_limit = Some(limit);
+        self
+    }
+
+    /// Whether the worker declares the queues at start-up and after each reconnect
+    /// (default true).
+    pub fn declare(mut self, declare: bool) -> Self {
+        self.declare = declare;
+        self
+    }
+
+    /// Whether the worker declares the queues.
+    pub fn declares(&self) -> bool {
+        self.declare
+    }
+
+    /// The work queue.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// The delay tiers.
+    pub fn delay_tiers(&self) -> &DelayTiers {
+        &self.tiers
+    }
+
+    /// The dead-letter queue, `Q.dlq`.
+    pub fn dlq(&self) -> String {
+        format!("{}.dlq", self.queue)
+    }
+
+    /// The delay queue of `tier`, `Q.retry.<tier>`.
+    pub fn retry_queue(&self, tier: Duration) -> String {
+        format!("{}.retry.{}", self.queue, tier_name(tier))
+    }
+
+    /// The tier a retry goes to: the nearest tier for a computed backoff, the smallest
+    /// tier at least `delay` long for an explicit `RetryAfter`.
+    pub fn tier_for(&self, delay: Duration, explicit: bool) -> Duration {
+        if explicit {
+            self.tiers.at_least(delay)
+        } else {
+            self.tiers.nearest(delay)
+        }
+    }
+
+    /// Every queue name, work queue first.
+    pub fn queue_names(&self) -> Vec<String> {
+        let mut names = vec![self.queue.clone(), self.dlq()];
+        names.extend(self.tiers.as_slice().iter().map(|t| self.retry_queue(*t)));
+        names
+    }
+
+    pub(crate) fn check_names(&self) -> Result<(), Error> {
+        for name in self.queue_names() {
+            short(&name)?;
+        }
+        Ok(())
+    }
+
+    fn base_args(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), long(self.queue_type.as_str()));
+        args
+    }
+
+    /// Declares every queue on `channel` (idempotent; fails with `PRECONDITION_FAILED`
+    /// if a queue exists with other arguments).
+    pub async fn declare_on(&self, channel: &Channel) -> Result<(), Error> {
+        let durable = QueueDeclareOptions::durable();
+        let declare = |name: String, args: FieldTable| async move {
+            channel
+                .queue_declare(short(&name)?, durable, args)
+                .await
+                .map_err(Error::amqp("queue.declare"))
+        };
+        let mut work = self.base_args();
+        work.insert("x-dead-letter-exchange".into(), long(""));
+        work.insert("x-dead-letter-routing-key".into(), long(&self.dlq()));
+        if let (QueueType::Quorum, Some(limit)) = (self.queue_type, self.delivery_limit) {
+            work.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongLongInt(limit.into()),
+            );
+        }
+        declare(self.queue.clone(), work).await?;
+        declare(self.dlq(), self.base_args()).await?;
+        for tier in self.tiers.as_slice() {
+            let mut args = self.base_args();
+            let ttl = i64::try_from(tier.as_millis()).unwrap_or(i64::MAX);
+            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
+            args.insert("x-dead-letter-exchange".into(), long(""));
+            args.insert("x-dead-letter-routing-key".into(), long(&self.queue));
+            declare(self.retry_queue(*tier), args).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes every queue of this topology (tests, benchmarks, tear-down tools).
+    pub async fn delete_on(&self, channel: &Channel) -> Result<(), Error> {
+        for name in self.queue_names() {
+            channel
+                .queue_delete(short(&name)?, QueueDeleteOptions::default())
+                .await
+                .map_err(Error::amqp("queue.delete"))?;
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn short(name: &str) -> Result<ShortString, Error> {
+    ShortString::try_new(name).map_err(|_| Error::NameTooLong(name.to_owned()))
+}
+
+fn long(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_tier_choice() {
+        assert_eq!(tier_name(Duration::from_secs(1)), "1s");
+        assert_eq!(tier_name(Duration::from_secs(120)), "2m");
+        assert_eq!(tier_name(Duration::from_secs(1800)), "30m");
+        assert_eq!(tier_name(Duration::from_secs(7200)), "2h");
+        assert_eq!(tier_name(Duration::from_millis(1500)), "1500ms");
+        let t = Topology::new("jobs");
+        assert_eq!(t.retry_queue(Duration::from_secs(30)), "jobs.retry.30s");
+        assert_eq!(t.dlq(), "jobs.dlq");
+        assert_eq!(t.queue_names().len(), 8);
+        // Computed delays go to the nearest tier, explicit ones never earlier than asked.
+        assert_eq!(
+            t.tier_for(Duration::from_secs(6), false),
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            t.tier_for(Duration::from_secs(6), true),
+            Duration::from_secs(30)
+        );
+        assert!(Topology::new("q".repeat(250)).check_names().is_err());
+    }
+}

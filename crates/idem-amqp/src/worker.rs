@@ -1,0 +1,631 @@
+//! The consumer worker: consumes a work queue, runs each delivery through an
+//! [`idem_core::Consumer`] and carries its [`Disposition`] out on the wire.
+//!
+//! - **Bounded**: `basic_qos(prefetch)` caps unacked deliveries; at most `concurrency`
+//!   (default = prefetch) handlers run at once. Memory is bounded by the prefetch,
+//!   whatever the queue length. Several workers on one queue share it as competing
+//!   consumers.
+//! - **Outcomes**: ack -> `basic.ack`. Retry -> a copy (body, original properties,
+//!   `x-idem-*` failure headers, the original exchange and routing key) is published to
+//!   `Q.retry.<tier>` and confirmed, *then* the original is acked. Dead-letter -> the
+//!   same to `Q.dlq` with the dead-letter headers.
+//! - **Copy not confirmed**: the delivery stays unacked while the publish is retried
+//!   (1, 2, 4, 8, 16 s) as long as the channel is open; then it is nacked with
+//!   `requeue=true` once, so the broker redelivers it. Never `requeue=true` in a hot
+//!   loop, never a loss. If the channel died, nothing is sent: the broker redelivers
+//!   every unacked delivery of a dead channel, and the dedup store absorbs repeats.
+//! - **Reconnect**: a lost connection or channel (broker restart, forced close) ends the
+//!   session; the worker reconnects with backoff (200 ms doubling to 30 s), re-declares
+//!   the topology and resumes. Handlers still running on the old channel finish; their
+//!   acks are dropped (the delivery is redelivered and deduplicated).
+//! - **Shutdown**: when the shutdown future completes, the worker cancels its consumer
+//!   (`basic.cancel`), lets in-flight handlers finish and settles them, up to the
+//!   shutdown timeout (default 30 s), then closes. Prefetched deliveries that never
+//!   reached a handler go back to the queue when the channel closes.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::{Fuse, FutureExt};
+use futures_util::StreamExt;
+use idem_core::outcome::{headers as idem_headers, truncate, MAX_HEADER_LEN};
+use idem_core::{Consumer, DeliveryMode, Disposition, Headers, Message, Stats};
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    ConfirmSelectOptions,
+};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{Acker, BasicProperties, Channel, Connection, Event};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::convert::{delivery_info, merge_headers, to_message};
+use crate::error::Error;
+use crate::publisher::{connect, publish_confirmed};
+use crate::topology::{short, Topology};
+use crate::url::redact_url;
+
+/// What a [`SettleHook`] is told about a settled delivery.
+#[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
+pub struct Settled<'a> {
+    /// The delivery's `message_id`, if any.
+    pub message_id: Option<&'a str>,
+    /// The queue it was consumed from.
+    pub queue: &'a str,
+    /// What was done with it.
+    pub disposition: &'a Disposition,
+}
+
+/// Called after each delivery is settled (acked, or its copy confirmed and acked).
+pub type SettleHook = Arc<dyn Fn(Settled<'_>) + Send + Sync>;
+
+/// Delays between tries of an unconfirmed retry or dead-letter copy.
+const COPY_RETRY_DELAYS: [Duration; 5] = [
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(4),
+    Duration::from_secs(8),
+    Duration::from_secs(16),
+];
+const RECONNECT_MIN: Duration = Duration::from_millis(200);
+const RECONNECT_MAX: Duration = Duration::from_secs(30);
+
+struct Shared {
+    url: String,
+    topology: Topology,
+    consumer: Consumer,
+    prefetch: u16,
+    concurrency: u32,
+    connection_name: String,
+    shutdown_timeout: Duration,
+    on_settle: Option<SettleHook>,
+    queue: ShortString,
+    dlq: String,
+    retry_queues: Vec<(Duration, String)>,
+    #[cfg(feature = "prometheus")]
+    prometheus: Option<std::net::SocketAddr>,
+}
+
+/// Configures a [`Worker`]. See [`Worker::builder`].
+pub struct WorkerBuilder {
+    url: String,
+    topology: Topology,
+    consumer: Consumer,
+    prefetch: u16,
+    concurrency: Option<usize>,
+    connection_name: Option<String>,
+    broker_timeout: Duration,
+    shutdown_timeout: Duration,
+    on_settle: Option<SettleHook>,
+    #[cfg(feature = "prometheus")]
+    prometheus: Option<std::net::SocketAddr>,
+}
+
+impl std::fmt::Debug for WorkerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerBuilder")
+            .field("url", &redact_url(&self.url))
+            .field("topology", &self.topology)
+            .field("consumer", &self.consumer)
+            .field("prefetch", &self.prefetch)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WorkerBuilder {
+    /// Most unacked deliveries (`basic.qos`), default 50, at least 1.
+    pub fn prefetch(mut self, prefetch: u16) -> Self {
+        self.prefetch = prefetch.max(1);
+        self
+    }
+
+    /// Most handlers running at once; default and maximum: the prefetch.
+    pub fn concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = Some(concurrency.max(1));
+        self
+    }
+
+    /// Connection name shown by the broker (default `idem:<consumer name>`).
+    pub fn connection_name(mut self, name: impl Into<String>) -> Self {
+        self.connection_name = Some(name.into());
+        self
+    }
+
+    /// The broker's `consumer_timeout` (default 30 min). The handler timeout and the
+    /// dedup lease must be shorter; checked by [`build`](Self::build).
+    pub fn broker_consumer_timeout(mut self, timeout: Duration) -> Self {
+        self.broker_timeout = timeout;
+        self
+    }
+
+    /// How long shutdown waits for in-flight handlers (default 30 s).
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Called after each delivery is settled (tests, custom metrics, benchmarks).
+    pub fn on_settle(mut self, hook: impl Fn(Settled<'_>) + Send + Sync + 'static) -> Self {
+        self.on_settle = Some(Arc::new(hook));
+        self
+    }
+
+    /// Serves the `metrics` of this process in the Prometheus text format at
+    /// `http://<addr>/metrics` while the worker runs. Installs the global recorder.
+    #[cfg(feature = "prometheus")]
+    pub fn prometheus(mut self, addr: std::net::SocketAddr) -> Self {
+        self.prometheus = Some(addr);
+        self
+    }
+
+    /// Checks the configuration and builds the worker.
+    pub fn build(self) -> Result<Worker, Error> {
+        self.consumer.check_broker_timeout(self.broker_timeout)?;
+        self.topology.check_names()?;
+        let concurrency = self
+            .concurrency
+            .unwrap_or(usize::from(self.prefetch))
+            .min(usize::from(self.prefetch));
+        let retry_queues = self
+            .topology
+            .delay_tiers()
+            .as_slice()
+            .iter()
+            .map(|t| (*t, self.topology.retry_queue(*t)))
+            .collect();
+        let shared = Shared {
+            queue: short(self.topology.queue())?,
+            dlq: self.topology.dlq(),
+            retry_queues,
+            connection_name: self
+                .connection_name
+                .unwrap_or_else(|| format!("idem:{}", self.consumer.name())),
+            url: self.url,
+            topology: self.topology,
+            consumer: self.consumer,
+            prefetch: self.prefetch,
+            concurrency: u32::try_from(concurrency).unwrap_or(u32::MAX),
+            shutdown_timeout: self.shutdown_timeout,
+            on_settle: self.on_settle,
+            #[cfg(feature = "prometheus")]
+            prometheus: self.prometheus,
+        };
+        Ok(Worker {
+            shared: Arc::new(shared),
+        })
+    }
+}
+
+/// Consumes one RabbitMQ queue with an idem [`Consumer`]. See the [module docs](self).
+pub struct Worker {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("url", &redact_url(&self.shared.url))
+            .field("queue", &self.shared.topology.queue())
+            .field("consumer", &self.shared.consumer)
+            .finish_non_exhaustive()
+    }
+}
+
+enum End {
+    Shutdown,
+    Lost,
+}
+
+impl Worker {
+    /// A worker consuming `topology`'s queue (a queue name converts) at `url` with
+    /// `consumer`.
+    pub fn builder(
+        url: impl Into<String>,
+        topology: impl Into<Topology>,
+        consumer: Consumer,
+    ) -> WorkerBuilder {
+        WorkerBuilder {
+            url: url.into(),
+            topology: topology.into(),
+            consumer,
+            prefetch: 50,
+            concurrency: None,
+            connection_name: None,
+            broker_timeout: idem_core::consumer::DEFAULT_BROKER_CONSUMER_TIMEOUT,
+            shutdown_timeout: Duration::from_secs(30),
+            on_settle: None,
+            #[cfg(feature = "prometheus")]
+            prometheus: None,
+        }
+    }
+
+    /// The consumer.
+    pub fn consumer(&self) -> &Consumer {
+        &self.shared.consumer
+    }
+
+    /// Runs until SIGINT or SIGTERM, then shuts down gracefully.
+    pub async fn run_until_signal(self) -> Result<Stats, Error> {
+        self.run(crate::shutdown::signal()).await
+    }
+
+    /// Runs until `shutdown` completes, then shuts down gracefully.
+    ///
+    /// Fails only if the first connection or topology declaration fails (a wrong URL,
+    /// credentials or queue arguments should stop a deployment); after that, lost
+    /// connections are re-established until shutdown.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<Stats, Error> {
+        let shared = self.shared;
+        #[cfg(feature = "prometheus")]
+        let _endpoint = match shared.prometheus {
+            Some(addr) => Some(crate::prometheus::spawn_endpoint(addr).await?),
+            None => None,
+        };
+        let shutdown = shutdown.fuse();
+        let mut shutdown = std::pin::pin!(shutdown);
+        let permits = Arc::new(Semaphore::new(shared.concurrency as usize));
+        let mut connected_once = false;
+        let mut backoff = RECONNECT_MIN;
+        loop {
+            let opened = tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                s = Session::open(&shared) => s,
+            };
+            let session = match opened {
+                Ok(s) => s,
+                Err(e) if !connected_once => return Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "reconnect failed");
+                    tokio::select! {
+                        biased;
+                        _ = &mut shutdown => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(RECONNECT_MAX);
+                    continue;
+                }
+            };
+            connected_once = true;
+            backoff = RECONNECT_MIN;
+            match session.consume(&shared, &permits, shutdown.as_mut()).await {
+                End::Shutdown => break,
+                End::Lost => tracing::warn!(
+                    queue = %shared.topology.queue(),
+                    "consumer lost its channel or connection; reconnecting"
+                ),
+            }
+        }
+        drain(&permits, &shared).await;
+        tracing::info!(queue = %shared.topology.queue(), stats = %shared.consumer.stats(), "worker stopped");
+        Ok(shared.consumer.stats())
+    }
+}
+
+/// Waits until no handler runs, at most the shutdown timeout.
+async fn drain(permits: &Semaphore, shared: &Shared) {
+    let all = permits.acquire_many(shared.concurrency);
+    match tokio::time::timeout(shared.shutdown_timeout, all).await {
+        Ok(_) => {}
+        Err(_) => tracing::warn!(
+            in_flight = shared.concurrency as usize - permits.available_permits(),
+            "shutdown timeout passed with handlers still running; closing: the broker redelivers their messages"
+        ),
+    }
+}
+
+struct Session {
+    conn: Connection,
+    // Shared by the delivery tasks: one Arc clone per delivery instead of a Channel clone.
+    publish: Arc<Channel>,
+    consume: Channel,
+    stream: lapin::Consumer,
+    events: JoinHandle<()>,
+}
+
+impl Session {
+    async fn open(shared: &Shared) -> Result<Session, Error> {
+        let conn = connect(&shared.url, &shared.connection_name).await?;
+        match Self::channels(shared, &conn).await {
+            Ok((publish, consume, stream)) => {
+                let events =
+                    tokio::spawn(log_events(conn.events_listener(), redact_url(&shared.url)));
+                tracing::info!(queue = %shared.topology.queue(), prefetch = shared.prefetch, "consuming");
+                Ok(Session {
+                    conn,
+                    publish: Arc::new(publish),
+                    consume,
+                    stream,
+                    events,
+                })
+            }
+            Err(e) => {
+                let _ = conn.close(200, "setup failed".into()).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn channels(
+        shared: &Shared,
+        conn: &Connection,
+    ) -> Result<(Channel, Channel, lapin::Consumer), Error> {
+        let publish = conn
+            .create_channel()
+            .await
+            .map_err(Error::amqp("channel.open"))?;
+        publish
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(Error::amqp("confirm.select"))?;
+        if shared.topology.declares() {
+            shared.topology.declare_on(&publish).await?;
+        }
+        let consume = conn
+            .create_channel()
+            .await
+            .map_err(Error::amqp("channel.open"))?;
+        consume
+            .basic_qos(shared.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(Error::amqp("basic.qos"))?;
+        let stream = consume
+            .basic_consume(
+                shared.queue.clone(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(Error::amqp("basic.consume"))?;
+        Ok((publish, consume, stream))
+    }
+
+    async fn consume<F: Future<Output = ()>>(
+        mut self,
+        shared: &Arc<Shared>,
+        permits: &Arc<Semaphore>,
+        mut shutdown: Pin<&mut Fuse<F>>,
+    ) -> End {
+        let end = loop {
+            let permit = tokio::select! {
+                biased;
+                _ = &mut shutdown => break End::Shutdown,
+                p = permits.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break End::Shutdown,
+                },
+            };
+            let next = tokio::select! {
+                biased;
+                _ = &mut shutdown => break End::Shutdown,
+                d = self.stream.next() => d,
+            };
+            match next {
+                Some(Ok(delivery)) => {
+                    tokio::spawn(handle(
+                        shared.clone(),
+                        self.publish.clone(),
+                        delivery,
+                        permit,
+                    ));
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, queue = %shared.topology.queue(), "consumer error");
+                    break End::Lost;
+                }
+                None => {
+                    tracing::warn!(queue = %shared.topology.queue(), "consumer ended (cancelled by the broker or channel closed)");
+                    break End::Lost;
+                }
+            }
+        };
+        if let End::Shutdown = end {
+            tracing::info!(queue = %shared.topology.queue(), "shutting down: cancelling the consumer and finishing in-flight handlers");
+            let tag = self.stream.tag();
+            if let Err(e) = self
+                .consume
+                .basic_cancel(tag, BasicCancelOptions::default())
+                .await
+            {
+                tracing::warn!(error = %e, "basic.cancel failed");
+            }
+            drain(permits, shared).await;
+        }
+        self.close().await;
+        end
+    }
+
+    async fn close(self) {
+        self.events.abort();
+        if self.conn.status().connected() {
+            let _ = self.consume.close(200, "bye".into()).await;
+            let _ = self.publish.close(200, "bye".into()).await;
+            let _ = self.conn.close(200, "bye".into()).await;
+        }
+    }
+}
+
+async fn log_events(events: impl futures_util::Stream<Item = Event>, url: String) {
+    let mut events = std::pin::pin!(events);
+    while let Some(event) = events.next().await {
+        match event {
+            Event::Error(e) => tracing::warn!(url = %url, error = %e, "RabbitMQ connection error"),
+            Event::ConnectionBlocked(reason) => {
+                tracing::warn!(url = %url, %reason, "RabbitMQ blocked the connection (resource alarm); publishes wait")
+            }
+            Event::ConnectionUnblocked => {
+                tracing::info!(url = %url, "RabbitMQ unblocked the connection")
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Runs one delivery and settles it. Holds its permit until settled.
+async fn handle(
+    shared: Arc<Shared>,
+    publish: Arc<Channel>,
+    delivery: Delivery,
+    _permit: OwnedSemaphorePermit,
+) {
+    let Delivery {
+        exchange,
+        routing_key,
+        redelivered,
+        properties,
+        data,
+        acker,
+        ..
+    } = delivery;
+    let body = Bytes::from(data);
+    let queue = shared.topology.queue();
+    let msg = to_message(
+        &exchange,
+        &routing_key,
+        redelivered,
+        &properties,
+        body.clone(),
+        queue,
+    );
+    let consumer = &shared.consumer;
+    let at_most_once = consumer.mode() == DeliveryMode::AtMostOnce;
+    if at_most_once {
+        ack(&acker).await;
+    }
+    let disposition = consumer.process(msg).await;
+    if !at_most_once {
+        let copy = match &disposition {
+            Disposition::Ack { .. } => None,
+            Disposition::Retry {
+                delay,
+                explicit,
+                failure,
+            } => {
+                let tier = shared.topology.tier_for(*delay, *explicit);
+                let target = shared
+                    .retry_queues
+                    .iter()
+                    .find(|(t, _)| *t == tier)
+                    .map_or(shared.dlq.as_str(), |(_, q)| q.as_str());
+                let mut extra = failure.retry_headers();
+                // Name the true origin on the copy: it comes back from the delay queue
+                // with exchange "" and routing key Q.
+                let info = origin(&exchange, &routing_key, redelivered, &properties, queue);
+                for (name, value) in [
+                    (idem_headers::ORIGINAL_EXCHANGE, info.exchange),
+                    (idem_headers::ORIGINAL_ROUTING_KEY, info.routing_key),
+                ] {
+                    extra.insert(name.into(), truncate(&value, MAX_HEADER_LEN).into());
+                }
+                Some((target, extra, "retry"))
+            }
+            Disposition::DeadLetter(failure) => {
+                let origin = Message {
+                    delivery: origin(&exchange, &routing_key, redelivered, &properties, queue),
+                    ..Message::default()
+                };
+                let extra = failure.dead_letter_headers(&origin, consumer.name());
+                Some((shared.dlq.as_str(), extra, "dead-letter"))
+            }
+        };
+        match copy {
+            None => ack(&acker).await,
+            Some((target, extra, what)) => {
+                forward(&publish, target, &body, &properties, &extra, &acker, what).await
+            }
+        }
+    }
+    if let Some(hook) = &shared.on_settle {
+        hook(Settled {
+            message_id: properties.message_id().as_ref().map(ShortString::as_str),
+            queue,
+            disposition: &disposition,
+        });
+    }
+}
+
+/// The delivery's origin, from the `x-idem-original-*` headers when present. Only
+/// computed on failure, to keep the success path lean.
+fn origin(
+    exchange: &ShortString,
+    routing_key: &ShortString,
+    redelivered: bool,
+    properties: &BasicProperties,
+    queue: &str,
+) -> idem_core::DeliveryInfo {
+    let headers = properties
+        .headers()
+        .as_ref()
+        .map(crate::convert::headers_from_table)
+        .unwrap_or_default();
+    delivery_info(exchange, routing_key, redelivered, &headers, queue)
+}
+
+async fn ack(acker: &Acker) {
+    match acker.ack(BasicAckOptions::default()).await {
+        Ok(true) => {}
+        Ok(false) => tracing::warn!(
+            "ack not sent: the channel is gone; the broker redelivers the message and dedup absorbs it"
+        ),
+        Err(e) => tracing::warn!(error = %e, "ack failed; the broker redelivers the message"),
+    }
+}
+
+/// Publishes the copy with confirm, then acks; see the module docs for failures.
+async fn forward(
+    channel: &Channel,
+    target: &str,
+    body: &Bytes,
+    properties: &BasicProperties,
+    extra: &Headers,
+    acker: &Acker,
+    what: &'static str,
+) {
+    let headers = match merge_headers(properties.headers().as_ref(), extra) {
+        Ok(h) => h,
+        Err(e) => {
+            // Only idem's own header names are added, all short: cannot happen.
+            tracing::error!(error = %e, "cannot build the {what} copy");
+            return requeue(acker).await;
+        }
+    };
+    let props = properties.clone().with_headers(headers);
+    let mut delays = COPY_RETRY_DELAYS.iter();
+    loop {
+        match publish_confirmed(channel, "", target, body, props.clone()).await {
+            Ok(()) => return ack(acker).await,
+            Err(e) => {
+                if !channel.status().connected() {
+                    tracing::warn!(error = %e, queue = target, "{what} copy not published and the channel is gone; the broker redelivers the original");
+                    return;
+                }
+                match delays.next() {
+                    Some(delay) => {
+                        tracing::warn!(error = %e, queue = target, retry_in = ?delay, "{what} copy not confirmed; retrying");
+                        tokio::time::sleep(*delay).await;
+                    }
+                    None => {
+                        tracing::error!(error = %e, queue = target, "{what} copy still not confirmed; requeueing the original");
+                        return requeue(acker).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn requeue(acker: &Acker) {
+    let options = BasicNackOptions {
+        requeue: true,
+        multiple: false,
+    };
+    if let Err(e) = acker.nack(options).await {
+        tracing::warn!(error = %e, "nack failed; the broker redelivers the message when the channel closes");
+    }
+}

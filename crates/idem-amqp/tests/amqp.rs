@@ -1,0 +1,974 @@
+//! Integration tests against the real local RabbitMQ (`AMQP_URL`, default
+//! `amqp://guest:guest@127.0.0.1:5672/%2f`). Every test uses its own queues and deletes
+//! them. Delays use short custom tiers so the whole file stays fast.
+
+#![allow(clippy::unwrap_used)] // tests may unwrap (project rule)
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use idem_amqp::{Error, Publisher, QueueType, Topology, Worker};
+use idem_core::backoff::Jitter;
+use idem_core::{
+    Backoff, Consumer, DelayTiers, HandlerError, HeaderValue, Json, MemoryStore, Message, Stats,
+};
+use lapin::options::{
+    BasicGetOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldArray, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+fn url() -> String {
+    idem_amqp::amqp_url_from_env()
+}
+
+async fn broker() -> (Connection, Channel) {
+    let conn = idem_amqp::connect(&url(), "idem-test-admin")
+        .await
+        .unwrap_or_else(|e| {
+            panic!("RabbitMQ not reachable: {e}. Start it with `rabbitmq-server -detached` or set AMQP_URL")
+        });
+    let ch = conn.create_channel().await.unwrap();
+    (conn, ch)
+}
+
+fn unique(prefix: &str) -> String {
+    format!("idem-test-{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+fn short_tiers() -> DelayTiers {
+    DelayTiers::new([Duration::from_secs(1)]).unwrap()
+}
+
+fn fast_backoff(attempts: u32) -> Backoff {
+    Backoff::exponential(Duration::from_secs(1))
+        .jitter(Jitter::None)
+        .max_attempts(attempts)
+}
+
+struct Running {
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<Stats, Error>>,
+}
+
+impl Running {
+    fn start(worker: Worker) -> Self {
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(worker.run(async move {
+            let _ = rx.await;
+        }));
+        Running {
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    async fn stop(mut self) -> Stats {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.await.unwrap().unwrap()
+    }
+}
+
+async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_until_async<F: Future<Output = bool>>(
+    what: &str,
+    limit: Duration,
+    mut cond: impl FnMut() -> F,
+) {
+    let start = Instant::now();
+    while !cond().await {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn count(ch: &Channel, queue: &str) -> u32 {
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions::default().passive(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap()
+    .message_count()
+}
+
+async fn get_one(ch: &Channel, queue: &str) -> Option<lapin::message::BasicGetMessage> {
+    ch.basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+}
+
+fn header<'a>(props: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
+    props.headers().as_ref().and_then(|h| h.inner().get(name))
+}
+
+fn header_str(props: &BasicProperties, name: &str) -> Option<String> {
+    header(props, name)
+        .and_then(|v| v.as_long_string())
+        .map(|s| s.to_string())
+}
+
+async fn publish_to_queue(
+    publisher: &Publisher,
+    queue: &str,
+    msgs: impl IntoIterator<Item = Message>,
+) {
+    let mut msgs: Vec<Message> = msgs.into_iter().collect();
+    publisher.publish_batch("", queue, &mut msgs).await.unwrap();
+}
+
+/// An exchange bound to the topology's queue with a routing key, so the origin of a
+/// delivery differs from "" / Q.
+async fn bind_exchange(ch: &Channel, topology: &Topology) -> (String, String) {
+    let exchange = unique("ex");
+    let rk = format!("rk.{}", uuid::Uuid::new_v4().simple());
+    ch.exchange_declare(
+        exchange.as_str().into(),
+        ExchangeKind::Direct,
+        ExchangeDeclareOptions {
+            auto_delete: false,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        topology.queue().into(),
+        exchange.as_str().into(),
+        rk.as_str().into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    (exchange, rk)
+}
+
+#[tokio::test]
+async fn ack_outcome_maps_headers_and_leaves_no_copies() {
+    let (_conn, ch) = broker().await;
+    let topo = Topology::new(unique("ack")).tiers(short_tiers());
+    topo.declare_on(&ch).await.unwrap();
+    let seen = Arc::new(Mutex::new(Vec::<Message>::new()));
+    let s = seen.clone();
+    let consumer = Consumer::builder("ack-test")
+        .store(MemoryStore::new())
+        .handler(move |msg: Message| {
+            let s = s.clone();
+            async move {
+                s.lock().unwrap().push(msg);
+                Ok::<(), HandlerError>(())
+            }
+        })
+        .unwrap();
+    let worker = Worker::builder(url(), topo.clone(), consumer.clone())
+        .prefetch(10)
+        .build()
+        .unwrap();
+    let running = Running::start(worker);
+
+    let publisher = Publisher::connect(&url()).await.unwrap();
+    // Odd and oversized headers must not break the conversion.
+    let mut headers = FieldTable::default();
+    headers.insert("x-n".into(), AMQPValue::LongInt(7));
+    headers.insert("x-s".into(), AMQPValue::LongString("text".into()));
+    // Large, but within the broker's frame_max (128 KiB): a header frame cannot span frames.
+    headers.insert(
+        "x-big".into(),
+        AMQPValue::LongString(vec![b'z'; 64 << 10].into()),
+    );
+    headers.insert(
+        "x-arr".into(),
+        AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::Boolean(true)])),
+    );
+    headers.insert(
+        "x-bin".into(),
+        AMQPValue::LongString(vec![0xff, 0x00].into()),
+    );
+    let props = BasicProperties::default()
+        .with_message_id("ack-1".into())
+        .with_content_type("text/plain".into())
+        .with_headers(headers);
+    ch.basic_publish(
+        "".into(),
+        topo.queue().into(),
+        Default::default(),
+        b"hello",
+        props,
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    publish_to_queue(
+        &publisher,
+        topo.queue(),
+        (0..3).map(|i| Message::new(format!("m{i}")).with_message_id(format!("ack-m{i}"))),
+    )
+    .await;
+
+    wait_until("4 processed", Duration::from_secs(10), || {
+        consumer.stats().processed == 4
+    })
+    .await;
+    let stats = running.stop().await;
+    assert_eq!(
+        (stats.processed, stats.retries, stats.dead_lettered),
+        (4, 0, 0)
+    );
+    let seen = seen.lock().unwrap().clone();
+    let first = seen
+        .iter()
+        .find(|m| m.properties.message_id.as_deref() == Some("ack-1"))
+        .unwrap();
+    assert_eq!(&first.body[..], b"hello");
+    assert_eq!(first.headers["x-n"], HeaderValue::Int(7));
+    assert_eq!(first.header_str("x-s"), Some("text"));
+    assert_eq!(first.header_str("x-big").map(str::len), Some(64 << 10));
+    assert_eq!(first.headers["x-bin"], HeaderValue::Bytes(vec![0xff, 0]));
+    assert!(!first.headers.contains_key("x-arr"));
+    assert_eq!(first.delivery.queue, topo.queue());
+    assert_eq!(first.delivery.routing_key, topo.queue());
+    assert_eq!(first.delivery.attempt, 1);
+    for q in topo.queue_names() {
+        assert_eq!(count(&ch, &q).await, 0, "queue {q} should be empty");
+    }
+    topo.delete_on(&ch).await.unwrap();
+}
+
+#[tokio::test]
+async fn retry_copy_waits_its_tier_and_keeps_the_original_route() {
+    let (_conn, ch) = broker().await;
+    let topo = Topology::new(unique("retry")).tiers(short_tiers());
+    topo.declare_on(&ch).await.unwrap();
+    let (exchange, rk) = bind_exchange(&ch, &topo).await;
+    let attempts = Arc::new(Mutex::new(Vec::<(Instant, Message)>::new()));
+    let a = attempts.clone();
+    let consumer = Consumer::builder("retry-test")
+        .store(MemoryStore::new())
+        .backoff(fast_backoff(5))
+        .handler(move |msg: Message| {
+            let a = a.clone();
+            async move {
+                let attempt = msg.delivery.attempt;
+                a.lock().unwrap().push((Instant::now(), msg));
+                if attempt == 1 {
+                    Err(HandlerError::transient(std::io::Error::other("db down")))
+                } else {
+                    Ok(())
+                }
+            }
+        })
+        .unwrap();
+    let worker = Worker::builder(url(), topo.clone(), consumer.clone())
+        .build()
+        .unwrap();
+    let running = Running::start(worker);
+
+    let publisher = Publisher::connect(&url()).await.unwrap();
+    let mut msg = Message::new("payload")
+        .with_message_id("retry-1")
+        .with_content_type("text/plain")
+        .with_header("x-custom", "kept");
+    publisher.publish(&exchange, &rk, &mut msg).await.unwrap();
+
+    // While the copy waits, it is a message in the delay queue with the failure headers.
+    let retry_q = topo.retry_queue(Duration::from_secs(1));
+    wait_until("first attempt", Duration::from_secs(5), || {
+        attempts.lock().unwrap().len() == 1
+    })
+    .await;
+    wait_until("processed", Duration::from_secs(10), || {
+        consumer.stats().processed == 1
+    })
+    .await;
+    let stats = running.stop().await;
+    assert_eq!((stats.retries, stats.processed), (1, 1));
+
+    let attempts = attempts.lock().unwrap().clone();
+    let (t1, first) = &attempts[0];
+    let (t2, second) = &attempts[1];
+    let waited = t2.duration_since(*t1);
+    assert!(
+        waited >= Duration::from_millis(900),
+        "retry came back after {waited:?}, before its 1 s tier"
+    );
+    assert!(waited < Duration::from_secs(5), "retry took {waited:?}");
+    assert_eq!((first.delivery.attempt, second.delivery.attempt), (1, 2));
+    // The copy came back from Q.retry.1s via the default exchange, yet names the original route.
+    assert_eq!(second.delivery.exchange, exchange);
+    assert_eq!(second.delivery.routing_key, rk);
+    assert_eq!(second.headers["x-idem-attempts"], HeaderValue::Int(1));
+    assert_eq!(second.header_str("x-idem-error"), Some("db down"));
+    assert_eq!(second.header_str("x-idem-error-kind"), Some("transient"));
+    assert!(second.header_str("x-idem-first-failed-at").is_some());
+    assert_eq!(
+        second.header_str("x-idem-original-exchange"),
+        Some(exchange.as_str())
+    );
+    assert_eq!(
+        second.header_str("x-idem-original-routing-key"),
+        Some(rk.as_str())
+    );
+    assert_eq!(second.header_str("x-custom"), Some("kept"));
+    assert_eq!(second.properties.message_id.as_deref(), Some("retry-1"));
+    assert_eq!(
+        second.properties.content_type.as_deref(),
+        Some("text/plain")
+    );
+    assert_eq!(&second.body[..], b"payload");
+    assert_eq!(count(&ch, &retry_q).await, 0);
+    assert_eq!(count(&ch, &topo.dlq()).await, 0);
+    topo.delete_on(&ch).await.unwrap();
+    ch.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn exhausted_attempts_dead_letter_with_full_headers() {
+    let (_conn, ch) = broker().await;
+    let topo = Topology::new(unique("exhaust")).tiers(short_tiers());
+    topo.declare_on(&ch).await.unwrap();
+    let (exchange, rk) = bind_exchange(&ch, &topo).await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    let consumer = Consumer::builder("exhaust-test")
+        .store(MemoryStore::new())
+        .backoff(fast_backoff(2))
+        .handler(move || {
+            r.fetch_add(1, Ordering::SeqCst);
+            async { Err::<(), _>(std::io::Error::other("still down")) }
+        })
+        .unwrap();
+    let worker = Worker::builder(url(), topo.clone(), consumer.clone())
+        .build()
+        .unwrap();
+    let running = Running::start(worker);
+    let publisher = Publisher::connect(&url()).await.unwrap();
+    let mut msg = Message::new("body-x")
+        .with_message_id("exhaust-1")
+        .with_header("x-custom", 42i64);
+    publisher.publish(&exchange, &rk, &mut msg).await.unwrap();
+
+    wait_until("dead-lettered", Duration::from_secs(10), || {
+        consumer.stats().dead_lettered == 1
+    })
+    .await;
+    let stats = running.stop().await;
+    assert_eq!(
+        (stats.retries, stats.dead_lettered, stats.processed),
+        (1, 1, 0)
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+
+    let dead = get_one(&ch, &topo.dlq())
+        .await
+        .expect("a message in the DLQ");
+    let p = &dead.delivery.properties;
+    assert_eq!(&dead.delivery.data[..], b"body-x");
+    assert_eq!(
+        p.message_id().as_ref().map(|s| s.as_str()),
+        Some("exhaust-1")
+    );
+    assert_eq!(
+        header(p, "x-idem-attempts").and_then(|v| v.as_long_long_int()),
+        Some(2)
+    );
+    assert_eq!(header_str(p, "x-idem-error").as_deref(), Some("still down"));
+    assert_eq!(
+        header_str(p, "x-idem-error-kind").as_deref(),
+        Some("transient")
+    );
+    assert_eq!(
+        header_str(p, "x-idem-original-exchange"),
+        Some(exchange.clone())
+    );
+    assert_eq!(
+        header_str(p, "x-idem-original-routing-key"),
+        Some(rk.clone())
+    );
+    assert_eq!(
+        header_str(p, "x-idem-original-queue").as_deref(),
+        Some(topo.queue())
+    );
+    assert_eq!(
+        header_str(p, "x-idem-consumer").as_deref(),
+        Some("exhaust-test")
+    );
+    assert_eq!(header_str(p, "x-idem-key").as_deref(), Some("exhaust-1"));
+    assert!(header_str(p, "x-idem-first-failed-at").is_some());
+    assert!(header_str(p, "x-idem-last-failed-at").is_some());
+    assert_eq!(
+        header(p, "x-custom").and_then(|v| v.as_long_long_int()),
+        Some(42)
+    );
+    assert_eq!(count(&ch, topo.queue()).await, 0);
+    topo.delete_on(&ch).await.unwrap();
+    ch.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+        .await
+        .unwrap();
+}
+
+#[derive(serde::Deserialize)]
+struct Order {
+    #[allow(dead_code)]
+    id: u64,
+}
+
+#[tokio::test]
+async fn bad_input_is_dead_lettered_at_once() {
+    let (_conn, ch) = broker().await;
+    let topo = Topology::new(unique("bad")).tiers(short_tiers());
+    topo.declare_on(&ch).await.unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    let consumer = Consumer::builder("bad-test")
+        .store(MemoryStore::new())
+        .handler(move |Json(_o): Json<Order>, msg: Message| {
+            r.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if msg.header_str("x-huge-error").is_some() {
+                    return Err(HandlerError::permanent(std::io::Error::other(
+                        "E".repeat(3 << 20),
+                    )));
+                }
+                Ok(())
+            }
+        })
+        .unwrap();
+    let worker = Worker::builder(url(), topo.clone(), consumer.clone())
+        .build()
+        .unwrap();
+    let running = Running::start(worker);
+    let publisher = Publisher::connect(&url()).await.unwrap();
+    let q = topo.queue();
+    // Invalid JSON, unknown content type, huge error: each keyed.
+    let mut bad_json = Message::new("{not json").with_message_id("bad-json");
+    publisher.publish("", q, &mut bad_json).await.unwrap();
+    let mut xml = Message::new("<order/>")
+        .with_message_id("bad-ct")
+        .with_content_type("application/xml");
+    publisher.publish("", q, &mut xml).await.unwrap();
+    let mut huge = Message::new(r#"{"id":1}"#)
+        .with_message_id("bad-huge")
+        .with_header("x-huge-error", "1");
+    publisher.publish("", q, &mut huge).await.unwrap();
+    // No message_id and no x-idempotency-key: the key is missing (published raw, since
+    // the Publisher always sets a message_id).
+    ch.basic_publish(
+        "".into(),
+        q.into(),
+        Default::default(),
+        br#"{"id":2}"#,
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+
+    wait_until("4 dead-lettered", Duration::from_secs(10), || {
+        consumer.stats().dead_lettered == 4
+    })
+    .await;
+    let stats = running.stop().await;
+    assert_eq!(
+        (stats.retries, stats.processed, stats.dead_lettered),
+        (0, 0, 4)
+    );
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "only the well-formed message reaches the handler"
+    );
+    let mut by_key = HashMap::new();
+    while let Some(m) = get_one(&ch, &topo.dlq()).await {
+        let p = m.delivery.properties.clone();
+        let id = p
+            .message_id()
+            .as_ref()
+            .map(|s| s.to_string())
+            .unwrap_or_default();
+        by_key.insert(id, p);
+    }
+    assert_eq!(by_key.len(), 4);
+    for p in by_key.values() {
+        assert_eq!(
+            header_str(p, "x-idem-error-kind").as_deref(),
+            Some("permanent")
+        );
+        assert_eq!(
+            header(p, "x-idem-attempts").and_then(|v| v.as_long_long_int()),
+            Some(1)
+        );
+    }
+    assert!(header_str(&by_key["bad-json"], "x-idem-error")
+        .unwrap()
+        .to_lowercase()
+        .contains("json"));
+    assert!(header_str(&by_key["bad-ct"], "x-idem-error")
+        .unwrap()
+        .contains("application/xml"));
+    let huge_err = header_str(&by_key["bad-huge"], "x-idem-error").unwrap();
+    assert!(
+        huge_err.len() <= idem_core::outcome::MAX_ERROR_LEN,
+        "error header is {} bytes",
+        huge_err.len()
+    );
+    assert!(huge_err.contains("bytes cut"));
+    assert!(header_str(&by_key[""], "x-idem-error")
+        .unwrap()
+        .to_lowercase()
+        .contains("key"));
+    topo.delete_on(&ch).await.unwrap();
+}
+
+#[tokio::test]
+async fn handlers_in_flight_never_exceed_prefetch() {
+    let (_conn, ch) = broker().await;
+    let topo = Topology::new(unique("prefetch")).tiers(short_tiers());
+    topo.declare_on(&ch).await.unwrap();
+    let current = Arc::new(AtomicUsize::new(0));
+    let max = Arc::new(AtomicUsize::new(0));
+    let (c, m) = (current.clone(), max.clone());
+    let consumer = Consumer::builder("prefetch-test")
+        .store(MemoryStore::new())
+        .handler(move || {
+            let (c, m) = (c.clone(), m.clone());
+            async move {
+                let now = c.fetch_add(1, Ordering::SeqCst) + 1;
+                m.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                c.fetch_sub(1, Ordering::SeqCst);
+                Ok::<(), HandlerError>(())
+            }
+        })
+        .unwrap();
+    let publisher = Publisher::connect(&url()).await.unwrap();
+    publish_to_queue(
+        &publisher,
+        topo.queue(),
+        (0..60).map(|i| Message::new("x").with_message_id(format!("p{i}"))),
+    )
+    .await;
+    let worker = Worker::builder(url(), topo.clone(), consumer.clone())
+        .prefetch(4)
+        .build()
+        .unwrap();
+    let running = Running::start(worker);
+    wait_until("60 processed", Duration::from_secs(15), || {
+        consumer.stats().processed == 60
+    })
+    .await;
+    running.stop().await;
+    let max = max.load(Ordering::SeqCst);
+    assert!(max <= 4, "{max} handlers ran at once with prefetch 4");
+    assert!(
+        max >= 2,
+        "deliveries were not processed concurrently (max {max})"
+    );
+    topo.delete_on(&ch).await.unwrap();
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_in_flight_and_loses_nothing() {
+    let (_conn, ch) = broker().await;
+    let topo = Topology::new(unique("shutdown")).tiers(short_tiers());
+    topo.declare_on(&ch).await.unwrap();
+    let store = MemoryStore::new();
+    let runs = Arc::new(Mutex::new(HashMap::<String, (usize, usize)>::new()));
+    let make_consumer = |runs: Arc<Mutex<HashMap<String, (usize, usize)>>>| {
+        Consumer::builder("shutdown-test")
+            .store(store.clone())
+            .handler(move |msg: Message| {
+                let runs = runs.clone();
+                async move {
+                    let id = msg.properties.message_id.clone().unwrap();
+                    runs.lock().unwrap().entry(id.clone()).or_default().0 += 1;
+                    tokio::time::sleep(Duration::from_millis(400)).await;
+                    runs.lock().unwrap().entry(id).or_default().1 += 1;
+                    Ok::<(), HandlerError>(())
+                }
+            })
+            .unwrap()
+    };
+    let publisher = Publisher::connect(&url()).await.unwrap();
+    publish_to_queue(
+        &publisher,
+        topo.queue(),
+        (0..20).map(|i| Message::new("x").with_message_id(format!("s{i}"))),
+    )
+    .await;
+
+    let first = make_consumer(runs.clone());
+    let worker = Worker::builder(url(), topo.clone(), first.clone())
+        .prefetch(5)
+        .build()
+        .unwrap();
+    let running = Running::start(worker);
+    wait_until("handlers started", Duration::from_secs(5), || {
+        !runs.lock().unwrap().is_empty()
+    })
+    .await;
+    let stats = running.stop().await;
+    {
+        let runs = runs.lock().unwrap();
+        assert!(!runs.is_empty());
+        for (id, (started, finished)) in runs.iter() {
+            assert_eq!(
+                started, finished,
+                "handler for {id} was cut off by shutdown"
+            );
+        }
+        assert_eq!(stats.processed as usize, runs.len());
+    }
+    let left = count(&ch, topo.queue()).await;
+    assert_eq!(
+        left as u64 + stats.processed,
+        20,
+        "messages were lost or kept unacked"
+    );
+
+    let second = make_consumer(runs.clone());
+    let worker = Worker::builder(url(), topo.clone(), second.clone())
+        .prefetch(5)
+        .build()
+        .unwrap();
+    let running = Running::start(worker);
+    wait_until("rest processed", Duration::from_secs(10), || {
+        second.stats().processed == u64::from(left)
+    })
+    .await;
+    running.stop().await;
+    let runs = runs.lock().unwrap().clone();
+    assert_eq!(runs.len(), 20, "every message processed");
+    assert!(
+        runs.values().all(|(s, f)| (*s, *f) == (1, 1)),
+        "a message was processed twice: {runs:?}"
+    );
+    topo.delete_on(&ch).await.unwrap();
+}
+
+async fn close_connections_named(name: &str) -> usize {
+    let name = name.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new("rabbitmqctl")
+            .args([
+                "list_connections",
+                "pid",
+                "client_properties",
+                "--quiet",
+                "--no-table-headers",
+            ])
+            .output()
+            .expect("rabbitmqctl must be installed to run this test");
+        assert!(
+            out.status.success(),
+            "rabbitmqctl list_connections failed: {out:?}"
+        );
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let mut closed = 0;
+        // The client-given name is in client_properties as {"connection_name","<name>"}.
+        let needle = format!("{{\"connection_name\",\"{name}\"}}");
+        for line in text.lines() {
+            let Some((pid, props)) = line.split_once('\t') else {
+                continue;
+            };
+            if props.contains(&needle) {
+                let out = std::process::Command::new("rabbitmqctl")
+                    .args(["close_connection", pid.trim(), "idem-test forced close"])
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "rabbitmqctl close_connection failed: {out:?}"
+                );
+                closed += 1;
+            }
+        }
+        closed
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn forced_connection_close_resumes_consuming() {
+    let (_conn, ch) = broker().await;
+    let topo = Topology::new(unique("forced")).tiers(short_tiers());
+    topo.declare_on(&ch).await.unwrap();
+    let effects = Arc::new(Mutex::new(HashMap::<String, usize>::new()));
+    let e = effects.clone();
+    let consumer = Consumer::builder("forced-test")
+        .store(MemoryStore::new())
+        .handler(move |msg: Message| {
+            let e = e.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                *e.lock()
+                    .unwrap()
+                    .entry(msg.properties.message_id.unwrap())
+                    .or_default() += 1;
+                Ok::<(), HandlerError>(())
+            }
+        })
+        .unwrap();
+    let conn_name = unique("conn");
+    let worker = Worker::builder(url(), topo.clone(), consumer.clone())
+        .prefetch(5)
+        .connection_name(&conn_name)
+        .build()
+        .unwrap();
+    let running = Running::start(worker);
+    let publisher = Publisher::connect(&url()).await.unwrap();
+    publish_to_queue(
+        &publisher,
+        topo.queue(),
+        (0..30).map(|i| Message::new("x").with_message_id(format!("f{i}"))),
+    )
+    .await;
+    wait_until("some processed", Duration::from_secs(5), || {
+        consumer.stats().processed >= 3
+    })
+    .await;
+    assert_eq!(
+        close_connections_named(&conn_name).await,
+        1,
+        "the worker's connection was not found"
+    );
+    // Published after the close: only a resumed consumer can take these.
+    publish_to_queue(
+        &publisher,
+        topo.queue(),
+        (30..40).map(|i| Message::new("x").with_message_id(format!("f{i}"))),
+    )
+    .await;
+    wait_until_async("all 40 effects", Duration::from_secs(20), || {
+        let e = effects.clone();
+        async move { e.lock().unwrap().len() == 40 }
+    })
+    .await;
+    wait_until_async("queue drained", Duration::from_secs(10), || {
+        let ch = ch.clone();
+        let q = topo.queue().to_owned();
+        async move { count(&ch, &q).await == 0 }
+    })
+    .await;
+    running.stop().await;
+    let effects = effects.lock().unwrap().clone();
+    assert!(
+        effects.values().all(|n| *n == 1),
+        "an effect ran twice: {effects:?}"
+    );
+    topo.delete_on(&ch).await.unwrap();
+}
+
+#[tokio::test]
+async fn two_workers_compete_and_each_message_is_processed_once() {
+    let (_conn, ch) = broker().await;
+    let topo = Topology::new(unique("compete")).tiers(short_tiers());
+    topo.declare_on(&ch).await.unwrap();
+    let store = MemoryStore::new();
+    let effects = Arc::new(Mutex::new(HashMap::<String, usize>::new()));
+    let make = |tag: &'static str, per_worker: Arc<AtomicUsize>| {
+        let e = effects.clone();
+        Consumer::builder("compete-test")
+            .store(store.clone())
+            .handler(move |msg: Message| {
+                let (e, w) = (e.clone(), per_worker.clone());
+                async move {
+                    let _ = tag;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    w.fetch_add(1, Ordering::SeqCst);
+                    *e.lock()
+                        .unwrap()
+                        .entry(msg.properties.message_id.unwrap())
+                        .or_default() += 1;
+                    Ok::<(), HandlerError>(())
+                }
+            })
+            .unwrap()
+    };
+    let (n1, n2) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (c1, c2) = (make("a", n1.clone()), make("b", n2.clone()));
+    let w1 = Running::start(
+        Worker::builder(url(), topo.clone(), c1.clone())
+            .prefetch(10)
+            .build()
+            .unwrap(),
+    );
+    let w2 = Running::start(
+        Worker::builder(url(), topo.clone(), c2.clone())
+            .prefetch(10)
+            .build()
+            .unwrap(),
+    );
+    wait_until_async("two consumers", Duration::from_secs(5), || {
+        let ch = ch.clone();
+        let q = topo.queue().to_owned();
+        async move {
+            ch.queue_declare(
+                q.as_str().into(),
+                QueueDeclareOptions::default().passive(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap()
+            .consumer_count()
+                == 2
+        }
+    })
+    .await;
+    // Every message published twice (a publisher retry): 200 deliveries, 100 effects.
+    let publisher = Publisher::connect(&url()).await.unwrap();
+    let msgs = || (0..100).map(|i| Message::new("x").with_message_id(format!("c{i}")));
+    publish_to_queue(&publisher, topo.queue(), msgs().chain(msgs())).await;
+    let settled = || {
+        let (a, b) = (c1.stats(), c2.stats());
+        a.processed + a.duplicates + b.processed + b.duplicates
+    };
+    wait_until("200 settled", Duration::from_secs(15), || settled() == 200).await;
+    let (s1, s2) = (w1.stop().await, w2.stop().await);
+    assert_eq!(s1.processed + s2.processed, 100);
+    assert_eq!(s1.duplicates + s2.duplicates, 100);
+    assert!(
+        n1.load(Ordering::SeqCst) > 0 && n2.load(Ordering::SeqCst) > 0,
+        "both workers consumed"
+    );
+    let effects = effects.lock().unwrap().clone();
+    assert_eq!(effects.len(), 100);
+    assert!(effects.values().all(|n| *n == 1));
+    topo.delete_on(&ch).await.unwrap();
+}
+
+#[tokio::test]
+async fn quorum_topology_retries_through_its_delay_queue() {
+    let (conn, ch) = broker().await;
+    let topo = Topology::new(unique("quorum"))
+        .tiers(short_tiers())
+        .queue_type(QueueType::Quorum)
+        .delivery_limit(20);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let consumer = Consumer::builder("quorum-test")
+        .store(MemoryStore::new())
+        .backoff(fast_backoff(3))
+        .handler(move || {
+            let n = c.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n == 0 {
+                    Err(HandlerError::transient(std::io::Error::other("once")))
+                } else {
+                    Ok(())
+                }
+            }
+        })
+        .unwrap();
+    // The worker declares the topology itself (the default).
+    let worker = Worker::builder(url(), topo.clone(), consumer.clone())
+        .build()
+        .unwrap();
+    let running = Running::start(worker);
+    wait_until_async("queue declared", Duration::from_secs(5), || {
+        let probe = conn.create_channel();
+        let q = topo.queue().to_owned();
+        async move {
+            // A passive declare of a missing queue closes the channel: probe on a fresh one.
+            probe
+                .await
+                .unwrap()
+                .queue_declare(
+                    q.as_str().into(),
+                    QueueDeclareOptions::default().passive(),
+                    FieldTable::default(),
+                )
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    let publisher = Publisher::connect(&url()).await.unwrap();
+    let mut msg = Message::new("q").with_message_id("quorum-1");
+    publisher.publish("", topo.queue(), &mut msg).await.unwrap();
+    wait_until("processed after a retry", Duration::from_secs(10), || {
+        consumer.stats().processed == 1
+    })
+    .await;
+    let stats = running.stop().await;
+    assert_eq!(stats.retries, 1);
+    topo.delete_on(&ch).await.unwrap();
+}
+
+#[tokio::test]
+async fn publisher_reports_returns_and_sets_message_ids() {
+    let (_conn, ch) = broker().await;
+    let topo = Topology::new(unique("pub")).tiers(short_tiers());
+    topo.declare_on(&ch).await.unwrap();
+    let publisher = Publisher::connect(&url()).await.unwrap();
+    let mut msg = Message::new("no id");
+    publisher.publish("", topo.queue(), &mut msg).await.unwrap();
+    let id = msg
+        .properties
+        .message_id
+        .clone()
+        .expect("an id was generated");
+    assert_eq!(uuid::Uuid::parse_str(&id).unwrap().get_version_num(), 7);
+    let got = get_one(&ch, topo.queue()).await.unwrap();
+    assert_eq!(
+        got.delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.to_string()),
+        Some(id)
+    );
+    assert_eq!(got.delivery.properties.delivery_mode(), &Some(2));
+
+    let mut lost = Message::new("nowhere");
+    let err = publisher
+        .publish("", &unique("missing"), &mut lost)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Returned { code: 312, .. }), "{err}");
+
+    let mut batch: Vec<Message> = (0..50).map(|i| Message::new(format!("b{i}"))).collect();
+    publisher
+        .publish_batch("", topo.queue(), &mut batch)
+        .await
+        .unwrap();
+    assert!(batch.iter().all(|m| m.properties.message_id.is_some()));
+    assert_eq!(count(&ch, topo.queue()).await, 50);
+    publisher.close().await;
+    topo.delete_on(&ch).await.unwrap();
+}
+
+#[tokio::test]
+async fn unreachable_broker_fails_fast_without_leaking_the_password() {
+    let consumer = Consumer::builder("unreachable")
+        .handler(|| async {})
+        .unwrap();
+    let worker = Worker::builder("amqp://app:s3cretpw@127.0.0.1:1/%2f", "q", consumer)
+        .build()
+        .unwrap();
+    let err = worker.run(std::future::pending()).await.unwrap_err();
+    let text = format!("{err} {err:?}");
+    assert!(!text.contains("s3cretpw"), "{text}");
+    assert!(text.contains("app:***@127.0.0.1:1"), "{text}");
+    assert!(text.contains("rabbitmq-server"), "{text}");
+}

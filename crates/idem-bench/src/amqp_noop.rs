@@ -1,0 +1,190 @@
+//! `amqp-noop`: consume N persistent 256-byte messages with a no-op handler,
+//! at-least-once (ack after the handler), through the idem worker and through a
+//! hand-written concurrent lapin consumer (a task per delivery, same prefetch).
+//!
+//! Each run gets a fresh durable queue (same topology for both), pre-filled with
+//! confirmed publishes; the clock runs from the first delivery to the last ack and the
+//! queues are deleted afterwards.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use idem_amqp::{Publisher, Topology, Worker};
+use idem_core::{Consumer, DeliveryMode, Message};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use tokio::sync::Notify;
+
+use crate::report::Report;
+
+type BoxError = Box<dyn std::error::Error>;
+
+/// Arguments of `amqp-noop`.
+#[derive(clap::Args)]
+pub(crate) struct Args {
+    /// Messages per run.
+    #[arg(long, default_value_t = 20_000)]
+    messages: u64,
+    /// Prefetch (and concurrency) of both consumers.
+    #[arg(long, default_value_t = 200)]
+    prefetch: u16,
+    /// Rounds; each round runs idem then the baseline.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// Broker URL.
+    #[arg(long, env = "AMQP_URL", default_value = idem_amqp::DEFAULT_AMQP_URL)]
+    url: String,
+}
+
+pub(crate) async fn run(args: Args) -> Result<Report, BoxError> {
+    let publisher = Publisher::connect_named(&args.url, "idem-bench-fill").await?;
+    let admin = idem_amqp::connect(&args.url, "idem-bench-admin").await?;
+    let ch = admin.create_channel().await?;
+    let mut report = Report {
+        scenario: "amqp-noop",
+        messages: args.messages,
+        prefetch: args.prefetch,
+        idem: Vec::new(),
+        baseline: Vec::new(),
+    };
+    for round in 0..args.rounds.max(1) {
+        for idem in [true, false] {
+            let topo = Topology::new(format!("idem-bench-{}", uuid::Uuid::new_v4().simple()));
+            topo.declare_on(&ch).await?;
+            fill(&publisher, topo.queue(), args.messages).await?;
+            let result = if idem {
+                run_idem(&args, &topo).await
+            } else {
+                run_baseline(&args, topo.queue()).await
+            };
+            topo.delete_on(&ch).await?;
+            let elapsed = result?;
+            let rate = args.messages as f64 / elapsed.as_secs_f64();
+            let who = if idem { "idem" } else { "baseline" };
+            eprintln!("round {round} {who}: {rate:.0} msg/s ({elapsed:?})");
+            if idem {
+                report.idem.push(rate);
+            } else {
+                report.baseline.push(rate);
+            }
+        }
+    }
+    publisher.close().await;
+    let _ = admin.close(200, "bye".into()).await;
+    Ok(report)
+}
+
+async fn fill(publisher: &Publisher, queue: &str, n: u64) -> Result<(), BoxError> {
+    let body = bytes::Bytes::from(vec![b'x'; 256]);
+    let mut sent = 0;
+    while sent < n {
+        let batch = (n - sent).min(1000);
+        let mut msgs: Vec<Message> = (0..batch).map(|_| Message::new(body.clone())).collect();
+        publisher.publish_batch("", queue, &mut msgs).await?;
+        sent += batch;
+    }
+    Ok(())
+}
+
+/// Shared by both consumers: first delivery time, settled count, completion signal.
+struct Clock {
+    first: OnceLock<Instant>,
+    settled: AtomicU64,
+    target: u64,
+    done: Notify,
+    last: OnceLock<Instant>,
+}
+
+impl Clock {
+    fn new(target: u64) -> Arc<Self> {
+        Arc::new(Clock {
+            first: OnceLock::new(),
+            settled: AtomicU64::new(0),
+            target,
+            done: Notify::new(),
+            last: OnceLock::new(),
+        })
+    }
+
+    fn started(&self) {
+        self.first.get_or_init(Instant::now);
+    }
+
+    fn settled(&self) {
+        if self.settled.fetch_add(1, Ordering::Relaxed) + 1 == self.target {
+            let _ = self.last.set(Instant::now());
+            self.done.notify_one();
+        }
+    }
+
+    async fn wait(&self) -> Result<Duration, BoxError> {
+        let limit = Duration::from_secs(300);
+        tokio::time::timeout(limit, self.done.notified()).await?;
+        match (self.first.get(), self.last.get()) {
+            (Some(a), Some(b)) => Ok(b.duration_since(*a)),
+            _ => Err("clock not set".into()),
+        }
+    }
+}
+
+async fn run_idem(args: &Args, topo: &Topology) -> Result<Duration, BoxError> {
+    let clock = Clock::new(args.messages);
+    let c = clock.clone();
+    let consumer = Consumer::builder("idem-bench-noop")
+        .mode(DeliveryMode::AtLeastOnce)
+        .handler(move || {
+            c.started();
+            async {}
+        })?;
+    let c = clock.clone();
+    let worker = Worker::builder(&args.url, topo.clone(), consumer)
+        .prefetch(args.prefetch)
+        .connection_name("idem-bench-idem")
+        .on_settle(move |_| c.settled())
+        .build()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(worker.run(async move {
+        let _ = stopped.await;
+    }));
+    let elapsed = clock.wait().await;
+    let _ = stop.send(());
+    task.await??;
+    elapsed
+}
+
+async fn run_baseline(args: &Args, queue: &str) -> Result<Duration, BoxError> {
+    let clock = Clock::new(args.messages);
+    let conn = idem_amqp::connect(&args.url, "idem-bench-baseline").await?;
+    let ch = conn.create_channel().await?;
+    ch.basic_qos(args.prefetch, BasicQosOptions::default())
+        .await?;
+    let mut deliveries = ch
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut received = 0;
+    while received < args.messages {
+        let Some(delivery) = deliveries.next().await else {
+            return Err("consumer ended early".into());
+        };
+        let delivery = delivery?;
+        received += 1;
+        clock.started();
+        let c = clock.clone();
+        tokio::spawn(async move {
+            // The "work": nothing. Then ack, like the idem worker.
+            if let Ok(true) = delivery.acker.ack(BasicAckOptions::default()).await {
+                c.settled();
+            }
+        });
+    }
+    let elapsed = clock.wait().await;
+    let _ = conn.close(200, "bye".into()).await;
+    elapsed
+}

@@ -1,0 +1,101 @@
+//! Broker helpers: connecting with a timeout, probing queues without side effects.
+
+use std::time::Duration;
+
+use lapin::options::QueueDeclareOptions;
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{Channel, Connection};
+
+use crate::error::CliError;
+
+/// How long [`connect`] waits for the broker before giving up.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connects to RabbitMQ as connection `idem-cli`. An unreachable broker is
+/// [`CliError::Unreachable`]; the error never contains the password.
+pub async fn connect(url: &str) -> Result<Connection, CliError> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, idem_amqp::connect(url, "idem-cli")).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(CliError::Unreachable(format!(
+            "cannot connect to RabbitMQ at {}: no answer within {}s (is the broker running? start it with `rabbitmq-server -detached`)",
+            idem_amqp::redact_url(url),
+            CONNECT_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+/// A queue name as an AMQP short string.
+pub(crate) fn queue_name(name: &str) -> Result<ShortString, CliError> {
+    ShortString::try_new(name).map_err(|_| {
+        CliError::Usage(format!(
+            "queue name too long for AMQP (max 255 bytes): {name:?}"
+        ))
+    })
+}
+
+/// Depth and consumers of an existing queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueCounts {
+    /// Ready messages (not counting unacknowledged ones).
+    pub messages: u32,
+    /// Consumers.
+    pub consumers: u32,
+}
+
+fn is_not_found(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p)
+        if *p.kind() == AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
+}
+
+/// Passive declare of `queue` on `channel`: `Ok(None)` if it does not exist (the broker
+/// then closes `channel`, so use a channel of its own).
+pub(crate) async fn passive_declare(
+    channel: &Channel,
+    queue: &str,
+) -> Result<Option<QueueCounts>, CliError> {
+    let name = queue_name(queue)?;
+    let options = QueueDeclareOptions::default().passive();
+    match channel
+        .queue_declare(name, options, FieldTable::default())
+        .await
+    {
+        Ok(q) => Ok(Some(QueueCounts {
+            messages: q.message_count(),
+            consumers: q.consumer_count(),
+        })),
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(e) => Err(CliError::amqp("queue.declare (passive)")(e)),
+    }
+}
+
+/// Probes `queue` on a throwaway channel: `None` if it does not exist.
+pub async fn probe(conn: &Connection, queue: &str) -> Result<Option<QueueCounts>, CliError> {
+    let channel = open_channel(conn).await?;
+    let found = passive_declare(&channel, queue).await?;
+    if found.is_some() {
+        close_channel(&channel).await;
+    }
+    Ok(found)
+}
+
+pub(crate) async fn open_channel(conn: &Connection) -> Result<Channel, CliError> {
+    conn.create_channel()
+        .await
+        .map_err(CliError::amqp("channel.open"))
+}
+
+/// Closes a channel; RabbitMQ requeues its unacknowledged messages in their original
+/// order (ahead of later messages).
+pub(crate) async fn close_channel(channel: &Channel) {
+    if channel.status().connected() {
+        let _ = channel.close(200, "bye".into()).await;
+    }
+}
+
+/// The error for a missing queue.
+pub(crate) fn missing(queue: &str) -> CliError {
+    CliError::NotFound(format!(
+        "queue {queue:?} does not exist (declare the topology with `idem topology declare <QUEUE>`, or check the name and the vhost in --url)"
+    ))
+}

@@ -1,0 +1,81 @@
+//! Errors of the CLI and the process exit code each one maps to.
+//!
+//! | code | meaning |
+//! |------|---------|
+//! | 0 | success |
+//! | 1 | usage error, refused operation (`purge` without `--yes`), queue or table not found, invalid pattern |
+//! | 2 | the broker or the database cannot be reached |
+//! | 3 | partial failure: some messages were handled, others could not be (they stay where they were) |
+//! | 4 | the broker or the database refused an operation (e.g. a queue exists with other arguments) |
+//!
+//! No error text carries a password: URLs are redacted before they are stored.
+
+use std::process::ExitCode;
+
+/// Success.
+pub const EXIT_OK: u8 = 0;
+/// Usage error, refused operation, queue or table not found.
+pub const EXIT_USAGE: u8 = 1;
+/// Broker or database unreachable.
+pub const EXIT_UNREACHABLE: u8 = 2;
+/// Partial failure.
+pub const EXIT_PARTIAL: u8 = 3;
+/// The broker or the database refused an operation.
+pub const EXIT_FAILED: u8 = 4;
+
+/// An error of an `idem` command.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Bad arguments, or an operation refused for safety (exit 1).
+    #[error("{0}")]
+    Usage(String),
+    /// A queue or table does not exist (exit 1).
+    #[error("{0}")]
+    NotFound(String),
+    /// The broker or database cannot be reached (exit 2).
+    #[error("{0}")]
+    Unreachable(String),
+    /// Some messages were handled and others not (exit 3).
+    #[error("{0}")]
+    Partial(String),
+    /// The broker or database refused an operation (exit 4).
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl CliError {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Usage(_) | CliError::NotFound(_) => EXIT_USAGE,
+            CliError::Unreachable(_) => EXIT_UNREACHABLE,
+            CliError::Partial(_) => EXIT_PARTIAL,
+            CliError::Failed(_) => EXIT_FAILED,
+        }
+    }
+
+    /// The exit code as an [`ExitCode`].
+    pub fn to_exit_code(&self) -> ExitCode {
+        ExitCode::from(self.exit_code())
+    }
+
+    pub(crate) fn amqp(op: &str) -> impl FnOnce(lapin::Error) -> CliError + '_ {
+        move |e| {
+            if e.is_io_error() || matches!(e.kind(), lapin::ErrorKind::InvalidConnectionState(_)) {
+                CliError::Unreachable(format!("lost the connection to RabbitMQ during {op}: {e}"))
+            } else {
+                CliError::Failed(format!("RabbitMQ {op} failed: {e}"))
+            }
+        }
+    }
+}
+
+impl From<idem_amqp::Error> for CliError {
+    fn from(e: idem_amqp::Error) -> Self {
+        match e {
+            idem_amqp::Error::Connect { .. } => CliError::Unreachable(e.to_string()),
+            idem_amqp::Error::NameTooLong(_) => CliError::Usage(e.to_string()),
+            other => CliError::Failed(other.to_string()),
+        }
+    }
+}

@@ -1,0 +1,409 @@
+//! The `idem` operator CLI, as a library: inspect, replay and purge dead-letter queues,
+//! declare and show the RabbitMQ topology of a work queue, and check the outbox.
+//!
+//! Install the binary with `cargo install --path crates/idem-cli`, then run
+//! `idem --help`. Every command takes `--url` (env `AMQP_URL`, default
+//! `amqp://guest:guest@127.0.0.1:5672/%2f`; the password is never printed) and most take
+//! `--json` for scripts.
+//!
+//! | command | what it does |
+//! |---------|--------------|
+//! | `idem dlq list Q [--limit N] [--json]` | table of `Q.dlq` messages; nothing changes |
+//! | `idem dlq stats Q [--json]` | messages grouped by error kind and normalised error text |
+//! | `idem dlq replay Q (--all \| --id ID... \| --error-matches REGEX) [--dry-run]` | back to the original queue, attempts reset, `x-idem-replay` set |
+//! | `idem dlq purge Q (--all \| --error-matches REGEX) --yes [--dry-run]` | delete messages |
+//! | `idem topology declare Q [--quorum] [--tiers 1s,5s,30s]` | declare `Q`, `Q.retry.<tier>`, `Q.dlq` |
+//! | `idem topology show Q [--tiers ..]` | depth and consumers of each queue, missing ones marked |
+//! | `idem outbox status [--table idem_outbox]` | pending rows and the oldest one's age (`DATABASE_URL`) |
+//!
+//! `--error-matches` is a regular expression (Rust `regex` syntax, unanchored) applied
+//! to the `x-idem-error` header. Exit codes: 0 success; 1 usage error, refused
+//! operation or queue/table not found; 2 broker or database unreachable; 3 partial
+//! failure; 4 the broker or database refused an operation (see [`error`]).
+//!
+//! The same operations are available to programs:
+//!
+//! ```no_run
+//! # #[tokio::main] async fn main() -> Result<(), idem_cli::error::CliError> {
+//! let conn = idem_cli::broker::connect("amqp://guest:guest@127.0.0.1:5672/%2f").await?;
+//! for entry in idem_cli::dlq::list(&conn, "charges", 20).await? {
+//!     println!("{:?}: {:?}", entry.message_id, entry.error);
+//! }
+//! let stats = idem_cli::dlq::stats(&conn, "charges", None).await?;
+//! println!("{} messages in {} groups", stats.scanned, stats.groups.len());
+//! # Ok(()) }
+//! ```
+
+#![deny(missing_docs)]
+
+pub mod broker;
+pub mod cli;
+pub mod dlq;
+pub mod error;
+pub mod normalize;
+pub mod outbox;
+pub mod render;
+pub mod topology;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Parser;
+use serde::Serialize;
+
+use crate::cli::{Cli, Command, DlqCommand, OutboxCommand, TopologyCommand};
+use crate::dlq::{MoveReport, Selector};
+use crate::error::{CliError, EXIT_USAGE};
+use crate::render::{terminal_width, Table};
+
+/// Parses `args` (the program name first), runs the command on a new tokio runtime,
+/// prints errors on stderr and returns the exit code.
+pub fn main_with_args<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version print to stdout and succeed; real usage errors exit 1.
+            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(error::EXIT_FAILED);
+        }
+    };
+    let mut stdout = std::io::stdout().lock();
+    match runtime.block_on(run(cli, &mut stdout)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let _ = stdout.flush();
+            eprintln!("error: {e}");
+            e.to_exit_code()
+        }
+    }
+}
+
+fn write_err(e: std::io::Error) -> CliError {
+    CliError::Failed(format!("cannot write the output: {e}"))
+}
+
+fn json(out: &mut dyn Write, value: &impl Serialize) -> Result<(), CliError> {
+    serde_json::to_writer_pretty(&mut *out, value)
+        .map_err(|e| CliError::Failed(format!("cannot write JSON: {e}")))?;
+    writeln!(out).map_err(write_err)
+}
+
+/// `2023-11-14T22:13:20.123Z` -> `2023-11-14 22:13:20`.
+fn short_time(t: Option<&str>) -> String {
+    match t {
+        Some(t) if t.len() >= 19 && t.is_char_boundary(19) => t[..19].replacen('T', " ", 1),
+        Some(t) => t.to_owned(),
+        None => "-".to_owned(),
+    }
+}
+
+fn or_dash(s: Option<&str>) -> String {
+    s.unwrap_or("-").to_owned()
+}
+
+/// Runs a parsed command, writing its output to `out`.
+pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
+    match cli.command {
+        Command::Dlq(cmd) => run_dlq(&cli.url, cmd, out).await,
+        Command::Topology(cmd) => run_topology(&cli.url, cmd, out).await,
+        Command::Outbox(OutboxCommand::Status {
+            table,
+            database_url,
+            json: as_json,
+        }) => {
+            let report = outbox::status(&database_url, &table).await?;
+            if as_json {
+                return json(out, &report);
+            }
+            let age = report
+                .oldest_pending_age_secs
+                .map_or_else(|| "-".to_owned(), |s| format!("{s:.1}s"));
+            writeln!(
+                out,
+                "outbox {}: {} pending (oldest {age}), {} published awaiting cleanup",
+                report.table, report.pending, report.published
+            )
+            .map_err(write_err)
+        }
+    }
+}
+
+async fn run_dlq(url: &str, cmd: DlqCommand, out: &mut dyn Write) -> Result<(), CliError> {
+    // Refuse before connecting: nothing to do without --yes.
+    if let DlqCommand::Purge {
+        queue,
+        yes: false,
+        dry_run: false,
+        ..
+    } = &cmd
+    {
+        return Err(CliError::Usage(format!(
+            "refusing to delete messages from {queue}.dlq without --yes (use --dry-run to see what would be deleted)"
+        )));
+    }
+    let selector = match &cmd {
+        DlqCommand::Replay { select, .. } => Some(if select.all {
+            Selector::All
+        } else if let Some(p) = &select.error_matches {
+            Selector::error_matches(p)?
+        } else {
+            Selector::ids(select.id.iter().cloned())
+        }),
+        DlqCommand::Purge { select, .. } => Some(match &select.error_matches {
+            Some(p) => Selector::error_matches(p)?,
+            None => Selector::All,
+        }),
+        _ => None,
+    };
+    let conn = broker::connect(url).await?;
+    let result = run_dlq_on(&conn, cmd, selector, out).await;
+    let _ = conn.close(200, "bye".into()).await;
+    result
+}
+
+async fn run_dlq_on(
+    conn: &lapin::Connection,
+    cmd: DlqCommand,
+    selector: Option<Selector>,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    let selector = selector.unwrap_or(Selector::All);
+    match cmd {
+        DlqCommand::List {
+            queue,
+            limit,
+            json: as_json,
+        } => {
+            let entries = dlq::list(conn, &queue, limit).await?;
+            if as_json {
+                return json(out, &entries);
+            }
+            let mut t = Table::new(
+                &[
+                    "#",
+                    "MESSAGE ID",
+                    "KEY",
+                    "KIND",
+                    "ATT",
+                    "FIRST FAILED",
+                    "LAST FAILED",
+                    "ERROR",
+                ],
+                &[6, 36, 36, 9, 4, 19, 19],
+            );
+            for e in &entries {
+                t.row(vec![
+                    e.position.to_string(),
+                    or_dash(e.message_id.as_deref()),
+                    or_dash(e.key.as_deref()),
+                    or_dash(e.error_kind.as_deref()),
+                    e.attempts.map_or_else(|| "-".to_owned(), |a| a.to_string()),
+                    short_time(e.first_failed_at.as_deref()),
+                    short_time(e.last_failed_at.as_deref()),
+                    or_dash(e.error.as_deref()),
+                ]);
+            }
+            t.write(out, terminal_width()).map_err(write_err)?;
+            writeln!(
+                out,
+                "{} message(s) of {queue}.dlq listed; nothing was changed",
+                entries.len()
+            )
+            .map_err(write_err)
+        }
+        DlqCommand::Stats {
+            queue,
+            limit,
+            json: as_json,
+        } => {
+            let stats = dlq::stats(conn, &queue, limit).await?;
+            if as_json {
+                return json(out, &stats);
+            }
+            let mut t = Table::new(
+                &[
+                    "COUNT",
+                    "KIND",
+                    "FIRST SEEN",
+                    "LAST SEEN",
+                    "ERROR (normalised)",
+                ],
+                &[8, 9, 19, 19],
+            );
+            for g in &stats.groups {
+                t.row(vec![
+                    g.count.to_string(),
+                    g.error_kind.clone(),
+                    short_time(g.first_seen.as_deref()),
+                    short_time(g.last_seen.as_deref()),
+                    g.error.clone(),
+                ]);
+            }
+            t.write(out, terminal_width()).map_err(write_err)?;
+            writeln!(
+                out,
+                "{} message(s) of {} in {} group(s); nothing was changed",
+                stats.scanned,
+                stats.dlq,
+                stats.groups.len()
+            )
+            .map_err(write_err)
+        }
+        DlqCommand::Replay {
+            queue,
+            dry_run,
+            json: as_json,
+            ..
+        } => {
+            let report = dlq::replay(conn, &queue, &selector, dry_run).await?;
+            print_report(out, &report, as_json, "replay")?;
+            partial(&report, "replayed")
+        }
+        DlqCommand::Purge {
+            queue,
+            dry_run,
+            json: as_json,
+            ..
+        } => {
+            let report = dlq::purge(conn, &queue, &selector, dry_run).await?;
+            print_report(out, &report, as_json, "purge")?;
+            partial(&report, "purged")
+        }
+    }
+}
+
+fn partial(report: &MoveReport, verb: &str) -> Result<(), CliError> {
+    if report.failed == 0 {
+        return Ok(());
+    }
+    let first = report
+        .messages
+        .iter()
+        .find(|m| m.outcome.starts_with("failed"))
+        .map(|m| m.outcome.clone())
+        .unwrap_or_default();
+    Err(CliError::Partial(format!(
+        "{} of {} selected message(s) could not be {verb}; they stay in {} ({first})",
+        report.failed, report.matched, report.dlq
+    )))
+}
+
+fn print_report(
+    out: &mut dyn Write,
+    report: &MoveReport,
+    as_json: bool,
+    what: &str,
+) -> Result<(), CliError> {
+    if as_json {
+        return json(out, report);
+    }
+    if !report.messages.is_empty() {
+        let mut t = Table::new(&["#", "MESSAGE ID", "TARGET", "OUTCOME"], &[6, 36, 60]);
+        for m in &report.messages {
+            t.row(vec![
+                m.position.to_string(),
+                or_dash(m.message_id.as_deref()),
+                or_dash(m.target.as_deref()),
+                m.outcome.clone(),
+            ]);
+        }
+        t.write(out, terminal_width()).map_err(write_err)?;
+    }
+    let id = report
+        .replay_id
+        .as_deref()
+        .map_or_else(String::new, |id| format!(" (x-idem-replay: {id})"));
+    let summary = if report.dry_run {
+        format!(
+            "dry run: {} of {} message(s) of {} would be affected by {what}; nothing was changed",
+            report.matched, report.scanned, report.dlq
+        )
+    } else {
+        format!(
+            "{what}: {} of {} message(s) of {} done, {} failed{id}",
+            report.done, report.scanned, report.dlq, report.failed
+        )
+    };
+    writeln!(out, "{summary}").map_err(write_err)
+}
+
+async fn run_topology(
+    url: &str,
+    cmd: TopologyCommand,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    match cmd {
+        TopologyCommand::Declare {
+            queue,
+            quorum,
+            delivery_limit,
+            tiers,
+        } => {
+            let t = topology::topology_for(&queue, tiers.as_deref(), quorum, delivery_limit)?;
+            let conn = broker::connect(url).await?;
+            let result = topology::declare(&conn, &t).await;
+            let _ = conn.close(200, "bye".into()).await;
+            result?;
+            writeln!(out, "declared: {}", t.queue_names().join(", ")).map_err(write_err)
+        }
+        TopologyCommand::Show {
+            queue,
+            tiers,
+            json: as_json,
+        } => {
+            let t = topology::topology_for(&queue, tiers.as_deref(), false, None)?;
+            let conn = broker::connect(url).await?;
+            let result = topology::show(&conn, &t).await;
+            let _ = conn.close(200, "bye".into()).await;
+            let states = result?;
+            if as_json {
+                json(out, &states)?;
+            } else {
+                let mut t = Table::new(
+                    &["QUEUE", "ROLE", "STATE", "MESSAGES", "CONSUMERS"],
+                    &[80, 12, 8, 10],
+                );
+                let num = |n: Option<u32>| n.map_or_else(|| "-".to_owned(), |n| n.to_string());
+                for s in &states {
+                    t.row(vec![
+                        s.name.clone(),
+                        s.role.clone(),
+                        if s.exists { "ok" } else { "MISSING" }.to_owned(),
+                        num(s.messages),
+                        num(s.consumers),
+                    ]);
+                }
+                t.write(out, terminal_width()).map_err(write_err)?;
+            }
+            let missing: Vec<&str> = states
+                .iter()
+                .filter(|s| !s.exists)
+                .map(|s| s.name.as_str())
+                .collect();
+            if missing.is_empty() {
+                Ok(())
+            } else {
+                Err(CliError::NotFound(format!(
+                    "missing queue(s): {} (declare them with `idem topology declare {queue}`)",
+                    missing.join(", ")
+                )))
+            }
+        }
+    }
+}

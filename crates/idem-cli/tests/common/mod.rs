@@ -1,0 +1,178 @@
+//! Shared fixtures: a unique topology per test and dead-lettered messages published
+//! straight into `Q.dlq` with the headers the transport writes.
+
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, SystemTime};
+
+use idem_amqp::{Publisher, Topology};
+use idem_core::{DelayTiers, ErrorKind, Failure, HeaderValue, Message};
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::Connection;
+
+pub fn url() -> String {
+    idem_amqp::amqp_url_from_env()
+}
+
+pub async fn connect() -> Connection {
+    idem_amqp::connect(&url(), "idem-cli-test").await.unwrap_or_else(|e| {
+        panic!(
+            "RabbitMQ not reachable at {}: start it with `rabbitmq-server -detached` (or set AMQP_URL): {e}",
+            idem_amqp::redact_url(&url())
+        )
+    })
+}
+
+/// One failed message to put into the DLQ.
+pub struct Dead<'a> {
+    pub id: &'a str,
+    pub error: &'a str,
+    pub kind: ErrorKind,
+    pub attempts: u32,
+    /// Seconds after a fixed base time, for first/last failure times.
+    pub at: u64,
+}
+
+pub fn dead(id: &str, error: &str, kind: ErrorKind) -> Dead<'static> {
+    // Leak: test-only convenience for 'static fixtures.
+    Dead {
+        id: Box::leak(id.to_owned().into_boxed_str()),
+        error: Box::leak(error.to_owned().into_boxed_str()),
+        kind,
+        attempts: 3,
+        at: 0,
+    }
+}
+
+pub struct Fixture {
+    pub conn: Connection,
+    pub queue: String,
+    pub topology: Topology,
+    publisher: Publisher,
+}
+
+pub const BASE: u64 = 1_700_000_000;
+
+impl Fixture {
+    pub async fn new(name: &str) -> Fixture {
+        let conn = connect().await;
+        let queue = format!("idem-cli-test-{name}-{}", uuid::Uuid::new_v4().simple());
+        let topology =
+            Topology::new(queue.as_str()).tiers(DelayTiers::new([Duration::from_secs(1)]).unwrap());
+        let ch = conn.create_channel().await.unwrap();
+        topology.declare_on(&ch).await.unwrap();
+        let publisher = Publisher::connect_named(&url(), "idem-cli-test-publisher")
+            .await
+            .unwrap();
+        Fixture {
+            conn,
+            queue,
+            topology,
+            publisher,
+        }
+    }
+
+    pub fn dlq(&self) -> String {
+        self.topology.dlq()
+    }
+
+    /// Publishes a dead-lettered message (as the worker would) into `Q.dlq`.
+    pub async fn bury(&self, d: &Dead<'_>) {
+        let mut msg = Message::new(format!("body of {}", d.id))
+            .with_message_id(d.id)
+            .with_header("x-tenant", "acme");
+        msg.delivery.queue = self.queue.clone();
+        msg.delivery.routing_key = self.queue.clone();
+        let t = |s: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(BASE + s);
+        let failure = Failure {
+            kind: d.kind,
+            error: d.error.to_owned(),
+            attempts: d.attempts,
+            first_failed_at: t(d.at),
+            last_failed_at: t(d.at + 10),
+            key: Some(format!("key-{}", d.id)),
+        };
+        let extra = failure.dead_letter_headers(&msg, "test-consumer");
+        msg.headers.extend(extra);
+        self.publish_raw("", &self.dlq(), msg).await;
+    }
+
+    pub async fn publish_raw(&self, exchange: &str, routing_key: &str, mut msg: Message) {
+        self.publisher
+            .publish(exchange, routing_key, &mut msg)
+            .await
+            .unwrap();
+    }
+
+    pub async fn bury_all(&self, list: &[Dead<'_>]) {
+        for d in list {
+            self.bury(d).await;
+        }
+    }
+
+    /// Ready messages of `queue` (passive declare).
+    pub async fn depth(&self, queue: &str) -> u32 {
+        let ch = self.conn.create_channel().await.unwrap();
+        let q = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions::default().passive(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let _ = ch.close(200, "bye".into()).await;
+        q.message_count()
+    }
+
+    /// Waits until `queue` holds exactly `expected` ready messages (requeues on channel
+    /// close are asynchronous), then reads and removes them all, in order.
+    pub async fn drain(&self, queue: &str, expected: u32) -> Vec<Message> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let n = self.depth(queue).await;
+            if n == expected {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{queue} holds {n} ready messages, expected {expected}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let ch = self.conn.create_channel().await.unwrap();
+        let mut out = Vec::new();
+        while let Some(m) = ch
+            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+            .await
+            .unwrap()
+        {
+            out.push(idem_amqp::convert::message_from_delivery(
+                &m.delivery,
+                queue,
+            ));
+            m.delivery.ack(BasicAckOptions::default()).await.unwrap();
+        }
+        let _ = ch.close(200, "bye".into()).await;
+        assert_eq!(out.len(), expected as usize, "{queue}: {out:?}");
+        out
+    }
+
+    pub async fn cleanup(self) {
+        let ch = self.conn.create_channel().await.unwrap();
+        self.topology.delete_on(&ch).await.unwrap();
+        self.publisher.close().await;
+        let _ = self.conn.close(200, "bye".into()).await;
+    }
+}
+
+pub fn ids(msgs: &[Message]) -> Vec<String> {
+    msgs.iter()
+        .map(|m| m.properties.message_id.clone().unwrap_or_default())
+        .collect()
+}
+
+pub fn header<'a>(m: &'a Message, name: &str) -> Option<&'a HeaderValue> {
+    m.headers.get(name)
+}

@@ -1,0 +1,571 @@
+//! The transactional inbox: [`SqlInbox`] writes the dedup row in the same transaction
+//! as the handler's own writes, handed to the handler as a [`Tx`].
+
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use idem_core::consumer::{ClassifiedService, DedupedService, Deduplicate};
+use idem_core::dedup::{
+    resolve_key, sha256_hex, DefaultKey, KeyExtractor, MissingKey, PayloadMismatchError,
+    PreviouslyPoisonedError, StoreError, REPLAY_HEADER,
+};
+use idem_core::handler::BoxFuture;
+use idem_core::{ErrorKind, FromMessage, HandlerError, IdempotencyKey, Message, Processed};
+use sqlx::{Pool, Transaction};
+use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
+use tower::util::BoxCloneSyncService;
+use tower::{Service, ServiceExt};
+
+use crate::backend::{Arg, Backend, Dialect};
+use crate::schema::{self, CleanupHandle, InvalidTableName, TableName, CLEANUP_BATCH};
+use crate::store::{ms, POISONED, PROCESSING, SUCCEEDED};
+
+/// Default table of the inbox.
+pub const DEFAULT_INBOX_TABLE: &str = "idem_inbox";
+
+type Slot<DB> = Arc<Mutex<Option<Transaction<'static, DB>>>>;
+
+/// The inbox's open transaction, as the handler receives it.
+///
+/// Lock it with [`conn`](Self::conn) and run your statements on the connection; do
+/// not commit or roll back yourself: the inbox commits when the handler returns `Ok`
+/// (your writes and the dedup row together) and rolls back on an error.
+///
+/// ```no_run
+/// use idem_core::HandlerError;
+/// use idem_sql::Tx;
+/// use sqlx::Postgres;
+///
+/// async fn charge(tx: Tx<Postgres>) -> Result<(), HandlerError> {
+///     let mut conn = tx.conn().await?;
+///     sqlx::query("INSERT INTO charges (cents) VALUES ($1)")
+///         .bind(500_i64)
+///         .execute(&mut *conn)
+///         .await?;
+///     Ok(())
+/// }
+/// ```
+pub struct Tx<DB: Backend> {
+    slot: Slot<DB>,
+}
+
+impl<DB: Backend> fmt::Debug for Tx<DB> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tx").finish_non_exhaustive()
+    }
+}
+
+/// The inbox has already committed or rolled back this message's transaction (the
+/// handler used its [`Tx`] after returning, e.g. from a spawned task).
+#[derive(Debug, thiserror::Error)]
+#[error("the inbox transaction of this message is already finished")]
+pub struct TxClosed;
+
+/// The handler takes a [`Tx`] but the consumer does not dedup through a
+/// [`SqlInbox`] of the same database. Permanent (a configuration error).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "handler takes a Tx but the consumer has no SQL inbox for this database (use .dedup(inbox))"
+)]
+pub struct NoInbox;
+
+impl<DB: Backend> Tx<DB> {
+    /// Locks the transaction for a few statements. Keep the guard only while you use
+    /// it if you run work concurrently inside the handler.
+    pub async fn conn(&self) -> Result<TxConn<'_, DB>, TxClosed> {
+        MutexGuard::try_map(self.slot.lock().await, Option::as_mut)
+            .map(|guard| TxConn { guard })
+            .map_err(|_| TxClosed)
+    }
+}
+
+/// A locked [`Tx`]: dereferences to the database connection (`&mut *conn` is an
+/// executor).
+pub struct TxConn<'a, DB: Backend> {
+    guard: MappedMutexGuard<'a, Transaction<'static, DB>>,
+}
+
+impl<DB: Backend> Deref for TxConn<'_, DB> {
+    type Target = DB::Connection;
+    fn deref(&self) -> &DB::Connection {
+        &self.guard
+    }
+}
+
+impl<DB: Backend> DerefMut for TxConn<'_, DB> {
+    fn deref_mut(&mut self) -> &mut DB::Connection {
+        &mut self.guard
+    }
+}
+
+struct InboxTx<DB: Backend>(Slot<DB>);
+
+impl<DB: Backend, S> FromMessage<S> for Tx<DB> {
+    fn from_message(msg: &mut Message, _state: &S) -> Result<Self, HandlerError> {
+        msg.extensions
+            .get::<InboxTx<DB>>()
+            .map(|t| Tx { slot: t.0.clone() })
+            .ok_or_else(|| HandlerError::permanent(NoInbox))
+    }
+}
+
+#[derive(Clone)]
+struct Queries {
+    insert_done: String,
+    record_locked: String,
+    record: String,
+    take_expired: String,
+    reopen: String,
+    insert_poisoned: String,
+    mark_poisoned: String,
+    cleanup: String,
+}
+
+impl Queries {
+    fn new(d: Dialect, t: &TableName) -> Self {
+        let now = d.now_ms();
+        let key = "consumer = ? AND idem_key = ?";
+        let cols = "consumer, idem_key, state, owner, fingerprint, expires_at";
+        let q = |s: String| d.placeholders(&s);
+        let record = format!(
+            "SELECT {}, {} FROM {t} WHERE {key}",
+            d.record_columns(),
+            d.int_cast(&format!("expires_at - {now}"))
+        );
+        Queries {
+            insert_done: q(d.insert_ignore(
+                &t.to_string(),
+                cols,
+                &format!("?, ?, '{SUCCEEDED}', NULL, ?, {now} + ?"),
+            )),
+            record_locked: q(format!("{record}{}", d.for_update())),
+            record: q(record),
+            take_expired: q(format!(
+                "UPDATE {t} SET state = '{SUCCEEDED}', owner = NULL, fingerprint = ?, expires_at = {now} + ? \
+                 WHERE {key} AND expires_at <= {now}"
+            )),
+            reopen: q(format!(
+                "UPDATE {t} SET state = '{SUCCEEDED}', fingerprint = ?, expires_at = {now} + ? \
+                 WHERE {key} AND state = '{POISONED}'"
+            )),
+            insert_poisoned: q(d.insert_ignore(
+                &t.to_string(),
+                cols,
+                &format!("?, ?, '{POISONED}', NULL, ?, {now} + ?"),
+            )),
+            mark_poisoned: q(format!(
+                "UPDATE {t} SET state = '{POISONED}', fingerprint = ?, expires_at = {now} + ? \
+                 WHERE {key} AND (state = '{POISONED}' OR expires_at <= {now})"
+            )),
+            cleanup: schema::cleanup_sql(d, t),
+        }
+    }
+}
+
+/// The SQL transactional inbox: exactly-once *effect* for handlers whose effects are
+/// writes to the same database.
+///
+/// For each message it begins a transaction, inserts the dedup row
+/// `(consumer, key) -> succeeded` in it, and hands the transaction to the handler as a
+/// [`Tx`]. `Ok` commits the handler's writes and the dedup row together; an error
+/// rolls both back. A concurrent delivery of the same key blocks on the unique key
+/// until the first commits or rolls back, then sees the row and is acked as a
+/// duplicate (or claims the key if the first rolled back). A crash before commit
+/// leaves nothing; a crash after commit but before the broker ack makes the
+/// redelivery a duplicate. A permanent (poison) error rolls back the handler's
+/// writes and then records `poisoned` in a short transaction of its own; a replay with
+/// header `x-idem-replay` may run it again. Transient errors record nothing. The
+/// database being unreachable is a transient failure, never a duplicate.
+///
+/// No leases: the open transaction (and its row lock) is the claim, so a crashed
+/// worker's claim ends when its connection drops. Each in-flight message holds one
+/// pool connection, and so does each duplicate waiting for it: size the pool for the
+/// consumer's concurrency. On SQLite every message runs under the database write
+/// lock (`BEGIN IMMEDIATE`), so messages are processed one at a time, and a waiter
+/// gives up after the pool's busy timeout (a transient failure, retried).
+///
+/// `consumer` must be the consumer's name (it scopes the keys); build it with
+/// `Consumer::builder(name).dedup(inbox)`. Use the aliases [`PgInbox`](crate::PgInbox),
+/// [`SqliteInbox`](crate::SqliteInbox), [`MySqlInbox`](crate::MySqlInbox).
+///
+/// ```no_run
+/// use idem_core::{Consumer, HandlerError, IdempotencyKey};
+/// use idem_sql::{PgInbox, Tx};
+/// use sqlx::Postgres;
+///
+/// async fn charge(key: IdempotencyKey, tx: Tx<Postgres>) -> Result<(), HandlerError> {
+///     let mut conn = tx.conn().await?;
+///     sqlx::query("INSERT INTO charges (id) VALUES ($1)")
+///         .bind(key.as_str())
+///         .execute(&mut *conn)
+///         .await?;
+///     Ok(())
+/// }
+///
+/// # async fn demo(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+/// let inbox = PgInbox::new(pool, "billing");
+/// inbox.ensure_schema().await?;
+/// let consumer = Consumer::builder("billing").dedup(inbox).handler(charge)?;
+/// # let _ = consumer; Ok(()) }
+/// ```
+pub struct SqlInbox<DB: Backend> {
+    pool: Pool<DB>,
+    consumer: Arc<str>,
+    table: TableName,
+    q: Queries,
+    extractor: Arc<dyn KeyExtractor>,
+    missing: MissingKey,
+    retention: Duration,
+    fingerprint: bool,
+    busy_delay: Duration,
+}
+
+impl<DB: Backend> Clone for SqlInbox<DB> {
+    fn clone(&self) -> Self {
+        SqlInbox {
+            pool: self.pool.clone(),
+            consumer: self.consumer.clone(),
+            table: self.table.clone(),
+            q: self.q.clone(),
+            extractor: self.extractor.clone(),
+            missing: self.missing,
+            retention: self.retention,
+            fingerprint: self.fingerprint,
+            busy_delay: self.busy_delay,
+        }
+    }
+}
+
+impl<DB: Backend> fmt::Debug for SqlInbox<DB> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqlInbox")
+            .field("dialect", &DB::DIALECT)
+            .field("consumer", &self.consumer)
+            .field("table", &self.table.to_string())
+            .field("retention", &self.retention)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<DB: Backend> SqlInbox<DB> {
+    /// An inbox for consumer `consumer` on `pool`, table [`DEFAULT_INBOX_TABLE`].
+    /// Defaults: key from [`DefaultKey`], missing key is poison, retention 7 days,
+    /// payload fingerprints checked.
+    pub fn new(pool: Pool<DB>, consumer: impl Into<Arc<str>>) -> Self {
+        let table = TableName::trusted(DEFAULT_INBOX_TABLE);
+        SqlInbox {
+            q: Queries::new(DB::DIALECT, &table),
+            pool,
+            consumer: consumer.into(),
+            table,
+            extractor: Arc::new(DefaultKey),
+            missing: MissingKey::Poison,
+            retention: Duration::from_secs(7 * 24 * 3600),
+            fingerprint: true,
+            busy_delay: Duration::from_secs(1),
+        }
+    }
+
+    /// Uses table `table` (`name` or `schema.name`, validated).
+    pub fn table(self, table: &str) -> Result<Self, InvalidTableName> {
+        Ok(self.with_table(TableName::parse(table)?))
+    }
+
+    /// Uses an already validated table name.
+    pub fn with_table(mut self, table: TableName) -> Self {
+        self.q = Queries::new(DB::DIALECT, &table);
+        self.table = table;
+        self
+    }
+
+    /// Where the key comes from.
+    pub fn key(mut self, extractor: impl KeyExtractor) -> Self {
+        self.extractor = Arc::new(extractor);
+        self
+    }
+
+    /// Policy for messages without a key.
+    pub fn missing_key(mut self, policy: MissingKey) -> Self {
+        self.missing = policy;
+        self
+    }
+
+    /// How long rows are kept (must cover the longest retry horizon; the consumer
+    /// builder checks).
+    pub fn retention(mut self, retention: Duration) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// Whether to record a SHA-256 of the payload and poison a message whose key is
+    /// done with a different payload (default on).
+    pub fn fingerprint(mut self, on: bool) -> Self {
+        self.fingerprint = on;
+        self
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &Pool<DB> {
+        &self.pool
+    }
+
+    /// The table name.
+    pub fn table_name(&self) -> &TableName {
+        &self.table
+    }
+
+    /// Creates the table if missing (idempotent, safe under concurrent callers).
+    pub async fn ensure_schema(&self) -> Result<(), StoreError> {
+        schema::ensure_schema(&self.pool, &self.table).await
+    }
+
+    /// Deletes rows past their retention in batches of [`CLEANUP_BATCH`].
+    pub async fn cleanup_expired(&self) -> Result<u64, StoreError> {
+        schema::cleanup_expired(&self.pool, &self.table, &self.q.cleanup, CLEANUP_BATCH).await
+    }
+
+    /// Runs [`cleanup_expired`](Self::cleanup_expired) every `interval` until the
+    /// handle is dropped.
+    pub fn spawn_cleanup(&self, interval: Duration) -> CleanupHandle {
+        CleanupHandle::spawn(
+            self.pool.clone(),
+            self.table.clone(),
+            interval,
+            CLEANUP_BATCH,
+        )
+    }
+}
+
+impl<DB: Backend> Deduplicate for SqlInbox<DB> {
+    fn wrap(&self, inner: ClassifiedService) -> DedupedService {
+        BoxCloneSyncService::new(InboxService {
+            inner,
+            inbox: Arc::new(self.clone()),
+        })
+    }
+
+    fn retention(&self) -> Duration {
+        self.retention
+    }
+
+    fn lease(&self) -> Option<Duration> {
+        None
+    }
+}
+
+struct InboxService<DB: Backend> {
+    inner: ClassifiedService,
+    inbox: Arc<SqlInbox<DB>>,
+}
+
+impl<DB: Backend> Clone for InboxService<DB> {
+    fn clone(&self) -> Self {
+        InboxService {
+            inner: self.inner.clone(),
+            inbox: self.inbox.clone(),
+        }
+    }
+}
+
+impl<DB: Backend> Service<Message> for InboxService<DB> {
+    type Response = Processed;
+    type Error = HandlerError;
+    type Future = BoxFuture<Result<Processed, HandlerError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), HandlerError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, msg: Message) -> Self::Future {
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(run(self.inbox.clone(), inner, msg))
+    }
+}
+
+fn text(s: &str) -> Arg {
+    Arg::Text(s.to_owned())
+}
+
+enum Entry {
+    Owned,
+    Duplicate,
+    /// Done as poison and not a replay: dead-letter this copy too.
+    Poisoned,
+    Mismatch,
+    Busy,
+}
+
+impl<DB: Backend> SqlInbox<DB> {
+    fn store_error(&self, op: &str, e: sqlx::Error) -> HandlerError {
+        HandlerError::transient(StoreError::with_source(
+            format!("SQL inbox {op} on table {} failed", self.table),
+            e,
+        ))
+    }
+
+    /// Inserts (or takes over) the dedup row inside `conn`'s transaction.
+    async fn enter(
+        &self,
+        conn: &mut DB::Connection,
+        key: &str,
+        fp: Option<&str>,
+        replay: bool,
+    ) -> Result<Entry, sqlx::Error> {
+        let c = &*self.consumer;
+        let fp_arg = || Arg::OptText(fp.map(str::to_owned));
+        let keep = Arg::Int(ms(self.retention));
+        for _ in 0..4 {
+            let args = vec![text(c), text(key), fp_arg(), keep.clone()];
+            // Blocks while another transaction holds an uncommitted row for this key.
+            if DB::execute(&mut *conn, &self.q.insert_done, args).await? == 1 {
+                return Ok(Entry::Owned);
+            }
+            let args = vec![text(c), text(key)];
+            let Some((state, _, row_fp, left)) =
+                DB::fetch_record(&mut *conn, &self.q.record_locked, args).await?
+            else {
+                continue; // deleted by cleanup in between
+            };
+            if left <= 0 {
+                let args = vec![fp_arg(), keep.clone(), text(c), text(key)];
+                if DB::execute(&mut *conn, &self.q.take_expired, args).await? == 1 {
+                    return Ok(Entry::Owned);
+                }
+                continue;
+            }
+            if let (Some(now), Some(then)) = (fp, row_fp.as_deref()) {
+                if now != then && state != PROCESSING {
+                    return Ok(Entry::Mismatch);
+                }
+            }
+            return Ok(match state.as_str() {
+                POISONED if replay => {
+                    let args = vec![fp_arg(), keep.clone(), text(c), text(key)];
+                    if DB::execute(&mut *conn, &self.q.reopen, args).await? == 1 {
+                        Entry::Owned
+                    } else {
+                        Entry::Busy
+                    }
+                }
+                POISONED => Entry::Poisoned,
+                SUCCEEDED => Entry::Duplicate,
+                _ => Entry::Busy,
+            });
+        }
+        Ok(Entry::Busy)
+    }
+
+    async fn record_poison(&self, key: &str, fp: Option<&str>) -> Result<(), sqlx::Error> {
+        let mut conn = self.pool.acquire().await?;
+        let c = &*self.consumer;
+        let fp_arg = || Arg::OptText(fp.map(str::to_owned));
+        let keep = Arg::Int(ms(self.retention));
+        let args = vec![text(c), text(key), fp_arg(), keep.clone()];
+        if DB::execute(&mut *conn, &self.q.insert_poisoned, args).await? == 0 {
+            let args = vec![fp_arg(), keep, text(c), text(key)];
+            DB::execute(&mut *conn, &self.q.mark_poisoned, args).await?;
+        }
+        Ok(())
+    }
+}
+
+async fn run<DB: Backend>(
+    inbox: Arc<SqlInbox<DB>>,
+    inner: ClassifiedService,
+    msg: Message,
+) -> Result<Processed, HandlerError> {
+    let key = resolve_key(inbox.extractor.as_ref(), inbox.missing, &msg)?;
+    tracing::Span::current().record("key", key.as_str());
+    let scoped_key = key.clone();
+    run_keyed(inbox, inner, msg, key)
+        .await
+        .map_err(|e| e.with_key(&scoped_key))
+}
+
+async fn run_keyed<DB: Backend>(
+    inbox: Arc<SqlInbox<DB>>,
+    inner: ClassifiedService,
+    mut msg: Message,
+    key: String,
+) -> Result<Processed, HandlerError> {
+    let fp = inbox.fingerprint.then(|| sha256_hex(&msg.body));
+    let replay = msg.header_str(REPLAY_HEADER).is_some_and(|v| !v.is_empty());
+    if let Err(m) = DB::DIALECT.check_lengths(&inbox.consumer, &key, None, fp.as_deref()) {
+        return Err(HandlerError::permanent(StoreError::new(format!(
+            "SQL inbox cannot record key {key:?}: {m}"
+        ))));
+    }
+
+    let mut tx = DB::begin(&inbox.pool)
+        .await
+        .map_err(|e| inbox.store_error("begin", e))?;
+    let entry = inbox.enter(&mut *tx, &key, fp.as_deref(), replay).await;
+    match entry {
+        Ok(Entry::Owned) => {}
+        other => {
+            // Nothing was written: a rollback failure only closes the connection.
+            let _ = tx.rollback().await;
+            return match other {
+                Ok(Entry::Duplicate) => Ok(Processed::Duplicate),
+                Ok(Entry::Poisoned) => Err(HandlerError::permanent(PreviouslyPoisonedError(key))),
+                Ok(Entry::Mismatch) => Err(HandlerError::permanent(PayloadMismatchError(key))),
+                Ok(_) => Err(HandlerError::busy(inbox.busy_delay)),
+                Err(e) => Err(inbox.store_error("claim", e)),
+            };
+        }
+    }
+    if replay {
+        tracing::debug!(key = %key, "operator replay: running the message again");
+    }
+
+    let slot: Slot<DB> = Arc::new(Mutex::new(Some(tx)));
+    msg.extensions.insert(InboxTx(slot.clone()));
+    msg.extensions.insert(IdempotencyKey(key.clone()));
+    let result = inner.oneshot(msg).await;
+    let tx = slot.lock().await.take();
+
+    match result {
+        Ok(()) => {
+            let Some(mut tx) = tx else {
+                return Err(HandlerError::transient(TxClosed));
+            };
+            // A PostgreSQL transaction in which a statement failed "commits" as a
+            // rollback without an error: make sure our row is still there first.
+            let args = vec![text(&inbox.consumer), text(&key)];
+            match DB::fetch_record(&mut *tx, &inbox.q.record, args).await {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    let _ = tx.rollback().await;
+                    return Err(HandlerError::transient(StoreError::new(
+                        "the inbox row vanished from the transaction; rolled back",
+                    )));
+                }
+                Err(e) => {
+                    let _ = tx.rollback().await;
+                    return Err(inbox.store_error("pre-commit check", e));
+                }
+            }
+            tx.commit()
+                .await
+                .map_err(|e| inbox.store_error("commit", e))?;
+            Ok(Processed::Handled)
+        }
+        Err(e) => {
+            if let Some(tx) = tx {
+                if let Err(err) = tx.rollback().await {
+                    tracing::debug!(error = %err, "inbox rollback failed; the connection is discarded");
+                }
+            }
+            if e.kind() == Some(ErrorKind::Permanent) {
+                if let Err(err) = inbox.record_poison(&key, fp.as_deref()).await {
+                    tracing::warn!(key = %key, error = %err, "could not record the poisoned message; a redelivery would run it again");
+                }
+            }
+            Err(e)
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! PostgreSQL (DATABASE_URL, default postgres://postgres@127.0.0.1:5432/postgres).
+#![allow(clippy::unwrap_used)] // test helpers panic on setup failures by design
+#![cfg(feature = "postgres")]
+
+#[macro_use]
+mod common;
+
+use std::str::FromStr;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+
+fn url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+fn options(app: &str) -> PgConnectOptions {
+    PgConnectOptions::from_str(&url())
+        .unwrap()
+        .application_name(app)
+}
+
+async fn connect(opts: PgPoolOptions, app: &str) -> PgPool {
+    match opts
+        .acquire_timeout(std::time::Duration::from_secs(5))
+        .connect_with(options(app))
+        .await
+    {
+        Ok(p) => p,
+        Err(e) => panic!(
+            "PostgreSQL not reachable at {} (set DATABASE_URL): start it with `service postgresql start`: {e}",
+            url().split('@').next_back().unwrap_or("")
+        ),
+    }
+}
+
+async fn pool(tag: &str) -> (PgPool, ()) {
+    (
+        connect(
+            PgPoolOptions::new().max_connections(8),
+            &common::unique(tag),
+        )
+        .await,
+        (),
+    )
+}
+
+fn ph(n: usize) -> String {
+    format!("${n}")
+}
+
+fn text(col: &str) -> String {
+    col.to_owned()
+}
+
+sql_suite!(sqlx::Postgres, pool, ph, text);
+
+async fn terminate(app: &str) -> usize {
+    let admin = connect(PgPoolOptions::new().max_connections(1), "idem-test-admin").await;
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+    )
+    .bind(app)
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    admin.close().await;
+    killed.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_connections_killed_is_transient_never_duplicate_then_recovers() {
+    let app = common::unique("pgdown");
+    // No ping on acquire: the dead idle connection is handed out and fails a query,
+    // as a connection killed while in use would.
+    let pool = connect(
+        PgPoolOptions::new()
+            .max_connections(2)
+            .test_before_acquire(false),
+        &app,
+    )
+    .await;
+    let store =
+        SqlStore::<sqlx::Postgres>::with_table_name(pool.clone(), &common::unique("pgdown"))
+            .unwrap();
+    store.ensure_schema().await.unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let consumer = Consumer::builder("billing")
+        .store(store.clone())
+        .handler_with_state(
+            |State(runs): State<Arc<AtomicUsize>>| async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+            },
+            runs.clone(),
+        )
+        .unwrap();
+    let msg = |id: &str| Message::new("{}").with_message_id(id);
+    assert_eq!(
+        consumer.process(msg("a")).await,
+        Disposition::Ack { duplicate: false }
+    );
+
+    assert!(terminate(&app).await >= 1, "killed the store's connections");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    match consumer.process(msg("a")).await {
+        Disposition::Retry { failure, .. } => {
+            assert_eq!(failure.kind, ErrorKind::Transient);
+            assert!(
+                failure.error.contains("dedup store unavailable"),
+                "{}",
+                failure.error
+            );
+        }
+        d => panic!("a dead connection must be a transient retry, never a duplicate: {d:?}"),
+    }
+    let mut settled = None;
+    for _ in 0..20 {
+        match consumer.process(msg("b")).await {
+            Disposition::Retry { .. } => tokio::time::sleep(Duration::from_millis(100)).await,
+            d => {
+                settled = Some(d);
+                break;
+            }
+        }
+    }
+    assert_eq!(
+        settled,
+        Some(Disposition::Ack { duplicate: false }),
+        "the pool recovered"
+    );
+    assert_eq!(
+        consumer.process(msg("a")).await,
+        Disposition::Ack { duplicate: true }
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    drop_table(&pool, &store.table().to_string()).await;
+}
+
+#[derive(Clone)]
+struct KillCtx {
+    app: String,
+    insert: Arc<str>,
+    runs: Arc<AtomicUsize>,
+}
+
+async fn killed_mid_handler(
+    State(ctx): State<KillCtx>,
+    key: IdempotencyKey,
+    tx: Tx<sqlx::Postgres>,
+) -> Result<(), HandlerError> {
+    let run = ctx.runs.fetch_add(1, Ordering::SeqCst);
+    let mut conn = tx.conn().await?;
+    sqlx::query(&ctx.insert)
+        .bind(key.as_str())
+        .execute(&mut *conn)
+        .await?;
+    if run == 0 {
+        // The database "goes away" under the open transaction.
+        terminate(&ctx.app).await;
+    }
+    sqlx::query(&ctx.insert)
+        .bind(key.as_str())
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbox_connection_killed_mid_handler_rolls_back_then_recovers() {
+    let app = common::unique("pgkill");
+    let pool = connect(PgPoolOptions::new().max_connections(4), &app).await;
+    let fx = common::unique("fx");
+    sqlx::query(&format!("CREATE TABLE {fx} (k TEXT NOT NULL)"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let inbox = SqlInbox::<sqlx::Postgres>::new(pool.clone(), "billing")
+        .table(&common::unique("inbox"))
+        .unwrap();
+    inbox.ensure_schema().await.unwrap();
+    let ctx = KillCtx {
+        app: app.clone(),
+        insert: format!("INSERT INTO {fx} (k) VALUES ($1)").into(),
+        runs: Arc::new(AtomicUsize::new(0)),
+    };
+    let consumer = Consumer::builder("billing")
+        .dedup(inbox.clone())
+        .handler_with_state(killed_mid_handler, ctx.clone())
+        .unwrap();
+    let msg = Message::new("{}").with_message_id("pay-k");
+    match consumer.process(msg.clone()).await {
+        Disposition::Retry { failure, .. } => assert_eq!(failure.kind, ErrorKind::Transient),
+        d => panic!("killed transaction must be retried: {d:?}"),
+    }
+    assert_eq!(
+        count(&pool, &fx).await,
+        0,
+        "nothing of the killed transaction survived"
+    );
+    assert_eq!(
+        state_of(&pool, &inbox.table_name().to_string(), "pay-k").await,
+        None
+    );
+    assert_eq!(
+        consumer.process(msg.clone()).await,
+        Disposition::Ack { duplicate: false }
+    );
+    assert_eq!(
+        consumer.process(msg).await,
+        Disposition::Ack { duplicate: true }
+    );
+    assert_eq!(
+        count(&pool, &fx).await,
+        2,
+        "the successful run's two writes, once"
+    );
+    drop_table(&pool, &fx).await;
+    drop_table(&pool, &inbox.table_name().to_string()).await;
+}
