@@ -16,7 +16,8 @@
 //!
 //! Ends with `summary: deliveries=8 billed=6 duplicates=2 double_billed=0`. Uses
 //! `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`); recreates
-//! the tables `billing_charges` and `billing_inbox` and the queue `billing` at start.
+//! the tables `billing_charges` and `billing_inbox` and the queue `billing` at start
+//! and removes them at the end.
 
 use std::time::Duration;
 
@@ -153,6 +154,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .fetch_one(&pool)
         .await?;
     topology.delete_on(&ch).await?;
+    sqlx::query("DROP TABLE IF EXISTS billing_charges, billing_inbox")
+        .execute(&pool)
+        .await?;
     let _ = admin.close(200, "bye".into()).await;
     println!(
         "summary: deliveries={} billed={billed} duplicates={} double_billed={}",

@@ -1,0 +1,250 @@
+//! Money transfer: the transactional outbox and the transactional inbox together,
+//! under crashes.
+//!
+//! ```text
+//! cargo run --example transfer [-- --transfers 300]
+//! ```
+//!
+//! Accounts live in PostgreSQL. A transfer withdraws from one account and, in the same
+//! transaction, enqueues a "deposit" message in the outbox: both commit or neither. A
+//! relay publishes the outbox to RabbitMQ; a deposit consumer credits the target
+//! account through the transactional inbox (the credit, a ledger row and the dedup row
+//! commit together). While the transfers run, the example keeps crashing and
+//! restarting the relay and the consumer at random moments (aborting their tasks, which
+//! drops their broker and database connections mid-work) and kills the consumer's
+//! database connections with `pg_terminate_backend`. Then it lets everything drain and
+//! checks the invariants. Its last line:
+//!
+//! `transfer: transfers=N deposits_applied=N money_conserved=true duplicates=0`
+//!
+//! `duplicates` counts deposits *applied* more than once (a non-unique ledger of every
+//! application); redeliveries absorbed by the inbox are printed on the line before.
+//! Uses `DATABASE_URL` and `AMQP_URL`; recreates its tables (`transfer_*`) and queue
+//! (`transfer-deposits`) at start and deletes them at the end.
+
+use std::time::{Duration, Instant};
+
+use idem::amqp::{Topology, Worker};
+use idem::outbox::{Outbox, OutboxMessage, Relay};
+use idem::sql::{PgInbox, Tx};
+use idem::{Consumer, HandlerError, IdempotencyKey, Json};
+use sqlx::{PgPool, Postgres};
+
+const ACCOUNTS: i64 = 10;
+const OPENING_BALANCE: i64 = 100_000;
+const QUEUE: &str = "transfer-deposits";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Deposit {
+    to: i64,
+    cents: i64,
+}
+
+async fn apply_deposit(
+    key: IdempotencyKey,
+    tx: Tx<Postgres>,
+    Json(d): Json<Deposit>,
+) -> Result<(), HandlerError> {
+    let mut conn = tx.conn().await?;
+    sqlx::query("UPDATE transfer_accounts SET cents = cents + $1 WHERE id = $2")
+        .bind(d.cents)
+        .bind(d.to)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(
+        "INSERT INTO transfer_applied (transfer_id, to_account, cents) VALUES ($1, $2, $3)",
+    )
+    .bind(key.as_str())
+    .bind(d.to)
+    .bind(d.cents)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+async fn pool(url: &str, app: &str, max: u32) -> Result<PgPool, String> {
+    let opts: sqlx::postgres::PgConnectOptions =
+        url.parse().map_err(|e| format!("bad DATABASE_URL: {e}"))?;
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(opts.application_name(app))
+        .await
+        .map_err(|e| {
+            format!(
+                "PostgreSQL is not reachable at {} ({e}); start it with `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`",
+                idem::redact_url(url)
+            )
+        })
+}
+
+fn start_consumer(
+    url: &str,
+    consumer: Consumer,
+) -> Result<tokio::task::JoinHandle<()>, idem::amqp::Error> {
+    let worker = Worker::builder(url, Topology::new(QUEUE), consumer)
+        .prefetch(20)
+        .connection_name("idem-example-transfer")
+        .build()?;
+    Ok(tokio::spawn(async move {
+        let _ = worker.run(std::future::pending()).await;
+    }))
+}
+
+fn start_relay(pool: &PgPool, outbox: &Outbox, url: &str) -> tokio::task::JoinHandle<()> {
+    let relay = Relay::new(pool.clone(), outbox.clone(), url)
+        .batch_size(50)
+        .poll_interval(Duration::from_millis(200));
+    tokio::spawn(async move {
+        let _ = relay.run(std::future::pending()).await;
+    })
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let transfers: i64 = arg("--transfers")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300);
+    let db_url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let amqp_url = idem_examples::amqp_url();
+    let app = pool(&db_url, "idem-example-transfer-app", 4).await?;
+    let consumer_pool = pool(&db_url, "idem-example-transfer-consumer", 25).await?;
+    for sql in [
+        "DROP TABLE IF EXISTS transfer_accounts, transfer_applied, transfer_inbox, transfer_outbox",
+        "CREATE TABLE transfer_accounts (id BIGINT PRIMARY KEY, cents BIGINT NOT NULL)",
+        "CREATE TABLE transfer_applied (transfer_id TEXT NOT NULL, to_account BIGINT NOT NULL, cents BIGINT NOT NULL)",
+    ] {
+        sqlx::query(sql).execute(&app).await?;
+    }
+    sqlx::query("INSERT INTO transfer_accounts SELECT g, $1 FROM generate_series(1, $2) g")
+        .bind(OPENING_BALANCE)
+        .bind(ACCOUNTS)
+        .execute(&app)
+        .await?;
+    let outbox = Outbox::new("transfer_outbox")?;
+    outbox.ensure_schema(&app).await?;
+    let inbox = PgInbox::new(consumer_pool.clone(), "deposits").table("transfer_inbox")?;
+    inbox.ensure_schema().await?;
+    let consumer = Consumer::builder("deposits")
+        .dedup(inbox)
+        .handler(apply_deposit)?;
+
+    let admin = idem_examples::rabbit().await?;
+    let ch = admin.create_channel().await?;
+    let topology = Topology::new(QUEUE);
+    topology.delete_on(&ch).await?;
+    topology.declare_on(&ch).await?;
+    println!("setup    {ACCOUNTS} accounts x {OPENING_BALANCE} cents, queue {QUEUE}, {transfers} transfers to make");
+
+    // The producer: each transfer is one transaction (withdrawal + outbox message).
+    let producer = {
+        let app = app.clone();
+        let outbox = outbox.clone();
+        tokio::spawn(async move {
+            for i in 0..transfers {
+                let from = fastrand::i64(1..=ACCOUNTS);
+                let to = (from % ACCOUNTS) + 1;
+                let cents = fastrand::i64(1..=500);
+                let mut tx = app.begin().await?;
+                sqlx::query("UPDATE transfer_accounts SET cents = cents - $1 WHERE id = $2")
+                    .bind(cents)
+                    .bind(from)
+                    .execute(&mut *tx)
+                    .await?;
+                let deposit = OutboxMessage::json("", QUEUE, &Deposit { to, cents })?
+                    .ordering_key(format!("account-{to}"));
+                outbox.enqueue(&mut tx, deposit).await?;
+                tx.commit().await?;
+                if i % 50 == 49 {
+                    println!("produce  {} transfers committed", i + 1);
+                }
+                tokio::time::sleep(Duration::from_millis(8)).await;
+            }
+            Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+        })
+    };
+
+    // Chaos: crash and restart the relay and the consumer while transfers flow.
+    let mut relay = start_relay(&app, &outbox, &amqp_url);
+    let mut worker = start_consumer(&amqp_url, consumer.clone())?;
+    let (mut relay_crashes, mut consumer_crashes, mut db_kills) = (0, 0, 0);
+    let chaos_until = Instant::now() + Duration::from_millis(transfers as u64 * 8 + 1500);
+    while Instant::now() < chaos_until {
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(150..600))).await;
+        match fastrand::u8(0..3) {
+            0 => {
+                relay.abort();
+                relay_crashes += 1;
+                println!("crash    relay aborted mid-work; restarting");
+                relay = start_relay(&app, &outbox, &amqp_url);
+            }
+            1 => {
+                worker.abort();
+                consumer_crashes += 1;
+                println!("crash    consumer aborted mid-work (unacked deliveries go back to the queue); restarting");
+                worker = start_consumer(&amqp_url, consumer.clone())?;
+            }
+            _ => {
+                let killed: i64 = sqlx::query_scalar(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'idem-example-transfer-consumer'",
+                )
+                .fetch_one(&app)
+                .await?;
+                db_kills += 1;
+                println!("crash    killed {killed} consumer database connection(s)");
+            }
+        }
+    }
+    producer.await?.map_err(|e| e.to_string())?;
+    println!("chaos    over: {relay_crashes} relay crashes, {consumer_crashes} consumer crashes, {db_kills} database kills; draining");
+
+    // Drain: every committed transfer must arrive exactly once.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let applied = loop {
+        let applied: i64 =
+            sqlx::query_scalar("SELECT count(DISTINCT transfer_id) FROM transfer_applied")
+                .fetch_one(&app)
+                .await?;
+        let pending = outbox.status(&app).await?.pending;
+        if (applied == transfers && pending == 0) || Instant::now() > deadline {
+            break applied;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    relay.abort();
+    worker.abort();
+    let stats = consumer.stats();
+
+    let total: i64 = sqlx::query_scalar("SELECT sum(cents)::BIGINT FROM transfer_accounts")
+        .fetch_one(&app)
+        .await?;
+    let applications: i64 = sqlx::query_scalar("SELECT count(*) FROM transfer_applied")
+        .fetch_one(&app)
+        .await?;
+    let conserved = total == ACCOUNTS * OPENING_BALANCE;
+    let dup_applied = applications - applied;
+    for sql in [
+        "DROP TABLE IF EXISTS transfer_accounts, transfer_applied, transfer_inbox, transfer_outbox",
+    ] {
+        sqlx::query(sql).execute(&app).await?;
+    }
+    topology.delete_on(&ch).await?;
+    let _ = admin.close(200, "bye".into()).await;
+    println!(
+        "inbox    {} deposits applied, {} redelivered copies absorbed as duplicates, {} retries",
+        stats.processed, stats.duplicates, stats.retries
+    );
+    println!("transfer: transfers={transfers} deposits_applied={applied} money_conserved={conserved} duplicates={dup_applied}");
+    if applied != transfers || !conserved || dup_applied != 0 {
+        return Err("invariant violated".into());
+    }
+    Ok(())
+}
