@@ -76,7 +76,9 @@ pub(crate) async fn run(args: Args) -> Result<Report, BoxError> {
     Ok(report)
 }
 
-async fn fill(publisher: &Publisher, queue: &str, n: u64) -> Result<(), BoxError> {
+/// Fills `queue` with `n` persistent 256-byte messages, confirmed; `Publisher` gives
+/// each a unique UUIDv7 `message_id`.
+pub(crate) async fn fill(publisher: &Publisher, queue: &str, n: u64) -> Result<(), BoxError> {
     let body = bytes::Bytes::from(vec![b'x'; 256]);
     let mut sent = 0;
     while sent < n {
@@ -89,7 +91,7 @@ async fn fill(publisher: &Publisher, queue: &str, n: u64) -> Result<(), BoxError
 }
 
 /// Shared by both consumers: first delivery time, settled count, completion signal.
-struct Clock {
+pub(crate) struct Clock {
     first: OnceLock<Instant>,
     settled: AtomicU64,
     target: u64,
@@ -98,7 +100,7 @@ struct Clock {
 }
 
 impl Clock {
-    fn new(target: u64) -> Arc<Self> {
+    pub(crate) fn new(target: u64) -> Arc<Self> {
         Arc::new(Clock {
             first: OnceLock::new(),
             settled: AtomicU64::new(0),
@@ -108,18 +110,18 @@ impl Clock {
         })
     }
 
-    fn started(&self) {
+    pub(crate) fn started(&self) {
         self.first.get_or_init(Instant::now);
     }
 
-    fn settled(&self) {
+    pub(crate) fn settled(&self) {
         if self.settled.fetch_add(1, Ordering::Relaxed) + 1 == self.target {
             let _ = self.last.set(Instant::now());
             self.done.notify_one();
         }
     }
 
-    async fn wait(&self) -> Result<Duration, BoxError> {
+    pub(crate) async fn wait(&self) -> Result<Duration, BoxError> {
         let limit = Duration::from_secs(300);
         tokio::time::timeout(limit, self.done.notified()).await?;
         match (self.first.get(), self.last.get()) {

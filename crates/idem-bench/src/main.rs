@@ -3,6 +3,9 @@
 //!
 //! ```text
 //! cargo run --release -p idem-bench -- amqp-noop --messages 20000 --prefetch 200
+//! cargo run --release -p idem-bench -- amqp-redis --messages 20000 --prefetch 200
+//! cargo run --release -p idem-bench -- amqp-postgres --messages 20000 --prefetch 200
+//! cargo run --release -p idem-bench -- outbox-relay --messages 20000
 //! ```
 //!
 //! Each scenario prints one JSON line. Runs alternate idem and baseline (A B A B ...)
@@ -10,6 +13,8 @@
 //! median of the per-round ratios. New scenarios are new modules and subcommands.
 
 mod amqp_noop;
+mod amqp_store;
+mod outbox_relay;
 mod report;
 
 use clap::{Parser, Subcommand};
@@ -28,6 +33,13 @@ struct Cli {
 enum Scenario {
     /// RabbitMQ, no-op handler, at-least-once: idem worker vs a plain lapin consumer.
     AmqpNoop(amqp_noop::Args),
+    /// RabbitMQ + Redis lease store, no-op handler: idem vs lapin + one SET NX PX per message.
+    AmqpRedis(amqp_store::Args),
+    /// RabbitMQ + PostgreSQL transactional inbox, one insert per message: idem vs lapin +
+    /// one INSERT ... ON CONFLICT DO NOTHING and the insert in a transaction per message.
+    AmqpPostgres(amqp_store::Args),
+    /// Outbox relay from a pre-filled table vs a hand-written lease/publish/mark loop.
+    OutboxRelay(outbox_relay::Args),
 }
 
 #[tokio::main]
@@ -40,6 +52,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
     let report = match Cli::parse().scenario {
         Scenario::AmqpNoop(args) => amqp_noop::run(args).await?,
+        Scenario::AmqpRedis(args) => amqp_store::run(amqp_store::Store::Redis, args).await?,
+        Scenario::AmqpPostgres(args) => amqp_store::run(amqp_store::Store::Postgres, args).await?,
+        Scenario::OutboxRelay(args) => outbox_relay::run(args).await?,
     };
     println!("{report}");
     Ok(())

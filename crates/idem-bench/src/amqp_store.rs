@@ -1,0 +1,321 @@
+//! `amqp-redis` and `amqp-postgres`: consume N persistent 256-byte messages with
+//! unique message ids, effectively-once.
+//!
+//! - `amqp-redis`: the idem worker with the [`RedisStore`](idem_redis::RedisStore)
+//!   (claim script, no-op handler, complete script, ack) against a hand-written
+//!   concurrent lapin consumer doing one `SET key 1 NX PX 60000` per message, then
+//!   the ack.
+//! - `amqp-postgres`: the idem worker with the transactional inbox
+//!   ([`PgInbox`](idem_sql::PgInbox)); the handler inserts one row in the lent
+//!   transaction. Baseline: per message, `BEGIN`, `INSERT ... ON CONFLICT DO NOTHING`
+//!   into a dedup table, the same effect insert, `COMMIT`, ack.
+//!
+//! Same shape as `amqp-noop`: fresh queues and tables per run, runs alternate idem and
+//! baseline, medians and the median per-round ratio.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use idem_amqp::{Publisher, Topology, Worker};
+use idem_core::{Consumer, IdempotencyKey, State};
+use idem_sql::{PgInbox, Tx};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use sqlx::{PgPool, Postgres};
+
+use crate::amqp_noop::{fill, Clock};
+use crate::report::Report;
+
+type BoxError = Box<dyn std::error::Error>;
+
+/// Which store.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Store {
+    Redis,
+    Postgres,
+}
+
+/// Arguments of `amqp-redis` and `amqp-postgres`.
+#[derive(clap::Args)]
+pub(crate) struct Args {
+    /// Messages per run.
+    #[arg(long, default_value_t = 20_000)]
+    messages: u64,
+    /// Prefetch (and concurrency) of both consumers.
+    #[arg(long, default_value_t = 200)]
+    prefetch: u16,
+    /// Rounds; each round runs idem then the baseline.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// Broker URL.
+    #[arg(long, env = "AMQP_URL", default_value = idem_amqp::DEFAULT_AMQP_URL)]
+    url: String,
+    /// Redis URL (amqp-redis).
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    redis_url: String,
+    /// PostgreSQL URL (amqp-postgres).
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    database_url: String,
+}
+
+pub(crate) async fn run(store: Store, args: Args) -> Result<Report, BoxError> {
+    let publisher = Publisher::connect_named(&args.url, "idem-bench-fill").await?;
+    let admin = idem_amqp::connect(&args.url, "idem-bench-admin").await?;
+    let ch = admin.create_channel().await?;
+    let pool = match store {
+        Store::Postgres => Some(
+            sqlx::postgres::PgPoolOptions::new()
+                .max_connections(u32::from(args.prefetch).clamp(4, 90))
+                .connect(&args.database_url)
+                .await?,
+        ),
+        Store::Redis => None,
+    };
+    let mut report = Report {
+        scenario: if store == Store::Redis {
+            "amqp-redis"
+        } else {
+            "amqp-postgres"
+        },
+        messages: args.messages,
+        prefetch: args.prefetch,
+        idem: Vec::new(),
+        baseline: Vec::new(),
+    };
+    for round in 0..args.rounds.max(1) {
+        for idem in [true, false] {
+            let run_id = uuid::Uuid::new_v4().simple().to_string();
+            let topo = Topology::new(format!("idem-bench-{run_id}"));
+            topo.declare_on(&ch).await?;
+            fill(&publisher, topo.queue(), args.messages).await?;
+            let tables = format!("idem_bench_{}", &run_id[..12]);
+            if let Some(pool) = &pool {
+                sqlx::query(&format!(
+                    "CREATE TABLE {tables}_effects (id TEXT PRIMARY KEY)"
+                ))
+                .execute(pool)
+                .await?;
+            }
+            let result = match (store, idem, &pool) {
+                (Store::Redis, true, _) => run_idem_redis(&args, &topo, &run_id).await,
+                (Store::Redis, false, _) => run_baseline_redis(&args, topo.queue(), &run_id).await,
+                (Store::Postgres, true, Some(pool)) => {
+                    run_idem_pg(&args, &topo, pool, &tables).await
+                }
+                (Store::Postgres, false, Some(pool)) => {
+                    run_baseline_pg(&args, topo.queue(), pool, &tables).await
+                }
+                (Store::Postgres, _, None) => Err("no pool".into()),
+            };
+            topo.delete_on(&ch).await?;
+            if let Some(pool) = &pool {
+                for t in ["effects", "inbox", "dedup"] {
+                    sqlx::query(&format!("DROP TABLE IF EXISTS {tables}_{t}"))
+                        .execute(pool)
+                        .await?;
+                }
+            }
+            let elapsed = result?;
+            let rate = args.messages as f64 / elapsed.as_secs_f64();
+            let who = if idem { "idem" } else { "baseline" };
+            eprintln!("round {round} {who}: {rate:.0} msg/s ({elapsed:?})");
+            if idem {
+                report.idem.push(rate);
+            } else {
+                report.baseline.push(rate);
+            }
+        }
+    }
+    publisher.close().await;
+    let _ = admin.close(200, "bye".into()).await;
+    Ok(report)
+}
+
+async fn run_worker(
+    args: &Args,
+    topo: &Topology,
+    consumer: Consumer,
+    clock: Arc<Clock>,
+) -> Result<Duration, BoxError> {
+    let c = clock.clone();
+    let worker = Worker::builder(&args.url, topo.clone(), consumer)
+        .prefetch(args.prefetch)
+        .connection_name("idem-bench-idem")
+        .on_settle(move |_| c.settled())
+        .build()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(worker.run(async move {
+        let _ = stopped.await;
+    }));
+    let elapsed = clock.wait().await;
+    let _ = stop.send(());
+    task.await??;
+    elapsed
+}
+
+async fn run_idem_redis(args: &Args, topo: &Topology, run_id: &str) -> Result<Duration, BoxError> {
+    let store = idem_redis::RedisStore::builder(&args.redis_url)
+        .prefix(format!("idem-bench-{run_id}"))
+        .connect()
+        .await?;
+    let clock = Clock::new(args.messages);
+    let c = clock.clone();
+    let consumer = Consumer::builder("idem-bench-redis")
+        .store(store)
+        .handler(move || {
+            c.started();
+            async {}
+        })?;
+    run_worker(args, topo, consumer, clock).await
+}
+
+async fn run_baseline_redis(args: &Args, queue: &str, run_id: &str) -> Result<Duration, BoxError> {
+    let client = redis::Client::open(args.redis_url.as_str())?;
+    let redis = redis::aio::ConnectionManager::new(client).await?;
+    let prefix = Arc::new(format!("idem-bench-base-{run_id}"));
+    baseline(args, queue, move |id| {
+        let mut redis = redis.clone();
+        let prefix = prefix.clone();
+        async move {
+            let _: Option<String> = redis::cmd("SET")
+                .arg(format!("{prefix}:{id}"))
+                .arg("1")
+                .arg("NX")
+                .arg("PX")
+                .arg(60_000)
+                .query_async(&mut redis)
+                .await
+                .ok()?;
+            Some(())
+        }
+    })
+    .await
+}
+
+async fn effect(
+    key: IdempotencyKey,
+    tx: Tx<Postgres>,
+    State(table): State<Arc<String>>,
+) -> Result<(), idem_core::HandlerError> {
+    let mut conn = tx.conn().await?;
+    sqlx::query(&format!("INSERT INTO {table} (id) VALUES ($1)"))
+        .bind(key.as_str())
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+async fn run_idem_pg(
+    args: &Args,
+    topo: &Topology,
+    pool: &PgPool,
+    tables: &str,
+) -> Result<Duration, BoxError> {
+    let inbox = PgInbox::new(pool.clone(), "idem-bench-pg").table(&format!("{tables}_inbox"))?;
+    inbox.ensure_schema().await?;
+    let clock = Clock::new(args.messages);
+    let c = clock.clone();
+    let consumer = Consumer::builder("idem-bench-pg")
+        .dedup(inbox)
+        .handler_with_state(
+            move |key: IdempotencyKey, tx: Tx<Postgres>, state: State<Arc<String>>| {
+                c.started();
+                effect(key, tx, state)
+            },
+            Arc::new(format!("{tables}_effects")),
+        )?;
+    run_worker(args, topo, consumer, clock).await
+}
+
+async fn run_baseline_pg(
+    args: &Args,
+    queue: &str,
+    pool: &PgPool,
+    tables: &str,
+) -> Result<Duration, BoxError> {
+    sqlx::query(&format!("CREATE TABLE {tables}_dedup (consumer TEXT NOT NULL, id TEXT NOT NULL, PRIMARY KEY (consumer, id))"))
+        .execute(pool)
+        .await?;
+    let pool = pool.clone();
+    let dedup = Arc::new(format!(
+        "INSERT INTO {tables}_dedup (consumer, id) VALUES ('bench', $1) ON CONFLICT DO NOTHING"
+    ));
+    let insert = Arc::new(format!("INSERT INTO {tables}_effects (id) VALUES ($1)"));
+    baseline(args, queue, move |id| {
+        let (pool, dedup, insert) = (pool.clone(), dedup.clone(), insert.clone());
+        async move {
+            let mut tx = pool.begin().await.ok()?;
+            let fresh = sqlx::query(&dedup)
+                .bind(&id)
+                .execute(&mut *tx)
+                .await
+                .ok()?
+                .rows_affected()
+                == 1;
+            if fresh {
+                sqlx::query(&insert)
+                    .bind(&id)
+                    .execute(&mut *tx)
+                    .await
+                    .ok()?;
+            }
+            tx.commit().await.ok()?;
+            Some(())
+        }
+    })
+    .await
+}
+
+/// A hand-written concurrent consumer: a task per delivery runs `work(message_id)`
+/// and acks if it returned `Some`.
+async fn baseline<F, Fut>(args: &Args, queue: &str, work: F) -> Result<Duration, BoxError>
+where
+    F: Fn(String) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Option<()>> + Send + 'static,
+{
+    let clock = Clock::new(args.messages);
+    let conn = idem_amqp::connect(&args.url, "idem-bench-baseline").await?;
+    let ch = conn.create_channel().await?;
+    ch.basic_qos(args.prefetch, BasicQosOptions::default())
+        .await?;
+    let mut deliveries = ch
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let work = Arc::new(work);
+    let mut received = 0;
+    while received < args.messages {
+        let Some(delivery) = deliveries.next().await else {
+            return Err("consumer ended early".into());
+        };
+        let delivery = delivery?;
+        received += 1;
+        clock.started();
+        let (c, work) = (clock.clone(), work.clone());
+        tokio::spawn(async move {
+            let id = delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            if work(id).await.is_some() {
+                if let Ok(true) = delivery.acker.ack(BasicAckOptions::default()).await {
+                    c.settled();
+                }
+            }
+        });
+    }
+    let elapsed = clock.wait().await;
+    let _ = conn.close(200, "bye".into()).await;
+    elapsed
+}
