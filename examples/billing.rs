@@ -138,14 +138,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             f.record(&s);
         })
         .build()?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(worker.run(async move {
-        let _ = stopped.await;
-    }));
-    let waited = finished.wait(Duration::from_secs(60)).await;
-    let _ = stop.send(());
-    let stats = run.await??;
-    waited?;
+    let stats =
+        idem_examples::run_until_finished(worker, &finished, Duration::from_secs(60)).await?;
 
     let billed: i64 = sqlx::query_scalar("SELECT count(*) FROM billing_charges")
         .fetch_one(&pool)

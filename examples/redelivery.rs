@@ -85,16 +85,9 @@ async fn import(
     Ok(())
 }
 
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-}
-
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let queue = arg("--queue").unwrap_or_else(|| "redelivery".to_owned());
+    let queue = idem_examples::arg("--queue").unwrap_or_else(|| "redelivery".to_owned());
     let url = idem_examples::amqp_url();
     let admin = idem_examples::rabbit().await?;
     let ch = admin.create_channel().await?;
@@ -182,14 +175,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         up.store(true, Ordering::SeqCst);
         println!("database back up");
     });
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(worker.run(async move {
-        let _ = stopped.await;
-    }));
-    let waited = finished.wait(Duration::from_secs(60)).await;
-    let _ = stop.send(());
-    let stats = run.await??;
-    waited?;
+    let stats =
+        idem_examples::run_until_finished(worker, &finished, Duration::from_secs(60)).await?;
 
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM stock")
         .fetch_one(&db)

@@ -62,13 +62,6 @@ async fn apply_deposit(
     Ok(())
 }
 
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-}
-
 async fn pool(url: &str, app: &str, max: u32) -> Result<PgPool, String> {
     let opts: sqlx::postgres::PgConnectOptions =
         url.parse().map_err(|e| format!("bad DATABASE_URL: {e}"))?;
@@ -109,7 +102,7 @@ fn start_relay(pool: &PgPool, outbox: &Outbox, url: &str) -> tokio::task::JoinHa
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let transfers: i64 = arg("--transfers")
+    let transfers: i64 = idem_examples::arg("--transfers")
         .and_then(|s| s.parse().ok())
         .unwrap_or(300);
     let db_url = std::env::var("DATABASE_URL")

@@ -81,17 +81,12 @@ async fn send_welcome(
     Ok(())
 }
 
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-}
-
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let users: u32 = arg("--users").and_then(|s| s.parse().ok()).unwrap_or(20);
-    let queue = arg("--queue").unwrap_or_else(|| "welcome-email".to_owned());
+    let users: u32 = idem_examples::arg("--users")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    let queue = idem_examples::arg("--queue").unwrap_or_else(|| "welcome-email".to_owned());
     let url = idem_examples::amqp_url();
     let admin = idem_examples::rabbit().await?;
     let ch = admin.create_channel().await?;
@@ -139,14 +134,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             f.record(&s);
         })
         .build()?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(worker.run(async move {
-        let _ = stopped.await;
-    }));
-    let waited = finished.wait(Duration::from_secs(60)).await;
-    let _ = stop.send(());
-    let stats = run.await??;
-    waited?;
+    let stats =
+        idem_examples::run_until_finished(worker, &finished, Duration::from_secs(60)).await?;
 
     let sent = mailer
         .sent

@@ -8,6 +8,32 @@ use idem::amqp::Settled;
 use idem::Disposition;
 use tokio::sync::Notify;
 
+/// The value after `--name` on the command line, if any.
+pub fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+/// Runs `worker` until every message has a final outcome (or `limit` passes), then
+/// shuts it down gracefully and returns its consumer's stats.
+pub async fn run_until_finished(
+    worker: idem::amqp::Worker,
+    finished: &Finished,
+    limit: Duration,
+) -> Result<idem::Stats, Box<dyn std::error::Error>> {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(worker.run(async move {
+        let _ = stopped.await;
+    }));
+    let waited = finished.wait(limit).await;
+    let _ = stop.send(());
+    let stats = run.await??;
+    waited?;
+    Ok(stats)
+}
+
 /// The broker URL: `AMQP_URL` or the local default.
 pub fn amqp_url() -> String {
     idem::amqp::amqp_url_from_env()

@@ -43,6 +43,8 @@
 
 pub mod convert;
 pub mod error;
+#[cfg(feature = "failpoints")]
+pub mod failpoints;
 #[cfg(feature = "prometheus")]
 pub mod prometheus;
 pub mod publisher;

@@ -535,7 +535,13 @@ async fn handle(
             }
         };
         match copy {
-            None => ack(&acker).await,
+            None => {
+                #[cfg(feature = "failpoints")]
+                if matches!(disposition, Disposition::Ack { duplicate: false }) {
+                    crate::failpoints::hit(crate::failpoints::AFTER_COMMIT_BEFORE_ACK);
+                }
+                ack(&acker).await
+            }
             Some((target, extra, what)) => {
                 forward(&publish, target, &body, &properties, &extra, &acker, what).await
             }
@@ -599,7 +605,11 @@ async fn forward(
     let mut delays = COPY_RETRY_DELAYS.iter();
     loop {
         match publish_confirmed(channel, "", target, body, props.clone()).await {
-            Ok(()) => return ack(acker).await,
+            Ok(()) => {
+                #[cfg(feature = "failpoints")]
+                crate::failpoints::hit(crate::failpoints::AFTER_RETRY_PUBLISH_BEFORE_ACK);
+                return ack(acker).await;
+            }
             Err(e) => {
                 if !channel.status().connected() {
                     tracing::warn!(error = %e, queue = target, "{what} copy not published and the channel is gone; the broker redelivers the original");

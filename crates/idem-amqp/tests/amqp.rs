@@ -972,3 +972,100 @@ async fn unreachable_broker_fails_fast_without_leaking_the_password() {
     assert!(text.contains("app:***@127.0.0.1:1"), "{text}");
     assert!(text.contains("rabbitmq-server"), "{text}");
 }
+
+#[tokio::test]
+async fn at_most_once_acks_before_the_handler_and_never_retries() {
+    let (_conn, ch) = broker().await;
+    let topo = Topology::new(unique("at-most-once")).tiers(short_tiers());
+    topo.declare_on(&ch).await.unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    let consumer = Consumer::builder("at-most-once-test")
+        .mode(idem_core::DeliveryMode::AtMostOnce)
+        .handler(move || {
+            let r = r.clone();
+            async move {
+                r.fetch_add(1, Ordering::SeqCst);
+                Err::<(), _>(HandlerError::transient(
+                    "fails, and at-most-once does not retry",
+                ))
+            }
+        })
+        .unwrap();
+    let publisher = Publisher::connect(&url()).await.unwrap();
+    publish_to_queue(
+        &publisher,
+        topo.queue(),
+        (0..5).map(|i| Message::new("x").with_message_id(format!("amo{i}"))),
+    )
+    .await;
+    let worker = Worker::builder(url(), topo.clone(), consumer.clone())
+        .prefetch(5)
+        .build()
+        .unwrap();
+    let running = Running::start(worker);
+    wait_until("5 handled", Duration::from_secs(10), || {
+        consumer.stats().dropped == 5
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await; // past the 1 s retry tier
+    let stats = running.stop().await;
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        5,
+        "each message ran once, no retry"
+    );
+    assert_eq!((stats.retries, stats.dead_lettered), (0, 0));
+    assert_eq!(count(&ch, topo.queue()).await, 0, "acked on receipt");
+    assert_eq!(
+        count(&ch, &topo.dlq()).await,
+        0,
+        "failures are dropped, not dead-lettered"
+    );
+    topo.delete_on(&ch).await.unwrap();
+}
+
+#[tokio::test]
+async fn at_most_once_loses_the_message_when_the_worker_dies_mid_handler() {
+    // The defining property of at-most-once: the ack went out before the handler ran,
+    // so a worker that dies mid-handler does not get the message back.
+    let (_conn, ch) = broker().await;
+    let topo = Topology::new(unique("at-most-once-crash")).tiers(short_tiers());
+    topo.declare_on(&ch).await.unwrap();
+    let started = Arc::new(tokio::sync::Notify::new());
+    let s = started.clone();
+    let consumer = Consumer::builder("at-most-once-crash")
+        .mode(idem_core::DeliveryMode::AtMostOnce)
+        .handler(move || {
+            let s = s.clone();
+            async move {
+                s.notify_one();
+                std::future::pending::<()>().await;
+            }
+        })
+        .unwrap();
+    let publisher = Publisher::connect(&url()).await.unwrap();
+    publish_to_queue(
+        &publisher,
+        topo.queue(),
+        [Message::new("x").with_message_id("amo-crash")],
+    )
+    .await;
+    let worker = Worker::builder(url(), topo.clone(), consumer)
+        .prefetch(1)
+        .connection_name(unique("amo-crash"))
+        .build()
+        .unwrap();
+    let running = Running::start(worker);
+    tokio::time::timeout(Duration::from_secs(10), started.notified())
+        .await
+        .unwrap();
+    running.task.abort(); // the worker dies: its connection is dropped
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        count(&ch, topo.queue()).await,
+        0,
+        "at-most-once: not redelivered"
+    );
+    topo.delete_on(&ch).await.unwrap();
+}

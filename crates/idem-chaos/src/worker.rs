@@ -1,0 +1,257 @@
+//! The chaos worker process: one idem [`Worker`] on the run's queue, with the
+//! PostgreSQL inbox or the Redis lease store, and a handler that logs every invocation
+//! before it works and writes its effect under a unique constraint.
+//!
+//! It stops gracefully when its stdin closes (the controller's way to end it) or on
+//! SIGINT/SIGTERM; the controller's faults kill it with SIGKILL instead.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use idem_amqp::Worker;
+use idem_core::{Body, Consumer, DedupLayer, HandlerError, IdempotencyKey, ResultExt, State};
+use idem_redis::RedisStore;
+use idem_sql::{PgInbox, Tx};
+use sqlx::{PgPool, Postgres};
+use tokio::io::AsyncReadExt;
+
+use crate::common::{self, BoxError, Names, Store};
+
+/// The consumer name (dedup scope).
+pub(crate) const CONSUMER: &str = "chaos";
+/// Redis lease: short, so a killed worker's claims free up within the run.
+const LEASE: Duration = Duration::from_secs(4);
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct WorkerArgs {
+    /// The run id.
+    #[arg(long)]
+    pub(crate) run: String,
+    /// This worker's name: its AMQP connection name, PostgreSQL application_name and
+    /// Redis client name.
+    #[arg(long)]
+    pub(crate) name: String,
+    /// The dedup store.
+    #[arg(long, value_enum)]
+    pub(crate) store: Store,
+    /// Prefetch (and concurrency).
+    #[arg(long, default_value_t = 10)]
+    pub(crate) prefetch: u16,
+}
+
+#[derive(Clone)]
+struct Ctx {
+    /// The pool effects are written with (redis store: autocommit).
+    pool: PgPool,
+    /// A separate autocommit pool for the invocation log and duplicate records.
+    log: PgPool,
+    worker: Arc<str>,
+    q: Arc<Queries>,
+}
+
+struct Queries {
+    invocation: String,
+    effect: String,
+    dupe: String,
+}
+
+/// The payload could not be read: a content error (poison).
+#[derive(Debug)]
+struct BadPayload(String);
+
+impl std::fmt::Display for BadPayload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "invalid chaos payload: {}", self.0)
+    }
+}
+
+impl std::error::Error for BadPayload {}
+
+impl Ctx {
+    /// Logs the invocation on its own autocommit connection, before any work.
+    async fn invoked(&self, key: &IdempotencyKey) -> Result<(), HandlerError> {
+        sqlx::query(&self.q.invocation)
+            .bind(key.as_str())
+            .bind(&*self.worker)
+            .execute(&self.log)
+            .await
+            .transient()?;
+        Ok(())
+    }
+
+    /// The effect was already there: record the attempt (it is what "applied twice"
+    /// would have been without the unique constraint).
+    async fn duplicate(&self, key: &IdempotencyKey) -> Result<(), HandlerError> {
+        sqlx::query(&self.q.dupe)
+            .bind(key.as_str())
+            .bind(&*self.worker)
+            .execute(&self.log)
+            .await
+            .transient()?;
+        Ok(())
+    }
+}
+
+/// A valid body is `{"id": "<message id>", ...}`; poison bodies are not JSON.
+fn check_payload(body: &[u8], key: &IdempotencyKey) -> Result<(), HandlerError> {
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| HandlerError::permanent(BadPayload(e.to_string())))?;
+    match value.get("id").and_then(|v| v.as_str()) {
+        Some(id) if id == key.as_str() => Ok(()),
+        other => Err(HandlerError::permanent(BadPayload(format!(
+            "id {other:?} does not match the key {key}"
+        )))),
+    }
+}
+
+async fn inbox_handler(
+    State(ctx): State<Ctx>,
+    key: IdempotencyKey,
+    tx: Tx<Postgres>,
+    Body(body): Body,
+) -> Result<(), HandlerError> {
+    ctx.invoked(&key).await?;
+    check_payload(&body, &key)?;
+    let applied = {
+        let mut conn = tx.conn().await?;
+        sqlx::query(&ctx.q.effect)
+            .bind(key.as_str())
+            .bind(&*ctx.worker)
+            .execute(&mut *conn)
+            .await
+            .transient()?
+            .rows_affected()
+    };
+    if applied == 0 {
+        ctx.duplicate(&key).await?;
+    }
+    Ok(()) // the inbox commits the effect and its dedup row together
+}
+
+async fn lease_handler(
+    State(ctx): State<Ctx>,
+    key: IdempotencyKey,
+    Body(body): Body,
+) -> Result<(), HandlerError> {
+    ctx.invoked(&key).await?;
+    check_payload(&body, &key)?;
+    let applied = sqlx::query(&ctx.q.effect)
+        .bind(key.as_str())
+        .bind(&*ctx.worker)
+        .execute(&ctx.pool)
+        .await
+        .transient()?
+        .rows_affected();
+    if applied == 0 {
+        ctx.duplicate(&key).await?;
+    }
+    Ok(())
+}
+
+/// Completes when stdin reaches EOF (the controller dropped its end) or on a signal.
+async fn stop_requested() {
+    let eof = async {
+        let mut stdin = tokio::io::stdin();
+        let mut buf = [0_u8; 64];
+        loop {
+            match stdin.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::select! {
+        _ = eof => {}
+        _ = idem_amqp::shutdown::signal() => {}
+    }
+}
+
+/// Keeps the Redis connection named `name` (a reconnect loses the name), so the
+/// controller's `CLIENT KILL` finds it.
+fn keep_client_name(store: &RedisStore, name: String) -> tokio::task::JoinHandle<()> {
+    let mut conn = store.connection();
+    tokio::spawn(async move {
+        loop {
+            let named: redis::RedisResult<()> = redis::cmd("CLIENT")
+                .arg("SETNAME")
+                .arg(&name)
+                .query_async(&mut conn)
+                .await;
+            if let Err(e) = named {
+                tracing::debug!(error = %e, "CLIENT SETNAME failed");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
+pub(crate) async fn run(args: WorkerArgs) -> Result<(), BoxError> {
+    let names = Names::new(&args.run);
+    let db = common::database_url();
+    let concurrency = u32::from(args.prefetch);
+    // Each in-flight message holds an inbox connection; duplicates waiting hold one too.
+    let pool = common::pg_pool(&db, &args.name, concurrency + 2).await?;
+    let log = common::pg_pool(&db, &args.name, 2).await?;
+    let ctx = Ctx {
+        pool: pool.clone(),
+        log,
+        worker: args.name.as_str().into(),
+        q: Arc::new(Queries {
+            invocation: format!(
+                "INSERT INTO {} (msg_id, worker) VALUES ($1, $2)",
+                names.table("invocations")
+            ),
+            effect: format!(
+                "INSERT INTO {} (msg_id, worker) VALUES ($1, $2) ON CONFLICT (msg_id) DO NOTHING",
+                names.table("effects")
+            ),
+            dupe: format!(
+                "INSERT INTO {} (msg_id, worker) VALUES ($1, $2)",
+                names.table("dupes")
+            ),
+        }),
+    };
+    let builder = Consumer::builder(CONSUMER).backoff(common::backoff());
+    let mut _namer = None;
+    let consumer = match args.store {
+        Store::Postgres => {
+            let inbox = PgInbox::new(pool, CONSUMER)
+                .table(&names.table("inbox"))?
+                .retention(Duration::from_secs(3600));
+            inbox.ensure_schema().await?;
+            builder
+                .dedup(inbox)
+                .handler_timeout(Duration::from_secs(30))
+                .handler_with_state(inbox_handler, ctx)?
+        }
+        Store::Redis => {
+            let store = RedisStore::builder(&common::redis_url())
+                .prefix(names.redis_prefix())
+                .connect()
+                .await?;
+            _namer = Some(keep_client_name(&store, args.name.clone()));
+            let layer = DedupLayer::new(CONSUMER, store)
+                .lease(LEASE)
+                .retention(Duration::from_secs(3600));
+            builder
+                .dedup(layer)
+                .handler_timeout(LEASE / 2)
+                .handler_with_state(lease_handler, ctx)?
+        }
+        Store::None => builder
+            .handler_timeout(Duration::from_secs(30))
+            .handler_with_state(lease_handler, ctx)?,
+    };
+    let worker = Worker::builder(
+        common::amqp_url(),
+        common::topology(&names.queue()),
+        consumer,
+    )
+    .prefetch(args.prefetch)
+    .connection_name(&args.name)
+    .shutdown_timeout(Duration::from_secs(10))
+    .build()?;
+    let stats = worker.run(stop_requested()).await?;
+    eprintln!("worker {} stopped: {stats}", args.name);
+    Ok(())
+}
