@@ -6,6 +6,7 @@
 //! cargo run --release -p idem-bench -- amqp-redis --messages 20000 --prefetch 200
 //! cargo run --release -p idem-bench -- amqp-postgres --messages 20000 --prefetch 200
 //! cargo run --release -p idem-bench -- outbox-relay --messages 20000
+//! cargo run --release -p idem-bench -- soak --messages 1000000
 //! ```
 //!
 //! Each scenario prints one JSON line. Runs alternate idem and baseline (A B A B ...)
@@ -16,6 +17,7 @@ mod amqp_noop;
 mod amqp_store;
 mod outbox_relay;
 mod report;
+mod soak;
 
 use clap::{Parser, Subcommand};
 
@@ -40,6 +42,9 @@ enum Scenario {
     AmqpPostgres(amqp_store::Args),
     /// Outbox relay from a pre-filled table vs a hand-written lease/publish/mark loop.
     OutboxRelay(outbox_relay::Args),
+    /// One worker consumes many messages (Redis store) while its peak and current RSS
+    /// are reported every 100k: memory must stay flat, bounded by prefetch.
+    Soak(soak::SoakArgs),
 }
 
 #[tokio::main]
@@ -55,6 +60,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Scenario::AmqpRedis(args) => amqp_store::run(amqp_store::Store::Redis, args).await?,
         Scenario::AmqpPostgres(args) => amqp_store::run(amqp_store::Store::Postgres, args).await?,
         Scenario::OutboxRelay(args) => outbox_relay::run(args).await?,
+        Scenario::Soak(args) => return soak::run(args).await.map_err(|e| e as _),
     };
     println!("{report}");
     Ok(())

@@ -1,4 +1,4 @@
-//! Names, URLs and connections shared by the controller, the workers and the soak.
+//! Names, URLs and connections shared by the controller and the workers.
 
 use std::time::Duration;
 
@@ -151,17 +151,4 @@ pub(crate) async fn redis_conn(url: &str) -> Result<redis::aio::ConnectionManage
             )
             .into()
         })
-}
-
-/// `(VmHWM, VmRSS)` of this process in KiB, from `/proc/self/status` (Linux).
-pub(crate) fn memory_kib() -> Option<(u64, u64)> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|v| v.parse::<u64>().ok())
-    };
-    Some((field("VmHWM:")?, field("VmRSS:")?))
 }

@@ -3,7 +3,6 @@
 //!
 //! ```text
 //! cargo run --release -p idem-chaos -- --messages 3000 --kills 3 [--store postgres|redis] [--faults conn-close,pg-terminate,failpoints]
-//! cargo run --release -p idem-chaos -- soak --messages 1000000
 //! ```
 //!
 //! A run starts several real worker processes (this binary re-executed with the
@@ -28,7 +27,6 @@
 mod common;
 mod control;
 mod faults;
-mod soak;
 mod worker;
 
 use std::process::ExitCode;
@@ -50,9 +48,6 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// One worker consumes many messages through the full stack (Redis store) while
-    /// its memory is reported every 100k messages.
-    Soak(soak::SoakArgs),
     /// A chaos worker process (started by the controller).
     #[command(hide = true)]
     Worker(worker::WorkerArgs),
@@ -79,7 +74,6 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Some(Command::Worker(args)) => worker::run(args).await.map(|()| true),
-            Some(Command::Soak(args)) => soak::run(args).await,
             None => control::run(cli.run).await,
         }
     });

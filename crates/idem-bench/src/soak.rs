@@ -1,4 +1,4 @@
-//! Soak: one in-process worker consumes many messages through the full stack
+//! `soak`: one in-process worker consumes many messages through the full stack
 //! (RabbitMQ, idem consumer, Redis dedup store) while a producer keeps a bounded
 //! backlog filled in confirmed batches. Memory (`VmHWM`, `VmRSS`) is reported every
 //! `--report-every` settled messages: with a bounded prefetch it must stay flat.
@@ -11,7 +11,65 @@ use idem_amqp::{Publisher, Worker};
 use idem_core::{Backoff, Consumer, DedupLayer, IdempotencyKey, Message};
 use idem_redis::RedisStore;
 
-use crate::common::{self, BoxError};
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Helpers of the soak run (service connections that explain how to start a
+/// missing service, memory readings).
+mod common {
+    use std::time::Duration;
+
+    use idem_amqp::Topology;
+    use idem_core::DelayTiers;
+
+    use super::BoxError;
+
+    pub(super) fn amqp_url() -> String {
+        idem_amqp::amqp_url_from_env()
+    }
+
+    pub(super) fn redis_url() -> String {
+        std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+    }
+
+    pub(super) fn topology(queue: &str) -> Topology {
+        let topology = Topology::new(queue);
+        match DelayTiers::new([Duration::from_secs(1), Duration::from_secs(5)]) {
+            Some(t) => topology.tiers(t),
+            None => topology,
+        }
+    }
+
+    pub(super) async fn rabbit(name: &str) -> Result<lapin::Connection, BoxError> {
+        idem_amqp::connect(&amqp_url(), name).await.map_err(|e| {
+            format!("RabbitMQ not reachable ({e}): start it with `rabbitmq-server -detached` or set AMQP_URL").into()
+        })
+    }
+
+    pub(super) async fn redis_conn(url: &str) -> Result<redis::aio::ConnectionManager, BoxError> {
+        let client = redis::Client::open(url)
+            .map_err(|e| format!("invalid REDIS_URL {}: {e}", idem_core::redact_url(url)))?;
+        redis::aio::ConnectionManager::new(client).await.map_err(|e| {
+            format!(
+                "Redis not reachable at {} ({e}): start it with `redis-server --daemonize yes` or set REDIS_URL",
+                idem_core::redact_url(url)
+            )
+            .into()
+        })
+    }
+
+    /// `(VmHWM, VmRSS)` of this process in KiB, from `/proc/self/status` (Linux).
+    pub(super) fn memory_kib() -> Option<(u64, u64)> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        Some((field("VmHWM:")?, field("VmRSS:")?))
+    }
+}
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct SoakArgs {
@@ -43,7 +101,7 @@ fn memory_line(settled: u64, started: Instant) -> String {
     )
 }
 
-pub(crate) async fn run(args: SoakArgs) -> Result<bool, BoxError> {
+pub(crate) async fn run(args: SoakArgs) -> Result<(), BoxError> {
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     let queue = format!("soak-{run_id}");
     let prefix = format!("soak-{run_id}");
@@ -161,5 +219,5 @@ pub(crate) async fn run(args: SoakArgs) -> Result<bool, BoxError> {
         elapsed.as_secs_f64(),
         args.messages as f64 / elapsed.as_secs_f64().max(0.001)
     );
-    Ok(true)
+    Ok(())
 }
