@@ -41,8 +41,6 @@
 //! ```
 
 mod error;
-#[cfg(feature = "failpoints")]
-pub mod failpoints;
 mod message;
 mod publisher;
 mod relay;
@@ -52,11 +50,3 @@ pub use error::OutboxError;
 pub use message::OutboxMessage;
 pub use relay::{Relay, RelayStats};
 pub use schema::{Outbox, OutboxStatus};
-
-#[cfg(not(feature = "failpoints"))]
-pub(crate) mod failpoints {
-    #[inline(always)]
-    pub(crate) fn hit(_name: &str) -> bool {
-        false
-    }
-}

@@ -42,6 +42,8 @@ pub struct Relay {
     cleanup_after: Duration,
     published: AtomicU64,
     refused: AtomicU64,
+    #[cfg(feature = "failpoints")]
+    fail_after_publish: std::sync::atomic::AtomicU32,
 }
 
 impl Relay {
@@ -60,7 +62,30 @@ impl Relay {
             cleanup_after: Duration::from_secs(7 * 24 * 3600),
             published: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            #[cfg(feature = "failpoints")]
+            fail_after_publish: std::sync::atomic::AtomicU32::new(0),
         }
+    }
+
+    /// Test-only crash point (feature `failpoints`): the next `times` rounds fail right
+    /// after their batch was published and confirmed, before the rows are marked, as
+    /// if the process died there. The rows stay pending and are published again.
+    #[cfg(feature = "failpoints")]
+    pub fn fail_after_publish(self, times: u32) -> Self {
+        self.fail_after_publish.store(times, Ordering::SeqCst);
+        self
+    }
+
+    #[cfg(feature = "failpoints")]
+    fn crash_point(&self) -> bool {
+        self.fail_after_publish
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    #[cfg(not(feature = "failpoints"))]
+    fn crash_point(&self) -> bool {
+        false
     }
 
     /// Rows per round (1 to 10 000).
@@ -146,7 +171,7 @@ impl Relay {
         }
 
         let results = self.publisher.lock().await.publish(&rows).await?;
-        if crate::failpoints::hit("relay-after-publish") {
+        if self.crash_point() {
             // As if the process died here: published, not marked; the transaction rolls back.
             return Err(OutboxError::Failpoint("relay-after-publish"));
         }

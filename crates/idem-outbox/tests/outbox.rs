@@ -175,8 +175,7 @@ async fn crash_after_publish_republishes_same_id_and_dedup_absorbs_it() {
     let id = f
         .enqueue(OutboxMessage::new("", f.queue.clone(), b"deposit".to_vec()))
         .await;
-    let relay = Relay::new(f.pool.clone(), f.outbox.clone(), amqp_url());
-    idem_outbox::failpoints::arm("relay-after-publish", 1);
+    let relay = Relay::new(f.pool.clone(), f.outbox.clone(), amqp_url()).fail_after_publish(1);
     let err = relay.relay_once().await.unwrap_err();
     assert!(matches!(err, OutboxError::Failpoint(_)), "{err}");
     assert_eq!(
