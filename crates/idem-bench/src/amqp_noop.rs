@@ -54,14 +54,12 @@ pub(crate) async fn run(args: Args) -> Result<Report, BoxError> {
             let topo = Topology::new(format!("idem-bench-{}", uuid::Uuid::new_v4().simple()));
             topo.declare_on(&ch).await?;
             fill(&publisher, topo.queue(), args.messages).await?;
-            let cpu0 = idem_sql::prof::cpu();
             let result = if idem {
                 run_idem(&args, &topo).await
             } else {
                 run_baseline(&args, topo.queue()).await
             };
             topo.delete_on(&ch).await?;
-            eprintln!("CPU {:.1} us/msg", (idem_sql::prof::cpu() - cpu0) * 1e6 / args.messages as f64);
             let elapsed = result?;
             let rate = args.messages as f64 / elapsed.as_secs_f64();
             let who = if idem { "idem" } else { "baseline" };

@@ -101,7 +101,6 @@ pub(crate) async fn run(store: Store, args: Args) -> Result<Report, BoxError> {
                 .execute(pool)
                 .await?;
             }
-            let cpu0 = idem_sql::prof::cpu();
             let result = match (store, idem, &pool) {
                 (Store::Redis, true, _) => run_idem_redis(&args, &topo, &run_id).await,
                 (Store::Redis, false, _) => run_baseline_redis(&args, topo.queue(), &run_id).await,
@@ -121,8 +120,6 @@ pub(crate) async fn run(store: Store, args: Args) -> Result<Report, BoxError> {
                         .await?;
                 }
             }
-            idem_sql::prof::dump(if idem { "idem" } else { "base" });
-            eprintln!("CPU {:.1} us/msg", (idem_sql::prof::cpu() - cpu0) * 1e6 / args.messages as f64);
             let elapsed = result?;
             let rate = args.messages as f64 / elapsed.as_secs_f64();
             let who = if idem { "idem" } else { "baseline" };
@@ -200,13 +197,14 @@ async fn run_baseline_redis(args: &Args, queue: &str, run_id: &str) -> Result<Du
     .await
 }
 
+/// The effect: the same insert as the baseline's, SQL built once like the baseline's.
 async fn effect(
     key: IdempotencyKey,
     tx: Tx<Postgres>,
-    State(table): State<Arc<String>>,
+    State(insert): State<Arc<String>>,
 ) -> Result<(), idem_core::HandlerError> {
     let mut conn = tx.conn().await?;
-    sqlx::query(&format!("INSERT INTO {table} (id) VALUES ($1)"))
+    sqlx::query(&insert)
         .bind(key.as_str())
         .execute(&mut *conn)
         .await?;
@@ -230,7 +228,7 @@ async fn run_idem_pg(
                 c.started();
                 effect(key, tx, state)
             },
-            Arc::new(format!("{tables}_effects")),
+            Arc::new(format!("INSERT INTO {tables}_effects (id) VALUES ($1)")),
         )?;
     run_worker(args, topo, consumer, clock).await
 }
@@ -252,10 +250,7 @@ async fn run_baseline_pg(
     baseline(args, queue, move |id| {
         let (pool, dedup, insert) = (pool.clone(), dedup.clone(), insert.clone());
         async move {
-            let t0 = std::time::Instant::now();
             let mut tx = pool.begin().await.ok()?;
-            idem_sql::prof::add(4, t0);
-            let t0 = std::time::Instant::now();
             let fresh = sqlx::query(&dedup)
                 .bind(&id)
                 .execute(&mut *tx)
@@ -270,10 +265,7 @@ async fn run_baseline_pg(
                     .await
                     .ok()?;
             }
-            idem_sql::prof::add(5, t0);
-            let t0 = std::time::Instant::now();
             tx.commit().await.ok()?;
-            idem_sql::prof::add(6, t0);
             Some(())
         }
     })
@@ -311,7 +303,6 @@ where
         clock.started();
         let (c, work) = (clock.clone(), work.clone());
         tokio::spawn(async move {
-            let t0 = std::time::Instant::now();
             let id = delivery
                 .properties
                 .message_id()
@@ -320,7 +311,6 @@ where
                 .unwrap_or_default();
             if work(id).await.is_some() {
                 if let Ok(true) = delivery.acker.ack(BasicAckOptions::default()).await {
-                    idem_sql::prof::add(7, t0);
                     c.settled();
                 }
             }

@@ -324,7 +324,7 @@ impl RedisStore {
         op: &'static str,
         script: &Script,
         key: &ScopedKey,
-        args: &[String],
+        args: &[Arg<'_>],
     ) -> Result<T, StoreError> {
         let rkey = self.redis_key(key);
         let mut conn = self.conn.clone();
@@ -333,7 +333,10 @@ impl RedisStore {
             attempt += 1;
             let mut inv = script.key(&rkey);
             for a in args {
-                inv.arg(a);
+                match a {
+                    Arg::Str(s) => inv.arg(*s),
+                    Arg::Int(n) => inv.arg(*n),
+                };
             }
             match inv.invoke_async::<T>(&mut conn).await {
                 Ok(v) => return Ok(v),
@@ -355,10 +358,17 @@ fn record_key(prefix: &str, key: &ScopedKey) -> String {
     format!("{prefix}:{{{}:{consumer}:{}}}", consumer.len(), key.key())
 }
 
-fn millis(d: Duration) -> String {
+/// A script argument, borrowed: no per-call `String`s.
+#[derive(Clone, Copy)]
+enum Arg<'a> {
+    Str(&'a str),
+    Int(u64),
+}
+
+fn millis(d: Duration) -> Arg<'static> {
     // PEXPIRE 0 deletes the key: keep at least 1 ms.
     let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-    ms.clamp(1, i64::MAX as u64 / 2).to_string()
+    Arg::Int(ms.clamp(1, i64::MAX as u64 / 2))
 }
 
 fn completion_code(c: Completion) -> &'static str {
@@ -382,10 +392,10 @@ impl DedupStore for RedisStore {
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         let args = [
-            owner.as_str().to_owned(),
+            Arg::Str(owner.as_str()),
             millis(lease),
-            if fingerprint.is_some() { "1" } else { "0" }.to_owned(),
-            fingerprint.unwrap_or("").to_owned(),
+            Arg::Str(if fingerprint.is_some() { "1" } else { "0" }),
+            Arg::Str(fingerprint.unwrap_or("")),
         ];
         let reply: Vec<String> = self.eval("claim", &self.scripts.claim, key, &args).await?;
         match reply.first().map(String::as_str) {
@@ -416,7 +426,7 @@ impl DedupStore for RedisStore {
         owner: &OwnerToken,
         lease: Duration,
     ) -> Result<bool, StoreError> {
-        let args = [owner.as_str().to_owned(), millis(lease)];
+        let args = [Arg::Str(owner.as_str()), millis(lease)];
         let n: i64 = self
             .eval("extend", &self.scripts.extend, key, &args)
             .await?;
@@ -431,8 +441,8 @@ impl DedupStore for RedisStore {
         retention: Duration,
     ) -> Result<bool, StoreError> {
         let args = [
-            owner.as_str().to_owned(),
-            completion_code(completion).to_owned(),
+            Arg::Str(owner.as_str()),
+            Arg::Str(completion_code(completion)),
             millis(retention),
         ];
         let n: i64 = self
@@ -442,7 +452,7 @@ impl DedupStore for RedisStore {
     }
 
     async fn release(&self, key: &ScopedKey, owner: &OwnerToken) -> Result<bool, StoreError> {
-        let args = [owner.as_str().to_owned()];
+        let args = [Arg::Str(owner.as_str())];
         let n: i64 = self
             .eval("release", &self.scripts.release, key, &args)
             .await?;
@@ -455,7 +465,7 @@ impl DedupStore for RedisStore {
         owner: &OwnerToken,
         lease: Duration,
     ) -> Result<bool, StoreError> {
-        let args = [owner.as_str().to_owned(), millis(lease)];
+        let args = [Arg::Str(owner.as_str()), millis(lease)];
         let n: i64 = self
             .eval("reopen", &self.scripts.reopen, key, &args)
             .await?;
@@ -549,6 +559,6 @@ mod tests {
         let k = |c: &str, k: &str| record_key("idem", &ScopedKey::new(c, k));
         assert_ne!(k("a:b", "c"), k("a", "b:c"));
         assert_eq!(k("billing", "k1"), "idem:{7:billing:k1}");
-        assert_eq!(millis(Duration::ZERO), "1");
+        assert!(matches!(millis(Duration::ZERO), Arg::Int(1)));
     }
 }
