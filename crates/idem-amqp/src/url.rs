@@ -11,53 +11,19 @@ pub fn amqp_url_from_env() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.to_owned())
 }
 
-/// Replaces the password of a `scheme://user:password@host/...` URL with `***`.
-///
-/// URLs without a password are returned unchanged.
+/// Replaces the password of a `scheme://user:password@host/...` URL with `***`
+/// (re-exported from `idem_core`, so every idem crate redacts the same way).
 ///
 /// ```
 /// use idem_amqp::redact_url;
 /// assert_eq!(redact_url("amqp://app:s3cret@mq:5672/%2f"), "amqp://app:***@mq:5672/%2f");
 /// assert_eq!(redact_url("amqp://mq:5672"), "amqp://mq:5672");
 /// ```
-pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
-    };
-    let start = scheme_end + 3;
-    let rest = &url[start..];
-    let authority_len = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..authority_len];
-    let Some(at) = authority.rfind('@') else {
-        return url.to_owned();
-    };
-    match authority[..at].find(':') {
-        Some(colon) => format!(
-            "{}{}:***{}",
-            &url[..start],
-            &authority[..colon],
-            &rest[at..]
-        ),
-        None => url.to_owned(),
-    }
-}
+pub use idem_core::redact_url;
 
-/// Removes the URL's password (raw or percent-encoded) from a free-form error text.
+/// Removes the URL's password from a free-form error text.
 pub(crate) fn scrub(text: &str, url: &str) -> String {
-    let mut out = text.replace(url, &redact_url(url));
-    if let Some(password) = password_of(url) {
-        if !password.is_empty() {
-            out = out.replace(password, "***");
-        }
-    }
-    out
-}
-
-fn password_of(url: &str) -> Option<&str> {
-    let rest = &url[url.find("://")? + 3..];
-    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
-    let userinfo = &authority[..authority.rfind('@')?];
-    Some(&userinfo[userinfo.find(':')? + 1..])
+    idem_core::redact_in(text, url)
 }
 
 #[cfg(test)]

@@ -91,18 +91,7 @@ pub async fn status(url: &str, table: &str) -> Result<OutboxReport, CliError> {
 
 /// Removes `url` and its password from an error text.
 fn scrub(text: &str, url: &str) -> String {
-    let mut out = text.replace(url, &idem_core::redact_url(url));
-    if let Some(password) = password_of(url).filter(|p| !p.is_empty()) {
-        out = out.replace(password, "***");
-    }
-    out
-}
-
-fn password_of(url: &str) -> Option<&str> {
-    let rest = &url[url.find("://")? + 3..];
-    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
-    let userinfo = &authority[..authority.rfind('@')?];
-    Some(&userinfo[userinfo.find(':')? + 1..])
+    idem_core::redact_in(text, url)
 }
 
 #[cfg(test)]

@@ -50,4 +50,4 @@ pub use handler::{
 };
 pub use message::{DeliveryInfo, Extensions, HeaderValue, Headers, Message, Properties};
 pub use outcome::{Disposition, Failure};
-pub use redact::redact_url;
+pub use redact::{redact_in, redact_url};

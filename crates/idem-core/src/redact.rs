@@ -35,6 +35,31 @@ pub fn redact_url(url: &str) -> String {
     )
 }
 
+/// Removes `url` and its password (as it appears in the URL) from a free-form text,
+/// such as a driver's error message that may quote the connection string.
+///
+/// ```
+/// let url = "postgres://app:hunter2@db/x";
+/// assert_eq!(
+///     idem_core::redact_in(&format!("cannot connect to {url}: auth hunter2 rejected"), url),
+///     "cannot connect to postgres://app:***@db/x: auth *** rejected"
+/// );
+/// ```
+pub fn redact_in(text: &str, url: &str) -> String {
+    let mut out = text.replace(url, &redact_url(url));
+    if let Some(password) = password_of(url).filter(|p| !p.is_empty()) {
+        out = out.replace(password, "***");
+    }
+    out
+}
+
+fn password_of(url: &str) -> Option<&str> {
+    let rest = &url[url.find("://")? + 3..];
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    let userinfo = &authority[..authority.rfind('@')?];
+    Some(&userinfo[userinfo.find(':')? + 1..])
+}
+
 #[cfg(test)]
 mod tests {
     use super::redact_url;
