@@ -183,7 +183,10 @@ struct Inner {
     handler_timeout: Duration,
     lease: Option<Duration>,
     counters: Counters,
-    meters: Meters,
+    // Resolved on the first delivery, not at build time, so a metrics recorder
+    // installed after the consumer was built (e.g. by the worker's Prometheus
+    // endpoint) still receives them.
+    meters: std::sync::OnceLock<Meters>,
 }
 
 /// A configured consumer: turns messages into dispositions. Cheap to clone.
@@ -278,6 +281,7 @@ impl Consumer {
     /// [`Disposition::Ack`] after being logged and counted as dropped.
     pub async fn process(&self, mut msg: Message) -> Disposition {
         let inner = &self.inner;
+        let meters = inner.meters.get_or_init(|| Meters::new(&inner.name));
         let failed_before = msg.failed_attempts();
         msg.delivery.attempt = failed_before.saturating_add(1);
         let span = tracing::info_span!(
@@ -304,7 +308,7 @@ impl Consumer {
             .instrument(span.clone())
             .await;
         let elapsed = started.elapsed();
-        inner.meters.latency.record(elapsed.as_secs_f64());
+        meters.latency.record(elapsed.as_secs_f64());
 
         let disposition = match result {
             Ok(Processed::Handled) => Disposition::Ack { duplicate: false },
@@ -315,19 +319,19 @@ impl Consumer {
         match &disposition {
             Disposition::Ack { duplicate: false } => {
                 c.processed.fetch_add(1, Ordering::Relaxed);
-                inner.meters.processed.increment(1);
+                meters.processed.increment(1);
             }
             Disposition::Ack { duplicate: true } => {
                 c.duplicates.fetch_add(1, Ordering::Relaxed);
-                inner.meters.duplicates.increment(1);
+                meters.duplicates.increment(1);
             }
             Disposition::Retry { .. } => {
                 c.retries.fetch_add(1, Ordering::Relaxed);
-                inner.meters.retries.increment(1);
+                meters.retries.increment(1);
             }
             Disposition::DeadLetter(_) => {
                 c.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                inner.meters.dead_lettered.increment(1);
+                meters.dead_lettered.increment(1);
             }
         }
         span.record("outcome", disposition.name());
@@ -503,7 +507,7 @@ impl ConsumerBuilder {
         };
         let consumer = Consumer {
             inner: Arc::new(Inner {
-                meters: Meters::new(&name),
+                meters: std::sync::OnceLock::new(),
                 name: name.into(),
                 mode,
                 service,
