@@ -196,4 +196,31 @@ pub enum OutboxCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Run an outbox relay until SIGINT/SIGTERM: publish committed rows to the broker
+    /// (`--url`) with publisher confirms, then mark them (PostgreSQL).
+    #[command(after_help = EXIT_CODES)]
+    Relay {
+        /// Outbox table.
+        #[arg(long, default_value = "idem_outbox")]
+        table: String,
+        /// PostgreSQL URL [env: DATABASE_URL; default: postgres://postgres@127.0.0.1:5432/postgres].
+        #[arg(
+            long,
+            env = "DATABASE_URL",
+            hide_env_values = true,
+            hide_env = true,
+            default_value = crate::outbox::DEFAULT_DATABASE_URL,
+            hide_default_value = true
+        )]
+        database_url: String,
+        /// Rows per relay round.
+        #[arg(long, default_value_t = 500)]
+        batch: i64,
+        /// Polling fallback when no NOTIFY arrives, in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        poll_ms: u64,
+        /// Create the outbox table if it does not exist.
+        #[arg(long)]
+        create_table: bool,
+    },
 }

@@ -141,6 +141,36 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             )
             .map_err(write_err)
         }
+        Command::Outbox(OutboxCommand::Relay {
+            table,
+            database_url,
+            batch,
+            poll_ms,
+            create_table,
+        }) => {
+            writeln!(
+                out,
+                "relay {table}: publishing to {} until SIGINT/SIGTERM",
+                idem_core::redact_url(&cli.url)
+            )
+            .map_err(write_err)?;
+            out.flush().map_err(write_err)?;
+            let stats = outbox::relay(
+                &database_url,
+                &cli.url,
+                &table,
+                batch,
+                std::time::Duration::from_millis(poll_ms),
+                create_table,
+            )
+            .await?;
+            writeln!(
+                out,
+                "relay stopped: published={} refused={}",
+                stats.published, stats.refused
+            )
+            .map_err(write_err)
+        }
     }
 }
 

@@ -1,4 +1,5 @@
-//! `idem outbox status`: pending rows and the outbox lag.
+//! `idem outbox status`: pending rows and the outbox lag. `idem outbox relay`: a
+//! runnable relay.
 
 use std::time::Duration;
 
@@ -27,9 +28,9 @@ pub struct OutboxReport {
     pub published: i64,
 }
 
-/// Reads the status of outbox `table` in the PostgreSQL database at `url`.
-pub async fn status(url: &str, table: &str) -> Result<OutboxReport, CliError> {
-    let outbox = Outbox::new(table).map_err(|e| CliError::Usage(e.to_string()))?;
+/// Connects a pool of `max` connections, failing fast (exit 2) if the database is
+/// unreachable.
+async fn connect(url: &str, max: u32) -> Result<sqlx::PgPool, CliError> {
     let safe_url = idem_core::redact_url(url);
     let unreachable = |detail: String| {
         CliError::Unreachable(format!(
@@ -57,30 +58,74 @@ pub async fn status(url: &str, table: &str) -> Result<OutboxReport, CliError> {
             )))
         }
     }
-    let pool = PgPoolOptions::new()
-        .max_connections(1)
+    PgPoolOptions::new()
+        .max_connections(max)
         .acquire_timeout(CONNECT_TIMEOUT)
         .connect_with(options)
         .await
-        .map_err(|e| unreachable(e.to_string()))?;
+        .map_err(|e| unreachable(e.to_string()))
+}
+
+fn outbox_error(e: idem_outbox::OutboxError, url: &str, table: &str) -> CliError {
+    let text = scrub(&e.to_string(), url);
+    match &e {
+        idem_outbox::OutboxError::Database(sqlx::Error::Database(db))
+            if db.code().as_deref() == Some("42P01") =>
+        {
+            CliError::NotFound(format!(
+                "outbox table {table:?} does not exist in {} (check --table, or --create-table for the relay)",
+                idem_core::redact_url(url)
+            ))
+        }
+        idem_outbox::OutboxError::Database(
+            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed,
+        ) => CliError::Unreachable(text),
+        _ => CliError::Failed(text),
+    }
+}
+
+/// Runs a relay for `table` until SIGINT/SIGTERM, then returns what it published.
+/// Broker outages are retried by the relay (rows wait); an unreachable database at
+/// start or a missing table is an error.
+pub async fn relay(
+    database_url: &str,
+    amqp_url: &str,
+    table: &str,
+    batch: i64,
+    poll: Duration,
+    create_table: bool,
+) -> Result<idem_outbox::RelayStats, CliError> {
+    let outbox = Outbox::new(table).map_err(|e| CliError::Usage(e.to_string()))?;
+    // One connection for LISTEN, one for the relay rounds, one for gauges/cleanup.
+    let pool = connect(database_url, 3).await?;
+    if create_table {
+        outbox
+            .ensure_schema(&pool)
+            .await
+            .map_err(|e| outbox_error(e, database_url, table))?;
+    }
+    outbox
+        .status(&pool)
+        .await
+        .map_err(|e| outbox_error(e, database_url, table))?;
+    let relay = idem_outbox::Relay::new(pool.clone(), outbox, amqp_url)
+        .batch_size(batch)
+        .poll_interval(poll);
+    let stats = relay
+        .run(idem_amqp::shutdown::signal())
+        .await
+        .map_err(|e| outbox_error(e, database_url, table))?;
+    pool.close().await;
+    Ok(stats)
+}
+
+/// Reads the status of outbox `table` in the PostgreSQL database at `url`.
+pub async fn status(url: &str, table: &str) -> Result<OutboxReport, CliError> {
+    let outbox = Outbox::new(table).map_err(|e| CliError::Usage(e.to_string()))?;
+    let pool = connect(url, 1).await?;
     let result = outbox.status(&pool).await;
     pool.close().await;
-    let s = result.map_err(|e| {
-        let text = scrub(&e.to_string(), url);
-        match &e {
-            idem_outbox::OutboxError::Database(sqlx::Error::Database(db))
-                if db.code().as_deref() == Some("42P01") =>
-            {
-                CliError::NotFound(format!(
-                    "outbox table {table:?} does not exist in {safe_url} (check --table)"
-                ))
-            }
-            idem_outbox::OutboxError::Database(
-                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed,
-            ) => CliError::Unreachable(text),
-            _ => CliError::Failed(text),
-        }
-    })?;
+    let s = result.map_err(|e| outbox_error(e, url, table))?;
     Ok(OutboxReport {
         table: table.to_owned(),
         pending: s.pending,

@@ -70,3 +70,106 @@ fn unreachable_database_exits_2_without_the_password() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(!err.contains("secret"), "{err}");
 }
+
+/// `idem outbox relay` publishes committed rows, keeps running, and stops cleanly on
+/// SIGTERM with its count.
+#[tokio::test]
+async fn relay_command_publishes_until_sigterm() {
+    let url = db_url();
+    let pool = sqlx::PgPool::connect(&url).await.unwrap_or_else(|e| {
+        panic!("PostgreSQL not reachable at {}: start it (e.g. `pg_ctlcluster <version> main start`) or set DATABASE_URL: {e}", idem_core::redact_url(&url))
+    });
+    let amqp = idem_amqp::amqp_url_from_env();
+    let conn = idem_amqp::connect(&amqp, "idem-cli-test-relay")
+        .await
+        .unwrap_or_else(|e| {
+            panic!("RabbitMQ not reachable: {e}. Start it with `rabbitmq-server -detached`")
+        });
+    let ch = conn.create_channel().await.unwrap();
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let table = format!("idem_cli_relay_{id}");
+    let queue = format!("idem-cli-relay-{id}");
+    ch.queue_declare(
+        queue.as_str().into(),
+        Default::default(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_idem"))
+        .args([
+            "outbox",
+            "relay",
+            "--table",
+            &table,
+            "--create-table",
+            "--poll-ms",
+            "100",
+        ])
+        .env("DATABASE_URL", &url)
+        .env("AMQP_URL", &amqp)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let outbox = Outbox::new(&table).unwrap();
+    // The relay creates the table; wait for it, then enqueue.
+    let mut ready = false;
+    for _ in 0..100 {
+        if outbox.status(&pool).await.is_ok() {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(ready, "relay did not create its table");
+    for n in 0..3 {
+        let mut tx = pool.begin().await.unwrap();
+        outbox
+            .enqueue(
+                &mut tx,
+                OutboxMessage::new("", queue.clone(), format!("m{n}").into_bytes()),
+            )
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+    let mut published = false;
+    for _ in 0..100 {
+        if outbox.status(&pool).await.unwrap().pending == 0 {
+            published = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let depth = ch
+        .queue_declare(
+            queue.as_str().into(),
+            lapin::options::QueueDeclareOptions::default().passive(),
+            Default::default(),
+        )
+        .await
+        .unwrap()
+        .message_count();
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+    ch.queue_delete(queue.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(published, "rows still pending; relay output:\n{out}");
+    assert_eq!(depth, 3, "three messages in the queue");
+    assert_eq!(status.code(), Some(0), "{out}");
+    assert!(
+        out.contains("relay stopped: published=3 refused=0"),
+        "{out}"
+    );
+}
