@@ -21,24 +21,24 @@ use crate::report::Report;
 
 type BoxError = Box<dyn std::error::Error>;
 
-/// Arguments of `amqp-noop`.
+/// Arguments of `amqp-noop`, shared by the other consumer scenarios.
 #[derive(clap::Args)]
-pub(crate) struct Args {
+pub(crate) struct ConsumerArgs {
     /// Messages per run.
     #[arg(long, default_value_t = 20_000)]
-    messages: u64,
+    pub(crate) messages: u64,
     /// Prefetch (and concurrency) of both consumers.
     #[arg(long, default_value_t = 200)]
-    prefetch: u16,
+    pub(crate) prefetch: u16,
     /// Rounds; each round runs idem then the baseline.
     #[arg(long, default_value_t = 3)]
-    rounds: u32,
-    /// Broker URL.
-    #[arg(long, env = "AMQP_URL", default_value = idem_amqp::DEFAULT_AMQP_URL)]
-    url: String,
+    pub(crate) rounds: u32,
+    /// Broker URL (default amqp://guest:***@127.0.0.1:5672/%2f; passwords are not printed).
+    #[arg(long, env = "AMQP_URL", hide_env_values = true, default_value = idem_amqp::DEFAULT_AMQP_URL, hide_default_value = true)]
+    pub(crate) url: String,
 }
 
-pub(crate) async fn run(args: Args) -> Result<Report, BoxError> {
+pub(crate) async fn run(args: ConsumerArgs) -> Result<Report, BoxError> {
     let publisher = Publisher::connect_named(&args.url, "idem-bench-fill").await?;
     let admin = idem_amqp::connect(&args.url, "idem-bench-admin").await?;
     let ch = admin.create_channel().await?;
@@ -131,7 +131,7 @@ impl Clock {
     }
 }
 
-async fn run_idem(args: &Args, topo: &Topology) -> Result<Duration, BoxError> {
+async fn run_idem(args: &ConsumerArgs, topo: &Topology) -> Result<Duration, BoxError> {
     let clock = Clock::new(args.messages);
     let c = clock.clone();
     let consumer = Consumer::builder("idem-bench-noop")
@@ -156,7 +156,7 @@ async fn run_idem(args: &Args, topo: &Topology) -> Result<Duration, BoxError> {
     elapsed
 }
 
-async fn run_baseline(args: &Args, queue: &str) -> Result<Duration, BoxError> {
+async fn run_baseline(args: &ConsumerArgs, queue: &str) -> Result<Duration, BoxError> {
     let clock = Clock::new(args.messages);
     let conn = idem_amqp::connect(&args.url, "idem-bench-baseline").await?;
     let ch = conn.create_channel().await?;

@@ -39,38 +39,34 @@ pub(crate) enum Store {
 /// Arguments of `amqp-redis` and `amqp-postgres`.
 #[derive(clap::Args)]
 pub(crate) struct Args {
-    /// Messages per run.
-    #[arg(long, default_value_t = 20_000)]
-    messages: u64,
-    /// Prefetch (and concurrency) of both consumers.
-    #[arg(long, default_value_t = 200)]
-    prefetch: u16,
-    /// Rounds; each round runs idem then the baseline.
-    #[arg(long, default_value_t = 3)]
-    rounds: u32,
-    /// Broker URL.
-    #[arg(long, env = "AMQP_URL", default_value = idem_amqp::DEFAULT_AMQP_URL)]
-    url: String,
+    #[command(flatten)]
+    base: crate::amqp_noop::ConsumerArgs,
     /// Redis URL (amqp-redis).
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        hide_env_values = true,
+        default_value = "redis://127.0.0.1:6379"
+    )]
     redis_url: String,
     /// PostgreSQL URL (amqp-postgres).
     #[arg(
         long,
         env = "DATABASE_URL",
+        hide_env_values = true,
         default_value = "postgres://postgres@127.0.0.1:5432/postgres"
     )]
     database_url: String,
 }
 
 pub(crate) async fn run(store: Store, args: Args) -> Result<Report, BoxError> {
-    let publisher = Publisher::connect_named(&args.url, "idem-bench-fill").await?;
-    let admin = idem_amqp::connect(&args.url, "idem-bench-admin").await?;
+    let publisher = Publisher::connect_named(&args.base.url, "idem-bench-fill").await?;
+    let admin = idem_amqp::connect(&args.base.url, "idem-bench-admin").await?;
     let ch = admin.create_channel().await?;
     let pool = match store {
         Store::Postgres => Some(
             sqlx::postgres::PgPoolOptions::new()
-                .max_connections(u32::from(args.prefetch).clamp(4, 90))
+                .max_connections(u32::from(args.base.prefetch).clamp(4, 90))
                 .connect(&args.database_url)
                 .await?,
         ),
@@ -82,17 +78,17 @@ pub(crate) async fn run(store: Store, args: Args) -> Result<Report, BoxError> {
         } else {
             "amqp-postgres"
         },
-        messages: args.messages,
-        prefetch: args.prefetch,
+        messages: args.base.messages,
+        prefetch: args.base.prefetch,
         idem: Vec::new(),
         baseline: Vec::new(),
     };
-    for round in 0..args.rounds.max(1) {
+    for round in 0..args.base.rounds.max(1) {
         for idem in [true, false] {
             let run_id = uuid::Uuid::new_v4().simple().to_string();
             let topo = Topology::new(format!("idem-bench-{run_id}"));
             topo.declare_on(&ch).await?;
-            fill(&publisher, topo.queue(), args.messages).await?;
+            fill(&publisher, topo.queue(), args.base.messages).await?;
             let tables = format!("idem_bench_{}", &run_id[..12]);
             if let Some(pool) = &pool {
                 sqlx::query(&format!(
@@ -121,7 +117,7 @@ pub(crate) async fn run(store: Store, args: Args) -> Result<Report, BoxError> {
                 }
             }
             let elapsed = result?;
-            let rate = args.messages as f64 / elapsed.as_secs_f64();
+            let rate = args.base.messages as f64 / elapsed.as_secs_f64();
             let who = if idem { "idem" } else { "baseline" };
             eprintln!("round {round} {who}: {rate:.0} msg/s ({elapsed:?})");
             if idem {
@@ -143,8 +139,8 @@ async fn run_worker(
     clock: Arc<Clock>,
 ) -> Result<Duration, BoxError> {
     let c = clock.clone();
-    let worker = Worker::builder(&args.url, topo.clone(), consumer)
-        .prefetch(args.prefetch)
+    let worker = Worker::builder(&args.base.url, topo.clone(), consumer)
+        .prefetch(args.base.prefetch)
         .connection_name("idem-bench-idem")
         .on_settle(move |_| c.settled())
         .build()?;
@@ -163,7 +159,7 @@ async fn run_idem_redis(args: &Args, topo: &Topology, run_id: &str) -> Result<Du
         .prefix(format!("idem-bench-{run_id}"))
         .connect()
         .await?;
-    let clock = Clock::new(args.messages);
+    let clock = Clock::new(args.base.messages);
     let c = clock.clone();
     let consumer = Consumer::builder("idem-bench-redis")
         .store(store)
@@ -219,7 +215,7 @@ async fn run_idem_pg(
 ) -> Result<Duration, BoxError> {
     let inbox = PgInbox::new(pool.clone(), "idem-bench-pg").table(&format!("{tables}_inbox"))?;
     inbox.ensure_schema().await?;
-    let clock = Clock::new(args.messages);
+    let clock = Clock::new(args.base.messages);
     let c = clock.clone();
     let consumer = Consumer::builder("idem-bench-pg")
         .dedup(inbox)
@@ -279,10 +275,10 @@ where
     F: Fn(String) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Option<()>> + Send + 'static,
 {
-    let clock = Clock::new(args.messages);
-    let conn = idem_amqp::connect(&args.url, "idem-bench-baseline").await?;
+    let clock = Clock::new(args.base.messages);
+    let conn = idem_amqp::connect(&args.base.url, "idem-bench-baseline").await?;
     let ch = conn.create_channel().await?;
-    ch.basic_qos(args.prefetch, BasicQosOptions::default())
+    ch.basic_qos(args.base.prefetch, BasicQosOptions::default())
         .await?;
     let mut deliveries = ch
         .basic_consume(
@@ -294,7 +290,7 @@ where
         .await?;
     let work = Arc::new(work);
     let mut received = 0;
-    while received < args.messages {
+    while received < args.base.messages {
         let Some(delivery) = deliveries.next().await else {
             return Err("consumer ended early".into());
         };

@@ -34,7 +34,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Scenario {
     /// RabbitMQ, no-op handler, at-least-once: idem worker vs a plain lapin consumer.
-    AmqpNoop(amqp_noop::Args),
+    AmqpNoop(amqp_noop::ConsumerArgs),
     /// RabbitMQ + Redis lease store, no-op handler: idem vs lapin + one SET NX PX per message.
     AmqpRedis(amqp_store::Args),
     /// RabbitMQ + PostgreSQL transactional inbox, one insert per message: idem vs lapin +
@@ -64,4 +64,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     println!("{report}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn command_line_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

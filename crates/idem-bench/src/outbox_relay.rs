@@ -31,13 +31,14 @@ pub(crate) struct Args {
     /// Rounds; each round runs idem then the baseline.
     #[arg(long, default_value_t = 3)]
     rounds: u32,
-    /// Broker URL.
-    #[arg(long, env = "AMQP_URL", default_value = idem_amqp::DEFAULT_AMQP_URL)]
+    /// Broker URL (default amqp://guest:***@127.0.0.1:5672/%2f; passwords are not printed).
+    #[arg(long, env = "AMQP_URL", hide_env_values = true, default_value = idem_amqp::DEFAULT_AMQP_URL, hide_default_value = true)]
     url: String,
     /// PostgreSQL URL.
     #[arg(
         long,
         env = "DATABASE_URL",
+        hide_env_values = true,
         default_value = "postgres://postgres@127.0.0.1:5432/postgres"
     )]
     database_url: String,
