@@ -310,6 +310,8 @@ impl Consumer {
         let elapsed = started.elapsed();
         meters.latency.record(elapsed.as_secs_f64());
 
+        // An at-most-once failure is settled as an ack too, but counted as dropped.
+        let failed = result.is_err();
         let disposition = match result {
             Ok(Processed::Handled) => Disposition::Ack { duplicate: false },
             Ok(Processed::Duplicate) => Disposition::Ack { duplicate: true },
@@ -317,6 +319,7 @@ impl Consumer {
         };
         let c = &inner.counters;
         match &disposition {
+            Disposition::Ack { duplicate: false } if failed => {}
             Disposition::Ack { duplicate: false } => {
                 c.processed.fetch_add(1, Ordering::Relaxed);
                 meters.processed.increment(1);
