@@ -109,6 +109,10 @@ pub(crate) async fn run(store: Store, args: Args) -> Result<Report, BoxError> {
                 (Store::Postgres, _, None) => Err("no pool".into()),
             };
             topo.delete_on(&ch).await?;
+            if store == Store::Redis {
+                // Both sides' keys: idem's `idem-bench-<run>:{..}` and the baseline's.
+                delete_keys(&args.redis_url, &format!("idem-bench-*{run_id}*")).await?;
+            }
             if let Some(pool) = &pool {
                 for t in ["effects", "inbox", "dedup"] {
                     sqlx::query(&format!("DROP TABLE IF EXISTS {tables}_{t}"))
@@ -130,6 +134,34 @@ pub(crate) async fn run(store: Store, args: Args) -> Result<Report, BoxError> {
     publisher.close().await;
     let _ = admin.close(200, "bye".into()).await;
     Ok(report)
+}
+
+/// Deletes the keys matching `pattern` (SCAN + UNLINK), so a bench leaves nothing
+/// behind in Redis.
+async fn delete_keys(redis_url: &str, pattern: &str) -> Result<(), BoxError> {
+    let client = redis::Client::open(redis_url)?;
+    let mut conn = redis::aio::ConnectionManager::new(client).await?;
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await?;
+        if !keys.is_empty() {
+            let _: i64 = redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async(&mut conn)
+                .await?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
 }
 
 async fn run_worker(
