@@ -61,14 +61,7 @@ pub(crate) async fn run(args: ConsumerArgs) -> Result<Report, BoxError> {
             };
             topo.delete_on(&ch).await?;
             let elapsed = result?;
-            let rate = args.messages as f64 / elapsed.as_secs_f64();
-            let who = if idem { "idem" } else { "baseline" };
-            eprintln!("round {round} {who}: {rate:.0} msg/s ({elapsed:?})");
-            if idem {
-                report.idem.push(rate);
-            } else {
-                report.baseline.push(rate);
-            }
+            report.record(round, idem, elapsed);
         }
     }
     publisher.close().await;

@@ -121,14 +121,7 @@ pub(crate) async fn run(store: Store, args: Args) -> Result<Report, BoxError> {
                 }
             }
             let elapsed = result?;
-            let rate = args.base.messages as f64 / elapsed.as_secs_f64();
-            let who = if idem { "idem" } else { "baseline" };
-            eprintln!("round {round} {who}: {rate:.0} msg/s ({elapsed:?})");
-            if idem {
-                report.idem.push(rate);
-            } else {
-                report.baseline.push(rate);
-            }
+            report.record(round, idem, elapsed);
         }
     }
     publisher.close().await;
@@ -138,7 +131,7 @@ pub(crate) async fn run(store: Store, args: Args) -> Result<Report, BoxError> {
 
 /// Deletes the keys matching `pattern` (SCAN + UNLINK), so a bench leaves nothing
 /// behind in Redis.
-async fn delete_keys(redis_url: &str, pattern: &str) -> Result<(), BoxError> {
+pub(crate) async fn delete_keys(redis_url: &str, pattern: &str) -> Result<(), BoxError> {
     let client = redis::Client::open(redis_url)?;
     let mut conn = redis::aio::ConnectionManager::new(client).await?;
     let mut cursor: u64 = 0;

@@ -93,14 +93,7 @@ pub(crate) async fn run(args: Args) -> Result<Report, BoxError> {
             if published != args.messages {
                 return Err(format!("published {published} of {} rows", args.messages).into());
             }
-            let rate = args.messages as f64 / elapsed.as_secs_f64();
-            let who = if idem { "idem" } else { "baseline" };
-            eprintln!("round {round} {who}: {rate:.0} msg/s ({elapsed:?})");
-            if idem {
-                report.idem.push(rate);
-            } else {
-                report.baseline.push(rate);
-            }
+            report.record(round, idem, elapsed);
         }
     }
     let _ = admin.close(200, "bye".into()).await;

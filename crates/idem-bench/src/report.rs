@@ -11,6 +11,21 @@ pub(crate) struct Report {
     pub(crate) baseline: Vec<f64>,
 }
 
+impl Report {
+    /// Records one run of `messages` that took `elapsed`, on idem's side or the
+    /// baseline's, and prints it to stderr.
+    pub(crate) fn record(&mut self, round: u32, idem: bool, elapsed: std::time::Duration) {
+        let rate = self.messages as f64 / elapsed.as_secs_f64();
+        let who = if idem { "idem" } else { "baseline" };
+        eprintln!("round {round} {who}: {rate:.0} msg/s ({elapsed:?})");
+        if idem {
+            self.idem.push(rate);
+        } else {
+            self.baseline.push(rate);
+        }
+    }
+}
+
 pub(crate) fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);

@@ -107,7 +107,8 @@ pub(crate) async fn run(args: SoakArgs) -> Result<(), BoxError> {
     let prefix = format!("soak-{run_id}");
     let url = common::amqp_url();
     let redis_url = common::redis_url();
-    let mut redis_admin = common::redis_conn(&redis_url).await?;
+    // Fail early, saying how to start Redis, rather than deep inside the worker.
+    common::redis_conn(&redis_url).await?;
     let admin = common::rabbit(&format!("idem-soak-admin-{run_id}")).await?;
     let topology = common::topology(&queue);
     let ch = admin.create_channel().await?;
@@ -191,28 +192,9 @@ pub(crate) async fn run(args: SoakArgs) -> Result<(), BoxError> {
     println!("soak: worker stats: {stats}");
     topology.delete_on(&ch).await?;
     let _ = admin.close(200, "bye".into()).await;
-    let pattern = format!("{prefix}:*");
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut redis_admin)
-            .await?;
-        if !keys.is_empty() {
-            let _: i64 = redis::cmd("UNLINK")
-                .arg(&keys)
-                .query_async(&mut redis_admin)
-                .await?;
-        }
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
+    crate::amqp_store::delete_keys(&redis_url, &format!("{prefix}:*"))
+        .await
+        .map_err(|e| e.to_string())?;
     println!(
         "soak: done messages={} elapsed={:.1}s rate={:.0} msg/s",
         args.messages,
