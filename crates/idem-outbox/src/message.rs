@@ -54,7 +54,10 @@ impl OutboxMessage {
         self
     }
 
-    /// Messages with the same ordering key are published in enqueue order.
+    /// Messages with the same ordering key are published in the order their enqueuing
+    /// transactions committed: [`Outbox::enqueue`](crate::Outbox::enqueue) makes a
+    /// transaction that enqueues a key wait for any other open transaction that already
+    /// enqueued it.
     pub fn ordering_key(mut self, key: impl Into<String>) -> Self {
         self.ordering_key = Some(key.into());
         self

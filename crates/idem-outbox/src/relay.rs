@@ -1,4 +1,4 @@
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -145,30 +145,7 @@ impl Relay {
             });
         }
 
-        // Keys whose earlier rows this round does not hold must wait.
-        let mut first: BTreeMap<&str, i64> = BTreeMap::new();
-        for r in &rows {
-            if let Some(k) = r.ordering_key.as_deref() {
-                first.entry(k).or_insert(r.id);
-            }
-        }
-        if !first.is_empty() {
-            let keys: Vec<String> = first.keys().map(|k| (*k).to_owned()).collect();
-            let ids: Vec<i64> = first.values().copied().collect();
-            let blocked: Vec<String> = sqlx::query_scalar(&format!(
-                "SELECT DISTINCT p.ordering_key FROM {t} p
-                 JOIN unnest($1::text[], $2::int8[]) AS b(k, first_id) ON p.ordering_key = b.k
-                 WHERE p.published_at IS NULL AND p.id < b.first_id"
-            ))
-            .bind(&keys)
-            .bind(&ids)
-            .fetch_all(&mut *tx)
-            .await?;
-            if !blocked.is_empty() {
-                let blocked: HashSet<String> = blocked.into_iter().collect();
-                rows.retain(|r| r.ordering_key.as_ref().is_none_or(|k| !blocked.contains(k)));
-            }
-        }
+        self.keep_key_order(&mut tx, &mut rows).await?;
 
         let results = self.publisher.lock().await.publish(&rows).await?;
         if self.crash_point() {
@@ -207,6 +184,50 @@ impl Relay {
         self.refused.fetch_add(refused, Ordering::Relaxed);
         metrics::counter!("idem_outbox_published_total").increment(ok_ids.len() as u64);
         Ok(leased)
+    }
+
+    /// Drops from `rows` every row that must not go out yet to keep its key in order.
+    ///
+    /// A row of ordering key `k` may be published only if every unpublished row of `k`
+    /// with a smaller id is in this batch too. Rows skipped by `SKIP LOCKED` (another
+    /// relay holds them) or not yet due (a refused row waiting for its retry) can sit
+    /// *between* two rows of this batch, so checking only the first row of each key is
+    /// not enough: for each key we find the smallest pending id this batch does not
+    /// hold, and keep only the rows below it.
+    async fn keep_key_order(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        rows: &mut Vec<Row>,
+    ) -> Result<(), OutboxError> {
+        let mut keys: Vec<&str> = rows
+            .iter()
+            .filter_map(|r| r.ordering_key.as_deref())
+            .collect();
+        if keys.is_empty() {
+            return Ok(());
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        let missing: Vec<(String, i64)> = sqlx::query_as(&format!(
+            "SELECT ordering_key, min(id) FROM {t}
+             WHERE published_at IS NULL AND ordering_key = ANY($1) AND NOT (id = ANY($2))
+             GROUP BY ordering_key",
+            t = self.outbox.table()
+        ))
+        .bind(&keys)
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let first_missing: HashMap<String, i64> = missing.into_iter().collect();
+        rows.retain(|r| match r.ordering_key.as_ref() {
+            Some(k) => first_missing.get(k).is_none_or(|&gap| r.id < gap),
+            None => true,
+        });
+        Ok(())
     }
 
     /// Runs rounds until nothing is due. Errors stop it (for tests and batch jobs).

@@ -115,11 +115,19 @@ impl Outbox {
     /// Writes `msg` into the outbox inside the caller's transaction (pass `&mut tx`).
     /// It is published only if that transaction commits. Returns the message's
     /// idempotence key (its AMQP `message_id`).
+    ///
+    /// A message with an [ordering key](OutboxMessage::ordering_key) takes a
+    /// transaction-scoped advisory lock on this table and key first: another
+    /// transaction enqueueing the same key waits until this one ends. Keys are thus
+    /// published in commit order. A transaction that enqueues several keys while others
+    /// enqueue them too should take them in a consistent order (PostgreSQL aborts one
+    /// side of a lock cycle with a deadlock error, which is worth a retry).
     pub async fn enqueue(
         &self,
         conn: &mut PgConnection,
         msg: OutboxMessage,
     ) -> Result<Uuid, OutboxError> {
+        let t = &self.table;
         if msg.exchange.is_empty() && msg.routing_key.is_empty() {
             return Err(OutboxError::InvalidMessage(
                 "both exchange and routing key are empty: the message could not be routed".into(),
@@ -130,20 +138,33 @@ impl Outbox {
                 "exchange and routing key are limited to 255 bytes by AMQP".into(),
             ));
         }
-        sqlx::query(&format!(
-            "INSERT INTO {} (message_id, exchange, routing_key, headers, content_type, body, ordering_key)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            self.table
-        ))
-        .bind(msg.id.to_string())
-        .bind(&msg.exchange)
-        .bind(&msg.routing_key)
-        .bind(headers_to_json(&msg.headers))
-        .bind(&msg.content_type)
-        .bind(&msg.body)
-        .bind(&msg.ordering_key)
-        .execute(&mut *conn)
-        .await?;
+        // Rows of one ordering key are serialised: the advisory lock (per table and key,
+        // held until the enclosing transaction ends) is taken in the same statement,
+        // before the row's id is drawn. So a later enqueue of the same key waits for the
+        // earlier transaction to commit or roll back, and draws a larger id: per key,
+        // id order is commit order, which is the order the relay publishes in.
+        let columns =
+            "message_id, exchange, routing_key, headers, content_type, body, ordering_key";
+        let sql = match &msg.ordering_key {
+            Some(_) => format!(
+                "INSERT INTO {t} ({columns})
+                 SELECT $1, $2, $3, $4, $5, $6, $7
+                 FROM (SELECT pg_advisory_xact_lock(hashtextextended($8, 0))) AS serialise_key"
+            ),
+            None => format!("INSERT INTO {t} ({columns}) VALUES ($1, $2, $3, $4, $5, $6, $7)"),
+        };
+        let mut insert = sqlx::query(&sql)
+            .bind(msg.id.to_string())
+            .bind(&msg.exchange)
+            .bind(&msg.routing_key)
+            .bind(headers_to_json(&msg.headers))
+            .bind(&msg.content_type)
+            .bind(&msg.body)
+            .bind(&msg.ordering_key);
+        if let Some(key) = &msg.ordering_key {
+            insert = insert.bind(format!("idem-outbox-key:{t}:{key}"));
+        }
+        insert.execute(&mut *conn).await?;
         // Delivered to listening relays only when the transaction commits.
         sqlx::query("SELECT pg_notify($1, '')")
             .bind(&self.channel)

@@ -218,19 +218,16 @@ async fn crash_after_publish_republishes_same_id_and_dedup_absorbs_it() {
     f.cleanup().await;
 }
 
-#[tokio::test]
-async fn two_relays_publish_each_row_once_and_keep_per_key_order() {
-    let f = Fixture::new().await;
-    let keys = 5;
-    let per_key = 40;
+/// Enqueues `per_key` rows for each of `keys` keys, interleaved, in one transaction;
+/// bodies are `<key>:<seq>`.
+async fn enqueue_keyed(f: &Fixture, keys: usize, per_key: usize) {
     let mut tx = f.pool.begin().await.unwrap();
     for seq in 0..per_key {
         for k in 0..keys {
-            let body = format!("{k}:{seq}");
             f.outbox
                 .enqueue(
                     &mut tx,
-                    OutboxMessage::new("", f.queue.clone(), body.into_bytes())
+                    OutboxMessage::new("", f.queue.clone(), format!("{k}:{seq}").into_bytes())
                         .ordering_key(format!("key-{k}")),
                 )
                 .await
@@ -238,25 +235,63 @@ async fn two_relays_publish_each_row_once_and_keep_per_key_order() {
         }
     }
     tx.commit().await.unwrap();
-    let a = Relay::new(f.pool.clone(), f.outbox.clone(), amqp_url()).batch_size(7);
-    let b = Relay::new(f.pool.clone(), f.outbox.clone(), amqp_url()).batch_size(7);
-    // Both relays race until everything is out (a relay may find nothing due while the
-    // other holds the head of every key, so each loops until the outbox is empty).
+}
+
+/// Bodies of `got` (`<key>:<seq>`) must come in sequence order per key, starting at
+/// `from[key]`; returns the next expected sequence per key.
+fn assert_key_order(
+    got: &[lapin::message::Delivery],
+    mut next: HashMap<String, usize>,
+) -> HashMap<String, usize> {
+    for d in got {
+        let body = String::from_utf8(d.data.clone()).unwrap();
+        let (k, seq) = body.split_once(':').unwrap();
+        let expected = next.entry(k.to_owned()).or_insert(0);
+        assert_eq!(
+            seq.parse::<usize>().unwrap(),
+            *expected,
+            "key {k} out of order in {:?}",
+            got.iter()
+                .map(|d| String::from_utf8_lossy(&d.data).into_owned())
+                .collect::<Vec<_>>()
+        );
+        *expected += 1;
+    }
+    next
+}
+
+/// Two relays race until the outbox is empty; returns both relays' stats.
+async fn race_two_relays(
+    f: &Fixture,
+    batch: i64,
+) -> (idem_outbox::RelayStats, idem_outbox::RelayStats) {
     let run = |r: Relay| {
-        let f_pool = f.pool.clone();
+        let pool = f.pool.clone();
         let outbox = f.outbox.clone();
         tokio::spawn(async move {
+            // A relay may find nothing it may publish while the other holds the head of
+            // every key, so each loops until the outbox is empty.
             loop {
                 r.relay_once().await.unwrap();
-                if outbox.status(&f_pool).await.unwrap().pending == 0 {
+                if outbox.status(&pool).await.unwrap().pending == 0 {
                     return r.stats();
                 }
                 tokio::task::yield_now().await;
             }
         })
     };
+    let a = Relay::new(f.pool.clone(), f.outbox.clone(), amqp_url()).batch_size(batch);
+    let b = Relay::new(f.pool.clone(), f.outbox.clone(), amqp_url()).batch_size(batch);
     let (sa, sb) = tokio::join!(run(a), run(b));
-    let (sa, sb) = (sa.unwrap(), sb.unwrap());
+    (sa.unwrap(), sb.unwrap())
+}
+
+#[tokio::test]
+async fn two_relays_publish_each_row_once_and_keep_per_key_order() {
+    let f = Fixture::new().await;
+    let (keys, per_key) = (5, 40);
+    enqueue_keyed(&f, keys, per_key).await;
+    let (sa, sb) = race_two_relays(&f, 7).await;
     assert_eq!(
         sa.published + sb.published,
         (keys * per_key) as u64,
@@ -264,18 +299,124 @@ async fn two_relays_publish_each_row_once_and_keep_per_key_order() {
     );
     let got = f.take_all().await;
     assert_eq!(got.len(), keys * per_key);
-    let mut next: HashMap<String, usize> = HashMap::new();
-    for d in &got {
-        let body = String::from_utf8(d.data.clone()).unwrap();
-        let (k, seq) = body.split_once(':').unwrap();
-        let expected = next.entry(k.to_owned()).or_insert(0);
-        assert_eq!(
-            seq.parse::<usize>().unwrap(),
-            *expected,
-            "key {k} out of order"
-        );
-        *expected += 1;
+    assert_key_order(&got, HashMap::new());
+    f.cleanup().await;
+}
+
+/// The race above, fifty times over, so an ordering bug that needs an unlucky
+/// interleaving shows up inside one test run.
+#[tokio::test]
+async fn two_relays_race_fifty_times_each_row_once_in_key_order() {
+    let f = Fixture::new().await;
+    let (keys, per_key) = (4, 12);
+    let rounds = async {
+        for round in 0..50 {
+            enqueue_keyed(&f, keys, per_key).await;
+            let (sa, sb) = race_two_relays(&f, 5).await;
+            assert_eq!(
+                sa.published + sb.published,
+                (keys * per_key) as u64,
+                "round {round}: each row published once: {sa:?} {sb:?}"
+            );
+            let got = f.take_all().await;
+            assert_eq!(got.len(), keys * per_key, "round {round}");
+            assert_key_order(&got, HashMap::new());
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(180), rounds)
+        .await
+        .expect("fifty relay races finish within 3 minutes");
+    f.cleanup().await;
+}
+
+/// Builds the gap by hand: another "relay" (an open transaction) holds the middle row of
+/// a key, so `SKIP LOCKED` hands this relay the rows on both sides of it. Only the rows
+/// before the held one may go out.
+#[tokio::test]
+async fn relay_leaves_a_key_alone_behind_a_row_another_relay_holds() {
+    let f = Fixture::new().await;
+    enqueue_keyed(&f, 1, 5).await; // key-0: 0:0 .. 0:4, ids ascending
+    let t = f.outbox.table().to_owned();
+    let ids: Vec<i64> = sqlx::query_scalar(&format!("SELECT id FROM {t} ORDER BY id"))
+        .fetch_all(&f.pool)
+        .await
+        .unwrap();
+    let mut holder = f.pool.begin().await.unwrap();
+    sqlx::query(&format!("SELECT id FROM {t} WHERE id = $1 FOR UPDATE"))
+        .bind(ids[2])
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+
+    let relay = Relay::new(f.pool.clone(), f.outbox.clone(), amqp_url()).batch_size(100);
+    assert_eq!(
+        relay.relay_once().await.unwrap(),
+        4,
+        "leases the rows around the held one"
+    );
+    let got = f.take_all().await;
+    let bodies: Vec<String> = got
+        .iter()
+        .map(|d| String::from_utf8_lossy(&d.data).into_owned())
+        .collect();
+    assert_eq!(
+        bodies,
+        ["0:0", "0:1"],
+        "nothing after the held row goes out"
+    );
+    assert_eq!(f.outbox.status(&f.pool).await.unwrap().pending, 3);
+
+    holder.rollback().await.unwrap(); // the other relay gives up its lease
+    relay.drain().await.unwrap();
+    let rest = f.take_all().await;
+    let next = assert_key_order(&got, HashMap::new());
+    assert_key_order(&rest, next);
+    assert_eq!(rest.len(), 3);
+    f.cleanup().await;
+}
+
+/// Two transactions enqueue the same key; the one that started later commits first if
+/// it can. Order is commit order, so the later transaction waits for the earlier one and
+/// its message goes out second, whatever a relay does in between.
+#[tokio::test]
+async fn concurrent_enqueues_of_one_key_go_out_in_commit_order() {
+    let f = Fixture::new().await;
+    let msg = |body: &str| {
+        OutboxMessage::new("", f.queue.clone(), body.as_bytes().to_vec()).ordering_key("acct-7")
+    };
+    let mut first = f.pool.begin().await.unwrap();
+    f.outbox.enqueue(&mut first, msg("first")).await.unwrap();
+
+    let (pool, outbox, second_msg) = (f.pool.clone(), f.outbox.clone(), msg("second"));
+    let mut second = tokio::spawn(async move {
+        let mut tx = pool.begin().await.unwrap();
+        outbox.enqueue(&mut tx, second_msg).await.unwrap();
+        tx.commit().await.unwrap();
+    });
+    // Without per-key serialisation the second transaction commits now, and a relay
+    // round publishes it ahead of the first.
+    let finished_early = tokio::time::timeout(Duration::from_millis(500), &mut second)
+        .await
+        .is_ok();
+    let relay = Relay::new(f.pool.clone(), f.outbox.clone(), amqp_url());
+    relay.relay_once().await.unwrap();
+
+    first.commit().await.unwrap();
+    if !finished_early {
+        second.await.unwrap();
     }
+    relay.drain().await.unwrap();
+    let bodies: Vec<String> = f
+        .take_all()
+        .await
+        .iter()
+        .map(|d| String::from_utf8_lossy(&d.data).into_owned())
+        .collect();
+    assert_eq!(bodies, ["first", "second"]);
+    assert!(
+        !finished_early,
+        "the second enqueue of a key waits for the first transaction"
+    );
     f.cleanup().await;
 }
 
