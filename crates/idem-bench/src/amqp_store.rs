@@ -6,7 +6,7 @@
 //!   concurrent lapin consumer doing one `SET key 1 NX PX 60000` per message, then
 //!   the ack.
 //! - `amqp-postgres`: the idem worker with the transactional inbox
-//!   ([`PgInbox`](idem_sql::PgInbox)); the handler inserts one row in the lent
+//!   ([`idem_sql::PgInbox`]); the handler inserts one row in the lent
 //!   transaction. Baseline: per message, `BEGIN`, `INSERT ... ON CONFLICT DO NOTHING`
 //!   into a dedup table, the same effect insert, `COMMIT`, ack.
 //!

@@ -1,4 +1,7 @@
 //! Command-line arguments (clap derive).
+// The doc comments below are the `--help` text clap prints, written for a terminal
+// (`[env: ...]`, `Q.retry.<tier>`), not rustdoc markup.
+#![allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags)]
 
 use clap::{Args, Parser, Subcommand};
 

@@ -1,7 +1,7 @@
 //! Error classification: transient (retry) or permanent (dead-letter at once).
 //!
 //! [`ClassifyLayer`] sits right around the handler stack. It catches panics (transient,
-//! with the panic message), accepts any error that converts into a [`BoxError`] (so
+//! with the panic message), accepts any error that converts into a [`BoxError`](crate::BoxError) (so
 //! tower's `Timeout` and friends can sit below it), and gives every error a definite
 //! [`ErrorKind`]: the one set at the `?` site if any, else the [`Classify`] policy's.
 //!
