@@ -104,6 +104,12 @@ pub(crate) struct RunArgs {
     /// so the publisher and the relay are still at work when faults are injected.
     #[arg(long, default_value_t = 0)]
     publish_rate: u32,
+    /// After each Redis restart, publish again (same id and body) this many messages
+    /// that were applied and completed before it: what a publisher retry or a
+    /// redelivery would do. Redis without persistence has forgotten their `done`
+    /// records, so they run again (`reruns_after_durability_fault`).
+    #[arg(long, default_value_t = 0)]
+    replay_after_restart: u32,
 }
 
 /// The crash points armed on workers 0 and 1 (small probabilities, `--*-failpoint-p`),
@@ -1005,6 +1011,14 @@ async fn drive(
                         if let (Fault::RedisRestart, Some(t0), Some(t1)) = (fault, before, after) {
                             windows.push((t0, t1));
                         }
+                        if fault == Fault::RedisRestart && args.replay_after_restart > 0 {
+                            match replay_completed(names, admin, args.replay_after_restart).await {
+                                Ok(n) => println!(
+                                    "chaos: replayed={n} messages completed before the redis-restart"
+                                ),
+                                Err(e) => println!("chaos: replay after redis-restart failed: {e}"),
+                            }
+                        }
                         // Where the run stood when the service was back: what is left
                         // was done by clients that reconnected on their own.
                         println!(
@@ -1089,6 +1103,41 @@ async fn drive(
         }
     }
     Ok((fleet, fired, drained, windows))
+}
+
+/// Publishes again the `count` valid messages whose effects were applied first (long
+/// before the fault), with their ids and bodies. Returns how many were confirmed.
+async fn replay_completed(names: &Names, admin: &Admin, count: u32) -> Result<usize, BoxError> {
+    let ids: Vec<String> = sqlx::query_scalar(&format!(
+        "SELECT e.msg_id FROM {} e JOIN {} p USING (msg_id) WHERE NOT p.poison ORDER BY e.at LIMIT $1",
+        names.table("effects"),
+        names.table("published")
+    ))
+    .bind(i64::from(count))
+    .fetch_all(&admin.pg)
+    .await?;
+    let mut msgs: Vec<Message> = ids
+        .iter()
+        .map(|id| {
+            let n = id
+                .rsplit('-')
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            Message::new(body(id, n, false)).with_message_id(id.clone())
+        })
+        .collect();
+    let publisher = Publisher::connect_named(
+        &common::amqp_url(),
+        &format!("{}replayer", names.conn_prefix()),
+    )
+    .await?;
+    let sent = publisher
+        .publish_batch("", &names.queue(), &mut msgs)
+        .await
+        .map(|()| msgs.len());
+    publisher.close().await;
+    Ok(sent?)
 }
 
 /// The database clock, as text (the effects' and duplicates' timestamps use it).

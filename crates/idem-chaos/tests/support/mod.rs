@@ -4,7 +4,6 @@
 // Each test binary uses a part of this module.
 #![allow(dead_code)]
 
-use std::collections::HashMap;
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, ExitStatus};
@@ -29,25 +28,22 @@ pub(crate) struct Run {
 }
 
 impl Run {
-    /// The `key=value` integer fields of the first line starting with `prefix`.
-    pub(crate) fn fields(&self, prefix: &str) -> HashMap<String, i64> {
-        let line = self
-            .lines
-            .iter()
-            .find(|l| l.starts_with(prefix))
-            .unwrap_or_else(|| panic!("no line starting with {prefix:?}\n{}", self.report));
-        line.split_whitespace()
-            .filter_map(|f| f.split_once('='))
-            .filter_map(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
-            .collect()
-    }
-
-    /// Field `key` of the first line starting with `prefix`; panics with the report.
+    /// Field `key` (an integer) of the first line that starts with `prefix` and has
+    /// it; panics with the report if there is none.
     pub(crate) fn get(&self, prefix: &str, key: &str) -> i64 {
-        *self
-            .fields(prefix)
-            .get(key)
-            .unwrap_or_else(|| panic!("no {key}= on the {prefix:?} line\n{}", self.report))
+        self.lines
+            .iter()
+            .filter(|l| l.starts_with(prefix))
+            .flat_map(|l| l.split_whitespace())
+            .filter_map(|f| f.split_once('='))
+            .find(|(k, _)| *k == key)
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or_else(|| {
+                panic!(
+                    "no line starting with {prefix:?} has {key}=<integer>\n{}",
+                    self.report
+                )
+            })
     }
 }
 
