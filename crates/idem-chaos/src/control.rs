@@ -65,7 +65,8 @@ pub(crate) struct RunArgs {
     store: Store,
     /// Faults besides kills, comma-separated. Default: conn-close,pg-terminate,failpoints
     /// (plus redis-kill with --store redis). broker-restart and redis-restart disturb
-    /// other users of those services: opt-in only, never in CI.
+    /// other users of those services: opt-in only (cargo test runs them only in the
+    /// broker_restart and redis_restart test binaries).
     #[arg(long, value_enum, value_delimiter = ',')]
     faults: Option<Vec<Fault>>,
     /// How many times each connection fault (and restart) is injected.
