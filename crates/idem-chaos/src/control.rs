@@ -1000,9 +1000,10 @@ async fn drive(
                     .map(|victim| format!("SIGKILL {victim}")),
                 Event::Fault(fault) => {
                     let restart = matches!(fault, Fault::BrokerRestart | Fault::RedisRestart);
-                    let before = match restart {
-                        true => db_now(admin).await.ok(),
-                        false => None,
+                    let before = if restart {
+                        db_now(admin).await.ok()
+                    } else {
+                        None
                     };
                     let done = inject(fault, admin, names).await.inspect(|_| {
                         *fired.entry(fault).or_insert(0) += 1;
