@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use idem_amqp::failpoints::{AFTER_COMMIT_BEFORE_ACK, AFTER_RETRY_PUBLISH_BEFORE_ACK};
 use idem_amqp::Publisher;
 use idem_core::Message;
+use idem_outbox::{Outbox, OutboxMessage, Relay};
 use lapin::options::{BasicGetOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use sqlx::PgPool;
@@ -64,7 +65,8 @@ pub(crate) struct RunArgs {
     store: Store,
     /// Faults besides kills, comma-separated. Default: conn-close,pg-terminate,failpoints
     /// (plus redis-kill with --store redis). broker-restart and redis-restart disturb
-    /// other users of those services: opt-in only, never in CI.
+    /// other users of those services: opt-in only (cargo test runs them only in the
+    /// broker_restart and redis_restart test binaries).
     #[arg(long, value_enum, value_delimiter = ',')]
     faults: Option<Vec<Fault>>,
     /// How many times each connection fault (and restart) is injected.
@@ -94,6 +96,21 @@ pub(crate) struct RunArgs {
     /// Keep the run's tables, queues, Redis keys and worker logs.
     #[arg(long)]
     keep: bool,
+    /// Send every other batch through a transactional outbox (`chaos_outbox_<run>`,
+    /// enqueued in the transaction that records the ids) and an `idem_outbox::Relay`
+    /// running in the controller, instead of the publisher.
+    #[arg(long)]
+    outbox: bool,
+    /// Publish at most this many messages per second (0: as fast as confirms allow),
+    /// so the publisher and the relay are still at work when faults are injected.
+    #[arg(long, default_value_t = 0)]
+    publish_rate: u32,
+    /// After each Redis restart, publish again (same id and body) this many messages
+    /// that were applied and completed before it: what a publisher retry or a
+    /// redelivery would do. Redis without persistence has forgotten their `done`
+    /// records, so they run again (`reruns_after_durability_fault`).
+    #[arg(long, default_value_t = 0)]
+    replay_after_restart: u32,
 }
 
 /// The crash points armed on workers 0 and 1 (small probabilities, `--*-failpoint-p`),
@@ -102,6 +119,21 @@ pub(crate) struct RunArgs {
 const FAILPOINTS: [&str; 2] = [AFTER_COMMIT_BEFORE_ACK, AFTER_RETRY_PUBLISH_BEFORE_ACK];
 const ABORTS_PER_FAILPOINT: u32 = 1;
 const PUBLISH_BATCH: usize = 200;
+
+/// What has been published so far, shared by the producer and the fault injector.
+#[derive(Default)]
+struct Published {
+    /// Messages confirmed by the broker to the publisher.
+    direct: AtomicU64,
+    /// Messages committed into the outbox.
+    outbox: AtomicU64,
+}
+
+impl Published {
+    fn total(&self) -> u64 {
+        self.direct.load(Ordering::Relaxed) + self.outbox.load(Ordering::Relaxed)
+    }
+}
 
 struct WorkerProc {
     slot: usize,
@@ -328,12 +360,17 @@ fn body(id: &str, n: u64, poison: bool) -> Vec<u8> {
 }
 
 /// Publishes every message with confirms, re-publishing a batch with the same ids
-/// until it is confirmed, and records the confirmed ids.
+/// until it is confirmed, and records the confirmed ids. With `outbox`, every other
+/// batch is instead enqueued into the outbox in the transaction that records its ids
+/// (the outbox generates the ids; the body then carries `"outbox": true` instead of
+/// the id). With a `rate`, batches are small and paced.
 async fn produce(
     names: Names,
     pg: PgPool,
     poison: Arc<Vec<bool>>,
-    confirmed: Arc<AtomicU64>,
+    published: Arc<Published>,
+    outbox: Option<Outbox>,
+    rate: u32,
 ) -> Result<(), BoxError> {
     let url = common::amqp_url();
     let publisher =
@@ -343,13 +380,32 @@ async fn produce(
         "INSERT INTO {} (msg_id, poison) SELECT * FROM UNNEST($1::text[], $2::bool[]) ON CONFLICT DO NOTHING",
         names.table("published")
     );
+    let batch = if rate == 0 {
+        PUBLISH_BATCH
+    } else {
+        (rate as usize / 10).clamp(1, PUBLISH_BATCH)
+    };
+    let started = Instant::now();
     let ids: Vec<u64> = (0..poison.len() as u64).collect();
-    for chunk in ids.chunks(PUBLISH_BATCH) {
+    for (index, chunk) in ids.chunks(batch).enumerate() {
+        if rate > 0 {
+            let due = started + Duration::from_secs_f64((index * batch) as f64 / f64::from(rate));
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let flags: Vec<bool> = chunk
+            .iter()
+            .map(|&n| poison.get(n as usize).copied().unwrap_or(false))
+            .collect();
+        if let Some(outbox) = outbox.as_ref().filter(|_| index % 2 == 1) {
+            let n = enqueue_batch(outbox, &pg, &insert, &queue, chunk, &flags).await?;
+            published.outbox.fetch_add(n, Ordering::Relaxed);
+            continue;
+        }
         let mut msgs: Vec<Message> = chunk
             .iter()
-            .map(|&n| {
+            .zip(&flags)
+            .map(|(&n, &bad)| {
                 let id = format!("{}-{n}", names.run);
-                let bad = poison.get(n as usize).copied().unwrap_or(false);
                 Message::new(body(&id, n, bad)).with_message_id(id)
             })
             .collect();
@@ -377,10 +433,6 @@ async fn produce(
             .iter()
             .filter_map(|m| m.properties.message_id.clone())
             .collect();
-        let flags: Vec<bool> = chunk
-            .iter()
-            .map(|&n| poison.get(n as usize).copied().unwrap_or(false))
-            .collect();
         let mut recorded = false;
         for _ in 0..20 {
             match sqlx::query(&insert)
@@ -402,10 +454,64 @@ async fn produce(
         if !recorded {
             return Err("cannot record the confirmed ids in PostgreSQL".into());
         }
-        confirmed.fetch_add(ids.len() as u64, Ordering::Relaxed);
+        published
+            .direct
+            .fetch_add(ids.len() as u64, Ordering::Relaxed);
     }
     publisher.close().await;
     Ok(())
+}
+
+/// Enqueues one batch into the outbox and records its ids, in one transaction
+/// (retried on error: a failed transaction left nothing). Returns the batch size.
+async fn enqueue_batch(
+    outbox: &Outbox,
+    pg: &PgPool,
+    insert: &str,
+    queue: &str,
+    chunk: &[u64],
+    flags: &[bool],
+) -> Result<u64, BoxError> {
+    let mut last = None;
+    for _ in 0..20 {
+        let attempt = async {
+            let mut tx = pg.begin().await?;
+            let mut ids = Vec::with_capacity(chunk.len());
+            for (&n, &bad) in chunk.iter().zip(flags) {
+                let body = if bad {
+                    format!("poison {n} (outbox): not JSON").into_bytes()
+                } else {
+                    serde_json::json!({ "n": n, "outbox": true })
+                        .to_string()
+                        .into_bytes()
+                };
+                let id = outbox
+                    .enqueue(&mut tx, OutboxMessage::new("", queue, body))
+                    .await?;
+                ids.push(id.to_string());
+            }
+            sqlx::query(insert)
+                .bind(&ids)
+                .bind(flags)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok::<_, BoxError>(ids.len() as u64)
+        };
+        match attempt.await {
+            Ok(n) => return Ok(n),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot enqueue a batch into the outbox; retrying");
+                last = Some(e);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    Err(format!(
+        "cannot enqueue into the outbox: {}",
+        last.map(|e| e.to_string()).unwrap_or_default()
+    )
+    .into())
 }
 
 struct Totals {
@@ -424,7 +530,7 @@ struct Totals {
     dlq_foreign: usize,
 }
 
-async fn create_tables(pg: &PgPool, names: &Names) -> Result<(), BoxError> {
+async fn create_tables(pg: &PgPool, names: &Names, outbox: bool) -> Result<(), BoxError> {
     let t = |k: &str| names.table(k);
     for sql in [
         format!("CREATE TABLE {} (msg_id TEXT PRIMARY KEY, poison BOOLEAN NOT NULL)", t("published")),
@@ -445,11 +551,21 @@ async fn create_tables(pg: &PgPool, names: &Names) -> Result<(), BoxError> {
     }
     let inbox = idem_sql::PgInbox::new(pg.clone(), CONSUMER).table(&t("inbox"))?;
     inbox.ensure_schema().await?;
+    if outbox {
+        Outbox::new(&t("outbox"))?.ensure_schema(pg).await?;
+    }
     Ok(())
 }
 
 async fn cleanup(admin: &mut Admin, names: &Names) -> Result<(), BoxError> {
-    for kind in ["published", "effects", "invocations", "dupes", "inbox"] {
+    for kind in [
+        "published",
+        "effects",
+        "invocations",
+        "dupes",
+        "inbox",
+        "outbox",
+    ] {
         sqlx::query(&format!("DROP TABLE IF EXISTS {}", names.table(kind)))
             .execute(&admin.pg)
             .await?;
@@ -504,7 +620,7 @@ async fn verify(
     names: &Names,
     fleet: &Fleet,
     store: Store,
-    durability_faults: u32,
+    durability_windows: &[(String, String)],
 ) -> Result<Totals, BoxError> {
     let t = |k: &str| names.table(k);
     let (published, effects, invocations, dupes) =
@@ -548,6 +664,23 @@ async fn verify(
     .bind(&dupe_ids)
     .fetch_all(&admin.pg)
     .await?;
+    // Re-runs a durability fault explains: the effect was applied before Redis came
+    // back (its `done` record, if any, was forgotten) and re-attempted after it went down.
+    let (starts, ends): (Vec<&str>, Vec<&str>) = durability_windows
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .unzip();
+    let unexplained: HashSet<String> = sqlx::query_scalar::<_, String>(&format!(
+        "SELECT DISTINCT d.msg_id FROM {dupes} d JOIN {effects} e USING (msg_id) \
+         WHERE NOT EXISTS (SELECT 1 FROM unnest($1::text[], $2::text[]) AS w(t0, t1) \
+         WHERE e.at < w.t1::timestamptz AND d.at > w.t0::timestamptz)"
+    ))
+    .bind(&starts)
+    .bind(&ends)
+    .fetch_all(&admin.pg)
+    .await?
+    .into_iter()
+    .collect();
     let mut by_msg: HashMap<&str, Vec<&str>> = HashMap::new();
     for (msg, worker) in &runs {
         by_msg.entry(msg).or_default().push(worker);
@@ -561,9 +694,10 @@ async fn verify(
             // The inbox promises no duplicate effect under every fault.
             Store::Postgres | Store::None => duplicates += 1,
             // A lease store re-runs a message whose worker died between the effect and
-            // `complete` (its lease expires); a Redis that forgot writes re-runs too.
+            // `complete` (its lease expires); a Redis that forgot writes re-runs what was
+            // applied before it came back.
             Store::Redis if crashed => after_crash += 1,
-            Store::Redis if durability_faults > 0 => after_durability += 1,
+            Store::Redis if !unexplained.contains(id) => after_durability += 1,
             Store::Redis => duplicates += 1,
         }
     }
@@ -640,7 +774,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<bool, BoxError> {
     if needs_redis {
         admin.redis = Some(common::redis_conn(&common::redis_url()).await?);
     }
-    create_tables(&admin.pg, &names).await?;
+    create_tables(&admin.pg, &names, args.outbox).await?;
     let topology = common::topology(&names.queue());
     {
         let ch = admin.channel().await?;
@@ -648,7 +782,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<bool, BoxError> {
     }
 
     let outcome = drive(&args, &names, &faults, &mut admin, &mut rng, &log_dir).await;
-    let (fleet, fired, drained) = match outcome {
+    let (fleet, fired, drained, windows) = match outcome {
         Ok(v) => v,
         Err(e) => {
             if !args.keep {
@@ -657,8 +791,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<bool, BoxError> {
             return Err(e);
         }
     };
-    let durability = fired.get(&Fault::RedisRestart).copied().unwrap_or(0);
-    let totals = verify(&mut admin, &names, &fleet, args.store, durability).await;
+    let totals = verify(&mut admin, &names, &fleet, args.store, &windows).await;
     let totals = match totals {
         Ok(t) => t,
         Err(e) => {
@@ -731,11 +864,13 @@ pub(crate) async fn run(args: RunArgs) -> Result<bool, BoxError> {
     Ok(ok)
 }
 
-type Driven = (Fleet, HashMap<Fault, u32>, bool);
+/// The stopped fleet, the faults fired, whether the queues drained, and the
+/// durability windows (database time before and after each Redis restart).
+type Driven = (Fleet, HashMap<Fault, u32>, bool, Vec<(String, String)>);
 
 /// Starts the workers and the producer, fires the scheduled faults as the effects
-/// progress, and waits for the queues to drain. Returns the stopped fleet, the faults
-/// fired and whether the queues drained.
+/// progress, and waits for the queues to drain. With `--outbox` a relay runs in this
+/// process meanwhile.
 async fn drive(
     args: &RunArgs,
     names: &Names,
@@ -779,13 +914,48 @@ async fn drive(
         fleet.procs.push(p);
     }
 
-    let confirmed = Arc::new(AtomicU64::new(0));
+    let outbox = if args.outbox {
+        Some(Outbox::new(&names.table("outbox"))?)
+    } else {
+        None
+    };
+    let (relay, relay_stop, relay_task) = match &outbox {
+        Some(outbox) => {
+            let pool = common::pg_pool(
+                &common::database_url(),
+                &format!("{}relay", names.conn_prefix()),
+                3,
+            )
+            .await?;
+            let relay = Arc::new(
+                Relay::new(pool, outbox.clone(), common::amqp_url())
+                    .poll_interval(Duration::from_millis(200)),
+            );
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let running = relay.clone();
+            let task = tokio::spawn(async move {
+                running
+                    .run(async move {
+                        let _ = stopped.await;
+                    })
+                    .await
+            });
+            (Some(relay), Some(stop), Some(task))
+        }
+        None => (None, None, None),
+    };
+    let relayed = |relay: &Option<Arc<Relay>>| relay.as_ref().map_or(0, |r| r.stats().published);
+
+    let published = Arc::new(Published::default());
     let mut producer = Some(tokio::spawn(produce(
         names.clone(),
         admin.pg.clone(),
         Arc::new(poison),
-        confirmed.clone(),
+        published.clone(),
+        outbox,
+        args.publish_rate,
     )));
+    let mut windows = Vec::new();
 
     let effects_sql = format!("SELECT count(*) FROM {}", names.table("effects"));
     let dlq = common::topology(&names.queue()).dlq();
@@ -828,9 +998,43 @@ async fn drive(
                     .kill_random(rng)
                     .await
                     .map(|victim| format!("SIGKILL {victim}")),
-                Event::Fault(fault) => inject(fault, admin, names).await.inspect(|_| {
-                    *fired.entry(fault).or_insert(0) += 1;
-                }),
+                Event::Fault(fault) => {
+                    let restart = matches!(fault, Fault::BrokerRestart | Fault::RedisRestart);
+                    let before = if restart {
+                        db_now(admin).await.ok()
+                    } else {
+                        None
+                    };
+                    let done = inject(fault, admin, names).await.inspect(|_| {
+                        *fired.entry(fault).or_insert(0) += 1;
+                    });
+                    if restart {
+                        let after = db_now(admin).await.ok();
+                        if let (Fault::RedisRestart, Some(t0), Some(t1)) = (fault, before, after) {
+                            windows.push((t0, t1));
+                        }
+                        if fault == Fault::RedisRestart && args.replay_after_restart > 0 {
+                            match replay_completed(names, admin, args.replay_after_restart).await {
+                                Ok(n) => println!(
+                                    "chaos: replayed={n} messages completed before the redis-restart"
+                                ),
+                                Err(e) => println!("chaos: replay after redis-restart failed: {e}"),
+                            }
+                        }
+                        // Where the run stood when the service was back: what is left
+                        // was done by clients that reconnected on their own.
+                        println!(
+                            "chaos: back after {}: effects={} confirmed={} direct={} outbox={} relayed={}",
+                            fault.name(),
+                            admin.count(&effects_sql).await.unwrap_or(-1),
+                            published.total(),
+                            published.direct.load(Ordering::Relaxed),
+                            published.outbox.load(Ordering::Relaxed),
+                            relayed(&relay),
+                        );
+                    }
+                    done
+                }
             };
             match what {
                 Ok(detail) => println!("chaos: at {:>3.0}% {detail}", at * 100.0),
@@ -870,6 +1074,20 @@ async fn drive(
         p.abort();
     }
     fleet.stop().await;
+    if let (Some(stop), Some(task)) = (relay_stop, relay_task) {
+        let _ = stop.send(());
+        match task.await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => println!("chaos: the relay stopped with an error: {e}"),
+            Err(e) => println!("chaos: the relay task failed: {e}"),
+        }
+    }
+    println!(
+        "chaos: publishing direct={} outbox={} relayed={}",
+        published.direct.load(Ordering::Relaxed),
+        published.outbox.load(Ordering::Relaxed),
+        relayed(&relay),
+    );
     // The queue depth of the DLQ, for the log.
     if let Ok(ch) = admin.channel().await {
         if let Ok(q) = ch
@@ -886,7 +1104,49 @@ async fn drive(
             );
         }
     }
-    Ok((fleet, fired, drained))
+    Ok((fleet, fired, drained, windows))
+}
+
+/// Publishes again the `count` valid messages whose effects were applied first (long
+/// before the fault), with their ids and bodies. Returns how many were confirmed.
+async fn replay_completed(names: &Names, admin: &Admin, count: u32) -> Result<usize, BoxError> {
+    let ids: Vec<String> = sqlx::query_scalar(&format!(
+        "SELECT e.msg_id FROM {} e JOIN {} p USING (msg_id) WHERE NOT p.poison ORDER BY e.at LIMIT $1",
+        names.table("effects"),
+        names.table("published")
+    ))
+    .bind(i64::from(count))
+    .fetch_all(&admin.pg)
+    .await?;
+    let mut msgs: Vec<Message> = ids
+        .iter()
+        .map(|id| {
+            let n = id
+                .rsplit('-')
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            Message::new(body(id, n, false)).with_message_id(id.clone())
+        })
+        .collect();
+    let publisher = Publisher::connect_named(
+        &common::amqp_url(),
+        &format!("{}replayer", names.conn_prefix()),
+    )
+    .await?;
+    let sent = publisher
+        .publish_batch("", &names.queue(), &mut msgs)
+        .await
+        .map(|()| msgs.len());
+    publisher.close().await;
+    Ok(sent?)
+}
+
+/// The database clock, as text (the effects' and duplicates' timestamps use it).
+async fn db_now(admin: &Admin) -> Result<String, BoxError> {
+    Ok(sqlx::query_scalar("SELECT clock_timestamp()::text")
+        .fetch_one(&admin.pg)
+        .await?)
 }
 
 async fn inject(fault: Fault, admin: &mut Admin, names: &Names) -> Result<String, BoxError> {
@@ -905,14 +1165,20 @@ async fn inject(fault: Fault, admin: &mut Admin, names: &Names) -> Result<String
             Ok(format!("killed {n} Redis clients"))
         }
         Fault::BrokerRestart => {
-            faults::restart_broker().await?;
             admin.amqp = None;
-            Ok("restarted the RabbitMQ app".to_owned())
+            let down = faults::restart_broker().await?;
+            Ok(format!(
+                "restarted the RabbitMQ app (down {:.1} s)",
+                down.as_secs_f64()
+            ))
         }
         Fault::RedisRestart => {
             let conn = admin.redis.as_mut().ok_or("no Redis connection")?;
-            faults::restart_redis(conn).await?;
-            Ok("restarted Redis without saving".to_owned())
+            let down = faults::restart_redis(conn).await?;
+            Ok(format!(
+                "restarted Redis without saving (down {:.1} s)",
+                down.as_secs_f64()
+            ))
         }
         Fault::Failpoints => Ok("failpoints are armed at spawn".to_owned()),
     }

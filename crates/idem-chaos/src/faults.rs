@@ -101,46 +101,132 @@ pub(crate) async fn kill_redis_clients(
     Ok(killed)
 }
 
-/// Restarts the RabbitMQ application (`stop_app`, `start_app`): every connection of
-/// every client is dropped. Opt-in (`--faults broker-restart`), never in CI.
-pub(crate) async fn restart_broker() -> Result<(), BoxError> {
-    rabbitmqctl(&["-q", "stop_app"]).await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    rabbitmqctl(&["-q", "start_app"]).await?;
-    Ok(())
+/// Where restarts are announced: the file named by `IDEM_RESTART_LOG`, if set. Other
+/// users of the same RabbitMQ or Redis (tests run concurrently on a shared machine) can
+/// then tell a restart from a bug of their own. Each line is
+/// `<UTC time> restarting <service> (<tag>)`, then `<UTC time> back up`; the tag is
+/// `IDEM_RESTART_TAG` or `idem-chaos`.
+pub(crate) const RESTART_LOG_ENV: &str = "IDEM_RESTART_LOG";
+
+async fn utc_now() -> String {
+    match Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .await
+    {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        _ => {
+            let secs = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            format!("unix:{secs}")
+        }
+    }
 }
 
-/// Restarts the Redis server without saving (`SHUTDOWN NOSAVE`, then
-/// `redis-server --port <port> --daemonize yes`): a durability fault, everything not
-/// persisted is forgotten, for every client of that Redis. Opt-in
-/// (`--faults redis-restart`), only on a Redis the run owns.
+/// Appends `line` (prefixed with the UTC time) to the restart log, if one is set.
+/// A log that cannot be written is reported on stderr and does not stop the run.
+async fn announce(line: &str) {
+    let Some(path) = std::env::var_os(RESTART_LOG_ENV) else {
+        return;
+    };
+    let text = format!("{} {line}\n", utc_now().await);
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()));
+    if let Err(e) = written {
+        eprintln!(
+            "idem-chaos: cannot append to the restart log {}: {e}",
+            std::path::Path::new(&path).display()
+        );
+    }
+}
+
+async fn announce_restart(service: &str) {
+    let tag = std::env::var("IDEM_RESTART_TAG").unwrap_or_else(|_| "idem-chaos".to_owned());
+    announce(&format!("restarting {service} ({tag})")).await;
+}
+
+/// Restarts the RabbitMQ application (`stop_app`, `start_app`): every connection of
+/// every client is dropped; durable queues and persistent messages stay. Opt-in
+/// (`--faults broker-restart`). `start_app` is run even if `stop_app` failed, so the
+/// broker is never left stopped by this function. Returns how long it was down.
+pub(crate) async fn restart_broker() -> Result<Duration, BoxError> {
+    announce_restart("rabbitmq").await;
+    let started = std::time::Instant::now();
+    let stopped = rabbitmqctl(&["-q", "stop_app"]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let restarted = rabbitmqctl(&["-q", "start_app"]).await;
+    let down = started.elapsed();
+    if restarted.is_ok() {
+        announce("back up").await;
+    }
+    stopped?;
+    restarted?;
+    Ok(down)
+}
+
+/// Restarts the local Redis server without saving: `redis-cli -p <port> shutdown
+/// nosave`, then `redis-server --daemonize yes` with the configuration it had (`bind`,
+/// `port`, `save`, `appendonly`, `dir`, `logfile`, read with `CONFIG GET` before the
+/// shutdown). On the CI machine that is exactly the start command of `.ci/services`.
+/// A durability fault: whatever was not persisted is forgotten, for every client of
+/// that Redis. Opt-in (`--faults redis-restart`). Returns how long it was down.
 pub(crate) async fn restart_redis(
     conn: &mut redis::aio::ConnectionManager,
-) -> Result<(), BoxError> {
-    let port: Vec<String> = redis::cmd("CONFIG")
-        .arg("GET")
-        .arg("port")
-        .query_async(conn)
-        .await?;
-    let port = port
-        .get(1)
-        .cloned()
-        .ok_or("CONFIG GET port returned nothing")?;
-    // The connection drops while the server stops: an error here is expected.
-    let _: redis::RedisResult<()> = redis::cmd("SHUTDOWN").arg("NOSAVE").query_async(conn).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+) -> Result<Duration, BoxError> {
+    let mut config = Vec::new();
+    for key in ["bind", "port", "save", "appendonly", "dir", "logfile"] {
+        let pair: Vec<String> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg(key)
+            .query_async(conn)
+            .await?;
+        let value = pair
+            .get(1)
+            .cloned()
+            .ok_or_else(|| format!("CONFIG GET {key} returned nothing"))?;
+        config.push((key, value));
+    }
+    let port = config
+        .iter()
+        .find(|(k, _)| *k == "port")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let mut args = vec!["--daemonize".to_owned(), "yes".to_owned()];
+    for (key, value) in &config {
+        args.push(format!("--{key}"));
+        if *key == "bind" {
+            // Several addresses are separate arguments, as typed on the command line.
+            args.extend(value.split_whitespace().map(str::to_owned));
+        } else {
+            args.push(value.clone());
+        }
+    }
+    announce_restart("redis").await;
+    let started = std::time::Instant::now();
+    // The server closes every connection while it stops: redis-cli may report that.
+    let _ = Command::new("redis-cli")
+        .args(["-p", &port, "shutdown", "nosave"])
+        .output()
+        .await
+        .map_err(|e| format!("cannot run redis-cli: {e}"))?;
     let status = Command::new("redis-server")
-        .args(["--port", &port, "--daemonize", "yes"])
+        .args(&args)
         .status()
         .await
         .map_err(|e| format!("cannot start redis-server: {e}"))?;
     if !status.success() {
-        return Err(format!("redis-server --port {port} --daemonize yes failed: {status}").into());
+        return Err(format!("redis-server {} failed: {status}", args.join(" ")).into());
     }
     for _ in 0..50 {
         let pong: redis::RedisResult<String> = redis::cmd("PING").query_async(conn).await;
         if pong.is_ok() {
-            return Ok(());
+            let down = started.elapsed();
+            announce("back up").await;
+            return Ok(down);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

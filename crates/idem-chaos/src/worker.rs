@@ -92,12 +92,15 @@ impl Ctx {
     }
 }
 
-/// A valid body is `{"id": "<message id>", ...}`; poison bodies are not JSON.
+/// A valid body is `{"id": "<message id>", ...}`, or `{"outbox": true, ...}` for a
+/// message sent through the outbox (whose id the outbox chose); poison bodies are not
+/// JSON.
 fn check_payload(body: &[u8], key: &IdempotencyKey) -> Result<(), HandlerError> {
     let value: serde_json::Value = serde_json::from_slice(body)
         .map_err(|e| HandlerError::permanent(BadPayload(e.to_string())))?;
     match value.get("id").and_then(|v| v.as_str()) {
         Some(id) if id == key.as_str() => Ok(()),
+        None if value.get("outbox") == Some(&serde_json::Value::Bool(true)) => Ok(()),
         other => Err(HandlerError::permanent(BadPayload(format!(
             "id {other:?} does not match the key {key}"
         )))),

@@ -1,0 +1,90 @@
+//! A full RabbitMQ restart (`rabbitmqctl stop_app; start_app`) while a publisher, an
+//! outbox relay and two worker processes (PostgreSQL inbox) are at work, checked with
+//! the chaos accounting. A binary of its own: cargo runs test binaries one after
+//! another, so no other test of the workspace runs while the broker is down.
+//!
+//! Needs RabbitMQ with `rabbitmqctl` on the PATH (same host) and PostgreSQL; see the
+//! crate README. Each restart is announced in the restart log (`IDEM_RESTART_LOG`,
+//! default `$TMPDIR/idem-restarts.log`).
+
+mod support;
+
+use support::{run_chaos, KeepRunning, Service};
+
+#[test]
+fn broker_restart_loses_nothing_and_every_client_reconnects_on_its_own() {
+    let _guard = KeepRunning(Service::RabbitMq);
+    let run = run_chaos(&[
+        "--messages",
+        "2000",
+        "--store",
+        "postgres",
+        "--workers",
+        "2",
+        "--kills",
+        "0",
+        "--faults",
+        "broker-restart",
+        "--rounds",
+        "1",
+        "--outbox",
+        "--publish-rate",
+        "100",
+        "--drain-timeout",
+        "60",
+    ]);
+    let report = &run.report;
+    assert!(
+        run.status.success(),
+        "idem-chaos failed ({}); if a service is down, stderr says how to start it\n{report}",
+        run.status
+    );
+    let last = "chaos: published=";
+    assert_eq!(run.get(last, "published"), 2000, "{report}");
+    assert_eq!(
+        run.get(last, "confirmed"),
+        2000,
+        "every message is eventually confirmed or committed to the outbox\n{report}"
+    );
+    assert_eq!(run.get(last, "lost"), 0, "{report}");
+    assert_eq!(run.get(last, "duplicates"), 0, "{report}");
+    assert_eq!(
+        run.get(last, "dead_lettered"),
+        run.get(last, "poison"),
+        "{report}"
+    );
+    assert_eq!(
+        run.get(last, "effects"),
+        run.get(last, "confirmed") - run.get(last, "poison"),
+        "one effect per confirmed valid message\n{report}"
+    );
+
+    // One restart, and nothing restarted the workers: no kill, no crash point, no exit.
+    let injected = "chaos: faults injected:";
+    assert_eq!(run.get(injected, "broker-restart"), 1, "{report}");
+    assert_eq!(run.get(injected, "unexpected-worker-exits"), 0, "{report}");
+    assert_eq!(run.get(injected, "failpoint-aborts"), 0, "{report}");
+    assert_eq!(run.get(last, "kills"), 0, "{report}");
+
+    // Work was left when the broker came back, and it was done: the same worker
+    // processes consumed again, the publisher published again, the relay relayed again.
+    let back = "chaos: back after broker-restart:";
+    let publishing = "chaos: publishing";
+    assert!(
+        run.get(back, "effects") < run.get(last, "effects"),
+        "the workers applied effects after the restart\n{report}"
+    );
+    assert!(
+        run.get(back, "direct") < run.get(publishing, "direct"),
+        "the publisher published after the restart\n{report}"
+    );
+    assert!(
+        run.get(back, "relayed") < run.get(publishing, "relayed"),
+        "the relay published after the restart\n{report}"
+    );
+    assert_eq!(
+        run.get(publishing, "relayed"),
+        run.get(publishing, "outbox"),
+        "every outbox row was relayed and marked once\n{report}"
+    );
+}
