@@ -8,7 +8,8 @@ Exit codes:
   1  usage error, refused operation (purge without --yes), queue or table not found
   2  RabbitMQ or the database cannot be reached
   3  partial failure: some messages were handled, the others stay where they were
-  4  the broker or the database refused an operation";
+  4  the broker or the database refused an operation, or the login
+     (wrong user name, password or vhost)";
 
 /// idem operator tool: dead-letter queues, topology and outbox.
 #[derive(Debug, Parser)]
