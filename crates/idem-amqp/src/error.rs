@@ -87,7 +87,8 @@ pub enum Error {
 /// Whether a failed connection attempt was refused by the broker (bad credentials or
 /// vhost) rather than unreachable: RabbitMQ closes the handshake with
 /// `ACCESS_REFUSED` (403) or `NOT_ALLOWED` (530), which lapin reports as a protocol
-/// error.
+/// error (lapin announces the `authentication_failure_close` capability, so the broker
+/// says why instead of just dropping the socket).
 pub(crate) fn is_refusal(e: &lapin::Error) -> bool {
     use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
     matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if matches!(

@@ -84,6 +84,19 @@ async fn wrong_password_exits_4_and_an_unused_port_exits_2() {
     assert!(!err.contains("is the broker running"), "{err}");
     assert!(!err.contains("not-the-password-7f3a"), "{err}");
 
+    // A vhost that does not exist is refused too (NOT_ALLOWED).
+    let (base, _vhost) = good.rsplit_once('/').unwrap();
+    let out = idem_at(
+        &format!(
+            "{base}/idem-no-such-vhost-{}",
+            uuid::Uuid::new_v4().simple()
+        ),
+        &["dlq", "list", "q"],
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(err.contains("vhost"), "{err}");
+
     // A port nothing listens on: a listener is bound, its port read, then closed.
     let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = free.local_addr().unwrap().port();
