@@ -24,7 +24,8 @@
 //! shown), so the restored messages keep their relative order; messages dead-lettered
 //! while a command runs land among them. A crash between the confirm of a copy and the
 //! ack of its original leaves both in the DLQ (same `message_id`): a duplicate, never a
-//! loss. If a copy is refused (e.g. the DLQ is full with `reject-publish`), the command
+//! loss. A copy is a new message for the broker: a message TTL the DLQ may have (by
+//! policy) starts again for it. If a copy is refused (e.g. the DLQ is full with `reject-publish`), the command
 //! stops with an error and the broker returns the messages it still holds (the only
 //! case where a message is handed back).
 //!

@@ -331,3 +331,89 @@ async fn a_hundred_lists_leave_a_quorum_dlq_unchanged() {
         .unwrap();
     let _ = conn.close(200, "bye".into()).await;
 }
+
+/// A quorum work queue's delivery limit: the broker dead-letters a message returned
+/// too often (reason `delivery_limit`, the 4.x default path for poison messages).
+#[tokio::test]
+async fn delivery_limit_dead_letters_show_their_reason_and_replay_to_their_queue() {
+    let conn = common::connect().await;
+    let q = format!("idem-cli-test-qq-limit-{}", uuid::Uuid::new_v4().simple());
+    let dlq_name = format!("{q}.dlq");
+    let ch = confirm_channel(&conn).await;
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), long("quorum"));
+    args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(1));
+    args.insert("x-dead-letter-exchange".into(), long(""));
+    args.insert("x-dead-letter-routing-key".into(), long(&dlq_name));
+    ch.queue_declare(q.as_str().into(), QueueDeclareOptions::durable(), args)
+        .await
+        .unwrap();
+    ch.queue_declare(
+        dlq_name.as_str().into(),
+        QueueDeclareOptions::durable(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    publish(&ch, "", &q, "body of poison-1", props("poison-1")).await;
+    // Another client takes it and hands it back until the broker gives up on it.
+    let taker = conn.create_channel().await.unwrap();
+    let start = Instant::now();
+    loop {
+        let depth = ch
+            .queue_declare(
+                dlq_name.as_str().into(),
+                QueueDeclareOptions::default().passive(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap()
+            .message_count();
+        if depth == 1 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the delivery limit never dead-lettered the message"
+        );
+        if let Some(got) = taker
+            .basic_get(q.as_str().into(), BasicGetOptions { no_ack: false })
+            .await
+            .unwrap()
+        {
+            got.delivery
+                .reject(BasicRejectOptions { requeue: true })
+                .await
+                .unwrap();
+        } else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let _ = taker.close(200, "bye".into()).await;
+
+    let entries = dlq::list(&conn, &q, 10).await.unwrap();
+    assert_eq!(entries.len(), 1);
+    let e = &entries[0];
+    assert_eq!(
+        (e.source.as_str(), e.kind().as_str(), e.source_queue()),
+        ("broker", "delivery_limit", Some(q.as_str()))
+    );
+    let report = dlq::replay(&conn, &dlq_name, &dlq::Selector::All, false)
+        .await
+        .unwrap();
+    assert_eq!((report.done, report.failed), (1, 0), "{report:?}");
+    let back = ch
+        .basic_get(q.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("the replayed message in its queue");
+    assert_eq!(back.delivery.data, b"body of poison-1");
+    let headers = back.delivery.properties.headers().clone().unwrap();
+    assert!(!headers.inner().contains_key("x-death"), "{headers:?}");
+    for name in [q.as_str(), dlq_name.as_str()] {
+        ch.queue_delete(name.into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+    }
+    let _ = conn.close(200, "bye".into()).await;
+}
