@@ -13,6 +13,26 @@ pub enum Error {
         /// What went wrong, password scrubbed.
         detail: String,
     },
+    /// The broker answered but refused the connection: wrong user name or password
+    /// (`ACCESS_REFUSED`, 403) or no access to the vhost (`NOT_ALLOWED`, 530).
+    #[error("RabbitMQ at {url} refused the connection: {detail} (check the user name, password and vhost in the URL)")]
+    Refused {
+        /// The URL, password redacted.
+        url: String,
+        /// The broker's reason, password scrubbed.
+        detail: String,
+    },
+    /// A queue exists with other arguments than the topology declares
+    /// (`PRECONDITION_FAILED`, e.g. quorum delay queues declared by an older idem).
+    #[error("queue {queue:?} exists with other arguments: {detail}. {hint}")]
+    Inequivalent {
+        /// The queue.
+        queue: String,
+        /// The broker's reason.
+        detail: String,
+        /// What to do about it.
+        hint: String,
+    },
     /// An AMQP operation failed.
     #[error("AMQP {op} failed: {source}")]
     Amqp {
@@ -62,6 +82,28 @@ pub enum Error {
     /// The Prometheus endpoint could not start.
     #[error("metrics endpoint: {0}")]
     Metrics(String),
+}
+
+/// Whether a failed connection attempt was refused by the broker (bad credentials or
+/// vhost) rather than unreachable: RabbitMQ closes the handshake with
+/// `ACCESS_REFUSED` (403) or `NOT_ALLOWED` (530), which lapin reports as a protocol
+/// error (lapin announces the `authentication_failure_close` capability, so the broker
+/// says why instead of just dropping the socket).
+pub(crate) fn is_refusal(e: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if matches!(
+        p.kind(),
+        AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)
+            | AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED)
+    ))
+}
+
+/// Whether the broker refused a declaration because the object exists with other
+/// arguments (`PRECONDITION_FAILED`, 406).
+pub(crate) fn is_precondition_failed(e: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p)
+        if *p.kind() == AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED))
 }
 
 impl Error {

@@ -22,12 +22,14 @@ use crate::url::{redact_url, scrub};
 /// `rabbitmqctl list_connections name`). Errors never contain the password.
 pub async fn connect(url: &str, name: &str) -> Result<Connection, Error> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    let conn = Connection::connect(url, props)
-        .await
-        .map_err(|e| Error::Connect {
-            url: redact_url(url),
-            detail: scrub(&e.to_string(), url),
-        })?;
+    let conn = Connection::connect(url, props).await.map_err(|e| {
+        let (url, detail) = (redact_url(url), scrub(&e.to_string(), url));
+        if crate::error::is_refusal(&e) {
+            Error::Refused { url, detail }
+        } else {
+            Error::Connect { url, detail }
+        }
+    })?;
     tracing::info!(url = %redact_url(url), connection = name, "connected to RabbitMQ");
     Ok(conn)
 }

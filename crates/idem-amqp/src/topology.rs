@@ -11,7 +11,26 @@
 //! Declaring is idempotent and can be turned off ([`Topology::declare`]) when the
 //! queues are managed elsewhere; they must then exist with the same arguments.
 //!
-//! With [`QueueType::Quorum`], every queue is a quorum queue. A quorum queue's
+//! With [`QueueType::Quorum`], every queue is a quorum queue, and each delay queue is
+//! declared with `x-dead-letter-strategy: at-least-once` and `x-overflow:
+//! reject-publish`. A quorum queue dead-letters *at most once* by default: the hop
+//! from a delay queue back to `Q` when the TTL expires is a publish without confirms,
+//! and a retry is lost if `Q` cannot take it at that moment (no quorum, leader
+//! change). With the at-least-once strategy the delay queue keeps the message until
+//! `Q` confirmed it (possibly delivering it twice, which dedup absorbs); RabbitMQ
+//! only honours it with the `reject-publish` overflow
+//! (<https://www.rabbitmq.com/docs/quorum-queues#dead-lettering>, "Activating
+//! at-least-once dead-lettering" and "Limitations"; needs the `stream_queue` feature
+//! flag, on by default since 3.9, and RabbitMQ 3.10 or later).
+//!
+//! Quorum delay queues declared by an older idem (without those two arguments) make
+//! the declaration fail with `PRECONDITION_FAILED`, reported as
+//! [`Error::Inequivalent`] with what to do: stop the workers, let each delay queue
+//! empty (it holds each message at most its TTL), delete it
+//! (`rabbitmqctl delete_queue Q.retry.5s`), and start again. idem never deletes a queue
+//! by itself.
+//!
+//! A quorum queue's
 //! [`delivery_limit`](Topology::delivery_limit) stays a working last-resort guard: idem
 //! retries through copies (each a new message with delivery count 0), so the limit only
 //! counts broker redeliveries of the *same* message (worker crashes, lost channels,
@@ -190,17 +209,60 @@ impl Topology {
                 AMQPValue::LongLongInt(limit.into()),
             );
         }
-        declare(self.queue.clone(), work).await?;
-        declare(self.dlq(), self.base_args()).await?;
+        declare(self.queue.clone(), work)
+            .await
+            .map_err(|e| self.inequivalent(&self.queue, e, false))?;
+        let dlq = self.dlq();
+        declare(dlq.clone(), self.base_args())
+            .await
+            .map_err(|e| self.inequivalent(&dlq, e, false))?;
         for tier in self.tiers.as_slice() {
-            let mut args = self.base_args();
-            let ttl = i64::try_from(tier.as_millis()).unwrap_or(i64::MAX);
-            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
-            args.insert("x-dead-letter-exchange".into(), long(""));
-            args.insert("x-dead-letter-routing-key".into(), long(&self.queue));
-            declare(self.retry_queue(*tier), args).await?;
+            let name = self.retry_queue(*tier);
+            declare(name.clone(), self.retry_args(*tier))
+                .await
+                .map_err(|e| self.inequivalent(&name, e, true))?;
         }
         Ok(())
+    }
+
+    /// The arguments of the delay queue of `tier` (module docs).
+    pub fn retry_args(&self, tier: Duration) -> FieldTable {
+        let mut args = self.base_args();
+        let ttl = i64::try_from(tier.as_millis()).unwrap_or(i64::MAX);
+        args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
+        args.insert("x-dead-letter-exchange".into(), long(""));
+        args.insert("x-dead-letter-routing-key".into(), long(&self.queue));
+        if self.queue_type == QueueType::Quorum {
+            args.insert("x-dead-letter-strategy".into(), long("at-least-once"));
+            args.insert("x-overflow".into(), long("reject-publish"));
+        }
+        args
+    }
+
+    /// Turns a `PRECONDITION_FAILED` on `queue` into [`Error::Inequivalent`] with a
+    /// hint; other errors pass through.
+    fn inequivalent(&self, queue: &str, e: Error, delay_queue: bool) -> Error {
+        let Error::Amqp { source, .. } = &e else {
+            return e;
+        };
+        if !crate::error::is_precondition_failed(source) {
+            return e;
+        }
+        let hint = if delay_queue && self.queue_type == QueueType::Quorum {
+            format!(
+                "idem declares quorum delay queues with x-dead-letter-strategy=at-least-once and x-overflow=reject-publish, so that no retry is lost on its way back to {:?}; this one has other arguments (declared by an older idem?). To migrate: stop the workers of {:?}, wait until {queue:?} is empty (at most its TTL), delete it (`rabbitmqctl delete_queue {queue}`) and start the workers again; or keep the old queue and turn declaration off (Topology::declare(false))",
+                self.queue, self.queue
+            )
+        } else {
+            format!(
+                "Declare it with the same options as before (classic vs quorum, delay tiers, delivery limit), or delete it once empty (`rabbitmqctl delete_queue {queue}`) to have idem declare it again"
+            )
+        };
+        Error::Inequivalent {
+            queue: queue.to_owned(),
+            detail: source.to_string(),
+            hint,
+        }
     }
 
     /// Deletes every queue of this topology (tests, benchmarks, tear-down tools).

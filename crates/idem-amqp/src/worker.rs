@@ -164,8 +164,15 @@ impl WorkerBuilder {
     }
 
     /// Checks the configuration and builds the worker.
+    ///
+    /// Refuses a dedup retention shorter than the retry horizon *in broker time*: each
+    /// backoff delay waits in the delay tier it is rounded to, which can be longer than
+    /// the delay (base = cap = 20 min waits in the 30 min tier of the default tiers), see
+    /// [`Consumer::check_retry_horizon`].
     pub fn build(self) -> Result<Worker, Error> {
         self.consumer.check_broker_timeout(self.broker_timeout)?;
+        self.consumer
+            .check_retry_horizon(self.topology.delay_tiers())?;
         self.topology.check_names()?;
         let concurrency = self
             .concurrency

@@ -92,10 +92,3 @@ pub(crate) async fn close_channel(channel: &Channel) {
         let _ = channel.close(200, "bye".into()).await;
     }
 }
-
-/// The error for a missing queue.
-pub(crate) fn missing(queue: &str) -> CliError {
-    CliError::NotFound(format!(
-        "queue {queue:?} does not exist (declare the topology with `idem topology declare <QUEUE>`, or check the name and the vhost in --url)"
-    ))
-}

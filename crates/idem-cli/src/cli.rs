@@ -11,7 +11,8 @@ Exit codes:
   1  usage error, refused operation (purge without --yes), queue or table not found
   2  RabbitMQ or the database cannot be reached
   3  partial failure: some messages were handled, the others stay where they were
-  4  the broker or the database refused an operation";
+  4  the broker or the database refused an operation, or the login
+     (wrong user name, password or vhost)";
 
 /// idem operator tool: dead-letter queues, topology and outbox.
 #[derive(Debug, Parser)]
@@ -52,10 +53,12 @@ pub enum Command {
 /// `idem dlq ...`
 #[derive(Debug, Subcommand)]
 pub enum DlqCommand {
-    /// List dead-lettered messages (non-destructive: every message stays, in order).
+    /// List dead-lettered messages (every message stays, in order: each one read is
+    /// copied back with a confirm before it is acked, never handed back to the broker).
+    /// Messages RabbitMQ dead-lettered itself show its reason, their queue and count.
     #[command(after_help = EXIT_CODES)]
     List {
-        /// Work queue Q (the command reads Q.dlq).
+        /// Work queue Q (the command reads Q.dlq), or the DLQ's own name.
         queue: String,
         /// Show at most N messages.
         #[arg(long, default_value_t = 50)]
@@ -65,10 +68,11 @@ pub enum DlqCommand {
         json: bool,
     },
     /// Group dead-lettered messages by error kind and normalised error text
-    /// (numbers, ids and quoted strings folded). Non-destructive.
+    /// (numbers, ids and quoted strings folded); broker dead letters by reason and
+    /// queue. Every message stays.
     #[command(after_help = EXIT_CODES)]
     Stats {
-        /// Work queue Q (the command reads Q.dlq).
+        /// Work queue Q (the command reads Q.dlq), or the DLQ's own name.
         queue: String,
         /// Read at most N messages (default: all).
         #[arg(long)]
@@ -77,12 +81,13 @@ pub enum DlqCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Send messages back to their original queue (x-idem-original-queue, else Q) with
-    /// attempts reset, the same message id and headers, and `x-idem-replay` set. Each is
-    /// removed from the DLQ only after the broker confirmed the copy.
+    /// Send messages back to their original queue (x-idem-original-queue; for broker
+    /// dead letters the queue of x-death; else Q) with attempts reset, the same message
+    /// id and headers (minus the broker's x-death headers), and `x-idem-replay` set.
+    /// Each is removed from the DLQ only after the broker confirmed the copy.
     #[command(after_help = EXIT_CODES)]
     Replay {
-        /// Work queue Q (the command reads Q.dlq).
+        /// Work queue Q (the command reads Q.dlq), or the DLQ's own name.
         queue: String,
         /// Which messages.
         #[command(flatten)]
@@ -97,7 +102,7 @@ pub enum DlqCommand {
     /// Delete dead-lettered messages. Needs --yes.
     #[command(after_help = EXIT_CODES)]
     Purge {
-        /// Work queue Q (the command purges Q.dlq).
+        /// Work queue Q (the command purges Q.dlq), or the DLQ's own name.
         queue: String,
         /// Which messages.
         #[command(flatten)]

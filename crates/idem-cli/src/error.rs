@@ -6,7 +6,7 @@
 //! | 1 | usage error, refused operation (`purge` without `--yes`), queue or table not found, invalid pattern |
 //! | 2 | the broker or the database cannot be reached |
 //! | 3 | partial failure: some messages were handled, others could not be (they stay where they were) |
-//! | 4 | the broker or the database refused an operation (e.g. a queue exists with other arguments) |
+//! | 4 | the broker or the database refused an operation (e.g. a queue exists with other arguments) or the connection (wrong user name, password or vhost) |
 //!
 //! No error text carries a password: URLs are redacted before they are stored.
 
@@ -74,6 +74,8 @@ impl From<idem_amqp::Error> for CliError {
     fn from(e: idem_amqp::Error) -> Self {
         match e {
             idem_amqp::Error::Connect { .. } => CliError::Unreachable(e.to_string()),
+            // The broker answered: not "unreachable", whatever the error says.
+            idem_amqp::Error::Refused { .. } => CliError::Failed(e.to_string()),
             idem_amqp::Error::NameTooLong(_) => CliError::Usage(e.to_string()),
             other => CliError::Failed(other.to_string()),
         }

@@ -8,18 +8,24 @@
 //!
 //! | command | what it does |
 //! |---------|--------------|
-//! | `idem dlq list Q [--limit N] [--json]` | table of `Q.dlq` messages; nothing changes |
-//! | `idem dlq stats Q [--json]` | messages grouped by error kind and normalised error text |
+//! | `idem dlq list Q [--limit N] [--json]` | table of `Q.dlq` messages; every message stays |
+//! | `idem dlq stats Q [--json]` | messages grouped by error kind and normalised error text (broker dead letters: by reason and queue) |
 //! | `idem dlq replay Q (--all \| --id ID... \| --error-matches REGEX) [--dry-run]` | back to the original queue, attempts reset, `x-idem-replay` set |
 //! | `idem dlq purge Q (--all \| --error-matches REGEX) --yes [--dry-run]` | delete messages |
 //! | `idem topology declare Q [--quorum] [--tiers 1s,5s,30s]` | declare `Q`, `Q.retry.<tier>`, `Q.dlq` |
 //! | `idem topology show Q [--tiers ..]` | depth and consumers of each queue, missing ones marked |
 //! | `idem outbox status [--table idem_outbox]` | pending rows and the oldest one's age (`DATABASE_URL`) |
 //!
+//! `Q` is the work queue (the commands read `Q.dlq`) or the DLQ's own name
+//! (`idem dlq list orders.dlq` reads `orders.dlq` when `orders.dlq.dlq` does not exist).
+//! Messages RabbitMQ dead-lettered itself (TTL, `basic.reject`, length limit, delivery
+//! limit; no `x-idem-*` headers) show the broker's reason as their kind, the queue they
+//! died in and how many times (see [`dlq`]).
+//!
 //! `--error-matches` is a regular expression (Rust `regex` syntax, unanchored) applied
 //! to the `x-idem-error` header. Exit codes: 0 success; 1 usage error, refused
 //! operation or queue/table not found; 2 broker or database unreachable; 3 partial
-//! failure; 4 the broker or database refused an operation (see [`error`]).
+//! failure; 4 the broker or database refused an operation or the login (see [`error`]).
 //!
 //! The same operations are available to programs:
 //!
@@ -184,7 +190,7 @@ async fn run_dlq(url: &str, cmd: DlqCommand, out: &mut dyn Write) -> Result<(), 
     } = &cmd
     {
         return Err(CliError::Usage(format!(
-            "refusing to delete messages from {queue}.dlq without --yes (use --dry-run to see what would be deleted)"
+            "refusing to delete messages from the DLQ of {queue} without --yes (use --dry-run to see what would be deleted)"
         )));
     }
     let selector = match &cmd {
@@ -242,17 +248,17 @@ async fn run_dlq_on(
                     e.position.to_string(),
                     or_dash(e.message_id.as_deref()),
                     or_dash(e.key.as_deref()),
-                    or_dash(e.error_kind.as_deref()),
-                    e.attempts.map_or_else(|| "-".to_owned(), |a| a.to_string()),
-                    short_time(e.first_failed_at.as_deref()),
-                    short_time(e.last_failed_at.as_deref()),
-                    or_dash(e.error.as_deref()),
+                    e.kind(),
+                    e.count().map_or_else(|| "-".to_owned(), |a| a.to_string()),
+                    short_time(e.first_time().as_deref()),
+                    short_time(e.last_time().as_deref()),
+                    or_dash(e.error_text().as_deref()),
                 ]);
             }
             t.write(out, terminal_width()).map_err(write_err)?;
             writeln!(
                 out,
-                "{} message(s) of {queue}.dlq listed; nothing was changed",
+                "{} message(s) of the DLQ of {queue} listed; every message stays in the DLQ",
                 entries.len()
             )
             .map_err(write_err)
@@ -288,7 +294,7 @@ async fn run_dlq_on(
             t.write(out, terminal_width()).map_err(write_err)?;
             writeln!(
                 out,
-                "{} message(s) of {} in {} group(s); nothing was changed",
+                "{} message(s) of {} in {} group(s); every message stays in the DLQ",
                 stats.scanned,
                 stats.dlq,
                 stats.groups.len()

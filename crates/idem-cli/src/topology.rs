@@ -60,6 +60,7 @@ pub async fn declare(conn: &Connection, topology: &Topology) -> Result<(), CliEr
     close_channel(&channel).await;
     result.map_err(|e| match e {
         idem_amqp::Error::NameTooLong(_) => CliError::Usage(e.to_string()),
+        idem_amqp::Error::Inequivalent { .. } => CliError::Failed(e.to_string()),
         other => CliError::Failed(format!(
             "{other} (if a queue already exists with other arguments, e.g. classic vs --quorum or other tiers, delete it first or use the same options)"
         )),

@@ -30,7 +30,7 @@ use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service, ServiceExt};
 use tracing::{field, Instrument};
 
-use crate::backoff::Backoff;
+use crate::backoff::{Backoff, DelayTiers};
 use crate::classify::{Classify, ClassifyLayer};
 use crate::dedup::{DedupLayer, DedupStore, Processed};
 use crate::error::{BoxError, ErrorKind, HandlerError};
@@ -91,6 +91,15 @@ pub enum ConfigError {
         /// Configured retention.
         retention: Duration,
         /// Longest retry horizon of the backoff policy.
+        horizon: Duration,
+    },
+    /// Dedup records would expire before the last retry could arrive, counting each
+    /// delay as the broker delay tier it is rounded to.
+    #[error("dedup retention {retention:?} is shorter than the retry horizon in broker time {horizon:?} (each backoff delay rounded to the delay tier it waits in): a late retry could run twice; raise the retention, shorten the backoff, or add a delay tier closer to the backoff delays")]
+    RetentionTooShortForTiers {
+        /// Configured retention.
+        retention: Duration,
+        /// Sum of the delay tiers the retries wait in.
         horizon: Duration,
     },
     /// A timeout does not fit inside the broker's consumer timeout.
@@ -182,6 +191,7 @@ struct Inner {
     backoff: Backoff,
     handler_timeout: Duration,
     lease: Option<Duration>,
+    retention: Option<Duration>,
     counters: Counters,
     // Resolved on the first delivery, not at build time, so a metrics recorder
     // installed after the consumer was built (e.g. by the worker's Prometheus
@@ -271,6 +281,21 @@ impl Consumer {
                     broker,
                 });
             }
+        }
+        Ok(())
+    }
+
+    /// Checks that the dedup retention covers the retry horizon when every backoff delay
+    /// is rounded to one of `tiers` (see [`Backoff::horizon_in_tiers`]). Transports that
+    /// round delays to tiers call this at start-up; without a dedup stage there is
+    /// nothing to check.
+    pub fn check_retry_horizon(&self, tiers: &DelayTiers) -> Result<(), ConfigError> {
+        let Some(retention) = self.inner.retention else {
+            return Ok(());
+        };
+        let horizon = self.inner.backoff.horizon_in_tiers(tiers);
+        if retention < horizon {
+            return Err(ConfigError::RetentionTooShortForTiers { retention, horizon });
         }
         Ok(())
     }
@@ -517,6 +542,7 @@ impl ConsumerBuilder {
                 backoff: self.backoff,
                 handler_timeout: self.handler_timeout,
                 lease: self.dedup.as_ref().and_then(|s| s.lease()),
+                retention: self.dedup.as_ref().map(|s| s.retention()),
                 counters: Counters::default(),
             }),
         };

@@ -146,6 +146,45 @@ impl Backoff {
     }
 }
 
+impl Backoff {
+    /// The retry horizon in broker time: like [`horizon`](Self::horizon), but each
+    /// delay counted as the delay tier a transport that rounds to `tiers` really waits
+    /// (the nearest tier of the un-jittered delay: jitter only shortens a delay, and
+    /// the nearest tier never shrinks as the delay grows). With a time budget, the last
+    /// retry is scheduled within the budget but then waits its whole tier, so the
+    /// bound is the budget plus the longest tier used.
+    ///
+    /// Explicit `RetryAfter` delays are the handler's choice and not covered (as for
+    /// [`horizon`](Self::horizon)).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use idem_core::backoff::{Backoff, DelayTiers, Jitter};
+    ///
+    /// let twenty = Duration::from_secs(20 * 60);
+    /// let policy = Backoff::exponential(twenty).cap(twenty).jitter(Jitter::None).max_attempts(2);
+    /// assert_eq!(policy.horizon(), twenty);
+    /// // With the default tiers (.., 10 min, 30 min), 20 min is nearer to 30 min.
+    /// assert_eq!(policy.horizon_in_tiers(&DelayTiers::default()), Duration::from_secs(30 * 60));
+    /// ```
+    pub fn horizon_in_tiers(&self, tiers: &DelayTiers) -> Duration {
+        let used: Vec<Duration> = (1..self.max_attempts)
+            .map(|n| tiers.nearest(self.delay_after(n)))
+            .collect();
+        let sum = used
+            .iter()
+            .copied()
+            .fold(Duration::ZERO, Duration::saturating_add);
+        match self.total_budget {
+            Some(budget) => {
+                let longest = used.iter().copied().max().unwrap_or(Duration::ZERO);
+                sum.min(budget.saturating_add(longest))
+            }
+            None => sum,
+        }
+    }
+}
+
 fn apply_jitter(delay: Duration, jitter: Jitter) -> Duration {
     let nanos = delay.as_nanos().min(u64::MAX as u128) as u64;
     match jitter {

@@ -1,0 +1,182 @@
+//! Quorum topologies against the real RabbitMQ (`AMQP_URL`, default
+//! `amqp://guest:guest@127.0.0.1:5672/%2f`; start it with `rabbitmq-server -detached`
+//! or `bash .ci/services`): delay queues that dead-letter at least once, and a clear
+//! error for delay queues declared with the old arguments.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use idem_amqp::{Error, Publisher, QueueType, Topology, Worker};
+use idem_core::backoff::Jitter;
+use idem_core::{Backoff, Consumer, DelayTiers, HandlerError, MemoryStore, Message};
+use lapin::options::QueueDeclareOptions;
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::Connection;
+
+fn url() -> String {
+    idem_amqp::amqp_url_from_env()
+}
+
+async fn connect() -> Connection {
+    idem_amqp::connect(&url(), "idem-test-quorum")
+        .await
+        .unwrap_or_else(|e| {
+            panic!("RabbitMQ not reachable: {e}. Start it with `rabbitmq-server -detached` (or `bash .ci/services`) or set AMQP_URL")
+        })
+}
+
+fn topology(prefix: &str) -> Topology {
+    Topology::new(format!(
+        "idem-test-{prefix}-{}",
+        uuid::Uuid::new_v4().simple()
+    ))
+    .tiers(DelayTiers::new([Duration::from_secs(1)]).unwrap())
+    .queue_type(QueueType::Quorum)
+}
+
+fn long(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes()))
+}
+
+/// The arguments quorum delay queues had before at-least-once dead-lettering.
+fn old_retry_args(t: &Topology) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), long("quorum"));
+    args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(1000));
+    args.insert("x-dead-letter-exchange".into(), long(""));
+    args.insert("x-dead-letter-routing-key".into(), long(t.queue()));
+    args
+}
+
+/// Declares `queue` with `args` on a fresh channel (a refusal closes the channel).
+async fn declare(conn: &Connection, queue: &str, args: FieldTable) -> Result<(), lapin::Error> {
+    let ch = conn.create_channel().await.unwrap();
+    let r = ch
+        .queue_declare(queue.into(), QueueDeclareOptions::durable(), args)
+        .await;
+    if r.is_ok() {
+        let _ = ch.close(200, "bye".into()).await;
+    }
+    r.map(|_| ())
+}
+
+fn precondition_failed(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p)
+        if *p.kind() == AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED))
+}
+
+async fn delete(conn: &Connection, t: &Topology) {
+    let ch = conn.create_channel().await.unwrap();
+    t.delete_on(&ch).await.unwrap();
+}
+
+#[tokio::test]
+async fn quorum_delay_queue_dead_letters_at_least_once_and_a_retry_comes_back() {
+    let conn = connect().await;
+    let t = topology("qq-retry");
+    let retry = t.retry_queue(Duration::from_secs(1));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let consumer = Consumer::builder("qq-retry")
+        .store(MemoryStore::new())
+        .backoff(
+            Backoff::exponential(Duration::from_secs(1))
+                .jitter(Jitter::None)
+                .max_attempts(3),
+        )
+        .handler(move || {
+            let n = c.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n == 0 {
+                    Err(HandlerError::transient(std::io::Error::other("once")))
+                } else {
+                    Ok(())
+                }
+            }
+        })
+        .unwrap();
+    let worker = Worker::builder(url(), t.clone(), consumer.clone())
+        .build()
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(worker.run(async move {
+        let _ = stopped.await;
+    }));
+    // The worker declared the delay queue with the at-least-once arguments: declaring
+    // it again with them is accepted, with the old ones refused (406).
+    let start = Instant::now();
+    while declare(&conn, &retry, t.retry_args(Duration::from_secs(1)))
+        .await
+        .is_err()
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{retry} never appeared with x-dead-letter-strategy=at-least-once, x-overflow=reject-publish"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let err = declare(&conn, &retry, old_retry_args(&t))
+        .await
+        .unwrap_err();
+    assert!(precondition_failed(&err), "{err}");
+    let args = t.retry_args(Duration::from_secs(1));
+    assert_eq!(
+        args.inner().get("x-dead-letter-strategy"),
+        Some(&long("at-least-once"))
+    );
+    assert_eq!(
+        args.inner().get("x-overflow"),
+        Some(&long("reject-publish"))
+    );
+
+    // A retry goes through the quorum delay queue and comes back to the work queue.
+    let publisher = Publisher::connect(&url()).await.unwrap();
+    let mut msg = Message::new("q").with_message_id("qq-1");
+    publisher.publish("", t.queue(), &mut msg).await.unwrap();
+    let start = Instant::now();
+    while consumer.stats().processed < 1 {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "not processed after its retry: {:?}",
+            consumer.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = stop.send(());
+    let stats = task.await.unwrap().unwrap();
+    assert_eq!((stats.retries, stats.processed), (1, 1), "{stats:?}");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    publisher.close().await;
+    delete(&conn, &t).await;
+}
+
+#[tokio::test]
+async fn quorum_delay_queue_with_the_old_arguments_is_refused_with_what_to_do() {
+    let conn = connect().await;
+    let t = topology("qq-old");
+    let retry = t.retry_queue(Duration::from_secs(1));
+    declare(&conn, &retry, old_retry_args(&t)).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let err = t.declare_on(&ch).await.unwrap_err();
+    let text = err.to_string();
+    match &err {
+        Error::Inequivalent { queue, .. } => assert_eq!(queue, &retry),
+        other => panic!("expected Error::Inequivalent, got {other:?}"),
+    }
+    for part in [
+        "PRECONDITION_FAILED",
+        "x-dead-letter-strategy=at-least-once",
+        "x-overflow=reject-publish",
+        "rabbitmqctl delete_queue",
+        "stop the workers",
+    ] {
+        assert!(text.contains(part), "{part:?} missing from: {text}");
+    }
+    // Nothing was deleted: the old queue is still there, with its arguments.
+    declare(&conn, &retry, old_retry_args(&t)).await.unwrap();
+    delete(&conn, &t).await;
+}

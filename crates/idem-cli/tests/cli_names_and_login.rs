@@ -1,0 +1,110 @@
+//! The real `idem` binary: which DLQ a name designates, and exit codes that tell a
+//! refused login (4) from an unreachable broker (2). Needs the local RabbitMQ
+//! (`rabbitmq-server -detached` or `bash .ci/services`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::{dead, ids, Fixture};
+use idem_core::ErrorKind::Transient;
+
+fn idem_at(url: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_idem"))
+        .args(args)
+        .env("AMQP_URL", url)
+        .env("COLUMNS", "100")
+        .output()
+        .expect("run the idem binary")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[tokio::test]
+async fn dlq_commands_accept_the_dlq_name_and_suggest_one_when_nothing_matches() {
+    let f = Fixture::new("bin-names").await;
+    f.bury_all(&[dead("a", "boom", Transient), dead("b", "boom", Transient)])
+        .await;
+    let url = common::url();
+
+    // The work queue and the DLQ's own name read the same queue.
+    for name in [f.queue.clone(), f.dlq()] {
+        let out = idem_at(&url, &["dlq", "list", &name, "--json"]);
+        assert_eq!(out.status.code(), Some(0), "{name}: {}", text(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v.as_array().unwrap().len(), 2, "{name}");
+        let out = idem_at(&url, &["dlq", "stats", &name, "--json"]);
+        assert_eq!(out.status.code(), Some(0), "{name}: {}", text(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["dlq"], f.dlq().as_str());
+    }
+    // A replay by the DLQ's name sends messages back to the work queue.
+    let out = idem_at(&url, &["dlq", "replay", &f.dlq(), "--id", "a"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(ids(&f.drain(&f.queue, 1).await), ["a"]);
+
+    // Neither NAME.dlq nor NAME exists: exit 1 with a suggestion.
+    let stem = format!("idem-cli-test-nowhere-{}", uuid::Uuid::new_v4().simple());
+    let out = idem_at(&url, &["dlq", "list", &format!("{stem}.dlq")]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("did you mean the work queue `{stem}`")),
+        "{err}"
+    );
+    let out = idem_at(&url, &["dlq", "list", &stem]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("does not exist") && err.contains(&format!("idem topology declare {stem}")),
+        "{err}"
+    );
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn wrong_password_exits_4_and_an_unused_port_exits_2() {
+    // The broker must be up for the first half to mean anything.
+    let conn = common::connect().await;
+    let _ = conn.close(200, "bye".into()).await;
+    // The test URL with its password replaced.
+    let good = common::url();
+    let (scheme, rest) = good.split_once("://").unwrap();
+    let (userinfo, host) = rest.rsplit_once('@').expect("AMQP_URL with user:password@");
+    let user = userinfo.split(':').next().unwrap();
+    let wrong = format!("{scheme}://{user}:not-the-password-7f3a@{host}");
+    let out = idem_at(&wrong, &["dlq", "list", "q"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(err.contains("refused the connection"), "{err}");
+    assert!(!err.contains("is the broker running"), "{err}");
+    assert!(!err.contains("not-the-password-7f3a"), "{err}");
+
+    // A vhost that does not exist is refused too (NOT_ALLOWED).
+    let (base, _vhost) = good.rsplit_once('/').unwrap();
+    let out = idem_at(
+        &format!(
+            "{base}/idem-no-such-vhost-{}",
+            uuid::Uuid::new_v4().simple()
+        ),
+        &["dlq", "list", "q"],
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(err.contains("vhost"), "{err}");
+
+    // A port nothing listens on: a listener is bound, its port read, then closed.
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = free.local_addr().unwrap().port();
+    drop(free);
+    let unused = format!("amqp://guest:s3cret-9b1@127.0.0.1:{port}/%2f");
+    let out = idem_at(&unused, &["dlq", "list", "q"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("is the broker running"), "{err}");
+    assert!(!err.contains("s3cret-9b1"), "{err}");
+}
