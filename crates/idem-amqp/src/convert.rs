@@ -1,18 +1,27 @@
 //! Conversions between lapin deliveries and idem [`Message`]s.
 //!
-//! Incoming AMQP header values are mapped to [`HeaderValue`]: booleans, every integer
-//! type and timestamps become `Int`, strings become `String` (or `Bytes` when not
-//! UTF-8), byte arrays become `Bytes`, floats and decimals become their decimal text.
-//! Nested tables, arrays (such as RabbitMQ's `x-death`) and void values are not
-//! mapped; they stay in the original [`BasicProperties`], which the transport keeps
-//! and re-publishes unchanged (plus the `x-idem-*` headers) on retry and dead-letter
-//! copies. No header, however large or odd, makes the conversion fail.
+//! Incoming AMQP header values are mapped to [`HeaderValue`]: booleans become `Bool`,
+//! every integer type (signed and unsigned, 8 to 64 bits) and timestamps become `Int`,
+//! strings become `String` (or `Bytes` when not UTF-8), byte arrays become `Bytes`,
+//! floats become text that always keeps a decimal point or exponent (`3.0`, `1.5`,
+//! `1e20`, so a float never reads as a count), decimals their decimal text. Nested
+//! tables, arrays (such as RabbitMQ's `x-death`) and void values are not mapped; they
+//! stay in the original [`BasicProperties`], which the transport keeps and re-publishes
+//! unchanged (plus the `x-idem-*` headers) on retry and dead-letter copies. Every header
+//! whose AMQP type no `HeaderValue` holds as such (float, decimal, timestamp, table,
+//! array, void) is named with its type in an [`UnmappedHeaders`] extension, so errors
+//! about it (an idempotence key of the wrong type) say what it was. No header, however
+//! large or odd, makes the conversion fail.
+//!
+//! The `x-idem-original-*` headers are read back under idem's
+//! [header rule](idem_core::read): a value that is not a string is ignored (the
+//! delivery's own exchange and routing key are used) with one `warn` log.
 
 use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
 use idem_core::outcome::headers as idem_headers;
-use idem_core::{DeliveryInfo, HeaderValue, Headers, Message, Properties};
+use idem_core::{DeliveryInfo, HeaderValue, Headers, Message, Properties, UnmappedHeaders};
 use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::BasicProperties;
@@ -46,6 +55,10 @@ pub(crate) fn to_message(
     let mut msg = Message::new(body);
     if let Some(table) = props.headers() {
         msg.headers = headers_from_table(table);
+        let unmapped = unmapped_headers(table);
+        if !unmapped.0.is_empty() {
+            msg.extensions.insert(unmapped);
+        }
     }
     msg.delivery = delivery_info(exchange, routing_key, redelivered, &msg.headers, queue);
     msg.properties = Properties {
@@ -65,6 +78,7 @@ pub(crate) fn to_message(
 
 /// Where a delivery really comes from: the `x-idem-original-*` headers win over the
 /// delay queue's dead-lettering (exchange `""`, routing key = the work queue).
+/// Malformed ones are ignored with a `warn` log.
 pub(crate) fn delivery_info(
     exchange: &ShortString,
     routing_key: &ShortString,
@@ -72,14 +86,48 @@ pub(crate) fn delivery_info(
     headers: &Headers,
     queue: &str,
 ) -> DeliveryInfo {
-    let original = |name: &str| headers.get(name).and_then(HeaderValue::as_str);
+    delivery_info_with(
+        exchange,
+        routing_key,
+        redelivered,
+        headers,
+        queue,
+        idem_core::read::read,
+    )
+}
+
+/// [`delivery_info`] without the log, for a second read of the same delivery's
+/// headers (the worker reads the origin again on failure).
+pub(crate) fn delivery_info_quiet(
+    exchange: &ShortString,
+    routing_key: &ShortString,
+    redelivered: bool,
+    headers: &Headers,
+    queue: &str,
+) -> DeliveryInfo {
+    delivery_info_with(
+        exchange,
+        routing_key,
+        redelivered,
+        headers,
+        queue,
+        idem_core::read::read_quiet,
+    )
+}
+
+fn delivery_info_with(
+    exchange: &ShortString,
+    routing_key: &ShortString,
+    redelivered: bool,
+    headers: &Headers,
+    queue: &str,
+    read: fn(&Headers, &str) -> Option<String>,
+) -> DeliveryInfo {
     DeliveryInfo {
-        exchange: original(idem_headers::ORIGINAL_EXCHANGE)
-            .unwrap_or(exchange.as_str())
-            .to_owned(),
-        routing_key: original(idem_headers::ORIGINAL_ROUTING_KEY)
-            .unwrap_or(routing_key.as_str())
-            .to_owned(),
+        exchange: read(headers, idem_headers::ORIGINAL_EXCHANGE)
+            .unwrap_or_else(|| exchange.as_str().to_owned()),
+        routing_key: read(headers, idem_headers::ORIGINAL_ROUTING_KEY)
+            .unwrap_or_else(|| routing_key.as_str().to_owned()),
         queue: queue.to_owned(),
         redelivered,
         attempt: 1,
@@ -93,6 +141,30 @@ pub fn headers_from_table(table: &FieldTable) -> Headers {
         .iter()
         .filter_map(|(k, v)| Some((k.as_str().to_owned(), header_value(v)?)))
         .collect()
+}
+
+/// The headers of `table` whose AMQP type no [`HeaderValue`] holds as such, with
+/// that type (`a float`, `a field table`); see the [module docs](self).
+pub fn unmapped_headers(table: &FieldTable) -> UnmappedHeaders {
+    UnmappedHeaders(
+        table
+            .inner()
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str().to_owned(), unmapped_type(v)?)))
+            .collect(),
+    )
+}
+
+fn unmapped_type(v: &AMQPValue) -> Option<&'static str> {
+    Some(match v {
+        AMQPValue::Float(_) | AMQPValue::Double(_) => "a float",
+        AMQPValue::DecimalValue(_) => "a decimal",
+        AMQPValue::Timestamp(_) => "a timestamp",
+        AMQPValue::FieldArray(_) => "a field array",
+        AMQPValue::FieldTable(_) => "a field table",
+        AMQPValue::Void => "a void value",
+        _ => return None,
+    })
 }
 
 /// One AMQP value as a [`HeaderValue`], if it has a flat representation.
@@ -110,8 +182,9 @@ pub fn header_value(v: &AMQPValue) -> Option<HeaderValue> {
             Ok(i) => HeaderValue::Int(i),
             Err(_) => HeaderValue::String(t.to_string()),
         },
-        AMQPValue::Float(f) => HeaderValue::String(f.to_string()),
-        AMQPValue::Double(f) => HeaderValue::String(f.to_string()),
+        // Debug, not Display: 3.0 stays "3.0" (Display writes "3", a count).
+        AMQPValue::Float(f) => HeaderValue::String(format!("{f:?}")),
+        AMQPValue::Double(f) => HeaderValue::String(format!("{f:?}")),
         AMQPValue::DecimalValue(d) => HeaderValue::String(decimal_text(d.value, d.scale)),
         AMQPValue::ShortString(s) => HeaderValue::String(s.as_str().to_owned()),
         AMQPValue::LongString(s) => match std::str::from_utf8(s.as_bytes()) {
@@ -225,9 +298,57 @@ mod tests {
         assert_eq!(h["u32"], HeaderValue::Int(i64::from(u32::MAX)));
         assert_eq!(h["ts"], HeaderValue::String(u64::MAX.to_string()));
         assert_eq!(h["f"].as_str(), Some("1.5"));
+        let u = unmapped_headers(&t);
+        let types: Vec<(&str, &str)> = u.0.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        assert_eq!(
+            types,
+            vec![
+                ("arr", "a field array"),
+                ("dec", "a decimal"),
+                ("f", "a float"),
+                ("tbl", "a field table"),
+                ("ts", "a timestamp"),
+                ("void", "a void value"),
+            ]
+        );
         assert_eq!(h["dec"].as_str(), Some("0.005"));
         assert_eq!(h["ba"], HeaderValue::Bytes(vec![1, 2]));
         assert_eq!(h["b"], HeaderValue::Bool(true));
+    }
+
+    #[test]
+    fn floats_never_read_as_counts() {
+        for (v, text) in [
+            (AMQPValue::Double(3.0), "3.0"),
+            (AMQPValue::Float(3.0), "3.0"),
+            (AMQPValue::Double(1e20), "1e20"),
+            (AMQPValue::Double(-0.5), "-0.5"),
+        ] {
+            let hv = header_value(&v).unwrap();
+            assert_eq!(hv.as_str(), Some(text));
+            let mut h = Headers::new();
+            h.insert("x-idem-attempts".into(), hv);
+            assert!(idem_core::read::parse::<u32>(&h, "x-idem-attempts").is_err());
+        }
+    }
+
+    #[test]
+    fn malformed_original_route_headers_are_ignored() {
+        let mut h = Headers::new();
+        h.insert(idem_headers::ORIGINAL_EXCHANGE.into(), HeaderValue::Int(5));
+        h.insert(
+            idem_headers::ORIGINAL_ROUTING_KEY.into(),
+            HeaderValue::Bytes(vec![0xff]),
+        );
+        for info in [
+            delivery_info(&"ex".into(), &"rk".into(), false, &h, "q"),
+            delivery_info_quiet(&"ex".into(), &"rk".into(), false, &h, "q"),
+        ] {
+            assert_eq!(
+                (info.exchange.as_str(), info.routing_key.as_str()),
+                ("ex", "rk")
+            );
+        }
     }
 
     #[test]

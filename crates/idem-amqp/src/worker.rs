@@ -43,7 +43,7 @@ use lapin::{Acker, BasicProperties, Channel, Connection, Event};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::convert::{delivery_info, merge_headers, to_message};
+use crate::convert::{delivery_info_quiet, merge_headers, to_message};
 use crate::error::Error;
 use crate::publisher::{connect, publish_confirmed};
 use crate::topology::{short, Topology};
@@ -570,7 +570,8 @@ fn origin(
         .as_ref()
         .map(crate::convert::headers_from_table)
         .unwrap_or_default();
-    delivery_info(exchange, routing_key, redelivered, &headers, queue)
+    // Already read (and any malformed value logged) when the delivery was converted.
+    delivery_info_quiet(exchange, routing_key, redelivered, &headers, queue)
 }
 
 async fn ack(acker: &Acker) {
