@@ -215,6 +215,8 @@ impl From<HandlerError> for BoxError {
 /// The handler ran longer than the consumer's `handler_timeout`. Transient, like any
 /// timeout. Its text names the setting and its value, e.g.
 /// `handler timed out after 5s (handler_timeout)`, in logs and in `x-idem-error`.
+/// (A handler service that itself fails with tower's bare `Elapsed`, from a timeout
+/// layer of its own, is reported the same way: the two cannot be told apart.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("handler timed out after {timeout:?} (handler_timeout)")]
 pub struct HandlerTimeoutError {

@@ -18,8 +18,10 @@ pub const MAX_HEADER_LEN: usize = 512;
 
 /// Header names written on retry copies and dead-lettered messages.
 ///
-/// The ones idem reads back from a delivery ([`ATTEMPTS`], [`FIRST_FAILED_AT`],
-/// [`ORIGINAL_EXCHANGE`], [`ORIGINAL_ROUTING_KEY`], and
+/// The ones idem reads back from a delivery ([`ATTEMPTS`](headers::ATTEMPTS),
+/// [`FIRST_FAILED_AT`](headers::FIRST_FAILED_AT),
+/// [`ORIGINAL_EXCHANGE`](headers::ORIGINAL_EXCHANGE),
+/// [`ORIGINAL_ROUTING_KEY`](headers::ORIGINAL_ROUTING_KEY), and
 /// [`REPLAY_HEADER`](crate::dedup::REPLAY_HEADER)) follow one
 /// [rule](crate::read): a malformed value is ignored as if absent, with one `warn`
 /// log naming the header and the value; counts saturate at `u32::MAX`. The others are
