@@ -14,7 +14,7 @@
 //! large or odd, makes the conversion fail.
 //!
 //! The `x-idem-original-*` headers are read back under idem's
-//! [header rule](idem_core::read): a value that is not a string is ignored (the
+//! [header rule](idem_core::read): a value that is not an AMQP string is ignored (the
 //! delivery's own exchange and routing key are used) with one `warn` log.
 
 use std::time::{Duration, UNIX_EPOCH};
@@ -52,15 +52,8 @@ pub(crate) fn to_message(
     body: Bytes,
     queue: &str,
 ) -> Message {
-    let mut msg = Message::new(body);
-    if let Some(table) = props.headers() {
-        msg.headers = headers_from_table(table);
-        let unmapped = unmapped_headers(table);
-        if !unmapped.0.is_empty() {
-            msg.extensions.insert(unmapped);
-        }
-    }
-    msg.delivery = delivery_info(exchange, routing_key, redelivered, &msg.headers, queue);
+    let mut msg = with_headers_of(Message::new(body), props);
+    msg.delivery = delivery_info(exchange, routing_key, redelivered, &msg, queue);
     msg.properties = Properties {
         message_id: props.message_id().as_ref().map(|s| s.as_str().to_owned()),
         content_type: props.content_type().as_ref().map(|s| s.as_str().to_owned()),
@@ -76,23 +69,36 @@ pub(crate) fn to_message(
     msg
 }
 
-/// Where a delivery really comes from: the `x-idem-original-*` headers win over the
-/// delay queue's dead-lettering (exchange `""`, routing key = the work queue).
-/// Malformed ones are ignored with a `warn` log.
+/// `msg` with the mapped headers of `props`, and the [`UnmappedHeaders`] extension
+/// when some have a type of their own.
+pub(crate) fn with_headers_of(mut msg: Message, props: &BasicProperties) -> Message {
+    if let Some(table) = props.headers() {
+        msg.headers = headers_from_table(table);
+        let unmapped = unmapped_headers(table);
+        if !unmapped.0.is_empty() {
+            msg.extensions.insert(unmapped);
+        }
+    }
+    msg
+}
+
+/// Where a delivery really comes from: the `x-idem-original-*` headers of `msg` win
+/// over the delay queue's dead-lettering (exchange `""`, routing key = the work
+/// queue). Malformed ones are ignored with a `warn` log.
 pub(crate) fn delivery_info(
     exchange: &ShortString,
     routing_key: &ShortString,
     redelivered: bool,
-    headers: &Headers,
+    msg: &Message,
     queue: &str,
 ) -> DeliveryInfo {
     delivery_info_with(
         exchange,
         routing_key,
         redelivered,
-        headers,
+        msg,
         queue,
-        idem_core::read::read,
+        idem_core::read::read_in,
     )
 }
 
@@ -102,14 +108,14 @@ pub(crate) fn delivery_info_quiet(
     exchange: &ShortString,
     routing_key: &ShortString,
     redelivered: bool,
-    headers: &Headers,
+    msg: &Message,
     queue: &str,
 ) -> DeliveryInfo {
     delivery_info_with(
         exchange,
         routing_key,
         redelivered,
-        headers,
+        msg,
         queue,
         idem_core::read::read_quiet,
     )
@@ -119,14 +125,14 @@ fn delivery_info_with(
     exchange: &ShortString,
     routing_key: &ShortString,
     redelivered: bool,
-    headers: &Headers,
+    msg: &Message,
     queue: &str,
-    read: fn(&Headers, &str) -> Option<String>,
+    read: fn(&Message, &str) -> Option<String>,
 ) -> DeliveryInfo {
     DeliveryInfo {
-        exchange: read(headers, idem_headers::ORIGINAL_EXCHANGE)
+        exchange: read(msg, idem_headers::ORIGINAL_EXCHANGE)
             .unwrap_or_else(|| exchange.as_str().to_owned()),
-        routing_key: read(headers, idem_headers::ORIGINAL_ROUTING_KEY)
+        routing_key: read(msg, idem_headers::ORIGINAL_ROUTING_KEY)
             .unwrap_or_else(|| routing_key.as_str().to_owned()),
         queue: queue.to_owned(),
         redelivered,
@@ -332,17 +338,31 @@ mod tests {
         }
     }
 
+    fn msg_with(headers: Headers) -> Message {
+        Message {
+            headers,
+            ..Message::default()
+        }
+    }
+
     #[test]
     fn malformed_original_route_headers_are_ignored() {
-        let mut h = Headers::new();
-        h.insert(idem_headers::ORIGINAL_EXCHANGE.into(), HeaderValue::Int(5));
-        h.insert(
+        let mut t = FieldTable::default();
+        t.insert(
+            idem_headers::ORIGINAL_EXCHANGE.into(),
+            AMQPValue::LongLongInt(5),
+        );
+        t.insert(
             idem_headers::ORIGINAL_ROUTING_KEY.into(),
-            HeaderValue::Bytes(vec![0xff]),
+            AMQPValue::Double(1.5),
+        );
+        let m = with_headers_of(
+            Message::default(),
+            &BasicProperties::default().with_headers(t),
         );
         for info in [
-            delivery_info(&"ex".into(), &"rk".into(), false, &h, "q"),
-            delivery_info_quiet(&"ex".into(), &"rk".into(), false, &h, "q"),
+            delivery_info(&"ex".into(), &"rk".into(), false, &m, "q"),
+            delivery_info_quiet(&"ex".into(), &"rk".into(), false, &m, "q"),
         ] {
             assert_eq!(
                 (info.exchange.as_str(), info.routing_key.as_str()),
@@ -359,12 +379,12 @@ mod tests {
             idem_headers::ORIGINAL_ROUTING_KEY.into(),
             "orders.new".into(),
         );
-        let info = delivery_info(&"".into(), &"q".into(), false, &h, "q");
+        let info = delivery_info(&"".into(), &"q".into(), false, &msg_with(h), "q");
         assert_eq!(
             (info.exchange.as_str(), info.routing_key.as_str()),
             ("orders", "orders.new")
         );
-        let info = delivery_info(&"ex".into(), &"rk".into(), true, &Headers::new(), "q");
+        let info = delivery_info(&"ex".into(), &"rk".into(), true, &Message::default(), "q");
         assert_eq!(
             (info.exchange.as_str(), info.routing_key.as_str()),
             ("ex", "rk")

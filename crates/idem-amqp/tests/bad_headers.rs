@@ -16,7 +16,7 @@ use idem_core::{
     Backoff, Consumer, DelayTiers, HandlerError, IdempotencyKey, MemoryStore, Message, Stats,
 };
 use lapin::options::BasicGetOptions;
-use lapin::types::{AMQPValue, ByteArray, FieldTable};
+use lapin::types::{AMQPValue, ByteArray, DecimalValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -37,6 +37,30 @@ async fn broker() -> (Connection, Channel) {
 
 fn unique(prefix: &str) -> String {
     format!("idem-test-{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Deletes a test's queues when dropped, also when the test fails.
+struct Cleanup(Option<Topology>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let Some(topo) = self.0.take() else { return };
+        // Drop cannot await: delete on a runtime of its own, on another thread.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(conn) = idem_amqp::connect(&url(), "idem-test-cleanup").await {
+                    if let Ok(ch) = conn.create_channel().await {
+                        let _ = topo.delete_on(&ch).await;
+                    }
+                }
+            });
+        })
+        .join();
+    }
 }
 
 struct Running {
@@ -157,6 +181,7 @@ async fn raw_attempts_headers_follow_one_monotonic_rule() {
     let topo =
         Topology::new(unique("attempts")).tiers(DelayTiers::new([Duration::from_secs(1)]).unwrap());
     topo.declare_on(&ch).await.unwrap();
+    let _cleanup = Cleanup(Some(topo.clone()));
     let runs: Arc<Mutex<HashMap<String, Vec<u32>>>> = Arc::default();
     let r = runs.clone();
     // Budget: 2 attempts. The handler is always down.
@@ -243,12 +268,28 @@ async fn raw_attempts_headers_follow_one_monotonic_rule() {
         (
             "double",
             AMQPValue::Double(3.0),
-            Malformed("\"3.0\" (string)"),
+            Malformed("\"3.0\" (a float)"),
         ),
         (
             "binary",
             AMQPValue::LongString(vec![0xff, 0xfe].into()),
             Malformed("2 bytes (binary, not UTF-8 text)"),
+        ),
+        // AMQP types that look like a number once flattened are still the wrong type.
+        (
+            "timestamp",
+            AMQPValue::Timestamp(5),
+            Malformed("5 (a timestamp)"),
+        ),
+        (
+            "decimal",
+            AMQPValue::DecimalValue(DecimalValue { scale: 0, value: 5 }),
+            Malformed("\"5\" (a decimal)"),
+        ),
+        (
+            "table",
+            AMQPValue::FieldTable(FieldTable::default()),
+            Malformed("a field table"),
         ),
     ];
     for (id, value, ..) in &cases {
@@ -298,7 +339,6 @@ async fn raw_attempts_headers_follow_one_monotonic_rule() {
         malformed as usize,
         "no warn for valid counts: {warns:#?}"
     );
-    topo.delete_on(&ch).await.unwrap();
 }
 
 #[tokio::test]
@@ -307,6 +347,7 @@ async fn integer_key_headers_are_keys_and_wrong_types_are_named() {
     let topo =
         Topology::new(unique("keys")).tiers(DelayTiers::new([Duration::from_secs(1)]).unwrap());
     topo.declare_on(&ch).await.unwrap();
+    let _cleanup = Cleanup(Some(topo.clone()));
     let keys: Arc<Mutex<Vec<String>>> = Arc::default();
     let k = keys.clone();
     let consumer = Consumer::builder("bad-keys")
@@ -416,5 +457,4 @@ async fn integer_key_headers_are_keys_and_wrong_types_are_named() {
             Some("permanent")
         );
     }
-    topo.delete_on(&ch).await.unwrap();
 }

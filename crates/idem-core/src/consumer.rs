@@ -295,8 +295,7 @@ impl Consumer {
             latency_ms = field::Empty,
         );
         let fallback_key = msg.properties.message_id.clone();
-        let first_failed_at =
-            crate::read::read::<SystemTime>(&msg.headers, headers::FIRST_FAILED_AT);
+        let first_failed_at = crate::read::read_in::<SystemTime>(&msg, headers::FIRST_FAILED_AT);
         let started = Instant::now();
         let result = inner
             .service

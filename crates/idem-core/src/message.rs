@@ -198,7 +198,7 @@ impl Message {
     /// [header rule](crate::read): 0 if absent or malformed (logged), saturated at
     /// `u32::MAX`.
     pub fn failed_attempts(&self) -> u32 {
-        crate::read::read(&self.headers, ATTEMPTS_HEADER).unwrap_or(0)
+        crate::read::read_in(self, ATTEMPTS_HEADER).unwrap_or(0)
     }
 }
 

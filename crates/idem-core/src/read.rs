@@ -2,7 +2,8 @@
 //!
 //! Anyone can publish a message with any header, so every `x-idem-*` value idem reads
 //! back (the attempt count, the first-failure time, the original route, the replay
-//! mark) goes through [`read`], which applies one rule:
+//! mark) goes through [`read_in`] (or [`read`] where only the headers are at hand),
+//! which applies one rule:
 //!
 //! - **absent**: the header is not there; the reader uses its default (0 failed
 //!   attempts, no first failure, the delivery's own route, no replay).
@@ -18,13 +19,18 @@
 //!   header, the value and what was expected. Never an error: a delivery is not
 //!   dead-lettered because of a header idem itself writes.
 //!
-//! Floats never count: the RabbitMQ transport turns AMQP floats into text that keeps a
-//! decimal point or exponent (`3.0`, `1e20`), which is not a count.
+//! The AMQP type counts, not only the flat form a transport gives it: a value whose
+//! type no [`HeaderValue`] holds as such (an AMQP timestamp, decimal or float, which
+//! the RabbitMQ transport passes on as an integer or text, or a table, array or void)
+//! is malformed for every reader ([`parse_in`], from the [`UnmappedHeaders`] the
+//! transport records). The RabbitMQ transport also writes floats as text that keeps a
+//! decimal point or exponent (`3.0`, `1e20`), so even headers-only readers never take
+//! a float for a count.
 
 use std::fmt;
 use std::time::SystemTime;
 
-use crate::message::{HeaderValue, Headers};
+use crate::message::{HeaderValue, Headers, Message, UnmappedHeaders};
 use crate::outcome::{parse_rfc3339, truncate};
 
 /// A type idem reads from one of its headers; see the [module docs](self).
@@ -101,15 +107,49 @@ pub fn parse<T: FromHeader>(headers: &Headers, name: &str) -> Result<Option<T>, 
 /// malformed. A malformed value is logged once per call at `warn`.
 pub fn read<T: FromHeader>(headers: &Headers, name: &str) -> Option<T> {
     parse(headers, name).unwrap_or_else(|m| {
-        tracing::warn!(header = %m.header, value = %m.value, expected = m.expected, "{m}");
+        warn_malformed(&m);
         None
     })
 }
 
-/// Like [`read`] without the log, for a second read of a header already read (and
+/// The header `name` of `msg`, like [`parse`], also knowing the AMQP type the
+/// transport recorded in [`UnmappedHeaders`]: a header whose type no [`HeaderValue`]
+/// holds as such (an AMQP timestamp or decimal that arrived as an integer or digits, a
+/// float, a table) is malformed whatever its flat form.
+pub fn parse_in<T: FromHeader>(msg: &Message, name: &str) -> Result<Option<T>, MalformedHeader> {
+    let unmapped = msg.extensions.get::<UnmappedHeaders>();
+    if let Some(amqp_type) = unmapped.and_then(|u| u.0.get(name)) {
+        let value = match msg.headers.get(name) {
+            Some(v) => format!("{} ({amqp_type})", DisplayValue(v)),
+            None => (*amqp_type).to_owned(),
+        };
+        return Err(MalformedHeader {
+            header: name.to_owned(),
+            value,
+            expected: T::EXPECTED,
+        });
+    }
+    parse(&msg.headers, name)
+}
+
+/// [`read`] for a message: the rule of [`parse_in`], one `warn` per malformed value.
+/// Every reader of a delivery's `x-idem-*` headers in idem goes through this (or
+/// [`read`] where only the headers are at hand).
+pub fn read_in<T: FromHeader>(msg: &Message, name: &str) -> Option<T> {
+    parse_in(msg, name).unwrap_or_else(|m| {
+        warn_malformed(&m);
+        None
+    })
+}
+
+fn warn_malformed(m: &MalformedHeader) {
+    tracing::warn!(header = %m.header, value = %m.value, expected = m.expected, "{m}");
+}
+
+/// Like [`read_in`] without the log, for a second read of a header already read (and
 /// logged) for the same delivery.
-pub fn read_quiet<T: FromHeader>(headers: &Headers, name: &str) -> Option<T> {
-    parse(headers, name).ok().flatten()
+pub fn read_quiet<T: FromHeader>(msg: &Message, name: &str) -> Option<T> {
+    parse_in(msg, name).ok().flatten()
 }
 
 /// A value and its type, bounded, for logs and errors: `-1 (integer)`, `"abc" (string)`.
@@ -118,6 +158,20 @@ pub fn describe(value: &HeaderValue) -> String {
 }
 
 struct DescribeValue<'a>(&'a HeaderValue);
+
+/// The value alone, bounded: `5`, `"abc"`.
+struct DisplayValue<'a>(&'a HeaderValue);
+
+impl fmt::Display for DisplayValue<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            HeaderValue::String(s) => write!(f, "{:?}", truncate(s, 64)),
+            HeaderValue::Int(i) => write!(f, "{i}"),
+            HeaderValue::Bool(b) => write!(f, "{b}"),
+            HeaderValue::Bytes(b) => write!(f, "{} bytes", b.len()),
+        }
+    }
+}
 
 impl fmt::Display for DescribeValue<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -246,6 +300,37 @@ mod tests {
     }
 
     #[test]
+    fn unmapped_amqp_types_are_malformed_whatever_their_flat_form() {
+        let mut m = Message::new("x")
+            .with_header("x-idem-attempts", 5i64)
+            .with_header("x-idem-replay", "1.5");
+        let mut u = UnmappedHeaders::default();
+        u.0.insert("x-idem-attempts".into(), "a timestamp");
+        u.0.insert("x-idem-replay".into(), "a float");
+        u.0.insert("x-idem-first-failed-at".into(), "a field table");
+        m.extensions.insert(u);
+        assert_eq!(
+            parse_in::<u32>(&m, "x-idem-attempts").unwrap_err().value,
+            "5 (a timestamp)"
+        );
+        assert_eq!(read_in::<u32>(&m, "x-idem-attempts"), None);
+        assert_eq!(m.failed_attempts(), 0);
+        assert_eq!(
+            parse_in::<String>(&m, "x-idem-replay").unwrap_err().value,
+            "\"1.5\" (a float)"
+        );
+        assert_eq!(
+            parse_in::<SystemTime>(&m, "x-idem-first-failed-at")
+                .unwrap_err()
+                .to_string(),
+            "header x-idem-first-failed-at has value a field table, expected an RFC 3339 UTC time; ignored as if absent"
+        );
+        // Without the extension, the same message reads by its flat form.
+        let plain = Message::new("x").with_header("x-idem-attempts", 5i64);
+        assert_eq!(read_in::<u32>(&plain, "x-idem-attempts"), Some(5));
+    }
+
+    #[test]
     fn text_and_time_follow_the_same_rule() {
         let mut h = Headers::new();
         h.insert("s".into(), "orders".into());
@@ -269,7 +354,11 @@ mod tests {
                 parse::<SystemTime>(&h, name).unwrap_err().expected,
                 "an RFC 3339 UTC time"
             );
-            assert_eq!(read_quiet::<SystemTime>(&h, name), None);
+            let m = Message {
+                headers: h.clone(),
+                ..Message::default()
+            };
+            assert_eq!(read_quiet::<SystemTime>(&m, name), None);
         }
     }
 }

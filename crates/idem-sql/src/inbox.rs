@@ -494,7 +494,7 @@ async fn run_keyed<DB: Backend>(
 ) -> Result<Processed, HandlerError> {
     let fp = inbox.fingerprint.then(|| sha256_hex(&msg.body));
     let replay =
-        idem_core::read::read::<String>(&msg.headers, REPLAY_HEADER).is_some_and(|v| !v.is_empty());
+        idem_core::read::read_in::<String>(&msg, REPLAY_HEADER).is_some_and(|v| !v.is_empty());
     if let Err(m) = DB::DIALECT.check_lengths(&inbox.consumer, &key, None, fp.as_deref()) {
         return Err(HandlerError::permanent(StoreError::new(format!(
             "SQL inbox cannot record key {key:?}: {m}"

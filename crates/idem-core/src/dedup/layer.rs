@@ -252,8 +252,8 @@ where
                     return Err(HandlerError::permanent(PayloadMismatchError(key)));
                 }
             }
-            let replay = crate::read::read::<String>(&msg.headers, REPLAY_HEADER)
-                .is_some_and(|v| !v.is_empty());
+            let replay =
+                crate::read::read_in::<String>(&msg, REPLAY_HEADER).is_some_and(|v| !v.is_empty());
             match (completion, replay) {
                 (Completion::Succeeded, _) => return Ok(Processed::Duplicate),
                 (Completion::Poisoned, false) => {
