@@ -53,7 +53,7 @@ pub(crate) fn to_message(
     queue: &str,
 ) -> Message {
     let mut msg = with_headers_of(Message::new(body), props);
-    msg.delivery = delivery_info(exchange, routing_key, redelivered, &msg, queue);
+    msg.delivery = delivery_info(exchange, routing_key, redelivered, &msg, queue, true);
     msg.properties = Properties {
         message_id: props.message_id().as_ref().map(|s| s.as_str().to_owned()),
         content_type: props.content_type().as_ref().map(|s| s.as_str().to_owned()),
@@ -84,51 +84,22 @@ pub(crate) fn with_headers_of(mut msg: Message, props: &BasicProperties) -> Mess
 
 /// Where a delivery really comes from: the `x-idem-original-*` headers of `msg` win
 /// over the delay queue's dead-lettering (exchange `""`, routing key = the work
-/// queue). Malformed ones are ignored with a `warn` log.
+/// queue). Malformed ones are ignored, with a `warn` log when `warn` is true (false
+/// for a second read of the same delivery: the worker reads the origin again on
+/// failure).
 pub(crate) fn delivery_info(
     exchange: &ShortString,
     routing_key: &ShortString,
     redelivered: bool,
     msg: &Message,
     queue: &str,
+    warn: bool,
 ) -> DeliveryInfo {
-    delivery_info_with(
-        exchange,
-        routing_key,
-        redelivered,
-        msg,
-        queue,
-        idem_core::read::read_in,
-    )
-}
-
-/// [`delivery_info`] without the log, for a second read of the same delivery's
-/// headers (the worker reads the origin again on failure).
-pub(crate) fn delivery_info_quiet(
-    exchange: &ShortString,
-    routing_key: &ShortString,
-    redelivered: bool,
-    msg: &Message,
-    queue: &str,
-) -> DeliveryInfo {
-    delivery_info_with(
-        exchange,
-        routing_key,
-        redelivered,
-        msg,
-        queue,
-        idem_core::read::read_quiet,
-    )
-}
-
-fn delivery_info_with(
-    exchange: &ShortString,
-    routing_key: &ShortString,
-    redelivered: bool,
-    msg: &Message,
-    queue: &str,
-    read: fn(&Message, &str) -> Option<String>,
-) -> DeliveryInfo {
+    let read: fn(&Message, &str) -> Option<String> = if warn {
+        idem_core::read::read_in
+    } else {
+        idem_core::read::read_quiet
+    };
     DeliveryInfo {
         exchange: read(msg, idem_headers::ORIGINAL_EXCHANGE)
             .unwrap_or_else(|| exchange.as_str().to_owned()),
@@ -361,8 +332,8 @@ mod tests {
             &BasicProperties::default().with_headers(t),
         );
         for info in [
-            delivery_info(&"ex".into(), &"rk".into(), false, &m, "q"),
-            delivery_info_quiet(&"ex".into(), &"rk".into(), false, &m, "q"),
+            delivery_info(&"ex".into(), &"rk".into(), false, &m, "q", true),
+            delivery_info(&"ex".into(), &"rk".into(), false, &m, "q", false),
         ] {
             assert_eq!(
                 (info.exchange.as_str(), info.routing_key.as_str()),
@@ -379,12 +350,19 @@ mod tests {
             idem_headers::ORIGINAL_ROUTING_KEY.into(),
             "orders.new".into(),
         );
-        let info = delivery_info(&"".into(), &"q".into(), false, &msg_with(h), "q");
+        let info = delivery_info(&"".into(), &"q".into(), false, &msg_with(h), "q", true);
         assert_eq!(
             (info.exchange.as_str(), info.routing_key.as_str()),
             ("orders", "orders.new")
         );
-        let info = delivery_info(&"ex".into(), &"rk".into(), true, &Message::default(), "q");
+        let info = delivery_info(
+            &"ex".into(),
+            &"rk".into(),
+            true,
+            &Message::default(),
+            "q",
+            true,
+        );
         assert_eq!(
             (info.exchange.as_str(), info.routing_key.as_str()),
             ("ex", "rk")

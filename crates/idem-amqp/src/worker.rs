@@ -43,7 +43,7 @@ use lapin::{Acker, BasicProperties, Channel, Connection, Event};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::convert::{delivery_info_quiet, merge_headers, to_message, with_headers_of};
+use crate::convert::{delivery_info, merge_headers, to_message};
 use crate::error::Error;
 use crate::publisher::{connect, publish_confirmed};
 use crate::topology::{short, Topology};
@@ -565,9 +565,9 @@ fn origin(
     properties: &BasicProperties,
     queue: &str,
 ) -> idem_core::DeliveryInfo {
-    let headers = with_headers_of(Message::default(), properties);
+    let headers = crate::convert::with_headers_of(Message::default(), properties);
     // Already read (and any malformed value logged) when the delivery was converted.
-    delivery_info_quiet(exchange, routing_key, redelivered, &headers, queue)
+    delivery_info(exchange, routing_key, redelivered, &headers, queue, false)
 }
 
 async fn ack(acker: &Acker) {

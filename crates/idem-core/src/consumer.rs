@@ -440,9 +440,7 @@ impl ConsumerBuilder {
         self
     }
 
-    /// Handler timeout: a handler still running after it is a transient failure,
-    /// recorded (log, `x-idem-error`) as [`HandlerTimeoutError`]:
-    /// `handler timed out after 5s (handler_timeout)`.
+    /// Handler timeout: a handler still running after it is a transient failure.
     pub fn handler_timeout(mut self, timeout: Duration) -> Self {
         self.handler_timeout = timeout;
         self
