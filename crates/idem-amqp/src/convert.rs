@@ -1,18 +1,27 @@
 //! Conversions between lapin deliveries and idem [`Message`]s.
 //!
-//! Incoming AMQP header values are mapped to [`HeaderValue`]: booleans, every integer
-//! type and timestamps become `Int`, strings become `String` (or `Bytes` when not
-//! UTF-8), byte arrays become `Bytes`, floats and decimals become their decimal text.
-//! Nested tables, arrays (such as RabbitMQ's `x-death`) and void values are not
-//! mapped; they stay in the original [`BasicProperties`], which the transport keeps
-//! and re-publishes unchanged (plus the `x-idem-*` headers) on retry and dead-letter
-//! copies. No header, however large or odd, makes the conversion fail.
+//! Incoming AMQP header values are mapped to [`HeaderValue`]: booleans become `Bool`,
+//! every integer type (signed and unsigned, 8 to 64 bits) and timestamps become `Int`,
+//! strings become `String` (or `Bytes` when not UTF-8), byte arrays become `Bytes`,
+//! floats become text that always keeps a decimal point or exponent (`3.0`, `1.5`,
+//! `1e20`, so a float never reads as a count), decimals their decimal text. Nested
+//! tables, arrays (such as RabbitMQ's `x-death`) and void values are not mapped; they
+//! stay in the original [`BasicProperties`], which the transport keeps and re-publishes
+//! unchanged (plus the `x-idem-*` headers) on retry and dead-letter copies. Every header
+//! whose AMQP type no `HeaderValue` holds as such (float, decimal, timestamp, table,
+//! array, void) is named with its type in an [`UnmappedHeaders`] extension, so errors
+//! about it (an idempotence key of the wrong type) say what it was. No header, however
+//! large or odd, makes the conversion fail.
+//!
+//! The `x-idem-original-*` headers are read back under idem's
+//! [header rule](idem_core::read): a value that is not an AMQP string is ignored (the
+//! delivery's own exchange and routing key are used) with one `warn` log.
 
 use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
 use idem_core::outcome::headers as idem_headers;
-use idem_core::{DeliveryInfo, HeaderValue, Headers, Message, Properties};
+use idem_core::{DeliveryInfo, HeaderValue, Headers, Message, Properties, UnmappedHeaders};
 use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::BasicProperties;
@@ -43,11 +52,8 @@ pub(crate) fn to_message(
     body: Bytes,
     queue: &str,
 ) -> Message {
-    let mut msg = Message::new(body);
-    if let Some(table) = props.headers() {
-        msg.headers = headers_from_table(table);
-    }
-    msg.delivery = delivery_info(exchange, routing_key, redelivered, &msg.headers, queue);
+    let mut msg = with_headers_of(Message::new(body), props);
+    msg.delivery = delivery_info(exchange, routing_key, redelivered, &msg, queue, true);
     msg.properties = Properties {
         message_id: props.message_id().as_ref().map(|s| s.as_str().to_owned()),
         content_type: props.content_type().as_ref().map(|s| s.as_str().to_owned()),
@@ -63,23 +69,42 @@ pub(crate) fn to_message(
     msg
 }
 
-/// Where a delivery really comes from: the `x-idem-original-*` headers win over the
-/// delay queue's dead-lettering (exchange `""`, routing key = the work queue).
+/// `msg` with the mapped headers of `props`, and the [`UnmappedHeaders`] extension
+/// when some have a type of their own.
+pub(crate) fn with_headers_of(mut msg: Message, props: &BasicProperties) -> Message {
+    if let Some(table) = props.headers() {
+        msg.headers = headers_from_table(table);
+        let unmapped = unmapped_headers(table);
+        if !unmapped.0.is_empty() {
+            msg.extensions.insert(unmapped);
+        }
+    }
+    msg
+}
+
+/// Where a delivery really comes from: the `x-idem-original-*` headers of `msg` win
+/// over the delay queue's dead-lettering (exchange `""`, routing key = the work
+/// queue). Malformed ones are ignored, with a `warn` log when `warn` is true (false
+/// for a second read of the same delivery: the worker reads the origin again on
+/// failure).
 pub(crate) fn delivery_info(
     exchange: &ShortString,
     routing_key: &ShortString,
     redelivered: bool,
-    headers: &Headers,
+    msg: &Message,
     queue: &str,
+    warn: bool,
 ) -> DeliveryInfo {
-    let original = |name: &str| headers.get(name).and_then(HeaderValue::as_str);
+    let read: fn(&Message, &str) -> Option<String> = if warn {
+        idem_core::read::read_in
+    } else {
+        idem_core::read::read_quiet
+    };
     DeliveryInfo {
-        exchange: original(idem_headers::ORIGINAL_EXCHANGE)
-            .unwrap_or(exchange.as_str())
-            .to_owned(),
-        routing_key: original(idem_headers::ORIGINAL_ROUTING_KEY)
-            .unwrap_or(routing_key.as_str())
-            .to_owned(),
+        exchange: read(msg, idem_headers::ORIGINAL_EXCHANGE)
+            .unwrap_or_else(|| exchange.as_str().to_owned()),
+        routing_key: read(msg, idem_headers::ORIGINAL_ROUTING_KEY)
+            .unwrap_or_else(|| routing_key.as_str().to_owned()),
         queue: queue.to_owned(),
         redelivered,
         attempt: 1,
@@ -93,6 +118,30 @@ pub fn headers_from_table(table: &FieldTable) -> Headers {
         .iter()
         .filter_map(|(k, v)| Some((k.as_str().to_owned(), header_value(v)?)))
         .collect()
+}
+
+/// The headers of `table` whose AMQP type no [`HeaderValue`] holds as such, with
+/// that type (`a float`, `a field table`); see the [module docs](self).
+pub fn unmapped_headers(table: &FieldTable) -> UnmappedHeaders {
+    UnmappedHeaders(
+        table
+            .inner()
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str().to_owned(), unmapped_type(v)?)))
+            .collect(),
+    )
+}
+
+fn unmapped_type(v: &AMQPValue) -> Option<&'static str> {
+    Some(match v {
+        AMQPValue::Float(_) | AMQPValue::Double(_) => "a float",
+        AMQPValue::DecimalValue(_) => "a decimal",
+        AMQPValue::Timestamp(_) => "a timestamp",
+        AMQPValue::FieldArray(_) => "a field array",
+        AMQPValue::FieldTable(_) => "a field table",
+        AMQPValue::Void => "a void value",
+        _ => return None,
+    })
 }
 
 /// One AMQP value as a [`HeaderValue`], if it has a flat representation.
@@ -110,8 +159,9 @@ pub fn header_value(v: &AMQPValue) -> Option<HeaderValue> {
             Ok(i) => HeaderValue::Int(i),
             Err(_) => HeaderValue::String(t.to_string()),
         },
-        AMQPValue::Float(f) => HeaderValue::String(f.to_string()),
-        AMQPValue::Double(f) => HeaderValue::String(f.to_string()),
+        // Debug, not Display: 3.0 stays "3.0" (Display writes "3", a count).
+        AMQPValue::Float(f) => HeaderValue::String(format!("{f:?}")),
+        AMQPValue::Double(f) => HeaderValue::String(format!("{f:?}")),
         AMQPValue::DecimalValue(d) => HeaderValue::String(decimal_text(d.value, d.scale)),
         AMQPValue::ShortString(s) => HeaderValue::String(s.as_str().to_owned()),
         AMQPValue::LongString(s) => match std::str::from_utf8(s.as_bytes()) {
@@ -225,9 +275,71 @@ mod tests {
         assert_eq!(h["u32"], HeaderValue::Int(i64::from(u32::MAX)));
         assert_eq!(h["ts"], HeaderValue::String(u64::MAX.to_string()));
         assert_eq!(h["f"].as_str(), Some("1.5"));
+        let u = unmapped_headers(&t);
+        let types: Vec<(&str, &str)> = u.0.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        assert_eq!(
+            types,
+            vec![
+                ("arr", "a field array"),
+                ("dec", "a decimal"),
+                ("f", "a float"),
+                ("tbl", "a field table"),
+                ("ts", "a timestamp"),
+                ("void", "a void value"),
+            ]
+        );
         assert_eq!(h["dec"].as_str(), Some("0.005"));
         assert_eq!(h["ba"], HeaderValue::Bytes(vec![1, 2]));
         assert_eq!(h["b"], HeaderValue::Bool(true));
+    }
+
+    #[test]
+    fn floats_never_read_as_counts() {
+        for (v, text) in [
+            (AMQPValue::Double(3.0), "3.0"),
+            (AMQPValue::Float(3.0), "3.0"),
+            (AMQPValue::Double(1e20), "1e20"),
+            (AMQPValue::Double(-0.5), "-0.5"),
+        ] {
+            let hv = header_value(&v).unwrap();
+            assert_eq!(hv.as_str(), Some(text));
+            let mut h = Headers::new();
+            h.insert("x-idem-attempts".into(), hv);
+            assert!(idem_core::read::parse::<u32>(&h, "x-idem-attempts").is_err());
+        }
+    }
+
+    fn msg_with(headers: Headers) -> Message {
+        Message {
+            headers,
+            ..Message::default()
+        }
+    }
+
+    #[test]
+    fn malformed_original_route_headers_are_ignored() {
+        let mut t = FieldTable::default();
+        t.insert(
+            idem_headers::ORIGINAL_EXCHANGE.into(),
+            AMQPValue::LongLongInt(5),
+        );
+        t.insert(
+            idem_headers::ORIGINAL_ROUTING_KEY.into(),
+            AMQPValue::Double(1.5),
+        );
+        let m = with_headers_of(
+            Message::default(),
+            &BasicProperties::default().with_headers(t),
+        );
+        for info in [
+            delivery_info(&"ex".into(), &"rk".into(), false, &m, "q", true),
+            delivery_info(&"ex".into(), &"rk".into(), false, &m, "q", false),
+        ] {
+            assert_eq!(
+                (info.exchange.as_str(), info.routing_key.as_str()),
+                ("ex", "rk")
+            );
+        }
     }
 
     #[test]
@@ -238,12 +350,19 @@ mod tests {
             idem_headers::ORIGINAL_ROUTING_KEY.into(),
             "orders.new".into(),
         );
-        let info = delivery_info(&"".into(), &"q".into(), false, &h, "q");
+        let info = delivery_info(&"".into(), &"q".into(), false, &msg_with(h), "q", true);
         assert_eq!(
             (info.exchange.as_str(), info.routing_key.as_str()),
             ("orders", "orders.new")
         );
-        let info = delivery_info(&"ex".into(), &"rk".into(), true, &Headers::new(), "q");
+        let info = delivery_info(
+            &"ex".into(),
+            &"rk".into(),
+            true,
+            &Message::default(),
+            "q",
+            true,
+        );
         assert_eq!(
             (info.exchange.as_str(), info.routing_key.as_str()),
             ("ex", "rk")

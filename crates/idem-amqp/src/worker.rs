@@ -572,12 +572,9 @@ fn origin(
     properties: &BasicProperties,
     queue: &str,
 ) -> idem_core::DeliveryInfo {
-    let headers = properties
-        .headers()
-        .as_ref()
-        .map(crate::convert::headers_from_table)
-        .unwrap_or_default();
-    delivery_info(exchange, routing_key, redelivered, &headers, queue)
+    let headers = crate::convert::with_headers_of(Message::default(), properties);
+    // Already read (and any malformed value logged) when the delivery was converted.
+    delivery_info(exchange, routing_key, redelivered, &headers, queue, false)
 }
 
 async fn ack(acker: &Acker) {

@@ -33,10 +33,10 @@ use tracing::{field, Instrument};
 use crate::backoff::{Backoff, DelayTiers};
 use crate::classify::{Classify, ClassifyLayer};
 use crate::dedup::{DedupLayer, DedupStore, Processed};
-use crate::error::{BoxError, ErrorKind, HandlerError};
+use crate::error::{BoxError, ErrorKind, HandlerError, HandlerTimeoutError};
 use crate::handler::{Handler, HandlerService};
 use crate::message::Message;
-use crate::outcome::{headers, parse_rfc3339, truncate, Disposition, Failure, MAX_ERROR_LEN};
+use crate::outcome::{headers, truncate, Disposition, Failure, MAX_ERROR_LEN};
 
 /// The handler stack below dedup: classified errors, no response.
 pub type ClassifiedService = BoxCloneSyncService<Message, (), HandlerError>;
@@ -320,11 +320,7 @@ impl Consumer {
             latency_ms = field::Empty,
         );
         let fallback_key = msg.properties.message_id.clone();
-        let first_failed_at = msg
-            .headers
-            .get(headers::FIRST_FAILED_AT)
-            .and_then(|v| v.as_str())
-            .and_then(parse_rfc3339);
+        let first_failed_at = crate::read::read_in::<SystemTime>(&msg, headers::FIRST_FAILED_AT);
         let started = Instant::now();
         let result = inner
             .service
@@ -396,7 +392,8 @@ impl Consumer {
             kind,
             error: truncate(&err.chain(), MAX_ERROR_LEN),
             attempts,
-            first_failed_at: first_failed_at.unwrap_or(now),
+            // A first failure "in the future" (clock skew, forged header) counts as now.
+            first_failed_at: first_failed_at.map_or(now, |t| t.min(now)),
             last_failed_at: now,
             key: err.key().map(str::to_owned).or(fallback_key),
         };
@@ -527,7 +524,9 @@ impl ConsumerBuilder {
                 });
             }
         }
-        let timed = tower::timeout::Timeout::new(service, self.handler_timeout);
+        let timeout = self.handler_timeout;
+        let timed = tower::timeout::Timeout::new(service, timeout)
+            .map_err(move |e: BoxError| HandlerTimeoutError::name_elapsed(e, timeout));
         let classified: ClassifiedService = BoxCloneSyncService::new(self.classifier.layer(timed));
         let service = match &self.dedup {
             Some(stage) => stage.wrap(classified),

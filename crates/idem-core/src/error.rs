@@ -212,6 +212,30 @@ impl From<HandlerError> for BoxError {
     }
 }
 
+/// The handler ran longer than the consumer's `handler_timeout`. Transient, like any
+/// timeout. Its text names the setting and its value, e.g.
+/// `handler timed out after 5s (handler_timeout)`, in logs and in `x-idem-error`.
+/// (A handler service that itself fails with tower's bare `Elapsed`, from a timeout
+/// layer of its own, is reported the same way: the two cannot be told apart.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("handler timed out after {timeout:?} (handler_timeout)")]
+pub struct HandlerTimeoutError {
+    /// The configured handler timeout.
+    pub timeout: Duration,
+}
+
+impl HandlerTimeoutError {
+    /// Replaces tower's bare `Elapsed` ("request timed out") from the handler-timeout
+    /// layer by this error; any other error passes through.
+    pub(crate) fn name_elapsed(err: BoxError, timeout: Duration) -> BoxError {
+        if err.is::<tower::timeout::error::Elapsed>() {
+            Box::new(HandlerTimeoutError { timeout })
+        } else {
+            err
+        }
+    }
+}
+
 /// Classify an error at the `?` site.
 pub trait ResultExt<T> {
     /// Marks the error as transient (retry with backoff).

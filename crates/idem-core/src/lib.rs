@@ -39,15 +39,20 @@ pub mod handler;
 pub mod memory;
 pub mod message;
 pub mod outcome;
+pub mod read;
 mod redact;
 
 pub use backoff::{Backoff, DelayTiers, Jitter};
 pub use consumer::{ConfigError, Consumer, ConsumerBuilder, DeliveryMode, Stats};
 pub use dedup::{DedupLayer, DedupStore, MemoryStore, Processed};
-pub use error::{BoxError, ErrorKind, HandlerError, IntoHandlerResult, ResultExt};
+pub use error::{
+    BoxError, ErrorKind, HandlerError, HandlerTimeoutError, IntoHandlerResult, ResultExt,
+};
 pub use handler::{
     Attempt, Body, FromMessage, Handler, HandlerService, IdempotencyKey, Json, Metadata, State,
 };
-pub use message::{DeliveryInfo, Extensions, HeaderValue, Headers, Message, Properties};
+pub use message::{
+    DeliveryInfo, Extensions, HeaderValue, Headers, Message, Properties, UnmappedHeaders,
+};
 pub use outcome::{Disposition, Failure};
 pub use redact::{redact_in, redact_url};

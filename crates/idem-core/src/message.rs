@@ -15,8 +15,19 @@ use std::time::SystemTime;
 use bytes::Bytes;
 
 /// Header carrying the number of failed attempts so far (absent on a first delivery).
+///
+/// Read back under the [header rule](crate::read): an integer >= 0 or a string of
+/// decimal digits; values above `u32::MAX` saturate (a count past the attempt budget
+/// dead-letters at the first failure); negative, non-numeric or wrong-type values are
+/// ignored as if absent (0 failed attempts) with one `warn` log.
 pub const ATTEMPTS_HEADER: &str = "x-idem-attempts";
 /// Header a producer may set to carry the idempotence key when `message_id` is not set.
+///
+/// A non-empty string is the key as is; an integer of any AMQP width (signed or
+/// unsigned) is the key in decimal text (`42` and `"42"` are the same key). An empty
+/// string counts as absent. Any other type (boolean, float, binary, table, array) is
+/// a permanent error naming the header and the type
+/// ([`KeyTypeError`](crate::dedup::KeyTypeError)).
 pub const IDEMPOTENCY_KEY_HEADER: &str = "x-idempotency-key";
 
 /// A header value. AMQP field tables hold more types; transports map the ones idem
@@ -91,6 +102,16 @@ impl From<bool> for HeaderValue {
 
 /// Message headers, ordered by name so that their encoding is deterministic.
 pub type Headers = BTreeMap<String, HeaderValue>;
+
+/// Headers a transport received with a type that no [`HeaderValue`] variant holds as
+/// such (an AMQP float, decimal, timestamp, field table, array or void), by name, with
+/// a description of that type (`a float`, `a field table`). Those with a flat form are
+/// also in [`Message::headers`] as text or integer; the others are only named here.
+/// The RabbitMQ transport puts this in [`Message::extensions`] when there are any, so
+/// that an error about such a header (an idempotence key of the wrong type) names its
+/// real type.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UnmappedHeaders(pub BTreeMap<String, &'static str>);
 
 /// AMQP basic properties idem reads or sets. Transports keep the rest untouched.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -173,13 +194,11 @@ impl Message {
         self.headers.get(name).and_then(HeaderValue::as_str)
     }
 
-    /// Failed attempts recorded in [`ATTEMPTS_HEADER`] (0 if absent or unreadable).
+    /// Failed attempts recorded in [`ATTEMPTS_HEADER`], read under the
+    /// [header rule](crate::read): 0 if absent or malformed (logged), saturated at
+    /// `u32::MAX`.
     pub fn failed_attempts(&self) -> u32 {
-        self.headers
-            .get(ATTEMPTS_HEADER)
-            .and_then(HeaderValue::as_i64)
-            .and_then(|n| u32::try_from(n).ok())
-            .unwrap_or(0)
+        crate::read::read_in(self, ATTEMPTS_HEADER).unwrap_or(0)
     }
 }
 
@@ -245,5 +264,16 @@ mod tests {
         assert_eq!(m.failed_attempts(), 3);
         let m = Message::new("x").with_header(ATTEMPTS_HEADER, "garbage");
         assert_eq!(m.failed_attempts(), 0);
+        // The cases of issue 11: a huge count saturates instead of reading as 0.
+        for (value, want) in [
+            (HeaderValue::Int(1_000_000_000), 1_000_000_000),
+            ("1000000000".into(), 1_000_000_000),
+            (HeaderValue::Int(1 << 40), u32::MAX),
+            (HeaderValue::Int(-1), 0),
+            ("abc".into(), 0),
+        ] {
+            let m = Message::new("x").with_header(ATTEMPTS_HEADER, value.clone());
+            assert_eq!(m.failed_attempts(), want, "{value:?}");
+        }
     }
 }

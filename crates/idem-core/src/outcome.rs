@@ -17,25 +17,39 @@ pub const MAX_ERROR_LEN: usize = 2048;
 pub const MAX_HEADER_LEN: usize = 512;
 
 /// Header names written on retry copies and dead-lettered messages.
+///
+/// The ones idem reads back from a delivery ([`ATTEMPTS`](headers::ATTEMPTS),
+/// [`FIRST_FAILED_AT`](headers::FIRST_FAILED_AT),
+/// [`ORIGINAL_EXCHANGE`](headers::ORIGINAL_EXCHANGE),
+/// [`ORIGINAL_ROUTING_KEY`](headers::ORIGINAL_ROUTING_KEY), and
+/// [`REPLAY_HEADER`](crate::dedup::REPLAY_HEADER)) follow one
+/// [rule](crate::read): a malformed value is ignored as if absent, with one `warn`
+/// log naming the header and the value; counts saturate at `u32::MAX`. The others are
+/// written for operators and never change what a worker does.
 pub mod headers {
     pub use crate::message::ATTEMPTS_HEADER as ATTEMPTS;
-    /// The error chain, truncated to [`MAX_ERROR_LEN`](super::MAX_ERROR_LEN).
+    /// The error chain, truncated to [`MAX_ERROR_LEN`](super::MAX_ERROR_LEN). Written
+    /// only.
     pub const ERROR: &str = "x-idem-error";
-    /// `transient` or `permanent`.
+    /// `transient` or `permanent`. Written only.
     pub const ERROR_KIND: &str = "x-idem-error-kind";
-    /// RFC 3339 time of the first failure.
+    /// RFC 3339 time of the first failure. Read back from retry copies to keep the
+    /// backoff's time budget: malformed (not RFC 3339 UTC, before 1970, wrong type)
+    /// counts as absent, so this failure becomes the first; a time later than now
+    /// counts as now.
     pub const FIRST_FAILED_AT: &str = "x-idem-first-failed-at";
-    /// RFC 3339 time of the latest failure.
+    /// RFC 3339 time of the latest failure. Written only.
     pub const LAST_FAILED_AT: &str = "x-idem-last-failed-at";
-    /// Exchange of the original publish.
+    /// Exchange of the original publish. Read back from retry copies (a string; any
+    /// other type is ignored and the delivery's own exchange is used).
     pub const ORIGINAL_EXCHANGE: &str = "x-idem-original-exchange";
-    /// Routing key of the original publish.
+    /// Routing key of the original publish. Read back like [`ORIGINAL_EXCHANGE`].
     pub const ORIGINAL_ROUTING_KEY: &str = "x-idem-original-routing-key";
-    /// Queue the message was consumed from.
+    /// Queue the message was consumed from. Written only (the CLI replays to it).
     pub const ORIGINAL_QUEUE: &str = "x-idem-original-queue";
-    /// Consumer name.
+    /// Consumer name. Written only.
     pub const CONSUMER: &str = "x-idem-consumer";
-    /// Idempotence key, if one was found.
+    /// Idempotence key, if one was found. Written only.
     pub const KEY: &str = "x-idem-key";
 }
 
@@ -127,17 +141,26 @@ impl Failure {
     }
 }
 
-/// Cuts `s` to at most `max` bytes on a character boundary, saying how much was cut.
+/// Cuts `s` to at most `max` bytes on a character boundary, ending with a marker that
+/// says how many bytes were cut: `... [N bytes cut]`, where `N` is the length of `s`
+/// minus the length of the part kept. `max` should leave room for the marker (about 30
+/// bytes); with less, only the marker is returned.
 pub fn truncate(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_owned();
     }
-    let marker = format!("... [{} bytes cut]", s.len());
-    let mut end = max.saturating_sub(marker.len());
+    // Room for the marker: at most as many digits as `s.len()` has, since the count
+    // cut is never more than that.
+    let room = marker(s.len()).len();
+    let mut end = max.saturating_sub(room);
     while !s.is_char_boundary(end) {
         end -= 1;
     }
-    format!("{}{}", &s[..end], marker)
+    format!("{}{}", &s[..end], marker(s.len() - end))
+}
+
+fn marker(cut: usize) -> String {
+    format!("... [{cut} bytes cut]")
 }
 
 /// Formats a time as RFC 3339 UTC with millisecond precision.
@@ -154,15 +177,31 @@ pub fn rfc3339(t: SystemTime) -> String {
     format!("{y:04}-{m:02}-{d:02}T{h:02}:{min:02}:{s:02}.{milli:03}Z")
 }
 
-/// Parses what [`rfc3339`] writes (UTC, `Z` suffix, optional fraction).
+/// Parses what [`rfc3339`] writes (UTC, `Z` suffix, optional fraction of 1 to 9
+/// digits, of which milliseconds are kept). `None` for anything else, including
+/// out-of-range fields (month 13, hour 24, year past 9999) and times before 1970.
 pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
+    fn num(p: &str, len: usize, max: i64) -> Option<i64> {
+        if p.len() != len || !p.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        p.parse().ok().filter(|n| *n <= max)
+    }
     let s = s.strip_suffix('Z')?;
     let (date, time) = s.split_once('T')?;
-    let mut dp = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
-    let (y, m, d) = (dp.next()??, dp.next()??, dp.next()??);
+    let mut dp = date.split('-');
+    let (y, m, d) = (dp.next()?, dp.next()?, dp.next()?);
+    let (y, m, d) = (num(y, 4, 9999)?, num(m, 2, 12)?, num(d, 2, 31)?);
     let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
-    let mut tp = hms.splitn(3, ':').map(|p| p.parse::<i64>().ok());
-    let (h, min, sec) = (tp.next()??, tp.next()??, tp.next()??);
+    let mut tp = hms.split(':');
+    let (h, min, sec) = (tp.next()?, tp.next()?, tp.next()?);
+    let (h, min, sec) = (num(h, 2, 23)?, num(min, 2, 59)?, num(sec, 2, 60)?);
+    if dp.next().is_some() || tp.next().is_some() || m == 0 || d == 0 {
+        return None;
+    }
+    if frac.is_empty() || frac.len() > 9 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let frac_ms: i64 = format!("{frac:0<3}").get(..3)?.parse().ok()?;
     let days = days_from_civil(y, m, d);
     let ms = ((days * 24 + h) * 60 + min) * 60_000 + sec * 1000 + frac_ms;
@@ -204,8 +243,67 @@ mod tests {
         let long = "é".repeat(5000);
         let t = truncate(&long, MAX_ERROR_LEN);
         assert!(t.len() <= MAX_ERROR_LEN);
-        assert!(t.ends_with("[10000 bytes cut]"));
+        assert!(t.ends_with(" bytes cut]"));
         assert_eq!(truncate("short", 10), "short");
+    }
+
+    #[test]
+    fn truncation_marker_counts_the_bytes_cut() {
+        // 2 KiB kept out of 5 MiB: the marker names the bytes dropped, not the length.
+        let long = "E".repeat(5 << 20);
+        let t = truncate(&long, MAX_ERROR_LEN);
+        let marker = "... [5240855 bytes cut]";
+        assert_eq!(t, format!("{}{marker}", "E".repeat(2025)));
+        assert_eq!(t.len(), MAX_ERROR_LEN);
+
+        // The count cut can have fewer digits than the length: the result is then a
+        // byte or two under the limit, never over it.
+        let s = "a".repeat(1000);
+        assert_eq!(
+            truncate(&s, 100),
+            format!("{}... [920 bytes cut]", "a".repeat(80))
+        );
+        let s = "a".repeat(101);
+        assert_eq!(
+            truncate(&s, 100),
+            format!("{}... [20 bytes cut]", "a".repeat(81))
+        );
+
+        // Multi-byte characters: the cut backs off to a boundary and counts it.
+        let s = "é".repeat(5000); // 10 000 bytes
+        let t = truncate(&s, MAX_ERROR_LEN);
+        assert_eq!(t, format!("{}... [7974 bytes cut]", "é".repeat(1013)));
+    }
+
+    #[test]
+    fn rfc3339_rejects_out_of_range_fields() {
+        for bad in [
+            "99999999999999999-01-01T00:00:00Z",
+            "2023-13-01T00:00:00Z",
+            "2023-00-01T00:00:00Z",
+            "2023-01-00T00:00:00Z",
+            "2023-01-01T24:00:00Z",
+            "2023-01-01T00:60:00Z",
+            "2023-01-01T00:00:00.Z",
+            "2023-01-01T00:00:00.+12Z",
+            "2023-01-01T00:00:00.1234567890Z",
+            "+2023-01-01T00:00:00Z",
+            "1969-12-31T23:59:59Z",
+            "2023-01-01T00:00:00",
+            "2023-01-01T00:00:00:00Z",
+            "2023-01-01-01T00:00:00Z",
+            "",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
+        assert_eq!(
+            parse_rfc3339("2023-11-14T22:13:20Z"),
+            Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000))
+        );
+        assert_eq!(
+            parse_rfc3339("2023-11-14T22:13:20.123456Z"),
+            Some(UNIX_EPOCH + Duration::from_millis(1_700_000_000_123))
+        );
     }
 
     #[test]

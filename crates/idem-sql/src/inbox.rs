@@ -493,7 +493,8 @@ async fn run_keyed<DB: Backend>(
     key: String,
 ) -> Result<Processed, HandlerError> {
     let fp = inbox.fingerprint.then(|| sha256_hex(&msg.body));
-    let replay = msg.header_str(REPLAY_HEADER).is_some_and(|v| !v.is_empty());
+    let replay =
+        idem_core::read::read_in::<String>(&msg, REPLAY_HEADER).is_some_and(|v| !v.is_empty());
     if let Err(m) = DB::DIALECT.check_lengths(&inbox.consumer, &key, None, fp.as_deref()) {
         return Err(HandlerError::permanent(StoreError::new(format!(
             "SQL inbox cannot record key {key:?}: {m}"

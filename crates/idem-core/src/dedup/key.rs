@@ -2,7 +2,7 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use crate::message::{Message, IDEMPOTENCY_KEY_HEADER};
+use crate::message::{HeaderValue, Message, UnmappedHeaders, IDEMPOTENCY_KEY_HEADER};
 
 /// Longest accepted idempotence key, in bytes. A longer key is a content error.
 pub const MAX_KEY_LEN: usize = 512;
@@ -11,6 +11,13 @@ pub const MAX_KEY_LEN: usize = 512;
 pub trait KeyExtractor: Send + Sync + 'static {
     /// The key, or `None` if the message has none.
     fn extract(&self, msg: &Message) -> Option<String>;
+
+    /// Like [`extract`](KeyExtractor::extract), but says when the key's source is
+    /// there with a value that cannot be a key, so the error names it instead of
+    /// calling the key missing. The default calls `extract`.
+    fn try_extract(&self, msg: &Message) -> Result<Option<String>, KeyTypeError> {
+        Ok(self.extract(msg))
+    }
 }
 
 impl<F> KeyExtractor for F
@@ -22,22 +29,24 @@ where
     }
 }
 
-/// The default: the AMQP `message_id` property, else the `x-idempotency-key` header.
+/// The default: the AMQP `message_id` property, else the `x-idempotency-key` header
+/// (a string, or an integer as its decimal text; see
+/// [`IDEMPOTENCY_KEY_HEADER`]).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct DefaultKey;
 
 impl DefaultKey {
-    /// The default key of a message.
+    /// The default key of a message (`None` also when the header has a wrong type;
+    /// [`KeyExtractor::try_extract`] says which).
     pub fn key_of(msg: &Message) -> Option<String> {
-        msg.properties
-            .message_id
-            .as_deref()
-            .filter(|s| !s.is_empty())
-            .or_else(|| {
-                msg.header_str(IDEMPOTENCY_KEY_HEADER)
-                    .filter(|s| !s.is_empty())
-            })
-            .map(str::to_owned)
+        Self::try_key_of(msg).ok().flatten()
+    }
+
+    fn try_key_of(msg: &Message) -> Result<Option<String>, KeyTypeError> {
+        match msg.properties.message_id.as_deref() {
+            Some(id) if !id.is_empty() => Ok(Some(id.to_owned())),
+            _ => header_key(msg, IDEMPOTENCY_KEY_HEADER),
+        }
     }
 }
 
@@ -45,9 +54,14 @@ impl KeyExtractor for DefaultKey {
     fn extract(&self, msg: &Message) -> Option<String> {
         DefaultKey::key_of(msg)
     }
+    fn try_extract(&self, msg: &Message) -> Result<Option<String>, KeyTypeError> {
+        DefaultKey::try_key_of(msg)
+    }
 }
 
-/// The key from a named header (string or integer value).
+/// The key from a named header: a non-empty string as is, an integer (any AMQP width,
+/// signed or unsigned) as its decimal text. An empty string or no header is no key;
+/// any other type is a [`KeyTypeError`].
 #[derive(Clone, Debug)]
 pub struct HeaderKey(pub Arc<str>);
 
@@ -60,10 +74,51 @@ impl HeaderKey {
 
 impl KeyExtractor for HeaderKey {
     fn extract(&self, msg: &Message) -> Option<String> {
-        let v = msg.headers.get(&*self.0)?;
-        let s = v.to_string();
-        (!s.is_empty() && !matches!(v, crate::HeaderValue::Bytes(_))).then_some(s)
+        header_key(msg, &self.0).ok().flatten()
     }
+    fn try_extract(&self, msg: &Message) -> Result<Option<String>, KeyTypeError> {
+        header_key(msg, &self.0)
+    }
+}
+
+/// The key in header `name`, by the rule of [`HeaderKey`].
+fn header_key(msg: &Message, name: &str) -> Result<Option<String>, KeyTypeError> {
+    let wrong = |found: String| KeyTypeError {
+        header: name.to_owned(),
+        found,
+    };
+    // A type the transport could not carry as such (float, table...) wins over the
+    // flat form it may have left in the headers.
+    let unmapped = msg.extensions.get::<UnmappedHeaders>();
+    if let Some(amqp_type) = unmapped.and_then(|u| u.0.get(name)) {
+        return Err(wrong((*amqp_type).to_owned()));
+    }
+    match msg.headers.get(name) {
+        None => Ok(None),
+        Some(HeaderValue::String(s)) if s.is_empty() => Ok(None),
+        Some(HeaderValue::String(s)) => Ok(Some(s.clone())),
+        Some(HeaderValue::Int(i)) => Ok(Some(i.to_string())),
+        Some(HeaderValue::Bool(b)) => Err(wrong(format!("a boolean ({b})"))),
+        Some(HeaderValue::Bytes(b)) => Err(wrong(format!(
+            "{} bytes of binary data, not UTF-8 text",
+            b.len()
+        ))),
+    }
+}
+
+/// The idempotence-key header is there, but its value cannot be a key (a boolean,
+/// binary data, a float, a table...). Permanent, whatever the [`MissingKey`] policy:
+/// the producer meant to set a key, and hashing the body instead could merge messages
+/// it meant to keep apart.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "idempotence-key header {header} holds {found}; a key must be a non-empty string or an integer"
+)]
+pub struct KeyTypeError {
+    /// The header name.
+    pub header: String,
+    /// What it holds, e.g. `a boolean (true)` or `a field table`.
+    pub found: String,
 }
 
 /// The key from a field of a JSON body, by JSON pointer (`/order/id`). Strings and
@@ -111,14 +166,18 @@ pub struct MissingKeyError;
 pub struct KeyTooLongError(pub usize);
 
 /// The idempotence key of `msg`: from `extractor`, else per the `missing` policy.
-/// Missing and oversized keys are permanent errors. Shared by every dedup stage so
+/// Missing (under [`MissingKey::Poison`]), wrongly typed ([`KeyTypeError`]) and
+/// oversized keys are permanent errors. Shared by every dedup stage so
 /// they agree on what the key of a message is.
 pub fn resolve_key(
     extractor: &dyn KeyExtractor,
     missing: MissingKey,
     msg: &Message,
 ) -> Result<String, crate::HandlerError> {
-    let key = match extractor.extract(msg) {
+    let found = extractor
+        .try_extract(msg)
+        .map_err(crate::HandlerError::permanent)?;
+    let key = match found {
         Some(k) => k,
         None => match missing {
             MissingKey::Poison => return Err(crate::HandlerError::permanent(MissingKeyError)),
@@ -160,6 +219,99 @@ mod tests {
         assert_eq!(DefaultKey.extract(&m), None, "empty message_id is no key");
         let closure = |m: &Message| m.header_str("k").map(|s| s.to_uppercase());
         assert_eq!(closure.extract(&m).as_deref(), Some("ABC"));
+    }
+
+    #[test]
+    fn integer_key_headers_are_keys_in_decimal_text() {
+        for (value, want) in [
+            (HeaderValue::Int(42), "42"),
+            (HeaderValue::Int(-7), "-7"),
+            (HeaderValue::Int(i64::MAX), "9223372036854775807"),
+            (HeaderValue::Int(i64::from(u32::MAX)), "4294967295"),
+            (HeaderValue::Int(0), "0"),
+        ] {
+            let m = Message::new("x").with_header(IDEMPOTENCY_KEY_HEADER, value.clone());
+            assert_eq!(DefaultKey.try_extract(&m), Ok(Some(want.to_owned())));
+            assert_eq!(DefaultKey::key_of(&m).as_deref(), Some(want));
+            let r = resolve_key(&DefaultKey, MissingKey::Poison, &m);
+            assert_eq!(r.ok().as_deref(), Some(want), "{value:?}");
+            let m = Message::new("x").with_header("k", value);
+            assert_eq!(
+                HeaderKey::new("k").try_extract(&m),
+                Ok(Some(want.to_owned()))
+            );
+        }
+        // The integer and its text are one key.
+        let int = Message::new("x").with_header(IDEMPOTENCY_KEY_HEADER, 42i64);
+        let text = Message::new("x").with_header(IDEMPOTENCY_KEY_HEADER, "42");
+        assert_eq!(DefaultKey::key_of(&int), DefaultKey::key_of(&text));
+        // message_id still wins over the header.
+        let both = int.with_message_id("m-1");
+        assert_eq!(DefaultKey::key_of(&both).as_deref(), Some("m-1"));
+    }
+
+    #[test]
+    fn wrong_type_key_headers_are_permanent_errors_naming_header_and_type() {
+        let cases: Vec<(Message, &str)> = vec![
+            (
+                Message::new("x").with_header(IDEMPOTENCY_KEY_HEADER, true),
+                "idempotence-key header x-idempotency-key holds a boolean (true); a key must be a non-empty string or an integer",
+            ),
+            (
+                Message::new("x")
+                    .with_header(IDEMPOTENCY_KEY_HEADER, HeaderValue::Bytes(vec![0xff, 0xfe])),
+                "idempotence-key header x-idempotency-key holds 2 bytes of binary data, not UTF-8 text; a key must be a non-empty string or an integer",
+            ),
+            (
+                {
+                    // A float as the RabbitMQ transport delivers it: text plus its type.
+                    let mut m = Message::new("x").with_header(IDEMPOTENCY_KEY_HEADER, "1.5");
+                    let mut u = UnmappedHeaders::default();
+                    u.0.insert(IDEMPOTENCY_KEY_HEADER.into(), "a float");
+                    m.extensions.insert(u);
+                    m
+                },
+                "idempotence-key header x-idempotency-key holds a float; a key must be a non-empty string or an integer",
+            ),
+            (
+                {
+                    let mut m = Message::new("x");
+                    let mut u = UnmappedHeaders::default();
+                    u.0.insert(IDEMPOTENCY_KEY_HEADER.into(), "a field table");
+                    m.extensions.insert(u);
+                    m
+                },
+                "idempotence-key header x-idempotency-key holds a field table; a key must be a non-empty string or an integer",
+            ),
+        ];
+        for (m, want) in cases {
+            let err = DefaultKey.try_extract(&m).unwrap_err();
+            assert_eq!(err.to_string(), want);
+            assert_eq!(DefaultKey::key_of(&m), None);
+            // Permanent under both policies: a body hash would hide the producer's bug.
+            for policy in [MissingKey::Poison, MissingKey::ContentHash] {
+                let e = resolve_key(&DefaultKey, policy, &m).unwrap_err();
+                assert_eq!(e.kind(), Some(crate::ErrorKind::Permanent));
+                assert_eq!(e.chain(), want);
+            }
+        }
+        let m = Message::new("x").with_header("k", false);
+        assert_eq!(
+            HeaderKey::new("k").try_extract(&m).unwrap_err(),
+            KeyTypeError {
+                header: "k".into(),
+                found: "a boolean (false)".into()
+            }
+        );
+        // An empty string and no header are still "missing", not a type error.
+        for m in [
+            Message::new("x").with_header(IDEMPOTENCY_KEY_HEADER, ""),
+            Message::new("x"),
+        ] {
+            assert_eq!(DefaultKey.try_extract(&m), Ok(None));
+            let e = resolve_key(&DefaultKey, MissingKey::Poison, &m).unwrap_err();
+            assert!(e.chain().starts_with("message has no idempotence key"));
+        }
     }
 
     #[test]

@@ -13,6 +13,8 @@ use crate::message::Message;
 
 /// Header an operator's replay sets (value: any non-empty string). A message carrying
 /// it may reopen a `done(poisoned)` record; a `done(succeeded)` one is still a duplicate.
+/// Read under the [header rule](crate::read): an empty string is no replay, a value of
+/// another type is ignored (no replay) with one `warn` log.
 pub const REPLAY_HEADER: &str = "x-idem-replay";
 
 /// What the dedup layer did with a message that is to be acked.
@@ -250,7 +252,8 @@ where
                     return Err(HandlerError::permanent(PayloadMismatchError(key)));
                 }
             }
-            let replay = msg.header_str(REPLAY_HEADER).is_some_and(|v| !v.is_empty());
+            let replay =
+                crate::read::read_in::<String>(&msg, REPLAY_HEADER).is_some_and(|v| !v.is_empty());
             match (completion, replay) {
                 (Completion::Succeeded, _) => return Ok(Processed::Duplicate),
                 (Completion::Poisoned, false) => {

@@ -47,7 +47,7 @@ mod store;
 
 pub use key::{
     resolve_key, sha256_hex, DefaultKey, HeaderKey, JsonFieldKey, KeyExtractor, KeyTooLongError,
-    MissingKey, MissingKeyError, MAX_KEY_LEN,
+    KeyTypeError, MissingKey, MissingKeyError, MAX_KEY_LEN,
 };
 pub use layer::{
     DedupLayer, DedupService, PayloadMismatchError, PreviouslyPoisonedError, Processed,

@@ -115,6 +115,11 @@ async fn poison_goes_straight_to_the_dlq_and_huge_errors_are_cut() {
         .find(|m| m.properties.message_id.as_deref() == Some("huge"))
         .unwrap();
     assert!(huge.header_str(h::ERROR).unwrap().len() <= crate::outcome::MAX_ERROR_LEN);
+    // The marker counts the bytes dropped (5 000 000 - 2 025 kept), not the length.
+    assert_eq!(
+        huge.header_str(h::ERROR),
+        Some(format!("{}... [4997975 bytes cut]", "x".repeat(2025)).as_str())
+    );
 }
 
 #[tokio::test]
