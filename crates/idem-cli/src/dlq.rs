@@ -67,7 +67,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use idem_core::dedup::REPLAY_HEADER;
 use idem_core::outcome::{headers as h, parse_rfc3339, rfc3339};
-use idem_core::{HeaderValue, Message};
+use idem_core::Message;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueuePurgeOptions,
@@ -255,7 +255,7 @@ impl DlqEntry {
             source: source.to_owned(),
             key: s(h::KEY),
             error_kind,
-            attempts: msg.headers.get(h::ATTEMPTS).and_then(HeaderValue::as_i64),
+            attempts: idem_core::read::read_quiet::<u32>(msg, h::ATTEMPTS).map(i64::from),
             first_failed_at: s(h::FIRST_FAILED_AT),
             last_failed_at: s(h::LAST_FAILED_AT),
             error,
