@@ -32,6 +32,7 @@ use tracing::{field, Instrument};
 
 use crate::backoff::Backoff;
 use crate::classify::{Classify, ClassifyLayer};
+use crate::crash::{CrashGuard, DEFAULT_CRASH_LIMIT};
 use crate::dedup::{DedupLayer, DedupStore, Processed};
 use crate::error::{BoxError, ErrorKind, HandlerError};
 use crate::handler::{Handler, HandlerService};
@@ -182,6 +183,7 @@ struct Inner {
     backoff: Backoff,
     handler_timeout: Duration,
     lease: Option<Duration>,
+    crash_guard: CrashGuard,
     counters: Counters,
     // Resolved on the first delivery, not at build time, so a metrics recorder
     // installed after the consumer was built (e.g. by the worker's Prometheus
@@ -212,6 +214,7 @@ pub struct ConsumerBuilder {
     backoff: Backoff,
     classifier: ClassifyLayer,
     handler_timeout: Duration,
+    crash_limit: u32,
 }
 
 impl Consumer {
@@ -226,6 +229,7 @@ impl Consumer {
             backoff: Backoff::default(),
             classifier: ClassifyLayer::default(),
             handler_timeout: Duration::from_secs(300),
+            crash_limit: DEFAULT_CRASH_LIMIT,
         }
     }
 
@@ -300,6 +304,7 @@ impl Consumer {
             .get(headers::FIRST_FAILED_AT)
             .and_then(|v| v.as_str())
             .and_then(parse_rfc3339);
+        msg.extensions.insert(inner.crash_guard.clone());
         let started = Instant::now();
         let result = inner
             .service
@@ -449,6 +454,16 @@ impl ConsumerBuilder {
         self
     }
 
+    /// How many times a message may crash or hang the worker (start without ever
+    /// settling) before it is dead-lettered with `crashed or hung the worker N times`
+    /// instead of being run again (default [`DEFAULT_CRASH_LIMIT`], at least 1). Needs
+    /// a dedup stage that counts starts (the Redis, SQL and memory lease stores, the
+    /// SQL inbox); see [`crate::crash`].
+    pub fn crash_limit(mut self, limit: u32) -> Self {
+        self.crash_limit = limit.max(1);
+        self
+    }
+
     /// Finishes with an async fn handler that uses no shared state.
     pub fn handler<H, T>(self, handler: H) -> Result<Consumer, ConfigError>
     where
@@ -517,6 +532,7 @@ impl ConsumerBuilder {
                 backoff: self.backoff,
                 handler_timeout: self.handler_timeout,
                 lease: self.dedup.as_ref().and_then(|s| s.lease()),
+                crash_guard: CrashGuard::new(self.crash_limit),
                 counters: Counters::default(),
             }),
         };
