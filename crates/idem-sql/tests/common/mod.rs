@@ -99,6 +99,7 @@ macro_rules! sql_suite {
                 sqlx::query_as("SELECT 'x'").fetch_all(&pool).await;
             drop_table(&pool, &table).await;
             drop_table(&pool, &inbox.table_name().to_string()).await;
+            drop_table(&pool, &inbox.starts_table_name().to_string()).await;
         }
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -289,6 +290,7 @@ macro_rules! sql_suite {
             async fn drop_tables(self) {
                 drop_table(&self.pool, &self.fx).await;
                 drop_table(&self.pool, &self.inbox.table_name().to_string()).await;
+                drop_table(&self.pool, &self.inbox.starts_table_name().to_string()).await;
             }
         }
 
