@@ -109,6 +109,14 @@ impl Topology {
         self
     }
 
+    /// The `x-delivery-limit` in force: set, and the queues are quorum queues.
+    pub fn effective_delivery_limit(&self) -> Option<u32> {
+        match self.queue_type {
+            QueueType::Quorum => self.delivery_limit,
+            QueueType::Classic => None,
+        }
+    }
+
     /// Whether the worker declares the queues at start-up and after each reconnect
     /// (default true).
     pub fn declare(mut self, declare: bool) -> Self {

@@ -44,6 +44,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::convert::{delivery_info, merge_headers, to_message};
+use crate::crash;
 use crate::error::Error;
 use crate::publisher::{connect, publish_confirmed};
 use crate::topology::{short, Topology};
@@ -167,6 +168,15 @@ impl WorkerBuilder {
     pub fn build(self) -> Result<Worker, Error> {
         self.consumer.check_broker_timeout(self.broker_timeout)?;
         self.topology.check_names()?;
+        if let Some(limit) = self.topology.effective_delivery_limit() {
+            if limit <= self.consumer.crash_limit() {
+                tracing::warn!(
+                    delivery_limit = limit,
+                    crash_limit = self.consumer.crash_limit(),
+                    "x-delivery-limit is not above the consumer's crash limit: the broker also counts deliveries a crashed worker only held prefetched, so it may dead-letter healthy neighbours of a crashing message; raise the delivery limit"
+                );
+            }
+        }
         let concurrency = self
             .concurrency
             .unwrap_or(usize::from(self.prefetch))
@@ -498,7 +508,11 @@ async fn handle(
     if at_most_once {
         ack(&acker).await;
     }
-    let disposition = consumer.process(msg).await;
+    let crash = crash::Seen::new(&msg);
+    let disposition = match crash.over_limit(&msg, shared.topology.effective_delivery_limit()) {
+        Some(over) if !at_most_once => over,
+        _ => consumer.process(msg).await,
+    };
     if !at_most_once {
         let copy = match &disposition {
             Disposition::Ack { .. } => None,
@@ -514,6 +528,7 @@ async fn handle(
                     .find(|(t, _)| *t == tier)
                     .map_or(shared.dlq.as_str(), |(_, q)| q.as_str());
                 let mut extra = failure.retry_headers();
+                crash.mark_copy(&mut extra, failure);
                 // Name the true origin on the copy: it comes back from the delay queue
                 // with exchange "" and routing key Q.
                 let info = origin(&exchange, &routing_key, redelivered, &properties, queue);

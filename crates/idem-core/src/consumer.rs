@@ -243,6 +243,12 @@ impl Consumer {
         self.inner.mode
     }
 
+    /// How many times a message may crash or hang the worker before it is
+    /// dead-lettered instead of run again (see [`crate::crash`]).
+    pub fn crash_limit(&self) -> u32 {
+        self.inner.crash_guard.limit()
+    }
+
     /// The retry policy.
     pub fn backoff(&self) -> &Backoff {
         &self.inner.backoff
