@@ -11,12 +11,25 @@
 //! Declaring is idempotent and can be turned off ([`Topology::declare`]) when the
 //! queues are managed elsewhere; they must then exist with the same arguments.
 //!
-//! With [`QueueType::Quorum`], every queue is a quorum queue. A quorum queue's
-//! [`delivery_limit`](Topology::delivery_limit) stays a working last-resort guard: idem
-//! retries through copies (each a new message with delivery count 0), so the limit only
-//! counts broker redeliveries of the *same* message (worker crashes, lost channels,
-//! requeues after a failed copy publish) and moves a message that keeps killing
-//! workers to `Q.dlq`.
+//! With [`QueueType::Quorum`], every queue is a quorum queue, and
+//! [`delivery_limit`](Topology::delivery_limit) sets `x-delivery-limit`: a last-resort
+//! guard, not the crash-loop guard. What it counts, and why it must stay well above
+//! the consumer's crash limit:
+//!
+//! - The broker counts every return of a message to the queue: worker crashes, lost
+//!   channels, requeues after a failed copy publish, *including messages the dead worker
+//!   only held prefetched and never started*. A low limit therefore dead-letters the
+//!   healthy neighbours of a message that keeps killing workers along with it.
+//! - idem retries through copies, each a new message with broker delivery count 0. A
+//!   redelivery answered "busy" (its claim still held by the worker that died) would
+//!   reset the count; so the worker carries it on the copy (`x-idem-delivery-count`)
+//!   and dead-letters a delivery whose carried count exceeds the limit, without
+//!   running it.
+//!
+//! The guard that ends crash loops is the consumer's crash limit
+//! (`ConsumerBuilder::crash_limit`, see `idem_core::crash`): it counts *starts*, and
+//! runs redelivered messages alone so that neighbours are not charged. The worker logs
+//! a warning at build time when the delivery limit is not above it.
 
 use std::time::Duration;
 
