@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -177,6 +178,16 @@ impl Queries {
     }
 }
 
+/// The statement failed because its table does not exist.
+fn is_missing_table(e: &sqlx::Error) -> bool {
+    let Some(db) = e.as_database_error() else {
+        return false;
+    };
+    // PostgreSQL undefined_table; MariaDB/MySQL ER_NO_SUCH_TABLE; SQLite's message.
+    matches!(db.code().as_deref(), Some("42P01" | "42S02"))
+        || db.message().contains("no such table")
+}
+
 /// One more start of a message: a fresh counter, or the live one plus one.
 fn count_start_sql(d: Dialect, t: &TableName) -> String {
     let now = d.now_ms();
@@ -253,6 +264,9 @@ pub struct SqlInbox<DB: Backend> {
     retention: Duration,
     fingerprint: bool,
     busy_delay: Duration,
+    /// Off once the start counters' table turned out to be missing (a deployment
+    /// that upgraded without `ensure_schema`): messages then run without crash counting.
+    counting: Arc<AtomicBool>,
 }
 
 impl<DB: Backend> Clone for SqlInbox<DB> {
@@ -267,6 +281,7 @@ impl<DB: Backend> Clone for SqlInbox<DB> {
             retention: self.retention,
             fingerprint: self.fingerprint,
             busy_delay: self.busy_delay,
+            counting: self.counting.clone(),
         }
     }
 }
@@ -298,6 +313,7 @@ impl<DB: Backend> SqlInbox<DB> {
             retention: Duration::from_secs(7 * 24 * 3600),
             fingerprint: true,
             busy_delay: Duration::from_secs(1),
+            counting: Arc::new(AtomicBool::new(true)),
         }
     }
 
@@ -517,10 +533,21 @@ impl<DB: Backend> SqlInbox<DB> {
     /// Records, in a short statement committed at once, that `key` starts now;
     /// returns how many earlier starts never settled.
     async fn count_start(&self, key: &str) -> Result<u32, sqlx::Error> {
+        if !self.counting.load(Ordering::Relaxed) {
+            return Ok(0);
+        }
         let mut conn = self.pool.acquire().await?;
         let c = &*self.consumer;
         let args = vec![text(c), text(key), Arg::Int(ms(self.retention))];
-        DB::execute(&mut *conn, &self.q.count_start, args).await?;
+        if let Err(e) = DB::execute(&mut *conn, &self.q.count_start, args).await {
+            if is_missing_table(&e) {
+                if self.counting.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(table = %self.q.starts_table, "the inbox's start counters table is missing: crash loops are not detected; run ensure_schema() to create it");
+                }
+                return Ok(0);
+            }
+            return Err(e);
+        }
         let args = vec![text(c), text(key)];
         let n = DB::fetch_int(&mut *conn, &self.q.read_start, args)
             .await?
@@ -531,6 +558,9 @@ impl<DB: Backend> SqlInbox<DB> {
     /// The message settled without committing (duplicate, failure, poison): forget
     /// its start. A failure here only leaves a counter that a later success clears.
     async fn clear_start(&self, key: &str) {
+        if !self.counting.load(Ordering::Relaxed) {
+            return;
+        }
         let cleared = async {
             let mut conn = self.pool.acquire().await?;
             let args = vec![text(&self.consumer), text(key)];
@@ -660,7 +690,11 @@ async fn run_keyed<DB: Backend>(
             }
             // The start settles with the effect, in the same transaction.
             let args = vec![text(&inbox.consumer), text(&key)];
-            if let Err(e) = DB::execute(&mut *tx, &inbox.q.clear_start, args).await {
+            let counting = inbox.counting.load(Ordering::Relaxed);
+            if let Err(e) = match counting {
+                true => DB::execute(&mut *tx, &inbox.q.clear_start, args).await,
+                false => Ok(0),
+            } {
                 let _ = tx.rollback().await;
                 inbox.clear_start(&key).await;
                 return Err(inbox.store_error("start count", e));

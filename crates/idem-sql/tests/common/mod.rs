@@ -424,5 +424,74 @@ macro_rules! sql_suite {
             assert_eq!(f.state("pay-5").await, None);
             f.drop_tables().await;
         }
+
+        /// Plants `n` unsettled starts of `key`, as `n` crashed workers would leave.
+        async fn plant_starts(f: &InboxFixture, key: &str, n: i64) {
+            sqlx::query(&format!(
+                "INSERT INTO {} (consumer, idem_key, starts, expires_at) VALUES ({}, {}, {}, 9000000000000000)",
+                f.inbox.starts_table_name(),
+                $ph(1),
+                $ph(2),
+                $ph(3)
+            ))
+            .bind("billing")
+            .bind(key)
+            .bind(n)
+            .execute(&f.pool)
+            .await
+            .unwrap();
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn inbox_crash_limit_dead_letters_without_running() {
+            let (pool, _g) = $pool("inbox-crash").await;
+            let f = InboxFixture::new(pool, Duration::ZERO).await;
+            let starts = f.inbox.starts_table_name().to_string();
+            plant_starts(&f, "pay-c", 3).await;
+            plant_starts(&f, "pay-d", 2).await;
+            let w = Consumer::builder("billing")
+                .dedup(f.inbox.clone())
+                .crash_limit(3)
+                .handler_with_state(effect, f.ctx.clone())
+                .unwrap();
+            match w.process(Message::new("{}").with_message_id("pay-c")).await {
+                Disposition::DeadLetter(failure) => {
+                    assert_eq!(failure.kind, ErrorKind::Permanent);
+                    assert!(
+                        failure.error.contains("crashed or hung the worker 3 times"),
+                        "{}",
+                        failure.error
+                    );
+                }
+                other => panic!("expected a dead-letter, got {other:?}"),
+            }
+            assert_eq!(f.runs(), 0, "not run again");
+            assert_eq!(f.state("pay-c").await.as_deref(), Some("poisoned"));
+            // Below the limit it runs; the success clears the counter with the effect.
+            assert_eq!(
+                w.process(Message::new("{}").with_message_id("pay-d")).await,
+                Disposition::Ack { duplicate: false }
+            );
+            assert_eq!((f.runs(), f.effects().await), (1, 1));
+            assert_eq!(count(&f.pool, &starts).await, 0, "counters cleared");
+            f.drop_tables().await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn inbox_without_starts_table_still_processes() {
+            let (pool, _g) = $pool("inbox-nostarts").await;
+            let f = InboxFixture::new(pool, Duration::ZERO).await;
+            // A deployment that upgraded without ensure_schema(): no counters table.
+            drop_table(&f.pool, &f.inbox.starts_table_name().to_string()).await;
+            let w = f.worker();
+            for id in ["pay-1", "pay-2"] {
+                assert_eq!(
+                    w.process(Message::new("{}").with_message_id(id)).await,
+                    Disposition::Ack { duplicate: false }
+                );
+            }
+            assert_eq!(f.effects().await, 2);
+            f.drop_tables().await;
+        }
     };
 }
