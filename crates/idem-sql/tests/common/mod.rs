@@ -493,5 +493,74 @@ macro_rules! sql_suite {
             assert_eq!(f.effects().await, 2);
             f.drop_tables().await;
         }
+
+        /// The lease store counts starts that never settled (crashed claims), not a
+        /// retried claim of the same owner; settled outcomes reset the count; a table
+        /// from an older version (no `starts` column) works uncounted until
+        /// `ensure_schema` adds the column.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn store_counts_unsettled_starts_and_upgrades_old_tables() {
+            let (store, _g) = new_store("starts").await;
+            let key = ScopedKey::new("c", "k");
+            let lease = Duration::from_millis(80);
+            let memory = Duration::from_secs(60);
+            let claim = |owner: OwnerToken| {
+                let (s, key) = (store.clone(), key.clone());
+                async move {
+                    s.claim_counting(&key, &owner, None, lease, memory)
+                        .await
+                        .unwrap()
+                }
+            };
+            for n in 0..3 {
+                let owner = OwnerToken::generate();
+                assert_eq!(claim(owner.clone()).await, (Claim::Acquired, Some(n)));
+                assert_eq!(claim(owner).await, (Claim::Acquired, Some(n)), "same owner");
+                tokio::time::sleep(lease + Duration::from_millis(40)).await; // "crash"
+            }
+            let owner = OwnerToken::generate();
+            assert_eq!(claim(owner.clone()).await, (Claim::Acquired, Some(3)));
+            assert!(store
+                .complete(&key, &owner, Completion::Succeeded, Duration::from_millis(1))
+                .await
+                .unwrap());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            // The done record expired: a fresh start.
+            let owner = OwnerToken::generate();
+            assert_eq!(claim(owner.clone()).await, (Claim::Acquired, Some(0)));
+            assert!(store.release(&key, &owner).await.unwrap());
+            assert_eq!(
+                claim(OwnerToken::generate()).await,
+                (Claim::Acquired, Some(0)),
+                "release settles"
+            );
+
+            // An older table, without the column.
+            let t = store.table().to_string();
+            sqlx::query(&format!("ALTER TABLE {t} DROP COLUMN starts"))
+                .execute(store.pool())
+                .await
+                .unwrap();
+            let old = SqlStore::<$db>::with_table(store.pool().clone(), store.table().clone());
+            let k2 = ScopedKey::new("c", "k2");
+            let (c, n) = old
+                .claim_counting(&k2, &OwnerToken::generate(), None, lease, memory)
+                .await
+                .unwrap();
+            assert_eq!((c, n), (Claim::Acquired, None), "works, uncounted");
+            old.ensure_schema().await.unwrap();
+            let (c, n) = old
+                .claim_counting(
+                    &ScopedKey::new("c", "k3"),
+                    &OwnerToken::generate(),
+                    None,
+                    lease,
+                    memory,
+                )
+                .await
+                .unwrap();
+            assert_eq!((c, n), (Claim::Acquired, Some(0)), "counted after the upgrade");
+            drop_table(store.pool(), &t).await;
+        }
     };
 }
