@@ -14,6 +14,10 @@
 //!   `requeue=true` once, so the broker redelivers it. Never `requeue=true` in a hot
 //!   loop, never a loss. If the channel died, nothing is sent: the broker redelivers
 //!   every unacked delivery of a dead channel, and the dedup store absorbs repeats.
+//! - **Crash loops** (see [`idem_core::crash`]): a redelivered delivery runs alone in
+//!   its consumer. A retry copy answered "busy" carries the unsettled deliveries so far
+//!   in `x-idem-delivery-count`; with a quorum queue's delivery limit, a delivery whose
+//!   carried count exceeds it is dead-lettered without running.
 //! - **Reconnect**: a lost connection or channel (broker restart, forced close) ends the
 //!   session; the worker reconnects with backoff (200 ms doubling to 30 s), re-declares
 //!   the topology and resumes. Handlers still running on the old channel finish; their
