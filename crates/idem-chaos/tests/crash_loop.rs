@@ -301,12 +301,12 @@ async fn crash_loop(store: &str, quorum: bool) -> Figures {
             .ensure_schema()
             .await
             .expect("inbox schema");
-    } else {
-        let client = redis::Client::open(redis_url()).expect("Redis URL");
-        if let Err(e) = client.get_multiplexed_async_connection().await {
-            panic!("Redis not reachable ({e}); start it with `bash .ci/services` (see README)");
-        }
     }
+    let redis_run_id = if store == "redis" {
+        Some(redis_run_id().await)
+    } else {
+        None
+    };
 
     let publisher = Publisher::connect(&url).await.expect("publisher");
     let mut msgs: Vec<Message> = (0..=HEALTHY)
@@ -455,6 +455,14 @@ async fn crash_loop(store: &str, quorum: bool) -> Figures {
         figures.rerun,
         dead
     );
+    if let Some(before) = redis_run_id {
+        let after = redis_run_id().await;
+        assert_eq!(
+            before, after,
+            "Redis restarted during the test: without persistence it forgot the dedup records and \
+             start counters (README, Durability caveats), so these figures say nothing; see /tmp/idem-restarts.log"
+        );
+    }
     if let Err(e) = outcome {
         panic!("{e}: crashes={crashes} applied={applied_distinct}/{HEALTHY} dead={dead:?}");
     }
@@ -483,6 +491,27 @@ async fn crash_loop(store: &str, quorum: bool) -> Figures {
         "a healthy message was re-run after a crash other than the first (suspects must run alone)"
     );
     figures
+}
+
+/// The Redis server's `run_id`: it changes when Redis restarts.
+async fn redis_run_id() -> String {
+    let client = redis::Client::open(redis_url()).expect("Redis URL");
+    let mut conn = match client.get_multiplexed_async_connection().await {
+        Ok(c) => c,
+        Err(e) => {
+            panic!("Redis not reachable ({e}); start it with `bash .ci/services` (see README)")
+        }
+    };
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut conn)
+        .await
+        .expect("INFO server");
+    info.lines()
+        .find_map(|l| l.strip_prefix("run_id:"))
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
 }
 
 async fn delete_redis_keys(pattern: &str) {
