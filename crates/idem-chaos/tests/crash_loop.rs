@@ -302,7 +302,7 @@ async fn crash_loop(store: &str, quorum: bool) -> Figures {
             .await
             .expect("inbox schema");
     }
-    let redis_run_id = if store == "redis" {
+    let redis_before = if store == "redis" {
         Some(redis_run_id().await)
     } else {
         None
@@ -455,7 +455,7 @@ async fn crash_loop(store: &str, quorum: bool) -> Figures {
         figures.rerun,
         dead
     );
-    if let Some(before) = redis_run_id {
+    if let Some(before) = redis_before {
         let after = redis_run_id().await;
         assert_eq!(
             before, after,
