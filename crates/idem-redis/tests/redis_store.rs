@@ -363,7 +363,7 @@ async fn claims_count_unsettled_starts() {
     let prefix = unique("starts");
     let s = store(&prefix).await;
     let key = ScopedKey::new("c", "k");
-    let lease = Duration::from_millis(60);
+    let lease = Duration::from_millis(300);
     let memory = Duration::from_secs(60);
     let claim = |owner: OwnerToken| {
         let (s, key) = (s.clone(), key.clone());
@@ -383,7 +383,7 @@ async fn claims_count_unsettled_starts() {
             claim(OwnerToken::generate()).await,
             (Claim::Busy { .. }, _)
         ));
-        tokio::time::sleep(lease + Duration::from_millis(30)).await; // "crash"
+        tokio::time::sleep(lease + Duration::from_millis(100)).await; // "crash"
     }
     let owner = OwnerToken::generate();
     assert_eq!(claim(owner.clone()).await, (Claim::Acquired, Some(3)));

@@ -202,7 +202,7 @@ fn count_start_sql(d: Dialect, t: &TableName) -> String {
             "INSERT INTO {t} (consumer, idem_key, starts, expires_at) VALUES (?, ?, 1, {now} + ?) \
              ON CONFLICT (consumer, idem_key) DO UPDATE SET \
              starts = CASE WHEN {name}.expires_at > {now} THEN {name}.starts + 1 ELSE 1 END, \
-             expires_at = excluded.expires_at",
+             expires_at = excluded.expires_at RETURNING starts",
             name = t.name()
         ),
     }
@@ -539,19 +539,29 @@ impl<DB: Backend> SqlInbox<DB> {
         let mut conn = self.pool.acquire().await?;
         let c = &*self.consumer;
         let args = vec![text(c), text(key), Arg::Int(ms(self.retention))];
-        if let Err(e) = DB::execute(&mut *conn, &self.q.count_start, args).await {
-            if is_missing_table(&e) {
+        // PostgreSQL and SQLite return the new count from the upsert itself.
+        let counted = match DB::DIALECT {
+            Dialect::MySql => DB::execute(&mut *conn, &self.q.count_start, args)
+                .await
+                .map(|_| None),
+            _ => DB::fetch_int(&mut *conn, &self.q.count_start, args).await,
+        };
+        let n = match counted {
+            Ok(Some(n)) => n,
+            Ok(None) => {
+                let args = vec![text(c), text(key)];
+                DB::fetch_int(&mut *conn, &self.q.read_start, args)
+                    .await?
+                    .unwrap_or(1)
+            }
+            Err(e) if is_missing_table(&e) => {
                 if self.counting.swap(false, Ordering::Relaxed) {
                     tracing::warn!(table = %self.q.starts_table, "the inbox's start counters table is missing: crash loops are not detected; run ensure_schema() to create it");
                 }
                 return Ok(0);
             }
-            return Err(e);
-        }
-        let args = vec![text(c), text(key)];
-        let n = DB::fetch_int(&mut *conn, &self.q.read_start, args)
-            .await?
-            .unwrap_or(1);
+            Err(e) => return Err(e),
+        };
         Ok(u32::try_from(n.saturating_sub(1)).unwrap_or(0))
     }
 

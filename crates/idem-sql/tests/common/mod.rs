@@ -502,7 +502,7 @@ macro_rules! sql_suite {
         async fn store_counts_unsettled_starts_and_upgrades_old_tables() {
             let (store, _g) = new_store("starts").await;
             let key = ScopedKey::new("c", "k");
-            let lease = Duration::from_millis(80);
+            let lease = Duration::from_millis(400);
             let memory = Duration::from_secs(60);
             let claim = |owner: OwnerToken| {
                 let (s, key) = (store.clone(), key.clone());
@@ -516,7 +516,7 @@ macro_rules! sql_suite {
                 let owner = OwnerToken::generate();
                 assert_eq!(claim(owner.clone()).await, (Claim::Acquired, Some(n)));
                 assert_eq!(claim(owner).await, (Claim::Acquired, Some(n)), "same owner");
-                tokio::time::sleep(lease + Duration::from_millis(40)).await; // "crash"
+                tokio::time::sleep(lease + Duration::from_millis(100)).await; // "crash"
             }
             let owner = OwnerToken::generate();
             assert_eq!(claim(owner.clone()).await, (Claim::Acquired, Some(3)));
