@@ -246,7 +246,7 @@ struct Figures {
     rerun_only_at_first_crash: bool,
 }
 
-async fn ready_count(ch: &lapin::Channel, queue: &str) -> u32 {
+async fn ready_count(ch: &lapin::Channel, queue: &str) -> Result<u32, String> {
     ch.queue_declare(
         queue.into(),
         QueueDeclareOptions {
@@ -257,7 +257,9 @@ async fn ready_count(ch: &lapin::Channel, queue: &str) -> u32 {
     )
     .await
     .map(|q| q.message_count())
-    .unwrap_or_else(|e| panic!("passive declare of {queue} failed: {e}"))
+    .map_err(|e| {
+        format!("RabbitMQ: passive declare of {queue} failed ({e}); was the broker restarted? see /tmp/idem-restarts.log")
+    })
 }
 
 fn header_text(v: Option<&AMQPValue>) -> String {
@@ -345,7 +347,18 @@ async fn crash_loop(store: &str, quorum: bool) -> Figures {
             }
             worker = start_worker(&run, store, quorum, crashes);
         }
-        let dlq = ready_count(&ch, &topology.dlq()).await;
+        let counts = async {
+            let dlq = ready_count(&ch, &topology.dlq()).await?;
+            let mut drained = ready_count(&ch, &names.queue()).await? == 0;
+            for tier in topology.delay_tiers().as_slice() {
+                drained &= ready_count(&ch, &topology.retry_queue(*tier)).await? == 0;
+            }
+            Ok::<_, String>((dlq, drained))
+        };
+        let (dlq, drained) = match counts.await {
+            Ok(c) => c,
+            Err(e) => break Err(e),
+        };
         if dlq > 0 && to_dlq.is_none() {
             to_dlq = Some(started.elapsed());
         }
@@ -356,10 +369,6 @@ async fn crash_loop(store: &str, quorum: bool) -> Figures {
         .fetch_one(&pool)
         .await
         .expect("count");
-        let mut drained = ready_count(&ch, &names.queue()).await == 0;
-        for tier in topology.delay_tiers().as_slice() {
-            drained &= ready_count(&ch, &topology.retry_queue(*tier)).await == 0;
-        }
         if dlq > 0 && applied == HEALTHY as i64 && drained {
             break Ok(());
         }
@@ -420,8 +429,15 @@ async fn crash_loop(store: &str, quorum: bool) -> Figures {
     .await
     .expect("count");
 
-    // Clean up what the test created.
-    let _ = topology.delete_on(&ch).await;
+    // Clean up what the test created (on a fresh channel: the first may have died).
+    if let Ok(ch) = conn.create_channel().await {
+        let _ = topology.delete_on(&ch).await;
+    } else if let Ok(c) = idem_amqp::publisher::connect(&url, "crash-loop-cleanup").await {
+        if let Ok(ch) = c.create_channel().await {
+            let _ = topology.delete_on(&ch).await;
+        }
+        let _ = c.close(200, "bye".into()).await;
+    }
     let _ = conn.close(200, "bye".into()).await;
     for t in [
         names.applied(),
