@@ -213,7 +213,17 @@ fn crash_loop_worker_process() {
     });
 }
 
-fn start_worker(run: &str, store: &str, quorum: bool, generation: u32) -> Child {
+/// A worker process, killed when dropped (also when the test panics).
+struct WorkerProcess(Child);
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_worker(run: &str, store: &str, quorum: bool, generation: u32) -> WorkerProcess {
     let exe = std::env::current_exe().expect("test binary path");
     Command::new(exe)
         .args([
@@ -232,6 +242,7 @@ fn start_worker(run: &str, store: &str, quorum: bool, generation: u32) -> Child 
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
+        .map(WorkerProcess)
         .expect("start the worker process")
 }
 
@@ -336,7 +347,7 @@ async fn crash_loop(store: &str, quorum: bool) -> Figures {
         if started.elapsed() > DEADLINE {
             break Err(format!("not settled within {DEADLINE:?}"));
         }
-        if let Some(status) = worker.try_wait().expect("worker status") {
+        if let Some(status) = worker.0.try_wait().expect("worker status") {
             crashes += 1;
             eprintln!(
                 "[{store} quorum={quorum}] worker died ({status}) after {:?}: crash {crashes}",
@@ -376,8 +387,7 @@ async fn crash_loop(store: &str, quorum: bool) -> Figures {
     };
     // Let anything still in flight settle before the books are closed.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let _ = worker.kill();
-    let _ = worker.wait();
+    drop(worker);
 
     let mut dead = Vec::new();
     while let Ok(Some(m)) = ch
