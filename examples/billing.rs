@@ -67,6 +67,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for sql in [
         "DROP TABLE IF EXISTS billing_charges",
         "DROP TABLE IF EXISTS billing_inbox",
+        "DROP TABLE IF EXISTS billing_inbox_starts",
         "CREATE TABLE billing_charges (charge_id TEXT PRIMARY KEY, card TEXT NOT NULL, cents BIGINT NOT NULL)",
     ] {
         sqlx::query(sql).execute(&pool).await?;
@@ -148,7 +149,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .fetch_one(&pool)
         .await?;
     topology.delete_on(&ch).await?;
-    sqlx::query("DROP TABLE IF EXISTS billing_charges, billing_inbox")
+    sqlx::query("DROP TABLE IF EXISTS billing_charges, billing_inbox, billing_inbox_starts")
         .execute(&pool)
         .await?;
     let _ = admin.close(200, "bye".into()).await;

@@ -111,7 +111,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let app = pool(&db_url, "idem-example-transfer-app", 4).await?;
     let consumer_pool = pool(&db_url, "idem-example-transfer-consumer", 25).await?;
     for sql in [
-        "DROP TABLE IF EXISTS transfer_accounts, transfer_applied, transfer_inbox, transfer_outbox",
+        "DROP TABLE IF EXISTS transfer_accounts, transfer_applied, transfer_inbox, transfer_inbox_starts, transfer_outbox",
         "CREATE TABLE transfer_accounts (id BIGINT PRIMARY KEY, cents BIGINT NOT NULL)",
         "CREATE TABLE transfer_applied (transfer_id TEXT NOT NULL, to_account BIGINT NOT NULL, cents BIGINT NOT NULL)",
     ] {
@@ -225,7 +225,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let conserved = total == ACCOUNTS * OPENING_BALANCE;
     let dup_applied = applications - applied;
     for sql in [
-        "DROP TABLE IF EXISTS transfer_accounts, transfer_applied, transfer_inbox, transfer_outbox",
+        "DROP TABLE IF EXISTS transfer_accounts, transfer_applied, transfer_inbox, transfer_inbox_starts, transfer_outbox",
     ] {
         sqlx::query(sql).execute(&app).await?;
     }

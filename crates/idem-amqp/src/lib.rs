@@ -42,6 +42,7 @@
 #![deny(missing_docs)]
 
 pub mod convert;
+mod crash;
 pub mod error;
 #[cfg(feature = "failpoints")]
 pub mod failpoints;

@@ -30,12 +30,24 @@
 //! (`rabbitmqctl delete_queue Q.retry.5s`), and start again. idem never deletes a queue
 //! by itself.
 //!
-//! A quorum queue's
-//! [`delivery_limit`](Topology::delivery_limit) stays a working last-resort guard: idem
-//! retries through copies (each a new message with delivery count 0), so the limit only
-//! counts broker redeliveries of the *same* message (worker crashes, lost channels,
-//! requeues after a failed copy publish) and moves a message that keeps killing
-//! workers to `Q.dlq`.
+//! [`delivery_limit`](Topology::delivery_limit) sets `x-delivery-limit`: a last-resort
+//! guard, not the crash-loop guard. What it counts, and why it must stay well above
+//! the consumer's crash limit:
+//!
+//! - The broker counts every return of a message to the queue: worker crashes, lost
+//!   channels, requeues after a failed copy publish, *including messages the dead worker
+//!   only held prefetched and never started*. A low limit therefore dead-letters the
+//!   healthy neighbours of a message that keeps killing workers along with it.
+//! - idem retries through copies, each a new message with broker delivery count 0. A
+//!   redelivery answered "busy" (its claim still held by the worker that died) would
+//!   reset the count; so the worker carries it on the copy (`x-idem-delivery-count`)
+//!   and dead-letters a delivery whose carried count exceeds the limit, without
+//!   running it.
+//!
+//! The guard that ends crash loops is the consumer's crash limit
+//! (`ConsumerBuilder::crash_limit`, see `idem_core::crash`): it counts *starts*, and
+//! runs redelivered messages alone so that neighbours are not charged. The worker logs
+//! a warning at build time when the delivery limit is not above it.
 
 use std::time::Duration;
 
@@ -126,6 +138,14 @@ impl Topology {
     pub fn delivery_limit(mut self, limit: u32) -> Self {
         self.delivery_limit = Some(limit);
         self
+    }
+
+    /// The `x-delivery-limit` in force: set, and the queues are quorum queues.
+    pub fn effective_delivery_limit(&self) -> Option<u32> {
+        match self.queue_type {
+            QueueType::Quorum => self.delivery_limit,
+            QueueType::Classic => None,
+        }
     }
 
     /// Whether the worker declares the queues at start-up and after each reconnect

@@ -14,6 +14,10 @@
 //!   `requeue=true` once, so the broker redelivers it. Never `requeue=true` in a hot
 //!   loop, never a loss. If the channel died, nothing is sent: the broker redelivers
 //!   every unacked delivery of a dead channel, and the dedup store absorbs repeats.
+//! - **Crash loops** (see [`idem_core::crash`]): a redelivered delivery runs alone in
+//!   its consumer. A retry copy answered "busy" carries the unsettled deliveries so far
+//!   in `x-idem-delivery-count`; with a quorum queue's delivery limit, a delivery whose
+//!   carried count exceeds it is dead-lettered without running.
 //! - **Reconnect**: a lost connection or channel (broker restart, forced close) ends the
 //!   session; the worker reconnects with backoff (200 ms doubling to 30 s), re-declares
 //!   the topology and resumes. Handlers still running on the old channel finish; their
@@ -44,6 +48,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::convert::{delivery_info, merge_headers, to_message};
+use crate::crash;
 use crate::error::Error;
 use crate::publisher::{connect, publish_confirmed};
 use crate::topology::{short, Topology};
@@ -174,6 +179,15 @@ impl WorkerBuilder {
         self.consumer
             .check_retry_horizon(self.topology.delay_tiers())?;
         self.topology.check_names()?;
+        if let Some(limit) = self.topology.effective_delivery_limit() {
+            if limit <= self.consumer.crash_limit() {
+                tracing::warn!(
+                    delivery_limit = limit,
+                    crash_limit = self.consumer.crash_limit(),
+                    "x-delivery-limit is not above the consumer's crash limit: the broker also counts deliveries a crashed worker only held prefetched, so it may dead-letter healthy neighbours of a crashing message; raise the delivery limit"
+                );
+            }
+        }
         let concurrency = self
             .concurrency
             .unwrap_or(usize::from(self.prefetch))
@@ -505,7 +519,11 @@ async fn handle(
     if at_most_once {
         ack(&acker).await;
     }
-    let disposition = consumer.process(msg).await;
+    let crash = crash::Seen::new(&msg);
+    let disposition = match crash.over_limit(&msg, shared.topology.effective_delivery_limit()) {
+        Some(over) if !at_most_once => over,
+        _ => consumer.process(msg).await,
+    };
     if !at_most_once {
         let copy = match &disposition {
             Disposition::Ack { .. } => None,
@@ -521,6 +539,7 @@ async fn handle(
                     .find(|(t, _)| *t == tier)
                     .map_or(shared.dlq.as_str(), |(_, q)| q.as_str());
                 let mut extra = failure.retry_headers();
+                crash.mark_copy(&mut extra, failure);
                 // Name the true origin on the copy: it comes back from the delay queue
                 // with exchange "" and routing key Q.
                 let info = origin(&exchange, &routing_key, redelivered, &properties, queue);

@@ -114,7 +114,7 @@ pub(crate) async fn run(store: Store, args: Args) -> Result<Report, BoxError> {
                 delete_keys(&args.redis_url, &format!("idem-bench-*{run_id}*")).await?;
             }
             if let Some(pool) = &pool {
-                for t in ["effects", "inbox", "dedup"] {
+                for t in ["effects", "inbox", "inbox_starts", "dedup"] {
                     sqlx::query(&format!("DROP TABLE IF EXISTS {tables}_{t}"))
                         .execute(pool)
                         .await?;

@@ -570,6 +570,13 @@ async fn cleanup(admin: &mut Admin, names: &Names) -> Result<(), BoxError> {
             .execute(&admin.pg)
             .await?;
     }
+    // The inbox's start counters (crash counting).
+    sqlx::query(&format!(
+        "DROP TABLE IF EXISTS {}_starts",
+        names.table("inbox")
+    ))
+    .execute(&admin.pg)
+    .await?;
     let ch = admin.channel().await?;
     common::topology(&names.queue()).delete_on(&ch).await?;
     if let Some(conn) = admin.redis.as_mut() {

@@ -32,6 +32,7 @@ use tracing::{field, Instrument};
 
 use crate::backoff::{Backoff, DelayTiers};
 use crate::classify::{Classify, ClassifyLayer};
+use crate::crash::{CrashGuard, DEFAULT_CRASH_LIMIT};
 use crate::dedup::{DedupLayer, DedupStore, Processed};
 use crate::error::{BoxError, ErrorKind, HandlerError, HandlerTimeoutError};
 use crate::handler::{Handler, HandlerService};
@@ -192,6 +193,7 @@ struct Inner {
     handler_timeout: Duration,
     lease: Option<Duration>,
     retention: Option<Duration>,
+    crash_guard: CrashGuard,
     counters: Counters,
     // Resolved on the first delivery, not at build time, so a metrics recorder
     // installed after the consumer was built (e.g. by the worker's Prometheus
@@ -222,6 +224,7 @@ pub struct ConsumerBuilder {
     backoff: Backoff,
     classifier: ClassifyLayer,
     handler_timeout: Duration,
+    crash_limit: u32,
 }
 
 impl Consumer {
@@ -236,6 +239,7 @@ impl Consumer {
             backoff: Backoff::default(),
             classifier: ClassifyLayer::default(),
             handler_timeout: Duration::from_secs(300),
+            crash_limit: DEFAULT_CRASH_LIMIT,
         }
     }
 
@@ -247,6 +251,12 @@ impl Consumer {
     /// The delivery mode.
     pub fn mode(&self) -> DeliveryMode {
         self.inner.mode
+    }
+
+    /// How many times a message may crash or hang the worker before it is
+    /// dead-lettered instead of run again (see [`crate::crash`]).
+    pub fn crash_limit(&self) -> u32 {
+        self.inner.crash_guard.limit()
     }
 
     /// The retry policy.
@@ -321,6 +331,7 @@ impl Consumer {
         );
         let fallback_key = msg.properties.message_id.clone();
         let first_failed_at = crate::read::read_in::<SystemTime>(&msg, headers::FIRST_FAILED_AT);
+        msg.extensions.insert(inner.crash_guard.clone());
         let started = Instant::now();
         let result = inner
             .service
@@ -471,6 +482,16 @@ impl ConsumerBuilder {
         self
     }
 
+    /// How many times a message may crash or hang the worker (start without ever
+    /// settling) before it is dead-lettered with `crashed or hung the worker N times`
+    /// instead of being run again (default [`DEFAULT_CRASH_LIMIT`], at least 1). Needs
+    /// a dedup stage that counts starts (the Redis, SQL and memory lease stores, the
+    /// SQL inbox); see [`crate::crash`].
+    pub fn crash_limit(mut self, limit: u32) -> Self {
+        self.crash_limit = limit.max(1);
+        self
+    }
+
     /// Finishes with an async fn handler that uses no shared state.
     pub fn handler<H, T>(self, handler: H) -> Result<Consumer, ConfigError>
     where
@@ -542,6 +563,7 @@ impl ConsumerBuilder {
                 handler_timeout: self.handler_timeout,
                 lease: self.dedup.as_ref().and_then(|s| s.lease()),
                 retention: self.dedup.as_ref().map(|s| s.retention()),
+                crash_guard: CrashGuard::new(self.crash_limit),
                 counters: Counters::default(),
             }),
         };

@@ -33,6 +33,7 @@
 pub mod backoff;
 pub mod classify;
 pub mod consumer;
+pub mod crash;
 pub mod dedup;
 pub mod error;
 pub mod handler;
@@ -44,6 +45,7 @@ mod redact;
 
 pub use backoff::{Backoff, DelayTiers, Jitter};
 pub use consumer::{ConfigError, Consumer, ConsumerBuilder, DeliveryMode, Stats};
+pub use crash::{CrashGuard, CrashLoopError, DEFAULT_CRASH_LIMIT};
 pub use dedup::{DedupLayer, DedupStore, MemoryStore, Processed};
 pub use error::{
     BoxError, ErrorKind, HandlerError, HandlerTimeoutError, IntoHandlerResult, ResultExt,

@@ -87,6 +87,37 @@ end
 return {'b', tostring(redis.call('PTTL', KEYS[1]))}
 ";
 
+// CLAIM, counting starts in KEYS[2] (the message's start counter, kept ARGV[5] ms):
+// an acquisition adds one and reports the earlier count; a claim retried under its own
+// token reports the count it saw the first time.
+const CLAIM_COUNTING: &str = r"
+local s = redis.call('HGET', KEYS[1], 's')
+if not s then
+  redis.call('DEL', KEYS[1])
+  if ARGV[3] == '1' then
+    redis.call('HSET', KEYS[1], 's', 'p', 'o', ARGV[1], 'f', ARGV[4])
+  else
+    redis.call('HSET', KEYS[1], 's', 'p', 'o', ARGV[1])
+  end
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  local n = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
+  redis.call('SET', KEYS[2], n + 1, 'PX', ARGV[5])
+  return {'a', tostring(n)}
+end
+if s == 'd' then
+  local c = redis.call('HGET', KEYS[1], 'c') or 's'
+  local f = redis.call('HGET', KEYS[1], 'f')
+  if f then return {'d', c, '1', f} end
+  return {'d', c, '0', ''}
+end
+if redis.call('HGET', KEYS[1], 'o') == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  local n = tonumber(redis.call('GET', KEYS[2]) or '1') or 1
+  return {'a', tostring(math.max(n - 1, 0))}
+end
+return {'b', tostring(redis.call('PTTL', KEYS[1]))}
+";
+
 const EXTEND: &str = r"
 if redis.call('HGET', KEYS[1], 's') == 'p' and redis.call('HGET', KEYS[1], 'o') == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -101,6 +132,7 @@ local s = redis.call('HGET', KEYS[1], 's')
 if s == 'p' and redis.call('HGET', KEYS[1], 'o') == ARGV[1] then
   redis.call('HSET', KEYS[1], 's', 'd', 'c', ARGV[2])
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  redis.call('DEL', KEYS[2])
   return 1
 end
 if s == 'd' and redis.call('HGET', KEYS[1], 'o') == ARGV[1] and redis.call('HGET', KEYS[1], 'c') == ARGV[2] then
@@ -112,6 +144,7 @@ return 0
 const RELEASE: &str = r"
 if redis.call('HGET', KEYS[1], 's') == 'p' and redis.call('HGET', KEYS[1], 'o') == ARGV[1] then
   redis.call('DEL', KEYS[1])
+  redis.call('DEL', KEYS[2])
   return 1
 end
 return 0
@@ -134,6 +167,7 @@ return 0
 
 struct Scripts {
     claim: Script,
+    claim_counting: Script,
     extend: Script,
     complete: Script,
     release: Script,
@@ -144,6 +178,7 @@ impl Scripts {
     fn new() -> Self {
         Scripts {
             claim: Script::new(CLAIM),
+            claim_counting: Script::new(CLAIM_COUNTING),
             extend: Script::new(EXTEND),
             complete: Script::new(COMPLETE),
             release: Script::new(RELEASE),
@@ -327,11 +362,14 @@ impl RedisStore {
         args: &[Arg<'_>],
     ) -> Result<T, StoreError> {
         let rkey = self.redis_key(key);
+        let starts = starts_key(&rkey);
         let mut conn = self.conn.clone();
         let mut attempt = 0;
         loop {
             attempt += 1;
+            // Every script gets the record and its start counter (same hash slot).
             let mut inv = script.key(&rkey);
+            inv.key(&starts);
             for a in args {
                 match a {
                     Arg::Str(s) => inv.arg(*s),
@@ -358,6 +396,13 @@ fn record_key(prefix: &str, key: &ScopedKey) -> String {
     format!("{prefix}:{{{}:{consumer}:{}}}", consumer.len(), key.key())
 }
 
+/// The message's start counter (crash counting): the record key plus `:n`. It
+/// shares the record's hash tag, so it lives in the same cluster slot, and it cannot
+/// equal any record key (those end with `}`).
+fn starts_key(record: &str) -> String {
+    format!("{record}:n")
+}
+
 /// A script argument, borrowed: no per-call `String`s.
 #[derive(Clone, Copy)]
 enum Arg<'a> {
@@ -375,6 +420,29 @@ fn completion_code(c: Completion) -> &'static str {
     match c {
         Completion::Succeeded => "s",
         Completion::Poisoned => "p",
+    }
+}
+
+fn parse_claim(reply: &[String]) -> Result<Claim, StoreError> {
+    match reply.first().map(String::as_str) {
+        Some("a") => Ok(Claim::Acquired),
+        Some("d") if reply.len() == 4 => Ok(Claim::Done {
+            completion: if reply[1] == "p" {
+                Completion::Poisoned
+            } else {
+                Completion::Succeeded
+            },
+            fingerprint: (reply[2] == "1").then(|| reply[3].clone()),
+        }),
+        Some("b") if reply.len() == 2 => {
+            // PTTL is -1 for a key without expiry (never written by this store).
+            let ms = reply[1].parse::<i64>().map_err(|_| bad_reply(reply))?;
+            let ms = u64::try_from(ms).unwrap_or(0).max(1);
+            Ok(Claim::Busy {
+                retry_in: Duration::from_millis(ms),
+            })
+        }
+        _ => Err(bad_reply(reply)),
     }
 }
 
@@ -398,25 +466,33 @@ impl DedupStore for RedisStore {
             Arg::Str(fingerprint.unwrap_or("")),
         ];
         let reply: Vec<String> = self.eval("claim", &self.scripts.claim, key, &args).await?;
+        parse_claim(&reply)
+    }
+
+    async fn claim_counting(
+        &self,
+        key: &ScopedKey,
+        owner: &OwnerToken,
+        fingerprint: Option<&str>,
+        lease: Duration,
+        memory: Duration,
+    ) -> Result<(Claim, Option<u32>), StoreError> {
+        let args = [
+            Arg::Str(owner.as_str()),
+            millis(lease),
+            Arg::Str(if fingerprint.is_some() { "1" } else { "0" }),
+            Arg::Str(fingerprint.unwrap_or("")),
+            millis(memory),
+        ];
+        let reply: Vec<String> = self
+            .eval("claim", &self.scripts.claim_counting, key, &args)
+            .await?;
         match reply.first().map(String::as_str) {
-            Some("a") => Ok(Claim::Acquired),
-            Some("d") if reply.len() == 4 => Ok(Claim::Done {
-                completion: if reply[1] == "p" {
-                    Completion::Poisoned
-                } else {
-                    Completion::Succeeded
-                },
-                fingerprint: (reply[2] == "1").then(|| reply[3].clone()),
-            }),
-            Some("b") if reply.len() == 2 => {
-                // PTTL is -1 for a key without expiry (never written by this store).
-                let ms = reply[1].parse::<i64>().map_err(|_| bad_reply(&reply))?;
-                let ms = u64::try_from(ms).unwrap_or(0).max(1);
-                Ok(Claim::Busy {
-                    retry_in: Duration::from_millis(ms),
-                })
+            Some("a") if reply.len() == 2 => {
+                let n = reply[1].parse::<u32>().map_err(|_| bad_reply(&reply))?;
+                Ok((Claim::Acquired, Some(n)))
             }
-            _ => Err(bad_reply(&reply)),
+            _ => Ok((parse_claim(&reply)?, Some(0))),
         }
     }
 

@@ -355,3 +355,55 @@ async fn closed_port_fails_fast_and_redacts_password() {
         other => panic!("expected a transient retry, got {other:?}"),
     }
 }
+
+/// Starts are counted across claims that never settle (a crashed worker's), a retried
+/// claim under the same token is not counted twice, and complete/release clear the count.
+#[tokio::test]
+async fn claims_count_unsettled_starts() {
+    let prefix = unique("starts");
+    let s = store(&prefix).await;
+    let key = ScopedKey::new("c", "k");
+    let lease = Duration::from_millis(300);
+    let memory = Duration::from_secs(60);
+    let claim = |owner: OwnerToken| {
+        let (s, key) = (s.clone(), key.clone());
+        async move {
+            s.claim_counting(&key, &owner, Some("fp"), lease, memory)
+                .await
+                .unwrap()
+        }
+    };
+    for n in 0..3 {
+        let owner = OwnerToken::generate();
+        assert_eq!(claim(owner.clone()).await, (Claim::Acquired, Some(n)));
+        // The same owner's retried claim (lost reply) reports the same count.
+        assert_eq!(claim(owner).await, (Claim::Acquired, Some(n)));
+        // Another owner while the lease lives: busy, not counted.
+        assert!(matches!(
+            claim(OwnerToken::generate()).await,
+            (Claim::Busy { .. }, _)
+        ));
+        tokio::time::sleep(lease + Duration::from_millis(100)).await; // "crash"
+    }
+    let owner = OwnerToken::generate();
+    assert_eq!(claim(owner.clone()).await, (Claim::Acquired, Some(3)));
+    assert!(s.release(&key, &owner).await.unwrap());
+    let owner = OwnerToken::generate();
+    assert_eq!(
+        claim(owner.clone()).await,
+        (Claim::Acquired, Some(0)),
+        "release clears"
+    );
+    assert!(s
+        .complete(&key, &owner, Completion::Succeeded, memory)
+        .await
+        .unwrap());
+    let mut conn = s.connection();
+    let left: i64 = redis::cmd("EXISTS")
+        .arg(format!("{}:n", s.redis_key(&key)))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "complete clears the start counter");
+    cleanup(&s).await;
+}

@@ -29,6 +29,13 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
     ) -> BoxFuture<'a, Result<Option<Record>, sqlx::Error>>;
 
     #[doc(hidden)]
+    fn fetch_int<'a>(
+        conn: &'a mut Self::Connection,
+        sql: &'a str,
+        args: Vec<Arg>,
+    ) -> BoxFuture<'a, Result<Option<i64>, sqlx::Error>>;
+
+    #[doc(hidden)]
     fn begin(pool: &Pool<Self>) -> BoxFuture<'_, Result<Transaction<'static, Self>, sqlx::Error>>;
 }
 
@@ -110,6 +117,21 @@ macro_rules! backend {
                                 r.try_get(2)?,
                                 r.try_get(3)?,
                             ))),
+                            None => Ok(None),
+                        }
+                    })
+                }
+
+                fn fetch_int<'a>(
+                    conn: &'a mut Self::Connection,
+                    sql: &'a str,
+                    args: Vec<Arg>,
+                ) -> BoxFuture<'a, Result<Option<i64>, sqlx::Error>> {
+                    Box::pin(async move {
+                        use sqlx::{Executor as _, Row as _};
+                        let q = bind_all(sqlx::query(sql), args);
+                        match conn.fetch_optional(q).await? {
+                            Some(r) => Ok(Some(r.try_get(0)?)),
                             None => Ok(None),
                         }
                     })

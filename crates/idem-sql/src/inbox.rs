@@ -3,11 +3,13 @@
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use idem_core::consumer::{ClassifiedService, DedupedService, Deduplicate};
+use idem_core::crash::CrashGuard;
 use idem_core::dedup::{
     resolve_key, sha256_hex, DefaultKey, KeyExtractor, MissingKey, PayloadMismatchError,
     PreviouslyPoisonedError, StoreError, REPLAY_HEADER,
@@ -122,6 +124,11 @@ struct Queries {
     insert_poisoned: String,
     mark_poisoned: String,
     cleanup: String,
+    starts_table: TableName,
+    count_start: String,
+    read_start: String,
+    clear_start: String,
+    cleanup_starts: String,
 }
 
 impl Queries {
@@ -130,6 +137,7 @@ impl Queries {
         let key = "consumer = ? AND idem_key = ?";
         let cols = "consumer, idem_key, state, owner, fingerprint, expires_at";
         let q = |s: String| d.placeholders(&s);
+        let starts = t.suffixed("_starts");
         let record = format!(
             "SELECT {}, {} FROM {t} WHERE {key}",
             d.record_columns(),
@@ -161,7 +169,42 @@ impl Queries {
                  WHERE {key} AND (state = '{POISONED}' OR expires_at <= {now})"
             )),
             cleanup: schema::cleanup_sql(d, t),
+            count_start: q(count_start_sql(d, &starts)),
+            read_start: q(format!("SELECT starts FROM {starts} WHERE {key}")),
+            clear_start: q(format!("DELETE FROM {starts} WHERE {key}")),
+            cleanup_starts: schema::cleanup_sql(d, &starts),
+            starts_table: starts,
         }
+    }
+}
+
+/// The statement failed because its table does not exist.
+fn is_missing_table(e: &sqlx::Error) -> bool {
+    let Some(db) = e.as_database_error() else {
+        return false;
+    };
+    // PostgreSQL undefined_table; MariaDB/MySQL ER_NO_SUCH_TABLE; SQLite's message.
+    matches!(db.code().as_deref(), Some("42P01" | "42S02"))
+        || db.message().contains("no such table")
+}
+
+/// One more start of a message: a fresh counter, or the live one plus one.
+fn count_start_sql(d: Dialect, t: &TableName) -> String {
+    let now = d.now_ms();
+    match d {
+        // Assignments run left to right: `starts` still sees the old `expires_at`.
+        Dialect::MySql => format!(
+            "INSERT INTO {t} (consumer, idem_key, starts, expires_at) VALUES (?, ?, 1, {now} + ?) \
+             ON DUPLICATE KEY UPDATE starts = IF(expires_at > {now}, starts + 1, 1), \
+             expires_at = VALUES(expires_at)"
+        ),
+        _ => format!(
+            "INSERT INTO {t} (consumer, idem_key, starts, expires_at) VALUES (?, ?, 1, {now} + ?) \
+             ON CONFLICT (consumer, idem_key) DO UPDATE SET \
+             starts = CASE WHEN {name}.expires_at > {now} THEN {name}.starts + 1 ELSE 1 END, \
+             expires_at = excluded.expires_at RETURNING starts",
+            name = t.name()
+        ),
     }
 }
 
@@ -221,6 +264,9 @@ pub struct SqlInbox<DB: Backend> {
     retention: Duration,
     fingerprint: bool,
     busy_delay: Duration,
+    /// Off once the start counters' table turned out to be missing (a deployment
+    /// that upgraded without `ensure_schema`): messages then run without crash counting.
+    counting: Arc<AtomicBool>,
 }
 
 impl<DB: Backend> Clone for SqlInbox<DB> {
@@ -235,6 +281,7 @@ impl<DB: Backend> Clone for SqlInbox<DB> {
             retention: self.retention,
             fingerprint: self.fingerprint,
             busy_delay: self.busy_delay,
+            counting: self.counting.clone(),
         }
     }
 }
@@ -266,6 +313,7 @@ impl<DB: Backend> SqlInbox<DB> {
             retention: Duration::from_secs(7 * 24 * 3600),
             fingerprint: true,
             busy_delay: Duration::from_secs(1),
+            counting: Arc::new(AtomicBool::new(true)),
         }
     }
 
@@ -318,13 +366,36 @@ impl<DB: Backend> SqlInbox<DB> {
     }
 
     /// Creates the table if missing (idempotent, safe under concurrent callers).
+    ///
+    /// Also creates the start counters' table (the inbox table's name plus `_starts`,
+    /// cut to 63 characters), which records that a message started before its
+    /// handler runs, so that crash loops are detected (see [`idem_core::crash`]).
+    /// Existing inbox tables are not altered: upgrading only needs this call (or the
+    /// same `CREATE TABLE` in your migrations).
     pub async fn ensure_schema(&self) -> Result<(), StoreError> {
-        schema::ensure_schema(&self.pool, &self.table).await
+        schema::ensure_schema(&self.pool, &self.table).await?;
+        let starts = &self.q.starts_table;
+        schema::ensure_ddl(&self.pool, starts, schema::starts_ddl(DB::DIALECT, starts)).await
     }
 
-    /// Deletes rows past their retention in batches of [`CLEANUP_BATCH`].
+    /// The table of start counters (crash counting).
+    pub fn starts_table_name(&self) -> &TableName {
+        &self.q.starts_table
+    }
+
+    /// Deletes rows past their retention in batches of [`CLEANUP_BATCH`], and start
+    /// counters of messages that never came back.
     pub async fn cleanup_expired(&self) -> Result<u64, StoreError> {
-        schema::cleanup_expired(&self.pool, &self.table, &self.q.cleanup, CLEANUP_BATCH).await
+        let rows = schema::cleanup_expired(&self.pool, &self.table, &self.q.cleanup, CLEANUP_BATCH)
+            .await?;
+        let starts = schema::cleanup_expired(
+            &self.pool,
+            &self.q.starts_table,
+            &self.q.cleanup_starts,
+            CLEANUP_BATCH,
+        )
+        .await?;
+        Ok(rows + starts)
     }
 
     /// Runs [`cleanup_expired`](Self::cleanup_expired) every `interval` until the
@@ -459,6 +530,57 @@ impl<DB: Backend> SqlInbox<DB> {
         Ok(Entry::Busy)
     }
 
+    /// Records, in a short statement committed at once, that `key` starts now;
+    /// returns how many earlier starts never settled.
+    async fn count_start(&self, key: &str) -> Result<u32, sqlx::Error> {
+        if !self.counting.load(Ordering::Relaxed) {
+            return Ok(0);
+        }
+        let mut conn = self.pool.acquire().await?;
+        let c = &*self.consumer;
+        let args = vec![text(c), text(key), Arg::Int(ms(self.retention))];
+        // PostgreSQL and SQLite return the new count from the upsert itself.
+        let counted = match DB::DIALECT {
+            Dialect::MySql => DB::execute(&mut *conn, &self.q.count_start, args)
+                .await
+                .map(|_| None),
+            _ => DB::fetch_int(&mut *conn, &self.q.count_start, args).await,
+        };
+        let n = match counted {
+            Ok(Some(n)) => n,
+            Ok(None) => {
+                let args = vec![text(c), text(key)];
+                DB::fetch_int(&mut *conn, &self.q.read_start, args)
+                    .await?
+                    .unwrap_or(1)
+            }
+            Err(e) if is_missing_table(&e) => {
+                if self.counting.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(table = %self.q.starts_table, "the inbox's start counters table is missing: crash loops are not detected; run ensure_schema() to create it");
+                }
+                return Ok(0);
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(u32::try_from(n.saturating_sub(1)).unwrap_or(0))
+    }
+
+    /// The message settled without committing (duplicate, failure, poison): forget
+    /// its start. A failure here only leaves a counter that a later success clears.
+    async fn clear_start(&self, key: &str) {
+        if !self.counting.load(Ordering::Relaxed) {
+            return;
+        }
+        let cleared = async {
+            let mut conn = self.pool.acquire().await?;
+            let args = vec![text(&self.consumer), text(key)];
+            DB::execute(&mut *conn, &self.q.clear_start, args).await
+        };
+        if let Err(e) = cleared.await {
+            tracing::debug!(key = %key, error = %e, "could not clear the start counter");
+        }
+    }
+
     async fn record_poison(&self, key: &str, fp: Option<&str>) -> Result<(), sqlx::Error> {
         let mut conn = self.pool.acquire().await?;
         let c = &*self.consumer;
@@ -501,15 +623,39 @@ async fn run_keyed<DB: Backend>(
         ))));
     }
 
-    let mut tx = DB::begin(&inbox.pool)
+    // A suspect (redelivered) message waits until it can run alone, and its start is
+    // committed before the handler's transaction begins; see `idem_core::crash`.
+    let guard = CrashGuard::of(&msg);
+    let _turn = guard.turn(&msg).await;
+    let earlier = inbox
+        .count_start(&key)
         .await
-        .map_err(|e| inbox.store_error("begin", e))?;
+        .map_err(|e| inbox.store_error("start count", e))?;
+
+    let mut tx = match DB::begin(&inbox.pool).await {
+        Ok(tx) => tx,
+        Err(e) => {
+            inbox.clear_start(&key).await;
+            return Err(inbox.store_error("begin", e));
+        }
+    };
     let entry = inbox.enter(&mut *tx, &key, fp.as_deref(), replay).await;
     match entry {
-        Ok(Entry::Owned) => {}
+        Ok(Entry::Owned) => {
+            if let Err(crashed) = guard.check(earlier) {
+                let _ = tx.rollback().await;
+                tracing::warn!(key = %key, times = crashed.times, "message crashed or hung the worker too often; dead-lettering it without running it");
+                if let Err(err) = inbox.record_poison(&key, fp.as_deref()).await {
+                    tracing::warn!(key = %key, error = %err, "could not record the poisoned message; a redelivery would be dead-lettered again");
+                }
+                inbox.clear_start(&key).await;
+                return Err(HandlerError::permanent(crashed));
+            }
+        }
         other => {
             // Nothing was written: a rollback failure only closes the connection.
             let _ = tx.rollback().await;
+            inbox.clear_start(&key).await;
             return match other {
                 Ok(Entry::Duplicate) => Ok(Processed::Duplicate),
                 Ok(Entry::Poisoned) => Err(HandlerError::permanent(PreviouslyPoisonedError(key))),
@@ -532,6 +678,7 @@ async fn run_keyed<DB: Backend>(
     match result {
         Ok(()) => {
             let Some(mut tx) = tx else {
+                inbox.clear_start(&key).await;
                 return Err(HandlerError::transient(TxClosed));
             };
             // A PostgreSQL transaction in which a statement failed "commits" as a
@@ -541,18 +688,32 @@ async fn run_keyed<DB: Backend>(
                 Ok(Some(_)) => {}
                 Ok(None) => {
                     let _ = tx.rollback().await;
+                    inbox.clear_start(&key).await;
                     return Err(HandlerError::transient(StoreError::new(
                         "the inbox row vanished from the transaction; rolled back",
                     )));
                 }
                 Err(e) => {
                     let _ = tx.rollback().await;
+                    inbox.clear_start(&key).await;
                     return Err(inbox.store_error("pre-commit check", e));
                 }
             }
-            tx.commit()
-                .await
-                .map_err(|e| inbox.store_error("commit", e))?;
+            // The start settles with the effect, in the same transaction.
+            let args = vec![text(&inbox.consumer), text(&key)];
+            let counting = inbox.counting.load(Ordering::Relaxed);
+            if let Err(e) = match counting {
+                true => DB::execute(&mut *tx, &inbox.q.clear_start, args).await,
+                false => Ok(0),
+            } {
+                let _ = tx.rollback().await;
+                inbox.clear_start(&key).await;
+                return Err(inbox.store_error("start count", e));
+            }
+            if let Err(e) = tx.commit().await {
+                inbox.clear_start(&key).await;
+                return Err(inbox.store_error("commit", e));
+            }
             Ok(Processed::Handled)
         }
         Err(e) => {
@@ -566,6 +727,7 @@ async fn run_keyed<DB: Backend>(
                     tracing::warn!(key = %key, error = %err, "could not record the poisoned message; a redelivery would run it again");
                 }
             }
+            inbox.clear_start(&key).await;
             Err(e)
         }
     }
@@ -696,7 +858,7 @@ mod pg_commit_check {
             }
         };
         let (effects, rows) = (count(fx.clone()).await, count(table.clone()).await);
-        for t in [fx, table] {
+        for t in [fx, table.clone(), format!("{table}_starts")] {
             pool.execute(&*format!("DROP TABLE {t}")).await.unwrap();
         }
         (out, effects, rows)

@@ -53,6 +53,17 @@ impl TableName {
         }
     }
 
+    /// This name with `suffix` appended to the table part (cut to stay a valid
+    /// identifier of at most 63 characters), in the same schema.
+    pub(crate) fn suffixed(&self, suffix: &str) -> TableName {
+        let keep = 63usize.saturating_sub(suffix.len());
+        let base: String = self.name.chars().take(keep).collect();
+        TableName {
+            schema: self.schema.clone(),
+            name: format!("{base}{suffix}"),
+        }
+    }
+
     /// The table without its schema.
     pub fn name(&self) -> &str {
         &self.name
@@ -134,6 +145,41 @@ pub(crate) async fn ensure_schema<DB: Backend>(
     pool: &Pool<DB>,
     table: &TableName,
 ) -> Result<(), StoreError> {
+    ensure_ddl(pool, table, ddl(DB::DIALECT, table)).await
+}
+
+/// The statements creating the inbox's start counters (crash counting): one row per
+/// message that started and has not settled. A table of its own, so the inbox table
+/// keeps its layout and older workers are not affected.
+pub(crate) fn starts_ddl(dialect: Dialect, table: &TableName) -> Vec<String> {
+    let t = table.to_string();
+    match dialect {
+        Dialect::Postgres => vec![format!(
+            "CREATE TABLE IF NOT EXISTS {t} (\
+             consumer TEXT NOT NULL, idem_key TEXT NOT NULL, starts BIGINT NOT NULL, \
+             expires_at BIGINT NOT NULL, PRIMARY KEY (consumer, idem_key))"
+        )],
+        Dialect::Sqlite => vec![format!(
+            "CREATE TABLE IF NOT EXISTS {t} (\
+             consumer TEXT NOT NULL, idem_key TEXT NOT NULL, starts INTEGER NOT NULL, \
+             expires_at INTEGER NOT NULL, PRIMARY KEY (consumer, idem_key))"
+        )],
+        Dialect::MySql => vec![format!(
+            "CREATE TABLE IF NOT EXISTS {t} (\
+             consumer VARCHAR(200) NOT NULL, idem_key VARCHAR(512) NOT NULL, \
+             starts BIGINT NOT NULL, expires_at BIGINT NOT NULL, \
+             PRIMARY KEY (consumer, idem_key)) \
+             ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"
+        )],
+    }
+}
+
+/// Runs `statements` (idempotent DDL) in one transaction; see [`ensure_schema`].
+pub(crate) async fn ensure_ddl<DB: Backend>(
+    pool: &Pool<DB>,
+    table: &TableName,
+    statements: Vec<String>,
+) -> Result<(), StoreError> {
     let err = |e| sql_err("schema creation", table, e);
     let mut tx = DB::begin(pool).await.map_err(err)?;
     if DB::DIALECT == Dialect::Postgres {
@@ -146,7 +192,7 @@ pub(crate) async fn ensure_schema<DB: Backend>(
         .await
         .map_err(err)?;
     }
-    for stmt in ddl(DB::DIALECT, table) {
+    for stmt in statements {
         DB::execute(&mut *tx, &stmt, vec![]).await.map_err(err)?;
     }
     tx.commit().await.map_err(err)

@@ -1,6 +1,7 @@
 //! The lease store: [`SqlStore`], the same state machine as the Redis store, in a table.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +22,11 @@ pub(crate) const POISONED: &str = "poisoned";
 struct Queries {
     insert: String,
     take_over: String,
+    insert_counting: String,
+    take_over_counting: String,
+    read_starts: String,
+    probe_starts: String,
+    add_starts: String,
     record: String,
     extend: String,
     complete: String,
@@ -45,6 +51,24 @@ impl Queries {
                 "UPDATE {t} SET state = '{PROCESSING}', owner = ?, fingerprint = ?, expires_at = {now} + ? \
                  WHERE {key} AND expires_at <= {now}"
             )),
+            insert_counting: q(d.insert_ignore(
+                &t.to_string(),
+                "consumer, idem_key, state, owner, fingerprint, expires_at, starts",
+                &format!("?, ?, '{PROCESSING}', ?, ?, {now} + ?, 1"),
+            )),
+            // An expired `processing` row is a start that never settled: count on.
+            // `starts` is assigned first: MariaDB evaluates assignments left to right.
+            take_over_counting: q(format!(
+                "UPDATE {t} SET starts = CASE WHEN state = '{PROCESSING}' THEN starts + 1 ELSE 1 END, \
+                 state = '{PROCESSING}', owner = ?, fingerprint = ?, expires_at = {now} + ? \
+                 WHERE {key} AND expires_at <= {now}"
+            )),
+            read_starts: q(format!(
+                "SELECT {} FROM {t} WHERE {key} AND owner = ?",
+                d.int_cast("starts")
+            )),
+            probe_starts: format!("SELECT starts FROM {t} WHERE 1 = 0"),
+            add_starts: format!("ALTER TABLE {t} ADD COLUMN starts BIGINT NOT NULL DEFAULT 0"),
             record: q(format!(
                 "SELECT {}, {} FROM {t} WHERE {key}",
                 d.record_columns(),
@@ -96,6 +120,9 @@ struct Inner<DB: Backend> {
     pool: Pool<DB>,
     table: TableName,
     q: Queries,
+    /// Off once the `starts` column turned out to be missing (a table from an older
+    /// version, `ensure_schema` not run): claims are then not counted.
+    counting: AtomicBool,
 }
 
 impl<DB: Backend> Clone for SqlStore<DB> {
@@ -135,6 +162,7 @@ impl<DB: Backend> SqlStore<DB> {
                 q: Queries::new(DB::DIALECT, &table),
                 pool,
                 table,
+                counting: AtomicBool::new(true),
             }),
         }
     }
@@ -151,8 +179,34 @@ impl<DB: Backend> SqlStore<DB> {
 
     /// Creates the table and its index if they do not exist. Idempotent and safe
     /// under concurrent callers. Does not touch sqlx's `_sqlx_migrations`.
+    ///
+    /// Also adds the `starts` column (crash counting, see [`idem_core::crash`]) to a
+    /// table created by an older version: `ALTER TABLE ... ADD COLUMN starts BIGINT
+    /// NOT NULL DEFAULT 0` when the column is missing, so upgrading needs only this
+    /// call (or that statement in your migrations). Without the column the store
+    /// works as before, without crash counting.
     pub async fn ensure_schema(&self) -> Result<(), StoreError> {
-        schema::ensure_schema(&self.inner.pool, &self.inner.table).await
+        let i = &self.inner;
+        schema::ensure_schema(&i.pool, &i.table).await?;
+        let err = self.err("schema upgrade");
+        let mut conn = i.pool.acquire().await.map_err(&err)?;
+        if DB::execute(&mut *conn, &i.q.probe_starts, vec![])
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        if let Err(e) = DB::execute(&mut *conn, &i.q.add_starts, vec![]).await {
+            // A concurrent caller may have added it first.
+            if DB::execute(&mut *conn, &i.q.probe_starts, vec![])
+                .await
+                .is_err()
+            {
+                return Err(err(e));
+            }
+        }
+        i.counting.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Deletes expired rows in batches of [`CLEANUP_BATCH`]; returns how many.
@@ -186,21 +240,98 @@ impl<DB: Backend> SqlStore<DB> {
     }
 }
 
-#[async_trait]
-impl<DB: Backend> DedupStore for SqlStore<DB> {
-    async fn claim(
+/// Why a claim failed.
+enum ClaimError {
+    /// The counting statements need the `starts` column, which this table lacks.
+    MissingColumn,
+    Store(StoreError),
+}
+
+impl ClaimError {
+    fn into_store(self) -> StoreError {
+        match self {
+            ClaimError::Store(e) => e,
+            ClaimError::MissingColumn => StoreError::new("the dedup table has no `starts` column"),
+        }
+    }
+}
+
+/// The statement failed because a column does not exist.
+fn is_missing_column(e: &sqlx::Error) -> bool {
+    let Some(db) = e.as_database_error() else {
+        return false;
+    };
+    // PostgreSQL undefined_column; MariaDB/MySQL ER_BAD_FIELD_ERROR; SQLite's message.
+    matches!(db.code().as_deref(), Some("42703" | "42S22"))
+        || db.message().contains("no such column")
+        || db.message().contains("has no column named")
+}
+
+impl<DB: Backend> SqlStore<DB> {
+    /// An acquired claim, with its earlier unsettled starts when counting.
+    async fn acquired(
+        &self,
+        conn: &mut DB::Connection,
+        key: &ScopedKey,
+        owner: &OwnerToken,
+        counting: bool,
+    ) -> Result<(Claim, Option<u32>), ClaimError> {
+        if !counting {
+            return Ok((Claim::Acquired, None));
+        }
+        let args = vec![text(key.consumer()), text(key.key()), text(owner.as_str())];
+        let n = DB::fetch_int(conn, &self.inner.q.read_starts, args)
+            .await
+            .map_err(|e| match is_missing_column(&e) {
+                true => ClaimError::MissingColumn,
+                false => ClaimError::Store(self.err("claim")(e)),
+            })?
+            .unwrap_or(1);
+        Ok((
+            Claim::Acquired,
+            Some(u32::try_from(n.saturating_sub(1)).unwrap_or(0)),
+        ))
+    }
+
+    /// The claim: insert-if-absent, then take over an expired row, then read. With
+    /// `counting`, the statements also count starts in the `starts` column, and the
+    /// answer carries the earlier unsettled starts.
+    async fn claim_with(
         &self,
         key: &ScopedKey,
         owner: &OwnerToken,
         fingerprint: Option<&str>,
         lease: Duration,
-    ) -> Result<Claim, StoreError> {
+        counting: bool,
+    ) -> Result<(Claim, Option<u32>), ClaimError> {
         DB::DIALECT
             .check_lengths(key.consumer(), key.key(), Some(owner.as_str()), fingerprint)
-            .map_err(|m| StoreError::new(format!("SQL dedup claim of {key} refused: {m}")))?;
+            .map_err(|m| {
+                ClaimError::Store(StoreError::new(format!(
+                    "SQL dedup claim of {key} refused: {m}"
+                )))
+            })?;
         let q = &self.inner.q;
-        let err = self.err("claim");
-        let mut conn = self.inner.pool.acquire().await.map_err(&err)?;
+        let plain = self.err("claim");
+        let err = |e: sqlx::Error| {
+            if counting && is_missing_column(&e) {
+                ClaimError::MissingColumn
+            } else {
+                ClaimError::Store(plain(e))
+            }
+        };
+        let (insert, take_over) = if counting {
+            (&q.insert_counting, &q.take_over_counting)
+        } else {
+            (&q.insert, &q.take_over)
+        };
+        let mut conn = self
+            .inner
+            .pool
+            .acquire()
+            .await
+            .map_err(&plain)
+            .map_err(ClaimError::Store)?;
         let fp = Arg::OptText(fingerprint.map(str::to_owned));
         // A row can expire or be deleted between the statements: settle in a few rounds.
         for _ in 0..4 {
@@ -211,12 +342,8 @@ impl<DB: Backend> DedupStore for SqlStore<DB> {
                 fp.clone(),
                 Arg::Int(ms(lease)),
             ];
-            if DB::execute(&mut *conn, &q.insert, args)
-                .await
-                .map_err(&err)?
-                == 1
-            {
-                return Ok(Claim::Acquired);
+            if DB::execute(&mut *conn, insert, args).await.map_err(err)? == 1 {
+                return self.acquired(&mut *conn, key, owner, counting).await;
             }
             let args = vec![
                 text(owner.as_str()),
@@ -225,42 +352,86 @@ impl<DB: Backend> DedupStore for SqlStore<DB> {
                 text(key.consumer()),
                 text(key.key()),
             ];
-            if DB::execute(&mut *conn, &q.take_over, args)
+            if DB::execute(&mut *conn, take_over, args)
                 .await
-                .map_err(&err)?
+                .map_err(err)?
                 == 1
             {
-                return Ok(Claim::Acquired);
+                return self.acquired(&mut *conn, key, owner, counting).await;
             }
             let args = vec![text(key.consumer()), text(key.key())];
             let Some((state, row_owner, row_fp, left)) =
                 DB::fetch_record(&mut *conn, &q.record, args)
                     .await
-                    .map_err(&err)?
+                    .map_err(err)?
             else {
                 continue;
             };
             if left <= 0 {
                 continue;
             }
-            return Ok(match state.as_str() {
-                PROCESSING if row_owner.as_deref() == Some(owner.as_str()) => Claim::Acquired,
-                PROCESSING => Claim::Busy {
-                    retry_in: Duration::from_millis(left.unsigned_abs()),
+            if state == PROCESSING && row_owner.as_deref() == Some(owner.as_str()) {
+                // Our own claim, retried after a lost reply: not a new start.
+                return self.acquired(&mut *conn, key, owner, counting).await;
+            }
+            return Ok((
+                match state.as_str() {
+                    PROCESSING => Claim::Busy {
+                        retry_in: Duration::from_millis(left.unsigned_abs()),
+                    },
+                    POISONED => Claim::Done {
+                        completion: Completion::Poisoned,
+                        fingerprint: row_fp,
+                    },
+                    _ => Claim::Done {
+                        completion: Completion::Succeeded,
+                        fingerprint: row_fp,
+                    },
                 },
-                POISONED => Claim::Done {
-                    completion: Completion::Poisoned,
-                    fingerprint: row_fp,
-                },
-                _ => Claim::Done {
-                    completion: Completion::Succeeded,
-                    fingerprint: row_fp,
-                },
-            });
+                counting.then_some(0),
+            ));
         }
-        Err(StoreError::new(format!(
+        Err(ClaimError::Store(StoreError::new(format!(
             "SQL dedup claim of {key} did not settle (the row kept changing)"
-        )))
+        ))))
+    }
+}
+
+#[async_trait]
+impl<DB: Backend> DedupStore for SqlStore<DB> {
+    async fn claim(
+        &self,
+        key: &ScopedKey,
+        owner: &OwnerToken,
+        fingerprint: Option<&str>,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        self.claim_with(key, owner, fingerprint, lease, false)
+            .await
+            .map(|(claim, _)| claim)
+            .map_err(ClaimError::into_store)
+    }
+
+    async fn claim_counting(
+        &self,
+        key: &ScopedKey,
+        owner: &OwnerToken,
+        fingerprint: Option<&str>,
+        lease: Duration,
+        _memory: Duration,
+    ) -> Result<(Claim, Option<u32>), StoreError> {
+        if self.inner.counting.load(Ordering::Relaxed) {
+            match self.claim_with(key, owner, fingerprint, lease, true).await {
+                Err(ClaimError::MissingColumn) => {
+                    if self.inner.counting.swap(false, Ordering::Relaxed) {
+                        tracing::warn!(table = %self.inner.table, "the dedup table has no `starts` column: crash loops are not detected; run ensure_schema() to add it");
+                    }
+                }
+                other => return other.map_err(ClaimError::into_store),
+            }
+        }
+        let claim = self.claim(key, owner, fingerprint, lease).await?;
+        Ok((claim, None))
     }
 
     async fn extend(

@@ -217,4 +217,5 @@ async fn inbox_connection_killed_mid_handler_rolls_back_then_recovers() {
     );
     drop_table(&pool, &fx).await;
     drop_table(&pool, &inbox.table_name().to_string()).await;
+    drop_table(&pool, &inbox.starts_table_name().to_string()).await;
 }

@@ -7,6 +7,7 @@ use tracing::{debug, warn};
 
 use super::key::{resolve_key, sha256_hex, DefaultKey, KeyExtractor, MissingKey};
 use super::store::{Claim, Completion, DedupStore, OwnerToken, ScopedKey, StoreError};
+use crate::crash::CrashGuard;
 use crate::error::{ErrorKind, HandlerError};
 use crate::handler::{BoxFuture, IdempotencyKey};
 use crate::message::Message;
@@ -232,17 +233,33 @@ where
     let fingerprint = config.fingerprint.then(|| sha256_hex(&msg.body));
     let store = &config.store;
 
+    // A suspect (redelivered) message waits until it can run alone; see `crate::crash`.
+    // The turn lasts until the outcome is recorded.
+    let guard = CrashGuard::of(&msg);
+    let _turn = guard.turn(&msg).await;
     let t = Instant::now();
-    let claim = timed(
+    let (claim, starts) = timed(
         t,
         "claim",
         store
-            .claim(scoped, &owner, fingerprint.as_deref(), config.lease)
+            .claim_counting(
+                scoped,
+                &owner,
+                fingerprint.as_deref(),
+                config.lease,
+                config.retention,
+            )
             .await,
     )
     .map_err(store_failure)?;
     match claim {
-        Claim::Acquired => {}
+        Claim::Acquired => {
+            if let Err(crashed) = guard.check(starts.unwrap_or(0)) {
+                warn!(key = %scoped, times = crashed.times, "message crashed or hung the worker too often; dead-lettering it without running it");
+                finish(config, scoped, &owner, Completion::Poisoned).await;
+                return Err(HandlerError::permanent(crashed));
+            }
+        }
         Claim::Done {
             completion,
             fingerprint: recorded,

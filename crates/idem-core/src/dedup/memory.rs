@@ -32,6 +32,8 @@ pub struct MemoryStore {
 #[derive(Debug, Default)]
 struct Inner {
     map: HashMap<ScopedKey, Entry>,
+    /// Unsettled starts per key (crash counting), and until when they are remembered.
+    starts: HashMap<ScopedKey, (u32, Instant)>,
     ops_until_sweep: usize,
 }
 
@@ -63,11 +65,26 @@ impl MemoryStore {
         // Sweep expired records once per max(1024, len) operations: amortised O(1).
         if inner.ops_until_sweep == 0 {
             inner.map.retain(|_, e| e.expires > now);
+            inner.starts.retain(|_, (_, until)| *until > now);
             inner.ops_until_sweep = inner.map.len().max(1024);
         } else {
             inner.ops_until_sweep -= 1;
         }
         f(&mut inner.map, now)
+    }
+
+    /// Records one more start of `key`; returns the earlier unsettled ones.
+    fn count_start(&self, key: &ScopedKey, memory: Duration) -> u32 {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let entry = inner.starts.entry(key.clone()).or_insert((0, now));
+        let earlier = if entry.1 > now { entry.0 } else { 0 };
+        *entry = (earlier.saturating_add(1), now + memory);
+        earlier
+    }
+
+    fn clear_starts(&self, key: &ScopedKey) {
+        self.lock().starts.remove(key);
     }
 }
 
@@ -117,6 +134,23 @@ impl DedupStore for MemoryStore {
         }))
     }
 
+    async fn claim_counting(
+        &self,
+        key: &ScopedKey,
+        owner: &OwnerToken,
+        fingerprint: Option<&str>,
+        lease: Duration,
+        memory: Duration,
+    ) -> Result<(Claim, Option<u32>), StoreError> {
+        let claim = self.claim(key, owner, fingerprint, lease).await?;
+        // Only the claim's holder reaches this: no other start can interleave.
+        let earlier = match claim {
+            Claim::Acquired => self.count_start(key, memory),
+            _ => 0,
+        };
+        Ok((claim, Some(earlier)))
+    }
+
     async fn extend(
         &self,
         key: &ScopedKey,
@@ -139,14 +173,18 @@ impl DedupStore for MemoryStore {
         completion: Completion,
         retention: Duration,
     ) -> Result<bool, StoreError> {
-        Ok(self.with(|map, now| match held_by(map, key, owner, now) {
+        let done = self.with(|map, now| match held_by(map, key, owner, now) {
             Some(e) => {
                 e.state = State::Done { completion };
                 e.expires = now + retention;
                 true
             }
             None => false,
-        }))
+        });
+        if done {
+            self.clear_starts(key);
+        }
+        Ok(done)
     }
 
     async fn release(&self, key: &ScopedKey, owner: &OwnerToken) -> Result<bool, StoreError> {
@@ -158,6 +196,11 @@ impl DedupStore for MemoryStore {
                 false
             }
         }))
+        .inspect(|released| {
+            if *released {
+                self.clear_starts(key);
+            }
+        })
     }
 
     async fn reopen_poisoned(

@@ -146,6 +146,26 @@ pub trait DedupStore: Send + Sync + 'static {
         lease: Duration,
     ) -> Result<Claim, StoreError>;
 
+    /// [`claim`](Self::claim), counting the start: an acquired claim is recorded as a
+    /// start of the message, and the answer says how many earlier starts of it ended
+    /// without a settled outcome (its worker crashed, was killed or hung until the
+    /// lease expired). `complete` and `release` clear the count; it is kept for
+    /// `memory` otherwise. `None`: this store does not count starts, and crash loops
+    /// are not detected (the default implementation).
+    ///
+    /// The count is that of the *earlier* starts: `Some(0)` for a first start.
+    async fn claim_counting(
+        &self,
+        key: &ScopedKey,
+        owner: &OwnerToken,
+        fingerprint: Option<&str>,
+        lease: Duration,
+        memory: Duration,
+    ) -> Result<(Claim, Option<u32>), StoreError> {
+        let _ = memory;
+        Ok((self.claim(key, owner, fingerprint, lease).await?, None))
+    }
+
     /// Pushes the lease of a held claim forward. `false` if `owner` no longer holds it.
     async fn extend(
         &self,
@@ -187,6 +207,18 @@ impl<T: DedupStore + ?Sized> DedupStore for Arc<T> {
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         (**self).claim(key, owner, fingerprint, lease).await
+    }
+    async fn claim_counting(
+        &self,
+        key: &ScopedKey,
+        owner: &OwnerToken,
+        fingerprint: Option<&str>,
+        lease: Duration,
+        memory: Duration,
+    ) -> Result<(Claim, Option<u32>), StoreError> {
+        (**self)
+            .claim_counting(key, owner, fingerprint, lease, memory)
+            .await
     }
     async fn extend(
         &self,

@@ -369,3 +369,79 @@ proptest! {
         })?;
     }
 }
+
+/// A worker that claimed `key` and died: the claim is never settled.
+async fn crash_once(store: &MemoryStore, key: &str, lease: Duration) -> Option<u32> {
+    let scoped = ScopedKey::new("c", key);
+    let (claim, earlier) = store
+        .claim_counting(
+            &scoped,
+            &OwnerToken::generate(),
+            None,
+            lease,
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    assert_eq!(claim, Claim::Acquired);
+    tokio::time::sleep(lease + Duration::from_millis(15)).await;
+    earlier
+}
+
+#[tokio::test]
+async fn crash_limit_dead_letters_without_running() {
+    let store = MemoryStore::new();
+    let lease = Duration::from_millis(30);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let svc = stack(
+        DedupLayer::new("c", store.clone()).lease(lease),
+        runs.clone(),
+        |_| Ok(()),
+    );
+    for n in 0..3 {
+        assert_eq!(crash_once(&store, "k", lease).await, Some(n));
+    }
+    let mut m = Message::new("a").with_message_id("k");
+    m.extensions.insert(crate::crash::CrashGuard::new(3));
+    let err = svc.clone().oneshot(m).await.unwrap_err();
+    assert_eq!(err.kind(), Some(ErrorKind::Permanent));
+    assert!(
+        err.chain().contains("crashed or hung the worker 3 times"),
+        "{}",
+        err.chain()
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 0, "not run again");
+    // Recorded as poison: a plain redelivery is dead-lettered again, still without running.
+    let again = svc
+        .oneshot(Message::new("a").with_message_id("k"))
+        .await
+        .unwrap_err();
+    assert_eq!(again.kind(), Some(ErrorKind::Permanent));
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn crash_count_below_the_limit_runs_and_a_settled_outcome_clears_it() {
+    let store = MemoryStore::new();
+    let lease = Duration::from_millis(30);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let svc = stack(
+        DedupLayer::new("c", store.clone()).lease(lease),
+        runs.clone(),
+        |_| Err(HandlerError::transient("down")),
+    );
+    for n in 0..2 {
+        assert_eq!(crash_once(&store, "k", lease).await, Some(n));
+    }
+    let mut m = Message::new("a").with_message_id("k");
+    m.extensions.insert(crate::crash::CrashGuard::new(3));
+    let err = svc.oneshot(m).await.unwrap_err();
+    assert_eq!(err.kind(), Some(ErrorKind::Transient));
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "two crashes are below the limit"
+    );
+    // The transient failure settled the start: counting begins again.
+    assert_eq!(crash_once(&store, "k", lease).await, Some(0));
+}

@@ -99,6 +99,7 @@ macro_rules! sql_suite {
                 sqlx::query_as("SELECT 'x'").fetch_all(&pool).await;
             drop_table(&pool, &table).await;
             drop_table(&pool, &inbox.table_name().to_string()).await;
+            drop_table(&pool, &inbox.starts_table_name().to_string()).await;
         }
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -289,6 +290,7 @@ macro_rules! sql_suite {
             async fn drop_tables(self) {
                 drop_table(&self.pool, &self.fx).await;
                 drop_table(&self.pool, &self.inbox.table_name().to_string()).await;
+                drop_table(&self.pool, &self.inbox.starts_table_name().to_string()).await;
             }
         }
 
@@ -421,6 +423,144 @@ macro_rules! sql_suite {
             assert_eq!(f.inbox.cleanup_expired().await.unwrap(), 1);
             assert_eq!(f.state("pay-5").await, None);
             f.drop_tables().await;
+        }
+
+        /// Plants `n` unsettled starts of `key`, as `n` crashed workers would leave.
+        async fn plant_starts(f: &InboxFixture, key: &str, n: i64) {
+            sqlx::query(&format!(
+                "INSERT INTO {} (consumer, idem_key, starts, expires_at) VALUES ({}, {}, {}, 9000000000000000)",
+                f.inbox.starts_table_name(),
+                $ph(1),
+                $ph(2),
+                $ph(3)
+            ))
+            .bind("billing")
+            .bind(key)
+            .bind(n)
+            .execute(&f.pool)
+            .await
+            .unwrap();
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn inbox_crash_limit_dead_letters_without_running() {
+            let (pool, _g) = $pool("inbox-crash").await;
+            let f = InboxFixture::new(pool, Duration::ZERO).await;
+            let starts = f.inbox.starts_table_name().to_string();
+            plant_starts(&f, "pay-c", 3).await;
+            plant_starts(&f, "pay-d", 2).await;
+            let w = Consumer::builder("billing")
+                .dedup(f.inbox.clone())
+                .crash_limit(3)
+                .handler_with_state(effect, f.ctx.clone())
+                .unwrap();
+            match w.process(Message::new("{}").with_message_id("pay-c")).await {
+                Disposition::DeadLetter(failure) => {
+                    assert_eq!(failure.kind, ErrorKind::Permanent);
+                    assert!(
+                        failure.error.contains("crashed or hung the worker 3 times"),
+                        "{}",
+                        failure.error
+                    );
+                }
+                other => panic!("expected a dead-letter, got {other:?}"),
+            }
+            assert_eq!(f.runs(), 0, "not run again");
+            assert_eq!(f.state("pay-c").await.as_deref(), Some("poisoned"));
+            // Below the limit it runs; the success clears the counter with the effect.
+            assert_eq!(
+                w.process(Message::new("{}").with_message_id("pay-d")).await,
+                Disposition::Ack { duplicate: false }
+            );
+            assert_eq!((f.runs(), f.effects().await), (1, 1));
+            assert_eq!(count(&f.pool, &starts).await, 0, "counters cleared");
+            f.drop_tables().await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn inbox_without_starts_table_still_processes() {
+            let (pool, _g) = $pool("inbox-nostarts").await;
+            let f = InboxFixture::new(pool, Duration::ZERO).await;
+            // A deployment that upgraded without ensure_schema(): no counters table.
+            drop_table(&f.pool, &f.inbox.starts_table_name().to_string()).await;
+            let w = f.worker();
+            for id in ["pay-1", "pay-2"] {
+                assert_eq!(
+                    w.process(Message::new("{}").with_message_id(id)).await,
+                    Disposition::Ack { duplicate: false }
+                );
+            }
+            assert_eq!(f.effects().await, 2);
+            f.drop_tables().await;
+        }
+
+        /// The lease store counts starts that never settled (crashed claims), not a
+        /// retried claim of the same owner; settled outcomes reset the count; a table
+        /// from an older version (no `starts` column) works uncounted until
+        /// `ensure_schema` adds the column.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn store_counts_unsettled_starts_and_upgrades_old_tables() {
+            let (store, _g) = new_store("starts").await;
+            let key = ScopedKey::new("c", "k");
+            let lease = Duration::from_millis(400);
+            let memory = Duration::from_secs(60);
+            let claim = |owner: OwnerToken| {
+                let (s, key) = (store.clone(), key.clone());
+                async move {
+                    s.claim_counting(&key, &owner, None, lease, memory)
+                        .await
+                        .unwrap()
+                }
+            };
+            for n in 0..3 {
+                let owner = OwnerToken::generate();
+                assert_eq!(claim(owner.clone()).await, (Claim::Acquired, Some(n)));
+                assert_eq!(claim(owner).await, (Claim::Acquired, Some(n)), "same owner");
+                tokio::time::sleep(lease + Duration::from_millis(100)).await; // "crash"
+            }
+            let owner = OwnerToken::generate();
+            assert_eq!(claim(owner.clone()).await, (Claim::Acquired, Some(3)));
+            assert!(store
+                .complete(&key, &owner, Completion::Succeeded, Duration::from_millis(1))
+                .await
+                .unwrap());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            // The done record expired: a fresh start.
+            let owner = OwnerToken::generate();
+            assert_eq!(claim(owner.clone()).await, (Claim::Acquired, Some(0)));
+            assert!(store.release(&key, &owner).await.unwrap());
+            assert_eq!(
+                claim(OwnerToken::generate()).await,
+                (Claim::Acquired, Some(0)),
+                "release settles"
+            );
+
+            // An older table, without the column.
+            let t = store.table().to_string();
+            sqlx::query(&format!("ALTER TABLE {t} DROP COLUMN starts"))
+                .execute(store.pool())
+                .await
+                .unwrap();
+            let old = SqlStore::<$db>::with_table(store.pool().clone(), store.table().clone());
+            let k2 = ScopedKey::new("c", "k2");
+            let (c, n) = old
+                .claim_counting(&k2, &OwnerToken::generate(), None, lease, memory)
+                .await
+                .unwrap();
+            assert_eq!((c, n), (Claim::Acquired, None), "works, uncounted");
+            old.ensure_schema().await.unwrap();
+            let (c, n) = old
+                .claim_counting(
+                    &ScopedKey::new("c", "k3"),
+                    &OwnerToken::generate(),
+                    None,
+                    lease,
+                    memory,
+                )
+                .await
+                .unwrap();
+            assert_eq!((c, n), (Claim::Acquired, Some(0)), "counted after the upgrade");
+            drop_table(store.pool(), &t).await;
         }
     };
 }
