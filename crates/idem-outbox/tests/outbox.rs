@@ -86,19 +86,29 @@ impl Fixture {
         id
     }
 
-    /// Everything in the queue, in order, acked.
-    async fn take_all(&self) -> Vec<lapin::message::Delivery> {
+    /// The queue's messages, in order, acked: waits up to 10 s for `expected` of them
+    /// (a confirmed publish may take a moment to become visible to another connection's
+    /// `basic.get`), then takes whatever else is there, so extra copies still show.
+    async fn take(&self, expected: usize) -> Vec<lapin::message::Delivery> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         let mut out = Vec::new();
-        while let Some(m) = self
-            .ch
-            .basic_get(self.queue.as_str().into(), BasicGetOptions::default())
-            .await
-            .unwrap()
-        {
-            m.ack(BasicAckOptions::default()).await.unwrap();
-            out.push(m.delivery);
+        loop {
+            match self
+                .ch
+                .basic_get(self.queue.as_str().into(), BasicGetOptions::default())
+                .await
+                .unwrap()
+            {
+                Some(m) => {
+                    m.ack(BasicAckOptions::default()).await.unwrap();
+                    out.push(m.delivery);
+                }
+                None if out.len() >= expected || tokio::time::Instant::now() > deadline => {
+                    return out
+                }
+                None => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
         }
-        out
     }
 
     async fn cleanup(self) {
@@ -142,7 +152,7 @@ async fn rollback_publishes_nothing_commit_publishes_once() {
         .await;
     let relay = Relay::new(f.pool.clone(), f.outbox.clone(), amqp_url());
     assert_eq!(relay.drain().await.unwrap().published, 1);
-    let got = f.take_all().await;
+    let got = f.take(1).await;
     assert_eq!(got.len(), 1, "only the committed message is published");
     assert_eq!(
         message_id(&got[0]),
@@ -165,7 +175,7 @@ async fn rollback_publishes_nothing_commit_publishes_once() {
         1,
         "a marked row is not published again"
     );
-    assert!(f.take_all().await.is_empty());
+    assert!(f.take(0).await.is_empty());
     f.cleanup().await;
 }
 
@@ -184,7 +194,7 @@ async fn crash_after_publish_republishes_same_id_and_dedup_absorbs_it() {
         "row still pending after the crash"
     );
     relay.drain().await.unwrap();
-    let got = f.take_all().await;
+    let got = f.take(2).await;
     assert_eq!(got.len(), 2, "published again after the crash");
     assert!(
         got.iter().all(|d| message_id(d) == id.to_string()),
@@ -297,7 +307,7 @@ async fn two_relays_publish_each_row_once_and_keep_per_key_order() {
         (keys * per_key) as u64,
         "each row published once: {sa:?} {sb:?}"
     );
-    let got = f.take_all().await;
+    let got = f.take(keys * per_key).await;
     assert_eq!(got.len(), keys * per_key);
     assert_key_order(&got, HashMap::new());
     f.cleanup().await;
@@ -318,7 +328,7 @@ async fn two_relays_race_fifty_times_each_row_once_in_key_order() {
                 (keys * per_key) as u64,
                 "round {round}: each row published once: {sa:?} {sb:?}"
             );
-            let got = f.take_all().await;
+            let got = f.take(keys * per_key).await;
             assert_eq!(got.len(), keys * per_key, "round {round}");
             assert_key_order(&got, HashMap::new());
         }
@@ -354,7 +364,7 @@ async fn relay_leaves_a_key_alone_behind_a_row_another_relay_holds() {
         4,
         "leases the rows around the held one"
     );
-    let got = f.take_all().await;
+    let got = f.take(2).await;
     let bodies: Vec<String> = got
         .iter()
         .map(|d| String::from_utf8_lossy(&d.data).into_owned())
@@ -368,7 +378,7 @@ async fn relay_leaves_a_key_alone_behind_a_row_another_relay_holds() {
 
     holder.rollback().await.unwrap(); // the other relay gives up its lease
     relay.drain().await.unwrap();
-    let rest = f.take_all().await;
+    let rest = f.take(3).await;
     let next = assert_key_order(&got, HashMap::new());
     assert_key_order(&rest, next);
     assert_eq!(rest.len(), 3);
@@ -407,7 +417,7 @@ async fn concurrent_enqueues_of_one_key_go_out_in_commit_order() {
     }
     relay.drain().await.unwrap();
     let bodies: Vec<String> = f
-        .take_all()
+        .take(2)
         .await
         .iter()
         .map(|d| String::from_utf8_lossy(&d.data).into_owned())
@@ -504,7 +514,7 @@ async fn broker_down_rows_wait_then_go() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(published, "row published once the broker is back");
-    let bodies: Vec<Vec<u8>> = f.take_all().await.into_iter().map(|d| d.data).collect();
+    let bodies: Vec<Vec<u8>> = f.take(2).await.into_iter().map(|d| d.data).collect();
     assert_eq!(bodies, vec![b"first".to_vec(), b"during outage".to_vec()]);
     f.cleanup().await;
 }
@@ -529,7 +539,7 @@ async fn notify_wakes_the_running_relay_and_cleanup_removes_old_rows() {
         .await;
     let mut got = Vec::new();
     for _ in 0..50 {
-        got.extend(f.take_all().await);
+        got.extend(f.take(0).await);
         if !got.is_empty() {
             break;
         }
