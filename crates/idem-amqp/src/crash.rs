@@ -5,7 +5,7 @@
 use std::time::SystemTime;
 
 use idem_core::crash::{prior_deliveries, BROKER_DELIVERY_COUNT_HEADER, DELIVERY_COUNT_HEADER};
-use idem_core::outcome::{headers as idem_headers, parse_rfc3339};
+use idem_core::outcome::headers as idem_headers;
 use idem_core::{Disposition, ErrorKind, Failure, HeaderValue, Headers, Message};
 
 /// A delivery's history, read before the consumer runs it.
@@ -20,7 +20,9 @@ impl Seen {
     pub(crate) fn new(msg: &Message) -> Self {
         Seen {
             prior: prior_deliveries(msg),
-            failed_before: msg.failed_attempts(),
+            // Already read (and a malformed value logged) by the consumer.
+            failed_before: idem_core::read::read_quiet::<u32>(msg, idem_headers::ATTEMPTS)
+                .unwrap_or(0),
             carried: msg.headers.contains_key(DELIVERY_COUNT_HEADER),
             broker_count: msg.headers.contains_key(BROKER_DELIVERY_COUNT_HEADER),
         }
@@ -47,12 +49,11 @@ impl Seen {
                 self.prior
             ),
             attempts: self.failed_before,
-            first_failed_at: msg
-                .headers
-                .get(idem_headers::FIRST_FAILED_AT)
-                .and_then(HeaderValue::as_str)
-                .and_then(parse_rfc3339)
-                .unwrap_or(now),
+            first_failed_at: idem_core::read::read_quiet::<SystemTime>(
+                msg,
+                idem_headers::FIRST_FAILED_AT,
+            )
+            .map_or(now, |t| t.min(now)),
             last_failed_at: now,
             key: msg.properties.message_id.clone(),
         }))

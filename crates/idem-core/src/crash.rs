@@ -38,7 +38,7 @@ use std::sync::Arc;
 
 use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
 
-use crate::message::{HeaderValue, Message};
+use crate::message::Message;
 
 /// How many unsettled starts (crashes, kills, hangs) a message may have behind it
 /// before it is dead-lettered instead of run again.
@@ -64,12 +64,10 @@ pub struct CrashLoopError {
     pub times: u32,
 }
 
+// The one header rule (`crate::read`): huge counts saturate, malformed ones count as
+// absent. Quiet: the count is read at several stages of one delivery.
 fn header_count(msg: &Message, name: &str) -> u32 {
-    msg.headers
-        .get(name)
-        .and_then(HeaderValue::as_i64)
-        .and_then(|n| u32::try_from(n).ok())
-        .unwrap_or(0)
+    crate::read::read_quiet::<u32>(msg, name).unwrap_or(0)
 }
 
 /// How many times this message was delivered before without being settled, as far as
