@@ -45,7 +45,8 @@ use tokio::task::JoinHandle;
 
 use crate::convert::{delivery_info, merge_headers, to_message};
 use crate::error::Error;
-use crate::publisher::{connect, publish_confirmed};
+use crate::publisher::publish_confirmed;
+use crate::tls::connect_tls;
 use crate::topology::{short, Topology};
 use crate::url::redact_url;
 
@@ -77,6 +78,7 @@ const RECONNECT_MAX: Duration = Duration::from_secs(30);
 
 struct Shared {
     url: String,
+    tls: idem_core::TlsConfig,
     topology: Topology,
     consumer: Consumer,
     prefetch: u16,
@@ -94,6 +96,7 @@ struct Shared {
 /// Configures a [`Worker`]. See [`Worker::builder`].
 pub struct WorkerBuilder {
     url: String,
+    tls: idem_core::TlsConfig,
     topology: Topology,
     consumer: Consumer,
     prefetch: u16,
@@ -149,6 +152,13 @@ impl WorkerBuilder {
         self
     }
 
+    /// TLS settings for an `amqps://` URL (CA file, client certificate): see
+    /// [`crate::tls`]. Default: verified against the system roots.
+    pub fn tls(mut self, tls: idem_core::TlsConfig) -> Self {
+        self.tls = tls;
+        self
+    }
+
     /// Called after each delivery is settled (tests, custom metrics, benchmarks).
     pub fn on_settle(mut self, hook: impl Fn(Settled<'_>) + Send + Sync + 'static) -> Self {
         self.on_settle = Some(Arc::new(hook));
@@ -186,6 +196,7 @@ impl WorkerBuilder {
                 .connection_name
                 .unwrap_or_else(|| format!("idem:{}", self.consumer.name())),
             url: self.url,
+            tls: self.tls,
             topology: self.topology,
             consumer: self.consumer,
             prefetch: self.prefetch,
@@ -231,6 +242,7 @@ impl Worker {
     ) -> WorkerBuilder {
         WorkerBuilder {
             url: url.into(),
+            tls: idem_core::TlsConfig::default(),
             topology: topology.into(),
             consumer,
             prefetch: 50,
@@ -330,7 +342,7 @@ struct Session {
 
 impl Session {
     async fn open(shared: &Shared) -> Result<Session, Error> {
-        let conn = connect(&shared.url, &shared.connection_name).await?;
+        let conn = connect_tls(&shared.url, &shared.connection_name, &shared.tls).await?;
         match Self::channels(shared, &conn).await {
             Ok((publish, consume, stream)) => {
                 let events =

@@ -40,6 +40,7 @@ pub mod memory;
 pub mod message;
 pub mod outcome;
 mod redact;
+pub mod tls;
 
 pub use backoff::{Backoff, DelayTiers, Jitter};
 pub use consumer::{ConfigError, Consumer, ConsumerBuilder, DeliveryMode, Stats};
@@ -51,3 +52,4 @@ pub use handler::{
 pub use message::{DeliveryInfo, Extensions, HeaderValue, Headers, Message, Properties};
 pub use outcome::{Disposition, Failure};
 pub use redact::{redact_in, redact_url};
+pub use tls::{TlsConfig, TlsConfigError, TlsFailure};
