@@ -282,6 +282,7 @@ impl TlsFailure {
             || t.contains("alert: unknownca")
             || t.contains("alert: handshakefailure")
             || t.contains("alert: decrypterror")
+            || t.contains("requires a valid client certificate")
         {
             return Some(TlsFailure::ClientCertificateRefused);
         }
@@ -349,6 +350,12 @@ mod tests {
         );
         assert_eq!(
             TlsFailure::classify("received fatal alert: CertificateRequired"),
+            Some(TlsFailure::ClientCertificateRefused)
+        );
+        assert_eq!(
+            TlsFailure::classify(
+                "error returned from database: connection requires a valid client certificate"
+            ),
             Some(TlsFailure::ClientCertificateRefused)
         );
         assert_eq!(
