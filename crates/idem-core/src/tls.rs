@@ -296,8 +296,9 @@ impl TlsFailure {
             "corrupt message",
             "peer is incompatible",
             "peerincompatible",
-            "ssl",
-            "tls",
+            "tls connection",
+            "does not support tls",
+            "handshake",
         ];
         if tls_words.iter().any(|w| t.contains(w)) {
             return Some(TlsFailure::Other);
@@ -363,7 +364,15 @@ mod tests {
             Some(TlsFailure::Other)
         );
         assert_eq!(
+            TlsFailure::classify("error occurred while attempting to establish a TLS connection: server does not support TLS"),
+            Some(TlsFailure::Other)
+        );
+        assert_eq!(
             TlsFailure::classify("Connection refused (os error 111)"),
+            None
+        );
+        assert_eq!(
+            TlsFailure::classify("password authentication failed for user \"tls_ssl_user\""),
             None
         );
         assert_eq!(
