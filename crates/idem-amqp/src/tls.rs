@@ -41,7 +41,7 @@ pub async fn connect_tls(url: &str, name: &str, tls: &TlsConfig) -> Result<Conne
     let result = open(url, props, tls, tls_url).await;
     let conn = result.map_err(|detail| {
         let detail = scrub(&detail, url);
-        match TlsFailure::classify(&detail).filter(|_| tls_url) {
+        match TlsFailure::classify_tls_connect(&detail).filter(|_| tls_url) {
             Some(failure) => Error::Tls {
                 url: redact_url(url),
                 failure,

@@ -253,6 +253,12 @@ pub enum TlsFailure {
     /// The server refused us for our client certificate (missing, or not signed by a
     /// CA it trusts).
     ClientCertificateRefused,
+    /// The server closed the connection during or right after the TLS handshake.
+    /// With TLS 1.3 a server that refuses a (missing) client certificate says so with
+    /// an alert that can be lost to the connection reset that follows, so this is most
+    /// often a client certificate problem. Only reported by
+    /// [`classify_tls_connect`](TlsFailure::classify_tls_connect).
+    ClosedDuringHandshake,
     /// Another TLS error (protocol mismatch, bad certificate file, plain-text server
     /// on a TLS URL...).
     Other,
@@ -306,6 +312,27 @@ impl TlsFailure {
         None
     }
 
+    /// [`classify`](Self::classify) for the error of a connection attempt to a TLS
+    /// URL: there, a connection reset or an unexpected end of stream is also a TLS
+    /// failure ([`TlsFailure::ClosedDuringHandshake`]).
+    pub fn classify_tls_connect(text: &str) -> Option<TlsFailure> {
+        Self::classify(text).or_else(|| {
+            let t = text.to_ascii_lowercase();
+            let closed = [
+                "connection reset",
+                "unexpected eof",
+                "unexpectedeof",
+                "broken pipe",
+                "peer closed connection",
+                "connection closed",
+            ];
+            closed
+                .iter()
+                .any(|w| t.contains(w))
+                .then_some(TlsFailure::ClosedDuringHandshake)
+        })
+    }
+
     /// A one-line hint for an operator.
     pub fn hint(self) -> &'static str {
         match self {
@@ -313,6 +340,7 @@ impl TlsFailure {
             TlsFailure::WrongHostName => "the server's certificate is not valid for the host name in the URL: connect with a name the certificate lists",
             TlsFailure::Expired => "a certificate in the chain has expired or is not valid yet: renew it (or check the clock)",
             TlsFailure::ClientCertificateRefused => "the server refused the client certificate: give a certificate and key it trusts with --tls-cert/--tls-key (IDEM_TLS_CERT/IDEM_TLS_KEY)",
+            TlsFailure::ClosedDuringHandshake => "the server closed the connection during the TLS handshake: most often it requires a client certificate it trusts (--tls-cert/--tls-key, IDEM_TLS_CERT/IDEM_TLS_KEY)",
             TlsFailure::Other => "TLS handshake failed: check that the port speaks TLS and the TLS files",
         }
     }
@@ -325,6 +353,9 @@ impl fmt::Display for TlsFailure {
             TlsFailure::WrongHostName => "certificate not valid for this host name",
             TlsFailure::Expired => "certificate expired or not yet valid",
             TlsFailure::ClientCertificateRefused => "client certificate refused",
+            TlsFailure::ClosedDuringHandshake => {
+                "connection closed during the TLS handshake (client certificate refused?)"
+            }
             TlsFailure::Other => "TLS handshake failed",
         })
     }
@@ -369,6 +400,18 @@ mod tests {
         );
         assert_eq!(
             TlsFailure::classify("Connection refused (os error 111)"),
+            None
+        );
+        assert_eq!(
+            TlsFailure::classify("IO error: Connection reset by peer (os error 104)"),
+            None
+        );
+        assert_eq!(
+            TlsFailure::classify_tls_connect("IO error: Connection reset by peer (os error 104)"),
+            Some(TlsFailure::ClosedDuringHandshake)
+        );
+        assert_eq!(
+            TlsFailure::classify_tls_connect("Connection refused (os error 111)"),
             None
         );
         assert_eq!(

@@ -78,7 +78,7 @@ async fn connect(
     let result = open(url, props, tls, tls_url).await;
     result.map_err(|e| {
         let text = idem_core::redact_in(&e, url);
-        match TlsFailure::classify(&text).filter(|_| tls_url) {
+        match TlsFailure::classify_tls_connect(&text).filter(|_| tls_url) {
             Some(failure) => broker_err(
                 url,
                 "TLS handshake",

@@ -300,7 +300,7 @@ impl RedisStoreBuilder {
         let (client, config, target) = self.parts()?;
         let conn = ConnectionManager::new_with_config(client, config)
             .await
-            .map_err(|e| target.error("cannot connect to Redis", &e))?;
+            .map_err(|e| target.connect_error("cannot connect to Redis", &e))?;
         Ok(self.finish(conn, target))
     }
 
@@ -543,9 +543,24 @@ impl Redactor {
     }
 
     fn error(&self, what: &str, err: &RedisError) -> StoreError {
+        self.error_with(what, err, idem_core::TlsFailure::classify)
+    }
+
+    /// [`error`](Self::error) for a connection attempt: a reset during the TLS
+    /// handshake counts as a TLS failure too.
+    fn connect_error(&self, what: &str, err: &RedisError) -> StoreError {
+        self.error_with(what, err, idem_core::TlsFailure::classify_tls_connect)
+    }
+
+    fn error_with(
+        &self,
+        what: &str,
+        err: &RedisError,
+        classify: fn(&str) -> Option<idem_core::TlsFailure>,
+    ) -> StoreError {
         let detail = self.scrub(&err.to_string());
         if is_rediss(&self.redacted) {
-            if let Some(failure) = idem_core::TlsFailure::classify(&detail) {
+            if let Some(failure) = classify(&detail) {
                 return StoreError::with_source(
                     format!(
                         "TLS handshake with Redis failed ({}): {failure}; {}",
