@@ -118,14 +118,6 @@ fn unique(prefix: &str) -> String {
     format!("idem-tls-{prefix}-{}", uuid::Uuid::new_v4().simple())
 }
 
-async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 type Effects = Arc<Mutex<HashMap<String, u32>>>;
 
 /// A consumer on `store` that counts its effects per message id.
