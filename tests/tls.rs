@@ -453,3 +453,73 @@ async fn postgres_sslmode_require_is_verified() {
     let conn = sqlx::PgConnection::connect_with(&options).await.unwrap();
     conn.close().await.unwrap();
 }
+
+/// The outbox relay reads a PostgreSQL outbox over TLS and publishes to RabbitMQ over
+/// amqps://; with a CA that does not vouch for the broker it publishes nothing and says
+/// why.
+#[tokio::test]
+async fn outbox_relay_publishes_over_amqps_from_postgres_tls() {
+    let tls = good();
+    let options = idem_sql::tls::pg_connect_options(PG, &tls).unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(3)
+        .connect_with(options)
+        .await
+        .unwrap();
+    let table = format!("idem_tls_outbox_{}", uuid::Uuid::new_v4().simple());
+    let outbox = idem_outbox::Outbox::new(&table).unwrap();
+    outbox.ensure_schema(&pool).await.unwrap();
+
+    let admin = idem_amqp::connect_tls(AMQPS, "idem-tls-test-admin", &tls)
+        .await
+        .unwrap();
+    let ch = admin.create_channel().await.unwrap();
+    let queue = unique("outbox");
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+
+    let mut tx = pool.begin().await.unwrap();
+    for i in 0..3 {
+        let msg = idem_outbox::OutboxMessage::new("", queue.as_str(), format!("m{i}"));
+        outbox.enqueue(&mut tx, msg).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    let relay = idem_outbox::Relay::new(pool.clone(), outbox, AMQPS).tls(tls.clone());
+    let stats = relay.drain().await.unwrap();
+    assert_eq!(stats.published, 3);
+    let depth = ch
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions::default().passive(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
+        .message_count();
+    assert_eq!(depth, 3);
+
+    // The wrong CA: nothing is published, the error names the TLS cause.
+    let outbox = idem_outbox::Outbox::new(&table).unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let msg = idem_outbox::OutboxMessage::new("", queue.as_str(), "m3");
+    outbox.enqueue(&mut tx, msg).await.unwrap();
+    tx.commit().await.unwrap();
+    let relay = idem_outbox::Relay::new(pool.clone(), outbox, AMQPS).tls(other_ca());
+    let err = relay.drain().await.unwrap_err().to_string();
+    assert!(err.contains("unknown CA"), "{err}");
+    assert!(!err.contains("guest:guest"), "{err}");
+
+    ch.queue_delete(queue.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    let _ = admin.close(200, "bye".into()).await;
+    sqlx::query(&format!("drop table {table}"))
+        .execute(&pool)
+        .await
+        .unwrap();
+}
