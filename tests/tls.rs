@@ -54,7 +54,8 @@ fn port_open(port: u16) -> bool {
 fn services() {
     static UP: OnceLock<Result<(), String>> = OnceLock::new();
     let result = UP.get_or_init(|| {
-        let ready = [5681, 6390, 5442].into_iter().all(port_open) && cert("client.key").exists();
+        let ready =
+            [5681, 6390, 6391, 5442].into_iter().all(port_open) && cert("expired.pem").exists();
         if ready {
             return Ok(());
         }
@@ -394,6 +395,16 @@ async fn rediss_refuses_unknown_ca_wrong_host_and_missing_client_cert() {
     // Verification cannot be turned off for Redis.
     let e = rediss_error(REDISS, good().danger_accept_invalid_certs()).await;
     assert!(e.contains("without certificate verification"), "{e}");
+}
+
+/// A server certificate that has expired is refused, and said to be expired.
+#[tokio::test]
+async fn rediss_refuses_an_expired_certificate() {
+    services();
+    let tls = TlsConfig::new().with_ca_file(cert("ca.pem")).unwrap();
+    let e = rediss_error("rediss://localhost:6391", tls).await;
+    assert_eq!(TlsFailure::classify(&e), Some(TlsFailure::Expired), "{e}");
+    assert!(e.contains("certificate expired or not yet valid"), "{e}");
 }
 
 async fn pg_error(url: &str, tls: &TlsConfig) -> String {
