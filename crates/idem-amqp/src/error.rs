@@ -33,6 +33,20 @@ pub enum Error {
         /// What to do about it.
         hint: String,
     },
+    /// The TLS handshake failed: the broker is reachable but its certificate (or ours)
+    /// was refused. See [`crate::tls`].
+    #[error("TLS handshake with RabbitMQ at {url} failed: {failure} ({detail}); {}", failure.hint())]
+    Tls {
+        /// The URL, password redacted.
+        url: String,
+        /// What was wrong, as far as the error tells.
+        failure: idem_core::TlsFailure,
+        /// The TLS library's message, password scrubbed.
+        detail: String,
+    },
+    /// The TLS settings cannot be used for this connection.
+    #[error("TLS setup: {0}")]
+    TlsSetup(String),
     /// An AMQP operation failed.
     #[error("AMQP {op} failed: {source}")]
     Amqp {

@@ -50,12 +50,15 @@ pub mod failpoints;
 pub mod prometheus;
 pub mod publisher;
 pub mod shutdown;
+pub mod tls;
 pub mod topology;
 pub mod url;
 pub mod worker;
 
 pub use error::Error;
+pub use idem_core::{TlsConfig, TlsFailure};
 pub use publisher::{connect, Publisher};
+pub use tls::connect_tls;
 pub use topology::{QueueType, Topology};
 pub use url::{amqp_url_from_env, redact_url, DEFAULT_AMQP_URL};
 pub use worker::{SettleHook, Settled, Worker, WorkerBuilder};

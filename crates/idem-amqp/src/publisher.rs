@@ -7,31 +7,23 @@
 //! first try, so re-publishing after an error reuses it and consumers dedup the copy.
 
 use idem_core::Message;
+use idem_core::TlsConfig;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, PublisherConfirm,
-};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
 use tokio::sync::Mutex;
 
 use crate::convert::properties_for;
 use crate::error::Error;
+use crate::tls::connect_tls;
 use crate::topology::short;
-use crate::url::{redact_url, scrub};
+use crate::url::redact_url;
 
 /// Opens a connection named `name` (visible in the management UI and
 /// `rabbitmqctl list_connections name`). Errors never contain the password.
+/// An `amqps://` URL is verified against the system roots; use
+/// [`connect_tls`](crate::tls::connect_tls) for a private CA or a client certificate.
 pub async fn connect(url: &str, name: &str) -> Result<Connection, Error> {
-    let props = ConnectionProperties::default().with_connection_name(name.into());
-    let conn = Connection::connect(url, props).await.map_err(|e| {
-        let (url, detail) = (redact_url(url), scrub(&e.to_string(), url));
-        if crate::error::is_refusal(&e) {
-            Error::Refused { url, detail }
-        } else {
-            Error::Connect { url, detail }
-        }
-    })?;
-    tracing::info!(url = %redact_url(url), connection = name, "connected to RabbitMQ");
-    Ok(conn)
+    connect_tls(url, name, &TlsConfig::default()).await
 }
 
 /// Publishes one message on a confirm-mode channel and waits for the confirm.
@@ -84,6 +76,7 @@ async fn finish(confirm: PublisherConfirm, exchange: &str, routing_key: &str) ->
 pub struct Publisher {
     url: String,
     name: String,
+    tls: TlsConfig,
     link: Mutex<Option<(Connection, Channel)>>,
 }
 
@@ -104,9 +97,16 @@ impl Publisher {
 
     /// Connects with a connection name.
     pub async fn connect_named(url: &str, name: &str) -> Result<Self, Error> {
+        Self::connect_with_tls(url, name, TlsConfig::default()).await
+    }
+
+    /// Connects with a connection name and TLS settings for an `amqps://` URL (see
+    /// [`crate::tls`]); reconnections reuse them.
+    pub async fn connect_with_tls(url: &str, name: &str, tls: TlsConfig) -> Result<Self, Error> {
         let publisher = Publisher {
             url: url.to_owned(),
             name: name.to_owned(),
+            tls,
             link: Mutex::new(None),
         };
         publisher.channel().await?;
@@ -121,7 +121,7 @@ impl Publisher {
             }
             tracing::warn!(url = %redact_url(&self.url), "publisher connection lost; reconnecting");
         }
-        let conn = connect(&self.url, &self.name).await?;
+        let conn = connect_tls(&self.url, &self.name, &self.tls).await?;
         let ch = conn
             .create_channel()
             .await

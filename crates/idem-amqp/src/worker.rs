@@ -50,7 +50,8 @@ use tokio::task::JoinHandle;
 use crate::convert::{delivery_info, merge_headers, to_message};
 use crate::crash;
 use crate::error::Error;
-use crate::publisher::{connect, publish_confirmed};
+use crate::publisher::publish_confirmed;
+use crate::tls::connect_tls;
 use crate::topology::{short, Topology};
 use crate::url::redact_url;
 
@@ -82,6 +83,7 @@ const RECONNECT_MAX: Duration = Duration::from_secs(30);
 
 struct Shared {
     url: String,
+    tls: idem_core::TlsConfig,
     topology: Topology,
     consumer: Consumer,
     prefetch: u16,
@@ -99,6 +101,7 @@ struct Shared {
 /// Configures a [`Worker`]. See [`Worker::builder`].
 pub struct WorkerBuilder {
     url: String,
+    tls: idem_core::TlsConfig,
     topology: Topology,
     consumer: Consumer,
     prefetch: u16,
@@ -151,6 +154,13 @@ impl WorkerBuilder {
     /// How long shutdown waits for in-flight handlers (default 30 s).
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
         self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// TLS settings for an `amqps://` URL (CA file, client certificate): see
+    /// [`crate::tls`]. Default: verified against the system roots.
+    pub fn tls(mut self, tls: idem_core::TlsConfig) -> Self {
+        self.tls = tls;
         self
     }
 
@@ -207,6 +217,7 @@ impl WorkerBuilder {
                 .connection_name
                 .unwrap_or_else(|| format!("idem:{}", self.consumer.name())),
             url: self.url,
+            tls: self.tls,
             topology: self.topology,
             consumer: self.consumer,
             prefetch: self.prefetch,
@@ -252,6 +263,7 @@ impl Worker {
     ) -> WorkerBuilder {
         WorkerBuilder {
             url: url.into(),
+            tls: idem_core::TlsConfig::default(),
             topology: topology.into(),
             consumer,
             prefetch: 50,
@@ -351,7 +363,7 @@ struct Session {
 
 impl Session {
     async fn open(shared: &Shared) -> Result<Session, Error> {
-        let conn = connect(&shared.url, &shared.connection_name).await?;
+        let conn = connect_tls(&shared.url, &shared.connection_name, &shared.tls).await?;
         match Self::channels(shared, &conn).await {
             Ok((publish, consume, stream)) => {
                 let events =

@@ -36,11 +36,32 @@ pub(crate) struct ConsumerArgs {
     /// Broker URL (default amqp://guest:***@127.0.0.1:5672/%2f; passwords are not printed).
     #[arg(long, env = "AMQP_URL", hide_env_values = true, default_value = idem_amqp::DEFAULT_AMQP_URL, hide_default_value = true)]
     pub(crate) url: String,
+    /// PEM CA to trust for amqps:// and rediss:// (env IDEM_TLS_CA).
+    #[arg(long, env = idem_core::tls::ENV_TLS_CA)]
+    pub(crate) tls_ca: Option<std::path::PathBuf>,
+    /// PEM client certificate for mutual TLS (env IDEM_TLS_CERT).
+    #[arg(long, env = idem_core::tls::ENV_TLS_CERT)]
+    pub(crate) tls_cert: Option<std::path::PathBuf>,
+    /// PEM key of --tls-cert (env IDEM_TLS_KEY).
+    #[arg(long, env = idem_core::tls::ENV_TLS_KEY)]
+    pub(crate) tls_key: Option<std::path::PathBuf>,
+}
+
+impl ConsumerArgs {
+    /// The TLS settings for amqps:// and rediss:// URLs.
+    pub(crate) fn tls(&self) -> Result<idem_core::TlsConfig, idem_core::TlsConfigError> {
+        idem_core::TlsConfig::from_files(
+            self.tls_ca.as_deref(),
+            self.tls_cert.as_deref(),
+            self.tls_key.as_deref(),
+        )
+    }
 }
 
 pub(crate) async fn run(args: ConsumerArgs) -> Result<Report, BoxError> {
-    let publisher = Publisher::connect_named(&args.url, "idem-bench-fill").await?;
-    let admin = idem_amqp::connect(&args.url, "idem-bench-admin").await?;
+    let tls = args.tls()?;
+    let publisher = Publisher::connect_with_tls(&args.url, "idem-bench-fill", tls.clone()).await?;
+    let admin = idem_amqp::connect_tls(&args.url, "idem-bench-admin", &tls).await?;
     let ch = admin.create_channel().await?;
     let mut report = Report {
         scenario: "amqp-noop",
@@ -135,6 +156,7 @@ async fn run_idem(args: &ConsumerArgs, topo: &Topology) -> Result<Duration, BoxE
         })?;
     let c = clock.clone();
     let worker = Worker::builder(&args.url, topo.clone(), consumer)
+        .tls(args.tls()?)
         .prefetch(args.prefetch)
         .connection_name("idem-bench-idem")
         .on_settle(move |_| c.settled())
@@ -151,7 +173,7 @@ async fn run_idem(args: &ConsumerArgs, topo: &Topology) -> Result<Duration, BoxE
 
 async fn run_baseline(args: &ConsumerArgs, queue: &str) -> Result<Duration, BoxError> {
     let clock = Clock::new(args.messages);
-    let conn = idem_amqp::connect(&args.url, "idem-bench-baseline").await?;
+    let conn = idem_amqp::connect_tls(&args.url, "idem-bench-baseline", &args.tls()?).await?;
     let ch = conn.create_channel().await?;
     ch.basic_qos(args.prefetch, BasicQosOptions::default())
         .await?;

@@ -60,8 +60,10 @@ pub(crate) struct Args {
 }
 
 pub(crate) async fn run(store: Store, args: Args) -> Result<Report, BoxError> {
-    let publisher = Publisher::connect_named(&args.base.url, "idem-bench-fill").await?;
-    let admin = idem_amqp::connect(&args.base.url, "idem-bench-admin").await?;
+    let tls = args.base.tls()?;
+    let publisher =
+        Publisher::connect_with_tls(&args.base.url, "idem-bench-fill", tls.clone()).await?;
+    let admin = idem_amqp::connect_tls(&args.base.url, "idem-bench-admin", &tls).await?;
     let ch = admin.create_channel().await?;
     let pool = match store {
         Store::Postgres => Some(
@@ -111,7 +113,7 @@ pub(crate) async fn run(store: Store, args: Args) -> Result<Report, BoxError> {
             topo.delete_on(&ch).await?;
             if store == Store::Redis {
                 // Both sides' keys: idem's `idem-bench-<run>:{..}` and the baseline's.
-                delete_keys(&args.redis_url, &format!("idem-bench-*{run_id}*")).await?;
+                delete_keys(&args.redis_url, &tls, &format!("idem-bench-*{run_id}*")).await?;
             }
             if let Some(pool) = &pool {
                 for t in ["effects", "inbox", "inbox_starts", "dedup"] {
@@ -131,8 +133,12 @@ pub(crate) async fn run(store: Store, args: Args) -> Result<Report, BoxError> {
 
 /// Deletes the keys matching `pattern` (SCAN + UNLINK), so a bench leaves nothing
 /// behind in Redis.
-pub(crate) async fn delete_keys(redis_url: &str, pattern: &str) -> Result<(), BoxError> {
-    let client = redis::Client::open(redis_url)?;
+pub(crate) async fn delete_keys(
+    redis_url: &str,
+    tls: &idem_core::TlsConfig,
+    pattern: &str,
+) -> Result<(), BoxError> {
+    let client = redis_client(redis_url, tls)?;
     let mut conn = redis::aio::ConnectionManager::new(client).await?;
     let mut cursor: u64 = 0;
     loop {
@@ -157,6 +163,23 @@ pub(crate) async fn delete_keys(redis_url: &str, pattern: &str) -> Result<(), Bo
     }
 }
 
+/// A redis-rs client for `url`, with `tls` for a rediss:// URL.
+fn redis_client(url: &str, tls: &idem_core::TlsConfig) -> Result<redis::Client, BoxError> {
+    if !url.starts_with("rediss://") || tls.is_default() {
+        return Ok(redis::Client::open(url)?);
+    }
+    let certificates = redis::TlsCertificates {
+        client_tls: tls
+            .client_identity_pem()
+            .map(|(cert, key)| redis::ClientTlsConfig {
+                client_cert: cert.to_vec(),
+                client_key: key.to_vec(),
+            }),
+        root_cert: tls.ca_pem().map(<[u8]>::to_vec),
+    };
+    Ok(redis::Client::build_with_tls(url, certificates)?)
+}
+
 async fn run_worker(
     args: &Args,
     topo: &Topology,
@@ -165,6 +188,7 @@ async fn run_worker(
 ) -> Result<Duration, BoxError> {
     let c = clock.clone();
     let worker = Worker::builder(&args.base.url, topo.clone(), consumer)
+        .tls(args.base.tls()?)
         .prefetch(args.base.prefetch)
         .connection_name("idem-bench-idem")
         .on_settle(move |_| c.settled())
@@ -181,6 +205,7 @@ async fn run_worker(
 
 async fn run_idem_redis(args: &Args, topo: &Topology, run_id: &str) -> Result<Duration, BoxError> {
     let store = idem_redis::RedisStore::builder(&args.redis_url)
+        .tls(args.base.tls()?)
         .prefix(format!("idem-bench-{run_id}"))
         .connect()
         .await?;
@@ -196,7 +221,7 @@ async fn run_idem_redis(args: &Args, topo: &Topology, run_id: &str) -> Result<Du
 }
 
 async fn run_baseline_redis(args: &Args, queue: &str, run_id: &str) -> Result<Duration, BoxError> {
-    let client = redis::Client::open(args.redis_url.as_str())?;
+    let client = redis_client(&args.redis_url, &args.base.tls()?)?;
     let redis = redis::aio::ConnectionManager::new(client).await?;
     let prefix = Arc::new(format!("idem-bench-base-{run_id}"));
     baseline(args, queue, move |id| {
@@ -301,7 +326,8 @@ where
     Fut: std::future::Future<Output = Option<()>> + Send + 'static,
 {
     let clock = Clock::new(args.base.messages);
-    let conn = idem_amqp::connect(&args.base.url, "idem-bench-baseline").await?;
+    let conn =
+        idem_amqp::connect_tls(&args.base.url, "idem-bench-baseline", &args.base.tls()?).await?;
     let ch = conn.create_channel().await?;
     ch.basic_qos(args.base.prefetch, BasicQosOptions::default())
         .await?;

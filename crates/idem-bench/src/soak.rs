@@ -192,9 +192,13 @@ pub(crate) async fn run(args: SoakArgs) -> Result<(), BoxError> {
     println!("soak: worker stats: {stats}");
     topology.delete_on(&ch).await?;
     let _ = admin.close(200, "bye".into()).await;
-    crate::amqp_store::delete_keys(&redis_url, &format!("{prefix}:*"))
-        .await
-        .map_err(|e| e.to_string())?;
+    crate::amqp_store::delete_keys(
+        &redis_url,
+        &idem_core::TlsConfig::default(),
+        &format!("{prefix}:*"),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     println!(
         "soak: done messages={} elapsed={:.1}s rate={:.0} msg/s",
         args.messages,

@@ -15,7 +15,14 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connects to RabbitMQ as connection `idem-cli`. An unreachable broker is
 /// [`CliError::Unreachable`]; the error never contains the password.
 pub async fn connect(url: &str) -> Result<Connection, CliError> {
-    match tokio::time::timeout(CONNECT_TIMEOUT, idem_amqp::connect(url, "idem-cli")).await {
+    connect_tls(url, &idem_core::TlsConfig::default()).await
+}
+
+/// [`connect`] with TLS settings for an `amqps://` URL. A refused certificate is
+/// [`CliError::Tls`].
+pub async fn connect_tls(url: &str, tls: &idem_core::TlsConfig) -> Result<Connection, CliError> {
+    let connecting = idem_amqp::connect_tls(url, "idem-cli", tls);
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
         Ok(result) => Ok(result?),
         Err(_) => Err(CliError::Unreachable(format!(
             "cannot connect to RabbitMQ at {}: no answer within {}s (is the broker running? start it with `rabbitmq-server -detached`)",

@@ -12,7 +12,8 @@ Exit codes:
   2  RabbitMQ or the database cannot be reached
   3  partial failure: some messages were handled, the others stay where they were
   4  the broker or the database refused an operation, or the login
-     (wrong user name, password or vhost)";
+     (wrong user name, password or vhost)
+  6  TLS failure: unknown CA, wrong host name, expired certificate, client certificate refused";
 
 /// idem operator tool: dead-letter queues, topology and outbox.
 #[derive(Debug, Parser)]
@@ -30,6 +31,10 @@ pub struct Cli {
         hide_default_value = true
     )]
     pub url: String,
+
+    /// TLS options for amqps:// and PostgreSQL URLs.
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
 
     /// The command.
     #[command(subcommand)]

@@ -7,6 +7,7 @@
 //! | 2 | the broker or the database cannot be reached |
 //! | 3 | partial failure: some messages were handled, others could not be (they stay where they were) |
 //! | 4 | the broker or the database refused an operation (e.g. a queue exists with other arguments) or the connection (wrong user name, password or vhost) |
+//! | 6 | TLS failure: the server's certificate was refused (unknown CA, wrong host name, expired) or it refused ours, or a TLS file is unusable |
 //!
 //! No error text carries a password: URLs are redacted before they are stored.
 
@@ -22,6 +23,8 @@ pub const EXIT_UNREACHABLE: u8 = 2;
 pub const EXIT_PARTIAL: u8 = 3;
 /// The broker or the database refused an operation.
 pub const EXIT_FAILED: u8 = 4;
+/// A TLS failure (certificate refused either way, unusable TLS file).
+pub const EXIT_TLS: u8 = 6;
 
 /// An error of an `idem` command.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +44,10 @@ pub enum CliError {
     /// The broker or database refused an operation (exit 4).
     #[error("{0}")]
     Failed(String),
+    /// A TLS failure: certificate refused (unknown CA, wrong host name, expired), our
+    /// client certificate refused, or an unusable TLS file (exit 6).
+    #[error("{0}")]
+    Tls(String),
 }
 
 impl CliError {
@@ -51,6 +58,7 @@ impl CliError {
             CliError::Unreachable(_) => EXIT_UNREACHABLE,
             CliError::Partial(_) => EXIT_PARTIAL,
             CliError::Failed(_) => EXIT_FAILED,
+            CliError::Tls(_) => EXIT_TLS,
         }
     }
 
@@ -76,6 +84,9 @@ impl From<idem_amqp::Error> for CliError {
             idem_amqp::Error::Connect { .. } => CliError::Unreachable(e.to_string()),
             // The broker answered: not "unreachable", whatever the error says.
             idem_amqp::Error::Refused { .. } => CliError::Failed(e.to_string()),
+            idem_amqp::Error::Tls { .. } | idem_amqp::Error::TlsSetup(_) => {
+                CliError::Tls(e.to_string())
+            }
             idem_amqp::Error::NameTooLong(_) => CliError::Usage(e.to_string()),
             other => CliError::Failed(other.to_string()),
         }

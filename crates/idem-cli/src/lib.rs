@@ -49,6 +49,7 @@ pub mod error;
 pub mod normalize;
 pub mod outbox;
 pub mod render;
+pub mod tls;
 pub mod topology;
 
 use std::io::Write;
@@ -125,15 +126,16 @@ fn or_dash(s: Option<&str>) -> String {
 
 /// Runs a parsed command, writing its output to `out`.
 pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
+    let tls = cli.tls.config()?;
     match cli.command {
-        Command::Dlq(cmd) => run_dlq(&cli.url, cmd, out).await,
-        Command::Topology(cmd) => run_topology(&cli.url, cmd, out).await,
+        Command::Dlq(cmd) => run_dlq(&cli.url, &tls, cmd, out).await,
+        Command::Topology(cmd) => run_topology(&cli.url, &tls, cmd, out).await,
         Command::Outbox(OutboxCommand::Status {
             table,
             database_url,
             json: as_json,
         }) => {
-            let report = outbox::status(&database_url, &table).await?;
+            let report = outbox::status_tls(&database_url, &tls, &table).await?;
             if as_json {
                 return json(out, &report);
             }
@@ -161,9 +163,10 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             )
             .map_err(write_err)?;
             out.flush().map_err(write_err)?;
-            let stats = outbox::relay(
+            let stats = outbox::relay_tls(
                 &database_url,
                 &cli.url,
+                &tls,
                 &table,
                 batch,
                 std::time::Duration::from_millis(poll_ms),
@@ -180,7 +183,12 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
     }
 }
 
-async fn run_dlq(url: &str, cmd: DlqCommand, out: &mut dyn Write) -> Result<(), CliError> {
+async fn run_dlq(
+    url: &str,
+    tls: &idem_core::TlsConfig,
+    cmd: DlqCommand,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
     // Refuse before connecting: nothing to do without --yes.
     if let DlqCommand::Purge {
         queue,
@@ -207,7 +215,7 @@ async fn run_dlq(url: &str, cmd: DlqCommand, out: &mut dyn Write) -> Result<(), 
         }),
         _ => None,
     };
-    let conn = broker::connect(url).await?;
+    let conn = broker::connect_tls(url, tls).await?;
     let result = run_dlq_on(&conn, cmd, selector, out).await;
     let _ = conn.close(200, "bye".into()).await;
     result
@@ -381,6 +389,7 @@ fn print_report(
 
 async fn run_topology(
     url: &str,
+    tls: &idem_core::TlsConfig,
     cmd: TopologyCommand,
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
@@ -392,7 +401,7 @@ async fn run_topology(
             tiers,
         } => {
             let t = topology::topology_for(&queue, tiers.as_deref(), quorum, delivery_limit)?;
-            let conn = broker::connect(url).await?;
+            let conn = broker::connect_tls(url, tls).await?;
             let result = topology::declare(&conn, &t).await;
             let _ = conn.close(200, "bye".into()).await;
             result?;
@@ -404,7 +413,7 @@ async fn run_topology(
             json: as_json,
         } => {
             let t = topology::topology_for(&queue, tiers.as_deref(), false, None)?;
-            let conn = broker::connect(url).await?;
+            let conn = broker::connect_tls(url, tls).await?;
             let result = topology::show(&conn, &t).await;
             let _ = conn.close(200, "bye".into()).await;
             let states = result?;

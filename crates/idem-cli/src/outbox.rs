@@ -8,6 +8,8 @@ use serde::Serialize;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
 use sqlx::Connection;
 
+use idem_core::TlsConfig;
+
 use crate::error::CliError;
 
 /// The database used when neither `--database-url` nor `DATABASE_URL` gives one.
@@ -30,20 +32,24 @@ pub struct OutboxReport {
 
 /// Connects a pool of `max` connections, failing fast (exit 2) if the database is
 /// unreachable.
-async fn connect(url: &str, max: u32) -> Result<sqlx::PgPool, CliError> {
+async fn connect(url: &str, tls: &TlsConfig, max: u32) -> Result<sqlx::PgPool, CliError> {
     let safe_url = idem_core::redact_url(url);
     let unreachable = |detail: String| {
-        CliError::Unreachable(format!(
-            "cannot connect to PostgreSQL at {safe_url}: {} (is it running? set DATABASE_URL or --database-url)",
-            scrub(&detail, url)
-        ))
+        let detail = scrub(&detail, url);
+        crate::tls::tls_error("PostgreSQL", &safe_url, &detail).unwrap_or_else(|| {
+            CliError::Unreachable(format!(
+                "cannot connect to PostgreSQL at {safe_url}: {detail} (is it running? set DATABASE_URL or --database-url)",
+            ))
+        })
     };
-    let options: PgConnectOptions = url.parse().map_err(|e: sqlx::Error| {
-        CliError::Usage(format!(
-            "invalid database URL {safe_url}: {}",
-            scrub(&e.to_string(), url)
-        ))
-    })?;
+    // sslmode=require is verified as verify-full; see idem_sql::tls.
+    let options: PgConnectOptions =
+        idem_sql::tls::pg_connect_options(url, tls).map_err(|e: sqlx::Error| {
+            CliError::Usage(format!(
+                "invalid database URL {safe_url}: {}",
+                scrub(&e.to_string(), url)
+            ))
+        })?;
     // One direct attempt first: a pool would retry a refused connection until its
     // acquire timeout.
     match tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options)).await {
@@ -95,9 +101,47 @@ pub async fn relay(
     poll: Duration,
     create_table: bool,
 ) -> Result<idem_outbox::RelayStats, CliError> {
+    let tls = TlsConfig::default();
+    relay_tls(
+        database_url,
+        amqp_url,
+        &tls,
+        table,
+        batch,
+        poll,
+        create_table,
+    )
+    .await
+}
+
+/// [`relay`] with TLS settings for both the database and an `amqps://` broker URL.
+pub async fn relay_tls(
+    database_url: &str,
+    amqp_url: &str,
+    tls: &TlsConfig,
+    table: &str,
+    batch: i64,
+    poll: Duration,
+    create_table: bool,
+) -> Result<idem_outbox::RelayStats, CliError> {
     let outbox = Outbox::new(table).map_err(|e| CliError::Usage(e.to_string()))?;
+    // A certificate problem does not heal by retrying: check the broker's TLS once
+    // before the relay starts (later outages are retried by the relay).
+    if amqp_url
+        .trim_start()
+        .to_ascii_lowercase()
+        .starts_with("amqps://")
+    {
+        match crate::broker::connect_tls(amqp_url, tls).await {
+            Ok(conn) => {
+                let _ = conn.close(200, "checked".into()).await;
+            }
+            Err(e @ CliError::Tls(_)) => return Err(e),
+            Err(_) => {}
+        }
+    }
     // One connection for LISTEN, one for the relay rounds, one for gauges/cleanup.
-    let pool = connect(database_url, 3).await?;
+    let pool = connect(database_url, tls, 3).await?;
     if create_table {
         outbox
             .ensure_schema(&pool)
@@ -109,6 +153,7 @@ pub async fn relay(
         .await
         .map_err(|e| outbox_error(e, database_url, table))?;
     let relay = idem_outbox::Relay::new(pool.clone(), outbox, amqp_url)
+        .tls(tls.clone())
         .batch_size(batch)
         .poll_interval(poll);
     let stats = relay
@@ -121,8 +166,13 @@ pub async fn relay(
 
 /// Reads the status of outbox `table` in the PostgreSQL database at `url`.
 pub async fn status(url: &str, table: &str) -> Result<OutboxReport, CliError> {
+    status_tls(url, &TlsConfig::default(), table).await
+}
+
+/// [`status`] with TLS settings for the database connection.
+pub async fn status_tls(url: &str, tls: &TlsConfig, table: &str) -> Result<OutboxReport, CliError> {
     let outbox = Outbox::new(table).map_err(|e| CliError::Usage(e.to_string()))?;
-    let pool = connect(url, 1).await?;
+    let pool = connect(url, tls, 1).await?;
     let result = outbox.status(&pool).await;
     pool.close().await;
     let s = result.map_err(|e| outbox_error(e, url, table))?;

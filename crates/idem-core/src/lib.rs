@@ -42,6 +42,7 @@ pub mod message;
 pub mod outcome;
 pub mod read;
 mod redact;
+pub mod tls;
 
 pub use backoff::{Backoff, DelayTiers, Jitter};
 pub use consumer::{ConfigError, Consumer, ConsumerBuilder, DeliveryMode, Stats};
@@ -58,3 +59,4 @@ pub use message::{
 };
 pub use outcome::{Disposition, Failure};
 pub use redact::{redact_in, redact_url};
+pub use tls::{TlsConfig, TlsConfigError, TlsFailure};

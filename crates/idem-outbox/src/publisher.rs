@@ -1,7 +1,7 @@
 //! The relay's connection to RabbitMQ: one confirm-mode channel, reopened after any
 //! failure.
 
-use idem_core::{redact_url, HeaderValue, Headers};
+use idem_core::{redact_url, HeaderValue, Headers, TlsConfig, TlsFailure};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
@@ -22,6 +22,7 @@ pub(crate) struct Row {
 
 pub(crate) struct Publisher {
     url: String,
+    tls: TlsConfig,
     conn: Option<(Connection, Channel)>,
 }
 
@@ -54,9 +55,96 @@ fn field_table(headers: &Headers) -> FieldTable {
     t
 }
 
+fn is_amqps(url: &str) -> bool {
+    url.trim_start()
+        .get(..8)
+        .is_some_and(|s| s.eq_ignore_ascii_case("amqps://"))
+}
+
+/// Connects with `tls` for an `amqps://` URL; a TLS failure is named in the error.
+async fn connect(
+    url: &str,
+    props: ConnectionProperties,
+    tls: &TlsConfig,
+) -> Result<Connection, OutboxError> {
+    let tls_url = is_amqps(url);
+    if tls_url && tls.accepts_invalid_certs() {
+        return Err(broker_err(
+            url,
+            "connect",
+            "certificate verification cannot be turned off for the broker; give its CA file instead",
+        ));
+    }
+    let result = open(url, props, tls, tls_url).await;
+    result.map_err(|e| {
+        let text = idem_core::redact_in(&e, url);
+        match TlsFailure::classify_tls_connect(&text).filter(|_| tls_url) {
+            Some(failure) => broker_err(
+                url,
+                "TLS handshake",
+                format!("{failure} ({text}); {}", failure.hint()),
+            ),
+            None => broker_err(url, "connect", text),
+        }
+    })
+}
+
+#[cfg(feature = "tls")]
+async fn open(
+    url: &str,
+    props: ConnectionProperties,
+    tls: &TlsConfig,
+    tls_url: bool,
+) -> Result<Connection, String> {
+    if !tls_url || tls.is_default() {
+        return Connection::connect(url, props)
+            .await
+            .map_err(|e| e.to_string());
+    }
+    let config = lapin::tcp::OwnedTLSConfig {
+        identity: tls
+            .client_identity_pem()
+            .map(|(cert, key)| lapin::tcp::OwnedIdentity::PKCS8 {
+                pem: cert.to_vec(),
+                key: key.to_vec(),
+            }),
+        cert_chain: tls
+            .ca_pem()
+            .map(|pem| String::from_utf8_lossy(pem).into_owned()),
+    };
+    let runtime = lapin::runtime::default_runtime().map_err(|e| e.to_string())?;
+    Connection::connect_with_config(url, props, config, runtime)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(not(feature = "tls"))]
+async fn open(
+    url: &str,
+    props: ConnectionProperties,
+    _tls: &TlsConfig,
+    tls_url: bool,
+) -> Result<Connection, String> {
+    if tls_url {
+        return Err("this build of idem-outbox has no TLS support (enable its `tls` feature) and refuses to send plain AMQP to an amqps:// URL".to_owned());
+    }
+    Connection::connect(url, props)
+        .await
+        .map_err(|e| e.to_string())
+}
+
 impl Publisher {
     pub(crate) fn new(url: String) -> Self {
-        Publisher { url, conn: None }
+        Publisher {
+            url,
+            tls: TlsConfig::default(),
+            conn: None,
+        }
+    }
+
+    pub(crate) fn set_tls(&mut self, tls: TlsConfig) {
+        self.tls = tls;
+        self.conn = None;
     }
 
     async fn channel(&mut self) -> Result<Channel, OutboxError> {
@@ -68,9 +156,7 @@ impl Publisher {
         self.conn = None;
         let props =
             ConnectionProperties::default().with_connection_name("idem-outbox-relay".into());
-        let conn = Connection::connect(&self.url, props)
-            .await
-            .map_err(|e| broker_err(&self.url, "connect", e))?;
+        let conn = connect(&self.url, props, &self.tls).await?;
         let ch = conn
             .create_channel()
             .await

@@ -88,6 +88,15 @@ impl Relay {
         false
     }
 
+    /// TLS settings for an `amqps://` broker URL: a private CA, a client certificate
+    /// (mutual TLS). Default: verified against the system roots. Certificate
+    /// verification cannot be turned off for the broker: a config with
+    /// `danger_accept_invalid_certs` makes every publish fail.
+    pub fn tls(mut self, tls: idem_core::TlsConfig) -> Self {
+        self.publisher.get_mut().set_tls(tls);
+        self
+    }
+
     /// Rows per round (1 to 10 000).
     pub fn batch_size(mut self, rows: i64) -> Self {
         self.batch_size = rows.clamp(1, 10_000);

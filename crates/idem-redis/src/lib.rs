@@ -40,6 +40,16 @@
 //! [`RedisStoreBuilder`]) so that a dead Redis fails in well under a second instead of
 //! hanging. Passwords in `REDIS_URL` never appear in errors or logs ([`redact_url`]).
 //!
+//! # TLS
+//! A `rediss://host:6380` URL connects over TLS (feature `tls`, on by default; rustls).
+//! The server certificate is verified against the system roots and the URL's host name.
+//! [`RedisStoreBuilder::tls`] takes an [`idem_core::TlsConfig`]: with a CA file, Redis
+//! trusts *only* that CA (not the system roots); a client certificate and key are sent
+//! for mutual TLS (`tls-auth-clients yes`). Verification cannot be turned off: a config
+//! with `danger_accept_invalid_certs`, or a `rediss://...#insecure` URL, is refused. A
+//! failed handshake is reported as such ("TLS handshake with Redis failed: certificate
+//! signed by an unknown CA ..."), not as an unreachable Redis.
+//!
 //! # Durability
 //! Redis acknowledges writes before they reach disk. A Redis without
 //! `appendonly yes` + `appendfsync always` (or with `everysec`, the usual setting,
@@ -214,6 +224,7 @@ impl fmt::Debug for RedisStore {
 #[derive(Clone)]
 pub struct RedisStoreBuilder {
     url: String,
+    tls: idem_core::TlsConfig,
     prefix: String,
     connect_timeout: Duration,
     response_timeout: Duration,
@@ -227,6 +238,7 @@ impl fmt::Debug for RedisStoreBuilder {
         f.debug_struct("RedisStoreBuilder")
             .field("url", &redact_url(&self.url))
             .field("prefix", &self.prefix)
+            .field("tls", &self.tls)
             .field("connect_timeout", &self.connect_timeout)
             .field("response_timeout", &self.response_timeout)
             .field("retries", &self.retries)
@@ -263,10 +275,42 @@ impl RedisStoreBuilder {
         self
     }
 
+    /// TLS settings for a `rediss://` URL: a private CA (trusted instead of the
+    /// system roots), a client certificate and key (mutual TLS). Default: verified
+    /// against the system roots. See the [crate docs](crate#tls).
+    pub fn tls(mut self, tls: idem_core::TlsConfig) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    fn client(&self, target: &Redactor) -> Result<redis::Client, StoreError> {
+        let tls_url = is_rediss(&self.url);
+        if tls_url && (self.tls.accepts_invalid_certs() || self.url.contains("#insecure")) {
+            return Err(StoreError::new(format!(
+                "refusing to connect to Redis at {} without certificate verification: give the server's CA with a CA file instead",
+                target.redacted
+            )));
+        }
+        #[cfg(feature = "tls")]
+        if tls_url && !self.tls.is_default() {
+            let certificates = redis::TlsCertificates {
+                client_tls: self.tls.client_identity_pem().map(|(cert, key)| {
+                    redis::ClientTlsConfig {
+                        client_cert: cert.to_vec(),
+                        client_key: key.to_vec(),
+                    }
+                }),
+                root_cert: self.tls.ca_pem().map(<[u8]>::to_vec),
+            };
+            return redis::Client::build_with_tls(self.url.as_str(), certificates)
+                .map_err(|e| target.error("invalid Redis URL or TLS files", &e));
+        }
+        redis::Client::open(self.url.as_str()).map_err(|e| target.error("invalid Redis URL", &e))
+    }
+
     fn parts(&self) -> Result<(redis::Client, ConnectionManagerConfig, Redactor), StoreError> {
         let target = Redactor::new(&self.url);
-        let client = redis::Client::open(self.url.as_str())
-            .map_err(|e| target.error("invalid Redis URL", &e))?;
+        let client = self.client(&target)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(Some(self.response_timeout))
@@ -291,7 +335,7 @@ impl RedisStoreBuilder {
         let (client, config, target) = self.parts()?;
         let conn = ConnectionManager::new_with_config(client, config)
             .await
-            .map_err(|e| target.error("cannot connect to Redis", &e))?;
+            .map_err(|e| target.connect_error("cannot connect to Redis", &e))?;
         Ok(self.finish(conn, target))
     }
 
@@ -311,6 +355,7 @@ impl RedisStore {
     pub fn builder(url: &str) -> RedisStoreBuilder {
         RedisStoreBuilder {
             url: url.to_owned(),
+            tls: idem_core::TlsConfig::default(),
             prefix: DEFAULT_PREFIX.to_owned(),
             connect_timeout: Duration::from_millis(500),
             response_timeout: Duration::from_secs(1),
@@ -574,11 +619,42 @@ impl Redactor {
     }
 
     fn error(&self, what: &str, err: &RedisError) -> StoreError {
-        StoreError::with_source(
-            format!("{what} ({})", self.redacted),
-            self.scrub(&err.to_string()),
-        )
+        self.error_with(what, err, idem_core::TlsFailure::classify)
     }
+
+    /// [`error`](Self::error) for a connection attempt: a reset during the TLS
+    /// handshake counts as a TLS failure too.
+    fn connect_error(&self, what: &str, err: &RedisError) -> StoreError {
+        self.error_with(what, err, idem_core::TlsFailure::classify_tls_connect)
+    }
+
+    fn error_with(
+        &self,
+        what: &str,
+        err: &RedisError,
+        classify: fn(&str) -> Option<idem_core::TlsFailure>,
+    ) -> StoreError {
+        let detail = self.scrub(&err.to_string());
+        if is_rediss(&self.redacted) {
+            if let Some(failure) = classify(&detail) {
+                return StoreError::with_source(
+                    format!(
+                        "TLS handshake with Redis failed ({}): {failure}; {}",
+                        self.redacted,
+                        failure.hint()
+                    ),
+                    detail,
+                );
+            }
+        }
+        StoreError::with_source(format!("{what} ({})", self.redacted), detail)
+    }
+}
+
+fn is_rediss(url: &str) -> bool {
+    url.trim_start()
+        .get(..9)
+        .is_some_and(|s| s.eq_ignore_ascii_case("rediss://"))
 }
 
 fn userinfo(url: &str) -> Option<&str> {

@@ -57,6 +57,8 @@ mod backend;
 mod inbox;
 mod schema;
 mod store;
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+pub mod tls;
 
 pub use backend::Backend;
 pub use inbox::{NoInbox, SqlInbox, Tx, TxClosed, TxConn, DEFAULT_INBOX_TABLE};
