@@ -31,6 +31,7 @@ use tower::{Layer, Service, ServiceExt};
 use tracing::{field, Instrument};
 
 use crate::backoff::Backoff;
+use crate::breaker::{BreakerConfig, BreakerLayer, CircuitBreaker, HealthCheck};
 use crate::classify::{Classify, ClassifyLayer};
 use crate::dedup::{DedupLayer, DedupStore, Processed};
 use crate::error::{BoxError, ErrorKind, HandlerError};
@@ -56,6 +57,11 @@ pub trait Deduplicate: Send + Sync + 'static {
     fn retention(&self) -> Duration;
     /// The claim lease, if this stage uses leases.
     fn lease(&self) -> Option<Duration>;
+    /// A cheap probe of the stage's store, for the circuit breaker (default: none;
+    /// the breaker then closes after its probe delay and lets traffic find out).
+    fn health_check(&self) -> Option<HealthCheck> {
+        None
+    }
 }
 
 impl Deduplicate for DedupLayer {
@@ -67,6 +73,9 @@ impl Deduplicate for DedupLayer {
     }
     fn lease(&self) -> Option<Duration> {
         Some(self.lease_duration())
+    }
+    fn health_check(&self) -> Option<HealthCheck> {
+        Some(DedupLayer::health_check(self))
     }
 }
 
@@ -182,6 +191,7 @@ struct Inner {
     backoff: Backoff,
     handler_timeout: Duration,
     lease: Option<Duration>,
+    breaker: Option<CircuitBreaker>,
     counters: Counters,
     // Resolved on the first delivery, not at build time, so a metrics recorder
     // installed after the consumer was built (e.g. by the worker's Prometheus
@@ -212,6 +222,14 @@ pub struct ConsumerBuilder {
     backoff: Backoff,
     classifier: ClassifyLayer,
     handler_timeout: Duration,
+    breaker: BreakerSetting,
+}
+
+enum BreakerSetting {
+    /// On with the defaults when there is a dedup stage.
+    Default,
+    On(BreakerConfig),
+    Off,
 }
 
 impl Consumer {
@@ -226,6 +244,7 @@ impl Consumer {
             backoff: Backoff::default(),
             classifier: ClassifyLayer::default(),
             handler_timeout: Duration::from_secs(300),
+            breaker: BreakerSetting::Default,
         }
     }
 
@@ -242,6 +261,12 @@ impl Consumer {
     /// The retry policy.
     pub fn backoff(&self) -> &Backoff {
         &self.inner.backoff
+    }
+
+    /// The circuit breaker, if the consumer has one (see [`crate::breaker`]).
+    /// Workers wait while it is open.
+    pub fn breaker(&self) -> Option<&CircuitBreaker> {
+        self.inner.breaker.as_ref()
     }
 
     /// Outcome counts so far.
@@ -336,6 +361,7 @@ impl Consumer {
                 c.dead_lettered.fetch_add(1, Ordering::Relaxed);
                 meters.dead_lettered.increment(1);
             }
+            Disposition::Release { .. } => {}
         }
         span.record("outcome", disposition.name());
         span.record("latency_ms", elapsed.as_secs_f64() * 1000.0);
@@ -348,6 +374,8 @@ impl Consumer {
             Disposition::DeadLetter(failure) => tracing::warn!(
                 kind = %failure.kind, attempts = failure.attempts, error = %failure.error, "dead-lettered"
             ),
+            // The breaker logs once when it opens; not one line per delivery.
+            Disposition::Release { reason } => tracing::debug!(%reason, "handed back"),
         }
         disposition
     }
@@ -379,6 +407,11 @@ impl Consumer {
             inner.counters.dropped.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(error = %failure.error, "at-most-once handler failed; message was acked on receipt and is not retried");
             return Disposition::Ack { duplicate: false };
+        }
+        if err.is_release() {
+            return Disposition::Release {
+                reason: failure.error,
+            };
         }
         if kind == ErrorKind::Permanent {
             return Disposition::DeadLetter(failure);
@@ -440,6 +473,22 @@ impl ConsumerBuilder {
     /// Maps errors the handler did not classify (`None` defers to the default).
     pub fn classify(mut self, policy: impl Classify) -> Self {
         self.classifier = ClassifyLayer::new(policy);
+        self
+    }
+
+    /// Circuit breaker settings (see [`crate::breaker`]). On by default, with
+    /// [`BreakerConfig::default`], whenever a dedup stage is configured; this turns it
+    /// on without a stage too (for the opt-in handler failure rate).
+    pub fn circuit_breaker(mut self, config: BreakerConfig) -> Self {
+        self.breaker = BreakerSetting::On(config);
+        self
+    }
+
+    /// No circuit breaker: every store failure spends an attempt, as any transient
+    /// failure does, and an outage longer than the retry budget dead-letters what
+    /// arrives during it.
+    pub fn without_circuit_breaker(mut self) -> Self {
+        self.breaker = BreakerSetting::Off;
         self
     }
 
@@ -508,6 +557,19 @@ impl ConsumerBuilder {
             Some(stage) => stage.wrap(classified),
             None => BoxCloneSyncService::new(classified.map_response(|()| Processed::Handled)),
         };
+        let breaker_config = match (self.breaker, &self.dedup) {
+            (BreakerSetting::On(c), _) => Some(c),
+            (BreakerSetting::Default, Some(_)) => Some(BreakerConfig::default()),
+            (BreakerSetting::Default, None) | (BreakerSetting::Off, _) => None,
+        };
+        let breaker = breaker_config.map(|c| {
+            let health = self.dedup.as_ref().and_then(|s| s.health_check());
+            CircuitBreaker::new(name.as_str(), c, health)
+        });
+        let service = match &breaker {
+            Some(b) => BoxCloneSyncService::new(BreakerLayer::new(b.clone()).layer(service)),
+            None => service,
+        };
         let consumer = Consumer {
             inner: Arc::new(Inner {
                 meters: std::sync::OnceLock::new(),
@@ -517,6 +579,7 @@ impl ConsumerBuilder {
                 backoff: self.backoff,
                 handler_timeout: self.handler_timeout,
                 lease: self.dedup.as_ref().and_then(|s| s.lease()),
+                breaker,
                 counters: Counters::default(),
             }),
         };

@@ -31,6 +31,7 @@
 //! ```
 
 pub mod backoff;
+pub mod breaker;
 pub mod classify;
 pub mod consumer;
 pub mod dedup;
@@ -42,6 +43,7 @@ pub mod outcome;
 mod redact;
 
 pub use backoff::{Backoff, DelayTiers, Jitter};
+pub use breaker::{BreakerConfig, CircuitBreaker};
 pub use consumer::{ConfigError, Consumer, ConsumerBuilder, DeliveryMode, Stats};
 pub use dedup::{DedupLayer, DedupStore, MemoryStore, Processed};
 pub use error::{BoxError, ErrorKind, HandlerError, IntoHandlerResult, ResultExt};
