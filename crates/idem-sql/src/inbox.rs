@@ -7,10 +7,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use idem_core::breaker::HealthCheck;
 use idem_core::consumer::{ClassifiedService, DedupedService, Deduplicate};
 use idem_core::dedup::{
     resolve_key, sha256_hex, DefaultKey, KeyExtractor, MissingKey, PayloadMismatchError,
-    PreviouslyPoisonedError, StoreError, REPLAY_HEADER,
+    PreviouslyPoisonedError, StoreError, DEFAULT_STORE_TIMEOUT, REPLAY_HEADER,
 };
 use idem_core::handler::BoxFuture;
 use idem_core::{ErrorKind, FromMessage, HandlerError, IdempotencyKey, Message, Processed};
@@ -221,6 +222,7 @@ pub struct SqlInbox<DB: Backend> {
     retention: Duration,
     fingerprint: bool,
     busy_delay: Duration,
+    store_timeout: Duration,
 }
 
 impl<DB: Backend> Clone for SqlInbox<DB> {
@@ -235,6 +237,7 @@ impl<DB: Backend> Clone for SqlInbox<DB> {
             retention: self.retention,
             fingerprint: self.fingerprint,
             busy_delay: self.busy_delay,
+            store_timeout: self.store_timeout,
         }
     }
 }
@@ -266,6 +269,7 @@ impl<DB: Backend> SqlInbox<DB> {
             retention: Duration::from_secs(7 * 24 * 3600),
             fingerprint: true,
             busy_delay: Duration::from_secs(1),
+            store_timeout: DEFAULT_STORE_TIMEOUT,
         }
     }
 
@@ -304,6 +308,19 @@ impl<DB: Backend> SqlInbox<DB> {
     /// done with a different payload (default on).
     pub fn fingerprint(mut self, on: bool) -> Self {
         self.fingerprint = on;
+        self
+    }
+
+    /// Longest time each of the inbox's own steps may take: beginning the transaction
+    /// (the pool's connection wait included) and inserting the row, the pre-commit
+    /// check and commit, recording a poisoned message (default
+    /// [`DEFAULT_STORE_TIMEOUT`], 5 s, well under sqlx's 30 s pool acquire timeout). A
+    /// step that runs out of time is a store failure: transient, counted by the
+    /// consumer's circuit breaker. The handler's own statements are bounded by the
+    /// handler timeout instead. A commit that timed out may still have committed; the
+    /// redelivery then finds the row and is acked as a duplicate.
+    pub fn store_timeout(mut self, timeout: Duration) -> Self {
+        self.store_timeout = timeout.max(Duration::from_millis(1));
         self
     }
 
@@ -354,6 +371,32 @@ impl<DB: Backend> Deduplicate for SqlInbox<DB> {
     fn lease(&self) -> Option<Duration> {
         None
     }
+
+    fn health_check(&self) -> Option<HealthCheck> {
+        let pool = self.pool.clone();
+        let limit = self.store_timeout;
+        let table = self.table.to_string();
+        Some(Arc::new(move || {
+            let pool = pool.clone();
+            let table = table.clone();
+            Box::pin(async move {
+                let probe = async {
+                    let mut conn = pool.acquire().await?;
+                    DB::execute(&mut *conn, "SELECT 1", Vec::new()).await
+                };
+                match tokio::time::timeout(limit, probe).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(StoreError::with_source(
+                        format!("SQL inbox on table {table}: health probe failed"),
+                        e,
+                    )),
+                    Err(_) => Err(StoreError::new(format!(
+                        "SQL inbox on table {table}: health probe timed out after {limit:?} (store_timeout)"
+                    ))),
+                }
+            })
+        }))
+    }
 }
 
 struct InboxService<DB: Backend> {
@@ -401,10 +444,25 @@ enum Entry {
 
 impl<DB: Backend> SqlInbox<DB> {
     fn store_error(&self, op: &str, e: sqlx::Error) -> HandlerError {
-        HandlerError::transient(StoreError::with_source(
+        HandlerError::store_unavailable(StoreError::with_source(
             format!("SQL inbox {op} on table {} failed", self.table),
             e,
         ))
+    }
+
+    /// Runs one of the inbox's own steps within the store timeout.
+    async fn bounded<T>(
+        &self,
+        op: &str,
+        step: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+    ) -> Result<T, HandlerError> {
+        match tokio::time::timeout(self.store_timeout, step).await {
+            Ok(r) => r.map_err(|e| self.store_error(op, e)),
+            Err(_) => Err(HandlerError::store_unavailable(StoreError::new(format!(
+                "SQL inbox {op} on table {} timed out after {:?} (store_timeout)",
+                self.table, self.store_timeout
+            )))),
+        }
     }
 
     /// Inserts (or takes over) the dedup row inside `conn`'s transaction.
@@ -500,10 +558,10 @@ async fn run_keyed<DB: Backend>(
         ))));
     }
 
-    let mut tx = DB::begin(&inbox.pool)
-        .await
-        .map_err(|e| inbox.store_error("begin", e))?;
-    let entry = inbox.enter(&mut *tx, &key, fp.as_deref(), replay).await;
+    let mut tx = inbox.bounded("begin", DB::begin(&inbox.pool)).await?;
+    let entry = inbox
+        .bounded("claim", inbox.enter(&mut *tx, &key, fp.as_deref(), replay))
+        .await;
     match entry {
         Ok(Entry::Owned) => {}
         other => {
@@ -514,7 +572,7 @@ async fn run_keyed<DB: Backend>(
                 Ok(Entry::Poisoned) => Err(HandlerError::permanent(PreviouslyPoisonedError(key))),
                 Ok(Entry::Mismatch) => Err(HandlerError::permanent(PayloadMismatchError(key))),
                 Ok(_) => Err(HandlerError::busy(inbox.busy_delay)),
-                Err(e) => Err(inbox.store_error("claim", e)),
+                Err(e) => Err(e),
             };
         }
     }
@@ -536,7 +594,8 @@ async fn run_keyed<DB: Backend>(
             // A PostgreSQL transaction in which a statement failed "commits" as a
             // rollback without an error: make sure our row is still there first.
             let args = vec![text(&inbox.consumer), text(&key)];
-            match DB::fetch_record(&mut *tx, &inbox.q.record, args).await {
+            let check = DB::fetch_record(&mut *tx, &inbox.q.record, args);
+            match inbox.bounded("pre-commit check", check).await {
                 Ok(Some(_)) => {}
                 Ok(None) => {
                     let _ = tx.rollback().await;
@@ -546,12 +605,10 @@ async fn run_keyed<DB: Backend>(
                 }
                 Err(e) => {
                     let _ = tx.rollback().await;
-                    return Err(inbox.store_error("pre-commit check", e));
+                    return Err(e);
                 }
             }
-            tx.commit()
-                .await
-                .map_err(|e| inbox.store_error("commit", e))?;
+            inbox.bounded("commit", tx.commit()).await?;
             Ok(Processed::Handled)
         }
         Err(e) => {
@@ -561,7 +618,9 @@ async fn run_keyed<DB: Backend>(
                 }
             }
             if e.kind() == Some(ErrorKind::Permanent) {
-                if let Err(err) = inbox.record_poison(&key, fp.as_deref()).await {
+                let recorded =
+                    inbox.bounded("poison record", inbox.record_poison(&key, fp.as_deref()));
+                if let Err(err) = recorded.await {
                     tracing::warn!(key = %key, error = %err, "could not record the poisoned message; a redelivery would run it again");
                 }
             }
