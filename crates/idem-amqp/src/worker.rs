@@ -8,7 +8,8 @@
 //! - **Outcomes**: ack -> `basic.ack`. Retry -> a copy (body, original properties,
 //!   `x-idem-*` failure headers, the original exchange and routing key) is published to
 //!   `Q.retry.<tier>` and confirmed, *then* the original is acked. Dead-letter -> the
-//!   same to `Q.dlq` with the dead-letter headers.
+//!   same to `Q.dlq` with the dead-letter headers. Release (circuit breaker open) ->
+//!   `basic.nack` with `requeue=true`: no copy, no attempt spent.
 //! - **Copy not confirmed**: the delivery stays unacked while the publish is retried
 //!   (1, 2, 4, 8, 16 s) as long as the channel is open; then it is nacked with
 //!   `requeue=true` once, so the broker redelivers it. Never `requeue=true` in a hot
