@@ -491,3 +491,93 @@ async fn pg_inbox_refused_for_longer_than_the_retry_budget_dead_letters_nothing(
 async fn pg_inbox_reset_for_longer_than_the_retry_budget_dead_letters_nothing() {
     outage(Kind::PgInbox, Mode::Reset).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_started_while_redis_is_down_waits_paused_then_processes() {
+    metrics();
+    let name = unique("outage-start");
+    let topo =
+        Topology::new(name.clone()).tiers(DelayTiers::new([Duration::from_secs(1)]).unwrap());
+    with_broker("declare", |ch| {
+        let topo = topo.clone();
+        async move { topo.declare_on(&ch).await }
+    })
+    .await;
+    let proxy = FaultProxy::start("127.0.0.1:6379").await;
+    proxy.set(Mode::Refuse);
+    let prefix = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    // `connect_lazy`: building the store does not need Redis, so the worker can start.
+    let store = RedisStore::builder(&format!("redis://127.0.0.1:{}", proxy.port()))
+        .prefix(prefix)
+        .connect_lazy()
+        .unwrap();
+    let log: Log = Arc::default();
+    let consumer = Consumer::builder(name.clone())
+        .store(store.clone())
+        .backoff(budget())
+        .handler_with_state(redis_handler, log.clone())
+        .unwrap();
+    let breaker = consumer.breaker().unwrap().clone();
+    let publisher = Publisher::connect(&idem_amqp::amqp_url_from_env())
+        .await
+        .unwrap();
+    for i in 0..20 {
+        let mut msg = Message::new("{}").with_message_id(format!("m-{i}"));
+        publisher.publish("", &name, &mut msg).await.unwrap();
+    }
+    publisher.close().await;
+
+    let worker = Worker::builder(
+        idem_amqp::amqp_url_from_env(),
+        topo.clone(),
+        consumer.clone(),
+    )
+    .prefetch(10)
+    .build()
+    .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(worker.run(async move {
+        let _ = stopped.await;
+    }));
+    tokio::time::timeout(Duration::from_secs(15), breaker.wait_open())
+        .await
+        .expect("the breaker opens when the store does not answer at start");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!running.is_finished(), "the worker must wait, not exit");
+    assert!(breaker.is_open());
+    assert_eq!(paused_gauge(&name), Some(1.0));
+    assert!(log.lock().unwrap().is_empty());
+    assert_eq!(
+        count(topo.queue()).await,
+        20,
+        "paused: every message waits in the queue"
+    );
+
+    proxy.set(Mode::Up);
+    let restored = Instant::now();
+    while log.lock().unwrap().len() < 20 {
+        assert!(
+            restored.elapsed() < Duration::from_secs(30),
+            "not resumed 30 s after the store came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "[start-while-down] all 20 processed {:?} after the store came back",
+        restored.elapsed()
+    );
+    let _ = stop.send(());
+    let stats = running.await.unwrap().unwrap();
+    assert_eq!(
+        (stats.processed, stats.retries, stats.dead_lettered),
+        (20, 0, 0),
+        "{stats}"
+    );
+    assert_eq!(count(&topo.dlq()).await, 0);
+    Store::Redis { store }.cleanup().await;
+    with_broker("delete", |ch| {
+        let topo = topo.clone();
+        async move { topo.delete_on(&ch).await }
+    })
+    .await;
+}
