@@ -36,6 +36,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -148,7 +149,6 @@ struct Open {
 #[derive(Default)]
 struct State {
     open: Option<Open>,
-    consecutive: u32,
     calls: VecDeque<(Instant, bool)>,
 }
 
@@ -157,6 +157,8 @@ struct Inner {
     config: BreakerConfig,
     health: Option<HealthCheck>,
     state: Mutex<State>,
+    /// Store failures in a row; outside the lock so a success costs one store.
+    consecutive: AtomicU32,
     open_tx: watch::Sender<bool>,
 }
 
@@ -199,6 +201,7 @@ impl CircuitBreaker {
                 config,
                 health,
                 state: Mutex::new(State::default()),
+                consecutive: AtomicU32::new(0),
                 open_tx,
             }),
         }
@@ -267,9 +270,9 @@ impl CircuitBreaker {
         if st.open.is_some() {
             return true;
         }
-        st.consecutive = st.consecutive.saturating_add(1);
-        if st.consecutive >= self.inner.config.failure_threshold {
-            let cause = format!("{} store failures in a row, last: {error}", st.consecutive);
+        let n = self.inner.consecutive.fetch_add(1, Ordering::SeqCst) + 1;
+        if n >= self.inner.config.failure_threshold {
+            let cause = format!("{n} store failures in a row, last: {error}");
             trip(&self.inner, &mut st, Cause::Store, cause);
             return true;
         }
@@ -279,11 +282,11 @@ impl CircuitBreaker {
     /// Records a call that reached the store; `transient_failure` if the handler
     /// then failed transiently (for the opt-in failure rate).
     pub fn record_call(&self, transient_failure: bool) {
-        let mut st = self.state();
-        st.consecutive = 0;
+        self.inner.consecutive.store(0, Ordering::SeqCst);
         let Some(rate) = self.inner.config.rate else {
             return;
         };
+        let mut st = self.state();
         if st.open.is_some() {
             return;
         }
@@ -377,7 +380,7 @@ fn close(inner: &Inner, st: &mut State) {
     let Some(open) = st.open.take() else {
         return;
     };
-    st.consecutive = 0;
+    inner.consecutive.store(0, Ordering::SeqCst);
     st.calls.clear();
     tracing::info!(
         consumer = %inner.consumer,
