@@ -70,7 +70,7 @@ async fn broker() -> (lapin::Connection, Channel) {
                 })?;
             Ok::<_, idem_amqp::Error>((conn, ch))
         };
-        match opened.await {
+        match step("connect to RabbitMQ", opened).await {
             Ok(c) => return c,
             Err(e) if start.elapsed() < Duration::from_secs(30) => {
                 eprintln!("RabbitMQ not reachable ({e}); retrying");
@@ -92,8 +92,8 @@ where
     let start = Instant::now();
     loop {
         let (conn, ch) = broker().await;
-        let r = op(ch).await;
-        let _ = conn.close(200, "bye".into()).await;
+        let r = step(what, op(ch)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), conn.close(200, "bye".into())).await;
         match r {
             Ok(v) => return v,
             Err(e) if start.elapsed() < Duration::from_secs(30) => {
@@ -102,6 +102,14 @@ where
             }
             Err(e) => panic!("{what} failed: {e}"),
         }
+    }
+}
+
+/// Awaits one step of the test, failing with its name instead of hanging.
+async fn step<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(Duration::from_secs(60), fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what}: no answer within 60 s"),
     }
 }
 
@@ -335,7 +343,7 @@ async fn outage(kind: Kind, mode: Mode) {
             let mut msg = Message::new(format!("{{\"n\":{i}}}")).with_message_id(format!("m-{i}"));
             let first = Instant::now();
             // Confirmed or retried (the publisher reconnects): never lost.
-            while let Err(e) = publisher.publish("", &queue, &mut msg).await {
+            while let Err(e) = step("publish", publisher.publish("", &queue, &mut msg)).await {
                 assert!(
                     first.elapsed() < Duration::from_secs(30),
                     "publish failed: {e}"
@@ -344,7 +352,7 @@ async fn outage(kind: Kind, mode: Mode) {
             }
             tokio::time::sleep(PUBLISH_GAP).await;
         }
-        publisher.close().await;
+        step("publisher close", publisher.close()).await;
     });
 
     let started = Instant::now();
@@ -396,7 +404,7 @@ async fn outage(kind: Kind, mode: Mode) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    publishing.await.unwrap();
+    step("publishing task", publishing).await.unwrap();
     let resumed = log
         .lock()
         .unwrap()
@@ -414,7 +422,7 @@ async fn outage(kind: Kind, mode: Mode) {
     let dlq = count(&topo.dlq()).await;
     let left = count(topo.queue()).await;
     let _ = stop.send(());
-    let stats = running.await.unwrap().unwrap();
+    let stats = step("worker shutdown", running).await.unwrap().unwrap();
     let runs = log.lock().unwrap().len();
     let effects = store.count_effects(&log).await;
     eprintln!(
@@ -464,7 +472,7 @@ async fn outage(kind: Kind, mode: Mode) {
         "gauge back to 0 once resumed"
     );
 
-    store.cleanup().await;
+    step("store cleanup", store.cleanup()).await;
     with_broker("delete", |ch| {
         let topo = topo.clone();
         async move { topo.delete_on(&ch).await }
@@ -567,14 +575,14 @@ async fn worker_started_while_redis_is_down_waits_paused_then_processes() {
         restored.elapsed()
     );
     let _ = stop.send(());
-    let stats = running.await.unwrap().unwrap();
+    let stats = step("worker shutdown", running).await.unwrap().unwrap();
     assert_eq!(
         (stats.processed, stats.retries, stats.dead_lettered),
         (20, 0, 0),
         "{stats}"
     );
     assert_eq!(count(&topo.dlq()).await, 0);
-    Store::Redis { store }.cleanup().await;
+    step("store cleanup", Store::Redis { store }.cleanup()).await;
     with_broker("delete", |ch| {
         let topo = topo.clone();
         async move { topo.delete_on(&ch).await }
