@@ -36,7 +36,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -157,8 +157,12 @@ struct Inner {
     config: BreakerConfig,
     health: Option<HealthCheck>,
     state: Mutex<State>,
-    /// Store failures in a row; outside the lock so a success costs one store.
+    /// Store failures in a row; outside the lock so a success costs one atomic op.
     consecutive: AtomicU32,
+    /// When the latest store failure was recorded, in nanoseconds since `created`
+    /// (0: never). Only a call that started after it proves the store answers.
+    last_failure: AtomicU64,
+    created: Instant,
     open_tx: watch::Sender<bool>,
 }
 
@@ -202,6 +206,8 @@ impl CircuitBreaker {
                 health,
                 state: Mutex::new(State::default()),
                 consecutive: AtomicU32::new(0),
+                last_failure: AtomicU64::new(0),
+                created: Instant::now(),
                 open_tx,
             }),
         }
@@ -270,6 +276,8 @@ impl CircuitBreaker {
         if st.open.is_some() {
             return true;
         }
+        let at = self.inner.since_created(Instant::now());
+        self.inner.last_failure.fetch_max(at, Ordering::SeqCst);
         let n = self.inner.consecutive.fetch_add(1, Ordering::SeqCst) + 1;
         if n >= self.inner.config.failure_threshold {
             let cause = format!("{n} store failures in a row, last: {error}");
@@ -279,10 +287,16 @@ impl CircuitBreaker {
         false
     }
 
-    /// Records a call that reached the store; `transient_failure` if the handler
-    /// then failed transiently (for the opt-in failure rate).
-    pub fn record_call(&self, transient_failure: bool) {
-        self.inner.consecutive.store(0, Ordering::SeqCst);
+    /// Records a call, started at `started`, that did not fail on the store;
+    /// `transient_failure` if the handler failed transiently (for the opt-in failure
+    /// rate). It resets the count of store failures in a row only if it started after
+    /// the latest one: a handler that claimed before an outage and finishes during it
+    /// (its completion failing quietly) proves nothing about the store.
+    pub fn record_call(&self, started: Instant, transient_failure: bool) {
+        let inner = &self.inner;
+        if inner.since_created(started) > inner.last_failure.load(Ordering::SeqCst) {
+            inner.consecutive.store(0, Ordering::SeqCst);
+        }
         let Some(rate) = self.inner.config.rate else {
             return;
         };
@@ -319,10 +333,14 @@ impl CircuitBreaker {
 
     /// Settles the breaker's view of one result of the stack below it; returns the
     /// result to pass on (a store failure becomes a release when the breaker is open).
-    fn observe<R>(&self, result: Result<R, HandlerError>) -> Result<R, HandlerError> {
+    fn observe<R>(
+        &self,
+        started: Instant,
+        result: Result<R, HandlerError>,
+    ) -> Result<R, HandlerError> {
         match result {
             Ok(r) => {
-                self.record_call(false);
+                self.record_call(started, false);
                 Ok(r)
             }
             Err(e) if e.is_release() => Err(e),
@@ -334,10 +352,18 @@ impl CircuitBreaker {
                 }
             }
             Err(e) => {
-                self.record_call(e.kind() != Some(ErrorKind::Permanent));
+                self.record_call(started, e.kind() != Some(ErrorKind::Permanent));
                 Err(e)
             }
         }
+    }
+}
+
+impl Inner {
+    /// `at` in nanoseconds since the breaker was created, at least 1.
+    fn since_created(&self, at: Instant) -> u64 {
+        let nanos = at.saturating_duration_since(self.created).as_nanos();
+        u64::try_from(nanos).unwrap_or(u64::MAX).max(1)
     }
 }
 
@@ -482,9 +508,10 @@ where
                 cause,
             )))));
         }
+        let started = Instant::now();
         let fut = self.inner.call(msg);
         let breaker = self.breaker.clone();
-        Box::pin(async move { breaker.observe(fut.await) })
+        Box::pin(async move { breaker.observe(started, fut.await) })
     }
 }
 

@@ -1,5 +1,7 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+use std::time::Instant;
+
 use async_trait::async_trait;
 
 use super::*;
@@ -250,7 +252,7 @@ async fn state_machine_opens_after_the_threshold_and_closes_on_a_probe() {
     assert!(!b.record_store_failure(&"e1"));
     assert!(!b.record_store_failure(&"e2"));
     // A call that reached the store resets the count.
-    b.record_call(false);
+    b.record_call(Instant::now(), false);
     assert!(!b.record_store_failure(&"e1"));
     assert!(!b.record_store_failure(&"e2"));
     assert!(b.record_store_failure(&"e3"), "third in a row opens");
@@ -308,18 +310,31 @@ async fn handler_failure_rate_opens_then_cools_down() {
         .rate_cool_down(Duration::from_millis(50));
     let b = CircuitBreaker::new("c", config, None);
     for _ in 0..5 {
-        b.record_call(false);
+        b.record_call(Instant::now(), false);
     }
     for _ in 0..4 {
-        b.record_call(true);
+        b.record_call(Instant::now(), true);
     }
     assert!(!b.is_open(), "9 results are below min_calls");
-    b.record_call(true);
+    b.record_call(Instant::now(), true);
     assert!(b.is_open(), "5 of 10 transient failures reach 50%");
     assert!(b.cause().unwrap().contains("5 of the handler's last 10"));
     tokio::time::timeout(Duration::from_secs(5), b.wait_closed())
         .await
         .expect("closes after the cool-down");
-    b.record_call(true);
+    b.record_call(Instant::now(), true);
     assert!(!b.is_open(), "the window starts empty again");
+}
+
+#[tokio::test]
+async fn a_call_that_started_before_the_failures_does_not_reset_the_count() {
+    let b = CircuitBreaker::new("c", config(), None);
+    // A handler claimed before the outage...
+    let before = Instant::now();
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    assert!(!b.record_store_failure(&"e1"));
+    assert!(!b.record_store_failure(&"e2"));
+    // ...and finishes during it (its completion failing quietly): proves nothing.
+    b.record_call(before, false);
+    assert!(b.record_store_failure(&"e3"), "the count was not reset");
 }
