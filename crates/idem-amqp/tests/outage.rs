@@ -31,8 +31,8 @@ use lapin::Channel;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 const MESSAGES: usize = 500;
-/// When the proxy cuts the store, after the first publish.
-const CUT_AT: Duration = Duration::from_secs(2);
+/// The proxy cuts the store once this many messages are processed (about 1 s in).
+const CUT_AFTER: usize = 50;
 const OUTAGE: Duration = Duration::from_secs(10);
 /// Gap between publishes: the 500 messages arrive over about 9 s, most of them
 /// during the outage.
@@ -364,11 +364,15 @@ async fn outage(kind: Kind, mode: Mode) {
     });
 
     let started = Instant::now();
-    tokio::time::sleep(CUT_AT).await;
-    assert!(
-        !log.lock().unwrap().is_empty(),
-        "nothing processed before the cut"
-    );
+    // Cut while messages flow: the rest of them arrive during the outage.
+    while log.lock().unwrap().len() < CUT_AFTER {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "fewer than {CUT_AFTER} messages processed in 30 s before the cut"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let cut_after = started.elapsed();
     proxy.set(mode);
     let cut = Instant::now();
     let opened = loop {
@@ -446,7 +450,7 @@ async fn outage(kind: Kind, mode: Mode) {
     eprintln!(
         "[{kind:?}/{mode:?}] breaker opened {opened:?} after the cut; handler successes while open: {during}; \
          first message processed {resumed:?} after the store came back; attempts charged during the outage: {charged_in_outage}; {runs} handler successes for {MESSAGES} messages; \
-         stats: {stats}; test took {:?}",
+         stats: {stats}; cut {cut_after:?} after the first publish; test took {:?}",
         started.elapsed()
     );
 
