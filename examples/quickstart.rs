@@ -102,6 +102,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     "{} failure, dead-lettered to orders.dlq: {}",
                     failure.kind, failure.error
                 ),
+                Disposition::Release { reason } => {
+                    format!("handed back, store down, no attempt spent: {reason}")
+                }
             };
             println!("settle   {id}  attempt {attempt}  {what}");
         })

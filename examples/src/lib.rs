@@ -73,8 +73,10 @@ impl Finished {
 
     /// Records a settled delivery; retries are not final.
     pub fn record(&self, settled: &Settled<'_>) {
-        if !matches!(settled.disposition, Disposition::Retry { .. })
-            && self.done.fetch_add(1, Ordering::SeqCst) + 1 >= self.target
+        if !matches!(
+            settled.disposition,
+            Disposition::Retry { .. } | Disposition::Release { .. }
+        ) && self.done.fetch_add(1, Ordering::SeqCst) + 1 >= self.target
         {
             self.notify.notify_one();
         }
@@ -115,5 +117,8 @@ pub fn describe(settled: &Settled<'_>) -> String {
             "{id}: {} failure after {} attempt(s), dead-lettered: {}",
             failure.kind, failure.attempts, failure.error
         ),
+        Disposition::Release { reason } => {
+            format!("{id}: handed back to the queue, no attempt spent: {reason}")
+        }
     }
 }

@@ -8,7 +8,8 @@
 //! - **Outcomes**: ack -> `basic.ack`. Retry -> a copy (body, original properties,
 //!   `x-idem-*` failure headers, the original exchange and routing key) is published to
 //!   `Q.retry.<tier>` and confirmed, *then* the original is acked. Dead-letter -> the
-//!   same to `Q.dlq` with the dead-letter headers.
+//!   same to `Q.dlq` with the dead-letter headers. Release (circuit breaker open) ->
+//!   `basic.nack` with `requeue=true`: no copy, no attempt spent.
 //! - **Copy not confirmed**: the delivery stays unacked while the publish is retried
 //!   (1, 2, 4, 8, 16 s) as long as the channel is open; then it is nacked with
 //!   `requeue=true` once, so the broker redelivers it. Never `requeue=true` in a hot
@@ -22,6 +23,16 @@
 //!   session; the worker reconnects with backoff (200 ms doubling to 30 s), re-declares
 //!   the topology and resumes. Handlers still running on the old channel finish; their
 //!   acks are dropped (the delivery is redelivered and deduplicated).
+//! - **Circuit breaker** (on by default with a dedup store, see
+//!   [`idem_core::breaker`]): when the consumer's breaker opens (its store failed
+//!   several times in a row, or does not answer when the worker starts), the worker
+//!   stops taking deliveries, lets the handlers in flight settle (up to the shutdown
+//!   timeout; those that hit the store are nacked with `requeue=true`, no attempt spent),
+//!   then closes its connection, which hands every prefetched delivery back to the
+//!   queue. It holds no connection while paused, so other consumers of the queue (with a
+//!   healthy store) can take the messages. When the breaker closes (a store probe
+//!   answered) it reconnects and resumes. A worker started during a store outage
+//!   connects (so a wrong URL still fails at once), then waits paused.
 //! - **Shutdown**: when the shutdown future completes, the worker cancels its consumer
 //!   (`basic.cancel`), lets in-flight handlers finish and settles them, up to the
 //!   shutdown timeout (default 30 s), then closes. Prefetched deliveries that never
@@ -251,6 +262,16 @@ impl std::fmt::Debug for Worker {
 enum End {
     Shutdown,
     Lost,
+    /// The consumer's circuit breaker opened.
+    Paused,
+}
+
+/// Resolves when the consumer's circuit breaker opens (never without one).
+async fn breaker_opens(shared: &Shared) {
+    match shared.consumer.breaker() {
+        Some(b) => b.wait_open().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Worker {
@@ -304,7 +325,23 @@ impl Worker {
         let permits = Arc::new(Semaphore::new(shared.concurrency as usize));
         let mut connected_once = false;
         let mut backoff = RECONNECT_MIN;
+        if let Some(breaker) = shared.consumer.breaker() {
+            breaker.publish_gauge();
+            // A store that is down at start opens the breaker: the worker then waits.
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => return Ok(shared.consumer.stats()),
+                _ = breaker.check() => {}
+            }
+        }
         loop {
+            if let (true, Some(breaker)) = (connected_once, shared.consumer.breaker()) {
+                tokio::select! {
+                    biased;
+                    _ = &mut shutdown => break,
+                    _ = breaker.wait_closed() => {}
+                }
+            }
             let opened = tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
@@ -332,6 +369,8 @@ impl Worker {
                     queue = %shared.topology.queue(),
                     "consumer lost its channel or connection; reconnecting"
                 ),
+                // The breaker logged why; the loop waits for it to close.
+                End::Paused => {}
             }
         }
         drain(&permits, &shared).await;
@@ -429,6 +468,7 @@ impl Session {
             let permit = tokio::select! {
                 biased;
                 _ = &mut shutdown => break End::Shutdown,
+                _ = breaker_opens(shared) => break End::Paused,
                 p = permits.clone().acquire_owned() => match p {
                     Ok(p) => p,
                     Err(_) => break End::Shutdown,
@@ -437,6 +477,7 @@ impl Session {
             let next = tokio::select! {
                 biased;
                 _ = &mut shutdown => break End::Shutdown,
+                _ = breaker_opens(shared) => break End::Paused,
                 d = self.stream.next() => d,
             };
             match next {
@@ -468,6 +509,11 @@ impl Session {
             {
                 tracing::warn!(error = %e, "basic.cancel failed");
             }
+            drain(permits, shared).await;
+        }
+        if let End::Paused = end {
+            // Handlers in flight settle on this channel (a store failure is nacked
+            // back, uncharged); closing then returns the prefetched deliveries.
             drain(permits, shared).await;
         }
         self.close().await;
@@ -538,7 +584,7 @@ async fn handle(
     };
     if !at_most_once {
         let copy = match &disposition {
-            Disposition::Ack { .. } => None,
+            Disposition::Ack { .. } | Disposition::Release { .. } => None,
             Disposition::Retry {
                 delay,
                 explicit,
@@ -573,6 +619,7 @@ async fn handle(
             }
         };
         match copy {
+            None if matches!(disposition, Disposition::Release { .. }) => requeue(&acker).await,
             None => {
                 #[cfg(feature = "failpoints")]
                 if matches!(disposition, Disposition::Ack { duplicate: false }) {

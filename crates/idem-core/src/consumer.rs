@@ -31,6 +31,7 @@ use tower::{Layer, Service, ServiceExt};
 use tracing::{field, Instrument};
 
 use crate::backoff::{Backoff, DelayTiers};
+use crate::breaker::{BreakerConfig, BreakerLayer, CircuitBreaker, HealthCheck};
 use crate::classify::{Classify, ClassifyLayer};
 use crate::crash::{CrashGuard, DEFAULT_CRASH_LIMIT};
 use crate::dedup::{DedupLayer, DedupStore, Processed};
@@ -57,6 +58,11 @@ pub trait Deduplicate: Send + Sync + 'static {
     fn retention(&self) -> Duration;
     /// The claim lease, if this stage uses leases.
     fn lease(&self) -> Option<Duration>;
+    /// A cheap probe of the stage's store, for the circuit breaker (default: none;
+    /// the breaker then closes after its probe delay and lets traffic find out).
+    fn health_check(&self) -> Option<HealthCheck> {
+        None
+    }
 }
 
 impl Deduplicate for DedupLayer {
@@ -68,6 +74,9 @@ impl Deduplicate for DedupLayer {
     }
     fn lease(&self) -> Option<Duration> {
         Some(self.lease_duration())
+    }
+    fn health_check(&self) -> Option<HealthCheck> {
+        Some(DedupLayer::health_check(self))
     }
 }
 
@@ -194,6 +203,7 @@ struct Inner {
     lease: Option<Duration>,
     retention: Option<Duration>,
     crash_guard: CrashGuard,
+    breaker: Option<CircuitBreaker>,
     counters: Counters,
     // Resolved on the first delivery, not at build time, so a metrics recorder
     // installed after the consumer was built (e.g. by the worker's Prometheus
@@ -225,6 +235,14 @@ pub struct ConsumerBuilder {
     classifier: ClassifyLayer,
     handler_timeout: Duration,
     crash_limit: u32,
+    breaker: BreakerSetting,
+}
+
+enum BreakerSetting {
+    /// On with the defaults when there is a dedup stage.
+    Default,
+    On(BreakerConfig),
+    Off,
 }
 
 impl Consumer {
@@ -240,6 +258,7 @@ impl Consumer {
             classifier: ClassifyLayer::default(),
             handler_timeout: Duration::from_secs(300),
             crash_limit: DEFAULT_CRASH_LIMIT,
+            breaker: BreakerSetting::Default,
         }
     }
 
@@ -262,6 +281,12 @@ impl Consumer {
     /// The retry policy.
     pub fn backoff(&self) -> &Backoff {
         &self.inner.backoff
+    }
+
+    /// The circuit breaker, if the consumer has one (see [`crate::breaker`]).
+    /// Workers wait while it is open.
+    pub fn breaker(&self) -> Option<&CircuitBreaker> {
+        self.inner.breaker.as_ref()
     }
 
     /// Outcome counts so far.
@@ -368,6 +393,7 @@ impl Consumer {
                 c.dead_lettered.fetch_add(1, Ordering::Relaxed);
                 meters.dead_lettered.increment(1);
             }
+            Disposition::Release { .. } => {}
         }
         span.record("outcome", disposition.name());
         span.record("latency_ms", elapsed.as_secs_f64() * 1000.0);
@@ -380,6 +406,8 @@ impl Consumer {
             Disposition::DeadLetter(failure) => tracing::warn!(
                 kind = %failure.kind, attempts = failure.attempts, error = %failure.error, "dead-lettered"
             ),
+            // The breaker logs once when it opens; not one line per delivery.
+            Disposition::Release { reason } => tracing::debug!(%reason, "handed back"),
         }
         disposition
     }
@@ -412,6 +440,11 @@ impl Consumer {
             inner.counters.dropped.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(error = %failure.error, "at-most-once handler failed; message was acked on receipt and is not retried");
             return Disposition::Ack { duplicate: false };
+        }
+        if err.is_release() {
+            return Disposition::Release {
+                reason: failure.error,
+            };
         }
         if kind == ErrorKind::Permanent {
             return Disposition::DeadLetter(failure);
@@ -473,6 +506,22 @@ impl ConsumerBuilder {
     /// Maps errors the handler did not classify (`None` defers to the default).
     pub fn classify(mut self, policy: impl Classify) -> Self {
         self.classifier = ClassifyLayer::new(policy);
+        self
+    }
+
+    /// Circuit breaker settings (see [`crate::breaker`]). On by default, with
+    /// [`BreakerConfig::default`], whenever a dedup stage is configured; this turns it
+    /// on without a stage too (for the opt-in handler failure rate).
+    pub fn circuit_breaker(mut self, config: BreakerConfig) -> Self {
+        self.breaker = BreakerSetting::On(config);
+        self
+    }
+
+    /// No circuit breaker: every store failure spends an attempt, as any transient
+    /// failure does, and an outage longer than the retry budget dead-letters what
+    /// arrives during it.
+    pub fn without_circuit_breaker(mut self) -> Self {
+        self.breaker = BreakerSetting::Off;
         self
     }
 
@@ -553,6 +602,19 @@ impl ConsumerBuilder {
             Some(stage) => stage.wrap(classified),
             None => BoxCloneSyncService::new(classified.map_response(|()| Processed::Handled)),
         };
+        let breaker_config = match (self.breaker, &self.dedup) {
+            (BreakerSetting::On(c), _) => Some(c),
+            (BreakerSetting::Default, Some(_)) => Some(BreakerConfig::default()),
+            (BreakerSetting::Default, None) | (BreakerSetting::Off, _) => None,
+        };
+        let breaker = breaker_config.map(|c| {
+            let health = self.dedup.as_ref().and_then(|s| s.health_check());
+            CircuitBreaker::new(name.as_str(), c, health)
+        });
+        let service = match &breaker {
+            Some(b) => BoxCloneSyncService::new(BreakerLayer::new(b.clone()).layer(service)),
+            None => service,
+        };
         let consumer = Consumer {
             inner: Arc::new(Inner {
                 meters: std::sync::OnceLock::new(),
@@ -564,6 +626,7 @@ impl ConsumerBuilder {
                 lease: self.dedup.as_ref().and_then(|s| s.lease()),
                 retention: self.dedup.as_ref().map(|s| s.retention()),
                 crash_guard: CrashGuard::new(self.crash_limit),
+                breaker,
                 counters: Counters::default(),
             }),
         };

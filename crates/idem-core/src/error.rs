@@ -59,6 +59,8 @@ pub struct HandlerError {
     kind: Option<ErrorKind>,
     retry_after: Option<Duration>,
     counts_attempt: bool,
+    store_failure: bool,
+    release: bool,
     key: Option<String>,
     source: BoxError,
 }
@@ -95,6 +97,45 @@ impl HandlerError {
         e
     }
 
+    /// The dedup store (or inbox database) failed: unreachable, timed out, reset.
+    /// Transient, and counted by the consumer's
+    /// [`CircuitBreaker`](crate::breaker::CircuitBreaker) as a store failure. Dedup
+    /// stages return this for their own store calls; a handler's own errors are not
+    /// store failures even when they come from the same database.
+    pub fn store_unavailable(err: impl Into<BoxError>) -> Self {
+        let mut e = Self::transient(err);
+        e.store_failure = true;
+        e
+    }
+
+    /// Hand the delivery back to the broker untouched: no attempt spent, no retry copy,
+    /// never dead-lettered ([`Disposition::Release`](crate::Disposition::Release)). The
+    /// circuit breaker turns store failures into this while it is open.
+    pub fn release(err: impl Into<BoxError>) -> Self {
+        let mut e = Self::transient(err);
+        e.counts_attempt = false;
+        e.release = true;
+        e
+    }
+
+    /// This error, turned into a [release](Self::release) (its message and key kept).
+    pub fn into_release(mut self) -> Self {
+        self.kind = Some(ErrorKind::Transient);
+        self.counts_attempt = false;
+        self.release = true;
+        self
+    }
+
+    /// Whether the dedup store failed (see [`store_unavailable`](Self::store_unavailable)).
+    pub fn is_store_failure(&self) -> bool {
+        self.store_failure
+    }
+
+    /// Whether the delivery is to be handed back untouched (see [`release`](Self::release)).
+    pub fn is_release(&self) -> bool {
+        self.release
+    }
+
     fn with_kind(kind: Option<ErrorKind>, source: BoxError) -> Self {
         // An error that crossed a tower layer as a BoxError keeps its classification.
         match source.downcast::<Classified>() {
@@ -103,6 +144,8 @@ impl HandlerError {
                 kind,
                 retry_after: None,
                 counts_attempt: true,
+                store_failure: false,
+                release: false,
                 key: None,
                 source,
             },

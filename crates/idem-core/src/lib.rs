@@ -31,6 +31,7 @@
 //! ```
 
 pub mod backoff;
+pub mod breaker;
 pub mod classify;
 pub mod consumer;
 pub mod crash;
@@ -45,6 +46,7 @@ mod redact;
 pub mod tls;
 
 pub use backoff::{Backoff, DelayTiers, Jitter};
+pub use breaker::{BreakerConfig, CircuitBreaker};
 pub use consumer::{ConfigError, Consumer, ConsumerBuilder, DeliveryMode, Stats};
 pub use crash::{CrashGuard, CrashLoopError, DEFAULT_CRASH_LIMIT};
 pub use dedup::{DedupLayer, DedupStore, MemoryStore, Processed};

@@ -89,16 +89,25 @@ pub enum Disposition {
     },
     /// Publish a copy to the dead-letter queue (with confirm), then ack the original.
     DeadLetter(Failure),
+    /// Hand the delivery back to the broker untouched (RabbitMQ: `basic.nack` with
+    /// `requeue=true`): no attempt spent, no copy published. Returned while the
+    /// consumer's circuit breaker is open (its store is down), so an outage never
+    /// spends a message's retry budget.
+    Release {
+        /// Why (the store error or the breaker's cause), for logs.
+        reason: String,
+    },
 }
 
 impl Disposition {
-    /// A short name: `ack`, `duplicate`, `retry` or `dead_letter`.
+    /// A short name: `ack`, `duplicate`, `retry`, `dead_letter` or `release`.
     pub fn name(&self) -> &'static str {
         match self {
             Disposition::Ack { duplicate: false } => "ack",
             Disposition::Ack { duplicate: true } => "duplicate",
             Disposition::Retry { .. } => "retry",
             Disposition::DeadLetter(_) => "dead_letter",
+            Disposition::Release { .. } => "release",
         }
     }
 }

@@ -31,9 +31,13 @@
 //!
 //! # Failures
 //! Redis down, a dropped connection or a timeout is a [`StoreError`], which the dedup
-//! layer treats as transient (retry later, never "duplicate"). The connection
-//! manager reconnects by itself; the first command after a dropped connection fails,
-//! so each operation is retried once at once when the connection was dropped. That
+//! layer treats as transient (retry later, never "duplicate") and the consumer's
+//! circuit breaker counts (`idem_core::breaker`: after a few in a row the consumer
+//! pauses instead of spending attempts). The connection manager reconnects by itself;
+//! the first command after a dropped connection fails, and the first command after
+//! Redis comes back gets the stale error of the manager's last failed reconnect
+//! (`Connection refused`), so each operation is retried once at once when the
+//! connection was dropped or refused (the retry waits for a fresh reconnect). That
 //! retry is safe because every script is idempotent for its own owner token (a claim
 //! that finds the key held by its own token reports `Acquired`, a completion that finds
 //! its own completion reports success). Connecting and reconnecting are bounded (see
@@ -423,12 +427,18 @@ impl RedisStore {
             }
             match inv.invoke_async::<T>(&mut conn).await {
                 Ok(v) => return Ok(v),
+                // A refusal is retried too: after an outage the manager hands out the
+                // error of its last failed reconnect (stale, possibly minutes old) to
+                // the first command, and only then reconnects. The retry waits for that
+                // fresh reconnect. A timeout is not retried (it would double the wait).
                 Err(e)
                     if attempt == 1
-                        && (e.is_connection_dropped() || e.is_unrecoverable_error())
-                        && !e.is_connection_refusal() =>
+                        && (e.is_connection_dropped()
+                            || e.is_unrecoverable_error()
+                            || e.is_io_error())
+                        && !e.is_timeout() =>
                 {
-                    tracing::debug!(op, error = %self.target.scrub(&e.to_string()), "Redis connection dropped; retrying once");
+                    tracing::debug!(op, error = %self.target.scrub(&e.to_string()), "Redis connection dropped or refused; retrying once after a reconnect");
                 }
                 Err(e) => return Err(self.target.error(&format!("Redis {op} failed"), &e)),
             }

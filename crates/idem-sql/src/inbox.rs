@@ -8,11 +8,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use idem_core::breaker::HealthCheck;
 use idem_core::consumer::{ClassifiedService, DedupedService, Deduplicate};
 use idem_core::crash::CrashGuard;
 use idem_core::dedup::{
     resolve_key, sha256_hex, DefaultKey, KeyExtractor, MissingKey, PayloadMismatchError,
-    PreviouslyPoisonedError, StoreError, REPLAY_HEADER,
+    PreviouslyPoisonedError, StoreError, DEFAULT_STORE_TIMEOUT, REPLAY_HEADER,
 };
 use idem_core::handler::BoxFuture;
 use idem_core::{ErrorKind, FromMessage, HandlerError, IdempotencyKey, Message, Processed};
@@ -267,6 +268,7 @@ pub struct SqlInbox<DB: Backend> {
     /// Off once the start counters' table turned out to be missing (a deployment
     /// that upgraded without `ensure_schema`): messages then run without crash counting.
     counting: Arc<AtomicBool>,
+    store_timeout: Duration,
 }
 
 impl<DB: Backend> Clone for SqlInbox<DB> {
@@ -282,6 +284,7 @@ impl<DB: Backend> Clone for SqlInbox<DB> {
             fingerprint: self.fingerprint,
             busy_delay: self.busy_delay,
             counting: self.counting.clone(),
+            store_timeout: self.store_timeout,
         }
     }
 }
@@ -314,6 +317,7 @@ impl<DB: Backend> SqlInbox<DB> {
             fingerprint: true,
             busy_delay: Duration::from_secs(1),
             counting: Arc::new(AtomicBool::new(true)),
+            store_timeout: DEFAULT_STORE_TIMEOUT,
         }
     }
 
@@ -352,6 +356,19 @@ impl<DB: Backend> SqlInbox<DB> {
     /// done with a different payload (default on).
     pub fn fingerprint(mut self, on: bool) -> Self {
         self.fingerprint = on;
+        self
+    }
+
+    /// Longest time each of the inbox's own steps may take: beginning the transaction
+    /// (the pool's connection wait included) and inserting the row, the pre-commit
+    /// check and commit, recording a poisoned message (default
+    /// [`DEFAULT_STORE_TIMEOUT`], 5 s, well under sqlx's 30 s pool acquire timeout). A
+    /// step that runs out of time is a store failure: transient, counted by the
+    /// consumer's circuit breaker. The handler's own statements are bounded by the
+    /// handler timeout instead. A commit that timed out may still have committed; the
+    /// redelivery then finds the row and is acked as a duplicate.
+    pub fn store_timeout(mut self, timeout: Duration) -> Self {
+        self.store_timeout = timeout.max(Duration::from_millis(1));
         self
     }
 
@@ -425,6 +442,32 @@ impl<DB: Backend> Deduplicate for SqlInbox<DB> {
     fn lease(&self) -> Option<Duration> {
         None
     }
+
+    fn health_check(&self) -> Option<HealthCheck> {
+        let pool = self.pool.clone();
+        let limit = self.store_timeout;
+        let table = self.table.to_string();
+        Some(Arc::new(move || {
+            let pool = pool.clone();
+            let table = table.clone();
+            Box::pin(async move {
+                let probe = async {
+                    let mut conn = pool.acquire().await?;
+                    DB::execute(&mut *conn, "SELECT 1", Vec::new()).await
+                };
+                match tokio::time::timeout(limit, probe).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(StoreError::with_source(
+                        format!("SQL inbox on table {table}: health probe failed"),
+                        e,
+                    )),
+                    Err(_) => Err(StoreError::new(format!(
+                        "SQL inbox on table {table}: health probe timed out after {limit:?} (store_timeout)"
+                    ))),
+                }
+            })
+        }))
+    }
 }
 
 struct InboxService<DB: Backend> {
@@ -472,10 +515,25 @@ enum Entry {
 
 impl<DB: Backend> SqlInbox<DB> {
     fn store_error(&self, op: &str, e: sqlx::Error) -> HandlerError {
-        HandlerError::transient(StoreError::with_source(
+        HandlerError::store_unavailable(StoreError::with_source(
             format!("SQL inbox {op} on table {} failed", self.table),
             e,
         ))
+    }
+
+    /// Runs one of the inbox's own steps within the store timeout.
+    async fn bounded<T>(
+        &self,
+        op: &str,
+        step: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+    ) -> Result<T, HandlerError> {
+        match tokio::time::timeout(self.store_timeout, step).await {
+            Ok(r) => r.map_err(|e| self.store_error(op, e)),
+            Err(_) => Err(HandlerError::store_unavailable(StoreError::new(format!(
+                "SQL inbox {op} on table {} timed out after {:?} (store_timeout)",
+                self.table, self.store_timeout
+            )))),
+        }
     }
 
     /// Inserts (or takes over) the dedup row inside `conn`'s transaction.
@@ -576,8 +634,12 @@ impl<DB: Backend> SqlInbox<DB> {
             let args = vec![text(&self.consumer), text(key)];
             DB::execute(&mut *conn, &self.q.clear_start, args).await
         };
-        if let Err(e) = cleared.await {
-            tracing::debug!(key = %key, error = %e, "could not clear the start counter");
+        match tokio::time::timeout(self.store_timeout, cleared).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(key = %key, error = %e, "could not clear the start counter")
+            }
+            Err(_) => tracing::debug!(key = %key, "clearing the start counter timed out"),
         }
     }
 
@@ -628,24 +690,27 @@ async fn run_keyed<DB: Backend>(
     let guard = CrashGuard::of(&msg);
     let _turn = guard.turn(&msg).await;
     let earlier = inbox
-        .count_start(&key)
-        .await
-        .map_err(|e| inbox.store_error("start count", e))?;
+        .bounded("start count", inbox.count_start(&key))
+        .await?;
 
-    let mut tx = match DB::begin(&inbox.pool).await {
+    let mut tx = match inbox.bounded("begin", DB::begin(&inbox.pool)).await {
         Ok(tx) => tx,
         Err(e) => {
             inbox.clear_start(&key).await;
-            return Err(inbox.store_error("begin", e));
+            return Err(e);
         }
     };
-    let entry = inbox.enter(&mut *tx, &key, fp.as_deref(), replay).await;
+    let entry = inbox
+        .bounded("claim", inbox.enter(&mut *tx, &key, fp.as_deref(), replay))
+        .await;
     match entry {
         Ok(Entry::Owned) => {
             if let Err(crashed) = guard.check(earlier) {
                 let _ = tx.rollback().await;
                 tracing::warn!(key = %key, times = crashed.times, "message crashed or hung the worker too often; dead-lettering it without running it");
-                if let Err(err) = inbox.record_poison(&key, fp.as_deref()).await {
+                let recorded =
+                    inbox.bounded("poison record", inbox.record_poison(&key, fp.as_deref()));
+                if let Err(err) = recorded.await {
                     tracing::warn!(key = %key, error = %err, "could not record the poisoned message; a redelivery would be dead-lettered again");
                 }
                 inbox.clear_start(&key).await;
@@ -661,7 +726,7 @@ async fn run_keyed<DB: Backend>(
                 Ok(Entry::Poisoned) => Err(HandlerError::permanent(PreviouslyPoisonedError(key))),
                 Ok(Entry::Mismatch) => Err(HandlerError::permanent(PayloadMismatchError(key))),
                 Ok(_) => Err(HandlerError::busy(inbox.busy_delay)),
-                Err(e) => Err(inbox.store_error("claim", e)),
+                Err(e) => Err(e),
             };
         }
     }
@@ -684,7 +749,8 @@ async fn run_keyed<DB: Backend>(
             // A PostgreSQL transaction in which a statement failed "commits" as a
             // rollback without an error: make sure our row is still there first.
             let args = vec![text(&inbox.consumer), text(&key)];
-            match DB::fetch_record(&mut *tx, &inbox.q.record, args).await {
+            let check = DB::fetch_record(&mut *tx, &inbox.q.record, args);
+            match inbox.bounded("pre-commit check", check).await {
                 Ok(Some(_)) => {}
                 Ok(None) => {
                     let _ = tx.rollback().await;
@@ -696,23 +762,23 @@ async fn run_keyed<DB: Backend>(
                 Err(e) => {
                     let _ = tx.rollback().await;
                     inbox.clear_start(&key).await;
-                    return Err(inbox.store_error("pre-commit check", e));
+                    return Err(e);
                 }
             }
             // The start settles with the effect, in the same transaction.
             let args = vec![text(&inbox.consumer), text(&key)];
             let counting = inbox.counting.load(Ordering::Relaxed);
-            if let Err(e) = match counting {
-                true => DB::execute(&mut *tx, &inbox.q.clear_start, args).await,
-                false => Ok(0),
-            } {
-                let _ = tx.rollback().await;
-                inbox.clear_start(&key).await;
-                return Err(inbox.store_error("start count", e));
+            if counting {
+                let cleared = DB::execute(&mut *tx, &inbox.q.clear_start, args);
+                if let Err(e) = inbox.bounded("start count", cleared).await {
+                    let _ = tx.rollback().await;
+                    inbox.clear_start(&key).await;
+                    return Err(e);
+                }
             }
-            if let Err(e) = tx.commit().await {
+            if let Err(e) = inbox.bounded("commit", tx.commit()).await {
                 inbox.clear_start(&key).await;
-                return Err(inbox.store_error("commit", e));
+                return Err(e);
             }
             Ok(Processed::Handled)
         }
@@ -723,7 +789,9 @@ async fn run_keyed<DB: Backend>(
                 }
             }
             if e.kind() == Some(ErrorKind::Permanent) {
-                if let Err(err) = inbox.record_poison(&key, fp.as_deref()).await {
+                let recorded =
+                    inbox.bounded("poison record", inbox.record_poison(&key, fp.as_deref()));
+                if let Err(err) = recorded.await {
                     tracing::warn!(key = %key, error = %err, "could not record the poisoned message; a redelivery would run it again");
                 }
             }

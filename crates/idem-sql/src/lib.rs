@@ -51,7 +51,12 @@
 //! # Failures
 //! Any database error (connection refused or killed, pool timeout) is a
 //! [`StoreError`](idem_core::dedup::StoreError): a transient failure, retried, never
-//! a duplicate. The pool replaces dead connections by itself.
+//! a duplicate, and counted by the consumer's circuit breaker (`idem_core::breaker`),
+//! which pauses the consumer after a few in a row instead of spending attempts. The
+//! pool replaces dead connections by itself. No store step waits longer than the store
+//! timeout (default 5 s, pool wait included, whatever the pool's own
+//! `acquire_timeout`): `DedupLayer::store_timeout` for [`SqlStore`],
+//! [`SqlInbox::store_timeout`] for the inbox.
 
 mod backend;
 mod inbox;

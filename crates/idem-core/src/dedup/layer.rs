@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 use tower::{Layer, Service};
 use tracing::{debug, warn};
 
+use super::bounded::{Bounded, DEFAULT_STORE_TIMEOUT};
 use super::key::{resolve_key, sha256_hex, DefaultKey, KeyExtractor, MissingKey};
 use super::store::{Claim, Completion, DedupStore, OwnerToken, ScopedKey, StoreError};
 use crate::crash::CrashGuard;
@@ -54,7 +55,10 @@ pub struct PayloadMismatchError(pub String);
 
 struct Config {
     consumer: Arc<str>,
+    /// `raw` behind [`Bounded`] (the store timeout).
     store: Arc<dyn DedupStore>,
+    raw: Arc<dyn DedupStore>,
+    store_timeout: Duration,
     extractor: Arc<dyn KeyExtractor>,
     missing: MissingKey,
     lease: Duration,
@@ -82,7 +86,9 @@ impl DedupLayer {
         DedupLayer {
             config: Arc::new(Config {
                 consumer: consumer.into(),
-                store,
+                store: Arc::new(Bounded::new(store.clone(), DEFAULT_STORE_TIMEOUT)),
+                raw: store,
+                store_timeout: DEFAULT_STORE_TIMEOUT,
                 extractor: Arc::new(DefaultKey),
                 missing: MissingKey::Poison,
                 lease: Duration::from_secs(30),
@@ -101,6 +107,8 @@ impl DedupLayer {
                 let mut copy = Config {
                     consumer: c.consumer.clone(),
                     store: c.store.clone(),
+                    raw: c.raw.clone(),
+                    store_timeout: c.store_timeout,
                     extractor: c.extractor.clone(),
                     missing: c.missing,
                     lease: c.lease,
@@ -146,6 +154,26 @@ impl DedupLayer {
     /// whose key is done with a different payload (default on).
     pub fn fingerprint(self, on: bool) -> Self {
         self.edit(|c| c.fingerprint = on)
+    }
+
+    /// Longest time one store call may take, connection or pool wait included
+    /// (default [`DEFAULT_STORE_TIMEOUT`], 5 s). A call that runs out of time is a store
+    /// failure: transient, and counted by the consumer's circuit breaker.
+    pub fn store_timeout(self, timeout: Duration) -> Self {
+        let timeout = timeout.max(Duration::from_millis(1));
+        self.edit(|c| {
+            c.store_timeout = timeout;
+            c.store = Arc::new(Bounded::new(c.raw.clone(), timeout));
+        })
+    }
+
+    /// The store's health probe, bounded by the store timeout (for the circuit breaker).
+    pub fn health_check(&self) -> crate::breaker::HealthCheck {
+        let store = self.config.store.clone();
+        Arc::new(move || {
+            let store = store.clone();
+            Box::pin(async move { store.health().await })
+        })
     }
 
     /// The configured lease.
@@ -198,7 +226,7 @@ where
 }
 
 fn store_failure(err: StoreError) -> HandlerError {
-    HandlerError::transient(err)
+    HandlerError::store_unavailable(err)
 }
 
 fn timed<T>(start: Instant, op: &'static str, r: T) -> T {

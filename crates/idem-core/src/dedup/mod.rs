@@ -9,7 +9,7 @@
 //! | absent (claim acquired) | runs the handler, extending the lease while it runs |
 //! | done | acks without running the handler ([`Processed::Duplicate`]) |
 //! | processing under a live lease | does not run it and does not drop it: retry later, no attempt spent |
-//! | store error | transient failure: never "duplicate", never run without a claim |
+//! | store error or timeout | transient failure: never "duplicate", never run without a claim; counted by the consumer's [circuit breaker](crate::breaker), which hands the message back uncharged once it opens |
 //!
 //! After the handler: `Ok` -> `done`; permanent error -> `done` (poisoned, so a replay
 //! is a deliberate operator act, header `x-idem-replay`); transient error -> release.
@@ -39,12 +39,14 @@
 //! # }
 //! ```
 
+mod bounded;
 pub mod conformance;
 mod key;
 mod layer;
 mod memory;
 mod store;
 
+pub use bounded::{Bounded, DEFAULT_STORE_TIMEOUT};
 pub use key::{
     resolve_key, sha256_hex, DefaultKey, HeaderKey, JsonFieldKey, KeyExtractor, KeyTooLongError,
     KeyTypeError, MissingKey, MissingKeyError, MAX_KEY_LEN,

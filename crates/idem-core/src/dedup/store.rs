@@ -195,6 +195,18 @@ pub trait DedupStore: Send + Sync + 'static {
         owner: &OwnerToken,
         lease: Duration,
     ) -> Result<bool, StoreError>;
+
+    /// A cheap round trip proving the store answers, used by the consumer's circuit
+    /// breaker to decide when an outage is over. The default extends the lease of a
+    /// key that no one holds (`idem-health/probe`): one read that changes nothing.
+    /// Stores with a cheaper ping may override it.
+    async fn health(&self) -> Result<(), StoreError> {
+        let key = ScopedKey::new("idem-health", "probe");
+        let owner = OwnerToken("idem-health-probe".to_owned());
+        self.extend(&key, &owner, Duration::from_millis(1))
+            .await
+            .map(|_| ())
+    }
 }
 
 #[async_trait]
@@ -247,5 +259,8 @@ impl<T: DedupStore + ?Sized> DedupStore for Arc<T> {
         lease: Duration,
     ) -> Result<bool, StoreError> {
         (**self).reopen_poisoned(key, owner, lease).await
+    }
+    async fn health(&self) -> Result<(), StoreError> {
+        (**self).health().await
     }
 }

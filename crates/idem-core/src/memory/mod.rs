@@ -102,6 +102,19 @@ impl MemoryBroker {
             .unwrap_or_default()
     }
 
+    /// Puts a handed-back delivery at the head of its queue, as RabbitMQ does with a
+    /// requeued one.
+    fn requeue(&self, queue: &str, mut msg: Message) {
+        msg.delivery.redelivered = true;
+        msg.extensions = Default::default();
+        self.queues()
+            .entry(queue.to_owned())
+            .or_default()
+            .ready
+            .push_front(msg);
+        self.shared.changed.notify_waiters();
+    }
+
     fn pop(&self, queue: &str) -> Option<Message> {
         self.queues().get_mut(queue)?.ready.pop_front()
     }
@@ -186,7 +199,22 @@ impl MemoryWorker {
         let permits = Arc::new(Semaphore::new(self.prefetch));
         let in_flight = Arc::new(AtomicUsize::new(0));
         let shared = self.broker.shared.clone();
+        let breaker = self.consumer.breaker().cloned();
+        if let Some(b) = &breaker {
+            b.publish_gauge();
+            tokio::select! {
+                _ = b.check() => {}
+                _ = &mut shutdown => return self.consumer.stats(),
+            }
+        }
         'outer: loop {
+            // Paused: take nothing while the circuit breaker is open.
+            if let Some(b) = &breaker {
+                tokio::select! {
+                    _ = b.wait_closed() => {}
+                    _ = &mut shutdown => break,
+                }
+            }
             let permit = tokio::select! {
                 p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
                 _ = &mut shutdown => break,
@@ -250,6 +278,9 @@ impl Delivery {
                     copy.headers.extend(failure.retry_headers());
                     copy.delivery.redelivered = false;
                     self.broker.schedule(&self.queue, copy, *delay);
+                }
+                Disposition::Release { .. } => {
+                    self.broker.requeue(&self.queue, original.clone());
                 }
                 Disposition::DeadLetter(failure) => {
                     let mut copy = original.clone();

@@ -1,0 +1,340 @@
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use std::time::Instant;
+
+use async_trait::async_trait;
+
+use super::*;
+use crate::backoff::{Backoff, Jitter};
+use crate::consumer::Consumer;
+use crate::dedup::{Claim, Completion, DedupStore, MemoryStore, OwnerToken, ScopedKey};
+use crate::memory::MemoryBroker;
+
+/// A memory store that can be cut: every call fails while `down`.
+#[derive(Clone, Default)]
+struct Flaky {
+    store: MemoryStore,
+    down: Arc<AtomicBool>,
+    /// Calls that reached the store while it was down (probes included).
+    calls_while_down: Arc<AtomicUsize>,
+    probes: Arc<AtomicUsize>,
+}
+
+impl Flaky {
+    fn gate(&self) -> Result<(), StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            self.calls_while_down.fetch_add(1, Ordering::SeqCst);
+            Err(StoreError::new("connection refused (test)"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait]
+impl DedupStore for Flaky {
+    async fn claim(
+        &self,
+        key: &ScopedKey,
+        owner: &OwnerToken,
+        fingerprint: Option<&str>,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        self.gate()?;
+        self.store.claim(key, owner, fingerprint, lease).await
+    }
+    async fn extend(
+        &self,
+        key: &ScopedKey,
+        owner: &OwnerToken,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        self.gate()?;
+        self.store.extend(key, owner, lease).await
+    }
+    async fn complete(
+        &self,
+        key: &ScopedKey,
+        owner: &OwnerToken,
+        completion: Completion,
+        retention: Duration,
+    ) -> Result<bool, StoreError> {
+        self.gate()?;
+        self.store.complete(key, owner, completion, retention).await
+    }
+    async fn release(&self, key: &ScopedKey, owner: &OwnerToken) -> Result<bool, StoreError> {
+        self.gate()?;
+        self.store.release(key, owner).await
+    }
+    async fn reopen_poisoned(
+        &self,
+        key: &ScopedKey,
+        owner: &OwnerToken,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        self.gate()?;
+        self.store.reopen_poisoned(key, owner, lease).await
+    }
+    async fn health(&self) -> Result<(), StoreError> {
+        self.probes.fetch_add(1, Ordering::SeqCst);
+        self.gate()
+    }
+}
+
+fn backoff() -> Backoff {
+    // The whole retry budget: 3 attempts within about 30 ms.
+    Backoff::exponential(Duration::from_millis(10))
+        .jitter(Jitter::None)
+        .max_attempts(3)
+}
+
+fn config() -> BreakerConfig {
+    BreakerConfig::new()
+        .failure_threshold(3)
+        .probe_backoff(Duration::from_millis(5), Duration::from_millis(20))
+}
+
+/// Records every state the breaker goes through.
+fn watch_states(b: &CircuitBreaker) -> Arc<std::sync::Mutex<Vec<bool>>> {
+    let seen = Arc::new(std::sync::Mutex::new(vec![b.is_open()]));
+    let mut rx = b.inner.open_tx.subscribe();
+    let s = seen.clone();
+    tokio::spawn(async move {
+        while rx.changed().await.is_ok() {
+            let v = *rx.borrow_and_update();
+            s.lock().unwrap().push(v);
+        }
+    });
+    seen
+}
+
+const PREFETCH: usize = 10;
+
+#[tokio::test]
+async fn an_outage_longer_than_the_retry_budget_pauses_the_worker_and_dead_letters_nothing() {
+    let broker = MemoryBroker::new();
+    for i in 0..200 {
+        broker.publish("q", Message::new("{}").with_message_id(format!("m-{i}")));
+    }
+    let store = Flaky::default();
+    let handled = Arc::new(AtomicUsize::new(0));
+    let (h, s) = (handled.clone(), store.clone());
+    let consumer = Consumer::builder("c")
+        .store(store.clone())
+        .backoff(backoff())
+        .circuit_breaker(config())
+        .handler_with_state(
+            move |crate::State(s): crate::State<Flaky>| {
+                let n = h.fetch_add(1, Ordering::SeqCst) + 1;
+                async move {
+                    if n == 50 {
+                        // The store goes down for ten times the whole retry budget.
+                        s.down.store(true, Ordering::SeqCst);
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                            s.down.store(false, Ordering::SeqCst);
+                        });
+                    }
+                }
+            },
+            s,
+        )
+        .unwrap();
+    let breaker = consumer.breaker().unwrap().clone();
+    let states = watch_states(&breaker);
+    let stats = broker
+        .worker("q", consumer)
+        .prefetch(PREFETCH)
+        .run_until_idle()
+        .await;
+
+    assert_eq!(stats.dead_lettered, 0, "{stats}");
+    assert!(broker.is_empty("q.dlq"));
+    assert_eq!(stats.processed, 200, "{stats}");
+    // Only the failures before the breaker opened were charged (threshold - 1).
+    assert!(stats.retries <= 2, "{stats}");
+    let states = states.lock().unwrap().clone();
+    assert_eq!(states.first(), Some(&false));
+    assert!(
+        states.contains(&true),
+        "the breaker never opened: {states:?}"
+    );
+    assert_eq!(states.last(), Some(&false), "still open at the end");
+    assert!(store.probes.load(Ordering::SeqCst) >= 1);
+    // Paused: the deliveries in flight when it broke, and no more, reached the store.
+    let hit = store.calls_while_down.load(Ordering::SeqCst) - store.probes.load(Ordering::SeqCst);
+    assert!(
+        hit <= 2 * PREFETCH,
+        "{hit} store calls while down: the worker kept taking deliveries"
+    );
+}
+
+#[tokio::test]
+async fn without_a_breaker_the_same_outage_dead_letters() {
+    // The behaviour the breaker exists to prevent, kept visible.
+    let broker = MemoryBroker::new();
+    for i in 0..20 {
+        broker.publish("q", Message::new("{}").with_message_id(format!("m-{i}")));
+    }
+    let store = Flaky::default();
+    store.down.store(true, Ordering::SeqCst);
+    let s = store.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.down.store(false, Ordering::SeqCst);
+    });
+    let consumer = Consumer::builder("c")
+        .store(store)
+        .backoff(backoff())
+        .without_circuit_breaker()
+        .handler(|| async {})
+        .unwrap();
+    assert!(consumer.breaker().is_none());
+    let stats = broker.worker("q", consumer).run_until_idle().await;
+    assert_eq!(stats.dead_lettered, 20, "{stats}");
+}
+
+#[tokio::test]
+async fn a_worker_started_while_the_store_is_down_waits_open_then_resumes() {
+    let broker = MemoryBroker::new();
+    for i in 0..30 {
+        broker.publish("q", Message::new("{}").with_message_id(format!("m-{i}")));
+    }
+    let store = Flaky::default();
+    store.down.store(true, Ordering::SeqCst);
+    let consumer = Consumer::builder("c")
+        .store(store.clone())
+        .backoff(backoff())
+        .circuit_breaker(config())
+        .handler(|| async {})
+        .unwrap();
+    let breaker = consumer.breaker().unwrap().clone();
+    let worker = tokio::spawn(broker.worker("q", consumer).run_until_idle());
+    tokio::time::timeout(Duration::from_secs(5), breaker.wait_open())
+        .await
+        .expect("the breaker opens at start");
+    assert!(breaker.cause().unwrap().contains("at start"));
+    // Many probe periods later: nothing taken, nothing charged.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!worker.is_finished(), "the worker must wait, not exit");
+    assert_eq!(broker.len("q"), 30);
+    assert_eq!(
+        store.calls_while_down.load(Ordering::SeqCst),
+        store.probes.load(Ordering::SeqCst),
+        "only probes reach a store that is down"
+    );
+    store.down.store(false, Ordering::SeqCst);
+    let stats = tokio::time::timeout(Duration::from_secs(10), worker)
+        .await
+        .expect("resumes once the store answers")
+        .unwrap();
+    assert_eq!(
+        (stats.processed, stats.retries, stats.dead_lettered),
+        (30, 0, 0)
+    );
+}
+
+#[tokio::test]
+async fn state_machine_opens_after_the_threshold_and_closes_on_a_probe() {
+    let down = Arc::new(AtomicBool::new(true));
+    let d = down.clone();
+    let health: HealthCheck = Arc::new(move || {
+        let d = d.clone();
+        Box::pin(async move {
+            if d.load(Ordering::SeqCst) {
+                Err(StoreError::new("down"))
+            } else {
+                Ok(())
+            }
+        })
+    });
+    let b = CircuitBreaker::new("c", config(), Some(health));
+    assert!(!b.record_store_failure(&"e1"));
+    assert!(!b.record_store_failure(&"e2"));
+    // A call that reached the store resets the count.
+    b.record_call(Instant::now(), false);
+    assert!(!b.record_store_failure(&"e1"));
+    assert!(!b.record_store_failure(&"e2"));
+    assert!(b.record_store_failure(&"e3"), "third in a row opens");
+    assert!(b.is_open());
+    assert!(b
+        .cause()
+        .unwrap()
+        .contains("3 store failures in a row, last: e3"));
+    // Open: every further failure is reported as open (not charged).
+    assert!(b.record_store_failure(&"e4"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(b.is_open(), "probes fail: stays open");
+    down.store(false, Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(5), b.wait_closed())
+        .await
+        .expect("closes once the probe answers");
+    assert!(b.cause().is_none());
+    assert!(!b.record_store_failure(&"after"), "count starts again");
+}
+
+#[tokio::test]
+async fn open_breaker_releases_deliveries_without_spending_attempts() {
+    let store = Flaky::default();
+    let consumer = Consumer::builder("c")
+        .store(store.clone())
+        .backoff(backoff())
+        .circuit_breaker(config())
+        .handler(|| async {})
+        .unwrap();
+    store.down.store(true, Ordering::SeqCst);
+    let msg = || Message::new("{}").with_message_id("m");
+    // Below the threshold: ordinary transient failures, one attempt each.
+    for _ in 0..2 {
+        assert!(matches!(
+            consumer.process(msg()).await,
+            crate::Disposition::Retry { .. }
+        ));
+    }
+    // The failure that opens it, and every delivery while open: released.
+    for _ in 0..3 {
+        match consumer.process(msg()).await {
+            crate::Disposition::Release { reason } => {
+                assert!(reason.contains("store"), "{reason}")
+            }
+            other => panic!("expected a release, got {other:?}"),
+        }
+    }
+    assert_eq!(consumer.stats().dead_lettered, 0);
+}
+
+#[tokio::test]
+async fn handler_failure_rate_opens_then_cools_down() {
+    let config = BreakerConfig::new()
+        .handler_failure_rate(0.5, Duration::from_secs(60), 10)
+        .rate_cool_down(Duration::from_millis(50));
+    let b = CircuitBreaker::new("c", config, None);
+    for _ in 0..5 {
+        b.record_call(Instant::now(), false);
+    }
+    for _ in 0..4 {
+        b.record_call(Instant::now(), true);
+    }
+    assert!(!b.is_open(), "9 results are below min_calls");
+    b.record_call(Instant::now(), true);
+    assert!(b.is_open(), "5 of 10 transient failures reach 50%");
+    assert!(b.cause().unwrap().contains("5 of the handler's last 10"));
+    tokio::time::timeout(Duration::from_secs(5), b.wait_closed())
+        .await
+        .expect("closes after the cool-down");
+    b.record_call(Instant::now(), true);
+    assert!(!b.is_open(), "the window starts empty again");
+}
+
+#[tokio::test]
+async fn a_call_that_started_before_the_failures_does_not_reset_the_count() {
+    let b = CircuitBreaker::new("c", config(), None);
+    // A handler claimed before the outage...
+    let before = Instant::now();
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    assert!(!b.record_store_failure(&"e1"));
+    assert!(!b.record_store_failure(&"e2"));
+    // ...and finishes during it (its completion failing quietly): proves nothing.
+    b.record_call(before, false);
+    assert!(b.record_store_failure(&"e3"), "the count was not reset");
+}

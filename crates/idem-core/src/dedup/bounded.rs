@@ -1,0 +1,118 @@
+//! [`Bounded`]: a [`DedupStore`] whose every call gives up after a time limit.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::store::{Claim, Completion, DedupStore, OwnerToken, ScopedKey, StoreError};
+
+/// Default limit on one store call (connection or pool wait included): 5 s.
+pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Wraps a store so that no call takes longer than `timeout`, whatever the client
+/// library's own timeouts are (a pool waiting for a connection, a TCP connect to a
+/// host that drops packets, a server that stopped answering). A call that runs out of
+/// time is a [`StoreError`] like any other: the message is not assumed done, and the
+/// circuit breaker counts it. The store call is dropped; every store operation is
+/// fenced by its owner token, so a late effect of a dropped call (a claim that did get
+/// written) is harmless: the claim's lease expires.
+#[derive(Clone)]
+pub struct Bounded {
+    inner: Arc<dyn DedupStore>,
+    timeout: Duration,
+}
+
+impl Bounded {
+    /// `store` with every call limited to `timeout`.
+    pub fn new(store: Arc<dyn DedupStore>, timeout: Duration) -> Self {
+        Bounded {
+            inner: store,
+            timeout,
+        }
+    }
+
+    /// The limit.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    async fn run<T>(
+        &self,
+        op: &str,
+        fut: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::new(format!(
+                "store {op} timed out after {:?} (store_timeout)",
+                self.timeout
+            ))),
+        }
+    }
+}
+
+#[async_trait]
+impl DedupStore for Bounded {
+    async fn claim(
+        &self,
+        key: &ScopedKey,
+        owner: &OwnerToken,
+        fingerprint: Option<&str>,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        self.run("claim", self.inner.claim(key, owner, fingerprint, lease))
+            .await
+    }
+    async fn claim_counting(
+        &self,
+        key: &ScopedKey,
+        owner: &OwnerToken,
+        fingerprint: Option<&str>,
+        lease: Duration,
+        memory: Duration,
+    ) -> Result<(Claim, Option<u32>), StoreError> {
+        let claim = self
+            .inner
+            .claim_counting(key, owner, fingerprint, lease, memory);
+        self.run("claim", claim).await
+    }
+    async fn extend(
+        &self,
+        key: &ScopedKey,
+        owner: &OwnerToken,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        self.run("extend", self.inner.extend(key, owner, lease))
+            .await
+    }
+    async fn complete(
+        &self,
+        key: &ScopedKey,
+        owner: &OwnerToken,
+        completion: Completion,
+        retention: Duration,
+    ) -> Result<bool, StoreError> {
+        self.run(
+            "complete",
+            self.inner.complete(key, owner, completion, retention),
+        )
+        .await
+    }
+    async fn release(&self, key: &ScopedKey, owner: &OwnerToken) -> Result<bool, StoreError> {
+        self.run("release", self.inner.release(key, owner)).await
+    }
+    async fn reopen_poisoned(
+        &self,
+        key: &ScopedKey,
+        owner: &OwnerToken,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        self.run("reopen", self.inner.reopen_poisoned(key, owner, lease))
+            .await
+    }
+    async fn health(&self) -> Result<(), StoreError> {
+        self.run("health probe", self.inner.health()).await
+    }
+}

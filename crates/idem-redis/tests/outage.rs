@@ -1,0 +1,82 @@
+//! RedisStore through a TCP fault proxy in front of the real Redis (REDIS_URL's host
+//! must be 127.0.0.1:6379, the default): what the first operation after an outage does.
+#![allow(clippy::unwrap_used)] // test helpers panic on setup failures by design
+
+#[path = "../../../tests/support/fault_proxy.rs"]
+mod fault_proxy;
+
+use std::time::Duration;
+
+use fault_proxy::{FaultProxy, Mode};
+use idem_core::dedup::{Claim, DedupStore, OwnerToken, ScopedKey};
+use idem_redis::RedisStore;
+
+const REDIS: &str = "127.0.0.1:6379";
+
+async fn through(proxy: &FaultProxy, prefix: &str) -> RedisStore {
+    let url = format!("redis://127.0.0.1:{}", proxy.port());
+    match RedisStore::builder(&url).prefix(prefix).connect().await {
+        Ok(s) => s,
+        Err(e) => panic!(
+            "Redis not reachable at {REDIS}: start it with `bash .ci/services` (see README): {e}"
+        ),
+    }
+}
+
+async fn first_claim_after_recovery(mode: Mode) {
+    let proxy = FaultProxy::start(REDIS).await;
+    let prefix = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let store = through(&proxy, &prefix).await;
+    let lease = Duration::from_secs(5);
+    let claim = |k: &str| {
+        let key = ScopedKey::new("outage", k.to_owned());
+        let store = store.clone();
+        async move {
+            store
+                .claim(&key, &OwnerToken::generate(), None, lease)
+                .await
+        }
+    };
+    assert_eq!(claim("before").await.unwrap(), Claim::Acquired);
+
+    proxy.set(mode);
+    for i in 0..3 {
+        assert!(
+            claim(&format!("during-{i}")).await.is_err(),
+            "Redis is cut off"
+        );
+    }
+    // Let the manager's background reconnect fail too: its error is what it keeps.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    proxy.set(Mode::Up);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let first = claim("after").await;
+    assert_eq!(
+        first.as_ref().ok(),
+        Some(&Claim::Acquired),
+        "the first claim after Redis came back failed: {first:?}"
+    );
+
+    let mut conn = store.connection();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(&keys)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn first_claim_after_refused_connections_does_not_get_the_stale_error() {
+    first_claim_after_recovery(Mode::Refuse).await;
+}
+
+#[tokio::test]
+async fn first_claim_after_reset_connections_does_not_get_the_stale_error() {
+    first_claim_after_recovery(Mode::Reset).await;
+}
