@@ -461,6 +461,18 @@ impl Consumer {
             .duration_since(failure.first_failed_at)
             .unwrap_or_default();
         match inner.backoff.next_delay(attempts, since_first) {
+            // The dedup store failed, not the message: an outage never ends in the DLQ,
+            // even for a message on its last attempt (one of the few store failures seen
+            // before the circuit breaker opens). It is retried at its last backoff delay
+            // and the failure is not charged beyond the budget.
+            None if err.is_store_failure() => Disposition::Retry {
+                delay: inner.backoff.delay_after(failed_before.max(1)),
+                explicit: false,
+                failure: Failure {
+                    attempts: failed_before,
+                    ..failure
+                },
+            },
             None => Disposition::DeadLetter(failure),
             Some(computed) => match err.retry_delay() {
                 Some(asked) => Disposition::Retry {

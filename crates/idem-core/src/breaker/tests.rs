@@ -170,8 +170,10 @@ async fn an_outage_longer_than_the_retry_budget_pauses_the_worker_and_dead_lette
 }
 
 #[tokio::test]
-async fn without_a_breaker_the_same_outage_dead_letters() {
-    // The behaviour the breaker exists to prevent, kept visible.
+async fn without_a_breaker_the_same_outage_churns_retries_but_dead_letters_nothing() {
+    // What the breaker saves: without it every delivery keeps hitting the dead store
+    // and making retry copies for the whole outage. Store failures still never end in
+    // the DLQ (a message past its budget is retried, uncharged).
     let broker = MemoryBroker::new();
     for i in 0..20 {
         broker.publish("q", Message::new("{}").with_message_id(format!("m-{i}")));
@@ -191,7 +193,12 @@ async fn without_a_breaker_the_same_outage_dead_letters() {
         .unwrap();
     assert!(consumer.breaker().is_none());
     let stats = broker.worker("q", consumer).run_until_idle().await;
-    assert_eq!(stats.dead_lettered, 20, "{stats}");
+    assert_eq!(stats.dead_lettered, 0, "{stats}");
+    assert_eq!(stats.processed, 20, "{stats}");
+    assert!(
+        stats.retries >= 3 * 20,
+        "every message retried past its budget of 3 while the store was down: {stats}"
+    );
 }
 
 #[tokio::test]
@@ -337,4 +344,43 @@ async fn a_call_that_started_before_the_failures_does_not_reset_the_count() {
     // ...and finishes during it (its completion failing quietly): proves nothing.
     b.record_call(before, false);
     assert!(b.record_store_failure(&"e3"), "the count was not reset");
+}
+
+/// A message on its last attempt meets a store failure (before the breaker has opened):
+/// the store, not the message, failed, so it is retried, never dead-lettered.
+#[tokio::test]
+async fn a_store_failure_on_the_last_attempt_is_retried_not_dead_lettered() {
+    let store = Flaky::default();
+    let consumer = Consumer::builder("c")
+        .store(store.clone())
+        .backoff(backoff())
+        .circuit_breaker(config())
+        .handler(|| async {})
+        .unwrap();
+    store.down.store(true, Ordering::SeqCst);
+    // Two failures already spent of a budget of three.
+    let msg = Message::new("{}")
+        .with_message_id("last-try")
+        .with_header(crate::outcome::headers::ATTEMPTS, 2i64);
+    match consumer.process(msg).await {
+        crate::Disposition::Retry { failure, delay, .. } => {
+            assert_eq!(failure.attempts, 2, "the store failure is not charged");
+            assert_eq!(delay, backoff().delay_after(2));
+        }
+        other => panic!("a store failure on the last attempt must be retried: {other:?}"),
+    }
+    // A failure of the handler itself on the last attempt still dead-letters.
+    store.down.store(false, Ordering::SeqCst);
+    let failing = Consumer::builder("c")
+        .store(store.clone())
+        .backoff(backoff())
+        .handler(|| async { Err::<(), _>(crate::HandlerError::transient("down")) })
+        .unwrap();
+    let msg = Message::new("{}")
+        .with_message_id("last-try-2")
+        .with_header(crate::outcome::headers::ATTEMPTS, 2i64);
+    assert!(matches!(
+        failing.process(msg).await,
+        crate::Disposition::DeadLetter(_)
+    ));
 }
