@@ -21,7 +21,7 @@ use crate::url::redact_url;
 /// Opens a connection named `name` (visible in the management UI and
 /// `rabbitmqctl list_connections name`). Errors never contain the password.
 /// An `amqps://` URL is verified against the system roots; use
-/// [`connect_tls`](crate::tls::connect_tls) for a private CA or a client certificate.
+/// [`connect_tls`] for a private CA or a client certificate.
 pub async fn connect(url: &str, name: &str) -> Result<Connection, Error> {
     connect_tls(url, name, &TlsConfig::default()).await
 }

@@ -5,7 +5,7 @@
 //! see [`idem_core::tls`] and `idem_sql::tls` for the rules.
 //!
 //! A TLS failure (unknown CA, wrong host name, expired certificate, client
-//! certificate refused) is [`CliError::Tls`](crate::error::CliError::Tls), exit code
+//! certificate refused) is [`CliError::Tls`], exit code
 //! 6, distinct from an unreachable host (2). Messages never contain a password or a
 //! key.
 
