@@ -133,7 +133,8 @@ impl StoreError {
 /// `absent -> processing(owner, lease) -> done(retention)`, `processing -> absent` on
 /// release. Every implementation must make each method a single atomic step.
 ///
-/// The behavioural test suite in `idem-tests` runs against every implementation.
+/// The behavioural test suite `idem_core::dedup::conformance` runs against every
+/// implementation.
 #[async_trait]
 pub trait DedupStore: Send + Sync + 'static {
     /// Takes the claim if the key is absent or its lease has expired; records the
