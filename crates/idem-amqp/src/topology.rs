@@ -181,7 +181,7 @@ impl Topology {
     }
 
     /// The tier a retry goes to: the nearest tier for a computed backoff, the smallest
-    /// tier at least `delay` long for an explicit `RetryAfter`.
+    /// tier at least `delay` long for an explicit `HandlerError::retry_after`.
     pub fn tier_for(&self, delay: Duration, explicit: bool) -> Duration {
         if explicit {
             self.tiers.at_least(delay)

@@ -82,7 +82,7 @@ pub enum Disposition {
     Retry {
         /// Requested delay; transports may round it to a delay tier.
         delay: Duration,
-        /// `delay` came from an explicit `RetryAfter` (round up, not to the nearest).
+        /// `delay` came from an explicit `HandlerError::retry_after` (round up, not to the nearest).
         explicit: bool,
         /// The failure.
         failure: Failure,

@@ -154,7 +154,7 @@ impl Backoff {
     /// retry is scheduled within the budget but then waits its whole tier, so the
     /// bound is the budget plus the longest tier used.
     ///
-    /// Explicit `RetryAfter` delays are the handler's choice and not covered (as for
+    /// Explicit `HandlerError::retry_after` delays are the handler's choice and not covered (as for
     /// [`horizon`](Self::horizon)).
     ///
     /// ```

@@ -6,7 +6,7 @@ use std::time::Duration;
 /// A sorted, non-empty set of delays that retries are rounded to.
 ///
 /// Computed backoff delays go to the *nearest* tier (on a log scale); an explicit
-/// `RetryAfter(d)` goes to the smallest tier `>= d` (it asked for "not before"), or the
+/// `HandlerError::retry_after(d)` goes to the smallest tier `>= d` (it asked for "not before"), or the
 /// largest tier if none is that long.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DelayTiers(Vec<Duration>);
