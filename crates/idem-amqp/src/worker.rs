@@ -290,7 +290,7 @@ impl Worker {
             prefetch: 50,
             concurrency: None,
             connection_name: None,
-            broker_timeout: idem_core::consumer::DEFAULT_BROKER_CONSUMER_TIMEOUT,
+            broker_timeout: Duration::from_secs(30 * 60), // RabbitMQ's default consumer_timeout
             shutdown_timeout: Duration::from_secs(30),
             on_settle: None,
             #[cfg(feature = "prometheus")]

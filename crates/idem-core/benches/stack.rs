@@ -54,9 +54,9 @@ fn bench(c: &mut Criterion) {
                 messages(round)
             },
             |msgs| async move {
-                for mut m in msgs {
+                for m in msgs {
                     let Json(order) =
-                        <Json<Order> as idem_core::FromMessage<()>>::from_message(&mut m, &())
+                        <Json<Order> as idem_core::FromMessage<()>>::from_message(&m, &())
                             .expect("valid JSON");
                     handle(Json(order)).await.expect("handler ok");
                 }

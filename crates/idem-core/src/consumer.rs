@@ -20,13 +20,39 @@
 //! assert_eq!(consumer.process(msg()).await, Disposition::Ack { duplicate: true });
 //! # Ok(()) }
 //! ```
+//!
+//! # Tower layers under the handler
+//!
+//! The handler can be wrapped in tower middleware, added with
+//! [`ConsumerBuilder::layer`] or built into the service given to
+//! [`ConsumerBuilder::service`]. Such a service need not be `Clone` or `Sync`
+//! (tower's `RateLimit` is neither): the consumer keeps one instance and its
+//! deliveries take turns, in arrival order, to wait until it is ready and call it;
+//! their handlers then run concurrently. What that means for tower's own layers:
+//!
+//! - `ConcurrencyLimitLayer::new(n)`: at most `n` handlers run at once; the other
+//!   deliveries wait for a slot.
+//! - `RateLimitLayer::new(n, per)`: at most `n` handler starts in each `per`; the
+//!   others wait for the next window.
+//! - `LoadShedLayer` over a limit: a delivery arriving while the limit is reached is
+//!   refused with tower's `Overloaded` error instead of waiting. That error is a
+//!   **transient** failure under the default classifier: the message is retried after
+//!   its backoff delay (it spends an attempt, like any transient failure, so a
+//!   consumer overloaded for longer than its retry budget dead-letters what it sheds).
+//!   Nothing is dropped.
+//!
+//! These layers sit inside the handler timeout and the dedup stage: time spent
+//! waiting for a slot or a rate-limit window counts toward `handler_timeout` (a
+//! delivery that waits longer fails as a transient timeout and is retried), and the
+//! dedup claim is already held while it waits. Put the transport's prefetch (the
+//! deliveries in flight) above the limit, or the limit never binds.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use tower::util::BoxCloneSyncService;
+use tower::util::{BoxCloneSyncService, BoxService};
 use tower::{Layer, Service, ServiceExt};
 use tracing::{field, Instrument};
 
@@ -36,18 +62,18 @@ use crate::classify::{Classify, ClassifyLayer};
 use crate::crash::{CrashGuard, DEFAULT_CRASH_LIMIT};
 use crate::dedup::{DedupLayer, DedupStore, Processed};
 use crate::error::{BoxError, ErrorKind, HandlerError, HandlerTimeoutError};
-use crate::handler::{Handler, HandlerService};
+use crate::handler::{Handler, HandlerService, HandlerState, SharedService};
 use crate::message::Message;
 use crate::outcome::{headers, truncate, Disposition, Failure, MAX_ERROR_LEN};
 
-/// The handler stack below dedup: classified errors, no response.
-pub type ClassifiedService = BoxCloneSyncService<Message, (), HandlerError>;
-/// The stack with dedup: says whether the handler ran or the message was a duplicate.
-pub type DedupedService = BoxCloneSyncService<Message, Processed, HandlerError>;
+use crate::__private::{ClassifiedService, DedupedService};
 
-/// RabbitMQ's default `consumer_timeout`: a delivery unacked for longer makes the
-/// broker close the channel and redeliver everything unacked on it.
-pub const DEFAULT_BROKER_CONSUMER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// The service a layer given to [`ConsumerBuilder::layer`] wraps: the handler (and the
+/// layers added after this one), boxed, with its errors as [`BoxError`]s that keep
+/// their classification.
+pub type HandlerStack = BoxService<Message, (), BoxError>;
+
+type LayerFn = Box<dyn FnOnce(HandlerStack) -> HandlerStack + Send + Sync>;
 
 /// A dedup stage: wraps the classified handler stack. Implemented by
 /// [`DedupLayer`] (lease stores) and by the SQL transactional inbox.
@@ -236,6 +262,7 @@ pub struct ConsumerBuilder {
     handler_timeout: Duration,
     crash_limit: u32,
     breaker: BreakerSetting,
+    layers: Vec<LayerFn>,
 }
 
 enum BreakerSetting {
@@ -259,6 +286,7 @@ impl Consumer {
             handler_timeout: Duration::from_secs(300),
             crash_limit: DEFAULT_CRASH_LIMIT,
             breaker: BreakerSetting::Default,
+            layers: Vec::new(),
         }
     }
 
@@ -553,34 +581,103 @@ impl ConsumerBuilder {
         self
     }
 
+    /// Wraps the handler in a tower layer: tower's `ConcurrencyLimitLayer`,
+    /// `RateLimitLayer`, `LoadShedLayer`, a whole `ServiceBuilder`, or your own. The
+    /// layer's service needs to be neither `Clone` nor `Sync`: the consumer shares one
+    /// instance between its deliveries, each waiting for it to be ready and calling it
+    /// in turn (see the [module docs](self#tower-layers-under-the-handler)). Layers
+    /// added first are outermost (they see a message first), as with
+    /// `ServiceBuilder::layer`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower::limit::{ConcurrencyLimitLayer, RateLimitLayer};
+    /// use idem_core::{Consumer, Message, MemoryStore};
+    ///
+    /// async fn handle(msg: Message) { let _ = msg; }
+    ///
+    /// let consumer = Consumer::builder("orders")
+    ///     .store(MemoryStore::new())
+    ///     .layer(RateLimitLayer::new(100, Duration::from_secs(1))) // 100 handler starts a second
+    ///     .layer(ConcurrencyLimitLayer::new(4))                    // at most 4 at once
+    ///     .handler(handle)?;
+    /// # Ok::<(), idem_core::ConfigError>(())
+    /// ```
+    pub fn layer<L>(mut self, layer: L) -> Self
+    where
+        L: Layer<HandlerStack> + Send + Sync + 'static,
+        L::Service: Service<Message, Response = ()> + Send + 'static,
+        <L::Service as Service<Message>>::Error: Into<BoxError>,
+        <L::Service as Service<Message>>::Future: Send + 'static,
+    {
+        self.layers.push(Box::new(move |inner| {
+            BoxService::new(layer.layer(inner).map_err(Into::<BoxError>::into))
+        }));
+        self
+    }
+
     /// Finishes with an async fn handler that uses no shared state.
     pub fn handler<H, T>(self, handler: H) -> Result<Consumer, ConfigError>
     where
         H: Handler<T, ()>,
         T: 'static,
     {
-        self.service(HandlerService::new(handler, ()))
+        self.finish_cloneable(HandlerService::new(handler, ()))
     }
 
     /// Finishes with an async fn handler and the state its [`State`](crate::State)
-    /// extractor reads.
+    /// extractor reads (see [`HandlerState`] for what a state must be).
     pub fn handler_with_state<H, T, S>(self, handler: H, state: S) -> Result<Consumer, ConfigError>
     where
         H: Handler<T, S>,
         T: 'static,
-        S: Clone + Send + Sync + 'static,
+        S: HandlerState,
     {
-        self.service(HandlerService::new(handler, state))
+        self.finish_cloneable(HandlerService::new(handler, state))
     }
 
     /// Finishes with any `tower::Service` over messages, e.g. a handler wrapped in
-    /// tower's own layers (concurrency limit, rate limit, load shed).
+    /// tower's own middleware with a `ServiceBuilder`. The service need not be `Clone`
+    /// or `Sync`: the consumer shares one instance between its deliveries, as for
+    /// [`layer`](Self::layer), and applies the layers given there around it.
     pub fn service<S>(self, service: S) -> Result<Consumer, ConfigError>
     where
-        S: Service<Message, Response = ()> + Clone + Send + Sync + 'static,
+        S: Service<Message, Response = ()> + Send + 'static,
         S::Error: Into<BoxError>,
         S::Future: Send + 'static,
     {
+        self.finish_shared(BoxService::new(service.map_err(Into::<BoxError>::into)))
+    }
+
+    /// A handler service that is `Clone + Sync` and always ready runs as is, one
+    /// clone per delivery, unless layers were added.
+    fn finish_cloneable<S>(self, service: S) -> Result<Consumer, ConfigError>
+    where
+        S: Service<Message, Response = (), Error = HandlerError> + Clone + Send + Sync + 'static,
+        S::Future: Send + 'static,
+    {
+        if self.layers.is_empty() {
+            let boxed = BoxCloneSyncService::new(service.map_err(BoxError::from));
+            self.build(boxed)
+        } else {
+            self.finish_shared(BoxService::new(service.map_err(BoxError::from)))
+        }
+    }
+
+    fn finish_shared(mut self, service: HandlerStack) -> Result<Consumer, ConfigError> {
+        // The first layer added is the outermost: apply the last one first.
+        let layers = std::mem::take(&mut self.layers);
+        let stack = layers
+            .into_iter()
+            .rev()
+            .fold(service, |inner, wrap| wrap(inner));
+        self.build(BoxCloneSyncService::new(SharedService::new(stack)))
+    }
+
+    fn build(
+        self,
+        service: BoxCloneSyncService<Message, (), BoxError>,
+    ) -> Result<Consumer, ConfigError> {
         let name = self.name.trim().to_owned();
         if name.is_empty() || name.len() > 200 || name.chars().any(char::is_control) {
             return Err(ConfigError::InvalidName(self.name));
@@ -642,7 +739,6 @@ impl ConsumerBuilder {
                 counters: Counters::default(),
             }),
         };
-        consumer.check_broker_timeout(DEFAULT_BROKER_CONSUMER_TIMEOUT)?;
         Ok(consumer)
     }
 }

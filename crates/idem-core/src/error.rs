@@ -90,8 +90,9 @@ impl HandlerError {
     }
 
     /// The message is being processed elsewhere under a live lease: retry after
-    /// `delay` without spending an attempt.
-    pub fn busy(delay: Duration) -> Self {
+    /// `delay` without spending an attempt. Crate-private: a handler returning it would
+    /// be retried forever (dedup stages in other crates use `__private::busy`).
+    pub(crate) fn busy(delay: Duration) -> Self {
         let mut e = Self::retry_after(delay, "message is being processed by another worker");
         e.counts_attempt = false;
         e
@@ -110,8 +111,9 @@ impl HandlerError {
 
     /// Hand the delivery back to the broker untouched: no attempt spent, no retry copy,
     /// never dead-lettered ([`Disposition::Release`](crate::Disposition::Release)). The
-    /// circuit breaker turns store failures into this while it is open.
-    pub fn release(err: impl Into<BoxError>) -> Self {
+    /// circuit breaker turns store failures into this while it is open. Crate-private,
+    /// like `busy`: a handler returning it would loop.
+    pub(crate) fn release(err: impl Into<BoxError>) -> Self {
         let mut e = Self::transient(err);
         e.counts_attempt = false;
         e.release = true;
@@ -119,7 +121,7 @@ impl HandlerError {
     }
 
     /// This error, turned into a [release](Self::release) (its message and key kept).
-    pub fn into_release(mut self) -> Self {
+    pub(crate) fn into_release(mut self) -> Self {
         self.kind = Some(ErrorKind::Transient);
         self.counts_attempt = false;
         self.release = true;
@@ -132,7 +134,7 @@ impl HandlerError {
     }
 
     /// Whether the delivery is to be handed back untouched (see [`release`](Self::release)).
-    pub fn is_release(&self) -> bool {
+    pub(crate) fn is_release(&self) -> bool {
         self.release
     }
 
@@ -158,7 +160,10 @@ impl HandlerError {
     }
 
     /// Decides the kind if it is not decided yet.
-    pub fn classify_with(mut self, f: impl FnOnce(&(dyn StdError + 'static)) -> ErrorKind) -> Self {
+    pub(crate) fn classify_with(
+        mut self,
+        f: impl FnOnce(&(dyn StdError + 'static)) -> ErrorKind,
+    ) -> Self {
         if self.kind.is_none() {
             self.kind = Some(f(self.source.as_ref()));
         }
@@ -171,16 +176,16 @@ impl HandlerError {
     }
 
     /// Whether this failure spends one attempt of the retry budget.
-    pub fn counts_attempt(&self) -> bool {
+    pub(crate) fn counts_attempt(&self) -> bool {
         self.counts_attempt
     }
 
-    /// The idempotence key of the failed message, when the dedup layer found one.
+    /// The idempotency key of the failed message, when the dedup layer found one.
     pub fn key(&self) -> Option<&str> {
         self.key.as_deref()
     }
 
-    /// Records the idempotence key of the failed message (kept if one is already set),
+    /// Records the idempotency key of the failed message (kept if one is already set),
     /// for the `x-idem-key` dead-letter header. Dedup stages call this.
     pub fn with_key(mut self, key: &str) -> Self {
         if self.key.is_none() {
@@ -302,6 +307,20 @@ impl<T, E: Into<BoxError>> ResultExt<T> for Result<T, E> {
 }
 
 /// What a handler may return: `()`, `Result<(), E>` with `E: Into<HandlerError>`.
+///
+/// Every `std::error::Error + Send + Sync + 'static` converts into a
+/// [`HandlerError`]; a `String` or `&str` does not (wrap it:
+/// `HandlerError::permanent(text)`). Any other return type is refused:
+///
+/// ```compile_fail,E0277
+/// fn check<R: idem_core::IntoHandlerResult>(_: R) {}
+/// check(Some(1));
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a handler result",
+    label = "a handler returns `()` or `Result<(), E>` with `E: Into<HandlerError>`",
+    note = "any `std::error::Error + Send + Sync + 'static` converts into `HandlerError`; wrap text with `HandlerError::permanent(..)` or `HandlerError::transient(..)`"
+)]
 pub trait IntoHandlerResult {
     /// Converts into the handler result.
     fn into_handler_result(self) -> Result<(), HandlerError>;

@@ -2,7 +2,7 @@
 //!
 //! A consumer is a plain `async fn`. idem wraps it in a tower stack that classifies
 //! failures (transient -> retry with backoff, permanent -> dead-letter at once),
-//! deduplicates by idempotence key through a [`DedupStore`], and tells the transport
+//! deduplicates by idempotency key through a [`DedupStore`], and tells the transport
 //! what to do with each delivery ([`Disposition`]). This crate holds everything that
 //! does not depend on a broker or a database, plus an in-memory broker and store so the
 //! whole stack runs with no services.
@@ -54,11 +54,50 @@ pub use error::{
     BoxError, ErrorKind, HandlerError, HandlerTimeoutError, IntoHandlerResult, ResultExt,
 };
 pub use handler::{
-    Attempt, Body, FromMessage, Handler, HandlerService, IdempotencyKey, Json, Metadata, State,
+    Attempt, Body, FromMessage, Handler, HandlerService, IdempotencyKey, Json, Metadata,
+    OptionalFromMessage, State,
 };
 pub use message::{
     DeliveryInfo, Extensions, HeaderValue, Headers, Message, Properties, UnmappedHeaders,
 };
 pub use outcome::{Disposition, Failure};
+// Kept at the root, hidden, until every idem crate calls them through `__private`.
+#[doc(hidden)]
 pub use redact::{redact_in, redact_url};
 pub use tls::{TlsConfig, TlsConfigError, TlsFailure};
+
+/// Plumbing shared between the idem crates. **Not public API**: anything here may
+/// change or disappear in any release, without notice. Use the documented items of
+/// this crate instead.
+#[doc(hidden)]
+pub mod __private {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::time::Duration;
+
+    use tower::util::BoxCloneSyncService;
+
+    use crate::dedup::Processed;
+    use crate::error::HandlerError;
+    use crate::message::Message;
+
+    pub use crate::dedup::key::{resolve_key, sha256_hex};
+    pub use crate::outcome::{parse_rfc3339, rfc3339, truncate};
+    pub use crate::redact::{redact_in, redact_url};
+
+    /// A boxed `Send` future.
+    pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+    /// The handler stack below dedup: classified errors, no response.
+    pub type ClassifiedService = BoxCloneSyncService<Message, (), HandlerError>;
+
+    /// The stack with dedup: says whether the handler ran or the message was a duplicate.
+    pub type DedupedService = BoxCloneSyncService<Message, Processed, HandlerError>;
+
+    /// The message is being processed elsewhere under a live lease: retry after `delay`
+    /// without spending an attempt. For dedup stages only: a handler returning this
+    /// would be retried forever.
+    pub fn busy(delay: Duration) -> HandlerError {
+        HandlerError::busy(delay)
+    }
+}

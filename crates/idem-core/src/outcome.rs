@@ -154,6 +154,7 @@ impl Failure {
 /// says how many bytes were cut: `... [N bytes cut]`, where `N` is the length of `s`
 /// minus the length of the part kept. `max` should leave room for the marker (about 30
 /// bytes); with less, only the marker is returned.
+#[doc(hidden)] // not API: reached through `crate::__private`
 pub fn truncate(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_owned();
@@ -173,6 +174,7 @@ fn marker(cut: usize) -> String {
 }
 
 /// Formats a time as RFC 3339 UTC with millisecond precision.
+#[doc(hidden)] // not API: reached through `crate::__private`
 pub fn rfc3339(t: SystemTime) -> String {
     let ms = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis()) as i64;
     let (days, rem) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
@@ -189,6 +191,7 @@ pub fn rfc3339(t: SystemTime) -> String {
 /// Parses what [`rfc3339`] writes (UTC, `Z` suffix, optional fraction of 1 to 9
 /// digits, of which milliseconds are kept). `None` for anything else, including
 /// out-of-range fields (month 13, hour 24, year past 9999) and times before 1970.
+#[doc(hidden)] // not API: reached through `crate::__private`
 pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
     fn num(p: &str, len: usize, max: i64) -> Option<i64> {
         if p.len() != len || !p.bytes().all(|b| b.is_ascii_digit()) {

@@ -8,14 +8,15 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use idem_core::__private::{busy, resolve_key, sha256_hex, BoxFuture};
+use idem_core::__private::{ClassifiedService, DedupedService};
 use idem_core::breaker::HealthCheck;
-use idem_core::consumer::{ClassifiedService, DedupedService, Deduplicate};
+use idem_core::consumer::Deduplicate;
 use idem_core::crash::CrashGuard;
 use idem_core::dedup::{
-    resolve_key, sha256_hex, DefaultKey, KeyExtractor, MissingKey, PayloadMismatchError,
-    PreviouslyPoisonedError, StoreError, DEFAULT_STORE_TIMEOUT, REPLAY_HEADER,
+    DefaultKey, KeyExtractor, MissingKey, PayloadMismatchError, PreviouslyPoisonedError,
+    StoreError, DEFAULT_STORE_TIMEOUT, REPLAY_HEADER,
 };
-use idem_core::handler::BoxFuture;
 use idem_core::{ErrorKind, FromMessage, HandlerError, IdempotencyKey, Message, Processed};
 use sqlx::{Pool, Transaction};
 use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
@@ -107,7 +108,7 @@ impl<DB: Backend> DerefMut for TxConn<'_, DB> {
 struct InboxTx<DB: Backend>(Slot<DB>);
 
 impl<DB: Backend, S> FromMessage<S> for Tx<DB> {
-    fn from_message(msg: &mut Message, _state: &S) -> Result<Self, HandlerError> {
+    fn from_message(msg: &Message, _state: &S) -> Result<Self, HandlerError> {
         msg.extensions
             .get::<InboxTx<DB>>()
             .map(|t| Tx { slot: t.0.clone() })
@@ -725,7 +726,7 @@ async fn run_keyed<DB: Backend>(
                 Ok(Entry::Duplicate) => Ok(Processed::Duplicate),
                 Ok(Entry::Poisoned) => Err(HandlerError::permanent(PreviouslyPoisonedError(key))),
                 Ok(Entry::Mismatch) => Err(HandlerError::permanent(PayloadMismatchError(key))),
-                Ok(_) => Err(HandlerError::busy(inbox.busy_delay)),
+                Ok(_) => Err(busy(inbox.busy_delay)),
                 Err(e) => Err(e),
             };
         }

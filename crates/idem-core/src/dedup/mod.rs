@@ -41,15 +41,15 @@
 
 mod bounded;
 pub mod conformance;
-mod key;
+pub(crate) mod key;
 mod layer;
 mod memory;
 mod store;
 
 pub use bounded::{Bounded, DEFAULT_STORE_TIMEOUT};
 pub use key::{
-    resolve_key, sha256_hex, DefaultKey, HeaderKey, JsonFieldKey, KeyExtractor, KeyTooLongError,
-    KeyTypeError, MissingKey, MissingKeyError, MAX_KEY_LEN,
+    DefaultKey, HeaderKey, JsonFieldKey, KeyExtractor, KeyTooLongError, KeyTypeError, MissingKey,
+    MissingKeyError, MAX_KEY_LEN,
 };
 pub use layer::{
     DedupLayer, DedupService, PayloadMismatchError, PreviouslyPoisonedError, Processed,

@@ -17,8 +17,8 @@
 //! async fn handle(
 //!     State(app): State<App>,
 //!     key: IdempotencyKey,
-//!     Attempt(attempt): Attempt,
-//!     Json(order): Json<Order>, // the body-consuming extractor goes last
+//!     Json(order): Json<Order>,
+//!     Attempt(attempt): Attempt, // extractors only read the message: any order works
 //! ) -> Result<(), HandlerError> {
 //!     println!("{key} attempt {attempt}: {} {} {}", order.id, order.cents, app.currency);
 //!     Ok(())
@@ -29,35 +29,105 @@
 //! ```
 
 mod extract;
+mod shared;
 
 pub use extract::{
-    Attempt, Body, FromMessage, IdempotencyKey, Json, JsonRejection, Metadata, State,
+    Attempt, Body, FromMessage, IdempotencyKey, Json, JsonRejection, Metadata, OptionalFromMessage,
+    State,
 };
 
 use std::future::Future;
 use std::marker::PhantomData;
-use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use crate::error::{HandlerError, IntoHandlerResult};
 use crate::message::Message;
 
-/// A boxed future, as returned by [`Handler::call`].
-pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+pub(crate) use crate::__private::BoxFuture;
+pub(crate) use shared::SharedService;
 
 /// An async function usable as a message handler.
 ///
 /// Implemented for `async fn`s of up to eight arguments, each a [`FromMessage`]
-/// extractor. `T` is a marker that keeps the implementations apart; `S` is the shared
-/// state type given to [`State`].
+/// extractor, returning `()` or `Result<(), E>` with `E: Into<HandlerError>` (see
+/// [`IntoHandlerResult`]). `T` is a marker that keeps the implementations apart; `S` is
+/// the shared state type given to [`State`].
+///
+/// When a function is not a handler, the compiler says so at the call that takes it
+/// (`handler`, `handler_with_state`, [`HandlerService::new`]), but not which argument
+/// or return type is at fault. Check each argument against [`FromMessage`] (an
+/// `Option<T>` needs [`OptionalFromMessage`]) and the return type against
+/// [`IntoHandlerResult`]. A function returning something else is refused:
+///
+/// ```compile_fail,E0277
+/// use idem_core::Consumer;
+///
+/// async fn handle() -> u32 { 7 } // not a handler result
+///
+/// let _ = Consumer::builder("c").handler(handle);
+/// ```
+///
+/// and so is an error type that is not a `std::error::Error` (`String` is not):
+///
+/// ```compile_fail,E0277
+/// use idem_core::Consumer;
+///
+/// async fn handle() -> Result<(), String> { Err("no".into()) }
+///
+/// let _ = Consumer::builder("c").handler(handle);
+/// ```
+///
+/// while the same function with a handler result is accepted:
+///
+/// ```
+/// use idem_core::{Consumer, HandlerError};
+///
+/// async fn handle() -> Result<(), HandlerError> { Err(HandlerError::permanent("no")) }
+///
+/// let _ = Consumer::builder("c").handler(handle);
+/// ```
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not a valid idem handler",
-    note = "a handler is an `async fn` whose arguments all implement `FromMessage` and that returns `()` or `Result<(), E>` with `E: Into<HandlerError>`"
+    label = "not an idem handler",
+    note = "a handler is an `async fn` (Clone + Send + Sync, with a Send future) of up to 8 arguments, each implementing `FromMessage` (`Option<T>` needs `T: OptionalFromMessage`), returning `()` or `Result<(), E>` with `E: Into<HandlerError>` (any `std::error::Error + Send + Sync + 'static`; a `String` is not one)"
 )]
 pub trait Handler<T, S>: Clone + Send + Sync + Sized + 'static {
     /// Runs the handler on a message.
     fn call(self, msg: Message, state: S) -> BoxFuture<Result<(), HandlerError>>;
 }
+
+/// What a handler's shared state must be: `Clone + Send + Sync + 'static`, since every
+/// delivery gets a clone of it. Implemented for every such type; put a state that is
+/// not `Clone` (a pool without cheap clones, a cache) in an `Arc`.
+///
+/// ```compile_fail,E0277
+/// use idem_core::{Consumer, State};
+///
+/// struct App { db: String } // not Clone
+///
+/// async fn handle(State(app): State<std::sync::Arc<App>>) { let _ = &app.db; }
+///
+/// let _ = Consumer::builder("c").handler_with_state(handle, App { db: "x".into() });
+/// ```
+///
+/// ```
+/// use idem_core::{Consumer, State};
+///
+/// struct App { db: String }
+///
+/// async fn handle(State(app): State<std::sync::Arc<App>>) { let _ = &app.db; }
+///
+/// let app = std::sync::Arc::new(App { db: "x".into() });
+/// let _ = Consumer::builder("c").handler_with_state(handle, app);
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be a handler's state: it must be Clone + Send + Sync + 'static",
+    label = "every delivery gets a clone of the state",
+    note = "derive or implement `Clone`, or wrap the state in an `Arc`"
+)]
+pub trait HandlerState: Clone + Send + Sync + 'static {}
+
+impl<S: Clone + Send + Sync + 'static> HandlerState for S {}
 
 macro_rules! impl_handler {
     ($($ty:ident),*) => {
@@ -70,9 +140,9 @@ macro_rules! impl_handler {
             S: Send + Sync + 'static,
             $($ty: FromMessage<S> + Send + 'static,)*
         {
-            fn call(self, mut msg: Message, state: S) -> BoxFuture<Result<(), HandlerError>> {
+            fn call(self, msg: Message, state: S) -> BoxFuture<Result<(), HandlerError>> {
                 $(
-                    let $ty = match $ty::from_message(&mut msg, &state) {
+                    let $ty = match $ty::from_message(&msg, &state) {
                         Ok(v) => v,
                         Err(e) => return Box::pin(std::future::ready(Err(e))),
                     };
@@ -104,7 +174,7 @@ pub struct HandlerService<H, T, S> {
 impl<H, T, S> HandlerService<H, T, S>
 where
     H: Handler<T, S>,
-    S: Clone + Send + Sync + 'static,
+    S: HandlerState,
 {
     /// Wraps a handler and the state its [`State`] extractor reads.
     pub fn new(handler: H, state: S) -> Self {
@@ -129,7 +199,7 @@ impl<H: Clone, T, S: Clone> Clone for HandlerService<H, T, S> {
 impl<H, T, S> tower::Service<Message> for HandlerService<H, T, S>
 where
     H: Handler<T, S>,
-    S: Clone + Send + Sync + 'static,
+    S: HandlerState,
 {
     type Response = ();
     type Error = HandlerError;
@@ -148,6 +218,8 @@ where
 mod tests {
     use super::*;
     use crate::error::ErrorKind;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
     use tower::ServiceExt;
 
     async fn zero() {}
@@ -171,6 +243,105 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.chain(), "3 bytes");
         assert_eq!(err.kind(), None, "left to the classifier");
+    }
+
+    #[derive(serde::Deserialize)]
+    struct Order {
+        cents: u64,
+    }
+
+    async fn whole_then_json(m: Message, Json(o): Json<Order>) -> Result<(), HandlerError> {
+        assert_eq!(
+            m.body, r#"{"cents":500}"#,
+            "the Message extractor saw the body"
+        );
+        assert_eq!(o.cents, 500, "Json after Message still sees the body");
+        Ok(())
+    }
+
+    async fn json_then_whole(Json(o): Json<Order>, m: Message) -> Result<(), HandlerError> {
+        assert_eq!((o.cents, m.body.len()), (500, 13));
+        Ok(())
+    }
+
+    async fn whole_then_key(m: Message, key: IdempotencyKey) -> Result<(), HandlerError> {
+        assert_eq!(m.properties.message_id.as_deref(), Some("m-1"));
+        assert_eq!(key.as_str(), "m-1", "the key after Message is still there");
+        Ok(())
+    }
+
+    /// Stands for the SQL inbox's `Tx`: an extractor that reads a value a dedup stage
+    /// put in the extensions, and fails if it is missing.
+    #[derive(Clone)]
+    struct Slot(Arc<AtomicUsize>);
+    struct SlotArg(Arc<AtomicUsize>);
+    impl<S> FromMessage<S> for SlotArg {
+        fn from_message(msg: &Message, _state: &S) -> Result<Self, HandlerError> {
+            msg.extensions
+                .get::<Slot>()
+                .map(|s| SlotArg(s.0.clone()))
+                .ok_or_else(|| HandlerError::permanent("no slot"))
+        }
+    }
+
+    async fn whole_then_slot(m: Message, SlotArg(n): SlotArg) -> Result<(), HandlerError> {
+        assert!(
+            m.extensions.get::<Slot>().is_some(),
+            "Message keeps extensions"
+        );
+        n.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn the_message_extractor_takes_nothing_from_the_others() {
+        let msg = || {
+            Message::new(r#"{"cents":500}"#)
+                .with_content_type("application/json")
+                .with_message_id("m-1")
+        };
+        HandlerService::new(whole_then_json, ())
+            .oneshot(msg())
+            .await
+            .unwrap();
+        HandlerService::new(json_then_whole, ())
+            .oneshot(msg())
+            .await
+            .unwrap();
+        HandlerService::new(whole_then_key, ())
+            .oneshot(msg())
+            .await
+            .unwrap();
+        let n = Arc::new(AtomicUsize::new(0));
+        let mut m = msg();
+        m.extensions.insert(Slot(n.clone()));
+        HandlerService::new(whole_then_slot, ())
+            .oneshot(m)
+            .await
+            .unwrap();
+        assert_eq!(n.load(Ordering::SeqCst), 1, "the handler ran with its slot");
+    }
+
+    #[tokio::test]
+    async fn message_before_json_through_a_consumer_is_processed_not_dead_lettered() {
+        let consumer = crate::Consumer::builder("c")
+            .store(crate::MemoryStore::new())
+            .handler(whole_then_json)
+            .unwrap();
+        let m = Message::new(r#"{"cents":500}"#).with_message_id("m-1");
+        assert_eq!(
+            consumer.process(m).await,
+            crate::Disposition::Ack { duplicate: false }
+        );
+        let consumer = crate::Consumer::builder("c2")
+            .store(crate::MemoryStore::new())
+            .handler(whole_then_key)
+            .unwrap();
+        let m = Message::new("x").with_message_id("m-1");
+        assert_eq!(
+            consumer.process(m).await,
+            crate::Disposition::Ack { duplicate: false }
+        );
     }
 
     #[tokio::test]
