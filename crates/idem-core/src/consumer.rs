@@ -665,13 +665,16 @@ impl ConsumerBuilder {
     }
 
     fn finish_shared(mut self, service: HandlerStack) -> Result<Consumer, ConfigError> {
-        // The first layer added is the outermost: apply the last one first.
         let layers = std::mem::take(&mut self.layers);
-        let stack = layers
-            .into_iter()
-            .rev()
-            .fold(service, |inner, wrap| wrap(inner));
-        self.build(BoxCloneSyncService::new(SharedService::new(stack)))
+        // Built on the first delivery, inside the runtime (tower's RateLimit needs one).
+        // The first layer added is the outermost: apply the last one first.
+        let stack = SharedService::lazy(move || {
+            layers
+                .into_iter()
+                .rev()
+                .fold(service, |inner, wrap| wrap(inner))
+        });
+        self.build(BoxCloneSyncService::new(stack))
     }
 
     fn build(

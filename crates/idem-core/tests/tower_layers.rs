@@ -213,3 +213,30 @@ async fn a_shed_delivery_is_a_transient_failure_naming_the_overload() {
     assert!(first.starts_with("Ack"), "{first}");
     assert_eq!(runs.lock().unwrap().len(), 1);
 }
+
+#[test]
+fn a_consumer_with_layers_is_built_outside_a_runtime() {
+    // tower's RateLimit needs a runtime when it is created: the consumer creates its
+    // layers on the first delivery, so building it here, with no runtime, is fine.
+    let starts = Starts::default();
+    let consumer = Consumer::builder("outside")
+        .layer(RateLimitLayer::new(1, Duration::from_secs(1)))
+        .handler_with_state(record_start, starts.clone())
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        for i in 0..2 {
+            let d = consumer
+                .process(Message::new("{}").with_message_id(format!("m-{i}")))
+                .await;
+            assert!(format!("{d:?}").starts_with("Ack"), "{d:?}");
+        }
+    });
+    let starts = starts.lock().unwrap();
+    assert_eq!(starts.len(), 2);
+    assert!(starts[1].duration_since(starts[0]) >= Duration::from_millis(900));
+}

@@ -1,31 +1,4 @@
-//! Extractors: values a handler takes as arguments.
-//!
-//! Every extractor reads the message through a shared reference: none of them takes
-//! anything out of it, so arguments can come in any order and several extractors can
-//! read the same part (a [`Message`] and a [`Json`] of its body, a [`Message`] and the
-//! SQL inbox's transaction). The body is [`Bytes`], so the copies extractors make are
-//! reference-counted, not copies of the payload.
-//!
-//! # Required and optional arguments
-//!
-//! A plain argument is required: if the extractor fails, the handler does not run and
-//! the extractor's error decides the outcome (a JSON payload that does not decode is
-//! permanent, for example).
-//!
-//! `Option<T>` is for a value that may legitimately be *absent*; it is not a way to
-//! ignore a *broken* one. It is available only for the extractors that implement
-//! [`OptionalFromMessage`], and each of them says what "absent" means:
-//!
-//! | argument | `None` when | still an error when |
-//! |---|---|---|
-//! | `Option<Body>` | the body is empty (0 bytes) | never |
-//! | `Option<Json<T>>` | the body is empty (0 bytes) | the body is there and does not decode, or the content type is not JSON (permanent) |
-//! | `Option<IdempotencyKey>` | the message carries no key | the key header has a type that cannot be a key, or the key is longer than [`MAX_KEY_LEN`](crate::dedup::MAX_KEY_LEN) (permanent) |
-//!
-//! [`Message`], [`Metadata`], [`Attempt`] and [`State`] are always there, so they have
-//! no optional form (`Option<Attempt>` does not compile). To see a failure instead of
-//! having it decide the outcome, take `Result<T, HandlerError>`: the handler then runs
-//! with the extractor's error in hand.
+//! Extractors: values a handler takes as arguments (documented in the parent module).
 
 use std::fmt;
 use std::ops::Deref;
@@ -53,6 +26,26 @@ use crate::message::{DeliveryInfo, Headers, Message, Properties};
 ///
 /// let _ = Consumer::builder("c").handler(handle);
 /// ```
+///
+/// Implementing the trait makes it one:
+///
+/// ```
+/// use idem_core::{Consumer, FromMessage, HandlerError, Message};
+///
+/// struct Tenant(String);
+///
+/// impl<S> FromMessage<S> for Tenant {
+///     fn from_message(msg: &Message, _state: &S) -> Result<Self, HandlerError> {
+///         msg.header_str("tenant")
+///             .map(|t| Tenant(t.to_owned()))
+///             .ok_or_else(|| HandlerError::permanent("no tenant header"))
+///     }
+/// }
+///
+/// async fn handle(_x: Tenant) {}
+///
+/// let _ = Consumer::builder("c").handler(handle);
+/// ```
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be extracted from a message",
     label = "not an idem extractor",
@@ -67,13 +60,32 @@ pub trait FromMessage<S>: Sized {
 /// extractor too.
 ///
 /// `Ok(None)` means "absent" (no body, no key); a value that is there but broken is
-/// still an `Err`. See the [module docs](self) for what each extractor counts as
-/// absent.
+/// still an `Err`. See the [module docs](crate::handler#required-and-optional-arguments) for
+/// what each extractor counts as absent.
 #[diagnostic::on_unimplemented(
     message = "`Option<{Self}>` is not an extractor: `{Self}` has no optional form",
     label = "`{Self}` is either always present or cannot be told absent from broken",
     note = "`Option<T>` needs `T: OptionalFromMessage` (Body, Json<T>, IdempotencyKey); to handle an extractor's failure yourself, take `Result<T, HandlerError>`"
 )]
+///
+/// `Option` of an extractor that is always there, or that cannot tell "absent" from
+/// "broken", does not compile:
+///
+/// ```compile_fail,E0277
+/// use idem_core::{Attempt, Consumer};
+///
+/// async fn handle(_attempt: Option<Attempt>) {}
+///
+/// let _ = Consumer::builder("c").handler(handle);
+/// ```
+///
+/// ```
+/// use idem_core::{Attempt, Consumer, IdempotencyKey};
+///
+/// async fn handle(_attempt: Attempt, _key: Option<IdempotencyKey>) {}
+///
+/// let _ = Consumer::builder("c").handler(handle);
+/// ```
 pub trait OptionalFromMessage<S>: Sized {
     /// Builds the value, or `None` if the message does not carry one.
     fn from_message_optional(msg: &Message, state: &S) -> Result<Option<Self>, HandlerError>;

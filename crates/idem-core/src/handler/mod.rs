@@ -2,8 +2,10 @@
 //!
 //! Any `async fn` whose arguments all implement [`FromMessage`] and whose return value
 //! implements [`IntoHandlerResult`] is a [`Handler`]. [`HandlerService`] turns one into
-//! a `tower::Service<Message>`, so tower's own layers (timeout, concurrency limit, rate
-//! limit, load shed) stack on it.
+//! a `tower::Service<Message>`. To put tower's own middleware (concurrency limit, rate
+//! limit, load shed) under a handler, give the layers to
+//! [`ConsumerBuilder::layer`](crate::ConsumerBuilder::layer); see
+//! [Tower layers under the handler](crate::consumer#tower-layers-under-the-handler).
 //!
 //! ```
 //! use idem_core::{Attempt, HandlerError, HandlerService, IdempotencyKey, Json, State};
@@ -27,6 +29,36 @@
 //! let service = HandlerService::new(handle, App { currency: "EUR" });
 //! # let _ = service;
 //! ```
+//!
+//! # Extractors
+//!
+//! Every extractor reads the message through a shared reference: none of them takes
+//! anything out of it, so arguments can come in any order and several extractors can
+//! read the same part (a [`Message`] and a [`Json`] of its body, a [`Message`] and the
+//! SQL inbox's transaction). The body is [`Bytes`](bytes::Bytes), so the copies extractors make are
+//! reference-counted, not copies of the payload. Your own types become extractors by
+//! implementing [`FromMessage`] (the SQL inbox's `Tx` is one).
+//!
+//! ## Required and optional arguments
+//!
+//! A plain argument is required: if the extractor fails, the handler does not run and
+//! the extractor's error decides the outcome (a JSON payload that does not decode is
+//! permanent, for example).
+//!
+//! `Option<T>` is for a value that may legitimately be *absent*; it is not a way to
+//! ignore a *broken* one. It is available only for the extractors that implement
+//! [`OptionalFromMessage`], and each of them says what "absent" means:
+//!
+//! | argument | `None` when | still an error when |
+//! |---|---|---|
+//! | `Option<Body>` | the body is empty (0 bytes) | never |
+//! | `Option<Json<T>>` | the body is empty (0 bytes) | the body is there and does not decode, or the content type is not JSON (permanent) |
+//! | `Option<IdempotencyKey>` | the message carries no key | the key header has a type that cannot be a key, or the key is longer than [`MAX_KEY_LEN`](crate::dedup::MAX_KEY_LEN) (permanent) |
+//!
+//! [`Message`], [`Metadata`], [`Attempt`] and [`State`] are always there, so they have
+//! no optional form (`Option<Attempt>` does not compile). To see a failure instead of
+//! having it decide the outcome, take `Result<T, HandlerError>`: the handler then runs
+//! with the extractor's error in hand.
 
 mod extract;
 mod shared;
@@ -101,24 +133,23 @@ pub trait Handler<T, S>: Clone + Send + Sync + Sized + 'static {
 /// not `Clone` (a pool without cheap clones, a cache) in an `Arc`.
 ///
 /// ```compile_fail,E0277
-/// use idem_core::{Consumer, State};
+/// use idem_core::Consumer;
 ///
 /// struct App { db: String } // not Clone
 ///
-/// async fn handle(State(app): State<std::sync::Arc<App>>) { let _ = &app.db; }
+/// async fn handle() {}
 ///
 /// let _ = Consumer::builder("c").handler_with_state(handle, App { db: "x".into() });
 /// ```
 ///
 /// ```
-/// use idem_core::{Consumer, State};
+/// use idem_core::Consumer;
 ///
 /// struct App { db: String }
 ///
-/// async fn handle(State(app): State<std::sync::Arc<App>>) { let _ = &app.db; }
+/// async fn handle() {}
 ///
-/// let app = std::sync::Arc::new(App { db: "x".into() });
-/// let _ = Consumer::builder("c").handler_with_state(handle, app);
+/// let _ = Consumer::builder("c").handler_with_state(handle, std::sync::Arc::new(App { db: "x".into() }));
 /// ```
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be a handler's state: it must be Clone + Send + Sync + 'static",

@@ -20,15 +20,26 @@ use crate::message::Message;
 /// `poll_ready`), deliveries take their turn in arrival order, and handlers still run
 /// concurrently: the lock covers `poll_ready` + `call`, not the handler's work.
 /// tower's `Buffer` does the same through a channel and a background task; this needs
-/// neither, so a consumer can be built outside a runtime.
+/// neither.
+/// The service is built on the first delivery, inside the runtime, so that layers that
+/// need one at construction (tower's `RateLimit` creates a timer) can be given to a
+/// builder that runs outside it.
 pub(crate) struct SharedService<S> {
-    inner: Arc<Mutex<S>>,
+    inner: Arc<Mutex<Slot<S>>>,
+}
+
+enum Slot<S> {
+    Unbuilt(Box<dyn FnOnce() -> S + Send>),
+    Built(S),
+    /// Only while the builder runs; a panicking builder leaves it here.
+    Poisoned,
 }
 
 impl<S> SharedService<S> {
-    pub(crate) fn new(service: S) -> Self {
+    /// Shares the service `build` returns, built on the first delivery.
+    pub(crate) fn lazy(build: impl FnOnce() -> S + Send + 'static) -> Self {
         SharedService {
-            inner: Arc::new(Mutex::new(service)),
+            inner: Arc::new(Mutex::new(Slot::Unbuilt(Box::new(build)))),
         }
     }
 }
@@ -40,6 +51,11 @@ impl<S> Clone for SharedService<S> {
         }
     }
 }
+
+/// The shared service's builder panicked on an earlier delivery.
+#[derive(Debug, thiserror::Error)]
+#[error("the handler's tower layers could not be built (a layer panicked on an earlier delivery)")]
+struct Unbuildable;
 
 impl<S> Service<Message> for SharedService<S>
 where
@@ -60,7 +76,15 @@ where
         let inner = self.inner.clone();
         Box::pin(async move {
             let response = {
-                let mut service = inner.lock().await;
+                let mut slot = inner.lock().await;
+                if let Slot::Unbuilt(_) = &*slot {
+                    if let Slot::Unbuilt(build) = std::mem::replace(&mut *slot, Slot::Poisoned) {
+                        *slot = Slot::Built(build());
+                    }
+                }
+                let Slot::Built(service) = &mut *slot else {
+                    return Err(Box::new(Unbuildable) as BoxError);
+                };
                 service.ready().await.map_err(Into::into)?;
                 service.call(msg)
             };
