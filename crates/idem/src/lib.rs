@@ -3,7 +3,7 @@
 //! Brokers such as RabbitMQ deliver at least once: a message can arrive twice. idem
 //! lets you write a consumer as a plain `async fn` and wraps it in a tower stack that
 //!
-//! - deduplicates by idempotence key (in memory, Redis or SQL, including a
+//! - deduplicates by idempotency key (in memory, Redis or SQL, including a
 //!   transactional inbox where the dedup record commits with the handler's writes);
 //! - classifies failures: transient -> retry with backoff, permanent -> dead-letter
 //!   queue at once ("poison ack");
