@@ -129,7 +129,7 @@ impl HandlerError {
     }
 
     /// Whether the dedup store failed (see [`store_unavailable`](Self::store_unavailable)).
-    pub fn is_store_failure(&self) -> bool {
+    pub(crate) fn is_store_failure(&self) -> bool {
         self.store_failure
     }
 

@@ -48,7 +48,7 @@ pub mod tls;
 pub use backoff::{Backoff, DelayTiers, Jitter};
 pub use breaker::{BreakerConfig, CircuitBreaker};
 pub use consumer::{ConfigError, Consumer, ConsumerBuilder, DeliveryMode, Stats};
-pub use crash::{CrashGuard, CrashLoopError, DEFAULT_CRASH_LIMIT};
+pub use crash::{CrashLoopError, DEFAULT_CRASH_LIMIT};
 pub use dedup::{DedupLayer, DedupStore, MemoryStore, Processed};
 pub use error::{
     BoxError, ErrorKind, HandlerError, HandlerTimeoutError, IntoHandlerResult, ResultExt,

@@ -456,7 +456,7 @@ async fn probe(weak: Weak<Inner>, cause: Cause) {
 }
 
 /// Tower layer putting a [`CircuitBreaker`] in front of a stack whose store failures
-/// are marked ([`HandlerError::is_store_failure`]): while the breaker is open, calls
+/// are marked (made with [`HandlerError::store_unavailable`]): while the breaker is open, calls
 /// return a [release](crate::Disposition::Release) without reaching the stack.
 #[derive(Clone, Debug)]
 pub struct BreakerLayer {

@@ -47,7 +47,11 @@ where
 ///
 /// Permanent: `serde_json` syntax/data errors, UTF-8 errors, integer/float parse errors
 /// (anywhere in the `source()` chain). Transient: all else, timeouts included: an
-/// unknown error is assumed to be technical, so it is retried, never dropped.
+/// unknown error is assumed to be technical, so it is retried, never dropped. tower's
+/// middleware errors fall in this class too: `Elapsed` from a timeout layer, and
+/// `Overloaded` from a `LoadShedLayer` under the handler (a shed delivery is retried
+/// after its backoff delay, spending an attempt; see
+/// [Tower layers under the handler](crate::consumer#tower-layers-under-the-handler)).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct DefaultClassifier;
 
