@@ -73,7 +73,7 @@ async fn pool(url: &str, app: &str, max: u32) -> Result<PgPool, String> {
         .map_err(|e| {
             format!(
                 "PostgreSQL is not reachable at {} ({e}); start it with `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`",
-                idem::redact_url(url)
+                idem::redact::redact_url(url)
             )
         })
 }

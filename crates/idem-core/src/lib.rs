@@ -38,11 +38,13 @@ pub mod crash;
 pub mod dedup;
 pub mod error;
 pub mod handler;
+#[doc(hidden)]
+pub mod ident;
 pub mod memory;
 pub mod message;
 pub mod outcome;
 pub mod read;
-mod redact;
+pub mod redact;
 pub mod tls;
 
 pub use backoff::{Backoff, DelayTiers, Jitter};
@@ -60,5 +62,4 @@ pub use message::{
     DeliveryInfo, Extensions, HeaderValue, Headers, Message, Properties, UnmappedHeaders,
 };
 pub use outcome::{Disposition, Failure};
-pub use redact::{redact_in, redact_url};
 pub use tls::{TlsConfig, TlsConfigError, TlsFailure};
