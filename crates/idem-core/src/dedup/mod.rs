@@ -15,7 +15,7 @@
 //! is a deliberate operator act, header `x-idem-replay`); transient error -> release.
 //! A plain redelivery of a poisoned message is dead-lettered again (never acked as a
 //! duplicate): its first dead-letter copy may not have been confirmed.
-//! Keys are scoped by consumer name. A message whose key is missing is poison (unless
+//! Keys are scoped by the name of the consumer the layer is given to. A message whose key is missing is poison (unless
 //! [`MissingKey::ContentHash`]); one whose key is already `done` with a different payload
 //! fingerprint is poison too ("same key, different payload").
 //!
@@ -30,7 +30,7 @@
 //! async fn charge() {}
 //! let store = MemoryStore::new();
 //! let svc = ServiceBuilder::new()
-//!     .layer(DedupLayer::new("billing", store).lease(Duration::from_secs(30)))
+//!     .layer(DedupLayer::new(store).scope("billing").lease(Duration::from_secs(30)))
 //!     .layer(ClassifyLayer::default())
 //!     .service(HandlerService::new(charge, ()));
 //! let first = svc.clone().oneshot(Message::new("{}").with_message_id("c-1")).await.unwrap();
@@ -39,6 +39,8 @@
 //! # }
 //! ```
 
+#[doc(hidden)]
+pub mod admission;
 mod bounded;
 pub mod conformance;
 mod key;
@@ -46,6 +48,7 @@ mod layer;
 mod memory;
 mod store;
 
+pub use admission::DedupSettings;
 pub use bounded::{Bounded, DEFAULT_STORE_TIMEOUT};
 pub use key::{
     resolve_key, sha256_hex, DefaultKey, HeaderKey, JsonFieldKey, KeyExtractor, KeyTooLongError,
