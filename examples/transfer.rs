@@ -124,7 +124,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await?;
     let outbox = Outbox::new("transfer_outbox")?;
     outbox.ensure_schema(&app).await?;
-    let inbox = PgInbox::new(consumer_pool.clone(), "deposits").table("transfer_inbox")?;
+    let inbox = PgInbox::new(consumer_pool.clone()).try_table("transfer_inbox")?;
     inbox.ensure_schema().await?;
     let consumer = Consumer::builder("deposits")
         .dedup(inbox)

@@ -124,7 +124,7 @@ pub(crate) async fn run(args: SoakArgs) -> Result<(), BoxError> {
         .await?;
     // Short retention (the backoff horizon is short too) so Redis holds about a minute
     // of keys, not a million.
-    let layer = DedupLayer::new("soak", store).retention(Duration::from_secs(60));
+    let layer = DedupLayer::new(store).retention(Duration::from_secs(60));
     let consumer = Consumer::builder("soak")
         .dedup(layer)
         .backoff(Backoff::exponential(Duration::from_millis(100)).max_attempts(3))
