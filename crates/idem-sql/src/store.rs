@@ -111,7 +111,22 @@ fn text(s: &str) -> Arg {
 /// [`cleanup_expired`](Self::cleanup_expired) / [`spawn_cleanup`](Self::spawn_cleanup).
 ///
 /// Use the aliases [`PgStore`](crate::PgStore), [`SqliteStore`](crate::SqliteStore),
-/// [`MySqlStore`](crate::MySqlStore). Cheap to clone.
+/// [`MySqlStore`](crate::MySqlStore). Cheap to clone. Built like every idem store:
+/// `new(pool)`, then chained setters ([`table`](Self::table), or
+/// [`try_table`](Self::try_table) which validates a name); getters are named for what
+/// they return ([`table_name`](Self::table_name)). The dedup settings (retention, key,
+/// store timeout...) belong to the `DedupLayer` the store is used through.
+///
+/// ```no_run
+/// # async fn demo(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+/// use idem_core::Consumer;
+/// use idem_sql::PgStore;
+///
+/// let store = PgStore::new(pool).try_table("billing_dedup")?;
+/// store.ensure_schema().await?;
+/// let consumer = Consumer::builder("billing").store(store).handler(|| async {})?;
+/// # let _ = consumer; Ok(()) }
+/// ```
 pub struct SqlStore<DB: Backend> {
     inner: Arc<Inner<DB>>,
 }

@@ -15,9 +15,15 @@
 //! is a deliberate operator act, header `x-idem-replay`); transient error -> release.
 //! A plain redelivery of a poisoned message is dead-lettered again (never acked as a
 //! duplicate): its first dead-letter copy may not have been confirmed.
-//! Keys are scoped by the name of the consumer the layer is given to. A message whose key is missing is poison (unless
+//! Keys are scoped by the name of the consumer the layer is given to
+//! (`Consumer::builder(name).dedup(layer)`); a layer used on its own is scoped by
+//! [`DedupLayer::scope`]. A message whose key is missing is poison (unless
 //! [`MissingKey::ContentHash`]); one whose key is already `done` with a different payload
 //! fingerprint is poison too ("same key, different payload").
+//!
+//! The SQL transactional inbox (`idem_sql::SqlInbox`) admits messages through the same
+//! steps (the `admission` module, not part of the public API) and shares the same settings ([`DedupSettings`]); only the
+//! storage differs.
 //!
 //! ```
 //! use std::time::Duration;
@@ -51,8 +57,8 @@ mod store;
 pub use admission::DedupSettings;
 pub use bounded::{Bounded, DEFAULT_STORE_TIMEOUT};
 pub use key::{
-    resolve_key, sha256_hex, DefaultKey, HeaderKey, JsonFieldKey, KeyExtractor, KeyTooLongError,
-    KeyTypeError, MissingKey, MissingKeyError, MAX_KEY_LEN,
+    DefaultKey, HeaderKey, JsonFieldKey, KeyExtractor, KeyTooLongError, KeyTypeError, MissingKey,
+    MissingKeyError, MAX_KEY_LEN,
 };
 pub use layer::{
     DedupLayer, DedupService, PayloadMismatchError, PreviouslyPoisonedError, Processed,

@@ -15,11 +15,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use idem_core::breaker::HealthCheck;
 use idem_core::consumer::{ClassifiedService, DedupedService, Deduplicate};
 use idem_core::dedup::admission::admit;
 use idem_core::dedup::{DedupSettings, KeyExtractor, MissingKey, StoreError};
-use idem_core::handler::BoxFuture;
 use idem_core::{HandlerError, Message, Processed};
 use sqlx::Pool;
 use tower::util::BoxCloneSyncService;
@@ -325,7 +325,7 @@ impl<DB: Backend> Clone for InboxService<DB> {
 impl<DB: Backend> Service<Message> for InboxService<DB> {
     type Response = Processed;
     type Error = HandlerError;
-    type Future = BoxFuture<Result<Processed, HandlerError>>;
+    type Future = BoxFuture<'static, Result<Processed, HandlerError>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), HandlerError>> {
         self.inner.poll_ready(cx)

@@ -49,7 +49,7 @@ impl<DB: Backend> fmt::Debug for Tx<DB> {
 pub struct TxClosed;
 
 /// The handler takes a [`Tx`] but the consumer does not dedup through a
-/// [`SqlInbox`] of the same database. Permanent (a configuration error).
+/// [`SqlInbox`](crate::SqlInbox) of the same database. Permanent (a configuration error).
 #[derive(Debug, thiserror::Error)]
 #[error(
     "handler takes a Tx but the consumer has no SQL inbox for this database (use .dedup(inbox))"
