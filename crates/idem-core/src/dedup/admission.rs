@@ -185,28 +185,26 @@ where
 {
     let key = resolve_key(settings.key.as_ref(), settings.missing_key, &msg)?;
     tracing::Span::current().record("key", key.as_str());
-    let for_errors = key.clone();
-    admit_keyed(settings, open, inner, msg, key)
-        .await
-        .map_err(|e| e.with_key(&for_errors))
+    let outcome = admit_keyed(settings, open, inner, msg, &key).await;
+    outcome.map_err(|e| e.with_key(&key))
 }
 
-async fn admit_keyed<A, S, O>(
+/// [`admit`] once the key is known.
+async fn admit_keyed<A, S>(
     settings: &DedupSettings,
-    open: O,
+    open: impl FnOnce(&str, Option<&str>) -> Result<A, HandlerError>,
     mut inner: S,
     mut msg: Message,
-    key: String,
+    key: &str,
 ) -> Result<Processed, HandlerError>
 where
     A: Admission,
-    O: FnOnce(&str, Option<&str>) -> Result<A, HandlerError>,
     S: Service<Message, Response = (), Error = HandlerError>,
     S::Future: Send,
 {
     let fingerprint = settings.fingerprint.then(|| sha256_hex(&msg.body));
     let replay = crate::read::read_in::<String>(&msg, REPLAY_HEADER).is_some_and(|v| !v.is_empty());
-    let mut session = open(&key, fingerprint.as_deref())?;
+    let mut session = open(key, fingerprint.as_deref())?;
 
     // A suspect (redelivered) message waits until it can run alone; see `crate::crash`.
     // The turn lasts until the outcome is recorded.
@@ -220,13 +218,13 @@ where
             fingerprint: recorded,
         } => {
             let verdict = match (&fingerprint, &recorded) {
-                (Some(now), Some(then)) if now != then => {
-                    Err(HandlerError::permanent(PayloadMismatchError(key.clone())))
-                }
+                (Some(now), Some(then)) if now != then => Err(HandlerError::permanent(
+                    PayloadMismatchError(key.to_owned()),
+                )),
                 _ => match (completion, replay) {
                     (Completion::Succeeded, _) => Ok(Processed::Duplicate),
                     (Completion::Poisoned, false) => Err(HandlerError::permanent(
-                        PreviouslyPoisonedError(key.clone()),
+                        PreviouslyPoisonedError(key.to_owned()),
                     )),
                     (Completion::Poisoned, true) => Ok(Processed::Handled),
                 },
@@ -262,7 +260,7 @@ where
         return Err(HandlerError::permanent(crashed));
     }
 
-    msg.extensions.insert(IdempotencyKey(key));
+    msg.extensions.insert(IdempotencyKey(key.to_owned()));
     session.prepare(&mut msg);
     let result = session.guard(inner.call(msg)).await;
     match result {
