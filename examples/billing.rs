@@ -61,7 +61,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map_err(|e| {
             format!(
                 "PostgreSQL is not reachable at {} ({e}); start it with `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`",
-                idem::redact_url(&db_url)
+                idem::redact::redact_url(&db_url)
             )
         })?;
     for sql in [
@@ -72,7 +72,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     ] {
         sqlx::query(sql).execute(&pool).await?;
     }
-    let inbox = PgInbox::new(pool.clone(), "billing").table("billing_inbox")?;
+    let inbox = PgInbox::new(pool.clone()).try_table("billing_inbox")?;
     inbox.ensure_schema().await?;
     let consumer = Consumer::builder("billing").dedup(inbox).handler(charge)?;
 

@@ -73,7 +73,7 @@ async fn pool(url: &str, app: &str, max: u32) -> Result<PgPool, String> {
         .map_err(|e| {
             format!(
                 "PostgreSQL is not reachable at {} ({e}); start it with `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`",
-                idem::redact_url(url)
+                idem::redact::redact_url(url)
             )
         })
 }
@@ -124,7 +124,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await?;
     let outbox = Outbox::new("transfer_outbox")?;
     outbox.ensure_schema(&app).await?;
-    let inbox = PgInbox::new(consumer_pool.clone(), "deposits").table("transfer_inbox")?;
+    let inbox = PgInbox::new(consumer_pool.clone()).try_table("transfer_inbox")?;
     inbox.ensure_schema().await?;
     let consumer = Consumer::builder("deposits")
         .dedup(inbox)

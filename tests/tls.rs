@@ -281,7 +281,9 @@ async fn amqps_worker_with_postgres_tls_dedup_processes_each_message_once() {
         .unwrap();
     assert!(ssl, "the pool's connection is not encrypted");
     let table = format!("idem_tls_{}", uuid::Uuid::new_v4().simple());
-    let store = idem_sql::PgStore::with_table_name(pool.clone(), &table).unwrap();
+    let store = idem_sql::PgStore::new(pool.clone())
+        .try_table(&table)
+        .unwrap();
     store.ensure_schema().await.unwrap();
     let (consumer, effects) = counting_consumer("tls-pg", store);
     amqps_round_trip(consumer, effects).await;

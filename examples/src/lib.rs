@@ -47,7 +47,7 @@ pub async fn rabbit() -> Result<lapin::Connection, String> {
         .map_err(|e| {
             format!(
                 "RabbitMQ is not reachable at {} ({e}); start it with `rabbitmq-server -detached`",
-                idem::redact_url(&url)
+                idem::redact::redact_url(&url)
             )
         })
 }

@@ -11,7 +11,8 @@ pub fn amqp_url_from_env() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.to_owned())
 }
 
-/// Replaces the password of a `scheme://user:password@host/...` URL with `***`
+/// Replaces the password of a `scheme://user:password@host/...` URL (or a lone user
+/// name, which may be a token) with `***`
 /// (re-exported from `idem_core`, so every idem crate redacts the same way).
 ///
 /// ```
@@ -19,11 +20,11 @@ pub fn amqp_url_from_env() -> String {
 /// assert_eq!(redact_url("amqp://app:s3cret@mq:5672/%2f"), "amqp://app:***@mq:5672/%2f");
 /// assert_eq!(redact_url("amqp://mq:5672"), "amqp://mq:5672");
 /// ```
-pub use idem_core::redact_url;
+pub use idem_core::redact::redact_url;
 
 /// Removes the URL's password from a free-form error text.
 pub(crate) fn scrub(text: &str, url: &str) -> String {
-    idem_core::redact_in(text, url)
+    idem_core::redact::redact_in(text, url)
 }
 
 #[cfg(test)]
@@ -42,7 +43,8 @@ mod tests {
         );
         // An '@' in the path is not userinfo.
         assert_eq!(redact_url("amqp://host/v@h"), "amqp://host/v@h");
-        assert_eq!(redact_url("amqp://user@host"), "amqp://user@host");
+        // A lone user name may be a token: it is hidden too.
+        assert_eq!(redact_url("amqp://user@host"), "amqp://***@host");
         assert_eq!(redact_url("not a url"), "not a url");
         assert_eq!(redact_url("amqp://:pw@h"), "amqp://:***@h");
     }

@@ -14,7 +14,7 @@ const MIN: Duration = Duration::from_secs(60);
 
 fn consumer(backoff: Backoff, retention: Duration) -> Consumer {
     Consumer::builder("horizon")
-        .dedup(DedupLayer::new("horizon", MemoryStore::new()).retention(retention))
+        .dedup(DedupLayer::new(MemoryStore::new()).retention(retention))
         .backoff(backoff)
         .handler(|| async {})
         .expect("the raw horizon fits the retention")

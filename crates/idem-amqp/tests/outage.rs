@@ -295,9 +295,7 @@ async fn outage(kind: Kind, mode: Mode) {
                 ))
                 .await
                 .unwrap();
-            let inbox = PgInbox::new(pool, name.clone())
-                .table(&inbox_table)
-                .unwrap();
+            let inbox = PgInbox::new(pool).try_table(&inbox_table).unwrap();
             inbox.ensure_schema().await.unwrap();
             let ctx = PgCtx {
                 log: log.clone(),

@@ -263,7 +263,7 @@ async fn run_idem_pg(
     pool: &PgPool,
     tables: &str,
 ) -> Result<Duration, BoxError> {
-    let inbox = PgInbox::new(pool.clone(), "idem-bench-pg").table(&format!("{tables}_inbox"))?;
+    let inbox = PgInbox::new(pool.clone()).try_table(&format!("{tables}_inbox"))?;
     inbox.ensure_schema().await?;
     let clock = Clock::new(args.base.messages);
     let c = clock.clone();

@@ -46,12 +46,16 @@ mod common {
     }
 
     pub(super) async fn redis_conn(url: &str) -> Result<redis::aio::ConnectionManager, BoxError> {
-        let client = redis::Client::open(url)
-            .map_err(|e| format!("invalid REDIS_URL {}: {e}", idem_core::redact_url(url)))?;
+        let client = redis::Client::open(url).map_err(|e| {
+            format!(
+                "invalid REDIS_URL {}: {e}",
+                idem_core::redact::redact_url(url)
+            )
+        })?;
         redis::aio::ConnectionManager::new(client).await.map_err(|e| {
             format!(
                 "Redis not reachable at {} ({e}): start it with `redis-server --daemonize yes` or set REDIS_URL",
-                idem_core::redact_url(url)
+                idem_core::redact::redact_url(url)
             )
             .into()
         })
@@ -120,7 +124,7 @@ pub(crate) async fn run(args: SoakArgs) -> Result<(), BoxError> {
         .await?;
     // Short retention (the backoff horizon is short too) so Redis holds about a minute
     // of keys, not a million.
-    let layer = DedupLayer::new("soak", store).retention(Duration::from_secs(60));
+    let layer = DedupLayer::new(store).retention(Duration::from_secs(60));
     let consumer = Consumer::builder("soak")
         .dedup(layer)
         .backoff(Backoff::exponential(Duration::from_millis(100)).max_attempts(3))

@@ -110,9 +110,12 @@ pub(crate) async fn pg_pool(
     application_name: &str,
     max: u32,
 ) -> Result<PgPool, BoxError> {
-    let opts: PgConnectOptions = url
-        .parse()
-        .map_err(|e| format!("invalid DATABASE_URL {}: {e}", idem_core::redact_url(url)))?;
+    let opts: PgConnectOptions = url.parse().map_err(|e| {
+        format!(
+            "invalid DATABASE_URL {}: {e}",
+            idem_core::redact::redact_url(url)
+        )
+    })?;
     PgPoolOptions::new()
         .max_connections(max)
         .min_connections(0)
@@ -122,7 +125,7 @@ pub(crate) async fn pg_pool(
         .map_err(|e| {
             format!(
                 "PostgreSQL not reachable at {} ({e}): start it with `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start` or set DATABASE_URL",
-                idem_core::redact_url(url)
+                idem_core::redact::redact_url(url)
             )
             .into()
         })
@@ -136,8 +139,12 @@ pub(crate) async fn rabbit(name: &str) -> Result<lapin::Connection, BoxError> {
 }
 
 pub(crate) async fn redis_conn(url: &str) -> Result<redis::aio::ConnectionManager, BoxError> {
-    let client = redis::Client::open(url)
-        .map_err(|e| format!("invalid REDIS_URL {}: {e}", idem_core::redact_url(url)))?;
+    let client = redis::Client::open(url).map_err(|e| {
+        format!(
+            "invalid REDIS_URL {}: {e}",
+            idem_core::redact::redact_url(url)
+        )
+    })?;
     let config = redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(2)))
         .set_response_timeout(Some(Duration::from_secs(5)))
@@ -147,7 +154,7 @@ pub(crate) async fn redis_conn(url: &str) -> Result<redis::aio::ConnectionManage
         .map_err(|e| {
             format!(
                 "Redis not reachable at {} ({e}): start it with `redis-server --daemonize yes` or set REDIS_URL",
-                idem_core::redact_url(url)
+                idem_core::redact::redact_url(url)
             )
             .into()
         })

@@ -20,7 +20,6 @@ use tokio::process::{Child, ChildStdin, Command};
 
 use crate::common::{self, BoxError, Names, Store};
 use crate::faults;
-use crate::worker::CONSUMER;
 
 /// A fault besides worker SIGKILLs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
@@ -549,7 +548,7 @@ async fn create_tables(pg: &PgPool, names: &Names, outbox: bool) -> Result<(), B
     ] {
         sqlx::query(&sql).execute(pg).await?;
     }
-    let inbox = idem_sql::PgInbox::new(pg.clone(), CONSUMER).table(&t("inbox"))?;
+    let inbox = idem_sql::PgInbox::new(pg.clone()).try_table(&t("inbox"))?;
     inbox.ensure_schema().await?;
     if outbox {
         Outbox::new(&t("outbox"))?.ensure_schema(pg).await?;

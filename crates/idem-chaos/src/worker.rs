@@ -218,8 +218,8 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<(), BoxError> {
     let mut _namer = None;
     let consumer = match args.store {
         Store::Postgres => {
-            let inbox = PgInbox::new(pool, CONSUMER)
-                .table(&names.table("inbox"))?
+            let inbox = PgInbox::new(pool)
+                .try_table(&names.table("inbox"))?
                 .retention(Duration::from_secs(3600));
             inbox.ensure_schema().await?;
             builder
@@ -233,7 +233,7 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<(), BoxError> {
                 .connect()
                 .await?;
             _namer = Some(keep_client_name(&store, args.name.clone()));
-            let layer = DedupLayer::new(CONSUMER, store)
+            let layer = DedupLayer::new(store)
                 .lease(LEASE)
                 .retention(Duration::from_secs(3600));
             builder

@@ -183,7 +183,7 @@ fn crash_loop_worker_process() {
                 .connect()
                 .await
                 .expect("Redis");
-            let layer = DedupLayer::new(CONSUMER, store)
+            let layer = DedupLayer::new(store)
                 .lease(LEASE)
                 .retention(Duration::from_secs(3600));
             builder
@@ -191,8 +191,8 @@ fn crash_loop_worker_process() {
                 .handler_timeout(LEASE / 2)
                 .handler_with_state(lease_handler, ctx)
         } else {
-            let inbox = PgInbox::new(pool, CONSUMER)
-                .table(&names.inbox())
+            let inbox = PgInbox::new(pool)
+                .try_table(&names.inbox())
                 .expect("table name")
                 .retention(Duration::from_secs(3600));
             builder
@@ -308,8 +308,8 @@ async fn crash_loop(store: &str, quorum: bool) -> Figures {
     .await
     .expect("applied table");
     if store == "postgres" {
-        PgInbox::new(pool.clone(), CONSUMER)
-            .table(&names.inbox())
+        PgInbox::new(pool.clone())
+            .try_table(&names.inbox())
             .expect("table name")
             .ensure_schema()
             .await

@@ -159,7 +159,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             writeln!(
                 out,
                 "relay {table}: publishing to {} until SIGINT/SIGTERM",
-                idem_core::redact_url(&cli.url)
+                idem_core::redact::redact_url(&cli.url)
             )
             .map_err(write_err)?;
             out.flush().map_err(write_err)?;

@@ -33,7 +33,7 @@ pub struct OutboxReport {
 /// Connects a pool of `max` connections, failing fast (exit 2) if the database is
 /// unreachable.
 async fn connect(url: &str, tls: &TlsConfig, max: u32) -> Result<sqlx::PgPool, CliError> {
-    let safe_url = idem_core::redact_url(url);
+    let safe_url = idem_core::redact::redact_url(url);
     let unreachable = |detail: String| {
         let detail = scrub(&detail, url);
         crate::tls::tls_error("PostgreSQL", &safe_url, &detail).unwrap_or_else(|| {
@@ -80,7 +80,7 @@ fn outbox_error(e: idem_outbox::OutboxError, url: &str, table: &str) -> CliError
         {
             CliError::NotFound(format!(
                 "outbox table {table:?} does not exist in {} (check --table, or --create-table for the relay)",
-                idem_core::redact_url(url)
+                idem_core::redact::redact_url(url)
             ))
         }
         idem_outbox::OutboxError::Database(
@@ -186,7 +186,7 @@ pub async fn status_tls(url: &str, tls: &TlsConfig, table: &str) -> Result<Outbo
 
 /// Removes `url` and its password from an error text.
 fn scrub(text: &str, url: &str) -> String {
-    idem_core::redact_in(text, url)
+    idem_core::redact::redact_in(text, url)
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ fn db_url() -> String {
 async fn status_counts_pending_rows() {
     let url = db_url();
     let pool = sqlx::PgPool::connect(&url).await.unwrap_or_else(|e| {
-        panic!("PostgreSQL not reachable at {}: start it (e.g. `pg_ctlcluster <version> main start`) or set DATABASE_URL: {e}", idem_core::redact_url(&url))
+        panic!("PostgreSQL not reachable at {}: start it (e.g. `pg_ctlcluster <version> main start`) or set DATABASE_URL: {e}", idem_core::redact::redact_url(&url))
     });
     let table = format!("idem_cli_test_{}", uuid::Uuid::new_v4().simple());
     let outbox = Outbox::new(&table).unwrap();
@@ -77,7 +77,7 @@ fn unreachable_database_exits_2_without_the_password() {
 async fn relay_command_publishes_until_sigterm() {
     let url = db_url();
     let pool = sqlx::PgPool::connect(&url).await.unwrap_or_else(|e| {
-        panic!("PostgreSQL not reachable at {}: start it (e.g. `pg_ctlcluster <version> main start`) or set DATABASE_URL: {e}", idem_core::redact_url(&url))
+        panic!("PostgreSQL not reachable at {}: start it (e.g. `pg_ctlcluster <version> main start`) or set DATABASE_URL: {e}", idem_core::redact::redact_url(&url))
     });
     let amqp = idem_amqp::amqp_url_from_env();
     let conn = idem_amqp::connect(&amqp, "idem-cli-test-relay")

@@ -60,7 +60,7 @@ use crate::backoff::{Backoff, DelayTiers};
 use crate::breaker::{BreakerConfig, BreakerLayer, CircuitBreaker, HealthCheck};
 use crate::classify::{Classify, ClassifyLayer};
 use crate::crash::{CrashGuard, DEFAULT_CRASH_LIMIT};
-use crate::dedup::{DedupLayer, DedupStore, Processed};
+use crate::dedup::{DedupLayer, DedupSettings, DedupStore, Processed};
 use crate::error::{BoxError, ErrorKind, HandlerError, HandlerTimeoutError};
 use crate::handler::{Handler, HandlerService, HandlerState, SharedService};
 use crate::message::Message;
@@ -76,14 +76,17 @@ pub type HandlerStack = BoxService<Message, (), BoxError>;
 type LayerFn = Box<dyn FnOnce(HandlerStack) -> HandlerStack + Send + Sync>;
 
 /// A dedup stage: wraps the classified handler stack. Implemented by
-/// [`DedupLayer`] (lease stores) and by the SQL transactional inbox.
+/// [`DedupLayer`] (lease stores) and by the SQL transactional inbox; both admit
+/// messages through one shared admission and share their [`DedupSettings`].
 pub trait Deduplicate: Send + Sync + 'static {
-    /// Wraps the stack.
-    fn wrap(&self, inner: ClassifiedService) -> DedupedService;
-    /// How long `done` records are kept.
-    fn retention(&self) -> Duration;
+    /// Wraps the stack of consumer `consumer`. The consumer's name scopes the keys
+    /// (the same name the consumer writes in `x-idem-consumer`), so a stage never
+    /// takes a name of its own.
+    fn wrap(&self, consumer: Arc<str>, inner: ClassifiedService) -> DedupedService;
+    /// The stage's settings (retention, key, store timeout...).
+    fn dedup_settings(&self) -> &DedupSettings;
     /// The claim lease, if this stage uses leases.
-    fn lease(&self) -> Option<Duration>;
+    fn lease_duration(&self) -> Option<Duration>;
     /// A cheap probe of the stage's store, for the circuit breaker (default: none;
     /// the breaker then closes after its probe delay and lets traffic find out).
     fn health_check(&self) -> Option<HealthCheck> {
@@ -92,14 +95,14 @@ pub trait Deduplicate: Send + Sync + 'static {
 }
 
 impl Deduplicate for DedupLayer {
-    fn wrap(&self, inner: ClassifiedService) -> DedupedService {
-        BoxCloneSyncService::new(self.layer(inner))
+    fn wrap(&self, consumer: Arc<str>, inner: ClassifiedService) -> DedupedService {
+        BoxCloneSyncService::new(self.for_consumer(consumer).layer(inner))
     }
-    fn retention(&self) -> Duration {
-        self.retention_duration()
+    fn dedup_settings(&self) -> &DedupSettings {
+        DedupLayer::dedup_settings(self)
     }
-    fn lease(&self) -> Option<Duration> {
-        Some(self.lease_duration())
+    fn lease_duration(&self) -> Option<Duration> {
+        Some(DedupLayer::lease_duration(self))
     }
     fn health_check(&self) -> Option<HealthCheck> {
         Some(DedupLayer::health_check(self))
@@ -527,8 +530,7 @@ impl ConsumerBuilder {
 
     /// Dedups through a lease store with the default [`DedupLayer`] settings.
     pub fn store(self, store: impl DedupStore) -> Self {
-        let layer = DedupLayer::new(self.name.clone(), store);
-        self.dedup(layer)
+        self.dedup(DedupLayer::new(store))
     }
 
     /// Dedups through a configured stage: a [`DedupLayer`] or a transactional inbox.
@@ -699,11 +701,9 @@ impl ConsumerBuilder {
         }
         if let Some(stage) = &self.dedup {
             let horizon = self.backoff.horizon();
-            if stage.retention() < horizon {
-                return Err(ConfigError::RetentionTooShort {
-                    retention: stage.retention(),
-                    horizon,
-                });
+            let retention = stage.dedup_settings().retention;
+            if retention < horizon {
+                return Err(ConfigError::RetentionTooShort { retention, horizon });
             }
         }
         let timeout = self.handler_timeout;
@@ -711,7 +711,7 @@ impl ConsumerBuilder {
             .map_err(move |e: BoxError| HandlerTimeoutError::name_elapsed(e, timeout));
         let classified: ClassifiedService = BoxCloneSyncService::new(self.classifier.layer(timed));
         let service = match &self.dedup {
-            Some(stage) => stage.wrap(classified),
+            Some(stage) => stage.wrap(name.as_str().into(), classified),
             None => BoxCloneSyncService::new(classified.map_response(|()| Processed::Handled)),
         };
         let breaker_config = match (self.breaker, &self.dedup) {
@@ -735,8 +735,8 @@ impl ConsumerBuilder {
                 service,
                 backoff: self.backoff,
                 handler_timeout: self.handler_timeout,
-                lease: self.dedup.as_ref().and_then(|s| s.lease()),
-                retention: self.dedup.as_ref().map(|s| s.retention()),
+                lease: self.dedup.as_ref().and_then(|s| s.lease_duration()),
+                retention: self.dedup.as_ref().map(|s| s.dedup_settings().retention),
                 crash_guard: CrashGuard::new(self.crash_limit),
                 breaker,
                 counters: Counters::default(),

@@ -38,11 +38,13 @@ pub mod crash;
 pub mod dedup;
 pub mod error;
 pub mod handler;
+#[doc(hidden)]
+pub mod ident;
 pub mod memory;
 pub mod message;
 pub mod outcome;
 pub mod read;
-mod redact;
+pub mod redact;
 pub mod tls;
 
 pub use backoff::{Backoff, DelayTiers, Jitter};
@@ -81,7 +83,6 @@ pub mod __private {
     use crate::error::HandlerError;
     use crate::message::Message;
 
-    pub use crate::dedup::key::{resolve_key, sha256_hex};
     pub use crate::outcome::{parse_rfc3339, rfc3339, truncate};
     pub use crate::redact::{redact_in, redact_url};
 

@@ -1,7 +1,8 @@
 //! The relay's connection to RabbitMQ: one confirm-mode channel, reopened after any
 //! failure.
 
-use idem_core::{redact_url, HeaderValue, Headers, TlsConfig, TlsFailure};
+use idem_core::redact::redact_url;
+use idem_core::{HeaderValue, Headers, TlsConfig, TlsFailure};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
@@ -77,7 +78,7 @@ async fn connect(
     }
     let result = open(url, props, tls, tls_url).await;
     result.map_err(|e| {
-        let text = idem_core::redact_in(&e, url);
+        let text = idem_core::redact::redact_in(&e, url);
         match TlsFailure::classify_tls_connect(&text).filter(|_| tls_url) {
             Some(failure) => broker_err(
                 url,

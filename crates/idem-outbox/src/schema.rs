@@ -29,17 +29,10 @@ pub struct OutboxStatus {
     pub published: i64,
 }
 
+/// `name` or `schema.name`, each part a plain SQL identifier (the check idem-sql uses
+/// too).
 pub(crate) fn valid_identifier(name: &str) -> bool {
-    let part = |p: &str| {
-        !p.is_empty()
-            && p.len() <= 63
-            && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-            && !p.starts_with(|c: char| c.is_ascii_digit())
-    };
-    match name.split_once('.') {
-        Some((schema, table)) => part(schema) && part(table),
-        None => part(name),
-    }
+    idem_core::ident::split_table_name(name).is_some()
 }
 
 impl Outbox {

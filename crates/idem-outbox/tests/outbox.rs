@@ -28,7 +28,7 @@ async fn pg() -> PgPool {
         .connect(&url)
         .await
         .unwrap_or_else(|e| {
-            panic!("PostgreSQL not reachable at {}: {e}. Start it with `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`", idem_core::redact_url(&url))
+            panic!("PostgreSQL not reachable at {}: {e}. Start it with `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`", idem_core::redact::redact_url(&url))
         })
 }
 
@@ -39,7 +39,7 @@ async fn rabbit() -> (Connection, Channel) {
         .unwrap_or_else(|e| {
             panic!(
                 "RabbitMQ not reachable at {}: {e}. Start it with `rabbitmq-server -detached`",
-                idem_core::redact_url(&url)
+                idem_core::redact::redact_url(&url)
             )
         });
     let ch = conn.create_channel().await.unwrap();

@@ -21,7 +21,7 @@
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let opts = SqliteConnectOptions::new().filename("app.db").create_if_missing(true);
 //! let pool = SqlitePoolOptions::new().connect_with(opts).await?;
-//! let inbox = SqliteInbox::new(pool, "payments");
+//! let inbox = SqliteInbox::new(pool);
 //! inbox.ensure_schema().await?;                  // CREATE TABLE IF NOT EXISTS idem_inbox ...
 //! let _cleanup = inbox.spawn_cleanup(std::time::Duration::from_secs(60));
 //! let consumer = Consumer::builder("payments").dedup(inbox).handler(record)?;

@@ -21,24 +21,11 @@ pub struct TableName {
 #[error("invalid table name {0:?}: expected `name` or `schema.name`, each matching [A-Za-z_][A-Za-z0-9_]{{0,62}}")]
 pub struct InvalidTableName(pub String);
 
-fn is_identifier(s: &str) -> bool {
-    let mut chars = s.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-        && s.len() <= 63
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
-
 impl TableName {
     /// Validates `name`.
     pub fn parse(name: &str) -> Result<Self, InvalidTableName> {
-        let invalid = || InvalidTableName(name.to_owned());
-        let (schema, table) = match name.split_once('.') {
-            Some((s, t)) => (Some(s), t),
-            None => (None, name),
-        };
-        if !is_identifier(table) || schema.is_some_and(|s| !is_identifier(s)) {
-            return Err(invalid());
-        }
+        let (schema, table) = idem_core::ident::split_table_name(name)
+            .ok_or_else(|| InvalidTableName(name.to_owned()))?;
         Ok(TableName {
             schema: schema.map(str::to_owned),
             name: table.to_owned(),

@@ -111,7 +111,22 @@ fn text(s: &str) -> Arg {
 /// [`cleanup_expired`](Self::cleanup_expired) / [`spawn_cleanup`](Self::spawn_cleanup).
 ///
 /// Use the aliases [`PgStore`](crate::PgStore), [`SqliteStore`](crate::SqliteStore),
-/// [`MySqlStore`](crate::MySqlStore). Cheap to clone.
+/// [`MySqlStore`](crate::MySqlStore). Cheap to clone. Built like every idem store:
+/// `new(pool)`, then chained setters ([`table`](Self::table), or
+/// [`try_table`](Self::try_table) which validates a name); getters are named for what
+/// they return ([`table_name`](Self::table_name)). The dedup settings (retention, key,
+/// store timeout...) belong to the `DedupLayer` the store is used through.
+///
+/// ```no_run
+/// # async fn demo(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+/// use idem_core::Consumer;
+/// use idem_sql::PgStore;
+///
+/// let store = PgStore::new(pool).try_table("billing_dedup")?;
+/// store.ensure_schema().await?;
+/// let consumer = Consumer::builder("billing").store(store).handler(|| async {})?;
+/// # let _ = consumer; Ok(()) }
+/// ```
 pub struct SqlStore<DB: Backend> {
     inner: Arc<Inner<DB>>,
 }
@@ -147,16 +162,10 @@ impl<DB: Backend> SqlStore<DB> {
     /// [`ensure_schema`](Self::ensure_schema) once before use (or create the table
     /// with your own migrations, see the crate docs).
     pub fn new(pool: Pool<DB>) -> Self {
-        Self::with_table(pool, TableName::trusted(DEFAULT_STORE_TABLE))
+        Self::build(pool, TableName::trusted(DEFAULT_STORE_TABLE))
     }
 
-    /// A store on `pool` using `table` (`name` or `schema.name`, validated).
-    pub fn with_table_name(pool: Pool<DB>, table: &str) -> Result<Self, InvalidTableName> {
-        Ok(Self::with_table(pool, TableName::parse(table)?))
-    }
-
-    /// A store on `pool` using an already validated table name.
-    pub fn with_table(pool: Pool<DB>, table: TableName) -> Self {
+    fn build(pool: Pool<DB>, table: TableName) -> Self {
         SqlStore {
             inner: Arc::new(Inner {
                 q: Queries::new(DB::DIALECT, &table),
@@ -167,13 +176,23 @@ impl<DB: Backend> SqlStore<DB> {
         }
     }
 
+    /// Uses table `table` (an already validated name).
+    pub fn table(self, table: TableName) -> Self {
+        Self::build(self.inner.pool.clone(), table)
+    }
+
+    /// Uses table `table` (`name` or `schema.name`), validated here.
+    pub fn try_table(self, table: &str) -> Result<Self, InvalidTableName> {
+        Ok(self.table(TableName::parse(table)?))
+    }
+
     /// The pool.
     pub fn pool(&self) -> &Pool<DB> {
         &self.inner.pool
     }
 
-    /// The table.
-    pub fn table(&self) -> &TableName {
+    /// The table name.
+    pub fn table_name(&self) -> &TableName {
         &self.inner.table
     }
 

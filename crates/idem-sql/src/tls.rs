@@ -22,7 +22,8 @@
 //! MySQL/MariaDB follow the same table with `ssl-mode=VERIFY_IDENTITY`, `REQUIRED`,
 //! `VERIFY_CA`, `PREFERRED` and `DISABLED`.
 
-use idem_core::{redact_url, TlsConfig};
+use idem_core::redact::redact_url;
+use idem_core::TlsConfig;
 
 /// PostgreSQL connect options for `url` with `tls` applied (see the [module docs](self)).
 /// The error never contains the password.
@@ -33,7 +34,7 @@ pub fn pg_connect_options(
 ) -> Result<sqlx::postgres::PgConnectOptions, sqlx::Error> {
     use sqlx::postgres::{PgConnectOptions, PgSslMode};
     let mut options: PgConnectOptions = url.parse().map_err(|e: sqlx::Error| {
-        sqlx::Error::Configuration(idem_core::redact_in(&e.to_string(), url).into())
+        sqlx::Error::Configuration(idem_core::redact::redact_in(&e.to_string(), url).into())
     })?;
     if let Some(pem) = tls.ca_pem() {
         options = options.ssl_root_cert_from_pem(pem.to_vec());
@@ -75,7 +76,7 @@ pub fn mysql_connect_options(
 ) -> Result<sqlx::mysql::MySqlConnectOptions, sqlx::Error> {
     use sqlx::mysql::{MySqlConnectOptions, MySqlSslMode};
     let mut options: MySqlConnectOptions = url.parse().map_err(|e: sqlx::Error| {
-        sqlx::Error::Configuration(idem_core::redact_in(&e.to_string(), url).into())
+        sqlx::Error::Configuration(idem_core::redact::redact_in(&e.to_string(), url).into())
     })?;
     if let Some(pem) = tls.ca_pem() {
         options = options.ssl_ca_from_pem(pem.to_vec());

@@ -81,9 +81,9 @@ async fn store_connections_killed_is_transient_never_duplicate_then_recovers() {
         &app,
     )
     .await;
-    let store =
-        SqlStore::<sqlx::Postgres>::with_table_name(pool.clone(), &common::unique("pgdown"))
-            .unwrap();
+    let store = SqlStore::<sqlx::Postgres>::new(pool.clone())
+        .try_table(&common::unique("pgdown"))
+        .unwrap();
     store.ensure_schema().await.unwrap();
     let runs = Arc::new(AtomicUsize::new(0));
     let consumer = Consumer::builder("billing")
@@ -134,7 +134,7 @@ async fn store_connections_killed_is_transient_never_duplicate_then_recovers() {
         Disposition::Ack { duplicate: true }
     );
     assert_eq!(runs.load(Ordering::SeqCst), 2);
-    drop_table(&pool, &store.table().to_string()).await;
+    drop_table(&pool, &store.table_name().to_string()).await;
 }
 
 #[derive(Clone)]
@@ -175,8 +175,8 @@ async fn inbox_connection_killed_mid_handler_rolls_back_then_recovers() {
         .execute(&pool)
         .await
         .unwrap();
-    let inbox = SqlInbox::<sqlx::Postgres>::new(pool.clone(), "billing")
-        .table(&common::unique("inbox"))
+    let inbox = SqlInbox::<sqlx::Postgres>::new(pool.clone())
+        .try_table(&common::unique("inbox"))
         .unwrap();
     inbox.ensure_schema().await.unwrap();
     let ctx = KillCtx {

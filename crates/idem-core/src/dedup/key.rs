@@ -169,7 +169,7 @@ pub struct KeyTooLongError(pub usize);
 /// Missing (under [`MissingKey::Poison`]), wrongly typed ([`KeyTypeError`]) and
 /// oversized keys are permanent errors. Shared by every dedup stage so
 /// they agree on what the key of a message is.
-pub fn resolve_key(
+pub(crate) fn resolve_key(
     extractor: &dyn KeyExtractor,
     missing: MissingKey,
     msg: &Message,
@@ -191,7 +191,7 @@ pub fn resolve_key(
 }
 
 /// Hex SHA-256 of a body.
-pub fn sha256_hex(body: &[u8]) -> String {
+pub(crate) fn sha256_hex(body: &[u8]) -> String {
     let digest = Sha256::digest(body);
     let mut out = String::with_capacity(64);
     for b in digest {

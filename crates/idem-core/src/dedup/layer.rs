@@ -1,16 +1,17 @@
+use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tower::{Layer, Service};
-use tracing::{debug, warn};
+use tracing::warn;
 
-use super::bounded::{Bounded, DEFAULT_STORE_TIMEOUT};
-use super::key::{resolve_key, sha256_hex, DefaultKey, KeyExtractor, MissingKey};
+use super::admission::{admit, Admission, Claimed, DedupSettings};
+use super::bounded::Bounded;
+use super::key::{KeyExtractor, MissingKey};
 use super::store::{Claim, Completion, DedupStore, OwnerToken, ScopedKey, StoreError};
-use crate::crash::CrashGuard;
-use crate::error::{ErrorKind, HandlerError};
-use crate::handler::{BoxFuture, IdempotencyKey};
+use crate::error::HandlerError;
+use crate::handler::BoxFuture;
 use crate::message::Message;
 
 /// Header an operator's replay sets (value: any non-empty string). A message carrying
@@ -53,118 +54,162 @@ pub struct PreviouslyPoisonedError(pub String);
 #[error("idempotence key {0:?} was already processed with a different payload")]
 pub struct PayloadMismatchError(pub String);
 
+#[derive(Clone)]
 struct Config {
-    consumer: Arc<str>,
+    /// The key scope: the consumer's name once a consumer wraps the layer.
+    scope: Arc<str>,
+    /// Whether [`DedupLayer::scope`] was called.
+    scope_set: bool,
     /// `raw` behind [`Bounded`] (the store timeout).
     store: Arc<dyn DedupStore>,
     raw: Arc<dyn DedupStore>,
-    store_timeout: Duration,
-    extractor: Arc<dyn KeyExtractor>,
-    missing: MissingKey,
+    settings: DedupSettings,
     lease: Duration,
-    retention: Duration,
-    min_busy_delay: Duration,
-    fingerprint: bool,
 }
 
-/// Layer applying idempotence-key dedup. See the [module docs](super).
+/// Default scope of a layer used on its own (outside a consumer) without
+/// [`DedupLayer::scope`].
+const DEFAULT_SCOPE: &str = "default";
+
+/// Layer applying idempotence-key dedup through a lease [`DedupStore`]. See the
+/// [module docs](super).
+///
+/// Built like every idem store and inbox: `new` with what is required, then chained
+/// setters named after the setting (`.lease(..)`, `.retention(..)`), each returning
+/// the layer; current values are read back through [`settings`](Self::settings) and
+/// [`lease_duration`](Self::lease_duration). The settings shared with the SQL inbox
+/// live in one [`DedupSettings`].
 #[derive(Clone)]
 pub struct DedupLayer {
     config: Arc<Config>,
 }
 
+impl std::fmt::Debug for DedupLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DedupLayer")
+            .field("scope", &self.config.scope)
+            .field("settings", &self.config.settings)
+            .field("lease", &self.config.lease)
+            .finish_non_exhaustive()
+    }
+}
+
 impl DedupLayer {
-    /// Dedup for consumer `consumer` over `store`, with defaults: key from
-    /// [`DefaultKey`], missing key is poison, lease 30 s (extended every 10 s while
-    /// the handler runs), retention 7 days, payload fingerprints checked.
-    pub fn new(consumer: impl Into<Arc<str>>, store: impl DedupStore) -> Self {
-        Self::from_arc(consumer, Arc::new(store))
+    /// Dedup over `store`, with the [`DedupSettings`] defaults (key from
+    /// [`DefaultKey`](super::DefaultKey), missing key is poison, retention 7 days,
+    /// payload fingerprints checked) and a lease of 30 s (extended every 10 s while
+    /// the handler runs). Keys are scoped by the name of the consumer the layer is
+    /// given to (`Consumer::builder(name).dedup(layer)`).
+    pub fn new(store: impl DedupStore) -> Self {
+        Self::from_arc(Arc::new(store))
     }
 
     /// Like [`new`](Self::new) with a shared store.
-    pub fn from_arc(consumer: impl Into<Arc<str>>, store: Arc<dyn DedupStore>) -> Self {
+    pub fn from_arc(store: Arc<dyn DedupStore>) -> Self {
+        let settings = DedupSettings::default();
         DedupLayer {
             config: Arc::new(Config {
-                consumer: consumer.into(),
-                store: Arc::new(Bounded::new(store.clone(), DEFAULT_STORE_TIMEOUT)),
+                scope: DEFAULT_SCOPE.into(),
+                scope_set: false,
+                store: Arc::new(Bounded::new(
+                    store.clone(),
+                    settings.effective_store_timeout(),
+                )),
                 raw: store,
-                store_timeout: DEFAULT_STORE_TIMEOUT,
-                extractor: Arc::new(DefaultKey),
-                missing: MissingKey::Poison,
+                settings,
                 lease: Duration::from_secs(30),
-                retention: Duration::from_secs(7 * 24 * 3600),
-                min_busy_delay: Duration::from_secs(1),
-                fingerprint: true,
             }),
         }
     }
 
     fn edit(mut self, f: impl FnOnce(&mut Config)) -> Self {
-        match Arc::get_mut(&mut self.config) {
-            Some(c) => f(c),
-            None => {
-                let c = &*self.config;
-                let mut copy = Config {
-                    consumer: c.consumer.clone(),
-                    store: c.store.clone(),
-                    raw: c.raw.clone(),
-                    store_timeout: c.store_timeout,
-                    extractor: c.extractor.clone(),
-                    missing: c.missing,
-                    lease: c.lease,
-                    retention: c.retention,
-                    min_busy_delay: c.min_busy_delay,
-                    fingerprint: c.fingerprint,
-                };
-                f(&mut copy);
-                self.config = Arc::new(copy);
-            }
-        }
+        f(Arc::make_mut(&mut self.config));
         self
     }
 
-    /// Where the key comes from.
+    fn edit_settings(self, f: impl FnOnce(&mut DedupSettings)) -> Self {
+        self.edit(|c| {
+            f(&mut c.settings);
+            c.store = Arc::new(Bounded::new(
+                c.raw.clone(),
+                c.settings.effective_store_timeout(),
+            ));
+        })
+    }
+
+    /// The key scope when the layer is used on its own as a tower layer (default
+    /// `"default"`). A consumer replaces it with its own name, so that keys are always
+    /// scoped by the name in `x-idem-consumer`; a different name set here is logged
+    /// (`warn`) and ignored then.
+    pub fn scope(self, name: impl Into<Arc<str>>) -> Self {
+        let name = name.into();
+        self.edit(|c| {
+            c.scope = name;
+            c.scope_set = true;
+        })
+    }
+
+    /// Where the key comes from ([`DedupSettings::key`]).
     pub fn key(self, extractor: impl KeyExtractor) -> Self {
         let extractor: Arc<dyn KeyExtractor> = Arc::new(extractor);
-        self.edit(|c| c.extractor = extractor)
+        self.edit_settings(|s| s.key = extractor)
     }
 
-    /// Policy for messages without a key.
+    /// Policy for messages without a key ([`DedupSettings::missing_key`]).
     pub fn missing_key(self, policy: MissingKey) -> Self {
-        self.edit(|c| c.missing = policy)
+        self.edit_settings(|s| s.missing_key = policy)
     }
 
-    /// Claim lease; extended every third of it while the handler runs. A crashed
-    /// worker's claim is free again once it expires.
+    /// How long `done` records are kept ([`DedupSettings::retention`]). Must cover the
+    /// longest retry horizon.
+    pub fn retention(self, retention: Duration) -> Self {
+        self.edit_settings(|s| s.retention = retention)
+    }
+
+    /// Whether to record a SHA-256 fingerprint of the payload and poison a message
+    /// whose key is done with a different payload ([`DedupSettings::fingerprint`],
+    /// default on).
+    pub fn fingerprint(self, on: bool) -> Self {
+        self.edit_settings(|s| s.fingerprint = on)
+    }
+
+    /// Shortest delay before retrying a message that is busy elsewhere
+    /// ([`DedupSettings::min_busy_delay`], default 1 s).
+    pub fn min_busy_delay(self, delay: Duration) -> Self {
+        self.edit_settings(|s| s.min_busy_delay = delay)
+    }
+
+    /// Longest time one store call may take, connection or pool wait included
+    /// ([`DedupSettings::store_timeout`], default 5 s). A call that runs out of time
+    /// is a store failure: transient, and counted by the consumer's circuit breaker.
+    pub fn store_timeout(self, timeout: Duration) -> Self {
+        self.edit_settings(|s| s.store_timeout = timeout)
+    }
+
+    /// Replaces every shared setting at once (e.g. the same settings as an inbox).
+    pub fn settings(self, settings: DedupSettings) -> Self {
+        self.edit_settings(|s| *s = settings)
+    }
+
+    /// Claim lease (default 30 s, at least 30 ms); extended every third of it while
+    /// the handler runs. A crashed worker's claim is free again once it expires.
     pub fn lease(self, lease: Duration) -> Self {
         self.edit(|c| c.lease = lease.max(Duration::from_millis(30)))
     }
 
-    /// How long `done` records are kept. Must cover the longest retry horizon.
-    pub fn retention(self, retention: Duration) -> Self {
-        self.edit(|c| c.retention = retention)
+    /// The shared settings in force.
+    pub fn dedup_settings(&self) -> &DedupSettings {
+        &self.config.settings
     }
 
-    /// Shortest delay before retrying a message that is busy elsewhere (default 1 s).
-    pub fn min_busy_delay(self, delay: Duration) -> Self {
-        self.edit(|c| c.min_busy_delay = delay)
+    /// The configured lease.
+    pub fn lease_duration(&self) -> Duration {
+        self.config.lease
     }
 
-    /// Whether to record a SHA-256 fingerprint of the payload and poison a message
-    /// whose key is done with a different payload (default on).
-    pub fn fingerprint(self, on: bool) -> Self {
-        self.edit(|c| c.fingerprint = on)
-    }
-
-    /// Longest time one store call may take, connection or pool wait included
-    /// (default [`DEFAULT_STORE_TIMEOUT`], 5 s). A call that runs out of time is a store
-    /// failure: transient, and counted by the consumer's circuit breaker.
-    pub fn store_timeout(self, timeout: Duration) -> Self {
-        let timeout = timeout.max(Duration::from_millis(1));
-        self.edit(|c| {
-            c.store_timeout = timeout;
-            c.store = Arc::new(Bounded::new(c.raw.clone(), timeout));
-        })
+    /// The key scope in force (see [`scope`](Self::scope)).
+    pub fn scope_name(&self) -> &str {
+        &self.config.scope
     }
 
     /// The store's health probe, bounded by the store timeout (for the circuit breaker).
@@ -176,14 +221,17 @@ impl DedupLayer {
         })
     }
 
-    /// The configured lease.
-    pub fn lease_duration(&self) -> Duration {
-        self.config.lease
-    }
-
-    /// The configured retention.
-    pub fn retention_duration(&self) -> Duration {
-        self.config.retention
+    /// This layer with its keys scoped by consumer `consumer` (what a consumer does
+    /// when it wraps its handler stack).
+    pub(crate) fn for_consumer(&self, consumer: Arc<str>) -> DedupLayer {
+        if self.config.scope_set && *self.config.scope != *consumer {
+            warn!(
+                scope = %self.config.scope,
+                consumer = %consumer,
+                "DedupLayer::scope differs from the consumer name; keys are scoped by the consumer name"
+            );
+        }
+        self.clone().edit(|c| c.scope = consumer)
     }
 }
 
@@ -204,6 +252,14 @@ pub struct DedupService<S> {
     config: Arc<Config>,
 }
 
+impl<S> std::fmt::Debug for DedupService<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DedupService")
+            .field("scope", &self.config.scope)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<S> Service<Message> for DedupService<S>
 where
     S: Service<Message, Response = (), Error = HandlerError> + Clone + Send + 'static,
@@ -221,7 +277,18 @@ where
         // Take the service that was driven to readiness; leave a clone behind.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(run(self.config.clone(), inner, msg))
+        let config = self.config.clone();
+        Box::pin(async move {
+            let open = |key: &str, fingerprint: Option<&str>| {
+                Ok(LeaseSession {
+                    config: config.clone(),
+                    key: ScopedKey::new(config.scope.clone(), key),
+                    owner: OwnerToken::generate(),
+                    fingerprint: fingerprint.map(str::to_owned),
+                })
+            };
+            admit(&config.settings, open, inner, msg).await
+        })
     }
 }
 
@@ -235,122 +302,90 @@ fn timed<T>(start: Instant, op: &'static str, r: T) -> T {
     r
 }
 
-async fn run<S>(config: Arc<Config>, inner: S, msg: Message) -> Result<Processed, HandlerError>
-where
-    S: Service<Message, Response = (), Error = HandlerError>,
-{
-    let key = resolve_key(config.extractor.as_ref(), config.missing, &msg)?;
-    tracing::Span::current().record("key", key.as_str());
-    let scoped = ScopedKey::new(config.consumer.clone(), key.clone());
-    claimed(&config, inner, msg, &scoped, key)
-        .await
-        .map_err(|e| e.with_key(scoped.key()))
+/// One message's admission through a lease store.
+struct LeaseSession {
+    config: Arc<Config>,
+    key: ScopedKey,
+    owner: OwnerToken,
+    fingerprint: Option<String>,
 }
 
-async fn claimed<S>(
-    config: &Config,
-    mut inner: S,
-    mut msg: Message,
-    scoped: &ScopedKey,
-    key: String,
-) -> Result<Processed, HandlerError>
-where
-    S: Service<Message, Response = (), Error = HandlerError>,
-{
-    let owner = OwnerToken::generate();
-    let fingerprint = config.fingerprint.then(|| sha256_hex(&msg.body));
-    let store = &config.store;
-
-    // A suspect (redelivered) message waits until it can run alone; see `crate::crash`.
-    // The turn lasts until the outcome is recorded.
-    let guard = CrashGuard::of(&msg);
-    let _turn = guard.turn(&msg).await;
-    let t = Instant::now();
-    let (claim, starts) = timed(
-        t,
-        "claim",
-        store
-            .claim_counting(
-                scoped,
-                &owner,
-                fingerprint.as_deref(),
-                config.lease,
-                config.retention,
-            )
-            .await,
-    )
-    .map_err(store_failure)?;
-    match claim {
-        Claim::Acquired => {
-            if let Err(crashed) = guard.check(starts.unwrap_or(0)) {
-                warn!(key = %scoped, times = crashed.times, "message crashed or hung the worker too often; dead-lettering it without running it");
-                finish(config, scoped, &owner, Completion::Poisoned).await;
-                return Err(HandlerError::permanent(crashed));
-            }
-        }
-        Claim::Done {
-            completion,
-            fingerprint: recorded,
-        } => {
-            if let (Some(now), Some(then)) = (&fingerprint, &recorded) {
-                if now != then {
-                    return Err(HandlerError::permanent(PayloadMismatchError(key)));
-                }
-            }
-            let replay =
-                crate::read::read_in::<String>(&msg, REPLAY_HEADER).is_some_and(|v| !v.is_empty());
-            match (completion, replay) {
-                (Completion::Succeeded, _) => return Ok(Processed::Duplicate),
-                (Completion::Poisoned, false) => {
-                    return Err(HandlerError::permanent(PreviouslyPoisonedError(key)))
-                }
-                (Completion::Poisoned, true) => {}
-            }
-            let t = Instant::now();
-            let reopened = timed(
-                t,
-                "reopen",
-                store.reopen_poisoned(scoped, &owner, config.lease).await,
-            )
-            .map_err(store_failure)?;
-            if !reopened {
-                // Someone else reopened it first, or it changed under us: look again later.
-                return Err(HandlerError::busy(config.min_busy_delay));
-            }
-            debug!(key = %scoped, "operator replay reopened a poisoned record");
-        }
-        Claim::Busy { retry_in } => {
-            let delay = retry_in.clamp(
-                config.min_busy_delay,
-                config.lease.max(config.min_busy_delay),
-            );
-            return Err(HandlerError::busy(delay));
-        }
+impl Admission for LeaseSession {
+    async fn claim(&mut self) -> Result<(Claimed, u32), HandlerError> {
+        let c = &self.config;
+        let t = Instant::now();
+        let (claim, starts) = timed(
+            t,
+            "claim",
+            c.store
+                .claim_counting(
+                    &self.key,
+                    &self.owner,
+                    self.fingerprint.as_deref(),
+                    c.lease,
+                    c.settings.retention,
+                )
+                .await,
+        )
+        .map_err(store_failure)?;
+        let claimed = match claim {
+            Claim::Acquired => Claimed::Acquired,
+            Claim::Done {
+                completion,
+                fingerprint,
+            } => Claimed::Done {
+                completion,
+                fingerprint,
+            },
+            Claim::Busy { retry_in } => Claimed::Busy {
+                retry_in: Some(retry_in.min(c.lease)),
+            },
+        };
+        Ok((claimed, starts.unwrap_or(0)))
     }
 
-    msg.extensions.insert(IdempotencyKey(key));
-    let result = with_lease(config, scoped, &owner, inner.call(msg)).await;
+    async fn reopen(&mut self) -> Result<bool, HandlerError> {
+        let t = Instant::now();
+        timed(
+            t,
+            "reopen",
+            self.config
+                .store
+                .reopen_poisoned(&self.key, &self.owner, self.config.lease)
+                .await,
+        )
+        .map_err(store_failure)
+    }
 
-    match result {
-        Ok(()) => {
-            finish(config, scoped, &owner, Completion::Succeeded).await;
-            Ok(Processed::Handled)
-        }
-        Err(e) if e.kind() == Some(ErrorKind::Permanent) => {
-            finish(config, scoped, &owner, Completion::Poisoned).await;
-            Err(e)
-        }
-        Err(e) => {
-            let t = Instant::now();
-            match timed(t, "release", store.release(scoped, &owner).await) {
-                Ok(true) => {}
-                Ok(false) => warn!(key = %scoped, "lease was lost before release"),
-                // The claim frees itself when the lease expires.
-                Err(err) => {
-                    warn!(key = %scoped, error = %err, "release failed; the lease will expire")
-                }
+    async fn declined(&mut self) {}
+
+    fn guard<F>(&mut self, handler: F) -> impl Future<Output = F::Output> + Send
+    where
+        F: Future + Send,
+        F::Output: Send,
+    {
+        with_lease(&self.config, &self.key, &self.owner, handler)
+    }
+
+    async fn succeeded(&mut self) -> Result<(), HandlerError> {
+        finish(&self.config, &self.key, &self.owner, Completion::Succeeded).await;
+        Ok(())
+    }
+
+    async fn poisoned(&mut self) {
+        finish(&self.config, &self.key, &self.owner, Completion::Poisoned).await;
+    }
+
+    async fn released(&mut self) {
+        let t = Instant::now();
+        let released = self.config.store.release(&self.key, &self.owner).await;
+        match timed(t, "release", released) {
+            Ok(true) => {}
+            Ok(false) => warn!(key = %self.key, "lease was lost before release"),
+            // The claim frees itself when the lease expires.
+            Err(err) => {
+                warn!(key = %self.key, error = %err, "release failed; the lease will expire")
             }
-            Err(e)
         }
     }
 }
@@ -398,7 +433,7 @@ async fn finish(config: &Config, key: &ScopedKey, owner: &OwnerToken, completion
             "complete",
             config
                 .store
-                .complete(key, owner, completion, config.retention)
+                .complete(key, owner, completion, config.settings.retention)
                 .await,
         ) {
             Ok(true) => return,

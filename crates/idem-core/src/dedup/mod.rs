@@ -15,9 +15,15 @@
 //! is a deliberate operator act, header `x-idem-replay`); transient error -> release.
 //! A plain redelivery of a poisoned message is dead-lettered again (never acked as a
 //! duplicate): its first dead-letter copy may not have been confirmed.
-//! Keys are scoped by consumer name. A message whose key is missing is poison (unless
+//! Keys are scoped by the name of the consumer the layer is given to
+//! (`Consumer::builder(name).dedup(layer)`); a layer used on its own is scoped by
+//! [`DedupLayer::scope`]. A message whose key is missing is poison (unless
 //! [`MissingKey::ContentHash`]); one whose key is already `done` with a different payload
 //! fingerprint is poison too ("same key, different payload").
+//!
+//! The SQL transactional inbox (`idem_sql::SqlInbox`) admits messages through the same
+//! steps (the `admission` module, not part of the public API) and shares the same settings ([`DedupSettings`]); only the
+//! storage differs.
 //!
 //! ```
 //! use std::time::Duration;
@@ -30,7 +36,7 @@
 //! async fn charge() {}
 //! let store = MemoryStore::new();
 //! let svc = ServiceBuilder::new()
-//!     .layer(DedupLayer::new("billing", store).lease(Duration::from_secs(30)))
+//!     .layer(DedupLayer::new(store).scope("billing").lease(Duration::from_secs(30)))
 //!     .layer(ClassifyLayer::default())
 //!     .service(HandlerService::new(charge, ()));
 //! let first = svc.clone().oneshot(Message::new("{}").with_message_id("c-1")).await.unwrap();
@@ -39,6 +45,8 @@
 //! # }
 //! ```
 
+#[doc(hidden)]
+pub mod admission;
 mod bounded;
 pub mod conformance;
 pub(crate) mod key;
@@ -46,6 +54,7 @@ mod layer;
 mod memory;
 mod store;
 
+pub use admission::DedupSettings;
 pub use bounded::{Bounded, DEFAULT_STORE_TIMEOUT};
 pub use key::{
     DefaultKey, HeaderKey, JsonFieldKey, KeyExtractor, KeyTooLongError, KeyTypeError, MissingKey,

@@ -43,7 +43,7 @@ fn stack(
 async fn duplicate_is_acked_without_running() {
     let runs = Arc::new(AtomicUsize::new(0));
     let svc = stack(
-        DedupLayer::new("c", MemoryStore::new()),
+        DedupLayer::new(MemoryStore::new()).scope("c"),
         runs.clone(),
         |_| Ok(()),
     );
@@ -60,7 +60,7 @@ async fn duplicate_is_acked_without_running() {
 async fn same_key_different_payload_is_poison() {
     let runs = Arc::new(AtomicUsize::new(0));
     let svc = stack(
-        DedupLayer::new("c", MemoryStore::new()),
+        DedupLayer::new(MemoryStore::new()).scope("c"),
         runs.clone(),
         |_| Ok(()),
     );
@@ -81,7 +81,7 @@ async fn same_key_different_payload_is_poison() {
 async fn missing_key_is_poison_or_content_hash() {
     let runs = Arc::new(AtomicUsize::new(0));
     let svc = stack(
-        DedupLayer::new("c", MemoryStore::new()),
+        DedupLayer::new(MemoryStore::new()).scope("c"),
         runs.clone(),
         |_| Ok(()),
     );
@@ -89,7 +89,9 @@ async fn missing_key_is_poison_or_content_hash() {
     assert_eq!(err.kind(), Some(ErrorKind::Permanent));
     assert_eq!(runs.load(Ordering::SeqCst), 0, "no key, no run");
 
-    let layer = DedupLayer::new("c", MemoryStore::new()).missing_key(MissingKey::ContentHash);
+    let layer = DedupLayer::new(MemoryStore::new())
+        .scope("c")
+        .missing_key(MissingKey::ContentHash);
     let svc = stack(layer, runs.clone(), |_| Ok(()));
     assert!(svc
         .clone()
@@ -110,7 +112,7 @@ async fn missing_key_is_poison_or_content_hash() {
 async fn oversized_key_is_poison() {
     let runs = Arc::new(AtomicUsize::new(0));
     let svc = stack(
-        DedupLayer::new("c", MemoryStore::new()),
+        DedupLayer::new(MemoryStore::new()).scope("c"),
         runs.clone(),
         |_| Ok(()),
     );
@@ -126,9 +128,11 @@ async fn oversized_key_is_poison() {
 async fn transient_failure_releases_so_a_retry_runs() {
     let runs = Arc::new(AtomicUsize::new(0));
     let store = MemoryStore::new();
-    let failing = stack(DedupLayer::new("c", store.clone()), runs.clone(), |_| {
-        Err(HandlerError::transient("db down"))
-    });
+    let failing = stack(
+        DedupLayer::new(store.clone()).scope("c"),
+        runs.clone(),
+        |_| Err(HandlerError::transient("db down")),
+    );
     let err = failing
         .oneshot(Message::new("a").with_message_id("k"))
         .await
@@ -138,7 +142,7 @@ async fn transient_failure_releases_so_a_retry_runs() {
         Some("k"),
         "the key travels with the error for the DLQ headers"
     );
-    let ok = stack(DedupLayer::new("c", store), runs.clone(), |_| Ok(()));
+    let ok = stack(DedupLayer::new(store).scope("c"), runs.clone(), |_| Ok(()));
     assert!(ok
         .oneshot(Message::new("a").with_message_id("k"))
         .await
@@ -151,13 +155,17 @@ async fn transient_failure_releases_so_a_retry_runs() {
 async fn poison_is_done_and_only_a_replay_reopens_it() {
     let runs = Arc::new(AtomicUsize::new(0));
     let store = MemoryStore::new();
-    let poison = stack(DedupLayer::new("c", store.clone()), runs.clone(), |m| {
-        if m.header_str(REPLAY_HEADER).is_some() {
-            Ok(())
-        } else {
-            Err(HandlerError::permanent("bad"))
-        }
-    });
+    let poison = stack(
+        DedupLayer::new(store.clone()).scope("c"),
+        runs.clone(),
+        |m| {
+            if m.header_str(REPLAY_HEADER).is_some() {
+                Ok(())
+            } else {
+                Err(HandlerError::permanent("bad"))
+            }
+        },
+    );
     let m = || Message::new("a").with_message_id("k");
     assert!(poison.clone().oneshot(m()).await.is_err());
     let again = poison.clone().oneshot(m()).await.unwrap_err();
@@ -193,7 +201,7 @@ async fn busy_elsewhere_is_retried_without_spending_an_attempt() {
         .await
         .unwrap();
     let runs = Arc::new(AtomicUsize::new(0));
-    let svc = stack(DedupLayer::new("c", store), runs.clone(), |_| Ok(()));
+    let svc = stack(DedupLayer::new(store).scope("c"), runs.clone(), |_| Ok(()));
     let err = svc
         .oneshot(Message::new("a").with_message_id("k"))
         .await
@@ -250,7 +258,9 @@ impl DedupStore for DownStore {
 #[tokio::test]
 async fn store_down_is_transient_and_the_handler_does_not_run() {
     let runs = Arc::new(AtomicUsize::new(0));
-    let svc = stack(DedupLayer::new("c", DownStore), runs.clone(), |_| Ok(()));
+    let svc = stack(DedupLayer::new(DownStore).scope("c"), runs.clone(), |_| {
+        Ok(())
+    });
     let err = svc
         .oneshot(Message::new("a").with_message_id("k"))
         .await
@@ -268,7 +278,9 @@ async fn store_down_is_transient_and_the_handler_does_not_run() {
 #[tokio::test(start_paused = true)]
 async fn long_handler_keeps_its_lease() {
     let store = MemoryStore::new();
-    let layer = DedupLayer::new("c", store.clone()).lease(Duration::from_secs(3));
+    let layer = DedupLayer::new(store.clone())
+        .scope("c")
+        .lease(Duration::from_secs(3));
     let slow = tower::service_fn(|_m: Message| async {
         tokio::time::sleep(Duration::from_secs(10)).await;
         Ok::<(), HandlerError>(())
@@ -394,7 +406,7 @@ async fn crash_limit_dead_letters_without_running() {
     let lease = Duration::from_millis(30);
     let runs = Arc::new(AtomicUsize::new(0));
     let svc = stack(
-        DedupLayer::new("c", store.clone()).lease(lease),
+        DedupLayer::new(store.clone()).scope("c").lease(lease),
         runs.clone(),
         |_| Ok(()),
     );
@@ -426,7 +438,7 @@ async fn crash_count_below_the_limit_runs_and_a_settled_outcome_clears_it() {
     let lease = Duration::from_millis(30);
     let runs = Arc::new(AtomicUsize::new(0));
     let svc = stack(
-        DedupLayer::new("c", store.clone()).lease(lease),
+        DedupLayer::new(store.clone()).scope("c").lease(lease),
         runs.clone(),
         |_| Err(HandlerError::transient("down")),
     );
@@ -444,4 +456,51 @@ async fn crash_count_below_the_limit_runs_and_a_settled_outcome_clears_it() {
     );
     // The transient failure settled the start: counting begins again.
     assert_eq!(crash_once(&store, "k", lease).await, Some(0));
+}
+
+/// The consumer's name scopes the keys, whatever scope the layer was given: the
+/// dedup scope is always the name in `x-idem-consumer`.
+#[tokio::test]
+async fn consumer_name_scopes_the_keys() {
+    use crate::{Consumer, Disposition};
+    let store = MemoryStore::new();
+    let consumer = |name: &str, layer: DedupLayer| {
+        Consumer::builder(name)
+            .dedup(layer)
+            .handler(|| async {})
+            .unwrap()
+    };
+    let m = || Message::new("a").with_message_id("k");
+    let billing = consumer("billing", DedupLayer::new(store.clone()).scope("other"));
+    assert_eq!(
+        billing.process(m()).await,
+        Disposition::Ack { duplicate: false }
+    );
+    // Same consumer name, different layer scope: still the same keys.
+    let again = consumer("billing", DedupLayer::new(store.clone()));
+    assert_eq!(
+        again.process(m()).await,
+        Disposition::Ack { duplicate: true }
+    );
+    // Another consumer on the same store has keys of its own.
+    let audit = consumer("audit", DedupLayer::new(store.clone()));
+    assert_eq!(
+        audit.process(m()).await,
+        Disposition::Ack { duplicate: false }
+    );
+    let billing_key = ScopedKey::new("billing", "k");
+    let other_key = ScopedKey::new("other", "k");
+    let owner = OwnerToken::generate();
+    let lease = Duration::from_secs(1);
+    assert!(matches!(
+        store
+            .claim(&billing_key, &owner, None, lease)
+            .await
+            .unwrap(),
+        Claim::Done { .. }
+    ));
+    assert_eq!(
+        store.claim(&other_key, &owner, None, lease).await.unwrap(),
+        Claim::Acquired
+    );
 }

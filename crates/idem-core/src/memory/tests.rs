@@ -230,7 +230,7 @@ async fn graceful_shutdown_finishes_in_flight_work() {
 #[test]
 fn start_up_refuses_bad_configurations() {
     let short =
-        crate::dedup::DedupLayer::new("c", MemoryStore::new()).retention(Duration::from_secs(60));
+        crate::dedup::DedupLayer::new(MemoryStore::new()).retention(Duration::from_secs(60));
     let err = Consumer::builder("c")
         .dedup(short)
         .handler(|| async {})

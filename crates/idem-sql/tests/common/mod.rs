@@ -58,7 +58,7 @@ macro_rules! sql_suite {
 
         async fn new_store(tag: &str) -> (SqlStore<$db>, impl Sized) {
             let (pool, guard) = $pool(tag).await;
-            let store = SqlStore::<$db>::with_table_name(pool, &unique(tag)).unwrap();
+            let store = SqlStore::<$db>::new(pool).try_table(&unique(tag)).unwrap();
             store.ensure_schema().await.unwrap();
             (store, guard)
         }
@@ -69,7 +69,7 @@ macro_rules! sql_suite {
             let scope = unique("scope");
             conformance::run(&store, &scope).await;
             conformance::race(Arc::new(store.clone()), &scope, 16).await;
-            drop_table(store.pool(), &store.table().to_string()).await;
+            drop_table(store.pool(), &store.table_name().to_string()).await;
         }
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,7 +77,7 @@ macro_rules! sql_suite {
             let (pool, _g) = $pool("schema").await;
             let table = unique("schema");
             let stores: Vec<_> = (0..4)
-                .map(|_| SqlStore::<$db>::with_table_name(pool.clone(), &table).unwrap())
+                .map(|_| SqlStore::<$db>::new(pool.clone()).try_table(&table).unwrap())
                 .collect();
             let results =
                 futures_util::future::join_all(stores.iter().map(|s| s.ensure_schema())).await;
@@ -85,15 +85,15 @@ macro_rules! sql_suite {
                 r.expect("concurrent ensure_schema");
             }
             stores[0].ensure_schema().await.expect("again");
-            let inbox = SqlInbox::<$db>::new(pool.clone(), "c")
-                .table(&unique("inbox"))
+            let inbox = SqlInbox::<$db>::new(pool.clone())
+                .try_table(&unique("inbox"))
                 .unwrap();
             inbox.ensure_schema().await.unwrap();
             inbox.ensure_schema().await.unwrap();
             for bad in ["x; DROP TABLE users", "a-b", "1t", "a.b.c", ""] {
-                let err = SqlStore::<$db>::with_table_name(pool.clone(), bad).unwrap_err();
+                let err = SqlStore::<$db>::new(pool.clone()).try_table(bad).unwrap_err();
                 assert!(err.to_string().contains("invalid table name"), "{err}");
-                assert!(SqlInbox::<$db>::new(pool.clone(), "c").table(bad).is_err());
+                assert!(SqlInbox::<$db>::new(pool.clone()).try_table(bad).is_err());
             }
             let _: sqlx::Result<Vec<(String,)>> =
                 sqlx::query_as("SELECT 'x'").fetch_all(&pool).await;
@@ -105,7 +105,7 @@ macro_rules! sql_suite {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn cleanup_removes_only_expired_rows() {
             let (store, _g) = new_store("cleanup").await;
-            let t = store.table().to_string();
+            let t = store.table_name().to_string();
             let k = |n: &str| ScopedKey::new("c", n);
             let short = Duration::from_millis(50);
             let long = Duration::from_secs(3600);
@@ -197,7 +197,7 @@ macro_rules! sql_suite {
                 .count();
             assert_eq!(handled, 1, "{ra:?} {rb:?}");
             assert_eq!(b.process(msg()).await, Disposition::Ack { duplicate: true });
-            drop_table(store.pool(), &store.table().to_string()).await;
+            drop_table(store.pool(), &store.table_name().to_string()).await;
         }
 
         // ----- transactional inbox -----
@@ -250,8 +250,8 @@ macro_rules! sql_suite {
                     .execute(&pool)
                     .await
                     .unwrap();
-                let inbox = SqlInbox::<$db>::new(pool.clone(), "billing")
-                    .table(&unique("inbox"))
+                let inbox = SqlInbox::<$db>::new(pool.clone())
+                    .try_table(&unique("inbox"))
                     .unwrap();
                 inbox.ensure_schema().await.unwrap();
                 let ctx = Ctx {
@@ -536,12 +536,12 @@ macro_rules! sql_suite {
             );
 
             // An older table, without the column.
-            let t = store.table().to_string();
+            let t = store.table_name().to_string();
             sqlx::query(&format!("ALTER TABLE {t} DROP COLUMN starts"))
                 .execute(store.pool())
                 .await
                 .unwrap();
-            let old = SqlStore::<$db>::with_table(store.pool().clone(), store.table().clone());
+            let old = SqlStore::<$db>::new(store.pool().clone()).table(store.table_name().clone());
             let k2 = ScopedKey::new("c", "k2");
             let (c, n) = old
                 .claim_counting(&k2, &OwnerToken::generate(), None, lease, memory)

@@ -1,0 +1,98 @@
+//! [`Tx`]: the inbox's open transaction, as the handler receives it.
+
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+
+use idem_core::{FromMessage, HandlerError, Message};
+use sqlx::Transaction;
+use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
+
+use crate::backend::Backend;
+
+pub(crate) type Slot<DB> = Arc<Mutex<Option<Transaction<'static, DB>>>>;
+
+/// The inbox's open transaction, as the handler receives it.
+///
+/// Lock it with [`conn`](Self::conn) and run your statements on the connection; do
+/// not commit or roll back yourself: the inbox commits when the handler returns `Ok`
+/// (your writes and the dedup row together) and rolls back on an error.
+///
+/// ```no_run
+/// use idem_core::HandlerError;
+/// use idem_sql::Tx;
+/// use sqlx::Postgres;
+///
+/// async fn charge(tx: Tx<Postgres>) -> Result<(), HandlerError> {
+///     let mut conn = tx.conn().await?;
+///     sqlx::query("INSERT INTO charges (cents) VALUES ($1)")
+///         .bind(500_i64)
+///         .execute(&mut *conn)
+///         .await?;
+///     Ok(())
+/// }
+/// ```
+pub struct Tx<DB: Backend> {
+    slot: Slot<DB>,
+}
+
+impl<DB: Backend> fmt::Debug for Tx<DB> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tx").finish_non_exhaustive()
+    }
+}
+
+/// The inbox has already committed or rolled back this message's transaction (the
+/// handler used its [`Tx`] after returning, e.g. from a spawned task).
+#[derive(Debug, thiserror::Error)]
+#[error("the inbox transaction of this message is already finished")]
+pub struct TxClosed;
+
+/// The handler takes a [`Tx`] but the consumer does not dedup through a
+/// [`SqlInbox`](crate::SqlInbox) of the same database. Permanent (a configuration error).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "handler takes a Tx but the consumer has no SQL inbox for this database (use .dedup(inbox))"
+)]
+pub struct NoInbox;
+
+impl<DB: Backend> Tx<DB> {
+    /// Locks the transaction for a few statements. Keep the guard only while you use
+    /// it if you run work concurrently inside the handler.
+    pub async fn conn(&self) -> Result<TxConn<'_, DB>, TxClosed> {
+        MutexGuard::try_map(self.slot.lock().await, Option::as_mut)
+            .map(|guard| TxConn { guard })
+            .map_err(|_| TxClosed)
+    }
+}
+
+/// A locked [`Tx`]: dereferences to the database connection (`&mut *conn` is an
+/// executor).
+pub struct TxConn<'a, DB: Backend> {
+    guard: MappedMutexGuard<'a, Transaction<'static, DB>>,
+}
+
+impl<DB: Backend> Deref for TxConn<'_, DB> {
+    type Target = DB::Connection;
+    fn deref(&self) -> &DB::Connection {
+        &self.guard
+    }
+}
+
+impl<DB: Backend> DerefMut for TxConn<'_, DB> {
+    fn deref_mut(&mut self) -> &mut DB::Connection {
+        &mut self.guard
+    }
+}
+
+/// The extension through which the inbox hands its transaction to [`Tx`].
+pub(crate) struct InboxTx<DB: Backend>(pub(crate) Slot<DB>);
+
+impl<DB: Backend, S> FromMessage<S> for Tx<DB> {
+    fn from_message(msg: &Message, _state: &S) -> Result<Self, HandlerError> {
+        msg.extensions
+            .get::<InboxTx<DB>>()
+            .map(|t| Tx { slot: t.0.clone() })
+            .ok_or_else(|| HandlerError::permanent(NoInbox))
+    }
+}
