@@ -389,7 +389,7 @@ impl Harness {
                     Step::Crashed
                 }
                 Outcome::Settled(d) => {
-                    if matches!(d, Disposition::Ack { .. }) && cell.fire(CrashPoint::AfterCommit) {
+                    if matches!(*d, Disposition::Ack { .. }) && cell.fire(CrashPoint::AfterCommit) {
                         totals.crashes[CrashPoint::AfterCommit as usize] += 1;
                         cell.log(format!(
                             "{}: {} then crashed {}",
@@ -428,7 +428,7 @@ impl Harness {
                     sched.push(Pending {
                         due: vnow + delay.as_millis() as u64,
                         not_before: wait.then(|| Instant::now() + delay.min(REAL_POLL)),
-                        msg,
+                        msg: *msg,
                         label: format!("{} (retry)", base_label(&p.label)),
                         group: None,
                         ..p
@@ -526,7 +526,7 @@ enum Step {
     /// Deliver `msg` again after `delay` on the virtual clock; `wait`: also wait (up
     /// to [`REAL_POLL`]) in real time, for a lease or a breaker.
     Redeliver {
-        msg: Message,
+        msg: Box<Message>,
         delay: Duration,
         wait: bool,
     },
@@ -557,13 +557,17 @@ fn next_step(d: &Disposition, delivered: &Message, backoff: &Backoff) -> Step {
             } else {
                 backoff.delay_after(failure.attempts)
             };
-            Step::Redeliver { msg, delay, wait }
+            Step::Redeliver {
+                msg: Box::new(msg),
+                delay,
+                wait,
+            }
         }
         Disposition::Release { .. } => {
             let mut msg = delivered.clone();
             msg.delivery.redelivered = true;
             Step::Redeliver {
-                msg,
+                msg: Box::new(msg),
                 delay: Duration::ZERO,
                 wait: true,
             }
@@ -635,7 +639,7 @@ impl Scheduler {
 }
 
 enum Outcome {
-    Settled(Disposition),
+    Settled(Box<Disposition>),
     Crashed(CrashPoint),
 }
 
@@ -656,7 +660,7 @@ async fn deliver(
     let outcome = tokio::select! {
         biased;
         Ok(point) = rx => Outcome::Crashed(point),
-        d = consumer.process(msg) => Outcome::Settled(d),
+        d = consumer.process(msg) => Outcome::Settled(Box::new(d)),
     };
     (p, outcome)
 }
