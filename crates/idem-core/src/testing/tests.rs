@@ -200,7 +200,7 @@ async fn a_consumer_without_the_trouble_layer_is_refused() {
 }
 
 #[tokio::test]
-async fn thousand_messages_default_profile_in_a_few_seconds() {
+async fn thousand_messages_default_profile_memory_store() {
     let fx = Effects::default();
     let started = Instant::now();
     let report = memory_harness(&fx)
@@ -212,5 +212,5 @@ async fn thousand_messages_default_profile_in_a_few_seconds() {
     let took = started.elapsed();
     report.assert_ok();
     println!("1000 messages, default profile, memory store: {took:?}\n{report}");
-    assert!(took < Duration::from_secs(5), "took {took:?}");
+    // Speed is measured, not asserted (README, Benchmarks): printed for the record.
 }
