@@ -359,6 +359,7 @@ impl Harness {
                     .chain(sched.pending.iter().map(|p| &p.cell))
                     .map(|&i| cells[i].key.clone())
                     .collect();
+                stuck.sort();
                 stuck.dedup();
                 stuck.truncate(10);
                 return Err(HarnessError::TimeLimit {
