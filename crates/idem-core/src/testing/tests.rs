@@ -214,3 +214,30 @@ async fn thousand_messages_default_profile_memory_store() {
     println!("1000 messages, default profile, memory store: {took:?}\n{report}");
     // Speed is measured, not asserted (README, Benchmarks): printed for the record.
 }
+
+#[tokio::test]
+async fn a_lease_longer_than_the_time_limit_fails_naming_the_stuck_key() {
+    let fx = Effects::default();
+    let state = fx.clone();
+    let err = Harness::new(move |trouble| {
+        // The default 30 s lease: a crashed claim blocks its key far beyond the limit.
+        Consumer::builder("long-lease")
+            .store(MemoryStore::new())
+            .layer(trouble)
+            .handler_with_state(count_effect, state)
+    })
+    .messages(messages(1, "stuck"))
+    .profile(Profile::crash_at(CrashPoint::BeforeHandler))
+    .seed(8)
+    .time_limit(Duration::from_millis(300))
+    .run(probe(&fx))
+    .await
+    .unwrap_err();
+    match &err {
+        HarnessError::TimeLimit { seed, keys, .. } => {
+            assert_eq!((*seed, keys.as_slice()), (8, &["stuck-0".to_owned()][..]));
+        }
+        other => panic!("expected a time-limit error, got {other}"),
+    }
+    assert!(err.to_string().contains("seed 8"), "{err}");
+}
