@@ -93,8 +93,14 @@
 //! asked for), and the harness takes the earliest due one next (or, with chance
 //! [`Profile::reorder`], a random one of those ready). Only "busy" answers (a live
 //! lease) and released deliveries wait in real time, briefly. Up to
-//! [`Harness::concurrency`] deliveries run at once (default 8), polled on the calling
-//! task.
+//! [`Harness::concurrency`] deliveries run at once (default 8), each as a tokio task
+//! of its own, as a worker runs them (so a delivery keeps extending its lease while
+//! the harness schedules others).
+//!
+//! A lease must still outlast the longest pause of the test machine: a delivery whose
+//! lease lapses while its handler runs (a starved process, a lease shorter than a
+//! store round trip) lets a copy of the message run too. The harness reports that as
+//! a violation, as it would happen in production with the same lease.
 //!
 //! The plan of every message (copies, concurrency, crash point, transient failures)
 //! and the random choices of the scheduler come from the seed, so a run with the same
@@ -342,12 +348,14 @@ impl Harness {
                     totals.deliveries += 1;
                     totals.reordered += u64::from(reordered);
                     in_flight_keys.push(p.cell);
-                    in_flight.push(deliver(
+                    // Each delivery is a task of its own, as in a worker: it keeps
+                    // extending its lease however busy the harness loop is.
+                    in_flight.push(tokio::spawn(deliver(
                         consumer.clone(),
                         cells[p.cell].clone(),
                         p,
                         concurrent,
-                    ));
+                    )));
                 }
             }
             if in_flight.is_empty() && sched.pending.is_empty() {
@@ -362,6 +370,9 @@ impl Harness {
                 stuck.sort();
                 stuck.dedup();
                 stuck.truncate(10);
+                for task in in_flight.iter() {
+                    task.abort();
+                }
                 return Err(HarnessError::TimeLimit {
                     limit: self.time_limit,
                     seed,
@@ -374,11 +385,18 @@ impl Harness {
                 continue;
             } else {
                 tokio::select! {
+                    // Settle what finished before starting what is due.
+                    biased;
                     d = in_flight.next() => d,
                     () = tokio::time::sleep_until(wake.into()) => continue,
                 }
             };
-            let Some((p, outcome)) = done else { continue };
+            let (p, outcome) = match done {
+                Some(Ok(settled)) => settled,
+                // `process` catches handler panics; a panic here is the harness's own.
+                Some(Err(e)) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Some(Err(_)) | None => continue,
+            };
             if let Some(pos) = in_flight_keys.iter().position(|&k| k == p.cell) {
                 in_flight_keys.swap_remove(pos);
             }

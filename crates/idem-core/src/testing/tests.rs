@@ -30,14 +30,14 @@ fn memory_harness(fx: &Effects) -> Harness {
         Consumer::builder("harness-memory")
             .dedup(
                 DedupLayer::new("harness-memory", MemoryStore::new())
-                    .lease(Duration::from_millis(100)),
+                    .lease(Duration::from_millis(300)),
             )
             .layer(trouble)
             .handler_with_state(count_effect, fx)
     })
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_store_default_profile_reports_only_lease_windows() {
     let fx = Effects::default();
     let report = memory_harness(&fx)
@@ -67,7 +67,7 @@ async fn memory_store_default_profile_reports_only_lease_windows() {
     assert!(strict.is_err(), "assert_strict accepts window re-runs");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crashes_before_handler_and_after_commit_never_repeat_an_effect() {
     for point in [CrashPoint::BeforeHandler, CrashPoint::AfterCommit] {
         let fx = Effects::default();
@@ -84,7 +84,7 @@ async fn crashes_before_handler_and_after_commit_never_repeat_an_effect() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_effect_is_a_violation_naming_key_seed_and_schedule() {
     let fx = Effects::default();
     let state = fx.clone();
@@ -126,7 +126,7 @@ async fn a_missing_effect_is_a_violation_naming_key_seed_and_schedule() {
     assert!(msg.contains("lost-3") && msg.contains("seed 99"), "{msg}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_least_once_without_store_accepts_repeats_but_not_losses() {
     let fx = Effects::default();
     let state = fx.clone();
@@ -146,7 +146,7 @@ async fn at_least_once_without_store_accepts_repeats_but_not_losses() {
     assert!(fx.lock().unwrap().values().any(|&n| n > 1), "{report}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_seed_replays_the_same_trouble() {
     let run = |seed| async move {
         let fx = Effects::default();
@@ -171,7 +171,7 @@ async fn the_same_seed_replays_the_same_trouble() {
     assert_ne!(a.totals(), c.totals(), "different seeds, same trouble");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_without_the_trouble_layer_is_refused() {
     let fx = Effects::default();
     let state = fx.clone();
@@ -199,7 +199,7 @@ async fn a_consumer_without_the_trouble_layer_is_refused() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_messages_default_profile_memory_store() {
     let fx = Effects::default();
     let started = Instant::now();
@@ -215,7 +215,7 @@ async fn thousand_messages_default_profile_memory_store() {
     // Speed is measured, not asserted (README, Benchmarks): printed for the record.
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_longer_than_the_time_limit_fails_naming_the_stuck_key() {
     let fx = Effects::default();
     let state = fx.clone();
