@@ -309,6 +309,13 @@ impl Consumer {
         self.inner.crash_guard.limit()
     }
 
+    /// The dedup stage's claim lease, if it uses leases (`None` for the SQL inbox and
+    /// for consumers without a stage). Read by the test harness.
+    #[cfg_attr(not(any(test, feature = "testing")), allow(dead_code))]
+    pub(crate) fn lease(&self) -> Option<Duration> {
+        self.inner.lease
+    }
+
     /// The retry policy.
     pub fn backoff(&self) -> &Backoff {
         &self.inner.backoff

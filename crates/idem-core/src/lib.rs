@@ -45,6 +45,8 @@ pub mod message;
 pub mod outcome;
 pub mod read;
 pub mod redact;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod tls;
 
 pub use backoff::{Backoff, DelayTiers, Jitter};

@@ -1,0 +1,124 @@
+//! `idem_core::testing` with the Redis lease store (REDIS_URL, default
+//! redis://127.0.0.1:6379): a crash after the handler's effect, before the dedup
+//! record completes, re-runs the handler once the lease expires. The harness reports
+//! those re-runs as the lease-store window, apart from violations, and hides none.
+#![allow(clippy::unwrap_used)] // test helpers panic on setup failures by design
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use idem_core::testing::{CrashPoint, Expected, Harness, Profile};
+use idem_core::{Consumer, DedupLayer, IdempotencyKey, Message, State};
+use idem_redis::{redact_url, RedisStore};
+
+fn url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+async fn store(prefix: &str) -> RedisStore {
+    match RedisStore::builder(&url()).prefix(prefix).connect().await {
+        Ok(s) => s,
+        Err(e) => panic!(
+            "Redis not reachable at {} (set REDIS_URL; see README \"Running the tests\"): start it with `bash .ci/services`: {e}",
+            redact_url(&url())
+        ),
+    }
+}
+
+async fn cleanup(store: &RedisStore) {
+    let mut conn = store.connection();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}:*", store.prefix()))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL")
+            .arg(&keys)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+}
+
+type Effects = Arc<Mutex<HashMap<String, u64>>>;
+
+async fn send_email(State(fx): State<Effects>, key: IdempotencyKey) {
+    *fx.lock().unwrap().entry(key.0).or_default() += 1;
+}
+
+async fn run(prefix: &str, profile: Profile, n: usize, seed: u64) -> idem_core::testing::Report {
+    let s = store(prefix).await;
+    let fx = Effects::default();
+    let (state, counted) = (fx.clone(), fx.clone());
+    let layer_store = s.clone();
+    let report = Harness::new(move |trouble| {
+        // A short lease: a crashed delivery's claim expires in real time.
+        let dedup = DedupLayer::new(layer_store).lease(Duration::from_millis(300));
+        Consumer::builder("harness-redis")
+            .dedup(dedup)
+            .layer(trouble)
+            .handler_with_state(send_email, state)
+    })
+    .messages((0..n).map(|i| Message::new("{}").with_message_id(format!("mail-{i}"))))
+    .profile(profile)
+    .seed(seed)
+    .run(move |key| {
+        let n = counted.lock().unwrap().get(&key).copied().unwrap_or(0);
+        async move { Ok::<u64, std::convert::Infallible>(n) }
+    })
+    .await
+    .unwrap();
+    cleanup(&s).await;
+    report
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_effect_reruns_are_reported_as_the_lease_window() {
+    let prefix = format!(
+        "t{}-harness",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
+    let report = run(&prefix, Profile::crash_at(CrashPoint::AfterEffect), 10, 1).await;
+    // Every message crashed after its effect: each re-ran once the lease expired.
+    assert_eq!(report.windows().len(), 10, "{report}");
+    assert!(report.violations().is_empty(), "{report}");
+    for w in report.windows() {
+        assert_eq!(
+            (w.expected, w.observed),
+            (Expected::ExactlyOne, 2),
+            "{report}"
+        );
+        assert!(
+            w.events[0]
+                .contains("crashed after the handler's effect, before the dedup record completes"),
+            "{report}"
+        );
+    }
+    let text = report.to_string();
+    assert!(
+        text.contains("lease store") && text.contains("10 key(s) re-ran in the lease-store window"),
+        "{text}"
+    );
+    report.assert_ok();
+    assert!(std::panic::catch_unwind(|| report.assert_strict()).is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_profile_has_no_violation_and_names_its_windows() {
+    let prefix = format!(
+        "t{}-harness",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
+    let report = run(&prefix, Profile::default(), 200, 7).await;
+    report.assert_ok();
+    let t = report.totals();
+    // The other crash points never repeat an effect on a lease store; only crashes
+    // after the effect can, and each such key is named.
+    assert!(!report.windows().is_empty(), "{report}");
+    assert!(
+        report.windows().len() as u64 <= t.crashes[CrashPoint::AfterEffect as usize],
+        "{report}"
+    );
+}
