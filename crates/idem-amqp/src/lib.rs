@@ -47,6 +47,7 @@ pub mod endpoints;
 pub mod error;
 #[cfg(feature = "failpoints")]
 pub mod failpoints;
+pub mod headers;
 #[cfg(feature = "prometheus")]
 pub mod prometheus;
 pub mod publisher;

@@ -127,7 +127,10 @@ async fn a_url_list_skips_a_dead_first_broker_and_an_all_dead_list_exits_2() {
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("none of the 2 RabbitMQ endpoints"), "{err}");
-    assert!(err.contains("127.0.0.1:1/") && err.contains("127.0.0.1:2/"), "{err}");
+    assert!(
+        err.contains("127.0.0.1:1/") && err.contains("127.0.0.1:2/"),
+        "{err}"
+    );
     assert!(!err.contains("s3cret-4c2"), "{err}");
     f.cleanup().await;
 }

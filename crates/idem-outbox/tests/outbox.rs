@@ -606,6 +606,32 @@ async fn bad_messages_are_refused_at_enqueue() {
         .await
         .unwrap_err();
     assert!(matches!(err, OutboxError::InvalidMessage(_)));
+    // One header rule (idem_amqp::headers): an over-long name is refused, not dropped.
+    let err = f
+        .outbox
+        .enqueue(
+            &mut tx,
+            OutboxMessage::new("", "q", b"x".to_vec()).header("h".repeat(256), "v"),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, OutboxError::InvalidMessage(m) if m.contains("max 255 bytes")),
+        "{err}"
+    );
+    let err = f
+        .outbox
+        .enqueue(
+            &mut tx,
+            OutboxMessage::new("", "q", b"x".to_vec())
+                .header("raw", idem_core::HeaderValue::Bytes(vec![1])),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, OutboxError::InvalidMessage(m) if m.contains("\"raw\"")),
+        "{err}"
+    );
     drop(tx);
     f.cleanup().await;
 }
