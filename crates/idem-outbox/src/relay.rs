@@ -233,9 +233,20 @@ impl Relay {
 
         let (ids, mut batch): (Vec<i64>, Vec<Outgoing>) =
             rows.into_iter().map(|r| (r.id, r.outgoing)).unzip();
-        let results = self.publish(&mut batch).await?;
+        let results = match self.publish(&mut batch).await {
+            Ok(results) => results,
+            Err(e) => {
+                // Release the leased rows now: a dropped transaction is rolled back in
+                // the background, and until then the next round's SKIP LOCKED would
+                // pass over the rows and find nothing due.
+                let _ = tx.rollback().await;
+                return Err(e);
+            }
+        };
         if self.crash_point() {
-            // As if the process died here: published, not marked; the transaction rolls back.
+            // As if the process died here: published, not marked; the transaction rolls
+            // back (explicitly, for the reason above: a test drains right after).
+            let _ = tx.rollback().await;
             return Err(OutboxError::Failpoint("relay-after-publish"));
         }
         let mut ok_ids = Vec::with_capacity(ids.len());
