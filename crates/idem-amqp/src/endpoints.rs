@@ -19,10 +19,10 @@
 //!   surviving nodes are not kept waiting behind it. A clone starts from the clone's
 //!   position at the time of cloning and rotates on its own.
 //! - **Errors name every try**: when no URL answers, the error is
-//!   [`Error::NoEndpoint`](crate::Error::NoEndpoint) listing each URL (password
+//!   [`Error::NoEndpoint`] listing each URL (password
 //!   redacted) with its own failure. With a single URL the error is that URL's own
-//!   ([`Error::Connect`](crate::Error::Connect), [`Error::Refused`](crate::Error::Refused),
-//!   [`Error::Tls`](crate::Error::Tls)), as before.
+//!   ([`Error::Connect`], [`Error::Refused`],
+//!   [`Error::Tls`]), as before.
 //! - A refused login or a TLS failure on one node does not stop the tries: another
 //!   node may have the user (a half-applied rollout); each failure is listed.
 //! - All URLs share the connection name and the TLS settings; mixing `amqp://` and

@@ -51,6 +51,7 @@ pub mod headers;
 #[cfg(feature = "prometheus")]
 pub mod prometheus;
 pub mod publisher;
+pub mod replay;
 pub mod shutdown;
 pub mod tls;
 pub mod topology;
@@ -60,7 +61,7 @@ pub mod worker;
 pub use endpoints::Endpoints;
 pub use error::Error;
 pub use idem_core::{TlsConfig, TlsFailure};
-pub use publisher::{connect, Outgoing, Publisher, PublisherBuilder};
+pub use publisher::{connect, Outgoing, Publisher, PublisherBuilder, RawOutgoing};
 pub use tls::connect_tls;
 pub use topology::{QueueType, Topology};
 pub use url::{amqp_url_from_env, redact_url, DEFAULT_AMQP_URL};

@@ -111,6 +111,20 @@ impl Outgoing {
     }
 }
 
+/// One message of [`Publisher::publish_raw_each`]: body and AMQP properties published
+/// as given.
+#[derive(Clone, Debug)]
+pub struct RawOutgoing<'a> {
+    /// The exchange (`""` is the default exchange).
+    pub exchange: &'a str,
+    /// The routing key.
+    pub routing_key: &'a str,
+    /// The body.
+    pub body: &'a [u8],
+    /// The AMQP properties, headers included, as they go on the wire.
+    pub properties: BasicProperties,
+}
+
 /// Configures a [`Publisher`]. See [`Publisher::builder`].
 #[derive(Debug)]
 pub struct PublisherBuilder {
@@ -141,6 +155,7 @@ impl PublisherBuilder {
             name: self.connection_name,
             tls: self.tls,
             link: Mutex::new(None),
+            borrowed: false,
         }
     }
 
@@ -158,7 +173,9 @@ pub struct Publisher {
     endpoints: Endpoints,
     name: String,
     tls: TlsConfig,
-    link: Mutex<Option<(Connection, Channel)>>,
+    link: Mutex<Option<(Option<Connection>, Channel)>>,
+    /// Publishing on a channel of the caller's connection: never reconnects.
+    borrowed: bool,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -189,13 +206,39 @@ impl Publisher {
         Self::builder(urls).connect().await
     }
 
+    /// A publisher on `channel`, a channel of a connection the caller already holds
+    /// (the `idem` CLI publishes its replays next to its reads this way). The channel
+    /// is put in confirm mode. Such a publisher never reconnects: once the channel is
+    /// closed, every publish fails with [`Error::Connect`].
+    pub async fn on_channel(channel: Channel) -> Result<Self, Error> {
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(Error::amqp("confirm.select"))?;
+        Ok(Publisher {
+            endpoints: Endpoints::parse(""),
+            name: String::new(),
+            tls: TlsConfig::default(),
+            link: Mutex::new(Some((None, channel))),
+            borrowed: true,
+        })
+    }
+
     async fn channel(&self) -> Result<Channel, Error> {
         let mut link = self.link.lock().await;
         if let Some((conn, ch)) = link.as_ref() {
-            if conn.status().connected() && ch.status().connected() {
+            if conn.as_ref().is_none_or(|c| c.status().connected()) && ch.status().connected() {
                 return Ok(ch.clone());
             }
-            tracing::warn!(endpoints = %self.endpoints, "publisher connection lost; reconnecting");
+            if !self.borrowed {
+                tracing::warn!(endpoints = %self.endpoints, "publisher connection lost; reconnecting");
+            }
+        }
+        if self.borrowed {
+            return Err(Error::Connect {
+                url: "(the caller's connection)".to_owned(),
+                detail: "the publisher's channel is closed".to_owned(),
+            });
         }
         *link = None;
         let (conn, url) = self
@@ -216,7 +259,7 @@ impl Publisher {
         match opened {
             Ok(ch) => {
                 tracing::debug!(%url, connection = %self.name, "publisher channel open");
-                *link = Some((conn, ch.clone()));
+                *link = Some((Some(conn), ch.clone()));
                 Ok(ch)
             }
             Err(e) => {
@@ -229,7 +272,10 @@ impl Publisher {
     /// Forgets a connection that failed, so the next publish opens a new one (from
     /// the next endpoint).
     async fn drop_link(&self) {
-        if let Some((conn, _)) = self.link.lock().await.take() {
+        if self.borrowed {
+            return;
+        }
+        if let Some((Some(conn), _)) = self.link.lock().await.take() {
             if conn.status().connected() {
                 let _ = conn.close(200, "publish failed".into()).await;
             }
@@ -307,6 +353,24 @@ impl Publisher {
         .await
     }
 
+    /// Like [`publish_each`](Self::publish_each), for messages whose AMQP properties
+    /// are given as they are (headers of any AMQP type included), not built from an
+    /// idem [`Message`]: moving a message between queues unchanged, as `idem dlq
+    /// replay` does ([`crate::replay`] says which headers change).
+    pub async fn publish_raw_each(
+        &self,
+        batch: &[RawOutgoing<'_>],
+    ) -> Result<Vec<Result<(), Error>>, Error> {
+        let ch = self.channel().await?;
+        let mut pending = Vec::with_capacity(batch.len());
+        for m in batch {
+            let started =
+                start_publish(&ch, m.exchange, m.routing_key, m.body, m.properties.clone()).await;
+            pending.push((started, m.exchange, m.routing_key));
+        }
+        Ok(self.settle(pending).await)
+    }
+
     /// The one publish path: publish all, then await all confirms.
     async fn publish_routed<'a>(
         &self,
@@ -321,6 +385,14 @@ impl Publisher {
             };
             pending.push((started, exchange, routing_key));
         }
+        Ok(self.settle(pending).await)
+    }
+
+    /// Awaits the confirms of `pending`, in order; forgets the connection if it failed.
+    async fn settle(
+        &self,
+        pending: Vec<(Result<PublisherConfirm, Error>, &str, &str)>,
+    ) -> Vec<Result<(), Error>> {
         let mut results = Vec::with_capacity(pending.len());
         let mut transport_failed = false;
         for (started, exchange, routing_key) in pending {
@@ -334,13 +406,19 @@ impl Publisher {
         if transport_failed {
             self.drop_link().await;
         }
-        Ok(results)
+        results
     }
 
-    /// Closes the connection.
+    /// Closes the connection (or, for [`on_channel`](Self::on_channel), the channel).
     pub async fn close(self) {
-        if let Some((conn, _)) = self.link.into_inner() {
-            let _ = conn.close(200, "bye".into()).await;
+        match self.link.into_inner() {
+            Some((Some(conn), _)) => {
+                let _ = conn.close(200, "bye".into()).await;
+            }
+            Some((None, ch)) if ch.status().connected() => {
+                let _ = ch.close(200, "bye".into()).await;
+            }
+            _ => {}
         }
     }
 }
