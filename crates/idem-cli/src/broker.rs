@@ -24,7 +24,20 @@ pub async fn connect(url: &str) -> Result<Connection, CliError> {
 /// [`connect`] with TLS settings for `amqps://` URLs. A refused certificate is
 /// [`CliError::Tls`].
 pub async fn connect_tls(url: &str, tls: &idem_core::TlsConfig) -> Result<Connection, CliError> {
-    Ok(idem_amqp::connect_tls(url, "idem-cli", tls).await?)
+    connect_as(url, DEFAULT_CONNECTION_NAME, tls).await
+}
+
+/// The connection name of the CLI's broker connections unless `--connection-name`
+/// gives one.
+pub const DEFAULT_CONNECTION_NAME: &str = "idem-cli";
+
+/// [`connect_tls`] with the connection name `name` (shown by the broker).
+pub async fn connect_as(
+    url: &str,
+    name: &str,
+    tls: &idem_core::TlsConfig,
+) -> Result<Connection, CliError> {
+    Ok(idem_amqp::connect_tls(url, name, tls).await?)
 }
 
 /// A queue name as an AMQP short string.
