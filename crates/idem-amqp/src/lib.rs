@@ -9,7 +9,10 @@
 //! `Q` when its TTL expires); or a copy with the failure headers to `Q.dlq`. Copies
 //! are confirmed by the broker before the original is acked, so a crash gives a
 //! duplicate (absorbed by dedup), never a loss. [`Topology`] declares those queues.
-//! [`Publisher`] publishes with confirms and mandatory routing.
+//! [`Publisher`] publishes with confirms and mandatory routing; it is the one publish
+//! path of idem (the outbox relay and the `idem` CLI use it), with the one header rule
+//! of [`headers`] and the replay rules of [`replay`]. Every connection takes one broker
+//! URL or several ([`Endpoints`]: the first that answers, the next one after a loss).
 //!
 //! ```no_run
 //! use idem_amqp::{Publisher, Topology, Worker};
