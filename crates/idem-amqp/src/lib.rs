@@ -9,7 +9,10 @@
 //! `Q` when its TTL expires); or a copy with the failure headers to `Q.dlq`. Copies
 //! are confirmed by the broker before the original is acked, so a crash gives a
 //! duplicate (absorbed by dedup), never a loss. [`Topology`] declares those queues.
-//! [`Publisher`] publishes with confirms and mandatory routing.
+//! [`Publisher`] publishes with confirms and mandatory routing; it is the one publish
+//! path of idem (the outbox relay and the `idem` CLI use it), with the one header rule
+//! of [`headers`] and the replay rules of [`replay`]. Every connection takes one broker
+//! URL or several ([`Endpoints`]: the first that answers, the next one after a loss).
 //!
 //! ```no_run
 //! use idem_amqp::{Publisher, Topology, Worker};
@@ -43,21 +46,25 @@
 
 pub mod convert;
 mod crash;
+pub mod endpoints;
 pub mod error;
 #[cfg(feature = "failpoints")]
 pub mod failpoints;
+pub mod headers;
 #[cfg(feature = "prometheus")]
 pub mod prometheus;
 pub mod publisher;
+pub mod replay;
 pub mod shutdown;
 pub mod tls;
 pub mod topology;
 pub mod url;
 pub mod worker;
 
+pub use endpoints::Endpoints;
 pub use error::Error;
 pub use idem_core::{TlsConfig, TlsFailure};
-pub use publisher::{connect, Publisher};
+pub use publisher::{connect, Outgoing, Publisher, PublisherBuilder, RawOutgoing};
 pub use tls::connect_tls;
 pub use topology::{QueueType, Topology};
 pub use url::{amqp_url_from_env, redact_url, DEFAULT_AMQP_URL};

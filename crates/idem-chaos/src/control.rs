@@ -372,8 +372,10 @@ async fn produce(
     rate: u32,
 ) -> Result<(), BoxError> {
     let url = common::amqp_url();
-    let publisher =
-        Publisher::connect_named(&url, &format!("{}producer", names.conn_prefix())).await?;
+    let publisher = Publisher::builder(&url)
+        .connection_name(format!("{}producer", names.conn_prefix()))
+        .connect()
+        .await?;
     let queue = names.queue();
     let insert = format!(
         "INSERT INTO {} (msg_id, poison) SELECT * FROM UNNEST($1::text[], $2::bool[]) ON CONFLICT DO NOTHING",
@@ -934,8 +936,9 @@ async fn drive(
             )
             .await?;
             let relay = Arc::new(
-                Relay::new(pool, outbox.clone(), common::amqp_url())
-                    .poll_interval(Duration::from_millis(200)),
+                Relay::builder(pool, outbox.clone(), common::amqp_url())
+                    .poll_interval(Duration::from_millis(200))
+                    .build(),
             );
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             let running = relay.clone();
@@ -1135,11 +1138,10 @@ async fn replay_completed(names: &Names, admin: &Admin, count: u32) -> Result<us
             Message::new(body(id, n, false)).with_message_id(id.clone())
         })
         .collect();
-    let publisher = Publisher::connect_named(
-        &common::amqp_url(),
-        &format!("{}replayer", names.conn_prefix()),
-    )
-    .await?;
+    let publisher = Publisher::builder(common::amqp_url())
+        .connection_name(format!("{}replayer", names.conn_prefix()))
+        .connect()
+        .await?;
     let sent = publisher
         .publish_batch("", &names.queue(), &mut msgs)
         .await

@@ -19,8 +19,9 @@ Exit codes:
 #[derive(Debug, Parser)]
 #[command(name = "idem", version, about, after_help = EXIT_CODES)]
 pub struct Cli {
-    /// RabbitMQ URL [env: AMQP_URL; default: amqp://guest:***@127.0.0.1:5672/%2f].
-    /// The password is never printed.
+    /// RabbitMQ URL, or several separated by commas (the first that answers is used)
+    /// [env: AMQP_URL; default: amqp://guest:***@127.0.0.1:5672/%2f]. The password is
+    /// never printed.
     #[arg(
         long,
         global = true,
@@ -31,6 +32,18 @@ pub struct Cli {
         hide_default_value = true
     )]
     pub url: String,
+
+    /// Connection name shown by the broker (management UI, `rabbitmqctl
+    /// list_connections name`) [env: IDEM_CONNECTION_NAME; default: idem-cli, and
+    /// idem-outbox-relay for `outbox relay`].
+    #[arg(
+        long,
+        global = true,
+        env = "IDEM_CONNECTION_NAME",
+        hide_env = true,
+        value_name = "NAME"
+    )]
+    pub connection_name: Option<String>,
 
     /// TLS options for amqps:// and PostgreSQL URLs.
     #[command(flatten)]

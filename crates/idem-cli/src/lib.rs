@@ -127,9 +127,13 @@ fn or_dash(s: Option<&str>) -> String {
 /// Runs a parsed command, writing its output to `out`.
 pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
     let tls = cli.tls.config()?;
+    let name = cli
+        .connection_name
+        .as_deref()
+        .unwrap_or(broker::DEFAULT_CONNECTION_NAME);
     match cli.command {
-        Command::Dlq(cmd) => run_dlq(&cli.url, &tls, cmd, out).await,
-        Command::Topology(cmd) => run_topology(&cli.url, &tls, cmd, out).await,
+        Command::Dlq(cmd) => run_dlq(&cli.url, name, &tls, cmd, out).await,
+        Command::Topology(cmd) => run_topology(&cli.url, name, &tls, cmd, out).await,
         Command::Outbox(OutboxCommand::Status {
             table,
             database_url,
@@ -166,6 +170,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             let stats = outbox::relay_tls(
                 &database_url,
                 &cli.url,
+                cli.connection_name.as_deref(),
                 &tls,
                 &table,
                 batch,
@@ -185,6 +190,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
 
 async fn run_dlq(
     url: &str,
+    name: &str,
     tls: &idem_core::TlsConfig,
     cmd: DlqCommand,
     out: &mut dyn Write,
@@ -215,7 +221,7 @@ async fn run_dlq(
         }),
         _ => None,
     };
-    let conn = broker::connect_tls(url, tls).await?;
+    let conn = broker::connect_as(url, name, tls).await?;
     let result = run_dlq_on(&conn, cmd, selector, out).await;
     let _ = conn.close(200, "bye".into()).await;
     result
@@ -389,6 +395,7 @@ fn print_report(
 
 async fn run_topology(
     url: &str,
+    name: &str,
     tls: &idem_core::TlsConfig,
     cmd: TopologyCommand,
     out: &mut dyn Write,
@@ -401,7 +408,7 @@ async fn run_topology(
             tiers,
         } => {
             let t = topology::topology_for(&queue, tiers.as_deref(), quorum, delivery_limit)?;
-            let conn = broker::connect_tls(url, tls).await?;
+            let conn = broker::connect_as(url, name, tls).await?;
             let result = topology::declare(&conn, &t).await;
             let _ = conn.close(200, "bye".into()).await;
             result?;
@@ -413,7 +420,7 @@ async fn run_topology(
             json: as_json,
         } => {
             let t = topology::topology_for(&queue, tiers.as_deref(), false, None)?;
-            let conn = broker::connect_tls(url, tls).await?;
+            let conn = broker::connect_as(url, name, tls).await?;
             let result = topology::show(&conn, &t).await;
             let _ = conn.close(200, "bye".into()).await;
             let states = result?;

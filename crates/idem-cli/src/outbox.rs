@@ -90,7 +90,8 @@ fn outbox_error(e: idem_outbox::OutboxError, url: &str, table: &str) -> CliError
     }
 }
 
-/// Runs a relay for `table` until SIGINT/SIGTERM, then returns what it published.
+/// Runs a relay for `table` until SIGINT/SIGTERM (`amqp_url`: one URL or a
+/// comma-separated list), then returns what it published.
 /// Broker outages are retried by the relay (rows wait); an unreachable database at
 /// start or a missing table is an error.
 pub async fn relay(
@@ -105,6 +106,7 @@ pub async fn relay(
     relay_tls(
         database_url,
         amqp_url,
+        None,
         &tls,
         table,
         batch,
@@ -114,10 +116,13 @@ pub async fn relay(
     .await
 }
 
-/// [`relay`] with TLS settings for both the database and an `amqps://` broker URL.
+/// [`relay`] with a broker connection name (default `idem-outbox-relay`) and TLS
+/// settings for both the database and `amqps://` broker URLs.
+#[allow(clippy::too_many_arguments)] // one per command-line option
 pub async fn relay_tls(
     database_url: &str,
     amqp_url: &str,
+    connection_name: Option<&str>,
     tls: &TlsConfig,
     table: &str,
     batch: i64,
@@ -127,10 +132,11 @@ pub async fn relay_tls(
     let outbox = Outbox::new(table).map_err(|e| CliError::Usage(e.to_string()))?;
     // A certificate problem does not heal by retrying: check the broker's TLS once
     // before the relay starts (later outages are retried by the relay).
-    if amqp_url
-        .trim_start()
-        .to_ascii_lowercase()
-        .starts_with("amqps://")
+    let endpoints = idem_amqp::Endpoints::from(amqp_url);
+    if endpoints
+        .urls()
+        .iter()
+        .any(|u| u.to_ascii_lowercase().starts_with("amqps://"))
     {
         match crate::broker::connect_tls(amqp_url, tls).await {
             Ok(conn) => {
@@ -152,10 +158,15 @@ pub async fn relay_tls(
         .status(&pool)
         .await
         .map_err(|e| outbox_error(e, database_url, table))?;
-    let relay = idem_outbox::Relay::new(pool.clone(), outbox, amqp_url)
+    let mut relay = idem_outbox::Relay::builder(pool.clone(), outbox, endpoints);
+    if let Some(name) = connection_name {
+        relay = relay.connection_name(name);
+    }
+    let relay = relay
         .tls(tls.clone())
         .batch_size(batch)
-        .poll_interval(poll);
+        .poll_interval(poll)
+        .build();
     let stats = relay
         .run(idem_amqp::shutdown::signal())
         .await

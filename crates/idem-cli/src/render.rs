@@ -1,9 +1,20 @@
-//! Plain-text tables sized to the terminal (`COLUMNS`, else 120 characters).
+//! Terminal output: tables drawn by [`comfy_table`] and a progress bar by
+//! [`indicatif`].
+//!
+//! Tables are plain text without borders, one line per row, sized to the terminal
+//! (`COLUMNS`, else 120 characters): each column but the last is capped, the last takes
+//! the room left, and a cell too long for its column is cut with `…`. Control
+//! characters (newlines in error chains) become spaces.
+//!
+//! The progress bar goes to stderr, and only when both stdout and stderr are
+//! terminals: scripts, pipes and logs get nothing.
 
 use std::io::{self, IsTerminal, Write};
-use std::time::{Duration, Instant};
 
-/// The terminal width: `COLUMNS` if set to a number, else 120.
+use comfy_table::{presets, ColumnConstraint, ContentArrangement, Width};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// The terminal width: `COLUMNS` if set to a number (at least 20), else 120.
 pub fn terminal_width() -> usize {
     std::env::var("COLUMNS")
         .ok()
@@ -15,10 +26,7 @@ pub fn terminal_width() -> usize {
 /// Cuts `s` to at most `width` characters, ending with `…` when cut. Control
 /// characters (newlines in error chains) become spaces.
 pub fn cut(s: &str, width: usize) -> String {
-    let clean: String = s
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
+    let clean = one_line(s);
     if clean.chars().count() <= width {
         return clean;
     }
@@ -30,7 +38,14 @@ pub fn cut(s: &str, width: usize) -> String {
     out
 }
 
+fn one_line(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
 /// A table whose last column takes the room left on the line.
+#[derive(Debug)]
 pub struct Table {
     header: Vec<String>,
     rows: Vec<Vec<String>>,
@@ -55,92 +70,76 @@ impl Table {
     /// Writes the table, at most `width` characters per line.
     pub fn write(&self, out: &mut dyn Write, width: usize) -> io::Result<()> {
         let n = self.header.len();
-        let mut widths: Vec<usize> = (0..n)
-            .map(|i| {
-                let cells = self.rows.iter().filter_map(|r| r.get(i));
-                let longest = cells
-                    .chain(std::iter::once(&self.header[i]))
-                    .map(|c| c.chars().count())
-                    .max()
-                    .unwrap_or(0);
-                longest.min(self.max.get(i).copied().unwrap_or(usize::MAX))
-            })
-            .collect();
-        let fixed: usize = widths.iter().take(n.saturating_sub(1)).map(|w| w + 2).sum();
-        if let Some(last) = widths.last_mut() {
-            *last = (*last).min(width.saturating_sub(fixed).max(10));
-        }
-        let line = |cells: &[String]| {
-            let mut s = String::new();
-            for (i, w) in widths.iter().enumerate() {
-                let cell = cut(cells.get(i).map_or("", String::as_str), *w);
-                if i + 1 == n {
-                    s.push_str(&cell);
-                } else {
-                    s.push_str(&format!("{cell:<w$}  "));
-                }
-            }
-            s.trim_end().to_owned()
-        };
-        writeln!(out, "{}", line(&self.header))?;
+        let mut t = comfy_table::Table::new();
+        t.load_preset(presets::NOTHING)
+            .set_content_arrangement(ContentArrangement::Dynamic)
+            .set_truncation_indicator("…")
+            .set_width(u16::try_from(width).unwrap_or(u16::MAX))
+            .set_header(self.header.iter().map(|h| one_line(h)));
         for row in &self.rows {
-            writeln!(out, "{}", line(row))?;
+            let cells = (0..n).map(|i| one_line(row.get(i).map_or("", String::as_str)));
+            t.add_row(cells);
+        }
+        for row in t.row_iter_mut() {
+            row.max_height(1);
+        }
+        // Each column but the last keeps its content up to its cap; the last one gets
+        // what is left of the line (at least 10 characters).
+        for i in 0..n.saturating_sub(1) {
+            let longest = self
+                .rows
+                .iter()
+                .filter_map(|r| r.get(i))
+                .chain(std::iter::once(&self.header[i]))
+                .map(|c| c.chars().count())
+                .max()
+                .unwrap_or(0);
+            let cap = self.max.get(i).copied().unwrap_or(usize::MAX);
+            if let Some(column) = t.column_mut(i) {
+                // + 2: the column's padding.
+                let w = u16::try_from(longest.min(cap) + 2).unwrap_or(u16::MAX);
+                column.set_constraint(ColumnConstraint::Absolute(Width::Fixed(w)));
+            }
+        }
+        for line in t.lines() {
+            writeln!(out, "{}", line.trim_end())?;
         }
         Ok(())
     }
 }
 
-/// A one-line progress report on stderr, redrawn in place, only when stderr is a
-/// terminal (scripts and logs get nothing).
+/// A progress bar on stderr (see the [module docs](self) for when it shows).
+#[derive(Debug)]
 pub struct Progress {
-    enabled: bool,
+    bar: ProgressBar,
     verb: &'static str,
-    total: u64,
-    last: Option<Instant>,
 }
 
 impl Progress {
     /// Progress of `verb` over `total` messages.
     pub fn new(verb: &'static str, total: u64) -> Self {
-        Progress {
-            enabled: io::stderr().is_terminal() && total > 0,
-            verb,
-            total,
-            last: None,
+        let shown = total > 0 && io::stdout().is_terminal() && io::stderr().is_terminal();
+        let target = if shown {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        };
+        let bar = ProgressBar::with_draw_target(Some(total), target);
+        if let Ok(style) = ProgressStyle::with_template("[{bar:20}] {pos}/{len} scanned, {msg}") {
+            bar.set_style(style.progress_chars("#>."));
         }
+        Progress { bar, verb }
     }
 
-    /// Redraws the line (at most every 100 ms).
+    /// Updates the bar: `scanned` messages read, `moved` of them handled.
     pub fn update(&mut self, scanned: u64, moved: u64) {
-        if !self.enabled {
-            return;
-        }
-        let now = Instant::now();
-        if self
-            .last
-            .is_some_and(|t| now - t < Duration::from_millis(100))
-            && scanned < self.total
-        {
-            return;
-        }
-        self.last = Some(now);
-        let pct = scanned * 100 / self.total.max(1);
-        let filled = usize::try_from(pct / 5).unwrap_or(20).min(20);
-        let bar = format!("{}{}", "#".repeat(filled), ".".repeat(20 - filled));
-        let mut err = io::stderr();
-        let _ = write!(
-            err,
-            "\r[{bar}] {scanned}/{} scanned, {moved} {}",
-            self.total, self.verb
-        );
-        let _ = err.flush();
+        self.bar.set_position(scanned);
+        self.bar.set_message(format!("{moved} {}", self.verb));
     }
 
-    /// Ends the line.
+    /// Ends the bar, leaving its last state on the line.
     pub fn finish(&mut self) {
-        if self.enabled && self.last.is_some() {
-            let _ = writeln!(io::stderr());
-        }
+        self.bar.finish();
     }
 }
 
@@ -160,5 +159,28 @@ mod tests {
         }
         assert!(text.contains('…'));
         assert_eq!(cut("a\nb", 10), "a b");
+    }
+
+    #[test]
+    fn one_line_per_row_and_capped_columns() {
+        let mut t = Table::new(&["ID", "KIND", "ERROR"], &[5, 8]);
+        t.row(vec![
+            "abcdefghij".into(),
+            "transient".into(),
+            "a\nmultiline error".into(),
+        ]);
+        t.row(vec!["b".into(), "x".into(), "short".into()]);
+        let mut out = Vec::new();
+        t.write(&mut out, 60).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(
+            lines[0].contains("ID") && lines[0].contains("ERROR"),
+            "{text}"
+        );
+        assert!(lines[1].contains("abcd…"), "{text}");
+        assert!(!lines[1].contains("abcdefghij"), "{text}");
+        assert!(lines[1].contains("a multiline error"), "{text}");
     }
 }

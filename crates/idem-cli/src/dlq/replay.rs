@@ -1,0 +1,232 @@
+//! `idem dlq replay`: selected dead letters back to their queue, each removed from the
+//! DLQ only once the broker confirmed its copy. The copies go through
+//! [`idem_amqp::Publisher::publish_raw_each`] (the one publish-with-confirm path of
+//! idem), on a channel of the command's connection, with the replay rules of
+//! [`idem_amqp::replay`].
+
+use idem_amqp::{Publisher, RawOutgoing};
+use lapin::message::Delivery;
+use lapin::{BasicProperties, Connection};
+
+use super::scan::Scan;
+use super::{BrokerDeath, DlqEntry, MoveReport, MovedMessage, Selector, PIPELINE};
+use crate::broker::open_channel;
+use crate::error::CliError;
+use crate::render::Progress;
+
+/// The properties of the replayed copy ([`idem_amqp::replay::replay_properties`]): the
+/// originals (message id, headers, ...) without the failure headers and the broker's
+/// death headers, plus `x-idem-replay`. For a message the broker dead-lettered
+/// (`death`), the exchange and routing key it was published with are kept as
+/// `x-idem-original-exchange` / `x-idem-original-routing-key` (unless already set).
+pub fn replay_properties(
+    props: &BasicProperties,
+    replay_id: &str,
+    death: Option<&BrokerDeath>,
+) -> BasicProperties {
+    let route = death.map_or((None, None), |d| {
+        (d.exchange.as_deref(), d.routing_key.as_deref())
+    });
+    idem_amqp::replay::replay_properties(props, replay_id, route)
+}
+
+/// A selected message whose copy is not confirmed yet.
+struct Pending {
+    delivery: Delivery,
+    position: u64,
+    index: usize,
+    target: String,
+    properties: BasicProperties,
+}
+
+/// Re-publishes the selected messages of the DLQ of `queue` (see [`resolve`](super::resolve)) to their
+/// original queue (header `x-idem-original-queue`; for a message the broker
+/// dead-lettered, the queue of its most recent `x-death` entry; else the work queue),
+/// each acked in the DLQ only after the broker confirmed its copy. See the
+/// [module docs](super). A message whose copy is not confirmed stays in the DLQ and
+/// counts as failed.
+pub async fn replay(
+    conn: &Connection,
+    queue: &str,
+    selector: &Selector,
+    dry_run: bool,
+) -> Result<MoveReport, CliError> {
+    let mut scan = Scan::open(conn, queue).await?;
+    let replay_id = format!("replay-{}", uuid::Uuid::now_v7());
+    let mut report = MoveReport::new(scan.dlq.clone(), Some(replay_id.clone()), dry_run);
+    let publisher = if dry_run {
+        None
+    } else {
+        Some(Publisher::on_channel(open_channel(conn).await?).await?)
+    };
+    let mut progress = Progress::new(if dry_run { "would move" } else { "moved" }, scan.total());
+    let mut pending: Vec<Pending> = Vec::new();
+    let result = async {
+        while let Some((delivery, entry)) = scan.next().await? {
+            report.scanned += 1;
+            let selected = selector.matches(&entry);
+            let Some(publisher) = publisher.as_ref().filter(|_| selected) else {
+                if selected {
+                    report.matched += 1;
+                    report.messages.push(MovedMessage {
+                        position: entry.position,
+                        message_id: entry.message_id.clone(),
+                        target: Some(replay_target(&entry, &scan.queue)),
+                        outcome: "would move".to_owned(),
+                    });
+                }
+                scan.restore(&delivery, entry.position).await?;
+                progress.update(report.scanned, report.done + report.matched);
+                continue;
+            };
+            report.matched += 1;
+            let target = replay_target(&entry, &scan.queue);
+            let index = report.messages.len();
+            report.messages.push(MovedMessage {
+                position: entry.position,
+                message_id: entry.message_id.clone(),
+                target: Some(target.clone()),
+                outcome: "would move".to_owned(),
+            });
+            let properties =
+                replay_properties(&delivery.properties, &replay_id, entry.broker_made());
+            pending.push(Pending {
+                delivery,
+                position: entry.position,
+                index,
+                target,
+                properties,
+            });
+            if pending.len() >= PIPELINE {
+                settle(publisher, &mut scan, &mut pending, &mut report).await?;
+            }
+            progress.update(report.scanned, report.done);
+        }
+        if let Some(publisher) = &publisher {
+            settle(publisher, &mut scan, &mut pending, &mut report).await?;
+        }
+        Ok::<_, CliError>(())
+    }
+    .await;
+    progress.update(report.scanned, report.done);
+    progress.finish();
+    // Anything still pending after an error was not acked: the broker hands it back.
+    for p in pending {
+        fail(&mut report, p.index, "interrupted");
+    }
+    if let Some(publisher) = publisher {
+        publisher.close().await;
+    }
+    scan.finish(result).await.map(|()| report)
+}
+
+/// Publishes the pending copies together, then acks each confirmed original and
+/// restores the others at the tail of the DLQ.
+async fn settle(
+    publisher: &Publisher,
+    scan: &mut Scan,
+    pending: &mut Vec<Pending>,
+    report: &mut MoveReport,
+) -> Result<(), CliError> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let batch: Vec<RawOutgoing<'_>> = pending
+        .iter()
+        .map(|p| RawOutgoing {
+            exchange: "",
+            routing_key: &p.target,
+            body: &p.delivery.data,
+            properties: p.properties.clone(),
+        })
+        .collect();
+    let results = publisher.publish_raw_each(&batch).await;
+    drop(batch);
+    let results = results?;
+    for (p, result) in pending.drain(..).zip(results) {
+        match result {
+            Ok(()) => {
+                scan.ack(p.delivery.delivery_tag).await?;
+                report.done += 1;
+                if let Some(m) = report.messages.get_mut(p.index) {
+                    m.outcome = "moved".to_owned();
+                }
+            }
+            Err(e) => {
+                let why = match e {
+                    idem_amqp::Error::Returned { code, text, .. } => format!(
+                        "returned by the broker ({code} {text}): does the target queue exist?"
+                    ),
+                    idem_amqp::Error::Nacked { .. } => "nacked by the broker".to_owned(),
+                    idem_amqp::Error::NameTooLong(_) => e.to_string(),
+                    other => format!("publish failed: {other}"),
+                };
+                // Stays in the DLQ: restored at its tail like any message not removed.
+                scan.restore(&p.delivery, p.position).await?;
+                fail(report, p.index, &why);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn replay_target(entry: &DlqEntry, work_queue: &str) -> String {
+    entry
+        .source_queue()
+        .map_or_else(|| work_queue.to_owned(), str::to_owned)
+}
+
+fn fail(report: &mut MoveReport, index: usize, why: &str) {
+    report.failed += 1;
+    if let Some(m) = report.messages.get_mut(index) {
+        m.outcome = format!("failed: {why}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{death_entry, long, table};
+    use super::*;
+    use idem_amqp::replay::{
+        restored_properties, BROKER_DEATH_HEADERS, DELIVERY_HEADERS, REPLAY_HEADER,
+    };
+    use idem_core::outcome::headers as h;
+    use lapin::types::{AMQPValue, FieldArray};
+
+    #[test]
+    fn replayed_copies_lose_the_death_and_delivery_headers_and_keep_the_route() {
+        let headers = table(vec![
+            (
+                "x-death",
+                AMQPValue::FieldArray(FieldArray::from(vec![death_entry(
+                    "rejected",
+                    "orders",
+                    AMQPValue::LongLongInt(1),
+                )])),
+            ),
+            ("x-first-death-reason", long("rejected")),
+            ("x-delivery-count", AMQPValue::LongLongInt(3)),
+            ("x-tenant", long("acme")),
+        ]);
+        let props = BasicProperties::default()
+            .with_message_id("m1".into())
+            .with_headers(headers.clone());
+        let death = BrokerDeath::from_headers(&headers);
+        let copy = replay_properties(&props, "replay-1", death.as_ref());
+        let t = copy.headers().clone().unwrap();
+        let t = t.inner();
+        for gone in BROKER_DEATH_HEADERS.iter().chain(&DELIVERY_HEADERS) {
+            assert!(!t.contains_key(*gone), "{gone}");
+        }
+        assert_eq!(t.get("x-tenant"), Some(&long("acme")));
+        assert_eq!(t.get(h::ORIGINAL_EXCHANGE), Some(&long("amq.direct")));
+        assert_eq!(t.get(h::ORIGINAL_ROUTING_KEY), Some(&long("rk.1")));
+        assert_eq!(t.get(REPLAY_HEADER), Some(&long("replay-1")));
+        assert_eq!(copy.message_id(), props.message_id());
+
+        let kept = restored_properties(&props);
+        let t = kept.headers().clone().unwrap();
+        assert!(!t.inner().contains_key("x-delivery-count"));
+        assert!(t.inner().contains_key("x-death"));
+    }
+}

@@ -1,0 +1,183 @@
+//! The walk over a DLQ that never hands a message back (see the
+//! [module docs](super#reading-never-hands-a-message-back)), and `list`.
+
+use std::collections::VecDeque;
+
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{Channel, Confirmation, Connection, PublisherConfirm};
+
+use super::{resolve, restored_properties, DlqEntry, PIPELINE};
+use crate::broker::{close_channel, open_channel, passive_declare, queue_name};
+use crate::error::CliError;
+
+/// A copy on its way back to the DLQ; the original is acked once it is confirmed.
+struct Restoring {
+    tag: u64,
+    position: u64,
+    confirm: Result<PublisherConfirm, lapin::Error>,
+}
+
+/// A walk over the messages of a DLQ present when it was opened that never hands a
+/// message back to the broker: what is not removed is restored (module docs).
+pub(super) struct Scan {
+    pub(super) channel: Channel,
+    pub(super) queue: String,
+    pub(super) dlq: String,
+    remaining: u64,
+    position: u64,
+    restoring: VecDeque<Restoring>,
+}
+
+impl Scan {
+    pub(super) async fn open(conn: &Connection, name: &str) -> Result<Self, CliError> {
+        let resolved = resolve(conn, name).await?;
+        let channel = open_channel(conn).await?;
+        // Count again on the reading channel: the snapshot is what this channel sees.
+        let Some(counts) = passive_declare(&channel, &resolved.dlq).await? else {
+            return Err(CliError::NotFound(format!(
+                "queue {:?} was deleted while the command started",
+                resolved.dlq
+            )));
+        };
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(CliError::amqp("confirm.select"))?;
+        Ok(Scan {
+            channel,
+            queue: resolved.queue,
+            dlq: resolved.dlq,
+            remaining: u64::from(counts.messages),
+            position: 0,
+            restoring: VecDeque::new(),
+        })
+    }
+
+    pub(super) fn total(&self) -> u64 {
+        self.remaining + self.position
+    }
+
+    /// The next message of the snapshot, not yet acked: the caller removes it (ack) or
+    /// restores it ([`Scan::restore`]).
+    pub(super) async fn next(&mut self) -> Result<Option<(Delivery, DlqEntry)>, CliError> {
+        if self.remaining == 0 {
+            return Ok(None);
+        }
+        let got = self
+            .channel
+            .basic_get(queue_name(&self.dlq)?, BasicGetOptions { no_ack: false })
+            .await
+            .map_err(CliError::amqp("basic.get"))?;
+        let Some(got) = got else {
+            self.remaining = 0;
+            return Ok(None);
+        };
+        self.remaining -= 1;
+        self.position += 1;
+        let delivery = got.delivery;
+        let msg = idem_amqp::convert::message_from_delivery(&delivery, &self.dlq);
+        let entry =
+            DlqEntry::from_delivery(&msg, delivery.properties.headers().as_ref(), self.position);
+        Ok(Some((delivery, entry)))
+    }
+
+    pub(super) async fn ack(&self, delivery_tag: u64) -> Result<(), CliError> {
+        self.channel
+            .basic_ack(delivery_tag, BasicAckOptions::default())
+            .await
+            .map_err(CliError::amqp("basic.ack"))
+    }
+
+    /// Publishes an exact copy of `delivery` to the tail of the DLQ; the original is
+    /// acked once the copy is confirmed.
+    pub(super) async fn restore(
+        &mut self,
+        delivery: &Delivery,
+        position: u64,
+    ) -> Result<(), CliError> {
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        };
+        let confirm = self
+            .channel
+            .basic_publish(
+                "".into(),
+                queue_name(&self.dlq)?,
+                options,
+                &delivery.data,
+                restored_properties(&delivery.properties),
+            )
+            .await;
+        self.restoring.push_back(Restoring {
+            tag: delivery.delivery_tag,
+            position,
+            confirm,
+        });
+        if self.restoring.len() >= PIPELINE {
+            self.settle_oldest_restore().await?;
+        }
+        Ok(())
+    }
+
+    async fn settle_oldest_restore(&mut self) -> Result<(), CliError> {
+        let Some(r) = self.restoring.pop_front() else {
+            return Ok(());
+        };
+        let confirmation = match r.confirm {
+            Ok(confirm) => confirm.await,
+            Err(e) => Err(e),
+        };
+        let why = match confirmation {
+            Ok(Confirmation::Ack(None)) => return self.ack(r.tag).await,
+            Ok(Confirmation::Ack(Some(returned))) => {
+                format!("returned ({} {})", returned.reply_code, returned.reply_text)
+            }
+            Ok(Confirmation::Nack(_)) => "nacked (is the DLQ full?)".to_owned(),
+            Ok(Confirmation::NotRequested) => "not confirmed".to_owned(),
+            Err(e) => format!("failed: {e}"),
+        };
+        Err(CliError::Failed(format!(
+            "could not put message #{} back at the tail of {}: the copy was {why}; the message stays in the queue (handed back by the broker), nothing was lost",
+            r.position, self.dlq
+        )))
+    }
+
+    /// Waits for every restored copy and acks the originals.
+    async fn settle_restores(&mut self) -> Result<(), CliError> {
+        while !self.restoring.is_empty() {
+            self.settle_oldest_restore().await?;
+        }
+        Ok(())
+    }
+
+    /// Settles the restores, then closes the channel. On an error, whatever is still
+    /// unacked is handed back by the broker.
+    pub(super) async fn finish(mut self, result: Result<(), CliError>) -> Result<(), CliError> {
+        let settled = match result {
+            Ok(()) => self.settle_restores().await,
+            Err(e) => Err(e),
+        };
+        close_channel(&self.channel).await;
+        settled
+    }
+}
+
+/// The first `limit` messages of the DLQ of `queue` (see [`resolve`](super::resolve)); every message
+/// stays, in order (module docs).
+pub async fn list(conn: &Connection, queue: &str, limit: u64) -> Result<Vec<DlqEntry>, CliError> {
+    let mut scan = Scan::open(conn, queue).await?;
+    let mut entries = Vec::new();
+    let result = async {
+        while let Some((delivery, entry)) = scan.next().await? {
+            scan.restore(&delivery, entry.position).await?;
+            if (entries.len() as u64) < limit {
+                entries.push(entry);
+            }
+        }
+        Ok::<_, CliError>(())
+    }
+    .await;
+    scan.finish(result).await.map(|()| entries)
+}
