@@ -40,7 +40,6 @@
 //! ```
 
 mod bounded;
-pub mod conformance;
 mod key;
 mod layer;
 mod memory;
