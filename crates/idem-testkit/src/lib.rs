@@ -26,6 +26,8 @@
 //! ```
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
+// Doctests deny warnings, except the unused code their hidden set-up lines leave.
+#![doc(test(attr(deny(warnings), allow(dead_code, unused_variables))))]
 // A test kit fails by panicking: its callers are tests.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
