@@ -7,7 +7,7 @@
 //!   service cannot be reached: which service, where, why, and that the README says
 //!   how to run the services. Start commands are machine-specific, so they are never
 //!   part of the message.
-//! - [`rabbitmq`], [`redis`], [`postgres`], [`mariadb`] (features `amqp`, `redis`,
+//! - `rabbitmq()`, `redis()`, `postgres()`, `mariadb()` (features `amqp`, `redis`,
 //!   `postgres`, `mysql`): connect or fail with that message.
 //! - [`unique`]: a fresh name for queues, keys, tables and prefixes, so tests that run
 //!   at the same time never share state.
