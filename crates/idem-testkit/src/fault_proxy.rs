@@ -37,6 +37,7 @@ pub enum Mode {
 }
 
 /// A running proxy on `127.0.0.1:<port>`. Stops when dropped.
+#[derive(Debug)]
 pub struct FaultProxy {
     port: u16,
     mode: watch::Sender<Mode>,
