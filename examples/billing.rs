@@ -60,7 +60,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await
         .map_err(|e| {
             format!(
-                "PostgreSQL is not reachable at {} ({e}); start it with `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`",
+                "PostgreSQL is not reachable at {} ({e}); see \"Running the tests\" in the README",
                 idem::redact::redact_url(&db_url)
             )
         })?;

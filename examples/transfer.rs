@@ -72,7 +72,7 @@ async fn pool(url: &str, app: &str, max: u32) -> Result<PgPool, String> {
         .await
         .map_err(|e| {
             format!(
-                "PostgreSQL is not reachable at {} ({e}); start it with `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`",
+                "PostgreSQL is not reachable at {} ({e}); see \"Running the tests\" in the README",
                 idem::redact::redact_url(url)
             )
         })

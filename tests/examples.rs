@@ -31,7 +31,7 @@ fn run(name: &str, args: &[&str]) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
-        "example {name} failed ({}).\nstdout:\n{stdout}\nstderr:\n{stderr}\n(RabbitMQ, PostgreSQL and Redis must run locally: `bash .ci/services` starts them)",
+        "example {name} failed ({}).\nstdout:\n{stdout}\nstderr:\n{stderr}\n(RabbitMQ, PostgreSQL and Redis must run locally: see \"Running the tests\" in the README)",
         out.status
     );
     stdout
@@ -48,23 +48,13 @@ fn field(line: &str, name: &str) -> String {
         .to_owned()
 }
 
-fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{prefix}-{}-{nanos}", std::process::id())
-}
+use idem_testkit::unique;
 
 /// Deletes a work queue and its retry and dead-letter queues.
 fn delete_queues(queue: &str) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let url = std::env::var("AMQP_URL")
-            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-        let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
-            .await
-            .expect("RabbitMQ not reachable: start it with `rabbitmq-server -detached`");
+        let conn = idem_testkit::rabbitmq("idem-examples-test").await;
         let ch = conn.create_channel().await.unwrap();
         for suffix in [
             "",
@@ -101,7 +91,7 @@ fn quickstart_prints_the_documented_summary() {
 
 #[test]
 fn welcome_email_delivers_every_mail_with_rare_duplicates() {
-    let queue = unique("idem-test-welcome");
+    let queue = unique("welcome");
     let out = run("welcome_email", &["--users", "20", "--queue", &queue]);
     let last = last_line(&out);
     assert!(last.starts_with("summary: "), "{out}");
@@ -122,7 +112,7 @@ fn welcome_email_delivers_every_mail_with_rare_duplicates() {
 
 #[test]
 fn redelivery_retries_technical_errors_and_dead_letters_content_errors() {
-    let queue = unique("idem-test-redelivery");
+    let queue = unique("redelivery");
     let out = run("redelivery", &["--queue", &queue]);
     delete_queues(&queue);
     let last = last_line(&out);
@@ -163,4 +153,44 @@ fn transfer_conserves_money_under_crashes() {
         "{out}"
     );
     assert!(out.contains("crash "), "the run injected crashes: {out}");
+}
+
+#[test]
+fn rabbitmq_redis_runs_the_handler_once_for_two_copies() {
+    let queue = unique("rabbitmq_redis");
+    let out = run("rabbitmq_redis", &["--queue", &queue]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        // The example leaves its queues and dedup records in place, as a consumer
+        // would; the test removes them.
+        let conn = idem_testkit::rabbitmq("idem-examples-test").await;
+        let ch = conn.create_channel().await.unwrap();
+        idem_amqp::Topology::new(queue.as_str())
+            .delete_on(&ch)
+            .await
+            .unwrap();
+        let mut redis = idem_testkit::redis().await;
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{queue}:*"))
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        assert_eq!(keys.len(), 1, "one dedup record: {keys:?}");
+        let _: () = redis::cmd("DEL")
+            .arg(&keys)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+    });
+    assert_eq!(
+        last_line(&out),
+        "summary: processed=1 duplicates=1 retries=0 dead_lettered=0",
+        "{out}"
+    );
+    let charged: Vec<&str> = out.lines().filter(|l| l.starts_with("charging ")).collect();
+    assert_eq!(charged.len(), 1, "the handler ran once: {out}");
+    assert!(
+        charged[0].starts_with("charging 500 cents for charge-"),
+        "{out}"
+    );
 }

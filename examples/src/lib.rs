@@ -39,14 +39,14 @@ pub fn amqp_url() -> String {
     idem::amqp::amqp_url_from_env()
 }
 
-/// Connects to RabbitMQ or explains how to start it.
+/// Connects to RabbitMQ, or says it is not reachable and where to read how to run it.
 pub async fn rabbit() -> Result<lapin::Connection, String> {
     let url = amqp_url();
     idem::amqp::connect(&url, "idem-example-admin")
         .await
         .map_err(|e| {
             format!(
-                "RabbitMQ is not reachable at {} ({e}); start it with `rabbitmq-server -detached`",
+                "RabbitMQ is not reachable at {} ({e}); see \"Running the tests\" in the README",
                 idem::redact::redact_url(&url)
             )
         })

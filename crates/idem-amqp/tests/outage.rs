@@ -10,14 +10,10 @@
 
 #![allow(clippy::unwrap_used)] // tests may unwrap (project rule)
 
-#[path = "../../../tests/support/fault_proxy.rs"]
-mod fault_proxy;
-
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use fault_proxy::{FaultProxy, Mode};
 use idem_amqp::{Publisher, Topology, Worker};
 use idem_core::backoff::Jitter;
 use idem_core::{Backoff, Consumer, DelayTiers, HandlerError, IdempotencyKey, Message, State};
@@ -25,6 +21,7 @@ use idem_redis::RedisStore;
 use idem_sql::sqlx::postgres::PgPoolOptions;
 use idem_sql::sqlx::{Executor as _, PgPool, Postgres};
 use idem_sql::{PgInbox, Tx};
+use idem_testkit::fault_proxy::{FaultProxy, Mode};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::Channel;

@@ -30,6 +30,9 @@
 //! # Ok(()) }
 //! ```
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+#![doc(test(attr(deny(warnings), allow(dead_code, unused_variables))))]
+
 pub mod backoff;
 pub mod breaker;
 pub mod classify;

@@ -42,6 +42,9 @@
 //! # use futures_util::FutureExt;
 //! ```
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+#![doc(test(attr(deny(warnings), allow(dead_code, unused_variables))))]
+
 mod error;
 mod message;
 mod relay;

@@ -62,6 +62,9 @@
 //! then runs the handler again (a duplicate effect). For effects that must never
 //! repeat, use the SQL transactional inbox (`idem-sql`).
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+#![doc(test(attr(deny(warnings), allow(dead_code, unused_variables))))]
+
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;

@@ -76,10 +76,7 @@ async fn run(prefix: &str, profile: Profile, n: usize, seed: u64) -> idem_core::
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_after_effect_reruns_are_reported_as_the_lease_window() {
-    let prefix = format!(
-        "t{}-harness",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    );
+    let prefix = idem_testkit::unique("harness");
     let report = run(&prefix, Profile::crash_at(CrashPoint::AfterEffect), 10, 1).await;
     // Every message crashed after its effect: each re-ran once the lease expired.
     assert_eq!(report.windows().len(), 10, "{report}");
@@ -107,10 +104,7 @@ async fn crash_after_effect_reruns_are_reported_as_the_lease_window() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_profile_has_no_violation_and_names_its_windows() {
-    let prefix = format!(
-        "t{}-harness",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    );
+    let prefix = idem_testkit::unique("harness");
     let report = run(&prefix, Profile::default(), 200, 7).await;
     report.assert_ok();
     let t = report.totals();

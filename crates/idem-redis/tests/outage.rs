@@ -2,30 +2,27 @@
 //! must be 127.0.0.1:6379, the default): what the first operation after an outage does.
 #![allow(clippy::unwrap_used)] // test helpers panic on setup failures by design
 
-#[path = "../../../tests/support/fault_proxy.rs"]
-mod fault_proxy;
-
 use std::time::Duration;
 
-use fault_proxy::{FaultProxy, Mode};
 use idem_core::dedup::{Claim, DedupStore, OwnerToken, ScopedKey};
 use idem_redis::RedisStore;
+use idem_testkit::fault_proxy::{FaultProxy, Mode};
+use idem_testkit::Service;
 
 const REDIS: &str = "127.0.0.1:6379";
 
 async fn through(proxy: &FaultProxy, prefix: &str) -> RedisStore {
     let url = format!("redis://127.0.0.1:{}", proxy.port());
-    match RedisStore::builder(&url).prefix(prefix).connect().await {
-        Ok(s) => s,
-        Err(e) => panic!(
-            "Redis not reachable at {REDIS}: start it with `bash .ci/services` (see README): {e}"
-        ),
-    }
+    // Through the proxy, so a failure here means the real Redis behind it is missing.
+    Service::Redis.expect_connected(
+        &format!("redis://{REDIS}"),
+        RedisStore::builder(&url).prefix(prefix).connect().await,
+    )
 }
 
 async fn first_claim_after_recovery(mode: Mode) {
     let proxy = FaultProxy::start(REDIS).await;
-    let prefix = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let prefix = idem_testkit::unique("outage");
     let store = through(&proxy, &prefix).await;
     let lease = Duration::from_secs(5);
     let claim = |k: &str| {

@@ -5,31 +5,23 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use idem_core::dedup::{conformance, Claim, Completion, DedupStore, OwnerToken, ScopedKey};
+use idem_core::dedup::{Claim, Completion, DedupStore, OwnerToken, ScopedKey};
 use idem_core::{Consumer, Disposition, Message};
-use idem_redis::{redact_url, RedisStore};
+use idem_redis::RedisStore;
+use idem_testkit::{conformance, unique, Service};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 fn url() -> String {
-    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
-fn unique(tag: &str) -> String {
-    format!(
-        "t{}-{tag}",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    )
+    Service::Redis.url()
 }
 
 async fn store(prefix: &str) -> RedisStore {
-    match RedisStore::builder(&url()).prefix(prefix).connect().await {
-        Ok(s) => s,
-        Err(e) => panic!(
-            "Redis not reachable at {}: start it with `redis-server --daemonize yes` (or set REDIS_URL): {e}",
-            redact_url(&url())
-        ),
-    }
+    let url = url();
+    Service::Redis.expect_connected(
+        &url,
+        RedisStore::builder(&url).prefix(prefix).connect().await,
+    )
 }
 
 /// Deletes every key under the test's prefix.

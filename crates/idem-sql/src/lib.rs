@@ -58,6 +58,9 @@
 //! `acquire_timeout`): `DedupLayer::store_timeout` for [`SqlStore`],
 //! [`SqlInbox::store_timeout`] for the inbox.
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+#![doc(test(attr(deny(warnings), allow(dead_code, unused_variables))))]
+
 mod backend;
 mod inbox;
 mod schema;

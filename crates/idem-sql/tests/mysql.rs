@@ -9,20 +9,10 @@ use sqlx::mysql::MySqlPoolOptions;
 use sqlx::MySqlPool;
 
 async fn pool(_tag: &str) -> (MySqlPool, ()) {
-    let url =
-        std::env::var("MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into());
-    match MySqlPoolOptions::new()
-        .max_connections(8)
-        .acquire_timeout(std::time::Duration::from_secs(5))
-        .connect(&url)
-        .await
-    {
-        Ok(p) => (p, ()),
-        Err(e) => panic!(
-            "MariaDB not reachable at {} (set MYSQL_URL): start it with `service mariadb start`: {e}",
-            url.split('@').next_back().unwrap_or("")
-        ),
-    }
+    (
+        idem_testkit::mariadb(MySqlPoolOptions::new().max_connections(8)).await,
+        (),
+    )
 }
 
 fn ph(_n: usize) -> String {

@@ -5,35 +5,10 @@
 #[macro_use]
 mod common;
 
-use std::str::FromStr;
-
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
-fn url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-fn options(app: &str) -> PgConnectOptions {
-    PgConnectOptions::from_str(&url())
-        .unwrap()
-        .application_name(app)
-}
-
-async fn connect(opts: PgPoolOptions, app: &str) -> PgPool {
-    match opts
-        .acquire_timeout(std::time::Duration::from_secs(5))
-        .connect_with(options(app))
-        .await
-    {
-        Ok(p) => p,
-        Err(e) => panic!(
-            "PostgreSQL not reachable at {} (set DATABASE_URL): start it with `service postgresql start`: {e}",
-            url().split('@').next_back().unwrap_or("")
-        ),
-    }
-}
+use idem_testkit::postgres as connect;
 
 async fn pool(tag: &str) -> (PgPool, ()) {
     (

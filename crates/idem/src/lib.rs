@@ -15,6 +15,7 @@
 //! | feature | module | what |
 //! |---|---|---|
 //! | `amqp` | [`idem::amqp`](https://docs.rs/idem-amqp) | RabbitMQ worker, topology, publisher |
+//! | `prometheus` | `idem::amqp::prometheus` | the worker's metrics served in the Prometheus text format (implies `amqp`) |
 //! | `outbox` | [`idem::outbox`](https://docs.rs/idem-outbox) | transactional outbox and relay (PostgreSQL) |
 //! | `redis` | [`idem::redis`](https://docs.rs/idem-redis) | Redis lease store |
 //! | `postgres`, `sqlite`, `mysql` | [`idem::sql`](https://docs.rs/idem-sql) | SQL lease store and transactional inbox |
@@ -43,6 +44,8 @@
 //! # Ok(()) }
 //! ```
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+#![doc(test(attr(deny(warnings), allow(dead_code, unused_variables))))]
 #![deny(missing_docs)]
 
 pub use idem_core::*;

@@ -7,21 +7,18 @@ use std::time::{Duration, SystemTime};
 
 use idem_amqp::{Publisher, Topology};
 use idem_core::{DelayTiers, ErrorKind, Failure, HeaderValue, Message};
+use idem_testkit::Service;
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::Connection;
 
 pub fn url() -> String {
-    idem_amqp::amqp_url_from_env()
+    Service::RabbitMq.url()
 }
 
 pub async fn connect() -> Connection {
-    idem_amqp::connect(&url(), "idem-cli-test").await.unwrap_or_else(|e| {
-        panic!(
-            "RabbitMQ not reachable at {}: start it with `rabbitmq-server -detached` (or set AMQP_URL): {e}",
-            idem_amqp::redact_url(&url())
-        )
-    })
+    let url = url();
+    Service::RabbitMq.expect_connected(&url, idem_amqp::connect(&url, "idem-cli-test").await)
 }
 
 /// One failed message to put into the DLQ.

@@ -6,7 +6,7 @@
 //! [`ErrorKind`]: the one set at the `?` site if any, else the [`Classify`] policy's.
 //!
 //! ```
-//! use idem_core::classify::{Classify, ClassifyLayer};
+//! use idem_core::classify::ClassifyLayer;
 //! use idem_core::ErrorKind;
 //!
 //! #[derive(Debug, thiserror::Error)]

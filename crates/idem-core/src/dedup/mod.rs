@@ -48,7 +48,6 @@
 #[doc(hidden)]
 pub mod admission;
 mod bounded;
-pub mod conformance;
 pub(crate) mod key;
 mod layer;
 mod memory;

@@ -10,13 +10,6 @@ use crate::classify::ClassifyLayer;
 use crate::error::{ErrorKind, HandlerError};
 use crate::message::Message;
 
-#[tokio::test]
-async fn memory_store_passes_conformance() {
-    let store = MemoryStore::new();
-    conformance::run(&store, "mem").await;
-    conformance::race(Arc::new(store), "mem", 16).await;
-}
-
 type Svc = tower::util::BoxCloneSyncService<Message, Processed, HandlerError>;
 
 fn stack(

@@ -5,12 +5,7 @@
 //! `placeholder_fn(n)` the n-th bind placeholder of the dialect, `text_fn(col)` a
 //! column as decodable text.
 
-pub(crate) fn unique(tag: &str) -> String {
-    format!(
-        "idem_t{}_{tag}",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    )
-}
+pub(crate) use idem_testkit::unique;
 
 /// Expands to the shared suite for one database (see the module docs).
 macro_rules! sql_suite {
@@ -20,8 +15,9 @@ macro_rules! sql_suite {
         use std::time::Duration;
 
         use idem_core::dedup::{
-            conformance, Claim, Completion, DedupStore, OwnerToken, ScopedKey, REPLAY_HEADER,
+            Claim, Completion, DedupStore, OwnerToken, ScopedKey, REPLAY_HEADER,
         };
+        use idem_testkit::conformance;
         use idem_core::{
             Consumer, Disposition, ErrorKind, HandlerError, IdempotencyKey, Message, State,
         };

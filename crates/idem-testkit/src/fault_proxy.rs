@@ -7,9 +7,16 @@
 //!   load balancer whose backend is gone); open connections are reset.
 //! - [`Mode::Up`]: bytes flow both ways.
 //!
-//! Shared by the test binaries of several crates with `#[path = ...] mod fault_proxy;`.
-
-#![allow(dead_code, unreachable_pub)] // each including test uses a part
+//! ```no_run
+//! # async fn demo() {
+//! use idem_testkit::fault_proxy::{FaultProxy, Mode};
+//!
+//! let proxy = FaultProxy::start("127.0.0.1:6379").await;
+//! let url = format!("redis://127.0.0.1:{}", proxy.port()); // connect through this
+//! proxy.set(Mode::Refuse); // the service is "down"
+//! proxy.set(Mode::Up); // and back
+//! # }
+//! ```
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -30,6 +37,7 @@ pub enum Mode {
 }
 
 /// A running proxy on `127.0.0.1:<port>`. Stops when dropped.
+#[derive(Debug)]
 pub struct FaultProxy {
     port: u16,
     mode: watch::Sender<Mode>,
@@ -38,6 +46,10 @@ pub struct FaultProxy {
 
 impl FaultProxy {
     /// A proxy forwarding to `upstream` (e.g. `127.0.0.1:6379`), up.
+    ///
+    /// # Panics
+    ///
+    /// If `upstream` is not `ip:port` or no loopback port can be bound.
     pub async fn start(upstream: &str) -> FaultProxy {
         let upstream: SocketAddr = upstream.parse().expect("upstream is ip:port");
         let listener = bind(0).expect("bind a loopback port for the fault proxy");

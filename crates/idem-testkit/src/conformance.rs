@@ -6,17 +6,20 @@
 //! and panics with a description on the first violation. It takes about two seconds:
 //! lease expiry is tested with real time.
 //!
+//! It lives in this test kit, not in idem-core, so production builds do not compile it.
+//! Add `idem-testkit` as a dev-dependency and call it from an integration test:
+//!
 //! ```no_run
 //! # async fn demo() {
 //! let store = idem_core::MemoryStore::new();
-//! idem_core::dedup::conformance::run(&store, "my-test-123").await;
+//! idem_testkit::conformance::run(&store, &idem_testkit::unique("my-store")).await;
 //! # }
 //! ```
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::store::{Claim, Completion, DedupStore, OwnerToken, ScopedKey};
+use idem_core::dedup::{Claim, Completion, DedupStore, OwnerToken, ScopedKey, StoreError};
 
 const LEASE: Duration = Duration::from_millis(400);
 const LONG: Duration = Duration::from_secs(3600);
@@ -32,7 +35,7 @@ async fn claim(store: &dyn DedupStore, k: &ScopedKey, o: &OwnerToken, lease: Dur
     }
 }
 
-fn ok<T>(r: Result<T, super::StoreError>, what: &str) -> T {
+fn ok<T>(r: Result<T, StoreError>, what: &str) -> T {
     r.unwrap_or_else(|e| panic!("{what} failed: {e}"))
 }
 

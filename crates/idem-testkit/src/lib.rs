@@ -1,0 +1,74 @@
+//! The test kit of the idem workspace, in the spirit of `tower-test` and `sqlx-test`:
+//! a `publish = false` crate that the tests of every idem crate use as a
+//! dev-dependency, so production crates compile none of it.
+//!
+//! - [`Service`]: the four services the integration tests talk to, their URLs (an
+//!   environment variable overrides each default) and one failure message when a
+//!   service cannot be reached: which service, where, why, and that the README says
+//!   how to run the services. Start commands are machine-specific, so they are never
+//!   part of the message.
+//! - `rabbitmq()`, `redis()`, `postgres()`, `mariadb()` (features `amqp`, `redis`,
+//!   `postgres`, `mysql`): connect or fail with that message.
+//! - [`unique`]: a fresh name for queues, keys, tables and prefixes, so tests that run
+//!   at the same time never share state.
+//! - [`fault_proxy`]: a TCP proxy that cuts a service off (refused or reset
+//!   connections) for outage tests.
+//! - [`conformance`]: the behavioural suite every dedup store must pass.
+//!
+//! ```no_run
+//! use idem_testkit::Service;
+//!
+//! # async fn demo() {
+//! let url = Service::Redis.url(); // REDIS_URL, or redis://127.0.0.1:6379
+//! let queue = idem_testkit::unique("orders"); // idem_t<12 hex digits>_orders
+//! # let _ = (url, queue);
+//! # }
+//! ```
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
+// Doctests deny warnings, except the unused code their hidden set-up lines leave.
+#![doc(test(attr(deny(warnings), allow(dead_code, unused_variables))))]
+// A test kit fails by panicking: its callers are tests.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod conformance;
+pub mod fault_proxy;
+mod service;
+
+#[cfg(feature = "mysql")]
+pub use service::mariadb;
+#[cfg(feature = "postgres")]
+pub use service::postgres;
+#[cfg(feature = "amqp")]
+pub use service::rabbitmq;
+#[cfg(feature = "redis")]
+pub use service::redis;
+pub use service::Service;
+
+/// A name no other test run uses: `idem_t` and 12 random hex digits, then `_` and
+/// `tag` (e.g. `idem_t3f9c0a1b2d4e_orders`).
+///
+/// It is a valid SQL identifier, queue name and Redis key prefix as long as `tag` is
+/// made of ASCII letters, digits and `_`. Tests that create something with it delete
+/// it again at the end.
+pub fn unique(tag: &str) -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("idem_t{}_{tag}", &id[..12])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unique_names_differ_and_keep_their_tag() {
+        let (a, b) = (unique("orders"), unique("orders"));
+        assert_ne!(a, b);
+        assert!(a.starts_with("idem_t") && a.ends_with("_orders"), "{a}");
+        assert_eq!(a.len(), "idem_t".len() + 12 + "_orders".len());
+        assert!(
+            a.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "{a}"
+        );
+    }
+}
