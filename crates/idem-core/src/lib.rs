@@ -43,9 +43,10 @@ pub mod message;
 pub mod outcome;
 pub mod read;
 mod redact;
+pub mod run;
 pub mod tls;
 
-pub use backoff::{Backoff, DelayTiers, Jitter};
+pub use backoff::{Backoff, Jitter};
 pub use breaker::{BreakerConfig, CircuitBreaker};
 pub use consumer::{ConfigError, Consumer, ConsumerBuilder, DeliveryMode, Stats};
 pub use crash::{CrashGuard, CrashLoopError, DEFAULT_CRASH_LIMIT};
@@ -59,6 +60,7 @@ pub use handler::{
 pub use message::{
     DeliveryInfo, Extensions, HeaderValue, Headers, Message, Properties, UnmappedHeaders,
 };
-pub use outcome::{Disposition, Failure};
+pub use outcome::{DelayKind, Disposition, Failure, SettleHook, Settled};
 pub use redact::{redact_in, redact_url};
+pub use run::WorkerHandle;
 pub use tls::{TlsConfig, TlsConfigError, TlsFailure};
