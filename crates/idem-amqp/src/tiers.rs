@@ -16,9 +16,10 @@ use idem_core::Backoff;
 
 /// A sorted, non-empty set of delays that retries are rounded to.
 ///
-/// Computed backoff delays go to the *nearest* tier (on a log scale); an explicit
-/// `HandlerError::retry_after(d)` goes to the smallest tier `>= d` (it asked for "not before"), or the
-/// largest tier if none is that long.
+/// Backoff delays ([`DelayKind::Backoff`]) go to the *nearest* tier (on a log scale);
+/// a delay the handler asked for with `HandlerError::retry_after(d)`
+/// ([`DelayKind::AtLeast`]) goes to the smallest tier `>= d` (it asked for "not
+/// before"), or the largest tier if none is that long. See [`tier_for`](Self::tier_for).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DelayTiers(Vec<Duration>);
 

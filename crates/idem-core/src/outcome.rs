@@ -4,7 +4,9 @@
 //! `Ok` -> [`Disposition::Ack`]; transient error -> [`Disposition::Retry`] until the
 //! attempt budget is spent, then [`Disposition::DeadLetter`]; permanent error ->
 //! [`Disposition::DeadLetter`] at once. Transports carry a retry or a dead-letter out as
-//! "publish the copy with a publisher confirm, then ack the original".
+//! "publish the copy with a publisher confirm, then ack the original"; the disposition
+//! names every header the copy gets, so transports only merge and publish. After
+//! settling, a transport tells its settle hook ([`Settled`]).
 
 use std::fmt;
 use std::sync::Arc;

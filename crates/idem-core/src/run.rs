@@ -6,15 +6,21 @@
 //! on its own tokio task and the handle stops it and collects its result.
 //!
 //! ```
+//! use std::sync::Arc;
 //! use idem_core::memory::MemoryBroker;
 //! use idem_core::{Consumer, Message};
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idem_core::ConfigError> {
 //! let broker = MemoryBroker::new();
 //! let consumer = Consumer::builder("orders").handler(|| async {})?;
-//! let handle = broker.worker("orders", consumer).spawn();
+//! let settled = Arc::new(tokio::sync::Notify::new());
+//! let hook = settled.clone();
+//! let handle = broker
+//!     .worker("orders", consumer)
+//!     .on_settle(move |_| hook.notify_one())
+//!     .spawn();
 //! broker.publish("orders", Message::new("{}").with_message_id("o-1"));
-//! # tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+//! settled.notified().await; // the message was handled and acked
 //! let stats = handle.shutdown_and_join().await;
 //! assert_eq!(stats.processed, 1);
 //! # Ok(()) }

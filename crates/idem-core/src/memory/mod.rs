@@ -1,8 +1,10 @@
 //! An in-memory broker with the consumer semantics of the RabbitMQ transport:
 //! prefetch-bounded concurrent delivery, ack after the handler, delayed retry copies
-//! carrying `x-idem-attempts`, and a dead-letter queue `<queue>.dlq` with the failure
-//! headers. The embedded default: the quickstart and the middleware's tests run on it
-//! with no services.
+//! and a dead-letter queue `<queue>.dlq`, both carrying the headers the
+//! [`Disposition`] names (the same ones the RabbitMQ worker writes), the same settle
+//! hook type ([`Settled`]) and the same way to run in the background
+//! ([`MemoryWorker::spawn`]). The embedded default: the quickstart and the
+//! middleware's tests run on it with no services.
 //!
 //! It keeps messages in process memory: nothing survives a restart. Delays are exact
 //! (no tiers) since there is no broker to spare timers for.
