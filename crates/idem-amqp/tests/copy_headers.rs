@@ -94,6 +94,12 @@ async fn memory_broker_and_rabbitmq_write_the_same_copy_headers() {
     });
     let topo =
         Topology::new(queue.clone()).tiers(DelayTiers::new([Duration::from_secs(1)]).unwrap());
+    let conn = idem_amqp::connect(&url, "idem-test-copy-headers")
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    // Declared before the worker starts, so the publish below has a queue to go to.
+    topo.declare_on(&ch).await.unwrap();
     let amqp_seen = Arc::new(Mutex::new(Vec::new()));
     let running = Worker::builder(
         url.as_str(),
@@ -104,31 +110,7 @@ async fn memory_broker_and_rabbitmq_write_the_same_copy_headers() {
     .build()
     .unwrap()
     .spawn();
-    let conn = idem_amqp::connect(&url, "idem-test-copy-headers")
-        .await
-        .unwrap();
-    let ch = conn.create_channel().await.unwrap();
     let mut msg = message();
-    // The worker declares the queues; publish once they exist.
-    let started = Instant::now();
-    loop {
-        let declared = ch
-            .queue_declare(
-                topo.dlq().as_str().into(),
-                lapin::options::QueueDeclareOptions::default().passive(),
-                lapin::types::FieldTable::default(),
-            )
-            .await;
-        if declared.is_ok() {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "queues not declared"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let ch = conn.create_channel().await.unwrap();
     publisher.publish("", &queue, &mut msg).await.unwrap();
     let started = Instant::now();
     let dead = loop {
