@@ -84,7 +84,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .prefetch(1)
         .on_settle(|settled| {
             let id = settled.message_id.unwrap_or("?");
-            println!("settle   {id}  {}", settled.disposition);
+            let (attempt, what) = (settled.attempt, settled.disposition);
+            println!("settle   {id}  attempt {attempt}  {what}");
         })
         .run_until_idle()
         .await;

@@ -95,12 +95,13 @@ impl Finished {
     }
 }
 
-/// One line describing a settled delivery: its message id and the disposition's
-/// `Display` line.
+/// One line describing a settled delivery: its message id, the attempt, and the
+/// disposition's `Display` line.
 pub fn describe(settled: &Settled<'_>) -> String {
     format!(
-        "{}: {}",
+        "{} (attempt {}): {}",
         settled.message_id.unwrap_or("?"),
+        settled.attempt,
         settled.disposition
     )
 }

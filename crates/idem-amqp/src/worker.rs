@@ -589,6 +589,10 @@ async fn handle(
     if at_most_once {
         ack(&acker).await;
     }
+    // Already read (and a malformed value logged) when the delivery was converted.
+    let failed_before =
+        idem_core::read::read_quiet::<u32>(&msg, idem_core::outcome::headers::ATTEMPTS)
+            .unwrap_or(0);
     let over = crash::over_limit(
         &msg,
         consumer.name(),
@@ -649,6 +653,7 @@ async fn handle(
     if let Some(hook) = &shared.on_settle {
         hook(Settled::new(
             properties.message_id().as_ref().map(ShortString::as_str),
+            failed_before,
             queue,
             &disposition,
         ));

@@ -189,9 +189,9 @@ impl Disposition {
 
 impl fmt::Display for Disposition {
     /// One line: `processed, acked`; `duplicate: key already done, handler not run,
-    /// acked`; `transient failure (attempt 1), retry in 100ms: <error>` (`retry in at
-    /// least` for a delay the handler asked for); `permanent failure (attempt 1),
-    /// dead-lettered: <error>`; `handed back, no attempt spent: <reason>`.
+    /// acked`; `transient failure, retry in 100 ms: <error>` (`retry in at least` for a
+    /// delay the handler asked for); `permanent failure, dead-lettered: <error>`;
+    /// `handed back, no attempt spent: <reason>`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Disposition::Ack { duplicate: false } => f.write_str("processed, acked"),
@@ -210,18 +210,36 @@ impl fmt::Display for Disposition {
                 };
                 write!(
                     f,
-                    "{} failure (attempt {}), retry in {floor}{delay:?}: {}",
-                    failure.kind, failure.attempts, failure.error
+                    "{} failure, retry in {floor}{}: {}",
+                    failure.kind,
+                    ShortDelay(*delay),
+                    failure.error
                 )
             }
             Disposition::DeadLetter { failure, .. } => write!(
                 f,
-                "{} failure (attempt {}), dead-lettered: {}",
-                failure.kind, failure.attempts, failure.error
+                "{} failure, dead-lettered: {}",
+                failure.kind, failure.error
             ),
             Disposition::Release { reason } => {
                 write!(f, "handed back, no attempt spent: {reason}")
             }
+        }
+    }
+}
+
+/// A delay for people: `250 ms`, `5 s`, `1.5 s`.
+struct ShortDelay(Duration);
+
+impl fmt::Display for ShortDelay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        if ms < 1000 {
+            write!(f, "{ms} ms")
+        } else if ms.is_multiple_of(1000) {
+            write!(f, "{} s", ms / 1000)
+        } else {
+            write!(f, "{} s", self.0.as_secs_f64())
         }
     }
 }
@@ -234,6 +252,9 @@ impl fmt::Display for Disposition {
 pub struct Settled<'a> {
     /// The delivery's `message_id`, if any.
     pub message_id: Option<&'a str>,
+    /// Which attempt this delivery was: 1 for a first delivery, else the failed
+    /// attempts its `x-idem-attempts` header recorded plus one.
+    pub attempt: u32,
     /// The queue it was consumed from.
     pub queue: &'a str,
     /// What was done with it.
@@ -241,10 +262,17 @@ pub struct Settled<'a> {
 }
 
 impl<'a> Settled<'a> {
-    /// A settled delivery (for transports).
-    pub fn new(message_id: Option<&'a str>, queue: &'a str, disposition: &'a Disposition) -> Self {
+    /// A settled delivery (for transports). `failed_before` is the failed attempts
+    /// the delivery's `x-idem-attempts` header recorded.
+    pub fn new(
+        message_id: Option<&'a str>,
+        failed_before: u32,
+        queue: &'a str,
+        disposition: &'a Disposition,
+    ) -> Self {
         Settled {
             message_id,
+            attempt: failed_before.saturating_add(1),
             queue,
             disposition,
         }
@@ -532,6 +560,55 @@ mod tests {
         assert_eq!(
             parse_rfc3339("2023-11-14T22:13:20.123456Z"),
             Some(UNIX_EPOCH + Duration::from_millis(1_700_000_000_123))
+        );
+    }
+
+    #[test]
+    fn dispositions_print_one_line() {
+        let failure = |kind| Failure {
+            kind,
+            error: "gateway timed out".into(),
+            attempts: 1,
+            first_failed_at: UNIX_EPOCH,
+            last_failed_at: UNIX_EPOCH,
+            key: None,
+        };
+        let retry = |ms, delay_kind| Disposition::Retry {
+            delay: Duration::from_millis(ms),
+            delay_kind,
+            failure: failure(ErrorKind::Transient),
+            headers: Headers::new(),
+        };
+        assert_eq!(
+            retry(100, DelayKind::Backoff).to_string(),
+            "transient failure, retry in 100 ms: gateway timed out"
+        );
+        assert_eq!(
+            retry(1500, DelayKind::AtLeast).to_string(),
+            "transient failure, retry in at least 1.5 s: gateway timed out"
+        );
+        assert_eq!(
+            retry(30_000, DelayKind::Backoff).to_string(),
+            "transient failure, retry in 30 s: gateway timed out"
+        );
+        let dead = Disposition::DeadLetter {
+            failure: failure(ErrorKind::Permanent),
+            headers: Headers::new(),
+        };
+        assert_eq!(
+            dead.to_string(),
+            "permanent failure, dead-lettered: gateway timed out"
+        );
+        assert_eq!(
+            Disposition::Ack { duplicate: true }.to_string(),
+            "duplicate: key already done, handler not run, acked"
+        );
+        let release = Disposition::Release {
+            reason: "store down".into(),
+        };
+        assert_eq!(
+            release.to_string(),
+            "handed back, no attempt spent: store down"
         );
     }
 

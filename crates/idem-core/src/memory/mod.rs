@@ -305,6 +305,8 @@ impl Delivery {
         if let Some(hook) = &self.on_settle {
             hook(Settled::new(
                 original.properties.message_id.as_deref(),
+                crate::read::read_quiet::<u32>(&original, crate::message::ATTEMPTS_HEADER)
+                    .unwrap_or(0),
                 &self.queue,
                 &disposition,
             ));
