@@ -15,9 +15,7 @@ use std::time::Duration;
 
 use idem::memory::MemoryBroker;
 use idem::sql::SqliteStore;
-use idem::{
-    Attempt, Backoff, Consumer, Disposition, HandlerError, IdempotencyKey, Jitter, Json, Message,
-};
+use idem::{Attempt, Backoff, Consumer, HandlerError, IdempotencyKey, Jitter, Json, Message};
 
 #[derive(serde::Deserialize)]
 struct Order {
@@ -84,28 +82,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let stats = broker
         .worker("orders", consumer)
         .prefetch(1)
-        .on_settle(|msg, disposition| {
-            let id = msg.properties.message_id.as_deref().unwrap_or("?");
-            let attempt = msg.failed_attempts() + 1;
-            let what = match disposition {
-                Disposition::Ack { duplicate: false } => "processed, acked".to_owned(),
-                Disposition::Ack { duplicate: true } => {
-                    "duplicate: key already done, handler not run, acked".to_owned()
-                }
-                Disposition::Retry { delay, failure, .. } => format!(
-                    "{} failure, retry in {} ms: {}",
-                    failure.kind,
-                    delay.as_millis(),
-                    failure.error
-                ),
-                Disposition::DeadLetter(failure) => format!(
-                    "{} failure, dead-lettered to orders.dlq: {}",
-                    failure.kind, failure.error
-                ),
-                Disposition::Release { reason } => {
-                    format!("handed back, store down, no attempt spent: {reason}")
-                }
-            };
+        .on_settle(|settled| {
+            let id = settled.message_id.unwrap_or("?");
+            let (attempt, what) = (settled.attempt, settled.disposition);
             println!("settle   {id}  attempt {attempt}  {what}");
         })
         .run_until_idle()

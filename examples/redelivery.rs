@@ -24,10 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idem::amqp::{Publisher, Topology, Worker};
-use idem::{
-    Backoff, Consumer, DelayTiers, HandlerError, Jitter, Json, MemoryStore, Message, ResultExt,
-    State,
-};
+use idem::{Backoff, Consumer, HandlerError, Jitter, Json, MemoryStore, Message, ResultExt, State};
 use idem_examples::{describe, Finished};
 use lapin::options::BasicGetOptions;
 
@@ -91,7 +88,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let url = idem_examples::amqp_url();
     let admin = idem_examples::rabbit().await?;
     let ch = admin.create_channel().await?;
-    let tiers = DelayTiers::new([
+    let tiers = idem::amqp::DelayTiers::new([
         Duration::from_secs(1),
         Duration::from_secs(2),
         Duration::from_secs(5),

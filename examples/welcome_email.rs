@@ -23,9 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use idem::amqp::{Publisher, Topology, Worker};
-use idem::{
-    Attempt, Backoff, Consumer, DelayTiers, DeliveryMode, Jitter, Json, Message, ResultExt, State,
-};
+use idem::{Attempt, Backoff, Consumer, DeliveryMode, Jitter, Json, Message, ResultExt, State};
 use idem_examples::{describe, Finished};
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -91,8 +89,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let admin = idem_examples::rabbit().await?;
     let ch = admin.create_channel().await?;
 
-    let tiers =
-        DelayTiers::new([Duration::from_secs(1), Duration::from_secs(3)]).ok_or("no tiers")?;
+    let tiers = idem::amqp::DelayTiers::new([Duration::from_secs(1), Duration::from_secs(3)])
+        .ok_or("no tiers")?;
     let topology = Topology::new(queue.clone()).tiers(tiers);
     topology.delete_on(&ch).await?;
     topology.declare_on(&ch).await?;

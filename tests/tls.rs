@@ -17,14 +17,11 @@ use std::time::{Duration, Instant};
 
 use idem_amqp::{Error as AmqpError, Publisher, Topology, Worker};
 use idem_core::backoff::Jitter;
-use idem_core::{
-    Backoff, Consumer, DelayTiers, HandlerError, Message, Stats, TlsConfig, TlsFailure,
-};
+use idem_core::{Backoff, Consumer, HandlerError, Message, Stats, TlsConfig, TlsFailure};
 use idem_redis::RedisStore;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use sqlx::{ConnectOptions, Connection};
-use tokio::sync::oneshot;
 
 const AMQPS: &str = "amqps://guest:guest@localhost:5681/%2f";
 const AMQPS_BY_IP: &str = "amqps://guest:guest@127.0.0.1:5681/%2f";
@@ -150,16 +147,14 @@ fn counting_consumer(name: &str, store: impl idem_core::DedupStore) -> (Consumer
 /// each twice (a publisher retry), and checks: 20 effects, each once, 20 duplicates.
 async fn amqps_round_trip(consumer: Consumer, effects: Effects) {
     let tls = good();
-    let topo = Topology::new(unique("q")).tiers(DelayTiers::new([Duration::from_secs(1)]).unwrap());
+    let topo = Topology::new(unique("q"))
+        .tiers(idem_amqp::DelayTiers::new([Duration::from_secs(1)]).unwrap());
     let worker = Worker::builder(AMQPS, topo.clone(), consumer.clone())
         .tls(tls.clone())
         .prefetch(10)
         .build()
         .unwrap();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let running = tokio::spawn(worker.run(async move {
-        let _ = stopped.await;
-    }));
+    let running = worker.spawn();
 
     let admin = idem_amqp::connect_tls(AMQPS, "idem-tls-test-admin", &tls)
         .await
@@ -212,8 +207,7 @@ async fn amqps_round_trip(consumer: Consumer, effects: Effects) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let _ = stop.send(());
-    let stats = running.await.unwrap().unwrap();
+    let stats = running.shutdown_and_join().await.unwrap();
     assert_eq!(stats.processed, 20, "{stats}");
     assert_eq!(stats.duplicates, 20, "{stats}");
     let effects = effects.lock().unwrap().clone();

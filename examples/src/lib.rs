@@ -4,8 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use idem::amqp::Settled;
-use idem::Disposition;
+use idem::{Disposition, Settled};
 use tokio::sync::Notify;
 
 /// The value after `--name` on the command line, if any.
@@ -23,13 +22,9 @@ pub async fn run_until_finished(
     finished: &Finished,
     limit: Duration,
 ) -> Result<idem::Stats, Box<dyn std::error::Error>> {
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(worker.run(async move {
-        let _ = stopped.await;
-    }));
+    let running = worker.spawn();
     let waited = finished.wait(limit).await;
-    let _ = stop.send(());
-    let stats = run.await??;
+    let stats = running.shutdown_and_join().await?;
     waited?;
     Ok(stats)
 }
@@ -100,25 +95,13 @@ impl Finished {
     }
 }
 
-/// One line describing a settled delivery.
+/// One line describing a settled delivery: its message id, the attempt, and the
+/// disposition's `Display` line.
 pub fn describe(settled: &Settled<'_>) -> String {
-    let id = settled.message_id.unwrap_or("?");
-    match settled.disposition {
-        Disposition::Ack { duplicate: false } => format!("{id}: done, acked"),
-        Disposition::Ack { duplicate: true } => format!("{id}: duplicate, handler not run, acked"),
-        Disposition::Retry { delay, failure, .. } => format!(
-            "{id}: {} failure (attempt {}), retry in ~{} ms: {}",
-            failure.kind,
-            failure.attempts,
-            delay.as_millis(),
-            failure.error
-        ),
-        Disposition::DeadLetter(failure) => format!(
-            "{id}: {} failure after {} attempt(s), dead-lettered: {}",
-            failure.kind, failure.attempts, failure.error
-        ),
-        Disposition::Release { reason } => {
-            format!("{id}: handed back to the queue, no attempt spent: {reason}")
-        }
-    }
+    format!(
+        "{} (attempt {}): {}",
+        settled.message_id.unwrap_or("?"),
+        settled.attempt,
+        settled.disposition
+    )
 }

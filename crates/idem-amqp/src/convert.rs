@@ -53,7 +53,7 @@ pub(crate) fn to_message(
     queue: &str,
 ) -> Message {
     let mut msg = with_headers_of(Message::new(body), props);
-    msg.delivery = delivery_info(exchange, routing_key, redelivered, &msg, queue, true);
+    msg.delivery = delivery_info(exchange, routing_key, redelivered, &msg, queue);
     msg.properties = Properties {
         message_id: props.message_id().as_ref().map(|s| s.as_str().to_owned()),
         content_type: props.content_type().as_ref().map(|s| s.as_str().to_owned()),
@@ -71,7 +71,7 @@ pub(crate) fn to_message(
 
 /// `msg` with the mapped headers of `props`, and the [`UnmappedHeaders`] extension
 /// when some have a type of their own.
-pub(crate) fn with_headers_of(mut msg: Message, props: &BasicProperties) -> Message {
+fn with_headers_of(mut msg: Message, props: &BasicProperties) -> Message {
     if let Some(table) = props.headers() {
         msg.headers = headers_from_table(table);
         let unmapped = unmapped_headers(table);
@@ -84,22 +84,16 @@ pub(crate) fn with_headers_of(mut msg: Message, props: &BasicProperties) -> Mess
 
 /// Where a delivery really comes from: the `x-idem-original-*` headers of `msg` win
 /// over the delay queue's dead-lettering (exchange `""`, routing key = the work
-/// queue). Malformed ones are ignored, with a `warn` log when `warn` is true (false
-/// for a second read of the same delivery: the worker reads the origin again on
-/// failure).
+/// queue). Malformed ones are ignored, with a `warn` log. Read once per delivery: the
+/// consumer names this origin on the retry and dead-letter copies.
 pub(crate) fn delivery_info(
     exchange: &ShortString,
     routing_key: &ShortString,
     redelivered: bool,
     msg: &Message,
     queue: &str,
-    warn: bool,
 ) -> DeliveryInfo {
-    let read: fn(&Message, &str) -> Option<String> = if warn {
-        idem_core::read::read_in
-    } else {
-        idem_core::read::read_quiet
-    };
+    let read = idem_core::read::read_in::<String>;
     DeliveryInfo {
         exchange: read(msg, idem_headers::ORIGINAL_EXCHANGE)
             .unwrap_or_else(|| exchange.as_str().to_owned()),
@@ -319,15 +313,11 @@ mod tests {
             Message::default(),
             &BasicProperties::default().with_headers(t),
         );
-        for info in [
-            delivery_info(&"ex".into(), &"rk".into(), false, &m, "q", true),
-            delivery_info(&"ex".into(), &"rk".into(), false, &m, "q", false),
-        ] {
-            assert_eq!(
-                (info.exchange.as_str(), info.routing_key.as_str()),
-                ("ex", "rk")
-            );
-        }
+        let info = delivery_info(&"ex".into(), &"rk".into(), false, &m, "q");
+        assert_eq!(
+            (info.exchange.as_str(), info.routing_key.as_str()),
+            ("ex", "rk")
+        );
     }
 
     #[test]
@@ -338,19 +328,12 @@ mod tests {
             idem_headers::ORIGINAL_ROUTING_KEY.into(),
             "orders.new".into(),
         );
-        let info = delivery_info(&"".into(), &"q".into(), false, &msg_with(h), "q", true);
+        let info = delivery_info(&"".into(), &"q".into(), false, &msg_with(h), "q");
         assert_eq!(
             (info.exchange.as_str(), info.routing_key.as_str()),
             ("orders", "orders.new")
         );
-        let info = delivery_info(
-            &"ex".into(),
-            &"rk".into(),
-            true,
-            &Message::default(),
-            "q",
-            true,
-        );
+        let info = delivery_info(&"ex".into(), &"rk".into(), true, &Message::default(), "q");
         assert_eq!(
             (info.exchange.as_str(), info.routing_key.as_str()),
             ("ex", "rk")

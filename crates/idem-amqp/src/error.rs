@@ -102,6 +102,16 @@ pub enum Error {
     /// The consumer configuration does not fit the broker.
     #[error(transparent)]
     Config(#[from] idem_core::ConfigError),
+    /// Dedup records would expire before the last retry could arrive, counting each
+    /// backoff delay as the delay tier it waits in (see
+    /// [`DelayTiers::horizon`](crate::DelayTiers::horizon)).
+    #[error("dedup retention {retention:?} is shorter than the retry horizon in broker time {horizon:?} (each backoff delay rounded to the delay tier it waits in): a late retry could run twice; raise the retention, shorten the backoff, or add a delay tier closer to the backoff delays")]
+    RetentionTooShortForTiers {
+        /// Configured retention.
+        retention: std::time::Duration,
+        /// Sum of the delay tiers the retries wait in.
+        horizon: std::time::Duration,
+    },
     /// The Prometheus endpoint could not start.
     #[error("metrics endpoint: {0}")]
     Metrics(String),

@@ -51,12 +51,12 @@
 
 use std::time::Duration;
 
-use idem_core::DelayTiers;
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::Channel;
 
 use crate::error::Error;
+use crate::tiers::DelayTiers;
 
 /// Classic or quorum queues.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -178,16 +178,6 @@ impl Topology {
     /// The delay queue of `tier`, `Q.retry.<tier>`.
     pub fn retry_queue(&self, tier: Duration) -> String {
         format!("{}.retry.{}", self.queue, tier_name(tier))
-    }
-
-    /// The tier a retry goes to: the nearest tier for a computed backoff, the smallest
-    /// tier at least `delay` long for an explicit `HandlerError::retry_after`.
-    pub fn tier_for(&self, delay: Duration, explicit: bool) -> Duration {
-        if explicit {
-            self.tiers.at_least(delay)
-        } else {
-            self.tiers.nearest(delay)
-        }
     }
 
     /// Every queue name, work queue first.
@@ -320,15 +310,6 @@ mod tests {
         assert_eq!(t.retry_queue(Duration::from_secs(30)), "jobs.retry.30s");
         assert_eq!(t.dlq(), "jobs.dlq");
         assert_eq!(t.queue_names().len(), 8);
-        // Computed delays go to the nearest tier, explicit ones never earlier than asked.
-        assert_eq!(
-            t.tier_for(Duration::from_secs(6), false),
-            Duration::from_secs(5)
-        );
-        assert_eq!(
-            t.tier_for(Duration::from_secs(6), true),
-            Duration::from_secs(30)
-        );
         assert!(Topology::new("q".repeat(250)).check_names().is_err());
     }
 }

@@ -46,8 +46,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::future::{Fuse, FutureExt};
 use futures_util::StreamExt;
-use idem_core::outcome::{headers as idem_headers, truncate, MAX_HEADER_LEN};
-use idem_core::{Consumer, DeliveryMode, Disposition, Headers, Message, Stats};
+use idem_core::{
+    Consumer, DeliveryMode, Disposition, Headers, SettleHook, Settled, Stats, WorkerHandle,
+};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
@@ -58,27 +59,12 @@ use lapin::{Acker, BasicProperties, Channel, Connection, Event};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::convert::{delivery_info, merge_headers, to_message};
+use crate::convert::{merge_headers, to_message};
 use crate::crash;
 use crate::endpoints::Endpoints;
 use crate::error::Error;
 use crate::publisher::publish_confirmed;
 use crate::topology::{short, Topology};
-
-/// What a [`SettleHook`] is told about a settled delivery.
-#[derive(Clone, Copy, Debug)]
-#[non_exhaustive]
-pub struct Settled<'a> {
-    /// The delivery's `message_id`, if any.
-    pub message_id: Option<&'a str>,
-    /// The queue it was consumed from.
-    pub queue: &'a str,
-    /// What was done with it.
-    pub disposition: &'a Disposition,
-}
-
-/// Called after each delivery is settled (acked, or its copy confirmed and acked).
-pub type SettleHook = Arc<dyn Fn(Settled<'_>) + Send + Sync>;
 
 /// Delays between tries of an unconfirmed retry or dead-letter copy.
 const COPY_RETRY_DELAYS: [Duration; 5] = [
@@ -174,7 +160,9 @@ impl WorkerBuilder {
         self
     }
 
-    /// Called after each delivery is settled (tests, custom metrics, benchmarks).
+    /// Called after each delivery is settled (acked, handed back, or its copy
+    /// confirmed and the original acked): tests, custom metrics, benchmarks. The same
+    /// hook type as the in-memory broker's ([`Settled`]).
     pub fn on_settle(mut self, hook: impl Fn(Settled<'_>) + Send + Sync + 'static) -> Self {
         self.on_settle = Some(Arc::new(hook));
         self
@@ -190,14 +178,18 @@ impl WorkerBuilder {
 
     /// Checks the configuration and builds the worker.
     ///
-    /// Refuses a dedup retention shorter than the retry horizon *in broker time*: each
-    /// backoff delay waits in the delay tier it is rounded to, which can be longer than
-    /// the delay (base = cap = 20 min waits in the 30 min tier of the default tiers), see
-    /// [`Consumer::check_retry_horizon`].
+    /// Refuses a dedup retention shorter than the retry horizon *in broker time*
+    /// ([`Error::RetentionTooShortForTiers`]): each backoff delay waits in the delay
+    /// tier it is rounded to, which can be longer than the delay (base = cap = 20 min
+    /// waits in the 30 min tier of the default tiers), see [`DelayTiers::horizon`](crate::DelayTiers::horizon).
     pub fn build(self) -> Result<Worker, Error> {
         self.consumer.check_broker_timeout(self.broker_timeout)?;
-        self.consumer
-            .check_retry_horizon(self.topology.delay_tiers())?;
+        if let Some(retention) = self.consumer.retention() {
+            let horizon = self.topology.delay_tiers().horizon(self.consumer.backoff());
+            if retention < horizon {
+                return Err(Error::RetentionTooShortForTiers { retention, horizon });
+            }
+        }
         self.topology.check_names()?;
         if let Some(limit) = self.topology.effective_delivery_limit() {
             if limit <= self.consumer.crash_limit() {
@@ -302,6 +294,26 @@ impl Worker {
     /// The consumer.
     pub fn consumer(&self) -> &Consumer {
         &self.shared.consumer
+    }
+
+    /// Runs the worker on its own tokio task until the handle asks it to stop (or is
+    /// dropped): [`run`](Self::run) in the background. Joining the handle returns what
+    /// `run` returns: the stats, or the error that stopped the first connection.
+    ///
+    /// ```no_run
+    /// # async fn f(worker: idem_amqp::Worker) -> Result<(), idem_amqp::Error> {
+    /// let handle = worker.spawn();
+    /// // ... publish, serve, wait ...
+    /// let stats = handle.shutdown_and_join().await?;
+    /// println!("{stats}");
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    pub fn spawn(self) -> WorkerHandle<Result<Stats, Error>> {
+        WorkerHandle::spawn(|shutdown| self.run(shutdown.wait()))
     }
 
     /// Runs until SIGINT or SIGTERM, then shuts down gracefully.
@@ -580,82 +592,75 @@ async fn handle(
     if at_most_once {
         ack(&acker).await;
     }
-    let crash = crash::Seen::new(&msg);
-    let disposition = match crash.over_limit(&msg, shared.topology.effective_delivery_limit()) {
+    // Already read (and a malformed value logged) when the delivery was converted.
+    let failed_before =
+        idem_core::read::read_quiet::<u32>(&msg, idem_core::outcome::headers::ATTEMPTS)
+            .unwrap_or(0);
+    let over = crash::over_limit(
+        &msg,
+        consumer.name(),
+        shared.topology.effective_delivery_limit(),
+    );
+    let disposition = match over {
         Some(over) if !at_most_once => over,
         _ => consumer.process(msg).await,
     };
     if !at_most_once {
-        let copy = match &disposition {
-            Disposition::Ack { .. } | Disposition::Release { .. } => None,
-            Disposition::Retry {
-                delay,
-                explicit,
-                failure,
-            } => {
-                let tier = shared.topology.tier_for(*delay, *explicit);
-                let target = shared
-                    .retry_queues
-                    .iter()
-                    .find(|(t, _)| *t == tier)
-                    .map_or(shared.dlq.as_str(), |(_, q)| q.as_str());
-                let mut extra = failure.retry_headers();
-                crash.mark_copy(&mut extra, failure);
-                // Name the true origin on the copy: it comes back from the delay queue
-                // with exchange "" and routing key Q.
-                let info = origin(&exchange, &routing_key, redelivered, &properties, queue);
-                for (name, value) in [
-                    (idem_headers::ORIGINAL_EXCHANGE, info.exchange),
-                    (idem_headers::ORIGINAL_ROUTING_KEY, info.routing_key),
-                ] {
-                    extra.insert(name.into(), truncate(&value, MAX_HEADER_LEN).into());
-                }
-                Some((target, extra, "retry"))
-            }
-            Disposition::DeadLetter(failure) => {
-                let origin = Message {
-                    delivery: origin(&exchange, &routing_key, redelivered, &properties, queue),
-                    ..Message::default()
-                };
-                let extra = failure.dead_letter_headers(&origin, consumer.name());
-                Some((shared.dlq.as_str(), extra, "dead-letter"))
-            }
-        };
-        match copy {
-            None if matches!(disposition, Disposition::Release { .. }) => requeue(&acker).await,
-            None => {
+        match &disposition {
+            Disposition::Release { .. } => requeue(&acker).await,
+            Disposition::Ack { .. } => {
                 #[cfg(feature = "failpoints")]
                 if matches!(disposition, Disposition::Ack { duplicate: false }) {
                     crate::failpoints::hit(crate::failpoints::AFTER_COMMIT_BEFORE_ACK);
                 }
                 ack(&acker).await
             }
-            Some((target, extra, what)) => {
-                forward(&publish, target, &body, &properties, &extra, &acker, what).await
+            Disposition::Retry {
+                delay,
+                delay_kind,
+                headers,
+                ..
+            } => {
+                let tier = shared.topology.delay_tiers().tier_for(*delay, *delay_kind);
+                let target = shared
+                    .retry_queues
+                    .iter()
+                    .find(|(t, _)| *t == tier)
+                    .map_or(shared.dlq.as_str(), |(_, q)| q.as_str());
+                forward(
+                    &publish,
+                    target,
+                    &body,
+                    &properties,
+                    headers,
+                    &acker,
+                    "retry",
+                )
+                .await
+            }
+            Disposition::DeadLetter { headers, .. } => {
+                let dlq = shared.dlq.as_str();
+                forward(
+                    &publish,
+                    dlq,
+                    &body,
+                    &properties,
+                    headers,
+                    &acker,
+                    "dead-letter",
+                )
+                .await
             }
         }
     }
     if let Some(hook) = &shared.on_settle {
-        hook(Settled {
-            message_id: properties.message_id().as_ref().map(ShortString::as_str),
+        hook(Settled::new(
+            properties.message_id().as_ref().map(ShortString::as_str),
+            failed_before,
             queue,
-            disposition: &disposition,
-        });
+            &disposition,
+        ));
     }
-}
-
-/// The delivery's origin, from the `x-idem-original-*` headers when present. Only
-/// computed on failure, to keep the success path lean.
-fn origin(
-    exchange: &ShortString,
-    routing_key: &ShortString,
-    redelivered: bool,
-    properties: &BasicProperties,
-    queue: &str,
-) -> idem_core::DeliveryInfo {
-    let headers = crate::convert::with_headers_of(Message::default(), properties);
-    // Already read (and any malformed value logged) when the delivery was converted.
-    delivery_info(exchange, routing_key, redelivered, &headers, queue, false)
 }
 
 async fn ack(acker: &Acker) {

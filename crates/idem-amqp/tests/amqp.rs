@@ -10,19 +10,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use idem_amqp::{Error, Publisher, QueueType, Topology, Worker};
+use idem_amqp::{DelayTiers, Error, Publisher, QueueType, Topology, Worker};
 use idem_core::backoff::Jitter;
-use idem_core::{
-    Backoff, Consumer, DelayTiers, HandlerError, HeaderValue, Json, MemoryStore, Message, Stats,
-};
+use idem_core::{Backoff, Consumer, HandlerError, HeaderValue, Json, MemoryStore, Message};
 use lapin::options::{
     BasicGetOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
     QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldArray, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 fn url() -> String {
     idem_amqp::amqp_url_from_env()
@@ -50,29 +46,6 @@ fn fast_backoff(attempts: u32) -> Backoff {
     Backoff::exponential(Duration::from_secs(1))
         .jitter(Jitter::None)
         .max_attempts(attempts)
-}
-
-struct Running {
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<Stats, Error>>,
-}
-
-impl Running {
-    fn start(worker: Worker) -> Self {
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(worker.run(async move {
-            let _ = rx.await;
-        }));
-        Running {
-            stop: Some(tx),
-            task,
-        }
-    }
-
-    async fn stop(mut self) -> Stats {
-        let _ = self.stop.take().unwrap().send(());
-        self.task.await.unwrap().unwrap()
-    }
 }
 
 async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
@@ -180,7 +153,7 @@ async fn ack_outcome_maps_headers_and_leaves_no_copies() {
         .prefetch(10)
         .build()
         .unwrap();
-    let running = Running::start(worker);
+    let running = worker.spawn();
 
     let publisher = Publisher::connect(&url()).await.unwrap();
     // Odd and oversized headers must not break the conversion.
@@ -226,7 +199,7 @@ async fn ack_outcome_maps_headers_and_leaves_no_copies() {
         consumer.stats().processed == 4
     })
     .await;
-    let stats = running.stop().await;
+    let stats = running.shutdown_and_join().await.unwrap();
     assert_eq!(
         (stats.processed, stats.retries, stats.dead_lettered),
         (4, 0, 0)
@@ -278,7 +251,7 @@ async fn retry_copy_waits_its_tier_and_keeps_the_original_route() {
     let worker = Worker::builder(url(), topo.clone(), consumer.clone())
         .build()
         .unwrap();
-    let running = Running::start(worker);
+    let running = worker.spawn();
 
     let publisher = Publisher::connect(&url()).await.unwrap();
     let mut msg = Message::new("payload")
@@ -297,7 +270,7 @@ async fn retry_copy_waits_its_tier_and_keeps_the_original_route() {
         consumer.stats().processed == 1
     })
     .await;
-    let stats = running.stop().await;
+    let stats = running.shutdown_and_join().await.unwrap();
     assert_eq!((stats.retries, stats.processed), (1, 1));
 
     let attempts = attempts.lock().unwrap().clone();
@@ -359,7 +332,7 @@ async fn exhausted_attempts_dead_letter_with_full_headers() {
     let worker = Worker::builder(url(), topo.clone(), consumer.clone())
         .build()
         .unwrap();
-    let running = Running::start(worker);
+    let running = worker.spawn();
     let publisher = Publisher::connect(&url()).await.unwrap();
     let mut msg = Message::new("body-x")
         .with_message_id("exhaust-1")
@@ -370,7 +343,7 @@ async fn exhausted_attempts_dead_letter_with_full_headers() {
         consumer.stats().dead_lettered == 1
     })
     .await;
-    let stats = running.stop().await;
+    let stats = running.shutdown_and_join().await.unwrap();
     assert_eq!(
         (stats.retries, stats.dead_lettered, stats.processed),
         (1, 1, 0)
@@ -455,7 +428,7 @@ async fn bad_input_is_dead_lettered_at_once() {
     let worker = Worker::builder(url(), topo.clone(), consumer.clone())
         .build()
         .unwrap();
-    let running = Running::start(worker);
+    let running = worker.spawn();
     let publisher = Publisher::connect(&url()).await.unwrap();
     let q = topo.queue();
     // Invalid JSON, unknown content type, huge error: each keyed.
@@ -487,7 +460,7 @@ async fn bad_input_is_dead_lettered_at_once() {
         consumer.stats().dead_lettered == 4
     })
     .await;
-    let stats = running.stop().await;
+    let stats = running.shutdown_and_join().await.unwrap();
     assert_eq!(
         (stats.retries, stats.processed, stats.dead_lettered),
         (0, 0, 4)
@@ -575,12 +548,12 @@ async fn handlers_in_flight_never_exceed_prefetch() {
         .prefetch(4)
         .build()
         .unwrap();
-    let running = Running::start(worker);
+    let running = worker.spawn();
     wait_until("60 processed", Duration::from_secs(15), || {
         consumer.stats().processed == 60
     })
     .await;
-    running.stop().await;
+    running.shutdown_and_join().await.unwrap();
     let max = max.load(Ordering::SeqCst);
     assert!(max <= 4, "{max} handlers ran at once with prefetch 4");
     assert!(
@@ -625,12 +598,12 @@ async fn graceful_shutdown_finishes_in_flight_and_loses_nothing() {
         .prefetch(5)
         .build()
         .unwrap();
-    let running = Running::start(worker);
+    let running = worker.spawn();
     wait_until("handlers started", Duration::from_secs(5), || {
         !runs.lock().unwrap().is_empty()
     })
     .await;
-    let stats = running.stop().await;
+    let stats = running.shutdown_and_join().await.unwrap();
     {
         let runs = runs.lock().unwrap();
         assert!(!runs.is_empty());
@@ -654,12 +627,12 @@ async fn graceful_shutdown_finishes_in_flight_and_loses_nothing() {
         .prefetch(5)
         .build()
         .unwrap();
-    let running = Running::start(worker);
+    let running = worker.spawn();
     wait_until("rest processed", Duration::from_secs(10), || {
         second.stats().processed == u64::from(left)
     })
     .await;
-    running.stop().await;
+    running.shutdown_and_join().await.unwrap();
     let runs = runs.lock().unwrap().clone();
     assert_eq!(runs.len(), 20, "every message processed");
     assert!(
@@ -739,7 +712,7 @@ async fn forced_connection_close_resumes_consuming() {
         .connection_name(&conn_name)
         .build()
         .unwrap();
-    let running = Running::start(worker);
+    let running = worker.spawn();
     let publisher = Publisher::connect(&url()).await.unwrap();
     publish_to_queue(
         &publisher,
@@ -774,7 +747,7 @@ async fn forced_connection_close_resumes_consuming() {
         async move { count(&ch, &q).await == 0 }
     })
     .await;
-    running.stop().await;
+    running.shutdown_and_join().await.unwrap();
     let effects = effects.lock().unwrap().clone();
     assert!(
         effects.values().all(|n| *n == 1),
@@ -811,18 +784,16 @@ async fn two_workers_compete_and_each_message_is_processed_once() {
     };
     let (n1, n2) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let (c1, c2) = (make("a", n1.clone()), make("b", n2.clone()));
-    let w1 = Running::start(
-        Worker::builder(url(), topo.clone(), c1.clone())
-            .prefetch(10)
-            .build()
-            .unwrap(),
-    );
-    let w2 = Running::start(
-        Worker::builder(url(), topo.clone(), c2.clone())
-            .prefetch(10)
-            .build()
-            .unwrap(),
-    );
+    let w1 = Worker::builder(url(), topo.clone(), c1.clone())
+        .prefetch(10)
+        .build()
+        .unwrap()
+        .spawn();
+    let w2 = Worker::builder(url(), topo.clone(), c2.clone())
+        .prefetch(10)
+        .build()
+        .unwrap()
+        .spawn();
     wait_until_async("two consumers", Duration::from_secs(5), || {
         let ch = ch.clone();
         let q = topo.queue().to_owned();
@@ -848,7 +819,10 @@ async fn two_workers_compete_and_each_message_is_processed_once() {
         a.processed + a.duplicates + b.processed + b.duplicates
     };
     wait_until("200 settled", Duration::from_secs(15), || settled() == 200).await;
-    let (s1, s2) = (w1.stop().await, w2.stop().await);
+    let (s1, s2) = (
+        w1.shutdown_and_join().await.unwrap(),
+        w2.shutdown_and_join().await.unwrap(),
+    );
     assert_eq!(s1.processed + s2.processed, 100);
     assert_eq!(s1.duplicates + s2.duplicates, 100);
     assert!(
@@ -888,7 +862,7 @@ async fn quorum_topology_retries_through_its_delay_queue() {
     let worker = Worker::builder(url(), topo.clone(), consumer.clone())
         .build()
         .unwrap();
-    let running = Running::start(worker);
+    let running = worker.spawn();
     wait_until_async("queue declared", Duration::from_secs(5), || {
         let probe = conn.create_channel();
         let q = topo.queue().to_owned();
@@ -914,7 +888,7 @@ async fn quorum_topology_retries_through_its_delay_queue() {
         consumer.stats().processed == 1
     })
     .await;
-    let stats = running.stop().await;
+    let stats = running.shutdown_and_join().await.unwrap();
     assert_eq!(stats.retries, 1);
     topo.delete_on(&ch).await.unwrap();
 }
@@ -1007,13 +981,13 @@ async fn at_most_once_acks_before_the_handler_and_never_retries() {
         .prefetch(5)
         .build()
         .unwrap();
-    let running = Running::start(worker);
+    let running = worker.spawn();
     wait_until("5 handled", Duration::from_secs(10), || {
         consumer.stats().dropped == 5
     })
     .await;
     tokio::time::sleep(Duration::from_millis(1500)).await; // past the 1 s retry tier
-    let stats = running.stop().await;
+    let stats = running.shutdown_and_join().await.unwrap();
     assert_eq!(
         runs.load(Ordering::SeqCst),
         5,
@@ -1063,11 +1037,12 @@ async fn at_most_once_loses_the_message_when_the_worker_dies_mid_handler() {
         .connection_name(unique("amo-crash"))
         .build()
         .unwrap();
-    let running = Running::start(worker);
+    // A crash, not a shutdown: the task is aborted, so it runs on a bare tokio task.
+    let running = tokio::spawn(worker.run(std::future::pending()));
     tokio::time::timeout(Duration::from_secs(10), started.notified())
         .await
         .unwrap();
-    running.task.abort(); // the worker dies: its connection is dropped
+    running.abort(); // the worker dies: its connection is dropped
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         count(&ch, topo.queue()).await,

@@ -10,16 +10,12 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use idem_amqp::{Error, Topology, Worker};
+use idem_amqp::{DelayTiers, Topology, Worker};
 use idem_core::backoff::Jitter;
-use idem_core::{
-    Backoff, Consumer, DelayTiers, HandlerError, IdempotencyKey, MemoryStore, Message, Stats,
-};
+use idem_core::{Backoff, Consumer, HandlerError, IdempotencyKey, MemoryStore, Message};
 use lapin::options::BasicGetOptions;
 use lapin::types::{AMQPValue, ByteArray, DecimalValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 fn url() -> String {
     idem_amqp::amqp_url_from_env()
@@ -60,29 +56,6 @@ impl Drop for Cleanup {
             });
         })
         .join();
-    }
-}
-
-struct Running {
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<Stats, Error>>,
-}
-
-impl Running {
-    fn start(worker: Worker) -> Self {
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(worker.run(async move {
-            let _ = rx.await;
-        }));
-        Running {
-            stop: Some(tx),
-            task,
-        }
-    }
-
-    async fn stop(mut self) -> Stats {
-        let _ = self.stop.take().unwrap().send(());
-        self.task.await.unwrap().unwrap()
     }
 }
 
@@ -204,7 +177,7 @@ async fn raw_attempts_headers_follow_one_monotonic_rule() {
     let worker = Worker::builder(url(), topo.clone(), consumer.clone())
         .build()
         .unwrap();
-    let running = Running::start(worker);
+    let running = worker.spawn();
 
     use Read::{Count, Malformed};
     let billion = 1_000_000_000;
@@ -302,7 +275,7 @@ async fn raw_attempts_headers_follow_one_monotonic_rule() {
         consumer.stats().dead_lettered == n
     })
     .await;
-    let stats = running.stop().await;
+    let stats = running.shutdown_and_join().await.unwrap();
     // Retries only for the malformed ones (one each, budget 2).
     let malformed = cases.iter().filter(|c| matches!(c.2, Malformed(_))).count() as u64;
     assert_eq!((stats.dead_lettered, stats.retries), (n, malformed));
@@ -362,7 +335,7 @@ async fn integer_key_headers_are_keys_and_wrong_types_are_named() {
         .prefetch(1)
         .build()
         .unwrap();
-    let running = Running::start(worker);
+    let running = worker.spawn();
 
     // Every AMQP integer type, signed and unsigned: the key is the decimal text.
     let good: Vec<(AMQPValue, &str)> = vec![
@@ -426,7 +399,7 @@ async fn integer_key_headers_are_keys_and_wrong_types_are_named() {
         s.processed + s.duplicates + s.dead_lettered == total
     })
     .await;
-    let stats = running.stop().await;
+    let stats = running.shutdown_and_join().await.unwrap();
     assert_eq!(
         (stats.processed, stats.duplicates, stats.dead_lettered),
         (good.len() as u64, 1, bad.len() as u64)

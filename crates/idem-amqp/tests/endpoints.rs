@@ -62,7 +62,7 @@ async fn a_dead_first_endpoint_is_skipped_by_connect_publisher_and_worker() {
 
     // Publisher: a typed list.
     let topo = Topology::new(unique("endpoints"))
-        .tiers(idem_core::DelayTiers::new([Duration::from_secs(1)]).unwrap());
+        .tiers(idem_amqp::DelayTiers::new([Duration::from_secs(1)]).unwrap());
     topo.declare_on(&ch).await.unwrap();
     let publisher = Publisher::builder(Endpoints::from([DEAD.to_owned(), url()]))
         .connection_name("idem-test-endpoints-publisher")

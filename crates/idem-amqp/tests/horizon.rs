@@ -6,9 +6,9 @@
 
 use std::time::Duration;
 
-use idem_amqp::{Error, Topology, Worker};
+use idem_amqp::{DelayTiers, Error, Topology, Worker};
 use idem_core::backoff::Jitter;
-use idem_core::{Backoff, ConfigError, Consumer, DedupLayer, DelayTiers, MemoryStore};
+use idem_core::{Backoff, Consumer, DedupLayer, MemoryStore};
 
 const MIN: Duration = Duration::from_secs(60);
 
@@ -38,7 +38,7 @@ fn retention_shorter_than_the_tier_a_retry_waits_in_is_refused() {
     let c = consumer(twenty_minutes_twice(), 21 * MIN);
     let err = build(Topology::new("orders"), c).unwrap_err();
     match &err {
-        Error::Config(ConfigError::RetentionTooShortForTiers { retention, horizon }) => {
+        Error::RetentionTooShortForTiers { retention, horizon } => {
             assert_eq!((*retention, *horizon), (21 * MIN, 30 * MIN));
         }
         other => panic!("expected RetentionTooShortForTiers, got {other:?}"),
@@ -69,7 +69,7 @@ fn every_retry_counts_in_its_tier() {
     assert!(
         matches!(
             err,
-            Error::Config(ConfigError::RetentionTooShortForTiers { horizon, .. }) if horizon == 30 * MIN
+            Error::RetentionTooShortForTiers { horizon, .. } if horizon == 30 * MIN
         ),
         "{err}"
     );

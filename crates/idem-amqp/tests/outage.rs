@@ -14,9 +14,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use idem_amqp::{Publisher, Topology, Worker};
+use idem_amqp::{DelayTiers, Publisher, Topology, Worker};
 use idem_core::backoff::Jitter;
-use idem_core::{Backoff, Consumer, DelayTiers, HandlerError, IdempotencyKey, Message, State};
+use idem_core::{Backoff, Consumer, HandlerError, IdempotencyKey, Message, State};
 use idem_redis::RedisStore;
 use idem_sql::sqlx::postgres::PgPoolOptions;
 use idem_sql::sqlx::{Executor as _, PgPool, Postgres};
@@ -332,10 +332,7 @@ async fn outage(kind: Kind, mode: Mode) {
     })
     .build()
     .unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(worker.run(async move {
-        let _ = stopped.await;
-    }));
+    let running = worker.spawn();
 
     let publisher = Publisher::connect(&idem_amqp::amqp_url_from_env())
         .await
@@ -428,8 +425,9 @@ async fn outage(kind: Kind, mode: Mode) {
     }
     let dlq = count(&topo.dlq()).await;
     let left = count(topo.queue()).await;
-    let _ = stop.send(());
-    let stats = step("worker shutdown", running).await.unwrap().unwrap();
+    let stats = step("worker shutdown", running.shutdown_and_join())
+        .await
+        .unwrap();
     let runs = log.lock().unwrap().len();
     // Charged while the store was cut off: the store failures before the breaker
     // opened (4) and the handler errors of the transactions cut mid-way (at most the
@@ -556,10 +554,7 @@ async fn worker_started_while_redis_is_down_waits_paused_then_processes() {
     .prefetch(10)
     .build()
     .unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(worker.run(async move {
-        let _ = stopped.await;
-    }));
+    let running = worker.spawn();
     tokio::time::timeout(Duration::from_secs(15), breaker.wait_open())
         .await
         .expect("the breaker opens when the store does not answer at start");
@@ -587,8 +582,9 @@ async fn worker_started_while_redis_is_down_waits_paused_then_processes() {
         "[start-while-down] all 20 processed {:?} after the store came back",
         restored.elapsed()
     );
-    let _ = stop.send(());
-    let stats = step("worker shutdown", running).await.unwrap().unwrap();
+    let stats = step("worker shutdown", running.shutdown_and_join())
+        .await
+        .unwrap();
     assert_eq!(
         (stats.processed, stats.retries, stats.dead_lettered),
         (20, 0, 0),

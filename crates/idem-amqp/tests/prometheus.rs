@@ -57,10 +57,7 @@ async fn worker_serves_consumer_metrics_on_its_endpoint() {
         .prometheus(addr)
         .build()
         .unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(worker.run(async move {
-        let _ = stopped.await;
-    }));
+    let running = worker.spawn();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while consumer.stats().processed + consumer.stats().duplicates < 5 {
         assert!(
@@ -71,8 +68,7 @@ async fn worker_serves_consumer_metrics_on_its_endpoint() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let body = scrape(addr).await;
-    let _ = stop.send(());
-    task.await.unwrap().unwrap();
+    running.shutdown_and_join().await.unwrap();
     topo.delete_on(&ch).await.unwrap();
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
     assert!(

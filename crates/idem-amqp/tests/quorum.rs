@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use idem_amqp::{Error, Publisher, QueueType, Topology, Worker};
+use idem_amqp::{DelayTiers, Error, Publisher, QueueType, Topology, Worker};
 use idem_core::backoff::Jitter;
-use idem_core::{Backoff, Consumer, DelayTiers, HandlerError, MemoryStore, Message};
+use idem_core::{Backoff, Consumer, HandlerError, MemoryStore, Message};
 use lapin::options::QueueDeclareOptions;
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -102,10 +102,7 @@ async fn quorum_delay_queue_dead_letters_at_least_once_and_a_retry_comes_back() 
     let worker = Worker::builder(url(), t.clone(), consumer.clone())
         .build()
         .unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(worker.run(async move {
-        let _ = stopped.await;
-    }));
+    let running = worker.spawn();
     // The worker declared the delay queue with the at-least-once arguments: declaring
     // it again with them is accepted, with the old ones refused (406).
     let start = Instant::now();
@@ -146,8 +143,7 @@ async fn quorum_delay_queue_dead_letters_at_least_once_and_a_retry_comes_back() 
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let _ = stop.send(());
-    let stats = task.await.unwrap().unwrap();
+    let stats = running.shutdown_and_join().await.unwrap();
     assert_eq!((stats.retries, stats.processed), (1, 1), "{stats:?}");
     assert_eq!(calls.load(Ordering::SeqCst), 2);
     publisher.close().await;

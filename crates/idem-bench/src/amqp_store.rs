@@ -196,13 +196,9 @@ async fn run_worker(
         .connection_name("idem-bench-idem")
         .on_settle(move |_| c.settled())
         .build()?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(worker.run(async move {
-        let _ = stopped.await;
-    }));
+    let running = worker.spawn();
     let elapsed = clock.wait().await;
-    let _ = stop.send(());
-    task.await??;
+    running.shutdown_and_join().await?;
     elapsed
 }
 

@@ -18,8 +18,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 mod common {
     use std::time::Duration;
 
+    use idem_amqp::DelayTiers;
     use idem_amqp::Topology;
-    use idem_core::DelayTiers;
 
     use super::BoxError;
 
@@ -138,10 +138,7 @@ pub(crate) async fn run(args: SoakArgs) -> Result<(), BoxError> {
             counter.fetch_add(1, Ordering::Relaxed);
         })
         .build()?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(worker.run(async move {
-        let _ = stopped.await;
-    }));
+    let running = worker.spawn();
 
     println!(
         "soak: run={run_id} messages={} prefetch={} backlog<={} batch={}",
@@ -168,7 +165,7 @@ pub(crate) async fn run(args: SoakArgs) -> Result<(), BoxError> {
         if done != last_progress.0 {
             last_progress = (done, Instant::now());
         } else if last_progress.1.elapsed() > Duration::from_secs(60) {
-            let _ = stop.send(());
+            running.shutdown();
             return Err(format!("no progress for 60 s at {done} settled messages").into());
         }
         if published < args.messages && published - done < args.backlog {
@@ -193,8 +190,7 @@ pub(crate) async fn run(args: SoakArgs) -> Result<(), BoxError> {
         }
     }
     let elapsed = started.elapsed();
-    let _ = stop.send(());
-    let stats = running.await??;
+    let stats = running.shutdown_and_join().await?;
     publisher.close().await;
     println!("soak: worker stats: {stats}");
     topology.delete_on(&ch).await?;

@@ -2,8 +2,9 @@
 
 use std::time::Duration;
 
+use idem_amqp::DelayTiers;
 use idem_amqp::Topology;
-use idem_core::{Backoff, DelayTiers, Jitter};
+use idem_core::{Backoff, Jitter};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 

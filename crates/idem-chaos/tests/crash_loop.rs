@@ -15,9 +15,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use idem_amqp::topology::QueueType;
-use idem_amqp::{Publisher, Topology, Worker};
+use idem_amqp::{DelayTiers, Publisher, Topology, Worker};
 use idem_core::{
-    Body, Consumer, DedupLayer, DelayTiers, HandlerError, IdempotencyKey, Message, ResultExt, State,
+    Body, Consumer, DedupLayer, HandlerError, IdempotencyKey, Message, ResultExt, State,
 };
 use idem_redis::RedisStore;
 use idem_sql::{PgInbox, Tx};

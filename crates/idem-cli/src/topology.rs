@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use idem_amqp::topology::tier_name;
+use idem_amqp::DelayTiers;
 use idem_amqp::{QueueType, Topology};
-use idem_core::DelayTiers;
 use lapin::Connection;
 use serde::Serialize;
 

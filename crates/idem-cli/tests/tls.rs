@@ -234,7 +234,7 @@ fn amqps_with_flags_and_env_and_tls_failures_exit_6() {
             .unwrap();
         let ch = conn.create_channel().await.unwrap();
         let topo = idem_amqp::Topology::new(queue.as_str())
-            .tiers(idem_core::DelayTiers::new([Duration::from_secs(1)]).unwrap());
+            .tiers(idem_amqp::DelayTiers::new([Duration::from_secs(1)]).unwrap());
         topo.delete_on(&ch).await.unwrap();
         let _ = conn.close(200, "bye".into()).await;
     });

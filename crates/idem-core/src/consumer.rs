@@ -56,7 +56,7 @@ use tower::util::{BoxCloneSyncService, BoxService};
 use tower::{Layer, Service, ServiceExt};
 use tracing::{field, Instrument};
 
-use crate::backoff::{Backoff, DelayTiers};
+use crate::backoff::Backoff;
 use crate::breaker::{BreakerConfig, BreakerLayer, CircuitBreaker, HealthCheck};
 use crate::classify::{Classify, ClassifyLayer};
 use crate::crash::{CrashGuard, DEFAULT_CRASH_LIMIT};
@@ -64,7 +64,7 @@ use crate::dedup::{DedupLayer, DedupSettings, DedupStore, Processed};
 use crate::error::{BoxError, ErrorKind, HandlerError, HandlerTimeoutError};
 use crate::handler::{Handler, HandlerService, HandlerState, SharedService};
 use crate::message::Message;
-use crate::outcome::{headers, truncate, Disposition, Failure, MAX_ERROR_LEN};
+use crate::outcome::{headers, truncate, DelayKind, Disposition, Failure, Origin, MAX_ERROR_LEN};
 
 use crate::__private::{ClassifiedService, DedupedService};
 
@@ -130,15 +130,6 @@ pub enum ConfigError {
         /// Configured retention.
         retention: Duration,
         /// Longest retry horizon of the backoff policy.
-        horizon: Duration,
-    },
-    /// Dedup records would expire before the last retry could arrive, counting each
-    /// delay as the broker delay tier it is rounded to.
-    #[error("dedup retention {retention:?} is shorter than the retry horizon in broker time {horizon:?} (each backoff delay rounded to the delay tier it waits in): a late retry could run twice; raise the retention, shorten the backoff, or add a delay tier closer to the backoff delays")]
-    RetentionTooShortForTiers {
-        /// Configured retention.
-        retention: Duration,
-        /// Sum of the delay tiers the retries wait in.
         horizon: Duration,
     },
     /// A timeout does not fit inside the broker's consumer timeout.
@@ -358,19 +349,11 @@ impl Consumer {
         Ok(())
     }
 
-    /// Checks that the dedup retention covers the retry horizon when every backoff delay
-    /// is rounded to one of `tiers` (see [`Backoff::horizon_in_tiers`]). Transports that
-    /// round delays to tiers call this at start-up; without a dedup stage there is
-    /// nothing to check.
-    pub fn check_retry_horizon(&self, tiers: &DelayTiers) -> Result<(), ConfigError> {
-        let Some(retention) = self.inner.retention else {
-            return Ok(());
-        };
-        let horizon = self.inner.backoff.horizon_in_tiers(tiers);
-        if retention < horizon {
-            return Err(ConfigError::RetentionTooShortForTiers { retention, horizon });
-        }
-        Ok(())
+    /// How long the dedup stage keeps `done` records (`None` without a dedup stage).
+    /// Transports that lengthen retry delays (RabbitMQ's delay tiers) check it against
+    /// their own retry horizon at start-up.
+    pub fn retention(&self) -> Option<Duration> {
+        self.inner.retention
     }
 
     /// Runs the stack on one delivery and decides what the transport must do.
@@ -393,6 +376,8 @@ impl Consumer {
             latency_ms = field::Empty,
         );
         let fallback_key = msg.properties.message_id.clone();
+        // What the retry and dead-letter copies say about the original.
+        let origin = Origin::of(&msg);
         let first_failed_at = crate::read::read_in::<SystemTime>(&msg, headers::FIRST_FAILED_AT);
         msg.extensions.insert(inner.crash_guard.clone());
         let started = Instant::now();
@@ -410,7 +395,7 @@ impl Consumer {
         let disposition = match result {
             Ok(Processed::Handled) => Disposition::Ack { duplicate: false },
             Ok(Processed::Duplicate) => Disposition::Ack { duplicate: true },
-            Err(err) => self.on_error(err, failed_before, first_failed_at, fallback_key),
+            Err(err) => self.on_error(err, &origin, failed_before, first_failed_at, fallback_key),
         };
         let c = &inner.counters;
         match &disposition {
@@ -427,7 +412,7 @@ impl Consumer {
                 c.retries.fetch_add(1, Ordering::Relaxed);
                 meters.retries.increment(1);
             }
-            Disposition::DeadLetter(_) => {
+            Disposition::DeadLetter { .. } => {
                 c.dead_lettered.fetch_add(1, Ordering::Relaxed);
                 meters.dead_lettered.increment(1);
             }
@@ -441,7 +426,7 @@ impl Consumer {
             Disposition::Retry { delay, failure, .. } => tracing::info!(
                 ?delay, attempts = failure.attempts, error = %failure.error, "retry scheduled"
             ),
-            Disposition::DeadLetter(failure) => tracing::warn!(
+            Disposition::DeadLetter { failure, .. } => tracing::warn!(
                 kind = %failure.kind, attempts = failure.attempts, error = %failure.error, "dead-lettered"
             ),
             // The breaker logs once when it opens; not one line per delivery.
@@ -453,6 +438,7 @@ impl Consumer {
     fn on_error(
         &self,
         err: HandlerError,
+        origin: &Origin,
         failed_before: u32,
         first_failed_at: Option<SystemTime>,
         fallback_key: Option<String>,
@@ -484,16 +470,22 @@ impl Consumer {
                 reason: failure.error,
             };
         }
+        let dead_letter = |failure: Failure| Disposition::DeadLetter {
+            headers: failure.dead_letter_headers_from(origin, &inner.name),
+            failure,
+        };
+        let retry = |delay: Duration, delay_kind: DelayKind, failure: Failure| Disposition::Retry {
+            headers: failure.retry_headers_from(origin),
+            delay,
+            delay_kind,
+            failure,
+        };
         if kind == ErrorKind::Permanent {
-            return Disposition::DeadLetter(failure);
+            return dead_letter(failure);
         }
         if !err.counts_attempt() {
             let delay = err.retry_delay().unwrap_or(Duration::from_secs(1));
-            return Disposition::Retry {
-                delay,
-                explicit: true,
-                failure,
-            };
+            return retry(delay, DelayKind::AtLeast, failure);
         }
         let since_first = now
             .duration_since(failure.first_failed_at)
@@ -503,26 +495,18 @@ impl Consumer {
             // even for a message on its last attempt (one of the few store failures seen
             // before the circuit breaker opens). It is retried at its last backoff delay
             // and the failure is not charged beyond the budget.
-            None if err.is_store_failure() => Disposition::Retry {
-                delay: inner.backoff.delay_after(failed_before.max(1)),
-                explicit: false,
-                failure: Failure {
+            None if err.is_store_failure() => retry(
+                inner.backoff.delay_after(failed_before.max(1)),
+                DelayKind::Backoff,
+                Failure {
                     attempts: failed_before,
                     ..failure
                 },
-            },
-            None => Disposition::DeadLetter(failure),
+            ),
+            None => dead_letter(failure),
             Some(computed) => match err.retry_delay() {
-                Some(asked) => Disposition::Retry {
-                    delay: asked,
-                    explicit: true,
-                    failure,
-                },
-                None => Disposition::Retry {
-                    delay: computed,
-                    explicit: false,
-                    failure,
-                },
+                Some(asked) => retry(asked, DelayKind::AtLeast, failure),
+                None => retry(computed, DelayKind::Backoff, failure),
             },
         }
     }

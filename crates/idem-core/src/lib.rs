@@ -48,11 +48,12 @@ pub mod message;
 pub mod outcome;
 pub mod read;
 pub mod redact;
+pub mod run;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod tls;
 
-pub use backoff::{Backoff, DelayTiers, Jitter};
+pub use backoff::{Backoff, Jitter};
 pub use breaker::{BreakerConfig, CircuitBreaker};
 pub use consumer::{ConfigError, Consumer, ConsumerBuilder, DeliveryMode, Stats};
 pub use crash::{CrashLoopError, DEFAULT_CRASH_LIMIT};
@@ -67,10 +68,11 @@ pub use handler::{
 pub use message::{
     DeliveryInfo, Extensions, HeaderValue, Headers, Message, Properties, UnmappedHeaders,
 };
-pub use outcome::{Disposition, Failure};
+pub use outcome::{DelayKind, Disposition, Failure, SettleHook, Settled};
 // Kept at the root, hidden, until every idem crate calls them through `__private`.
 #[doc(hidden)]
 pub use redact::{redact_in, redact_url};
+pub use run::WorkerHandle;
 pub use tls::{TlsConfig, TlsConfigError, TlsFailure};
 
 /// Plumbing shared between the idem crates. **Not public API**: anything here may

@@ -4,10 +4,15 @@
 //! `Ok` -> [`Disposition::Ack`]; transient error -> [`Disposition::Retry`] until the
 //! attempt budget is spent, then [`Disposition::DeadLetter`]; permanent error ->
 //! [`Disposition::DeadLetter`] at once. Transports carry a retry or a dead-letter out as
-//! "publish the copy with a publisher confirm, then ack the original".
+//! "publish the copy with a publisher confirm, then ack the original"; the disposition
+//! names every header the copy gets, so transports only merge and publish. After
+//! settling, a transport tells its settle hook ([`Settled`]).
 
+use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::crash::{prior_deliveries, BROKER_DELIVERY_COUNT_HEADER, DELIVERY_COUNT_HEADER};
 use crate::error::ErrorKind;
 use crate::message::{HeaderValue, Headers, Message, ATTEMPTS_HEADER};
 
@@ -70,7 +75,49 @@ pub struct Failure {
     pub key: Option<String>,
 }
 
+/// How a transport that can only approximate delays (RabbitMQ's delay tiers) may
+/// round a retry delay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DelayKind {
+    /// Computed by the [`Backoff`](crate::Backoff) policy: any delay close to it will
+    /// do, so a transport may round it either way (RabbitMQ: the nearest tier).
+    Backoff,
+    /// Asked for by the handler (`HandlerError::retry_after`): a floor. A transport
+    /// never shortens it (RabbitMQ: the smallest tier at least that long, or the
+    /// longest tier if none is).
+    AtLeast,
+}
+
+impl DelayKind {
+    /// `backoff` or `at_least`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DelayKind::Backoff => "backoff",
+            DelayKind::AtLeast => "at_least",
+        }
+    }
+}
+
+impl fmt::Display for DelayKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What the transport must do with a delivery.
+///
+/// A retry or a dead-letter carries the complete set of `x-idem-*` headers the copy
+/// must have (see [`headers`] and SEMANTICS section 5): the transport adds them to the
+/// original's headers (replacing values of the same name) and publishes. Both
+/// transports therefore write the same headers.
+///
+/// `Display` writes one line for logs and examples:
+///
+/// ```
+/// use idem_core::Disposition;
+///
+/// assert_eq!(Disposition::Ack { duplicate: false }.to_string(), "processed, acked");
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub enum Disposition {
     /// Ack it. `duplicate` is true when the handler did not run because the key was done.
@@ -80,15 +127,24 @@ pub enum Disposition {
     },
     /// Publish a copy for redelivery after `delay` (with confirm), then ack the original.
     Retry {
-        /// Requested delay; transports may round it to a delay tier.
+        /// Requested delay.
         delay: Duration,
-        /// `delay` came from an explicit `HandlerError::retry_after` (round up, not to the nearest).
-        explicit: bool,
+        /// How a transport may round `delay`.
+        delay_kind: DelayKind,
         /// The failure.
         failure: Failure,
+        /// The `x-idem-*` headers of the copy (failure history, original exchange and
+        /// routing key, the crash-loop delivery count).
+        headers: Headers,
     },
     /// Publish a copy to the dead-letter queue (with confirm), then ack the original.
-    DeadLetter(Failure),
+    DeadLetter {
+        /// The failure.
+        failure: Failure,
+        /// The `x-idem-*` headers of the copy (failure history, original exchange,
+        /// routing key and queue, consumer, key).
+        headers: Headers,
+    },
     /// Hand the delivery back to the broker untouched (RabbitMQ: `basic.nack` with
     /// `requeue=true`): no attempt spent, no copy published. Returned while the
     /// consumer's circuit breaker is open (its store is down), so an outage never
@@ -106,15 +162,173 @@ impl Disposition {
             Disposition::Ack { duplicate: false } => "ack",
             Disposition::Ack { duplicate: true } => "duplicate",
             Disposition::Retry { .. } => "retry",
-            Disposition::DeadLetter(_) => "dead_letter",
+            Disposition::DeadLetter { .. } => "dead_letter",
             Disposition::Release { .. } => "release",
+        }
+    }
+
+    /// Dead-letters `msg` with `failure` on behalf of consumer `consumer`, with the
+    /// same headers [`Consumer::process`](crate::Consumer::process) would write. For a
+    /// transport that refuses a delivery without running it (RabbitMQ: a delivery
+    /// limit exceeded across copies). `msg` is the delivery as received.
+    pub fn dead_letter(msg: &Message, consumer: &str, failure: Failure) -> Disposition {
+        let headers = failure.dead_letter_headers(msg, consumer);
+        Disposition::DeadLetter { failure, headers }
+    }
+
+    /// The headers a retry or dead-letter copy carries; `None` for the others.
+    pub fn copy_headers(&self) -> Option<&Headers> {
+        match self {
+            Disposition::Retry { headers, .. } | Disposition::DeadLetter { headers, .. } => {
+                Some(headers)
+            }
+            Disposition::Ack { .. } | Disposition::Release { .. } => None,
+        }
+    }
+}
+
+impl fmt::Display for Disposition {
+    /// One line: `processed, acked`; `duplicate: key already done, handler not run,
+    /// acked`; `transient failure, retry in 100 ms: <error>` (`retry in at least` for a
+    /// delay the handler asked for); `permanent failure, dead-lettered: <error>`;
+    /// `handed back, no attempt spent: <reason>`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Disposition::Ack { duplicate: false } => f.write_str("processed, acked"),
+            Disposition::Ack { duplicate: true } => {
+                f.write_str("duplicate: key already done, handler not run, acked")
+            }
+            Disposition::Retry {
+                delay,
+                delay_kind,
+                failure,
+                ..
+            } => {
+                let floor = match delay_kind {
+                    DelayKind::Backoff => "",
+                    DelayKind::AtLeast => "at least ",
+                };
+                write!(
+                    f,
+                    "{} failure, retry in {floor}{}: {}",
+                    failure.kind,
+                    ShortDelay(*delay),
+                    failure.error
+                )
+            }
+            Disposition::DeadLetter { failure, .. } => write!(
+                f,
+                "{} failure, dead-lettered: {}",
+                failure.kind, failure.error
+            ),
+            Disposition::Release { reason } => {
+                write!(f, "handed back, no attempt spent: {reason}")
+            }
+        }
+    }
+}
+
+/// A delay for people: `250 ms`, `5 s`, `1.5 s`.
+struct ShortDelay(Duration);
+
+impl fmt::Display for ShortDelay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        if ms < 1000 {
+            write!(f, "{ms} ms")
+        } else if ms.is_multiple_of(1000) {
+            write!(f, "{} s", ms / 1000)
+        } else {
+            write!(f, "{} s", self.0.as_secs_f64())
+        }
+    }
+}
+
+/// What a settle hook is told about a delivery once it is settled (acked, released,
+/// or its copy published and the original acked). The same for every transport: see
+/// `MemoryWorker::on_settle` and the RabbitMQ `WorkerBuilder::on_settle`.
+#[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
+pub struct Settled<'a> {
+    /// The delivery's `message_id`, if any.
+    pub message_id: Option<&'a str>,
+    /// Which attempt this delivery was: 1 for a first delivery, else the failed
+    /// attempts its `x-idem-attempts` header recorded plus one.
+    pub attempt: u32,
+    /// The queue it was consumed from.
+    pub queue: &'a str,
+    /// What was done with it.
+    pub disposition: &'a Disposition,
+}
+
+impl<'a> Settled<'a> {
+    /// A settled delivery (for transports). `failed_before` is the failed attempts
+    /// the delivery's `x-idem-attempts` header recorded.
+    pub fn new(
+        message_id: Option<&'a str>,
+        failed_before: u32,
+        queue: &'a str,
+        disposition: &'a Disposition,
+    ) -> Self {
+        Settled {
+            message_id,
+            attempt: failed_before.saturating_add(1),
+            queue,
+            disposition,
+        }
+    }
+}
+
+/// A settle hook, as transports store it: called after each delivery is settled
+/// (tests, custom metrics, progress output).
+pub type SettleHook = Arc<dyn Fn(Settled<'_>) + Send + Sync>;
+
+/// What the copies of a delivery say about the original, read before the handler
+/// runs (the message itself is moved into the stack).
+#[derive(Clone, Debug)]
+pub(crate) struct Origin {
+    exchange: String,
+    routing_key: String,
+    queue: String,
+    /// Failed attempts before this delivery (its `x-idem-attempts`).
+    failed_before: u32,
+    /// Unsettled deliveries so far ([`prior_deliveries`]).
+    prior: u32,
+    /// It carries [`DELIVERY_COUNT_HEADER`].
+    carried: bool,
+    /// It carries the broker's [`BROKER_DELIVERY_COUNT_HEADER`].
+    broker_count: bool,
+}
+
+impl Origin {
+    pub(crate) fn of(msg: &Message) -> Self {
+        let d = &msg.delivery;
+        Origin {
+            exchange: d.exchange.clone(),
+            routing_key: d.routing_key.clone(),
+            queue: d.queue.clone(),
+            // Already read (and a malformed value logged) by the consumer.
+            failed_before: crate::read::read_quiet::<u32>(msg, ATTEMPTS_HEADER).unwrap_or(0),
+            prior: prior_deliveries(msg),
+            carried: msg.headers.contains_key(DELIVERY_COUNT_HEADER),
+            broker_count: msg.headers.contains_key(BROKER_DELIVERY_COUNT_HEADER),
+        }
+    }
+
+    fn insert_route(&self, h: &mut Headers) {
+        for (name, value) in [
+            (headers::ORIGINAL_EXCHANGE, &self.exchange),
+            (headers::ORIGINAL_ROUTING_KEY, &self.routing_key),
+        ] {
+            h.insert(name.into(), truncate(value, MAX_HEADER_LEN).into());
         }
     }
 }
 
 impl Failure {
-    /// Headers for a retry copy: attempts and failure history.
-    pub fn retry_headers(&self) -> Headers {
+    /// The failure history every copy carries: attempts, error, kind, first and last
+    /// failure times.
+    fn history_headers(&self) -> Headers {
         let mut h = Headers::new();
         h.insert(ATTEMPTS_HEADER.into(), HeaderValue::from(self.attempts));
         h.insert(headers::ERROR.into(), self.error.clone().into());
@@ -130,15 +344,49 @@ impl Failure {
         h
     }
 
-    /// Headers for the dead-lettered copy of `msg` (SEMANTICS section 5), every string
+    /// Headers for a retry copy of `msg` (the delivery as received), as carried by
+    /// [`Disposition::Retry`]: the failure history, the original exchange and routing
+    /// key, and the crash-loop delivery count (see [`crate::crash`]).
+    pub fn retry_headers(&self, msg: &Message) -> Headers {
+        self.retry_headers_from(&Origin::of(msg))
+    }
+
+    /// Headers for the dead-lettered copy of `msg` (the delivery as received), as
+    /// carried by [`Disposition::DeadLetter`] (SEMANTICS section 5), every string
     /// bounded in size.
     pub fn dead_letter_headers(&self, msg: &Message, consumer: &str) -> Headers {
-        let mut h = self.retry_headers();
-        let d = &msg.delivery;
+        self.dead_letter_headers_from(&Origin::of(msg), consumer)
+    }
+
+    /// A retry copy names the original route (it comes back from a delay queue with
+    /// another one). A "busy" copy (no attempt spent: the message's claim was held,
+    /// typically by a worker that just died) carries the unsettled deliveries so far
+    /// in [`DELIVERY_COUNT_HEADER`]; a copy after a settled failure resets it. The
+    /// broker's `x-delivery-count` of the original is zeroed on the copy, which is a
+    /// new message to the broker.
+    pub(crate) fn retry_headers_from(&self, origin: &Origin) -> Headers {
+        let mut h = self.history_headers();
+        origin.insert_route(&mut h);
+        let busy = self.attempts == origin.failed_before;
+        if busy && origin.prior > 0 {
+            h.insert(
+                DELIVERY_COUNT_HEADER.into(),
+                HeaderValue::from(origin.prior),
+            );
+        } else if origin.carried {
+            h.insert(DELIVERY_COUNT_HEADER.into(), HeaderValue::Int(0));
+        }
+        if origin.broker_count {
+            h.insert(BROKER_DELIVERY_COUNT_HEADER.into(), HeaderValue::Int(0));
+        }
+        h
+    }
+
+    pub(crate) fn dead_letter_headers_from(&self, origin: &Origin, consumer: &str) -> Headers {
+        let mut h = self.history_headers();
+        origin.insert_route(&mut h);
         for (name, value) in [
-            (headers::ORIGINAL_EXCHANGE, d.exchange.as_str()),
-            (headers::ORIGINAL_ROUTING_KEY, d.routing_key.as_str()),
-            (headers::ORIGINAL_QUEUE, d.queue.as_str()),
+            (headers::ORIGINAL_QUEUE, origin.queue.as_str()),
             (headers::CONSUMER, consumer),
         ] {
             h.insert(name.into(), truncate(value, MAX_HEADER_LEN).into());
@@ -315,6 +563,55 @@ mod tests {
         assert_eq!(
             parse_rfc3339("2023-11-14T22:13:20.123456Z"),
             Some(UNIX_EPOCH + Duration::from_millis(1_700_000_000_123))
+        );
+    }
+
+    #[test]
+    fn dispositions_print_one_line() {
+        let failure = |kind| Failure {
+            kind,
+            error: "gateway timed out".into(),
+            attempts: 1,
+            first_failed_at: UNIX_EPOCH,
+            last_failed_at: UNIX_EPOCH,
+            key: None,
+        };
+        let retry = |ms, delay_kind| Disposition::Retry {
+            delay: Duration::from_millis(ms),
+            delay_kind,
+            failure: failure(ErrorKind::Transient),
+            headers: Headers::new(),
+        };
+        assert_eq!(
+            retry(100, DelayKind::Backoff).to_string(),
+            "transient failure, retry in 100 ms: gateway timed out"
+        );
+        assert_eq!(
+            retry(1500, DelayKind::AtLeast).to_string(),
+            "transient failure, retry in at least 1.5 s: gateway timed out"
+        );
+        assert_eq!(
+            retry(30_000, DelayKind::Backoff).to_string(),
+            "transient failure, retry in 30 s: gateway timed out"
+        );
+        let dead = Disposition::DeadLetter {
+            failure: failure(ErrorKind::Permanent),
+            headers: Headers::new(),
+        };
+        assert_eq!(
+            dead.to_string(),
+            "permanent failure, dead-lettered: gateway timed out"
+        );
+        assert_eq!(
+            Disposition::Ack { duplicate: true }.to_string(),
+            "duplicate: key already done, handler not run, acked"
+        );
+        let release = Disposition::Release {
+            reason: "store down".into(),
+        };
+        assert_eq!(
+            release.to_string(),
+            "handed back, no attempt spent: store down"
         );
     }
 

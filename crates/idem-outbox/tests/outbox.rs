@@ -540,14 +540,8 @@ async fn notify_wakes_the_running_relay_and_cleanup_removes_old_rows() {
             .poll_interval(Duration::from_secs(30))
             .build(),
     );
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let r = relay.clone();
-    let task = tokio::spawn(async move {
-        r.run(async {
-            let _ = stop_rx.await;
-        })
-        .await
-    });
+    let running = idem_core::WorkerHandle::spawn(|stop| async move { r.run(stop.wait()).await });
     tokio::time::sleep(Duration::from_millis(300)).await; // let it LISTEN
     f.enqueue(OutboxMessage::new("", f.queue.clone(), b"wake".to_vec()))
         .await;
@@ -564,8 +558,7 @@ async fn notify_wakes_the_running_relay_and_cleanup_removes_old_rows() {
         1,
         "published well before the 30 s poll: NOTIFY woke the relay"
     );
-    let _ = stop_tx.send(());
-    task.await.unwrap().unwrap();
+    running.shutdown_and_join().await.unwrap();
 
     assert_eq!(
         f.outbox

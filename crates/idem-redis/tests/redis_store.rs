@@ -114,7 +114,13 @@ async fn two_workers_same_message_run_handler_once() {
     assert_eq!(runs.load(Ordering::SeqCst), 1, "handler ran once");
     assert_eq!(outcomes[0], Disposition::Ack { duplicate: false });
     assert!(
-        matches!(&outcomes[1], Disposition::Retry { explicit: true, .. }),
+        matches!(
+            &outcomes[1],
+            Disposition::Retry {
+                delay_kind: idem_core::DelayKind::AtLeast,
+                ..
+            }
+        ),
         "the loser is retried later (busy), not dropped: {:?}",
         outcomes[1]
     );

@@ -5,8 +5,9 @@
 
 use std::time::{Duration, SystemTime};
 
+use idem_amqp::DelayTiers;
 use idem_amqp::{Publisher, Topology};
-use idem_core::{DelayTiers, ErrorKind, Failure, HeaderValue, Message};
+use idem_core::{ErrorKind, Failure, HeaderValue, Message};
 use idem_testkit::Service;
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;

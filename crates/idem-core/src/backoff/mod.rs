@@ -18,10 +18,6 @@
 //! assert_eq!(policy.next_delay(4, Duration::ZERO), None); // budget spent
 //! ```
 
-mod tiers;
-
-pub use tiers::DelayTiers;
-
 use std::time::Duration;
 
 /// How a computed delay is randomised, to spread retries of many messages.
@@ -107,6 +103,11 @@ impl Backoff {
         self.max_attempts
     }
 
+    /// The total time budget, if one was set with [`total_budget`](Self::total_budget).
+    pub fn time_budget(&self) -> Option<Duration> {
+        self.total_budget
+    }
+
     /// The un-jittered delay after the `failed`-th failure (1-based), capped.
     pub fn delay_after(&self, failed: u32) -> Duration {
         let exp = failed.saturating_sub(1).min(1024) as i32;
@@ -141,45 +142,6 @@ impl Backoff {
             .fold(Duration::ZERO, Duration::saturating_add);
         match self.total_budget {
             Some(budget) => sum.min(budget),
-            None => sum,
-        }
-    }
-}
-
-impl Backoff {
-    /// The retry horizon in broker time: like [`horizon`](Self::horizon), but each
-    /// delay counted as the delay tier a transport that rounds to `tiers` really waits
-    /// (the nearest tier of the un-jittered delay: jitter only shortens a delay, and
-    /// the nearest tier never shrinks as the delay grows). With a time budget, the last
-    /// retry is scheduled within the budget but then waits its whole tier, so the
-    /// bound is the budget plus the longest tier used.
-    ///
-    /// Explicit `HandlerError::retry_after` delays are the handler's choice and not covered (as for
-    /// [`horizon`](Self::horizon)).
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use idem_core::backoff::{Backoff, DelayTiers, Jitter};
-    ///
-    /// let twenty = Duration::from_secs(20 * 60);
-    /// let policy = Backoff::exponential(twenty).cap(twenty).jitter(Jitter::None).max_attempts(2);
-    /// assert_eq!(policy.horizon(), twenty);
-    /// // With the default tiers (.., 10 min, 30 min), 20 min is nearer to 30 min.
-    /// assert_eq!(policy.horizon_in_tiers(&DelayTiers::default()), Duration::from_secs(30 * 60));
-    /// ```
-    pub fn horizon_in_tiers(&self, tiers: &DelayTiers) -> Duration {
-        let used: Vec<Duration> = (1..self.max_attempts)
-            .map(|n| tiers.nearest(self.delay_after(n)))
-            .collect();
-        let sum = used
-            .iter()
-            .copied()
-            .fold(Duration::ZERO, Duration::saturating_add);
-        match self.total_budget {
-            Some(budget) => {
-                let longest = used.iter().copied().max().unwrap_or(Duration::ZERO);
-                sum.min(budget.saturating_add(longest))
-            }
             None => sum,
         }
     }

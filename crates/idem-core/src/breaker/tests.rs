@@ -381,6 +381,6 @@ async fn a_store_failure_on_the_last_attempt_is_retried_not_dead_lettered() {
         .with_header(crate::outcome::headers::ATTEMPTS, 2i64);
     assert!(matches!(
         failing.process(msg).await,
-        crate::Disposition::DeadLetter(_)
+        crate::Disposition::DeadLetter { .. }
     ));
 }

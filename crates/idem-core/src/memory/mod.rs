@@ -1,8 +1,10 @@
 //! An in-memory broker with the consumer semantics of the RabbitMQ transport:
 //! prefetch-bounded concurrent delivery, ack after the handler, delayed retry copies
-//! carrying `x-idem-attempts`, and a dead-letter queue `<queue>.dlq` with the failure
-//! headers. The embedded default: the quickstart and the middleware's tests run on it
-//! with no services.
+//! and a dead-letter queue `<queue>.dlq`, both carrying the headers the
+//! [`Disposition`] names (the same ones the RabbitMQ worker writes), the same settle
+//! hook type ([`Settled`]) and the same way to run in the background
+//! ([`MemoryWorker::spawn`]). The embedded default: the quickstart and the
+//! middleware's tests run on it with no services.
 //!
 //! It keeps messages in process memory: nothing survives a restart. Delays are exact
 //! (no tiers) since there is no broker to spare timers for.
@@ -31,7 +33,8 @@ use tokio::sync::{Notify, Semaphore};
 
 use crate::consumer::{Consumer, DeliveryMode, Stats};
 use crate::message::Message;
-use crate::outcome::Disposition;
+use crate::outcome::{Disposition, SettleHook, Settled};
+use crate::run::WorkerHandle;
 
 /// Suffix of a queue's dead-letter queue.
 pub const DLQ_SUFFIX: &str = ".dlq";
@@ -150,8 +153,6 @@ impl MemoryBroker {
     }
 }
 
-type SettleHook = Arc<dyn Fn(&Message, &Disposition) + Send + Sync>;
-
 /// Consumes one queue of a [`MemoryBroker`]. See the [module docs](self).
 pub struct MemoryWorker {
     broker: MemoryBroker,
@@ -168,11 +169,9 @@ impl MemoryWorker {
         self
     }
 
-    /// Called after each delivery is settled, with the message and its disposition.
-    pub fn on_settle(
-        mut self,
-        hook: impl Fn(&Message, &Disposition) + Send + Sync + 'static,
-    ) -> Self {
+    /// Called after each delivery is settled, with its message id, queue and
+    /// disposition: the same hook type as the RabbitMQ worker's.
+    pub fn on_settle(mut self, hook: impl Fn(Settled<'_>) + Send + Sync + 'static) -> Self {
         self.on_settle = Some(Arc::new(hook));
         self
     }
@@ -186,6 +185,17 @@ impl MemoryWorker {
     /// Consumes until `shutdown` completes, then lets in-flight deliveries finish.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Stats {
         self.run_inner(Some(shutdown)).await
+    }
+
+    /// Runs the worker on its own tokio task until the handle asks it to stop (or is
+    /// dropped): [`run`](Self::run) in the background. Joining the handle returns the
+    /// consumer's stats.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    pub fn spawn(self) -> WorkerHandle<Stats> {
+        WorkerHandle::spawn(|shutdown| self.run(shutdown.wait()))
     }
 
     async fn run_inner<F: Future<Output = ()>>(self, shutdown: Option<F>) -> Stats {
@@ -267,32 +277,39 @@ struct Delivery {
 }
 
 impl Delivery {
+    /// Runs one delivery, then merges the disposition's copy headers onto the
+    /// original's and publishes the copy, as the RabbitMQ worker does.
     async fn handle(self, msg: Message) {
         let original = msg.clone();
         let disposition = self.consumer.process(msg).await;
         if self.consumer.mode() != DeliveryMode::AtMostOnce {
             match &disposition {
                 Disposition::Ack { .. } => {}
-                Disposition::Retry { delay, failure, .. } => {
+                Disposition::Retry { delay, headers, .. } => {
                     let mut copy = original.clone();
-                    copy.headers.extend(failure.retry_headers());
+                    copy.headers.extend(headers.clone());
                     copy.delivery.redelivered = false;
                     self.broker.schedule(&self.queue, copy, *delay);
                 }
                 Disposition::Release { .. } => {
                     self.broker.requeue(&self.queue, original.clone());
                 }
-                Disposition::DeadLetter(failure) => {
+                Disposition::DeadLetter { headers, .. } => {
                     let mut copy = original.clone();
-                    copy.headers
-                        .extend(failure.dead_letter_headers(&original, self.consumer.name()));
+                    copy.headers.extend(headers.clone());
                     let dlq = format!("{}{DLQ_SUFFIX}", self.queue);
                     self.broker.push(&dlq, copy);
                 }
             }
         }
         if let Some(hook) = &self.on_settle {
-            hook(&original, &disposition);
+            hook(Settled::new(
+                original.properties.message_id.as_deref(),
+                crate::read::read_quiet::<u32>(&original, crate::message::ATTEMPTS_HEADER)
+                    .unwrap_or(0),
+                &self.queue,
+                &disposition,
+            ));
         }
     }
 }

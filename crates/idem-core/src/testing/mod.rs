@@ -132,7 +132,7 @@ use crate::consumer::{ConfigError, Consumer, DeliveryMode, HandlerStack};
 use crate::dedup::DefaultKey;
 use crate::error::{BoxError, HandlerError};
 use crate::message::Message;
-use crate::outcome::Disposition;
+use crate::outcome::{DelayKind, Disposition};
 
 pub use report::{Expected, Finding, Report, Totals};
 pub use schedule::{CrashPoint, Plan, Profile};
@@ -532,7 +532,7 @@ fn describe(d: &Disposition) -> String {
         Disposition::Retry { delay, failure, .. } => {
             format!("retry after {delay:?} ({})", failure.error)
         }
-        Disposition::DeadLetter(f) => format!("dead-lettered ({})", f.error),
+        Disposition::DeadLetter { failure, .. } => format!("dead-lettered ({})", failure.error),
         Disposition::Release { reason } => format!("released ({reason})"),
         Disposition::Ack { .. } => d.name().to_owned(),
     }
@@ -560,10 +560,11 @@ fn next_step(d: &Disposition, delivered: &Message, backoff: &Backoff) -> Step {
         Disposition::Retry {
             delay,
             failure,
-            explicit,
+            delay_kind,
+            headers,
         } => {
             let mut msg = delivered.clone();
-            msg.headers.extend(failure.retry_headers());
+            msg.headers.extend(headers.clone());
             msg.delivery.redelivered = false;
             msg.delivery.attempt = failure.attempts.saturating_add(1);
             // No attempt spent: the key is busy under a live lease (or the store is
@@ -571,7 +572,7 @@ fn next_step(d: &Disposition, delivered: &Message, backoff: &Backoff) -> Step {
             let wait = failure.attempts <= delivered.failed_attempts();
             // The virtual clock uses the un-jittered backoff delay, so that a seed
             // replays the same order; explicit delays (retry_after, busy) as given.
-            let delay = if *explicit {
+            let delay = if *delay_kind == DelayKind::AtLeast {
                 *delay
             } else {
                 backoff.delay_after(failure.attempts)
@@ -591,7 +592,7 @@ fn next_step(d: &Disposition, delivered: &Message, backoff: &Backoff) -> Step {
                 wait: true,
             }
         }
-        Disposition::DeadLetter(f) => Step::DeadLetter(f.error.clone()),
+        Disposition::DeadLetter { failure, .. } => Step::DeadLetter(failure.error.clone()),
     }
 }
 

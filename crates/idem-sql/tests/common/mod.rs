@@ -334,7 +334,7 @@ macro_rules! sql_suite {
             // Same key, different payload: poison, not a silent duplicate.
             let other = Message::new("{\"x\":1}").with_message_id("pay-2");
             match f.worker().process(other).await {
-                Disposition::DeadLetter(fail) => assert_eq!(fail.kind, ErrorKind::Permanent),
+                Disposition::DeadLetter { failure: fail, .. } => assert_eq!(fail.kind, ErrorKind::Permanent),
                 d => panic!("expected dead-letter, got {d:?}"),
             }
             f.drop_tables().await;
@@ -347,14 +347,14 @@ macro_rules! sql_suite {
             f.ctx.mode.store(1, Ordering::SeqCst);
             let msg = Message::new("{}").with_message_id("pay-3");
             let retry = match f.worker().process(msg.clone()).await {
-                Disposition::Retry { failure, .. } => failure,
+                Disposition::Retry { headers, .. } => headers,
                 d => panic!("expected retry, got {d:?}"),
             };
             assert_eq!(f.effects().await, 0, "handler's write rolled back");
             assert_eq!(f.state("pay-3").await, None, "nothing recorded");
             f.ctx.mode.store(0, Ordering::SeqCst);
             let mut next = msg;
-            for (k, v) in retry.retry_headers() {
+            for (k, v) in retry {
                 next.headers.insert(k, v);
             }
             assert_eq!(
@@ -373,14 +373,14 @@ macro_rules! sql_suite {
             let msg = Message::new("{}").with_message_id("pay-4");
             assert!(matches!(
                 f.worker().process(msg.clone()).await,
-                Disposition::DeadLetter(_)
+                Disposition::DeadLetter { .. }
             ));
             assert_eq!(f.effects().await, 0, "poison's writes rolled back");
             assert_eq!(f.state("pay-4").await.as_deref(), Some("poisoned"));
             assert!(
                 matches!(
                     f.worker().process(msg.clone()).await,
-                    Disposition::DeadLetter(_)
+                    Disposition::DeadLetter { .. }
                 ),
                 "redelivered poison is dead-lettered again, never dropped"
             );
@@ -451,7 +451,7 @@ macro_rules! sql_suite {
                 .handler_with_state(effect, f.ctx.clone())
                 .unwrap();
             match w.process(Message::new("{}").with_message_id("pay-c")).await {
-                Disposition::DeadLetter(failure) => {
+                Disposition::DeadLetter { failure, .. } => {
                     assert_eq!(failure.kind, ErrorKind::Permanent);
                     assert!(
                         failure.error.contains("crashed or hung the worker 3 times"),
