@@ -6,8 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use idem_core::dedup::{conformance, Claim, Completion, DedupStore, OwnerToken, ScopedKey};
+use idem_core::redact_url;
 use idem_core::{Consumer, Disposition, Message};
-use idem_redis::{redact_url, RedisStore};
+use idem_redis::RedisStore;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
@@ -26,7 +27,7 @@ async fn store(prefix: &str) -> RedisStore {
     match RedisStore::builder(&url()).prefix(prefix).connect().await {
         Ok(s) => s,
         Err(e) => panic!(
-            "Redis not reachable at {}: start it with `redis-server --daemonize yes` (or set REDIS_URL): {e}",
+            "Redis not reachable at {}: start it with `bash .ci/services` or set REDIS_URL (see README): {e}",
             redact_url(&url())
         ),
     }
