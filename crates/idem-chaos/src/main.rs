@@ -24,9 +24,14 @@
 //! as its last line, exiting non-zero if anything was lost, applied twice or
 //! dead-lettered wrongly. See `README.md` of this crate for what each store promises.
 
+mod args;
 mod common;
 mod control;
 mod faults;
+mod fleet;
+mod produce;
+mod setup;
+mod verify;
 mod worker;
 
 use std::process::ExitCode;
@@ -43,7 +48,7 @@ struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
     #[command(flatten)]
-    run: control::RunArgs,
+    run: args::RunArgs,
 }
 
 #[derive(Subcommand)]
