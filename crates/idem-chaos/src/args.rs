@@ -17,6 +17,12 @@ pub(crate) enum Fault {
     BrokerRestart,
     /// `SHUTDOWN NOSAVE` + restart of Redis: a durability fault for every client.
     RedisRestart,
+    /// `--cluster` only: SIGKILL of a random RabbitMQ node's beam process, then the
+    /// node is started again and rejoins the cluster.
+    RabbitNodeKill,
+    /// `--cluster` only: SIGKILL of a random Redis Cluster master; its replica takes
+    /// over, the killed node is restarted and comes back as a replica.
+    RedisMasterKill,
 }
 
 impl Fault {
@@ -28,7 +34,14 @@ impl Fault {
             Fault::Failpoints => "failpoints",
             Fault::BrokerRestart => "broker-restart",
             Fault::RedisRestart => "redis-restart",
+            Fault::RabbitNodeKill => "rabbit-node-kill",
+            Fault::RedisMasterKill => "redis-master-kill",
         }
+    }
+
+    /// Whether the fault kills a cluster node (counted in `node_kills`).
+    pub(crate) fn kills_a_node(self) -> bool {
+        matches!(self, Fault::RabbitNodeKill | Fault::RedisMasterKill)
     }
 }
 
@@ -44,7 +57,8 @@ pub(crate) struct RunArgs {
     #[arg(long, value_enum, default_value_t = Store::Postgres)]
     pub(crate) store: Store,
     /// Faults besides kills, comma-separated. Default: conn-close,pg-terminate,failpoints
-    /// (plus redis-kill with --store redis). broker-restart and redis-restart disturb
+    /// (plus redis-kill with --store redis; with --cluster instead
+    /// rabbit-node-kill,redis-master-kill). broker-restart and redis-restart disturb
     /// other users of those services: opt-in only (cargo test runs them only in the
     /// broker_restart and redis_restart test binaries).
     #[arg(long, value_enum, value_delimiter = ',')]
@@ -91,4 +105,9 @@ pub(crate) struct RunArgs {
     /// records, so they run again (`reruns_after_durability_fault`).
     #[arg(long, default_value_t = 0)]
     pub(crate) replay_after_restart: u32,
+    /// Run on the 3-node RabbitMQ cluster (quorum queues) and the Redis Cluster that
+    /// `bash .ci/cluster up` starts (override with AMQP_CLUSTER_URL, IDEM_CLUSTER_NODES,
+    /// REDIS_CLUSTER_URL), with node kills among the faults.
+    #[arg(long)]
+    pub(crate) cluster: bool,
 }

@@ -31,21 +31,44 @@ pub(crate) async fn run(args: RunArgs) -> Result<bool, BoxError> {
     let mut rng = fastrand::Rng::with_seed(seed);
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     let names = Names::new(&run_id);
+    if args.cluster {
+        common::use_cluster()?;
+    }
     let faults: Vec<Fault> = args.faults.clone().unwrap_or_else(|| {
         let mut f = vec![Fault::ConnClose, Fault::PgTerminate, Fault::Failpoints];
-        if args.store == Store::Redis {
+        if args.cluster {
+            f.extend([Fault::RabbitNodeKill, Fault::RedisMasterKill]);
+        } else if args.store == Store::Redis {
             f.push(Fault::RedisKill);
         }
         f
     });
-    let needs_redis = args.store == Store::Redis
-        || faults.contains(&Fault::RedisKill)
-        || faults.contains(&Fault::RedisRestart);
+    let single_node_only = [Fault::RedisKill, Fault::RedisRestart, Fault::BrokerRestart];
+    let node_kills = [Fault::RabbitNodeKill, Fault::RedisMasterKill];
+    if let Some(f) = faults.iter().find(|f| {
+        (args.cluster && single_node_only.contains(f)) || (!args.cluster && node_kills.contains(f))
+    }) {
+        return Err(format!(
+            "--faults {} needs {}",
+            f.name(),
+            if args.cluster {
+                "single nodes (drop --cluster)"
+            } else {
+                "--cluster"
+            }
+        )
+        .into());
+    }
+    let needs_redis = !args.cluster
+        && (args.store == Store::Redis
+            || faults.contains(&Fault::RedisKill)
+            || faults.contains(&Fault::RedisRestart));
     let log_dir = std::env::temp_dir().join(format!("idem-chaos-{run_id}"));
     std::fs::create_dir_all(&log_dir)?;
     println!(
-        "chaos: run={run_id} store={} messages={} workers={} kills={} faults={} seed={seed} logs={}",
+        "chaos: run={run_id} store={}{} messages={} workers={} kills={} faults={} seed={seed} logs={}",
         args.store.as_str(),
+        if args.cluster { " cluster" } else { "" },
         args.messages,
         args.workers,
         args.kills,
@@ -91,6 +114,11 @@ pub(crate) async fn run(args: RunArgs) -> Result<bool, BoxError> {
         }
     };
     let fault_count: u32 = fired.values().sum::<u32>() + fleet.failpoint_aborts();
+    let node_kills: u32 = fired
+        .iter()
+        .filter(|(f, _)| f.kills_a_node())
+        .map(|(_, n)| n)
+        .sum();
     let ok = drained
         && totals.verdict.lost == 0
         && totals.verdict.duplicates == 0
@@ -139,7 +167,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<bool, BoxError> {
         );
     }
     println!(
-        "chaos: published={} confirmed={} effects={} invocations={} lost={} duplicates={} dead_lettered={} poison={} kills={} faults={fault_count}",
+        "chaos: published={} confirmed={} effects={} invocations={} lost={} duplicates={} dead_lettered={} poison={} kills={} faults={fault_count} node_kills={node_kills}",
         args.messages,
         totals.confirmed,
         totals.effects,
@@ -197,6 +225,7 @@ async fn drive(
         aborts: HashMap::new(),
         kills: 0,
         unexpected: Vec::new(),
+        cluster: args.cluster,
     };
     for slot in 0..args.workers.max(1) as usize {
         let p = fleet.spawn(slot)?;
@@ -288,18 +317,28 @@ async fn drive(
                     .await
                     .map(|victim| format!("SIGKILL {victim}")),
                 Event::Fault(fault) => {
-                    let restart = matches!(fault, Fault::BrokerRestart | Fault::RedisRestart);
+                    let restart = matches!(
+                        fault,
+                        Fault::BrokerRestart
+                            | Fault::RedisRestart
+                            | Fault::RabbitNodeKill
+                            | Fault::RedisMasterKill
+                    );
                     let before = if restart {
                         db_now(admin).await.ok()
                     } else {
                         None
                     };
-                    let done = inject(fault, admin, names).await.inspect(|_| {
+                    let done = inject(fault, admin, names, rng).await.inspect(|_| {
                         *fired.entry(fault).or_insert(0) += 1;
                     });
                     if restart {
                         let after = db_now(admin).await.ok();
-                        if let (Fault::RedisRestart, Some(t0), Some(t1)) = (fault, before, after) {
+                        // Redis forgets unpersisted writes on a restart, and a failover
+                        // loses what the master had not replicated yet.
+                        let durability =
+                            matches!(fault, Fault::RedisRestart | Fault::RedisMasterKill);
+                        if let (true, Some(t0), Some(t1)) = (durability, before, after) {
                             windows.push((t0, t1));
                         }
                         if fault == Fault::RedisRestart && args.replay_after_restart > 0 {
@@ -403,7 +442,13 @@ async fn db_now(admin: &Admin) -> Result<String, BoxError> {
         .await?)
 }
 
-async fn inject(fault: Fault, admin: &mut Admin, names: &Names) -> Result<String, BoxError> {
+async fn inject(
+    fault: Fault,
+    admin: &mut Admin,
+    names: &Names,
+    rng: &mut fastrand::Rng,
+) -> Result<String, BoxError> {
+    let cluster = || common::cluster().ok_or("node kills need --cluster");
     match fault {
         Fault::ConnClose => {
             let n = faults::close_amqp_connections(&names.conn_prefix()).await?;
@@ -435,5 +480,7 @@ async fn inject(fault: Fault, admin: &mut Admin, names: &Names) -> Result<String
             ))
         }
         Fault::Failpoints => Ok("failpoints are armed at spawn".to_owned()),
+        Fault::RabbitNodeKill => crate::cluster::kill_rabbit_node(cluster()?, rng).await,
+        Fault::RedisMasterKill => crate::cluster::kill_redis_master(cluster()?, rng).await,
     }
 }

@@ -42,6 +42,8 @@ pub(crate) struct Fleet {
     pub(crate) aborts: HashMap<&'static str, u32>,
     pub(crate) kills: u32,
     pub(crate) unexpected: Vec<String>,
+    /// On the cluster: worker `slot` prefers node `slot % nodes` (its AMQP URL first).
+    pub(crate) cluster: bool,
 }
 
 impl Fleet {
@@ -69,6 +71,17 @@ impl Fleet {
             .stderr(Stdio::from(log))
             .env_remove(idem_amqp::failpoints::ENV)
             .kill_on_drop(true);
+        if self.cluster {
+            let urls = crate::common::amqp_urls();
+            let first = slot % urls.len().max(1);
+            let rotated: Vec<&str> = urls[first..]
+                .iter()
+                .chain(&urls[..first])
+                .map(String::as_str)
+                .collect();
+            cmd.arg("--cluster")
+                .env("AMQP_CLUSTER_URL", rotated.join(","));
+        }
         let arm = self.arm_for(slot);
         if let Some((_, spec)) = &arm {
             cmd.env(idem_amqp::failpoints::ENV, spec);

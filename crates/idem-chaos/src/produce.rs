@@ -53,9 +53,10 @@ pub(crate) async fn produce(
     outbox: Option<Outbox>,
     rate: u32,
 ) -> Result<(), BoxError> {
-    let url = common::amqp_url();
-    let publisher =
-        Publisher::connect_named(&url, &format!("{}producer", names.conn_prefix())).await?;
+    let urls = common::amqp_urls();
+    let name = format!("{}producer", names.conn_prefix());
+    let mut node = 0;
+    let mut publisher = Publisher::connect_named(&urls[node], &name).await?;
     let queue = names.queue();
     let insert = format!(
         "INSERT INTO {} (msg_id, poison) SELECT * FROM UNNEST($1::text[], $2::bool[]) ON CONFLICT DO NOTHING",
@@ -100,6 +101,17 @@ pub(crate) async fn produce(
                 Err(e) => {
                     tracing::warn!(error = %e, attempt, "batch not confirmed; publishing it again with the same ids");
                     tokio::time::sleep(Duration::from_millis(200)).await;
+                    // On a cluster, a node that keeps failing is left for the next one.
+                    if urls.len() > 1 && attempt % 5 == 4 {
+                        node = (node + 1) % urls.len();
+                        match Publisher::connect_named(&urls[node], &name).await {
+                            Ok(next) => {
+                                let old = std::mem::replace(&mut publisher, next);
+                                old.close().await;
+                            }
+                            Err(e) => tracing::warn!(error = %e, "cannot reach the next node"),
+                        }
+                    }
                 }
             }
         }

@@ -3,7 +3,6 @@
 
 use idem_outbox::Outbox;
 use sqlx::PgPool;
-use tokio::process::Command;
 
 use crate::common::{self, BoxError, Names};
 use crate::worker::CONSUMER;
@@ -37,21 +36,11 @@ impl Admin {
 
 /// Messages (ready + unacked) in the run's work and retry queues, by `rabbitmqctl`.
 pub(crate) async fn undrained(names: &Names, dlq: &str) -> Result<u64, BoxError> {
-    let out = Command::new("rabbitmqctl")
-        .args(["-q", "list_queues", "name", "messages"])
-        .output()
-        .await?;
-    if !out.status.success() {
-        return Err(format!(
-            "rabbitmqctl list_queues failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )
-        .into());
-    }
+    let out = crate::faults::rabbitmqctl(&["-q", "list_queues", "name", "messages"]).await?;
     let queue = names.queue();
     let retry = format!("{queue}.retry.");
     let mut total = 0;
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
+    for line in out.lines() {
         let Some((name, messages)) = line.split_once('\t') else {
             continue;
         };
@@ -116,6 +105,9 @@ pub(crate) async fn cleanup(admin: &mut Admin, names: &Names) -> Result<(), BoxE
     .await?;
     let ch = admin.channel().await?;
     common::topology(&names.queue()).delete_on(&ch).await?;
+    if let Some(cluster) = common::cluster() {
+        crate::cluster::delete_redis_keys(cluster, &names.redis_prefix()).await?;
+    }
     if let Some(conn) = admin.redis.as_mut() {
         let pattern = format!("{}:*", names.redis_prefix());
         let mut cursor: u64 = 0;
