@@ -283,9 +283,17 @@ async fn drive(
     let mut valid_confirmed: Option<i64> = None;
     let mut empty_checks = 0;
     let mut drained = false;
+    // A node kill runs in the background (its restart takes seconds) while messages
+    // keep flowing; the next node kill waits for it.
+    let mut pending: Option<NodeKill> = None;
     loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
         fleet.reap()?;
+        if pending.as_ref().is_some_and(|p| p.task.is_finished()) {
+            if let Some(p) = pending.take() {
+                p.finish(&mut fired, &mut windows).await;
+            }
+        }
         if producer.as_ref().is_some_and(|p| p.is_finished()) {
             if let Some(p) = producer.take() {
                 p.await??;
@@ -310,6 +318,16 @@ async fn drive(
         let progress = effects as f64 / expected_effects;
         while next < schedule.len() && progress >= schedule[next].0 {
             let (at, event) = schedule[next];
+            if let Event::Fault(fault) = event {
+                if fault.kills_a_node() {
+                    if pending.is_some() {
+                        break;
+                    }
+                    next += 1;
+                    pending = Some(NodeKill::start(fault, at, admin.pg.clone(), rng)?);
+                    continue;
+                }
+            }
             next += 1;
             let what = match event {
                 Event::Kill => fleet
@@ -317,28 +335,18 @@ async fn drive(
                     .await
                     .map(|victim| format!("SIGKILL {victim}")),
                 Event::Fault(fault) => {
-                    let restart = matches!(
-                        fault,
-                        Fault::BrokerRestart
-                            | Fault::RedisRestart
-                            | Fault::RabbitNodeKill
-                            | Fault::RedisMasterKill
-                    );
+                    let restart = matches!(fault, Fault::BrokerRestart | Fault::RedisRestart);
                     let before = if restart {
                         db_now(admin).await.ok()
                     } else {
                         None
                     };
-                    let done = inject(fault, admin, names, rng).await.inspect(|_| {
+                    let done = inject(fault, admin, names).await.inspect(|_| {
                         *fired.entry(fault).or_insert(0) += 1;
                     });
                     if restart {
                         let after = db_now(admin).await.ok();
-                        // Redis forgets unpersisted writes on a restart, and a failover
-                        // loses what the master had not replicated yet.
-                        let durability =
-                            matches!(fault, Fault::RedisRestart | Fault::RedisMasterKill);
-                        if let (true, Some(t0), Some(t1)) = (durability, before, after) {
+                        if let (Fault::RedisRestart, Some(t0), Some(t1)) = (fault, before, after) {
                             windows.push((t0, t1));
                         }
                         if fault == Fault::RedisRestart && args.replay_after_restart > 0 {
@@ -377,7 +385,10 @@ async fn drive(
             );
             break;
         }
-        if next < schedule.len() || valid_confirmed.is_some_and(|v| effects < v) {
+        if next < schedule.len()
+            || pending.is_some()
+            || valid_confirmed.is_some_and(|v| effects < v)
+        {
             continue;
         }
         // Effects complete: wait until no message is ready or unacked in the work and
@@ -400,6 +411,10 @@ async fn drive(
     }
     if let Some(p) = producer.take() {
         p.abort();
+    }
+    if let Some(p) = pending.take() {
+        // Never leave a node down for the next run.
+        p.finish(&mut fired, &mut windows).await;
     }
     fleet.stop().await;
     if let (Some(stop), Some(task)) = (relay_stop, relay_task) {
@@ -437,18 +452,73 @@ async fn drive(
 
 /// The database clock, as text (the effects' and duplicates' timestamps use it).
 async fn db_now(admin: &Admin) -> Result<String, BoxError> {
+    db_clock(&admin.pg).await
+}
+
+async fn db_clock(pg: &sqlx::PgPool) -> Result<String, BoxError> {
     Ok(sqlx::query_scalar("SELECT clock_timestamp()::text")
-        .fetch_one(&admin.pg)
+        .fetch_one(pg)
         .await?)
 }
 
-async fn inject(
+/// The outcome of a node kill: what happened, and the database time before the kill
+/// and after the node was back.
+type NodeKillOutcome = (Result<String, String>, Option<String>, Option<String>);
+
+/// A node kill (`--cluster`) under way in the background.
+struct NodeKill {
     fault: Fault,
-    admin: &mut Admin,
-    names: &Names,
-    rng: &mut fastrand::Rng,
-) -> Result<String, BoxError> {
-    let cluster = || common::cluster().ok_or("node kills need --cluster");
+    at: f64,
+    task: tokio::task::JoinHandle<NodeKillOutcome>,
+}
+
+impl NodeKill {
+    fn start(
+        fault: Fault,
+        at: f64,
+        pg: sqlx::PgPool,
+        rng: &mut fastrand::Rng,
+    ) -> Result<Self, BoxError> {
+        let cluster = common::cluster().ok_or("node kills need --cluster")?;
+        let mut rng = fastrand::Rng::with_seed(rng.u64(..));
+        let task = tokio::spawn(async move {
+            let before = db_clock(&pg).await.ok();
+            let done = match fault {
+                Fault::RabbitNodeKill => crate::cluster::kill_rabbit_node(cluster, &mut rng).await,
+                _ => crate::cluster::kill_redis_master(cluster, &mut rng).await,
+            };
+            let after = db_clock(&pg).await.ok();
+            (done.map_err(|e| e.to_string()), before, after)
+        });
+        Ok(NodeKill { fault, at, task })
+    }
+
+    /// Waits for the kill (and the node's return), records it and prints it.
+    async fn finish(self, fired: &mut HashMap<Fault, u32>, windows: &mut Vec<(String, String)>) {
+        let (done, before, after) = match self.task.await {
+            Ok(outcome) => outcome,
+            Err(e) => (Err(format!("the node kill task failed: {e}")), None, None),
+        };
+        match done {
+            Ok(detail) => {
+                *fired.entry(self.fault).or_insert(0) += 1;
+                // A failover loses what the master had not replicated yet: a
+                // durability fault for the Redis store.
+                if let (Fault::RedisMasterKill, Some(t0), Some(t1)) = (self.fault, before, after) {
+                    windows.push((t0, t1));
+                }
+                println!("chaos: at {:>3.0}% {detail}", self.at * 100.0);
+            }
+            Err(e) => println!(
+                "chaos: at {:>3.0}% {} failed: {e}",
+                self.at * 100.0,
+                self.fault.name()
+            ),
+        }
+    }
+}
+
+async fn inject(fault: Fault, admin: &mut Admin, names: &Names) -> Result<String, BoxError> {
     match fault {
         Fault::ConnClose => {
             let n = faults::close_amqp_connections(&names.conn_prefix()).await?;
@@ -480,7 +550,8 @@ async fn inject(
             ))
         }
         Fault::Failpoints => Ok("failpoints are armed at spawn".to_owned()),
-        Fault::RabbitNodeKill => crate::cluster::kill_rabbit_node(cluster()?, rng).await,
-        Fault::RedisMasterKill => crate::cluster::kill_redis_master(cluster()?, rng).await,
+        Fault::RabbitNodeKill | Fault::RedisMasterKill => {
+            Err("node kills run in the background (NodeKill)".into())
+        }
     }
 }
