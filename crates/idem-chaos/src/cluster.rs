@@ -104,9 +104,13 @@ pub(crate) async fn kill_rabbit_node(
 /// One line of `CLUSTER NODES`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct RedisNode {
+    /// The node id.
+    pub(crate) id: String,
     /// `host:port`.
     pub(crate) addr: String,
     pub(crate) flags: Vec<String>,
+    /// A replica's master id (`-` for a master).
+    pub(crate) master: String,
 }
 
 impl RedisNode {
@@ -124,7 +128,7 @@ pub(crate) fn parse_cluster_nodes(text: &str) -> Vec<RedisNode> {
     text.lines()
         .filter_map(|line| {
             let mut fields = line.split(' ');
-            let _id = fields.next()?;
+            let id = fields.next()?.to_owned();
             let addr = fields.next()?.split('@').next()?.to_owned();
             let flags = fields
                 .next()?
@@ -132,7 +136,13 @@ pub(crate) fn parse_cluster_nodes(text: &str) -> Vec<RedisNode> {
                 .filter(|f| *f != "myself")
                 .map(str::to_owned)
                 .collect();
-            Some(RedisNode { addr, flags })
+            let master = fields.next()?.to_owned();
+            Some(RedisNode {
+                id,
+                addr,
+                flags,
+                master,
+            })
         })
         .collect()
 }
@@ -208,7 +218,18 @@ pub(crate) async fn kill_redis_master(
     if masters.is_empty() {
         return Err("the Redis Cluster reports no healthy master".into());
     }
-    let victim = masters[rng.usize(..masters.len())].addr.clone();
+    let victim_node = masters[rng.usize(..masters.len())].clone();
+    let victim = victim_node.addr.clone();
+    let replicas: Vec<String> = cluster_view(cluster, None)
+        .await?
+        .into_iter()
+        .filter(|n| n.master == victim_node.id && !n.failed())
+        .map(|n| n.id)
+        .collect();
+    if replicas.is_empty() {
+        // Killing a master without a replica would lose its slots' data outright.
+        return Err(format!("master {victim} has no healthy replica: not killing it").into());
+    }
     let port = victim.rsplit(':').next().unwrap_or_default().to_owned();
     let pid = {
         let mut conn = redis_node(&victim).await?;
@@ -224,7 +245,9 @@ pub(crate) async fn kill_redis_master(
     announce_restart(&format!("redis cluster master {victim} (SIGKILL)")).await;
     let started = Instant::now();
     sigkill(&pid).await?;
-    // A surviving node sees the victim failed and every slot served again.
+    // A surviving node sees one of the victim's replicas promoted and every slot
+    // served again. Only then may the victim come back: restarted before the failover,
+    // it would return as the (empty) master and its replica would copy that.
     wait_until(
         &format!("failover of {victim}"),
         Duration::from_secs(60),
@@ -232,10 +255,11 @@ pub(crate) async fn kill_redis_master(
             let Ok(view) = cluster_view(cluster, Some(&victim)).await else {
                 return false;
             };
-            let failed = view.iter().any(|n| n.addr == victim && n.failed());
-            let witness = view.iter().find(|n| n.addr != victim && !n.failed());
-            match witness {
-                Some(w) => failed && cluster_ok(&w.addr).await,
+            let promoted = view
+                .iter()
+                .find(|n| replicas.contains(&n.id) && n.is_master() && !n.failed());
+            match promoted {
+                Some(p) => cluster_ok(&p.addr).await,
                 None => false,
             }
         },
@@ -316,6 +340,10 @@ c3 127.0.0.1:7002@17002 master,fail - 1 1 2 disconnected
         let nodes = parse_cluster_nodes(text);
         assert_eq!(nodes.len(), 3);
         assert_eq!(nodes[0].addr, "127.0.0.1:7001");
+        assert_eq!(
+            (nodes[0].id.as_str(), nodes[1].master.as_str()),
+            ("a1", "a1")
+        );
         assert!(nodes[0].is_master() && !nodes[0].failed());
         assert!(!nodes[1].is_master());
         assert!(nodes[2].is_master() && nodes[2].failed());
