@@ -92,9 +92,10 @@ fn start_consumer(
 }
 
 fn start_relay(pool: &PgPool, outbox: &Outbox, url: &str) -> tokio::task::JoinHandle<()> {
-    let relay = Relay::new(pool.clone(), outbox.clone(), url)
+    let relay = Relay::builder(pool.clone(), outbox.clone(), url)
         .batch_size(50)
-        .poll_interval(Duration::from_millis(200));
+        .poll_interval(Duration::from_millis(200))
+        .build();
     tokio::spawn(async move {
         let _ = relay.run(std::future::pending()).await;
     })

@@ -188,7 +188,10 @@ async fn amqps_round_trip(consumer: Consumer, effects: Effects) {
         }
     }
 
-    let publisher = Publisher::connect_with_tls(AMQPS, "idem-tls-test", tls.clone())
+    let publisher = Publisher::builder(AMQPS)
+        .connection_name("idem-tls-test")
+        .tls(tls.clone())
+        .connect()
         .await
         .unwrap();
     let msgs = || (0..20).map(|i| Message::new("x").with_message_id(format!("m{i}")));
@@ -500,7 +503,9 @@ async fn outbox_relay_publishes_over_amqps_from_postgres_tls() {
         outbox.enqueue(&mut tx, msg).await.unwrap();
     }
     tx.commit().await.unwrap();
-    let relay = idem_outbox::Relay::new(pool.clone(), outbox, AMQPS).tls(tls.clone());
+    let relay = idem_outbox::Relay::builder(pool.clone(), outbox, AMQPS)
+        .tls(tls.clone())
+        .build();
     let stats = relay.drain().await.unwrap();
     assert_eq!(stats.published, 3);
     let depth = ch
@@ -520,7 +525,9 @@ async fn outbox_relay_publishes_over_amqps_from_postgres_tls() {
     let msg = idem_outbox::OutboxMessage::new("", queue.as_str(), "m3");
     outbox.enqueue(&mut tx, msg).await.unwrap();
     tx.commit().await.unwrap();
-    let relay = idem_outbox::Relay::new(pool.clone(), outbox, AMQPS).tls(other_ca());
+    let relay = idem_outbox::Relay::builder(pool.clone(), outbox, AMQPS)
+        .tls(other_ca())
+        .build();
     let err = relay.drain().await.unwrap_err().to_string();
     assert!(err.contains("unknown CA"), "{err}");
     assert!(!err.contains("guest:guest"), "{err}");

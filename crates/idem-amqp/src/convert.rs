@@ -23,7 +23,7 @@ use bytes::Bytes;
 use idem_core::outcome::headers as idem_headers;
 use idem_core::{DeliveryInfo, HeaderValue, Headers, Message, Properties, UnmappedHeaders};
 use lapin::message::Delivery;
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::BasicProperties;
 
 use crate::error::Error;
@@ -184,27 +184,15 @@ fn decimal_text(value: u32, scale: u8) -> String {
     format!("{int}.{frac}")
 }
 
-/// A [`HeaderValue`] as the AMQP value idem writes. Strings are always long strings:
-/// RabbitMQ rejects short strings in field tables.
+/// A [`HeaderValue`] as the AMQP value idem writes: [`crate::headers::value`].
 pub fn amqp_value(v: &HeaderValue) -> AMQPValue {
-    match v {
-        HeaderValue::String(s) => AMQPValue::LongString(LongString::from(s.as_bytes())),
-        HeaderValue::Int(i) => AMQPValue::LongLongInt(*i),
-        HeaderValue::Bool(b) => AMQPValue::Boolean(*b),
-        HeaderValue::Bytes(b) => AMQPValue::LongString(LongString::from(b.clone())),
-    }
+    crate::headers::value(v)
 }
 
-/// Adds (or replaces) `extra` in a copy of `table`. Names longer than 255 bytes are
-/// rejected.
+/// Adds (or replaces) `extra` in a copy of `table` under the one header rule,
+/// [`crate::headers::merge`]: names longer than 255 bytes are an error.
 pub fn merge_headers(table: Option<&FieldTable>, extra: &Headers) -> Result<FieldTable, Error> {
-    let mut out = table.cloned().unwrap_or_default();
-    for (name, value) in extra {
-        let key =
-            ShortString::try_new(name.as_str()).map_err(|_| Error::NameTooLong(name.clone()))?;
-        out.insert(key, amqp_value(value));
-    }
-    Ok(out)
+    crate::headers::merge(table, extra)
 }
 
 /// The AMQP properties for publishing `msg`: its properties and headers, persistent

@@ -13,6 +13,15 @@ pub enum Error {
         /// What went wrong, password scrubbed.
         detail: String,
     },
+    /// No URL of a list of several answered (see [`crate::endpoints`]); with no URL at
+    /// all, both lists are empty.
+    #[error("{}", no_endpoint_text(errors))]
+    NoEndpoint {
+        /// The URLs tried, in order, passwords redacted.
+        tried: Vec<String>,
+        /// Why each one failed, in the same order.
+        errors: Vec<Error>,
+    },
     /// The broker answered but refused the connection: wrong user name or password
     /// (`ACCESS_REFUSED`, 403) or no access to the vhost (`NOT_ALLOWED`, 530).
     #[error("RabbitMQ at {url} refused the connection: {detail} (check the user name, password and vhost in the URL)")]
@@ -118,6 +127,18 @@ pub(crate) fn is_precondition_failed(e: &lapin::Error) -> bool {
     use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
     matches!(e.kind(), lapin::ErrorKind::ProtocolError(p)
         if *p.kind() == AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED))
+}
+
+fn no_endpoint_text(errors: &[Error]) -> String {
+    if errors.is_empty() {
+        return "no RabbitMQ URL given: set AMQP_URL (one URL or a comma-separated list) or pass at least one amqp:// URL".to_owned();
+    }
+    let each: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    format!(
+        "none of the {} RabbitMQ endpoints could be connected to: {}",
+        errors.len(),
+        each.join("; ")
+    )
 }
 
 impl Error {

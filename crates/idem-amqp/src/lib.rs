@@ -43,9 +43,11 @@
 
 pub mod convert;
 mod crash;
+pub mod endpoints;
 pub mod error;
 #[cfg(feature = "failpoints")]
 pub mod failpoints;
+pub mod headers;
 #[cfg(feature = "prometheus")]
 pub mod prometheus;
 pub mod publisher;
@@ -55,9 +57,10 @@ pub mod topology;
 pub mod url;
 pub mod worker;
 
+pub use endpoints::Endpoints;
 pub use error::Error;
 pub use idem_core::{TlsConfig, TlsFailure};
-pub use publisher::{connect, Publisher};
+pub use publisher::{connect, Outgoing, Publisher, PublisherBuilder};
 pub use tls::connect_tls;
 pub use topology::{QueueType, Topology};
 pub use url::{amqp_url_from_env, redact_url, DEFAULT_AMQP_URL};

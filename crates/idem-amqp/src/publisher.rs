@@ -1,10 +1,24 @@
-//! Publishing with publisher confirms.
+//! Publishing with publisher confirms: the one publish path of idem (the outbox relay
+//! and the `idem dlq replay` command publish through [`Publisher`] too).
 //!
 //! Every publish is `mandatory` and waits for the broker's confirm: it returns `Ok` only
 //! once the broker has taken responsibility for the message. A message that no queue
 //! receives comes back as [`Error::Returned`]; a negative confirm is [`Error::Nacked`].
 //! A missing `message_id` is set to a UUIDv7 in the caller's [`Message`] before the
 //! first try, so re-publishing after an error reuses it and consumers dedup the copy.
+//! Headers are encoded by [`crate::headers`] (one rule for every publisher of idem).
+//!
+//! A [`Publisher`] is built with [`Publisher::builder`]:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), idem_amqp::Error> {
+//! use idem_amqp::Publisher;
+//! let publisher = Publisher::builder("amqp://guest:guest@mq1:5672/%2f,amqp://guest:guest@mq2:5672/%2f")
+//!     .connection_name("billing-api")
+//!     .connect() // or .build(): connect on the first publish
+//!     .await?;
+//! # Ok(()) }
+//! ```
 
 use idem_core::Message;
 use idem_core::TlsConfig;
@@ -13,17 +27,17 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm
 use tokio::sync::Mutex;
 
 use crate::convert::properties_for;
+use crate::endpoints::Endpoints;
 use crate::error::Error;
-use crate::tls::connect_tls;
 use crate::topology::short;
-use crate::url::redact_url;
 
 /// Opens a connection named `name` (visible in the management UI and
-/// `rabbitmqctl list_connections name`). Errors never contain the password.
-/// An `amqps://` URL is verified against the system roots; use
-/// [`connect_tls`] for a private CA or a client certificate.
-pub async fn connect(url: &str, name: &str) -> Result<Connection, Error> {
-    connect_tls(url, name, &TlsConfig::default()).await
+/// `rabbitmqctl list_connections name`) to the first URL of `urls` (one URL or a
+/// comma-separated list) that answers (see [`crate::endpoints`]). Errors never contain
+/// a password. An `amqps://` URL is verified against the system roots; use
+/// [`connect_tls`](crate::connect_tls) for a private CA or a client certificate.
+pub async fn connect(urls: &str, name: &str) -> Result<Connection, Error> {
+    crate::tls::connect_tls(urls, name, &TlsConfig::default()).await
 }
 
 /// Publishes one message on a confirm-mode channel and waits for the confirm.
@@ -71,10 +85,77 @@ async fn finish(confirm: PublisherConfirm, exchange: &str, routing_key: &str) ->
     }
 }
 
+/// One message of [`Publisher::publish_each`], with its own destination.
+#[derive(Clone, Debug)]
+pub struct Outgoing {
+    /// The exchange (`""` is the default exchange).
+    pub exchange: String,
+    /// The routing key (with the default exchange: the queue name).
+    pub routing_key: String,
+    /// The message; a missing `message_id` is set here before the first try.
+    pub message: Message,
+}
+
+impl Outgoing {
+    /// `message` for `exchange` and `routing_key`.
+    pub fn new(
+        exchange: impl Into<String>,
+        routing_key: impl Into<String>,
+        message: Message,
+    ) -> Self {
+        Outgoing {
+            exchange: exchange.into(),
+            routing_key: routing_key.into(),
+            message,
+        }
+    }
+}
+
+/// Configures a [`Publisher`]. See [`Publisher::builder`].
+#[derive(Debug)]
+pub struct PublisherBuilder {
+    endpoints: Endpoints,
+    connection_name: String,
+    tls: TlsConfig,
+}
+
+impl PublisherBuilder {
+    /// Connection name shown by the broker (default `idem-publisher`).
+    pub fn connection_name(mut self, name: impl Into<String>) -> Self {
+        self.connection_name = name.into();
+        self
+    }
+
+    /// TLS settings for `amqps://` URLs (see [`crate::tls`]); reconnections reuse
+    /// them. Default: verified against the system roots.
+    pub fn tls(mut self, tls: TlsConfig) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// The publisher, connecting on its first publish (a broker that is down now is
+    /// not an error yet; each publish then fails until it is back).
+    pub fn build(self) -> Publisher {
+        Publisher {
+            endpoints: self.endpoints,
+            name: self.connection_name,
+            tls: self.tls,
+            link: Mutex::new(None),
+        }
+    }
+
+    /// The publisher, connected now: fails fast if no endpoint answers.
+    pub async fn connect(self) -> Result<Publisher, Error> {
+        let publisher = self.build();
+        publisher.channel().await?;
+        Ok(publisher)
+    }
+}
+
 /// A confirm-mode channel on its own connection, reopened on the next publish after
-/// the connection is lost.
+/// the connection is lost (from the next endpoint, see [`crate::endpoints`]).
 pub struct Publisher {
-    url: String,
+    endpoints: Endpoints,
     name: String,
     tls: TlsConfig,
     link: Mutex<Option<(Connection, Channel)>>,
@@ -83,34 +164,29 @@ pub struct Publisher {
 impl std::fmt::Debug for Publisher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Publisher")
-            .field("url", &redact_url(&self.url))
+            .field("endpoints", &self.endpoints)
             .field("name", &self.name)
             .finish_non_exhaustive()
     }
 }
 
 impl Publisher {
-    /// Connects to `url` (fails fast if the broker is unreachable).
-    pub async fn connect(url: &str) -> Result<Self, Error> {
-        Self::connect_named(url, "idem-publisher").await
+    /// A publisher for `endpoints` (one URL, a comma-separated list or an
+    /// [`Endpoints`] value), to configure and then [`connect`](PublisherBuilder::connect)
+    /// or [`build`](PublisherBuilder::build).
+    pub fn builder(endpoints: impl Into<Endpoints>) -> PublisherBuilder {
+        PublisherBuilder {
+            endpoints: endpoints.into(),
+            connection_name: "idem-publisher".to_owned(),
+            tls: TlsConfig::default(),
+        }
     }
 
-    /// Connects with a connection name.
-    pub async fn connect_named(url: &str, name: &str) -> Result<Self, Error> {
-        Self::connect_with_tls(url, name, TlsConfig::default()).await
-    }
-
-    /// Connects with a connection name and TLS settings for an `amqps://` URL (see
-    /// [`crate::tls`]); reconnections reuse them.
-    pub async fn connect_with_tls(url: &str, name: &str, tls: TlsConfig) -> Result<Self, Error> {
-        let publisher = Publisher {
-            url: url.to_owned(),
-            name: name.to_owned(),
-            tls,
-            link: Mutex::new(None),
-        };
-        publisher.channel().await?;
-        Ok(publisher)
+    /// Shorthand for `Publisher::builder(urls).connect()` (one URL or a
+    /// comma-separated list): default name and TLS settings, fails fast if no URL
+    /// answers.
+    pub async fn connect(urls: &str) -> Result<Self, Error> {
+        Self::builder(urls).connect().await
     }
 
     async fn channel(&self) -> Result<Channel, Error> {
@@ -119,18 +195,45 @@ impl Publisher {
             if conn.status().connected() && ch.status().connected() {
                 return Ok(ch.clone());
             }
-            tracing::warn!(url = %redact_url(&self.url), "publisher connection lost; reconnecting");
+            tracing::warn!(endpoints = %self.endpoints, "publisher connection lost; reconnecting");
         }
-        let conn = connect_tls(&self.url, &self.name, &self.tls).await?;
-        let ch = conn
-            .create_channel()
-            .await
-            .map_err(Error::amqp("channel.open"))?;
-        ch.confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(Error::amqp("confirm.select"))?;
-        *link = Some((conn, ch.clone()));
-        Ok(ch)
+        *link = None;
+        let (conn, url) = self
+            .endpoints
+            .connect_indexed(&self.name, &self.tls)
+            .await?;
+        let opened = async {
+            let ch = conn
+                .create_channel()
+                .await
+                .map_err(Error::amqp("channel.open"))?;
+            ch.confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(Error::amqp("confirm.select"))?;
+            Ok::<_, Error>(ch)
+        }
+        .await;
+        match opened {
+            Ok(ch) => {
+                tracing::debug!(%url, connection = %self.name, "publisher channel open");
+                *link = Some((conn, ch.clone()));
+                Ok(ch)
+            }
+            Err(e) => {
+                let _ = conn.close(200, "setup failed".into()).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Forgets a connection that failed, so the next publish opens a new one (from
+    /// the next endpoint).
+    async fn drop_link(&self) {
+        if let Some((conn, _)) = self.link.lock().await.take() {
+            if conn.status().connected() {
+                let _ = conn.close(200, "publish failed".into()).await;
+            }
+        }
     }
 
     /// Publishes `msg` (persistent, mandatory) and waits for the broker's confirm.
@@ -140,34 +243,30 @@ impl Publisher {
         routing_key: &str,
         msg: &mut Message,
     ) -> Result<(), Error> {
-        let props = properties_for(msg)?;
-        let ch = self.channel().await?;
-        publish_confirmed(&ch, exchange, routing_key, &msg.body, props).await
+        let mut results = self
+            .publish_routed(std::iter::once((exchange, routing_key, msg)))
+            .await?;
+        results.pop().unwrap_or(Ok(()))
     }
 
-    /// Publishes every message, then waits for all confirms: much faster than one
-    /// [`publish`](Self::publish) at a time. Fails with [`Error::Batch`] if any message
-    /// was not confirmed; publishing the same slice again is then safe (ids are kept).
+    /// Publishes every message to one destination, then waits for all confirms: much
+    /// faster than one [`publish`](Self::publish) at a time. Fails with
+    /// [`Error::Batch`] if any message was not confirmed; publishing the same slice
+    /// again is then safe (ids are kept). [`publish_each`](Self::publish_each) says
+    /// which ones.
     pub async fn publish_batch(
         &self,
         exchange: &str,
         routing_key: &str,
         msgs: &mut [Message],
     ) -> Result<(), Error> {
-        let ch = self.channel().await?;
-        let mut pending = Vec::with_capacity(msgs.len());
-        for msg in msgs.iter_mut() {
-            let props = properties_for(msg)?;
-            pending.push(start_publish(&ch, exchange, routing_key, &msg.body, props).await);
-        }
-        let total = pending.len();
+        let results = self
+            .publish_routed(msgs.iter_mut().map(|m| (exchange, routing_key, m)))
+            .await?;
+        let total = results.len();
         let mut failed = 0;
         let mut first = None;
-        for started in pending {
-            let result = match started {
-                Ok(confirm) => finish(confirm, exchange, routing_key).await,
-                Err(e) => Err(e),
-            };
+        for result in results {
             if let Err(e) = result {
                 failed += 1;
                 first.get_or_insert(e);
@@ -181,6 +280,61 @@ impl Publisher {
                 first: Box::new(first),
             }),
         }
+    }
+
+    /// Publishes every message of `batch`, in order, on one channel (so the broker
+    /// receives them in that order), each to its own destination, then waits for all
+    /// confirms together. Returns one result per message, in the same order:
+    ///
+    /// - `Ok(())`: confirmed;
+    /// - [`Error::Returned`] / [`Error::Nacked`]: the broker refused that message;
+    /// - [`Error::NameTooLong`]: it could not be encoded (a name over 255 bytes, see
+    ///   [`crate::headers`]) and was not sent;
+    /// - [`Error::Amqp`]: the channel or connection failed; the message may or may not
+    ///   have reached the broker (publish it again: same `message_id`). The next call
+    ///   reconnects, from the next endpoint.
+    ///
+    /// The outer `Err` means no channel could be opened: nothing was sent.
+    pub async fn publish_each(
+        &self,
+        batch: &mut [Outgoing],
+    ) -> Result<Vec<Result<(), Error>>, Error> {
+        self.publish_routed(
+            batch
+                .iter_mut()
+                .map(|o| (o.exchange.as_str(), o.routing_key.as_str(), &mut o.message)),
+        )
+        .await
+    }
+
+    /// The one publish path: publish all, then await all confirms.
+    async fn publish_routed<'a>(
+        &self,
+        items: impl Iterator<Item = (&'a str, &'a str, &'a mut Message)>,
+    ) -> Result<Vec<Result<(), Error>>, Error> {
+        let ch = self.channel().await?;
+        let mut pending = Vec::with_capacity(items.size_hint().0);
+        for (exchange, routing_key, msg) in items {
+            let started = match properties_for(msg) {
+                Ok(props) => start_publish(&ch, exchange, routing_key, &msg.body, props).await,
+                Err(e) => Err(e),
+            };
+            pending.push((started, exchange, routing_key));
+        }
+        let mut results = Vec::with_capacity(pending.len());
+        let mut transport_failed = false;
+        for (started, exchange, routing_key) in pending {
+            let result = match started {
+                Ok(confirm) => finish(confirm, exchange, routing_key).await,
+                Err(e) => Err(e),
+            };
+            transport_failed |= matches!(result, Err(Error::Amqp { .. }));
+            results.push(result);
+        }
+        if transport_failed {
+            self.drop_link().await;
+        }
+        Ok(results)
     }
 
     /// Closes the connection.

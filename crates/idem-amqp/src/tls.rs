@@ -18,6 +18,7 @@
 use idem_core::{TlsConfig, TlsFailure};
 use lapin::{Connection, ConnectionProperties};
 
+use crate::endpoints::Endpoints;
 use crate::error::Error;
 use crate::url::{redact_url, scrub};
 
@@ -27,9 +28,20 @@ fn is_amqps(url: &str) -> bool {
         .is_some_and(|s| s.eq_ignore_ascii_case("amqps://"))
 }
 
-/// Opens a connection named `name` to `url` with the TLS settings `tls` (used only for
-/// an `amqps://` URL). Errors never contain the password.
-pub async fn connect_tls(url: &str, name: &str, tls: &TlsConfig) -> Result<Connection, Error> {
+/// Opens a connection named `name` to the first URL of `urls` that answers (one URL
+/// or a comma-separated list; see [`crate::endpoints`], and [`Endpoints::connect`]
+/// for a typed list), with the TLS settings `tls` (used only for `amqps://` URLs).
+/// Errors never contain a password.
+pub async fn connect_tls(urls: &str, name: &str, tls: &TlsConfig) -> Result<Connection, Error> {
+    Endpoints::parse(urls).connect(name, tls).await
+}
+
+/// Opens a connection named `name` to the one URL `url`.
+pub(crate) async fn connect_one(
+    url: &str,
+    name: &str,
+    tls: &TlsConfig,
+) -> Result<Connection, Error> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
     let tls_url = is_amqps(url);
     if tls_url && tls.accepts_invalid_certs() {

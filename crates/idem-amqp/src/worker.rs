@@ -60,11 +60,10 @@ use tokio::task::JoinHandle;
 
 use crate::convert::{delivery_info, merge_headers, to_message};
 use crate::crash;
+use crate::endpoints::Endpoints;
 use crate::error::Error;
 use crate::publisher::publish_confirmed;
-use crate::tls::connect_tls;
 use crate::topology::{short, Topology};
-use crate::url::redact_url;
 
 /// What a [`SettleHook`] is told about a settled delivery.
 #[derive(Clone, Copy, Debug)]
@@ -93,7 +92,7 @@ const RECONNECT_MIN: Duration = Duration::from_millis(200);
 const RECONNECT_MAX: Duration = Duration::from_secs(30);
 
 struct Shared {
-    url: String,
+    endpoints: Endpoints,
     tls: idem_core::TlsConfig,
     topology: Topology,
     consumer: Consumer,
@@ -111,7 +110,7 @@ struct Shared {
 
 /// Configures a [`Worker`]. See [`Worker::builder`].
 pub struct WorkerBuilder {
-    url: String,
+    endpoints: Endpoints,
     tls: idem_core::TlsConfig,
     topology: Topology,
     consumer: Consumer,
@@ -128,7 +127,7 @@ pub struct WorkerBuilder {
 impl std::fmt::Debug for WorkerBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WorkerBuilder")
-            .field("url", &redact_url(&self.url))
+            .field("endpoints", &self.endpoints)
             .field("topology", &self.topology)
             .field("consumer", &self.consumer)
             .field("prefetch", &self.prefetch)
@@ -227,7 +226,7 @@ impl WorkerBuilder {
             connection_name: self
                 .connection_name
                 .unwrap_or_else(|| format!("idem:{}", self.consumer.name())),
-            url: self.url,
+            endpoints: self.endpoints,
             tls: self.tls,
             topology: self.topology,
             consumer: self.consumer,
@@ -252,7 +251,7 @@ pub struct Worker {
 impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Worker")
-            .field("url", &redact_url(&self.shared.url))
+            .field("endpoints", &self.shared.endpoints)
             .field("queue", &self.shared.topology.queue())
             .field("consumer", &self.shared.consumer)
             .finish_non_exhaustive()
@@ -275,15 +274,17 @@ async fn breaker_opens(shared: &Shared) {
 }
 
 impl Worker {
-    /// A worker consuming `topology`'s queue (a queue name converts) at `url` with
-    /// `consumer`.
+    /// A worker consuming `topology`'s queue (a queue name converts) with `consumer`,
+    /// at `endpoints`: one URL, a comma-separated list or an [`Endpoints`] value
+    /// (connects to the first that answers, and after a loss from the next one; see
+    /// [`crate::endpoints`]).
     pub fn builder(
-        url: impl Into<String>,
+        endpoints: impl Into<Endpoints>,
         topology: impl Into<Topology>,
         consumer: Consumer,
     ) -> WorkerBuilder {
         WorkerBuilder {
-            url: url.into(),
+            endpoints: endpoints.into(),
             tls: idem_core::TlsConfig::default(),
             topology: topology.into(),
             consumer,
@@ -402,11 +403,13 @@ struct Session {
 
 impl Session {
     async fn open(shared: &Shared) -> Result<Session, Error> {
-        let conn = connect_tls(&shared.url, &shared.connection_name, &shared.tls).await?;
+        let (conn, url) = shared
+            .endpoints
+            .connect_indexed(&shared.connection_name, &shared.tls)
+            .await?;
         match Self::channels(shared, &conn).await {
             Ok((publish, consume, stream)) => {
-                let events =
-                    tokio::spawn(log_events(conn.events_listener(), redact_url(&shared.url)));
+                let events = tokio::spawn(log_events(conn.events_listener(), url));
                 tracing::info!(queue = %shared.topology.queue(), prefetch = shared.prefetch, "consuming");
                 Ok(Session {
                     conn,

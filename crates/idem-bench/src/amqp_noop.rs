@@ -60,7 +60,11 @@ impl ConsumerArgs {
 
 pub(crate) async fn run(args: ConsumerArgs) -> Result<Report, BoxError> {
     let tls = args.tls()?;
-    let publisher = Publisher::connect_with_tls(&args.url, "idem-bench-fill", tls.clone()).await?;
+    let publisher = Publisher::builder(&args.url)
+        .connection_name("idem-bench-fill")
+        .tls(tls.clone())
+        .connect()
+        .await?;
     let admin = idem_amqp::connect_tls(&args.url, "idem-bench-admin", &tls).await?;
     let ch = admin.create_channel().await?;
     let mut report = Report {

@@ -61,8 +61,11 @@ pub(crate) struct Args {
 
 pub(crate) async fn run(store: Store, args: Args) -> Result<Report, BoxError> {
     let tls = args.base.tls()?;
-    let publisher =
-        Publisher::connect_with_tls(&args.base.url, "idem-bench-fill", tls.clone()).await?;
+    let publisher = Publisher::builder(&args.base.url)
+        .connection_name("idem-bench-fill")
+        .tls(tls.clone())
+        .connect()
+        .await?;
     let admin = idem_amqp::connect_tls(&args.base.url, "idem-bench-admin", &tls).await?;
     let ch = admin.create_channel().await?;
     let pool = match store {

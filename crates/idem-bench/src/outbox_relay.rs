@@ -72,8 +72,9 @@ pub(crate) async fn run(args: Args) -> Result<Report, BoxError> {
             .await?;
             fill(&pool, &outbox, &queue, args.messages).await?;
             let result: Result<(Duration, u64), BoxError> = if idem {
-                let relay = Relay::new(pool.clone(), outbox.clone(), args.url.clone())
-                    .batch_size(args.batch);
+                let relay = Relay::builder(pool.clone(), outbox.clone(), args.url.clone())
+                    .batch_size(args.batch)
+                    .build();
                 let start = Instant::now();
                 relay
                     .drain()

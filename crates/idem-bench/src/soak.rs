@@ -145,7 +145,10 @@ pub(crate) async fn run(args: SoakArgs) -> Result<(), BoxError> {
     );
     let started = Instant::now();
     println!("{}", memory_line(0, started));
-    let publisher = Publisher::connect_named(&url, &format!("idem-soak-producer-{run_id}")).await?;
+    let publisher = Publisher::builder(&url)
+        .connection_name(format!("idem-soak-producer-{run_id}"))
+        .connect()
+        .await?;
     let mut published = 0_u64;
     let mut next_report = args.report_every;
     let mut last_progress = (0_u64, Instant::now());

@@ -34,11 +34,12 @@ impl Store {
 pub(crate) const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 pub(crate) const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
-/// The broker URL this process connects to: `AMQP_URL` on single nodes; on a cluster
-/// ([`cluster`]) its first node.
+/// The broker URL(s) this process connects to: `AMQP_URL` on single nodes; on a
+/// cluster ([`cluster`]) every node, comma-separated, the preferred one first
+/// (idem-amqp connects to the first that answers and moves on after a loss).
 pub(crate) fn amqp_url() -> String {
     match cluster() {
-        Some(c) => c.amqp_urls[0].clone(),
+        Some(c) => c.amqp_urls.join(","),
         None => idem_amqp::amqp_url_from_env(),
     }
 }
@@ -213,14 +214,10 @@ pub(crate) async fn pg_pool(
 
 /// A connection to the first broker node that answers.
 pub(crate) async fn rabbit(name: &str) -> Result<lapin::Connection, BoxError> {
-    let mut last = None;
-    for url in amqp_urls() {
-        match idem_amqp::connect(&url, name).await {
-            Ok(conn) => return Ok(conn),
-            Err(e) => last = Some(e),
-        }
-    }
-    let e = last.map(|e| e.to_string()).unwrap_or_default();
+    let e = match idem_amqp::connect(&amqp_url(), name).await {
+        Ok(conn) => return Ok(conn),
+        Err(e) => e,
+    };
     Err(match cluster() {
         Some(_) => format!("no RabbitMQ cluster node reachable ({e}): start the cluster with `bash .ci/cluster up` (see README) or set AMQP_CLUSTER_URL"),
         None => format!("RabbitMQ not reachable ({e}): start it with `bash .ci/services` (see README) or set AMQP_URL"),

@@ -246,8 +246,9 @@ async fn drive(
             )
             .await?;
             let relay = Arc::new(
-                Relay::new(pool, outbox.clone(), common::amqp_url())
-                    .poll_interval(Duration::from_millis(200)),
+                Relay::builder(pool, outbox.clone(), common::amqp_url())
+                    .poll_interval(Duration::from_millis(200))
+                    .build(),
             );
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             let running = relay.clone();

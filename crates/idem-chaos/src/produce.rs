@@ -53,10 +53,12 @@ pub(crate) async fn produce(
     outbox: Option<Outbox>,
     rate: u32,
 ) -> Result<(), BoxError> {
-    let urls = common::amqp_urls();
-    let name = format!("{}producer", names.conn_prefix());
-    let mut node = 0;
-    let mut publisher = Publisher::connect_named(&urls[node], &name).await?;
+    // On a cluster: every node's URL; the publisher moves on to the next node when
+    // its connection is lost.
+    let publisher = Publisher::builder(common::amqp_url())
+        .connection_name(format!("{}producer", names.conn_prefix()))
+        .connect()
+        .await?;
     let queue = names.queue();
     let insert = format!(
         "INSERT INTO {} (msg_id, poison) SELECT * FROM UNNEST($1::text[], $2::bool[]) ON CONFLICT DO NOTHING",
@@ -101,17 +103,6 @@ pub(crate) async fn produce(
                 Err(e) => {
                     tracing::warn!(error = %e, attempt, "batch not confirmed; publishing it again with the same ids");
                     tokio::time::sleep(Duration::from_millis(200)).await;
-                    // On a cluster, a node that keeps failing is left for the next one.
-                    if urls.len() > 1 && attempt % 5 == 4 {
-                        node = (node + 1) % urls.len();
-                        match Publisher::connect_named(&urls[node], &name).await {
-                            Ok(next) => {
-                                let old = std::mem::replace(&mut publisher, next);
-                                old.close().await;
-                            }
-                            Err(e) => tracing::warn!(error = %e, "cannot reach the next node"),
-                        }
-                    }
                 }
             }
         }
@@ -233,11 +224,10 @@ pub(crate) async fn replay_completed(
             Message::new(body(id, n, false)).with_message_id(id.clone())
         })
         .collect();
-    let publisher = Publisher::connect_named(
-        &common::amqp_url(),
-        &format!("{}replayer", names.conn_prefix()),
-    )
-    .await?;
+    let publisher = Publisher::builder(common::amqp_url())
+        .connection_name(format!("{}replayer", names.conn_prefix()))
+        .connect()
+        .await?;
     let sent = publisher
         .publish_batch("", &names.queue(), &mut msgs)
         .await

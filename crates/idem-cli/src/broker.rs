@@ -9,27 +9,22 @@ use lapin::{Channel, Connection};
 
 use crate::error::CliError;
 
-/// How long [`connect`] waits for the broker before giving up.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long [`connect`] waits for each broker URL before trying the next one (or
+/// giving up).
+pub const CONNECT_TIMEOUT: Duration = idem_amqp::Endpoints::ATTEMPT_TIMEOUT;
 
-/// Connects to RabbitMQ as connection `idem-cli`. An unreachable broker is
-/// [`CliError::Unreachable`]; the error never contains the password.
+/// Connects to RabbitMQ as connection `idem-cli`. `url` is one AMQP URL or a
+/// comma-separated list (the first that answers is used, see
+/// [`idem_amqp::endpoints`]). An unreachable broker is [`CliError::Unreachable`]; the
+/// error never contains a password.
 pub async fn connect(url: &str) -> Result<Connection, CliError> {
     connect_tls(url, &idem_core::TlsConfig::default()).await
 }
 
-/// [`connect`] with TLS settings for an `amqps://` URL. A refused certificate is
+/// [`connect`] with TLS settings for `amqps://` URLs. A refused certificate is
 /// [`CliError::Tls`].
 pub async fn connect_tls(url: &str, tls: &idem_core::TlsConfig) -> Result<Connection, CliError> {
-    let connecting = idem_amqp::connect_tls(url, "idem-cli", tls);
-    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
-        Ok(result) => Ok(result?),
-        Err(_) => Err(CliError::Unreachable(format!(
-            "cannot connect to RabbitMQ at {}: no answer within {}s (is the broker running? start it with `rabbitmq-server -detached`)",
-            idem_amqp::redact_url(url),
-            CONNECT_TIMEOUT.as_secs()
-        ))),
-    }
+    Ok(idem_amqp::connect_tls(url, "idem-cli", tls).await?)
 }
 
 /// A queue name as an AMQP short string.

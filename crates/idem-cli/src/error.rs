@@ -81,6 +81,24 @@ impl CliError {
 impl From<idem_amqp::Error> for CliError {
     fn from(e: idem_amqp::Error) -> Self {
         match e {
+            idem_amqp::Error::NoEndpoint { ref errors, .. } => {
+                // Several URLs failed: the worst cause decides the exit code (a TLS
+                // problem, then a refused login, else unreachable).
+                let tls = errors.iter().any(|e| {
+                    matches!(
+                        e,
+                        idem_amqp::Error::Tls { .. } | idem_amqp::Error::TlsSetup(_)
+                    )
+                });
+                let refused = errors
+                    .iter()
+                    .any(|e| matches!(e, idem_amqp::Error::Refused { .. }));
+                match (tls, refused) {
+                    (true, _) => CliError::Tls(e.to_string()),
+                    (false, true) => CliError::Failed(e.to_string()),
+                    (false, false) => CliError::Unreachable(e.to_string()),
+                }
+            }
             idem_amqp::Error::Connect { .. } => CliError::Unreachable(e.to_string()),
             // The broker answered: not "unreachable", whatever the error says.
             idem_amqp::Error::Refused { .. } => CliError::Failed(e.to_string()),

@@ -127,10 +127,11 @@ pub async fn relay_tls(
     let outbox = Outbox::new(table).map_err(|e| CliError::Usage(e.to_string()))?;
     // A certificate problem does not heal by retrying: check the broker's TLS once
     // before the relay starts (later outages are retried by the relay).
-    if amqp_url
-        .trim_start()
-        .to_ascii_lowercase()
-        .starts_with("amqps://")
+    let endpoints = idem_amqp::Endpoints::from(amqp_url);
+    if endpoints
+        .urls()
+        .iter()
+        .any(|u| u.to_ascii_lowercase().starts_with("amqps://"))
     {
         match crate::broker::connect_tls(amqp_url, tls).await {
             Ok(conn) => {
@@ -152,10 +153,11 @@ pub async fn relay_tls(
         .status(&pool)
         .await
         .map_err(|e| outbox_error(e, database_url, table))?;
-    let relay = idem_outbox::Relay::new(pool.clone(), outbox, amqp_url)
+    let relay = idem_outbox::Relay::builder(pool.clone(), outbox, endpoints)
         .tls(tls.clone())
         .batch_size(batch)
-        .poll_interval(poll);
+        .poll_interval(poll)
+        .build();
     let stats = relay
         .run(idem_amqp::shutdown::signal())
         .await

@@ -108,3 +108,29 @@ async fn wrong_password_exits_4_and_an_unused_port_exits_2() {
     assert!(err.contains("is the broker running"), "{err}");
     assert!(!err.contains("s3cret-9b1"), "{err}");
 }
+
+#[tokio::test]
+async fn a_url_list_skips_a_dead_first_broker_and_an_all_dead_list_exits_2() {
+    let f = Fixture::new("bin-endpoints").await;
+    f.bury_all(&[dead("a", "boom", Transient)]).await;
+    let dead_url = "amqp://guest:s3cret-4c2@127.0.0.1:1/%2f";
+    let list = format!("{dead_url},{}", common::url());
+    let out = idem_at(&list, &["dlq", "list", &f.queue, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 1);
+
+    let out = idem_at(
+        &format!("{dead_url}, amqp://guest:s3cret-4c2@127.0.0.1:2/%2f"),
+        &["dlq", "list", &f.queue],
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("none of the 2 RabbitMQ endpoints"), "{err}");
+    assert!(
+        err.contains("127.0.0.1:1/") && err.contains("127.0.0.1:2/"),
+        "{err}"
+    );
+    assert!(!err.contains("s3cret-4c2"), "{err}");
+    f.cleanup().await;
+}

@@ -34,7 +34,9 @@
 //! tx.commit().await?; // the withdrawal and the message, or neither
 //! println!("enqueued {id}");
 //!
-//! let relay = Relay::new(pool, outbox, "amqp://guest:guest@127.0.0.1:5672/%2f");
+//! let relay = Relay::builder(pool, outbox, "amqp://guest:guest@127.0.0.1:5672/%2f")
+//!     .connection_name("billing-outbox")
+//!     .build();
 //! relay.run(tokio::signal::ctrl_c().map(|_| ())).await?;
 //! # Ok(()) }
 //! # use futures_util::FutureExt;
@@ -42,11 +44,10 @@
 
 mod error;
 mod message;
-mod publisher;
 mod relay;
 mod schema;
 
 pub use error::OutboxError;
 pub use message::OutboxMessage;
-pub use relay::{Relay, RelayStats};
+pub use relay::{Relay, RelayBuilder, RelayStats};
 pub use schema::{Outbox, OutboxStatus};

@@ -1,4 +1,6 @@
 use idem_core::{HeaderValue, Headers};
+
+use crate::error::OutboxError;
 use uuid::Uuid;
 
 /// A message to publish through the outbox.
@@ -48,7 +50,11 @@ impl OutboxMessage {
         self
     }
 
-    /// Adds a header (strings, integers and booleans are kept).
+    /// Adds a header. The outbox stores strings, integers and booleans; a byte-string
+    /// value, or a name longer than AMQP allows (255 bytes, the rule of
+    /// [`idem_amqp::headers`]), makes [`Outbox::enqueue`](crate::Outbox::enqueue) fail
+    /// with [`OutboxError::InvalidMessage`](crate::OutboxError::InvalidMessage): a
+    /// header is never dropped on the way.
     pub fn header(mut self, name: impl Into<String>, value: impl Into<HeaderValue>) -> Self {
         self.headers.insert(name.into(), value.into());
         self
@@ -67,6 +73,28 @@ impl OutboxMessage {
     pub fn id(&self) -> Uuid {
         self.id
     }
+}
+
+/// Refuses what the relay could not publish as given: a header name or content type
+/// over the AMQP limits ([`idem_amqp::headers`]), a byte-string header (not storable).
+pub(crate) fn check_publishable(msg: &OutboxMessage) -> Result<(), OutboxError> {
+    idem_amqp::headers::check(&msg.headers)
+        .map_err(|e| OutboxError::InvalidMessage(e.to_string()))?;
+    if let Some((name, _)) = msg
+        .headers
+        .iter()
+        .find(|(_, v)| matches!(v, HeaderValue::Bytes(_)))
+    {
+        return Err(OutboxError::InvalidMessage(format!(
+            "header {name:?} holds bytes: the outbox stores string, integer and boolean headers"
+        )));
+    }
+    if msg.content_type.as_ref().is_some_and(|c| c.len() > 255) {
+        return Err(OutboxError::InvalidMessage(
+            "content type is limited to 255 bytes by AMQP".into(),
+        ));
+    }
+    Ok(())
 }
 
 pub(crate) fn headers_to_json(headers: &Headers) -> String {

@@ -3,14 +3,21 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use idem_amqp::{Endpoints, Outgoing, Publisher};
+use idem_core::{Message, TlsConfig};
 use sqlx::postgres::PgListener;
 use sqlx::{PgPool, Row as _};
-use tokio::sync::Mutex;
 
 use crate::error::OutboxError;
 use crate::message::headers_from_json;
-use crate::publisher::{Publisher, Row};
 use crate::schema::Outbox;
+
+/// A row as the relay publishes it.
+struct Row {
+    id: i64,
+    ordering_key: Option<String>,
+    outgoing: Outgoing,
+}
 
 /// What a relay has done so far.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -36,7 +43,7 @@ pub struct RelayStats {
 pub struct Relay {
     pool: PgPool,
     outbox: Outbox,
-    publisher: Mutex<Publisher>,
+    publisher: Publisher,
     batch_size: i64,
     poll_interval: Duration,
     cleanup_after: Duration,
@@ -46,34 +53,126 @@ pub struct Relay {
     fail_after_publish: std::sync::atomic::AtomicU32,
 }
 
-impl Relay {
-    /// A relay for `outbox` in `pool`, publishing to the broker at `amqp_url`. The
-    /// pool needs at least two connections while [`run`](Self::run) is used: one is
-    /// held by the LISTEN connection.
-    /// Defaults: batches of 500, polling every second besides LISTEN/NOTIFY, published
-    /// rows deleted after 7 days.
-    pub fn new(pool: PgPool, outbox: Outbox, amqp_url: impl Into<String>) -> Self {
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("outbox", &self.outbox)
+            .field("publisher", &self.publisher)
+            .field("batch_size", &self.batch_size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Configures a [`Relay`]. See [`Relay::builder`].
+pub struct RelayBuilder {
+    pool: PgPool,
+    outbox: Outbox,
+    endpoints: Endpoints,
+    connection_name: String,
+    tls: TlsConfig,
+    batch_size: i64,
+    poll_interval: Duration,
+    cleanup_after: Duration,
+    #[cfg(feature = "failpoints")]
+    fail_after_publish: u32,
+}
+
+impl std::fmt::Debug for RelayBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayBuilder")
+            .field("outbox", &self.outbox)
+            .field("endpoints", &self.endpoints)
+            .field("connection_name", &self.connection_name)
+            .field("batch_size", &self.batch_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RelayBuilder {
+    /// Connection name shown by the broker (default `idem-outbox-relay`).
+    pub fn connection_name(mut self, name: impl Into<String>) -> Self {
+        self.connection_name = name.into();
+        self
+    }
+
+    /// TLS settings for `amqps://` broker URLs: a private CA, a client certificate
+    /// (mutual TLS). Default: verified against the system roots. Certificate
+    /// verification cannot be turned off for the broker: a config with
+    /// `danger_accept_invalid_certs` makes every round fail.
+    pub fn tls(mut self, tls: TlsConfig) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// Rows per round (1 to 10 000; default 500).
+    pub fn batch_size(mut self, rows: i64) -> Self {
+        self.batch_size = rows.clamp(1, 10_000);
+        self
+    }
+
+    /// Polling fallback for missed notifications (default 1 s, at least 10 ms).
+    pub fn poll_interval(mut self, every: Duration) -> Self {
+        self.poll_interval = every.max(Duration::from_millis(10));
+        self
+    }
+
+    /// How long published rows are kept before cleanup deletes them (default 7 days).
+    pub fn cleanup_after(mut self, age: Duration) -> Self {
+        self.cleanup_after = age;
+        self
+    }
+
+    /// Test-only crash point (feature `failpoints`): the first `times` rounds fail
+    /// right after their batch was published and confirmed, before the rows are
+    /// marked, as if the process died there. The rows stay pending and are published
+    /// again.
+    #[cfg(feature = "failpoints")]
+    pub fn fail_after_publish(mut self, times: u32) -> Self {
+        self.fail_after_publish = times;
+        self
+    }
+
+    /// The relay. It connects to the broker on its first round (a broker that is down
+    /// at start is retried like any outage).
+    pub fn build(self) -> Relay {
+        let publisher = Publisher::builder(self.endpoints)
+            .connection_name(self.connection_name)
+            .tls(self.tls)
+            .build();
         Relay {
-            pool,
-            outbox,
-            publisher: Mutex::new(Publisher::new(amqp_url.into())),
-            batch_size: 500,
-            poll_interval: Duration::from_secs(1),
-            cleanup_after: Duration::from_secs(7 * 24 * 3600),
+            pool: self.pool,
+            outbox: self.outbox,
+            publisher,
+            batch_size: self.batch_size,
+            poll_interval: self.poll_interval,
+            cleanup_after: self.cleanup_after,
             published: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             #[cfg(feature = "failpoints")]
-            fail_after_publish: std::sync::atomic::AtomicU32::new(0),
+            fail_after_publish: std::sync::atomic::AtomicU32::new(self.fail_after_publish),
         }
     }
+}
 
-    /// Test-only crash point (feature `failpoints`): the next `times` rounds fail right
-    /// after their batch was published and confirmed, before the rows are marked, as
-    /// if the process died there. The rows stay pending and are published again.
-    #[cfg(feature = "failpoints")]
-    pub fn fail_after_publish(self, times: u32) -> Self {
-        self.fail_after_publish.store(times, Ordering::SeqCst);
-        self
+impl Relay {
+    /// A relay for `outbox` in `pool`, publishing to the broker at `endpoints` (one
+    /// AMQP URL, a comma-separated list or an [`Endpoints`] value: the first that
+    /// answers, and after a loss the next one). The pool needs at least two
+    /// connections while [`run`](Self::run) is used: one is held by the LISTEN
+    /// connection.
+    pub fn builder(pool: PgPool, outbox: Outbox, endpoints: impl Into<Endpoints>) -> RelayBuilder {
+        RelayBuilder {
+            pool,
+            outbox,
+            endpoints: endpoints.into(),
+            connection_name: "idem-outbox-relay".to_owned(),
+            tls: TlsConfig::default(),
+            batch_size: 500,
+            poll_interval: Duration::from_secs(1),
+            cleanup_after: Duration::from_secs(7 * 24 * 3600),
+            #[cfg(feature = "failpoints")]
+            fail_after_publish: 0,
+        }
     }
 
     #[cfg(feature = "failpoints")]
@@ -86,33 +185,6 @@ impl Relay {
     #[cfg(not(feature = "failpoints"))]
     fn crash_point(&self) -> bool {
         false
-    }
-
-    /// TLS settings for an `amqps://` broker URL: a private CA, a client certificate
-    /// (mutual TLS). Default: verified against the system roots. Certificate
-    /// verification cannot be turned off for the broker: a config with
-    /// `danger_accept_invalid_certs` makes every publish fail.
-    pub fn tls(mut self, tls: idem_core::TlsConfig) -> Self {
-        self.publisher.get_mut().set_tls(tls);
-        self
-    }
-
-    /// Rows per round (1 to 10 000).
-    pub fn batch_size(mut self, rows: i64) -> Self {
-        self.batch_size = rows.clamp(1, 10_000);
-        self
-    }
-
-    /// Polling fallback for missed notifications.
-    pub fn poll_interval(mut self, every: Duration) -> Self {
-        self.poll_interval = every.max(Duration::from_millis(10));
-        self
-    }
-
-    /// How long published rows are kept before cleanup deletes them.
-    pub fn cleanup_after(mut self, age: Duration) -> Self {
-        self.cleanup_after = age;
-        self
     }
 
     /// Counts so far.
@@ -142,39 +214,56 @@ impl Relay {
         }
         let mut rows = Vec::with_capacity(leased);
         for r in fetched {
+            let mut message = Message::new(r.try_get::<Vec<u8>, _>(6)?);
+            message.headers = headers_from_json(r.try_get::<&str, _>(4)?);
+            message.properties.message_id = Some(r.try_get(1)?);
+            message.properties.content_type = r.try_get(5)?;
             rows.push(Row {
                 id: r.try_get(0)?,
-                message_id: r.try_get(1)?,
-                exchange: r.try_get(2)?,
-                routing_key: r.try_get(3)?,
-                headers: headers_from_json(r.try_get::<&str, _>(4)?),
-                content_type: r.try_get(5)?,
-                body: r.try_get(6)?,
                 ordering_key: r.try_get(7)?,
+                outgoing: Outgoing::new(
+                    r.try_get::<String, _>(2)?,
+                    r.try_get::<String, _>(3)?,
+                    message,
+                ),
             });
         }
 
         self.keep_key_order(&mut tx, &mut rows).await?;
 
-        let results = self.publisher.lock().await.publish(&rows).await?;
+        let (ids, mut batch): (Vec<i64>, Vec<Outgoing>) =
+            rows.into_iter().map(|r| (r.id, r.outgoing)).unzip();
+        let results = match self.publish(&mut batch).await {
+            Ok(results) => results,
+            Err(e) => {
+                // Release the leased rows now: a dropped transaction is rolled back in
+                // the background, and until then the next round's SKIP LOCKED would
+                // pass over the rows and find nothing due.
+                let _ = tx.rollback().await;
+                return Err(e);
+            }
+        };
         if self.crash_point() {
-            // As if the process died here: published, not marked; the transaction rolls back.
+            // As if the process died here: published, not marked; the transaction rolls
+            // back (explicitly, for the reason above: a test drains right after).
+            let _ = tx.rollback().await;
             return Err(OutboxError::Failpoint("relay-after-publish"));
         }
-        let mut ok_ids = Vec::with_capacity(rows.len());
+        let mut ok_ids = Vec::with_capacity(ids.len());
         let mut refused = 0u64;
-        for (row, result) in rows.iter().zip(results) {
+        for ((id, out), result) in ids.into_iter().zip(&batch).zip(results) {
             match result {
-                Ok(()) => ok_ids.push(row.id),
+                Ok(()) => ok_ids.push(id),
                 Err(reason) => {
                     refused += 1;
-                    tracing::warn!(message_id = %row.message_id, exchange = %row.exchange, routing_key = %row.routing_key, %reason, "outbox publish refused; will retry");
+                    let message_id = out.message.properties.message_id.as_deref().unwrap_or("");
+                    tracing::warn!(%message_id, exchange = %out.exchange, routing_key = %out.routing_key, %reason, "outbox publish refused; will retry");
                     sqlx::query(&format!(
                         "UPDATE {t} SET attempts = attempts + 1, last_error = $2,
                          available_at = now() + make_interval(secs => LEAST(300, power(2, LEAST(attempts, 20)))::float8)
                          WHERE id = $1"
                     ))
-                    .bind(row.id)
+                    .bind(id)
                     .bind(&reason)
                     .execute(&mut *tx)
                     .await?;
@@ -193,6 +282,32 @@ impl Relay {
         self.refused.fetch_add(refused, Ordering::Relaxed);
         metrics::counter!("idem_outbox_published_total").increment(ok_ids.len() as u64);
         Ok(leased)
+    }
+
+    /// Publishes `rows` in order on one confirm channel ([`Publisher::publish_each`]).
+    /// Per row: `Ok`, or why the broker refused it (returned unroutable, nacked, a
+    /// name too long for AMQP). A failed channel or connection fails the whole round:
+    /// nothing is marked, every row is published again (same `message_id`).
+    async fn publish(
+        &self,
+        batch: &mut [Outgoing],
+    ) -> Result<Vec<Result<(), String>>, OutboxError> {
+        let results = self
+            .publisher
+            .publish_each(batch)
+            .await
+            .map_err(|e| OutboxError::Broker(e.to_string()))?;
+        let mut out = Vec::with_capacity(results.len());
+        for result in results {
+            out.push(match result {
+                Ok(()) => Ok(()),
+                Err(e @ idem_amqp::Error::Amqp { .. }) => {
+                    return Err(OutboxError::Broker(format!("publish failed: {e}")))
+                }
+                Err(refused) => Err(refused.to_string()),
+            });
+        }
+        Ok(out)
     }
 
     /// Drops from `rows` every row that must not go out yet to keep its key in order.

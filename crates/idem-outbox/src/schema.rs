@@ -138,6 +138,7 @@ impl Outbox {
                 "exchange and routing key are limited to 255 bytes by AMQP".into(),
             ));
         }
+        crate::message::check_publishable(&msg)?;
         // Rows of one ordering key are serialised: the advisory lock (per table and key,
         // held until the enclosing transaction ends) is taken in the same statement,
         // before the row's id is drawn. So a later enqueue of the same key waits for the

@@ -150,7 +150,7 @@ async fn rollback_publishes_nothing_commit_publishes_once() {
                 .header("tenant", "t-1"),
         )
         .await;
-    let relay = Relay::new(f.pool.clone(), f.outbox.clone(), amqp_url());
+    let relay = Relay::builder(f.pool.clone(), f.outbox.clone(), amqp_url()).build();
     assert_eq!(relay.drain().await.unwrap().published, 1);
     let got = f.take(1).await;
     assert_eq!(got.len(), 1, "only the committed message is published");
@@ -185,7 +185,9 @@ async fn crash_after_publish_republishes_same_id_and_dedup_absorbs_it() {
     let id = f
         .enqueue(OutboxMessage::new("", f.queue.clone(), b"deposit".to_vec()))
         .await;
-    let relay = Relay::new(f.pool.clone(), f.outbox.clone(), amqp_url()).fail_after_publish(1);
+    let relay = Relay::builder(f.pool.clone(), f.outbox.clone(), amqp_url())
+        .fail_after_publish(1)
+        .build();
     let err = relay.relay_once().await.unwrap_err();
     assert!(matches!(err, OutboxError::Failpoint(_)), "{err}");
     assert_eq!(
@@ -195,7 +197,12 @@ async fn crash_after_publish_republishes_same_id_and_dedup_absorbs_it() {
     );
     relay.drain().await.unwrap();
     let got = f.take(2).await;
-    assert_eq!(got.len(), 2, "published again after the crash");
+    assert_eq!(
+        got.len(),
+        2,
+        "published again after the crash: {:?}",
+        got.iter().map(message_id).collect::<Vec<_>>()
+    );
     assert!(
         got.iter().all(|d| message_id(d) == id.to_string()),
         "both copies carry the same message_id"
@@ -290,8 +297,12 @@ async fn race_two_relays(
             }
         })
     };
-    let a = Relay::new(f.pool.clone(), f.outbox.clone(), amqp_url()).batch_size(batch);
-    let b = Relay::new(f.pool.clone(), f.outbox.clone(), amqp_url()).batch_size(batch);
+    let a = Relay::builder(f.pool.clone(), f.outbox.clone(), amqp_url())
+        .batch_size(batch)
+        .build();
+    let b = Relay::builder(f.pool.clone(), f.outbox.clone(), amqp_url())
+        .batch_size(batch)
+        .build();
     let (sa, sb) = tokio::join!(run(a), run(b));
     (sa.unwrap(), sb.unwrap())
 }
@@ -358,7 +369,9 @@ async fn relay_leaves_a_key_alone_behind_a_row_another_relay_holds() {
         .await
         .unwrap();
 
-    let relay = Relay::new(f.pool.clone(), f.outbox.clone(), amqp_url()).batch_size(100);
+    let relay = Relay::builder(f.pool.clone(), f.outbox.clone(), amqp_url())
+        .batch_size(100)
+        .build();
     assert_eq!(
         relay.relay_once().await.unwrap(),
         4,
@@ -408,7 +421,7 @@ async fn concurrent_enqueues_of_one_key_go_out_in_commit_order() {
     let finished_early = tokio::time::timeout(Duration::from_millis(500), &mut second)
         .await
         .is_ok();
-    let relay = Relay::new(f.pool.clone(), f.outbox.clone(), amqp_url());
+    let relay = Relay::builder(f.pool.clone(), f.outbox.clone(), amqp_url()).build();
     relay.relay_once().await.unwrap();
 
     first.commit().await.unwrap();
@@ -478,7 +491,7 @@ impl Proxy {
 async fn broker_down_rows_wait_then_go() {
     let f = Fixture::new().await;
     let proxy = Proxy::start().await;
-    let relay = Relay::new(f.pool.clone(), f.outbox.clone(), proxy.url());
+    let relay = Relay::builder(f.pool.clone(), f.outbox.clone(), proxy.url()).build();
     f.enqueue(OutboxMessage::new("", f.queue.clone(), b"first".to_vec()))
         .await;
     relay.drain().await.unwrap();
@@ -523,8 +536,9 @@ async fn broker_down_rows_wait_then_go() {
 async fn notify_wakes_the_running_relay_and_cleanup_removes_old_rows() {
     let f = Fixture::new().await;
     let relay = Arc::new(
-        Relay::new(f.pool.clone(), f.outbox.clone(), amqp_url())
-            .poll_interval(Duration::from_secs(30)),
+        Relay::builder(f.pool.clone(), f.outbox.clone(), amqp_url())
+            .poll_interval(Duration::from_secs(30))
+            .build(),
     );
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let r = relay.clone();
@@ -592,6 +606,32 @@ async fn bad_messages_are_refused_at_enqueue() {
         .await
         .unwrap_err();
     assert!(matches!(err, OutboxError::InvalidMessage(_)));
+    // One header rule (idem_amqp::headers): an over-long name is refused, not dropped.
+    let err = f
+        .outbox
+        .enqueue(
+            &mut tx,
+            OutboxMessage::new("", "q", b"x".to_vec()).header("h".repeat(256), "v"),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, OutboxError::InvalidMessage(m) if m.contains("max 255 bytes")),
+        "{err}"
+    );
+    let err = f
+        .outbox
+        .enqueue(
+            &mut tx,
+            OutboxMessage::new("", "q", b"x".to_vec())
+                .header("raw", idem_core::HeaderValue::Bytes(vec![1])),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, OutboxError::InvalidMessage(m) if m.contains("\"raw\"")),
+        "{err}"
+    );
     drop(tx);
     f.cleanup().await;
 }

@@ -62,7 +62,9 @@ impl Fixture {
             Topology::new(queue.as_str()).tiers(DelayTiers::new([Duration::from_secs(1)]).unwrap());
         let ch = conn.create_channel().await.unwrap();
         topology.declare_on(&ch).await.unwrap();
-        let publisher = Publisher::connect_named(&url(), "idem-cli-test-publisher")
+        let publisher = Publisher::builder(url())
+            .connection_name("idem-cli-test-publisher")
+            .connect()
             .await
             .unwrap();
         Fixture {
