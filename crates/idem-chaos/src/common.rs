@@ -2,8 +2,7 @@
 
 use std::time::Duration;
 
-use idem_amqp::DelayTiers;
-use idem_amqp::Topology;
+use idem_amqp::{DelayTiers, QueueType, Topology};
 use idem_core::{Backoff, Jitter};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
@@ -35,12 +34,92 @@ impl Store {
 pub(crate) const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 pub(crate) const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
+/// The broker URL(s) this process connects to: `AMQP_URL` on single nodes; on a
+/// cluster ([`cluster`]) every node, comma-separated, the preferred one first
+/// (idem-amqp connects to the first that answers and moves on after a loss).
 pub(crate) fn amqp_url() -> String {
-    idem_amqp::amqp_url_from_env()
+    match cluster() {
+        Some(c) => c.amqp_urls.join(","),
+        None => idem_amqp::amqp_url_from_env(),
+    }
 }
 
+/// Every broker URL to try, in order of preference (one on single nodes).
+pub(crate) fn amqp_urls() -> Vec<String> {
+    match cluster() {
+        Some(c) => c.amqp_urls.clone(),
+        None => vec![idem_amqp::amqp_url_from_env()],
+    }
+}
+
+/// The Redis URL(s) of the store: `REDIS_URL`, or on a cluster `REDIS_CLUSTER_URL`.
 pub(crate) fn redis_url() -> String {
-    std::env::var("REDIS_URL").unwrap_or_else(|_| DEFAULT_REDIS_URL.to_owned())
+    match cluster() {
+        Some(c) => c.redis_url.clone(),
+        None => std::env::var("REDIS_URL").unwrap_or_else(|_| DEFAULT_REDIS_URL.to_owned()),
+    }
+}
+
+/// The broker URLs of the cluster `.ci/cluster` starts (override: `AMQP_CLUSTER_URL`,
+/// comma-separated, in the same node order as `IDEM_CLUSTER_NODES`).
+pub(crate) const DEFAULT_AMQP_CLUSTER_URL: &str = "amqp://guest:guest@127.0.0.1:5701/%2f,amqp://guest:guest@127.0.0.1:5702/%2f,amqp://guest:guest@127.0.0.1:5703/%2f";
+/// The seed nodes of the Redis Cluster `.ci/cluster` starts (override:
+/// `REDIS_CLUSTER_URL`).
+pub(crate) const DEFAULT_REDIS_CLUSTER_URL: &str =
+    "redis://127.0.0.1:7001,redis://127.0.0.1:7002,redis://127.0.0.1:7003";
+/// The Erlang node names of the cluster (override: `IDEM_CLUSTER_NODES`).
+pub(crate) const DEFAULT_CLUSTER_NODES: &str =
+    "idem-c1@localhost,idem-c2@localhost,idem-c3@localhost";
+
+/// A run on the RabbitMQ and Redis clusters of `.ci/cluster` (`--cluster`).
+#[derive(Debug)]
+pub(crate) struct Cluster {
+    /// One URL per RabbitMQ node, in node order.
+    pub(crate) amqp_urls: Vec<String>,
+    /// The Redis Cluster seed URLs, comma-separated.
+    pub(crate) redis_url: String,
+    /// The RabbitMQ node names (`rabbitmqctl -n`), in node order.
+    pub(crate) nodes: Vec<String>,
+    /// The `.ci/cluster` script: node restarts go through it.
+    pub(crate) script: std::path::PathBuf,
+}
+
+static CLUSTER: std::sync::OnceLock<Cluster> = std::sync::OnceLock::new();
+
+fn list(var: &str, default: &str) -> Vec<String> {
+    std::env::var(var)
+        .unwrap_or_else(|_| default.to_owned())
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Switches this process to cluster mode (once, at start-up).
+pub(crate) fn use_cluster() -> Result<&'static Cluster, BoxError> {
+    let amqp_urls = list("AMQP_CLUSTER_URL", DEFAULT_AMQP_CLUSTER_URL);
+    let nodes = list("IDEM_CLUSTER_NODES", DEFAULT_CLUSTER_NODES);
+    if amqp_urls.is_empty() || nodes.is_empty() {
+        return Err("AMQP_CLUSTER_URL and IDEM_CLUSTER_NODES must not be empty".into());
+    }
+    let script = std::env::var_os("IDEM_CLUSTER_SCRIPT").map_or_else(
+        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.ci/cluster"),
+        std::path::PathBuf::from,
+    );
+    let c = Cluster {
+        amqp_urls,
+        redis_url: std::env::var("REDIS_CLUSTER_URL")
+            .unwrap_or_else(|_| DEFAULT_REDIS_CLUSTER_URL.to_owned()),
+        nodes,
+        script,
+    };
+    Ok(CLUSTER.get_or_init(|| c))
+}
+
+/// The cluster this process runs on, if `--cluster`.
+pub(crate) fn cluster() -> Option<&'static Cluster> {
+    CLUSTER.get()
 }
 
 pub(crate) fn database_url() -> String {
@@ -82,14 +161,18 @@ impl Names {
     }
 }
 
-/// Delay tiers short enough for a run of a few seconds.
+/// Delay tiers short enough for a run of a few seconds; quorum queues on a cluster.
 pub(crate) fn topology(queue: &str) -> Topology {
     let tiers = DelayTiers::new([
         Duration::from_secs(1),
         Duration::from_secs(2),
         Duration::from_secs(5),
     ]);
-    let topology = Topology::new(queue);
+    let mut topology = Topology::new(queue);
+    if cluster().is_some() {
+        // Replicated on every node of the cluster: a node kill loses no message.
+        topology = topology.queue_type(QueueType::Quorum);
+    }
     match tiers {
         Some(t) => topology.tiers(t),
         None => topology,
@@ -125,18 +208,24 @@ pub(crate) async fn pg_pool(
         .await
         .map_err(|e| {
             format!(
-                "PostgreSQL not reachable at {} ({e}): start it with `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start` or set DATABASE_URL",
+                "PostgreSQL not reachable at {} ({e}): start it with `bash .ci/services` (see README) or set DATABASE_URL",
                 idem_core::redact::redact_url(url)
             )
             .into()
         })
 }
 
+/// A connection to the first broker node that answers.
 pub(crate) async fn rabbit(name: &str) -> Result<lapin::Connection, BoxError> {
-    let url = amqp_url();
-    idem_amqp::connect(&url, name).await.map_err(|e| {
-        format!("RabbitMQ not reachable ({e}): start it with `rabbitmq-server -detached` or set AMQP_URL").into()
-    })
+    let e = match idem_amqp::connect(&amqp_url(), name).await {
+        Ok(conn) => return Ok(conn),
+        Err(e) => e,
+    };
+    Err(match cluster() {
+        Some(_) => format!("no RabbitMQ cluster node reachable ({e}): start the cluster with `bash .ci/cluster up` (see README) or set AMQP_CLUSTER_URL"),
+        None => format!("RabbitMQ not reachable ({e}): start it with `bash .ci/services` (see README) or set AMQP_URL"),
+    }
+    .into())
 }
 
 pub(crate) async fn redis_conn(url: &str) -> Result<redis::aio::ConnectionManager, BoxError> {
@@ -154,7 +243,7 @@ pub(crate) async fn redis_conn(url: &str) -> Result<redis::aio::ConnectionManage
         .await
         .map_err(|e| {
             format!(
-                "Redis not reachable at {} ({e}): start it with `redis-server --daemonize yes` or set REDIS_URL",
+                "Redis not reachable at {} ({e}): start it with `bash .ci/services` (see README) or set REDIS_URL",
                 idem_core::redact::redact_url(url)
             )
             .into()

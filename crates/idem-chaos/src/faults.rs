@@ -8,16 +8,37 @@ use tokio::process::Command;
 
 use crate::common::BoxError;
 
-/// Runs `rabbitmqctl` with `args`; its stdout on success.
-async fn rabbitmqctl(args: &[&str]) -> Result<String, BoxError> {
-    let out = Command::new("rabbitmqctl")
+/// Runs `rabbitmqctl` with `args`; its stdout on success. On a cluster (`--cluster`)
+/// it asks the cluster's nodes in turn (`-n <node>`) until one answers, so a killed
+/// node does not blind the controller.
+pub(crate) async fn rabbitmqctl(args: &[&str]) -> Result<String, BoxError> {
+    let Some(cluster) = crate::common::cluster() else {
+        return rabbitmqctl_on(None, args).await;
+    };
+    let mut last = None;
+    for node in &cluster.nodes {
+        match rabbitmqctl_on(Some(node), args).await {
+            Ok(out) => return Ok(out),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| "no cluster node configured".into()))
+}
+
+async fn rabbitmqctl_on(node: Option<&str>, args: &[&str]) -> Result<String, BoxError> {
+    let mut cmd = Command::new("rabbitmqctl");
+    if let Some(node) = node {
+        cmd.args(["-n", node]);
+    }
+    let out = cmd
         .args(args)
         .output()
         .await
         .map_err(|e| format!("cannot run rabbitmqctl {}: {e}", args.join(" ")))?;
     if !out.status.success() {
         return Err(format!(
-            "rabbitmqctl {} failed ({}): {}",
+            "rabbitmqctl {}{} failed ({}): {}",
+            node.map(|n| format!("-n {n} ")).unwrap_or_default(),
             args.join(" "),
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
@@ -126,7 +147,7 @@ async fn utc_now() -> String {
 
 /// Appends `line` (prefixed with the UTC time) to the restart log, if one is set.
 /// A log that cannot be written is reported on stderr and does not stop the run.
-async fn announce(line: &str) {
+pub(crate) async fn announce(line: &str) {
     let Some(path) = std::env::var_os(RESTART_LOG_ENV) else {
         return;
     };
@@ -144,7 +165,7 @@ async fn announce(line: &str) {
     }
 }
 
-async fn announce_restart(service: &str) {
+pub(crate) async fn announce_restart(service: &str) {
     let tag = std::env::var("IDEM_RESTART_TAG").unwrap_or_else(|_| "idem-chaos".to_owned());
     announce(&format!("restarting {service} ({tag})")).await;
 }

@@ -18,15 +18,25 @@
 //! every confirmed message against the effects and the dead-letter queue and prints
 //!
 //! ```text
-//! chaos: published=N confirmed=C effects=E invocations=I lost=0 duplicates=0 dead_lettered=P poison=P kills=K faults=F
+//! chaos: published=N confirmed=C effects=E invocations=I lost=0 duplicates=0 dead_lettered=P poison=P kills=K faults=F node_kills=0
 //! ```
 //!
 //! as its last line, exiting non-zero if anything was lost, applied twice or
 //! dead-lettered wrongly. See `README.md` of this crate for what each store promises.
+//!
+//! With `--cluster` the run uses the 3-node RabbitMQ cluster (quorum queues) and the
+//! Redis Cluster of `bash .ci/cluster up`, and the faults include SIGKILLs of a
+//! RabbitMQ node and of a Redis master (`node_kills`).
 
+mod args;
+mod cluster;
 mod common;
 mod control;
 mod faults;
+mod fleet;
+mod produce;
+mod setup;
+mod verify;
 mod worker;
 
 use std::process::ExitCode;
@@ -43,7 +53,7 @@ struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
     #[command(flatten)]
-    run: control::RunArgs,
+    run: args::RunArgs,
 }
 
 #[derive(Subcommand)]

@@ -37,6 +37,9 @@ pub(crate) struct WorkerArgs {
     /// Prefetch (and concurrency).
     #[arg(long, default_value_t = 10)]
     pub(crate) prefetch: u16,
+    /// On the cluster (`AMQP_CLUSTER_URL`, this worker's preferred node first).
+    #[arg(long)]
+    pub(crate) cluster: bool,
 }
 
 #[derive(Clone)]
@@ -189,6 +192,9 @@ fn keep_client_name(store: &RedisStore, name: String) -> tokio::task::JoinHandle
 }
 
 pub(crate) async fn run(args: WorkerArgs) -> Result<(), BoxError> {
+    if args.cluster {
+        common::use_cluster()?;
+    }
     let names = Names::new(&args.run);
     let db = common::database_url();
     let concurrency = u32::from(args.prefetch);
@@ -228,11 +234,17 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<(), BoxError> {
                 .handler_with_state(inbox_handler, ctx)?
         }
         Store::Redis => {
-            let store = RedisStore::builder(&common::redis_url())
-                .prefix(names.redis_prefix())
-                .connect()
-                .await?;
-            _namer = Some(keep_client_name(&store, args.name.clone()));
+            let redis = RedisStore::builder(&common::redis_url()).prefix(names.redis_prefix());
+            let store = if args.cluster {
+                // A worker started during a failover connects on first use.
+                redis.cluster(true).connect_lazy()?
+            } else {
+                redis.connect().await?
+            };
+            // CLIENT KILL (redis-kill) aims at single-node Redis only.
+            if !store.is_cluster() {
+                _namer = Some(keep_client_name(&store, args.name.clone()));
+            }
             let layer = DedupLayer::new(store)
                 .lease(LEASE)
                 .retention(Duration::from_secs(3600));

@@ -8,9 +8,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use idem_core::redact::redact_url;
 use idem_core::testing::{CrashPoint, Expected, Harness, Profile};
 use idem_core::{Consumer, DedupLayer, IdempotencyKey, Message, State};
-use idem_redis::{redact_url, RedisStore};
+use idem_redis::RedisStore;
 
 fn url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())

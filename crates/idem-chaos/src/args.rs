@@ -1,0 +1,113 @@
+//! The controller's command line: what a run publishes, which faults it injects.
+
+use crate::common::Store;
+
+/// A fault besides worker SIGKILLs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub(crate) enum Fault {
+    /// `rabbitmqctl close_connection` on the workers' and the producer's connections.
+    ConnClose,
+    /// `pg_terminate_backend` on the workers' PostgreSQL connections.
+    PgTerminate,
+    /// `CLIENT KILL` of the workers' Redis connections (store=redis).
+    RedisKill,
+    /// Arm the workers' crash points (idem-amqp `failpoints`) on some workers.
+    Failpoints,
+    /// `rabbitmqctl stop_app && start_app`: disturbs every client of the broker.
+    BrokerRestart,
+    /// `SHUTDOWN NOSAVE` + restart of Redis: a durability fault for every client.
+    RedisRestart,
+    /// `--cluster` only: SIGKILL of a random RabbitMQ node's beam process, then the
+    /// node is started again and rejoins the cluster.
+    RabbitNodeKill,
+    /// `--cluster` only: SIGKILL of a random Redis Cluster master; its replica takes
+    /// over, the killed node is restarted and comes back as a replica.
+    RedisMasterKill,
+}
+
+impl Fault {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Fault::ConnClose => "conn-close",
+            Fault::PgTerminate => "pg-terminate",
+            Fault::RedisKill => "redis-kill",
+            Fault::Failpoints => "failpoints",
+            Fault::BrokerRestart => "broker-restart",
+            Fault::RedisRestart => "redis-restart",
+            Fault::RabbitNodeKill => "rabbit-node-kill",
+            Fault::RedisMasterKill => "redis-master-kill",
+        }
+    }
+
+    /// Whether the fault kills a cluster node (counted in `node_kills`).
+    pub(crate) fn kills_a_node(self) -> bool {
+        matches!(self, Fault::RabbitNodeKill | Fault::RedisMasterKill)
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct RunArgs {
+    /// Messages to publish.
+    #[arg(long, default_value_t = 2000)]
+    pub(crate) messages: u64,
+    /// SIGKILLs of random workers while messages flow (each replaced at once).
+    #[arg(long, default_value_t = 3)]
+    pub(crate) kills: u32,
+    /// The dedup store of the workers.
+    #[arg(long, value_enum, default_value_t = Store::Postgres)]
+    pub(crate) store: Store,
+    /// Faults besides kills, comma-separated. Default: conn-close,pg-terminate,failpoints
+    /// (plus redis-kill with --store redis; with --cluster instead
+    /// rabbit-node-kill,redis-master-kill). broker-restart and redis-restart disturb
+    /// other users of those services: opt-in only (cargo test runs them only in the
+    /// broker_restart and redis_restart test binaries).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub(crate) faults: Option<Vec<Fault>>,
+    /// How many times each connection fault (and restart) is injected.
+    #[arg(long, default_value_t = 2)]
+    pub(crate) rounds: u32,
+    /// Worker processes.
+    #[arg(long, default_value_t = 3)]
+    pub(crate) workers: u32,
+    /// Prefetch (and concurrency) of each worker.
+    #[arg(long, default_value_t = 10)]
+    pub(crate) prefetch: u16,
+    /// Share of poison messages (invalid payload), in percent.
+    #[arg(long, default_value_t = 2.0)]
+    pub(crate) poison_percent: f64,
+    /// Seconds to wait for the queues to drain after the last publish.
+    #[arg(long, default_value_t = 120)]
+    pub(crate) drain_timeout: u64,
+    /// Random seed (poison choice, fault schedule, victims); printed for reruns.
+    #[arg(long)]
+    pub(crate) seed: Option<u64>,
+    /// Probability of the `after-commit-before-ack` crash point on its armed worker.
+    #[arg(long, default_value_t = 0.01)]
+    pub(crate) commit_failpoint_p: f64,
+    /// Probability of the `after-retry-publish-before-ack` crash point on its armed worker.
+    #[arg(long, default_value_t = 0.2)]
+    pub(crate) retry_failpoint_p: f64,
+    /// Keep the run's tables, queues, Redis keys and worker logs.
+    #[arg(long)]
+    pub(crate) keep: bool,
+    /// Send every other batch through a transactional outbox (`chaos_outbox_<run>`,
+    /// enqueued in the transaction that records the ids) and an `idem_outbox::Relay`
+    /// running in the controller, instead of the publisher.
+    #[arg(long)]
+    pub(crate) outbox: bool,
+    /// Publish at most this many messages per second (0: as fast as confirms allow),
+    /// so the publisher and the relay are still at work when faults are injected.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) publish_rate: u32,
+    /// After each Redis restart, publish again (same id and body) this many messages
+    /// that were applied and completed before it: what a publisher retry or a
+    /// redelivery would do. Redis without persistence has forgotten their `done`
+    /// records, so they run again (`reruns_after_durability_fault`).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) replay_after_restart: u32,
+    /// Run on the 3-node RabbitMQ cluster (quorum queues) and the Redis Cluster that
+    /// `bash .ci/cluster up` starts (override with AMQP_CLUSTER_URL, IDEM_CLUSTER_NODES,
+    /// REDIS_CLUSTER_URL), with node kills among the faults.
+    #[arg(long)]
+    pub(crate) cluster: bool,
+}

@@ -1,0 +1,312 @@
+//! The checker: every confirmed message against the effects, the invocation log and
+//! the dead-letter queue. [`verify`] gathers the evidence from PostgreSQL and the DLQ;
+//! [`classify`] (pure) decides what was lost, applied twice, or re-run for a reason
+//! the store's promise allows.
+
+use std::collections::{HashMap, HashSet};
+
+use lapin::options::BasicGetOptions;
+
+use crate::common::{self, BoxError, Names, Store};
+use crate::fleet::Fleet;
+use crate::setup::Admin;
+
+/// What a run left behind, read after the queues drained.
+#[derive(Debug, Default)]
+pub(crate) struct Evidence {
+    /// Every message the broker (or the outbox transaction) confirmed: id -> poison.
+    pub(crate) published: HashMap<String, bool>,
+    /// Every applied effect (at most one per id: a unique constraint).
+    pub(crate) effects: HashSet<String>,
+    /// Messages whose effect was attempted again after it had been applied.
+    pub(crate) dupes: HashSet<String>,
+    /// Who invoked each of those messages (every invocation, in any order).
+    pub(crate) runs: HashMap<String, Vec<String>>,
+    /// Workers that died during the run (SIGKILL, crash point, anything else).
+    pub(crate) dead: HashSet<String>,
+    /// Duplicated messages whose effect was applied before a durability fault ended
+    /// (a Redis restart or failover) and attempted again after it began.
+    pub(crate) in_durability_window: HashSet<String>,
+    /// The message id of every copy in the dead-letter queue.
+    pub(crate) dlq: Vec<Option<String>>,
+}
+
+/// The verdict on each kind of message, from [`classify`].
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Verdict {
+    /// Valid confirmed messages without an effect.
+    pub(crate) lost: i64,
+    /// Poison messages with an effect.
+    pub(crate) poison_applied: i64,
+    /// Effects of messages never confirmed.
+    pub(crate) stray_effects: i64,
+    /// Effects attempted twice that the store promised to prevent.
+    pub(crate) duplicates: i64,
+    /// Lease store: re-runs after the first runner died between effect and completion.
+    pub(crate) reruns_after_crash: i64,
+    /// Lease store: re-runs a Redis that forgot its writes explains.
+    pub(crate) reruns_after_durability_fault: i64,
+    /// Distinct poison messages in the DLQ.
+    pub(crate) dead_lettered: i64,
+    /// DLQ copies that are not of a poison message.
+    pub(crate) dlq_foreign: usize,
+}
+
+/// Classifies the evidence of a run: which confirmed messages were lost, which were
+/// applied twice against the store's promise, which re-runs the promise allows.
+///
+/// The PostgreSQL inbox (and the no-dedup control group) promise nothing is applied
+/// twice, so every duplicate attempt counts. A Redis lease store re-runs a message whose
+/// worker died between its effect and its completion (the lease expires), and a Redis
+/// that lost writes re-runs what it had recorded as done: those are counted apart,
+/// not as duplicates.
+pub(crate) fn classify(store: Store, e: &Evidence) -> Verdict {
+    let mut v = Verdict::default();
+    for (id, &poison) in &e.published {
+        match (poison, e.effects.contains(id)) {
+            (false, false) => v.lost += 1,
+            (true, true) => v.poison_applied += 1,
+            _ => {}
+        }
+    }
+    v.stray_effects = e
+        .effects
+        .iter()
+        .filter(|id| !e.published.contains_key(*id))
+        .count() as i64;
+    for id in &e.dupes {
+        let crashed = e
+            .runs
+            .get(id)
+            .is_some_and(|ws| ws.iter().any(|w| e.dead.contains(w)));
+        match store {
+            Store::Postgres | Store::None => v.duplicates += 1,
+            Store::Redis if crashed => v.reruns_after_crash += 1,
+            Store::Redis if e.in_durability_window.contains(id) => {
+                v.reruns_after_durability_fault += 1;
+            }
+            Store::Redis => v.duplicates += 1,
+        }
+    }
+    let mut seen = HashSet::new();
+    for id in &e.dlq {
+        match id {
+            Some(id) if e.published.get(id) == Some(&true) => {
+                seen.insert(id.as_str());
+            }
+            _ => v.dlq_foreign += 1,
+        }
+    }
+    v.dead_lettered = seen.len() as i64;
+    v
+}
+
+/// The run's counts and its [`Verdict`].
+pub(crate) struct Totals {
+    pub(crate) confirmed: i64,
+    pub(crate) poison: i64,
+    pub(crate) effects: i64,
+    pub(crate) invocations: i64,
+    pub(crate) dlq_copies: usize,
+    pub(crate) verdict: Verdict,
+}
+
+/// Reads (and removes) every message of the DLQ: the message ids.
+pub(crate) async fn read_dlq(
+    admin: &mut Admin,
+    dlq: &str,
+) -> Result<Vec<Option<String>>, BoxError> {
+    let ch = admin.channel().await?;
+    let mut ids = Vec::new();
+    while let Some(got) = ch
+        .basic_get(dlq.into(), BasicGetOptions { no_ack: true })
+        .await?
+    {
+        ids.push(
+            got.delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.as_str().to_owned()),
+        );
+    }
+    Ok(ids)
+}
+
+/// Gathers the [`Evidence`] (tables and DLQ) and classifies it.
+pub(crate) async fn verify(
+    admin: &mut Admin,
+    names: &Names,
+    fleet: &Fleet,
+    store: Store,
+    durability_windows: &[(String, String)],
+) -> Result<Totals, BoxError> {
+    let t = |k: &str| names.table(k);
+    let (published, effects, invocations, dupes) =
+        (t("published"), t("effects"), t("invocations"), t("dupes"));
+    let published_rows: Vec<(String, bool)> =
+        sqlx::query_as(&format!("SELECT msg_id, poison FROM {published}"))
+            .fetch_all(&admin.pg)
+            .await?;
+    let effect_ids: Vec<String> = sqlx::query_scalar(&format!("SELECT msg_id FROM {effects}"))
+        .fetch_all(&admin.pg)
+        .await?;
+    let invocation_rows = admin
+        .count(&format!("SELECT count(*) FROM {invocations}"))
+        .await?;
+    // Every duplicate effect attempt, and who had run the message before.
+    let dupe_ids: Vec<String> = sqlx::query_scalar(&format!("SELECT DISTINCT msg_id FROM {dupes}"))
+        .fetch_all(&admin.pg)
+        .await?;
+    let runs: Vec<(String, String)> = sqlx::query_as(&format!(
+        "SELECT msg_id, worker FROM {invocations} WHERE msg_id = ANY($1)"
+    ))
+    .bind(&dupe_ids)
+    .fetch_all(&admin.pg)
+    .await?;
+    // Duplicates a durability fault explains: the effect was applied before Redis came
+    // back (its `done` record, if any, was forgotten) and re-attempted after it went down.
+    let (starts, ends): (Vec<&str>, Vec<&str>) = durability_windows
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .unzip();
+    let in_window: Vec<String> = sqlx::query_scalar::<_, String>(&format!(
+        "SELECT DISTINCT d.msg_id FROM {dupes} d JOIN {effects} e USING (msg_id) \
+         WHERE EXISTS (SELECT 1 FROM unnest($1::text[], $2::text[]) AS w(t0, t1) \
+         WHERE e.at < w.t1::timestamptz AND d.at > w.t0::timestamptz)"
+    ))
+    .bind(&starts)
+    .bind(&ends)
+    .fetch_all(&admin.pg)
+    .await?;
+    let mut by_msg: HashMap<String, Vec<String>> = HashMap::new();
+    for (msg, worker) in runs {
+        by_msg.entry(msg).or_default().push(worker);
+    }
+    let dlq = read_dlq(admin, &common::topology(&names.queue()).dlq()).await?;
+    let evidence = Evidence {
+        published: published_rows.into_iter().collect(),
+        effects: effect_ids.into_iter().collect(),
+        dupes: dupe_ids.into_iter().collect(),
+        runs: by_msg,
+        dead: fleet.dead.clone(),
+        in_durability_window: in_window.into_iter().collect(),
+        dlq,
+    };
+    let verdict = classify(store, &evidence);
+    Ok(Totals {
+        confirmed: evidence.published.len() as i64,
+        poison: evidence.published.values().filter(|p| **p).count() as i64,
+        effects: evidence.effects.len() as i64,
+        invocations: invocation_rows,
+        dlq_copies: evidence.dlq.len(),
+        verdict,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(list: &[&str]) -> HashSet<String> {
+        list.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    /// m1..m4 valid, p1 poison; m1, m2, m3 applied.
+    fn base() -> Evidence {
+        Evidence {
+            published: [
+                ("m1", false),
+                ("m2", false),
+                ("m3", false),
+                ("m4", false),
+                ("p1", true),
+            ]
+            .into_iter()
+            .map(|(id, p)| (id.to_owned(), p))
+            .collect(),
+            effects: ids(&["m1", "m2", "m3"]),
+            ..Evidence::default()
+        }
+    }
+
+    #[test]
+    fn a_confirmed_message_without_effect_is_lost_poison_is_not() {
+        let v = classify(Store::Postgres, &base());
+        assert_eq!(v.lost, 1, "m4 has no effect");
+        assert_eq!(v.poison_applied, 0);
+        assert_eq!(v.stray_effects, 0);
+    }
+
+    #[test]
+    fn applied_poison_and_unconfirmed_effects_are_counted() {
+        let mut e = base();
+        e.effects.extend(ids(&["p1", "m4", "ghost"]));
+        let v = classify(Store::Postgres, &e);
+        assert_eq!((v.lost, v.poison_applied, v.stray_effects), (0, 1, 1));
+    }
+
+    #[test]
+    fn the_inbox_counts_every_duplicate_even_after_a_crash() {
+        let mut e = base();
+        e.dupes = ids(&["m1", "m2"]);
+        e.runs
+            .insert("m1".into(), vec!["w0g1".into(), "w1g2".into()]);
+        e.dead = ids(&["w0g1"]);
+        e.in_durability_window = ids(&["m2"]);
+        for store in [Store::Postgres, Store::None] {
+            let v = classify(store, &e);
+            assert_eq!(v.duplicates, 2, "{store:?}");
+            assert_eq!(v.reruns_after_crash + v.reruns_after_durability_fault, 0);
+        }
+    }
+
+    #[test]
+    fn a_lease_store_rerun_is_explained_by_a_dead_runner_or_a_durability_fault() {
+        let mut e = base();
+        e.dupes = ids(&["m1", "m2", "m3"]);
+        // m1: its first runner died; m2: applied before Redis forgot; m3: neither.
+        e.runs
+            .insert("m1".into(), vec!["w0g1".into(), "w1g2".into()]);
+        e.runs
+            .insert("m2".into(), vec!["w1g2".into(), "w2g3".into()]);
+        e.runs
+            .insert("m3".into(), vec!["w1g2".into(), "w2g3".into()]);
+        e.dead = ids(&["w0g1"]);
+        e.in_durability_window = ids(&["m2"]);
+        let v = classify(Store::Redis, &e);
+        assert_eq!(v.reruns_after_crash, 1);
+        assert_eq!(v.reruns_after_durability_fault, 1);
+        assert_eq!(v.duplicates, 1, "m3 is a real duplicate");
+    }
+
+    #[test]
+    fn dlq_copies_of_poison_count_once_anything_else_is_foreign() {
+        let mut e = base();
+        e.dlq = vec![
+            Some("p1".into()),
+            Some("p1".into()),
+            Some("m1".into()),
+            Some("unknown".into()),
+            None,
+        ];
+        let v = classify(Store::Postgres, &e);
+        assert_eq!(v.dead_lettered, 1);
+        assert_eq!(v.dlq_foreign, 3);
+    }
+
+    #[test]
+    fn a_clean_run_has_an_all_zero_verdict() {
+        let mut e = base();
+        e.effects.insert("m4".into());
+        e.dlq = vec![Some("p1".into())];
+        let v = classify(Store::Redis, &e);
+        assert_eq!(
+            v,
+            Verdict {
+                dead_lettered: 1,
+                ..Verdict::default()
+            }
+        );
+    }
+}
