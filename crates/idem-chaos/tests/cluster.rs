@@ -4,9 +4,10 @@
 //! binaries one after another, so no other test of the workspace shares the cluster
 //! while nodes are killed; the two runs below take turns for the same reason.
 //!
-//! The cluster is not one of the default services: when it is down these tests fail,
-//! saying to run `bash .ci/cluster up` (README, "Running on a cluster"). `.ci/run`
-//! brings it up. Needs PostgreSQL too.
+//! The cluster is not one of the default services: the first run starts it with
+//! `bash .ci/cluster up` (README, "Running on a cluster") and leaves it up; a cluster
+//! that still does not answer fails the test with the ports that are down. Needs
+//! PostgreSQL too.
 
 mod support;
 
@@ -20,6 +21,7 @@ use support::run_chaos;
 static CLUSTER: Mutex<()> = Mutex::new(());
 
 fn require_cluster() {
+    idem_testkit::cluster::ensure_up();
     let down: Vec<u16> = [5701, 5702, 5703, 7001, 7002, 7003, 7004, 7005, 7006]
         .into_iter()
         .filter(|port| {

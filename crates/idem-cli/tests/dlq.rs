@@ -8,8 +8,9 @@ mod common;
 
 use common::{dead, header, ids, Dead, Fixture, BASE};
 use idem_cli::dlq::{self, Selector};
+use idem_core::__private::rfc3339;
 use idem_core::dedup::REPLAY_HEADER;
-use idem_core::outcome::{headers as h, rfc3339};
+use idem_core::outcome::headers as h;
 use idem_core::ErrorKind::{Permanent, Transient};
 use idem_core::Message;
 

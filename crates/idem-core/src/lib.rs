@@ -69,9 +69,6 @@ pub use message::{
     DeliveryInfo, Extensions, HeaderValue, Headers, Message, Properties, UnmappedHeaders,
 };
 pub use outcome::{DelayKind, Disposition, Failure, SettleHook, Settled};
-// Kept at the root, hidden, until every idem crate calls them through `__private`.
-#[doc(hidden)]
-pub use redact::{redact_in, redact_url};
 pub use run::WorkerHandle;
 pub use tls::{TlsConfig, TlsConfigError, TlsFailure};
 

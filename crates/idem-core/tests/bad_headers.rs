@@ -174,7 +174,7 @@ async fn malformed_first_failed_at_is_ignored_and_a_future_one_counts_as_now() {
     let after = std::time::SystemTime::now();
     for m in broker.peek_all("q.dlq") {
         let first = m.header_str(h::FIRST_FAILED_AT).unwrap();
-        let first = idem_core::outcome::parse_rfc3339(first).unwrap();
+        let first = idem_core::__private::parse_rfc3339(first).unwrap();
         // rfc3339 keeps milliseconds: allow the rounding below `before`.
         assert!(
             first + Duration::from_millis(1) >= before && first <= after,

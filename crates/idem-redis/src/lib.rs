@@ -63,7 +63,7 @@
 //! its own completion reports success). Connecting and reconnecting are bounded (see
 //! [`RedisStoreBuilder`]) so that a dead Redis fails in well under a second instead of
 //! hanging. Passwords in `REDIS_URL` never appear in errors or logs
-//! ([`idem_core::redact_url`]).
+//! ([`idem_core::redact::redact_url`]).
 //!
 //! # TLS
 //! A `rediss://host:6380` URL connects over TLS (feature `tls`, on by default; rustls).

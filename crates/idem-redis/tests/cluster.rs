@@ -1,7 +1,8 @@
 //! RedisStore against a real Redis Cluster (3 masters + 3 replicas). The cluster is
-//! not one of the default services: start it with `bash .ci/cluster up` (README,
-//! "Running on a cluster"). REDIS_CLUSTER_URL overrides the seed nodes
-//! (comma-separated; default the three masters `.ci/cluster` starts).
+//! not one of the default services: the first test starts it with `bash .ci/cluster up`
+//! (README, "Running on a cluster") and leaves it up. REDIS_CLUSTER_URL points to a
+//! cluster of your own instead (comma-separated seed nodes; default the three masters
+//! `.ci/cluster` starts).
 //!
 //! A test binary of its own, so that the single-node tests never wait for a cluster.
 #![allow(clippy::unwrap_used)] // test helpers panic on setup failures by design
@@ -21,8 +22,10 @@ fn urls() -> String {
     })
 }
 
-
 async fn store(prefix: &str) -> RedisStore {
+    if std::env::var_os("REDIS_CLUSTER_URL").is_none() {
+        idem_testkit::cluster::ensure_up();
+    }
     match RedisStore::builder(&urls()).prefix(prefix).connect().await {
         Ok(s) => s,
         Err(e) => panic!(

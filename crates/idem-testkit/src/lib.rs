@@ -14,6 +14,7 @@
 //! - [`fault_proxy`]: a TCP proxy that cuts a service off (refused or reset
 //!   connections) for outage tests.
 //! - [`conformance`]: the behavioural suite every dedup store must pass.
+//! - [`cluster`]: starts the RabbitMQ and Redis test clusters of `.ci/cluster` on first use.
 //!
 //! ```no_run
 //! use idem_testkit::Service;
@@ -31,6 +32,7 @@
 // A test kit fails by panicking: its callers are tests.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod cluster;
 pub mod conformance;
 pub mod fault_proxy;
 mod service;

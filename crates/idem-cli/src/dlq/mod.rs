@@ -71,8 +71,9 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, UNIX_EPOCH};
 
+use idem_core::__private::rfc3339;
 use idem_core::dedup::REPLAY_HEADER;
-use idem_core::outcome::{headers as h, rfc3339};
+use idem_core::outcome::headers as h;
 use idem_core::Message;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::Connection;

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use idem_core::outcome::parse_rfc3339;
+use idem_core::__private::parse_rfc3339;
 use lapin::Connection;
 use serde::Serialize;
 
