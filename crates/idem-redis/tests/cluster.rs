@@ -16,16 +16,17 @@ use idem_core::redact::redact_url;
 use idem_redis::RedisStore;
 use idem_testkit::{conformance, unique};
 
+/// The seed nodes; starts the test clusters first unless REDIS_CLUSTER_URL names others.
 fn urls() -> String {
+    if std::env::var_os("REDIS_CLUSTER_URL").is_none() {
+        idem_testkit::cluster::ensure_up();
+    }
     std::env::var("REDIS_CLUSTER_URL").unwrap_or_else(|_| {
         "redis://127.0.0.1:7001,redis://127.0.0.1:7002,redis://127.0.0.1:7003".into()
     })
 }
 
 async fn store(prefix: &str) -> RedisStore {
-    if std::env::var_os("REDIS_CLUSTER_URL").is_none() {
-        idem_testkit::cluster::ensure_up();
-    }
     match RedisStore::builder(&urls()).prefix(prefix).connect().await {
         Ok(s) => s,
         Err(e) => panic!(
