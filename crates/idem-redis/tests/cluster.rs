@@ -21,7 +21,6 @@ fn urls() -> String {
     })
 }
 
-
 async fn store(prefix: &str) -> RedisStore {
     match RedisStore::builder(&urls()).prefix(prefix).connect().await {
         Ok(s) => s,
