@@ -1,5 +1,5 @@
 //! Quorum topologies against the real RabbitMQ (`AMQP_URL`, default
-//! `amqp://guest:guest@127.0.0.1:5672/%2f`; start it with `rabbitmq-server -detached`
+//! `amqp://guest:guest@127.0.0.1:5672/%2f`; see the README section "Running the tests"
 //! or `bash .ci/services`): delay queues that dead-letter at least once, and a clear
 //! error for delay queues declared with the old arguments.
 
@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use idem_amqp::{DelayTiers, Error, Publisher, QueueType, Topology, Worker};
 use idem_core::backoff::Jitter;
 use idem_core::{Backoff, Consumer, HandlerError, MemoryStore, Message};
+use idem_testkit::Service;
 use lapin::options::QueueDeclareOptions;
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -22,11 +23,8 @@ fn url() -> String {
 }
 
 async fn connect() -> Connection {
-    idem_amqp::connect(&url(), "idem-test-quorum")
-        .await
-        .unwrap_or_else(|e| {
-            panic!("RabbitMQ not reachable: {e}. Start it with `rabbitmq-server -detached` (or `bash .ci/services`) or set AMQP_URL")
-        })
+    let url = url();
+    Service::RabbitMq.expect_connected(&url, idem_amqp::connect(&url, "idem-test-quorum").await)
 }
 
 fn topology(prefix: &str) -> Topology {

@@ -208,7 +208,7 @@ pub(crate) async fn pg_pool(
         .await
         .map_err(|e| {
             format!(
-                "PostgreSQL not reachable at {} ({e}): start it with `bash .ci/services` (see README) or set DATABASE_URL",
+                "PostgreSQL not reachable at {} ({e}): is PostgreSQL running? see the README section \"Running the tests\", or set DATABASE_URL",
                 idem_core::redact::redact_url(url)
             )
             .into()
@@ -222,8 +222,8 @@ pub(crate) async fn rabbit(name: &str) -> Result<lapin::Connection, BoxError> {
         Err(e) => e,
     };
     Err(match cluster() {
-        Some(_) => format!("no RabbitMQ cluster node reachable ({e}): start the cluster with `bash .ci/cluster up` (see README) or set AMQP_CLUSTER_URL"),
-        None => format!("RabbitMQ not reachable ({e}): start it with `bash .ci/services` (see README) or set AMQP_URL"),
+        Some(_) => format!("no RabbitMQ cluster node reachable ({e}): see the README section \"Running on a cluster\", or set AMQP_CLUSTER_URL"),
+        None => format!("RabbitMQ not reachable ({e}): is RabbitMQ running? see the README section \"Running the tests\", or set AMQP_URL"),
     }
     .into())
 }
@@ -243,7 +243,7 @@ pub(crate) async fn redis_conn(url: &str) -> Result<redis::aio::ConnectionManage
         .await
         .map_err(|e| {
             format!(
-                "Redis not reachable at {} ({e}): start it with `bash .ci/services` (see README) or set REDIS_URL",
+                "Redis not reachable at {} ({e}): is Redis running? see the README section \"Running the tests\", or set REDIS_URL",
                 idem_core::redact::redact_url(url)
             )
             .into()

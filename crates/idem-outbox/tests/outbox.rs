@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use idem_core::{Consumer, Disposition, MemoryStore, Message};
 use idem_outbox::{Outbox, OutboxError, OutboxMessage, Relay};
+use idem_testkit::Service;
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
@@ -22,26 +23,20 @@ fn amqp_url() -> String {
 async fn pg() -> PgPool {
     let url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    sqlx::postgres::PgPoolOptions::new()
+    let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(8)
         .acquire_timeout(Duration::from_secs(5))
         .connect(&url)
-        .await
-        .unwrap_or_else(|e| {
-            panic!("PostgreSQL not reachable at {}: {e}. Start it with `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`", idem_core::redact::redact_url(&url))
-        })
+        .await;
+    Service::PostgreSql.expect_connected(&url, pool)
 }
 
 async fn rabbit() -> (Connection, Channel) {
     let url = amqp_url();
-    let conn = Connection::connect(&url, ConnectionProperties::default())
-        .await
-        .unwrap_or_else(|e| {
-            panic!(
-                "RabbitMQ not reachable at {}: {e}. Start it with `rabbitmq-server -detached`",
-                idem_core::redact::redact_url(&url)
-            )
-        });
+    let conn = Service::RabbitMq.expect_connected(
+        &url,
+        Connection::connect(&url, ConnectionProperties::default()).await,
+    );
     let ch = conn.create_channel().await.unwrap();
     (conn, ch)
 }
