@@ -422,7 +422,7 @@ async fn integer_key_headers_are_keys_and_wrong_types_are_named() {
         assert_eq!(
             header_text(p, "x-idem-error"),
             Some(format!(
-                "idempotence-key header x-idempotency-key holds {found}{tail}"
+                "idempotency-key header x-idempotency-key holds {found}{tail}"
             )),
             "{case}"
         );

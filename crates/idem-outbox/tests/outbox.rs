@@ -152,7 +152,7 @@ async fn rollback_publishes_nothing_commit_publishes_once() {
     assert_eq!(
         message_id(&got[0]),
         id.to_string(),
-        "the idempotence key is the message_id"
+        "the idempotency key is the message_id"
     );
     assert_eq!(got[0].data, br#"{"n":1}"#);
     assert_eq!(
