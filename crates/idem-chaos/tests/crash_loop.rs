@@ -358,7 +358,7 @@ async fn crash_loop(store: &str, quorum: bool) -> Figures {
         let counts = async {
             let dlq = ready_count(&ch, &topology.dlq()).await?;
             let mut drained = ready_count(&ch, &names.queue()).await? == 0;
-            for tier in topology.delay_tiers().as_slice() {
+            for tier in topology.get_tiers().as_slice() {
                 drained &= ready_count(&ch, &topology.retry_queue(*tier)).await? == 0;
             }
             Ok::<_, String>((dlq, drained))

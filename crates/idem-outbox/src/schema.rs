@@ -48,7 +48,7 @@ impl Outbox {
     }
 
     /// The table name.
-    pub fn table(&self) -> &str {
+    pub fn table_name(&self) -> &str {
         &self.table
     }
 

@@ -111,10 +111,13 @@ impl Fixture {
             .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
             .await
             .unwrap();
-        sqlx::query(&format!("DROP TABLE IF EXISTS {}", self.outbox.table()))
-            .execute(&self.pool)
-            .await
-            .unwrap();
+        sqlx::query(&format!(
+            "DROP TABLE IF EXISTS {}",
+            self.outbox.table_name()
+        ))
+        .execute(&self.pool)
+        .await
+        .unwrap();
     }
 }
 
@@ -352,7 +355,7 @@ async fn two_relays_race_fifty_times_each_row_once_in_key_order() {
 async fn relay_leaves_a_key_alone_behind_a_row_another_relay_holds() {
     let f = Fixture::new().await;
     enqueue_keyed(&f, 1, 5).await; // key-0: 0:0 .. 0:4, ids ascending
-    let t = f.outbox.table().to_owned();
+    let t = f.outbox.table_name().to_owned();
     let ids: Vec<i64> = sqlx::query_scalar(&format!("SELECT id FROM {t} ORDER BY id"))
         .fetch_all(&f.pool)
         .await
