@@ -62,6 +62,22 @@ async fn declare(conn: &Connection, queue: &str, args: FieldTable) -> Result<(),
     r.map(|_| ())
 }
 
+/// Whether `queue` exists (a passive declare on a fresh channel).
+async fn exists(conn: &Connection, queue: &str) -> bool {
+    let ch = conn.create_channel().await.unwrap();
+    let r = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions::default().passive(),
+            FieldTable::default(),
+        )
+        .await;
+    if r.is_ok() {
+        let _ = ch.close(200, "bye".into()).await;
+    }
+    r.is_ok()
+}
+
 fn precondition_failed(e: &lapin::Error) -> bool {
     matches!(e.kind(), lapin::ErrorKind::ProtocolError(p)
         if *p.kind() == AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED))
@@ -102,18 +118,22 @@ async fn quorum_delay_queue_dead_letters_at_least_once_and_a_retry_comes_back() 
         .unwrap();
     let running = worker.spawn();
     // The worker declared the delay queue with the at-least-once arguments: declaring
-    // it again with them is accepted, with the old ones refused (406).
+    // it again with them is accepted, with the old ones refused (406). Wait for the
+    // worker's own declaration first (passively): an active declare from here could
+    // create the queue before the worker has declared its work queue.
     let start = Instant::now();
-    while declare(&conn, &retry, t.retry_args(Duration::from_secs(1)))
-        .await
-        .is_err()
-    {
+    while !exists(&conn, &retry).await {
         assert!(
             start.elapsed() < Duration::from_secs(10),
-            "{retry} never appeared with x-dead-letter-strategy=at-least-once, x-overflow=reject-publish"
+            "the worker never declared {retry}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    declare(&conn, &retry, t.retry_args(Duration::from_secs(1)))
+        .await
+        .unwrap_or_else(|e| {
+            panic!("{retry} is not declared with x-dead-letter-strategy=at-least-once, x-overflow=reject-publish: {e}")
+        });
     let err = declare(&conn, &retry, old_retry_args(&t))
         .await
         .unwrap_err();
