@@ -5,7 +5,7 @@
 //! ```
 //!
 //! Each message asks to charge a card and carries a unique charge id as its
-//! idempotence key. The worker writes the charge into PostgreSQL through the
+//! idempotency key. The worker writes the charge into PostgreSQL through the
 //! **transactional inbox**: the dedup row and the charge row commit in one
 //! transaction, and `charges.charge_id` is unique as a second safeguard.
 //! Three ways a charge can arrive twice, and each is billed once:

@@ -7,7 +7,7 @@
 //! ```
 //!
 //! Publishes six messages to the queue `orders`: three orders, a second copy of
-//! `order-2` (same idempotence key), `order-4` whose payment gateway times out twice
+//! `order-2` (same idempotency key), `order-4` whose payment gateway times out twice
 //! before it succeeds, and `order-5` whose payload is not JSON. Prints one line per
 //! settled delivery and a summary line.
 

@@ -49,7 +49,7 @@ pub async fn rabbit() -> Result<lapin::Connection, String> {
 
 /// Counts deliveries that reached a final outcome (acked or dead-lettered) and wakes
 /// a waiter once `target` of them have.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Finished {
     done: Arc<AtomicU64>,
     target: u64,

@@ -10,7 +10,7 @@
 //! unchanged (plus the `x-idem-*` headers) on retry and dead-letter copies. Every header
 //! whose AMQP type no `HeaderValue` holds as such (float, decimal, timestamp, table,
 //! array, void) is named with its type in an [`UnmappedHeaders`] extension, so errors
-//! about it (an idempotence key of the wrong type) say what it was. No header, however
+//! about it (an idempotency key of the wrong type) say what it was. No header, however
 //! large or odd, makes the conversion fail.
 //!
 //! The `x-idem-original-*` headers are read back under idem's

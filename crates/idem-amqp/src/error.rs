@@ -6,7 +6,7 @@
 #[non_exhaustive]
 pub enum Error {
     /// The broker could not be reached or refused the connection.
-    #[error("cannot connect to RabbitMQ at {url}: {detail} (is the broker running? start it with `rabbitmq-server -detached`)")]
+    #[error("cannot connect to RabbitMQ at {url}: {detail} (is the broker running? The idem README, section \"Running the tests\", shows a local set-up)")]
     Connect {
         /// The URL, password redacted.
         url: String,

@@ -155,8 +155,9 @@ impl Topology {
         self
     }
 
-    /// Whether the worker declares the queues.
-    pub fn declares(&self) -> bool {
+    /// Whether the worker declares the queues (the value [`declare`](Self::declare)
+    /// set).
+    pub fn get_declare(&self) -> bool {
         self.declare
     }
 
@@ -165,8 +166,8 @@ impl Topology {
         &self.queue
     }
 
-    /// The delay tiers.
-    pub fn delay_tiers(&self) -> &DelayTiers {
+    /// The delay tiers (the value [`tiers`](Self::tiers) set).
+    pub fn get_tiers(&self) -> &DelayTiers {
         &self.tiers
     }
 

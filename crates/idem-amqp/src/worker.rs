@@ -185,7 +185,7 @@ impl WorkerBuilder {
     pub fn build(self) -> Result<Worker, Error> {
         self.consumer.check_broker_timeout(self.broker_timeout)?;
         if let Some(retention) = self.consumer.retention() {
-            let horizon = self.topology.delay_tiers().horizon(self.consumer.backoff());
+            let horizon = self.topology.get_tiers().horizon(self.consumer.backoff());
             if retention < horizon {
                 return Err(Error::RetentionTooShortForTiers { retention, horizon });
             }
@@ -206,7 +206,7 @@ impl WorkerBuilder {
             .min(usize::from(self.prefetch));
         let retry_queues = self
             .topology
-            .delay_tiers()
+            .get_tiers()
             .as_slice()
             .iter()
             .map(|t| (*t, self.topology.retry_queue(*t)))
@@ -450,7 +450,7 @@ impl Session {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(Error::amqp("confirm.select"))?;
-        if shared.topology.declares() {
+        if shared.topology.get_declare() {
             shared.topology.declare_on(&publish).await?;
         }
         let consume = conn
@@ -621,7 +621,7 @@ async fn handle(
                 headers,
                 ..
             } => {
-                let tier = shared.topology.delay_tiers().tier_for(*delay, *delay_kind);
+                let tier = shared.topology.get_tiers().tier_for(*delay, *delay_kind);
                 let target = shared
                     .retry_queues
                     .iter()

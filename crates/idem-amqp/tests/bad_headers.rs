@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use idem_amqp::{DelayTiers, Topology, Worker};
 use idem_core::backoff::Jitter;
 use idem_core::{Backoff, Consumer, HandlerError, IdempotencyKey, MemoryStore, Message};
+use idem_testkit::Service;
 use lapin::options::BasicGetOptions;
 use lapin::types::{AMQPValue, ByteArray, DecimalValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
@@ -22,11 +23,11 @@ fn url() -> String {
 }
 
 async fn broker() -> (Connection, Channel) {
-    let conn = idem_amqp::connect(&url(), "idem-test-bad-headers")
-        .await
-        .unwrap_or_else(|e| {
-            panic!("RabbitMQ not reachable: {e}. Start it with `bash .ci/services` (see README) or set AMQP_URL")
-        });
+    let url = url();
+    let conn = Service::RabbitMq.expect_connected(
+        &url,
+        idem_amqp::connect(&url, "idem-test-bad-headers").await,
+    );
     let ch = conn.create_channel().await.unwrap();
     (conn, ch)
 }
@@ -421,7 +422,7 @@ async fn integer_key_headers_are_keys_and_wrong_types_are_named() {
         assert_eq!(
             header_text(p, "x-idem-error"),
             Some(format!(
-                "idempotence-key header x-idempotency-key holds {found}{tail}"
+                "idempotency-key header x-idempotency-key holds {found}{tail}"
             )),
             "{case}"
         );

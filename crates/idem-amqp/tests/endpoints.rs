@@ -85,10 +85,7 @@ async fn a_dead_first_endpoint_is_skipped_by_connect_publisher_and_worker() {
     let worker = Worker::builder(list.as_str(), topo.clone(), consumer.clone())
         .build()
         .unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(worker.run(async move {
-        let _ = stopped.await;
-    }));
+    let running = worker.spawn();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while consumer.stats().processed < 3 {
         assert!(
@@ -98,8 +95,7 @@ async fn a_dead_first_endpoint_is_skipped_by_connect_publisher_and_worker() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let _ = stop.send(());
-    task.await.unwrap().unwrap();
+    running.shutdown_and_join().await.unwrap();
     publisher.close().await;
     topo.delete_on(&ch).await.unwrap();
 }

@@ -22,6 +22,7 @@ use idem_sql::sqlx::postgres::PgPoolOptions;
 use idem_sql::sqlx::{Executor as _, PgPool, Postgres};
 use idem_sql::{PgInbox, Tx};
 use idem_testkit::fault_proxy::{FaultProxy, Mode};
+use idem_testkit::Service;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::Channel;
@@ -73,7 +74,7 @@ async fn broker() -> (lapin::Connection, Channel) {
                 eprintln!("RabbitMQ not reachable ({e}); retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            Err(e) => panic!("RabbitMQ not reachable: {e}. Start it with `bash .ci/services` (see README) or set AMQP_URL"),
+            Err(e) => panic!("{}", Service::RabbitMq.unreachable_message(&url, e)),
         }
     }
 }
@@ -252,13 +253,10 @@ async fn outage(kind: Kind, mode: Mode) {
             let proxy = FaultProxy::start("127.0.0.1:6379").await;
             let url = format!("redis://127.0.0.1:{}", proxy.port());
             let prefix = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-            let store = RedisStore::builder(&url)
-                .prefix(prefix)
-                .connect()
-                .await
-                .unwrap_or_else(|e| {
-                    panic!("Redis not reachable at 127.0.0.1:6379: start it with `bash .ci/services` (see README): {e}")
-                });
+            let store = Service::Redis.expect_connected(
+                "redis://127.0.0.1:6379",
+                RedisStore::builder(&url).prefix(prefix).connect().await,
+            );
             let consumer = Consumer::builder(name.clone())
                 .store(store.clone())
                 .backoff(budget())
@@ -267,13 +265,14 @@ async fn outage(kind: Kind, mode: Mode) {
             (proxy, Store::Redis { store }, consumer)
         }
         Kind::PgInbox => {
-            let admin = PgPoolOptions::new()
-                .max_connections(2)
-                .connect("postgres://postgres@127.0.0.1:5432/postgres")
-                .await
-                .unwrap_or_else(|e| {
-                    panic!("PostgreSQL not reachable at 127.0.0.1:5432: start it with `bash .ci/services` (see README): {e}")
-                });
+            let pg_url = "postgres://postgres@127.0.0.1:5432/postgres";
+            let admin = Service::PostgreSql.expect_connected(
+                pg_url,
+                PgPoolOptions::new()
+                    .max_connections(2)
+                    .connect(pg_url)
+                    .await,
+            );
             let id = uuid::Uuid::new_v4().simple().to_string();
             let (effects, inbox_table) =
                 (format!("idem_out_fx_{id}"), format!("idem_out_inbox_{id}"));

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use idem_amqp::{Publisher, Topology, Worker};
 use idem_core::{Consumer, MemoryStore, Message};
+use idem_testkit::Service;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -23,11 +24,10 @@ async fn scrape(addr: std::net::SocketAddr) -> String {
 #[tokio::test]
 async fn worker_serves_consumer_metrics_on_its_endpoint() {
     let url = idem_amqp::amqp_url_from_env();
-    let admin = idem_amqp::connect(&url, "idem-test-metrics-admin")
-        .await
-        .unwrap_or_else(|e| {
-            panic!("RabbitMQ not reachable: {e}. Start it with `rabbitmq-server -detached`")
-        });
+    let admin = Service::RabbitMq.expect_connected(
+        &url,
+        idem_amqp::connect(&url, "idem-test-metrics-admin").await,
+    );
     let ch = admin.create_channel().await.unwrap();
     let topo = Topology::new(format!(
         "idem-test-metrics-{}",

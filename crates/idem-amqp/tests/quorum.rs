@@ -1,5 +1,5 @@
 //! Quorum topologies against the real RabbitMQ (`AMQP_URL`, default
-//! `amqp://guest:guest@127.0.0.1:5672/%2f`; start it with `rabbitmq-server -detached`
+//! `amqp://guest:guest@127.0.0.1:5672/%2f`; see the README section "Running the tests"
 //! or `bash .ci/services`): delay queues that dead-letter at least once, and a clear
 //! error for delay queues declared with the old arguments.
 
@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use idem_amqp::{DelayTiers, Error, Publisher, QueueType, Topology, Worker};
 use idem_core::backoff::Jitter;
 use idem_core::{Backoff, Consumer, HandlerError, MemoryStore, Message};
+use idem_testkit::Service;
 use lapin::options::QueueDeclareOptions;
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -22,11 +23,8 @@ fn url() -> String {
 }
 
 async fn connect() -> Connection {
-    idem_amqp::connect(&url(), "idem-test-quorum")
-        .await
-        .unwrap_or_else(|e| {
-            panic!("RabbitMQ not reachable: {e}. Start it with `rabbitmq-server -detached` (or `bash .ci/services`) or set AMQP_URL")
-        })
+    let url = url();
+    Service::RabbitMq.expect_connected(&url, idem_amqp::connect(&url, "idem-test-quorum").await)
 }
 
 fn topology(prefix: &str) -> Topology {
@@ -62,6 +60,22 @@ async fn declare(conn: &Connection, queue: &str, args: FieldTable) -> Result<(),
         let _ = ch.close(200, "bye".into()).await;
     }
     r.map(|_| ())
+}
+
+/// Whether `queue` exists (a passive declare on a fresh channel).
+async fn exists(conn: &Connection, queue: &str) -> bool {
+    let ch = conn.create_channel().await.unwrap();
+    let r = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions::default().passive(),
+            FieldTable::default(),
+        )
+        .await;
+    if r.is_ok() {
+        let _ = ch.close(200, "bye".into()).await;
+    }
+    r.is_ok()
 }
 
 fn precondition_failed(e: &lapin::Error) -> bool {
@@ -104,18 +118,22 @@ async fn quorum_delay_queue_dead_letters_at_least_once_and_a_retry_comes_back() 
         .unwrap();
     let running = worker.spawn();
     // The worker declared the delay queue with the at-least-once arguments: declaring
-    // it again with them is accepted, with the old ones refused (406).
+    // it again with them is accepted, with the old ones refused (406). Wait for the
+    // worker's own declaration first (passively): an active declare from here could
+    // create the queue before the worker has declared its work queue.
     let start = Instant::now();
-    while declare(&conn, &retry, t.retry_args(Duration::from_secs(1)))
-        .await
-        .is_err()
-    {
+    while !exists(&conn, &retry).await {
         assert!(
             start.elapsed() < Duration::from_secs(10),
-            "{retry} never appeared with x-dead-letter-strategy=at-least-once, x-overflow=reject-publish"
+            "the worker never declared {retry}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    declare(&conn, &retry, t.retry_args(Duration::from_secs(1)))
+        .await
+        .unwrap_or_else(|e| {
+            panic!("{retry} is not declared with x-dead-letter-strategy=at-least-once, x-overflow=reject-publish: {e}")
+        });
     let err = declare(&conn, &retry, old_retry_args(&t))
         .await
         .unwrap_err();

@@ -87,7 +87,7 @@ pub(crate) async fn run(args: Args) -> Result<Report, BoxError> {
             let _ = ch
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
                 .await;
-            sqlx::query(&format!("DROP TABLE IF EXISTS {}", outbox.table()))
+            sqlx::query(&format!("DROP TABLE IF EXISTS {}", outbox.table_name()))
                 .execute(&pool)
                 .await?;
             let (elapsed, published) = result?;
@@ -105,7 +105,7 @@ async fn fill(pool: &PgPool, outbox: &Outbox, queue: &str, n: u64) -> Result<(),
     sqlx::query(&format!(
         "INSERT INTO {} (message_id, exchange, routing_key, body)
          SELECT gen_random_uuid()::text, '', $1, decode(repeat('78', 256), 'hex') FROM generate_series(1, $2)",
-        outbox.table()
+        outbox.table_name()
     ))
     .bind(queue)
     .bind(n as i64)
@@ -123,7 +123,7 @@ async fn baseline(
     let conn = idem_amqp::connect(&args.url, "idem-bench-baseline").await?;
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
-    let t = outbox.table();
+    let t = outbox.table_name();
     let start = Instant::now();
     let mut published = 0u64;
     loop {

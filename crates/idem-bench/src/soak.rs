@@ -41,7 +41,7 @@ mod common {
 
     pub(super) async fn rabbit(name: &str) -> Result<lapin::Connection, BoxError> {
         idem_amqp::connect(&amqp_url(), name).await.map_err(|e| {
-            format!("RabbitMQ not reachable ({e}): start it with `rabbitmq-server -detached` or set AMQP_URL").into()
+            format!("RabbitMQ not reachable ({e}): is RabbitMQ running? see the README section \"Running the tests\", or set AMQP_URL").into()
         })
     }
 
@@ -54,7 +54,7 @@ mod common {
         })?;
         redis::aio::ConnectionManager::new(client).await.map_err(|e| {
             format!(
-                "Redis not reachable at {} ({e}): start it with `redis-server --daemonize yes` or set REDIS_URL",
+                "Redis not reachable at {} ({e}): is Redis running? see the README section \"Running the tests\", or set REDIS_URL",
                 idem_core::redact::redact_url(url)
             )
             .into()

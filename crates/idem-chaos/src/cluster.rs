@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use tokio::process::Command;
 
-use crate::common::{BoxError, Cluster};
+use crate::common::{self, BoxError, Cluster};
 use crate::faults::{announce, announce_restart, rabbitmqctl};
 
 /// Runs `bash .ci/cluster <args>`; its stdout on success.
@@ -300,28 +300,7 @@ pub(crate) async fn delete_redis_keys(cluster: &Cluster, prefix: &str) -> Result
             continue;
         }
         let mut conn = redis_node(&node.addr).await?;
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await?;
-            for key in keys {
-                let n: u64 = redis::cmd("UNLINK")
-                    .arg(&key)
-                    .query_async(&mut conn)
-                    .await?;
-                deleted += n;
-            }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
+        deleted += common::unlink_matching(&mut conn, &pattern).await?;
     }
     Ok(deleted)
 }

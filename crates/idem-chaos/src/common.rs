@@ -208,7 +208,7 @@ pub(crate) async fn pg_pool(
         .await
         .map_err(|e| {
             format!(
-                "PostgreSQL not reachable at {} ({e}): start it with `bash .ci/services` (see README) or set DATABASE_URL",
+                "PostgreSQL not reachable at {} ({e}): is PostgreSQL running? see the README section \"Running the tests\", or set DATABASE_URL",
                 idem_core::redact::redact_url(url)
             )
             .into()
@@ -222,8 +222,8 @@ pub(crate) async fn rabbit(name: &str) -> Result<lapin::Connection, BoxError> {
         Err(e) => e,
     };
     Err(match cluster() {
-        Some(_) => format!("no RabbitMQ cluster node reachable ({e}): start the cluster with `bash .ci/cluster up` (see README) or set AMQP_CLUSTER_URL"),
-        None => format!("RabbitMQ not reachable ({e}): start it with `bash .ci/services` (see README) or set AMQP_URL"),
+        Some(_) => format!("no RabbitMQ cluster node reachable ({e}): see the README section \"Running on a cluster\", or set AMQP_CLUSTER_URL"),
+        None => format!("RabbitMQ not reachable ({e}): is RabbitMQ running? see the README section \"Running the tests\", or set AMQP_URL"),
     }
     .into())
 }
@@ -243,9 +243,43 @@ pub(crate) async fn redis_conn(url: &str) -> Result<redis::aio::ConnectionManage
         .await
         .map_err(|e| {
             format!(
-                "Redis not reachable at {} ({e}): start it with `bash .ci/services` (see README) or set REDIS_URL",
+                "Redis not reachable at {} ({e}): is Redis running? see the README section \"Running the tests\", or set REDIS_URL",
                 idem_core::redact::redact_url(url)
             )
             .into()
         })
+}
+
+/// Deletes every key of the node behind `conn` that matches `pattern` (a SCAN pattern)
+/// and returns how many went. One `UNLINK` per key, pipelined per SCAN page: on a
+/// cluster node the keys of one page live in different slots, and a multi-key UNLINK
+/// would be refused.
+pub(crate) async fn unlink_matching<C>(conn: &mut C, pattern: &str) -> Result<u64, BoxError>
+where
+    C: redis::aio::ConnectionLike,
+{
+    let mut deleted = 0;
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await?;
+        if !keys.is_empty() {
+            let mut pipe = redis::pipe();
+            for key in &keys {
+                pipe.cmd("UNLINK").arg(key);
+            }
+            let counts: Vec<u64> = pipe.query_async(conn).await?;
+            deleted += counts.iter().sum::<u64>();
+        }
+        if next == 0 {
+            return Ok(deleted);
+        }
+        cursor = next;
+    }
 }

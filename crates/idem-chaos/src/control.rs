@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use idem_amqp::failpoints::{AFTER_COMMIT_BEFORE_ACK, AFTER_RETRY_PUBLISH_BEFORE_ACK};
+use idem_core::WorkerHandle;
 use idem_outbox::{Outbox, Relay};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
@@ -237,7 +238,7 @@ async fn drive(
     } else {
         None
     };
-    let (relay, relay_stop, relay_task) = match &outbox {
+    let (relay, relay_run) = match &outbox {
         Some(outbox) => {
             let pool = common::pg_pool(
                 &common::database_url(),
@@ -250,18 +251,11 @@ async fn drive(
                     .poll_interval(Duration::from_millis(200))
                     .build(),
             );
-            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             let running = relay.clone();
-            let task = tokio::spawn(async move {
-                running
-                    .run(async move {
-                        let _ = stopped.await;
-                    })
-                    .await
-            });
-            (Some(relay), Some(stop), Some(task))
+            let handle = WorkerHandle::spawn(|stop| async move { running.run(stop.wait()).await });
+            (Some(relay), Some(handle))
         }
-        None => (None, None, None),
+        None => (None, None),
     };
     let relayed = |relay: &Option<Arc<Relay>>| relay.as_ref().map_or(0, |r| r.stats().published);
 
@@ -418,12 +412,9 @@ async fn drive(
         p.finish(&mut fired, &mut windows).await;
     }
     fleet.stop().await;
-    if let (Some(stop), Some(task)) = (relay_stop, relay_task) {
-        let _ = stop.send(());
-        match task.await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => println!("chaos: the relay stopped with an error: {e}"),
-            Err(e) => println!("chaos: the relay task failed: {e}"),
+    if let Some(handle) = relay_run {
+        if let Err(e) = handle.shutdown_and_join().await {
+            println!("chaos: the relay stopped with an error: {e}");
         }
     }
     println!(

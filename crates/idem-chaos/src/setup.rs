@@ -108,25 +108,7 @@ pub(crate) async fn cleanup(admin: &mut Admin, names: &Names) -> Result<(), BoxE
         crate::cluster::delete_redis_keys(cluster, &names.redis_prefix()).await?;
     }
     if let Some(conn) = admin.redis.as_mut() {
-        let pattern = format!("{}:*", names.redis_prefix());
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(conn)
-                .await?;
-            if !keys.is_empty() {
-                let _: i64 = redis::cmd("UNLINK").arg(&keys).query_async(conn).await?;
-            }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
+        common::unlink_matching(conn, &format!("{}:*", names.redis_prefix())).await?;
     }
     Ok(())
 }

@@ -21,6 +21,7 @@ use idem_core::{
 };
 use idem_redis::RedisStore;
 use idem_sql::{PgInbox, Tx};
+use idem_testkit::Service;
 use lapin::options::{BasicGetOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use sqlx::postgres::PgPoolOptions;
@@ -83,17 +84,15 @@ impl Names {
 }
 
 async fn pg_pool(max: u32) -> PgPool {
-    match PgPoolOptions::new()
-        .max_connections(max)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect(&database_url())
-        .await
-    {
-        Ok(p) => p,
-        Err(e) => panic!(
-            "PostgreSQL not reachable at DATABASE_URL ({e}); start it with `bash .ci/services` (see README)"
-        ),
-    }
+    let url = database_url();
+    Service::PostgreSql.expect_connected(
+        &url,
+        PgPoolOptions::new()
+            .max_connections(max)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(&url)
+            .await,
+    )
 }
 
 #[derive(Clone)]
@@ -290,12 +289,10 @@ async fn crash_loop(store: &str, quorum: bool) -> Figures {
     let run = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
     let names = Names { run: run.clone() };
     let url = idem_amqp::amqp_url_from_env();
-    let conn = match idem_amqp::publisher::connect(&url, "crash-loop-test").await {
-        Ok(c) => c,
-        Err(e) => {
-            panic!("RabbitMQ not reachable ({e}); start it with `bash .ci/services` (see README)")
-        }
-    };
+    let conn = Service::RabbitMq.expect_connected(
+        &url,
+        idem_amqp::publisher::connect(&url, "crash-loop-test").await,
+    );
     let ch = conn.create_channel().await.expect("channel");
     let topology = names.topology(quorum);
     topology.declare_on(&ch).await.expect("declare topology");
@@ -361,7 +358,7 @@ async fn crash_loop(store: &str, quorum: bool) -> Figures {
         let counts = async {
             let dlq = ready_count(&ch, &topology.dlq()).await?;
             let mut drained = ready_count(&ch, &names.queue()).await? == 0;
-            for tier in topology.delay_tiers().as_slice() {
+            for tier in topology.get_tiers().as_slice() {
                 drained &= ready_count(&ch, &topology.retry_queue(*tier)).await? == 0;
             }
             Ok::<_, String>((dlq, drained))

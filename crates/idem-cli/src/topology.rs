@@ -89,7 +89,7 @@ pub async fn show(conn: &Connection, topology: &Topology) -> Result<Vec<QueueSta
         (topology.queue().to_owned(), "work".to_owned()),
         (topology.dlq(), "dead-letter".to_owned()),
     ];
-    for tier in topology.delay_tiers().as_slice() {
+    for tier in topology.get_tiers().as_slice() {
         roles.push((
             topology.retry_queue(*tier),
             format!("retry {}", tier_name(*tier)),

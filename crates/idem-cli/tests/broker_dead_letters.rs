@@ -1,7 +1,7 @@
 //! Dead letters made by RabbitMQ itself (TTL expiry, `basic.reject requeue=false` by
 //! another client) and reads of a quorum DLQ that must never drop a message. Real
-//! RabbitMQ (`AMQP_URL`, default `amqp://guest:guest@127.0.0.1:5672/%2f`; start it with
-//! `rabbitmq-server -detached` or `bash .ci/services`). Unique queue names, deleted at
+//! RabbitMQ (`AMQP_URL`, default `amqp://guest:guest@127.0.0.1:5672/%2f`; see the README
+//! section "Running the tests"). Unique queue names, deleted at
 //! the end.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]

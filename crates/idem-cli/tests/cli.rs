@@ -1,5 +1,5 @@
 //! The real `idem` binary: output, exit codes, refusals and credential hygiene.
-//! Needs the local RabbitMQ (`rabbitmq-server -detached`) and PostgreSQL.
+//! Needs the local RabbitMQ and PostgreSQL (see the README section "Running the tests").
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

@@ -1,6 +1,6 @@
 //! The real `idem` binary: which DLQ a name designates, and exit codes that tell a
 //! refused login (4) from an unreachable broker (2). Needs the local RabbitMQ
-//! (`rabbitmq-server -detached` or `bash .ci/services`).
+//! (see the README section "Running the tests").
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

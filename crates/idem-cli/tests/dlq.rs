@@ -1,5 +1,5 @@
 //! DLQ operations against the real RabbitMQ (`AMQP_URL`, default
-//! `amqp://guest:guest@127.0.0.1:5672/%2f`; start it with `rabbitmq-server -detached`).
+//! `amqp://guest:guest@127.0.0.1:5672/%2f`; see the README section "Running the tests").
 //! Each test declares its own queues (uuid suffix) and deletes them.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]

@@ -1,11 +1,12 @@
 //! `idem outbox status` against the real PostgreSQL (`DATABASE_URL`, default
-//! `postgres://postgres@127.0.0.1:5432/postgres`; start it with your service manager,
-//! e.g. `pg_ctlcluster <version> main start`).
+//! `postgres://postgres@127.0.0.1:5432/postgres`; see the README section "Running the
+//! tests").
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use idem_cli::outbox::{status, DEFAULT_DATABASE_URL};
 use idem_outbox::{Outbox, OutboxMessage};
+use idem_testkit::Service;
 
 fn db_url() -> String {
     std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned())
@@ -14,9 +15,7 @@ fn db_url() -> String {
 #[tokio::test]
 async fn status_counts_pending_rows() {
     let url = db_url();
-    let pool = sqlx::PgPool::connect(&url).await.unwrap_or_else(|e| {
-        panic!("PostgreSQL not reachable at {}: start it (e.g. `pg_ctlcluster <version> main start`) or set DATABASE_URL: {e}", idem_core::redact::redact_url(&url))
-    });
+    let pool = Service::PostgreSql.expect_connected(&url, sqlx::PgPool::connect(&url).await);
     let table = format!("idem_cli_test_{}", uuid::Uuid::new_v4().simple());
     let outbox = Outbox::new(&table).unwrap();
     outbox.ensure_schema(&pool).await.unwrap();
@@ -76,15 +75,12 @@ fn unreachable_database_exits_2_without_the_password() {
 #[tokio::test]
 async fn relay_command_publishes_until_sigterm() {
     let url = db_url();
-    let pool = sqlx::PgPool::connect(&url).await.unwrap_or_else(|e| {
-        panic!("PostgreSQL not reachable at {}: start it (e.g. `pg_ctlcluster <version> main start`) or set DATABASE_URL: {e}", idem_core::redact::redact_url(&url))
-    });
+    let pool = Service::PostgreSql.expect_connected(&url, sqlx::PgPool::connect(&url).await);
     let amqp = idem_amqp::amqp_url_from_env();
-    let conn = idem_amqp::connect(&amqp, "idem-cli-test-relay")
-        .await
-        .unwrap_or_else(|e| {
-            panic!("RabbitMQ not reachable: {e}. Start it with `rabbitmq-server -detached`")
-        });
+    let conn = Service::RabbitMq.expect_connected(
+        &amqp,
+        idem_amqp::connect(&amqp, "idem-cli-test-relay").await,
+    );
     let ch = conn.create_channel().await.unwrap();
     let id = uuid::Uuid::new_v4().simple().to_string();
     let table = format!("idem_cli_relay_{id}");

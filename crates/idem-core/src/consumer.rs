@@ -259,6 +259,22 @@ pub struct ConsumerBuilder {
     layers: Vec<LayerFn>,
 }
 
+impl fmt::Debug for ConsumerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConsumerBuilder")
+            .field("name", &self.name)
+            .field("mode", &self.mode)
+            .field("dedup", &self.dedup.is_some())
+            .field("backoff", &self.backoff)
+            .field("handler_timeout", &self.handler_timeout)
+            .field("crash_limit", &self.crash_limit)
+            .field("breaker", &self.breaker)
+            .field("layers", &self.layers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
 enum BreakerSetting {
     /// On with the defaults when there is a dedup stage.
     Default,

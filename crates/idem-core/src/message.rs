@@ -21,7 +21,7 @@ use bytes::Bytes;
 /// dead-letters at the first failure); negative, non-numeric or wrong-type values are
 /// ignored as if absent (0 failed attempts) with one `warn` log.
 pub const ATTEMPTS_HEADER: &str = "x-idem-attempts";
-/// Header a producer may set to carry the idempotence key when `message_id` is not set.
+/// Header a producer may set to carry the idempotency key when `message_id` is not set.
 ///
 /// A non-empty string is the key as is; an integer of any AMQP width (signed or
 /// unsigned) is the key in decimal text (`42` and `"42"` are the same key). An empty
@@ -108,7 +108,7 @@ pub type Headers = BTreeMap<String, HeaderValue>;
 /// a description of that type (`a float`, `a field table`). Those with a flat form are
 /// also in [`Message::headers`] as text or integer; the others are only named here.
 /// The RabbitMQ transport puts this in [`Message::extensions`] when there are any, so
-/// that an error about such a header (an idempotence key of the wrong type) names its
+/// that an error about such a header (an idempotency key of the wrong type) names its
 /// real type.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct UnmappedHeaders(pub BTreeMap<String, &'static str>);
@@ -116,7 +116,7 @@ pub struct UnmappedHeaders(pub BTreeMap<String, &'static str>);
 /// AMQP basic properties idem reads or sets. Transports keep the rest untouched.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Properties {
-    /// The producer's message id; idem's default idempotence key.
+    /// The producer's message id; idem's default idempotency key.
     pub message_id: Option<String>,
     /// MIME type of the body, e.g. `application/json`.
     pub content_type: Option<String>,
@@ -171,7 +171,7 @@ impl Message {
         }
     }
 
-    /// Sets the AMQP `message_id` (idem's default idempotence key).
+    /// Sets the AMQP `message_id` (idem's default idempotency key).
     pub fn with_message_id(mut self, id: impl Into<String>) -> Self {
         self.properties.message_id = Some(id.into());
         self

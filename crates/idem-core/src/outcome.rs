@@ -54,7 +54,7 @@ pub mod headers {
     pub const ORIGINAL_QUEUE: &str = "x-idem-original-queue";
     /// Consumer name. Written only.
     pub const CONSUMER: &str = "x-idem-consumer";
-    /// Idempotence key, if one was found. Written only.
+    /// Idempotency key, if one was found. Written only.
     pub const KEY: &str = "x-idem-key";
 }
 
@@ -71,7 +71,7 @@ pub struct Failure {
     pub first_failed_at: SystemTime,
     /// When this failure happened.
     pub last_failed_at: SystemTime,
-    /// The idempotence key, if one was found.
+    /// The idempotency key, if one was found.
     pub key: Option<String>,
 }
 

@@ -291,7 +291,7 @@ async fn integer_key_header_is_a_key_and_a_boolean_one_is_named() {
     let dlq = broker.peek_all("q.dlq");
     assert_eq!(
         dlq[0].header_str(h::ERROR),
-        Some("idempotence-key header x-idempotency-key holds a boolean (true); a key must be a non-empty string or an integer")
+        Some("idempotency-key header x-idempotency-key holds a boolean (true); a key must be a non-empty string or an integer")
     );
     assert_eq!(dlq[0].header_str(h::ERROR_KIND), Some("permanent"));
 }

@@ -6,7 +6,7 @@
 //! ([`Outbox::enqueue`]). Nothing is published unless that transaction commits. A
 //! [`Relay`] then publishes committed rows to RabbitMQ with publisher confirms and only
 //! afterwards marks them published. A relay that dies after publishing but before
-//! marking publishes the row again: each row carries a stable UUIDv7 idempotence key
+//! marking publishes the row again: each row carries a stable UUIDv7 idempotency key
 //! that becomes its AMQP `message_id`, so the consumer's dedup absorbs the copy.
 //!
 //! PostgreSQL is supported (SQLite and MariaDB relays are not implemented yet: see the

@@ -17,7 +17,7 @@ pub struct OutboxMessage {
 
 impl OutboxMessage {
     /// A message for `exchange` (`""` is the default exchange) and `routing_key`, with a
-    /// fresh UUIDv7 idempotence key (its AMQP `message_id`).
+    /// fresh UUIDv7 idempotency key (its AMQP `message_id`).
     pub fn new(
         exchange: impl Into<String>,
         routing_key: impl Into<String>,
@@ -69,7 +69,7 @@ impl OutboxMessage {
         self
     }
 
-    /// The idempotence key (becomes the AMQP `message_id`).
+    /// The idempotency key (becomes the AMQP `message_id`).
     pub fn id(&self) -> Uuid {
         self.id
     }

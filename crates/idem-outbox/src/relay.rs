@@ -198,7 +198,7 @@ impl Relay {
     /// One round: lease a batch, publish, mark. Returns how many rows were leased
     /// (0 when nothing is due).
     pub async fn relay_once(&self) -> Result<usize, OutboxError> {
-        let t = self.outbox.table();
+        let t = self.outbox.table_name();
         let mut tx = self.pool.begin().await?;
         let fetched = sqlx::query(&format!(
             "SELECT id, message_id, exchange, routing_key, headers, content_type, body, ordering_key
@@ -337,7 +337,7 @@ impl Relay {
             "SELECT ordering_key, min(id) FROM {t}
              WHERE published_at IS NULL AND ordering_key = ANY($1) AND NOT (id = ANY($2))
              GROUP BY ordering_key",
-            t = self.outbox.table()
+            t = self.outbox.table_name()
         ))
         .bind(&keys)
         .bind(&ids)

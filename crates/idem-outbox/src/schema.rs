@@ -48,7 +48,7 @@ impl Outbox {
     }
 
     /// The table name.
-    pub fn table(&self) -> &str {
+    pub fn table_name(&self) -> &str {
         &self.table
     }
 
@@ -107,7 +107,7 @@ impl Outbox {
 
     /// Writes `msg` into the outbox inside the caller's transaction (pass `&mut tx`).
     /// It is published only if that transaction commits. Returns the message's
-    /// idempotence key (its AMQP `message_id`).
+    /// idempotency key (its AMQP `message_id`).
     ///
     /// A message with an [ordering key](OutboxMessage::ordering_key) takes a
     /// transaction-scoped advisory lock on this table and key first: another

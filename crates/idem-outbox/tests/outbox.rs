@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use idem_core::{Consumer, Disposition, MemoryStore, Message};
 use idem_outbox::{Outbox, OutboxError, OutboxMessage, Relay};
+use idem_testkit::Service;
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
@@ -22,26 +23,20 @@ fn amqp_url() -> String {
 async fn pg() -> PgPool {
     let url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    sqlx::postgres::PgPoolOptions::new()
+    let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(8)
         .acquire_timeout(Duration::from_secs(5))
         .connect(&url)
-        .await
-        .unwrap_or_else(|e| {
-            panic!("PostgreSQL not reachable at {}: {e}. Start it with `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`", idem_core::redact::redact_url(&url))
-        })
+        .await;
+    Service::PostgreSql.expect_connected(&url, pool)
 }
 
 async fn rabbit() -> (Connection, Channel) {
     let url = amqp_url();
-    let conn = Connection::connect(&url, ConnectionProperties::default())
-        .await
-        .unwrap_or_else(|e| {
-            panic!(
-                "RabbitMQ not reachable at {}: {e}. Start it with `rabbitmq-server -detached`",
-                idem_core::redact::redact_url(&url)
-            )
-        });
+    let conn = Service::RabbitMq.expect_connected(
+        &url,
+        Connection::connect(&url, ConnectionProperties::default()).await,
+    );
     let ch = conn.create_channel().await.unwrap();
     (conn, ch)
 }
@@ -116,10 +111,13 @@ impl Fixture {
             .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
             .await
             .unwrap();
-        sqlx::query(&format!("DROP TABLE IF EXISTS {}", self.outbox.table()))
-            .execute(&self.pool)
-            .await
-            .unwrap();
+        sqlx::query(&format!(
+            "DROP TABLE IF EXISTS {}",
+            self.outbox.table_name()
+        ))
+        .execute(&self.pool)
+        .await
+        .unwrap();
     }
 }
 
@@ -157,7 +155,7 @@ async fn rollback_publishes_nothing_commit_publishes_once() {
     assert_eq!(
         message_id(&got[0]),
         id.to_string(),
-        "the idempotence key is the message_id"
+        "the idempotency key is the message_id"
     );
     assert_eq!(got[0].data, br#"{"n":1}"#);
     assert_eq!(
@@ -357,7 +355,7 @@ async fn two_relays_race_fifty_times_each_row_once_in_key_order() {
 async fn relay_leaves_a_key_alone_behind_a_row_another_relay_holds() {
     let f = Fixture::new().await;
     enqueue_keyed(&f, 1, 5).await; // key-0: 0:0 .. 0:4, ids ascending
-    let t = f.outbox.table().to_owned();
+    let t = f.outbox.table_name().to_owned();
     let ids: Vec<i64> = sqlx::query_scalar(&format!("SELECT id FROM {t} ORDER BY id"))
         .fetch_all(&f.pool)
         .await

@@ -195,7 +195,7 @@ impl Dialect {
         }
         let limits = [
             ("consumer name", Some(consumer), 200),
-            ("idempotence key", Some(key), 512),
+            ("idempotency key", Some(key), 512),
             ("owner token", owner, 255),
             ("fingerprint", fingerprint, 255),
         ];

@@ -71,6 +71,31 @@ impl Tables {
         }
     }
 
+    /// The handlers' state: the pool and the insert into this test's charges table.
+    fn state(&self) -> Charges {
+        Charges {
+            pool: self.pool.clone(),
+            insert: format!("INSERT INTO {} (order_id) VALUES ($1)", self.charges),
+        }
+    }
+
+    /// How many charges `key` has (the harness's effect probe).
+    fn charge_count(
+        &self,
+        key: String,
+    ) -> impl std::future::Future<Output = Result<u64, sqlx::Error>> + 'static {
+        let (pool, table) = (self.pool.clone(), self.charges.clone());
+        async move {
+            sqlx::query_scalar::<_, i64>(&format!(
+                "SELECT count(*) FROM {table} WHERE order_id = $1"
+            ))
+            .bind(key)
+            .fetch_one(&pool)
+            .await
+            .map(|n| n as u64)
+        }
+    }
+
     async fn drop_all(self) {
         for t in [
             self.charges,
@@ -128,10 +153,7 @@ fn orders(n: usize) -> Vec<Message> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handler_writing_through_tx_passes_the_default_profile() {
     let t = Tables::new().await;
-    let charges = Charges {
-        pool: t.pool.clone(),
-        insert: format!("INSERT INTO {} (order_id) VALUES ($1)", t.charges),
-    };
+    let charges = t.state();
     let inbox = t.inbox.clone();
     // 300 keeps `cargo test` short; IDEM_HARNESS_MESSAGES=1000 measures the README's figure.
     let n = std::env::var("IDEM_HARNESS_MESSAGES")
@@ -146,18 +168,7 @@ async fn handler_writing_through_tx_passes_the_default_profile() {
             .handler_with_state(charge_in_tx, charges)
     })
     .messages(orders(n))
-    .run(|key| {
-        let (pool, table) = (t.pool.clone(), t.charges.clone());
-        async move {
-            sqlx::query_scalar::<_, i64>(&format!(
-                "SELECT count(*) FROM {table} WHERE order_id = $1"
-            ))
-            .bind(key)
-            .fetch_one(&pool)
-            .await
-            .map(|n| n as u64)
-        }
-    })
+    .run(|key| t.charge_count(key))
     .await
     .unwrap();
     let took = started.elapsed();
@@ -171,10 +182,7 @@ async fn handler_writing_through_tx_passes_the_default_profile() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handler_writing_outside_tx_is_caught() {
     let t = Tables::new().await;
-    let charges = Charges {
-        pool: t.pool.clone(),
-        insert: format!("INSERT INTO {} (order_id) VALUES ($1)", t.charges),
-    };
+    let charges = t.state();
     let inbox = t.inbox.clone();
     let report = Harness::new(move |trouble| {
         Consumer::builder("harness-pool")
@@ -185,18 +193,7 @@ async fn handler_writing_outside_tx_is_caught() {
     .messages(orders(20))
     .profile(Profile::crash_at(CrashPoint::AfterEffect))
     .seed(16)
-    .run(|key| {
-        let (pool, table) = (t.pool.clone(), t.charges.clone());
-        async move {
-            sqlx::query_scalar::<_, i64>(&format!(
-                "SELECT count(*) FROM {table} WHERE order_id = $1"
-            ))
-            .bind(key)
-            .fetch_one(&pool)
-            .await
-            .map(|n| n as u64)
-        }
-    })
+    .run(|key| t.charge_count(key))
     .await
     .unwrap();
     t.drop_all().await;
@@ -223,10 +220,7 @@ async fn handler_writing_outside_tx_is_caught() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handler_writing_outside_tx_is_caught_by_the_default_profile() {
     let t = Tables::new().await;
-    let charges = Charges {
-        pool: t.pool.clone(),
-        insert: format!("INSERT INTO {} (order_id) VALUES ($1)", t.charges),
-    };
+    let charges = t.state();
     let inbox = t.inbox.clone();
     let report = Harness::new(move |trouble| {
         Consumer::builder("harness-pool-default")
@@ -235,18 +229,7 @@ async fn handler_writing_outside_tx_is_caught_by_the_default_profile() {
             .handler_with_state(charge_outside_tx, charges)
     })
     .messages(orders(200))
-    .run(|key| {
-        let (pool, table) = (t.pool.clone(), t.charges.clone());
-        async move {
-            sqlx::query_scalar::<_, i64>(&format!(
-                "SELECT count(*) FROM {table} WHERE order_id = $1"
-            ))
-            .bind(key)
-            .fetch_one(&pool)
-            .await
-            .map(|n| n as u64)
-        }
-    })
+    .run(|key| t.charge_count(key))
     .await
     .unwrap();
     t.drop_all().await;

@@ -191,7 +191,7 @@ pub struct DlqEntry {
     /// Who dead-lettered it: `idem` (it carries `x-idem-error` or
     /// `x-idem-error-kind`), `broker` (only the broker's death headers) or `unknown`.
     pub source: String,
-    /// `x-idem-key`: the idempotence key.
+    /// `x-idem-key`: the idempotency key.
     pub key: Option<String>,
     /// `x-idem-error-kind`: `transient` or `permanent`.
     pub error_kind: Option<String>,

@@ -22,6 +22,13 @@ pub struct ClassifyLayer {
     policy: Arc<dyn Classify>,
 }
 
+impl std::fmt::Debug for ClassifyLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The policy is a trait object with no `Debug` of its own.
+        f.debug_struct("ClassifyLayer").finish_non_exhaustive()
+    }
+}
+
 impl Default for ClassifyLayer {
     fn default() -> Self {
         ClassifyLayer::new(DefaultClassifier)
@@ -52,6 +59,14 @@ impl<S> Layer<S> for ClassifyLayer {
 pub struct ClassifyService<S> {
     inner: S,
     policy: Arc<dyn Classify>,
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for ClassifyService<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClassifyService")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<S> Service<Message> for ClassifyService<S>

@@ -24,6 +24,14 @@ pub struct Bounded {
     timeout: Duration,
 }
 
+impl std::fmt::Debug for Bounded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bounded")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Bounded {
     /// `store` with every call limited to `timeout`.
     pub fn new(store: Arc<dyn DedupStore>, timeout: Duration) -> Self {

@@ -4,10 +4,10 @@ use sha2::{Digest, Sha256};
 
 use crate::message::{HeaderValue, Message, UnmappedHeaders, IDEMPOTENCY_KEY_HEADER};
 
-/// Longest accepted idempotence key, in bytes. A longer key is a content error.
+/// Longest accepted idempotency key, in bytes. A longer key is a content error.
 pub const MAX_KEY_LEN: usize = 512;
 
-/// Where the idempotence key comes from.
+/// Where the idempotency key comes from.
 pub trait KeyExtractor: Send + Sync + 'static {
     /// The key, or `None` if the message has none.
     fn extract(&self, msg: &Message) -> Option<String>;
@@ -106,13 +106,13 @@ fn header_key(msg: &Message, name: &str) -> Result<Option<String>, KeyTypeError>
     }
 }
 
-/// The idempotence-key header is there, but its value cannot be a key (a boolean,
+/// The idempotency-key header is there, but its value cannot be a key (a boolean,
 /// binary data, a float, a table...). Permanent, whatever the [`MissingKey`] policy:
 /// the producer meant to set a key, and hashing the body instead could merge messages
 /// it meant to keep apart.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "idempotence-key header {header} holds {found}; a key must be a non-empty string or an integer"
+    "idempotency-key header {header} holds {found}; a key must be a non-empty string or an integer"
 )]
 pub struct KeyTypeError {
     /// The header name.
@@ -144,7 +144,7 @@ impl KeyExtractor for JsonFieldKey {
     }
 }
 
-/// What to do with a message that has no idempotence key.
+/// What to do with a message that has no idempotency key.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum MissingKey {
     /// Dead-letter it at once (the default): without a key, dedup is impossible.
@@ -155,17 +155,17 @@ pub enum MissingKey {
     ContentHash,
 }
 
-/// The message has no idempotence key. Permanent.
+/// The message has no idempotency key. Permanent.
 #[derive(Debug, thiserror::Error)]
-#[error("message has no idempotence key (no message_id property, no x-idempotency-key header, and no custom key)")]
+#[error("message has no idempotency key (no message_id property, no x-idempotency-key header, and no custom key)")]
 pub struct MissingKeyError;
 
-/// The idempotence key is longer than [`MAX_KEY_LEN`]. Permanent.
+/// The idempotency key is longer than [`MAX_KEY_LEN`]. Permanent.
 #[derive(Debug, thiserror::Error)]
-#[error("idempotence key is {0} bytes long, the limit is {MAX_KEY_LEN}")]
+#[error("idempotency key is {0} bytes long, the limit is {MAX_KEY_LEN}")]
 pub struct KeyTooLongError(pub usize);
 
-/// The idempotence key of `msg`: from `extractor`, else per the `missing` policy.
+/// The idempotency key of `msg`: from `extractor`, else per the `missing` policy.
 /// Missing (under [`MissingKey::Poison`]), wrongly typed ([`KeyTypeError`]) and
 /// oversized keys are permanent errors. Shared by every dedup stage so
 /// they agree on what the key of a message is.
@@ -255,12 +255,12 @@ mod tests {
         let cases: Vec<(Message, &str)> = vec![
             (
                 Message::new("x").with_header(IDEMPOTENCY_KEY_HEADER, true),
-                "idempotence-key header x-idempotency-key holds a boolean (true); a key must be a non-empty string or an integer",
+                "idempotency-key header x-idempotency-key holds a boolean (true); a key must be a non-empty string or an integer",
             ),
             (
                 Message::new("x")
                     .with_header(IDEMPOTENCY_KEY_HEADER, HeaderValue::Bytes(vec![0xff, 0xfe])),
-                "idempotence-key header x-idempotency-key holds 2 bytes of binary data, not UTF-8 text; a key must be a non-empty string or an integer",
+                "idempotency-key header x-idempotency-key holds 2 bytes of binary data, not UTF-8 text; a key must be a non-empty string or an integer",
             ),
             (
                 {
@@ -271,7 +271,7 @@ mod tests {
                     m.extensions.insert(u);
                     m
                 },
-                "idempotence-key header x-idempotency-key holds a float; a key must be a non-empty string or an integer",
+                "idempotency-key header x-idempotency-key holds a float; a key must be a non-empty string or an integer",
             ),
             (
                 {
@@ -281,7 +281,7 @@ mod tests {
                     m.extensions.insert(u);
                     m
                 },
-                "idempotence-key header x-idempotency-key holds a field table; a key must be a non-empty string or an integer",
+                "idempotency-key header x-idempotency-key holds a field table; a key must be a non-empty string or an integer",
             ),
         ];
         for (m, want) in cases {
@@ -310,7 +310,7 @@ mod tests {
         ] {
             assert_eq!(DefaultKey.try_extract(&m), Ok(None));
             let e = resolve_key(&DefaultKey, MissingKey::Poison, &m).unwrap_err();
-            assert!(e.chain().starts_with("message has no idempotence key"));
+            assert!(e.chain().starts_with("message has no idempotency key"));
         }
     }
 

@@ -46,12 +46,12 @@ impl Processed {
 /// poison and the broker's confirm would otherwise lose the message). The DLQ may
 /// then hold two copies of it; a replay of either runs it once.
 #[derive(Debug, thiserror::Error)]
-#[error("idempotence key {0:?} was dead-lettered as poison before; dead-lettering this copy too (replay with header x-idem-replay to run it)")]
+#[error("idempotency key {0:?} was dead-lettered as poison before; dead-lettering this copy too (replay with header x-idem-replay to run it)")]
 pub struct PreviouslyPoisonedError(pub String);
 
 /// The key was done with a different payload fingerprint. Permanent.
 #[derive(Debug, thiserror::Error)]
-#[error("idempotence key {0:?} was already processed with a different payload")]
+#[error("idempotency key {0:?} was already processed with a different payload")]
 pub struct PayloadMismatchError(pub String);
 
 #[derive(Clone)]
@@ -71,7 +71,7 @@ struct Config {
 /// [`DedupLayer::scope`].
 const DEFAULT_SCOPE: &str = "default";
 
-/// Layer applying idempotence-key dedup through a lease [`DedupStore`]. See the
+/// Layer applying idempotency-key dedup through a lease [`DedupStore`]. See the
 /// [module docs](super).
 ///
 /// Built like every idem store and inbox: `new` with what is required, then chained

@@ -1,4 +1,4 @@
-//! Idempotence-key dedup: the second arrival of a message is a no-op.
+//! Idempotency-key dedup: the second arrival of a message is a no-op.
 //!
 //! [`DedupLayer`] wraps a classified handler stack (errors already carry an
 //! [`ErrorKind`](crate::ErrorKind), see [`ClassifyLayer`](crate::classify::ClassifyLayer))

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 
 use crate::error::BoxError;
 
-/// An idempotence key scoped by consumer name: two consumers of one message (fan-out)
+/// An idempotency key scoped by consumer name: two consumers of one message (fan-out)
 /// each have their own record.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ScopedKey {
@@ -28,7 +28,7 @@ impl ScopedKey {
         &self.consumer
     }
 
-    /// The idempotence key.
+    /// The idempotency key.
     pub fn key(&self) -> &str {
         &self.key
     }

@@ -202,6 +202,14 @@ pub struct HandlerService<H, T, S> {
     _marker: PhantomData<fn() -> T>,
 }
 
+impl<H, T, S> std::fmt::Debug for HandlerService<H, T, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HandlerService")
+            .field("handler", &std::any::type_name::<H>())
+            .finish_non_exhaustive()
+    }
+}
+
 impl<H, T, S> HandlerService<H, T, S>
 where
     H: Handler<T, S>,

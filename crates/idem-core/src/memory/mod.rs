@@ -57,6 +57,22 @@ pub struct MemoryBroker {
     shared: Arc<Shared>,
 }
 
+impl std::fmt::Debug for MemoryBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Queue names with the number of ready messages in each.
+        let queues = self.queues();
+        let mut names: Vec<_> = queues
+            .iter()
+            .map(|(n, q)| (n.clone(), q.ready.len()))
+            .collect();
+        drop(queues);
+        names.sort();
+        f.debug_struct("MemoryBroker")
+            .field("queues", &names)
+            .finish()
+    }
+}
+
 impl MemoryBroker {
     /// An empty broker.
     pub fn new() -> Self {
@@ -160,6 +176,17 @@ pub struct MemoryWorker {
     consumer: Consumer,
     prefetch: usize,
     on_settle: Option<SettleHook>,
+}
+
+impl std::fmt::Debug for MemoryWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryWorker")
+            .field("queue", &self.queue)
+            .field("consumer", &self.consumer)
+            .field("prefetch", &self.prefetch)
+            .field("on_settle", &self.on_settle.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl MemoryWorker {

@@ -72,6 +72,12 @@ pub struct TxConn<'a, DB: Backend> {
     guard: MappedMutexGuard<'a, Transaction<'static, DB>>,
 }
 
+impl<DB: Backend> fmt::Debug for TxConn<'_, DB> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TxConn").finish_non_exhaustive()
+    }
+}
+
 impl<DB: Backend> Deref for TxConn<'_, DB> {
     type Target = DB::Connection;
     fn deref(&self) -> &DB::Connection {
