@@ -20,15 +20,25 @@ pub fn ensure_up() {
         if run("status").is_ok_and(|o| o.status.success()) {
             return Ok(());
         }
-        match run("up") {
-            Ok(o) if o.status.success() => Ok(()),
-            Ok(o) => Err(format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            )),
-            Err(e) => Err(e.to_string()),
+        // `up` repairs missing nodes; a cluster left in a state it cannot repair (e.g. a
+        // Redis node that lost its cluster identity mid-failover) is rebuilt once from
+        // nothing: it only ever holds test data.
+        let mut why = String::new();
+        for attempt in ["up", "rebuild"] {
+            if attempt == "rebuild" {
+                let _ = run("down");
+            }
+            match run("up") {
+                Ok(o) if o.status.success() => return Ok(()),
+                Ok(o) => why.push_str(&format!(
+                    "{attempt}: {}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                )),
+                Err(e) => why.push_str(&format!("{attempt}: {e}\n")),
+            }
         }
+        Err(why)
     });
     if let Err(why) = outcome {
         panic!(
