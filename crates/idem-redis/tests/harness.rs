@@ -8,23 +8,17 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use idem_core::redact::redact_url;
 use idem_core::testing::{CrashPoint, Expected, Harness, Profile};
 use idem_core::{Consumer, DedupLayer, IdempotencyKey, Message, State};
 use idem_redis::RedisStore;
-
-fn url() -> String {
-    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
+use idem_testkit::Service;
 
 async fn store(prefix: &str) -> RedisStore {
-    match RedisStore::builder(&url()).prefix(prefix).connect().await {
-        Ok(s) => s,
-        Err(e) => panic!(
-            "Redis not reachable at {} (set REDIS_URL; see README \"Running the tests\"): start it with `bash .ci/services`: {e}",
-            redact_url(&url())
-        ),
-    }
+    let url = Service::Redis.url();
+    Service::Redis.expect_connected(
+        &url,
+        RedisStore::builder(&url).prefix(prefix).connect().await,
+    )
 }
 
 async fn cleanup(store: &RedisStore) {
