@@ -38,6 +38,9 @@ pub(crate) fn over_limit(msg: &Message, consumer: &str, limit: Option<u32>) -> O
         .map_or(now, |t| t.min(now)),
         last_failed_at: now,
         key: msg.properties.message_id.clone(),
+        error_type: None,
+        immediate_retries: 0,
+        backtrace: None,
     };
     Some(Disposition::dead_letter(msg, consumer, failure))
 }
@@ -57,6 +60,9 @@ mod tests {
             first_failed_at: SystemTime::now(),
             last_failed_at: SystemTime::now(),
             key: None,
+            error_type: None,
+            immediate_retries: 0,
+            backtrace: None,
         }
     }
 

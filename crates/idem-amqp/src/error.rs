@@ -115,6 +115,17 @@ pub enum Error {
     /// The Prometheus endpoint could not start.
     #[error("metrics endpoint: {0}")]
     Metrics(String),
+    /// [`Publisher::publish_delayed`](crate::Publisher::publish_delayed) was asked for
+    /// a delay longer than the queue's longest delay tier; nothing was published.
+    #[error("delay {delay:?} is longer than the longest delay tier of queue {queue:?} ({longest:?}): nothing published; add a longer tier (Topology::tiers) or hold the message elsewhere until it is due")]
+    DelayTooLong {
+        /// The delay asked for.
+        delay: std::time::Duration,
+        /// The longest tier of the queue's topology.
+        longest: std::time::Duration,
+        /// The work queue.
+        queue: String,
+    },
 }
 
 /// Whether a failed connection attempt was refused by the broker (bad credentials or

@@ -48,6 +48,7 @@
 
 pub mod convert;
 mod crash;
+pub mod delayed;
 pub mod endpoints;
 pub mod error;
 #[cfg(feature = "failpoints")]

@@ -8,7 +8,9 @@
 //! - **Outcomes**: ack -> `basic.ack`. Retry -> a copy (body, original properties,
 //!   `x-idem-*` failure headers, the original exchange and routing key) is published to
 //!   `Q.retry.<tier>` and confirmed, *then* the original is acked. Dead-letter -> the
-//!   same to `Q.dlq` with the dead-letter headers. Release (circuit breaker open) ->
+//!   same to `Q.dlq` with the dead-letter headers, then the consumer's dead-letter
+//!   hook is told (only once the copy is confirmed). Discard (the handler dropped it on
+//!   purpose) -> `basic.ack`, no copy. Release (circuit breaker open) ->
 //!   `basic.nack` with `requeue=true`: no copy, no attempt spent.
 //! - **Copy not confirmed**: the delivery stays unacked while the publish is retried
 //!   (1, 2, 4, 8, 16 s) as long as the channel is open; then it is nacked with
@@ -605,9 +607,13 @@ async fn handle(
         Some(over) if !at_most_once => over,
         _ => consumer.process(msg).await,
     };
+    // Whether a dead-letter copy was confirmed (the dead-letter hook is told only then).
+    let mut dead_lettered = false;
     if !at_most_once {
         match &disposition {
             Disposition::Release { .. } => requeue(&acker).await,
+            // Dropped on purpose by the handler: acked, no copy.
+            Disposition::Discard { .. } => ack(&acker).await,
             Disposition::Ack { .. } => {
                 #[cfg(feature = "failpoints")]
                 if matches!(disposition, Disposition::Ack { duplicate: false }) {
@@ -636,11 +642,11 @@ async fn handle(
                     &acker,
                     "retry",
                 )
-                .await
+                .await;
             }
             Disposition::DeadLetter { headers, .. } => {
                 let dlq = shared.dlq.as_str();
-                forward(
+                dead_lettered = forward(
                     &publish,
                     dlq,
                     &body,
@@ -649,17 +655,21 @@ async fn handle(
                     &acker,
                     "dead-letter",
                 )
-                .await
+                .await;
             }
         }
     }
+    let settled = Settled::new(
+        properties.message_id().as_ref().map(ShortString::as_str),
+        failed_before,
+        queue,
+        &disposition,
+    );
     if let Some(hook) = &shared.on_settle {
-        hook(Settled::new(
-            properties.message_id().as_ref().map(ShortString::as_str),
-            failed_before,
-            queue,
-            &disposition,
-        ));
+        hook(settled);
+    }
+    if dead_lettered {
+        shared.consumer.notify_dead_lettered(&settled, &shared.dlq);
     }
 }
 
@@ -674,6 +684,7 @@ async fn ack(acker: &Acker) {
 }
 
 /// Publishes the copy with confirm, then acks; see the module docs for failures.
+/// Returns whether the copy was confirmed.
 async fn forward(
     channel: &Channel,
     target: &str,
@@ -682,13 +693,14 @@ async fn forward(
     extra: &Headers,
     acker: &Acker,
     what: &'static str,
-) {
+) -> bool {
     let headers = match merge_headers(properties.headers().as_ref(), extra) {
         Ok(h) => h,
         Err(e) => {
             // Only idem's own header names are added, all short: cannot happen.
             tracing::error!(error = %e, "cannot build the {what} copy");
-            return requeue(acker).await;
+            requeue(acker).await;
+            return false;
         }
     };
     let props = properties.clone().with_headers(headers);
@@ -698,12 +710,13 @@ async fn forward(
             Ok(()) => {
                 #[cfg(feature = "failpoints")]
                 crate::failpoints::hit(crate::failpoints::AFTER_RETRY_PUBLISH_BEFORE_ACK);
-                return ack(acker).await;
+                ack(acker).await;
+                return true;
             }
             Err(e) => {
                 if !channel.status().connected() {
                     tracing::warn!(error = %e, queue = target, "{what} copy not published and the channel is gone; the broker redelivers the original");
-                    return;
+                    return false;
                 }
                 match delays.next() {
                     Some(delay) => {
@@ -712,7 +725,8 @@ async fn forward(
                     }
                     None => {
                         tracing::error!(error = %e, queue = target, "{what} copy still not confirmed; requeueing the original");
-                        return requeue(acker).await;
+                        requeue(acker).await;
+                        return false;
                     }
                 }
             }

@@ -61,10 +61,13 @@ use crate::breaker::{BreakerConfig, BreakerLayer, CircuitBreaker, HealthCheck};
 use crate::classify::{Classify, ClassifyLayer};
 use crate::crash::{CrashGuard, DEFAULT_CRASH_LIMIT};
 use crate::dedup::{DedupLayer, DedupSettings, DedupStore, Processed};
-use crate::error::{BoxError, ErrorKind, HandlerError, HandlerTimeoutError};
+use crate::error::{capturing_backtraces, BoxError, ErrorKind, HandlerError, HandlerTimeoutError};
 use crate::handler::{Handler, HandlerService, HandlerState, SharedService};
 use crate::message::Message;
-use crate::outcome::{headers, truncate, DelayKind, Disposition, Failure, Origin, MAX_ERROR_LEN};
+use crate::outcome::{
+    headers, truncate, DeadLetterHook, DeadLettered, DelayKind, Disposition, Failure, Origin,
+    Settled, MAX_BACKTRACE_LEN, MAX_ERROR_LEN, MAX_HEADER_LEN,
+};
 
 use crate::__private::{ClassifiedService, DedupedService};
 
@@ -168,6 +171,11 @@ pub struct Stats {
     pub dead_lettered: u64,
     /// At-most-once failures (acked before the handler, not retried).
     pub dropped: u64,
+    /// Immediate (in-process) retries run; not counted in `retries`, which counts
+    /// retry copies (see [`ConsumerBuilder::immediate_retries`]).
+    pub immediate_retries: u64,
+    /// Messages the handler dropped on purpose ([`HandlerError::discard`]).
+    pub discarded: u64,
 }
 
 impl fmt::Display for Stats {
@@ -180,6 +188,12 @@ impl fmt::Display for Stats {
         if self.dropped > 0 {
             write!(f, " dropped={}", self.dropped)?;
         }
+        if self.immediate_retries > 0 {
+            write!(f, " immediate_retries={}", self.immediate_retries)?;
+        }
+        if self.discarded > 0 {
+            write!(f, " discarded={}", self.discarded)?;
+        }
         Ok(())
     }
 }
@@ -191,6 +205,8 @@ struct Counters {
     retries: AtomicU64,
     dead_lettered: AtomicU64,
     dropped: AtomicU64,
+    immediate_retries: AtomicU64,
+    discarded: AtomicU64,
 }
 
 struct Meters {
@@ -198,6 +214,8 @@ struct Meters {
     duplicates: metrics::Counter,
     retries: metrics::Counter,
     dead_lettered: metrics::Counter,
+    immediate_retries: metrics::Counter,
+    discarded: metrics::Counter,
     latency: metrics::Histogram,
 }
 
@@ -209,6 +227,8 @@ impl Meters {
             duplicates: metrics::counter!("idem_duplicates_total", "consumer" => c.clone()),
             retries: metrics::counter!("idem_retries_total", "consumer" => c.clone()),
             dead_lettered: metrics::counter!("idem_dead_lettered_total", "consumer" => c.clone()),
+            immediate_retries: metrics::counter!("idem_immediate_retries_total", "consumer" => c.clone()),
+            discarded: metrics::counter!("idem_discarded_total", "consumer" => c.clone()),
             latency: metrics::histogram!("idem_handler_duration_seconds", "consumer" => c),
         }
     }
@@ -224,6 +244,9 @@ struct Inner {
     retention: Option<Duration>,
     crash_guard: CrashGuard,
     breaker: Option<CircuitBreaker>,
+    immediate: ImmediateRetries,
+    backtraces: bool,
+    on_dead_letter: Option<DeadLetterHook>,
     counters: Counters,
     // Resolved on the first delivery, not at build time, so a metrics recorder
     // installed after the consumer was built (e.g. by the worker's Prometheus
@@ -256,8 +279,21 @@ pub struct ConsumerBuilder {
     handler_timeout: Duration,
     crash_limit: u32,
     breaker: BreakerSetting,
+    immediate: ImmediateRetries,
+    backtraces: bool,
+    on_dead_letter: Option<DeadLetterHook>,
     layers: Vec<LayerFn>,
 }
+
+/// Immediate (in-process) retries: how many, and the pause before each.
+#[derive(Clone, Copy, Debug)]
+struct ImmediateRetries {
+    limit: u32,
+    delay: Duration,
+}
+
+/// Default pause before an immediate retry.
+pub const DEFAULT_IMMEDIATE_RETRY_DELAY: Duration = Duration::from_millis(100);
 
 impl fmt::Debug for ConsumerBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -269,6 +305,10 @@ impl fmt::Debug for ConsumerBuilder {
             .field("handler_timeout", &self.handler_timeout)
             .field("crash_limit", &self.crash_limit)
             .field("breaker", &self.breaker)
+            .field("immediate_retries", &self.immediate.limit)
+            .field("immediate_retry_delay", &self.immediate.delay)
+            .field("backtrace_header", &self.backtraces)
+            .field("on_dead_letter", &self.on_dead_letter.is_some())
             .field("layers", &self.layers.len())
             .finish_non_exhaustive()
     }
@@ -296,6 +336,12 @@ impl Consumer {
             handler_timeout: Duration::from_secs(300),
             crash_limit: DEFAULT_CRASH_LIMIT,
             breaker: BreakerSetting::Default,
+            immediate: ImmediateRetries {
+                limit: 0,
+                delay: DEFAULT_IMMEDIATE_RETRY_DELAY,
+            },
+            backtraces: false,
+            on_dead_letter: None,
             layers: Vec::new(),
         }
     }
@@ -343,13 +389,56 @@ impl Consumer {
             retries: c.retries.load(Ordering::Relaxed),
             dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
             dropped: c.dropped.load(Ordering::Relaxed),
+            immediate_retries: c.immediate_retries.load(Ordering::Relaxed),
+            discarded: c.discarded.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Immediate retries allowed per delivery (0 by default); see
+    /// [`ConsumerBuilder::immediate_retries`].
+    pub fn immediate_retries(&self) -> u32 {
+        self.inner.immediate.limit
+    }
+
+    /// Tells the consumer's dead-letter hook (if any) that the delivery `settled`
+    /// describes was dead-lettered to `dead_letter_queue`; does nothing for any other
+    /// disposition. Transports call it next to their settle hook, once the
+    /// dead-letter copy is safely stored (RabbitMQ: confirmed), and never when it is
+    /// not (the original then goes back to the queue, and the hook is told when a
+    /// later delivery's copy is stored).
+    pub fn notify_dead_lettered(&self, settled: &Settled<'_>, dead_letter_queue: &str) {
+        if let (Some(hook), Disposition::DeadLetter { failure, headers }) =
+            (&self.inner.on_dead_letter, settled.disposition)
+        {
+            hook(DeadLettered {
+                message_id: settled.message_id,
+                queue: settled.queue,
+                dead_letter_queue,
+                consumer: &self.inner.name,
+                failure,
+                headers,
+            });
         }
     }
 
     /// Checks that the handler timeout and dedup lease fit inside the broker's
     /// `consumer_timeout`. Transports call this at start-up.
+    /// With immediate retries, a delivery stays unacked through every try: the
+    /// handler timeout times the tries, plus the pauses between them, must fit too.
     pub fn check_broker_timeout(&self, broker: Duration) -> Result<(), ConfigError> {
+        let im = self.inner.immediate;
         let mut checks = vec![("handler timeout", self.inner.handler_timeout)];
+        if im.limit > 0 {
+            let all_tries = self
+                .inner
+                .handler_timeout
+                .saturating_mul(im.limit.saturating_add(1))
+                .saturating_add(im.delay.saturating_mul(im.limit));
+            checks.push((
+                "handler timeout x (immediate retries + 1) + immediate retry delays",
+                all_tries,
+            ));
+        }
         if let Some(lease) = self.inner.lease {
             checks.push(("dedup lease", lease));
         }
@@ -388,6 +477,7 @@ impl Consumer {
             message_id = msg.properties.message_id.as_deref().unwrap_or(""),
             key = field::Empty,
             attempt = msg.delivery.attempt,
+            immediate_retries = field::Empty,
             outcome = field::Empty,
             latency_ms = field::Empty,
         );
@@ -397,12 +487,46 @@ impl Consumer {
         let first_failed_at = crate::read::read_in::<SystemTime>(&msg, headers::FIRST_FAILED_AT);
         msg.extensions.insert(inner.crash_guard.clone());
         let started = Instant::now();
-        let result = inner
-            .service
-            .clone()
-            .oneshot(msg)
-            .instrument(span.clone())
-            .await;
+        let immediate = inner.immediate;
+        let mut spent = 0u32;
+        let result = loop {
+            // Each try runs the whole stack: the dedup stage claims the key again
+            // (a failed try released it; the SQL inbox rolled its transaction back and
+            // begins a new one), the handler timeout starts afresh, and the circuit
+            // breaker sees every store call.
+            let this_try = if spent < immediate.limit {
+                msg.clone()
+            } else {
+                std::mem::take(&mut msg)
+            };
+            let call = inner.service.clone().oneshot(this_try);
+            let result = capturing_backtraces(inner.backtraces, call)
+                .instrument(span.clone())
+                .await;
+            match result {
+                Err(err) if spent < immediate.limit && err.is_immediately_retryable() => {
+                    spent += 1;
+                    inner
+                        .counters
+                        .immediate_retries
+                        .fetch_add(1, Ordering::Relaxed);
+                    meters.immediate_retries.increment(1);
+                    span.in_scope(|| {
+                        tracing::info!(
+                            immediate_retry = spent,
+                            of = immediate.limit,
+                            error = %err,
+                            "transient failure; retrying at once"
+                        )
+                    });
+                    if !immediate.delay.is_zero() {
+                        tokio::time::sleep(immediate.delay).await;
+                    }
+                }
+                result => break result,
+            }
+        };
+        span.record("immediate_retries", spent);
         let elapsed = started.elapsed();
         meters.latency.record(elapsed.as_secs_f64());
 
@@ -411,7 +535,14 @@ impl Consumer {
         let disposition = match result {
             Ok(Processed::Handled) => Disposition::Ack { duplicate: false },
             Ok(Processed::Duplicate) => Disposition::Ack { duplicate: true },
-            Err(err) => self.on_error(err, &origin, failed_before, first_failed_at, fallback_key),
+            Err(err) => self.on_error(
+                err,
+                &origin,
+                failed_before,
+                first_failed_at,
+                fallback_key,
+                spent,
+            ),
         };
         let c = &inner.counters;
         match &disposition {
@@ -433,6 +564,10 @@ impl Consumer {
                 meters.dead_lettered.increment(1);
             }
             Disposition::Release { .. } => {}
+            Disposition::Discard { .. } => {
+                c.discarded.fetch_add(1, Ordering::Relaxed);
+                meters.discarded.increment(1);
+            }
         }
         span.record("outcome", disposition.name());
         span.record("latency_ms", elapsed.as_secs_f64() * 1000.0);
@@ -447,6 +582,7 @@ impl Consumer {
             ),
             // The breaker logs once when it opens; not one line per delivery.
             Disposition::Release { reason } => tracing::debug!(%reason, "handed back"),
+            Disposition::Discard { reason } => tracing::info!(%reason, "discarded on purpose"),
         }
         disposition
     }
@@ -458,8 +594,14 @@ impl Consumer {
         failed_before: u32,
         first_failed_at: Option<SystemTime>,
         fallback_key: Option<String>,
+        immediate_retries: u32,
     ) -> Disposition {
         let inner = &self.inner;
+        if err.is_discard() {
+            return Disposition::Discard {
+                reason: truncate(&err.chain(), MAX_ERROR_LEN),
+            };
+        }
         let now = SystemTime::now();
         let kind = err.kind().unwrap_or(ErrorKind::Transient);
         let attempts = if err.counts_attempt() {
@@ -475,6 +617,12 @@ impl Consumer {
             first_failed_at: first_failed_at.map_or(now, |t| t.min(now)),
             last_failed_at: now,
             key: err.key().map(str::to_owned).or(fallback_key),
+            error_type: err.type_name().map(|t| truncate(t, MAX_HEADER_LEN)),
+            immediate_retries,
+            backtrace: err
+                .backtrace()
+                .filter(|_| inner.backtraces)
+                .map(|b| truncate(&b.to_string(), MAX_BACKTRACE_LEN)),
         };
         if inner.mode == DeliveryMode::AtMostOnce {
             inner.counters.dropped.fetch_add(1, Ordering::Relaxed);
@@ -577,6 +725,97 @@ impl ConsumerBuilder {
     /// Handler timeout: a handler still running after it is a transient failure.
     pub fn handler_timeout(mut self, timeout: Duration) -> Self {
         self.handler_timeout = timeout;
+        self
+    }
+
+    /// Immediate retries: how many times a transient handler failure is retried at
+    /// once, in process, before it becomes a broker-scheduled retry (a retry copy
+    /// through the delay queues). Default 0 (off). See the
+    /// [module docs](self#immediate-retries) for how they meet dedup, the handler
+    /// timeout, the circuit breaker and permanent errors.
+    ///
+    /// ```
+    /// use std::sync::atomic::{AtomicU32, Ordering};
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    /// use idem_core::{Consumer, Disposition, HandlerError, Message, MemoryStore, State};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idem_core::ConfigError> {
+    /// // Fails twice (a dropped connection), then works.
+    /// async fn handle(State(calls): State<Arc<AtomicU32>>) -> Result<(), HandlerError> {
+    ///     if calls.fetch_add(1, Ordering::SeqCst) < 2 {
+    ///         return Err(HandlerError::transient("connection reset"));
+    ///     }
+    ///     Ok(())
+    /// }
+    /// let calls = Arc::new(AtomicU32::new(0));
+    /// let consumer = Consumer::builder("payments")
+    ///     .store(MemoryStore::new())
+    ///     .immediate_retries(3)
+    ///     .immediate_retry_delay(Duration::from_millis(10))
+    ///     .handler_with_state(handle, calls.clone())?;
+    /// let d = consumer.process(Message::new("{}").with_message_id("p-1")).await;
+    /// assert_eq!(d, Disposition::Ack { duplicate: false }); // no retry copy needed
+    /// assert_eq!(calls.load(Ordering::SeqCst), 3);
+    /// assert_eq!(consumer.stats().immediate_retries, 2);
+    /// # Ok(()) }
+    /// ```
+    pub fn immediate_retries(mut self, retries: u32) -> Self {
+        self.immediate.limit = retries;
+        self
+    }
+
+    /// Pause before each immediate retry (default
+    /// [`DEFAULT_IMMEDIATE_RETRY_DELAY`], 100 ms; zero retries at once). Keep it
+    /// short: the delivery holds its prefetch slot meanwhile.
+    pub fn immediate_retry_delay(mut self, delay: Duration) -> Self {
+        self.immediate.delay = delay;
+        self
+    }
+
+    /// Writes a backtrace of where the error was created in the
+    /// `x-idem-backtrace` header of retry and dead-letter copies (truncated to
+    /// [`MAX_BACKTRACE_LEN`]). Off by default: capturing costs time on every
+    /// failure. The backtrace is taken when the [`HandlerError`] is made (by
+    /// `?`, a constructor or a `ResultExt` marker) on the delivery's task; an error
+    /// made on another task (one the handler spawned) has none. Symbol names need
+    /// debug info in the binary.
+    pub fn backtrace_header(mut self, on: bool) -> Self {
+        self.backtraces = on;
+        self
+    }
+
+    /// Called when a message is dead-lettered, after its copy is safely in the
+    /// dead-letter queue (RabbitMQ: the publish was confirmed; the in-memory
+    /// broker: the copy was stored), with the failure record: for alerting. Both
+    /// transports call it, next to their settle hook; a copy that could not be
+    /// published is not reported (the original goes back to the queue and is
+    /// reported when a later copy is stored). The hook runs on the delivery's task:
+    /// keep it short and do not panic in it.
+    ///
+    /// ```
+    /// use idem_core::{Consumer, HandlerError, Message, MemoryStore};
+    /// use idem_core::memory::MemoryBroker;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idem_core::ConfigError> {
+    /// let (tx, mut alerts) = tokio::sync::mpsc::unbounded_channel();
+    /// let consumer = Consumer::builder("invoices")
+    ///     .store(MemoryStore::new())
+    ///     .on_dead_letter(move |d| {
+    ///         let _ = tx.send(format!("{} -> {}: {}", d.queue, d.dead_letter_queue, d.failure.error));
+    ///     })
+    ///     .handler(|| async { Err::<(), _>(HandlerError::permanent("no such customer")) })?;
+    /// let broker = MemoryBroker::new();
+    /// broker.publish("invoices", Message::new("{}").with_message_id("i-1"));
+    /// broker.worker("invoices", consumer).run_until_idle().await;
+    /// assert_eq!(alerts.recv().await.unwrap(), "invoices -> invoices.dlq: no such customer");
+    /// # Ok(()) }
+    /// ```
+    pub fn on_dead_letter(
+        mut self,
+        hook: impl Fn(DeadLettered<'_>) + Send + Sync + 'static,
+    ) -> Self {
+        self.on_dead_letter = Some(Arc::new(hook));
         self
     }
 
@@ -746,6 +985,9 @@ impl ConsumerBuilder {
                 retention: self.dedup.as_ref().map(|s| s.dedup_settings().retention),
                 crash_guard: CrashGuard::new(self.crash_limit),
                 breaker,
+                immediate: self.immediate,
+                backtraces: self.backtraces,
+                on_dead_letter: self.on_dead_letter,
                 counters: Counters::default(),
             }),
         };

@@ -17,8 +17,10 @@
 //! assert_eq!(parse("x").unwrap_err().kind(), Some(idem_core::ErrorKind::Permanent));
 //! ```
 
+use std::backtrace::Backtrace;
 use std::error::Error as StdError;
 use std::fmt;
+use std::future::Future;
 use std::time::Duration;
 
 /// A boxed error, as tower uses.
@@ -61,19 +63,102 @@ pub struct HandlerError {
     counts_attempt: bool,
     store_failure: bool,
     release: bool,
+    discard: bool,
     key: Option<String>,
+    type_name: Option<&'static str>,
+    backtrace: Option<Box<Backtrace>>,
     source: BoxError,
+}
+
+tokio::task_local! {
+    /// Set by the consumer around its stack when it writes backtraces
+    /// ([`ConsumerBuilder::backtrace_header`](crate::ConsumerBuilder::backtrace_header)).
+    static CAPTURE_BACKTRACES: bool;
+}
+
+/// Runs `f` with backtrace capture on or off for the [`HandlerError`]s created while
+/// it is polled (on this task).
+pub(crate) async fn capturing_backtraces<F: Future>(on: bool, f: F) -> F::Output {
+    CAPTURE_BACKTRACES.scope(on, f).await
+}
+
+fn capture_backtrace() -> Option<Box<Backtrace>> {
+    CAPTURE_BACKTRACES
+        .try_with(|on| *on)
+        .unwrap_or(false)
+        .then(|| Box::new(Backtrace::force_capture()))
+}
+
+/// The Rust type name of `E`, unless it says nothing about the failure (text, a
+/// boxed trait object).
+fn informative_type_name<E>() -> Option<&'static str> {
+    let name = std::any::type_name::<E>();
+    let vague = matches!(
+        name,
+        "&str" | "alloc::string::String" | "&alloc::string::String" | "alloc::borrow::Cow<str>"
+    ) || name.starts_with("alloc::boxed::Box<dyn ")
+        || name.starts_with("idem_core::error::HandlerError");
+    (!vague).then_some(name)
 }
 
 impl HandlerError {
     /// A transient error: retried with backoff.
-    pub fn transient(err: impl Into<BoxError>) -> Self {
-        Self::with_kind(Some(ErrorKind::Transient), err.into())
+    pub fn transient<E: Into<BoxError>>(err: E) -> Self {
+        Self::with_kind(
+            Some(ErrorKind::Transient),
+            err.into(),
+            informative_type_name::<E>(),
+        )
     }
 
     /// A permanent error: dead-lettered at once.
-    pub fn permanent(err: impl Into<BoxError>) -> Self {
-        Self::with_kind(Some(ErrorKind::Permanent), err.into())
+    pub fn permanent<E: Into<BoxError>>(err: E) -> Self {
+        Self::with_kind(
+            Some(ErrorKind::Permanent),
+            err.into(),
+            informative_type_name::<E>(),
+        )
+    }
+
+    /// Drop the message on purpose (a stale event, a command for an entity that no
+    /// longer exists): it is acked and not retried nor dead-lettered, and the
+    /// consumer logs it (`info`, with `reason`), counts it
+    /// ([`Stats::discarded`](crate::Stats::discarded), metric
+    /// `idem_discarded_total`) and reports it to the settle hooks as
+    /// [`Disposition::Discard`](crate::Disposition::Discard).
+    ///
+    /// The dedup record is marked `done` as for a success, so a redelivered copy is
+    /// acked as a duplicate without running the handler again. With the SQL
+    /// transactional inbox that means the handler's transaction **commits** (a discard
+    /// is "handled by doing nothing"): whatever the handler wrote in it before
+    /// discarding is kept. To undo writes, return an error instead.
+    ///
+    /// ```
+    /// use idem_core::{Consumer, Disposition, HandlerError, Json, Message, MemoryStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idem_core::ConfigError> {
+    /// async fn on_price(Json(version): Json<u64>) -> Result<(), HandlerError> {
+    ///     let current = 7; // read from your store
+    ///     if version <= current {
+    ///         return Err(HandlerError::discard(format!("stale price v{version}, have v{current}")));
+    ///     }
+    ///     Ok(())
+    /// }
+    /// let consumer = Consumer::builder("prices").store(MemoryStore::new()).handler(on_price)?;
+    /// let msg = || Message::new("3").with_message_id("p-3");
+    /// let d = consumer.process(msg()).await;
+    /// assert_eq!(d, Disposition::Discard { reason: "stale price v3, have v7".into() });
+    /// // Recorded as done: a redelivery is a duplicate.
+    /// assert_eq!(consumer.process(msg()).await, Disposition::Ack { duplicate: true });
+    /// assert_eq!(consumer.stats().discarded, 1);
+    /// # Ok(()) }
+    /// ```
+    pub fn discard<E: Into<BoxError>>(reason: E) -> Self {
+        // Permanent: never retried, and not a failure to the circuit breaker's handler
+        // failure rate.
+        let mut e = Self::permanent(reason);
+        e.discard = true;
+        e
     }
 
     /// A transient error whose retry must wait at least `delay` (rounded up to a delay
@@ -85,8 +170,8 @@ impl HandlerError {
     }
 
     /// An error whose kind the consumer's classifier decides.
-    pub fn unclassified(err: impl Into<BoxError>) -> Self {
-        Self::with_kind(None, err.into())
+    pub fn unclassified<E: Into<BoxError>>(err: E) -> Self {
+        Self::with_kind(None, err.into(), informative_type_name::<E>())
     }
 
     /// The message is being processed elsewhere under a live lease: retry after
@@ -138,7 +223,43 @@ impl HandlerError {
         self.release
     }
 
-    fn with_kind(kind: Option<ErrorKind>, source: BoxError) -> Self {
+    /// Whether the handler dropped the message on purpose (see [`discard`](Self::discard)).
+    pub fn is_discard(&self) -> bool {
+        self.discard
+    }
+
+    /// Whether an immediate (in-process) retry may help: a transient failure of the
+    /// handler that spends an attempt. Never a permanent error or a discard, a store
+    /// failure (the circuit breaker's business), a release, a "busy" key, nor a
+    /// failure that asked for a delay (`retry_after`).
+    pub(crate) fn is_immediately_retryable(&self) -> bool {
+        self.kind != Some(ErrorKind::Permanent)
+            && self.counts_attempt
+            && !self.store_failure
+            && !self.release
+            && !self.discard
+            && self.retry_after.is_none()
+    }
+
+    /// The Rust type name of the underlying error (as `std::any::type_name` writes
+    /// it, e.g. `std::io::error::Error`), when it is known: `None` for an error made
+    /// from text or from a boxed trait object. Written in the `x-idem-error-type`
+    /// header.
+    pub fn type_name(&self) -> Option<&'static str> {
+        self.type_name
+    }
+
+    /// The backtrace taken when this error was created, if the consumer asked for
+    /// them ([`ConsumerBuilder::backtrace_header`](crate::ConsumerBuilder::backtrace_header)).
+    pub fn backtrace(&self) -> Option<&Backtrace> {
+        self.backtrace.as_deref()
+    }
+
+    fn with_kind(
+        kind: Option<ErrorKind>,
+        source: BoxError,
+        type_name: Option<&'static str>,
+    ) -> Self {
         // An error that crossed a tower layer as a BoxError keeps its classification.
         match source.downcast::<Classified>() {
             Ok(inner) => inner.0,
@@ -148,7 +269,10 @@ impl HandlerError {
                 counts_attempt: true,
                 store_failure: false,
                 release: false,
+                discard: false,
                 key: None,
+                type_name: type_name.or_else(|| known_type_name(source.as_ref())),
+                backtrace: capture_backtrace(),
                 source,
             },
         }
@@ -235,6 +359,17 @@ impl<E: StdError + Send + Sync + 'static> From<E> for HandlerError {
     fn from(err: E) -> Self {
         HandlerError::unclassified(err)
     }
+}
+
+/// Names the errors idem itself boxes (the handler timeout, tower's own errors), which
+/// reach [`HandlerError`] as trait objects.
+fn known_type_name(err: &(dyn StdError + Send + Sync + 'static)) -> Option<&'static str> {
+    fn name_of<T: StdError + 'static>(
+        err: &(dyn StdError + Send + Sync + 'static),
+    ) -> Option<&'static str> {
+        err.is::<T>().then(std::any::type_name::<T>)
+    }
+    name_of::<HandlerTimeoutError>(err).or_else(|| name_of::<tower::timeout::error::Elapsed>(err))
 }
 
 /// Carries a [`HandlerError`] through layers that want a [`BoxError`] (tower's

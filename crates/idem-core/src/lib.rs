@@ -68,7 +68,9 @@ pub use handler::{
 pub use message::{
     DeliveryInfo, Extensions, HeaderValue, Headers, Message, Properties, UnmappedHeaders,
 };
-pub use outcome::{DelayKind, Disposition, Failure, SettleHook, Settled};
+pub use outcome::{
+    DeadLetterHook, DeadLettered, DelayKind, Disposition, Failure, SettleHook, Settled,
+};
 pub use run::WorkerHandle;
 pub use tls::{TlsConfig, TlsConfigError, TlsFailure};
 

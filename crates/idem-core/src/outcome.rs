@@ -20,6 +20,8 @@ use crate::message::{HeaderValue, Headers, Message, ATTEMPTS_HEADER};
 pub const MAX_ERROR_LEN: usize = 2048;
 /// Longest value of any other `x-idem-*` string header, in bytes.
 pub const MAX_HEADER_LEN: usize = 512;
+/// Longest `x-idem-backtrace` header value, in bytes (the innermost frames are kept).
+pub const MAX_BACKTRACE_LEN: usize = 8192;
 
 /// Header names written on retry copies and dead-lettered messages.
 ///
@@ -56,6 +58,31 @@ pub mod headers {
     pub const CONSUMER: &str = "x-idem-consumer";
     /// Idempotency key, if one was found. Written only.
     pub const KEY: &str = "x-idem-key";
+    /// Rust type name of the error (`std::any::type_name`, e.g.
+    /// `std::io::error::Error`), when known. Written only.
+    pub const ERROR_TYPE: &str = "x-idem-error-type";
+    /// Host name of the process that recorded the failure. Written only.
+    pub const HOST: &str = "x-idem-host";
+    /// Process id of the process that recorded the failure (an integer). Written only.
+    pub const PID: &str = "x-idem-pid";
+    /// How many immediate (in-process) retries the failed delivery spent before this
+    /// copy was made (an integer, 0 without immediate retries). Written only.
+    pub const IMMEDIATE_RETRIES: &str = "x-idem-immediate-retries";
+    /// Backtrace of where the error was created, truncated to
+    /// [`MAX_BACKTRACE_LEN`](super::MAX_BACKTRACE_LEN). Opt-in
+    /// ([`ConsumerBuilder::backtrace_header`](crate::ConsumerBuilder::backtrace_header)).
+    /// Written only.
+    pub const BACKTRACE: &str = "x-idem-backtrace";
+}
+
+/// The host name written in [`headers::HOST`]: the system host name, looked up once
+/// per process, bounded like the other headers; `unknown` if it cannot be read.
+pub fn host() -> &'static str {
+    static HOST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HOST.get_or_init(|| match whoami::fallible::hostname() {
+        Ok(h) if !h.trim().is_empty() => truncate(h.trim(), MAX_HEADER_LEN),
+        _ => "unknown".to_owned(),
+    })
 }
 
 /// Why a message failed, and its failure history.
@@ -73,6 +100,18 @@ pub struct Failure {
     pub last_failed_at: SystemTime,
     /// The idempotency key, if one was found.
     pub key: Option<String>,
+    /// The error's Rust type name, when known (see [`HandlerError::type_name`]),
+    /// truncated to [`MAX_HEADER_LEN`].
+    ///
+    /// [`HandlerError::type_name`]: crate::HandlerError::type_name
+    pub error_type: Option<String>,
+    /// Immediate (in-process) retries this delivery spent before failing for good
+    /// (see [`ConsumerBuilder::immediate_retries`](crate::ConsumerBuilder::immediate_retries)).
+    pub immediate_retries: u32,
+    /// Where the error was created, truncated to [`MAX_BACKTRACE_LEN`]; only when the
+    /// consumer asked for it
+    /// ([`ConsumerBuilder::backtrace_header`](crate::ConsumerBuilder::backtrace_header)).
+    pub backtrace: Option<String>,
 }
 
 /// How a transport that can only approximate delays (RabbitMQ's delay tiers) may
@@ -153,10 +192,18 @@ pub enum Disposition {
         /// Why (the store error or the breaker's cause), for logs.
         reason: String,
     },
+    /// Ack it: the handler dropped the message on purpose
+    /// ([`HandlerError::discard`](crate::HandlerError::discard)). No copy is published;
+    /// the dedup record says `done`, as for a success.
+    Discard {
+        /// What the handler gave as the reason.
+        reason: String,
+    },
 }
 
 impl Disposition {
-    /// A short name: `ack`, `duplicate`, `retry`, `dead_letter` or `release`.
+    /// A short name: `ack`, `duplicate`, `retry`, `dead_letter`, `release` or
+    /// `discard`.
     pub fn name(&self) -> &'static str {
         match self {
             Disposition::Ack { duplicate: false } => "ack",
@@ -164,7 +211,14 @@ impl Disposition {
             Disposition::Retry { .. } => "retry",
             Disposition::DeadLetter { .. } => "dead_letter",
             Disposition::Release { .. } => "release",
+            Disposition::Discard { .. } => "discard",
         }
+    }
+
+    /// Whether the transport settles it with a plain ack (no copy, no requeue):
+    /// [`Ack`](Self::Ack) and [`Discard`](Self::Discard).
+    pub fn is_ack(&self) -> bool {
+        matches!(self, Disposition::Ack { .. } | Disposition::Discard { .. })
     }
 
     /// Dead-letters `msg` with `failure` on behalf of consumer `consumer`, with the
@@ -182,7 +236,9 @@ impl Disposition {
             Disposition::Retry { headers, .. } | Disposition::DeadLetter { headers, .. } => {
                 Some(headers)
             }
-            Disposition::Ack { .. } | Disposition::Release { .. } => None,
+            Disposition::Ack { .. } | Disposition::Release { .. } | Disposition::Discard { .. } => {
+                None
+            }
         }
     }
 }
@@ -191,7 +247,8 @@ impl fmt::Display for Disposition {
     /// One line: `processed, acked`; `duplicate: key already done, handler not run,
     /// acked`; `transient failure, retry in 100 ms: <error>` (`retry in at least` for a
     /// delay the handler asked for); `permanent failure, dead-lettered: <error>`;
-    /// `handed back, no attempt spent: <reason>`.
+    /// `handed back, no attempt spent: <reason>`; `discarded on purpose, acked:
+    /// <reason>`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Disposition::Ack { duplicate: false } => f.write_str("processed, acked"),
@@ -224,6 +281,7 @@ impl fmt::Display for Disposition {
             Disposition::Release { reason } => {
                 write!(f, "handed back, no attempt spent: {reason}")
             }
+            Disposition::Discard { reason } => write!(f, "discarded on purpose, acked: {reason}"),
         }
     }
 }
@@ -283,6 +341,34 @@ impl<'a> Settled<'a> {
 /// (tests, custom metrics, progress output).
 pub type SettleHook = Arc<dyn Fn(Settled<'_>) + Send + Sync>;
 
+/// What a dead-letter hook is told: a message was dead-lettered, and its copy is
+/// safely in the dead-letter queue (RabbitMQ: the publish was confirmed; memory: the
+/// copy was stored). See
+/// [`ConsumerBuilder::on_dead_letter`](crate::ConsumerBuilder::on_dead_letter).
+#[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
+pub struct DeadLettered<'a> {
+    /// The delivery's `message_id`, if any.
+    pub message_id: Option<&'a str>,
+    /// The queue it was consumed from.
+    pub queue: &'a str,
+    /// The dead-letter queue its copy was published to.
+    pub dead_letter_queue: &'a str,
+    /// The consumer that dead-lettered it.
+    pub consumer: &'a str,
+    /// The failure record (kind, error chain, attempts, times, key, error type,
+    /// immediate retries, backtrace if enabled).
+    pub failure: &'a Failure,
+    /// The `x-idem-*` headers written on the copy (host and process id included).
+    pub headers: &'a Headers,
+}
+
+/// A dead-letter hook, as a consumer stores it (alerting, custom metrics, audit).
+/// It runs on the delivery's task before the next delivery can take its slot:
+/// keep it short, and hand slow work (an HTTP call to a pager) to a channel or a
+/// spawned task.
+pub type DeadLetterHook = Arc<dyn Fn(DeadLettered<'_>) + Send + Sync>;
+
 /// What the copies of a delivery say about the original, read before the handler
 /// runs (the message itself is moved into the stack).
 #[derive(Clone, Debug)]
@@ -341,6 +427,24 @@ impl Failure {
             headers::LAST_FAILED_AT.into(),
             rfc3339(self.last_failed_at).into(),
         );
+        if let Some(t) = &self.error_type {
+            h.insert(
+                headers::ERROR_TYPE.into(),
+                truncate(t, MAX_HEADER_LEN).into(),
+            );
+        }
+        h.insert(headers::HOST.into(), host().into());
+        h.insert(headers::PID.into(), HeaderValue::from(std::process::id()));
+        h.insert(
+            headers::IMMEDIATE_RETRIES.into(),
+            HeaderValue::from(self.immediate_retries),
+        );
+        if let Some(bt) = &self.backtrace {
+            h.insert(
+                headers::BACKTRACE.into(),
+                truncate(bt, MAX_BACKTRACE_LEN).into(),
+            );
+        }
         h
     }
 
@@ -575,6 +679,9 @@ mod tests {
             first_failed_at: UNIX_EPOCH,
             last_failed_at: UNIX_EPOCH,
             key: None,
+            error_type: None,
+            immediate_retries: 0,
+            backtrace: None,
         };
         let retry = |ms, delay_kind| Disposition::Retry {
             delay: Duration::from_millis(ms),

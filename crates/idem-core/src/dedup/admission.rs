@@ -268,6 +268,12 @@ where
             session.succeeded().await?;
             Ok(Processed::Handled)
         }
+        // Dropped on purpose: recorded done like a success, so a redelivery is a
+        // duplicate (the SQL inbox commits the handler's transaction).
+        Err(e) if e.is_discard() => {
+            session.succeeded().await?;
+            Err(e)
+        }
         Err(e) if e.kind() == Some(ErrorKind::Permanent) => {
             session.poisoned().await;
             Err(e)

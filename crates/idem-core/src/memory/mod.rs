@@ -309,9 +309,10 @@ impl Delivery {
     async fn handle(self, msg: Message) {
         let original = msg.clone();
         let disposition = self.consumer.process(msg).await;
+        let dlq = format!("{}{DLQ_SUFFIX}", self.queue);
         if self.consumer.mode() != DeliveryMode::AtMostOnce {
             match &disposition {
-                Disposition::Ack { .. } => {}
+                Disposition::Ack { .. } | Disposition::Discard { .. } => {}
                 Disposition::Retry { delay, headers, .. } => {
                     let mut copy = original.clone();
                     copy.headers.extend(headers.clone());
@@ -324,22 +325,26 @@ impl Delivery {
                 Disposition::DeadLetter { headers, .. } => {
                     let mut copy = original.clone();
                     copy.headers.extend(headers.clone());
-                    let dlq = format!("{}{DLQ_SUFFIX}", self.queue);
                     self.broker.push(&dlq, copy);
                 }
             }
         }
+        let settled = Settled::new(
+            original.properties.message_id.as_deref(),
+            crate::read::read_quiet::<u32>(&original, crate::message::ATTEMPTS_HEADER).unwrap_or(0),
+            &self.queue,
+            &disposition,
+        );
         if let Some(hook) = &self.on_settle {
-            hook(Settled::new(
-                original.properties.message_id.as_deref(),
-                crate::read::read_quiet::<u32>(&original, crate::message::ATTEMPTS_HEADER)
-                    .unwrap_or(0),
-                &self.queue,
-                &disposition,
-            ));
+            hook(settled);
         }
+        // The copy is in the dead-letter queue (pushed above).
+        self.consumer.notify_dead_lettered(&settled, &dlq);
     }
 }
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod recover_tests;

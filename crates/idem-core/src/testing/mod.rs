@@ -534,6 +534,7 @@ fn describe(d: &Disposition) -> String {
         }
         Disposition::DeadLetter { failure, .. } => format!("dead-lettered ({})", failure.error),
         Disposition::Release { reason } => format!("released ({reason})"),
+        Disposition::Discard { reason } => format!("discarded ({reason})"),
         Disposition::Ack { .. } => d.name().to_owned(),
     }
 }
@@ -556,7 +557,7 @@ enum Step {
 /// [`Disposition`].
 fn next_step(d: &Disposition, delivered: &Message, backoff: &Backoff) -> Step {
     match d {
-        Disposition::Ack { .. } => Step::Done,
+        Disposition::Ack { .. } | Disposition::Discard { .. } => Step::Done,
         Disposition::Retry {
             delay,
             failure,
