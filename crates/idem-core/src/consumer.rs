@@ -676,6 +676,12 @@ impl Consumer {
     }
 }
 
+/// A service's error as a [`BoxError`] that remembers the error's type name (for the
+/// `x-idem-error-type` header) while its concrete type is still known.
+fn typed_box_error<E: Into<BoxError>>(err: E) -> BoxError {
+    HandlerError::unclassified(err).into()
+}
+
 impl ConsumerBuilder {
     /// Sets the delivery mode explicitly.
     pub fn mode(mut self, mode: DeliveryMode) -> Self {
@@ -859,7 +865,7 @@ impl ConsumerBuilder {
         <L::Service as Service<Message>>::Future: Send + 'static,
     {
         self.layers.push(Box::new(move |inner| {
-            BoxService::new(layer.layer(inner).map_err(Into::<BoxError>::into))
+            BoxService::new(layer.layer(inner).map_err(typed_box_error))
         }));
         self
     }
@@ -894,7 +900,7 @@ impl ConsumerBuilder {
         S::Error: Into<BoxError>,
         S::Future: Send + 'static,
     {
-        self.finish_shared(BoxService::new(service.map_err(Into::<BoxError>::into)))
+        self.finish_shared(BoxService::new(service.map_err(typed_box_error)))
     }
 
     /// A handler service that is `Clone + Sync` and always ready runs as is, one
