@@ -40,6 +40,11 @@ async fn list_reads_every_field_and_leaves_the_dlq_unchanged() {
     assert_eq!(e.error.as_deref(), Some("boom 1"));
     assert_eq!(e.original_queue.as_deref(), Some(f.queue.as_str()));
     assert_eq!(e.consumer.as_deref(), Some("test-consumer"));
+    assert_eq!(e.error_type.as_deref(), Some("billing::LedgerLocked"));
+    assert_eq!(e.host.as_deref(), Some(idem_core::outcome::host()));
+    assert_eq!(e.pid, Some(i64::from(std::process::id())));
+    assert_eq!(e.immediate_retries, Some(2));
+    assert_eq!(e.backtrace, None);
     let t0 = std::time::UNIX_EPOCH + std::time::Duration::from_secs(BASE);
     assert_eq!(e.first_failed_at.as_deref(), Some(rfc3339(t0).as_str()));
 

@@ -211,6 +211,16 @@ pub struct DlqEntry {
     pub original_routing_key: Option<String>,
     /// `x-idem-consumer`.
     pub consumer: Option<String>,
+    /// `x-idem-error-type`: the error's Rust type name, when known.
+    pub error_type: Option<String>,
+    /// `x-idem-host`: the host of the worker that dead-lettered it.
+    pub host: Option<String>,
+    /// `x-idem-pid`: the process id of that worker.
+    pub pid: Option<i64>,
+    /// `x-idem-immediate-retries`: in-process retries spent on the last delivery.
+    pub immediate_retries: Option<i64>,
+    /// `x-idem-backtrace`, when the consumer writes them (opt-in).
+    pub backtrace: Option<String>,
     /// `x-idem-replay`, if the message was replayed before.
     pub replay: Option<String>,
     /// The broker's most recent dead-lettering of the message, if any.
@@ -246,6 +256,12 @@ impl DlqEntry {
             original_exchange: s(h::ORIGINAL_EXCHANGE),
             original_routing_key: s(h::ORIGINAL_ROUTING_KEY),
             consumer: s(h::CONSUMER),
+            error_type: s(h::ERROR_TYPE),
+            host: s(h::HOST),
+            pid: idem_core::read::read_quiet::<u32>(msg, h::PID).map(i64::from),
+            immediate_retries: idem_core::read::read_quiet::<u32>(msg, h::IMMEDIATE_RETRIES)
+                .map(i64::from),
+            backtrace: s(h::BACKTRACE),
             replay: s(REPLAY_HEADER),
             broker_death,
             body_bytes: msg.body.len(),

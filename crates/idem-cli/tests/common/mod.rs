@@ -92,8 +92,8 @@ impl Fixture {
             first_failed_at: t(d.at),
             last_failed_at: t(d.at + 10),
             key: Some(format!("key-{}", d.id)),
-            error_type: None,
-            immediate_retries: 0,
+            error_type: Some("billing::LedgerLocked".to_owned()),
+            immediate_retries: 2,
             backtrace: None,
         };
         let extra = failure.dead_letter_headers(&msg, "test-consumer");
