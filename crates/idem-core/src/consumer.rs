@@ -46,6 +46,26 @@
 //! delivery that waits longer fails as a transient timeout and is retried), and the
 //! dedup claim is already held while it waits. Put the transport's prefetch (the
 //! deliveries in flight) above the limit, or the limit never binds.
+//!
+//! # Immediate retries
+//!
+//! With [`ConsumerBuilder::immediate_retries`] a transient handler failure is tried
+//! again at once, in this process, before it becomes a retry copy in the broker. Each
+//! try runs the whole stack (breaker, dedup stage, timeout, classifier, handler):
+//!
+//! - the dedup stage settles the failed try (a lease store releases the claim, the SQL
+//!   inbox rolls back its transaction) and claims the key again for the next one, in a
+//!   new transaction; a try's start is settled with it, so tries never count as crashes;
+//! - the handler timeout applies to each try; the delivery stays unacked through all
+//!   of them, which [`Consumer::check_broker_timeout`] checks against the broker;
+//! - only failures that may pass are retried: transient, spending an attempt, not a
+//!   store failure (the circuit breaker handles those), not a release, not a busy key,
+//!   no `retry_after` delay asked for. Permanent errors and discards never are;
+//! - tries spend no attempt (`x-idem-attempts` and [`Attempt`](crate::Attempt) count
+//!   deliveries); they are counted in [`Stats::immediate_retries`], the metric
+//!   `idem_immediate_retries_total`, the `idem.delivery` span field
+//!   `immediate_retries`, and the `x-idem-immediate-retries` header of the copy made
+//!   after the last one.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -5,8 +5,16 @@
 //! attempt budget is spent, then [`Disposition::DeadLetter`]; permanent error ->
 //! [`Disposition::DeadLetter`] at once. Transports carry a retry or a dead-letter out as
 //! "publish the copy with a publisher confirm, then ack the original"; the disposition
-//! names every header the copy gets, so transports only merge and publish. After
-//! settling, a transport tells its settle hook ([`Settled`]).
+//! names every header the copy gets, so transports only merge and publish. A message
+//! the handler dropped on purpose ([`HandlerError::discard`](crate::HandlerError::discard))
+//! is [`Disposition::Discard`]: acked, no copy. After settling, a transport tells its
+//! settle hook ([`Settled`]), and after a dead-letter copy is safely stored, the
+//! consumer's dead-letter hook ([`DeadLettered`]).
+//!
+//! Besides the failure history, every copy names who failed it and how: the error's
+//! type ([`headers::ERROR_TYPE`]), the host and process id ([`headers::HOST`],
+//! [`headers::PID`]), the immediate retries spent ([`headers::IMMEDIATE_RETRIES`]) and,
+//! opt-in, a backtrace ([`headers::BACKTRACE`]); strings are bounded like the others.
 
 use std::fmt;
 use std::sync::Arc;
