@@ -759,6 +759,8 @@ impl ConsumerBuilder {
     /// through the delay queues). Default 0 (off). See the
     /// [module docs](self#immediate-retries) for how they meet dedup, the handler
     /// timeout, the circuit breaker and permanent errors.
+    /// In at-most-once mode (acked on receipt) the tries happen too, before the
+    /// failure is dropped.
     ///
     /// ```
     /// use std::sync::atomic::{AtomicU32, Ordering};
