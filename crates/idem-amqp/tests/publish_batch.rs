@@ -69,7 +69,10 @@ async fn publish_batch_confirms_and_delivers_every_message_in_order_across_windo
             .await,
     );
     let mut msgs = numbered(0..2500);
-    publisher.publish_batch("", &queue, &mut msgs).await.unwrap();
+    publisher
+        .publish_batch("", &queue, &mut msgs)
+        .await
+        .unwrap();
     // Every message got its id before the first try (a re-publish reuses it).
     assert!(msgs.iter().all(|m| m.properties.message_id.is_some()));
     let bodies = drain(&ch, &queue, 2500).await;
@@ -98,7 +101,10 @@ async fn publish_batch_reports_an_unroutable_message_and_delivers_the_others() {
         .build();
     // Nothing is bound to `missing_queue`: the mandatory publish comes back.
     let mut good = numbered(0..3);
-    publisher.publish_batch("", &queue, &mut good).await.unwrap();
+    publisher
+        .publish_batch("", &queue, &mut good)
+        .await
+        .unwrap();
     let mut unroutable = numbered(3..5);
     let err = publisher
         .publish_batch("", &missing_queue, &mut unroutable)
@@ -122,7 +128,10 @@ async fn publish_batch_reports_an_unroutable_message_and_delivers_the_others() {
     assert!(err.to_string().contains("2 of 2"), "{err}");
     // A returned message does not break the channel: the next batch goes through.
     let mut more = numbered(5..8);
-    publisher.publish_batch("", &queue, &mut more).await.unwrap();
+    publisher
+        .publish_batch("", &queue, &mut more)
+        .await
+        .unwrap();
     assert_eq!(
         drain(&ch, &queue, 6).await,
         ["m0", "m1", "m2", "m5", "m6", "m7"]
@@ -173,7 +182,10 @@ async fn publish_batch_to_a_missing_exchange_fails_clearly_and_the_publisher_rec
         other => panic!("expected Error::Batch, got {other:?}"),
     }
     // The next call opens a new channel: the same messages (same ids) now go through.
-    publisher.publish_batch("", &queue, &mut msgs).await.unwrap();
+    publisher
+        .publish_batch("", &queue, &mut msgs)
+        .await
+        .unwrap();
     let bodies = drain(&ch, &queue, 10).await;
     let expected: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
     assert_eq!(bodies, expected);

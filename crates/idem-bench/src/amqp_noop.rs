@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use idem_amqp::{Publisher, Topology, Worker};
 use idem_core::{Consumer, DeliveryMode, Message};
-use lapin::Acker;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
+use lapin::Acker;
 use tokio::sync::Notify;
 
 use crate::report::{Report, Side};

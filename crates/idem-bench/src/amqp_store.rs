@@ -121,7 +121,11 @@ pub(crate) async fn run(store: Store, args: Args) -> Result<Report, BoxError> {
                 }
             }
             let elapsed = result?;
-            report.record(round, if idem { Side::Idem } else { Side::Baseline }, elapsed);
+            report.record(
+                round,
+                if idem { Side::Idem } else { Side::Baseline },
+                elapsed,
+            );
         }
     }
     publisher.close().await;

@@ -61,9 +61,8 @@ pub(crate) fn svg(
 ) -> Result<String, String> {
     let mut out = String::new();
     {
-        let root =
-            SVGBackend::with_string(&mut out, (width * panels.len().max(1) as u32, height))
-                .into_drawing_area();
+        let root = SVGBackend::with_string(&mut out, (width * panels.len().max(1) as u32, height))
+            .into_drawing_area();
         root.fill(&WHITE).map_err(|e| e.to_string())?;
         let areas = root.split_evenly((1, panels.len().max(1)));
         for (panel, area) in panels.iter().zip(areas.iter()) {
@@ -150,10 +149,7 @@ fn draw_panel(
             .collect();
         let width = if line.limit { 1 } else { 2 };
         chart
-            .draw_series(LineSeries::new(
-                points.clone(),
-                colour.stroke_width(width),
-            ))?
+            .draw_series(LineSeries::new(points.clone(), colour.stroke_width(width)))?
             .label(line.label.as_str())
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(width))
@@ -284,7 +280,10 @@ mod tests {
         assert!(texts.iter().any(|t| t == "noop 256 B"), "{texts:?}");
         assert!(texts.iter().any(|t| t == "1000"), "{texts:?}");
         // The y labels are values (10^y), not logarithms.
-        assert!(texts.iter().any(|t| t == "100" || t == "1k" || t == "10k"), "{texts:?}");
+        assert!(
+            texts.iter().any(|t| t == "100" || t == "1k" || t == "10k"),
+            "{texts:?}"
+        );
     }
 
     #[test]

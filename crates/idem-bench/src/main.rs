@@ -145,11 +145,15 @@ mod tests {
 
     #[test]
     fn chart_path_is_accepted_before_or_after_the_scenario() {
-        let after = Cli::try_parse_from(["idem-bench", "publish", "--chart", "/tmp/p.svg"]).unwrap();
+        let after =
+            Cli::try_parse_from(["idem-bench", "publish", "--chart", "/tmp/p.svg"]).unwrap();
         assert_eq!(after.chart.unwrap().to_str(), Some("/tmp/p.svg"));
         let before = Cli::try_parse_from(["idem-bench", "--chart", "x.svg", "amqp-noop"]).unwrap();
         assert_eq!(before.chart.unwrap().to_str(), Some("x.svg"));
-        assert!(Cli::try_parse_from(["idem-bench", "amqp-noop"]).unwrap().chart.is_none());
+        assert!(Cli::try_parse_from(["idem-bench", "amqp-noop"])
+            .unwrap()
+            .chart
+            .is_none());
     }
 
     #[test]
@@ -171,7 +175,9 @@ mod tests {
 
     #[test]
     fn sweep_defaults_to_the_issue_grid_and_parses_lists() {
-        let Scenario::Sweep(a) = Cli::try_parse_from(["idem-bench", "sweep"]).unwrap().scenario
+        let Scenario::Sweep(a) = Cli::try_parse_from(["idem-bench", "sweep"])
+            .unwrap()
+            .scenario
         else {
             panic!("not sweep")
         };

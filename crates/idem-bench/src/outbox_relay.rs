@@ -88,7 +88,11 @@ pub(crate) async fn run(args: Args) -> Result<Report, BoxError> {
             if published != args.messages {
                 return Err(format!("published {published} of {} rows", args.messages).into());
             }
-            report.record(round, if idem { Side::Idem } else { Side::Baseline }, elapsed);
+            report.record(
+                round,
+                if idem { Side::Idem } else { Side::Baseline },
+                elapsed,
+            );
         }
     }
     let _ = admin.close(200, "bye".into()).await;

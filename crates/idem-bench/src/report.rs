@@ -240,6 +240,9 @@ mod tests {
         r.record(0, Side::Idem, Duration::from_millis(500));
         r.record(0, Side::Baseline, Duration::from_secs(1));
         r.record(0, Side::BestCase, Duration::from_millis(250));
-        assert_eq!((r.idem[0], r.baseline[0], r.best_case[0]), (2000.0, 1000.0, 4000.0));
+        assert_eq!(
+            (r.idem[0], r.baseline[0], r.best_case[0]),
+            (2000.0, 1000.0, 4000.0)
+        );
     }
 }

@@ -95,6 +95,9 @@ pub(crate) struct SoakArgs {
     /// Messages per confirmed publish batch.
     #[arg(long, default_value_t = 1000)]
     batch: u64,
+    /// How long Redis keeps a completed message's record, in seconds.
+    #[arg(long, default_value_t = 60)]
+    retention_secs: u64,
 }
 
 async fn noop(_key: IdempotencyKey) {}
@@ -109,6 +112,44 @@ fn cpu_secs() -> Option<f64> {
     let stime: f64 = fields.get(12)?.parse().ok()?;
     // USER_HZ is 100 on every Linux the benchmarks run on.
     Some((utime + stime) / 100.0)
+}
+
+/// CPU seconds used so far by every local process named `name` (`beam.smp`: the
+/// RabbitMQ nodes on this machine, the test clusters' included, summed so that the
+/// reading does not depend on which one is found first), from `/proc/<pid>/stat`.
+fn process_cpu_secs(name: &str) -> Option<f64> {
+    let mut total = None;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let path = entry.path();
+        let is_it = std::fs::read_to_string(path.join("comm")).is_ok_and(|c| c.trim() == name);
+        let Some(stat) = is_it
+            .then(|| std::fs::read_to_string(path.join("stat")).ok())
+            .flatten()
+        else {
+            continue;
+        };
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
+        if let (Some(utime), Some(stime)) = (ticks(11), ticks(12)) {
+            *total.get_or_insert(0.0) += (utime + stime) / 100.0;
+        }
+    }
+    total
+}
+
+/// The share of the last 10 s in which some task waited for a CPU (Linux PSI).
+fn cpu_pressure() -> Option<f64> {
+    std::fs::read_to_string("/proc/pressure/cpu")
+        .ok()?
+        .lines()
+        .next()?
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("avg10="))?
+        .parse()
+        .ok()
 }
 
 fn load1() -> Option<f64> {
@@ -141,7 +182,14 @@ async fn redis_reading(conn: &mut redis::aio::ConnectionManager) -> Option<Redis
     let keys = info
         .lines()
         .filter(|l| l.starts_with("db"))
-        .filter_map(|l| l.split_once("keys=")?.1.split(',').next()?.parse::<u64>().ok())
+        .filter_map(|l| {
+            l.split_once("keys=")?
+                .1
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
         .sum();
     let slowlog_len: u64 = redis::cmd("SLOWLOG")
         .arg("LEN")
@@ -164,6 +212,8 @@ struct Probe {
     queue: String,
     started: Instant,
     last: (u64, Instant, f64, RedisReading),
+    /// CPU seconds of a local RabbitMQ (`beam.smp`) at the last line, if there is one.
+    broker_cpu: Option<f64>,
 }
 
 impl Probe {
@@ -186,15 +236,22 @@ impl Probe {
             .map(|q| i64::from(q.message_count()))
             .unwrap_or(-1);
         let (last_settled, last_at, last_cpu, last_redis) = self.last;
+        let broker_cpu = process_cpu_secs("beam.smp");
         let secs = now.duration_since(last_at).as_secs_f64().max(0.001);
         let total = now.duration_since(self.started).as_secs_f64().max(0.001);
         self.last = (settled, now, cpu, redis);
+        let broker = match (broker_cpu, self.broker_cpu) {
+            (Some(now), Some(before)) => format!("{:.0}%", 100.0 * (now - before) / secs),
+            _ => "?".to_owned(),
+        };
+        self.broker_cpu = broker_cpu;
         format!(
             "soak: settled={settled} interval_rate={:.0} msg/s VmHWM={hwm} kB VmRSS={rss} kB \
-             cpu={:.0}% load1={:.2} queue_ready={ready} redis_keys={} redis_used_memory={:.1} MiB \
+             cpu={:.0}% broker_cpu={broker} cpu_pressure={:.0}% load1={:.2} queue_ready={ready} redis_keys={} redis_used_memory={:.1} MiB \
              redis_expired=+{} redis_cpu={:.0}% redis_slowlog={} elapsed={total:.1}s rate={:.0} msg/s",
             (settled - last_settled) as f64 / secs,
             100.0 * (cpu - last_cpu) / secs,
+            cpu_pressure().unwrap_or(-1.0),
             load1().unwrap_or(-1.0),
             redis.keys,
             redis.used_memory as f64 / f64::from(1 << 20),
@@ -225,7 +282,7 @@ pub(crate) async fn run(args: SoakArgs) -> Result<(), BoxError> {
         .await?;
     // Short retention (the backoff horizon is short too) so Redis holds about a minute
     // of keys, not a million.
-    let layer = DedupLayer::new(store).retention(Duration::from_secs(60));
+    let layer = DedupLayer::new(store).retention(Duration::from_secs(args.retention_secs.max(1)));
     let consumer = Consumer::builder("soak")
         .dedup(layer)
         .backoff(Backoff::exponential(Duration::from_millis(100)).max_attempts(3))
@@ -242,8 +299,8 @@ pub(crate) async fn run(args: SoakArgs) -> Result<(), BoxError> {
     let running = worker.spawn();
 
     println!(
-        "soak: run={run_id} messages={} prefetch={} backlog<={} batch={}",
-        args.messages, args.prefetch, args.backlog, args.batch
+        "soak: run={run_id} messages={} prefetch={} backlog<={} batch={} retention={}s",
+        args.messages, args.prefetch, args.backlog, args.batch, args.retention_secs
     );
     let started = Instant::now();
     let first = redis_reading(&mut redis_probe).await.unwrap_or_default();
@@ -253,6 +310,7 @@ pub(crate) async fn run(args: SoakArgs) -> Result<(), BoxError> {
         queue: queue.clone(),
         started,
         last: (0, started, cpu_secs().unwrap_or(0.0), first),
+        broker_cpu: process_cpu_secs("beam.smp"),
     };
     println!("{}", probe.line(0).await);
     let publisher = Publisher::builder(&url)
