@@ -27,6 +27,8 @@ pub(crate) struct Panel {
     pub(crate) y_desc: String,
     /// Log scale (values must be > 0; others are not drawn).
     pub(crate) log: bool,
+    /// The legend in the upper left corner (else lower right), where the lines are not.
+    pub(crate) legend_upper_left: bool,
     pub(crate) lines: Vec<Line>,
 }
 
@@ -38,6 +40,7 @@ pub(crate) fn rounds_svg(title: &str, series: &[(&str, &[f64])]) -> Result<Strin
         title: title.to_owned(),
         y_desc: "msgs/s".to_owned(),
         log: false,
+        legend_upper_left: false,
         lines: series
             .iter()
             .enumerate()
@@ -168,7 +171,11 @@ fn draw_panel(
         .configure_series_labels()
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
+        .position(if panel.legend_upper_left {
+            SeriesLabelPosition::UpperLeft
+        } else {
+            SeriesLabelPosition::LowerRight
+        })
         .draw()?;
     Ok(())
 }
@@ -267,6 +274,7 @@ mod tests {
             title: "throughput".into(),
             y_desc: "msgs/s".into(),
             log: true,
+            legend_upper_left: false,
             lines: vec![Line {
                 label: "noop 256 B".into(),
                 values: vec![Some(100.0), None, Some(0.0), Some(100_000.0)],
