@@ -1,6 +1,14 @@
 //! `amqp-noop`: consume N persistent 256-byte messages with a no-op handler,
-//! at-least-once (ack after the handler), through the idem worker and through a
-//! hand-written concurrent lapin consumer (a task per delivery, same prefetch).
+//! at-least-once (ack after the handler), three ways, same prefetch:
+//!
+//! - the idem worker;
+//! - **baseline**: the loop a user writes by hand, a lapin consumer spawning a task
+//!   per delivery that runs the (no-op) work and then acks that delivery;
+//! - **best-case baseline**: the fastest correct hand-written loop we know, one task
+//!   that runs the work in delivery order and acks with `multiple=true`: once 50
+//!   deliveries are unacked, when 1 ms passed without a new delivery (so the
+//!   prefetch window never starves), and at the end. It never acks a delivery whose
+//!   work has not run, so it keeps the at-least-once guarantee of the others.
 //!
 //! Each run gets a fresh durable queue (same topology for both), pre-filled with
 //! confirmed publishes; the clock runs from the first delivery to the last ack and the
@@ -15,9 +23,10 @@ use idem_amqp::{Publisher, Topology, Worker};
 use idem_core::{Consumer, DeliveryMode, Message};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
+use lapin::Acker;
 use tokio::sync::Notify;
 
-use crate::report::Report;
+use crate::report::{Report, Side};
 
 type BoxError = Box<dyn std::error::Error>;
 
@@ -30,8 +39,8 @@ pub(crate) struct ConsumerArgs {
     /// Prefetch (and concurrency) of both consumers.
     #[arg(long, default_value_t = 200)]
     pub(crate) prefetch: u16,
-    /// Rounds; each round runs idem then the baseline.
-    #[arg(long, default_value_t = 3)]
+    /// Rounds; each round runs idem, then the baseline(s).
+    #[arg(long, default_value_t = 5)]
     pub(crate) rounds: u32,
     /// Broker URL (default amqp://guest:***@127.0.0.1:5672/%2f; passwords are not printed).
     #[arg(long, env = "AMQP_URL", hide_env_values = true, default_value = idem_amqp::DEFAULT_AMQP_URL, hide_default_value = true)]
@@ -67,26 +76,20 @@ pub(crate) async fn run(args: ConsumerArgs) -> Result<Report, BoxError> {
         .await?;
     let admin = idem_amqp::connect_tls(&args.url, "idem-bench-admin", &tls).await?;
     let ch = admin.create_channel().await?;
-    let mut report = Report {
-        scenario: "amqp-noop",
-        messages: args.messages,
-        prefetch: args.prefetch,
-        idem: Vec::new(),
-        baseline: Vec::new(),
-    };
+    let mut report = Report::new("amqp-noop", args.messages, args.prefetch);
     for round in 0..args.rounds.max(1) {
-        for idem in [true, false] {
+        for side in [Side::Idem, Side::Baseline, Side::BestCase] {
             let topo = Topology::new(format!("idem-bench-{}", uuid::Uuid::new_v4().simple()));
             topo.declare_on(&ch).await?;
             fill(&publisher, topo.queue(), args.messages).await?;
-            let result = if idem {
-                run_idem(&args, &topo).await
-            } else {
-                run_baseline(&args, topo.queue()).await
+            let result = match side {
+                Side::Idem => run_idem(&args, &topo).await,
+                Side::Baseline => run_baseline(&args, topo.queue()).await,
+                Side::BestCase => run_best_case(&args, topo.queue()).await,
             };
             topo.delete_on(&ch).await?;
             let elapsed = result?;
-            report.record(round, idem, elapsed);
+            report.record(round, side, elapsed);
         }
     }
     publisher.close().await;
@@ -133,7 +136,12 @@ impl Clock {
     }
 
     pub(crate) fn settled(&self) {
-        if self.settled.fetch_add(1, Ordering::Relaxed) + 1 == self.target {
+        self.settled_many(1);
+    }
+
+    pub(crate) fn settled_many(&self, n: u64) {
+        let before = self.settled.fetch_add(n, Ordering::Relaxed);
+        if before < self.target && before + n >= self.target {
             let _ = self.last.set(Instant::now());
             self.done.notify_one();
         }
@@ -201,6 +209,79 @@ async fn run_baseline(args: &ConsumerArgs, queue: &str) -> Result<Duration, BoxE
             }
         });
     }
+    let elapsed = clock.wait().await;
+    let _ = conn.close(200, "bye".into()).await;
+    elapsed
+}
+
+/// Deliveries the best-case loop leaves unacked at most before a `multiple=true` ack.
+const BEST_CASE_BATCH: u64 = 50;
+/// How long the best-case loop waits for a next delivery before acking what it has.
+const BEST_CASE_IDLE: Duration = Duration::from_millis(1);
+
+/// The best case a user could write by hand: no task per delivery, the work run in
+/// delivery order, one `multiple=true` ack per 50 deliveries, when 1 ms passes
+/// without a delivery, and at the end.
+async fn run_best_case(args: &ConsumerArgs, queue: &str) -> Result<Duration, BoxError> {
+    let clock = Clock::new(args.messages);
+    let conn = idem_amqp::connect_tls(&args.url, "idem-bench-best-case", &args.tls()?).await?;
+    let ch = conn.create_channel().await?;
+    ch.basic_qos(args.prefetch, BasicQosOptions::default())
+        .await?;
+    let mut deliveries = ch
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    // The last delivery whose work ran and is not acked yet, and how many are unacked.
+    let mut unacked: Option<Acker> = None;
+    let mut count = 0_u64;
+    let mut received = 0;
+    let multiple = BasicAckOptions { multiple: true };
+    async fn flush(
+        acker: &mut Option<Acker>,
+        count: &mut u64,
+        options: BasicAckOptions,
+        clock: &Clock,
+    ) -> Result<(), BoxError> {
+        if let Some(acker) = acker.take() {
+            if !acker.ack(options).await? {
+                return Err("the channel closed before the ack".into());
+            }
+            clock.settled_many(std::mem::take(count));
+        }
+        Ok(())
+    }
+    while received < args.messages {
+        let next = if unacked.is_some() {
+            match tokio::time::timeout(BEST_CASE_IDLE, deliveries.next()).await {
+                Ok(next) => next,
+                Err(_idle) => {
+                    flush(&mut unacked, &mut count, multiple, &clock).await?;
+                    continue;
+                }
+            }
+        } else {
+            deliveries.next().await
+        };
+        let Some(delivery) = next else {
+            return Err("consumer ended early".into());
+        };
+        let delivery = delivery?;
+        received += 1;
+        clock.started();
+        // The "work": nothing, as in the other consumers; then the delivery joins the
+        // run of deliveries to ack.
+        unacked = Some(delivery.acker);
+        count += 1;
+        if count >= BEST_CASE_BATCH {
+            flush(&mut unacked, &mut count, multiple, &clock).await?;
+        }
+    }
+    flush(&mut unacked, &mut count, multiple, &clock).await?;
     let elapsed = clock.wait().await;
     let _ = conn.close(200, "bye".into()).await;
     elapsed

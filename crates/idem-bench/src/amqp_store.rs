@@ -25,7 +25,7 @@ use lapin::types::FieldTable;
 use sqlx::{PgPool, Postgres};
 
 use crate::amqp_noop::{fill, Clock};
-use crate::report::Report;
+use crate::report::{Report, Side};
 
 type BoxError = Box<dyn std::error::Error>;
 
@@ -40,7 +40,7 @@ pub(crate) enum Store {
 #[derive(clap::Args)]
 pub(crate) struct Args {
     #[command(flatten)]
-    base: crate::amqp_noop::ConsumerArgs,
+    pub(crate) base: crate::amqp_noop::ConsumerArgs,
     /// Redis URL (amqp-redis).
     #[arg(
         long,
@@ -77,17 +77,12 @@ pub(crate) async fn run(store: Store, args: Args) -> Result<Report, BoxError> {
         ),
         Store::Redis => None,
     };
-    let mut report = Report {
-        scenario: if store == Store::Redis {
-            "amqp-redis"
-        } else {
-            "amqp-postgres"
-        },
-        messages: args.base.messages,
-        prefetch: args.base.prefetch,
-        idem: Vec::new(),
-        baseline: Vec::new(),
+    let scenario = if store == Store::Redis {
+        "amqp-redis"
+    } else {
+        "amqp-postgres"
     };
+    let mut report = Report::new(scenario, args.base.messages, args.base.prefetch);
     for round in 0..args.base.rounds.max(1) {
         for idem in [true, false] {
             let run_id = uuid::Uuid::new_v4().simple().to_string();
@@ -126,7 +121,11 @@ pub(crate) async fn run(store: Store, args: Args) -> Result<Report, BoxError> {
                 }
             }
             let elapsed = result?;
-            report.record(round, idem, elapsed);
+            report.record(
+                round,
+                if idem { Side::Idem } else { Side::Baseline },
+                elapsed,
+            );
         }
     }
     publisher.close().await;

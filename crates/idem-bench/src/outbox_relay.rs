@@ -15,7 +15,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Confirmation};
 use sqlx::{PgPool, Row};
 
-use crate::report::Report;
+use crate::report::{Report, Side};
 
 type BoxError = Box<dyn std::error::Error>;
 
@@ -29,8 +29,8 @@ pub(crate) struct Args {
     #[arg(long, default_value_t = 500)]
     batch: i64,
     /// Rounds; each round runs idem then the baseline.
-    #[arg(long, default_value_t = 3)]
-    rounds: u32,
+    #[arg(long, default_value_t = 5)]
+    pub(crate) rounds: u32,
     /// Broker URL (default amqp://guest:***@127.0.0.1:5672/%2f; passwords are not printed).
     #[arg(long, env = "AMQP_URL", hide_env_values = true, default_value = idem_amqp::DEFAULT_AMQP_URL, hide_default_value = true)]
     url: String,
@@ -51,13 +51,7 @@ pub(crate) async fn run(args: Args) -> Result<Report, BoxError> {
         .await?;
     let admin = idem_amqp::connect(&args.url, "idem-bench-admin").await?;
     let ch = admin.create_channel().await?;
-    let mut report = Report {
-        scenario: "outbox-relay",
-        messages: args.messages,
-        prefetch: 0,
-        idem: Vec::new(),
-        baseline: Vec::new(),
-    };
+    let mut report = Report::new("outbox-relay", args.messages, 0);
     for round in 0..args.rounds.max(1) {
         for idem in [true, false] {
             let id = uuid::Uuid::new_v4().simple().to_string();
@@ -94,7 +88,11 @@ pub(crate) async fn run(args: Args) -> Result<Report, BoxError> {
             if published != args.messages {
                 return Err(format!("published {published} of {} rows", args.messages).into());
             }
-            report.record(round, idem, elapsed);
+            report.record(
+                round,
+                if idem { Side::Idem } else { Side::Baseline },
+                elapsed,
+            );
         }
     }
     let _ = admin.close(200, "bye".into()).await;

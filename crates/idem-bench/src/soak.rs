@@ -1,7 +1,10 @@
 //! `soak`: one in-process worker consumes many messages through the full stack
 //! (RabbitMQ, idem consumer, Redis dedup store) while a producer keeps a bounded
-//! backlog filled in confirmed batches. Memory (`VmHWM`, `VmRSS`) is reported every
-//! `--report-every` settled messages: with a bounded prefetch it must stay flat.
+//! backlog filled in confirmed batches. Every `--report-every` settled messages a line
+//! gives the throughput of that interval beside memory (`VmHWM`, `VmRSS`: with a
+//! bounded prefetch it must stay flat) and what could explain a change of pace: this
+//! process's CPU use, the machine's load, the queue's backlog, and Redis (keys,
+//! memory, keys expired and its CPU use in the interval, slow log length).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -92,17 +95,172 @@ pub(crate) struct SoakArgs {
     /// Messages per confirmed publish batch.
     #[arg(long, default_value_t = 1000)]
     batch: u64,
+    /// How long Redis keeps a completed message's record, in seconds.
+    #[arg(long, default_value_t = 60)]
+    retention_secs: u64,
 }
 
 async fn noop(_key: IdempotencyKey) {}
 
-fn memory_line(settled: u64, started: Instant) -> String {
-    let (hwm, rss) = common::memory_kib().unwrap_or((0, 0));
-    let secs = started.elapsed().as_secs_f64();
-    format!(
-        "soak: settled={settled} VmHWM={hwm} kB VmRSS={rss} kB elapsed={secs:.1}s rate={:.0} msg/s",
-        settled as f64 / secs.max(0.001)
-    )
+/// CPU seconds this process used so far (user + system), from `/proc/self/stat`.
+fn cpu_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces) start at field 3.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // USER_HZ is 100 on every Linux the benchmarks run on.
+    Some((utime + stime) / 100.0)
+}
+
+/// CPU seconds used so far by every local process named `name` (`beam.smp`: the
+/// RabbitMQ nodes on this machine, the test clusters' included, summed so that the
+/// reading does not depend on which one is found first), from `/proc/<pid>/stat`.
+fn process_cpu_secs(name: &str) -> Option<f64> {
+    let mut total = None;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let path = entry.path();
+        let is_it = std::fs::read_to_string(path.join("comm")).is_ok_and(|c| c.trim() == name);
+        let Some(stat) = is_it
+            .then(|| std::fs::read_to_string(path.join("stat")).ok())
+            .flatten()
+        else {
+            continue;
+        };
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
+        if let (Some(utime), Some(stime)) = (ticks(11), ticks(12)) {
+            *total.get_or_insert(0.0) += (utime + stime) / 100.0;
+        }
+    }
+    total
+}
+
+/// The share of the last 10 s in which some task waited for a CPU (Linux PSI).
+fn cpu_pressure() -> Option<f64> {
+    std::fs::read_to_string("/proc/pressure/cpu")
+        .ok()?
+        .lines()
+        .next()?
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("avg10="))?
+        .parse()
+        .ok()
+}
+
+fn load1() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// A reading of Redis `INFO` (whole server: other users of it count too).
+#[derive(Clone, Copy, Default)]
+struct RedisReading {
+    keys: u64,
+    used_memory: u64,
+    expired_keys: u64,
+    cpu_secs: f64,
+    slowlog_len: u64,
+}
+
+async fn redis_reading(conn: &mut redis::aio::ConnectionManager) -> Option<RedisReading> {
+    let info: String = redis::cmd("INFO").query_async(conn).await.ok()?;
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(str::trim)
+    };
+    let num = |name: &str| field(name).and_then(|v| v.parse::<f64>().ok());
+    let keys = info
+        .lines()
+        .filter(|l| l.starts_with("db"))
+        .filter_map(|l| {
+            l.split_once("keys=")?
+                .1
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    let slowlog_len: u64 = redis::cmd("SLOWLOG")
+        .arg("LEN")
+        .query_async(conn)
+        .await
+        .unwrap_or(0);
+    Some(RedisReading {
+        keys,
+        used_memory: num("used_memory")? as u64,
+        expired_keys: num("expired_keys")? as u64,
+        cpu_secs: num("used_cpu_user")? + num("used_cpu_sys")?,
+        slowlog_len,
+    })
+}
+
+/// The previous report line's readings, to give rates per interval.
+struct Probe {
+    redis: redis::aio::ConnectionManager,
+    channel: lapin::Channel,
+    queue: String,
+    started: Instant,
+    last: (u64, Instant, f64, RedisReading),
+    /// CPU seconds of a local RabbitMQ (`beam.smp`) at the last line, if there is one.
+    broker_cpu: Option<f64>,
+}
+
+impl Probe {
+    async fn line(&mut self, settled: u64) -> String {
+        let now = Instant::now();
+        let (hwm, rss) = common::memory_kib().unwrap_or((0, 0));
+        let cpu = cpu_secs().unwrap_or(0.0);
+        let redis = redis_reading(&mut self.redis).await.unwrap_or_default();
+        let ready = self
+            .channel
+            .queue_declare(
+                self.queue.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .map(|q| i64::from(q.message_count()))
+            .unwrap_or(-1);
+        let (last_settled, last_at, last_cpu, last_redis) = self.last;
+        let broker_cpu = process_cpu_secs("beam.smp");
+        let secs = now.duration_since(last_at).as_secs_f64().max(0.001);
+        let total = now.duration_since(self.started).as_secs_f64().max(0.001);
+        self.last = (settled, now, cpu, redis);
+        let broker = match (broker_cpu, self.broker_cpu) {
+            (Some(now), Some(before)) => format!("{:.0}%", 100.0 * (now - before) / secs),
+            _ => "?".to_owned(),
+        };
+        self.broker_cpu = broker_cpu;
+        format!(
+            "soak: settled={settled} interval_rate={:.0} msg/s VmHWM={hwm} kB VmRSS={rss} kB \
+             cpu={:.0}% broker_cpu={broker} cpu_pressure={:.0}% load1={:.2} queue_ready={ready} redis_keys={} redis_used_memory={:.1} MiB \
+             redis_expired=+{} redis_cpu={:.0}% redis_slowlog={} elapsed={total:.1}s rate={:.0} msg/s",
+            (settled - last_settled) as f64 / secs,
+            100.0 * (cpu - last_cpu) / secs,
+            cpu_pressure().unwrap_or(-1.0),
+            load1().unwrap_or(-1.0),
+            redis.keys,
+            redis.used_memory as f64 / f64::from(1 << 20),
+            redis.expired_keys.saturating_sub(last_redis.expired_keys),
+            100.0 * (redis.cpu_secs - last_redis.cpu_secs) / secs,
+            redis.slowlog_len,
+            settled as f64 / total
+        )
+    }
 }
 
 pub(crate) async fn run(args: SoakArgs) -> Result<(), BoxError> {
@@ -112,7 +270,7 @@ pub(crate) async fn run(args: SoakArgs) -> Result<(), BoxError> {
     let url = common::amqp_url();
     let redis_url = common::redis_url();
     // Fail early, saying how to start Redis, rather than deep inside the worker.
-    common::redis_conn(&redis_url).await?;
+    let mut redis_probe = common::redis_conn(&redis_url).await?;
     let admin = common::rabbit(&format!("idem-soak-admin-{run_id}")).await?;
     let topology = common::topology(&queue);
     let ch = admin.create_channel().await?;
@@ -124,7 +282,7 @@ pub(crate) async fn run(args: SoakArgs) -> Result<(), BoxError> {
         .await?;
     // Short retention (the backoff horizon is short too) so Redis holds about a minute
     // of keys, not a million.
-    let layer = DedupLayer::new(store).retention(Duration::from_secs(60));
+    let layer = DedupLayer::new(store).retention(Duration::from_secs(args.retention_secs.max(1)));
     let consumer = Consumer::builder("soak")
         .dedup(layer)
         .backoff(Backoff::exponential(Duration::from_millis(100)).max_attempts(3))
@@ -141,11 +299,20 @@ pub(crate) async fn run(args: SoakArgs) -> Result<(), BoxError> {
     let running = worker.spawn();
 
     println!(
-        "soak: run={run_id} messages={} prefetch={} backlog<={} batch={}",
-        args.messages, args.prefetch, args.backlog, args.batch
+        "soak: run={run_id} messages={} prefetch={} backlog<={} batch={} retention={}s",
+        args.messages, args.prefetch, args.backlog, args.batch, args.retention_secs
     );
     let started = Instant::now();
-    println!("{}", memory_line(0, started));
+    let first = redis_reading(&mut redis_probe).await.unwrap_or_default();
+    let mut probe = Probe {
+        redis: redis_probe,
+        channel: admin.create_channel().await?,
+        queue: queue.clone(),
+        started,
+        last: (0, started, cpu_secs().unwrap_or(0.0), first),
+        broker_cpu: process_cpu_secs("beam.smp"),
+    };
+    println!("{}", probe.line(0).await);
     let publisher = Publisher::builder(&url)
         .connection_name(format!("idem-soak-producer-{run_id}"))
         .connect()
@@ -155,9 +322,11 @@ pub(crate) async fn run(args: SoakArgs) -> Result<(), BoxError> {
     let mut last_progress = (0_u64, Instant::now());
     loop {
         let done = settled.load(Ordering::Relaxed);
-        while done >= next_report {
-            println!("{}", memory_line(next_report, started));
-            next_report += args.report_every;
+        if done >= next_report {
+            println!("{}", probe.line(done).await);
+            while next_report <= done {
+                next_report += args.report_every.max(1);
+            }
         }
         if done >= args.messages {
             break;
