@@ -259,11 +259,15 @@ impl<T: Send + 'static> AckCoalescer<T> {
     /// Clean end of the session (shutdown, breaker pause): sends the ack of every
     /// settled run, then stops. Call after the handlers are drained and before the
     /// channel closes. Tags still running stay unacked (the channel close returns them).
-    pub(crate) async fn close(self) {
+    pub(crate) async fn close(self, timeout: Duration) {
         self.inner.lock().closing = true;
         self.inner.wake.notify_one();
-        if let Err(e) = self.flusher.await {
-            tracing::warn!(error = %e, "ack flusher ended abnormally");
+        match tokio::time::timeout(timeout, self.flusher).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "ack flusher ended abnormally"),
+            Err(_) => tracing::warn!(
+                "the last coalesced ack was not sent in time; closing: the broker redelivers those messages"
+            ),
         }
     }
 
@@ -325,7 +329,7 @@ async fn flush_loop<T>(
             }
         }
         for record in run.records {
-            after(record);
+            report(&after, record);
         }
         if closing {
             break;
@@ -333,7 +337,16 @@ async fn flush_loop<T>(
     }
     let left = inner.lock().close();
     for record in left {
-        after(record);
+        report(&after, record);
+    }
+}
+
+/// Runs the callback; a panic in it (a user's settle hook) must not stop the flusher,
+/// or every later ack of the channel would wait for the channel to close.
+fn report<T>(after: &impl Fn(T), record: T) {
+    let call = std::panic::AssertUnwindSafe(|| after(record));
+    if std::panic::catch_unwind(call).is_err() {
+        tracing::error!("the settle hook panicked; acks continue");
     }
 }
 

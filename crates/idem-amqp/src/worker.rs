@@ -667,7 +667,7 @@ impl Session {
         if let Some(acks) = self.acks.take() {
             match end {
                 // The settled deliveries' acks go out before the channel closes.
-                End::Shutdown | End::Paused => acks.close().await,
+                End::Shutdown | End::Paused => acks.close(shared.shutdown_timeout).await,
                 // Nothing can be sent on a lost channel: the broker redelivers.
                 End::Lost => acks.abandon(),
             }
@@ -888,6 +888,8 @@ async fn requeue(acker: &Acker) {
     };
     match acker.nack(options).await {
         Ok(_) => {}
-        Err(e) => tracing::warn!(error = %e, "nack failed; the broker redelivers the message when the channel closes"),
+        Err(e) => {
+            tracing::warn!(error = %e, "nack failed; the broker redelivers the message when the channel closes")
+        }
     }
 }

@@ -260,9 +260,11 @@ async fn mixed_outcomes(coalesce: bool) {
     // Mid-run, the "store" fails: the breaker opens, in-flight deliveries are handed
     // back (requeue nacks), the worker flushes its acks, pauses and reconnects on a new
     // channel (delivery tags restart).
-    wait_for("80 settled deliveries", Duration::from_secs(30), async || {
-        settled.lock().unwrap().len() >= 80
-    })
+    wait_for(
+        "80 settled deliveries",
+        Duration::from_secs(30),
+        async || settled.lock().unwrap().len() >= 80,
+    )
     .await;
     state.outage.store(true, Ordering::SeqCst);
     let breaker = consumer.breaker().unwrap().clone();
@@ -302,12 +304,11 @@ async fn mixed_outcomes(coalesce: bool) {
         applied == expected.len() && dead == poison
     })
     .await;
-    assert!(
-        done,
-        "timed out waiting for every effect applied and every poison message dead-lettered: {}; queue {:?}",
-        progress.lock().unwrap(),
-        broker_counts(topo.queue()).await
-    );
+    if !done {
+        let progress = progress.lock().unwrap().clone();
+        let queue = broker_counts(topo.queue()).await;
+        panic!("timed out waiting for every effect applied and every poison message dead-lettered: {progress}; work queue (ready, unacked) {queue:?}");
+    }
     // Everything settled: nothing ready and nothing unacked on the work queue while the
     // worker still runs (acks flushed by the interval, not by a shutdown).
     wait_for(
@@ -318,7 +319,11 @@ async fn mixed_outcomes(coalesce: bool) {
     .await;
 
     let stats = running.shutdown_and_join().await.unwrap();
-    assert_eq!(ready(&ch, topo.queue()).await, 0, "nothing handed back at close");
+    assert_eq!(
+        ready(&ch, topo.queue()).await,
+        0,
+        "nothing handed back at close"
+    );
     for t in topo.get_tiers().as_slice() {
         assert_eq!(ready(&ch, &topo.retry_queue(*t)).await, 0);
     }
@@ -334,7 +339,10 @@ async fn mixed_outcomes(coalesce: bool) {
     );
     let names = settled.lock().unwrap().clone();
     let count = |name: &str| names.iter().filter(|n| **n == name).count();
-    assert!(count("release") >= 1, "the outage handed deliveries back: {names:?}");
+    assert!(
+        count("release") >= 1,
+        "the outage handed deliveries back: {names:?}"
+    );
     assert!(count("retry") >= (MIXED / 6), "{names:?}");
     assert_eq!(count("dead_letter") as u32, poison, "{names:?}");
     let dup_ok = (0..DUPLICATES).filter(|i| kind(*i) != "poison").count();
@@ -342,7 +350,12 @@ async fn mixed_outcomes(coalesce: bool) {
     assert_eq!(stats.duplicates as usize, count("duplicate"));
     // No channel was closed under the worker (a double ack or an ack naming an
     // unknown tag makes the broker close it with PRECONDITION_FAILED).
-    for needle in ["consumer error", "consumer ended", "lost its channel", "PRECONDITION"] {
+    for needle in [
+        "consumer error",
+        "consumer ended",
+        "lost its channel",
+        "PRECONDITION",
+    ] {
         let lines: Vec<String> = logs
             .lines_with(needle)
             .into_iter()
@@ -526,7 +539,10 @@ async fn a_crash_between_settle_and_flush_loses_nothing() {
     let worker = Worker::builder(url(), topo.clone(), consumer)
         .prefetch(20)
         .on_settle(move |s| {
-            if matches!(s.disposition, idem_core::Disposition::Ack { duplicate: true }) {
+            if matches!(
+                s.disposition,
+                idem_core::Disposition::Ack { duplicate: true }
+            ) {
                 dup_log
                     .lock()
                     .unwrap()
