@@ -216,8 +216,9 @@ impl WorkerBuilder {
     }
 
     /// With coalesced acks, the longest a settled delivery waits for its ack to be
-    /// sent (default 1 ms; tokio's timer rounds up to its 1 ms tick). Zero is taken as
-    /// the smallest wait tokio's timer can do.
+    /// sent (default 1 ms; tokio's timer has a 1 ms resolution, so a wait can end up
+    /// to one tick late). Zero: send the ack of whatever run is settled each time the
+    /// flusher wakes up.
     pub fn ack_flush_interval(mut self, interval: Duration) -> Self {
         self.ack_flush_interval = interval;
         self
