@@ -18,6 +18,10 @@
 //! - [`AFTER_RETRY_PUBLISH_BEFORE_ACK`]: a retry or dead-letter copy was confirmed by
 //!   the broker and the original is not acked yet. The broker redelivers the original
 //!   while the copy exists too.
+//! - [`BEFORE_ACK_FLUSH`]: with coalesced acks, a run of settled deliveries is about to
+//!   be acked with one `basic.ack multiple=true` and the frame is not sent yet. Every
+//!   delivery of the run (their effects done, their copies confirmed) is redelivered;
+//!   dedup must absorb them all.
 //!
 //! Without the environment variable the checks cost one atomic load. The `idem-chaos`
 //! crate uses this to prove that neither crash loses or repeats an effect.
@@ -30,6 +34,8 @@ pub const ENV: &str = "IDEM_FAILPOINTS";
 pub const AFTER_COMMIT_BEFORE_ACK: &str = "after-commit-before-ack";
 /// After a retry or dead-letter copy was confirmed, before the original's `basic.ack`.
 pub const AFTER_RETRY_PUBLISH_BEFORE_ACK: &str = "after-retry-publish-before-ack";
+/// Coalesced acks: a settled run is taken out, before its `basic.ack multiple=true`.
+pub const BEFORE_ACK_FLUSH: &str = "before-ack-flush";
 
 static ACTIVE: OnceLock<Vec<(String, f64)>> = OnceLock::new();
 

@@ -46,6 +46,7 @@
 #![doc(test(attr(deny(warnings), allow(dead_code, unused_variables))))]
 #![deny(missing_docs)]
 
+mod acks;
 pub mod convert;
 mod crash;
 pub mod delayed;

@@ -37,8 +37,40 @@
 //!   connects (so a wrong URL still fails at once), then waits paused.
 //! - **Shutdown**: when the shutdown future completes, the worker cancels its consumer
 //!   (`basic.cancel`), lets in-flight handlers finish and settles them, up to the
-//!   shutdown timeout (default 30 s), then closes. Prefetched deliveries that never
-//!   reached a handler go back to the queue when the channel closes.
+//!   shutdown timeout (default 30 s), sends the pending coalesced ack, then closes.
+//!   Prefetched deliveries that never reached a handler go back to the queue when the
+//!   channel closes.
+//!
+//! # Acks
+//!
+//! Acks are **coalesced** by default ([`WorkerBuilder::coalesce_acks`]): each consuming
+//! channel has a coalescer that records the delivery tags in the order the channel
+//! delivered them, and a flusher sends one `basic.ack multiple=true` up to the highest
+//! tag `T` such that every tag up to `T` is settled. Settled means: the ack is due
+//! (handled, or a duplicate), or the retry / dead-letter copy was confirmed (the tag
+//! joins the run only after the confirm), or the delivery was handed back with its own
+//! `basic.nack requeue=true, multiple=false`, sent at once (the ack of a run names its
+//! highest *acked* tag, never a handed-back one, which the broker would refuse as an
+//! unknown tag). A delivery still running holds back the ack of every later one.
+//!
+//! - **When**: as soon as [`ack_flush_batch`](WorkerBuilder::ack_flush_batch) tags in a
+//!   row are settled (default: a quarter of the prefetch, so the broker keeps sending
+//!   while acks are pending), or [`ack_flush_interval`](WorkerBuilder::ack_flush_interval)
+//!   after the first of them (default 1 ms), and on shutdown and breaker pause, after
+//!   the handlers are drained and before the channel closes.
+//! - **Reconnect**: delivery tags restart with each channel, so each session has its
+//!   own coalescer; acks pending when a channel dies are dropped (the broker redelivers
+//!   those messages, the dedup store absorbs them).
+//! - **Crash**: settled deliveries whose ack was not sent are redelivered. With a dedup
+//!   store they are duplicates, acked without running. Without one (at-least-once
+//!   mode) they run again: up to one batch (or one interval's worth) more repeats than
+//!   per-delivery acks would give.
+//! - **At-most-once** consumers still ack each delivery on receipt, before the handler.
+//! - **The settle hook** ([`WorkerBuilder::on_settle`]) runs once per delivery after
+//!   the ack covering it was sent (from the flusher task), or right after the requeue
+//!   nack; so when the hook has seen a delivery, the broker has been told.
+//! - **Off** (`coalesce_acks(false)`): one `basic.ack` per delivery, sent when it is
+//!   settled, and the hook right after it.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -61,6 +93,7 @@ use lapin::{Acker, BasicProperties, Channel, Connection, Event};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
+use crate::acks::{AckCoalescer, AckSettler, Settle};
 use crate::convert::{merge_headers, to_message};
 use crate::crash;
 use crate::endpoints::Endpoints;
@@ -77,6 +110,8 @@ const COPY_RETRY_DELAYS: [Duration; 5] = [
     Duration::from_secs(16),
 ];
 const RECONNECT_MIN: Duration = Duration::from_millis(200);
+/// Default longest wait before a settled delivery's ack is sent.
+const ACK_FLUSH_INTERVAL: Duration = Duration::from_millis(1);
 const RECONNECT_MAX: Duration = Duration::from_secs(30);
 
 struct Shared {
@@ -89,6 +124,7 @@ struct Shared {
     connection_name: String,
     shutdown_timeout: Duration,
     on_settle: Option<SettleHook>,
+    acks: AckConfig,
     queue: ShortString,
     dlq: String,
     retry_queues: Vec<(Duration, String)>,
@@ -108,8 +144,18 @@ pub struct WorkerBuilder {
     broker_timeout: Duration,
     shutdown_timeout: Duration,
     on_settle: Option<SettleHook>,
+    coalesce_acks: bool,
+    ack_flush_interval: Duration,
+    ack_flush_batch: Option<usize>,
     #[cfg(feature = "prometheus")]
     prometheus: Option<std::net::SocketAddr>,
+}
+
+/// How the worker acks: coalesced (`flush` set) or one `basic.ack` per delivery.
+#[derive(Clone, Copy, Debug)]
+struct AckConfig {
+    /// `(batch, interval)` when acks are coalesced.
+    flush: Option<(usize, Duration)>,
 }
 
 impl std::fmt::Debug for WorkerBuilder {
@@ -119,6 +165,7 @@ impl std::fmt::Debug for WorkerBuilder {
             .field("topology", &self.topology)
             .field("consumer", &self.consumer)
             .field("prefetch", &self.prefetch)
+            .field("coalesce_acks", &self.coalesce_acks)
             .finish_non_exhaustive()
     }
 }
@@ -162,9 +209,38 @@ impl WorkerBuilder {
         self
     }
 
-    /// Called after each delivery is settled (acked, handed back, or its copy
-    /// confirmed and the original acked): tests, custom metrics, benchmarks. The same
-    /// hook type as the in-memory broker's ([`Settled`]).
+    /// Coalesced acks (default on): the worker acks runs of settled deliveries with
+    /// one `basic.ack multiple=true`, see [Acks](self#acks) in the module docs. Off: one `basic.ack` per
+    /// delivery, sent as soon as it is settled.
+    pub fn coalesce_acks(mut self, on: bool) -> Self {
+        self.coalesce_acks = on;
+        self
+    }
+
+    /// With coalesced acks, the longest a settled delivery waits for its ack to be
+    /// sent (default 1 ms; tokio's timer has a 1 ms resolution, so a wait can end up
+    /// to one tick late). Zero: send the ack of whatever run is settled each time the
+    /// flusher wakes up.
+    pub fn ack_flush_interval(mut self, interval: Duration) -> Self {
+        self.ack_flush_interval = interval;
+        self
+    }
+
+    /// With coalesced acks, send the ack as soon as this many deliveries in a row are
+    /// settled, without waiting for the interval. Default: a quarter of the prefetch
+    /// (at least 1), so the broker keeps three quarters of its window in flight while
+    /// acks are pending. Clamped to `1..=prefetch`.
+    pub fn ack_flush_batch(mut self, batch: usize) -> Self {
+        self.ack_flush_batch = Some(batch);
+        self
+    }
+
+    /// Called once per delivery after it is settled on the wire: its ack (or the ack
+    /// covering it, with coalesced acks) was sent, or it was handed back, or its copy
+    /// was confirmed and the original acked. When the channel died first, the hook
+    /// still runs once and the broker redelivers the message. Runs on the worker's
+    /// tasks: keep it short (tests, custom metrics, benchmarks). The same hook type as
+    /// the in-memory broker's ([`Settled`]).
     pub fn on_settle(mut self, hook: impl Fn(Settled<'_>) + Send + Sync + 'static) -> Self {
         self.on_settle = Some(Arc::new(hook));
         self
@@ -206,6 +282,16 @@ impl WorkerBuilder {
             .concurrency
             .unwrap_or(usize::from(self.prefetch))
             .min(usize::from(self.prefetch));
+        let prefetch = usize::from(self.prefetch);
+        let acks = AckConfig {
+            flush: self.coalesce_acks.then(|| {
+                let batch = self
+                    .ack_flush_batch
+                    .unwrap_or(prefetch / 4)
+                    .clamp(1, prefetch);
+                (batch, self.ack_flush_interval)
+            }),
+        };
         let retry_queues = self
             .topology
             .get_tiers()
@@ -228,6 +314,7 @@ impl WorkerBuilder {
             concurrency: u32::try_from(concurrency).unwrap_or(u32::MAX),
             shutdown_timeout: self.shutdown_timeout,
             on_settle: self.on_settle,
+            acks,
             #[cfg(feature = "prometheus")]
             prometheus: self.prometheus,
         };
@@ -288,6 +375,9 @@ impl Worker {
             broker_timeout: Duration::from_secs(30 * 60), // RabbitMQ's default consumer_timeout
             shutdown_timeout: Duration::from_secs(30),
             on_settle: None,
+            coalesce_acks: true,
+            ack_flush_interval: ACK_FLUSH_INTERVAL,
+            ack_flush_batch: None,
             #[cfg(feature = "prometheus")]
             prometheus: None,
         }
@@ -413,10 +503,44 @@ struct Session {
     consume: Channel,
     stream: lapin::Consumer,
     events: JoinHandle<()>,
+    /// This channel's ack coalescer (tags restart with each channel); `None` when acks
+    /// are sent one per delivery.
+    acks: Option<AckCoalescer<Record>>,
+}
+
+/// What the settle hook needs, kept until the delivery's ack is sent (`None` without
+/// a hook: nothing to keep).
+type Record = Option<Done>;
+
+/// A settled delivery, for the settle hook.
+struct Done {
+    message_id: Option<ShortString>,
+    failed_before: u32,
+    disposition: Disposition,
+    /// Its dead-letter copy was confirmed: the consumer's dead-letter hook is told.
+    dead_lettered: bool,
+}
+
+/// Runs the settle hook for `done` (the one call site of `on_settle`).
+/// Also tells the consumer's dead-letter hook about a confirmed dead-letter copy.
+fn report(shared: &Shared, done: Record) {
+    let Some(done) = done else { return };
+    let settled = Settled::new(
+        done.message_id.as_ref().map(ShortString::as_str),
+        done.failed_before,
+        shared.topology.queue(),
+        &done.disposition,
+    );
+    if let Some(hook) = &shared.on_settle {
+        hook(settled);
+    }
+    if done.dead_lettered {
+        shared.consumer.notify_dead_lettered(&settled, &shared.dlq);
+    }
 }
 
 impl Session {
-    async fn open(shared: &Shared) -> Result<Session, Error> {
+    async fn open(shared: &Arc<Shared>) -> Result<Session, Error> {
         let (conn, url) = shared
             .endpoints
             .connect_indexed(&shared.connection_name, &shared.tls)
@@ -425,12 +549,19 @@ impl Session {
             Ok((publish, consume, stream)) => {
                 let events = tokio::spawn(log_events(conn.events_listener(), url));
                 tracing::info!(queue = %shared.topology.queue(), prefetch = shared.prefetch, "consuming");
+                let acks = shared.acks.flush.map(|(batch, interval)| {
+                    let hooked = shared.clone();
+                    AckCoalescer::spawn(consume.clone(), batch, interval, move |done| {
+                        report(&hooked, done)
+                    })
+                });
                 Ok(Session {
                     conn,
                     publish: Arc::new(publish),
                     consume,
                     stream,
                     events,
+                    acks,
                 })
             }
             Err(e) => {
@@ -499,10 +630,21 @@ impl Session {
             };
             match next {
                 Some(Ok(delivery)) => {
+                    // At-most-once acks each delivery before its handler: not coalesced.
+                    let settler = match &self.acks {
+                        Some(acks)
+                            if shared.consumer.mode() != DeliveryMode::AtMostOnce
+                                && acks.register(delivery.delivery_tag) =>
+                        {
+                            Some(acks.settler())
+                        }
+                        _ => None,
+                    };
                     tokio::spawn(handle(
                         shared.clone(),
                         self.publish.clone(),
                         delivery,
+                        settler,
                         permit,
                     ));
                 }
@@ -532,6 +674,14 @@ impl Session {
             // Handlers in flight settle on this channel (a store failure is nacked
             // back, uncharged); closing then returns the prefetched deliveries.
             drain(permits, shared).await;
+        }
+        if let Some(acks) = self.acks.take() {
+            match end {
+                // The settled deliveries' acks go out before the channel closes.
+                End::Shutdown | End::Paused => acks.close(shared.shutdown_timeout).await,
+                // Nothing can be sent on a lost channel: the broker redelivers.
+                End::Lost => acks.abandon(),
+            }
         }
         self.close().await;
         end
@@ -563,14 +713,24 @@ async fn log_events(events: impl futures_util::Stream<Item = Event>, url: String
     }
 }
 
+/// What the wire needs once a delivery's outcome is carried out.
+enum Wire {
+    /// Its ack is due (handled, duplicate, or its copy confirmed).
+    Ack,
+    /// Hand it back at once (`basic.nack requeue=true`).
+    Requeue,
+}
+
 /// Runs one delivery and settles it. Holds its permit until settled.
 async fn handle(
     shared: Arc<Shared>,
     publish: Arc<Channel>,
     delivery: Delivery,
+    settler: Option<AckSettler<Record>>,
     _permit: OwnedSemaphorePermit,
 ) {
     let Delivery {
+        delivery_tag,
         exchange,
         routing_key,
         redelivered,
@@ -607,19 +767,19 @@ async fn handle(
         Some(over) if !at_most_once => over,
         _ => consumer.process(msg).await,
     };
-    // Whether a dead-letter copy was confirmed (the dead-letter hook is told only then).
-    let mut dead_lettered = false;
-    if !at_most_once {
-        match &disposition {
-            Disposition::Release { .. } => requeue(&acker).await,
+    let wire = if at_most_once {
+        None
+    } else {
+        Some(match &disposition {
+            Disposition::Release { .. } => Wire::Requeue,
             // Dropped on purpose by the handler: acked, no copy.
-            Disposition::Discard { .. } => ack(&acker).await,
+            Disposition::Discard { .. } => Wire::Ack,
             Disposition::Ack { .. } => {
                 #[cfg(feature = "failpoints")]
                 if matches!(disposition, Disposition::Ack { duplicate: false }) {
                     crate::failpoints::hit(crate::failpoints::AFTER_COMMIT_BEFORE_ACK);
                 }
-                ack(&acker).await
+                Wire::Ack
             }
             Disposition::Retry {
                 delay,
@@ -633,43 +793,47 @@ async fn handle(
                     .iter()
                     .find(|(t, _)| *t == tier)
                     .map_or(shared.dlq.as_str(), |(_, q)| q.as_str());
-                forward(
-                    &publish,
-                    target,
-                    &body,
-                    &properties,
-                    headers,
-                    &acker,
-                    "retry",
-                )
-                .await;
+                forward(&publish, target, &body, &properties, headers, "retry").await
             }
             Disposition::DeadLetter { headers, .. } => {
                 let dlq = shared.dlq.as_str();
-                dead_lettered = forward(
-                    &publish,
-                    dlq,
-                    &body,
-                    &properties,
-                    headers,
-                    &acker,
-                    "dead-letter",
-                )
-                .await;
+                forward(&publish, dlq, &body, &properties, headers, "dead-letter").await
             }
-        }
-    }
-    let settled = Settled::new(
-        properties.message_id().as_ref().map(ShortString::as_str),
+        })
+    };
+    // The dead-letter hook is told only once the dead-letter copy is confirmed.
+    let dead_lettered = matches!(wire, Some(Wire::Ack))
+        && matches!(disposition, Disposition::DeadLetter { .. });
+    let done = (shared.on_settle.is_some() || dead_lettered).then(|| Done {
+        message_id: properties.message_id().clone(),
         failed_before,
-        queue,
-        &disposition,
-    );
-    if let Some(hook) = &shared.on_settle {
-        hook(settled);
-    }
-    if dead_lettered {
-        shared.consumer.notify_dead_lettered(&settled, &shared.dlq);
+        disposition,
+        dead_lettered,
+    });
+    match wire {
+        None => report(&shared, done),
+        Some(Wire::Ack) => match settler {
+            // Reported by the flusher once the ack covering it is sent.
+            Some(settler) => {
+                if let Err(done) = settler.settle(delivery_tag, Settle::Ack(done)) {
+                    // The session ended: the ack is dropped, the broker redelivers.
+                    report(&shared, done.flatten());
+                }
+            }
+            None => {
+                ack(&acker).await;
+                report(&shared, done);
+            }
+        },
+        Some(Wire::Requeue) => {
+            // Sent before the tag is settled: a later coalesced ack never covers it
+            // while it is still outstanding.
+            requeue(&acker).await;
+            if let Some(settler) = settler {
+                let _ = settler.settle(delivery_tag, Settle::Requeued);
+            }
+            report(&shared, done);
+        }
     }
 }
 
@@ -683,24 +847,22 @@ async fn ack(acker: &Acker) {
     }
 }
 
-/// Publishes the copy with confirm, then acks; see the module docs for failures.
-/// Returns whether the copy was confirmed.
+/// Publishes the copy with confirm; `Wire::Ack` once confirmed, see the module docs
+/// for failures.
 async fn forward(
     channel: &Channel,
     target: &str,
     body: &Bytes,
     properties: &BasicProperties,
     extra: &Headers,
-    acker: &Acker,
     what: &'static str,
-) -> bool {
+) -> Wire {
     let headers = match merge_headers(properties.headers().as_ref(), extra) {
         Ok(h) => h,
         Err(e) => {
             // Only idem's own header names are added, all short: cannot happen.
             tracing::error!(error = %e, "cannot build the {what} copy");
-            requeue(acker).await;
-            return false;
+            return Wire::Requeue;
         }
     };
     let props = properties.clone().with_headers(headers);
@@ -710,13 +872,16 @@ async fn forward(
             Ok(()) => {
                 #[cfg(feature = "failpoints")]
                 crate::failpoints::hit(crate::failpoints::AFTER_RETRY_PUBLISH_BEFORE_ACK);
-                ack(acker).await;
-                return true;
+                return Wire::Ack;
             }
             Err(e) => {
                 if !channel.status().connected() {
-                    tracing::warn!(error = %e, queue = target, "{what} copy not published and the channel is gone; the broker redelivers the original");
-                    return false;
+                    // If the consuming channel died too, the nack is not sent and the
+                    // broker redelivers anyway; if it lives, the nack hands the
+                    // original back instead of holding it (and, with coalesced acks,
+                    // every later ack) until the channel closes.
+                    tracing::warn!(error = %e, queue = target, "{what} copy not published and the publishing channel is gone; handing the original back");
+                    return Wire::Requeue;
                 }
                 match delays.next() {
                     Some(delay) => {
@@ -725,8 +890,7 @@ async fn forward(
                     }
                     None => {
                         tracing::error!(error = %e, queue = target, "{what} copy still not confirmed; requeueing the original");
-                        requeue(acker).await;
-                        return false;
+                        return Wire::Requeue;
                     }
                 }
             }
@@ -739,7 +903,10 @@ async fn requeue(acker: &Acker) {
         requeue: true,
         multiple: false,
     };
-    if let Err(e) = acker.nack(options).await {
-        tracing::warn!(error = %e, "nack failed; the broker redelivers the message when the channel closes");
+    match acker.nack(options).await {
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "nack failed; the broker redelivers the message when the channel closes")
+        }
     }
 }
