@@ -46,6 +46,8 @@ pub mod ident;
 pub mod memory;
 pub mod message;
 pub mod outcome;
+#[cfg(feature = "otel")]
+pub mod otel;
 pub mod read;
 pub mod redact;
 pub mod run;
