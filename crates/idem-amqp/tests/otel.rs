@@ -83,7 +83,7 @@ async fn publish_retry_and_dead_letter_copies_share_the_publishers_trace() {
         idem_amqp::connect(&url, "idem-test-otel-admin").await,
     );
     let ch = conn.create_channel().await.unwrap();
-    let queue = idem_testkit::unique("idem-test-otel");
+    let queue = idem_testkit::unique("otel");
     let topo =
         Topology::new(queue.clone()).tiers(DelayTiers::new([Duration::from_secs(1)]).unwrap());
     topo.declare_on(&ch).await.unwrap();
