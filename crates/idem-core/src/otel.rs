@@ -37,10 +37,38 @@
 //! # What you set up
 //!
 //! idem only reads and writes the context of `tracing` spans. To export them, install
-//! a [`tracing_opentelemetry`] layer with your tracer in your subscriber (see the
-//! README section "Tracing across hops"). Without such a layer the spans have no
-//! OpenTelemetry context: nothing is injected and incoming headers are carried along
-//! untouched. The propagator is always W3C Trace Context
+//! a [`tracing_opentelemetry`] layer with your tracer in your subscriber, with the
+//! versions idem is built with (opentelemetry and opentelemetry_sdk 0.33,
+//! tracing-opentelemetry 0.34). Without such a layer the spans have no OpenTelemetry
+//! context: nothing is injected and incoming headers are carried along untouched.
+//!
+//! ```
+//! use opentelemetry::trace::TracerProvider as _;
+//! use opentelemetry_sdk::trace::SdkTracerProvider;
+//! use tracing_subscriber::layer::SubscriberExt;
+//!
+//! use idem_core::memory::MemoryBroker;
+//! use idem_core::{otel, Consumer, Message, MemoryStore};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // Add your exporter (OTLP...) with `.with_batch_exporter(...)`.
+//! let provider = SdkTracerProvider::builder().build();
+//! let subscriber = tracing_subscriber::registry()
+//!     .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("billing")));
+//! tracing::subscriber::set_global_default(subscriber)?;
+//!
+//! let broker = MemoryBroker::new();
+//! tracing::info_span!("checkout").in_scope(|| {
+//!     broker.publish("charges", Message::new("{}").with_message_id("c-1"));
+//! });
+//! let queued = &broker.peek_all("charges")[0];
+//! assert!(otel::trace_id(&queued.headers).is_some()); // the checkout's trace
+//!
+//! // Its idem.delivery span is a child of the "checkout" span.
+//! let consumer = Consumer::builder("billing").store(MemoryStore::new()).handler(|| async {})?;
+//! broker.worker("charges", consumer).run_until_idle().await;
+//! # Ok(()) }
+//! ``` The propagator is always W3C Trace Context
 //! ([`TraceContextPropagator`]), whatever global propagator the application sets,
 //! because the header names are part of idem's wire format. Baggage is not carried.
 //!
