@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use idem_amqp::{DelayTiers, Publisher, Topology, Worker};
 use idem_core::backoff::Jitter;
-use idem_core::{Backoff, Consumer, HandlerError, Message, MemoryStore};
+use idem_core::{Backoff, Consumer, HandlerError, MemoryStore, Message};
 use idem_outbox::{Outbox, OutboxMessage, Relay};
 use idem_testkit::Service;
 use promql_parser::parser::{self, Expr};
@@ -30,7 +30,12 @@ fn queries(dashboard: &serde_json::Value) -> Vec<String> {
     let panels = dashboard["panels"].as_array().expect("panels");
     for panel in panels {
         for target in panel["targets"].as_array().into_iter().flatten() {
-            out.push(target["expr"].as_str().expect("a target without expr").to_owned());
+            out.push(
+                target["expr"]
+                    .as_str()
+                    .expect("a target without expr")
+                    .to_owned(),
+            );
         }
     }
     out
@@ -267,7 +272,12 @@ async fn every_metric_the_dashboard_queries_is_exported_by_a_worker_and_a_relay(
     );
     assert_eq!(relayed.published, 4);
     assert_eq!(
-        (stats.processed, stats.duplicates, stats.retries, stats.dead_lettered),
+        (
+            stats.processed,
+            stats.duplicates,
+            stats.retries,
+            stats.dead_lettered
+        ),
         (2, 1, 2, 2)
     );
     // The names the dashboard is about, so that trimming the JSON cannot pass silently.

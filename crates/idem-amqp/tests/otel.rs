@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use idem_amqp::convert::headers_from_table;
 use idem_amqp::{DelayTiers, Publisher, Topology, Worker};
 use idem_core::backoff::Jitter;
-use idem_core::{otel, Backoff, Consumer, HandlerError, Message, MemoryStore};
+use idem_core::{otel, Backoff, Consumer, HandlerError, MemoryStore, Message};
 use idem_testkit::Service;
 use lapin::options::BasicGetOptions;
 use opentelemetry::trace::{SpanId, TraceId, TracerProvider as _};
@@ -78,10 +78,8 @@ async fn publish_retry_and_dead_letter_copies_share_the_publishers_trace() {
     let _guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
 
     let url = idem_amqp::amqp_url_from_env();
-    let conn = Service::RabbitMq.expect_connected(
-        &url,
-        idem_amqp::connect(&url, "idem-test-otel-admin").await,
-    );
+    let conn = Service::RabbitMq
+        .expect_connected(&url, idem_amqp::connect(&url, "idem-test-otel-admin").await);
     let ch = conn.create_channel().await.unwrap();
     let queue = idem_testkit::unique("otel");
     let topo =
@@ -110,7 +108,10 @@ async fn publish_retry_and_dead_letter_copies_share_the_publishers_trace() {
         let _entered = span.enter();
         let mut msg = Message::new("own")
             .with_message_id(format!("{queue}-own"))
-            .with_header(otel::TRACEPARENT, format!("00-{own_trace}-00f067aa0ba902b7-01"));
+            .with_header(
+                otel::TRACEPARENT,
+                format!("00-{own_trace}-00f067aa0ba902b7-01"),
+            );
         publisher.publish("", &queue, &mut msg).await.unwrap();
     }
 
@@ -124,8 +125,8 @@ async fn publish_retry_and_dead_letter_copies_share_the_publishers_trace() {
                 .unwrap();
         }
         let stats = consumer.stats();
-        if stats.processed == 2 && dead.is_some() {
-            break dead.unwrap();
+        if let Some(got) = dead.take_if(|_| stats.processed == 2) {
+            break got;
         }
         assert!(
             started.elapsed() < Duration::from_secs(30),
@@ -146,13 +147,17 @@ async fn publish_retry_and_dead_letter_copies_share_the_publishers_trace() {
     let publish_of = |name: &str| {
         spans
             .iter()
-            .find(|s| s.name == "publish" && attr(s, "message") == Some(Value::from(name.to_owned())))
+            .find(|s| {
+                s.name == "publish" && attr(s, "message") == Some(Value::from(name.to_owned()))
+            })
             .unwrap_or_else(|| panic!("no publish span for {name}"))
     };
     let deliveries_of = |key: String| -> Vec<&SpanData> {
         let mut d: Vec<&SpanData> = spans
             .iter()
-            .filter(|s| s.name == "idem.delivery" && attr(s, "key") == Some(Value::from(key.clone())))
+            .filter(|s| {
+                s.name == "idem.delivery" && attr(s, "key") == Some(Value::from(key.clone()))
+            })
             .collect();
         d.sort_by_key(|s| s.start_time);
         d
@@ -164,7 +169,12 @@ async fn publish_retry_and_dead_letter_copies_share_the_publishers_trace() {
     assert_eq!(flaky.len(), 2, "{spans:#?}");
     for (n, d) in flaky.iter().enumerate() {
         assert_eq!(d.span_context.trace_id(), publish.span_context.trace_id());
-        assert_eq!(d.parent_span_id, publish.span_context.span_id(), "attempt {}", n + 1);
+        assert_eq!(
+            d.parent_span_id,
+            publish.span_context.span_id(),
+            "attempt {}",
+            n + 1
+        );
         assert_eq!(attr(d, "queue"), Some(Value::from(queue.clone())));
         assert_eq!(attr(d, "attempt"), Some(Value::I64(n as i64 + 1)));
         assert_eq!(attr(d, "consumer"), Some(Value::from("otel-amqp")));
@@ -201,5 +211,8 @@ async fn publish_retry_and_dead_letter_copies_share_the_publishers_trace() {
         own[0].span_context.trace_id(),
         TraceId::from_hex(own_trace).unwrap()
     );
-    assert_eq!(own[0].parent_span_id, SpanId::from_hex("00f067aa0ba902b7").unwrap());
+    assert_eq!(
+        own[0].parent_span_id,
+        SpanId::from_hex("00f067aa0ba902b7").unwrap()
+    );
 }

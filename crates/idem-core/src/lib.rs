@@ -45,9 +45,9 @@ pub mod handler;
 pub mod ident;
 pub mod memory;
 pub mod message;
-pub mod outcome;
 #[cfg(feature = "otel")]
 pub mod otel;
+pub mod outcome;
 pub mod read;
 pub mod redact;
 pub mod run;

@@ -68,9 +68,11 @@
 //! let consumer = Consumer::builder("billing").store(MemoryStore::new()).handler(|| async {})?;
 //! broker.worker("charges", consumer).run_until_idle().await;
 //! # Ok(()) }
-//! ``` The propagator is always W3C Trace Context
-//! ([`TraceContextPropagator`]), whatever global propagator the application sets,
-//! because the header names are part of idem's wire format. Baggage is not carried.
+//! ```
+//!
+//! The propagator is always W3C Trace Context ([`TraceContextPropagator`]), whatever
+//! global propagator the application sets, because the header names are part of
+//! idem's wire format. Baggage is not carried.
 //!
 //! Without the feature none of this is compiled: no dependency, no code on the
 //! delivery path.
@@ -168,7 +170,11 @@ pub(crate) fn adopt(span: &tracing::Span, msg: &Message) -> bool {
         // Fails only without an OpenTelemetry layer: then there is nothing to parent.
         let _ = span.set_parent(parent);
     }
-    if let Some(previous) = msg.headers.get(PREVIOUS_ATTEMPT).and_then(HeaderValue::as_str) {
+    if let Some(previous) = msg
+        .headers
+        .get(PREVIOUS_ATTEMPT)
+        .and_then(HeaderValue::as_str)
+    {
         let mut one = Headers::new();
         one.insert(TRACEPARENT.to_owned(), previous.into());
         let previous = extract(&one);

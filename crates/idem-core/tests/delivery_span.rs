@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use idem_core::backoff::Jitter;
 use idem_core::memory::MemoryBroker;
-use idem_core::{Backoff, Consumer, HandlerError, Message, MemoryStore};
+use idem_core::{Backoff, Consumer, HandlerError, MemoryStore, Message};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing_subscriber::layer::{Context, SubscriberExt};
@@ -73,7 +73,8 @@ fn field<'a>(span: &'a Fields, name: &str) -> &'a str {
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn delivery_span_names_queue_key_attempt_and_outcome() {
     let spans = DeliverySpans::default();
-    let _guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(spans.clone()));
+    let _guard =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(spans.clone()));
 
     let calls = Arc::new(AtomicU32::new(0));
     let seen = calls.clone();

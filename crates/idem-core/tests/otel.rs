@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use idem_core::backoff::Jitter;
 use idem_core::memory::MemoryBroker;
-use idem_core::{otel, Backoff, Consumer, HandlerError, Message, MemoryStore};
+use idem_core::{otel, Backoff, Consumer, HandlerError, MemoryStore, Message};
 use opentelemetry::trace::{SpanId, TracerProvider as _};
 use opentelemetry::Value;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
@@ -74,10 +74,7 @@ async fn every_attempt_is_a_child_of_the_publish_linked_to_the_attempt_before() 
         let _entered = publish.enter();
         broker.publish("otel-q", Message::new("{}").with_message_id("k-1"));
     }
-    let stats = broker
-        .worker("otel-q", flaky(2, 5))
-        .run_until_idle()
-        .await;
+    let stats = broker.worker("otel-q", flaky(2, 5)).run_until_idle().await;
     assert_eq!((stats.retries, stats.processed), (2, 1));
 
     let spans = exporter.get_finished_spans().unwrap();
@@ -87,10 +84,25 @@ async fn every_attempt_is_a_child_of_the_publish_linked_to_the_attempt_before() 
     let trace = publish.span_context.trace_id();
     let mut previous: Option<SpanId> = None;
     for (n, d) in deliveries.iter().enumerate() {
-        assert_eq!(d.span_context.trace_id(), trace, "attempt {} in another trace", n + 1);
-        assert_eq!(d.parent_span_id, publish.span_context.span_id(), "attempt {}", n + 1);
+        assert_eq!(
+            d.span_context.trace_id(),
+            trace,
+            "attempt {} in another trace",
+            n + 1
+        );
+        assert_eq!(
+            d.parent_span_id,
+            publish.span_context.span_id(),
+            "attempt {}",
+            n + 1
+        );
         assert!(d.parent_span_is_remote, "the parent came from headers");
-        assert_eq!(links(d), previous.into_iter().collect::<Vec<_>>(), "attempt {}", n + 1);
+        assert_eq!(
+            links(d),
+            previous.into_iter().collect::<Vec<_>>(),
+            "attempt {}",
+            n + 1
+        );
         assert_eq!(attr(d, "attempt"), Some(Value::I64(n as i64 + 1)));
         assert_eq!(attr(d, "queue"), Some(Value::from("otel-q")));
         assert_eq!(attr(d, "key"), Some(Value::from("k-1")));
@@ -106,7 +118,9 @@ async fn an_untraced_message_gets_one_trace_from_its_first_attempt() {
     let broker = MemoryBroker::new();
     // Published outside any span: no traceparent.
     broker.publish("otel-dlq", Message::new("{}").with_message_id("k-2"));
-    assert!(broker.peek_all("otel-dlq")[0].headers.get(otel::TRACEPARENT).is_none());
+    assert!(!broker.peek_all("otel-dlq")[0]
+        .headers
+        .contains_key(otel::TRACEPARENT));
     // Always fails: two attempts, then the dead-letter copy.
     let stats = broker
         .worker("otel-dlq", flaky(u32::MAX, 2))
@@ -119,7 +133,10 @@ async fn an_untraced_message_gets_one_trace_from_its_first_attempt() {
     assert_eq!(deliveries.len(), 2, "{spans:?}");
     let (first, second) = (deliveries[0], deliveries[1]);
     assert_eq!(first.parent_span_id, SpanId::INVALID, "a new trace starts");
-    assert_eq!(second.span_context.trace_id(), first.span_context.trace_id());
+    assert_eq!(
+        second.span_context.trace_id(),
+        first.span_context.trace_id()
+    );
     assert_eq!(second.parent_span_id, first.span_context.span_id());
     assert_eq!(links(second), [first.span_context.span_id()]);
 

@@ -62,8 +62,8 @@ async fn the_relay_publishes_the_enqueuers_trace_context() {
         let mut tx = pool.begin().await.unwrap();
         let traced = OutboxMessage::new("", queue.clone(), b"traced".to_vec());
         outbox.enqueue(&mut tx, traced).await.unwrap();
-        let set = OutboxMessage::new("", queue.clone(), b"own".to_vec())
-            .header(otel::TRACEPARENT, own);
+        let set =
+            OutboxMessage::new("", queue.clone(), b"own".to_vec()).header(otel::TRACEPARENT, own);
         outbox.enqueue(&mut tx, set).await.unwrap();
         tx.commit().await.unwrap();
     }
