@@ -447,6 +447,9 @@ impl Publisher {
         let ch = self.channel().await?;
         let mut pending = Vec::with_capacity(items.size_hint().0);
         for (exchange, routing_key, msg) in items {
+            // The caller's trace context, unless the message has one (feature `otel`).
+            #[cfg(feature = "otel")]
+            idem_core::otel::inject_current(&mut msg.headers);
             let started = match properties_for(msg) {
                 Ok(props) => start_publish(&ch, exchange, routing_key, &msg.body, props).await,
                 Err(e) => Err(e),

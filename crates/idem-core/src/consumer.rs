@@ -496,11 +496,15 @@ impl Consumer {
             queue = %msg.delivery.queue,
             message_id = msg.properties.message_id.as_deref().unwrap_or(""),
             key = field::Empty,
-            attempt = msg.delivery.attempt,
+            // i64: OpenTelemetry exports it as an integer (a u64 field becomes text).
+            attempt = i64::from(msg.delivery.attempt),
             immediate_retries = field::Empty,
             outcome = field::Empty,
             latency_ms = field::Empty,
         );
+        // W3C trace context: parent from the message, link to the previous attempt.
+        #[cfg(feature = "otel")]
+        let had_parent = crate::otel::adopt(&span, &msg);
         let fallback_key = msg.properties.message_id.clone();
         // What the retry and dead-letter copies say about the original.
         let origin = Origin::of(&msg);
@@ -564,6 +568,8 @@ impl Consumer {
                 spent,
             ),
         };
+        #[cfg(feature = "otel")]
+        let disposition = crate::otel::mark_copy(&span, had_parent, disposition);
         let c = &inner.counters;
         match &disposition {
             Disposition::Ack { duplicate: false } if failed => {}

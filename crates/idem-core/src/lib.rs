@@ -45,6 +45,8 @@ pub mod handler;
 pub mod ident;
 pub mod memory;
 pub mod message;
+#[cfg(feature = "otel")]
+pub mod otel;
 pub mod outcome;
 pub mod read;
 pub mod redact;

@@ -47,6 +47,8 @@
 
 mod error;
 mod message;
+#[cfg(feature = "otel")]
+mod otel;
 mod relay;
 mod schema;
 

@@ -120,6 +120,8 @@ impl Outbox {
         conn: &mut PgConnection,
         msg: OutboxMessage,
     ) -> Result<Uuid, OutboxError> {
+        #[cfg(feature = "otel")]
+        let msg = crate::otel::with_enqueuer_context(msg);
         let t = &self.table;
         if msg.exchange.is_empty() && msg.routing_key.is_empty() {
             return Err(OutboxError::InvalidMessage(

@@ -19,6 +19,7 @@
 //! | `outbox` | [`idem::outbox`](https://docs.rs/idem-outbox) | transactional outbox and relay (PostgreSQL) |
 //! | `redis` | [`idem::redis`](https://docs.rs/idem-redis) | Redis lease store |
 //! | `postgres`, `sqlite`, `mysql` | [`idem::sql`](https://docs.rs/idem-sql) | SQL lease store and transactional inbox |
+//! | `otel` | `idem::otel` | W3C trace context (`traceparent`) across publish, outbox, consume, retry and dead-letter copies, through OpenTelemetry |
 //! | `testing` | `idem::testing` | test harness: redelivers, duplicates and crashes your consumer and checks its effects (for dev-dependencies) |
 //! | `tls` (default) | [`TlsConfig`] | TLS (rustls) for `amqps://`, `rediss://` and SQL `sslmode`, verified against the system roots by default |
 //!

@@ -87,6 +87,9 @@ impl MemoryBroker {
     /// Appends a message to `queue` (created on first use), as if published to the
     /// default exchange with routing key `queue`.
     pub fn publish(&self, queue: &str, mut msg: Message) {
+        // The current span's trace context, unless the message has one (feature `otel`).
+        #[cfg(feature = "otel")]
+        crate::otel::inject_current(&mut msg.headers);
         msg.delivery.exchange.clear();
         msg.delivery.routing_key = queue.to_owned();
         self.push(queue, msg);
