@@ -113,10 +113,11 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// The most operations one script call carries (default [`DEFAULT_MAX_BATCH`],
-    /// at least 1). Operations of concurrent deliveries that arrive while a call is in
-    /// flight go out together in the next call; 1 sends every operation on its own,
-    /// one call at a time. See the [crate docs](crate#batching).
+    /// The most operations one script call carries (default [`DEFAULT_MAX_BATCH`]).
+    /// Operations of concurrent deliveries that arrive while a call is in flight go
+    /// out together in the next call. 1 (or 0) turns batching off: every operation is
+    /// a script call of its own, sent from its caller's task, calls of concurrent
+    /// callers in flight together. See the [crate docs](crate#batching).
     pub fn max_batch(mut self, max_batch: usize) -> Self {
         self.max_batch = max_batch.max(1);
         self

@@ -141,7 +141,15 @@ impl RedisStore {
             record: self.redis_key(key),
             args,
         };
-        let reply = self.batcher.submit(op).await?;
+        let reply = if self.batcher.max_batch() == 1 {
+            // Batching off: the operation's own script call, from the caller's task.
+            let mut replies = self.batcher.executor().execute(vec![op]).await;
+            replies
+                .pop()
+                .unwrap_or_else(|| Err(StoreError::new("Redis script call answered nothing")))?
+        } else {
+            self.batcher.submit(op).await?
+        };
         T::from_redis_value(reply).map_err(|e| {
             StoreError::new(format!("unexpected Redis {} reply: {e}", label(name)))
         })

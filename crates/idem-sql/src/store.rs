@@ -109,10 +109,37 @@ fn text(s: &str) -> Arg {
 /// `owner`, `fingerprint` and `expires_at` (lease end, then retention end, in
 /// milliseconds since the Unix epoch). Every operation is one atomic statement fenced
 /// by the owner token (a claim is an insert-if-absent, then a take-over of an expired
-/// row, then a read). Time is always the **database's clock** (`clock_timestamp()`,
+/// row, then a read; on PostgreSQL concurrent operations are batched, see below). Time is always the **database's clock** (`clock_timestamp()`,
 /// `UTC_TIMESTAMP(6)`, SQLite's `julianday('now')`), so workers need no synchronised
 /// clocks. Expired rows are ignored at once and deleted by
 /// [`cleanup_expired`](Self::cleanup_expired) / [`spawn_cleanup`](Self::spawn_cleanup).
+///
+/// # Batching
+/// On PostgreSQL, operations of deliveries handled at the same time share statements.
+/// An operation submitted while no batch statement of this store is running is sent at
+/// once, alone (no timer, so a lone message waits for nothing); operations submitted
+/// while one runs queue up and go together in the next one, at most
+/// [`max_batch`](Self::max_batch) operations (default
+/// [`DEFAULT_MAX_BATCH`](idem_core::dedup::DEFAULT_MAX_BATCH)) on one pool connection.
+/// The batch statement takes claims, completions, extensions and releases of many keys
+/// at once: arrays bound with `unnest`, an `INSERT ... ON CONFLICT DO NOTHING
+/// RETURNING` for the claims, a conditional `UPDATE ... FROM` and `DELETE ... USING`
+/// (same owner, state and lease conditions as the single-row statements) in
+/// data-modifying CTEs of one statement. Each key appears at most once per statement
+/// (a second operation on a key goes in the next statement of the same batch), so no
+/// two parts of a statement touch one row; each operation is still one atomic, fenced
+/// step with the answer it would get alone. What a batch cannot settle in one step
+/// runs the single-row statements below, from its caller: a claim of a key that
+/// already has a row (a duplicate, a busy or expired lease), a reopen, every operation
+/// on a table without the `starts` column. A failed batch statement fails each of its
+/// operations with its own copy of the [`StoreError`]; a caller that gives up (the
+/// dedup layer's `store_timeout`) loses only its own answer.
+///
+/// SQLite and MariaDB keep the single-row statements. SQLite runs in-process (no
+/// network round trip to save) and serialises writers anyway. MariaDB has no
+/// `RETURNING` on `UPDATE` (MySQL has none at all), so a multi-row update could not
+/// tell which of its rows matched their owners; there each operation's own
+/// affected-row count is what fences it.
 ///
 /// Use the aliases [`PgStore`](crate::PgStore), [`SqliteStore`](crate::SqliteStore),
 /// [`MySqlStore`](crate::MySqlStore). Cheap to clone. Built like every idem store:
