@@ -150,9 +150,8 @@ impl RedisStore {
         } else {
             self.batcher.submit(op).await?
         };
-        T::from_redis_value(reply).map_err(|e| {
-            StoreError::new(format!("unexpected Redis {} reply: {e}", label(name)))
-        })
+        T::from_redis_value(reply)
+            .map_err(|e| StoreError::new(format!("unexpected Redis {} reply: {e}", label(name))))
     }
 }
 

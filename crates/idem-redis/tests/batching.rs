@@ -29,9 +29,9 @@ impl Calls {
             while let Some(line) = lines.next().await {
                 // `<time> [<db> <client>] "evalsha" "<sha>" "<numkeys>" "<key>" ...`
                 let quoted: Vec<&str> = line.split('"').skip(1).step_by(2).collect();
-                let is_script = quoted
-                    .first()
-                    .is_some_and(|c| c.eq_ignore_ascii_case("evalsha") || c.eq_ignore_ascii_case("eval"));
+                let is_script = quoted.first().is_some_and(|c| {
+                    c.eq_ignore_ascii_case("evalsha") || c.eq_ignore_ascii_case("eval")
+                });
                 if is_script && line.contains(&prefix) {
                     let keys: usize = quoted[2].parse().unwrap();
                     out.0.lock().unwrap().push(keys / 2);
@@ -70,7 +70,9 @@ async fn lone_operations_go_alone_and_concurrent_ones_share_bounded_calls() {
     let long = Duration::from_secs(60);
     // Load the script first, so that no EVALSHA-then-EVAL pair is counted.
     let warm = ScopedKey::new("c", "warm-up");
-    s.claim(&warm, &OwnerToken::generate(), None, long).await.unwrap();
+    s.claim(&warm, &OwnerToken::generate(), None, long)
+        .await
+        .unwrap();
     let calls = Calls::watch(&url, &prefix).await;
 
     // One at a time: one call per operation, each alone.
@@ -96,25 +98,46 @@ async fn lone_operations_go_alone_and_concurrent_ones_share_bounded_calls() {
             let s = s1;
             let k = ScopedKey::new("c", format!("held-{i}"));
             // Even keys completed by their owner, odd ones by a stranger.
-            let owner = if i % 2 == 0 { o } else { OwnerToken::generate() };
-            let done = s.complete(&k, &owner, Completion::Succeeded, long).await.unwrap();
-            (done == (i % 2 == 0)).then_some(()).ok_or(format!("complete {i}: {done}"))
+            let owner = if i % 2 == 0 {
+                o
+            } else {
+                OwnerToken::generate()
+            };
+            let done = s
+                .complete(&k, &owner, Completion::Succeeded, long)
+                .await
+                .unwrap();
+            (done == (i % 2 == 0))
+                .then_some(())
+                .ok_or(format!("complete {i}: {done}"))
         }));
         let s2 = s.clone();
         tasks.push(tokio::spawn(async move {
             let s = s2;
             let k = ScopedKey::new("c", format!("fresh-{i}"));
-            let c = s.claim(&k, &OwnerToken::generate(), None, long).await.unwrap();
-            (c == Claim::Acquired).then_some(()).ok_or(format!("claim {i}: {c:?}"))
+            let c = s
+                .claim(&k, &OwnerToken::generate(), None, long)
+                .await
+                .unwrap();
+            (c == Claim::Acquired)
+                .then_some(())
+                .ok_or(format!("claim {i}: {c:?}"))
         }));
     }
     for t in tasks {
         t.await.unwrap().unwrap();
     }
     let seen = calls.until(200).await;
-    assert_eq!(seen.iter().sum::<usize>(), 200, "every operation sent once: {seen:?}");
+    assert_eq!(
+        seen.iter().sum::<usize>(),
+        200,
+        "every operation sent once: {seen:?}"
+    );
     assert!(seen.iter().all(|&n| n <= 16), "bound of 16 kept: {seen:?}");
-    assert!(seen.len() < 200, "concurrent operations shared calls: {seen:?}");
+    assert!(
+        seen.len() < 200,
+        "concurrent operations shared calls: {seen:?}"
+    );
 
     let mut conn = s.connection();
     let keys: Vec<String> = redis::cmd("KEYS")
@@ -122,5 +145,9 @@ async fn lone_operations_go_alone_and_concurrent_ones_share_bounded_calls() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await.unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(&keys)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
 }

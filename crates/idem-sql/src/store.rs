@@ -238,11 +238,7 @@ impl<DB: Backend> SqlStore<DB> {
     /// single-row statements, concurrently on the pool). SQLite and MariaDB do not
     /// batch (see "Batching" above).
     pub fn max_batch(self, max_batch: usize) -> Self {
-        Self::build(
-            self.inner.pool.clone(),
-            self.inner.table.clone(),
-            max_batch,
-        )
+        Self::build(self.inner.pool.clone(), self.inner.table.clone(), max_batch)
     }
 
     /// The bound set by [`max_batch`](Self::max_batch).
@@ -280,7 +276,9 @@ impl<DB: Backend> SqlStore<DB> {
     ) -> Result<Option<bool>, StoreError> {
         match self.batched(op).await? {
             Some(pg::Answer::Settled(done)) => Ok(Some(done)),
-            Some(_) => Err(StoreError::new("SQL dedup batch answered a settle with a claim")),
+            Some(_) => Err(StoreError::new(
+                "SQL dedup batch answered a settle with a claim",
+            )),
             None => Ok(None),
         }
     }
@@ -304,7 +302,9 @@ impl<DB: Backend> SqlStore<DB> {
         };
         match self.batched(op).await? {
             Some(pg::Answer::Acquired(starts)) => Ok(Some(starts)),
-            Some(_) => Err(StoreError::new("SQL dedup batch answered a claim with a settle")),
+            Some(_) => Err(StoreError::new(
+                "SQL dedup batch answered a claim with a settle",
+            )),
             None => Ok(None),
         }
     }
@@ -894,7 +894,10 @@ mod pg {
                     _ => {
                         let i: i64 = row.try_get("i")?;
                         let list = if kind == 1 { &upd_at } else { &del_at };
-                        usize::try_from(i - 1).ok().and_then(|i| list.get(i)).copied()
+                        usize::try_from(i - 1)
+                            .ok()
+                            .and_then(|i| list.get(i))
+                            .copied()
                     }
                 };
                 let Some(at) = at else { continue };

@@ -331,8 +331,11 @@ pub async fn concurrent(store: Arc<dyn DedupStore>, scope: &str, n: usize) {
         Arc::new((0..n).map(|i| key(scope, &format!("many-{i}"))).collect());
     let owners: Arc<Vec<OwnerToken>> = Arc::new((0..n).map(|_| OwnerToken::generate()).collect());
     let pairs = (n / 8).max(1);
-    let shared: Arc<Vec<ScopedKey>> =
-        Arc::new((0..pairs).map(|i| key(scope, &format!("shared-{i}"))).collect());
+    let shared: Arc<Vec<ScopedKey>> = Arc::new(
+        (0..pairs)
+            .map(|i| key(scope, &format!("shared-{i}")))
+            .collect(),
+    );
     let racers: Arc<Vec<OwnerToken>> =
         Arc::new((0..2 * pairs).map(|_| OwnerToken::generate()).collect());
 
@@ -436,12 +439,21 @@ pub async fn concurrent(store: Arc<dyn DedupStore>, scope: &str, n: usize) {
                 winners[r / 2] == r,
                 "completion of {} by {} (only the claim's winner may complete)",
                 shared[r / 2],
-                if winners[r / 2] == r { "the winner" } else { "the loser" }
+                if winners[r / 2] == r {
+                    "the winner"
+                } else {
+                    "the loser"
+                }
             );
         } else if j % 4 == 0 {
             assert!(done, "owner's operation {} on {}", (j / 4) % 4, keys[j / 4]);
         } else {
-            assert!(!done, "stranger's operation {} on {} must be refused", j % 4, keys[j / 4]);
+            assert!(
+                !done,
+                "stranger's operation {} on {} must be refused",
+                j % 4,
+                keys[j / 4]
+            );
         }
     }
 

@@ -307,7 +307,10 @@ mod tests {
         let b = Batcher::new(doubler(true), 64);
         let first = b.spawn(1);
         b.started(1).await;
-        let tasks: Vec<_> = [12u32, UNLUCKY, 14].into_iter().map(|n| b.spawn(n)).collect();
+        let tasks: Vec<_> = [12u32, UNLUCKY, 14]
+            .into_iter()
+            .map(|n| b.spawn(n))
+            .collect();
         b.queued(3).await;
         b.open(2);
         assert_eq!(first.await.unwrap().unwrap(), 2);
