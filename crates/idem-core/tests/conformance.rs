@@ -5,9 +5,10 @@ use std::sync::Arc;
 
 use idem_core::MemoryStore;
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_store_passes_conformance() {
     let store = MemoryStore::new();
     idem_testkit::conformance::run(&store, "mem").await;
-    idem_testkit::conformance::race(Arc::new(store), "mem", 16).await;
+    idem_testkit::conformance::race(Arc::new(store.clone()), "mem", 16).await;
+    idem_testkit::conformance::concurrent(Arc::new(store), "mem", 64).await;
 }

@@ -1,15 +1,13 @@
 //! [`RedisStoreBuilder`]: URLs, cluster mode, timeouts, reconnects and TLS.
 
 use std::fmt;
-use std::sync::Arc;
 use std::time::Duration;
 
-use idem_core::dedup::StoreError;
+use idem_core::dedup::{StoreError, DEFAULT_MAX_BATCH};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterConfig};
 
 use crate::connection::{is_rediss, RedisConnection, Target};
-use crate::scripts::Scripts;
 use crate::{RedisStore, DEFAULT_PREFIX};
 
 /// Configures and connects a [`RedisStore`]. Defaults: prefix [`DEFAULT_PREFIX`],
@@ -31,6 +29,7 @@ pub struct RedisStoreBuilder {
     retries: usize,
     min_delay: Duration,
     max_delay: Duration,
+    max_batch: usize,
 }
 
 impl fmt::Debug for RedisStoreBuilder {
@@ -43,6 +42,7 @@ impl fmt::Debug for RedisStoreBuilder {
             .field("connect_timeout", &self.connect_timeout)
             .field("response_timeout", &self.response_timeout)
             .field("retries", &self.retries)
+            .field("max_batch", &self.max_batch)
             .finish_non_exhaustive()
     }
 }
@@ -64,6 +64,7 @@ impl RedisStoreBuilder {
             retries: 2,
             min_delay: Duration::from_millis(50),
             max_delay: Duration::from_millis(200),
+            max_batch: DEFAULT_MAX_BATCH,
         }
     }
 
@@ -109,6 +110,16 @@ impl RedisStoreBuilder {
     /// against the system roots. See the [crate docs](crate#tls).
     pub fn tls(mut self, tls: idem_core::TlsConfig) -> Self {
         self.tls = tls;
+        self
+    }
+
+    /// The most operations one script call carries (default [`DEFAULT_MAX_BATCH`]).
+    /// Operations of concurrent deliveries that arrive while a call is in flight go
+    /// out together in the next call. 1 (or 0) turns batching off: every operation is
+    /// a script call of its own, sent from its caller's task, calls of concurrent
+    /// callers in flight together. See the [crate docs](crate#batching).
+    pub fn max_batch(mut self, max_batch: usize) -> Self {
+        self.max_batch = max_batch.max(1);
         self
     }
 
@@ -203,12 +214,7 @@ impl RedisStoreBuilder {
     }
 
     fn finish(&self, conn: RedisConnection, target: Target) -> RedisStore {
-        RedisStore {
-            conn,
-            prefix: self.prefix.as_str().into(),
-            scripts: Arc::new(Scripts::new()),
-            target: Arc::new(target),
-        }
+        RedisStore::assemble(conn, self.prefix.clone(), target, self.max_batch)
     }
 
     /// Connects now: fails if Redis is unreachable (fast, see the defaults). On a

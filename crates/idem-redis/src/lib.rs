@@ -49,6 +49,39 @@
 //! master's slots fail with a [`StoreError`], which the consumer treats as transient
 //! like any store outage. Reads never go to replicas (a replica may lag its master).
 //!
+//! # Batching
+//! Deliveries handled at the same time share script calls. An operation (claim,
+//! complete, release, extend, reopen) submitted while no call of this store is in
+//! flight is sent at once, alone: a lone message pays one round trip per step, as with
+//! a script per operation, and nothing ever waits for a timer. Operations submitted
+//! while a call is in flight queue up and leave together, in order, as one `EVALSHA` of
+//! a batch script as soon as that call returns; at most
+//! [`RedisStoreBuilder::max_batch`] operations per call (default
+//! [`DEFAULT_MAX_BATCH`](idem_core::dedup::DEFAULT_MAX_BATCH)), the rest in the
+//! following calls. The queue holds one entry per waiting caller, so it is bounded by
+//! the consumer's prefetch. Under load a worker with prefetch 200 thus pays about one
+//! script call per batch instead of two per message. `max_batch(1)` turns batching
+//! off (one script call per operation, concurrent callers' calls in flight together).
+//!
+//! The batch script runs each operation's own script (the `.lua` file it had when it
+//! was a call of its own) with that operation's keys and arguments, one after
+//! another: Redis runs a script without any other command in between, so every
+//! operation is exactly the atomic, owner-fenced step it is alone, with the same
+//! answer. The batch as a whole is not a transaction: an operation that raises an
+//! error inside Redis (a key of the wrong type) fails with its own [`StoreError`] and
+//! the others in the call go on. A call that fails as a whole (connection lost,
+//! response timeout) fails every operation in it, each caller with its own copy of the
+//! error; the dedup layer treats each as the transient store failure it is. The call
+//! runs in a task of its own: a caller that gives up (the dedup layer's
+//! `store_timeout`) loses only its own answer, and an operation whose caller gave up
+//! before it was sent is not sent at all.
+//!
+//! On a Redis Cluster the keys of one script call must share a hash slot, so a batch
+//! is split by slot ([CRC16 of the hash tag](https://redis.io/docs/latest/operate/oss_and_stack/reference/cluster-spec/#hash-tags),
+//! as Redis computes it) into one script call per slot, all sent at once over the
+//! cluster connection (each to its slot's master). Messages rarely share a slot, so on
+//! a cluster batching saves the queueing of round trips rather than their number.
+//!
 //! # Failures
 //! Redis down, a dropped connection or a timeout is a [`StoreError`], which the dedup
 //! layer treats as transient (retry later, never "duplicate") and the consumer's
@@ -56,9 +89,9 @@
 //! pauses instead of spending attempts). The connection manager reconnects by itself;
 //! the first command after a dropped connection fails, and the first command after
 //! Redis comes back gets the stale error of the manager's last failed reconnect
-//! (`Connection refused`), so each operation is retried once at once when the
+//! (`Connection refused`), so each script call is retried once at once when the
 //! connection was dropped or refused (the retry waits for a fresh reconnect). That
-//! retry is safe because every script is idempotent for its own owner token (a claim
+//! retry is safe because every operation is idempotent for its own owner token (a claim
 //! that finds the key held by its own token reports `Acquired`, a completion that finds
 //! its own completion reports success). Connecting and reconnecting are bounded (see
 //! [`RedisStoreBuilder`]) so that a dead Redis fails in well under a second instead of

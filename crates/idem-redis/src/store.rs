@@ -1,28 +1,31 @@
 //! [`RedisStore`]: the [`DedupStore`] operations as script calls.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use idem_core::dedup::{Claim, Completion, DedupStore, OwnerToken, ScopedKey, StoreError};
+use idem_core::dedup::{
+    BatchExecutor, Batcher, Claim, Completion, DedupStore, OwnerToken, ScopedKey, StoreError,
+    DEFAULT_MAX_BATCH,
+};
 use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
-use redis::Script;
+use redis::{FromRedisValue, Script, Value};
 
 use crate::connection::{RedisConnection, Target};
-use crate::scripts::Scripts;
 use crate::RedisStoreBuilder;
 
 /// A [`DedupStore`] on Redis or a Redis Cluster. See the [crate docs](crate) for the
-/// key layout, failure handling and the durability caveat. Cheap to clone (clones
-/// share one multiplexed connection).
+/// key layout, batching, failure handling and the durability caveat. Cheap to clone
+/// (clones share one multiplexed connection and one batch queue).
 #[derive(Clone)]
 pub struct RedisStore {
     pub(crate) conn: RedisConnection,
     pub(crate) prefix: Arc<str>,
-    pub(crate) scripts: Arc<Scripts>,
     pub(crate) target: Arc<Target>,
+    pub(crate) batcher: Batcher<Exec>,
 }
 
 impl fmt::Debug for RedisStore {
@@ -31,6 +34,7 @@ impl fmt::Debug for RedisStore {
             .field("url", &self.target.redacted)
             .field("cluster", &self.conn.is_cluster())
             .field("prefix", &self.prefix)
+            .field("max_batch", &self.batcher.max_batch())
             .finish_non_exhaustive()
     }
 }
@@ -50,7 +54,8 @@ impl RedisStore {
         Self::builder(url).connect().await
     }
 
-    /// A store on a single-node connection manager you configured yourself.
+    /// A store on a single-node connection manager you configured yourself (batches
+    /// of at most [`DEFAULT_MAX_BATCH`] operations).
     pub fn from_manager(conn: ConnectionManager, prefix: impl Into<String>) -> Self {
         Self::from_connection(
             RedisConnection::single(conn),
@@ -60,7 +65,8 @@ impl RedisStore {
     }
 
     /// A store on a Redis Cluster connection you configured yourself
-    /// (`redis::cluster::ClusterClient::get_async_connection`).
+    /// (`redis::cluster::ClusterClient::get_async_connection`; batches of at most
+    /// [`DEFAULT_MAX_BATCH`] operations).
     pub fn from_cluster(conn: ClusterConnection, prefix: impl Into<String>) -> Self {
         Self::from_connection(
             RedisConnection::cluster(conn),
@@ -70,12 +76,31 @@ impl RedisStore {
     }
 
     fn from_connection(conn: RedisConnection, prefix: impl Into<String>, label: &str) -> Self {
-        let prefix: String = prefix.into();
+        Self::assemble(
+            conn,
+            prefix.into(),
+            Target::new(&[label.to_owned()]),
+            DEFAULT_MAX_BATCH,
+        )
+    }
+
+    pub(crate) fn assemble(
+        conn: RedisConnection,
+        prefix: String,
+        target: Target,
+        max_batch: usize,
+    ) -> Self {
+        let target = Arc::new(target);
+        let exec = Exec {
+            conn: conn.clone(),
+            script: crate::scripts::batch(),
+            target: target.clone(),
+        };
         RedisStore {
             conn,
             prefix: prefix.into(),
-            scripts: Arc::new(Scripts::new()),
-            target: Arc::new(Target::new(&[label.to_owned()])),
+            target,
+            batcher: Batcher::new(exec, max_batch),
         }
     }
 
@@ -89,6 +114,11 @@ impl RedisStore {
         self.conn.is_cluster()
     }
 
+    /// The bound on operations per script call (see the [crate docs](crate#batching)).
+    pub fn max_batch(&self) -> usize {
+        self.batcher.max_batch()
+    }
+
     /// The Redis key holding `key`'s record (for inspection, tests and benchmarks).
     pub fn redis_key(&self, key: &ScopedKey) -> String {
         record_key(&self.prefix, key)
@@ -99,33 +129,147 @@ impl RedisStore {
         self.conn.clone()
     }
 
-    /// Runs a script, retrying once at once if the connection had dropped (the
-    /// connection reconnects in the background; see the crate docs for why a retry is
-    /// safe for every script).
-    async fn eval<T: redis::FromRedisValue>(
+    /// Queues one operation on `key` for the next script call and returns its reply.
+    async fn run<T: FromRedisValue>(
         &self,
-        op: &'static str,
-        script: &Script,
+        name: &'static str,
         key: &ScopedKey,
-        args: &[Arg<'_>],
+        args: Vec<Arg>,
     ) -> Result<T, StoreError> {
-        let rkey = self.redis_key(key);
-        let starts = starts_key(&rkey);
+        let op = Op {
+            name,
+            record: self.redis_key(key),
+            args,
+        };
+        let reply = if self.batcher.max_batch() == 1 {
+            // Batching off: the operation's own script call, from the caller's task.
+            let mut replies = self.batcher.executor().execute(vec![op]).await;
+            replies
+                .pop()
+                .unwrap_or_else(|| Err(StoreError::new("Redis script call answered nothing")))?
+        } else {
+            self.batcher.submit(op).await?
+        };
+        T::from_redis_value(reply)
+            .map_err(|e| StoreError::new(format!("unexpected Redis {} reply: {e}", label(name))))
+    }
+}
+
+/// The names of the operations in the batch script (`lua/<name>.lua`).
+#[cfg(test)]
+pub(crate) const OPERATION_NAMES: [&str; 6] = [
+    "claim",
+    "claim_counting",
+    "extend",
+    "complete",
+    "release",
+    "reopen",
+];
+
+/// The name of an operation in errors and logs.
+fn label(name: &str) -> &str {
+    match name {
+        "claim_counting" => "claim",
+        other => other,
+    }
+}
+
+/// One operation for the batch script: which, on which record, with which arguments.
+pub(crate) struct Op {
+    name: &'static str,
+    record: String,
+    args: Vec<Arg>,
+}
+
+/// A script argument.
+enum Arg {
+    Str(String),
+    Int(u64),
+}
+
+fn text(s: &str) -> Arg {
+    Arg::Str(s.to_owned())
+}
+
+/// Runs batches of [`Op`]s: one `EVALSHA` of the batch script per call on a single
+/// Redis; on a cluster one per hash slot in the batch, all sent at once.
+pub(crate) struct Exec {
+    conn: RedisConnection,
+    script: Script,
+    target: Arc<Target>,
+}
+
+#[async_trait]
+impl BatchExecutor for Exec {
+    type Op = Op;
+    type Output = Value;
+
+    async fn execute(&self, ops: Vec<Op>) -> Vec<Result<Value, StoreError>> {
+        if !self.conn.is_cluster() || ops.len() == 1 {
+            let all: Vec<&Op> = ops.iter().collect();
+            return self.call(&all).await;
+        }
+        // The keys of one script call must share a slot (else CROSSSLOT).
+        let mut slots: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
+        for (i, op) in ops.iter().enumerate() {
+            slots.entry(slot(&op.record)).or_default().push(i);
+        }
+        let calls = slots.values().map(|members| {
+            let group: Vec<&Op> = members.iter().map(|&i| &ops[i]).collect();
+            async move { self.call(&group).await }
+        });
+        let replies = futures_util::future::join_all(calls).await;
+        let mut out: Vec<Option<Result<Value, StoreError>>> = ops.iter().map(|_| None).collect();
+        for (members, group) in slots.values().zip(replies) {
+            for (&i, reply) in members.iter().zip(group) {
+                out[i] = Some(reply);
+            }
+        }
+        out.into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(StoreError::new("Redis batch lost an operation"))))
+            .collect()
+    }
+}
+
+impl Exec {
+    /// One script call for `ops` (all in one slot on a cluster), retried once at once
+    /// if the connection had dropped (the connection reconnects in the background; see
+    /// the crate docs for why a retry is safe for every operation).
+    async fn call(&self, ops: &[&Op]) -> Vec<Result<Value, StoreError>> {
+        let mut inv = self.script.prepare_invoke();
+        for op in ops {
+            // Every operation gets its record and start counter (same hash slot).
+            inv.key(&op.record);
+            inv.key(starts_key(&op.record));
+            inv.arg(op.name);
+            inv.arg(op.args.len());
+            for a in &op.args {
+                match a {
+                    Arg::Str(s) => inv.arg(s),
+                    Arg::Int(n) => inv.arg(*n),
+                };
+            }
+        }
         let mut conn = self.conn.clone();
         let mut attempt = 0;
         loop {
             attempt += 1;
-            // Every script gets the record and its start counter (same hash slot).
-            let mut inv = script.key(&rkey);
-            inv.key(&starts);
-            for a in args {
-                match a {
-                    Arg::Str(s) => inv.arg(*s),
-                    Arg::Int(n) => inv.arg(*n),
-                };
-            }
-            match inv.invoke_async::<T>(&mut conn).await {
-                Ok(v) => return Ok(v),
+            match inv.invoke_async::<Vec<Value>>(&mut conn).await {
+                Ok(replies) if replies.len() == ops.len() => {
+                    return replies
+                        .into_iter()
+                        .zip(ops)
+                        .map(|(reply, op)| op_reply(reply, op))
+                        .collect();
+                }
+                Ok(replies) => {
+                    let e = StoreError::new(format!(
+                        "Redis batch script answered {} operations of {}",
+                        replies.len(),
+                        ops.len()
+                    ));
+                    return ops.iter().map(|_| Err(e.clone())).collect();
+                }
                 // A refusal is retried too: after an outage the manager hands out the
                 // error of its last failed reconnect (stale, possibly minutes old) to
                 // the first command, and only then reconnects. The retry waits for that
@@ -137,12 +281,61 @@ impl RedisStore {
                             || e.is_io_error())
                         && !e.is_timeout() =>
                 {
-                    tracing::debug!(op, error = %self.target.scrub(&e.to_string()), "Redis connection dropped or refused; retrying once after a reconnect");
+                    tracing::debug!(operations = ops.len(), error = %self.target.scrub(&e.to_string()), "Redis connection dropped or refused; retrying once after a reconnect");
                 }
-                Err(e) => return Err(self.target.error(&format!("Redis {op} failed"), &e)),
+                Err(e) => {
+                    let others = ops.len() - 1;
+                    return ops
+                        .iter()
+                        .map(|op| {
+                            let what = match others {
+                                0 => format!("Redis {} failed", label(op.name)),
+                                n => format!(
+                                    "Redis {} failed (in one script call with {n} other operations)",
+                                    label(op.name)
+                                ),
+                            };
+                            Err(self.target.error(&what, &e))
+                        })
+                        .collect();
+                }
             }
         }
     }
+}
+
+/// One operation's entry in the batch reply: its own reply, or `{'e', message}` when
+/// that operation raised an error in Redis.
+fn op_reply(reply: Value, op: &Op) -> Result<Value, StoreError> {
+    if let Value::Array(items) = &reply {
+        if let [Value::BulkString(marker), detail] = items.as_slice() {
+            if marker.as_slice() == b"e" {
+                let detail = String::from_redis_value_ref(detail).unwrap_or_default();
+                return Err(StoreError::new(format!(
+                    "Redis {} of {} failed: {detail}",
+                    label(op.name),
+                    op.record
+                )));
+            }
+        }
+    }
+    Ok(reply)
+}
+
+/// The Redis Cluster hash slot of `key`: CRC16 of its hash tag (the text between the
+/// first `{` and the next `}`, if not empty) or of the whole key, modulo 16384.
+fn slot(key: &str) -> u16 {
+    let bytes = key.as_bytes();
+    let tag = bytes
+        .iter()
+        .position(|&c| c == b'{')
+        .and_then(|open| {
+            let rest = &bytes[open + 1..];
+            let close = rest.iter().position(|&c| c == b'}')?;
+            (close > 0).then(|| &rest[..close])
+        })
+        .unwrap_or(bytes);
+    crc16::State::<crc16::XMODEM>::calculate(tag) % 16384
 }
 
 fn record_key(prefix: &str, key: &ScopedKey) -> String {
@@ -157,14 +350,7 @@ fn starts_key(record: &str) -> String {
     format!("{record}:n")
 }
 
-/// A script argument, borrowed: no per-call `String`s.
-#[derive(Clone, Copy)]
-enum Arg<'a> {
-    Str(&'a str),
-    Int(u64),
-}
-
-fn millis(d: Duration) -> Arg<'static> {
+fn millis(d: Duration) -> Arg {
     // PEXPIRE 0 deletes the key: keep at least 1 ms.
     let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     Arg::Int(ms.clamp(1, i64::MAX as u64 / 2))
@@ -213,13 +399,13 @@ impl DedupStore for RedisStore {
         fingerprint: Option<&str>,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        let args = [
-            Arg::Str(owner.as_str()),
+        let args = vec![
+            text(owner.as_str()),
             millis(lease),
-            Arg::Str(if fingerprint.is_some() { "1" } else { "0" }),
-            Arg::Str(fingerprint.unwrap_or("")),
+            text(if fingerprint.is_some() { "1" } else { "0" }),
+            text(fingerprint.unwrap_or("")),
         ];
-        let reply: Vec<String> = self.eval("claim", &self.scripts.claim, key, &args).await?;
+        let reply: Vec<String> = self.run("claim", key, args).await?;
         parse_claim(&reply)
     }
 
@@ -231,16 +417,14 @@ impl DedupStore for RedisStore {
         lease: Duration,
         memory: Duration,
     ) -> Result<(Claim, Option<u32>), StoreError> {
-        let args = [
-            Arg::Str(owner.as_str()),
+        let args = vec![
+            text(owner.as_str()),
             millis(lease),
-            Arg::Str(if fingerprint.is_some() { "1" } else { "0" }),
-            Arg::Str(fingerprint.unwrap_or("")),
+            text(if fingerprint.is_some() { "1" } else { "0" }),
+            text(fingerprint.unwrap_or("")),
             millis(memory),
         ];
-        let reply: Vec<String> = self
-            .eval("claim", &self.scripts.claim_counting, key, &args)
-            .await?;
+        let reply: Vec<String> = self.run("claim_counting", key, args).await?;
         match reply.first().map(String::as_str) {
             Some("a") if reply.len() == 2 => {
                 let n = reply[1].parse::<u32>().map_err(|_| bad_reply(&reply))?;
@@ -256,10 +440,8 @@ impl DedupStore for RedisStore {
         owner: &OwnerToken,
         lease: Duration,
     ) -> Result<bool, StoreError> {
-        let args = [Arg::Str(owner.as_str()), millis(lease)];
-        let n: i64 = self
-            .eval("extend", &self.scripts.extend, key, &args)
-            .await?;
+        let args = vec![text(owner.as_str()), millis(lease)];
+        let n: i64 = self.run("extend", key, args).await?;
         Ok(n == 1)
     }
 
@@ -270,22 +452,17 @@ impl DedupStore for RedisStore {
         completion: Completion,
         retention: Duration,
     ) -> Result<bool, StoreError> {
-        let args = [
-            Arg::Str(owner.as_str()),
-            Arg::Str(completion_code(completion)),
+        let args = vec![
+            text(owner.as_str()),
+            text(completion_code(completion)),
             millis(retention),
         ];
-        let n: i64 = self
-            .eval("complete", &self.scripts.complete, key, &args)
-            .await?;
+        let n: i64 = self.run("complete", key, args).await?;
         Ok(n == 1)
     }
 
     async fn release(&self, key: &ScopedKey, owner: &OwnerToken) -> Result<bool, StoreError> {
-        let args = [Arg::Str(owner.as_str())];
-        let n: i64 = self
-            .eval("release", &self.scripts.release, key, &args)
-            .await?;
+        let n: i64 = self.run("release", key, vec![text(owner.as_str())]).await?;
         Ok(n == 1)
     }
 
@@ -295,10 +472,8 @@ impl DedupStore for RedisStore {
         owner: &OwnerToken,
         lease: Duration,
     ) -> Result<bool, StoreError> {
-        let args = [Arg::Str(owner.as_str()), millis(lease)];
-        let n: i64 = self
-            .eval("reopen", &self.scripts.reopen, key, &args)
-            .await?;
+        let args = vec![text(owner.as_str()), millis(lease)];
+        let n: i64 = self.run("reopen", key, args).await?;
         Ok(n == 1)
     }
 }
@@ -313,5 +488,16 @@ mod tests {
         assert_ne!(k("a:b", "c"), k("a", "b:c"));
         assert_eq!(k("billing", "k1"), "idem:{7:billing:k1}");
         assert!(matches!(millis(Duration::ZERO), Arg::Int(1)));
+    }
+
+    #[test]
+    fn slots_follow_the_cluster_hash_tag_rule() {
+        // Known slots (CLUSTER KEYSLOT).
+        assert_eq!(slot("foo"), 12182);
+        assert_eq!(slot("{user1000}.following"), slot("user1000"));
+        assert_eq!(slot("foo{}{bar}"), slot("foo{}{bar}"));
+        assert_ne!(slot("foo{}{bar}"), slot("bar"), "empty tag: the whole key");
+        let record = record_key("idem", &ScopedKey::new("billing", "k1"));
+        assert_eq!(slot(&record), slot(&starts_key(&record)));
     }
 }

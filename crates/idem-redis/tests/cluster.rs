@@ -94,6 +94,7 @@ async fn conformance_suite_and_race_on_a_cluster() {
     assert!(s.is_cluster());
     conformance::run(&s, &prefix).await;
     conformance::race(Arc::new(s.clone()), &prefix, 16).await;
+    conformance::concurrent(Arc::new(s.clone()), &prefix, 64).await;
     cleanup(&s).await;
 }
 

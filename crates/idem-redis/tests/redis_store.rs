@@ -47,6 +47,7 @@ async fn conformance_suite_and_race() {
     let s = store(&prefix).await;
     conformance::run(&s, &prefix).await;
     conformance::race(Arc::new(s.clone()), &prefix, 16).await;
+    conformance::concurrent(Arc::new(s.clone()), &prefix, 64).await;
     cleanup(&s).await;
 }
 

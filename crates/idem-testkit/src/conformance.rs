@@ -289,3 +289,246 @@ pub async fn race(store: Arc<dyn DedupStore>, scope: &str, n: usize) {
         "exactly one of {n} concurrent claims must acquire"
     );
 }
+
+/// Runs `n` futures built by `op(i)` at once, each in a task of its own (so a store that
+/// batches concurrent calls gets them together), and returns their answers in order.
+async fn all_at_once<T, F, Fut>(store: &Arc<dyn DedupStore>, n: usize, op: F) -> Vec<T>
+where
+    T: Send + 'static,
+    F: Fn(Arc<dyn DedupStore>, usize) -> Fut,
+    Fut: std::future::Future<Output = T> + Send + 'static,
+{
+    let tasks: Vec<_> = (0..n).map(|i| tokio::spawn(op(store.clone(), i))).collect();
+    let mut out = Vec::with_capacity(n);
+    for (i, t) in tasks.into_iter().enumerate() {
+        match t.await {
+            Ok(v) => out.push(v),
+            Err(e) => panic!("concurrent operation {i} panicked: {e}"),
+        }
+    }
+    out
+}
+
+/// Many operations of every kind at once, on many keys and on shared keys, each checked
+/// against its own expected answer: a store that batches or pipelines concurrent calls
+/// must still give every caller the answer to *its* operation.
+///
+/// In rounds, each round's operations all in flight together:
+/// 1. `n` owners claim `n` keys (each with its own fingerprint), while pairs of owners
+///    race for shared keys: every single key is acquired; of each pair, exactly one
+///    wins and the other sees `Busy`.
+/// 2. Per key, by its position: complete (succeeded), complete (poisoned), release or
+///    extend by the owner, each beside a stranger's complete, release and extend on
+///    the same key; both racers of each shared key complete. Owners succeed,
+///    strangers and race losers are refused.
+/// 3. Fresh owners claim every key (plain and counting claims mixed): they see `Done`
+///    with that key's own completion and fingerprint, `Acquired` (released keys, no
+///    earlier start) or `Busy` (extended keys); at the same time other owners try to
+///    reopen the done keys, which succeeds only for the poisoned ones (so a claim of
+///    a poisoned key may also see it held again: `Busy`).
+pub async fn concurrent(store: Arc<dyn DedupStore>, scope: &str, n: usize) {
+    let keys: Arc<Vec<ScopedKey>> =
+        Arc::new((0..n).map(|i| key(scope, &format!("many-{i}"))).collect());
+    let owners: Arc<Vec<OwnerToken>> = Arc::new((0..n).map(|_| OwnerToken::generate()).collect());
+    let pairs = (n / 8).max(1);
+    let shared: Arc<Vec<ScopedKey>> = Arc::new(
+        (0..pairs)
+            .map(|i| key(scope, &format!("shared-{i}")))
+            .collect(),
+    );
+    let racers: Arc<Vec<OwnerToken>> =
+        Arc::new((0..2 * pairs).map(|_| OwnerToken::generate()).collect());
+
+    // Round 1: claims, own keys and shared keys at once.
+    let claims = {
+        let (keys, owners, shared, racers) =
+            (keys.clone(), owners.clone(), shared.clone(), racers.clone());
+        all_at_once(&store, n + 2 * pairs, move |s, i| {
+            let (keys, owners, shared, racers) =
+                (keys.clone(), owners.clone(), shared.clone(), racers.clone());
+            async move {
+                if i < n {
+                    let fp = format!("fp-{i}");
+                    s.claim(&keys[i], &owners[i], Some(&fp), LONG).await
+                } else {
+                    let r = i - n;
+                    s.claim(&shared[r / 2], &racers[r], None, LONG).await
+                }
+            }
+        })
+        .await
+    };
+    let mut winners = vec![None; pairs];
+    for (i, c) in claims.into_iter().enumerate() {
+        let c = ok(c, "concurrent claim");
+        if i < n {
+            assert_eq!(c, Claim::Acquired, "claim of {} by its only owner", keys[i]);
+        } else {
+            let r = i - n;
+            match c {
+                Claim::Acquired => {
+                    assert!(
+                        winners[r / 2].replace(r).is_none(),
+                        "both owners acquired {}",
+                        shared[r / 2]
+                    );
+                }
+                Claim::Busy { retry_in } => assert!(
+                    retry_in > Duration::ZERO && retry_in <= LONG,
+                    "retry_in {retry_in:?}"
+                ),
+                other => panic!("racing claim of a fresh key got {other:?}"),
+            }
+        }
+    }
+    let winners: Arc<Vec<usize>> = Arc::new(
+        winners
+            .into_iter()
+            .enumerate()
+            .map(|(p, w)| w.unwrap_or_else(|| panic!("no owner acquired {}", shared[p])))
+            .collect(),
+    );
+
+    // Round 2: settle, beside strangers and race losers. Per key: 4 operations.
+    let strangers: Arc<Vec<OwnerToken>> =
+        Arc::new((0..n).map(|_| OwnerToken::generate()).collect());
+    let settled = {
+        let (keys, owners, shared, racers, strangers) = (
+            keys.clone(),
+            owners.clone(),
+            shared.clone(),
+            racers.clone(),
+            strangers.clone(),
+        );
+        all_at_once(&store, 4 * n + 2 * pairs, move |s, j| {
+            let (keys, owners, shared, racers, strangers) = (
+                keys.clone(),
+                owners.clone(),
+                shared.clone(),
+                racers.clone(),
+                strangers.clone(),
+            );
+            async move {
+                if j >= 4 * n {
+                    let r = j - 4 * n;
+                    return s
+                        .complete(&shared[r / 2], &racers[r], Completion::Succeeded, LONG)
+                        .await;
+                }
+                let (i, which) = (j / 4, j % 4);
+                let (k, owner, stranger) = (&keys[i], &owners[i], &strangers[i]);
+                match (which, i % 4) {
+                    (0, 0) => s.complete(k, owner, Completion::Succeeded, LONG).await,
+                    (0, 1) => s.complete(k, owner, Completion::Poisoned, LONG).await,
+                    (0, 2) => s.release(k, owner).await,
+                    (0, _) => s.extend(k, owner, LONG).await,
+                    (1, _) => s.complete(k, stranger, Completion::Succeeded, LONG).await,
+                    (2, _) => s.release(k, stranger).await,
+                    _ => s.extend(k, stranger, LONG).await,
+                }
+            }
+        })
+        .await
+    };
+    for (j, r) in settled.into_iter().enumerate() {
+        let done = ok(r, "concurrent settle");
+        if j >= 4 * n {
+            let r = j - 4 * n;
+            assert_eq!(
+                done,
+                winners[r / 2] == r,
+                "completion of {} by {} (only the claim's winner may complete)",
+                shared[r / 2],
+                if winners[r / 2] == r {
+                    "the winner"
+                } else {
+                    "the loser"
+                }
+            );
+        } else if j % 4 == 0 {
+            assert!(done, "owner's operation {} on {}", (j / 4) % 4, keys[j / 4]);
+        } else {
+            assert!(
+                !done,
+                "stranger's operation {} on {} must be refused",
+                j % 4,
+                keys[j / 4]
+            );
+        }
+    }
+
+    // Round 3: fresh claims see each key's own state; reopen the done ones.
+    let fresh: Arc<Vec<OwnerToken>> = Arc::new((0..n).map(|_| OwnerToken::generate()).collect());
+    let reopeners: Arc<Vec<OwnerToken>> =
+        Arc::new((0..n).map(|_| OwnerToken::generate()).collect());
+    let answers = {
+        let (keys, fresh, reopeners) = (keys.clone(), fresh.clone(), reopeners.clone());
+        all_at_once(&store, 2 * n, move |s, j| {
+            let (keys, fresh, reopeners) = (keys.clone(), fresh.clone(), reopeners.clone());
+            async move {
+                let (i, reopen) = (j / 2, j % 2 == 1);
+                let k = &keys[i];
+                if reopen {
+                    if i % 4 < 2 {
+                        let reopened = s.reopen_poisoned(k, &reopeners[i], LONG).await?;
+                        return Ok((None, Some(reopened)));
+                    }
+                    return Ok((None, None));
+                }
+                let fp = format!("fresh-{i}");
+                if i % 2 == 0 {
+                    let (c, starts) = s
+                        .claim_counting(k, &fresh[i], Some(&fp), LONG, LONG)
+                        .await?;
+                    Ok((Some((c, starts)), None))
+                } else {
+                    let c = s.claim(k, &fresh[i], Some(&fp), LONG).await?;
+                    Ok::<_, StoreError>((Some((c, None)), None))
+                }
+            }
+        })
+        .await
+    };
+    for (j, r) in answers.into_iter().enumerate() {
+        let (i, k) = (j / 2, &keys[j / 2]);
+        match ok(r, "concurrent claim or reopen") {
+            (Some((c, starts)), _) => match i % 4 {
+                0 | 1 => {
+                    let completion = if i % 4 == 0 {
+                        Completion::Succeeded
+                    } else {
+                        Completion::Poisoned
+                    };
+                    // The reopen of a poisoned key runs at the same time: the claim
+                    // sees the record before it (done) or after it (held: busy).
+                    let done = Claim::Done {
+                        completion,
+                        fingerprint: Some(format!("fp-{i}")),
+                    };
+                    assert!(
+                        c == done || (i % 4 == 1 && matches!(c, Claim::Busy { .. })),
+                        "claim of {k}: expected {done:?}, got {c:?}"
+                    );
+                }
+                2 => {
+                    assert_eq!(c, Claim::Acquired, "claim of released {k}");
+                    assert!(
+                        matches!(starts, None | Some(0)),
+                        "released {k}: no earlier unsettled start, got {starts:?}"
+                    );
+                }
+                _ => assert!(
+                    matches!(c, Claim::Busy { .. }),
+                    "claim of extended {k}: expected Busy, got {c:?}"
+                ),
+            },
+            (None, Some(reopened)) => assert_eq!(
+                reopened,
+                i % 4 == 1,
+                "reopen of {k} ({})",
+                if i % 4 == 1 { "poisoned" } else { "succeeded" }
+            ),
+            (None, None) => {}
+        }
+    }
+}

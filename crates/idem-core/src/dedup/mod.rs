@@ -47,6 +47,7 @@
 
 #[doc(hidden)]
 pub mod admission;
+mod batch;
 mod bounded;
 pub(crate) mod key;
 mod layer;
@@ -54,6 +55,7 @@ mod memory;
 mod store;
 
 pub use admission::DedupSettings;
+pub use batch::{BatchExecutor, Batcher, DEFAULT_MAX_BATCH};
 pub use bounded::{Bounded, DEFAULT_STORE_TIMEOUT};
 pub use key::{
     DefaultKey, HeaderKey, JsonFieldKey, KeyExtractor, KeyTooLongError, KeyTypeError, MissingKey,

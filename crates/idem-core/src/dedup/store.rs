@@ -103,12 +103,15 @@ pub enum Claim {
 /// A dedup store failed (unreachable, timed out, ...). Always treated as transient:
 /// the message is retried, never assumed to be a duplicate, and the handler never runs
 /// without a claim.
-#[derive(Debug, thiserror::Error)]
+///
+/// Cloning is cheap (the cause is shared): a batched store call that fails hands every
+/// operation in the batch its own copy of the error (see [`Batcher`](super::Batcher)).
+#[derive(Clone, Debug, thiserror::Error)]
 #[error("dedup store unavailable: {message}")]
 pub struct StoreError {
     message: String,
     #[source]
-    source: Option<BoxError>,
+    source: Option<Arc<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
 impl StoreError {
@@ -124,7 +127,7 @@ impl StoreError {
     pub fn with_source(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
         StoreError {
             message: message.into(),
-            source: Some(source.into()),
+            source: Some(Arc::from(source.into())),
         }
     }
 }

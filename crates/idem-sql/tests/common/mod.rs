@@ -65,6 +65,7 @@ macro_rules! sql_suite {
             let scope = unique("scope");
             conformance::run(&store, &scope).await;
             conformance::race(Arc::new(store.clone()), &scope, 16).await;
+            conformance::concurrent(Arc::new(store.clone()), &scope, 64).await;
             drop_table(store.pool(), &store.table_name().to_string()).await;
         }
 

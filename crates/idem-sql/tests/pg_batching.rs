@@ -1,0 +1,124 @@
+//! The PostgreSQL lease store's batching, counted from sqlx's own statement log
+//! (tracing target `sqlx::query`, filtered by this test's table): a lone operation is
+//! one statement of its own; concurrent claims share statements, within the bound,
+//! each with its own answer. DATABASE_URL, default postgres://postgres@127.0.0.1:5432/postgres.
+#![allow(clippy::unwrap_used)] // test helpers panic on setup failures by design
+#![cfg(feature = "postgres")]
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use idem_core::dedup::{Claim, Completion, DedupStore, OwnerToken, ScopedKey};
+use idem_sql::PgStore;
+use idem_testkit::unique;
+use sqlx::postgres::PgPoolOptions;
+
+/// Everything sqlx logs, as text.
+#[derive(Clone, Default)]
+struct Log(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Log {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Log {
+    /// Batch statements on `table` logged so far.
+    fn batches(&self, table: &str) -> usize {
+        let text = String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned();
+        text.lines()
+            .filter(|l| l.contains(table) && l.contains("WITH ins AS"))
+            .count()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lone_operations_go_alone_and_concurrent_claims_share_statements() {
+    let log = Log::default();
+    let writer = log.clone();
+    tracing_subscriber::fmt()
+        .with_env_filter("sqlx::query=debug")
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .init();
+    let pool =
+        idem_testkit::postgres(PgPoolOptions::new().max_connections(8), &unique("pgb")).await;
+    let table = unique("pgbatch");
+    let store = PgStore::new(pool.clone())
+        .try_table(&table)
+        .unwrap()
+        .max_batch(16);
+    store.ensure_schema().await.unwrap();
+    assert!(store.is_batching());
+    assert!(!store.clone().max_batch(1).is_batching(), "1 turns it off");
+    let long = Duration::from_secs(60);
+
+    for i in 0..3 {
+        let k = ScopedKey::new("c", format!("lone-{i}"));
+        let o = OwnerToken::generate();
+        assert_eq!(
+            store.claim(&k, &o, None, long).await.unwrap(),
+            Claim::Acquired
+        );
+        assert!(store
+            .complete(&k, &o, Completion::Succeeded, long)
+            .await
+            .unwrap());
+    }
+    assert_eq!(log.batches(&table), 6, "one statement per lone operation");
+
+    let tasks: Vec<_> = (0..100)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let k = ScopedKey::new("c", format!("many-{i}"));
+                let o = OwnerToken::generate();
+                let fp = format!("fp-{i}");
+                let c = store.claim(&k, &o, Some(&fp), long).await.unwrap();
+                assert_eq!(c, Claim::Acquired, "claim {i}");
+                let done = store
+                    .complete(&k, &o, Completion::Succeeded, long)
+                    .await
+                    .unwrap();
+                assert!(done, "complete {i}");
+                let again = store
+                    .claim(&k, &OwnerToken::generate(), None, long)
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    again,
+                    Claim::Done {
+                        completion: Completion::Succeeded,
+                        fingerprint: Some(fp)
+                    },
+                    "duplicate {i}"
+                );
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let statements = log.batches(&table) - 6;
+    // 300 operations: 100 claims and 100 completions batched (the duplicates'
+    // claims go through the batch, then the single-row statements).
+    assert!(
+        statements >= 300 / 16,
+        "bound of 16 per statement: {statements}"
+    );
+    assert!(
+        statements < 300,
+        "concurrent operations shared statements: {statements}"
+    );
+    eprintln!("300 operations in {statements} batch statements");
+    sqlx::query(&format!("DROP TABLE {table}"))
+        .execute(&pool)
+        .await
+        .unwrap();
+}
