@@ -15,7 +15,7 @@ use sqlx::Transaction;
 use tokio::sync::Mutex;
 
 use super::queries::is_missing_table;
-use super::tx::{InboxTx, Slot, TxClosed};
+use super::tx::{InboxTx, Scope, Slot, TxClosed};
 use super::SqlInbox;
 use crate::backend::{Arg, Backend, Dialect};
 use crate::store::{ms, POISONED, SUCCEEDED};
@@ -316,7 +316,12 @@ impl<DB: Backend> Admission for InboxSession<DB> {
 
     fn prepare(&mut self, msg: &mut Message) {
         let slot: Slot<DB> = Arc::new(Mutex::new(self.tx.take()));
-        msg.extensions.insert(InboxTx(slot.clone()));
+        let scope = Arc::new(Scope {
+            consumer: self.k.consumer.clone(),
+            key: self.k.key.clone(),
+            follow_ups: Default::default(),
+        });
+        msg.extensions.insert(InboxTx(slot.clone(), scope));
         self.slot = Some(slot);
     }
 
