@@ -144,7 +144,11 @@ mod tests {
     #[test]
     fn ids_are_stable_and_distinct() {
         let a = follow_up_id_at("billing", "m-1", 0);
-        assert_eq!(a, follow_up_id_at("billing", "m-1", 0), "same input, same id");
+        assert_eq!(
+            a,
+            follow_up_id_at("billing", "m-1", 0),
+            "same input, same id"
+        );
         assert_eq!(a.get_version_num(), 5);
         let others = [
             follow_up_id_at("billing", "m-1", 1),

@@ -95,10 +95,13 @@ impl Fixture {
     }
 
     async fn rows(&self) -> i64 {
-        sqlx::query_scalar(&format!("SELECT count(*) FROM {}", self.outbox.table_name()))
-            .fetch_one(&self.pool)
-            .await
-            .unwrap()
+        sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM {}",
+            self.outbox.table_name()
+        ))
+        .fetch_one(&self.pool)
+        .await
+        .unwrap()
     }
 
     async fn cleanup(self, extra_tables: &[String]) {
@@ -176,7 +179,9 @@ async fn deposit_consumer(f: &Fixture, fail_runs: u32) -> (Consumer, Ctx, Vec<St
         .execute(&f.pool)
         .await
         .unwrap();
-    let inbox = PgInbox::new(f.pool.clone()).try_table(&inbox_table).unwrap();
+    let inbox = PgInbox::new(f.pool.clone())
+        .try_table(&inbox_table)
+        .unwrap();
     inbox.ensure_schema().await.unwrap();
     let ctx = Ctx {
         outbox: f.outbox.clone(),
@@ -197,10 +202,20 @@ async fn deposit_consumer(f: &Fixture, fail_runs: u32) -> (Consumer, Ctx, Vec<St
 async fn follow_ups_of_a_rolled_back_run_are_never_published() {
     let f = Fixture::new().await;
     let (consumer, ctx, tables) = deposit_consumer(&f, u32::MAX).await;
-    let out = consumer.process(Message::new("{}").with_message_id("d-1")).await;
+    let out = consumer
+        .process(Message::new("{}").with_message_id("d-1"))
+        .await;
     assert!(matches!(out, Disposition::Retry { .. }), "{out:?}");
-    assert_eq!(ctx.ids.lock().unwrap().len(), 1, "the handler ran and enqueued");
-    assert_eq!(f.rows().await, 0, "the rollback took the follow-ups with it");
+    assert_eq!(
+        ctx.ids.lock().unwrap().len(),
+        1,
+        "the handler ran and enqueued"
+    );
+    assert_eq!(
+        f.rows().await,
+        0,
+        "the rollback took the follow-ups with it"
+    );
     assert_eq!(f.relay().drain().await.unwrap().published, 0);
     assert!(f.take(0).await.is_empty(), "nothing reached the broker");
     f.cleanup(&tables).await;
@@ -264,7 +279,9 @@ async fn a_follow_up_enqueued_after_the_handler_returned_is_refused() {
     let kept: Arc<Mutex<Option<Tx<Postgres>>>> = Arc::default();
     let k = kept.clone();
     let inbox_table = format!("idem_co_late_{}", f.id);
-    let inbox = PgInbox::new(f.pool.clone()).try_table(&inbox_table).unwrap();
+    let inbox = PgInbox::new(f.pool.clone())
+        .try_table(&inbox_table)
+        .unwrap();
     inbox.ensure_schema().await.unwrap();
     let consumer = Consumer::builder("late")
         .dedup(inbox)
@@ -273,7 +290,9 @@ async fn a_follow_up_enqueued_after_the_handler_returned_is_refused() {
             async { Ok::<(), HandlerError>(()) }
         })
         .unwrap();
-    let out = consumer.process(Message::new("{}").with_message_id("l-1")).await;
+    let out = consumer
+        .process(Message::new("{}").with_message_id("l-1"))
+        .await;
     assert_eq!(out, Disposition::Ack { duplicate: false });
     let tx = kept.lock().unwrap().take().unwrap();
     let late = f
@@ -330,11 +349,22 @@ async fn delayed_rows_wait_for_their_time() {
         "rows not due yet are not lag"
     );
     // Still not due a moment later (the check is only meaningful well before 4 s).
-    assert!(started.elapsed() < Duration::from_secs(3), "machine too slow for this test");
-    assert_eq!(relay.drain().await.unwrap().published, 2, "nothing more went out");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "machine too slow for this test"
+    );
+    assert_eq!(
+        relay.drain().await.unwrap().published,
+        2,
+        "nothing more went out"
+    );
 
     tokio::time::sleep(Duration::from_millis(4200).saturating_sub(started.elapsed())).await;
-    assert_eq!(relay.drain().await.unwrap().published, 4, "both delayed rows went out");
+    assert_eq!(
+        relay.drain().await.unwrap().published,
+        4,
+        "both delayed rows went out"
+    );
     let mut got: Vec<String> = f.take(2).await.iter().map(message_id).collect();
     got.sort();
     let mut want = vec![delayed.to_string(), at.to_string()];

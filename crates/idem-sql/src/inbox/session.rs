@@ -227,10 +227,17 @@ impl<DB: Backend> Keyed<DB> {
         let counting = self.inbox.counting.load(Ordering::Relaxed);
         let args = || vec![text(c), text(key)];
         if DB::DIALECT == Dialect::Postgres {
-            let sql = if counting { &q.present_clearing_start } else { &q.present };
+            let sql = if counting {
+                &q.present_clearing_start
+            } else {
+                &q.present
+            };
             return Ok(DB::fetch_int(&mut *conn, sql, args()).await?.is_some());
         }
-        if DB::fetch_int(&mut *conn, &q.present, args()).await?.is_none() {
+        if DB::fetch_int(&mut *conn, &q.present, args())
+            .await?
+            .is_none()
+        {
             return Ok(false);
         }
         if counting {
@@ -331,7 +338,11 @@ impl<DB: Backend> Admission for InboxSession<DB> {
             return Err(HandlerError::transient(TxClosed));
         };
         // The start settles with the effect, in the same transaction.
-        match self.k.bounded("pre-commit check", self.k.guard(&mut tx)).await {
+        match self
+            .k
+            .bounded("pre-commit check", self.k.guard(&mut tx))
+            .await
+        {
             Ok(true) => {}
             Ok(false) => {
                 let _ = tx.rollback().await;
