@@ -137,7 +137,10 @@ pub(crate) fn check_follow_ups(effects: &HashSet<String>, found: &[String]) -> F
             .count() as i64,
         // The table's unique id makes a repeated id impossible; count it anyway.
         unexpected: (found.len() - found_set.len()) as i64
-            + found_set.iter().filter(|id| !expected.contains(**id)).count() as i64,
+            + found_set
+                .iter()
+                .filter(|id| !expected.contains(**id))
+                .count() as i64,
     }
 }
 
@@ -353,9 +356,7 @@ mod tests {
     #[test]
     fn follow_ups_must_match_the_effects_one_to_one() {
         let effects = ids(&["m1", "m2"]);
-        let id = |m: &str| {
-            idem_outbox::follow_up_id_at(crate::worker::CONSUMER, m, 0).to_string()
-        };
+        let id = |m: &str| idem_outbox::follow_up_id_at(crate::worker::CONSUMER, m, 0).to_string();
         let exact = check_follow_ups(&effects, &[id("m1"), id("m2")]);
         assert!(exact.exact(), "{exact:?}");
         let lost = check_follow_ups(&effects, &[id("m1")]);

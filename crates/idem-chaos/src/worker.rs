@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use idem_amqp::Worker;
 use idem_core::{Body, Consumer, DedupLayer, HandlerError, IdempotencyKey, ResultExt, State};
-use idem_redis::RedisStore;
 use idem_outbox::{Outbox, OutboxMessage};
+use idem_redis::RedisStore;
 use idem_sql::{PgInbox, Tx};
 use sqlx::{PgPool, Postgres};
 use tokio::io::AsyncReadExt;
@@ -140,10 +140,7 @@ async fn inbox_handler(
     } else if let Some(outbox) = &ctx.follow_ups {
         // Nowhere routed: the verifier reads the outbox table, no relay runs.
         let follow_up = OutboxMessage::new("", "chaos-follow-ups", key.as_str().as_bytes());
-        outbox
-            .enqueue_follow_up(&tx, follow_up)
-            .await
-            .transient()?;
+        outbox.enqueue_follow_up(&tx, follow_up).await.transient()?;
     }
     Ok(()) // the inbox commits the effect, its follow-up and its dedup row together
 }
