@@ -8,31 +8,45 @@
 //! Accounts live in PostgreSQL. A transfer withdraws from one account and, in the same
 //! transaction, enqueues a "deposit" message in the outbox: both commit or neither. A
 //! relay publishes the outbox to RabbitMQ; a deposit consumer credits the target
-//! account through the transactional inbox (the credit, a ledger row and the dedup row
-//! commit together). While the transfers run, the example keeps crashing and
+//! account through the transactional inbox and announces the applied deposit through
+//! the consumer outbox (the credit, a ledger row, the announcement and the dedup row
+//! commit together). The same relay publishes the announcements to the
+//! `transfer-announcements` queue; each carries an id derived from the deposit's, so
+//! however often a deposit is redelivered or its handler re-run, it is announced under
+//! one id. While the transfers run, the example keeps crashing and
 //! restarting the relay and the consumer at random moments (aborting their tasks, which
 //! drops their broker and database connections mid-work) and kills the consumer's
 //! database connections with `pg_terminate_backend`. Then it lets everything drain and
 //! checks the invariants. Its last line:
 //!
-//! `transfer: transfers=N deposits_applied=N money_conserved=true duplicates=0`
+//! `transfer: transfers=N deposits_applied=N money_conserved=true duplicates=0 announced=N`
 //!
 //! `duplicates` counts deposits *applied* more than once (a non-unique ledger of every
 //! application); redeliveries absorbed by the inbox are printed on the line before.
+//! `announced` counts the distinct announcement ids that reached the queue when every
+//! one of them is the id derived for an applied deposit (a relay crash between
+//! publish and mark may deliver an id twice: a consumer's dedup absorbs that copy; the
+//! line before says how many there were).
 //! Uses `DATABASE_URL` and `AMQP_URL`; recreates its tables (`transfer_*`) and queue
-//! (`transfer-deposits`) at start and deletes them at the end.
+//! (`transfer-deposits`, `transfer-announcements`) at start and deletes them at the end.
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use idem::amqp::{Topology, Worker};
-use idem::outbox::{Outbox, OutboxMessage, Relay};
+use idem::outbox::{follow_up_id_at, Outbox, OutboxMessage, Relay};
 use idem::sql::{PgInbox, Tx};
-use idem::{Consumer, HandlerError, IdempotencyKey, Json};
+use idem::{Consumer, HandlerError, IdempotencyKey, Json, State};
+use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
 use sqlx::{PgPool, Postgres};
 
 const ACCOUNTS: i64 = 10;
 const OPENING_BALANCE: i64 = 100_000;
 const QUEUE: &str = "transfer-deposits";
+const ANNOUNCEMENTS: &str = "transfer-announcements";
+/// The deposit consumer's name: the scope of its dedup keys and of its follow-up ids.
+const CONSUMER: &str = "deposits";
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Deposit {
@@ -40,11 +54,37 @@ struct Deposit {
     cents: i64,
 }
 
+/// What the deposit consumer announces once a deposit is applied.
+#[derive(serde::Serialize)]
+struct Applied<'a> {
+    transfer: &'a str,
+    to: i64,
+    cents: i64,
+}
+
 async fn apply_deposit(
     key: IdempotencyKey,
     tx: Tx<Postgres>,
+    State(outbox): State<Outbox>,
     Json(d): Json<Deposit>,
 ) -> Result<(), HandlerError> {
+    apply(&key, &tx, &d).await?;
+    // In the same transaction: announced if and only if applied. The id is derived
+    // from the deposit's key, so a re-run after a crash cannot announce it twice
+    // under two ids.
+    let applied = Applied {
+        transfer: key.as_str(),
+        to: d.to,
+        cents: d.cents,
+    };
+    let announcement = OutboxMessage::json("", ANNOUNCEMENTS, &applied)?;
+    outbox.enqueue_follow_up(&tx, announcement).await?;
+    Ok(())
+}
+
+/// The credit and its ledger row (the lock on the transaction ends with this call, so
+/// the outbox can take it next).
+async fn apply(key: &IdempotencyKey, tx: &Tx<Postgres>, d: &Deposit) -> Result<(), HandlerError> {
     let mut conn = tx.conn().await?;
     sqlx::query("UPDATE transfer_accounts SET cents = cents + $1 WHERE id = $2")
         .bind(d.cents)
@@ -127,15 +167,26 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     outbox.ensure_schema(&app).await?;
     let inbox = PgInbox::new(consumer_pool.clone()).try_table("transfer_inbox")?;
     inbox.ensure_schema().await?;
-    let consumer = Consumer::builder("deposits")
+    let consumer = Consumer::builder(CONSUMER)
         .dedup(inbox)
-        .handler(apply_deposit)?;
+        .handler_with_state(apply_deposit, outbox.clone())?;
 
     let admin = idem_examples::rabbit().await?;
     let ch = admin.create_channel().await?;
     let topology = Topology::new(QUEUE);
     topology.delete_on(&ch).await?;
     topology.declare_on(&ch).await?;
+    ch.queue_delete(ANNOUNCEMENTS.into(), QueueDeleteOptions::default())
+        .await?;
+    ch.queue_declare(
+        ANNOUNCEMENTS.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
     println!("setup    {ACCOUNTS} accounts x {OPENING_BALANCE} cents, queue {QUEUE}, {transfers} transfers to make");
 
     // The producer: each transfer is one transaction (withdrawal + outbox message).
@@ -225,6 +276,34 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await?;
     let conserved = total == ACCOUNTS * OPENING_BALANCE;
     let dup_applied = applications - applied;
+    // Every applied deposit announced under its one derived id, and nothing else.
+    let keys: Vec<String> = sqlx::query_scalar("SELECT DISTINCT transfer_id FROM transfer_applied")
+        .fetch_all(&app)
+        .await?;
+    let expected: HashSet<String> = keys
+        .iter()
+        .map(|k| follow_up_id_at(CONSUMER, k, 0).to_string())
+        .collect();
+    let (mut announced, mut copies, mut unexpected) = (HashSet::new(), 0, 0);
+    while let Some(m) = ch
+        .basic_get(ANNOUNCEMENTS.into(), BasicGetOptions { no_ack: true })
+        .await?
+    {
+        let id = m
+            .delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.to_string())
+            .unwrap_or_default();
+        if !expected.contains(&id) {
+            unexpected += 1;
+        } else if !announced.insert(id) {
+            copies += 1;
+        }
+    }
+    ch.queue_delete(ANNOUNCEMENTS.into(), QueueDeleteOptions::default())
+        .await?;
     for sql in [
         "DROP TABLE IF EXISTS transfer_accounts, transfer_applied, transfer_inbox, transfer_inbox_starts, transfer_outbox",
     ] {
@@ -236,8 +315,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "inbox    {} deposits applied, {} redelivered copies absorbed as duplicates, {} retries",
         stats.processed, stats.duplicates, stats.retries
     );
-    println!("transfer: transfers={transfers} deposits_applied={applied} money_conserved={conserved} duplicates={dup_applied}");
-    if applied != transfers || !conserved || dup_applied != 0 {
+    println!(
+        "outbox   {} deposits announced, {copies} re-published copies, {unexpected} announcements with an unexpected id",
+        announced.len()
+    );
+    let announced = if unexpected == 0 { announced.len() } else { 0 };
+    println!("transfer: transfers={transfers} deposits_applied={applied} money_conserved={conserved} duplicates={dup_applied} announced={announced}");
+    if applied != transfers || !conserved || dup_applied != 0 || announced as i64 != transfers {
         return Err("invariant violated".into());
     }
     Ok(())

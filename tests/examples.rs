@@ -149,7 +149,7 @@ fn transfer_conserves_money_under_crashes() {
     let out = run("transfer", &["--transfers", "150"]);
     assert_eq!(
         last_line(&out),
-        "transfer: transfers=150 deposits_applied=150 money_conserved=true duplicates=0",
+        "transfer: transfers=150 deposits_applied=150 money_conserved=true duplicates=0 announced=150",
         "{out}"
     );
     assert!(out.contains("crash "), "the run injected crashes: {out}");

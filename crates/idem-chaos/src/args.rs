@@ -95,6 +95,12 @@ pub(crate) struct RunArgs {
     /// running in the controller, instead of the publisher.
     #[arg(long)]
     pub(crate) outbox: bool,
+    /// store=postgres: the handler also enqueues one follow-up message per applied
+    /// effect through the consumer outbox (`Outbox::enqueue_follow_up` on the inbox
+    /// transaction, table `chaos_followups_<run>`); the verifier then checks that
+    /// every effect has exactly its one follow-up, under its derived id, and no other.
+    #[arg(long)]
+    pub(crate) follow_ups: bool,
     /// Publish at most this many messages per second (0: as fast as confirms allow),
     /// so the publisher and the relay are still at work when faults are injected.
     #[arg(long, default_value_t = 0)]

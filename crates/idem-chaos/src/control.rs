@@ -18,7 +18,7 @@ use crate::faults;
 use crate::fleet::Fleet;
 use crate::produce::{produce, replay_completed, Published};
 use crate::setup::{cleanup, create_tables, undrained, Admin};
-use crate::verify::verify;
+use crate::verify::{verify, FollowUps};
 /// What happens at a point of the run's progress.
 #[derive(Clone, Copy, Debug)]
 enum Event {
@@ -44,6 +44,9 @@ pub(crate) async fn run(args: RunArgs) -> Result<bool, BoxError> {
         }
         f
     });
+    if args.follow_ups && args.store != Store::Postgres {
+        return Err("--follow-ups needs --store postgres: the consumer outbox writes through the inbox transaction".into());
+    }
     let single_node_only = [Fault::RedisKill, Fault::RedisRestart, Fault::BrokerRestart];
     let node_kills = [Fault::RabbitNodeKill, Fault::RedisMasterKill];
     if let Some(f) = faults.iter().find(|f| {
@@ -104,7 +107,15 @@ pub(crate) async fn run(args: RunArgs) -> Result<bool, BoxError> {
             return Err(e);
         }
     };
-    let totals = verify(&mut admin, &names, &fleet, args.store, &windows).await;
+    let totals = verify(
+        &mut admin,
+        &names,
+        &fleet,
+        args.store,
+        &windows,
+        args.follow_ups,
+    )
+    .await;
     let totals = match totals {
         Ok(t) => t,
         Err(e) => {
@@ -125,7 +136,8 @@ pub(crate) async fn run(args: RunArgs) -> Result<bool, BoxError> {
         && totals.verdict.duplicates == 0
         && totals.verdict.dead_lettered == totals.poison
         && totals.verdict.dlq_foreign == 0
-        && totals.verdict.poison_applied == 0;
+        && totals.verdict.poison_applied == 0
+        && totals.follow_ups.as_ref().is_none_or(FollowUps::exact);
     if args.keep {
         println!(
             "chaos: kept tables chaos_*_{run_id}, queues {}*, logs in {}",
@@ -161,6 +173,12 @@ pub(crate) async fn run(args: RunArgs) -> Result<bool, BoxError> {
         totals.verdict.reruns_after_durability_fault,
         started.elapsed().as_secs_f64()
     );
+    if let Some(f) = &totals.follow_ups {
+        println!(
+            "chaos: follow_ups={} follow_ups_lost={} follow_ups_unexpected={}",
+            f.rows, f.lost, f.unexpected
+        );
+    }
     if !drained {
         println!(
             "chaos: FAILED: the queues did not drain within {} s",
@@ -221,6 +239,7 @@ async fn drive(
         procs: Vec::new(),
         generation: 0,
         failpoints: faults.contains(&Fault::Failpoints),
+        follow_ups: args.follow_ups,
         failpoint_p: [args.commit_failpoint_p, args.retry_failpoint_p],
         dead: HashSet::new(),
         aborts: HashMap::new(),

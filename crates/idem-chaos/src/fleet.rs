@@ -35,6 +35,8 @@ pub(crate) struct Fleet {
     pub(crate) procs: Vec<WorkerProc>,
     pub(crate) generation: u32,
     pub(crate) failpoints: bool,
+    /// Workers enqueue a follow-up per effect (`worker --follow-ups`).
+    pub(crate) follow_ups: bool,
     /// Probability of each of [`FAILPOINTS`].
     pub(crate) failpoint_p: [f64; 2],
     /// Names of workers that died (SIGKILL, crash point, anything else).
@@ -66,6 +68,7 @@ impl Fleet {
             .args(["--run", &self.names.run, "--name", &name])
             .args(["--store", self.store.as_str()])
             .args(["--prefetch", &self.prefetch.to_string()])
+            .args(self.follow_ups.then_some("--follow-ups"))
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))

@@ -90,6 +90,7 @@ pub(crate) async fn cleanup(admin: &mut Admin, names: &Names) -> Result<(), BoxE
         "dupes",
         "inbox",
         "outbox",
+        "followups",
     ] {
         sqlx::query(&format!("DROP TABLE IF EXISTS {}", names.table(kind)))
             .execute(&admin.pg)

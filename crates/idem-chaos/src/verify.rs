@@ -101,6 +101,49 @@ pub(crate) fn classify(store: Store, e: &Evidence) -> Verdict {
     v
 }
 
+/// The consumer outbox's record (`--follow-ups`): the follow-up rows against the
+/// effects.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct FollowUps {
+    /// Follow-up rows in the outbox.
+    pub(crate) rows: i64,
+    /// Effects without their follow-up.
+    pub(crate) lost: i64,
+    /// Rows whose id is not the one derived for an effect (a second, distinct
+    /// follow-up of one message, or one of a message never applied).
+    pub(crate) unexpected: i64,
+}
+
+impl FollowUps {
+    /// Each effect has its one follow-up and nothing else is there.
+    pub(crate) fn exact(&self) -> bool {
+        self.lost == 0 && self.unexpected == 0
+    }
+}
+
+/// Compares the follow-up ids found with the ones the effects call for (the first
+/// follow-up of each applied message, see [`idem_outbox::follow_up_id_at`]).
+pub(crate) fn check_follow_ups(effects: &HashSet<String>, found: &[String]) -> FollowUps {
+    let expected: HashSet<String> = effects
+        .iter()
+        .map(|id| idem_outbox::follow_up_id_at(crate::worker::CONSUMER, id, 0).to_string())
+        .collect();
+    let found_set: HashSet<&str> = found.iter().map(String::as_str).collect();
+    FollowUps {
+        rows: found.len() as i64,
+        lost: expected
+            .iter()
+            .filter(|id| !found_set.contains(id.as_str()))
+            .count() as i64,
+        // The table's unique id makes a repeated id impossible; count it anyway.
+        unexpected: (found.len() - found_set.len()) as i64
+            + found_set
+                .iter()
+                .filter(|id| !expected.contains(**id))
+                .count() as i64,
+    }
+}
+
 /// The run's counts and its [`Verdict`].
 pub(crate) struct Totals {
     pub(crate) confirmed: i64,
@@ -109,6 +152,8 @@ pub(crate) struct Totals {
     pub(crate) invocations: i64,
     pub(crate) dlq_copies: usize,
     pub(crate) verdict: Verdict,
+    /// With `--follow-ups`: the consumer outbox's record.
+    pub(crate) follow_ups: Option<FollowUps>,
 }
 
 /// Reads (and removes) every message of the DLQ: the message ids.
@@ -140,6 +185,7 @@ pub(crate) async fn verify(
     fleet: &Fleet,
     store: Store,
     durability_windows: &[(String, String)],
+    follow_ups: bool,
 ) -> Result<Totals, BoxError> {
     let t = |k: &str| names.table(k);
     let (published, effects, invocations, dupes) =
@@ -194,6 +240,17 @@ pub(crate) async fn verify(
         dlq,
     };
     let verdict = classify(store, &evidence);
+    let follow_ups = if follow_ups {
+        let found: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT message_id FROM {}",
+            names.table("followups")
+        ))
+        .fetch_all(&admin.pg)
+        .await?;
+        Some(check_follow_ups(&evidence.effects, &found))
+    } else {
+        None
+    };
     Ok(Totals {
         confirmed: evidence.published.len() as i64,
         poison: evidence.published.values().filter(|p| **p).count() as i64,
@@ -201,6 +258,7 @@ pub(crate) async fn verify(
         invocations: invocation_rows,
         dlq_copies: evidence.dlq.len(),
         verdict,
+        follow_ups,
     })
 }
 
@@ -293,6 +351,20 @@ mod tests {
         let v = classify(Store::Postgres, &e);
         assert_eq!(v.dead_lettered, 1);
         assert_eq!(v.dlq_foreign, 3);
+    }
+
+    #[test]
+    fn follow_ups_must_match_the_effects_one_to_one() {
+        let effects = ids(&["m1", "m2"]);
+        let id = |m: &str| idem_outbox::follow_up_id_at(crate::worker::CONSUMER, m, 0).to_string();
+        let exact = check_follow_ups(&effects, &[id("m1"), id("m2")]);
+        assert!(exact.exact(), "{exact:?}");
+        let lost = check_follow_ups(&effects, &[id("m1")]);
+        assert_eq!((lost.lost, lost.unexpected), (1, 0));
+        let second = idem_outbox::follow_up_id_at(crate::worker::CONSUMER, "m1", 1).to_string();
+        let extra = check_follow_ups(&effects, &[id("m1"), id("m2"), second, id("m3")]);
+        assert_eq!((extra.lost, extra.unexpected), (0, 2));
+        assert!(!extra.exact());
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use idem_amqp::Worker;
 use idem_core::{Body, Consumer, DedupLayer, HandlerError, IdempotencyKey, ResultExt, State};
+use idem_outbox::{Outbox, OutboxMessage};
 use idem_redis::RedisStore;
 use idem_sql::{PgInbox, Tx};
 use sqlx::{PgPool, Postgres};
@@ -40,6 +41,10 @@ pub(crate) struct WorkerArgs {
     /// On the cluster (`AMQP_CLUSTER_URL`, this worker's preferred node first).
     #[arg(long)]
     pub(crate) cluster: bool,
+    /// store=postgres: enqueue a follow-up per applied effect through the consumer
+    /// outbox (table `chaos_followups_<run>`).
+    #[arg(long)]
+    pub(crate) follow_ups: bool,
 }
 
 #[derive(Clone)]
@@ -50,6 +55,8 @@ struct Ctx {
     log: PgPool,
     worker: Arc<str>,
     q: Arc<Queries>,
+    /// The consumer outbox of follow-ups (`--follow-ups`).
+    follow_ups: Option<Outbox>,
 }
 
 struct Queries {
@@ -130,8 +137,12 @@ async fn inbox_handler(
     };
     if applied == 0 {
         ctx.duplicate(&key).await?;
+    } else if let Some(outbox) = &ctx.follow_ups {
+        // Nowhere routed: the verifier reads the outbox table, no relay runs.
+        let follow_up = OutboxMessage::new("", "chaos-follow-ups", key.as_str().as_bytes());
+        outbox.enqueue_follow_up(&tx, follow_up).await.transient()?;
     }
-    Ok(()) // the inbox commits the effect and its dedup row together
+    Ok(()) // the inbox commits the effect, its follow-up and its dedup row together
 }
 
 async fn lease_handler(
@@ -219,7 +230,17 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<(), BoxError> {
                 names.table("dupes")
             ),
         }),
+        follow_ups: None,
     };
+    let mut ctx = ctx;
+    if args.follow_ups {
+        if args.store != Store::Postgres {
+            return Err("--follow-ups needs --store postgres (the consumer outbox writes through the inbox transaction)".into());
+        }
+        let outbox = Outbox::new(&names.table("followups"))?;
+        outbox.ensure_schema(&ctx.pool).await?;
+        ctx.follow_ups = Some(outbox);
+    }
     let builder = Consumer::builder(CONSUMER).backoff(common::backoff());
     let mut _namer = None;
     let consumer = match args.store {

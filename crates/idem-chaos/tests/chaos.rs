@@ -120,3 +120,43 @@ fn ci_sized_run_loses_nothing_and_applies_nothing_twice() {
     // 2 rounds of conn-close and pg-terminate at least (crash-point aborts come on top).
     assert!(get("faults") >= 4, "{report}");
 }
+
+/// The consumer outbox under the same faults: each applied effect has exactly its one
+/// follow-up (the id derived from the message's key), none lost, none extra.
+#[test]
+fn follow_ups_through_the_consumer_outbox_are_neither_lost_nor_duplicated() {
+    let (status, last, report) = run(&[
+        "--messages",
+        "1500",
+        "--kills",
+        "3",
+        "--store",
+        "postgres",
+        "--follow-ups",
+        "--faults",
+        "conn-close,pg-terminate,failpoints",
+        "--rounds",
+        "2",
+        "--drain-timeout",
+        "120",
+    ]);
+    assert!(
+        status.success(),
+        "idem-chaos failed ({status}); if a service is down, stderr says how to start it\n{report}"
+    );
+    let f = fields(&last);
+    let follow_line = report
+        .lines()
+        .find(|l| l.starts_with("chaos: follow_ups="))
+        .unwrap_or_else(|| panic!("no follow-up line\n{report}"));
+    let fu = fields(follow_line);
+    assert_eq!(f["lost"], 0, "{report}");
+    assert_eq!(f["duplicates"], 0, "{report}");
+    assert!(f["effects"] > 0, "{report}");
+    assert_eq!(
+        fu["follow_ups"], f["effects"],
+        "one follow-up per effect\n{report}"
+    );
+    assert_eq!(fu["follow_ups_lost"], 0, "{report}");
+    assert_eq!(fu["follow_ups_unexpected"], 0, "{report}");
+}

@@ -46,6 +46,9 @@
 #![doc(test(attr(deny(warnings), allow(dead_code, unused_variables))))]
 
 mod error;
+#[cfg(feature = "inbox")]
+#[cfg_attr(docsrs, doc(cfg(feature = "inbox")))]
+pub mod follow_up;
 mod message;
 #[cfg(feature = "otel")]
 mod otel;
@@ -53,6 +56,8 @@ mod relay;
 mod schema;
 
 pub use error::OutboxError;
+#[cfg(feature = "inbox")]
+pub use follow_up::{follow_up_id, follow_up_id_at};
 pub use message::OutboxMessage;
 pub use relay::{Relay, RelayBuilder, RelayStats};
 pub use schema::{Outbox, OutboxStatus};

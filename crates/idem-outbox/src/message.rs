@@ -1,3 +1,5 @@
+use std::time::{Duration, SystemTime};
+
 use idem_core::{HeaderValue, Headers};
 
 use crate::error::OutboxError;
@@ -13,6 +15,16 @@ pub struct OutboxMessage {
     pub(crate) content_type: Option<String>,
     pub(crate) headers: Headers,
     pub(crate) ordering_key: Option<String>,
+    pub(crate) not_before: Option<NotBefore>,
+}
+
+/// When a delayed row becomes due.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum NotBefore {
+    /// At this wall-clock time.
+    At(SystemTime),
+    /// This long after the enqueuing transaction began (the database's `now()`).
+    After(Duration),
 }
 
 impl OutboxMessage {
@@ -31,6 +43,7 @@ impl OutboxMessage {
             content_type: None,
             headers: Headers::new(),
             ordering_key: None,
+            not_before: None,
         }
     }
 
@@ -66,6 +79,36 @@ impl OutboxMessage {
     /// enqueued it.
     pub fn ordering_key(mut self, key: impl Into<String>) -> Self {
         self.ordering_key = Some(key.into());
+        self
+    }
+
+    /// Replaces the idempotency key (by default a fresh UUIDv7). Use a key derived
+    /// from your own data when the same logical message may be enqueued again by a
+    /// re-run of the same work: the outbox table's unique `message_id` then refuses the
+    /// second row, and a consumer's dedup absorbs a second publish. Follow-ups of an
+    /// inbox handler get theirs from
+    /// [`Outbox::enqueue_follow_up`](crate::Outbox::enqueue_follow_up).
+    pub fn with_id(mut self, id: Uuid) -> Self {
+        self.id = id;
+        self
+    }
+
+    /// Publish no earlier than `time` (the row's `available_at`). The relay leaves the
+    /// row alone until then and publishes it on its first round after that time (its
+    /// poll interval bounds the lateness). A time in the past means "now". The row
+    /// counts as pending meanwhile; the outbox lag counts from `time`, not from the
+    /// enqueue. A delayed row with an [ordering key](Self::ordering_key) holds back the
+    /// later rows of its key until it is published.
+    pub fn not_before(mut self, time: SystemTime) -> Self {
+        self.not_before = Some(NotBefore::At(time));
+        self
+    }
+
+    /// Publish no earlier than `delay` after the enqueuing transaction began (the
+    /// database clock, so worker clocks do not matter). Otherwise as
+    /// [`not_before`](Self::not_before).
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.not_before = Some(NotBefore::After(delay));
         self
     }
 

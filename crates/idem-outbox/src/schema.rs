@@ -1,10 +1,10 @@
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 use crate::error::OutboxError;
-use crate::message::{headers_to_json, OutboxMessage};
+use crate::message::{headers_to_json, NotBefore, OutboxMessage};
 
 /// An outbox table. Cheap to clone.
 ///
@@ -21,9 +21,11 @@ pub struct Outbox {
 /// How far behind the relay is.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct OutboxStatus {
-    /// Rows not yet published.
+    /// Rows not yet published (delayed rows that are not due yet included).
     pub pending: i64,
-    /// Age of the oldest unpublished row (the outbox lag), if any.
+    /// How long the oldest due row has waited (the outbox lag), if any: counted from
+    /// its enqueue, or for a [delayed](OutboxMessage::delay) row from the time it
+    /// became due.
     pub oldest_pending_age: Option<Duration>,
     /// Rows published and not yet cleaned up.
     pub published: i64,
@@ -139,15 +141,35 @@ impl Outbox {
         // before the row's id is drawn. So a later enqueue of the same key waits for the
         // earlier transaction to commit or roll back, and draws a larger id: per key,
         // id order is commit order, which is the order the relay publishes in.
-        let columns =
-            "message_id, exchange, routing_key, headers, content_type, body, ordering_key";
+        let columns = "message_id, exchange, routing_key, headers, content_type, body, \
+                       ordering_key, available_at";
+        // $8: seconds (a delay, or a Unix time) for `available_at`.
+        let (available_at, seconds) = match msg.not_before {
+            None => ("now() + make_interval(secs => $8)", 0.0),
+            Some(NotBefore::After(delay)) => {
+                ("now() + make_interval(secs => $8)", delay.as_secs_f64())
+            }
+            Some(NotBefore::At(time)) => (
+                // Never earlier than now: the outbox lag counts from `available_at`.
+                "GREATEST(now(), to_timestamp($8))",
+                time.duration_since(UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64()),
+            ),
+        };
+        if !seconds.is_finite() {
+            return Err(OutboxError::InvalidMessage(
+                "the not-before time is out of range".into(),
+            ));
+        }
         let sql = match &msg.ordering_key {
             Some(_) => format!(
                 "INSERT INTO {t} ({columns})
-                 SELECT $1, $2, $3, $4, $5, $6, $7
-                 FROM (SELECT pg_advisory_xact_lock(hashtextextended($8, 0))) AS serialise_key"
+                 SELECT $1, $2, $3, $4, $5, $6, $7, {available_at}
+                 FROM (SELECT pg_advisory_xact_lock(hashtextextended($9, 0))) AS serialise_key"
             ),
-            None => format!("INSERT INTO {t} ({columns}) VALUES ($1, $2, $3, $4, $5, $6, $7)"),
+            None => format!(
+                "INSERT INTO {t} ({columns}) VALUES ($1, $2, $3, $4, $5, $6, $7, {available_at})"
+            ),
         };
         let mut insert = sqlx::query(&sql)
             .bind(msg.id.to_string())
@@ -156,7 +178,8 @@ impl Outbox {
             .bind(headers_to_json(&msg.headers))
             .bind(&msg.content_type)
             .bind(&msg.body)
-            .bind(&msg.ordering_key);
+            .bind(&msg.ordering_key)
+            .bind(seconds);
         if let Some(key) = &msg.ordering_key {
             insert = insert.bind(format!("idem-outbox-key:{t}:{key}"));
         }
@@ -173,7 +196,8 @@ impl Outbox {
     pub async fn status(&self, pool: &PgPool) -> Result<OutboxStatus, OutboxError> {
         let row = sqlx::query(&format!(
             "SELECT count(*) FILTER (WHERE published_at IS NULL),
-                    EXTRACT(EPOCH FROM now() - min(created_at) FILTER (WHERE published_at IS NULL))::float8,
+                    EXTRACT(EPOCH FROM now() - min(CASE WHEN attempts = 0 THEN available_at ELSE created_at END)
+                        FILTER (WHERE published_at IS NULL AND (attempts > 0 OR available_at <= now())))::float8,
                     count(*) FILTER (WHERE published_at IS NOT NULL)
              FROM {}",
             self.table

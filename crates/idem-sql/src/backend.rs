@@ -1,6 +1,7 @@
 //! The databases idem-sql supports, and the little each one does differently.
 
 use futures_util::future::BoxFuture;
+use sqlx::pool::PoolConnection;
 use sqlx::{Pool, Transaction};
 
 mod sealed {
@@ -37,6 +38,13 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
 
     #[doc(hidden)]
     fn begin(pool: &Pool<Self>) -> BoxFuture<'_, Result<Transaction<'static, Self>, sqlx::Error>>;
+
+    /// Begins a transaction on a connection already taken from the pool (the inbox
+    /// records the start on it first, so one message costs one acquire).
+    #[doc(hidden)]
+    fn begin_on(
+        conn: PoolConnection<Self>,
+    ) -> BoxFuture<'static, Result<Transaction<'static, Self>, sqlx::Error>>;
 }
 
 /// SQL dialect of a [`Backend`].
@@ -62,7 +70,7 @@ pub enum Arg {
 pub(crate) type Record = (String, Option<String>, Option<String>, i64);
 
 macro_rules! backend {
-    ($feature:literal, $module:ident, $db:ty, $dialect:expr, |$pool:ident| $begin:expr) => {
+    ($feature:literal, $module:ident, $db:ty, $dialect:expr, $begin:expr) => {
         #[cfg(feature = $feature)]
         mod $module {
             use super::*;
@@ -138,24 +146,38 @@ macro_rules! backend {
                 }
 
                 fn begin(
-                    $pool: &Pool<Self>,
+                    pool: &Pool<Self>,
                 ) -> BoxFuture<'_, Result<Transaction<'static, Self>, sqlx::Error>> {
-                    Box::pin($begin)
+                    let statement: Option<&'static str> = $begin;
+                    match statement {
+                        Some(s) => Box::pin(pool.begin_with(s)),
+                        None => Box::pin(pool.begin()),
+                    }
+                }
+
+                fn begin_on(
+                    conn: PoolConnection<Self>,
+                ) -> BoxFuture<'static, Result<Transaction<'static, Self>, sqlx::Error>> {
+                    let statement: Option<&'static str> = $begin;
+                    // What `Pool::begin` itself does with the connection it acquires.
+                    Transaction::begin(conn, statement.map(std::borrow::Cow::Borrowed))
                 }
             }
         }
     };
 }
 
-backend!("postgres", pg, sqlx::Postgres, Dialect::Postgres, |pool| {
-    pool.begin()
-});
+backend!("postgres", pg, sqlx::Postgres, Dialect::Postgres, None);
 // Take SQLite's write lock up front: a deferred transaction that reads first and
 // writes later can fail with SQLITE_BUSY that the busy timeout cannot resolve.
-backend!("sqlite", sqlite, sqlx::Sqlite, Dialect::Sqlite, |pool| pool
-    .begin_with("BEGIN IMMEDIATE"));
-backend!("mysql", mysql, sqlx::MySql, Dialect::MySql, |pool| pool
-    .begin());
+backend!(
+    "sqlite",
+    sqlite,
+    sqlx::Sqlite,
+    Dialect::Sqlite,
+    Some("BEGIN IMMEDIATE")
+);
+backend!("mysql", mysql, sqlx::MySql, Dialect::MySql, None);
 
 impl Dialect {
     /// The database clock in milliseconds since the Unix epoch.

@@ -127,6 +127,10 @@ async fn run(misuse: Misuse) -> (Vec<Disposition>, i64, i64) {
         }
     };
     let (effects, rows) = (count(fx.clone()).await, count(table.clone()).await);
+    // Every outcome here settles the message: no start counter may stay behind (a
+    // leftover would charge the next delivery of "m-1" with a crash it never had).
+    let starts = count(format!("{table}_starts")).await;
+    assert_eq!(starts, 0, "start counter left behind");
     for t in [fx, table.clone(), format!("{table}_starts")] {
         pool.execute(&*format!("DROP TABLE {t}")).await.unwrap();
     }

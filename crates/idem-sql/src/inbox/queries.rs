@@ -8,7 +8,8 @@ use crate::store::{POISONED, SUCCEEDED};
 pub(crate) struct Queries {
     pub(crate) insert_done: String,
     pub(crate) record_locked: String,
-    pub(crate) record: String,
+    pub(crate) present: String,
+    pub(crate) present_clearing_start: String,
     pub(crate) take_expired: String,
     pub(crate) reopen: String,
     pub(crate) insert_poisoned: String,
@@ -40,7 +41,13 @@ impl Queries {
                 &format!("?, ?, '{SUCCEEDED}', NULL, ?, {now} + ?"),
             )),
             record_locked: q(format!("{record}{}", d.for_update())),
-            record: q(record),
+            present: q(format!("SELECT {} FROM {t} WHERE {key}", d.int_cast("1"))),
+            // PostgreSQL only (data-modifying CTE), numbered by hand: both halves
+            // use the same two arguments.
+            present_clearing_start: format!(
+                "WITH cleared AS (DELETE FROM {starts} WHERE consumer = $1 AND idem_key = $2) \
+                 SELECT CAST(1 AS BIGINT) FROM {t} WHERE consumer = $1 AND idem_key = $2"
+            ),
             take_expired: q(format!(
                 "UPDATE {t} SET state = '{SUCCEEDED}', owner = NULL, fingerprint = ?, expires_at = {now} + ? \
                  WHERE {key} AND expires_at <= {now}"

@@ -15,7 +15,7 @@ use sqlx::Transaction;
 use tokio::sync::Mutex;
 
 use super::queries::is_missing_table;
-use super::tx::{InboxTx, Slot, TxClosed};
+use super::tx::{InboxTx, Scope, Slot, TxClosed};
 use super::SqlInbox;
 use crate::backend::{Arg, Backend, Dialect};
 use crate::store::{ms, POISONED, SUCCEEDED};
@@ -157,14 +157,14 @@ impl<DB: Backend> Keyed<DB> {
         Ok(Claimed::Busy { retry_in: None })
     }
 
-    /// Records, in a short statement committed at once, that the message starts now;
-    /// returns how many earlier starts never settled.
-    async fn count_start(&self) -> Result<u32, sqlx::Error> {
+    /// Records, in a short statement committed at once on `conn` (autocommit, before
+    /// the message's transaction begins on the same connection), that the message
+    /// starts now; returns how many earlier starts never settled.
+    async fn count_start(&self, conn: &mut DB::Connection) -> Result<u32, sqlx::Error> {
         let inbox = &self.inbox;
         if !inbox.counting.load(Ordering::Relaxed) {
             return Ok(0);
         }
-        let mut conn = inbox.pool.acquire().await?;
         let (c, key) = (&*self.consumer, self.key.as_str());
         let args = vec![text(c), text(key), self.keep()];
         // PostgreSQL and SQLite return the new count from the upsert itself.
@@ -191,6 +191,59 @@ impl<DB: Backend> Keyed<DB> {
             Err(e) => return Err(e),
         };
         Ok(u32::try_from(n.saturating_sub(1)).unwrap_or(0))
+    }
+
+    /// Takes a connection, records the start on it and begins the message's
+    /// transaction there: one pool acquire per message.
+    async fn start(&self) -> Result<(Transaction<'static, DB>, u32), HandlerError> {
+        let (conn, earlier) = self
+            .bounded("start count", async {
+                let mut conn = self.inbox.pool.acquire().await?;
+                let earlier = self.count_start(&mut conn).await?;
+                Ok((conn, earlier))
+            })
+            .await?;
+        match self.bounded("begin", DB::begin_on(conn)).await {
+            Ok(tx) => Ok((tx, earlier)),
+            Err(e) => {
+                self.clear_start().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The pre-commit guard, run in the message's transaction just before `COMMIT`:
+    /// is our inbox row still there, in a transaction that is still alive? A
+    /// PostgreSQL transaction in which a statement failed "commits" as a rollback
+    /// without an error; in it every statement fails (`25P02`), this one included.
+    /// A row the handler deleted (or a transaction it ended itself) reads as absent.
+    ///
+    /// On PostgreSQL the same statement also clears the start counter (a
+    /// data-modifying CTE), so the guard costs no round trip of its own: the start
+    /// settles with the effect. The other databases run the check and the clear as
+    /// two statements.
+    async fn guard(&self, conn: &mut DB::Connection) -> Result<bool, sqlx::Error> {
+        let (c, key, q) = (&*self.consumer, self.key.as_str(), &self.inbox.q);
+        let counting = self.inbox.counting.load(Ordering::Relaxed);
+        let args = || vec![text(c), text(key)];
+        if DB::DIALECT == Dialect::Postgres {
+            let sql = if counting {
+                &q.present_clearing_start
+            } else {
+                &q.present
+            };
+            return Ok(DB::fetch_int(&mut *conn, sql, args()).await?.is_some());
+        }
+        if DB::fetch_int(&mut *conn, &q.present, args())
+            .await?
+            .is_none()
+        {
+            return Ok(false);
+        }
+        if counting {
+            DB::execute(&mut *conn, &q.clear_start, args()).await?;
+        }
+        Ok(true)
     }
 
     /// The message settled without committing (duplicate, failure, poison): forget
@@ -233,14 +286,7 @@ impl<DB: Backend> Admission for InboxSession<DB> {
     async fn claim(&mut self) -> Result<(Claimed, u32), HandlerError> {
         // The start is committed before the handler's transaction begins; see
         // `idem_core::crash`.
-        let earlier = self.k.bounded("start count", self.k.count_start()).await?;
-        let mut tx = match self.k.bounded("begin", DB::begin(&self.k.inbox.pool)).await {
-            Ok(tx) => tx,
-            Err(e) => {
-                self.k.clear_start().await;
-                return Err(e);
-            }
-        };
+        let (mut tx, earlier) = self.k.start().await?;
         match self.k.bounded("claim", self.k.enter(&mut *tx)).await {
             Ok(found) => {
                 self.tx = Some(tx);
@@ -277,7 +323,12 @@ impl<DB: Backend> Admission for InboxSession<DB> {
 
     fn prepare(&mut self, msg: &mut Message) {
         let slot: Slot<DB> = Arc::new(Mutex::new(self.tx.take()));
-        msg.extensions.insert(InboxTx(slot.clone()));
+        let scope = Arc::new(Scope {
+            consumer: self.k.consumer.clone(),
+            key: self.k.key.clone(),
+            follow_ups: Default::default(),
+        });
+        msg.extensions.insert(InboxTx(slot.clone(), scope));
         self.slot = Some(slot);
     }
 
@@ -286,13 +337,14 @@ impl<DB: Backend> Admission for InboxSession<DB> {
             self.k.clear_start().await;
             return Err(HandlerError::transient(TxClosed));
         };
-        let (c, key) = (&*self.k.consumer, self.k.key.as_str());
-        // A PostgreSQL transaction in which a statement failed "commits" as a
-        // rollback without an error: make sure our row is still there first.
-        let check = DB::fetch_record(&mut *tx, &self.k.inbox.q.record, vec![text(c), text(key)]);
-        match self.k.bounded("pre-commit check", check).await {
-            Ok(Some(_)) => {}
-            Ok(None) => {
+        // The start settles with the effect, in the same transaction.
+        match self
+            .k
+            .bounded("pre-commit check", self.k.guard(&mut tx))
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
                 let _ = tx.rollback().await;
                 self.k.clear_start().await;
                 return Err(HandlerError::transient(StoreError::new(
@@ -300,19 +352,6 @@ impl<DB: Backend> Admission for InboxSession<DB> {
                 )));
             }
             Err(e) => {
-                let _ = tx.rollback().await;
-                self.k.clear_start().await;
-                return Err(e);
-            }
-        }
-        // The start settles with the effect, in the same transaction.
-        if self.k.inbox.counting.load(Ordering::Relaxed) {
-            let cleared = DB::execute(
-                &mut *tx,
-                &self.k.inbox.q.clear_start,
-                vec![text(c), text(key)],
-            );
-            if let Err(e) = self.k.bounded("start count", cleared).await {
                 let _ = tx.rollback().await;
                 self.k.clear_start().await;
                 return Err(e);

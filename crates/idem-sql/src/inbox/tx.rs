@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use idem_core::{FromMessage, HandlerError, Message};
@@ -34,6 +35,16 @@ pub(crate) type Slot<DB> = Arc<Mutex<Option<Transaction<'static, DB>>>>;
 /// ```
 pub struct Tx<DB: Backend> {
     slot: Slot<DB>,
+    scope: Arc<Scope>,
+}
+
+/// Who the transaction is for: the consumer and the dedup key of the message being
+/// handled, and how many follow-ups it has numbered so far.
+#[derive(Debug)]
+pub(crate) struct Scope {
+    pub(crate) consumer: Arc<str>,
+    pub(crate) key: String,
+    pub(crate) follow_ups: AtomicU32,
 }
 
 impl<DB: Backend> fmt::Debug for Tx<DB> {
@@ -64,6 +75,25 @@ impl<DB: Backend> Tx<DB> {
             .map(|guard| TxConn { guard })
             .map_err(|_| TxClosed)
     }
+
+    /// The name of the consumer handling the message (the scope of its dedup key).
+    pub fn consumer(&self) -> &str {
+        &self.scope.consumer
+    }
+
+    /// The message's idempotency key, as the inbox recorded it.
+    pub fn key(&self) -> &str {
+        &self.scope.key
+    }
+
+    /// The position of the next follow-up message of this handler run: 0, then 1, ...
+    /// Each call takes one position; every run of the handler (a retry, a redelivery
+    /// after a crash) starts again at 0, so a handler that publishes its follow-ups in
+    /// a fixed order numbers them the same way on every run. The consumer outbox
+    /// (`idem_outbox::Outbox::enqueue_follow_up`) derives follow-up ids from it.
+    pub fn next_follow_up(&self) -> u32 {
+        self.scope.follow_ups.fetch_add(1, Ordering::Relaxed)
+    }
 }
 
 /// A locked [`Tx`]: dereferences to the database connection (`&mut *conn` is an
@@ -92,13 +122,16 @@ impl<DB: Backend> DerefMut for TxConn<'_, DB> {
 }
 
 /// The extension through which the inbox hands its transaction to [`Tx`].
-pub(crate) struct InboxTx<DB: Backend>(pub(crate) Slot<DB>);
+pub(crate) struct InboxTx<DB: Backend>(pub(crate) Slot<DB>, pub(crate) Arc<Scope>);
 
 impl<DB: Backend, S> FromMessage<S> for Tx<DB> {
     fn from_message(msg: &Message, _state: &S) -> Result<Self, HandlerError> {
         msg.extensions
             .get::<InboxTx<DB>>()
-            .map(|t| Tx { slot: t.0.clone() })
+            .map(|t| Tx {
+                slot: t.0.clone(),
+                scope: t.1.clone(),
+            })
             .ok_or_else(|| HandlerError::permanent(NoInbox))
     }
 }
