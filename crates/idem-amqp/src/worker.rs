@@ -802,8 +802,8 @@ async fn handle(
         })
     };
     // The dead-letter hook is told only once the dead-letter copy is confirmed.
-    let dead_lettered = matches!(wire, Some(Wire::Ack))
-        && matches!(disposition, Disposition::DeadLetter { .. });
+    let dead_lettered =
+        matches!(wire, Some(Wire::Ack)) && matches!(disposition, Disposition::DeadLetter { .. });
     let done = (shared.on_settle.is_some() || dead_lettered).then(|| Done {
         message_id: properties.message_id().clone(),
         failed_before,

@@ -82,14 +82,17 @@ pub(crate) async fn run(args: ConsumerArgs) -> Result<Report, BoxError> {
             let topo = Topology::new(format!("idem-bench-{}", uuid::Uuid::new_v4().simple()));
             topo.declare_on(&ch).await?;
             fill(&publisher, topo.queue(), args.messages).await?;
+            let cpu = crate::cpu::Sample::now();
             let result = match side {
                 Side::Idem => run_idem(&args, &topo).await,
                 Side::Baseline => run_baseline(&args, topo.queue()).await,
                 Side::BestCase => run_best_case(&args, topo.queue()).await,
             };
+            let used = cpu.per_message(args.messages);
             topo.delete_on(&ch).await?;
             let elapsed = result?;
             report.record(round, side, elapsed);
+            report.record_cpu(side, used);
         }
     }
     publisher.close().await;

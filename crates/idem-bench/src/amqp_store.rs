@@ -97,6 +97,7 @@ pub(crate) async fn run(store: Store, args: Args) -> Result<Report, BoxError> {
                 .execute(pool)
                 .await?;
             }
+            let cpu = crate::cpu::Sample::now();
             let result = match (store, idem, &pool) {
                 (Store::Redis, true, _) => run_idem_redis(&args, &topo, &run_id).await,
                 (Store::Redis, false, _) => run_baseline_redis(&args, topo.queue(), &run_id).await,
@@ -108,6 +109,7 @@ pub(crate) async fn run(store: Store, args: Args) -> Result<Report, BoxError> {
                 }
                 (Store::Postgres, _, None) => Err("no pool".into()),
             };
+            let used = cpu.per_message(args.base.messages);
             topo.delete_on(&ch).await?;
             if store == Store::Redis {
                 // Both sides' keys: idem's `idem-bench-<run>:{..}` and the baseline's.
@@ -121,11 +123,9 @@ pub(crate) async fn run(store: Store, args: Args) -> Result<Report, BoxError> {
                 }
             }
             let elapsed = result?;
-            report.record(
-                round,
-                if idem { Side::Idem } else { Side::Baseline },
-                elapsed,
-            );
+            let side = if idem { Side::Idem } else { Side::Baseline };
+            report.record(round, side, elapsed);
+            report.record_cpu(side, used);
         }
     }
     publisher.close().await;

@@ -25,6 +25,7 @@
 mod amqp_noop;
 mod amqp_store;
 mod chart;
+mod cpu;
 mod outbox_relay;
 mod publish;
 mod report;

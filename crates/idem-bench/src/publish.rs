@@ -71,6 +71,7 @@ pub(crate) async fn run(args: Args) -> Result<Report, BoxError> {
                 FieldTable::default(),
             )
             .await?;
+            let cpu = crate::cpu::Sample::now();
             let start = Instant::now();
             let result = match side {
                 Side::Idem => {
@@ -85,6 +86,7 @@ pub(crate) async fn run(args: Args) -> Result<Report, BoxError> {
                 _ => baseline(&base, &queue, &body, args.messages, window).await,
             };
             let elapsed = start.elapsed();
+            let used = cpu.per_message(args.messages);
             let counted = match result {
                 Ok(()) => count(&ch, &queue, args.messages).await,
                 Err(e) => Err(e),
@@ -102,6 +104,7 @@ pub(crate) async fn run(args: Args) -> Result<Report, BoxError> {
                 .into());
             }
             report.record(round, side, elapsed);
+            report.record_cpu(side, used);
         }
     }
     publisher.close().await;

@@ -57,6 +57,8 @@ pub(crate) struct Report {
     pub(crate) baseline: Vec<f64>,
     /// Empty unless the scenario has a best-case baseline (`amqp-noop`).
     pub(crate) best_case: Vec<f64>,
+    /// CPU per message of each run, by side (scenarios that sample it).
+    pub(crate) cpu: Vec<(Side, crate::cpu::PerMessage)>,
 }
 
 impl Report {
@@ -68,7 +70,26 @@ impl Report {
             idem: Vec::new(),
             baseline: Vec::new(),
             best_case: Vec::new(),
+            cpu: Vec::new(),
         }
+    }
+
+    /// Records the CPU one run of `side` used (from [`crate::cpu::Sample`]), and prints
+    /// it to stderr.
+    pub(crate) fn record_cpu(&mut self, side: Side, used: crate::cpu::PerMessage) {
+        eprintln!("  {} CPU us/msg: {used}", side.label());
+        self.cpu.push((side, used));
+    }
+
+    /// The median CPU per message of `side`'s runs, if any were sampled.
+    fn cpu_of(&self, side: Side) -> Option<crate::cpu::PerMessage> {
+        let runs: Vec<_> = self
+            .cpu
+            .iter()
+            .filter(|(s, _)| *s == side)
+            .map(|(_, c)| *c)
+            .collect();
+        (!runs.is_empty()).then(|| crate::cpu::PerMessage::median(&runs))
     }
 
     /// Records one run of `messages` that took `elapsed`, and prints it to stderr.
@@ -153,6 +174,22 @@ impl fmt::Display for Report {
                 Num(best.max, 3),
             )?;
         }
+        if !self.cpu.is_empty() {
+            f.write_str(r#","cpu_us_per_msg":{"#)?;
+            let mut first = true;
+            for side in [Side::Idem, Side::Baseline, Side::BestCase] {
+                if let Some(cpu) = self.cpu_of(side) {
+                    let key = match side {
+                        Side::Idem => "idem",
+                        Side::Baseline => "baseline",
+                        Side::BestCase => "best_case",
+                    };
+                    write!(f, r#"{}"{key}":{cpu}"#, if first { "" } else { "," })?;
+                    first = false;
+                }
+            }
+            f.write_str("}")?;
+        }
         f.write_str("}")
     }
 }
@@ -200,11 +237,37 @@ mod tests {
             idem: vec![90.0, 100.0, 80.0],
             baseline: vec![100.0, 100.0, 100.0],
             best_case: Vec::new(),
+            cpu: Vec::new(),
         };
         assert_eq!(
             r.to_string(),
             r#"{"scenario":"x","messages":10,"prefetch":5,"rounds":3,"msgs_per_s":90,"baseline_msgs_per_s":100,"ratio":0.900,"ratio_min":0.800,"ratio_max":1.000}"#
         );
+    }
+
+    #[test]
+    fn json_line_ends_with_the_median_cpu_per_message_of_each_side() {
+        use crate::cpu::PerMessage;
+        let mut r = Report::new("y", 10, 5);
+        r.idem = vec![100.0];
+        r.baseline = vec![100.0];
+        r.cpu = vec![
+            (
+                Side::Idem,
+                PerMessage([Some(10.0), Some(30.0), Some(5.0), None]),
+            ),
+            (
+                Side::Baseline,
+                PerMessage([Some(8.0), Some(20.0), Some(1.0), None]),
+            ),
+            (
+                Side::Idem,
+                PerMessage([Some(20.0), Some(50.0), Some(7.0), None]),
+            ),
+        ];
+        assert!(r.to_string().ends_with(
+            r#""cpu_us_per_msg":{"idem":{"client":15.0,"broker":40.0,"redis":6.0},"baseline":{"client":8.0,"broker":20.0,"redis":1.0}}}"#
+        ));
     }
 
     #[test]
@@ -216,6 +279,7 @@ mod tests {
             idem: vec![120.0, 100.0, 150.0, 90.0, 100.0],
             baseline: vec![100.0, 100.0, 100.0, 100.0, 50.0],
             best_case: vec![200.0, 200.0, 100.0, 300.0, 200.0],
+            cpu: Vec::new(),
         };
         // Per-round ratios: baseline 1.2 1 1.5 0.9 2; best case 0.6 0.5 1.5 0.3 0.5.
         assert_eq!(

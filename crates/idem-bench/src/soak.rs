@@ -100,45 +100,9 @@ pub(crate) struct SoakArgs {
     retention_secs: u64,
 }
 
+use crate::cpu::{cpu_secs, process_cpu_secs};
+
 async fn noop(_key: IdempotencyKey) {}
-
-/// CPU seconds this process used so far (user + system), from `/proc/self/stat`.
-fn cpu_secs() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the command name (which may hold spaces) start at field 3.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    // USER_HZ is 100 on every Linux the benchmarks run on.
-    Some((utime + stime) / 100.0)
-}
-
-/// CPU seconds used so far by every local process named `name` (`beam.smp`: the
-/// RabbitMQ nodes on this machine, the test clusters' included, summed so that the
-/// reading does not depend on which one is found first), from `/proc/<pid>/stat`.
-fn process_cpu_secs(name: &str) -> Option<f64> {
-    let mut total = None;
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let path = entry.path();
-        let is_it = std::fs::read_to_string(path.join("comm")).is_ok_and(|c| c.trim() == name);
-        let Some(stat) = is_it
-            .then(|| std::fs::read_to_string(path.join("stat")).ok())
-            .flatten()
-        else {
-            continue;
-        };
-        let Some(close) = stat.rfind(')') else {
-            continue;
-        };
-        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
-        if let (Some(utime), Some(stime)) = (ticks(11), ticks(12)) {
-            *total.get_or_insert(0.0) += (utime + stime) / 100.0;
-        }
-    }
-    total
-}
 
 /// The share of the last 10 s in which some task waited for a CPU (Linux PSI).
 fn cpu_pressure() -> Option<f64> {
