@@ -15,8 +15,10 @@
 //! - **Copy not confirmed**: the delivery stays unacked while the publish is retried
 //!   (1, 2, 4, 8, 16 s) as long as the channel is open; then it is nacked with
 //!   `requeue=true` once, so the broker redelivers it. Never `requeue=true` in a hot
-//!   loop, never a loss. If the channel died, nothing is sent: the broker redelivers
-//!   every unacked delivery of a dead channel, and the dedup store absorbs repeats.
+//!   loop, never a loss. If the publishing channel died, the original is handed back
+//!   (`requeue=true`) on the consuming channel; if that one died too, nothing can be
+//!   sent and the broker redelivers every unacked delivery of the dead channel. The
+//!   dedup store absorbs the repeats.
 //! - **Crash loops** (see [`idem_core::crash`]): a redelivered delivery runs alone in
 //!   its consumer. A retry copy answered "busy" carries the unsettled deliveries so far
 //!   in `x-idem-delivery-count`; with a quorum queue's delivery limit, a delivery whose
