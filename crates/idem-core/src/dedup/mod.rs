@@ -47,7 +47,7 @@
 
 #[doc(hidden)]
 pub mod admission;
-mod batch;
+pub mod batch;
 mod bounded;
 pub(crate) mod key;
 mod layer;
