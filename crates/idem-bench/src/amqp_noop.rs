@@ -57,6 +57,28 @@ pub(crate) struct ConsumerArgs {
 }
 
 impl ConsumerArgs {
+    /// A plain lapin consumer of `queue` with this prefetch, for the hand-written
+    /// baselines: the connection (close it when done), its channel and the deliveries.
+    pub(crate) async fn consume(
+        &self,
+        queue: &str,
+        name: &str,
+    ) -> Result<(lapin::Connection, lapin::Channel, lapin::Consumer), BoxError> {
+        let conn = idem_amqp::connect_tls(&self.url, name, &self.tls()?).await?;
+        let ch = conn.create_channel().await?;
+        ch.basic_qos(self.prefetch, BasicQosOptions::default())
+            .await?;
+        let deliveries = ch
+            .basic_consume(
+                queue.into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok((conn, ch, deliveries))
+    }
+
     /// The TLS settings for amqps:// and rediss:// URLs.
     pub(crate) fn tls(&self) -> Result<idem_core::TlsConfig, idem_core::TlsConfigError> {
         idem_core::TlsConfig::from_files(
@@ -184,18 +206,7 @@ async fn run_idem(args: &ConsumerArgs, topo: &Topology) -> Result<Duration, BoxE
 
 async fn run_baseline(args: &ConsumerArgs, queue: &str) -> Result<Duration, BoxError> {
     let clock = Clock::new(args.messages);
-    let conn = idem_amqp::connect_tls(&args.url, "idem-bench-baseline", &args.tls()?).await?;
-    let ch = conn.create_channel().await?;
-    ch.basic_qos(args.prefetch, BasicQosOptions::default())
-        .await?;
-    let mut deliveries = ch
-        .basic_consume(
-            queue.into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let (conn, _ch, mut deliveries) = args.consume(queue, "idem-bench-baseline").await?;
     let mut received = 0;
     while received < args.messages {
         let Some(delivery) = deliveries.next().await else {
@@ -227,18 +238,7 @@ const BEST_CASE_IDLE: Duration = Duration::from_millis(1);
 /// without a delivery, and at the end.
 async fn run_best_case(args: &ConsumerArgs, queue: &str) -> Result<Duration, BoxError> {
     let clock = Clock::new(args.messages);
-    let conn = idem_amqp::connect_tls(&args.url, "idem-bench-best-case", &args.tls()?).await?;
-    let ch = conn.create_channel().await?;
-    ch.basic_qos(args.prefetch, BasicQosOptions::default())
-        .await?;
-    let mut deliveries = ch
-        .basic_consume(
-            queue.into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let (conn, _ch, mut deliveries) = args.consume(queue, "idem-bench-best-case").await?;
     // The last delivery whose work ran and is not acked yet, and how many are unacked.
     let mut unacked: Option<Acker> = None;
     let mut count = 0_u64;

@@ -20,8 +20,7 @@ use futures_util::StreamExt;
 use idem_amqp::{Publisher, Topology, Worker};
 use idem_core::{Consumer, IdempotencyKey, State};
 use idem_sql::{PgInbox, Tx};
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
+use lapin::options::BasicAckOptions;
 use sqlx::{PgPool, Postgres};
 
 use crate::amqp_noop::{fill, Clock};
@@ -324,19 +323,7 @@ where
     Fut: std::future::Future<Output = Option<()>> + Send + 'static,
 {
     let clock = Clock::new(args.base.messages);
-    let conn =
-        idem_amqp::connect_tls(&args.base.url, "idem-bench-baseline", &args.base.tls()?).await?;
-    let ch = conn.create_channel().await?;
-    ch.basic_qos(args.base.prefetch, BasicQosOptions::default())
-        .await?;
-    let mut deliveries = ch
-        .basic_consume(
-            queue.into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let (conn, _ch, mut deliveries) = args.base.consume(queue, "idem-bench-baseline").await?;
     let work = Arc::new(work);
     let mut received = 0;
     while received < args.base.messages {
