@@ -222,6 +222,8 @@ impl<T> AckSettler<T> {
 pub(crate) struct AckCoalescer<T> {
     inner: Arc<Inner<T>>,
     flusher: JoinHandle<()>,
+    /// Set by `abandon`: the flusher ends by itself, reporting what it holds.
+    detached: bool,
 }
 
 impl<T: Send + 'static> AckCoalescer<T> {
@@ -240,7 +242,11 @@ impl<T: Send + 'static> AckCoalescer<T> {
             batch: batch.max(1),
         });
         let flusher = tokio::spawn(flush_loop(inner.clone(), channel, interval, after));
-        AckCoalescer { inner, flusher }
+        AckCoalescer {
+            inner,
+            flusher,
+            detached: false,
+        }
     }
 
     /// Registers a delivery's tag; call in delivery order, before the delivery can be
@@ -259,10 +265,10 @@ impl<T: Send + 'static> AckCoalescer<T> {
     /// Clean end of the session (shutdown, breaker pause): sends the ack of every
     /// settled run, then stops. Call after the handlers are drained and before the
     /// channel closes. Tags still running stay unacked (the channel close returns them).
-    pub(crate) async fn close(self, timeout: Duration) {
+    pub(crate) async fn close(mut self, timeout: Duration) {
         self.inner.lock().closing = true;
         self.inner.wake.notify_one();
-        match tokio::time::timeout(timeout, self.flusher).await {
+        match tokio::time::timeout(timeout, &mut self.flusher).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "ack flusher ended abnormally"),
             Err(_) => tracing::warn!(
@@ -273,9 +279,21 @@ impl<T: Send + 'static> AckCoalescer<T> {
 
     /// The channel is gone: sends nothing more; settled records are handed to the
     /// callback by the flusher as it stops.
-    pub(crate) fn abandon(self) {
+    pub(crate) fn abandon(mut self) {
         self.inner.lock().closed = true;
         self.inner.wake.notify_one();
+        self.detached = true;
+    }
+}
+
+impl<T> Drop for AckCoalescer<T> {
+    /// Dropped without [`close`](Self::close) or [`abandon`](Self::abandon) (its
+    /// worker's future was dropped): stop the flusher at once, so it neither acks
+    /// nor keeps the channel, and with it the connection, open.
+    fn drop(&mut self) {
+        if !self.detached {
+            self.flusher.abort();
+        }
     }
 }
 

@@ -39,11 +39,16 @@ use tokio::task::JoinHandle;
 /// - [`shutdown`](Self::shutdown) asks the worker to stop (the same graceful stop as
 ///   the future given to `run` completing); calling it again does nothing.
 /// - [`join`](Self::join) waits for the worker to end and returns its result.
-/// - **Dropping the handle also asks the worker to stop**, so a worker never outlives
-///   the code that owns it by accident; it then finishes its in-flight deliveries in
-///   the background. Keep the handle (or `join` it) for as long as the worker should
-///   run.
-#[must_use = "dropping a WorkerHandle stops the worker"]
+/// - **Dropping the handle stops the worker at once**: its task is aborted, which
+///   drops its `run` future, as `tokio::task::JoinHandle` would not. A worker never
+///   outlives the code that owns it, whether that code returned, panicked or was
+///   cancelled. What the drop means for deliveries in flight is the transport's
+///   rule (the RabbitMQ worker closes its connection, so the broker hands its
+///   unacked deliveries to another consumer at once; the in-memory worker lets the
+///   handlers already running finish). For a graceful stop, call
+///   [`shutdown_and_join`](Self::shutdown_and_join). Keep the handle for as long as
+///   the worker should run.
+#[must_use = "dropping a WorkerHandle stops the worker at once"]
 #[derive(Debug)]
 pub struct WorkerHandle<T> {
     stop: watch::Sender<bool>,
@@ -52,8 +57,8 @@ pub struct WorkerHandle<T> {
 
 impl<T: Send + 'static> WorkerHandle<T> {
     /// Spawns `run(shutdown)` on the current tokio runtime, where `shutdown`
-    /// completes when the handle asks the worker to stop (or is dropped). For
-    /// transports; users call their worker's `spawn`.
+    /// completes when the handle asks the worker to stop. For transports; users call
+    /// their worker's `spawn`.
     ///
     /// # Panics
     ///
@@ -91,11 +96,10 @@ impl<T> WorkerHandle<T> {
     /// If the worker's task panicked, the panic is resumed here. If its runtime shut
     /// down before the worker ended (the handle was joined from another runtime), this
     /// panics saying so.
-    pub async fn join(self) -> T {
-        // Keep the sender alive while waiting: dropping it would stop the worker.
-        let WorkerHandle { stop, task } = self;
-        let result = task.await;
-        drop(stop);
+    pub async fn join(mut self) -> T {
+        // `self` (and so the sender) lives while waiting; its `Drop` then aborts a
+        // task that has already ended, which does nothing.
+        let result = (&mut self.task).await;
         match result {
             Ok(value) => value,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
@@ -110,8 +114,14 @@ impl<T> WorkerHandle<T> {
     }
 }
 
+impl<T> Drop for WorkerHandle<T> {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// The shutdown future a [`WorkerHandle`] gives its worker's `run`: completes when
-/// the handle asks the worker to stop or is dropped.
+/// the handle asks the worker to stop.
 #[derive(Debug)]
 pub struct ShutdownSignal(watch::Receiver<bool>);
 
@@ -142,17 +152,25 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn dropping_the_handle_stops_the_worker() {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let handle = WorkerHandle::spawn(|signal| async move {
-            signal.wait().await;
-            let _ = tx.send(());
+    async fn dropping_the_handle_drops_the_run_future() {
+        // The sender lives in the run future: the receiver sees it go when the task
+        // drops that future, without the worker's own shutdown path running.
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
+        let handle = WorkerHandle::spawn(|_signal| async move {
+            let _keep = tx;
+            let _ = started_tx.send(());
+            std::future::pending::<()>().await;
         });
+        started.await.expect("the worker started");
         drop(handle);
-        tokio::time::timeout(Duration::from_secs(5), rx)
+        let gone = tokio::time::timeout(Duration::from_secs(5), rx)
             .await
-            .expect("the worker stopped")
-            .expect("the worker reported");
+            .expect("the run future was dropped within 5 s");
+        assert!(
+            gone.is_err(),
+            "the run future ended by being dropped, not by sending"
+        );
     }
 
     #[tokio::test]

@@ -14,6 +14,8 @@
 //! - [`fault_proxy`]: a TCP proxy that cuts a service off (refused or reset
 //!   connections) for outage tests.
 //! - [`conformance`]: the behavioural suite every dedup store must pass.
+//! - [`broker`]: what the local RabbitMQ node reports (queue counts, open
+//!   connections), read with `rabbitmqctl`.
 //! - [`cluster`]: starts the RabbitMQ and Redis test clusters of `.ci/cluster` on first use.
 //!
 //! ```no_run
@@ -32,6 +34,7 @@
 // A test kit fails by panicking: its callers are tests.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod broker;
 pub mod cluster;
 pub mod conformance;
 pub mod fault_proxy;

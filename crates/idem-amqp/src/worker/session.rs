@@ -1,0 +1,247 @@
+//! One connection's session: open the channels, consume until shutdown, loss or a
+//! breaker pause, then close. A session dropped before it closed (its worker's
+//! future was dropped) closes its connection from `Drop`.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures_util::future::Fuse;
+use futures_util::StreamExt;
+use idem_core::DeliveryMode;
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, Event};
+use tokio::sync::Semaphore;
+use tokio::task::{JoinHandle, JoinSet};
+
+use super::settle::{handle, report, Record};
+use super::{breaker_opens, drain, End, Shared};
+use crate::acks::AckCoalescer;
+use crate::error::Error;
+
+pub(super) struct Session {
+    /// `None` once closed (or handed to the closing task by `Drop`).
+    conn: Option<Connection>,
+    // Shared by the delivery tasks: one Arc clone per delivery instead of a Channel clone.
+    publish: Arc<Channel>,
+    consume: Channel,
+    stream: lapin::Consumer,
+    events: JoinHandle<()>,
+    /// This channel's ack coalescer (tags restart with each channel); `None` when acks
+    /// are sent one per delivery.
+    acks: Option<AckCoalescer<Record>>,
+}
+
+impl Drop for Session {
+    /// A session ends through [`Session::consume`], which closes it. Reaching `Drop`
+    /// with the connection still held means the worker's future was dropped mid-way:
+    /// close the connection now, so the broker hands every unacked delivery back at
+    /// once instead of when the process exits. Handler tasks were aborted by the
+    /// worker's task set; the coalescer's flusher by its own `Drop`.
+    fn drop(&mut self) {
+        self.events.abort();
+        let Some(conn) = self.conn.take() else { return };
+        if !conn.status().connected() {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    if let Err(e) = conn.close(200, "worker dropped".into()).await {
+                        tracing::debug!(error = %e, "closing a dropped worker's connection");
+                    }
+                });
+            }
+            // No runtime (dropped after it shut down): the socket goes with the
+            // process; lapin also closes a connection when its last handle is dropped.
+            Err(_) => drop(conn),
+        }
+    }
+}
+
+impl Session {
+    pub(super) async fn open(shared: &Arc<Shared>) -> Result<Session, Error> {
+        let (conn, url) = shared
+            .endpoints
+            .connect_indexed(&shared.connection_name, &shared.tls)
+            .await?;
+        match Self::channels(shared, &conn).await {
+            Ok((publish, consume, stream)) => {
+                let events = tokio::spawn(log_events(conn.events_listener(), url));
+                tracing::info!(queue = %shared.topology.queue(), prefetch = shared.prefetch, "consuming");
+                let acks = shared.acks.flush.map(|(batch, interval)| {
+                    let hooked = shared.clone();
+                    AckCoalescer::spawn(consume.clone(), batch, interval, move |done| {
+                        report(&hooked, done)
+                    })
+                });
+                Ok(Session {
+                    conn: Some(conn),
+                    publish: Arc::new(publish),
+                    consume,
+                    stream,
+                    events,
+                    acks,
+                })
+            }
+            Err(e) => {
+                let _ = conn.close(200, "setup failed".into()).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn channels(
+        shared: &Shared,
+        conn: &Connection,
+    ) -> Result<(Channel, Channel, lapin::Consumer), Error> {
+        let publish = conn
+            .create_channel()
+            .await
+            .map_err(Error::amqp("channel.open"))?;
+        publish
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(Error::amqp("confirm.select"))?;
+        if shared.topology.get_declare() {
+            shared.topology.declare_on(&publish).await?;
+        }
+        let consume = conn
+            .create_channel()
+            .await
+            .map_err(Error::amqp("channel.open"))?;
+        consume
+            .basic_qos(shared.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(Error::amqp("basic.qos"))?;
+        let stream = consume
+            .basic_consume(
+                shared.queue.clone(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(Error::amqp("basic.consume"))?;
+        Ok((publish, consume, stream))
+    }
+
+    pub(super) async fn consume<F: Future<Output = ()>>(
+        mut self,
+        shared: &Arc<Shared>,
+        permits: &Arc<Semaphore>,
+        tasks: &mut JoinSet<()>,
+        mut shutdown: Pin<&mut Fuse<F>>,
+    ) -> End {
+        let end = loop {
+            let permit = tokio::select! {
+                biased;
+                _ = &mut shutdown => break End::Shutdown,
+                _ = breaker_opens(shared) => break End::Paused,
+                p = permits.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break End::Shutdown,
+                },
+            };
+            let next = tokio::select! {
+                biased;
+                _ = &mut shutdown => break End::Shutdown,
+                _ = breaker_opens(shared) => break End::Paused,
+                d = self.stream.next() => d,
+            };
+            match next {
+                Some(Ok(delivery)) => {
+                    // At-most-once acks each delivery before its handler: not coalesced.
+                    let settler = match &self.acks {
+                        Some(acks)
+                            if shared.consumer.mode() != DeliveryMode::AtMostOnce
+                                && acks.register(delivery.delivery_tag) =>
+                        {
+                            Some(acks.settler())
+                        }
+                        _ => None,
+                    };
+                    tasks.spawn(handle(
+                        shared.clone(),
+                        self.publish.clone(),
+                        delivery,
+                        settler,
+                        permit,
+                    ));
+                    // Forget the tasks that ended (their results are `()`).
+                    while let Some(done) = tasks.try_join_next() {
+                        if let Err(e) = done {
+                            if e.is_panic() {
+                                tracing::error!(error = %e, "a delivery task panicked; the broker redelivers its message");
+                            }
+                        }
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, queue = %shared.topology.queue(), "consumer error");
+                    break End::Lost;
+                }
+                None => {
+                    tracing::warn!(queue = %shared.topology.queue(), "consumer ended (cancelled by the broker or channel closed)");
+                    break End::Lost;
+                }
+            }
+        };
+        if let End::Shutdown = end {
+            tracing::info!(queue = %shared.topology.queue(), "shutting down: cancelling the consumer and finishing in-flight handlers");
+            let tag = self.stream.tag();
+            if let Err(e) = self
+                .consume
+                .basic_cancel(tag, BasicCancelOptions::default())
+                .await
+            {
+                tracing::warn!(error = %e, "basic.cancel failed");
+            }
+            drain(permits, shared).await;
+        }
+        if let End::Paused = end {
+            // Handlers in flight settle on this channel (a store failure is nacked
+            // back, uncharged); closing then returns the prefetched deliveries.
+            drain(permits, shared).await;
+        }
+        if let Some(acks) = self.acks.take() {
+            match end {
+                // The settled deliveries' acks go out before the channel closes.
+                End::Shutdown | End::Paused => acks.close(shared.shutdown_timeout).await,
+                // Nothing can be sent on a lost channel: the broker redelivers.
+                End::Lost => acks.abandon(),
+            }
+        }
+        self.close().await;
+        end
+    }
+
+    async fn close(mut self) {
+        self.events.abort();
+        let Some(conn) = self.conn.take() else { return };
+        if conn.status().connected() {
+            let _ = self.consume.close(200, "bye".into()).await;
+            let _ = self.publish.close(200, "bye".into()).await;
+            let _ = conn.close(200, "bye".into()).await;
+        }
+    }
+}
+
+async fn log_events(events: impl futures_util::Stream<Item = Event>, url: String) {
+    let mut events = std::pin::pin!(events);
+    while let Some(event) = events.next().await {
+        match event {
+            Event::Error(e) => tracing::warn!(url = %url, error = %e, "RabbitMQ connection error"),
+            Event::ConnectionBlocked(reason) => {
+                tracing::warn!(url = %url, %reason, "RabbitMQ blocked the connection (resource alarm); publishes wait")
+            }
+            Event::ConnectionUnblocked => {
+                tracing::info!(url = %url, "RabbitMQ unblocked the connection")
+            }
+            _ => {}
+        }
+    }
+}
