@@ -43,6 +43,28 @@
 //!   Prefetched deliveries that never reached a handler go back to the queue when the
 //!   channel closes.
 //!
+//! # Dropping a worker
+//!
+//! A worker stops gracefully only when its shutdown future completes (or
+//! [`WorkerHandle::shutdown`] is called). Dropping its `run` future instead (the task
+//! running it is aborted, a `tokio::select!` takes another branch, the
+//! [`WorkerHandle`] goes out of scope, a test times out) is a **hard stop**, and it
+//! strands nothing:
+//!
+//! - every handler task the worker spawned is aborted with it, at its next `.await`:
+//!   no ack, nack or copy is sent for it afterwards; an open inbox transaction is
+//!   rolled back, and a lease-store claim is released in the background (so the
+//!   redelivery runs at once instead of waiting out the lease);
+//! - the ack flusher stops without sending the pending coalesced ack;
+//! - the connection is closed right away (from a task spawned by the drop), which
+//!   hands every unacked delivery back to the queue for other consumers. Deliveries
+//!   whose effect was already recorded come back as duplicates and are acked without
+//!   running.
+//!
+//! A handler cut off mid-way may have done part of its work: the same case as a
+//! crash, with the same answers (the inbox rolls back; a lease store runs the message
+//! again). Use the graceful stop when in-flight handlers should finish.
+//!
 //! # Acks
 //!
 //! Acks are **coalesced** by default ([`WorkerBuilder::coalesce_acks`]): each consuming
