@@ -64,9 +64,21 @@ pub fn encode(headers: &Headers) -> Result<FieldTable, Error> {
 }
 
 /// A copy of `table` (or an empty table) with `extra` added; a header of the same
-/// name is replaced.
+/// name is replaced, and the failure record of `table` is dropped (`extra` brings
+/// the new one).
 pub fn merge(table: Option<&FieldTable>, extra: &Headers) -> Result<FieldTable, Error> {
-    let mut out = table.cloned().unwrap_or_default();
+    // A copy's failure record replaces the original's whole (see
+    // `idem_core::outcome::copy_onto`): no field of an earlier failure survives.
+    let record = idem_core::outcome::headers::FAILURE_RECORD;
+    let mut out = match table {
+        Some(t) if record.iter().any(|name| t.contains_key(name)) => {
+            let mut kept = t.inner().clone();
+            kept.retain(|name, _| !record.contains(&name.as_str()));
+            FieldTable::from(kept)
+        }
+        Some(t) => t.clone(),
+        None => FieldTable::default(),
+    };
     for (k, v) in extra {
         out.insert(name(k)?, value(v));
     }

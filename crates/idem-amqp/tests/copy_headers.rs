@@ -3,7 +3,8 @@
 //! in-memory broker and the RabbitMQ worker only merge them onto the original's
 //! headers. Runs one always-failing message through each (same queue name, same
 //! consumer name, same key) and compares the `x-idem-*` headers of the retry copy (as
-//! the handler sees it on attempt 2) and of the dead-lettered copy.
+//! the handler sees it on attempt 2) and of the dead-lettered copy. A field the later
+//! failure does not have (its error type) is not carried over from the earlier one.
 //!
 //! Needs RabbitMQ (`AMQP_URL`, default `amqp://guest:guest@127.0.0.1:5672/%2f`); see
 //! the README section "Set-up: two commands".
@@ -19,7 +20,7 @@ use idem_amqp::{DelayTiers, Publisher, Topology, Worker};
 use idem_core::backoff::Jitter;
 use idem_core::memory::MemoryBroker;
 use idem_core::outcome::headers as h;
-use idem_core::{Backoff, Consumer, HeaderValue, Headers, MemoryStore, Message};
+use idem_core::{Backoff, Consumer, HandlerError, HeaderValue, Headers, MemoryStore, Message};
 use lapin::options::BasicGetOptions;
 
 const CONSUMER: &str = "copy-headers";
@@ -45,11 +46,19 @@ fn names(headers: &Headers) -> Vec<&str> {
 }
 
 /// A consumer whose handler always fails (transient), recording the headers of each
-/// delivery it sees. Two attempts: one retry copy, then the dead-letter copy.
+/// delivery it sees. Two attempts: one retry copy, then the dead-letter copy. The
+/// first failure is a typed error (`std::io::Error`), the second plain text, which
+/// has no type to report.
 fn failing_consumer(seen: Arc<Mutex<Vec<Headers>>>) -> Consumer {
     let service = tower::service_fn(move |msg: Message| {
-        seen.lock().unwrap().push(msg.headers.clone());
-        async { Err::<(), _>(std::io::Error::other("always fails")) }
+        let mut seen = seen.lock().unwrap();
+        seen.push(msg.headers.clone());
+        let err = if seen.len() == 1 {
+            HandlerError::transient(std::io::Error::other("always fails"))
+        } else {
+            HandlerError::transient("always fails, in plain text")
+        };
+        async { Err::<(), _>(err) }
     });
     Consumer::builder(CONSUMER)
         .store(MemoryStore::new())
@@ -184,5 +193,25 @@ async fn memory_broker_and_rabbitmq_write_the_same_copy_headers() {
     );
     for dead in [&mem_dead, &amqp_dead] {
         assert_eq!(dead["x-app"], HeaderValue::from("kept"));
+    }
+
+    // The retry copy names the first failure's error type; the second failure has
+    // none, so the dead-letter copy must not keep the first one's.
+    for retry in [mem_retry, amqp_retry] {
+        assert_eq!(
+            retry.get(h::ERROR_TYPE),
+            Some(&HeaderValue::from("std::io::error::Error"))
+        );
+    }
+    for dead in [&mem_dead, &amqp_dead] {
+        assert_eq!(
+            dead.get(h::ERROR_TYPE),
+            None,
+            "a stale error type from attempt 1 on the dead-letter copy"
+        );
+        assert_eq!(
+            dead.get(h::ERROR),
+            Some(&HeaderValue::from("always fails, in plain text"))
+        );
     }
 }

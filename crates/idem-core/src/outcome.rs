@@ -81,6 +81,33 @@ pub mod headers {
     /// ([`ConsumerBuilder::backtrace_header`](crate::ConsumerBuilder::backtrace_header)).
     /// Written only.
     pub const BACKTRACE: &str = "x-idem-backtrace";
+
+    /// Every header of the failure record. A retry or dead-letter copy describes the
+    /// latest failure only: [`super::copy_onto`] (and the RabbitMQ worker, the same
+    /// way) removes these names from the original's headers before adding the copy's,
+    /// so a field the latest failure lacks (an error type, a backtrace) is never
+    /// carried over from an earlier one. The history that must survive (attempts,
+    /// first failure time) is written anew on every copy.
+    pub const FAILURE_RECORD: [&str; 10] = [
+        ATTEMPTS,
+        ERROR,
+        ERROR_KIND,
+        FIRST_FAILED_AT,
+        LAST_FAILED_AT,
+        ERROR_TYPE,
+        HOST,
+        PID,
+        IMMEDIATE_RETRIES,
+        BACKTRACE,
+    ];
+}
+
+/// The headers of a retry or dead-letter copy: the original's `headers`, without its
+/// [failure record](headers::FAILURE_RECORD), then `copy` (the headers the
+/// [`Disposition`] carries) on top.
+pub fn copy_onto(headers: &mut Headers, copy: &Headers) {
+    headers.retain(|name, _| !headers::FAILURE_RECORD.contains(&name.as_str()));
+    headers.extend(copy.iter().map(|(k, v)| (k.clone(), v.clone())));
 }
 
 /// The host name written in [`headers::HOST`]: the system host name, looked up once

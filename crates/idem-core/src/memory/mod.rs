@@ -318,7 +318,7 @@ impl Delivery {
                 Disposition::Ack { .. } | Disposition::Discard { .. } => {}
                 Disposition::Retry { delay, headers, .. } => {
                     let mut copy = original.clone();
-                    copy.headers.extend(headers.clone());
+                    crate::outcome::copy_onto(&mut copy.headers, headers);
                     copy.delivery.redelivered = false;
                     self.broker.schedule(&self.queue, copy, *delay);
                 }
@@ -327,7 +327,7 @@ impl Delivery {
                 }
                 Disposition::DeadLetter { headers, .. } => {
                     let mut copy = original.clone();
-                    copy.headers.extend(headers.clone());
+                    crate::outcome::copy_onto(&mut copy.headers, headers);
                     self.broker.push(&dlq, copy);
                 }
             }
