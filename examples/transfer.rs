@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use idem::amqp::{Topology, Worker};
 use idem::outbox::{follow_up_id_at, Outbox, OutboxMessage, Relay};
-use idem::sql::{PgInbox, Tx};
+use idem::sql::{PgInbox, Tx, TxConn};
 use idem::{Consumer, HandlerError, IdempotencyKey, Json, State};
 use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
@@ -68,7 +68,8 @@ async fn apply_deposit(
     State(outbox): State<Outbox>,
     Json(d): Json<Deposit>,
 ) -> Result<(), HandlerError> {
-    apply(&key, &tx, &d).await?;
+    let mut conn = tx.conn().await?;
+    apply(&key, &mut conn, &d).await?;
     // In the same transaction: announced if and only if applied. The id is derived
     // from the deposit's key, so a re-run after a crash cannot announce it twice
     // under two ids.
@@ -78,18 +79,20 @@ async fn apply_deposit(
         cents: d.cents,
     };
     let announcement = OutboxMessage::json("", ANNOUNCEMENTS, &applied)?;
-    outbox.enqueue_follow_up(&tx, announcement).await?;
+    outbox.enqueue_follow_up(&mut conn, announcement).await?;
     Ok(())
 }
 
-/// The credit and its ledger row (the lock on the transaction ends with this call, so
-/// the outbox can take it next).
-async fn apply(key: &IdempotencyKey, tx: &Tx<Postgres>, d: &Deposit) -> Result<(), HandlerError> {
-    let mut conn = tx.conn().await?;
+/// The credit and its ledger row, on the handler's locked transaction.
+async fn apply(
+    key: &IdempotencyKey,
+    conn: &mut TxConn<'_, Postgres>,
+    d: &Deposit,
+) -> Result<(), HandlerError> {
     sqlx::query("UPDATE transfer_accounts SET cents = cents + $1 WHERE id = $2")
         .bind(d.cents)
         .bind(d.to)
-        .execute(&mut *conn)
+        .execute(&mut **conn)
         .await?;
     sqlx::query(
         "INSERT INTO transfer_applied (transfer_id, to_account, cents) VALUES ($1, $2, $3)",
@@ -97,7 +100,7 @@ async fn apply(key: &IdempotencyKey, tx: &Tx<Postgres>, d: &Deposit) -> Result<(
     .bind(key.as_str())
     .bind(d.to)
     .bind(d.cents)
-    .execute(&mut *conn)
+    .execute(&mut **conn)
     .await?;
     Ok(())
 }

@@ -125,22 +125,24 @@ async fn inbox_handler(
 ) -> Result<(), HandlerError> {
     ctx.invoked(&key).await?;
     check_payload(&body, &key)?;
-    let applied = {
-        let mut conn = tx.conn().await?;
-        sqlx::query(&ctx.q.effect)
-            .bind(key.as_str())
-            .bind(&*ctx.worker)
-            .execute(&mut *conn)
-            .await
-            .transient()?
-            .rows_affected()
-    };
+    let mut conn = tx.conn().await?;
+    let applied = sqlx::query(&ctx.q.effect)
+        .bind(key.as_str())
+        .bind(&*ctx.worker)
+        .execute(&mut *conn)
+        .await
+        .transient()?
+        .rows_affected();
     if applied == 0 {
+        drop(conn);
         ctx.duplicate(&key).await?;
     } else if let Some(outbox) = &ctx.follow_ups {
         // Nowhere routed: the verifier reads the outbox table, no relay runs.
         let follow_up = OutboxMessage::new("", "chaos-follow-ups", key.as_str().as_bytes());
-        outbox.enqueue_follow_up(&tx, follow_up).await.transient()?;
+        outbox
+            .enqueue_follow_up(&mut conn, follow_up)
+            .await
+            .transient()?;
     }
     Ok(()) // the inbox commits the effect, its follow-up and its dedup row together
 }

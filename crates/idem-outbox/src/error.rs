@@ -7,11 +7,6 @@ pub enum OutboxError {
     /// The message cannot be stored (e.g. an empty routing target).
     #[error("invalid outbox message: {0}")]
     InvalidMessage(String),
-    /// A follow-up was enqueued through a handler's inbox transaction after the
-    /// inbox had already committed or rolled it back (e.g. from a task the handler
-    /// spawned and did not wait for).
-    #[error("the inbox transaction of this message is already finished: enqueue follow-ups before the handler returns")]
-    TransactionFinished,
     /// The database failed.
     #[error("outbox database error: {0}")]
     Database(#[from] sqlx::Error),

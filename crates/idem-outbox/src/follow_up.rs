@@ -2,13 +2,13 @@
 //! messages in the transaction that holds its effect and its dedup row.
 //!
 //! [`Outbox::enqueue_follow_up`] writes the message into the outbox through the
-//! handler's [`Tx`], so the effect, the inbox row and the follow-ups commit together
+//! handler's [`Tx`](idem_sql::Tx) (on its locked connection, [`TxConn`]), so the effect, the inbox row and the follow-ups commit together
 //! or not at all: a rollback (an error, a crash before commit) publishes nothing.
 //!
 //! **Deterministic ids.** A follow-up's idempotency key (its AMQP `message_id`) is not
 //! random: it is a UUIDv5 of the consumer name, the incoming message's key and the
 //! follow-up's name, where the name is its position in the handler run (0, 1, ...,
-//! see [`Tx::next_follow_up`]) or one the handler chooses
+//! see [`Tx::next_follow_up`](idem_sql::Tx::next_follow_up)) or one the handler chooses
 //! ([`Outbox::enqueue_follow_up_named`]). A re-run of the handler after a crash before
 //! commit therefore enqueues the *same* ids again instead of new ones, and the
 //! outbox table's unique `message_id` refuses a second row with an id that already
@@ -24,7 +24,7 @@
 //! violation instead of publishing a message the consumers downstream would take for
 //! a duplicate.
 
-use idem_sql::Tx;
+use idem_sql::TxConn;
 use sqlx::Postgres;
 use uuid::Uuid;
 
@@ -93,24 +93,30 @@ impl Outbox {
     /// use sqlx::Postgres;
     ///
     /// async fn deposit(tx: Tx<Postgres>, State(outbox): State<Outbox>) -> Result<(), HandlerError> {
-    ///     {
-    ///         let mut conn = tx.conn().await?;
-    ///         sqlx::query("UPDATE accounts SET cents = cents + 500 WHERE id = 2")
-    ///             .execute(&mut *conn)
-    ///             .await?;
-    ///     } // release the lock on the transaction before enqueueing
+    ///     let mut conn = tx.conn().await?;
+    ///     sqlx::query("UPDATE accounts SET cents = cents + 500 WHERE id = 2")
+    ///         .execute(&mut *conn)
+    ///         .await?;
     ///     let announce = OutboxMessage::new("", "deposits.applied", br#"{"to":2}"#.to_vec());
-    ///     outbox.enqueue_follow_up(&tx, announce).await?;
+    ///     outbox.enqueue_follow_up(&mut conn, announce).await?;
     ///     Ok(())
     /// }
     /// ```
+    ///
+    /// It takes the locked transaction ([`Tx::conn`](idem_sql::Tx::conn)), the same
+    /// guard the handler runs its own statements on, so a handler never waits on a
+    /// lock it holds itself.
     pub async fn enqueue_follow_up(
         &self,
-        tx: &Tx<Postgres>,
+        conn: &mut TxConn<'_, Postgres>,
         msg: OutboxMessage,
     ) -> Result<Uuid, OutboxError> {
-        let id = derive(tx.consumer(), tx.key(), Name::Position(tx.next_follow_up()));
-        self.enqueue_in(tx, msg.with_id(id)).await
+        let id = derive(
+            conn.consumer(),
+            conn.key(),
+            Name::Position(conn.next_follow_up()),
+        );
+        self.enqueue(conn, msg.with_id(id)).await
     }
 
     /// Like [`enqueue_follow_up`](Self::enqueue_follow_up), with the id derived from
@@ -120,20 +126,12 @@ impl Outbox {
     /// error; the transaction is then aborted and the message is retried).
     pub async fn enqueue_follow_up_named(
         &self,
-        tx: &Tx<Postgres>,
+        conn: &mut TxConn<'_, Postgres>,
         name: &str,
         msg: OutboxMessage,
     ) -> Result<Uuid, OutboxError> {
-        let id = derive(tx.consumer(), tx.key(), Name::Given(name));
-        self.enqueue_in(tx, msg.with_id(id)).await
-    }
-
-    async fn enqueue_in(&self, tx: &Tx<Postgres>, msg: OutboxMessage) -> Result<Uuid, OutboxError> {
-        let mut conn = tx
-            .conn()
-            .await
-            .map_err(|_| OutboxError::TransactionFinished)?;
-        self.enqueue(&mut conn, msg).await
+        let id = derive(conn.consumer(), conn.key(), Name::Given(name));
+        self.enqueue(conn, msg.with_id(id)).await
     }
 }
 

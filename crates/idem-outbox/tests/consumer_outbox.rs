@@ -140,27 +140,28 @@ struct Ctx {
     ids: Arc<Mutex<Vec<Vec<uuid::Uuid>>>>,
 }
 
-/// Applies the effect, then announces it twice (a positional and a named follow-up).
+/// Applies the effect, then announces it twice (a positional and a named follow-up),
+/// all on the one locked connection it holds from start to end (enqueueing takes that
+/// guard: a handler cannot wait on its own lock).
 async fn deposit(
     key: IdempotencyKey,
     tx: Tx<Postgres>,
     State(ctx): State<Ctx>,
 ) -> Result<(), HandlerError> {
-    {
-        let mut conn = tx.conn().await?;
-        sqlx::query(&format!("INSERT INTO {} (k) VALUES ($1)", ctx.effects))
-            .bind(key.as_str())
-            .execute(&mut *conn)
-            .await?;
-    }
+    let mut conn = tx.conn().await?;
+    sqlx::query(&format!("INSERT INTO {} (k) VALUES ($1)", ctx.effects))
+        .bind(key.as_str())
+        .execute(&mut *conn)
+        .await?;
     let applied = OutboxMessage::new("", ctx.queue.clone(), b"applied".to_vec());
     let audit = OutboxMessage::new("", ctx.queue.clone(), b"audit".to_vec());
     let ids = vec![
-        ctx.outbox.enqueue_follow_up(&tx, applied).await?,
+        ctx.outbox.enqueue_follow_up(&mut conn, applied).await?,
         ctx.outbox
-            .enqueue_follow_up_named(&tx, "audit", audit)
+            .enqueue_follow_up_named(&mut conn, "audit", audit)
             .await?,
     ];
+    drop(conn);
     ctx.ids.lock().unwrap().push(ids);
     let mut fail = ctx.fail_runs.lock().unwrap();
     if *fail > 0 {
@@ -295,14 +296,10 @@ async fn a_follow_up_enqueued_after_the_handler_returned_is_refused() {
         .await;
     assert_eq!(out, Disposition::Ack { duplicate: false });
     let tx = kept.lock().unwrap().take().unwrap();
-    let late = f
-        .outbox
-        .enqueue_follow_up(&tx, OutboxMessage::new("", f.queue.clone(), b"x".to_vec()))
-        .await;
-    assert!(
-        matches!(late, Err(idem_outbox::OutboxError::TransactionFinished)),
-        "{late:?}"
-    );
+    // A follow-up needs the locked transaction, which is gone once the inbox
+    // committed: nothing can be enqueued late.
+    let late = tx.conn().await;
+    assert!(matches!(late, Err(idem_sql::TxClosed)), "{late:?}");
     assert_eq!(f.rows().await, 0);
     f.cleanup(&[format!("{inbox_table}_starts"), inbox_table])
         .await;

@@ -69,10 +69,16 @@ pub struct NoInbox;
 
 impl<DB: Backend> Tx<DB> {
     /// Locks the transaction for a few statements. Keep the guard only while you use
-    /// it if you run work concurrently inside the handler.
+    /// it if you run work concurrently inside the handler, and do not lock again while
+    /// you hold it: a second `conn()` in the same handler waits for the first guard to
+    /// be dropped. What needs the transaction while you hold a guard takes the guard
+    /// itself (the consumer outbox's `enqueue_follow_up(&mut conn, ..)` does).
     pub async fn conn(&self) -> Result<TxConn<'_, DB>, TxClosed> {
         MutexGuard::try_map(self.slot.lock().await, Option::as_mut)
-            .map(|guard| TxConn { guard })
+            .map(|guard| TxConn {
+                guard,
+                scope: &self.scope,
+            })
             .map_err(|_| TxClosed)
     }
 
@@ -97,9 +103,28 @@ impl<DB: Backend> Tx<DB> {
 }
 
 /// A locked [`Tx`]: dereferences to the database connection (`&mut *conn` is an
-/// executor).
+/// executor), and knows the message it was opened for, like the `Tx`.
 pub struct TxConn<'a, DB: Backend> {
     guard: MappedMutexGuard<'a, Transaction<'static, DB>>,
+    scope: &'a Scope,
+}
+
+impl<DB: Backend> TxConn<'_, DB> {
+    /// The name of the consumer handling the message ([`Tx::consumer`]).
+    pub fn consumer(&self) -> &str {
+        &self.scope.consumer
+    }
+
+    /// The message's idempotency key ([`Tx::key`]).
+    pub fn key(&self) -> &str {
+        &self.scope.key
+    }
+
+    /// The position of the next follow-up message ([`Tx::next_follow_up`]; the same
+    /// counter).
+    pub fn next_follow_up(&self) -> u32 {
+        self.scope.follow_ups.fetch_add(1, Ordering::Relaxed)
+    }
 }
 
 impl<DB: Backend> fmt::Debug for TxConn<'_, DB> {
