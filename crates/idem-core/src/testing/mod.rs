@@ -71,9 +71,11 @@
 //!   or every crash costs a full lease (30 s by default) of test time;
 //! - a crash after the handler's effect on a lease store re-runs the handler once the
 //!   lease expires: the effect and the dedup record are not atomic there. That is
-//!   the window SEMANTICS documents for lease stores, and the harness reports such
-//!   re-runs under [`Report::windows`], never hides them
-//!   ([`Report::assert_strict`] fails on them).
+//!   the window lease stores leave open, and the harness reports such re-runs under
+//!   [`Report::windows`], never hides them: [`Report::assert_ok`] fails on them,
+//!   since your effect did happen twice (the fix is an idempotent effect, or the
+//!   SQL inbox); [`Report::assert_ok_allowing_lease_window`] is the opt-in for
+//!   handlers whose repeats are harmless.
 //!
 //! It cannot simulate:
 //! - the loss of process memory: the crash kills one delivery, not the process. A

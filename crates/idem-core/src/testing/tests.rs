@@ -43,7 +43,7 @@ async fn memory_store_default_profile_reports_only_lease_windows() {
         .run(probe(&fx))
         .await
         .unwrap();
-    report.assert_ok();
+    report.assert_ok_allowing_lease_window();
     let t = report.totals();
     assert!(t.crashes.iter().all(|&c| c > 0), "{report}");
     assert!(t.transient_failures > 0 && t.extra_copies > 0, "{report}");
@@ -60,8 +60,9 @@ async fn memory_store_default_profile_reports_only_lease_windows() {
         );
     }
     assert!(report.to_string().contains("lease-store window"));
-    let strict = std::panic::catch_unwind(|| report.assert_strict());
-    assert!(strict.is_err(), "assert_strict accepts window re-runs");
+    assert!(!report.is_ok());
+    let strict = std::panic::catch_unwind(|| report.assert_ok());
+    assert!(strict.is_err(), "assert_ok accepts window re-runs");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -75,7 +76,7 @@ async fn crashes_before_handler_and_after_commit_never_repeat_an_effect() {
             .run(probe(&fx))
             .await
             .unwrap();
-        report.assert_strict();
+        report.assert_ok();
         assert_eq!(report.totals().crashes[point as usize], 30, "{report}");
         assert!(fx.lock().unwrap().values().all(|&n| n == 1));
     }
@@ -137,7 +138,7 @@ async fn at_least_once_without_store_accepts_repeats_but_not_losses() {
     .run(probe(&fx))
     .await
     .unwrap();
-    report.assert_strict();
+    report.assert_ok();
     assert_eq!(report.violations().len(), 0);
     // Without dedup the copies repeat the effect, which at-least-once allows.
     assert!(fx.lock().unwrap().values().any(|&n| n > 1), "{report}");
