@@ -8,8 +8,9 @@
 //! things go wrong, and idem treats them differently:
 //! - the database is down for maintenance during the first seconds (simulated: the
 //!   store refuses writes while a flag is down). That is a *technical* error: retrying
-//!   later can succeed, so the message is NACKed into a delay queue and redelivered
-//!   with backoff; once the database is back, every update lands.
+//!   later can succeed, so idem publishes a retry copy into a delay queue (confirmed by
+//!   the broker), acks the original, and the copy comes back with backoff; once the
+//!   database is back, every update lands.
 //! - some messages are malformed (not JSON, a missing field, a negative quantity). That
 //!   is a *content* error: retrying never helps, so the message is "poison acked":
 //!   moved to the dead-letter queue at once, where it does not block the queue and is not

@@ -6,7 +6,7 @@
 #[non_exhaustive]
 pub enum Error {
     /// The broker could not be reached or refused the connection.
-    #[error("cannot connect to RabbitMQ at {url}: {detail} (is the broker running? The idem README, section \"Running the tests\", shows a local set-up)")]
+    #[error("cannot connect to RabbitMQ at {url}: {detail} (is the broker running, and do the host, port and scheme of the URL point at it?)")]
     Connect {
         /// The URL, password redacted.
         url: String,

@@ -42,8 +42,8 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     scenario: Scenario,
-    /// Where to write the SVG chart (default: target/idem-bench/<scenario>.svg, or
-    /// under $CARGO_TARGET_DIR).
+    /// Where to write the SVG chart (default: target/idem-bench/SCENARIO.svg, where
+    /// SCENARIO is the subcommand's name, or under $CARGO_TARGET_DIR).
     #[arg(long, global = true)]
     chart: Option<std::path::PathBuf>,
 }
