@@ -177,8 +177,8 @@ impl StoreError {
 /// `absent -> processing(owner, lease) -> done(retention)`, `processing -> absent` on
 /// release. Every implementation must make each method a single atomic step.
 ///
-/// The behavioural test suite `conformance` of the workspace's test kit
-/// (`crates/idem-testkit`) runs against every implementation; run it against yours.
+/// The behavioural test suite `idem_core::conformance` (feature `conformance`) runs
+/// against every implementation of idem; run it against yours.
 #[async_trait]
 pub trait DedupStore: Send + Sync + 'static {
     /// Takes the claim if the key is absent or its lease has expired; records the
