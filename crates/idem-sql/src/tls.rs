@@ -44,25 +44,20 @@ pub fn pg_connect_options(
             .ssl_client_cert_from_pem(cert)
             .ssl_client_key_from_pem(key);
     }
-    let target = redact_url(url);
-    let mode = match options.get_ssl_mode() {
-        PgSslMode::Disable => PgSslMode::Disable,
-        _ if tls.accepts_invalid_certs() => {
-            warn_insecure("PostgreSQL", &target);
-            PgSslMode::Require
-        }
-        PgSslMode::Require | PgSslMode::VerifyFull => PgSslMode::VerifyFull,
-        PgSslMode::VerifyCa => {
-            warn_no_host_check("PostgreSQL", &target);
-            PgSslMode::VerifyCa
-        }
-        mode @ (PgSslMode::Allow | PgSslMode::Prefer) => {
-            if tls.is_default() {
-                mode
-            } else {
-                PgSslMode::VerifyFull
-            }
-        }
+    let level = match options.get_ssl_mode() {
+        PgSslMode::Disable => Level::Off,
+        PgSslMode::Allow | PgSslMode::Prefer => Level::Opportunistic,
+        PgSslMode::Require => Level::Required,
+        PgSslMode::VerifyCa => Level::VerifyCa,
+        PgSslMode::VerifyFull => Level::VerifyFull,
+    };
+    let mode = match level.apply(tls, "PostgreSQL", url) {
+        // `allow` and `prefer` stay what the URL said.
+        Level::Opportunistic => options.get_ssl_mode(),
+        Level::Off => PgSslMode::Disable,
+        Level::Required => PgSslMode::Require,
+        Level::VerifyCa => PgSslMode::VerifyCa,
+        Level::VerifyFull => PgSslMode::VerifyFull,
     };
     Ok(options.ssl_mode(mode))
 }
@@ -86,27 +81,57 @@ pub fn mysql_connect_options(
             .ssl_client_cert_from_pem(cert)
             .ssl_client_key_from_pem(key);
     }
-    let target = redact_url(url);
-    let mode = match options.get_ssl_mode() {
-        MySqlSslMode::Disabled => MySqlSslMode::Disabled,
-        _ if tls.accepts_invalid_certs() => {
-            warn_insecure("MySQL", &target);
-            MySqlSslMode::Required
-        }
-        MySqlSslMode::Required | MySqlSslMode::VerifyIdentity => MySqlSslMode::VerifyIdentity,
-        MySqlSslMode::VerifyCa => {
-            warn_no_host_check("MySQL", &target);
-            MySqlSslMode::VerifyCa
-        }
-        MySqlSslMode::Preferred => {
-            if tls.is_default() {
-                MySqlSslMode::Preferred
-            } else {
-                MySqlSslMode::VerifyIdentity
-            }
-        }
+    let level = match options.get_ssl_mode() {
+        MySqlSslMode::Disabled => Level::Off,
+        MySqlSslMode::Preferred => Level::Opportunistic,
+        MySqlSslMode::Required => Level::Required,
+        MySqlSslMode::VerifyCa => Level::VerifyCa,
+        MySqlSslMode::VerifyIdentity => Level::VerifyFull,
+    };
+    let mode = match level.apply(tls, "MySQL", url) {
+        Level::Off => MySqlSslMode::Disabled,
+        Level::Opportunistic => MySqlSslMode::Preferred,
+        Level::Required => MySqlSslMode::Required,
+        Level::VerifyCa => MySqlSslMode::VerifyCa,
+        Level::VerifyFull => MySqlSslMode::VerifyIdentity,
     };
     Ok(options.ssl_mode(mode))
+}
+
+/// A driver's TLS mode in idem's terms, so both databases share one rule (the table in
+/// the [module docs](self)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Level {
+    /// Plain text.
+    Off,
+    /// TLS if the server offers it, unverified (libpq's `prefer`, `allow`).
+    Opportunistic,
+    /// TLS without verification (only with `danger_accept_invalid_certs`).
+    Required,
+    /// Chain verified, host name not.
+    VerifyCa,
+    /// Chain and host name verified.
+    VerifyFull,
+}
+
+impl Level {
+    /// The mode idem connects with when the URL asks for `self`.
+    fn apply(self, tls: &TlsConfig, db: &str, url: &str) -> Level {
+        match self {
+            Level::Off => Level::Off,
+            _ if tls.accepts_invalid_certs() => {
+                warn_insecure(db, &redact_url(url));
+                Level::Required
+            }
+            Level::Required | Level::VerifyFull => Level::VerifyFull,
+            Level::VerifyCa => {
+                warn_no_host_check(db, &redact_url(url));
+                Level::VerifyCa
+            }
+            Level::Opportunistic if tls.is_default() => Level::Opportunistic,
+            Level::Opportunistic => Level::VerifyFull,
+        }
+    }
 }
 
 fn warn_insecure(db: &str, target: &str) {
