@@ -82,12 +82,16 @@ use crate::classify::{Classify, ClassifyLayer};
 use crate::crash::{CrashGuard, DEFAULT_CRASH_LIMIT};
 use crate::dedup::{DedupLayer, DedupSettings, DedupStore, Processed};
 use crate::error::{capturing_backtraces, BoxError, ErrorKind, HandlerError, HandlerTimeoutError};
+
+pub(crate) mod policy;
+
 use crate::handler::{Handler, HandlerService, HandlerState, SharedService};
 use crate::message::Message;
 use crate::outcome::{
-    headers, truncate, DeadLetterHook, DeadLettered, DelayKind, Disposition, Failure, Origin,
-    Settled, MAX_BACKTRACE_LEN, MAX_ERROR_LEN, MAX_HEADER_LEN,
+    headers, truncate, DeadLetterHook, DeadLettered, Disposition, Failure, Origin, Settled,
+    MAX_BACKTRACE_LEN, MAX_ERROR_LEN, MAX_HEADER_LEN,
 };
+use policy::{Decision, History, Policy};
 
 use crate::__private::{ClassifiedService, DedupedService};
 
@@ -511,90 +515,35 @@ impl Consumer {
         let first_failed_at = crate::read::read_in::<SystemTime>(&msg, headers::FIRST_FAILED_AT);
         msg.extensions.insert(inner.crash_guard.clone());
         let started = Instant::now();
-        let immediate = inner.immediate;
-        let mut spent = 0u32;
-        let result = loop {
-            // Each try runs the whole stack: the dedup stage claims the key again
-            // (a failed try released it; the SQL inbox rolled its transaction back and
-            // begins a new one), the handler timeout starts afresh, and the circuit
-            // breaker sees every store call.
-            let this_try = if spent < immediate.limit {
-                msg.clone()
-            } else {
-                std::mem::take(&mut msg)
-            };
-            let call = inner.service.clone().oneshot(this_try);
-            let result = capturing_backtraces(inner.backtraces, call)
-                .instrument(span.clone())
-                .await;
-            match result {
-                Err(err) if spent < immediate.limit && err.is_immediately_retryable() => {
-                    spent += 1;
-                    inner
-                        .counters
-                        .immediate_retries
-                        .fetch_add(1, Ordering::Relaxed);
-                    meters.immediate_retries.increment(1);
-                    span.in_scope(|| {
-                        tracing::info!(
-                            immediate_retry = spent,
-                            of = immediate.limit,
-                            error = %err,
-                            "transient failure; retrying at once"
-                        )
-                    });
-                    if !immediate.delay.is_zero() {
-                        tokio::time::sleep(immediate.delay).await;
-                    }
-                }
-                result => break result,
-            }
-        };
+        let (result, spent) = self.run_tries(msg, &span, meters).await;
         span.record("immediate_retries", spent);
         let elapsed = started.elapsed();
         meters.latency.record(elapsed.as_secs_f64());
 
-        // An at-most-once failure is settled as an ack too, but counted as dropped.
-        let failed = result.is_err();
+        let history = History {
+            failed_before,
+            first_failed_at,
+            now: SystemTime::now(),
+        };
+        let policy = Policy {
+            mode: inner.mode,
+            backoff: &inner.backoff,
+        };
+        let decision = policy::decide(
+            result.as_ref().map(|p| *p).map_err(HandlerError::verdict),
+            &history,
+            &policy,
+        );
         let disposition = match result {
-            Ok(Processed::Handled) => Disposition::Ack { duplicate: false },
-            Ok(Processed::Duplicate) => Disposition::Ack { duplicate: true },
-            Err(err) => self.on_error(
-                err,
-                &origin,
-                failed_before,
-                first_failed_at,
-                fallback_key,
-                spent,
-            ),
+            Ok(_) => self.disposition(decision, None),
+            Err(err) => {
+                let failure = self.failure(&err, &history, fallback_key, spent);
+                self.disposition(decision, Some((failure, &origin)))
+            }
         };
         #[cfg(feature = "otel")]
         let disposition = crate::otel::mark_copy(&span, had_parent, disposition);
-        let c = &inner.counters;
-        match &disposition {
-            Disposition::Ack { duplicate: false } if failed => {}
-            Disposition::Ack { duplicate: false } => {
-                c.processed.fetch_add(1, Ordering::Relaxed);
-                meters.processed.increment(1);
-            }
-            Disposition::Ack { duplicate: true } => {
-                c.duplicates.fetch_add(1, Ordering::Relaxed);
-                meters.duplicates.increment(1);
-            }
-            Disposition::Retry { .. } => {
-                c.retries.fetch_add(1, Ordering::Relaxed);
-                meters.retries.increment(1);
-            }
-            Disposition::DeadLetter { .. } => {
-                c.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                meters.dead_lettered.increment(1);
-            }
-            Disposition::Release { .. } => {}
-            Disposition::Discard { .. } => {
-                c.discarded.fetch_add(1, Ordering::Relaxed);
-                meters.discarded.increment(1);
-            }
-        }
+        self.count(decision, meters);
         span.record("outcome", disposition.name());
         span.record("latency_ms", elapsed.as_secs_f64() * 1000.0);
         let _enter = span.enter();
@@ -613,91 +562,151 @@ impl Consumer {
         disposition
     }
 
-    fn on_error(
+    /// Runs the stack on `msg`, again at once after each failure the policy lets
+    /// pass ([`policy::retry_at_once`]); returns the last result and how many
+    /// immediate retries ran.
+    async fn run_tries(
         &self,
-        err: HandlerError,
-        origin: &Origin,
-        failed_before: u32,
-        first_failed_at: Option<SystemTime>,
+        mut msg: Message,
+        span: &tracing::Span,
+        meters: &Meters,
+    ) -> (Result<Processed, HandlerError>, u32) {
+        let inner = &self.inner;
+        let immediate = inner.immediate;
+        let mut spent = 0u32;
+        loop {
+            // Each try runs the whole stack: the dedup stage claims the key again
+            // (a failed try released it; the SQL inbox rolled its transaction back and
+            // begins a new one), the handler timeout starts afresh, and the circuit
+            // breaker sees every store call.
+            let this_try = if spent < immediate.limit {
+                msg.clone()
+            } else {
+                std::mem::take(&mut msg)
+            };
+            let call = inner.service.clone().oneshot(this_try);
+            let result = capturing_backtraces(inner.backtraces, call)
+                .instrument(span.clone())
+                .await;
+            match result {
+                Err(err) if policy::retry_at_once(err.verdict(), spent, immediate.limit) => {
+                    spent += 1;
+                    inner
+                        .counters
+                        .immediate_retries
+                        .fetch_add(1, Ordering::Relaxed);
+                    meters.immediate_retries.increment(1);
+                    span.in_scope(|| {
+                        tracing::info!(
+                            immediate_retry = spent,
+                            of = immediate.limit,
+                            error = %err,
+                            "transient failure; retrying at once"
+                        )
+                    });
+                    if !immediate.delay.is_zero() {
+                        tokio::time::sleep(immediate.delay).await;
+                    }
+                }
+                result => return (result, spent),
+            }
+        }
+    }
+
+    /// The failure record of `err`, as retry and dead-letter copies carry it. Its
+    /// attempt count is the one before this delivery; [`disposition`](Self::disposition)
+    /// sets the one the decision charged.
+    fn failure(
+        &self,
+        err: &HandlerError,
+        history: &History,
         fallback_key: Option<String>,
         immediate_retries: u32,
-    ) -> Disposition {
-        let inner = &self.inner;
-        if err.is_discard() {
-            return Disposition::Discard {
-                reason: truncate(&err.chain(), MAX_ERROR_LEN),
-            };
-        }
-        let now = SystemTime::now();
-        let kind = err.kind().unwrap_or(ErrorKind::Transient);
-        let attempts = if err.counts_attempt() {
-            failed_before.saturating_add(1)
-        } else {
-            failed_before
-        };
-        let failure = Failure {
-            kind,
+    ) -> Failure {
+        Failure {
+            kind: err.kind().unwrap_or(ErrorKind::Transient),
             error: truncate(&err.chain(), MAX_ERROR_LEN),
-            attempts,
-            // A first failure "in the future" (clock skew, forged header) counts as now.
-            first_failed_at: first_failed_at.map_or(now, |t| t.min(now)),
-            last_failed_at: now,
+            attempts: history.failed_before,
+            first_failed_at: history.first_failed_at(),
+            last_failed_at: history.now,
             key: err.key().map(str::to_owned).or(fallback_key),
             error_type: err.type_name().map(|t| truncate(t, MAX_HEADER_LEN)),
             immediate_retries,
             backtrace: err
                 .backtrace()
-                .filter(|_| inner.backtraces)
+                .filter(|_| self.inner.backtraces)
                 .map(|b| truncate(&b.to_string(), MAX_BACKTRACE_LEN)),
-        };
-        if inner.mode == DeliveryMode::AtMostOnce {
-            inner.counters.dropped.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(error = %failure.error, "at-most-once handler failed; message was acked on receipt and is not retried");
-            return Disposition::Ack { duplicate: false };
         }
-        if err.is_release() {
-            return Disposition::Release {
-                reason: failure.error,
+    }
+
+    /// Turns the policy's decision into what the transport carries out: for a failed
+    /// delivery, its failure record and the copy headers derived from `origin`.
+    fn disposition(&self, decision: Decision, failed: Option<(Failure, &Origin)>) -> Disposition {
+        let inner = &self.inner;
+        let Some((failure, origin)) = failed else {
+            return match decision {
+                Decision::Ack { duplicate } => Disposition::Ack { duplicate },
+                // Without a failure the policy only acks; anything else would be a bug
+                // of the policy, and an ack is the settlement that loses nothing here.
+                _ => Disposition::Ack { duplicate: false },
             };
-        }
-        let dead_letter = |failure: Failure| Disposition::DeadLetter {
-            headers: failure.dead_letter_headers_from(origin, &inner.name),
-            failure,
         };
-        let retry = |delay: Duration, delay_kind: DelayKind, failure: Failure| Disposition::Retry {
-            headers: failure.retry_headers_from(origin),
-            delay,
-            delay_kind,
-            failure,
-        };
-        if kind == ErrorKind::Permanent {
-            return dead_letter(failure);
-        }
-        if !err.counts_attempt() {
-            let delay = err.retry_delay().unwrap_or(Duration::from_secs(1));
-            return retry(delay, DelayKind::AtLeast, failure);
-        }
-        let since_first = now
-            .duration_since(failure.first_failed_at)
-            .unwrap_or_default();
-        match inner.backoff.next_delay(attempts, since_first) {
-            // The dedup store failed, not the message: an outage never ends in the DLQ,
-            // even for a message on its last attempt (one of the few store failures seen
-            // before the circuit breaker opens). It is retried at its last backoff delay
-            // and the failure is not charged beyond the budget.
-            None if err.is_store_failure() => retry(
-                inner.backoff.delay_after(failed_before.max(1)),
-                DelayKind::Backoff,
-                Failure {
-                    attempts: failed_before,
-                    ..failure
-                },
-            ),
-            None => dead_letter(failure),
-            Some(computed) => match err.retry_delay() {
-                Some(asked) => retry(asked, DelayKind::AtLeast, failure),
-                None => retry(computed, DelayKind::Backoff, failure),
+        match decision {
+            Decision::Ack { duplicate } => Disposition::Ack { duplicate },
+            Decision::Discard => Disposition::Discard {
+                reason: failure.error,
             },
+            Decision::Dropped => {
+                tracing::warn!(error = %failure.error, "at-most-once handler failed; message was acked on receipt and is not retried");
+                Disposition::Ack { duplicate: false }
+            }
+            Decision::Release => Disposition::Release {
+                reason: failure.error,
+            },
+            Decision::Retry {
+                delay,
+                delay_kind,
+                attempts,
+            } => {
+                let failure = Failure {
+                    attempts,
+                    ..failure
+                };
+                Disposition::Retry {
+                    headers: failure.retry_headers_from(origin),
+                    delay,
+                    delay_kind,
+                    failure,
+                }
+            }
+            Decision::DeadLetter { attempts } => {
+                let failure = Failure {
+                    attempts,
+                    ..failure
+                };
+                Disposition::DeadLetter {
+                    headers: failure.dead_letter_headers_from(origin, &inner.name),
+                    failure,
+                }
+            }
+        }
+    }
+
+    /// Counts the outcome in [`Stats`] and the metrics.
+    fn count(&self, decision: Decision, meters: &Meters) {
+        let c = &self.inner.counters;
+        let (counter, meter) = match decision {
+            Decision::Ack { duplicate: false } => (&c.processed, Some(&meters.processed)),
+            Decision::Ack { duplicate: true } => (&c.duplicates, Some(&meters.duplicates)),
+            Decision::Retry { .. } => (&c.retries, Some(&meters.retries)),
+            Decision::DeadLetter { .. } => (&c.dead_lettered, Some(&meters.dead_lettered)),
+            Decision::Discard => (&c.discarded, Some(&meters.discarded)),
+            Decision::Dropped => (&c.dropped, None),
+            Decision::Release => return,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if let Some(meter) = meter {
+            meter.increment(1);
         }
     }
 }
