@@ -53,6 +53,7 @@ pub mod redact;
 pub mod run;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+mod text;
 pub mod tls;
 
 pub use backoff::{Backoff, Jitter};
