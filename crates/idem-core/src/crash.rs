@@ -44,16 +44,8 @@ use crate::message::Message;
 /// before it is dead-lettered instead of run again.
 pub const DEFAULT_CRASH_LIMIT: u32 = 3;
 
-/// Header idem writes on a retry copy that was answered "busy" (the message's claim
-/// was still held, typically by a worker that just died): how many times the message
-/// was delivered before without being settled, carried over from the broker's
-/// `redelivered` flag, the quorum queue's `x-delivery-count` and earlier copies. A
-/// copy carrying it is a suspect, and the transport can enforce a delivery limit
-/// across copies with it.
-pub const DELIVERY_COUNT_HEADER: &str = "x-idem-delivery-count";
-
-/// The delivery-count header RabbitMQ quorum queues set on redeliveries.
-pub const BROKER_DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
+pub use crate::headers::BROKER_DELIVERY_COUNT as BROKER_DELIVERY_COUNT_HEADER;
+pub use crate::headers::DELIVERY_COUNT as DELIVERY_COUNT_HEADER;
 
 /// The message started `times` times and never settled (its worker crashed, was
 /// killed or hung each time). Permanent: it is dead-lettered without running again.

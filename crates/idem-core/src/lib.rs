@@ -41,6 +41,7 @@ pub mod crash;
 pub mod dedup;
 pub mod error;
 pub mod handler;
+pub mod headers;
 #[doc(hidden)]
 pub mod ident;
 pub mod memory;

@@ -3,9 +3,10 @@
 use std::time::SystemTime;
 
 use super::{headers, MAX_BACKTRACE_LEN, MAX_HEADER_LEN};
-use crate::crash::{prior_deliveries, BROKER_DELIVERY_COUNT_HEADER, DELIVERY_COUNT_HEADER};
+use crate::crash::prior_deliveries;
 use crate::error::ErrorKind;
-use crate::message::{HeaderValue, Headers, Message, ATTEMPTS_HEADER};
+use crate::headers::{ATTEMPTS, BROKER_DELIVERY_COUNT, DELIVERY_COUNT};
+use crate::message::{HeaderValue, Headers, Message};
 use crate::text::{rfc3339, truncate};
 
 /// The host name written in [`headers::HOST`]: the system host name, looked up once
@@ -58,9 +59,9 @@ pub(crate) struct Origin {
     failed_before: u32,
     /// Unsettled deliveries so far ([`prior_deliveries`]).
     prior: u32,
-    /// It carries [`DELIVERY_COUNT_HEADER`].
+    /// It carries [`DELIVERY_COUNT`].
     carried: bool,
-    /// It carries the broker's [`BROKER_DELIVERY_COUNT_HEADER`].
+    /// It carries the broker's [`BROKER_DELIVERY_COUNT`].
     broker_count: bool,
 }
 
@@ -72,10 +73,10 @@ impl Origin {
             routing_key: d.routing_key.clone(),
             queue: d.queue.clone(),
             // Already read (and a malformed value logged) by the consumer.
-            failed_before: crate::read::read_quiet::<u32>(msg, ATTEMPTS_HEADER).unwrap_or(0),
+            failed_before: crate::read::read_quiet::<u32>(msg, ATTEMPTS).unwrap_or(0),
             prior: prior_deliveries(msg),
-            carried: msg.headers.contains_key(DELIVERY_COUNT_HEADER),
-            broker_count: msg.headers.contains_key(BROKER_DELIVERY_COUNT_HEADER),
+            carried: msg.headers.contains_key(DELIVERY_COUNT),
+            broker_count: msg.headers.contains_key(BROKER_DELIVERY_COUNT),
         }
     }
 
@@ -94,7 +95,7 @@ impl Failure {
     /// failure times.
     fn history_headers(&self) -> Headers {
         let mut h = Headers::new();
-        h.insert(ATTEMPTS_HEADER.into(), HeaderValue::from(self.attempts));
+        h.insert(ATTEMPTS.into(), HeaderValue::from(self.attempts));
         h.insert(headers::ERROR.into(), self.error.clone().into());
         h.insert(headers::ERROR_KIND.into(), self.kind.as_str().into());
         h.insert(
@@ -143,7 +144,7 @@ impl Failure {
     /// A retry copy names the original route (it comes back from a delay queue with
     /// another one). A "busy" copy (no attempt spent: the message's claim was held,
     /// typically by a worker that just died) carries the unsettled deliveries so far
-    /// in [`DELIVERY_COUNT_HEADER`]; a copy after a settled failure resets it. The
+    /// in [`DELIVERY_COUNT`]; a copy after a settled failure resets it. The
     /// broker's `x-delivery-count` of the original is zeroed on the copy, which is a
     /// new message to the broker.
     pub(crate) fn retry_headers_from(&self, origin: &Origin) -> Headers {
@@ -151,15 +152,12 @@ impl Failure {
         origin.insert_route(&mut h);
         let busy = self.attempts == origin.failed_before;
         if busy && origin.prior > 0 {
-            h.insert(
-                DELIVERY_COUNT_HEADER.into(),
-                HeaderValue::from(origin.prior),
-            );
+            h.insert(DELIVERY_COUNT.into(), HeaderValue::from(origin.prior));
         } else if origin.carried {
-            h.insert(DELIVERY_COUNT_HEADER.into(), HeaderValue::Int(0));
+            h.insert(DELIVERY_COUNT.into(), HeaderValue::Int(0));
         }
         if origin.broker_count {
-            h.insert(BROKER_DELIVERY_COUNT_HEADER.into(), HeaderValue::Int(0));
+            h.insert(BROKER_DELIVERY_COUNT.into(), HeaderValue::Int(0));
         }
         h
     }

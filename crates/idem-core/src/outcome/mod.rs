@@ -36,76 +36,9 @@ pub const MAX_HEADER_LEN: usize = 512;
 /// Longest `x-idem-backtrace` header value, in bytes (the innermost frames are kept).
 pub const MAX_BACKTRACE_LEN: usize = 8192;
 
-/// Header names written on retry copies and dead-lettered messages.
-///
-/// The ones idem reads back from a delivery ([`ATTEMPTS`](headers::ATTEMPTS),
-/// [`FIRST_FAILED_AT`](headers::FIRST_FAILED_AT),
-/// [`ORIGINAL_EXCHANGE`](headers::ORIGINAL_EXCHANGE),
-/// [`ORIGINAL_ROUTING_KEY`](headers::ORIGINAL_ROUTING_KEY), and
-/// [`REPLAY_HEADER`](crate::dedup::REPLAY_HEADER)) follow one
-/// [rule](crate::read): a malformed value is ignored as if absent, with one `warn`
-/// log naming the header and the value; counts saturate at `u32::MAX`. The others are
-/// written for operators and never change what a worker does.
-pub mod headers {
-    pub use crate::message::ATTEMPTS_HEADER as ATTEMPTS;
-    /// The error chain, truncated to [`MAX_ERROR_LEN`](super::MAX_ERROR_LEN). Written
-    /// only.
-    pub const ERROR: &str = "x-idem-error";
-    /// `transient` or `permanent`. Written only.
-    pub const ERROR_KIND: &str = "x-idem-error-kind";
-    /// RFC 3339 time of the first failure. Read back from retry copies to keep the
-    /// backoff's time budget: malformed (not RFC 3339 UTC, before 1970, wrong type)
-    /// counts as absent, so this failure becomes the first; a time later than now
-    /// counts as now.
-    pub const FIRST_FAILED_AT: &str = "x-idem-first-failed-at";
-    /// RFC 3339 time of the latest failure. Written only.
-    pub const LAST_FAILED_AT: &str = "x-idem-last-failed-at";
-    /// Exchange of the original publish. Read back from retry copies (a string; any
-    /// other type is ignored and the delivery's own exchange is used).
-    pub const ORIGINAL_EXCHANGE: &str = "x-idem-original-exchange";
-    /// Routing key of the original publish. Read back like [`ORIGINAL_EXCHANGE`].
-    pub const ORIGINAL_ROUTING_KEY: &str = "x-idem-original-routing-key";
-    /// Queue the message was consumed from. Written only (the CLI replays to it).
-    pub const ORIGINAL_QUEUE: &str = "x-idem-original-queue";
-    /// Consumer name. Written only.
-    pub const CONSUMER: &str = "x-idem-consumer";
-    /// Idempotency key, if one was found. Written only.
-    pub const KEY: &str = "x-idem-key";
-    /// Rust type name of the error (`std::any::type_name`, e.g.
-    /// `std::io::error::Error`), when known. Written only.
-    pub const ERROR_TYPE: &str = "x-idem-error-type";
-    /// Host name of the process that recorded the failure. Written only.
-    pub const HOST: &str = "x-idem-host";
-    /// Process id of the process that recorded the failure (an integer). Written only.
-    pub const PID: &str = "x-idem-pid";
-    /// How many immediate (in-process) retries the failed delivery spent before this
-    /// copy was made (an integer, 0 without immediate retries). Written only.
-    pub const IMMEDIATE_RETRIES: &str = "x-idem-immediate-retries";
-    /// Backtrace of where the error was created, truncated to
-    /// [`MAX_BACKTRACE_LEN`](super::MAX_BACKTRACE_LEN). Opt-in
-    /// ([`ConsumerBuilder::backtrace_header`](crate::ConsumerBuilder::backtrace_header)).
-    /// Written only.
-    pub const BACKTRACE: &str = "x-idem-backtrace";
-
-    /// Every header of the failure record. A retry or dead-letter copy describes the
-    /// latest failure only: [`super::copy_onto`] (and the RabbitMQ worker, the same
-    /// way) removes these names from the original's headers before adding the copy's,
-    /// so a field the latest failure lacks (an error type, a backtrace) is never
-    /// carried over from an earlier one. The history that must survive (attempts,
-    /// first failure time) is written anew on every copy.
-    pub const FAILURE_RECORD: [&str; 10] = [
-        ATTEMPTS,
-        ERROR,
-        ERROR_KIND,
-        FIRST_FAILED_AT,
-        LAST_FAILED_AT,
-        ERROR_TYPE,
-        HOST,
-        PID,
-        IMMEDIATE_RETRIES,
-        BACKTRACE,
-    ];
-}
+/// The header names of the copies; the crate-level [`crate::headers`]
+/// module, re-exported at its older path.
+pub use crate::headers;
 
 /// The headers of a retry or dead-letter copy: the original's `headers`, without its
 /// [failure record](headers::FAILURE_RECORD), then `copy` (the headers the
