@@ -24,24 +24,16 @@ pub(crate) fn over_limit(msg: &Message, consumer: &str, limit: Option<u32>) -> O
         limit,
         "delivery limit exceeded across copies; dead-lettering without running"
     );
-    let failure = Failure {
-        kind: ErrorKind::Permanent,
-        error: format!(
-            "delivered {prior} times without being settled, more than the queue's x-delivery-limit ({limit}), counted across idem's busy copies"
-        ),
-        // Already read (and a malformed value logged) when the delivery was converted.
-        attempts: idem_core::read::read_quiet::<u32>(msg, idem_headers::ATTEMPTS).unwrap_or(0),
-        first_failed_at: idem_core::read::read_quiet::<SystemTime>(
-            msg,
-            idem_headers::FIRST_FAILED_AT,
-        )
-        .map_or(now, |t| t.min(now)),
-        last_failed_at: now,
-        key: msg.properties.message_id.clone(),
-        error_type: None,
-        immediate_retries: 0,
-        backtrace: None,
-    };
+    let error = format!(
+        "delivered {prior} times without being settled, more than the queue's x-delivery-limit ({limit}), counted across idem's busy copies"
+    );
+    // Already read (and a malformed value logged) when the delivery was converted.
+    let attempts = idem_core::read::read_quiet::<u32>(msg, idem_headers::ATTEMPTS).unwrap_or(0);
+    let mut failure = Failure::new(ErrorKind::Permanent, &error, attempts, now);
+    failure.first_failed_at =
+        idem_core::read::read_quiet::<SystemTime>(msg, idem_headers::FIRST_FAILED_AT)
+            .map_or(now, |t| t.min(now));
+    failure.key = msg.properties.message_id.clone();
     Some(Disposition::dead_letter(msg, consumer, failure))
 }
 
@@ -53,17 +45,7 @@ mod tests {
     use idem_core::HeaderValue;
 
     fn failure(attempts: u32) -> Failure {
-        Failure {
-            kind: ErrorKind::Transient,
-            error: "x".into(),
-            attempts,
-            first_failed_at: SystemTime::now(),
-            last_failed_at: SystemTime::now(),
-            key: None,
-            error_type: None,
-            immediate_retries: 0,
-            backtrace: None,
-        }
+        Failure::new(ErrorKind::Transient, "x", attempts, SystemTime::now())
     }
 
     #[test]

@@ -13,8 +13,7 @@ use crate::dedup::Processed;
 use crate::error::{capturing_backtraces, ErrorKind, HandlerError};
 use crate::message::Message;
 use crate::outcome::{
-    headers, truncate, Disposition, Failure, Origin, MAX_BACKTRACE_LEN, MAX_ERROR_LEN,
-    MAX_HEADER_LEN,
+    headers, truncate, Disposition, Failure, Origin, MAX_BACKTRACE_LEN, MAX_HEADER_LEN,
 };
 
 impl Consumer {
@@ -153,11 +152,7 @@ impl Consumer {
         immediate_retries: u32,
     ) -> Failure {
         Failure {
-            kind: err.kind().unwrap_or(ErrorKind::Transient),
-            error: truncate(&err.chain(), MAX_ERROR_LEN),
-            attempts: history.failed_before,
             first_failed_at: history.first_failed_at(),
-            last_failed_at: history.now,
             key: err.key().map(str::to_owned).or(fallback_key),
             error_type: err.type_name().map(|t| truncate(t, MAX_HEADER_LEN)),
             immediate_retries,
@@ -165,6 +160,12 @@ impl Consumer {
                 .backtrace()
                 .filter(|_| self.inner.backtraces)
                 .map(|b| truncate(&b.to_string(), MAX_BACKTRACE_LEN)),
+            ..Failure::new(
+                err.kind().unwrap_or(ErrorKind::Transient),
+                &err.chain(),
+                history.failed_before,
+                history.now,
+            )
         }
     }
 

@@ -140,6 +140,7 @@ pub enum DeliveryMode {
 
 /// A configuration the framework refuses at start-up.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ConfigError {
     /// Dedup records would expire before the last retry could arrive.
     #[error("dedup retention {retention:?} is shorter than the retry horizon {horizon:?}: a late retry could run twice; raise the retention or shorten the backoff")]

@@ -7,6 +7,7 @@ use super::policy::Decision;
 
 /// Counts of outcomes since the consumer was built.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Stats {
     /// Messages whose handler succeeded.
     pub processed: u64,

@@ -203,11 +203,6 @@ impl DedupLayer {
         self.config.lease
     }
 
-    /// The key scope in force (see [`scope`](Self::scope)).
-    pub fn scope_name(&self) -> &str {
-        &self.config.scope
-    }
-
     /// The store's health probe, bounded by the store timeout (for the circuit breaker).
     pub fn health_check(&self) -> super::store::HealthCheck {
         let store = self.config.store.clone();

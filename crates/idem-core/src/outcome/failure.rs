@@ -2,7 +2,7 @@
 
 use std::time::SystemTime;
 
-use super::{headers, MAX_BACKTRACE_LEN, MAX_HEADER_LEN};
+use super::{headers, MAX_BACKTRACE_LEN, MAX_ERROR_LEN, MAX_HEADER_LEN};
 use crate::crash::prior_deliveries;
 use crate::error::ErrorKind;
 use crate::headers::{ATTEMPTS, BROKER_DELIVERY_COUNT, DELIVERY_COUNT};
@@ -21,10 +21,11 @@ pub fn host() -> &'static str {
 
 /// Why a message failed, and its failure history.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct Failure {
     /// Transient or permanent.
     pub kind: ErrorKind,
-    /// Error chain, already truncated to [`MAX_ERROR_LEN`](super::MAX_ERROR_LEN).
+    /// Error chain, already truncated to [`MAX_ERROR_LEN`].
     pub error: String,
     /// Failed attempts so far, this one included (the new `x-idem-attempts` value).
     pub attempts: u32,
@@ -91,6 +92,36 @@ impl Origin {
 }
 
 impl Failure {
+    /// A failure record: `kind`, the `error` text (truncated to
+    /// [`MAX_ERROR_LEN`]), the `attempts` it counts and the time
+    /// it happened `at`, which is also taken as the first failure's time. No key, no
+    /// error type, no backtrace, no immediate retries: set those fields afterwards
+    /// where they are known. Every record idem builds starts here, so a field added
+    /// later gets its default in one place.
+    ///
+    /// ```
+    /// use std::time::SystemTime;
+    /// use idem_core::{ErrorKind, Failure};
+    ///
+    /// let now = SystemTime::now();
+    /// let mut failure = Failure::new(ErrorKind::Permanent, "no such customer", 1, now);
+    /// failure.key = Some("order-42".into());
+    /// assert_eq!(failure.first_failed_at, failure.last_failed_at);
+    /// ```
+    pub fn new(kind: ErrorKind, error: &str, attempts: u32, at: SystemTime) -> Self {
+        Failure {
+            kind,
+            error: truncate(error, MAX_ERROR_LEN),
+            attempts,
+            first_failed_at: at,
+            last_failed_at: at,
+            key: None,
+            error_type: None,
+            immediate_retries: 0,
+            backtrace: None,
+        }
+    }
+
     /// The failure history every copy carries: attempts, error, kind, first and last
     /// failure times.
     fn history_headers(&self) -> Headers {

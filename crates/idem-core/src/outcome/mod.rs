@@ -92,6 +92,7 @@ impl fmt::Display for DelayKind {
 /// assert_eq!(Disposition::Ack { duplicate: false }.to_string(), "processed, acked");
 /// ```
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub enum Disposition {
     /// Ack it. `duplicate` is true when the handler did not run because the key was done.
     Ack {
@@ -162,18 +163,6 @@ impl Disposition {
     pub fn dead_letter(msg: &Message, consumer: &str, failure: Failure) -> Disposition {
         let headers = failure.dead_letter_headers(msg, consumer);
         Disposition::DeadLetter { failure, headers }
-    }
-
-    /// The headers a retry or dead-letter copy carries; `None` for the others.
-    pub fn copy_headers(&self) -> Option<&Headers> {
-        match self {
-            Disposition::Retry { headers, .. } | Disposition::DeadLetter { headers, .. } => {
-                Some(headers)
-            }
-            Disposition::Ack { .. } | Disposition::Release { .. } | Disposition::Discard { .. } => {
-                None
-            }
-        }
     }
 }
 
