@@ -93,8 +93,8 @@ pub mod __private {
     use crate::error::HandlerError;
     use crate::message::Message;
 
-    pub use crate::outcome::{parse_rfc3339, rfc3339, truncate};
     pub use crate::redact::{redact_in, redact_url};
+    pub use crate::text::{parse_rfc3339, rfc3339, truncate};
 
     /// A boxed `Send` future.
     pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;

@@ -12,9 +12,8 @@ use super::Consumer;
 use crate::dedup::Processed;
 use crate::error::{capturing_backtraces, ErrorKind, HandlerError};
 use crate::message::Message;
-use crate::outcome::{
-    headers, truncate, Disposition, Failure, Origin, MAX_BACKTRACE_LEN, MAX_HEADER_LEN,
-};
+use crate::outcome::{headers, Disposition, Failure, Origin, MAX_BACKTRACE_LEN, MAX_HEADER_LEN};
+use crate::text::truncate;
 
 impl Consumer {
     /// Runs the stack on one delivery and decides what the transport must do.

@@ -24,8 +24,6 @@ use crate::message::{Headers, Message};
 
 mod failure;
 
-#[doc(hidden)] // not API: reached through `crate::__private`
-pub use crate::text::{parse_rfc3339, rfc3339, truncate};
 pub(crate) use failure::Origin;
 pub use failure::{host, Failure};
 
