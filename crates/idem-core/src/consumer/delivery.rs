@@ -15,6 +15,33 @@ use crate::message::Message;
 use crate::outcome::{headers, Disposition, Failure, Origin, MAX_BACKTRACE_LEN, MAX_HEADER_LEN};
 use crate::text::truncate;
 
+/// What a delivery brings into the consumer, read from it once on arrival (the
+/// message itself then moves into the stack): the consumer's only reading of
+/// `x-idem-attempts` and `x-idem-first-failed-at`, and what its copies will say about
+/// the original.
+struct Arrival {
+    /// Failed attempts before this delivery.
+    failed_before: u32,
+    /// When the first of them failed.
+    first_failed_at: Option<SystemTime>,
+    /// The route and crash counts the copies carry.
+    origin: Origin,
+    /// The key a failure record names when the dedup stage found none.
+    fallback_key: Option<String>,
+}
+
+impl Arrival {
+    fn read(msg: &Message) -> Self {
+        let failed_before = msg.failed_attempts();
+        Arrival {
+            failed_before,
+            first_failed_at: crate::read::read_in::<SystemTime>(msg, headers::FIRST_FAILED_AT),
+            origin: Origin::of(msg, failed_before),
+            fallback_key: msg.properties.message_id.clone(),
+        }
+    }
+}
+
 impl Consumer {
     /// Runs the stack on one delivery and decides what the transport must do.
     ///
@@ -23,8 +50,8 @@ impl Consumer {
     pub async fn process(&self, mut msg: Message) -> Disposition {
         let inner = &self.inner;
         let meters = inner.meters.get_or_init(|| Meters::new(&inner.name));
-        let failed_before = msg.failed_attempts();
-        msg.delivery.attempt = failed_before.saturating_add(1);
+        let arrival = Arrival::read(&msg);
+        msg.delivery.attempt = arrival.failed_before.saturating_add(1);
         let span = tracing::info_span!(
             "idem.delivery",
             consumer = %inner.name,
@@ -40,10 +67,6 @@ impl Consumer {
         // W3C trace context: parent from the message, link to the previous attempt.
         #[cfg(feature = "otel")]
         let had_parent = crate::otel::adopt(&span, &msg);
-        let fallback_key = msg.properties.message_id.clone();
-        // What the retry and dead-letter copies say about the original.
-        let origin = Origin::of(&msg);
-        let first_failed_at = crate::read::read_in::<SystemTime>(&msg, headers::FIRST_FAILED_AT);
         msg.extensions.insert(inner.crash_guard.clone());
         let started = Instant::now();
         let (result, spent) = self.run_tries(msg, &span, meters).await;
@@ -52,8 +75,8 @@ impl Consumer {
         meters.latency.record(elapsed.as_secs_f64());
 
         let history = History {
-            failed_before,
-            first_failed_at,
+            failed_before: arrival.failed_before,
+            first_failed_at: arrival.first_failed_at,
             now: SystemTime::now(),
         };
         let policy = Policy {
@@ -68,8 +91,8 @@ impl Consumer {
         let disposition = match result {
             Ok(_) => self.disposition(decision, None),
             Err(err) => {
-                let failure = self.failure(&err, &history, fallback_key, spent);
-                self.disposition(decision, Some((failure, &origin)))
+                let failure = self.failure(&err, &history, arrival.fallback_key, spent);
+                self.disposition(decision, Some((failure, &arrival.origin)))
             }
         };
         #[cfg(feature = "otel")]

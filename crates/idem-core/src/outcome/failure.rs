@@ -67,14 +67,15 @@ pub(crate) struct Origin {
 }
 
 impl Origin {
-    pub(crate) fn of(msg: &Message) -> Self {
+    /// What the copies of `msg` say about it; `failed_before` is its
+    /// `x-idem-attempts`, read once by the caller.
+    pub(crate) fn of(msg: &Message, failed_before: u32) -> Self {
         let d = &msg.delivery;
         Origin {
             exchange: d.exchange.clone(),
             routing_key: d.routing_key.clone(),
             queue: d.queue.clone(),
-            // Already read (and a malformed value logged) by the consumer.
-            failed_before: crate::read::read_quiet::<u32>(msg, ATTEMPTS).unwrap_or(0),
+            failed_before,
             prior: prior_deliveries(msg),
             carried: msg.headers.contains_key(DELIVERY_COUNT),
             broker_count: msg.headers.contains_key(BROKER_DELIVERY_COUNT),
@@ -162,14 +163,14 @@ impl Failure {
     /// [`Disposition::Retry`](super::Disposition::Retry): the failure history, the original exchange and routing
     /// key, and the crash-loop delivery count (see [`crate::crash`]).
     pub fn retry_headers(&self, msg: &Message) -> Headers {
-        self.retry_headers_from(&Origin::of(msg))
+        self.retry_headers_from(&Origin::of(msg, quiet_attempts(msg)))
     }
 
     /// Headers for the dead-lettered copy of `msg` (the delivery as received), as
     /// carried by [`Disposition::DeadLetter`](super::Disposition::DeadLetter) (SEMANTICS section 5), every string
     /// bounded in size.
     pub fn dead_letter_headers(&self, msg: &Message, consumer: &str) -> Headers {
-        self.dead_letter_headers_from(&Origin::of(msg), consumer)
+        self.dead_letter_headers_from(&Origin::of(msg, quiet_attempts(msg)), consumer)
     }
 
     /// A retry copy names the original route (it comes back from a delay queue with
@@ -207,4 +208,10 @@ impl Failure {
         }
         h
     }
+}
+
+/// The failed attempts of `msg` under the header rule, without a log: for the public
+/// header builders, whose caller has read (and logged) the delivery already.
+fn quiet_attempts(msg: &Message) -> u32 {
+    crate::read::read_quiet::<u32>(msg, ATTEMPTS).unwrap_or(0)
 }
