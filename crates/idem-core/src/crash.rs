@@ -65,10 +65,11 @@ fn header_count(msg: &Message, name: &str) -> u32 {
 /// How many times this message was delivered before without being settled, as far as
 /// the transport can tell: the count carried on idem's copies
 /// ([`DELIVERY_COUNT_HEADER`]) plus this delivery's own redeliveries (the broker's
-/// `x-delivery-count` when present, else 1 if it is flagged `redelivered`).
+/// count, [`DeliveryInfo::delivery_count`](crate::DeliveryInfo::delivery_count), when
+/// it is not 0, else 1 if it is flagged `redelivered`).
 pub fn prior_deliveries(msg: &Message) -> u32 {
     let carried = header_count(msg, DELIVERY_COUNT_HEADER);
-    let broker = header_count(msg, BROKER_DELIVERY_COUNT_HEADER);
+    let broker = msg.delivery.delivery_count;
     let own = if broker > 0 {
         broker
     } else {
@@ -176,7 +177,8 @@ mod tests {
         let mut r = Message::new("x");
         r.delivery.redelivered = true;
         assert_eq!(prior_deliveries(&r), 1);
-        let q = r.clone().with_header(BROKER_DELIVERY_COUNT_HEADER, 2u32);
+        let mut q = r.clone();
+        q.delivery.delivery_count = 2;
         assert_eq!(prior_deliveries(&q), 2);
         let c = Message::new("x").with_header(DELIVERY_COUNT_HEADER, 3u32);
         assert!(is_suspect(&c));

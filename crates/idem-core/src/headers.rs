@@ -12,8 +12,8 @@
 //!
 //! Anyone can publish a message with any header, so the names idem reads back
 //! ([`ATTEMPTS`], [`FIRST_FAILED_AT`], [`ORIGINAL_EXCHANGE`], [`ORIGINAL_ROUTING_KEY`],
-//! [`REPLAY`], [`DELIVERY_COUNT`], [`BROKER_DELIVERY_COUNT`]) are all read under
-//! [one rule](crate::read): a malformed value (wrong type, negative or non-decimal
+//! [`REPLAY`], [`DELIVERY_COUNT`], and [`BROKER_DELIVERY_COUNT`] in the transport) are
+//! all read under [one rule](crate::read): a malformed value (wrong type, negative or non-decimal
 //! count, a time that is not RFC 3339 UTC) is ignored as if absent, with one `warn`
 //! log naming the header and the value; counts saturate at `u32::MAX`. A delivery is
 //! never dead-lettered because of a header idem itself writes. Each name below says
@@ -101,8 +101,10 @@ pub const REPLAY: &str = "x-idem-replay";
 pub const DELIVERY_COUNT: &str = "x-idem-delivery-count";
 
 /// The delivery-count header RabbitMQ quorum queues set on redeliveries (not idem's
-/// own name). Read back as a count; zeroed on idem's copies, which are new messages to
-/// the broker.
+/// own name). The transport reads it, as a count under the rule above, into the
+/// transport-neutral [`DeliveryInfo::delivery_count`](crate::DeliveryInfo::delivery_count),
+/// which is what the crash guard uses; the core only zeroes the header on idem's
+/// copies, which are new messages to the broker.
 pub const BROKER_DELIVERY_COUNT: &str = "x-delivery-count";
 
 /// On retry and dead-letter copies: the `traceparent` of the delivery attempt that

@@ -128,6 +128,12 @@ pub struct DeliveryInfo {
     pub redelivered: bool,
     /// 1 for a first delivery, `n + 1` after `n` failed attempts (from [`ATTEMPTS_HEADER`]).
     pub attempt: u32,
+    /// How many times the broker delivered this very message before, when the broker
+    /// counts (RabbitMQ quorum queues: `x-delivery-count`, mapped by the transport);
+    /// 0 when it does not, and for a first delivery. The crash guard reads it
+    /// ([`crash::prior_deliveries`](crate::crash::prior_deliveries)); without a count,
+    /// [`redelivered`](Self::redelivered) stands for one earlier delivery.
+    pub delivery_count: u32,
 }
 
 /// A message as a handler and the middleware see it.
