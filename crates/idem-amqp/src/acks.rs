@@ -338,7 +338,7 @@ async fn flush_loop<T>(
             (book.take_run(), book.closing)
         };
         if let Some(tag) = run.ack_up_to {
-            #[cfg(feature = "failpoints")]
+            #[cfg(feature = "_failpoints")]
             crate::failpoints::hit(crate::failpoints::BEFORE_ACK_FLUSH);
             let options = BasicAckOptions { multiple: true };
             if let Err(e) = channel.basic_ack(tag, options).await {

@@ -1,4 +1,4 @@
-//! Crash points for fault-injection tests (cargo feature `failpoints`, off by default).
+//! Crash points for fault-injection tests (internal cargo feature `_failpoints`, off by default; hidden from the docs).
 //!
 //! When the feature is compiled in **and** the environment variable
 //! [`IDEM_FAILPOINTS`](ENV) names a point, the worker calls [`std::process::abort`]

@@ -52,7 +52,8 @@ mod crash;
 pub mod delayed;
 pub mod endpoints;
 pub mod error;
-#[cfg(feature = "failpoints")]
+#[cfg(feature = "_failpoints")]
+#[doc(hidden)]
 pub mod failpoints;
 pub mod headers;
 #[cfg(feature = "prometheus")]

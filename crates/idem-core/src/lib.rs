@@ -36,6 +36,9 @@
 pub mod backoff;
 pub mod breaker;
 pub mod classify;
+#[cfg(feature = "conformance")]
+#[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
+pub mod conformance;
 pub mod consumer;
 pub mod crash;
 pub mod dedup;

@@ -1,4 +1,5 @@
 /// Errors of the outbox and its relay. Connection strings never appear in them.
+#[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
     /// A table name from configuration is not a plain SQL identifier.
@@ -10,10 +11,13 @@ pub enum OutboxError {
     /// The database failed.
     #[error("outbox database error: {0}")]
     Database(#[from] sqlx::Error),
-    /// The broker could not be reached or refused a publish.
+    /// The broker could not be reached or failed a publish; the transport's error
+    /// is the source.
     #[error("broker error: {0}")]
-    Broker(String),
-    /// A test failpoint fired (only with the `failpoints` feature).
+    Broker(#[from] idem_amqp::Error),
+    /// A test failpoint fired (only with the internal `failpoints` feature, which
+    /// the crate's own crash tests turn on).
+    #[cfg(feature = "_failpoints")]
     #[error("failpoint {0} fired")]
     Failpoint(&'static str),
 }

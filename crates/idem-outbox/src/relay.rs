@@ -49,7 +49,7 @@ pub struct Relay {
     cleanup_after: Duration,
     published: AtomicU64,
     refused: AtomicU64,
-    #[cfg(feature = "failpoints")]
+    #[cfg(feature = "_failpoints")]
     fail_after_publish: std::sync::atomic::AtomicU32,
 }
 
@@ -73,7 +73,7 @@ pub struct RelayBuilder {
     batch_size: i64,
     poll_interval: Duration,
     cleanup_after: Duration,
-    #[cfg(feature = "failpoints")]
+    #[cfg(feature = "_failpoints")]
     fail_after_publish: u32,
 }
 
@@ -122,11 +122,12 @@ impl RelayBuilder {
         self
     }
 
-    /// Test-only crash point (feature `failpoints`): the first `times` rounds fail
+    /// Test-only crash point (internal feature `_failpoints`): the first `times` rounds fail
     /// right after their batch was published and confirmed, before the rows are
     /// marked, as if the process died there. The rows stay pending and are published
     /// again.
-    #[cfg(feature = "failpoints")]
+    #[cfg(feature = "_failpoints")]
+    #[doc(hidden)]
     pub fn fail_after_publish(mut self, times: u32) -> Self {
         self.fail_after_publish = times;
         self
@@ -148,7 +149,7 @@ impl RelayBuilder {
             cleanup_after: self.cleanup_after,
             published: AtomicU64::new(0),
             refused: AtomicU64::new(0),
-            #[cfg(feature = "failpoints")]
+            #[cfg(feature = "_failpoints")]
             fail_after_publish: std::sync::atomic::AtomicU32::new(self.fail_after_publish),
         }
     }
@@ -170,21 +171,16 @@ impl Relay {
             batch_size: 500,
             poll_interval: Duration::from_secs(1),
             cleanup_after: Duration::from_secs(7 * 24 * 3600),
-            #[cfg(feature = "failpoints")]
+            #[cfg(feature = "_failpoints")]
             fail_after_publish: 0,
         }
     }
 
-    #[cfg(feature = "failpoints")]
+    #[cfg(feature = "_failpoints")]
     fn crash_point(&self) -> bool {
         self.fail_after_publish
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok()
-    }
-
-    #[cfg(not(feature = "failpoints"))]
-    fn crash_point(&self) -> bool {
-        false
     }
 
     /// Counts so far.
@@ -243,6 +239,7 @@ impl Relay {
                 return Err(e);
             }
         };
+        #[cfg(feature = "_failpoints")]
         if self.crash_point() {
             // As if the process died here: published, not marked; the transaction rolls
             // back (explicitly, for the reason above: a test drains right after).
@@ -296,14 +293,12 @@ impl Relay {
             .publisher
             .publish_each(batch)
             .await
-            .map_err(|e| OutboxError::Broker(e.to_string()))?;
+            .map_err(OutboxError::Broker)?;
         let mut out = Vec::with_capacity(results.len());
         for result in results {
             out.push(match result {
                 Ok(()) => Ok(()),
-                Err(e @ idem_amqp::Error::Amqp { .. }) => {
-                    return Err(OutboxError::Broker(format!("publish failed: {e}")))
-                }
+                Err(e @ idem_amqp::Error::Amqp { .. }) => return Err(OutboxError::Broker(e)),
                 Err(refused) => Err(refused.to_string()),
             });
         }

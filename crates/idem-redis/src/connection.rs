@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use idem_core::dedup::StoreError;
+use idem_core::dedup::{StoreError, StoreErrorKind};
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
@@ -133,10 +133,18 @@ impl Target {
                         failure.hint()
                     ),
                     detail,
-                );
+                )
+                .with_kind(StoreErrorKind::Unavailable);
             }
         }
-        StoreError::with_source(format!("{what} ({})", self.redacted), detail)
+        let kind = if err.is_timeout() {
+            StoreErrorKind::Timeout
+        } else if err.is_io_error() || err.is_connection_refusal() || err.is_connection_dropped() {
+            StoreErrorKind::Unavailable
+        } else {
+            StoreErrorKind::Refused
+        };
+        StoreError::with_source(format!("{what} ({})", self.redacted), detail).with_kind(kind)
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use idem_core::dedup::{Claim, DedupStore, OwnerToken, ScopedKey};
+use idem_core::dedup::{Claim, DedupStore, OwnerToken, ScopedKey, StoreErrorKind};
 use idem_redis::RedisStore;
 use idem_testkit::fault_proxy::{FaultProxy, Mode};
 use idem_testkit::Service;
@@ -38,9 +38,17 @@ async fn first_claim_after_recovery(mode: Mode) {
 
     proxy.set(mode);
     for i in 0..3 {
+        let err = claim(&format!("during-{i}"))
+            .await
+            .expect_err("Redis is cut off");
+        // A cut connection is told apart from an error Redis answered with.
         assert!(
-            claim(&format!("during-{i}")).await.is_err(),
-            "Redis is cut off"
+            matches!(
+                err.kind(),
+                StoreErrorKind::Unavailable | StoreErrorKind::Timeout
+            ),
+            "{err} is {:?}",
+            err.kind()
         );
     }
     // Let the manager's background reconnect fail too: its error is what it keeps.

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use idem_core::dedup::StoreError;
+use idem_core::dedup::{StoreError, StoreErrorKind};
 use sqlx::Pool;
 
 use crate::backend::{Arg, Backend, Dialect};
@@ -122,7 +122,23 @@ pub(crate) fn ddl(dialect: Dialect, table: &TableName) -> Vec<String> {
 }
 
 fn sql_err(op: &str, table: &TableName, e: sqlx::Error) -> StoreError {
-    StoreError::with_source(format!("SQL dedup {op} on table {table} failed"), e)
+    store_error(format!("SQL dedup {op} on table {table} failed"), e)
+}
+
+/// A [`StoreError`] for a failed statement, its kind read from sqlx's error: no
+/// connection (I/O, TLS, pool exhausted or closed) is `Unavailable`, an error the
+/// database returned is `Refused`, the rest `Other`.
+pub(crate) fn store_error(message: String, e: sqlx::Error) -> StoreError {
+    let kind = match &e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => StoreErrorKind::Unavailable,
+        sqlx::Error::Database(_) => StoreErrorKind::Refused,
+        _ => StoreErrorKind::Other,
+    };
+    StoreError::with_source(message, e).with_kind(kind)
 }
 
 /// Creates the table and its index if missing. Safe to call from many processes at

@@ -13,7 +13,8 @@
 //!   at the same time never share state.
 //! - [`fault_proxy`]: a TCP proxy that cuts a service off (refused or reset
 //!   connections) for outage tests.
-//! - [`conformance`]: the behavioural suite every dedup store must pass.
+//! - [`conformance`]: the behavioural suite every dedup store must pass (published in
+//!   idem-core behind its `conformance` feature; re-exported here).
 //! - [`broker`]: what the local RabbitMQ node reports (queue counts, open
 //!   connections), read with `rabbitmqctl`.
 //! - [`cluster`]: starts the RabbitMQ and Redis test clusters of `.ci/cluster` on first use.
@@ -36,7 +37,9 @@
 
 pub mod broker;
 pub mod cluster;
-pub mod conformance;
+/// The dedup store conformance suite, published in idem-core (feature
+/// `conformance`); re-exported here for the workspace's own tests.
+pub use idem_core::conformance;
 pub mod fault_proxy;
 mod service;
 

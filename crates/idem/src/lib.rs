@@ -21,6 +21,7 @@
 //! | `postgres`, `sqlite`, `mysql` | [`idem::sql`](https://docs.rs/idem-sql) | SQL lease store and transactional inbox |
 //! | `otel` | `idem::otel` | W3C trace context (`traceparent`) across publish, outbox, consume, retry and dead-letter copies, through OpenTelemetry |
 //! | `testing` | `idem::testing` | test harness: redelivers, duplicates and crashes your consumer and checks its effects (for dev-dependencies) |
+//! | `conformance` | `idem::conformance` | the behavioural suite every dedup store must pass, for authors of a `DedupStore` (for dev-dependencies) |
 //! | `tls` (default) | [`TlsConfig`] | TLS (rustls) for `amqps://`, `rediss://` and SQL `sslmode`, verified against the system roots by default |
 //!
 //! ```

@@ -120,7 +120,7 @@ pub(super) async fn handle(
             // Dropped on purpose by the handler: acked, no copy.
             Disposition::Discard { .. } => Wire::Ack,
             Disposition::Ack { .. } => {
-                #[cfg(feature = "failpoints")]
+                #[cfg(feature = "_failpoints")]
                 if matches!(disposition, Disposition::Ack { duplicate: false }) {
                     crate::failpoints::hit(crate::failpoints::AFTER_COMMIT_BEFORE_ACK);
                 }
@@ -218,7 +218,7 @@ async fn forward(
     loop {
         match publish_confirmed(channel, "", target, body, props.clone()).await {
             Ok(()) => {
-                #[cfg(feature = "failpoints")]
+                #[cfg(feature = "_failpoints")]
                 crate::failpoints::hit(crate::failpoints::AFTER_RETRY_PUBLISH_BEFORE_ACK);
                 return Wire::Ack;
             }

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::store::{Claim, Completion, DedupStore, OwnerToken, ScopedKey, StoreError};
+use super::store::{
+    Claim, Completion, DedupStore, OwnerToken, ScopedKey, StoreError, StoreErrorKind,
+};
 
 /// Default limit on one store call (connection or pool wait included): 5 s.
 pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -56,7 +58,8 @@ impl Bounded {
             Err(_) => Err(StoreError::new(format!(
                 "store {op} timed out after {:?} (store_timeout)",
                 self.timeout
-            ))),
+            ))
+            .with_kind(StoreErrorKind::Timeout)),
         }
     }
 }
@@ -122,5 +125,73 @@ impl DedupStore for Bounded {
     }
     async fn health(&self) -> Result<(), StoreError> {
         self.run("health probe", self.inner.health()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dedup::MemoryStore;
+
+    /// A store that never answers.
+    #[derive(Debug)]
+    struct Silent;
+
+    #[async_trait]
+    impl DedupStore for Silent {
+        async fn claim(
+            &self,
+            _: &ScopedKey,
+            _: &OwnerToken,
+            _: Option<&str>,
+            _: Duration,
+        ) -> Result<Claim, StoreError> {
+            std::future::pending().await
+        }
+        async fn extend(
+            &self,
+            _: &ScopedKey,
+            _: &OwnerToken,
+            _: Duration,
+        ) -> Result<bool, StoreError> {
+            std::future::pending().await
+        }
+        async fn complete(
+            &self,
+            _: &ScopedKey,
+            _: &OwnerToken,
+            _: Completion,
+            _: Duration,
+        ) -> Result<bool, StoreError> {
+            std::future::pending().await
+        }
+        async fn release(&self, _: &ScopedKey, _: &OwnerToken) -> Result<bool, StoreError> {
+            std::future::pending().await
+        }
+        async fn reopen_poisoned(
+            &self,
+            _: &ScopedKey,
+            _: &OwnerToken,
+            _: Duration,
+        ) -> Result<bool, StoreError> {
+            std::future::pending().await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_store_that_does_not_answer_in_time_is_a_timeout() {
+        let bounded = Bounded::new(Arc::new(Silent), Duration::from_millis(20));
+        let key = ScopedKey::new("c", "k");
+        let err = bounded
+            .claim(&key, &OwnerToken::generate(), None, Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::Timeout);
+        assert!(err.to_string().contains("timed out"), "{err}");
+        // An answer in time is passed through untouched.
+        let quick = Bounded::new(Arc::new(MemoryStore::new()), Duration::from_secs(5));
+        let owner = OwnerToken::generate();
+        let claim = quick.claim(&key, &owner, None, Duration::from_secs(1));
+        assert_eq!(claim.await.unwrap(), Claim::Acquired);
     }
 }

@@ -66,7 +66,7 @@ pub use layer::{
     REPLAY_HEADER,
 };
 pub use memory::MemoryStore;
-pub use store::{Claim, Completion, DedupStore, OwnerToken, ScopedKey, StoreError};
+pub use store::{Claim, Completion, DedupStore, OwnerToken, ScopedKey, StoreError, StoreErrorKind};
 
 #[cfg(test)]
 mod tests;

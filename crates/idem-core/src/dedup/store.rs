@@ -109,31 +109,72 @@ pub enum Claim {
 /// the message is retried, never assumed to be a duplicate, and the handler never runs
 /// without a claim.
 ///
+/// [`kind`](Self::kind) says what went wrong, for code that must tell a store that
+/// did not answer in time from one that refused a statement (health probes, alerts).
+/// The message says it for people; the [`source`](std::error::Error::source) is the
+/// driver's own error when there is one.
+///
 /// Cloning is cheap (the cause is shared): a batched store call that fails hands every
 /// operation in the batch its own copy of the error (see [`Batcher`](super::Batcher)).
 #[derive(Clone, Debug, thiserror::Error)]
 #[error("dedup store unavailable: {message}")]
 pub struct StoreError {
+    kind: StoreErrorKind,
     message: String,
     #[source]
     source: Option<Arc<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
+/// What kind of failure a [`StoreError`] is.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StoreErrorKind {
+    /// The store did not answer within the dedup stage's store timeout, or the
+    /// driver's own timeout (the operation may still have happened).
+    Timeout,
+    /// The store could not be reached: connection refused or dropped, I/O or TLS
+    /// failure, no connection left in the pool.
+    Unavailable,
+    /// The store answered with an error: a database error (a missing table, a
+    /// permission, a constraint), a script error, an answer idem does not understand.
+    Refused,
+    /// The operation was not sent: its arguments break a limit of the store (a key or
+    /// owner longer than the table allows).
+    Invalid,
+    /// Anything else.
+    Other,
+}
+
 impl StoreError {
-    /// An error with a message (which must not contain credentials).
+    /// An error of kind [`StoreErrorKind::Other`] with a message (which must not
+    /// contain credentials). Set the kind with [`with_kind`](Self::with_kind).
     pub fn new(message: impl Into<String>) -> Self {
         StoreError {
+            kind: StoreErrorKind::Other,
             message: message.into(),
             source: None,
         }
     }
 
-    /// An error with a message and its cause.
+    /// An error of kind [`StoreErrorKind::Other`] with a message and its cause.
     pub fn with_source(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
         StoreError {
+            kind: StoreErrorKind::Other,
             message: message.into(),
             source: Some(Arc::from(source.into())),
         }
+    }
+
+    /// This error with kind `kind`.
+    #[must_use]
+    pub fn with_kind(mut self, kind: StoreErrorKind) -> Self {
+        self.kind = kind;
+        self
+    }
+
+    /// What kind of failure this is.
+    pub fn kind(&self) -> StoreErrorKind {
+        self.kind
     }
 }
 
@@ -141,8 +182,8 @@ impl StoreError {
 /// `absent -> processing(owner, lease) -> done(retention)`, `processing -> absent` on
 /// release. Every implementation must make each method a single atomic step.
 ///
-/// The behavioural test suite `conformance` of the workspace's test kit
-/// (`crates/idem-testkit`) runs against every implementation; run it against yours.
+/// The behavioural test suite `idem_core::conformance` (feature `conformance`) runs
+/// against every implementation of idem; run it against yours.
 #[async_trait]
 pub trait DedupStore: Send + Sync + 'static {
     /// Takes the claim if the key is absent or its lease has expired; records the

@@ -10,7 +10,6 @@ mod session;
 mod tx;
 
 use std::fmt;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -20,7 +19,7 @@ use idem_core::__private::{ClassifiedService, DedupedService};
 use idem_core::breaker::HealthCheck;
 use idem_core::consumer::Deduplicate;
 use idem_core::dedup::admission::admit;
-use idem_core::dedup::{DedupSettings, KeyExtractor, MissingKey, StoreError};
+use idem_core::dedup::{DedupSettings, KeyExtractor, MissingKey, StoreError, StoreErrorKind};
 use idem_core::{HandlerError, Message, Processed};
 use sqlx::Pool;
 use tower::util::BoxCloneSyncService;
@@ -96,9 +95,6 @@ pub struct SqlInbox<DB: Backend> {
     table: TableName,
     q: Queries,
     settings: DedupSettings,
-    /// Off once the start counters' table turned out to be missing (a deployment
-    /// that upgraded without `ensure_schema`): messages then run without crash counting.
-    counting: Arc<AtomicBool>,
 }
 
 impl<DB: Backend> Clone for SqlInbox<DB> {
@@ -108,7 +104,6 @@ impl<DB: Backend> Clone for SqlInbox<DB> {
             table: self.table.clone(),
             q: self.q.clone(),
             settings: self.settings.clone(),
-            counting: self.counting.clone(),
         }
     }
 }
@@ -134,7 +129,6 @@ impl<DB: Backend> SqlInbox<DB> {
             pool,
             table,
             settings: DedupSettings::default(),
-            counting: Arc::new(AtomicBool::new(true)),
         }
     }
 
@@ -293,13 +287,14 @@ impl<DB: Backend> Deduplicate for SqlInbox<DB> {
                 };
                 match tokio::time::timeout(limit, probe).await {
                     Ok(Ok(_)) => Ok(()),
-                    Ok(Err(e)) => Err(StoreError::with_source(
+                    Ok(Err(e)) => Err(crate::schema::store_error(
                         format!("SQL inbox on table {table}: health probe failed"),
                         e,
                     )),
                     Err(_) => Err(StoreError::new(format!(
                         "SQL inbox on table {table}: health probe timed out after {limit:?} (store_timeout)"
-                    ))),
+                    ))
+                    .with_kind(StoreErrorKind::Timeout)),
                 }
             })
         }))

@@ -75,16 +75,6 @@ impl Queries {
     }
 }
 
-/// The statement failed because its table does not exist.
-pub(crate) fn is_missing_table(e: &sqlx::Error) -> bool {
-    let Some(db) = e.as_database_error() else {
-        return false;
-    };
-    // PostgreSQL undefined_table; MariaDB/MySQL ER_NO_SUCH_TABLE; SQLite's message.
-    matches!(db.code().as_deref(), Some("42P01" | "42S02"))
-        || db.message().contains("no such table")
-}
-
 /// One more start of a message: a fresh counter, or the live one plus one.
 fn count_start_sql(d: Dialect, t: &TableName) -> String {
     let now = d.now_ms();

@@ -5,16 +5,14 @@
 //! begins the transaction and inserts the dedup row in it; the handler receives the
 //! transaction; `succeeded` commits it, every other outcome rolls it back.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use idem_core::dedup::admission::{Admission, Claimed};
-use idem_core::dedup::{Completion, StoreError};
+use idem_core::dedup::{Completion, StoreError, StoreErrorKind};
 use idem_core::{HandlerError, Message};
 use sqlx::Transaction;
 use tokio::sync::Mutex;
 
-use super::queries::is_missing_table;
 use super::tx::{InboxTx, Scope, Slot, TxClosed};
 use super::SqlInbox;
 use crate::backend::{Arg, Backend, Dialect};
@@ -91,7 +89,7 @@ impl<DB: Backend> InboxSession<DB> {
 
 impl<DB: Backend> Keyed<DB> {
     fn store_error(&self, op: &str, e: sqlx::Error) -> HandlerError {
-        HandlerError::store_unavailable(StoreError::with_source(
+        HandlerError::store_unavailable(crate::schema::store_error(
             format!("SQL inbox {op} on table {} failed", self.inbox.table),
             e,
         ))
@@ -106,10 +104,13 @@ impl<DB: Backend> Keyed<DB> {
         let limit = self.inbox.settings.effective_store_timeout();
         match tokio::time::timeout(limit, step).await {
             Ok(r) => r.map_err(|e| self.store_error(op, e)),
-            Err(_) => Err(HandlerError::store_unavailable(StoreError::new(format!(
-                "SQL inbox {op} on table {} timed out after {limit:?} (store_timeout)",
-                self.inbox.table
-            )))),
+            Err(_) => Err(HandlerError::store_unavailable(
+                StoreError::new(format!(
+                    "SQL inbox {op} on table {} timed out after {limit:?} (store_timeout)",
+                    self.inbox.table
+                ))
+                .with_kind(StoreErrorKind::Timeout),
+            )),
         }
     }
 
@@ -162,9 +163,6 @@ impl<DB: Backend> Keyed<DB> {
     /// starts now; returns how many earlier starts never settled.
     async fn count_start(&self, conn: &mut DB::Connection) -> Result<u32, sqlx::Error> {
         let inbox = &self.inbox;
-        if !inbox.counting.load(Ordering::Relaxed) {
-            return Ok(0);
-        }
         let (c, key) = (&*self.consumer, self.key.as_str());
         let args = vec![text(c), text(key), self.keep()];
         // PostgreSQL and SQLite return the new count from the upsert itself.
@@ -181,12 +179,6 @@ impl<DB: Backend> Keyed<DB> {
                 DB::fetch_int(&mut *conn, &inbox.q.read_start, args)
                     .await?
                     .unwrap_or(1)
-            }
-            Err(e) if is_missing_table(&e) => {
-                if inbox.counting.swap(false, Ordering::Relaxed) {
-                    tracing::warn!(table = %inbox.q.starts_table, "the inbox's start counters table is missing: crash loops are not detected; run ensure_schema() to create it");
-                }
-                return Ok(0);
             }
             Err(e) => return Err(e),
         };
@@ -224,14 +216,9 @@ impl<DB: Backend> Keyed<DB> {
     /// two statements.
     async fn guard(&self, conn: &mut DB::Connection) -> Result<bool, sqlx::Error> {
         let (c, key, q) = (&*self.consumer, self.key.as_str(), &self.inbox.q);
-        let counting = self.inbox.counting.load(Ordering::Relaxed);
         let args = || vec![text(c), text(key)];
         if DB::DIALECT == Dialect::Postgres {
-            let sql = if counting {
-                &q.present_clearing_start
-            } else {
-                &q.present
-            };
+            let sql = &q.present_clearing_start;
             return Ok(DB::fetch_int(&mut *conn, sql, args()).await?.is_some());
         }
         if DB::fetch_int(&mut *conn, &q.present, args())
@@ -240,9 +227,7 @@ impl<DB: Backend> Keyed<DB> {
         {
             return Ok(false);
         }
-        if counting {
-            DB::execute(&mut *conn, &q.clear_start, args()).await?;
-        }
+        DB::execute(&mut *conn, &q.clear_start, args()).await?;
         Ok(true)
     }
 
@@ -250,9 +235,6 @@ impl<DB: Backend> Keyed<DB> {
     /// its start. A failure here only leaves a counter that a later success clears.
     async fn clear_start(&self) {
         let inbox = &self.inbox;
-        if !inbox.counting.load(Ordering::Relaxed) {
-            return;
-        }
         let key = self.key.as_str();
         let cleared = async {
             let mut conn = inbox.pool.acquire().await?;

@@ -15,7 +15,7 @@ macro_rules! sql_suite {
         use std::time::Duration;
 
         use idem_core::dedup::{
-            Claim, Completion, DedupStore, OwnerToken, ScopedKey, REPLAY_HEADER,
+            Claim, Completion, DedupStore, OwnerToken, ScopedKey, StoreErrorKind, REPLAY_HEADER,
         };
         use idem_testkit::conformance;
         use idem_core::{
@@ -475,12 +475,23 @@ macro_rules! sql_suite {
         }
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn inbox_without_starts_table_still_processes() {
+        async fn inbox_without_starts_table_fails_closed_until_ensure_schema() {
             let (pool, _g) = $pool("inbox-nostarts").await;
             let f = InboxFixture::new(pool, Duration::ZERO).await;
             // A deployment that upgraded without ensure_schema(): no counters table.
-            drop_table(&f.pool, &f.inbox.starts_table_name().to_string()).await;
+            // No run-time fallback: the store error retries the message (nothing
+            // applied, nothing lost) and names the missing table.
+            let starts = f.inbox.starts_table_name().to_string();
+            drop_table(&f.pool, &starts).await;
             let w = f.worker();
+            match w.process(Message::new("{}").with_message_id("pay-1")).await {
+                Disposition::Retry { failure, .. } => {
+                    assert!(failure.error.contains(&starts), "{}", failure.error)
+                }
+                other => panic!("expected a retry, got {other:?}"),
+            }
+            assert_eq!(f.effects().await, 0);
+            f.inbox.ensure_schema().await.unwrap();
             for id in ["pay-1", "pay-2"] {
                 assert_eq!(
                     w.process(Message::new("{}").with_message_id(id)).await,
@@ -491,9 +502,31 @@ macro_rules! sql_suite {
             f.drop_tables().await;
         }
 
+        /// A store error says its kind: a statement the database refused (here: no
+        /// such table) is `Refused`, a pool that cannot connect is `Unavailable`.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn store_errors_say_their_kind() {
+            let (store, _g) = new_store("kinds").await;
+            let t = store.table_name().to_string();
+            drop_table(store.pool(), &t).await;
+            let key = ScopedKey::new("c", "k");
+            let lease = Duration::from_secs(5);
+            let err = store
+                .claim(&key, &OwnerToken::generate(), None, lease)
+                .await
+                .unwrap_err();
+            assert_eq!(err.kind(), StoreErrorKind::Refused, "{err}");
+            store.pool().close().await;
+            let err = store
+                .claim(&key, &OwnerToken::generate(), None, lease)
+                .await
+                .unwrap_err();
+            assert_eq!(err.kind(), StoreErrorKind::Unavailable, "{err}");
+        }
+
         /// The lease store counts starts that never settled (crashed claims), not a
         /// retried claim of the same owner; settled outcomes reset the count; a table
-        /// from an older version (no `starts` column) works uncounted until
+        /// from an older version (no `starts` column) is refused until
         /// `ensure_schema` adds the column.
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn store_counts_unsettled_starts_and_upgrades_old_tables() {
@@ -540,11 +573,12 @@ macro_rules! sql_suite {
                 .unwrap();
             let old = SqlStore::<$db>::new(store.pool().clone()).table(store.table_name().clone());
             let k2 = ScopedKey::new("c", "k2");
-            let (c, n) = old
+            // No run-time fallback: the claim fails, naming the store's error, and
+            // ensure_schema is the one upgrade path.
+            let refused = old
                 .claim_counting(&k2, &OwnerToken::generate(), None, lease, memory)
-                .await
-                .unwrap();
-            assert_eq!((c, n), (Claim::Acquired, None), "works, uncounted");
+                .await;
+            assert!(refused.is_err(), "a table without `starts`: {refused:?}");
             old.ensure_schema().await.unwrap();
             let (c, n) = old
                 .claim_counting(

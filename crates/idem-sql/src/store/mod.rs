@@ -1,7 +1,6 @@
 //! The lease store: [`SqlStore`], the same state machine as the Redis store, in a table.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,7 +8,8 @@ use async_trait::async_trait;
 #[cfg(feature = "postgres")]
 use idem_core::dedup::Batcher;
 use idem_core::dedup::{
-    Claim, Completion, DedupStore, OwnerToken, ScopedKey, StoreError, DEFAULT_MAX_BATCH,
+    Claim, Completion, DedupStore, OwnerToken, ScopedKey, StoreError, StoreErrorKind,
+    DEFAULT_MAX_BATCH,
 };
 use sqlx::Pool;
 
@@ -130,8 +130,7 @@ fn text(s: &str) -> Arg {
 /// two parts of a statement touch one row; each operation is still one atomic, fenced
 /// step with the answer it would get alone. What a batch cannot settle in one step
 /// runs the single-row statements below, from its caller: a claim of a key that
-/// already has a row (a duplicate, a busy or expired lease), a reopen, every operation
-/// on a table without the `starts` column. A failed batch statement fails each of its
+/// already has a row (a duplicate, a busy or expired lease), a reopen. A failed batch statement fails each of its
 /// operations with its own copy of the [`StoreError`]; a caller that gives up (the
 /// dedup layer's `store_timeout`) loses only its own answer.
 ///
@@ -166,13 +165,10 @@ struct Inner<DB: Backend> {
     pool: Pool<DB>,
     table: TableName,
     q: Queries,
-    /// Off once the `starts` column turned out to be missing (a table from an older
-    /// version, `ensure_schema` not run): claims are then not counted.
-    counting: AtomicBool,
     max_batch: usize,
     /// PostgreSQL: the batched path (see "Batching" in [`SqlStore`]'s docs).
     #[cfg(feature = "postgres")]
-    batch: Option<Batcher<pg::Exec>>,
+    batch: Option<Batcher<pg_batch::Exec>>,
 }
 
 impl<DB: Backend> Clone for SqlStore<DB> {
@@ -211,7 +207,7 @@ impl<DB: Backend> SqlStore<DB> {
             let pool: Box<dyn std::any::Any> = Box::new(pool.clone());
             pool.downcast::<sqlx::PgPool>()
                 .ok()
-                .map(|pool| Batcher::new(pg::Exec::new(*pool, table.clone()), max_batch))
+                .map(|pool| Batcher::new(pg_batch::Exec::new(*pool, table.clone()), max_batch))
         } else {
             None
         };
@@ -220,7 +216,6 @@ impl<DB: Backend> SqlStore<DB> {
                 q: Queries::new(DB::DIALECT, &table),
                 pool,
                 table,
-                counting: AtomicBool::new(true),
                 max_batch,
                 #[cfg(feature = "postgres")]
                 batch,
@@ -258,10 +253,13 @@ impl<DB: Backend> SqlStore<DB> {
     /// Runs `op` through the batched path; `None` when this store does not batch or
     /// the batch left it to the single-row statements.
     #[cfg(feature = "postgres")]
-    async fn batched(&self, op: impl FnOnce() -> pg::Op) -> Result<Option<pg::Answer>, StoreError> {
+    async fn batched(
+        &self,
+        op: impl FnOnce() -> pg_batch::Op,
+    ) -> Result<Option<pg_batch::Answer>, StoreError> {
         if let Some(batch) = &self.inner.batch {
             return match batch.submit(op()).await? {
-                pg::Answer::Fallback => Ok(None),
+                pg_batch::Answer::Fallback => Ok(None),
                 answer => Ok(Some(answer)),
             };
         }
@@ -272,10 +270,10 @@ impl<DB: Backend> SqlStore<DB> {
     #[cfg(feature = "postgres")]
     async fn batched_settle(
         &self,
-        op: impl FnOnce() -> pg::Op,
+        op: impl FnOnce() -> pg_batch::Op,
     ) -> Result<Option<bool>, StoreError> {
         match self.batched(op).await? {
-            Some(pg::Answer::Settled(done)) => Ok(Some(done)),
+            Some(pg_batch::Answer::Settled(done)) => Ok(Some(done)),
             Some(_) => Err(StoreError::new(
                 "SQL dedup batch answered a settle with a claim",
             )),
@@ -293,7 +291,7 @@ impl<DB: Backend> SqlStore<DB> {
         lease: Duration,
         counting: bool,
     ) -> Result<Option<Option<u32>>, StoreError> {
-        let op = || pg::Op::Claim {
+        let op = || pg_batch::Op::Claim {
             key: key.clone(),
             owner: owner.clone(),
             fingerprint: fingerprint.map(str::to_owned),
@@ -301,7 +299,7 @@ impl<DB: Backend> SqlStore<DB> {
             counting,
         };
         match self.batched(op).await? {
-            Some(pg::Answer::Acquired(starts)) => Ok(Some(starts)),
+            Some(pg_batch::Answer::Acquired(starts)) => Ok(Some(starts)),
             Some(_) => Err(StoreError::new(
                 "SQL dedup batch answered a claim with a settle",
             )),
@@ -330,8 +328,9 @@ impl<DB: Backend> SqlStore<DB> {
     /// Also adds the `starts` column (crash counting, see [`idem_core::crash`]) to a
     /// table created by an older version: `ALTER TABLE ... ADD COLUMN starts BIGINT
     /// NOT NULL DEFAULT 0` when the column is missing, so upgrading needs only this
-    /// call (or that statement in your migrations). Without the column the store
-    /// works as before, without crash counting.
+    /// call (or that statement in your migrations). This is the only upgrade path:
+    /// the store does not adapt to an older table at run time, and a claim on a
+    /// table without the column fails with a store error naming the column.
     pub async fn ensure_schema(&self) -> Result<(), StoreError> {
         let i = &self.inner;
         schema::ensure_schema(&i.pool, &i.table).await?;
@@ -352,7 +351,6 @@ impl<DB: Backend> SqlStore<DB> {
                 return Err(err(e));
             }
         }
-        i.counting.store(true, Ordering::Relaxed);
         Ok(())
     }
 
@@ -376,7 +374,7 @@ impl<DB: Backend> SqlStore<DB> {
     fn err(&self, op: &str) -> impl Fn(sqlx::Error) -> StoreError + '_ {
         let table = &self.inner.table;
         let op = op.to_owned();
-        move |e| StoreError::with_source(format!("SQL dedup {op} on table {table} failed"), e)
+        move |e| schema::store_error(format!("SQL dedup {op} on table {table} failed"), e)
     }
 
     async fn exec(&self, op: &str, sql: &str, args: Vec<Arg>) -> Result<u64, StoreError> {
@@ -387,33 +385,6 @@ impl<DB: Backend> SqlStore<DB> {
     }
 }
 
-/// Why a claim failed.
-enum ClaimError {
-    /// The counting statements need the `starts` column, which this table lacks.
-    MissingColumn,
-    Store(StoreError),
-}
-
-impl ClaimError {
-    fn into_store(self) -> StoreError {
-        match self {
-            ClaimError::Store(e) => e,
-            ClaimError::MissingColumn => StoreError::new("the dedup table has no `starts` column"),
-        }
-    }
-}
-
-/// The statement failed because a column does not exist.
-fn is_missing_column(e: &sqlx::Error) -> bool {
-    let Some(db) = e.as_database_error() else {
-        return false;
-    };
-    // PostgreSQL undefined_column; MariaDB/MySQL ER_BAD_FIELD_ERROR; SQLite's message.
-    matches!(db.code().as_deref(), Some("42703" | "42S22"))
-        || db.message().contains("no such column")
-        || db.message().contains("has no column named")
-}
-
 impl<DB: Backend> SqlStore<DB> {
     /// An acquired claim, with its earlier unsettled starts when counting.
     async fn acquired(
@@ -422,17 +393,14 @@ impl<DB: Backend> SqlStore<DB> {
         key: &ScopedKey,
         owner: &OwnerToken,
         counting: bool,
-    ) -> Result<(Claim, Option<u32>), ClaimError> {
+    ) -> Result<(Claim, Option<u32>), StoreError> {
         if !counting {
             return Ok((Claim::Acquired, None));
         }
         let args = vec![text(key.consumer()), text(key.key()), text(owner.as_str())];
         let n = DB::fetch_int(conn, &self.inner.q.read_starts, args)
             .await
-            .map_err(|e| match is_missing_column(&e) {
-                true => ClaimError::MissingColumn,
-                false => ClaimError::Store(self.err("claim")(e)),
-            })?
+            .map_err(self.err("claim"))?
             .unwrap_or(1);
         Ok((
             Claim::Acquired,
@@ -450,35 +418,21 @@ impl<DB: Backend> SqlStore<DB> {
         fingerprint: Option<&str>,
         lease: Duration,
         counting: bool,
-    ) -> Result<(Claim, Option<u32>), ClaimError> {
+    ) -> Result<(Claim, Option<u32>), StoreError> {
         DB::DIALECT
             .check_lengths(key.consumer(), key.key(), Some(owner.as_str()), fingerprint)
             .map_err(|m| {
-                ClaimError::Store(StoreError::new(format!(
-                    "SQL dedup claim of {key} refused: {m}"
-                )))
+                StoreError::new(format!("SQL dedup claim of {key} refused: {m}"))
+                    .with_kind(StoreErrorKind::Invalid)
             })?;
         let q = &self.inner.q;
-        let plain = self.err("claim");
-        let err = |e: sqlx::Error| {
-            if counting && is_missing_column(&e) {
-                ClaimError::MissingColumn
-            } else {
-                ClaimError::Store(plain(e))
-            }
-        };
+        let err = self.err("claim");
         let (insert, take_over) = if counting {
             (&q.insert_counting, &q.take_over_counting)
         } else {
             (&q.insert, &q.take_over)
         };
-        let mut conn = self
-            .inner
-            .pool
-            .acquire()
-            .await
-            .map_err(&plain)
-            .map_err(ClaimError::Store)?;
+        let mut conn = self.inner.pool.acquire().await.map_err(&err)?;
         let fp = Arg::OptText(fingerprint.map(str::to_owned));
         // A row can expire or be deleted between the statements: settle in a few rounds.
         for _ in 0..4 {
@@ -489,7 +443,7 @@ impl<DB: Backend> SqlStore<DB> {
                 fp.clone(),
                 Arg::Int(ms(lease)),
             ];
-            if DB::execute(&mut *conn, insert, args).await.map_err(err)? == 1 {
+            if DB::execute(&mut *conn, insert, args).await.map_err(&err)? == 1 {
                 return self.acquired(&mut *conn, key, owner, counting).await;
             }
             let args = vec![
@@ -501,7 +455,7 @@ impl<DB: Backend> SqlStore<DB> {
             ];
             if DB::execute(&mut *conn, take_over, args)
                 .await
-                .map_err(err)?
+                .map_err(&err)?
                 == 1
             {
                 return self.acquired(&mut *conn, key, owner, counting).await;
@@ -510,7 +464,7 @@ impl<DB: Backend> SqlStore<DB> {
             let Some((state, row_owner, row_fp, left)) =
                 DB::fetch_record(&mut *conn, &q.record, args)
                     .await
-                    .map_err(err)?
+                    .map_err(&err)?
             else {
                 continue;
             };
@@ -538,9 +492,9 @@ impl<DB: Backend> SqlStore<DB> {
                 counting.then_some(0),
             ));
         }
-        Err(ClaimError::Store(StoreError::new(format!(
+        Err(StoreError::new(format!(
             "SQL dedup claim of {key} did not settle (the row kept changing)"
-        ))))
+        )))
     }
 }
 
@@ -564,7 +518,6 @@ impl<DB: Backend> DedupStore for SqlStore<DB> {
         self.claim_with(key, owner, fingerprint, lease, false)
             .await
             .map(|(claim, _)| claim)
-            .map_err(ClaimError::into_store)
     }
 
     async fn claim_counting(
@@ -575,25 +528,14 @@ impl<DB: Backend> DedupStore for SqlStore<DB> {
         lease: Duration,
         _memory: Duration,
     ) -> Result<(Claim, Option<u32>), StoreError> {
-        if self.inner.counting.load(Ordering::Relaxed) {
-            #[cfg(feature = "postgres")]
-            if let Some(starts) = self
-                .batched_claim(key, owner, fingerprint, lease, true)
-                .await?
-            {
-                return Ok((Claim::Acquired, starts));
-            }
-            match self.claim_with(key, owner, fingerprint, lease, true).await {
-                Err(ClaimError::MissingColumn) => {
-                    if self.inner.counting.swap(false, Ordering::Relaxed) {
-                        tracing::warn!(table = %self.inner.table, "the dedup table has no `starts` column: crash loops are not detected; run ensure_schema() to add it");
-                    }
-                }
-                other => return other.map_err(ClaimError::into_store),
-            }
+        #[cfg(feature = "postgres")]
+        if let Some(starts) = self
+            .batched_claim(key, owner, fingerprint, lease, true)
+            .await?
+        {
+            return Ok((Claim::Acquired, starts));
         }
-        let claim = self.claim(key, owner, fingerprint, lease).await?;
-        Ok((claim, None))
+        self.claim_with(key, owner, fingerprint, lease, true).await
     }
 
     async fn extend(
@@ -604,7 +546,7 @@ impl<DB: Backend> DedupStore for SqlStore<DB> {
     ) -> Result<bool, StoreError> {
         #[cfg(feature = "postgres")]
         if let Some(done) = self
-            .batched_settle(|| pg::Op::Update {
+            .batched_settle(|| pg_batch::Op::Update {
                 key: key.clone(),
                 owner: owner.clone(),
                 state: None,
@@ -636,7 +578,7 @@ impl<DB: Backend> DedupStore for SqlStore<DB> {
         };
         #[cfg(feature = "postgres")]
         if let Some(done) = self
-            .batched_settle(|| pg::Op::Update {
+            .batched_settle(|| pg_batch::Op::Update {
                 key: key.clone(),
                 owner: owner.clone(),
                 state: Some(state),
@@ -659,7 +601,7 @@ impl<DB: Backend> DedupStore for SqlStore<DB> {
     async fn release(&self, key: &ScopedKey, owner: &OwnerToken) -> Result<bool, StoreError> {
         #[cfg(feature = "postgres")]
         if let Some(done) = self
-            .batched_settle(|| pg::Op::Release {
+            .batched_settle(|| pg_batch::Op::Release {
                 key: key.clone(),
                 owner: owner.clone(),
             })
@@ -690,283 +632,4 @@ impl<DB: Backend> DedupStore for SqlStore<DB> {
 /// The batched path of the lease store on PostgreSQL: see [`SqlStore`]'s docs,
 /// "Batching".
 #[cfg(feature = "postgres")]
-mod pg {
-    use std::collections::HashMap;
-    use std::sync::atomic::{AtomicBool, Ordering};
-
-    use async_trait::async_trait;
-    use idem_core::dedup::{BatchExecutor, OwnerToken, ScopedKey, StoreError};
-    use sqlx::{PgPool, Row};
-
-    use super::{ms, PROCESSING};
-    use crate::backend::Dialect;
-    use crate::schema::TableName;
-
-    /// One batched operation.
-    pub(crate) enum Op {
-        /// Insert-if-absent (the first step of a claim).
-        Claim {
-            key: ScopedKey,
-            owner: OwnerToken,
-            fingerprint: Option<String>,
-            lease: std::time::Duration,
-            counting: bool,
-        },
-        /// Complete (`state` given) or extend (`state` `None`) a held claim.
-        Update {
-            key: ScopedKey,
-            owner: OwnerToken,
-            state: Option<&'static str>,
-            ms: i64,
-        },
-        /// Release a held claim.
-        Release { key: ScopedKey, owner: OwnerToken },
-    }
-
-    impl Op {
-        fn key(&self) -> &ScopedKey {
-            match self {
-                Op::Claim { key, .. } | Op::Update { key, .. } | Op::Release { key, .. } => key,
-            }
-        }
-    }
-
-    /// The answer to one batched operation.
-    pub(crate) enum Answer {
-        /// The claim was inserted: acquired, with its earlier starts when counting.
-        Acquired(Option<u32>),
-        /// The update or release applied (`true`) or found no claim of its owner.
-        Settled(bool),
-        /// Not settled by the batch: the caller runs the single-row statements (a
-        /// claim of a key that has a row, or a table without the `starts` column).
-        Fallback,
-    }
-
-    /// Runs batches in one statement per round (one connection), each operation's key
-    /// at most once per round.
-    pub(crate) struct Exec {
-        pub(crate) pool: PgPool,
-        pub(crate) table: TableName,
-        sql: String,
-        /// Off once the batch statement met a table without `starts`.
-        usable: AtomicBool,
-    }
-
-    impl Exec {
-        pub(crate) fn new(pool: PgPool, table: TableName) -> Self {
-            let now = Dialect::Postgres.now_ms();
-            let t = &table;
-            // Three data-modifying CTEs on disjoint keys (one operation per key per
-            // round), so none can see or hide another's row change.
-            let sql = format!(
-                "WITH ins AS (\
-                   INSERT INTO {t} (consumer, idem_key, state, owner, fingerprint, expires_at, starts) \
-                   SELECT v.consumer, v.idem_key, '{PROCESSING}', v.owner, v.fingerprint, {now} + v.ms, v.starts \
-                   FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[]) \
-                     AS v(consumer, idem_key, owner, fingerprint, ms, starts) \
-                   ON CONFLICT DO NOTHING \
-                   RETURNING consumer, idem_key, owner), \
-                 upd AS (\
-                   UPDATE {t} AS d SET state = COALESCE(v.state, d.state), expires_at = {now} + v.ms \
-                   FROM unnest($7::text[], $8::text[], $9::text[], $10::text[], $11::bigint[]) WITH ORDINALITY \
-                     AS v(consumer, idem_key, owner, state, ms, i) \
-                   WHERE d.consumer = v.consumer AND d.idem_key = v.idem_key AND d.state = '{PROCESSING}' \
-                     AND d.owner = v.owner AND d.expires_at > {now} \
-                   RETURNING v.i), \
-                 del AS (\
-                   DELETE FROM {t} AS d \
-                   USING unnest($12::text[], $13::text[], $14::text[]) WITH ORDINALITY AS v(consumer, idem_key, owner, i) \
-                   WHERE d.consumer = v.consumer AND d.idem_key = v.idem_key AND d.state = '{PROCESSING}' \
-                     AND d.owner = v.owner AND d.expires_at > {now} \
-                   RETURNING v.i) \
-                 SELECT 0::bigint AS kind, 0::bigint AS i, consumer, idem_key, owner FROM ins \
-                 UNION ALL SELECT 1, i, NULL, NULL, NULL FROM upd \
-                 UNION ALL SELECT 2, i, NULL, NULL, NULL FROM del"
-            );
-            Exec {
-                pool,
-                table,
-                sql,
-                usable: AtomicBool::new(true),
-            }
-        }
-
-        fn error(&self, e: sqlx::Error, ops: usize) -> StoreError {
-            StoreError::with_source(
-                format!(
-                    "SQL dedup batch of {ops} operations on table {} failed",
-                    self.table
-                ),
-                e,
-            )
-        }
-
-        /// One round: every key at most once. Returns one answer per operation.
-        async fn round(
-            &self,
-            conn: &mut sqlx::PgConnection,
-            ops: &[&Op],
-        ) -> Result<Vec<Answer>, sqlx::Error> {
-            let mut ins: [Vec<Option<String>>; 4] = Default::default();
-            let (mut ins_ms, mut ins_starts) = (Vec::new(), Vec::new());
-            let mut upd: [Vec<Option<String>>; 4] = Default::default();
-            let mut upd_ms = Vec::new();
-            let mut del: [Vec<String>; 3] = Default::default();
-            // Where each update / release sits in `ops`, by its ordinal (1-based).
-            let (mut upd_at, mut del_at) = (Vec::new(), Vec::new());
-            let mut claim_at: HashMap<(&str, &str, &str), usize> = HashMap::new();
-            for (n, op) in ops.iter().enumerate() {
-                match op {
-                    Op::Claim {
-                        key,
-                        owner,
-                        fingerprint,
-                        lease,
-                        counting,
-                    } => {
-                        ins[0].push(Some(key.consumer().to_owned()));
-                        ins[1].push(Some(key.key().to_owned()));
-                        ins[2].push(Some(owner.as_str().to_owned()));
-                        ins[3].push(fingerprint.clone());
-                        ins_ms.push(ms(*lease));
-                        ins_starts.push(i64::from(*counting));
-                        claim_at.insert((key.consumer(), key.key(), owner.as_str()), n);
-                    }
-                    Op::Update {
-                        key,
-                        owner,
-                        state,
-                        ms,
-                    } => {
-                        upd[0].push(Some(key.consumer().to_owned()));
-                        upd[1].push(Some(key.key().to_owned()));
-                        upd[2].push(Some(owner.as_str().to_owned()));
-                        upd[3].push(state.map(str::to_owned));
-                        upd_ms.push(*ms);
-                        upd_at.push(n);
-                    }
-                    Op::Release { key, owner } => {
-                        del[0].push(key.consumer().to_owned());
-                        del[1].push(key.key().to_owned());
-                        del[2].push(owner.as_str().to_owned());
-                        del_at.push(n);
-                    }
-                }
-            }
-            let [c, k, o, f] = ins;
-            let [uc, uk, uo, us] = upd;
-            let [dc, dk, dout] = del;
-            let rows = sqlx::query(&self.sql)
-                .bind(c)
-                .bind(k)
-                .bind(o)
-                .bind(f)
-                .bind(ins_ms)
-                .bind(ins_starts)
-                .bind(uc)
-                .bind(uk)
-                .bind(uo)
-                .bind(us)
-                .bind(upd_ms)
-                .bind(dc)
-                .bind(dk)
-                .bind(dout)
-                .fetch_all(&mut *conn)
-                .await?;
-            let mut answers: Vec<Answer> = ops
-                .iter()
-                .map(|op| match op {
-                    Op::Claim { .. } => Answer::Fallback,
-                    _ => Answer::Settled(false),
-                })
-                .collect();
-            for row in rows {
-                let kind: i64 = row.try_get("kind")?;
-                let at = match kind {
-                    0 => {
-                        let consumer: String = row.try_get("consumer")?;
-                        let key: String = row.try_get("idem_key")?;
-                        let owner: String = row.try_get("owner")?;
-                        claim_at
-                            .get(&(consumer.as_str(), key.as_str(), owner.as_str()))
-                            .copied()
-                    }
-                    _ => {
-                        let i: i64 = row.try_get("i")?;
-                        let list = if kind == 1 { &upd_at } else { &del_at };
-                        usize::try_from(i - 1)
-                            .ok()
-                            .and_then(|i| list.get(i))
-                            .copied()
-                    }
-                };
-                let Some(at) = at else { continue };
-                answers[at] = match ops[at] {
-                    // An inserted row is a first start: no earlier ones.
-                    Op::Claim { counting, .. } => Answer::Acquired(counting.then_some(0)),
-                    _ => Answer::Settled(true),
-                };
-            }
-            Ok(answers)
-        }
-    }
-
-    #[async_trait]
-    impl BatchExecutor for Exec {
-        type Op = Op;
-        type Output = Answer;
-
-        async fn execute(&self, ops: Vec<Op>) -> Vec<Result<Answer, StoreError>> {
-            if !self.usable.load(Ordering::Relaxed) {
-                return ops.iter().map(|_| Ok(Answer::Fallback)).collect();
-            }
-            // Rounds: the n-th operation on a key goes in round n.
-            let mut seen: HashMap<&ScopedKey, usize> = HashMap::new();
-            let mut rounds: Vec<Vec<usize>> = Vec::new();
-            for (i, op) in ops.iter().enumerate() {
-                let r = seen.entry(op.key()).or_insert(0);
-                if rounds.len() <= *r {
-                    rounds.push(Vec::new());
-                }
-                rounds[*r].push(i);
-                *r += 1;
-            }
-            let mut out: Vec<Option<Result<Answer, StoreError>>> =
-                ops.iter().map(|_| None).collect();
-            let mut conn = match self.pool.acquire().await {
-                Ok(c) => c,
-                Err(e) => {
-                    let e = self.error(e, ops.len());
-                    return ops.iter().map(|_| Err(e.clone())).collect();
-                }
-            };
-            for members in rounds {
-                let round: Vec<&Op> = members.iter().map(|&i| &ops[i]).collect();
-                match self.round(&mut conn, &round).await {
-                    Ok(answers) => {
-                        for (&i, a) in members.iter().zip(answers) {
-                            out[i] = Some(Ok(a));
-                        }
-                    }
-                    Err(e) if super::is_missing_column(&e) => {
-                        // A table from before `starts`: the single-row statements
-                        // handle it (and warn once).
-                        self.usable.store(false, Ordering::Relaxed);
-                        for &i in &members {
-                            out[i] = Some(Ok(Answer::Fallback));
-                        }
-                    }
-                    Err(e) => {
-                        let e = self.error(e, members.len());
-                        for &i in &members {
-                            out[i] = Some(Err(e.clone()));
-                        }
-                    }
-                }
-            }
-            out.into_iter()
-                .map(|a| a.unwrap_or(Ok(Answer::Fallback)))
-                .collect()
-        }
-    }
-}
+mod pg_batch;

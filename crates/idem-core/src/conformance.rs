@@ -6,20 +6,22 @@
 //! and panics with a description on the first violation. It takes about two seconds:
 //! lease expiry is tested with real time.
 //!
-//! It lives in this test kit, not in idem-core, so production builds do not compile it.
-//! Add `idem-testkit` as a dev-dependency and call it from an integration test:
+//! It is compiled only with the `conformance` feature (`idem`'s feature of the same
+//! name), which belongs in your dev-dependencies, so production builds compile none of
+//! it. Call it from an integration test with a scope no other run uses:
 //!
 //! ```no_run
 //! # async fn demo() {
 //! let store = idem_core::MemoryStore::new();
-//! idem_testkit::conformance::run(&store, &idem_testkit::unique("my-store")).await;
+//! let scope = format!("my-store-{}", uuid::Uuid::new_v4());
+//! idem_core::conformance::run(&store, &scope).await;
 //! # }
 //! ```
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use idem_core::dedup::{Claim, Completion, DedupStore, OwnerToken, ScopedKey, StoreError};
+use crate::dedup::{Claim, Completion, DedupStore, OwnerToken, ScopedKey, StoreError};
 
 const LEASE: Duration = Duration::from_millis(400);
 const LONG: Duration = Duration::from_secs(3600);
