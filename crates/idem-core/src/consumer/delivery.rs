@@ -198,8 +198,8 @@ impl Consumer {
         let Some((failure, origin)) = failed else {
             return match decision {
                 Decision::Ack { duplicate } => Disposition::Ack { duplicate },
-                // Without a failure the policy only acks; anything else would be a bug
-                // of the policy, and an ack is the settlement that loses nothing here.
+                // The stack succeeded, and the policy acks every success: an ack is
+                // right whatever it said.
                 _ => Disposition::Ack { duplicate: false },
             };
         };

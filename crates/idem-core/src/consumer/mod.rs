@@ -71,13 +71,14 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tower::util::BoxCloneSyncService;
+use tower::Layer;
+
 use crate::backoff::Backoff;
 use crate::breaker::{CircuitBreaker, HealthCheck};
 use crate::crash::CrashGuard;
 use crate::dedup::{DedupLayer, DedupSettings};
 use crate::outcome::{DeadLetterHook, DeadLettered, Disposition, Settled};
-use tower::util::BoxCloneSyncService;
-use tower::Layer;
 
 use crate::__private::{ClassifiedService, DedupedService};
 
