@@ -94,7 +94,7 @@ pub(crate) fn delivery_info(
     queue: &str,
 ) -> DeliveryInfo {
     let read = idem_core::read::read_in::<String>;
-    DeliveryInfo {
+    let mut info = DeliveryInfo {
         exchange: read(msg, idem_headers::ORIGINAL_EXCHANGE)
             .unwrap_or_else(|| exchange.as_str().to_owned()),
         routing_key: read(msg, idem_headers::ORIGINAL_ROUTING_KEY)
@@ -102,7 +102,13 @@ pub(crate) fn delivery_info(
         queue: queue.to_owned(),
         redelivered,
         attempt: 1,
-    }
+        ..DeliveryInfo::default()
+    };
+    // The broker's own count, under the header rule (quiet: a broker writes it, and a
+    // malformed value counts as none).
+    info.delivery_count =
+        idem_core::read::read_quiet::<u32>(msg, idem_headers::BROKER_DELIVERY_COUNT).unwrap_or(0);
+    info
 }
 
 /// Maps the header values idem can represent; see the [module docs](self).

@@ -24,24 +24,16 @@ pub(crate) fn over_limit(msg: &Message, consumer: &str, limit: Option<u32>) -> O
         limit,
         "delivery limit exceeded across copies; dead-lettering without running"
     );
-    let failure = Failure {
-        kind: ErrorKind::Permanent,
-        error: format!(
-            "delivered {prior} times without being settled, more than the queue's x-delivery-limit ({limit}), counted across idem's busy copies"
-        ),
-        // Already read (and a malformed value logged) when the delivery was converted.
-        attempts: idem_core::read::read_quiet::<u32>(msg, idem_headers::ATTEMPTS).unwrap_or(0),
-        first_failed_at: idem_core::read::read_quiet::<SystemTime>(
-            msg,
-            idem_headers::FIRST_FAILED_AT,
-        )
-        .map_or(now, |t| t.min(now)),
-        last_failed_at: now,
-        key: msg.properties.message_id.clone(),
-        error_type: None,
-        immediate_retries: 0,
-        backtrace: None,
-    };
+    let error = format!(
+        "delivered {prior} times without being settled, more than the queue's x-delivery-limit ({limit}), counted across idem's busy copies"
+    );
+    // Already read (and a malformed value logged) when the delivery was converted.
+    let attempts = idem_core::read::read_quiet::<u32>(msg, idem_headers::ATTEMPTS).unwrap_or(0);
+    let mut failure = Failure::new(ErrorKind::Permanent, &error, attempts, now);
+    failure.first_failed_at =
+        idem_core::read::read_quiet::<SystemTime>(msg, idem_headers::FIRST_FAILED_AT)
+            .map_or(now, |t| t.min(now));
+    failure.key = msg.properties.message_id.clone();
     Some(Disposition::dead_letter(msg, consumer, failure))
 }
 
@@ -53,23 +45,16 @@ mod tests {
     use idem_core::HeaderValue;
 
     fn failure(attempts: u32) -> Failure {
-        Failure {
-            kind: ErrorKind::Transient,
-            error: "x".into(),
-            attempts,
-            first_failed_at: SystemTime::now(),
-            last_failed_at: SystemTime::now(),
-            key: None,
-            error_type: None,
-            immediate_retries: 0,
-            backtrace: None,
-        }
+        Failure::new(ErrorKind::Transient, "x", attempts, SystemTime::now())
     }
 
     #[test]
     fn busy_copies_carry_the_count_and_settled_ones_reset_it() {
+        // As the transport converts a quorum queue's third delivery: the header kept
+        // (to be zeroed on the copy), its count in the delivery info.
         let mut m = Message::new("x").with_header(BROKER_DELIVERY_COUNT_HEADER, 2u32);
         m.delivery.redelivered = true;
+        m.delivery.delivery_count = 2;
         let busy = failure(0).retry_headers(&m);
         assert_eq!(busy[DELIVERY_COUNT_HEADER], HeaderValue::Int(2));
         assert_eq!(busy[BROKER_DELIVERY_COUNT_HEADER], HeaderValue::Int(0));
@@ -79,6 +64,7 @@ mod tests {
             .with_header(DELIVERY_COUNT_HEADER, 2u32)
             .with_header(BROKER_DELIVERY_COUNT_HEADER, 1u32);
         copy.delivery.redelivered = true;
+        copy.delivery.delivery_count = 1;
         let again = failure(0).retry_headers(&copy);
         assert_eq!(again[DELIVERY_COUNT_HEADER], HeaderValue::Int(3));
         let settled = failure(1).retry_headers(&copy);

@@ -44,16 +44,8 @@ use crate::message::Message;
 /// before it is dead-lettered instead of run again.
 pub const DEFAULT_CRASH_LIMIT: u32 = 3;
 
-/// Header idem writes on a retry copy that was answered "busy" (the message's claim
-/// was still held, typically by a worker that just died): how many times the message
-/// was delivered before without being settled, carried over from the broker's
-/// `redelivered` flag, the quorum queue's `x-delivery-count` and earlier copies. A
-/// copy carrying it is a suspect, and the transport can enforce a delivery limit
-/// across copies with it.
-pub const DELIVERY_COUNT_HEADER: &str = "x-idem-delivery-count";
-
-/// The delivery-count header RabbitMQ quorum queues set on redeliveries.
-pub const BROKER_DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
+pub use crate::headers::BROKER_DELIVERY_COUNT as BROKER_DELIVERY_COUNT_HEADER;
+pub use crate::headers::DELIVERY_COUNT as DELIVERY_COUNT_HEADER;
 
 /// The message started `times` times and never settled (its worker crashed, was
 /// killed or hung each time). Permanent: it is dead-lettered without running again.
@@ -73,10 +65,11 @@ fn header_count(msg: &Message, name: &str) -> u32 {
 /// How many times this message was delivered before without being settled, as far as
 /// the transport can tell: the count carried on idem's copies
 /// ([`DELIVERY_COUNT_HEADER`]) plus this delivery's own redeliveries (the broker's
-/// `x-delivery-count` when present, else 1 if it is flagged `redelivered`).
+/// count, [`DeliveryInfo::delivery_count`](crate::DeliveryInfo::delivery_count), when
+/// it is not 0, else 1 if it is flagged `redelivered`).
 pub fn prior_deliveries(msg: &Message) -> u32 {
     let carried = header_count(msg, DELIVERY_COUNT_HEADER);
-    let broker = header_count(msg, BROKER_DELIVERY_COUNT_HEADER);
+    let broker = msg.delivery.delivery_count;
     let own = if broker > 0 {
         broker
     } else {
@@ -184,7 +177,8 @@ mod tests {
         let mut r = Message::new("x");
         r.delivery.redelivered = true;
         assert_eq!(prior_deliveries(&r), 1);
-        let q = r.clone().with_header(BROKER_DELIVERY_COUNT_HEADER, 2u32);
+        let mut q = r.clone();
+        q.delivery.delivery_count = 2;
         assert_eq!(prior_deliveries(&q), 2);
         let c = Message::new("x").with_header(DELIVERY_COUNT_HEADER, 3u32);
         assert!(is_suspect(&c));

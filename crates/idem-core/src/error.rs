@@ -58,16 +58,49 @@ impl fmt::Display for ErrorKind {
 /// Not a `std::error::Error` itself (like `anyhow::Error`), so that every
 /// `std::error::Error` converts into it with `?`.
 pub struct HandlerError {
-    kind: Option<ErrorKind>,
-    retry_after: Option<Duration>,
-    counts_attempt: bool,
-    store_failure: bool,
-    release: bool,
-    discard: bool,
+    verdict: Verdict,
     key: Option<String>,
     type_name: Option<&'static str>,
     backtrace: Option<Box<Backtrace>>,
     source: BoxError,
+}
+
+/// What a failure asks of the consumer: one variant per outcome, so that no
+/// contradictory combination (a permanent error with a retry delay, a release that
+/// spends an attempt) can be built. Read by the retry policy
+/// ([`crate::consumer::policy`]), the circuit breaker and the dedup admission.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// A failure of the handler (or of the stack around it) that spends an attempt.
+    /// `None` until the consumer's classifier decides; still `None` after it (an
+    /// error raised above the classifier) counts as transient.
+    Fail(Option<ErrorKind>),
+    /// A transient failure whose retry waits at least this long; spends an attempt.
+    RetryAfter(Duration),
+    /// The key is held elsewhere under a live lease: retry after this delay without
+    /// spending an attempt.
+    Busy(Duration),
+    /// The dedup store failed (transient, spends an attempt, counted by the circuit
+    /// breaker as a store failure).
+    StoreDown,
+    /// Hand the delivery back untouched: no attempt, no copy, never dead-lettered.
+    Release,
+    /// The handler dropped the message on purpose.
+    Discard,
+}
+
+impl Verdict {
+    /// The kind this verdict reports through [`HandlerError::kind`].
+    fn kind(self) -> Option<ErrorKind> {
+        match self {
+            Verdict::Fail(kind) => kind,
+            Verdict::RetryAfter(_) | Verdict::Busy(_) | Verdict::StoreDown | Verdict::Release => {
+                Some(ErrorKind::Transient)
+            }
+            // Never retried, and not a failure to the breaker's handler failure rate.
+            Verdict::Discard => Some(ErrorKind::Permanent),
+        }
+    }
 }
 
 tokio::task_local! {
@@ -156,17 +189,21 @@ impl HandlerError {
     pub fn discard<E: Into<BoxError>>(reason: E) -> Self {
         // Permanent: never retried, and not a failure to the circuit breaker's handler
         // failure rate.
-        let mut e = Self::permanent(reason);
-        e.discard = true;
-        e
+        Self::with_verdict(
+            Verdict::Discard,
+            reason.into(),
+            informative_type_name::<E>(),
+        )
     }
 
     /// A transient error whose retry must wait at least `delay` (rounded up to a delay
     /// tier by the transport).
-    pub fn retry_after(delay: Duration, err: impl Into<BoxError>) -> Self {
-        let mut e = Self::transient(err);
-        e.retry_after = Some(delay);
-        e
+    pub fn retry_after<E: Into<BoxError>>(delay: Duration, err: E) -> Self {
+        Self::with_verdict(
+            Verdict::RetryAfter(delay),
+            err.into(),
+            informative_type_name::<E>(),
+        )
     }
 
     /// An error whose kind the consumer's classifier decides.
@@ -178,9 +215,11 @@ impl HandlerError {
     /// `delay` without spending an attempt. Crate-private: a handler returning it would
     /// be retried forever (dedup stages in other crates use `__private::busy`).
     pub(crate) fn busy(delay: Duration) -> Self {
-        let mut e = Self::retry_after(delay, "message is being processed by another worker");
-        e.counts_attempt = false;
-        e
+        Self::with_verdict(
+            Verdict::Busy(delay),
+            "message is being processed by another worker".into(),
+            None,
+        )
     }
 
     /// The dedup store (or inbox database) failed: unreachable, timed out, reset.
@@ -188,57 +227,42 @@ impl HandlerError {
     /// [`CircuitBreaker`](crate::breaker::CircuitBreaker) as a store failure. Dedup
     /// stages return this for their own store calls; a handler's own errors are not
     /// store failures even when they come from the same database.
-    pub fn store_unavailable(err: impl Into<BoxError>) -> Self {
-        let mut e = Self::transient(err);
-        e.store_failure = true;
-        e
+    pub fn store_unavailable<E: Into<BoxError>>(err: E) -> Self {
+        Self::with_verdict(Verdict::StoreDown, err.into(), informative_type_name::<E>())
     }
 
     /// Hand the delivery back to the broker untouched: no attempt spent, no retry copy,
     /// never dead-lettered ([`Disposition::Release`](crate::Disposition::Release)). The
     /// circuit breaker turns store failures into this while it is open. Crate-private,
     /// like `busy`: a handler returning it would loop.
-    pub(crate) fn release(err: impl Into<BoxError>) -> Self {
-        let mut e = Self::transient(err);
-        e.counts_attempt = false;
-        e.release = true;
-        e
+    pub(crate) fn release<E: Into<BoxError>>(err: E) -> Self {
+        Self::with_verdict(Verdict::Release, err.into(), informative_type_name::<E>())
     }
 
     /// This error, turned into a [release](Self::release) (its message and key kept).
     pub(crate) fn into_release(mut self) -> Self {
-        self.kind = Some(ErrorKind::Transient);
-        self.counts_attempt = false;
-        self.release = true;
+        self.verdict = Verdict::Release;
         self
+    }
+
+    /// What this failure asks of the consumer.
+    pub(crate) fn verdict(&self) -> Verdict {
+        self.verdict
     }
 
     /// Whether the dedup store failed (see [`store_unavailable`](Self::store_unavailable)).
     pub(crate) fn is_store_failure(&self) -> bool {
-        self.store_failure
+        self.verdict == Verdict::StoreDown
     }
 
     /// Whether the delivery is to be handed back untouched (see [`release`](Self::release)).
     pub(crate) fn is_release(&self) -> bool {
-        self.release
+        self.verdict == Verdict::Release
     }
 
     /// Whether the handler dropped the message on purpose (see [`discard`](Self::discard)).
     pub fn is_discard(&self) -> bool {
-        self.discard
-    }
-
-    /// Whether an immediate (in-process) retry may help: a transient failure of the
-    /// handler that spends an attempt. Never a permanent error or a discard, a store
-    /// failure (the circuit breaker's business), a release, a "busy" key, nor a
-    /// failure that asked for a delay (`retry_after`).
-    pub(crate) fn is_immediately_retryable(&self) -> bool {
-        self.kind != Some(ErrorKind::Permanent)
-            && self.counts_attempt
-            && !self.store_failure
-            && !self.release
-            && !self.discard
-            && self.retry_after.is_none()
+        self.verdict == Verdict::Discard
     }
 
     /// The Rust type name of the underlying error (as `std::any::type_name` writes
@@ -255,32 +279,42 @@ impl HandlerError {
         self.backtrace.as_deref()
     }
 
+    /// A transient, permanent or unclassified failure. An error that crossed a tower
+    /// layer as a [`BoxError`] keeps its own verdict.
     fn with_kind(
         kind: Option<ErrorKind>,
         source: BoxError,
         type_name: Option<&'static str>,
     ) -> Self {
-        // An error that crossed a tower layer as a BoxError keeps its classification.
         match source.downcast::<Classified>() {
             Ok(inner) => inner.0,
-            Err(source) => HandlerError {
-                kind,
-                retry_after: None,
-                counts_attempt: true,
-                store_failure: false,
-                release: false,
-                discard: false,
-                key: None,
-                type_name: type_name.or_else(|| known_type_name(source.as_ref())),
-                backtrace: capture_backtrace(),
-                source,
-            },
+            Err(source) => Self::new(Verdict::Fail(kind), source, type_name),
+        }
+    }
+
+    /// A failure with an explicit verdict. Wrapping an error that crossed a tower
+    /// layer keeps its message, key and backtrace, and the verdict asked for here
+    /// replaces its own (the outer marker wins).
+    fn with_verdict(verdict: Verdict, source: BoxError, type_name: Option<&'static str>) -> Self {
+        match source.downcast::<Classified>() {
+            Ok(inner) => HandlerError { verdict, ..inner.0 },
+            Err(source) => Self::new(verdict, source, type_name),
+        }
+    }
+
+    fn new(verdict: Verdict, source: BoxError, type_name: Option<&'static str>) -> Self {
+        HandlerError {
+            verdict,
+            key: None,
+            type_name: type_name.or_else(|| known_type_name(source.as_ref())),
+            backtrace: capture_backtrace(),
+            source,
         }
     }
 
     /// The kind, if decided.
     pub fn kind(&self) -> Option<ErrorKind> {
-        self.kind
+        self.verdict.kind()
     }
 
     /// Decides the kind if it is not decided yet.
@@ -288,20 +322,24 @@ impl HandlerError {
         mut self,
         f: impl FnOnce(&(dyn StdError + 'static)) -> ErrorKind,
     ) -> Self {
-        if self.kind.is_none() {
-            self.kind = Some(f(self.source.as_ref()));
+        if self.verdict == Verdict::Fail(None) {
+            self.verdict = Verdict::Fail(Some(f(self.source.as_ref())));
         }
         self
     }
 
     /// The requested minimum retry delay, if any.
     pub fn retry_delay(&self) -> Option<Duration> {
-        self.retry_after
+        match self.verdict {
+            Verdict::RetryAfter(delay) | Verdict::Busy(delay) => Some(delay),
+            _ => None,
+        }
     }
 
     /// Whether this failure spends one attempt of the retry budget.
+    #[cfg(test)]
     pub(crate) fn counts_attempt(&self) -> bool {
-        self.counts_attempt
+        !matches!(self.verdict, Verdict::Busy(_) | Verdict::Release)
     }
 
     /// The idempotency key of the failed message, when the dedup layer found one.
@@ -342,8 +380,8 @@ impl HandlerError {
 impl fmt::Debug for HandlerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HandlerError")
-            .field("kind", &self.kind)
-            .field("retry_after", &self.retry_after)
+            .field("kind", &self.kind())
+            .field("retry_after", &self.retry_delay())
             .field("error", &self.chain())
             .finish()
     }

@@ -44,6 +44,7 @@ pub mod crash;
 pub mod dedup;
 pub mod error;
 pub mod handler;
+pub mod headers;
 #[doc(hidden)]
 pub mod ident;
 pub mod memory;
@@ -56,6 +57,7 @@ pub mod redact;
 pub mod run;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+mod text;
 pub mod tls;
 
 pub use backoff::{Backoff, Jitter};
@@ -94,8 +96,8 @@ pub mod __private {
     use crate::error::HandlerError;
     use crate::message::Message;
 
-    pub use crate::outcome::{parse_rfc3339, rfc3339, truncate};
     pub use crate::redact::{redact_in, redact_url};
+    pub use crate::text::{parse_rfc3339, rfc3339, truncate};
 
     /// A boxed `Send` future.
     pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;

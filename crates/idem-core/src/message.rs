@@ -14,21 +14,8 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 
-/// Header carrying the number of failed attempts so far (absent on a first delivery).
-///
-/// Read back under the [header rule](crate::read): an integer >= 0 or a string of
-/// decimal digits; values above `u32::MAX` saturate (a count past the attempt budget
-/// dead-letters at the first failure); negative, non-numeric or wrong-type values are
-/// ignored as if absent (0 failed attempts) with one `warn` log.
-pub const ATTEMPTS_HEADER: &str = "x-idem-attempts";
-/// Header a producer may set to carry the idempotency key when `message_id` is not set.
-///
-/// A non-empty string is the key as is; an integer of any AMQP width (signed or
-/// unsigned) is the key in decimal text (`42` and `"42"` are the same key). An empty
-/// string counts as absent. Any other type (boolean, float, binary, table, array) is
-/// a permanent error naming the header and the type
-/// ([`KeyTypeError`](crate::dedup::KeyTypeError)).
-pub const IDEMPOTENCY_KEY_HEADER: &str = "x-idempotency-key";
+pub use crate::headers::ATTEMPTS as ATTEMPTS_HEADER;
+pub use crate::headers::IDEMPOTENCY_KEY as IDEMPOTENCY_KEY_HEADER;
 
 /// A header value. AMQP field tables hold more types; transports map the ones idem
 /// reads to these and keep the original frame for re-publishing, so nothing is lost.
@@ -141,6 +128,12 @@ pub struct DeliveryInfo {
     pub redelivered: bool,
     /// 1 for a first delivery, `n + 1` after `n` failed attempts (from [`ATTEMPTS_HEADER`]).
     pub attempt: u32,
+    /// How many times the broker delivered this very message before, when the broker
+    /// counts (RabbitMQ quorum queues: `x-delivery-count`, mapped by the transport);
+    /// 0 when it does not, and for a first delivery. The crash guard reads it
+    /// ([`crash::prior_deliveries`](crate::crash::prior_deliveries)); without a count,
+    /// [`redelivered`](Self::redelivered) stands for one earlier delivery.
+    pub delivery_count: u32,
 }
 
 /// A message as a handler and the middleware see it.
@@ -192,13 +185,6 @@ impl Message {
     /// A header value as a string, if present and a string.
     pub fn header_str(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(HeaderValue::as_str)
-    }
-
-    /// Failed attempts recorded in [`ATTEMPTS_HEADER`], read under the
-    /// [header rule](crate::read): 0 if absent or malformed (logged), saturated at
-    /// `u32::MAX`.
-    pub fn failed_attempts(&self) -> u32 {
-        crate::read::read_in(self, ATTEMPTS_HEADER).unwrap_or(0)
     }
 }
 

@@ -90,9 +90,7 @@ use crate::outcome::Disposition;
 pub const TRACEPARENT: &str = "traceparent";
 /// The W3C header carrying vendor-specific trace state along with [`TRACEPARENT`].
 pub const TRACESTATE: &str = "tracestate";
-/// Header on retry and dead-letter copies: the `traceparent` of the delivery attempt
-/// that failed. The next attempt's `idem.delivery` span links to it.
-pub const PREVIOUS_ATTEMPT: &str = "x-idem-previous-attempt";
+pub use crate::headers::PREVIOUS_ATTEMPT;
 
 struct HeaderInjector<'a>(&'a mut Headers);
 

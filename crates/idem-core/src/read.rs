@@ -31,7 +31,7 @@ use std::fmt;
 use std::time::SystemTime;
 
 use crate::message::{HeaderValue, Headers, Message, UnmappedHeaders};
-use crate::outcome::{parse_rfc3339, truncate};
+use crate::text::{parse_rfc3339, truncate};
 
 /// A type idem reads from one of its headers; see the [module docs](self).
 pub trait FromHeader: Sized {
@@ -140,6 +140,17 @@ pub fn read_in<T: FromHeader>(msg: &Message, name: &str) -> Option<T> {
         warn_malformed(&m);
         None
     })
+}
+
+// In this module rather than beside `Message`, so that the message does not reach
+// into the reading rule that itself depends on the message's types.
+impl Message {
+    /// Failed attempts recorded in [`ATTEMPTS`](crate::headers::ATTEMPTS), read under
+    /// the [header rule](crate::read): 0 if absent or malformed (logged), saturated at
+    /// `u32::MAX`.
+    pub fn failed_attempts(&self) -> u32 {
+        read_in(self, crate::headers::ATTEMPTS).unwrap_or(0)
+    }
 }
 
 fn warn_malformed(m: &MalformedHeader) {

@@ -144,6 +144,9 @@ pub(super) async fn handle(
                 let dlq = shared.dlq.as_str();
                 forward(&publish, dlq, &body, &properties, headers, "dead-letter").await
             }
+            // A disposition added to idem-core after this transport was written: hand
+            // the delivery back untouched, which loses nothing.
+            _ => Wire::Requeue,
         })
     };
     // The dead-letter hook is told only once the dead-letter copy is confirmed.

@@ -85,17 +85,11 @@ impl Fixture {
         msg.delivery.queue = self.queue.clone();
         msg.delivery.routing_key = self.queue.clone();
         let t = |s: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(BASE + s);
-        let failure = Failure {
-            kind: d.kind,
-            error: d.error.to_owned(),
-            attempts: d.attempts,
-            first_failed_at: t(d.at),
-            last_failed_at: t(d.at + 10),
-            key: Some(format!("key-{}", d.id)),
-            error_type: Some("billing::LedgerLocked".to_owned()),
-            immediate_retries: 2,
-            backtrace: None,
-        };
+        let mut failure = Failure::new(d.kind, d.error, d.attempts, t(d.at + 10));
+        failure.first_failed_at = t(d.at);
+        failure.key = Some(format!("key-{}", d.id));
+        failure.error_type = Some("billing::LedgerLocked".to_owned());
+        failure.immediate_retries = 2;
         let extra = failure.dead_letter_headers(&msg, "test-consumer");
         msg.headers.extend(extra);
         self.publish_raw("", &self.dlq(), msg).await;

@@ -44,13 +44,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tower::{Layer, Service};
 
-use crate::dedup::StoreError;
+use crate::__private::BoxFuture;
 use crate::error::{ErrorKind, HandlerError};
-use crate::handler::BoxFuture;
 use crate::message::Message;
 
-/// A store's health probe: resolves `Ok` once the store answers.
-pub type HealthCheck = Arc<dyn Fn() -> BoxFuture<Result<(), StoreError>> + Send + Sync>;
+pub use crate::dedup::store::HealthCheck;
 
 /// Most recent calls the failure-rate window keeps, whatever its duration.
 const MAX_WINDOW_CALLS: usize = 10_000;

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use super::*;
 use crate::backoff::{Backoff, Jitter};
 use crate::consumer::Consumer;
-use crate::dedup::{Claim, Completion, DedupStore, MemoryStore, OwnerToken, ScopedKey};
+use crate::dedup::{Claim, Completion, DedupStore, MemoryStore, OwnerToken, ScopedKey, StoreError};
 use crate::memory::MemoryBroker;
 
 /// A memory store that can be cut: every call fails while `down`.

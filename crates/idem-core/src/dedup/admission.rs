@@ -14,12 +14,12 @@ use tower::Service;
 use tracing::{debug, warn};
 
 use super::bounded::DEFAULT_STORE_TIMEOUT;
+use super::key::IdempotencyKey;
 use super::key::{resolve_key, sha256_hex, DefaultKey, KeyExtractor, MissingKey};
 use super::layer::{PayloadMismatchError, PreviouslyPoisonedError, Processed, REPLAY_HEADER};
 use super::store::Completion;
 use crate::crash::CrashGuard;
 use crate::error::{ErrorKind, HandlerError};
-use crate::handler::IdempotencyKey;
 use crate::message::Message;
 
 /// The settings every dedup stage shares: where the key comes from, how long records

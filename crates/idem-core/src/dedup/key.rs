@@ -1,8 +1,36 @@
+use std::fmt;
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
 use crate::message::{HeaderValue, Message, UnmappedHeaders, IDEMPOTENCY_KEY_HEADER};
+
+/// The message's idempotency key.
+///
+/// Under a dedup stage it is the key the stage claimed (from its configured key
+/// extractor and missing-key policy). Without one, it is read by the default rule: the
+/// `message_id` property, else the `x-idempotency-key` header (see
+/// [`DefaultKey`](crate::dedup::DefaultKey)).
+///
+/// As a required argument, a message without a key is rejected as permanent. As
+/// `Option<IdempotencyKey>`, a message without a key gives `None`; a key header of a
+/// type that cannot be a key, or a key longer than
+/// [`MAX_KEY_LEN`](crate::dedup::MAX_KEY_LEN), is a permanent error either way.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey(pub String);
+
+impl IdempotencyKey {
+    /// The key as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for IdempotencyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
 
 /// Longest accepted idempotency key, in bytes. A longer key is a content error.
 pub const MAX_KEY_LEN: usize = 512;

@@ -10,15 +10,11 @@ use super::admission::{admit, Admission, Claimed, DedupSettings};
 use super::bounded::Bounded;
 use super::key::{KeyExtractor, MissingKey};
 use super::store::{Claim, Completion, DedupStore, OwnerToken, ScopedKey, StoreError};
+use crate::__private::BoxFuture;
 use crate::error::HandlerError;
-use crate::handler::BoxFuture;
 use crate::message::Message;
 
-/// Header an operator's replay sets (value: any non-empty string). A message carrying
-/// it may reopen a `done(poisoned)` record; a `done(succeeded)` one is still a duplicate.
-/// Read under the [header rule](crate::read): an empty string is no replay, a value of
-/// another type is ignored (no replay) with one `warn` log.
-pub const REPLAY_HEADER: &str = "x-idem-replay";
+pub use crate::headers::REPLAY as REPLAY_HEADER;
 
 /// What the dedup layer did with a message that is to be acked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -207,13 +203,8 @@ impl DedupLayer {
         self.config.lease
     }
 
-    /// The key scope in force (see [`scope`](Self::scope)).
-    pub fn scope_name(&self) -> &str {
-        &self.config.scope
-    }
-
     /// The store's health probe, bounded by the store timeout (for the circuit breaker).
-    pub fn health_check(&self) -> crate::breaker::HealthCheck {
+    pub fn health_check(&self) -> super::store::HealthCheck {
         let store = self.config.store.clone();
         Arc::new(move || {
             let store = store.clone();

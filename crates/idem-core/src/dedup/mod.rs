@@ -52,7 +52,7 @@ mod bounded;
 pub(crate) mod key;
 mod layer;
 mod memory;
-mod store;
+pub(crate) mod store;
 
 pub use admission::DedupSettings;
 pub use batch::{BatchExecutor, Batcher, DEFAULT_MAX_BATCH};

@@ -4,7 +4,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use crate::__private::BoxFuture;
 use crate::error::BoxError;
+
+/// A store's health probe: resolves `Ok` once the store answers. The circuit breaker
+/// runs it while open ([`crate::breaker`]).
+pub type HealthCheck = Arc<dyn Fn() -> BoxFuture<Result<(), StoreError>> + Send + Sync>;
 
 /// An idempotency key scoped by consumer name: two consumers of one message (fan-out)
 /// each have their own record.

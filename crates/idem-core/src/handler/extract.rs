@@ -1,6 +1,5 @@
 //! Extractors: values a handler takes as arguments (documented in the parent module).
 
-use std::fmt;
 use std::ops::Deref;
 
 use bytes::Bytes;
@@ -208,32 +207,7 @@ impl<S> FromMessage<S> for Metadata {
     }
 }
 
-/// The message's idempotency key.
-///
-/// Under a dedup stage it is the key the stage claimed (from its configured key
-/// extractor and missing-key policy). Without one, it is read by the default rule: the
-/// `message_id` property, else the `x-idempotency-key` header (see
-/// [`DefaultKey`](crate::dedup::DefaultKey)).
-///
-/// As a required argument, a message without a key is rejected as permanent. As
-/// `Option<IdempotencyKey>`, a message without a key gives `None`; a key header of a
-/// type that cannot be a key, or a key longer than
-/// [`MAX_KEY_LEN`](crate::dedup::MAX_KEY_LEN), is a permanent error either way.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct IdempotencyKey(pub String);
-
-impl IdempotencyKey {
-    /// The key as a string.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for IdempotencyKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+pub use crate::dedup::key::IdempotencyKey;
 
 impl<S> FromMessage<S> for IdempotencyKey {
     fn from_message(msg: &Message, state: &S) -> Result<Self, HandlerError> {

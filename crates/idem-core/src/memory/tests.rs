@@ -75,8 +75,8 @@ async fn exhausted_attempts_go_to_the_dlq_with_headers() {
     assert_eq!(m.header_str(h::ORIGINAL_ROUTING_KEY), Some("q"));
     assert_eq!(m.header_str(h::CONSUMER), Some("c"));
     assert_eq!(m.header_str(h::KEY), Some("m-1"));
-    let first = crate::outcome::parse_rfc3339(m.header_str(h::FIRST_FAILED_AT).unwrap()).unwrap();
-    let last = crate::outcome::parse_rfc3339(m.header_str(h::LAST_FAILED_AT).unwrap()).unwrap();
+    let first = crate::text::parse_rfc3339(m.header_str(h::FIRST_FAILED_AT).unwrap()).unwrap();
+    let last = crate::text::parse_rfc3339(m.header_str(h::LAST_FAILED_AT).unwrap()).unwrap();
     assert!(first < last, "first failure time is carried across retries");
 }
 

@@ -13,9 +13,9 @@
 //!   (e.g. a `SELECT count(*)`).
 //!
 //! It draws a [`Plan`] per message from the [`Profile`] and the seed, drives every
-//! delivery itself through [`Consumer::process`], acts on each [`Disposition`] as a
+//! delivery itself through [`Consumer::process`], acts on each [`Disposition`](crate::Disposition) as a
 //! broker would, then probes every key and checks the promise of the consumer's
-//! [`DeliveryMode`]: effectively-once -> exactly one effect, at-least-once -> at least
+//! [`DeliveryMode`](crate::DeliveryMode): effectively-once -> exactly one effect, at-least-once -> at least
 //! one, at-most-once -> at most one. The [`Report`] names the seed, and per finding
 //! the key, its plan, what happened to each delivery, and the expected and observed
 //! counts.
@@ -115,32 +115,24 @@
 //! it is given to be handled), as is a run still unfinished after
 //! [`Harness::time_limit`] (an error naming the keys still pending).
 
+mod drive;
 mod report;
 mod schedule;
+mod trouble;
 
 use std::future::Future;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use futures_util::stream::{FuturesUnordered, StreamExt};
-use tokio::sync::oneshot;
-use tower::{Layer, Service};
-
-use crate::backoff::Backoff;
-use crate::consumer::{ConfigError, Consumer, DeliveryMode, HandlerStack};
+use crate::consumer::{ConfigError, Consumer};
 use crate::dedup::DefaultKey;
-use crate::error::{BoxError, HandlerError};
+use crate::error::BoxError;
 use crate::message::Message;
-use crate::outcome::{DelayKind, Disposition};
+
+use drive::Drive;
 
 pub use report::{Expected, Finding, Report, Totals};
 pub use schedule::{CrashPoint, Plan, Profile};
-
-/// Longest real wait before a "busy" or released delivery is tried again.
-const REAL_POLL: Duration = Duration::from_millis(50);
+pub use trouble::{TroubleLayer, TroubleService};
 
 /// The error the harness injects as a transient failure.
 #[derive(Debug, thiserror::Error)]
@@ -260,11 +252,10 @@ impl Harness {
         self.time_limit = limit;
         self
     }
-
     /// Builds the consumer, delivers every message with its planned trouble until all
     /// are settled, then probes each key once. `probe(key)` returns the number of
     /// effects of `key` in your system.
-    pub async fn run<P, Fut, E>(self, mut probe: P) -> Result<Report, HarnessError>
+    pub async fn run<P, Fut, E>(self, probe: P) -> Result<Report, HarnessError>
     where
         P: FnMut(String) -> Fut,
         Fut: Future<Output = Result<u64, E>>,
@@ -272,245 +263,31 @@ impl Harness {
     {
         let started = Instant::now();
         let seed = self.seed.unwrap_or_else(default_seed);
-        let mut rng = fastrand::Rng::with_seed(seed);
-        let mut keys = Vec::with_capacity(self.messages.len());
-        let mut seen = std::collections::HashSet::new();
-        for (i, msg) in self.messages.iter().enumerate() {
-            let key = DefaultKey::key_of(msg).ok_or(HarnessError::NoKey(i))?;
-            if !seen.insert(key.clone()) {
-                return Err(HarnessError::DuplicateKey(key));
-            }
-            keys.push(key);
-        }
-        if keys.is_empty() {
-            return Err(HarnessError::NoMessages);
-        }
-        let layer = TroubleLayer {
-            used: Arc::new(AtomicBool::new(false)),
-        };
+        let keys = keys_of(&self.messages)?;
+        let layer = TroubleLayer::new();
         let consumer = (self.factory)(layer.clone())?;
-        let mode = consumer.mode();
-        let lease_stage = consumer.lease().is_some();
-
-        let mut sched = Scheduler {
-            rng: fastrand::Rng::with_seed(seed ^ 0x9e37_79b9_7f4a_7c15),
-            reorder: self.profile.reorder,
-            pending: Vec::new(),
-            vnow: 0,
-            next_group: 0,
-        };
-        let mut cells = Vec::with_capacity(keys.len());
-        let mut totals = Totals {
-            messages: keys.len(),
-            ..Totals::default()
-        };
-        for (i, msg) in self.messages.into_iter().enumerate() {
-            let plan = self.profile.draw(&mut rng);
-            let cell = Arc::new(KeyCell {
-                key: keys[i].clone(),
-                plan,
-                state: Mutex::new(KeyState {
-                    transient_left: plan.transient,
-                    crash: plan.crash,
-                    ..KeyState::default()
-                }),
-            });
-            totals.extra_copies += u64::from(plan.copies - 1);
-            let group = plan.concurrent.then(|| sched.group());
-            for c in 0..plan.copies {
-                // Copies of a message land near each other; messages interleave a little.
-                let due = i as u64 * 10 + if plan.concurrent { 0 } else { u64::from(c) * 7 };
-                sched.push(Pending {
-                    due,
-                    not_before: None,
-                    cell: i,
-                    msg: msg.clone(),
-                    label: format!("copy {}", c + 1),
-                    group,
-                });
-            }
-            cells.push(cell);
-        }
-
-        let deadline = started + self.time_limit;
-        let mut in_flight = FuturesUnordered::new();
-        let mut in_flight_keys = Vec::<usize>::new();
-        let mut dead = vec![None::<String>; cells.len()];
-        loop {
-            while in_flight.len() < self.concurrency {
-                let Some((item, reordered)) = sched.take(Instant::now()) else {
-                    break;
-                };
-                let mut batch = vec![item];
-                if let Some(g) = batch[0].group {
-                    batch.extend(sched.take_group(g));
-                }
-                let concurrent = batch.len() > 1;
-                for p in batch {
-                    totals.deliveries += 1;
-                    totals.reordered += u64::from(reordered);
-                    in_flight_keys.push(p.cell);
-                    // Each delivery is a task of its own, as in a worker: it keeps
-                    // extending its lease however busy the harness loop is.
-                    in_flight.push(tokio::spawn(deliver(
-                        consumer.clone(),
-                        cells[p.cell].clone(),
-                        p,
-                        concurrent,
-                    )));
-                }
-            }
-            if in_flight.is_empty() && sched.pending.is_empty() {
-                break;
-            }
-            if Instant::now() >= deadline {
-                let mut stuck: Vec<String> = in_flight_keys
-                    .iter()
-                    .chain(sched.pending.iter().map(|p| &p.cell))
-                    .map(|&i| cells[i].key.clone())
-                    .collect();
-                stuck.sort();
-                stuck.dedup();
-                stuck.truncate(10);
-                for task in in_flight.iter() {
-                    task.abort();
-                }
-                return Err(HarnessError::TimeLimit {
-                    limit: self.time_limit,
-                    seed,
-                    keys: stuck,
-                });
-            }
-            let wake = sched.next_wake().unwrap_or(deadline).min(deadline);
-            let done = if in_flight.is_empty() {
-                tokio::time::sleep_until(wake.into()).await;
-                continue;
-            } else {
-                tokio::select! {
-                    // Settle what finished before starting what is due.
-                    biased;
-                    d = in_flight.next() => d,
-                    () = tokio::time::sleep_until(wake.into()) => continue,
-                }
-            };
-            let (p, outcome) = match done {
-                Some(Ok(settled)) => settled,
-                // `process` catches handler panics; a panic here is the harness's own.
-                Some(Err(e)) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                Some(Err(_)) | None => continue,
-            };
-            if let Some(pos) = in_flight_keys.iter().position(|&k| k == p.cell) {
-                in_flight_keys.swap_remove(pos);
-            }
-            let cell = cells[p.cell].clone();
-            let step = match outcome {
-                Outcome::Crashed(point) => {
-                    totals.crashes[point as usize] += 1;
-                    cell.log(format!("{}: crashed {point}", p.label));
-                    Step::Crashed
-                }
-                Outcome::Settled(d) => {
-                    if matches!(*d, Disposition::Ack { .. }) && cell.fire(CrashPoint::AfterCommit) {
-                        totals.crashes[CrashPoint::AfterCommit as usize] += 1;
-                        cell.log(format!(
-                            "{}: {} then crashed {}",
-                            p.label,
-                            d.name(),
-                            CrashPoint::AfterCommit
-                        ));
-                        Step::Crashed
-                    } else {
-                        let step = next_step(&d, &p.msg, consumer.backoff());
-                        cell.log(format!("{}: {}", p.label, describe(&d)));
-                        step
-                    }
-                }
-            };
-            let vnow = sched.vnow;
-            match step {
-                Step::Done => {}
-                // A killed worker's unacked delivery comes back, flagged; an
-                // at-most-once consumer acked it on receipt, so it is gone.
-                Step::Crashed if mode == DeliveryMode::AtMostOnce => {}
-                Step::Crashed => {
-                    let mut msg = p.msg;
-                    msg.delivery.redelivered = true;
-                    sched.push(Pending {
-                        due: vnow,
-                        not_before: None,
-                        msg,
-                        label: format!("{} (redelivered)", base_label(&p.label)),
-                        group: None,
-                        ..p
-                    });
-                }
-                Step::Redeliver { msg, delay, wait } => {
-                    totals.retries += 1;
-                    sched.push(Pending {
-                        due: vnow + delay.as_millis() as u64,
-                        not_before: wait.then(|| Instant::now() + delay.min(REAL_POLL)),
-                        msg: *msg,
-                        label: format!("{} (retry)", base_label(&p.label)),
-                        group: None,
-                        ..p
-                    });
-                }
-                Step::DeadLetter(error) => dead[p.cell] = Some(error),
-            }
-        }
-        drop(in_flight);
-        if !layer.used.load(Ordering::SeqCst) && consumer.stats().processed > 0 {
+        let mut drive = Drive::plan(consumer, self.messages, keys, &self.profile, seed);
+        drive
+            .deliver_all(self.concurrency, started + self.time_limit)
+            .await
+            .map_err(|keys| HarnessError::TimeLimit {
+                limit: self.time_limit,
+                seed,
+                keys,
+            })?;
+        if !layer.was_used() && drive.consumer.stats().processed > 0 {
             return Err(HarnessError::LayerMissing);
         }
-
+        let lease_stage = drive.consumer.lease().is_some();
+        let mode = drive.consumer.mode();
         let expected = Expected::of(mode);
-        let mut violations = Vec::new();
-        let mut windows = Vec::new();
-        for (i, cell) in cells.iter().enumerate() {
-            let observed = probe(cell.key.clone())
-                .await
-                .map_err(|e| HarnessError::Probe {
-                    key: cell.key.clone(),
-                    source: e.into(),
-                })?;
-            let st = cell.lock();
-            totals.transient_failures += u64::from(cell.plan.transient - st.transient_left);
-            let finding = |reason: String| Finding {
-                key: cell.key.clone(),
-                expected,
-                observed,
-                plan: cell.plan,
-                events: st.events.clone(),
-                reason,
-            };
-            if let Some(error) = &dead[i] {
-                violations.push(finding(format!("dead-lettered: {error}")));
-            } else if expected.holds(observed) {
-                continue;
-            } else if expected == Expected::ExactlyOne
-                && lease_stage
-                && observed > 1
-                && observed <= 1 + u64::from(st.window_crashes)
-            {
-                windows.push(finding(format!(
-                    "{} re-run(s) after a crash after the effect on a lease store",
-                    observed - 1
-                )));
-            } else {
-                let reason = match observed {
-                    0 => "the effect is missing".to_owned(),
-                    n if n > 1 => format!("the effect happened {n} times"),
-                    _ => "unexpected count".to_owned(),
-                };
-                violations.push(finding(reason));
-            }
-        }
+        let (violations, windows) = probe_all(&mut drive, expected, lease_stage, probe).await?;
         Ok(Report {
             seed,
-            consumer: consumer.name().to_owned(),
+            consumer: drive.consumer.name().to_owned(),
             mode,
             lease_stage,
-            totals,
+            totals: drive.totals,
             elapsed: started.elapsed(),
             violations,
             windows,
@@ -518,309 +295,90 @@ impl Harness {
     }
 }
 
+/// The idempotency key of every message, each its own.
+fn keys_of(messages: &[Message]) -> Result<Vec<String>, HarnessError> {
+    let mut keys = Vec::with_capacity(messages.len());
+    let mut seen = std::collections::HashSet::new();
+    for (i, msg) in messages.iter().enumerate() {
+        let key = DefaultKey::key_of(msg).ok_or(HarnessError::NoKey(i))?;
+        if !seen.insert(key.clone()) {
+            return Err(HarnessError::DuplicateKey(key));
+        }
+        keys.push(key);
+    }
+    if keys.is_empty() {
+        return Err(HarnessError::NoMessages);
+    }
+    Ok(keys)
+}
+
+/// Probes every key once and sorts what it finds: promises broken (`violations`)
+/// and effects repeated in a lease store's window (`windows`).
+async fn probe_all<P, Fut, E>(
+    drive: &mut Drive,
+    expected: Expected,
+    lease_stage: bool,
+    mut probe: P,
+) -> Result<(Vec<Finding>, Vec<Finding>), HarnessError>
+where
+    P: FnMut(String) -> Fut,
+    Fut: Future<Output = Result<u64, E>>,
+    E: Into<BoxError>,
+{
+    let mut violations = Vec::new();
+    let mut windows = Vec::new();
+    for (i, cell) in drive.cells.iter().enumerate() {
+        let observed = probe(cell.key.clone())
+            .await
+            .map_err(|e| HarnessError::Probe {
+                key: cell.key.clone(),
+                source: e.into(),
+            })?;
+        let st = cell.lock();
+        drive.totals.transient_failures += u64::from(cell.plan.transient - st.transient_left);
+        let finding = |reason: String| Finding {
+            key: cell.key.clone(),
+            expected,
+            observed,
+            plan: cell.plan,
+            events: st.events.clone(),
+            reason,
+        };
+        if let Some(error) = &drive.dead[i] {
+            violations.push(finding(format!("dead-lettered: {error}")));
+        } else if expected.holds(observed) {
+            continue;
+        } else if in_lease_window(expected, lease_stage, observed, st.window_crashes) {
+            windows.push(finding(format!(
+                "{} re-run(s) after a crash after the effect on a lease store",
+                observed - 1
+            )));
+        } else {
+            let reason = match observed {
+                0 => "the effect is missing".to_owned(),
+                n if n > 1 => format!("the effect happened {n} times"),
+                _ => "unexpected count".to_owned(),
+            };
+            violations.push(finding(reason));
+        }
+    }
+    Ok((violations, windows))
+}
+
+/// Whether the extra effects of a key are all explained by crashes between the
+/// effect and the dedup record on a lease store (which writes the two separately).
+fn in_lease_window(expected: Expected, lease_stage: bool, observed: u64, crashes: u32) -> bool {
+    expected == Expected::ExactlyOne
+        && lease_stage
+        && observed > 1
+        && observed <= 1 + u64::from(crashes)
+}
+
 fn default_seed() -> u64 {
     std::env::var("IDEM_HARNESS_SEED")
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or_else(|| fastrand::u64(..))
-}
-
-fn base_label(label: &str) -> &str {
-    label.split(" (").next().unwrap_or(label)
-}
-
-fn describe(d: &Disposition) -> String {
-    match d {
-        Disposition::Retry { delay, failure, .. } => {
-            format!("retry after {delay:?} ({})", failure.error)
-        }
-        Disposition::DeadLetter { failure, .. } => format!("dead-lettered ({})", failure.error),
-        Disposition::Release { reason } => format!("released ({reason})"),
-        Disposition::Discard { reason } => format!("discarded ({reason})"),
-        Disposition::Ack { .. } => d.name().to_owned(),
-    }
-}
-
-/// What the harness does next with a delivery.
-enum Step {
-    Done,
-    Crashed,
-    /// Deliver `msg` again after `delay` on the virtual clock; `wait`: also wait (up
-    /// to [`REAL_POLL`]) in real time, for a lease or a breaker.
-    Redeliver {
-        msg: Box<Message>,
-        delay: Duration,
-        wait: bool,
-    },
-    DeadLetter(String),
-}
-
-/// A settled delivery, as a broker carries it out. The one place that reads a
-/// [`Disposition`].
-fn next_step(d: &Disposition, delivered: &Message, backoff: &Backoff) -> Step {
-    match d {
-        Disposition::Ack { .. } | Disposition::Discard { .. } => Step::Done,
-        Disposition::Retry {
-            delay,
-            failure,
-            delay_kind,
-            headers,
-        } => {
-            let mut msg = delivered.clone();
-            msg.headers.extend(headers.clone());
-            msg.delivery.redelivered = false;
-            msg.delivery.attempt = failure.attempts.saturating_add(1);
-            // No attempt spent: the key is busy under a live lease (or the store is
-            // failing); that ends in real time, not on the virtual clock.
-            let wait = failure.attempts <= delivered.failed_attempts();
-            // The virtual clock uses the un-jittered backoff delay, so that a seed
-            // replays the same order; explicit delays (retry_after, busy) as given.
-            let delay = if *delay_kind == DelayKind::AtLeast {
-                *delay
-            } else {
-                backoff.delay_after(failure.attempts)
-            };
-            Step::Redeliver {
-                msg: Box::new(msg),
-                delay,
-                wait,
-            }
-        }
-        Disposition::Release { .. } => {
-            let mut msg = delivered.clone();
-            msg.delivery.redelivered = true;
-            Step::Redeliver {
-                msg: Box::new(msg),
-                delay: Duration::ZERO,
-                wait: true,
-            }
-        }
-        Disposition::DeadLetter { failure, .. } => Step::DeadLetter(failure.error.clone()),
-    }
-}
-
-struct Pending {
-    due: u64,
-    not_before: Option<Instant>,
-    cell: usize,
-    msg: Message,
-    label: String,
-    group: Option<u64>,
-}
-
-struct Scheduler {
-    rng: fastrand::Rng,
-    reorder: f64,
-    pending: Vec<Pending>,
-    vnow: u64,
-    next_group: u64,
-}
-
-impl Scheduler {
-    fn group(&mut self) -> u64 {
-        self.next_group += 1;
-        self.next_group
-    }
-
-    fn push(&mut self, p: Pending) {
-        self.pending.push(p);
-    }
-
-    /// The next delivery ready at `now`: the earliest due, or a random ready one.
-    fn take(&mut self, now: Instant) -> Option<(Pending, bool)> {
-        let ready: Vec<usize> = (0..self.pending.len())
-            .filter(|&i| self.pending[i].not_before.is_none_or(|t| t <= now))
-            .collect();
-        let earliest = *ready.iter().min_by_key(|&&i| self.pending[i].due)?;
-        let reorder = self.reorder > 0.0 && ready.len() > 1 && self.rng.f64() < self.reorder;
-        let i = if reorder {
-            ready[self.rng.usize(..ready.len())]
-        } else {
-            earliest
-        };
-        let p = self.pending.swap_remove(i);
-        self.vnow = self.vnow.max(p.due);
-        Some((p, reorder && i != earliest))
-    }
-
-    fn take_group(&mut self, g: u64) -> Vec<Pending> {
-        let mut out = Vec::new();
-        let mut i = 0;
-        while i < self.pending.len() {
-            if self.pending[i].group == Some(g) {
-                out.push(self.pending.swap_remove(i));
-            } else {
-                i += 1;
-            }
-        }
-        out
-    }
-
-    fn next_wake(&self) -> Option<Instant> {
-        self.pending.iter().filter_map(|p| p.not_before).min()
-    }
-}
-
-enum Outcome {
-    Settled(Box<Disposition>),
-    Crashed(CrashPoint),
-}
-
-async fn deliver(
-    consumer: Consumer,
-    cell: Arc<KeyCell>,
-    p: Pending,
-    concurrent: bool,
-) -> (Pending, Outcome) {
-    let (tx, rx) = oneshot::channel();
-    let mut msg = p.msg.clone();
-    msg.extensions = Default::default();
-    msg.extensions.insert(Ticket {
-        cell,
-        concurrent,
-        crash: Arc::new(Mutex::new(Some(tx))),
-    });
-    let outcome = tokio::select! {
-        biased;
-        Ok(point) = rx => Outcome::Crashed(point),
-        d = consumer.process(msg) => Outcome::Settled(Box::new(d)),
-    };
-    (p, outcome)
-}
-
-#[derive(Default)]
-struct KeyState {
-    transient_left: u32,
-    crash: Option<CrashPoint>,
-    window_crashes: u32,
-    events: Vec<String>,
-}
-
-struct KeyCell {
-    key: String,
-    plan: Plan,
-    state: Mutex<KeyState>,
-}
-
-impl KeyCell {
-    fn lock(&self) -> MutexGuard<'_, KeyState> {
-        // Every critical section is a few field updates: a poisoned lock is consistent.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn log(&self, event: String) {
-        self.lock().events.push(event);
-    }
-
-    /// Fires the planned crash if it is at `point` and has not fired yet.
-    fn fire(&self, point: CrashPoint) -> bool {
-        let mut st = self.lock();
-        if st.crash != Some(point) {
-            return false;
-        }
-        st.crash = None;
-        if point == CrashPoint::AfterEffect {
-            st.window_crashes += 1;
-        }
-        true
-    }
-}
-
-/// What the trouble layer finds in a delivery's extensions.
-#[derive(Clone)]
-struct Ticket {
-    cell: Arc<KeyCell>,
-    concurrent: bool,
-    crash: Arc<Mutex<Option<oneshot::Sender<CrashPoint>>>>,
-}
-
-impl Ticket {
-    /// Kills the delivery: tells the harness to drop it, then never completes.
-    async fn crash(&self, point: CrashPoint) -> Result<(), BoxError> {
-        let tx = self.crash.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(tx) = tx {
-            let _ = tx.send(point);
-        }
-        std::future::pending().await
-    }
-}
-
-/// The tower layer through which the harness injects transient failures and
-/// crashes around your handler. Obtained from [`Harness::new`]'s factory argument;
-/// add it with [`ConsumerBuilder::layer`](crate::ConsumerBuilder::layer), first (so it
-/// wraps the handler and your other layers, under the dedup stage). Outside a harness
-/// run it passes every message straight through.
-#[derive(Clone, Debug)]
-pub struct TroubleLayer {
-    used: Arc<AtomicBool>,
-}
-
-impl Layer<HandlerStack> for TroubleLayer {
-    type Service = TroubleService;
-
-    fn layer(&self, inner: HandlerStack) -> TroubleService {
-        TroubleService {
-            inner,
-            used: self.used.clone(),
-        }
-    }
-}
-
-/// The service of a [`TroubleLayer`].
-pub struct TroubleService {
-    inner: HandlerStack,
-    used: Arc<AtomicBool>,
-}
-
-impl std::fmt::Debug for TroubleService {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TroubleService").finish_non_exhaustive()
-    }
-}
-
-impl Service<Message> for TroubleService {
-    type Response = ();
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, msg: Message) -> Self::Future {
-        let Some(ticket) = msg.extensions.get::<Ticket>().cloned() else {
-            return self.inner.call(msg);
-        };
-        self.used.store(true, Ordering::SeqCst);
-        let inject = {
-            let mut st = ticket.cell.lock();
-            if st.transient_left > 0 {
-                st.transient_left -= 1;
-                true
-            } else {
-                false
-            }
-        };
-        if inject {
-            return Box::pin(async { Err(HandlerError::transient(InjectedFailure).into()) });
-        }
-        if ticket.cell.fire(CrashPoint::BeforeHandler) {
-            return Box::pin(async move { ticket.crash(CrashPoint::BeforeHandler).await });
-        }
-        let concurrent = ticket.concurrent;
-        let fut = self.inner.call(msg);
-        Box::pin(async move {
-            if concurrent {
-                // Let the other copies of the message reach their dedup stage too.
-                tokio::task::yield_now().await;
-            }
-            let result = fut.await;
-            if result.is_ok() && ticket.cell.fire(CrashPoint::AfterEffect) {
-                return ticket.crash(CrashPoint::AfterEffect).await;
-            }
-            result
-        })
-    }
 }
 
 #[cfg(test)]
