@@ -9,8 +9,9 @@
 //! no connection under the worker's name, that every handler future was dropped
 //! without applying its effect, and that a second worker then applies every message
 //! exactly once. The three tests use the three kinds of dedup stage: the in-memory
-//! store, Redis (a cancelled handler's claim is released, so the second worker does
-//! not wait out the lease) and the PostgreSQL inbox (the open transaction rolls back).
+//! store and Redis (a cut-off handler's claim stays until its 2 s lease runs out, as
+//! after a crash: the second worker is answered "busy" and retries after it) and the
+//! PostgreSQL inbox (the open transaction rolls back).
 
 #![allow(clippy::unwrap_used)] // tests may unwrap (project rule)
 
@@ -22,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use idem_amqp::{Publisher, Topology, Worker};
-use idem_core::{Consumer, HandlerError, IdempotencyKey, MemoryStore, Message, State};
+use idem_core::{Consumer, DedupLayer, HandlerError, IdempotencyKey, MemoryStore, Message, State};
 use idem_testkit::broker::{connection_open, queue_counts, wait_until, QueueCounts};
 use idem_testkit::Service;
 use lapin::options::QueueDeclareOptions;
@@ -30,6 +31,8 @@ use lapin::types::FieldTable;
 use lapin::Channel;
 
 const PREFETCH: u16 = 20;
+/// A short lease: the dropped worker's claims on a lease store hold their keys this long.
+const LEASE: Duration = Duration::from_secs(2);
 
 fn url() -> String {
     idem_amqp::amqp_url_from_env()
@@ -126,7 +129,7 @@ impl Stage {
         let builder = Consumer::builder("lifecycle");
         match self {
             Stage::Memory(store) => builder
-                .store(store.clone())
+                .dedup(DedupLayer::new(store.clone()).lease(LEASE))
                 .handler_with_state(handler, side)
                 .unwrap(),
             Stage::Redis(prefix) => {
@@ -136,7 +139,7 @@ impl Stage {
                     .await;
                 let store = Service::Redis.expect_connected(&Service::Redis.url(), store);
                 builder
-                    .store(store)
+                    .dedup(DedupLayer::new(store).lease(LEASE))
                     .handler_with_state(handler, side)
                     .unwrap()
             }

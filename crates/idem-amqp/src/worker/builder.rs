@@ -121,7 +121,7 @@ impl WorkerBuilder {
     }
 
     /// Coalesced acks (default on): the worker acks runs of settled deliveries with
-    /// one `basic.ack multiple=true`, see [Acks](self#acks) in the module docs. Off: one `basic.ack` per
+    /// one `basic.ack multiple=true`, see [Acks](super#acks) in the worker module docs. Off: one `basic.ack` per
     /// delivery, sent as soon as it is settled.
     pub fn coalesce_acks(mut self, on: bool) -> Self {
         self.coalesce_acks = on;

@@ -1,5 +1,5 @@
 //! The consumer worker: consumes a work queue, runs each delivery through an
-//! [`idem_core::Consumer`] and carries its [`Disposition`] out on the wire.
+//! [`idem_core::Consumer`] and carries its [`Disposition`](idem_core::Disposition) out on the wire.
 //!
 //! - **Bounded**: `basic_qos(prefetch)` caps unacked deliveries; at most `concurrency`
 //!   (default = prefetch) handlers run at once. Memory is bounded by the prefetch,
@@ -53,8 +53,10 @@
 //!
 //! - every handler task the worker spawned is aborted with it, at its next `.await`:
 //!   no ack, nack or copy is sent for it afterwards; an open inbox transaction is
-//!   rolled back, and a lease-store claim is released in the background (so the
-//!   redelivery runs at once instead of waiting out the lease);
+//!   rolled back; a lease-store claim stays until its lease runs out, as after a
+//!   crash (the redelivery is answered "busy" and retried after the lease's
+//!   remaining time, without spending an attempt, and the crash-loop guard counts the
+//!   start);
 //! - the ack flusher stops without sending the pending coalesced ack;
 //! - the connection is closed right away (from a task spawned by the drop), which
 //!   hands every unacked delivery back to the queue for other consumers. Deliveries

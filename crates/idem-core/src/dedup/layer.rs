@@ -382,15 +382,12 @@ impl Admission for LeaseSession {
 }
 
 /// Runs the handler future, pushing the lease forward every third of it. The timer is
-/// only armed if the handler does not finish on its first poll; from then on, a
-/// [`Cancelled`] guard frees the claim if this future is dropped before the handler
-/// finishes.
-async fn with_lease<F>(
-    config: &Arc<Config>,
-    key: &ScopedKey,
-    owner: &OwnerToken,
-    fut: F,
-) -> F::Output
+/// only armed if the handler does not finish on its first poll.
+///
+/// If this future is dropped before the handler finishes (its worker was dropped, or a
+/// process crashed), the claim is left as it is: it frees itself when the lease runs
+/// out, and the crash-loop guard counts that start as one that never settled.
+async fn with_lease<F>(config: &Config, key: &ScopedKey, owner: &OwnerToken, fut: F) -> F::Output
 where
     F: std::future::Future,
 {
@@ -403,17 +400,11 @@ where
     if let Some(out) = first {
         return out;
     }
-    let mut cancelled = Cancelled {
-        claim: Some((config.clone(), key.clone(), owner.clone())),
-    };
     let period = config.lease / 3;
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     loop {
         tokio::select! {
-            out = &mut fut => {
-                cancelled.claim = None;
-                return out;
-            }
+            out = &mut fut => return out,
             _ = ticker.tick() => {
                 match config.store.extend(key, owner, config.lease).await {
                     Ok(true) => {}
@@ -422,35 +413,6 @@ where
                 }
             }
         }
-    }
-}
-
-/// Armed while a handler runs: dropped armed, the handler's future was dropped before
-/// it finished (its worker was dropped, or the shutdown timeout passed). The claim is
-/// then released in the background, so the broker's redelivery runs at once instead of
-/// finding the key busy until the lease runs out. The handler may have done part of its
-/// work: a lease store gives that case the same answer as an expired lease (the
-/// message runs again), only sooner.
-struct Cancelled {
-    claim: Option<(Arc<Config>, ScopedKey, OwnerToken)>,
-}
-
-impl Drop for Cancelled {
-    fn drop(&mut self) {
-        let Some((config, key, owner)) = self.claim.take() else {
-            return;
-        };
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return; // No runtime left: the lease expires by itself.
-        };
-        rt.spawn(async move {
-            match config.store.release(&key, &owner).await {
-                Ok(_) => tracing::debug!(key = %key, "handler cancelled; claim released"),
-                Err(err) => {
-                    warn!(key = %key, error = %err, "handler cancelled; release failed, the lease will expire")
-                }
-            }
-        });
     }
 }
 

@@ -208,7 +208,9 @@ async fn thousand_messages_default_profile_memory_store() {
         .await
         .unwrap();
     let took = started.elapsed();
-    report.assert_ok();
+    // A counter on a lease store: its repeats in the lease-store window are real, so
+    // only the opt-in accepts them; anything else still fails.
+    report.assert_ok_allowing_lease_window();
     println!("1000 messages, default profile, memory store: {took:?}\n{report}");
     // Speed is measured, not asserted (README, Benchmarks): printed for the record.
 }
