@@ -329,80 +329,126 @@ where
 ///    reopen the done keys, which succeeds only for the poisoned ones (so a claim of
 ///    a poisoned key may also see it held again: `Busy`).
 pub async fn concurrent(store: Arc<dyn DedupStore>, scope: &str, n: usize) {
-    let keys: Arc<Vec<ScopedKey>> =
-        Arc::new((0..n).map(|i| key(scope, &format!("many-{i}"))).collect());
-    let owners: Arc<Vec<OwnerToken>> = Arc::new((0..n).map(|_| OwnerToken::generate()).collect());
-    let pairs = (n / 8).max(1);
-    let shared: Arc<Vec<ScopedKey>> = Arc::new(
-        (0..pairs)
-            .map(|i| key(scope, &format!("shared-{i}")))
-            .collect(),
-    );
-    let racers: Arc<Vec<OwnerToken>> =
-        Arc::new((0..2 * pairs).map(|_| OwnerToken::generate()).collect());
+    let many = Many::new(scope, n);
+    let winners = many.claims(&store).await;
+    many.settle(&store, &winners).await;
+    many.fresh_claims(&store).await;
+}
 
-    // Round 1: claims, own keys and shared keys at once.
-    let claims = {
-        let (keys, owners, shared, racers) =
-            (keys.clone(), owners.clone(), shared.clone(), racers.clone());
-        all_at_once(&store, n + 2 * pairs, move |s, i| {
-            let (keys, owners, shared, racers) =
-                (keys.clone(), owners.clone(), shared.clone(), racers.clone());
-            async move {
-                if i < n {
-                    let fp = format!("fp-{i}");
-                    s.claim(&keys[i], &owners[i], Some(&fp), LONG).await
-                } else {
-                    let r = i - n;
-                    s.claim(&shared[r / 2], &racers[r], None, LONG).await
-                }
-            }
-        })
-        .await
-    };
-    let mut winners = vec![None; pairs];
-    for (i, c) in claims.into_iter().enumerate() {
-        let c = ok(c, "concurrent claim");
-        if i < n {
-            assert_eq!(c, Claim::Acquired, "claim of {} by its only owner", keys[i]);
-        } else {
-            let r = i - n;
-            match c {
-                Claim::Acquired => {
-                    assert!(
-                        winners[r / 2].replace(r).is_none(),
-                        "both owners acquired {}",
-                        shared[r / 2]
-                    );
-                }
-                Claim::Busy { retry_in } => assert!(
-                    retry_in > Duration::ZERO && retry_in <= LONG,
-                    "retry_in {retry_in:?}"
-                ),
-                other => panic!("racing claim of a fresh key got {other:?}"),
-            }
+/// The keys and owners of [`concurrent`]: `n` keys with one owner each, and `pairs`
+/// shared keys with two racing owners each.
+struct Many {
+    n: usize,
+    pairs: usize,
+    keys: Arc<Vec<ScopedKey>>,
+    owners: Arc<Vec<OwnerToken>>,
+    shared: Arc<Vec<ScopedKey>>,
+    racers: Arc<Vec<OwnerToken>>,
+}
+
+impl Many {
+    fn new(scope: &str, n: usize) -> Self {
+        let keys: Arc<Vec<ScopedKey>> =
+            Arc::new((0..n).map(|i| key(scope, &format!("many-{i}"))).collect());
+        let owners: Arc<Vec<OwnerToken>> =
+            Arc::new((0..n).map(|_| OwnerToken::generate()).collect());
+        let pairs = (n / 8).max(1);
+        let shared: Arc<Vec<ScopedKey>> = Arc::new(
+            (0..pairs)
+                .map(|i| key(scope, &format!("shared-{i}")))
+                .collect(),
+        );
+        let racers: Arc<Vec<OwnerToken>> =
+            Arc::new((0..2 * pairs).map(|_| OwnerToken::generate()).collect());
+        Many {
+            n,
+            pairs,
+            keys,
+            owners,
+            shared,
+            racers,
         }
     }
-    let winners: Arc<Vec<usize>> = Arc::new(
-        winners
-            .into_iter()
-            .enumerate()
-            .map(|(p, w)| w.unwrap_or_else(|| panic!("no owner acquired {}", shared[p])))
-            .collect(),
-    );
 
-    // Round 2: settle, beside strangers and race losers. Per key: 4 operations.
-    let strangers: Arc<Vec<OwnerToken>> =
-        Arc::new((0..n).map(|_| OwnerToken::generate()).collect());
-    let settled = {
-        let (keys, owners, shared, racers, strangers) = (
-            keys.clone(),
-            owners.clone(),
-            shared.clone(),
-            racers.clone(),
-            strangers.clone(),
+    /// Round 1: claims, own keys and shared keys at once. Returns each shared key's
+    /// winning racer.
+    async fn claims(&self, store: &Arc<dyn DedupStore>) -> Arc<Vec<usize>> {
+        let Many {
+            n,
+            pairs,
+            keys,
+            owners,
+            shared,
+            racers,
+        } = self;
+        let (n, pairs) = (*n, *pairs);
+        // Round 1: claims, own keys and shared keys at once.
+        let claims = {
+            let (keys, owners, shared, racers) =
+                (keys.clone(), owners.clone(), shared.clone(), racers.clone());
+            all_at_once(store, n + 2 * pairs, move |s, i| {
+                let (keys, owners, shared, racers) =
+                    (keys.clone(), owners.clone(), shared.clone(), racers.clone());
+                async move {
+                    if i < n {
+                        let fp = format!("fp-{i}");
+                        s.claim(&keys[i], &owners[i], Some(&fp), LONG).await
+                    } else {
+                        let r = i - n;
+                        s.claim(&shared[r / 2], &racers[r], None, LONG).await
+                    }
+                }
+            })
+            .await
+        };
+        let mut winners = vec![None; pairs];
+        for (i, c) in claims.into_iter().enumerate() {
+            let c = ok(c, "concurrent claim");
+            if i < n {
+                assert_eq!(c, Claim::Acquired, "claim of {} by its only owner", keys[i]);
+            } else {
+                let r = i - n;
+                match c {
+                    Claim::Acquired => {
+                        assert!(
+                            winners[r / 2].replace(r).is_none(),
+                            "both owners acquired {}",
+                            shared[r / 2]
+                        );
+                    }
+                    Claim::Busy { retry_in } => assert!(
+                        retry_in > Duration::ZERO && retry_in <= LONG,
+                        "retry_in {retry_in:?}"
+                    ),
+                    other => panic!("racing claim of a fresh key got {other:?}"),
+                }
+            }
+        }
+        let winners: Arc<Vec<usize>> = Arc::new(
+            winners
+                .into_iter()
+                .enumerate()
+                .map(|(p, w)| w.unwrap_or_else(|| panic!("no owner acquired {}", shared[p])))
+                .collect(),
         );
-        all_at_once(&store, 4 * n + 2 * pairs, move |s, j| {
+        winners
+    }
+
+    /// Round 2: settle, beside strangers and race losers.
+    async fn settle(&self, store: &Arc<dyn DedupStore>, winners: &[usize]) {
+        let Many {
+            n,
+            pairs,
+            keys,
+            owners,
+            shared,
+            racers,
+        } = self;
+        let (n, pairs) = (*n, *pairs);
+        // Round 2: settle, beside strangers and race losers. Per key: 4 operations.
+        let strangers: Arc<Vec<OwnerToken>> =
+            Arc::new((0..n).map(|_| OwnerToken::generate()).collect());
+        let settled = {
             let (keys, owners, shared, racers, strangers) = (
                 keys.clone(),
                 owners.clone(),
@@ -410,127 +456,142 @@ pub async fn concurrent(store: Arc<dyn DedupStore>, scope: &str, n: usize) {
                 racers.clone(),
                 strangers.clone(),
             );
-            async move {
-                if j >= 4 * n {
-                    let r = j - 4 * n;
-                    return s
-                        .complete(&shared[r / 2], &racers[r], Completion::Succeeded, LONG)
-                        .await;
+            all_at_once(store, 4 * n + 2 * pairs, move |s, j| {
+                let (keys, owners, shared, racers, strangers) = (
+                    keys.clone(),
+                    owners.clone(),
+                    shared.clone(),
+                    racers.clone(),
+                    strangers.clone(),
+                );
+                async move {
+                    if j >= 4 * n {
+                        let r = j - 4 * n;
+                        return s
+                            .complete(&shared[r / 2], &racers[r], Completion::Succeeded, LONG)
+                            .await;
+                    }
+                    let (i, which) = (j / 4, j % 4);
+                    let (k, owner, stranger) = (&keys[i], &owners[i], &strangers[i]);
+                    match (which, i % 4) {
+                        (0, 0) => s.complete(k, owner, Completion::Succeeded, LONG).await,
+                        (0, 1) => s.complete(k, owner, Completion::Poisoned, LONG).await,
+                        (0, 2) => s.release(k, owner).await,
+                        (0, _) => s.extend(k, owner, LONG).await,
+                        (1, _) => s.complete(k, stranger, Completion::Succeeded, LONG).await,
+                        (2, _) => s.release(k, stranger).await,
+                        _ => s.extend(k, stranger, LONG).await,
+                    }
                 }
-                let (i, which) = (j / 4, j % 4);
-                let (k, owner, stranger) = (&keys[i], &owners[i], &strangers[i]);
-                match (which, i % 4) {
-                    (0, 0) => s.complete(k, owner, Completion::Succeeded, LONG).await,
-                    (0, 1) => s.complete(k, owner, Completion::Poisoned, LONG).await,
-                    (0, 2) => s.release(k, owner).await,
-                    (0, _) => s.extend(k, owner, LONG).await,
-                    (1, _) => s.complete(k, stranger, Completion::Succeeded, LONG).await,
-                    (2, _) => s.release(k, stranger).await,
-                    _ => s.extend(k, stranger, LONG).await,
-                }
+            })
+            .await
+        };
+        for (j, r) in settled.into_iter().enumerate() {
+            let done = ok(r, "concurrent settle");
+            if j >= 4 * n {
+                let r = j - 4 * n;
+                assert_eq!(
+                    done,
+                    winners[r / 2] == r,
+                    "completion of {} by {} (only the claim's winner may complete)",
+                    shared[r / 2],
+                    if winners[r / 2] == r {
+                        "the winner"
+                    } else {
+                        "the loser"
+                    }
+                );
+            } else if j % 4 == 0 {
+                assert!(done, "owner's operation {} on {}", (j / 4) % 4, keys[j / 4]);
+            } else {
+                assert!(
+                    !done,
+                    "stranger's operation {} on {} must be refused",
+                    j % 4,
+                    keys[j / 4]
+                );
             }
-        })
-        .await
-    };
-    for (j, r) in settled.into_iter().enumerate() {
-        let done = ok(r, "concurrent settle");
-        if j >= 4 * n {
-            let r = j - 4 * n;
-            assert_eq!(
-                done,
-                winners[r / 2] == r,
-                "completion of {} by {} (only the claim's winner may complete)",
-                shared[r / 2],
-                if winners[r / 2] == r {
-                    "the winner"
-                } else {
-                    "the loser"
-                }
-            );
-        } else if j % 4 == 0 {
-            assert!(done, "owner's operation {} on {}", (j / 4) % 4, keys[j / 4]);
-        } else {
-            assert!(
-                !done,
-                "stranger's operation {} on {} must be refused",
-                j % 4,
-                keys[j / 4]
-            );
         }
     }
 
-    // Round 3: fresh claims see each key's own state; reopen the done ones.
-    let fresh: Arc<Vec<OwnerToken>> = Arc::new((0..n).map(|_| OwnerToken::generate()).collect());
-    let reopeners: Arc<Vec<OwnerToken>> =
-        Arc::new((0..n).map(|_| OwnerToken::generate()).collect());
-    let answers = {
-        let (keys, fresh, reopeners) = (keys.clone(), fresh.clone(), reopeners.clone());
-        all_at_once(&store, 2 * n, move |s, j| {
+    /// Round 3: fresh claims see each key's own state; reopen the done ones.
+    async fn fresh_claims(&self, store: &Arc<dyn DedupStore>) {
+        let Many { n, keys, .. } = self;
+        let n = *n;
+        // Round 3: fresh claims see each key's own state; reopen the done ones.
+        let fresh: Arc<Vec<OwnerToken>> =
+            Arc::new((0..n).map(|_| OwnerToken::generate()).collect());
+        let reopeners: Arc<Vec<OwnerToken>> =
+            Arc::new((0..n).map(|_| OwnerToken::generate()).collect());
+        let answers = {
             let (keys, fresh, reopeners) = (keys.clone(), fresh.clone(), reopeners.clone());
-            async move {
-                let (i, reopen) = (j / 2, j % 2 == 1);
-                let k = &keys[i];
-                if reopen {
-                    if i % 4 < 2 {
-                        let reopened = s.reopen_poisoned(k, &reopeners[i], LONG).await?;
-                        return Ok((None, Some(reopened)));
+            all_at_once(store, 2 * n, move |s, j| {
+                let (keys, fresh, reopeners) = (keys.clone(), fresh.clone(), reopeners.clone());
+                async move {
+                    let (i, reopen) = (j / 2, j % 2 == 1);
+                    let k = &keys[i];
+                    if reopen {
+                        if i % 4 < 2 {
+                            let reopened = s.reopen_poisoned(k, &reopeners[i], LONG).await?;
+                            return Ok((None, Some(reopened)));
+                        }
+                        return Ok((None, None));
                     }
-                    return Ok((None, None));
-                }
-                let fp = format!("fresh-{i}");
-                if i % 2 == 0 {
-                    let (c, starts) = s
-                        .claim_counting(k, &fresh[i], Some(&fp), LONG, LONG)
-                        .await?;
-                    Ok((Some((c, starts)), None))
-                } else {
-                    let c = s.claim(k, &fresh[i], Some(&fp), LONG).await?;
-                    Ok::<_, StoreError>((Some((c, None)), None))
-                }
-            }
-        })
-        .await
-    };
-    for (j, r) in answers.into_iter().enumerate() {
-        let (i, k) = (j / 2, &keys[j / 2]);
-        match ok(r, "concurrent claim or reopen") {
-            (Some((c, starts)), _) => match i % 4 {
-                0 | 1 => {
-                    let completion = if i % 4 == 0 {
-                        Completion::Succeeded
+                    let fp = format!("fresh-{i}");
+                    if i % 2 == 0 {
+                        let (c, starts) = s
+                            .claim_counting(k, &fresh[i], Some(&fp), LONG, LONG)
+                            .await?;
+                        Ok((Some((c, starts)), None))
                     } else {
-                        Completion::Poisoned
-                    };
-                    // The reopen of a poisoned key runs at the same time: the claim
-                    // sees the record before it (done) or after it (held: busy).
-                    let done = Claim::Done {
-                        completion,
-                        fingerprint: Some(format!("fp-{i}")),
-                    };
-                    assert!(
-                        c == done || (i % 4 == 1 && matches!(c, Claim::Busy { .. })),
-                        "claim of {k}: expected {done:?}, got {c:?}"
-                    );
+                        let c = s.claim(k, &fresh[i], Some(&fp), LONG).await?;
+                        Ok::<_, StoreError>((Some((c, None)), None))
+                    }
                 }
-                2 => {
-                    assert_eq!(c, Claim::Acquired, "claim of released {k}");
-                    assert!(
-                        matches!(starts, None | Some(0)),
-                        "released {k}: no earlier unsettled start, got {starts:?}"
-                    );
-                }
-                _ => assert!(
-                    matches!(c, Claim::Busy { .. }),
-                    "claim of extended {k}: expected Busy, got {c:?}"
+            })
+            .await
+        };
+        for (j, r) in answers.into_iter().enumerate() {
+            let (i, k) = (j / 2, &keys[j / 2]);
+            match ok(r, "concurrent claim or reopen") {
+                (Some((c, starts)), _) => match i % 4 {
+                    0 | 1 => {
+                        let completion = if i % 4 == 0 {
+                            Completion::Succeeded
+                        } else {
+                            Completion::Poisoned
+                        };
+                        // The reopen of a poisoned key runs at the same time: the claim
+                        // sees the record before it (done) or after it (held: busy).
+                        let done = Claim::Done {
+                            completion,
+                            fingerprint: Some(format!("fp-{i}")),
+                        };
+                        assert!(
+                            c == done || (i % 4 == 1 && matches!(c, Claim::Busy { .. })),
+                            "claim of {k}: expected {done:?}, got {c:?}"
+                        );
+                    }
+                    2 => {
+                        assert_eq!(c, Claim::Acquired, "claim of released {k}");
+                        assert!(
+                            matches!(starts, None | Some(0)),
+                            "released {k}: no earlier unsettled start, got {starts:?}"
+                        );
+                    }
+                    _ => assert!(
+                        matches!(c, Claim::Busy { .. }),
+                        "claim of extended {k}: expected Busy, got {c:?}"
+                    ),
+                },
+                (None, Some(reopened)) => assert_eq!(
+                    reopened,
+                    i % 4 == 1,
+                    "reopen of {k} ({})",
+                    if i % 4 == 1 { "poisoned" } else { "succeeded" }
                 ),
-            },
-            (None, Some(reopened)) => assert_eq!(
-                reopened,
-                i % 4 == 1,
-                "reopen of {k} ({})",
-                if i % 4 == 1 { "poisoned" } else { "succeeded" }
-            ),
-            (None, None) => {}
+                (None, None) => {}
+            }
         }
     }
 }
