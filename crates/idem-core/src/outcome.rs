@@ -81,6 +81,46 @@ pub mod headers {
     /// ([`ConsumerBuilder::backtrace_header`](crate::ConsumerBuilder::backtrace_header)).
     /// Written only.
     pub const BACKTRACE: &str = "x-idem-backtrace";
+
+    /// Every header idem writes to record a failure or an unsettled delivery: the
+    /// failure history, who failed it, and the crash-loop delivery count
+    /// ([`DELIVERY_COUNT_HEADER`](crate::crash::DELIVERY_COUNT_HEADER)). An operator's
+    /// replay removes all of them, so the replayed message starts with no attempts,
+    /// no delivery count and no stale error. The `x-idem-*` headers not listed here
+    /// are [`KEPT_ON_REPLAY`]; a test of this crate fails when a header is in
+    /// neither list.
+    pub const FAILURE: [&str; 14] = [
+        ATTEMPTS,
+        ERROR,
+        ERROR_KIND,
+        FIRST_FAILED_AT,
+        LAST_FAILED_AT,
+        ORIGINAL_QUEUE,
+        CONSUMER,
+        KEY,
+        ERROR_TYPE,
+        HOST,
+        PID,
+        IMMEDIATE_RETRIES,
+        BACKTRACE,
+        crate::crash::DELIVERY_COUNT_HEADER,
+    ];
+
+    /// The `x-idem-*` headers a replay keeps: where the message was first published
+    /// (a replay may route on it), the replay marker itself
+    /// ([`REPLAY_HEADER`](crate::dedup::REPLAY_HEADER), replaced by the new replay's),
+    /// an operator's edit ([`EDITED_HEADER`](crate::dedup::EDITED_HEADER),
+    /// [`ORIGINAL_FINGERPRINT_HEADER`](crate::dedup::ORIGINAL_FINGERPRINT_HEADER): the
+    /// dedup stages read it), and the trace link to the attempt that failed (`x-idem-previous-attempt`, with
+    /// the `otel` feature), so a trace shows the failure and the replayed run together.
+    pub const KEPT_ON_REPLAY: [&str; 6] = [
+        ORIGINAL_EXCHANGE,
+        ORIGINAL_ROUTING_KEY,
+        crate::dedup::REPLAY_HEADER,
+        crate::dedup::EDITED_HEADER,
+        crate::dedup::ORIGINAL_FINGERPRINT_HEADER,
+        "x-idem-previous-attempt",
+    ];
 }
 
 /// The host name written in [`headers::HOST`]: the system host name, looked up once
@@ -609,6 +649,51 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Every `"x-idem-..."` name written anywhere in this crate's sources is either a
+    /// failure header (cleared by a replay) or one a replay keeps: a header added later
+    /// cannot be forgotten by the replay rules.
+    #[test]
+    fn every_idem_header_is_classified_for_replay() {
+        fn walk(dir: &std::path::Path, found: &mut std::collections::BTreeSet<String>) {
+            for entry in std::fs::read_dir(dir).expect("read src") {
+                let path = entry.expect("dir entry").path();
+                if path.is_dir() {
+                    walk(&path, found);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    let text = std::fs::read_to_string(&path).expect("read source");
+                    for (i, _) in text.match_indices("\"x-idem-") {
+                        let rest = &text[i + 1..];
+                        let end = rest.find('"').unwrap_or(rest.len());
+                        let name = &rest[..end];
+                        // A whole name (this test's own prefix literal is not one).
+                        if !name.ends_with('-')
+                            && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
+                        {
+                            found.insert(name.to_owned());
+                        }
+                    }
+                }
+            }
+        }
+        let mut found = std::collections::BTreeSet::new();
+        walk(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+            &mut found,
+        );
+        assert!(found.contains(headers::BACKTRACE), "{found:?}");
+        let unclassified: Vec<&String> = found
+            .iter()
+            .filter(|n| {
+                !headers::FAILURE.contains(&n.as_str())
+                    && !headers::KEPT_ON_REPLAY.contains(&n.as_str())
+            })
+            .collect();
+        assert!(
+            unclassified.is_empty(),
+            "x-idem headers in neither headers::FAILURE nor headers::KEPT_ON_REPLAY: {unclassified:?}"
+        );
+    }
 
     #[test]
     fn truncation_is_bounded_and_utf8_safe() {

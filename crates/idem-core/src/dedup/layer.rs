@@ -20,6 +20,19 @@ use crate::message::Message;
 /// another type is ignored (no replay) with one `warn` log.
 pub const REPLAY_HEADER: &str = "x-idem-replay";
 
+/// Header an operator's edit of a dead letter sets (`idem dlq edit`): the time of the
+/// edit (RFC 3339). Written only; kept by a replay.
+pub const EDITED_HEADER: &str = "x-idem-edited";
+
+/// Header an operator's edit of a dead letter sets: the payload fingerprint (hex
+/// SHA-256 of the body, as the dedup stages record it) of the body *before* the first
+/// edit, kept through later edits and replays. It makes the edited body a new version
+/// of the same message rather than "same key, different payload": a dedup stage that
+/// finds the key done with that fingerprint treats the edited copy as that message
+/// (see [the module docs](super#edited-messages)). Read under the
+/// [header rule](crate::read).
+pub const ORIGINAL_FINGERPRINT_HEADER: &str = "x-idem-original-sha256";
+
 /// What the dedup layer did with a message that is to be acked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Processed {
