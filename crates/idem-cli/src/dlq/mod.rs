@@ -83,16 +83,27 @@ use serde::Serialize;
 use crate::broker::{probe, QueueCounts};
 use crate::error::CliError;
 
+mod edit;
+mod filter;
 mod purge;
 mod replay;
 mod scan;
+mod show;
 mod stats;
+mod transfer;
+pub mod wire;
 
+pub use edit::{
+    apply as apply_edit, edit, edited_properties, parse_json_set, sha256_hex, Edit, EditReport,
+};
+pub use filter::{parse_age, pattern, time_arg, Filter, GroupKey};
 pub use idem_amqp::replay::{restored_properties, BROKER_DEATH_HEADERS, STRIPPED_ON_REPLAY};
 pub use purge::purge;
-pub use replay::{replay, replay_properties};
-pub use scan::list;
-pub use stats::{stats, DlqStats, ErrorGroup};
+pub use replay::{parse_rate, replay, replay_properties, replay_with, ReplayOptions};
+pub use scan::{list, list_where};
+pub use show::{render_body, show, write_shown, RenderedBody, ShownMessage, DEFAULT_MAX_BYTES};
+pub use stats::{stats, stats_where, DlqStats, ErrorGroup};
+pub use transfer::{export, import, read_lines, ImportReport};
 
 /// Copies published (and confirms awaited) together during a replay, and restores in
 /// flight at once.
@@ -345,6 +356,9 @@ pub enum Selector {
     /// [`DlqEntry::error_text`]) matches this regular expression (unanchored: `timeout`
     /// matches any error containing "timeout").
     ErrorMatches(Regex),
+    /// Messages passing every filter of a [`Filter`] (the shared `--id`, `--group`,
+    /// `--error-type`, `--consumer`, `--since`, `--until`, `--match` options).
+    Filter(Box<Filter>),
 }
 
 impl Selector {
@@ -367,6 +381,7 @@ impl Selector {
             Selector::All => true,
             Selector::Ids(ids) => entry.message_id.as_ref().is_some_and(|id| ids.contains(id)),
             Selector::ErrorMatches(re) => entry.error_text().is_some_and(|e| re.is_match(&e)),
+            Selector::Filter(f) => f.matches(entry),
         }
     }
 }

@@ -51,6 +51,72 @@ pub async fn replay(
     selector: &Selector,
     dry_run: bool,
 ) -> Result<MoveReport, CliError> {
+    let options = ReplayOptions {
+        dry_run,
+        rate: None,
+    };
+    replay_with(conn, queue, selector, &options).await
+}
+
+/// How a replay runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ReplayOptions {
+    /// Change nothing; report what would move.
+    pub dry_run: bool,
+    /// At most this many messages per second (`None`: as fast as the broker
+    /// confirms). Copies go out in batches of a twentieth of a second's worth (at
+    /// least 1), each batch no earlier than its last message's turn, so message `k`
+    /// of the replay (counting from 1) is published no earlier than `k / rate`
+    /// seconds after the start.
+    pub rate: Option<f64>,
+}
+
+/// Parses a `--rate` value: `200/s` or `200` (messages per second, more than 0).
+pub fn parse_rate(text: &str) -> Result<f64, CliError> {
+    let n = text.trim().strip_suffix("/s").unwrap_or(text.trim());
+    match n.trim().parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        _ => Err(CliError::Usage(format!(
+            "--rate {text:?}: expected messages per second, e.g. 200/s"
+        ))),
+    }
+}
+
+/// Paces a replay (see [`ReplayOptions::rate`]).
+struct Pace {
+    start: tokio::time::Instant,
+    rate: f64,
+    sent: u64,
+}
+
+impl Pace {
+    /// Waits until a batch of `n` more messages may go.
+    async fn wait(pace: &mut Option<Pace>, n: usize) {
+        if let Some(p) = pace {
+            p.sent += n as u64;
+            let due = p.start + std::time::Duration::from_secs_f64(p.sent as f64 / p.rate);
+            tokio::time::sleep_until(due).await;
+        }
+    }
+}
+
+/// [`replay`] with [`ReplayOptions`] (a rate limit).
+pub async fn replay_with(
+    conn: &Connection,
+    queue: &str,
+    selector: &Selector,
+    options: &ReplayOptions,
+) -> Result<MoveReport, CliError> {
+    let dry_run = options.dry_run;
+    let batch_max = options.rate.map_or(PIPELINE, |r| {
+        // A twentieth of a second's worth, at least 1.
+        ((r / 20.0) as usize).clamp(1, PIPELINE)
+    });
+    let mut pace = options.rate.map(|rate| Pace {
+        start: tokio::time::Instant::now(),
+        rate,
+        sent: 0,
+    });
     let mut scan = Scan::open(conn, queue).await?;
     let replay_id = format!("replay-{}", uuid::Uuid::now_v7());
     let mut report = MoveReport::new(scan.dlq.clone(), Some(replay_id.clone()), dry_run);
@@ -97,12 +163,14 @@ pub async fn replay(
                 target,
                 properties,
             });
-            if pending.len() >= PIPELINE {
+            if pending.len() >= batch_max {
+                Pace::wait(&mut pace, pending.len()).await;
                 settle(publisher, &mut scan, &mut pending, &mut report).await?;
             }
             progress.update(report.scanned, report.done);
         }
         if let Some(publisher) = &publisher {
+            Pace::wait(&mut pace, pending.len()).await;
             settle(publisher, &mut scan, &mut pending, &mut report).await?;
         }
         Ok::<_, CliError>(())

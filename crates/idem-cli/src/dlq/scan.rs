@@ -7,7 +7,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{Channel, Confirmation, Connection, PublisherConfirm};
 
-use super::{resolve, restored_properties, DlqEntry, PIPELINE};
+use super::{resolve, restored_properties, DlqEntry, Selector, PIPELINE};
 use crate::broker::{close_channel, open_channel, passive_declare, queue_name};
 use crate::error::CliError;
 
@@ -96,22 +96,31 @@ impl Scan {
         delivery: &Delivery,
         position: u64,
     ) -> Result<(), CliError> {
+        let properties = restored_properties(&delivery.properties);
+        self.put_back(delivery.delivery_tag, position, &delivery.data, properties)
+            .await
+    }
+
+    /// Publishes `body` with `properties` to the tail of the DLQ in place of the
+    /// delivery `tag`, which is acked once the broker confirmed the new message (an
+    /// exact copy for [`Scan::restore`], an edited one for `edit`).
+    pub(super) async fn put_back(
+        &mut self,
+        tag: u64,
+        position: u64,
+        body: &[u8],
+        properties: lapin::BasicProperties,
+    ) -> Result<(), CliError> {
         let options = BasicPublishOptions {
             mandatory: true,
             ..BasicPublishOptions::default()
         };
         let confirm = self
             .channel
-            .basic_publish(
-                "".into(),
-                queue_name(&self.dlq)?,
-                options,
-                &delivery.data,
-                restored_properties(&delivery.properties),
-            )
+            .basic_publish("".into(), queue_name(&self.dlq)?, options, body, properties)
             .await;
         self.restoring.push_back(Restoring {
-            tag: delivery.delivery_tag,
+            tag,
             position,
             confirm,
         });
@@ -145,7 +154,7 @@ impl Scan {
     }
 
     /// Waits for every restored copy and acks the originals.
-    async fn settle_restores(&mut self) -> Result<(), CliError> {
+    pub(super) async fn settle_restores(&mut self) -> Result<(), CliError> {
         while !self.restoring.is_empty() {
             self.settle_oldest_restore().await?;
         }
@@ -167,17 +176,42 @@ impl Scan {
 /// The first `limit` messages of the DLQ of `queue` (see [`resolve`](super::resolve)); every message
 /// stays, in order (module docs).
 pub async fn list(conn: &Connection, queue: &str, limit: u64) -> Result<Vec<DlqEntry>, CliError> {
-    let mut scan = Scan::open(conn, queue).await?;
+    list_where(conn, queue, limit, &Selector::All).await
+}
+
+/// [`list`] of the messages `selector` selects: the first `limit` of them.
+pub async fn list_where(
+    conn: &Connection,
+    queue: &str,
+    limit: u64,
+    selector: &Selector,
+) -> Result<Vec<DlqEntry>, CliError> {
     let mut entries = Vec::new();
+    visit(conn, queue, |_, entry| {
+        if (entries.len() as u64) < limit && selector.matches(&entry) {
+            entries.push(entry);
+        }
+    })
+    .await
+    .map(|_| entries)
+}
+
+/// Reads every message of the DLQ of `queue` and hands each to `f` with its entry;
+/// every message stays, in order (module docs). Returns the DLQ's name.
+pub(super) async fn visit(
+    conn: &Connection,
+    queue: &str,
+    mut f: impl FnMut(&Delivery, DlqEntry),
+) -> Result<String, CliError> {
+    let mut scan = Scan::open(conn, queue).await?;
     let result = async {
         while let Some((delivery, entry)) = scan.next().await? {
             scan.restore(&delivery, entry.position).await?;
-            if (entries.len() as u64) < limit {
-                entries.push(entry);
-            }
+            f(&delivery, entry);
         }
         Ok::<_, CliError>(())
     }
     .await;
-    scan.finish(result).await.map(|()| entries)
+    let dlq = scan.dlq.clone();
+    scan.finish(result).await.map(|()| dlq)
 }
