@@ -214,7 +214,7 @@ async fn settle(
     for (p, result) in pending.drain(..).zip(results) {
         match result {
             Ok(()) => {
-                scan.ack(p.delivery.delivery_tag).await?;
+                scan.ack(p.delivery.delivery_tag);
                 report.done += 1;
                 if let Some(m) = report.messages.get_mut(p.index) {
                     m.outcome = "moved".to_owned();
