@@ -199,6 +199,26 @@ pub enum DlqCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Run redrive rules (a TOML file): replay or move the dead letters each rule
+    /// matches, the first matching rule deciding; see docs/dead-letters.md.
+    #[command(after_help = EXIT_CODES)]
+    Redrive {
+        /// The rules file.
+        #[arg(long, value_name = "FILE")]
+        rules: String,
+        /// Change nothing; print what each rule would do.
+        #[arg(long)]
+        dry_run: bool,
+        /// Run the rules again every --interval until SIGINT/SIGTERM.
+        #[arg(long, conflicts_with = "dry_run")]
+        watch: bool,
+        /// With --watch: time between rounds (e.g. 30s, 5m).
+        #[arg(long, default_value = "30s", value_name = "AGE")]
+        interval: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Delete dead-lettered messages. Needs --yes.
     #[command(after_help = EXIT_CODES)]
     Purge {

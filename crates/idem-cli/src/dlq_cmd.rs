@@ -65,7 +65,9 @@ pub(crate) async fn run_dlq(
             }
             s
         }
-        DlqCommand::Import { .. } | DlqCommand::Edit { .. } => Selector::All,
+        DlqCommand::Import { .. } | DlqCommand::Edit { .. } | DlqCommand::Redrive { .. } => {
+            Selector::All
+        }
     };
     let rate = match &cmd {
         DlqCommand::Replay { rate: Some(r), .. } => Some(dlq::parse_rate(r)?),
@@ -94,12 +96,26 @@ pub(crate) async fn run_dlq(
         DlqCommand::Import { file, .. } => Some(read_import(file)?),
         _ => None,
     };
+    let rules = match &cmd {
+        DlqCommand::Redrive {
+            rules, interval, ..
+        } => {
+            dlq::parse_age(interval).ok_or_else(|| {
+                CliError::Usage(format!(
+                    "--interval {interval:?}: expected an age such as 30s or 5m"
+                ))
+            })?;
+            Some(dlq::redrive::Rules::load(rules)?)
+        }
+        _ => None,
+    };
     let conn = broker::connect_as(url, name, tls).await?;
     let prepared = Prepared {
         selector,
         rate,
         edit,
         import,
+        rules,
     };
     let result = run_dlq_on(&conn, cmd, prepared, out).await;
     let _ = conn.close(200, "bye".into()).await;
@@ -112,6 +128,7 @@ struct Prepared {
     rate: Option<f64>,
     edit: Option<dlq::Edit>,
     import: Option<Vec<dlq::wire::WireMessage>>,
+    rules: Option<dlq::redrive::Rules>,
 }
 
 async fn run_dlq_on(
@@ -291,6 +308,41 @@ async fn run_dlq_on(
             print_report(out, &report, as_json, "replay")?;
             partial(&report, "replayed")
         }
+        DlqCommand::Redrive {
+            dry_run,
+            watch,
+            interval,
+            json: as_json,
+            ..
+        } => {
+            let Some(rules) = p.rules else {
+                return Err(CliError::Usage("no rules".to_owned()));
+            };
+            if !watch {
+                let reports = dlq::redrive::redrive(conn, &rules, dry_run).await?;
+                return print_redrive(out, &reports, as_json, dry_run);
+            }
+            let every = dlq::parse_age(&interval).unwrap_or(std::time::Duration::from_secs(30));
+            let mut failed = None;
+            dlq::redrive::redrive_every(
+                conn,
+                &rules,
+                every,
+                idem_amqp::shutdown::signal(),
+                |round| {
+                    let r = round.and_then(|reports| print_redrive(out, &reports, as_json, false));
+                    if let Err(e) = r {
+                        eprintln!("error: {e}");
+                        failed = Some(e);
+                    }
+                },
+            )
+            .await;
+            match failed {
+                Some(e) if matches!(e, CliError::Failed(_)) => Err(e),
+                _ => Ok(()),
+            }
+        }
         DlqCommand::Purge {
             queue,
             dry_run,
@@ -357,4 +409,54 @@ fn print_report(
         )
     };
     writeln!(out, "{summary}").map_err(write_err)
+}
+
+fn print_redrive(
+    out: &mut dyn Write,
+    reports: &[dlq::redrive::RuleReport],
+    as_json: bool,
+    dry_run: bool,
+) -> Result<(), CliError> {
+    if as_json {
+        return json(out, &reports);
+    }
+    for r in reports {
+        let what = match (r.action, dry_run) {
+            (dlq::redrive::Action::Replay, true) => "would replay",
+            (dlq::redrive::Action::Replay, false) => "replayed",
+            (dlq::redrive::Action::Move, true) => "would move",
+            (dlq::redrive::Action::Move, false) => "moved",
+        };
+        let n = if dry_run {
+            r.report.matched
+        } else {
+            r.report.done
+        };
+        let targets: std::collections::BTreeSet<&str> = r
+            .report
+            .messages
+            .iter()
+            .filter_map(|m| m.target.as_deref())
+            .collect();
+        writeln!(
+            out,
+            "rule {}: {what} {n} message(s) of {} to {}; {} held for a person (max replays reached); {} failed",
+            r.rule,
+            r.report.dlq,
+            if targets.is_empty() { "-".to_owned() } else { targets.into_iter().collect::<Vec<_>>().join(", ") },
+            r.held,
+            r.report.failed,
+        )
+        .map_err(write_err)?;
+    }
+    if dry_run {
+        writeln!(out, "dry run: nothing was changed").map_err(write_err)?;
+    }
+    let failed: u64 = reports.iter().map(|r| r.report.failed).sum();
+    if failed > 0 {
+        return Err(CliError::Partial(format!(
+            "{failed} message(s) could not be redriven; they stay in their DLQ"
+        )));
+    }
+    Ok(())
 }

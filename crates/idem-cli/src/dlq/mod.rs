@@ -86,6 +86,7 @@ use crate::error::CliError;
 mod edit;
 mod filter;
 mod purge;
+pub mod redrive;
 mod replay;
 mod scan;
 mod show;

@@ -37,6 +37,7 @@ struct Pending {
     index: usize,
     target: String,
     properties: BasicProperties,
+    outcome: &'static str,
 }
 
 /// Re-publishes the selected messages of the DLQ of `queue` (see [`resolve`](super::resolve)) to their
@@ -107,6 +108,53 @@ pub async fn replay_with(
     selector: &Selector,
     options: &ReplayOptions,
 ) -> Result<MoveReport, CliError> {
+    let replay_id = format!("replay-{}", uuid::Uuid::now_v7());
+    let id = replay_id.clone();
+    transfer(
+        conn,
+        queue,
+        Some(replay_id),
+        options,
+        |delivery, entry, work_queue| {
+            selector.matches(entry).then(|| Plan {
+                target: replay_target(entry, work_queue),
+                properties: replay_properties(&delivery.properties, &id, entry.broker_made()),
+                outcome: "moved",
+            })
+        },
+    )
+    .await
+}
+
+/// Where one selected message goes, decided by the caller of [`transfer`].
+pub(super) struct Plan {
+    /// The queue it is published to (through the default exchange).
+    pub(super) target: String,
+    /// The properties of the copy.
+    pub(super) properties: BasicProperties,
+    /// The outcome reported once done (`moved`, `parked`); a dry run reports
+    /// `would <outcome>` minus the past tense (`would move`).
+    pub(super) outcome: &'static str,
+}
+
+fn would(outcome: &str) -> String {
+    match outcome {
+        "moved" => "would move".to_owned(),
+        other => format!("would be {other}"),
+    }
+}
+
+/// The walk of every replay-like operation: `decide` picks, for each message of the
+/// DLQ of `queue` (with the work queue's name), where it goes, or `None` to leave it;
+/// the chosen ones are published with confirms (paced by `options.rate`) and each is
+/// acked only once its copy is confirmed, the others restored in order.
+pub(super) async fn transfer(
+    conn: &Connection,
+    queue: &str,
+    replay_id: Option<String>,
+    options: &ReplayOptions,
+    mut decide: impl FnMut(&Delivery, &DlqEntry, &str) -> Option<Plan>,
+) -> Result<MoveReport, CliError> {
     let dry_run = options.dry_run;
     let batch_max = options.rate.map_or(PIPELINE, |r| {
         // A twentieth of a second's worth, at least 1.
@@ -118,8 +166,7 @@ pub async fn replay_with(
         sent: 0,
     });
     let mut scan = Scan::open(conn, queue).await?;
-    let replay_id = format!("replay-{}", uuid::Uuid::now_v7());
-    let mut report = MoveReport::new(scan.dlq.clone(), Some(replay_id.clone()), dry_run);
+    let mut report = MoveReport::new(scan.dlq.clone(), replay_id, dry_run);
     let publisher = if dry_run {
         None
     } else {
@@ -130,38 +177,32 @@ pub async fn replay_with(
     let result = async {
         while let Some((delivery, entry)) = scan.next().await? {
             report.scanned += 1;
-            let selected = selector.matches(&entry);
-            let Some(publisher) = publisher.as_ref().filter(|_| selected) else {
-                if selected {
-                    report.matched += 1;
-                    report.messages.push(MovedMessage {
-                        position: entry.position,
-                        message_id: entry.message_id.clone(),
-                        target: Some(replay_target(&entry, &scan.queue)),
-                        outcome: "would move".to_owned(),
-                    });
-                }
+            let plan = decide(&delivery, &entry, &scan.queue);
+            let Some(plan) = plan else {
                 scan.restore(&delivery, entry.position).await?;
-                progress.update(report.scanned, report.done + report.matched);
+                progress.update(report.scanned, report.done);
                 continue;
             };
             report.matched += 1;
-            let target = replay_target(&entry, &scan.queue);
             let index = report.messages.len();
             report.messages.push(MovedMessage {
                 position: entry.position,
                 message_id: entry.message_id.clone(),
-                target: Some(target.clone()),
-                outcome: "would move".to_owned(),
+                target: Some(plan.target.clone()),
+                outcome: would(plan.outcome),
             });
-            let properties =
-                replay_properties(&delivery.properties, &replay_id, entry.broker_made());
+            let Some(publisher) = publisher.as_ref() else {
+                scan.restore(&delivery, entry.position).await?;
+                progress.update(report.scanned, report.matched);
+                continue;
+            };
             pending.push(Pending {
                 delivery,
                 position: entry.position,
                 index,
-                target,
-                properties,
+                target: plan.target,
+                properties: plan.properties,
+                outcome: plan.outcome,
             });
             if pending.len() >= batch_max {
                 Pace::wait(&mut pace, pending.len()).await;
@@ -217,7 +258,7 @@ async fn settle(
                 scan.ack(p.delivery.delivery_tag);
                 report.done += 1;
                 if let Some(m) = report.messages.get_mut(p.index) {
-                    m.outcome = "moved".to_owned();
+                    m.outcome = p.outcome.to_owned();
                 }
             }
             Err(e) => {
