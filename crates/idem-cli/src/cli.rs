@@ -219,6 +219,22 @@ pub enum DlqCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Serve the dead-letter console (a page and a JSON API) until SIGINT/SIGTERM.
+    /// Read-only unless --allow-writes; writes then need the bearer token of
+    /// IDEM_DLQ_TOKEN.
+    #[command(after_help = EXIT_CODES)]
+    Serve {
+        /// Address to listen on (loopback by default).
+        #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR:PORT")]
+        listen: std::net::SocketAddr,
+        /// A work queue to show (repeatable; named as for the other dlq commands).
+        #[arg(long = "queue", value_name = "Q", required = true)]
+        queues: Vec<String>,
+        /// Allow replay, purge and edit (each needs `Authorization: Bearer
+        /// $IDEM_DLQ_TOKEN`).
+        #[arg(long)]
+        allow_writes: bool,
+    },
     /// Delete dead-lettered messages. Needs --yes.
     #[command(after_help = EXIT_CODES)]
     Purge {

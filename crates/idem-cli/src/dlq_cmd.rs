@@ -65,9 +65,10 @@ pub(crate) async fn run_dlq(
             }
             s
         }
-        DlqCommand::Import { .. } | DlqCommand::Edit { .. } | DlqCommand::Redrive { .. } => {
-            Selector::All
-        }
+        DlqCommand::Import { .. }
+        | DlqCommand::Edit { .. }
+        | DlqCommand::Redrive { .. }
+        | DlqCommand::Serve { .. } => Selector::All,
     };
     let rate = match &cmd {
         DlqCommand::Replay { rate: Some(r), .. } => Some(dlq::parse_rate(r)?),
@@ -109,7 +110,41 @@ pub(crate) async fn run_dlq(
         }
         _ => None,
     };
+    let write_token = match &cmd {
+        DlqCommand::Serve {
+            allow_writes: true, ..
+        } => match std::env::var("IDEM_DLQ_TOKEN") {
+            Ok(t) if t.trim().len() >= 16 => Some(t.trim().to_owned()),
+            _ => return Err(CliError::Usage(
+                "--allow-writes needs a bearer token of at least 16 characters in IDEM_DLQ_TOKEN"
+                    .to_owned(),
+            )),
+        },
+        _ => None,
+    };
     let conn = broker::connect_as(url, name, tls).await?;
+    if let DlqCommand::Serve { listen, queues, .. } = cmd {
+        for q in &queues {
+            dlq::resolve(&conn, q).await?;
+        }
+        writeln!(
+            out,
+            "serving the dead letters of {} on http://{listen}/ ({}) until SIGINT/SIGTERM",
+            queues.join(", "),
+            if write_token.is_some() {
+                "writes allowed with the token"
+            } else {
+                "read-only"
+            }
+        )
+        .map_err(write_err)?;
+        out.flush().map_err(write_err)?;
+        let config = crate::serve::ConsoleConfig {
+            queues,
+            write_token,
+        };
+        return crate::serve::serve(conn, config, listen, idem_amqp::shutdown::signal()).await;
+    }
     let prepared = Prepared {
         selector,
         rate,
@@ -343,6 +378,7 @@ async fn run_dlq_on(
                 _ => Ok(()),
             }
         }
+        DlqCommand::Serve { .. } => Ok(()),
         DlqCommand::Purge {
             queue,
             dry_run,

@@ -52,6 +52,7 @@ pub mod error;
 pub mod normalize;
 pub mod outbox;
 pub mod render;
+pub mod serve;
 pub mod tls;
 pub mod topology;
 
