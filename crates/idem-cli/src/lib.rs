@@ -1,20 +1,34 @@
-//! The `idem` operator CLI, as a library: inspect, replay and purge dead-letter queues,
-//! declare and show the RabbitMQ topology of a work queue, and check the outbox.
+//! The `idem` operator CLI, as a library: work with dead-letter queues (read, fix,
+//! replay, purge, redrive by rule, a web console), declare and show the RabbitMQ
+//! topology of a work queue, check and run the outbox.
 //!
 //! Install the binary with `cargo install --path crates/idem-cli`, then run
 //! `idem --help`. Every command takes `--url` (env `AMQP_URL`, default
 //! `amqp://guest:guest@127.0.0.1:5672/%2f`; the password is never printed) and most take
-//! `--json` for scripts.
+//! `--json` for scripts. The guide is `docs/dead-letters.md`.
 //!
 //! | command | what it does |
 //! |---------|--------------|
-//! | `idem dlq list Q [--limit N] [--json]` | table of `Q.dlq` messages; every message stays |
-//! | `idem dlq stats Q [--json]` | messages grouped by error kind and normalised error text (broker dead letters: by reason and queue) |
-//! | `idem dlq replay Q (--all \| --id ID... \| --error-matches REGEX) [--dry-run]` | back to the original queue, attempts reset, `x-idem-replay` set |
-//! | `idem dlq purge Q (--all \| --error-matches REGEX) --yes [--dry-run]` | delete messages |
-//! | `idem topology declare Q [--quorum] [--tiers 1s,5s,30s]` | declare `Q`, `Q.retry.<tier>`, `Q.dlq` |
+//! | `idem dlq list Q [FILTERS] [--limit N] [--json]` | table of `Q.dlq` messages; every message stays |
+//! | `idem dlq stats Q [FILTERS] [--json]` | messages grouped by error kind and normalised error text (broker dead letters: by reason and queue), each group with a stable id |
+//! | `idem dlq show Q [FILTERS] [--max-bytes N] [--limit N] [--json]` | headers and body (JSON pretty-printed, UTF-8 as is, other bytes escaped; cuts marked) |
+//! | `idem dlq export Q [FILTERS] > F.jsonl` | JSON lines: properties, typed headers, body as base64; every message stays |
+//! | `idem dlq import Q F.jsonl` | publishes an export to `Q.dlq`, in order, confirmed (the whole file checked first) |
+//! | `idem dlq edit Q --id ID (--json-set /ptr=value... \| --body-file F)` | replaces a body: edited copy confirmed first, then the original removed; `x-idem-edited`, `x-idem-original-sha256` |
+//! | `idem dlq replay Q (--all \| FILTERS) [--rate N/s] [--dry-run]` | back to the original queue, every failure header cleared, `x-idem-replay` set |
+//! | `idem dlq purge Q (--all \| FILTERS) --yes [--dry-run]` | delete messages |
+//! | `idem dlq redrive --rules F [--dry-run] [--watch [--interval 30s]]` | run redrive rules (see [`dlq::redrive`]) |
+//! | `idem dlq serve --queue Q... [--listen 127.0.0.1:8080] [--allow-writes]` | the console and its JSON API (see [`serve`]) |
+//! | `idem topology declare Q [--quorum] [--delivery-limit N] [--tiers 1s,5s,30s]` | declare `Q`, `Q.retry.<tier>`, `Q.dlq` |
 //! | `idem topology show Q [--tiers ..]` | depth and consumers of each queue, missing ones marked |
 //! | `idem outbox status [--table idem_outbox]` | pending rows and the oldest one's age (`DATABASE_URL`) |
+//! | `idem outbox relay [--table idem_outbox] [--batch N] [--poll-ms MS] [--create-table]` | run an outbox relay until SIGINT/SIGTERM (`DATABASE_URL`, `--url`) |
+//!
+//! `FILTERS` (a message must pass all given; see [`dlq::Filter`]): `--id ID...`,
+//! `--group G` (an id `stats` prints), `--error-type T`, `--consumer NAME`,
+//! `--since TIME`, `--until TIME` (RFC 3339 or an age such as `10m`; the time the
+//! message was dead-lettered) and `--match REGEX` (Rust `regex` syntax, unanchored,
+//! on the error text; `--error-matches` is its old name).
 //!
 //! `Q` is the work queue (the commands read `Q.dlq`) or the DLQ's own name
 //! (`idem dlq list orders.dlq` reads `orders.dlq` when `orders.dlq.dlq` does not exist).
@@ -22,10 +36,16 @@
 //! limit; no `x-idem-*` headers) show the broker's reason as their kind, the queue they
 //! died in and how many times (see [`dlq`]).
 //!
-//! `--error-matches` is a regular expression (Rust `regex` syntax, unanchored) applied
-//! to the `x-idem-error` header. Exit codes: 0 success; 1 usage error, refused
-//! operation or queue/table not found; 2 broker or database unreachable; 3 partial
-//! failure; 4 the broker or database refused an operation or the login (see [`error`]).
+//! Exit codes (see [`error`]):
+//!
+//! | code | meaning |
+//! |------|---------|
+//! | 0 | success |
+//! | 1 | usage error, refused operation (`purge` without `--yes`), queue or table not found, invalid pattern or file |
+//! | 2 | the broker or the database cannot be reached |
+//! | 3 | partial failure: some messages were handled, the others stay where they were |
+//! | 4 | the broker or the database refused an operation or the login |
+//! | 6 | TLS failure: a certificate refused either way, or an unusable TLS file |
 //!
 //! The same operations are available to programs:
 //!

@@ -107,11 +107,7 @@ impl WireMessage {
                 app_id: s(p.app_id()),
                 cluster_id: s(p.cluster_id()),
             },
-            headers: p
-                .headers()
-                .as_ref()
-                .map(|t| table_to_json(t))
-                .unwrap_or_default(),
+            headers: p.headers().as_ref().map(table_to_json).unwrap_or_default(),
             body: B64.encode(body),
         }
     }

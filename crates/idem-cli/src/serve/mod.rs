@@ -11,7 +11,7 @@
 //! | `POST /api/queues/{q}/purge` | body `{"ids": [..]}` or `{"group": ".."}`, optional `"dry_run"` |
 //! | `POST /api/queues/{q}/edit` | body `{"id": "..", "json_set": ["/cents=500"]}` or `{"id": "..", "body_base64": ".."}` |
 //!
-//! Reads never change a queue (see [`dlq`](crate::dlq)). Writes are refused with 403
+//! Reads never change a queue (see [`crate::dlq`]). Writes are refused with 403
 //! unless the console was started with writes allowed; then each needs the header
 //! `Authorization: Bearer <token>` (401 without it, 403 with another token; tokens are
 //! compared in constant time). Only the configured queues are reachable (404 for any
