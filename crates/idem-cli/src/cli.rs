@@ -55,6 +55,8 @@ pub struct Cli {
 }
 
 /// Top-level commands.
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Inspect, replay and purge the dead-letter queue `Q.dlq` of a work queue `Q`.
@@ -192,6 +194,21 @@ pub enum DlqCommand {
         /// replay takes at least count/N seconds).
         #[arg(long, value_name = "N/s")]
         rate: Option<String>,
+        /// The consumers' Redis dedup store: report the messages whose key is already
+        /// done ("will be acked as a duplicate") before replaying.
+        #[arg(long, value_name = "URL")]
+        dedup_redis: Option<String>,
+        /// Key prefix of that store.
+        #[arg(
+            long,
+            value_name = "PREFIX",
+            default_value = "idem",
+            requires = "dedup_redis"
+        )]
+        dedup_prefix: String,
+        /// Consumer name for messages without x-idem-consumer.
+        #[arg(long, value_name = "NAME", requires = "dedup_redis")]
+        dedup_consumer: Option<String>,
         /// Change nothing; print what would move.
         #[arg(long)]
         dry_run: bool,

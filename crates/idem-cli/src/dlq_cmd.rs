@@ -333,13 +333,24 @@ async fn run_dlq_on(
             queue,
             dry_run,
             json: as_json,
+            dedup_redis,
+            dedup_prefix,
+            dedup_consumer,
             ..
         } => {
             let options = ReplayOptions {
                 dry_run,
                 rate: p.rate,
             };
-            let report = dlq::replay_with(conn, &queue, &selector, &options).await?;
+            let report = match dedup_redis {
+                Some(url) => {
+                    let lookup =
+                        dlq::lookup::DedupLookup::redis(&url, &dedup_prefix, dedup_consumer)
+                            .await?;
+                    dlq::replay_predicting(conn, &queue, &selector, &options, &lookup).await?
+                }
+                None => dlq::replay_with(conn, &queue, &selector, &options).await?,
+            };
             print_report(out, &report, as_json, "replay")?;
             partial(&report, "replayed")
         }
@@ -443,6 +454,12 @@ fn print_report(
             "{what}: {} of {} message(s) of {} done, {} failed{id}",
             report.done, report.scanned, report.dlq, report.failed
         )
+    };
+    let summary = match report.duplicates {
+        Some(n) => format!(
+            "{summary}; {n} of them will be acked as duplicates (their key is already done in the consumer's dedup store)"
+        ),
+        None => summary,
     };
     writeln!(out, "{summary}").map_err(write_err)
 }

@@ -85,6 +85,7 @@ use crate::error::CliError;
 
 mod edit;
 mod filter;
+pub mod lookup;
 mod purge;
 pub mod redrive;
 mod replay;
@@ -100,7 +101,9 @@ pub use edit::{
 pub use filter::{parse_age, pattern, time_arg, Filter, GroupKey};
 pub use idem_amqp::replay::{restored_properties, BROKER_DEATH_HEADERS, STRIPPED_ON_REPLAY};
 pub use purge::purge;
-pub use replay::{parse_rate, replay, replay_properties, replay_with, ReplayOptions};
+pub use replay::{
+    parse_rate, replay, replay_predicting, replay_properties, replay_with, ReplayOptions,
+};
 pub use scan::{list, list_where};
 pub use show::{render_body, show, write_shown, RenderedBody, ShownMessage, DEFAULT_MAX_BYTES};
 pub use stats::{stats, stats_where, DlqStats, ErrorGroup};
@@ -458,6 +461,10 @@ pub struct MoveReport {
     pub scanned: u64,
     /// Messages selected.
     pub matched: u64,
+    /// With a dedup store lookup (`--dedup-redis`): selected messages whose key is
+    /// already done, which the consumer will ack as duplicates without running them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duplicates: Option<u64>,
     /// Messages removed from the DLQ (replayed or purged).
     pub done: u64,
     /// Selected messages that could not be handled (they stay in the DLQ).
@@ -474,6 +481,7 @@ impl MoveReport {
             dry_run,
             scanned: 0,
             matched: 0,
+            duplicates: None,
             done: 0,
             failed: 0,
             messages: Vec::new(),

@@ -59,6 +59,67 @@ pub async fn replay(
     replay_with(conn, queue, selector, &options).await
 }
 
+/// [`replay_with`], predicting from the consumer's dedup store (see
+/// [`lookup`](super::lookup)) which selected messages will be acked as duplicates: a
+/// first read of the DLQ (changing nothing) looks each one up, then the replay (or
+/// dry run) runs and each predicted duplicate's outcome says `will be acked as a
+/// duplicate` (a different payload: `will be dead-lettered: different payload`).
+pub async fn replay_predicting(
+    conn: &Connection,
+    queue: &str,
+    selector: &Selector,
+    options: &ReplayOptions,
+    lookup: &super::lookup::DedupLookup,
+) -> Result<MoveReport, CliError> {
+    use super::lookup::{Prediction, EDITED_FROM};
+    let mut selected = Vec::new();
+    super::scan::visit(conn, queue, |delivery, entry| {
+        if selector.matches(&entry) {
+            let edited_from = delivery
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|t| t.inner().get(EDITED_FROM).map(super::wire::value_text));
+            selected.push((entry, delivery.data.clone(), edited_from));
+        }
+    })
+    .await?;
+    let mut predicted = std::collections::BTreeMap::new();
+    for (entry, body, edited_from) in &selected {
+        let Some(id) = entry.message_id.clone() else {
+            continue;
+        };
+        let key = entry.key.clone().unwrap_or_else(|| id.clone());
+        let p = lookup
+            .predict(
+                entry.consumer.as_deref(),
+                &key,
+                body,
+                edited_from.as_deref(),
+            )
+            .await?;
+        predicted.insert(id, p);
+    }
+    let mut report = replay_with(conn, queue, selector, options).await?;
+    let mut duplicates = 0;
+    for m in &mut report.messages {
+        let p = m.message_id.as_ref().and_then(|id| predicted.get(id));
+        match p {
+            Some(Prediction::Duplicate) => {
+                duplicates += 1;
+                m.outcome.push_str("; will be acked as a duplicate");
+            }
+            Some(Prediction::Mismatch) => {
+                m.outcome
+                    .push_str("; will be dead-lettered: different payload");
+            }
+            _ => {}
+        }
+    }
+    report.duplicates = Some(duplicates);
+    Ok(report)
+}
+
 /// How a replay runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct ReplayOptions {
