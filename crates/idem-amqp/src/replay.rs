@@ -6,9 +6,13 @@
 //! A replayed copy keeps its body, its properties (same `message_id`, so a consumer
 //! that already applied it deduplicates it) and its application headers, and:
 //!
-//! - loses idem's failure headers ([`STRIPPED_ON_REPLAY`]): its attempts start again;
-//!   `x-idem-original-exchange` and `x-idem-original-routing-key` stay, they tell the
-//!   consumer where the message was first published;
+//! - loses every failure header idem writes ([`STRIPPED_ON_REPLAY`], which is
+//!   [`idem_core::outcome::headers::FAILURE`]): the attempts, the error, its kind and
+//!   type, the host and process, the immediate retries, the backtrace and the
+//!   crash-loop delivery count all start again, so a message dead-lettered for going
+//!   over a quorum queue's delivery limit runs again when replayed. The `x-idem-*`
+//!   headers kept are [`idem_core::outcome::headers::KEPT_ON_REPLAY`]: where the
+//!   message was first published, an operator's edit marks, the trace link;
 //! - loses the broker's dead-lettering headers ([`BROKER_DEATH_HEADERS`]): `x-`
 //!   headers belong to the broker (RabbitMQ 4.x ignores an `x-death` a client
 //!   publishes, 3.x interprets it and may drop a message it sees dying twice in one
@@ -27,18 +31,11 @@ use idem_core::outcome::headers as h;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::BasicProperties;
 
-/// Failure headers removed from a replayed message: its attempts start again from 0.
+/// Failure headers removed from a replayed message: every header idem writes to
+/// record a failure or an unsettled delivery ([`h::FAILURE`], one list kept in
+/// `idem-core` next to the header names, so a header added there is cleared here too).
 /// `x-idem-original-exchange` and `x-idem-original-routing-key` are kept.
-pub const STRIPPED_ON_REPLAY: [&str; 8] = [
-    h::ATTEMPTS,
-    h::ERROR,
-    h::ERROR_KIND,
-    h::FIRST_FAILED_AT,
-    h::LAST_FAILED_AT,
-    h::ORIGINAL_QUEUE,
-    h::CONSUMER,
-    h::KEY,
-];
+pub const STRIPPED_ON_REPLAY: [&str; h::FAILURE.len()] = h::FAILURE;
 
 /// The broker's dead-lettering headers, removed from a replayed message.
 pub const BROKER_DEATH_HEADERS: [&str; 7] = [

@@ -55,6 +55,8 @@ pub struct Cli {
 }
 
 /// Top-level commands.
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Inspect, replay and purge the dead-letter queue `Q.dlq` of a work queue `Q`.
@@ -78,6 +80,9 @@ pub enum DlqCommand {
     List {
         /// Work queue Q (the command reads Q.dlq), or the DLQ's own name.
         queue: String,
+        /// Which messages (default: all).
+        #[command(flatten)]
+        filter: FilterArgs,
         /// Show at most N messages.
         #[arg(long, default_value_t = 50)]
         limit: u64,
@@ -87,11 +92,14 @@ pub enum DlqCommand {
     },
     /// Group dead-lettered messages by error kind and normalised error text
     /// (numbers, ids and quoted strings folded); broker dead letters by reason and
-    /// queue. Every message stays.
+    /// queue. Each group has a stable id for --group. Every message stays.
     #[command(after_help = EXIT_CODES)]
     Stats {
         /// Work queue Q (the command reads Q.dlq), or the DLQ's own name.
         queue: String,
+        /// Which messages (default: all).
+        #[command(flatten)]
+        filter: FilterArgs,
         /// Read at most N messages (default: all).
         #[arg(long)]
         limit: Option<u64>,
@@ -99,17 +107,108 @@ pub enum DlqCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Show the headers and body of dead-lettered messages: JSON pretty-printed,
+    /// UTF-8 text as is, other bytes escaped. Every message stays.
+    #[command(after_help = EXIT_CODES)]
+    Show {
+        /// Work queue Q (the command reads Q.dlq), or the DLQ's own name.
+        queue: String,
+        /// Which messages (e.g. --id ID).
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Show at most N bytes of each body (the cut is marked).
+        #[arg(long, default_value_t = crate::dlq::DEFAULT_MAX_BYTES)]
+        max_bytes: usize,
+        /// Show at most N messages.
+        #[arg(long, default_value_t = 20)]
+        limit: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write dead-lettered messages to stdout as JSON lines (properties, headers with
+    /// their AMQP types, body as base64), for `import`. Every message stays.
+    #[command(after_help = EXIT_CODES)]
+    Export {
+        /// Work queue Q (the command reads Q.dlq), or the DLQ's own name.
+        queue: String,
+        /// Which messages (default: all).
+        #[command(flatten)]
+        filter: FilterArgs,
+    },
+    /// Publish the messages of an `export` file to the DLQ of Q, in order, each with
+    /// a publisher confirm. The whole file is checked before anything is sent.
+    #[command(after_help = EXIT_CODES)]
+    Import {
+        /// Work queue Q (the messages go to Q.dlq), or the DLQ's own name.
+        queue: String,
+        /// The JSON lines file (`-` for stdin).
+        file: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replace the body of a dead letter: the edited copy is published to the tail of
+    /// the DLQ with a confirm, then the original is removed. The copy is marked
+    /// x-idem-edited (time) and keeps the original body's SHA-256 in
+    /// x-idem-original-sha256.
+    #[command(after_help = EXIT_CODES)]
+    Edit {
+        /// Work queue Q (the command edits in Q.dlq), or the DLQ's own name.
+        queue: String,
+        /// The message id.
+        #[arg(long)]
+        id: String,
+        /// Set a member of a JSON body: /pointer=value (RFC 6901; the value is JSON,
+        /// or a string if it does not parse). Repeatable.
+        #[arg(
+            long,
+            value_name = "/POINTER=VALUE",
+            required_unless_present = "body_file",
+            conflicts_with = "body_file"
+        )]
+        json_set: Vec<String>,
+        /// Replace the body with this file's bytes.
+        #[arg(long, value_name = "FILE")]
+        body_file: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Send messages back to their original queue (x-idem-original-queue; for broker
-    /// dead letters the queue of x-death; else Q) with attempts reset, the same message
-    /// id and headers (minus the broker's x-death headers), and `x-idem-replay` set.
-    /// Each is removed from the DLQ only after the broker confirmed the copy.
+    /// dead letters the queue of x-death; else Q) with every failure header cleared,
+    /// the same message id and other headers (minus the broker's x-death headers), and
+    /// `x-idem-replay` set. Each is removed from the DLQ only after the broker
+    /// confirmed the copy.
     #[command(after_help = EXIT_CODES)]
     Replay {
         /// Work queue Q (the command reads Q.dlq), or the DLQ's own name.
         queue: String,
+        /// Every message (else give at least one filter).
+        #[arg(long)]
+        all: bool,
         /// Which messages.
         #[command(flatten)]
-        select: ReplaySelect,
+        filter: FilterArgs,
+        /// At most N messages per second, e.g. 200/s (sent in small batches; the whole
+        /// replay takes at least count/N seconds).
+        #[arg(long, value_name = "N/s")]
+        rate: Option<String>,
+        /// The consumers' Redis dedup store: report the messages whose key is already
+        /// done ("will be acked as a duplicate") before replaying.
+        #[arg(long, value_name = "URL")]
+        dedup_redis: Option<String>,
+        /// Key prefix of that store.
+        #[arg(
+            long,
+            value_name = "PREFIX",
+            default_value = "idem",
+            requires = "dedup_redis"
+        )]
+        dedup_prefix: String,
+        /// Consumer name for messages without x-idem-consumer.
+        #[arg(long, value_name = "NAME", requires = "dedup_redis")]
+        dedup_consumer: Option<String>,
         /// Change nothing; print what would move.
         #[arg(long)]
         dry_run: bool,
@@ -117,14 +216,53 @@ pub enum DlqCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Run redrive rules (a TOML file): replay or move the dead letters each rule
+    /// matches, the first matching rule deciding; see docs/dead-letters.md.
+    #[command(after_help = EXIT_CODES)]
+    Redrive {
+        /// The rules file.
+        #[arg(long, value_name = "FILE")]
+        rules: String,
+        /// Change nothing; print what each rule would do.
+        #[arg(long)]
+        dry_run: bool,
+        /// Run the rules again every --interval until SIGINT/SIGTERM.
+        #[arg(long, conflicts_with = "dry_run")]
+        watch: bool,
+        /// With --watch: time between rounds (e.g. 30s, 5m).
+        #[arg(long, default_value = "30s", value_name = "AGE")]
+        interval: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve the dead-letter console (a page and a JSON API) until SIGINT/SIGTERM.
+    /// Read-only unless --allow-writes; writes then need the bearer token of
+    /// IDEM_DLQ_TOKEN.
+    #[command(after_help = EXIT_CODES)]
+    Serve {
+        /// Address to listen on (loopback by default).
+        #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR:PORT")]
+        listen: std::net::SocketAddr,
+        /// A work queue to show (repeatable; named as for the other dlq commands).
+        #[arg(long = "queue", value_name = "Q", required = true)]
+        queues: Vec<String>,
+        /// Allow replay, purge and edit (each needs `Authorization: Bearer
+        /// $IDEM_DLQ_TOKEN`).
+        #[arg(long)]
+        allow_writes: bool,
+    },
     /// Delete dead-lettered messages. Needs --yes.
     #[command(after_help = EXIT_CODES)]
     Purge {
         /// Work queue Q (the command purges Q.dlq), or the DLQ's own name.
         queue: String,
+        /// Every message (else give at least one filter).
+        #[arg(long)]
+        all: bool,
         /// Which messages.
         #[command(flatten)]
-        select: PurgeSelect,
+        filter: FilterArgs,
         /// Really delete.
         #[arg(long)]
         yes: bool,
@@ -137,33 +275,63 @@ pub enum DlqCommand {
     },
 }
 
-/// Which messages a replay moves.
-#[derive(Debug, Args)]
-#[group(required = true, multiple = false)]
-pub struct ReplaySelect {
-    /// Every message.
-    #[arg(long)]
-    pub all: bool,
+/// The filters every `dlq` command shares; a message must pass all those given.
+#[derive(Clone, Debug, Default, Args)]
+pub struct FilterArgs {
     /// Messages with these AMQP message ids (space- or comma-separated; put Q before
     /// --id).
     #[arg(long, num_args = 1.., value_delimiter = ',')]
     pub id: Vec<String>,
-    /// Messages whose x-idem-error matches this regular expression (unanchored,
-    /// Rust `regex` syntax; e.g. 'timeout|connection refused').
-    #[arg(long, value_name = "REGEX")]
-    pub error_matches: Option<String>,
+    /// Messages of this group (the id `idem dlq stats` prints).
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+    /// Messages whose x-idem-error-type is exactly this.
+    #[arg(long, value_name = "TYPE")]
+    pub error_type: Option<String>,
+    /// Messages whose x-idem-consumer is exactly this.
+    #[arg(long, value_name = "NAME")]
+    pub consumer: Option<String>,
+    /// Dead-lettered at or after TIME (RFC 3339, or an age such as 10m, 2h, 7d).
+    #[arg(long, value_name = "TIME")]
+    pub since: Option<String>,
+    /// Dead-lettered at or before TIME (RFC 3339, or an age such as 10m: longer ago
+    /// than that).
+    #[arg(long, value_name = "TIME")]
+    pub until: Option<String>,
+    /// Messages whose error matches this regular expression (unanchored, Rust
+    /// `regex` syntax; e.g. 'timeout|connection refused').
+    #[arg(long = "match", visible_alias = "error-matches", value_name = "REGEX")]
+    pub pattern: Option<String>,
 }
 
-/// Which messages a purge deletes.
-#[derive(Debug, Args)]
-#[group(required = true, multiple = false)]
-pub struct PurgeSelect {
-    /// Every message.
-    #[arg(long)]
-    pub all: bool,
-    /// Messages whose x-idem-error matches this regular expression.
-    #[arg(long, value_name = "REGEX")]
-    pub error_matches: Option<String>,
+impl FilterArgs {
+    /// The [`Filter`](crate::dlq::Filter) these options describe (ages counted from
+    /// now).
+    pub fn to_filter(&self) -> Result<crate::dlq::Filter, crate::error::CliError> {
+        use crate::dlq::{pattern, time_arg};
+        let now = std::time::SystemTime::now();
+        Ok(crate::dlq::Filter {
+            ids: self.id.iter().cloned().collect(),
+            group: self.group.clone(),
+            error_type: self.error_type.clone(),
+            consumer: self.consumer.clone(),
+            since: self
+                .since
+                .as_deref()
+                .map(|t| time_arg("--since", t, now))
+                .transpose()?,
+            until: self
+                .until
+                .as_deref()
+                .map(|t| time_arg("--until", t, now))
+                .transpose()?,
+            pattern: self
+                .pattern
+                .as_deref()
+                .map(|p| pattern("--match", p))
+                .transpose()?,
+        })
+    }
 }
 
 /// `idem topology ...`

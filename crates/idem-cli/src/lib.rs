@@ -1,20 +1,34 @@
-//! The `idem` operator CLI, as a library: inspect, replay and purge dead-letter queues,
-//! declare and show the RabbitMQ topology of a work queue, and check the outbox.
+//! The `idem` operator CLI, as a library: work with dead-letter queues (read, fix,
+//! replay, purge, redrive by rule, a web console), declare and show the RabbitMQ
+//! topology of a work queue, check and run the outbox.
 //!
 //! Install the binary with `cargo install --path crates/idem-cli`, then run
 //! `idem --help`. Every command takes `--url` (env `AMQP_URL`, default
 //! `amqp://guest:guest@127.0.0.1:5672/%2f`; the password is never printed) and most take
-//! `--json` for scripts.
+//! `--json` for scripts. The guide is `docs/dead-letters.md`.
 //!
 //! | command | what it does |
 //! |---------|--------------|
-//! | `idem dlq list Q [--limit N] [--json]` | table of `Q.dlq` messages; every message stays |
-//! | `idem dlq stats Q [--json]` | messages grouped by error kind and normalised error text (broker dead letters: by reason and queue) |
-//! | `idem dlq replay Q (--all \| --id ID... \| --error-matches REGEX) [--dry-run]` | back to the original queue, attempts reset, `x-idem-replay` set |
-//! | `idem dlq purge Q (--all \| --error-matches REGEX) --yes [--dry-run]` | delete messages |
-//! | `idem topology declare Q [--quorum] [--tiers 1s,5s,30s]` | declare `Q`, `Q.retry.<tier>`, `Q.dlq` |
+//! | `idem dlq list Q [FILTERS] [--limit N] [--json]` | table of `Q.dlq` messages; every message stays |
+//! | `idem dlq stats Q [FILTERS] [--json]` | messages grouped by error kind and normalised error text (broker dead letters: by reason and queue), each group with a stable id |
+//! | `idem dlq show Q [FILTERS] [--max-bytes N] [--limit N] [--json]` | headers and body (JSON pretty-printed, UTF-8 as is, other bytes escaped; cuts marked) |
+//! | `idem dlq export Q [FILTERS] > F.jsonl` | JSON lines: properties, typed headers, body as base64; every message stays |
+//! | `idem dlq import Q F.jsonl` | publishes an export to `Q.dlq`, in order, confirmed (the whole file checked first) |
+//! | `idem dlq edit Q --id ID (--json-set /ptr=value... \| --body-file F)` | replaces a body: edited copy confirmed first, then the original removed; `x-idem-edited`, `x-idem-original-sha256` |
+//! | `idem dlq replay Q (--all \| FILTERS) [--rate N/s] [--dry-run] [--dedup-redis URL]` | back to the original queue, every failure header cleared, `x-idem-replay` set; with a store, predicted duplicates reported (see [`dlq::lookup`]) |
+//! | `idem dlq purge Q (--all \| FILTERS) --yes [--dry-run]` | delete messages |
+//! | `idem dlq redrive --rules F [--dry-run] [--watch [--interval 30s]]` | run redrive rules (see [`dlq::redrive`]) |
+//! | `idem dlq serve --queue Q... [--listen 127.0.0.1:8080] [--allow-writes]` | the console and its JSON API (see [`serve`]) |
+//! | `idem topology declare Q [--quorum] [--delivery-limit N] [--tiers 1s,5s,30s]` | declare `Q`, `Q.retry.<tier>`, `Q.dlq` |
 //! | `idem topology show Q [--tiers ..]` | depth and consumers of each queue, missing ones marked |
 //! | `idem outbox status [--table idem_outbox]` | pending rows and the oldest one's age (`DATABASE_URL`) |
+//! | `idem outbox relay [--table idem_outbox] [--batch N] [--poll-ms MS] [--create-table]` | run an outbox relay until SIGINT/SIGTERM (`DATABASE_URL`, `--url`) |
+//!
+//! `FILTERS` (a message must pass all given; see [`dlq::Filter`]): `--id ID...`,
+//! `--group G` (an id `stats` prints), `--error-type T`, `--consumer NAME`,
+//! `--since TIME`, `--until TIME` (RFC 3339 or an age such as `10m`; the time the
+//! message was dead-lettered) and `--match REGEX` (Rust `regex` syntax, unanchored,
+//! on the error text; `--error-matches` is its old name).
 //!
 //! `Q` is the work queue (the commands read `Q.dlq`) or the DLQ's own name
 //! (`idem dlq list orders.dlq` reads `orders.dlq` when `orders.dlq.dlq` does not exist).
@@ -22,10 +36,16 @@
 //! limit; no `x-idem-*` headers) show the broker's reason as their kind, the queue they
 //! died in and how many times (see [`dlq`]).
 //!
-//! `--error-matches` is a regular expression (Rust `regex` syntax, unanchored) applied
-//! to the `x-idem-error` header. Exit codes: 0 success; 1 usage error, refused
-//! operation or queue/table not found; 2 broker or database unreachable; 3 partial
-//! failure; 4 the broker or database refused an operation or the login (see [`error`]).
+//! Exit codes (see [`error`]):
+//!
+//! | code | meaning |
+//! |------|---------|
+//! | 0 | success |
+//! | 1 | usage error, refused operation (`purge` without `--yes`), queue or table not found, invalid pattern or file |
+//! | 2 | the broker or the database cannot be reached |
+//! | 3 | partial failure: some messages were handled, the others stay where they were |
+//! | 4 | the broker or the database refused an operation or the login |
+//! | 6 | TLS failure: a certificate refused either way, or an unusable TLS file |
 //!
 //! The same operations are available to programs:
 //!
@@ -47,10 +67,12 @@
 pub mod broker;
 pub mod cli;
 pub mod dlq;
+mod dlq_cmd;
 pub mod error;
 pub mod normalize;
 pub mod outbox;
 pub mod render;
+pub mod serve;
 pub mod tls;
 pub mod topology;
 
@@ -60,8 +82,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use serde::Serialize;
 
-use crate::cli::{Cli, Command, DlqCommand, OutboxCommand, TopologyCommand};
-use crate::dlq::{MoveReport, Selector};
+use crate::cli::{Cli, Command, OutboxCommand, TopologyCommand};
 use crate::error::{CliError, EXIT_USAGE};
 use crate::render::{terminal_width, Table};
 
@@ -103,18 +124,18 @@ where
     }
 }
 
-fn write_err(e: std::io::Error) -> CliError {
+pub(crate) fn write_err(e: std::io::Error) -> CliError {
     CliError::Failed(format!("cannot write the output: {e}"))
 }
 
-fn json(out: &mut dyn Write, value: &impl Serialize) -> Result<(), CliError> {
+pub(crate) fn json(out: &mut dyn Write, value: &impl Serialize) -> Result<(), CliError> {
     serde_json::to_writer_pretty(&mut *out, value)
         .map_err(|e| CliError::Failed(format!("cannot write JSON: {e}")))?;
     writeln!(out).map_err(write_err)
 }
 
 /// `2023-11-14T22:13:20.123Z` -> `2023-11-14 22:13:20`.
-fn short_time(t: Option<&str>) -> String {
+pub(crate) fn short_time(t: Option<&str>) -> String {
     match t {
         Some(t) if t.len() >= 19 && t.is_char_boundary(19) => t[..19].replacen('T', " ", 1),
         Some(t) => t.to_owned(),
@@ -122,7 +143,7 @@ fn short_time(t: Option<&str>) -> String {
     }
 }
 
-fn or_dash(s: Option<&str>) -> String {
+pub(crate) fn or_dash(s: Option<&str>) -> String {
     s.unwrap_or("-").to_owned()
 }
 
@@ -134,7 +155,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
         .as_deref()
         .unwrap_or(broker::DEFAULT_CONNECTION_NAME);
     match cli.command {
-        Command::Dlq(cmd) => run_dlq(&cli.url, name, &tls, cmd, out).await,
+        Command::Dlq(cmd) => dlq_cmd::run_dlq(&cli.url, name, &tls, cmd, out).await,
         Command::Topology(cmd) => run_topology(&cli.url, name, &tls, cmd, out).await,
         Command::Outbox(OutboxCommand::Status {
             table,
@@ -188,211 +209,6 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             .map_err(write_err)
         }
     }
-}
-
-async fn run_dlq(
-    url: &str,
-    name: &str,
-    tls: &idem_core::TlsConfig,
-    cmd: DlqCommand,
-    out: &mut dyn Write,
-) -> Result<(), CliError> {
-    // Refuse before connecting: nothing to do without --yes.
-    if let DlqCommand::Purge {
-        queue,
-        yes: false,
-        dry_run: false,
-        ..
-    } = &cmd
-    {
-        return Err(CliError::Usage(format!(
-            "refusing to delete messages from the DLQ of {queue} without --yes (use --dry-run to see what would be deleted)"
-        )));
-    }
-    let selector = match &cmd {
-        DlqCommand::Replay { select, .. } => Some(if select.all {
-            Selector::All
-        } else if let Some(p) = &select.error_matches {
-            Selector::error_matches(p)?
-        } else {
-            Selector::ids(select.id.iter().cloned())
-        }),
-        DlqCommand::Purge { select, .. } => Some(match &select.error_matches {
-            Some(p) => Selector::error_matches(p)?,
-            None => Selector::All,
-        }),
-        _ => None,
-    };
-    let conn = broker::connect_as(url, name, tls).await?;
-    let result = run_dlq_on(&conn, cmd, selector, out).await;
-    let _ = conn.close(200, "bye".into()).await;
-    result
-}
-
-async fn run_dlq_on(
-    conn: &lapin::Connection,
-    cmd: DlqCommand,
-    selector: Option<Selector>,
-    out: &mut dyn Write,
-) -> Result<(), CliError> {
-    let selector = selector.unwrap_or(Selector::All);
-    match cmd {
-        DlqCommand::List {
-            queue,
-            limit,
-            json: as_json,
-        } => {
-            let entries = dlq::list(conn, &queue, limit).await?;
-            if as_json {
-                return json(out, &entries);
-            }
-            let mut t = Table::new(
-                &[
-                    "#",
-                    "MESSAGE ID",
-                    "KEY",
-                    "KIND",
-                    "ATT",
-                    "FIRST FAILED",
-                    "LAST FAILED",
-                    "ERROR",
-                ],
-                &[6, 36, 36, 9, 4, 19, 19],
-            );
-            for e in &entries {
-                t.row(vec![
-                    e.position.to_string(),
-                    or_dash(e.message_id.as_deref()),
-                    or_dash(e.key.as_deref()),
-                    e.kind(),
-                    e.count().map_or_else(|| "-".to_owned(), |a| a.to_string()),
-                    short_time(e.first_time().as_deref()),
-                    short_time(e.last_time().as_deref()),
-                    or_dash(e.error_text().as_deref()),
-                ]);
-            }
-            t.write(out, terminal_width()).map_err(write_err)?;
-            writeln!(
-                out,
-                "{} message(s) of the DLQ of {queue} listed; every message stays in the DLQ",
-                entries.len()
-            )
-            .map_err(write_err)
-        }
-        DlqCommand::Stats {
-            queue,
-            limit,
-            json: as_json,
-        } => {
-            let stats = dlq::stats(conn, &queue, limit).await?;
-            if as_json {
-                return json(out, &stats);
-            }
-            let mut t = Table::new(
-                &[
-                    "COUNT",
-                    "KIND",
-                    "FIRST SEEN",
-                    "LAST SEEN",
-                    "ERROR (normalised)",
-                ],
-                &[8, 9, 19, 19],
-            );
-            for g in &stats.groups {
-                t.row(vec![
-                    g.count.to_string(),
-                    g.error_kind.clone(),
-                    short_time(g.first_seen.as_deref()),
-                    short_time(g.last_seen.as_deref()),
-                    g.error.clone(),
-                ]);
-            }
-            t.write(out, terminal_width()).map_err(write_err)?;
-            writeln!(
-                out,
-                "{} message(s) of {} in {} group(s); every message stays in the DLQ",
-                stats.scanned,
-                stats.dlq,
-                stats.groups.len()
-            )
-            .map_err(write_err)
-        }
-        DlqCommand::Replay {
-            queue,
-            dry_run,
-            json: as_json,
-            ..
-        } => {
-            let report = dlq::replay(conn, &queue, &selector, dry_run).await?;
-            print_report(out, &report, as_json, "replay")?;
-            partial(&report, "replayed")
-        }
-        DlqCommand::Purge {
-            queue,
-            dry_run,
-            json: as_json,
-            ..
-        } => {
-            let report = dlq::purge(conn, &queue, &selector, dry_run).await?;
-            print_report(out, &report, as_json, "purge")?;
-            partial(&report, "purged")
-        }
-    }
-}
-
-fn partial(report: &MoveReport, verb: &str) -> Result<(), CliError> {
-    if report.failed == 0 {
-        return Ok(());
-    }
-    let first = report
-        .messages
-        .iter()
-        .find(|m| m.outcome.starts_with("failed"))
-        .map(|m| m.outcome.clone())
-        .unwrap_or_default();
-    Err(CliError::Partial(format!(
-        "{} of {} selected message(s) could not be {verb}; they stay in {} ({first})",
-        report.failed, report.matched, report.dlq
-    )))
-}
-
-fn print_report(
-    out: &mut dyn Write,
-    report: &MoveReport,
-    as_json: bool,
-    what: &str,
-) -> Result<(), CliError> {
-    if as_json {
-        return json(out, report);
-    }
-    if !report.messages.is_empty() {
-        let mut t = Table::new(&["#", "MESSAGE ID", "TARGET", "OUTCOME"], &[6, 36, 60]);
-        for m in &report.messages {
-            t.row(vec![
-                m.position.to_string(),
-                or_dash(m.message_id.as_deref()),
-                or_dash(m.target.as_deref()),
-                m.outcome.clone(),
-            ]);
-        }
-        t.write(out, terminal_width()).map_err(write_err)?;
-    }
-    let id = report
-        .replay_id
-        .as_deref()
-        .map_or_else(String::new, |id| format!(" (x-idem-replay: {id})"));
-    let summary = if report.dry_run {
-        format!(
-            "dry run: {} of {} message(s) of {} would be affected by {what}; nothing was changed",
-            report.matched, report.scanned, report.dlq
-        )
-    } else {
-        format!(
-            "{what}: {} of {} message(s) of {} done, {} failed{id}",
-            report.done, report.scanned, report.dlq, report.failed
-        )
-    };
-    writeln!(out, "{summary}").map_err(write_err)
 }
 
 async fn run_topology(

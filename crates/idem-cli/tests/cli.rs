@@ -137,7 +137,8 @@ fn usage_errors_exit_1_and_help_lists_exit_codes() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("invalid --error-matches"));
+    // --error-matches is the old name of --match (still accepted).
+    assert!(text(&out.stderr).contains("invalid --match"));
     let out = Command::new(env!("CARGO_BIN_EXE_idem"))
         .args(["--help"])
         .env("AMQP_URL", "amqp://u:topsecret@h/%2f")

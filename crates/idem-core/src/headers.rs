@@ -130,3 +130,100 @@ pub const FAILURE_RECORD: [&str; 10] = [
     IMMEDIATE_RETRIES,
     BACKTRACE,
 ];
+
+/// Set by an operator's edit of a dead letter (`idem dlq edit`): the time of the edit
+/// (RFC 3339). Written only; kept by a replay.
+pub const EDITED: &str = "x-idem-edited";
+
+/// Set by an operator's edit of a dead letter: the payload fingerprint (hex SHA-256 of
+/// the body, as the dedup stages record it) of the body *before* the first edit, kept
+/// through later edits and replays. It makes the edited body a new version of the same
+/// message rather than "same key, different payload": a dedup stage that finds the key
+/// done with that fingerprint treats the edited copy as that message (see
+/// [the dedup docs](crate::dedup#edited-messages)). Read under the read rule.
+pub const ORIGINAL_FINGERPRINT: &str = "x-idem-original-sha256";
+
+/// Every header idem writes to record a failure or an unsettled delivery: the failure
+/// history, who failed it, and the crash-loop delivery count. An operator's replay
+/// removes all of them, so the replayed message starts with no attempts, no delivery
+/// count and no stale error. The `x-idem-*` headers not listed here are
+/// [`KEPT_ON_REPLAY`]; a test of this crate fails when a header is in neither list.
+pub const FAILURE: [&str; 14] = [
+    ATTEMPTS,
+    ERROR,
+    ERROR_KIND,
+    FIRST_FAILED_AT,
+    LAST_FAILED_AT,
+    ORIGINAL_QUEUE,
+    CONSUMER,
+    KEY,
+    ERROR_TYPE,
+    HOST,
+    PID,
+    IMMEDIATE_RETRIES,
+    BACKTRACE,
+    DELIVERY_COUNT,
+];
+
+/// The `x-idem-*` headers a replay keeps: where the message was first published (a
+/// replay may route on it), the replay marker itself (replaced by the new replay's),
+/// an operator's edit ([`EDITED`], [`ORIGINAL_FINGERPRINT`]: the dedup stages read
+/// it), and the trace link to the attempt that failed ([`PREVIOUS_ATTEMPT`]), so a
+/// trace shows the failure and the replayed run together.
+pub const KEPT_ON_REPLAY: [&str; 6] = [
+    ORIGINAL_EXCHANGE,
+    ORIGINAL_ROUTING_KEY,
+    REPLAY,
+    EDITED,
+    ORIGINAL_FINGERPRINT,
+    PREVIOUS_ATTEMPT,
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `"x-idem-..."` name written anywhere in this crate's sources is either a
+    /// failure header (cleared by a replay) or one a replay keeps: a header added later
+    /// cannot be forgotten by the replay rules.
+    #[test]
+    fn every_idem_header_is_classified_for_replay() {
+        fn walk(dir: &std::path::Path, found: &mut std::collections::BTreeSet<String>) {
+            for entry in std::fs::read_dir(dir).expect("read src") {
+                let path = entry.expect("dir entry").path();
+                if path.is_dir() {
+                    walk(&path, found);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    let text = std::fs::read_to_string(&path).expect("read source");
+                    for (i, _) in text.match_indices("\"x-idem-") {
+                        let rest = &text[i + 1..];
+                        let end = rest.find('"').unwrap_or(rest.len());
+                        let name = &rest[..end];
+                        // A whole name (this test's own prefix literal is not one).
+                        if !name.ends_with('-')
+                            && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
+                        {
+                            found.insert(name.to_owned());
+                        }
+                    }
+                }
+            }
+        }
+        let mut found = std::collections::BTreeSet::new();
+        walk(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+            &mut found,
+        );
+        assert!(found.contains(BACKTRACE), "{found:?}");
+        let unclassified: Vec<&String> = found
+            .iter()
+            .filter(|n| !FAILURE.contains(&n.as_str()) && !KEPT_ON_REPLAY.contains(&n.as_str()))
+            .collect();
+        assert!(
+            unclassified.is_empty(),
+            "x-idem headers in neither headers::FAILURE nor headers::KEPT_ON_REPLAY: {unclassified:?}"
+        );
+        // The failure record a copy replaces is part of what a replay clears.
+        assert!(FAILURE_RECORD.iter().all(|n| FAILURE.contains(n)));
+    }
+}

@@ -83,16 +83,31 @@ use serde::Serialize;
 use crate::broker::{probe, QueueCounts};
 use crate::error::CliError;
 
+mod edit;
+mod filter;
+pub mod lookup;
 mod purge;
+pub mod redrive;
 mod replay;
 mod scan;
+mod show;
 mod stats;
+mod transfer;
+pub mod wire;
 
+pub use edit::{
+    apply as apply_edit, edit, edited_properties, parse_json_set, sha256_hex, Edit, EditReport,
+};
+pub use filter::{parse_age, pattern, time_arg, Filter, GroupKey};
 pub use idem_amqp::replay::{restored_properties, BROKER_DEATH_HEADERS, STRIPPED_ON_REPLAY};
 pub use purge::purge;
-pub use replay::{replay, replay_properties};
-pub use scan::list;
-pub use stats::{stats, DlqStats, ErrorGroup};
+pub use replay::{
+    parse_rate, replay, replay_predicting, replay_properties, replay_with, ReplayOptions,
+};
+pub use scan::{list, list_where};
+pub use show::{render_body, show, write_shown, RenderedBody, ShownMessage, DEFAULT_MAX_BYTES};
+pub use stats::{stats, stats_where, DlqStats, ErrorGroup};
+pub use transfer::{export, import, read_lines, ImportReport};
 
 /// Copies published (and confirms awaited) together during a replay, and restores in
 /// flight at once.
@@ -345,6 +360,9 @@ pub enum Selector {
     /// [`DlqEntry::error_text`]) matches this regular expression (unanchored: `timeout`
     /// matches any error containing "timeout").
     ErrorMatches(Regex),
+    /// Messages passing every filter of a [`Filter`] (the shared `--id`, `--group`,
+    /// `--error-type`, `--consumer`, `--since`, `--until`, `--match` options).
+    Filter(Box<Filter>),
 }
 
 impl Selector {
@@ -367,6 +385,7 @@ impl Selector {
             Selector::All => true,
             Selector::Ids(ids) => entry.message_id.as_ref().is_some_and(|id| ids.contains(id)),
             Selector::ErrorMatches(re) => entry.error_text().is_some_and(|e| re.is_match(&e)),
+            Selector::Filter(f) => f.matches(entry),
         }
     }
 }
@@ -442,6 +461,10 @@ pub struct MoveReport {
     pub scanned: u64,
     /// Messages selected.
     pub matched: u64,
+    /// With a dedup store lookup (`--dedup-redis`): selected messages whose key is
+    /// already done, which the consumer will ack as duplicates without running them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duplicates: Option<u64>,
     /// Messages removed from the DLQ (replayed or purged).
     pub done: u64,
     /// Selected messages that could not be handled (they stay in the DLQ).
@@ -458,6 +481,7 @@ impl MoveReport {
             dry_run,
             scanned: 0,
             matched: 0,
+            duplicates: None,
             done: 0,
             failed: 0,
             messages: Vec::new(),

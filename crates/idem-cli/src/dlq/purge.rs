@@ -44,7 +44,7 @@ pub async fn purge(
                 scan.restore(&delivery, entry.position).await?;
                 "would purge"
             } else {
-                scan.ack(delivery.delivery_tag).await?;
+                scan.ack(delivery.delivery_tag);
                 report.done += 1;
                 "purged"
             };

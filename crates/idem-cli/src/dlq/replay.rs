@@ -37,6 +37,7 @@ struct Pending {
     index: usize,
     target: String,
     properties: BasicProperties,
+    outcome: &'static str,
 }
 
 /// Re-publishes the selected messages of the DLQ of `queue` (see [`resolve`](super::resolve)) to their
@@ -51,9 +52,182 @@ pub async fn replay(
     selector: &Selector,
     dry_run: bool,
 ) -> Result<MoveReport, CliError> {
-    let mut scan = Scan::open(conn, queue).await?;
+    let options = ReplayOptions {
+        dry_run,
+        rate: None,
+    };
+    replay_with(conn, queue, selector, &options).await
+}
+
+/// [`replay_with`], predicting from the consumer's dedup store (see
+/// [`lookup`](super::lookup)) which selected messages will be acked as duplicates: a
+/// first read of the DLQ (changing nothing) looks each one up, then the replay (or
+/// dry run) runs and each predicted duplicate's outcome says `will be acked as a
+/// duplicate` (a different payload: `will be dead-lettered: different payload`).
+pub async fn replay_predicting(
+    conn: &Connection,
+    queue: &str,
+    selector: &Selector,
+    options: &ReplayOptions,
+    lookup: &super::lookup::DedupLookup,
+) -> Result<MoveReport, CliError> {
+    use super::lookup::{Prediction, EDITED_FROM};
+    let mut selected = Vec::new();
+    super::scan::visit(conn, queue, |delivery, entry| {
+        if selector.matches(&entry) {
+            let edited_from = delivery
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|t| t.inner().get(EDITED_FROM).map(super::wire::value_text));
+            selected.push((entry, delivery.data.clone(), edited_from));
+        }
+    })
+    .await?;
+    let mut predicted = std::collections::BTreeMap::new();
+    for (entry, body, edited_from) in &selected {
+        let Some(id) = entry.message_id.clone() else {
+            continue;
+        };
+        let key = entry.key.clone().unwrap_or_else(|| id.clone());
+        let p = lookup
+            .predict(
+                entry.consumer.as_deref(),
+                &key,
+                body,
+                edited_from.as_deref(),
+            )
+            .await?;
+        predicted.insert(id, p);
+    }
+    let mut report = replay_with(conn, queue, selector, options).await?;
+    let mut duplicates = 0;
+    for m in &mut report.messages {
+        let p = m.message_id.as_ref().and_then(|id| predicted.get(id));
+        match p {
+            Some(Prediction::Duplicate) => {
+                duplicates += 1;
+                m.outcome.push_str("; will be acked as a duplicate");
+            }
+            Some(Prediction::Mismatch) => {
+                m.outcome
+                    .push_str("; will be dead-lettered: different payload");
+            }
+            _ => {}
+        }
+    }
+    report.duplicates = Some(duplicates);
+    Ok(report)
+}
+
+/// How a replay runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ReplayOptions {
+    /// Change nothing; report what would move.
+    pub dry_run: bool,
+    /// At most this many messages per second (`None`: as fast as the broker
+    /// confirms). Copies go out in batches of a twentieth of a second's worth (at
+    /// least 1), each batch no earlier than its last message's turn, so message `k`
+    /// of the replay (counting from 1) is published no earlier than `k / rate`
+    /// seconds after the start.
+    pub rate: Option<f64>,
+}
+
+/// Parses a `--rate` value: `200/s` or `200` (messages per second, more than 0).
+pub fn parse_rate(text: &str) -> Result<f64, CliError> {
+    let n = text.trim().strip_suffix("/s").unwrap_or(text.trim());
+    match n.trim().parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        _ => Err(CliError::Usage(format!(
+            "--rate {text:?}: expected messages per second, e.g. 200/s"
+        ))),
+    }
+}
+
+/// Paces a replay (see [`ReplayOptions::rate`]).
+struct Pace {
+    start: tokio::time::Instant,
+    rate: f64,
+    sent: u64,
+}
+
+impl Pace {
+    /// Waits until a batch of `n` more messages may go.
+    async fn wait(pace: &mut Option<Pace>, n: usize) {
+        if let Some(p) = pace {
+            p.sent += n as u64;
+            let due = p.start + std::time::Duration::from_secs_f64(p.sent as f64 / p.rate);
+            tokio::time::sleep_until(due).await;
+        }
+    }
+}
+
+/// [`replay`] with [`ReplayOptions`] (a rate limit).
+pub async fn replay_with(
+    conn: &Connection,
+    queue: &str,
+    selector: &Selector,
+    options: &ReplayOptions,
+) -> Result<MoveReport, CliError> {
     let replay_id = format!("replay-{}", uuid::Uuid::now_v7());
-    let mut report = MoveReport::new(scan.dlq.clone(), Some(replay_id.clone()), dry_run);
+    let id = replay_id.clone();
+    transfer(
+        conn,
+        queue,
+        Some(replay_id),
+        options,
+        |delivery, entry, work_queue| {
+            selector.matches(entry).then(|| Plan {
+                target: replay_target(entry, work_queue),
+                properties: replay_properties(&delivery.properties, &id, entry.broker_made()),
+                outcome: "moved",
+            })
+        },
+    )
+    .await
+}
+
+/// Where one selected message goes, decided by the caller of [`transfer`].
+pub(super) struct Plan {
+    /// The queue it is published to (through the default exchange).
+    pub(super) target: String,
+    /// The properties of the copy.
+    pub(super) properties: BasicProperties,
+    /// The outcome reported once done (`moved`, `parked`); a dry run reports
+    /// `would <outcome>` minus the past tense (`would move`).
+    pub(super) outcome: &'static str,
+}
+
+fn would(outcome: &str) -> String {
+    match outcome {
+        "moved" => "would move".to_owned(),
+        other => format!("would be {other}"),
+    }
+}
+
+/// The walk of every replay-like operation: `decide` picks, for each message of the
+/// DLQ of `queue` (with the work queue's name), where it goes, or `None` to leave it;
+/// the chosen ones are published with confirms (paced by `options.rate`) and each is
+/// acked only once its copy is confirmed, the others restored in order.
+pub(super) async fn transfer(
+    conn: &Connection,
+    queue: &str,
+    replay_id: Option<String>,
+    options: &ReplayOptions,
+    mut decide: impl FnMut(&Delivery, &DlqEntry, &str) -> Option<Plan>,
+) -> Result<MoveReport, CliError> {
+    let dry_run = options.dry_run;
+    let batch_max = options.rate.map_or(PIPELINE, |r| {
+        // A twentieth of a second's worth, at least 1.
+        ((r / 20.0) as usize).clamp(1, PIPELINE)
+    });
+    let mut pace = options.rate.map(|rate| Pace {
+        start: tokio::time::Instant::now(),
+        rate,
+        sent: 0,
+    });
+    let mut scan = Scan::open(conn, queue).await?;
+    let mut report = MoveReport::new(scan.dlq.clone(), replay_id, dry_run);
     let publisher = if dry_run {
         None
     } else {
@@ -64,45 +238,41 @@ pub async fn replay(
     let result = async {
         while let Some((delivery, entry)) = scan.next().await? {
             report.scanned += 1;
-            let selected = selector.matches(&entry);
-            let Some(publisher) = publisher.as_ref().filter(|_| selected) else {
-                if selected {
-                    report.matched += 1;
-                    report.messages.push(MovedMessage {
-                        position: entry.position,
-                        message_id: entry.message_id.clone(),
-                        target: Some(replay_target(&entry, &scan.queue)),
-                        outcome: "would move".to_owned(),
-                    });
-                }
+            let plan = decide(&delivery, &entry, &scan.queue);
+            let Some(plan) = plan else {
                 scan.restore(&delivery, entry.position).await?;
-                progress.update(report.scanned, report.done + report.matched);
+                progress.update(report.scanned, report.done);
                 continue;
             };
             report.matched += 1;
-            let target = replay_target(&entry, &scan.queue);
             let index = report.messages.len();
             report.messages.push(MovedMessage {
                 position: entry.position,
                 message_id: entry.message_id.clone(),
-                target: Some(target.clone()),
-                outcome: "would move".to_owned(),
+                target: Some(plan.target.clone()),
+                outcome: would(plan.outcome),
             });
-            let properties =
-                replay_properties(&delivery.properties, &replay_id, entry.broker_made());
+            let Some(publisher) = publisher.as_ref() else {
+                scan.restore(&delivery, entry.position).await?;
+                progress.update(report.scanned, report.matched);
+                continue;
+            };
             pending.push(Pending {
                 delivery,
                 position: entry.position,
                 index,
-                target,
-                properties,
+                target: plan.target,
+                properties: plan.properties,
+                outcome: plan.outcome,
             });
-            if pending.len() >= PIPELINE {
+            if pending.len() >= batch_max {
+                Pace::wait(&mut pace, pending.len()).await;
                 settle(publisher, &mut scan, &mut pending, &mut report).await?;
             }
             progress.update(report.scanned, report.done);
         }
         if let Some(publisher) = &publisher {
+            Pace::wait(&mut pace, pending.len()).await;
             settle(publisher, &mut scan, &mut pending, &mut report).await?;
         }
         Ok::<_, CliError>(())
@@ -146,10 +316,10 @@ async fn settle(
     for (p, result) in pending.drain(..).zip(results) {
         match result {
             Ok(()) => {
-                scan.ack(p.delivery.delivery_tag).await?;
+                scan.ack(p.delivery.delivery_tag);
                 report.done += 1;
                 if let Some(m) = report.messages.get_mut(p.index) {
-                    m.outcome = "moved".to_owned();
+                    m.outcome = p.outcome.to_owned();
                 }
             }
             Err(e) => {

@@ -1,13 +1,18 @@
 //! The walk over a DLQ that never hands a message back (see the
 //! [module docs](super#reading-never-hands-a-message-back)), and `list`.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{Channel, Confirmation, Connection, PublisherConfirm};
 
-use super::{resolve, restored_properties, DlqEntry, PIPELINE};
+use super::{resolve, restored_properties, DlqEntry, Selector};
+
+/// Copies put back into the DLQ whose confirm is awaited at once. Kept well under
+/// the 32 commands a RabbitMQ quorum queue channel sends before it holds back acks
+/// (see [`Scan::flush_acks`]).
+const RESTORE_PIPELINE: usize = 16;
 use crate::broker::{close_channel, open_channel, passive_declare, queue_name};
 use crate::error::CliError;
 
@@ -27,6 +32,10 @@ pub(super) struct Scan {
     remaining: u64,
     position: u64,
     restoring: VecDeque<Restoring>,
+    /// Delivery tags received and not yet acked.
+    held: BTreeSet<u64>,
+    /// Those of them that may be acked (removed, or their copy confirmed).
+    ackable: BTreeSet<u64>,
 }
 
 impl Scan {
@@ -51,6 +60,8 @@ impl Scan {
             remaining: u64::from(counts.messages),
             position: 0,
             restoring: VecDeque::new(),
+            held: BTreeSet::new(),
+            ackable: BTreeSet::new(),
         })
     }
 
@@ -64,6 +75,7 @@ impl Scan {
         if self.remaining == 0 {
             return Ok(None);
         }
+        self.flush_acks().await?;
         let got = self
             .channel
             .basic_get(queue_name(&self.dlq)?, BasicGetOptions { no_ack: false })
@@ -76,17 +88,49 @@ impl Scan {
         self.remaining -= 1;
         self.position += 1;
         let delivery = got.delivery;
+        self.held.insert(delivery.delivery_tag);
         let msg = idem_amqp::convert::message_from_delivery(&delivery, &self.dlq);
         let entry =
             DlqEntry::from_delivery(&msg, delivery.properties.headers().as_ref(), self.position);
         Ok(Some((delivery, entry)))
     }
 
-    pub(super) async fn ack(&self, delivery_tag: u64) -> Result<(), CliError> {
+    /// Marks a delivery as done with: it is acked with the next batch of acks (see
+    /// [`Scan::flush_acks`]), before the next read or when the scan finishes.
+    pub(super) fn ack(&mut self, delivery_tag: u64) {
+        self.ackable.insert(delivery_tag);
+    }
+
+    /// Acks, with one `basic.ack` (`multiple`), the longest run of the oldest held
+    /// deliveries that may all be acked.
+    ///
+    /// One ack command per read, and at most [`RESTORE_PIPELINE`] copies awaiting
+    /// their confirm: a RabbitMQ quorum queue's channel holds back acks once 32 of
+    /// its commands (publishes and acks) await the queue's answer, and drops the
+    /// held-back ones if the channel closes before it sends them, so the broker hands
+    /// those messages back although they were acked
+    /// (<https://github.com/rabbitmq/rabbitmq-server/issues/10327>; `rabbit_fifo_client`'s
+    /// soft limit). With 128 copies in flight and acks one by one, a read of 1 000
+    /// messages left dozens of duplicates. A `basic.get` is a synchronous command to
+    /// the queue sent after the ack, so each read also waits for the previous ack.
+    async fn flush_acks(&mut self) -> Result<(), CliError> {
+        let mut upto = None;
+        for tag in &self.held {
+            if !self.ackable.contains(tag) {
+                break;
+            }
+            upto = Some(*tag);
+        }
+        let Some(upto) = upto else {
+            return Ok(());
+        };
         self.channel
-            .basic_ack(delivery_tag, BasicAckOptions::default())
+            .basic_ack(upto, BasicAckOptions { multiple: true })
             .await
-            .map_err(CliError::amqp("basic.ack"))
+            .map_err(CliError::amqp("basic.ack"))?;
+        self.held = self.held.split_off(&(upto + 1));
+        self.ackable = self.ackable.split_off(&(upto + 1));
+        Ok(())
     }
 
     /// Publishes an exact copy of `delivery` to the tail of the DLQ; the original is
@@ -96,26 +140,35 @@ impl Scan {
         delivery: &Delivery,
         position: u64,
     ) -> Result<(), CliError> {
+        let properties = restored_properties(&delivery.properties);
+        self.put_back(delivery.delivery_tag, position, &delivery.data, properties)
+            .await
+    }
+
+    /// Publishes `body` with `properties` to the tail of the DLQ in place of the
+    /// delivery `tag`, which is acked once the broker confirmed the new message (an
+    /// exact copy for [`Scan::restore`], an edited one for `edit`).
+    pub(super) async fn put_back(
+        &mut self,
+        tag: u64,
+        position: u64,
+        body: &[u8],
+        properties: lapin::BasicProperties,
+    ) -> Result<(), CliError> {
         let options = BasicPublishOptions {
             mandatory: true,
             ..BasicPublishOptions::default()
         };
         let confirm = self
             .channel
-            .basic_publish(
-                "".into(),
-                queue_name(&self.dlq)?,
-                options,
-                &delivery.data,
-                restored_properties(&delivery.properties),
-            )
+            .basic_publish("".into(), queue_name(&self.dlq)?, options, body, properties)
             .await;
         self.restoring.push_back(Restoring {
-            tag: delivery.delivery_tag,
+            tag,
             position,
             confirm,
         });
-        if self.restoring.len() >= PIPELINE {
+        if self.restoring.len() >= RESTORE_PIPELINE {
             self.settle_oldest_restore().await?;
         }
         Ok(())
@@ -130,7 +183,10 @@ impl Scan {
             Err(e) => Err(e),
         };
         let why = match confirmation {
-            Ok(Confirmation::Ack(None)) => return self.ack(r.tag).await,
+            Ok(Confirmation::Ack(None)) => {
+                self.ack(r.tag);
+                return Ok(());
+            }
             Ok(Confirmation::Ack(Some(returned))) => {
                 format!("returned ({} {})", returned.reply_code, returned.reply_text)
             }
@@ -145,7 +201,7 @@ impl Scan {
     }
 
     /// Waits for every restored copy and acks the originals.
-    async fn settle_restores(&mut self) -> Result<(), CliError> {
+    pub(super) async fn settle_restores(&mut self) -> Result<(), CliError> {
         while !self.restoring.is_empty() {
             self.settle_oldest_restore().await?;
         }
@@ -156,8 +212,22 @@ impl Scan {
     /// unacked is handed back by the broker.
     pub(super) async fn finish(mut self, result: Result<(), CliError>) -> Result<(), CliError> {
         let settled = match result {
-            Ok(()) => self.settle_restores().await,
-            Err(e) => Err(e),
+            Ok(()) => match self.settle_restores().await {
+                Ok(()) => self.flush_acks().await,
+                Err(e) => Err(e),
+            },
+            Err(e) => {
+                // What is done with is still acked (one by one past the first
+                // message held back), so that only the others are handed back.
+                let _ = self.flush_acks().await;
+                for tag in std::mem::take(&mut self.ackable) {
+                    let _ = self
+                        .channel
+                        .basic_ack(tag, BasicAckOptions::default())
+                        .await;
+                }
+                Err(e)
+            }
         };
         close_channel(&self.channel).await;
         settled
@@ -167,17 +237,42 @@ impl Scan {
 /// The first `limit` messages of the DLQ of `queue` (see [`resolve`](super::resolve)); every message
 /// stays, in order (module docs).
 pub async fn list(conn: &Connection, queue: &str, limit: u64) -> Result<Vec<DlqEntry>, CliError> {
-    let mut scan = Scan::open(conn, queue).await?;
+    list_where(conn, queue, limit, &Selector::All).await
+}
+
+/// [`list`] of the messages `selector` selects: the first `limit` of them.
+pub async fn list_where(
+    conn: &Connection,
+    queue: &str,
+    limit: u64,
+    selector: &Selector,
+) -> Result<Vec<DlqEntry>, CliError> {
     let mut entries = Vec::new();
+    visit(conn, queue, |_, entry| {
+        if (entries.len() as u64) < limit && selector.matches(&entry) {
+            entries.push(entry);
+        }
+    })
+    .await
+    .map(|_| entries)
+}
+
+/// Reads every message of the DLQ of `queue` and hands each to `f` with its entry;
+/// every message stays, in order (module docs). Returns the DLQ's name.
+pub(super) async fn visit(
+    conn: &Connection,
+    queue: &str,
+    mut f: impl FnMut(&Delivery, DlqEntry),
+) -> Result<String, CliError> {
+    let mut scan = Scan::open(conn, queue).await?;
     let result = async {
         while let Some((delivery, entry)) = scan.next().await? {
             scan.restore(&delivery, entry.position).await?;
-            if (entries.len() as u64) < limit {
-                entries.push(entry);
-            }
+            f(&delivery, entry);
         }
         Ok::<_, CliError>(())
     }
     .await;
-    scan.finish(result).await.map(|()| entries)
+    let dlq = scan.dlq.clone();
+    scan.finish(result).await.map(|()| dlq)
 }

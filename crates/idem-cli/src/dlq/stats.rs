@@ -6,20 +6,23 @@ use idem_core::__private::parse_rfc3339;
 use lapin::Connection;
 use serde::Serialize;
 
+use super::filter::GroupKey;
 use super::scan::Scan;
+use super::Selector;
 use crate::error::CliError;
-use crate::normalize::normalize_error;
 
 /// Messages of one error kind whose errors normalise to the same text; for messages
 /// the broker dead-lettered, of one reason and one queue.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ErrorGroup {
+    /// The group's stable id (see [`GroupKey::id`]), for `--group`.
+    pub id: String,
     /// `x-idem-error-kind`; for broker dead letters the reason (`expired`,
     /// `rejected`, ...); `unknown` when absent.
     pub error_kind: String,
     /// For broker dead letters: the queue they were dead-lettered from.
     pub queue: Option<String>,
-    /// The normalised error text (see [`normalize_error`]).
+    /// The normalised error text (see [`normalize_error`](crate::normalize::normalize_error)).
     pub error: String,
     /// Messages in the group.
     pub count: u64,
@@ -68,41 +71,39 @@ pub async fn stats(
     queue: &str,
     limit: Option<u64>,
 ) -> Result<DlqStats, CliError> {
+    stats_where(conn, queue, limit, &Selector::All).await
+}
+
+/// [`stats`] of the messages `selector` selects (the first `limit` of them).
+pub async fn stats_where(
+    conn: &Connection,
+    queue: &str,
+    limit: Option<u64>,
+    selector: &Selector,
+) -> Result<DlqStats, CliError> {
     let mut scan = Scan::open(conn, queue).await?;
-    let mut groups: BTreeMap<(String, String), ErrorGroup> = BTreeMap::new();
+    let mut groups: BTreeMap<GroupKey, ErrorGroup> = BTreeMap::new();
     let mut scanned = 0;
     let result = async {
         while let Some((delivery, e)) = scan.next().await? {
             scan.restore(&delivery, e.position).await?;
-            if limit.is_some_and(|l| scanned >= l) {
+            if limit.is_some_and(|l| scanned >= l) || !selector.matches(&e) {
                 continue;
             }
             scanned += 1;
-            let kind = e.kind();
+            let key = GroupKey::of(&e);
             let raw = e.error_text().unwrap_or_default();
-            // Broker texts carry the count: group on reason and queue only.
-            let (norm, group_queue) = match e.broker_made() {
-                Some(d) => (
-                    format!(
-                        "dead-lettered by RabbitMQ from queue {:?}",
-                        d.queue.as_deref().unwrap_or("?")
-                    ),
-                    d.queue.clone(),
-                ),
-                None => (normalize_error(&raw), None),
-            };
-            let g = groups
-                .entry((kind.clone(), norm.clone()))
-                .or_insert_with(|| ErrorGroup {
-                    error_kind: kind,
-                    queue: group_queue,
-                    error: norm,
-                    count: 0,
-                    first_seen: None,
-                    last_seen: None,
-                    example: raw,
-                    message_ids: Vec::new(),
-                });
+            let g = groups.entry(key.clone()).or_insert_with(|| ErrorGroup {
+                id: key.id(),
+                error_kind: key.kind.clone(),
+                queue: key.queue.clone(),
+                error: key.error.clone(),
+                count: 0,
+                first_seen: None,
+                last_seen: None,
+                example: raw,
+                message_ids: Vec::new(),
+            });
             g.count += 1;
             g.first_seen = earlier(&g.first_seen, &e.first_time(), false);
             g.last_seen = earlier(&g.last_seen, &e.last_time(), true);

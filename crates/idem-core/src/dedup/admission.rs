@@ -16,7 +16,10 @@ use tracing::{debug, warn};
 use super::bounded::DEFAULT_STORE_TIMEOUT;
 use super::key::IdempotencyKey;
 use super::key::{resolve_key, sha256_hex, DefaultKey, KeyExtractor, MissingKey};
-use super::layer::{PayloadMismatchError, PreviouslyPoisonedError, Processed, REPLAY_HEADER};
+use super::layer::{
+    PayloadMismatchError, PreviouslyPoisonedError, Processed, ORIGINAL_FINGERPRINT_HEADER,
+    REPLAY_HEADER,
+};
 use super::store::Completion;
 use crate::crash::CrashGuard;
 use crate::error::{ErrorKind, HandlerError};
@@ -163,7 +166,7 @@ pub trait Admission: Send {
 /// |---|---|
 /// | claim acquired | crash check, then the handler |
 /// | done (succeeded) | [`Processed::Duplicate`] |
-/// | done with another payload fingerprint | [`PayloadMismatchError`], permanent |
+/// | done with another payload fingerprint (neither the body's nor the one the message was edited from, [`ORIGINAL_FINGERPRINT_HEADER`]) | [`PayloadMismatchError`], permanent |
 /// | done (poisoned), no replay header | [`PreviouslyPoisonedError`], permanent |
 /// | done (poisoned), replay header | reopened, then as "claim acquired" |
 /// | busy | busy error: retried later, no attempt spent |
@@ -204,6 +207,9 @@ where
 {
     let fingerprint = settings.fingerprint.then(|| sha256_hex(&msg.body));
     let replay = crate::read::read_in::<String>(&msg, REPLAY_HEADER).is_some_and(|v| !v.is_empty());
+    // An operator's edit: the fingerprint of the body the message had before.
+    let edited_from =
+        crate::read::read_in::<String>(&msg, ORIGINAL_FINGERPRINT_HEADER).filter(|v| !v.is_empty());
     let mut session = open(key, fingerprint.as_deref())?;
 
     // A suspect (redelivered) message waits until it can run alone; see `crate::crash`.
@@ -218,9 +224,13 @@ where
             fingerprint: recorded,
         } => {
             let verdict = match (&fingerprint, &recorded) {
-                (Some(now), Some(then)) if now != then => Err(HandlerError::permanent(
-                    PayloadMismatchError(key.to_owned()),
-                )),
+                (Some(now), Some(then))
+                    if now != then && edited_from.as_deref() != Some(then.as_str()) =>
+                {
+                    Err(HandlerError::permanent(PayloadMismatchError(
+                        key.to_owned(),
+                    )))
+                }
                 _ => match (completion, replay) {
                     (Completion::Succeeded, _) => Ok(Processed::Duplicate),
                     (Completion::Poisoned, false) => Err(HandlerError::permanent(

@@ -16,6 +16,12 @@ use crate::message::Message;
 
 pub use crate::headers::REPLAY as REPLAY_HEADER;
 
+/// Header an operator's edit sets: see [`headers::EDITED`](crate::headers::EDITED).
+pub use crate::headers::EDITED as EDITED_HEADER;
+/// Header an operator's edit sets: see
+/// [`headers::ORIGINAL_FINGERPRINT`](crate::headers::ORIGINAL_FINGERPRINT).
+pub use crate::headers::ORIGINAL_FINGERPRINT as ORIGINAL_FINGERPRINT_HEADER;
+
 /// What the dedup layer did with a message that is to be acked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Processed {

@@ -21,6 +21,27 @@
 //! [`MissingKey::ContentHash`]); one whose key is already `done` with a different payload
 //! fingerprint is poison too ("same key, different payload").
 //!
+//! # Edited messages
+//!
+//! An operator may fix a dead letter's body before replaying it (`idem dlq edit`). The
+//! edited copy keeps its key and carries the fingerprint of the body before the edit
+//! in [`ORIGINAL_FINGERPRINT_HEADER`]. The payload check accepts either fingerprint:
+//! a key recorded with the original body's fingerprint is *the same message* for the
+//! edited copy. So:
+//!
+//! | record | edited copy, replayed |
+//! |---|---|
+//! | absent | runs (claim acquired) |
+//! | done (poisoned), original fingerprint | reopened and run once, on the edited body |
+//! | done (succeeded), original fingerprint | a duplicate: the message took effect already |
+//! | done, any other fingerprint | [`PayloadMismatchError`], as for any message |
+//!
+//! The record keeps the original fingerprint after the edited copy ran, so a
+//! redelivery of the edited copy, and a replay of an unedited copy of the original,
+//! are both duplicates: the key takes effect once, whichever body ran. The header only
+//! ever widens "same payload" to the body the key was first recorded with; it cannot
+//! make a message with an unrelated payload run under a key that succeeded.
+//!
 //! The SQL transactional inbox (`idem_sql::SqlInbox`) admits messages through the same
 //! steps (the `admission` module, not part of the public API) and shares the same settings ([`DedupSettings`]); only the
 //! storage differs.
@@ -63,7 +84,7 @@ pub use key::{
 };
 pub use layer::{
     DedupLayer, DedupService, PayloadMismatchError, PreviouslyPoisonedError, Processed,
-    REPLAY_HEADER,
+    EDITED_HEADER, ORIGINAL_FINGERPRINT_HEADER, REPLAY_HEADER,
 };
 pub use memory::MemoryStore;
 pub use store::{Claim, Completion, DedupStore, OwnerToken, ScopedKey, StoreError, StoreErrorKind};

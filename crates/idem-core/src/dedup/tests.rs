@@ -186,6 +186,65 @@ async fn poison_is_done_and_only_a_replay_reopens_it() {
 }
 
 #[tokio::test]
+async fn an_edited_replay_is_a_new_version_of_the_same_message() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let store = MemoryStore::new();
+    // Fails on a negative amount, as a validation error would.
+    let svc = stack(
+        DedupLayer::new(store.clone()).scope("c"),
+        runs.clone(),
+        |m| {
+            if m.body.starts_with(b"-") {
+                Err(HandlerError::permanent("negative amount"))
+            } else {
+                Ok(())
+            }
+        },
+    );
+    let original = Message::new("-500").with_message_id("k");
+    assert!(svc.clone().oneshot(original.clone()).await.is_err());
+    let original_fp = super::key::sha256_hex(b"-500");
+    let edited = || {
+        Message::new("500")
+            .with_message_id("k")
+            .with_header(EDITED_HEADER, "2026-12-06T08:00:00.000Z")
+            .with_header(ORIGINAL_FINGERPRINT_HEADER, original_fp.as_str())
+    };
+    // Edited but not replayed: the poisoned record still holds it back.
+    assert!(svc.clone().oneshot(edited()).await.is_err());
+    // Replayed: no payload mismatch, runs once on the edited body.
+    let replayed = edited().with_header(REPLAY_HEADER, "op-1");
+    assert!(svc
+        .clone()
+        .oneshot(replayed.clone())
+        .await
+        .unwrap()
+        .is_handled());
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    // Once done, a redelivery of the edited copy and a replay of the original are
+    // duplicates.
+    assert!(svc.clone().oneshot(replayed).await.unwrap().is_duplicate());
+    let original_replay = original.with_header(REPLAY_HEADER, "op-2");
+    assert!(svc
+        .clone()
+        .oneshot(original_replay)
+        .await
+        .unwrap()
+        .is_duplicate());
+    // A body that claims to be edited from another payload is still a mismatch.
+    let unrelated = Message::new("700")
+        .with_message_id("k")
+        .with_header(
+            ORIGINAL_FINGERPRINT_HEADER,
+            super::key::sha256_hex(b"other").as_str(),
+        )
+        .with_header(REPLAY_HEADER, "op-3");
+    let err = svc.oneshot(unrelated).await.unwrap_err();
+    assert!(err.chain().contains("different payload"), "{}", err.chain());
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
 async fn busy_elsewhere_is_retried_without_spending_an_attempt() {
     let store = MemoryStore::new();
     let k = ScopedKey::new("c", "k");

@@ -1,0 +1,460 @@
+//! The dead-letter workbench against the real RabbitMQ (issue 23): reads that leave a
+//! quorum DLQ unchanged, replay of one group at a rate, edit then replay through a
+//! dedup consumer, export then import. `AMQP_URL`, default
+//! `amqp://guest:guest@127.0.0.1:5672/%2f`; unique queue names, deleted at the end.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::{Command, Output};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use idem_amqp::{Publisher, RawOutgoing, Topology, Worker};
+use idem_cli::dlq::{self, Filter, Selector};
+use idem_core::outcome::headers as h;
+use idem_core::{Consumer, HandlerError, Json, MemoryStore};
+use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString};
+use lapin::{BasicProperties, Connection};
+
+fn long(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes()))
+}
+
+fn idem(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_idem"))
+        .args(args)
+        .env("AMQP_URL", common::url())
+        .env("COLUMNS", "200")
+        .output()
+        .expect("run the idem binary")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+const GROUPS: [(&str, &str); 3] = [
+    ("transient", "gateway timeout after {} ms"),
+    (
+        "permanent",
+        "ValidationError: cents must be positive, got {}",
+    ),
+    ("transient", "ledger row {} locked"),
+];
+
+/// A dead letter as a worker writes it: message `i` of group `i % 3`.
+fn dead_letter(q: &str, i: usize) -> (BasicProperties, Vec<u8>) {
+    let (kind, error) = GROUPS[i % 3];
+    let mut t = FieldTable::default();
+    t.insert(
+        h::ERROR.into(),
+        long(&error.replace("{}", &(i * 7).to_string())),
+    );
+    t.insert(h::ERROR_KIND.into(), long(kind));
+    t.insert(h::ATTEMPTS.into(), AMQPValue::LongInt(3));
+    t.insert(h::ORIGINAL_QUEUE.into(), long(q));
+    t.insert(h::CONSUMER.into(), long("billing"));
+    t.insert(h::LAST_FAILED_AT.into(), long("2026-12-06T08:00:00.000Z"));
+    t.insert(
+        "x-tags".into(),
+        AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::LongInt(i as i32)])),
+    );
+    let props = BasicProperties::default()
+        .with_message_id(format!("m{i:04}").into())
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_headers(t);
+    (props, format!(r#"{{"n":{i},"cents":-{i}}}"#).into_bytes())
+}
+
+struct Queues {
+    conn: Connection,
+    q: String,
+    dlq: String,
+    publisher: Publisher,
+}
+
+impl Queues {
+    /// Q and Q.dlq, quorum queues; the DLQ with the delivery limit of 20 RabbitMQ 4.x
+    /// gives every quorum queue.
+    async fn new(name: &str) -> Queues {
+        let conn = common::connect().await;
+        let q = format!("idem-cli-test-{name}-{}", uuid::Uuid::new_v4().simple());
+        let dlq = format!("{q}.dlq");
+        let ch = conn.create_channel().await.unwrap();
+        for (queue, limit) in [(&q, None), (&dlq, Some(20))] {
+            let mut args = FieldTable::default();
+            args.insert("x-queue-type".into(), long("quorum"));
+            if let Some(l) = limit {
+                args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(l));
+            }
+            ch.queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), args)
+                .await
+                .unwrap();
+        }
+        let publisher = Publisher::connect(&common::url()).await.unwrap();
+        Queues {
+            conn,
+            q,
+            dlq,
+            publisher,
+        }
+    }
+
+    async fn publish_all(&self, queue: &str, messages: &[(BasicProperties, Vec<u8>)]) {
+        for chunk in messages.chunks(200) {
+            let batch: Vec<RawOutgoing<'_>> = chunk
+                .iter()
+                .map(|(p, b)| RawOutgoing {
+                    exchange: "",
+                    routing_key: queue,
+                    body: b,
+                    properties: p.clone(),
+                })
+                .collect();
+            for r in self.publisher.publish_raw_each(&batch).await.unwrap() {
+                r.unwrap();
+            }
+        }
+    }
+
+    async fn depth(&self, queue: &str) -> u32 {
+        idem_cli::broker::probe(&self.conn, queue)
+            .await
+            .unwrap()
+            .unwrap()
+            .messages
+    }
+
+    /// Removes every message of `queue`, in order: properties (without the broker's
+    /// per-delivery headers, after checking no delivery was ever counted) and body.
+    async fn take_all(&self, queue: &str) -> Vec<(BasicProperties, Vec<u8>)> {
+        let ch = self.conn.create_channel().await.unwrap();
+        let mut out = Vec::new();
+        while let Some(m) = ch
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            let mut headers = m.delivery.properties.headers().clone().unwrap_or_default();
+            let count = headers.inner().get("x-delivery-count").cloned();
+            assert!(
+                matches!(count, None | Some(AMQPValue::LongLongInt(0))),
+                "a read spent a delivery: x-delivery-count {count:?}"
+            );
+            let mut t = headers.inner().clone();
+            t.remove("x-delivery-count");
+            t.remove("x-acquired-count");
+            headers = FieldTable::from(t);
+            let props = m.delivery.properties.clone().with_headers(headers);
+            out.push((props, m.delivery.data));
+        }
+        let _ = ch.close(200, "bye".into()).await;
+        out
+    }
+
+    async fn cleanup(self) {
+        let ch = self.conn.create_channel().await.unwrap();
+        for q in [&self.q, &self.dlq] {
+            let _ = ch
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        self.publisher.close().await;
+        let _ = self.conn.close(200, "bye".into()).await;
+    }
+}
+
+/// 1 000 dead letters in 3 groups in a quorum DLQ with delivery limit 20: 100 reads
+/// (show, stats, list, export, in turn) leave the count, the order, the properties and
+/// the headers exactly as they were, and no read spends a delivery.
+#[tokio::test]
+async fn a_hundred_reads_of_a_thousand_dead_letters_change_nothing() {
+    let qs = Queues::new("reads").await;
+    let sent: Vec<_> = (0..1000).map(|i| dead_letter(&qs.q, i)).collect();
+    qs.publish_all(&qs.dlq, &sent).await;
+
+    let group0 = dlq::stats(&qs.conn, &qs.q, None).await.unwrap();
+    assert_eq!(group0.scanned, 1000);
+    assert_eq!(
+        group0.groups.iter().map(|g| g.count).collect::<Vec<_>>(),
+        [334, 333, 333]
+    );
+    let g = group0.groups[0].id.clone();
+    for run in 0..100 {
+        match run % 4 {
+            0 => {
+                let f = Filter {
+                    group: Some(g.clone()),
+                    ..Filter::default()
+                };
+                let shown = dlq::show(&qs.conn, &qs.q, &Selector::Filter(Box::new(f)), 64, 5)
+                    .await
+                    .unwrap();
+                assert_eq!(shown.len(), 5, "run {run}");
+                assert_eq!(shown[0].entry.message_id.as_deref(), Some("m0000"));
+            }
+            1 => {
+                let s = dlq::stats(&qs.conn, &qs.q, None).await.unwrap();
+                assert_eq!(s.scanned, 1000, "run {run}");
+                assert_eq!(s.groups[0].id, g, "group ids are stable");
+            }
+            2 => {
+                let l = dlq::list(&qs.conn, &qs.q, 2000).await.unwrap();
+                assert_eq!(l.len(), 1000, "run {run}");
+                assert_eq!(l[999].message_id.as_deref(), Some("m0999"));
+            }
+            _ => {
+                let mut out = Vec::new();
+                let n = dlq::export(&qs.conn, &qs.q, &Selector::All, &mut out)
+                    .await
+                    .unwrap();
+                assert_eq!(n, 1000, "run {run}");
+            }
+        }
+    }
+    let left = qs.take_all(&qs.dlq).await;
+    assert_eq!(left.len(), 1000);
+    for (i, ((p, b), (sp, sb))) in left.iter().zip(&sent).enumerate() {
+        assert_eq!((p, b), (sp, sb), "message {i} changed");
+    }
+    qs.cleanup().await;
+}
+
+/// `replay --group G --rate 200/s` moves exactly G's messages to Q, takes at least
+/// |G|/200 s, and leaves the other groups in the DLQ in their order.
+#[tokio::test]
+async fn replay_of_one_group_at_a_rate_moves_exactly_that_group() {
+    let qs = Queues::new("rate").await;
+    let sent: Vec<_> = (0..300).map(|i| dead_letter(&qs.q, i)).collect();
+    qs.publish_all(&qs.dlq, &sent).await;
+    let stats = dlq::stats(&qs.conn, &qs.q, None).await.unwrap();
+    let g = stats
+        .groups
+        .iter()
+        .find(|g| g.error.starts_with("ValidationError"))
+        .unwrap();
+    assert_eq!(g.count, 100);
+
+    let start = Instant::now();
+    let out = idem(&[
+        "dlq", "replay", &qs.q, "--group", &g.id, "--rate", "200/s", "--json",
+    ]);
+    let took = start.elapsed();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (report["matched"].as_u64(), report["done"].as_u64()),
+        (Some(100), Some(100))
+    );
+    assert!(
+        took >= Duration::from_millis(500),
+        "100 messages at 200/s took {took:?}"
+    );
+
+    let moved = qs.take_all(&qs.q).await;
+    let want: Vec<String> = (0..300)
+        .filter(|i| i % 3 == 1)
+        .map(|i| format!("m{i:04}"))
+        .collect();
+    let got: Vec<String> = moved
+        .iter()
+        .map(|(p, _)| p.message_id().clone().unwrap().to_string())
+        .collect();
+    assert_eq!(got, want);
+    let left = qs.take_all(&qs.dlq).await;
+    let want: Vec<String> = (0..300)
+        .filter(|i| i % 3 != 1)
+        .map(|i| format!("m{i:04}"))
+        .collect();
+    let got: Vec<String> = left
+        .iter()
+        .map(|(p, _)| p.message_id().clone().unwrap().to_string())
+        .collect();
+    assert_eq!(got, want, "the other groups stay, in order");
+    qs.cleanup().await;
+}
+
+/// Export then import into an empty DLQ: the same properties, headers (with their
+/// AMQP types) and bodies, byte for byte, in order; the source DLQ is unchanged.
+#[tokio::test]
+async fn export_then_import_is_lossless() {
+    let from = Queues::new("export").await;
+    let to = Queues::new("import").await;
+    let mut sent: Vec<_> = (0..30).map(|i| dead_letter(&from.q, i)).collect();
+    // A binary body and headers of unusual types.
+    let mut t = FieldTable::default();
+    t.insert(
+        "x-bin".into(),
+        AMQPValue::LongString(LongString::from(vec![0xff, 0, 7])),
+    );
+    t.insert("x-f".into(), AMQPValue::Double(0.25));
+    t.insert("x-ts".into(), AMQPValue::Timestamp(1_700_000_000));
+    t.insert("x-b".into(), AMQPValue::Boolean(false));
+    let mut inner = FieldTable::default();
+    inner.insert("k".into(), AMQPValue::ShortInt(-3));
+    t.insert("x-t".into(), AMQPValue::FieldTable(inner));
+    sent.push((
+        BasicProperties::default()
+            .with_message_id("bin".into())
+            .with_priority(3)
+            .with_timestamp(1_700_000_001)
+            .with_headers(t),
+        vec![0, 159, 146, 150, 255],
+    ));
+    from.publish_all(&from.dlq, &sent).await;
+
+    let file = std::env::temp_dir().join(format!("idem-export-{}.jsonl", uuid::Uuid::new_v4()));
+    let out = idem(&["dlq", "export", &from.q]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).lines().count(), 31);
+    std::fs::write(&file, &out.stdout).unwrap();
+    let out = idem(&["dlq", "import", &to.q, file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("imported 31 of 31"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let imported = to.take_all(&to.dlq).await;
+    assert_eq!(imported.len(), sent.len());
+    for (i, (got, want)) in imported.iter().zip(&sent).enumerate() {
+        assert_eq!(got, want, "message {i}");
+    }
+    assert_eq!(
+        from.take_all(&from.dlq).await,
+        sent,
+        "export changes nothing"
+    );
+
+    // A bad file imports nothing.
+    std::fs::write(&file, "{\"body\":\"aGk=\"}\nnot json\n").unwrap();
+    let out = idem(&["dlq", "import", &to.q, file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("line 2"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(to.depth(&to.dlq).await, 0);
+    let _ = std::fs::remove_file(&file);
+    from.cleanup().await;
+    to.cleanup().await;
+}
+
+/// A message dead-lettered as poison (negative amount), shown, edited to
+/// `/cents=500`, then replayed: the handler runs once more, on 500, and the dedup
+/// layer neither reports a payload mismatch nor acks it as a duplicate.
+#[tokio::test]
+async fn edit_then_replay_runs_the_handler_once_on_the_edited_body() {
+    #[derive(serde::Deserialize)]
+    struct Charge {
+        cents: i64,
+    }
+    let conn = common::connect().await;
+    let q = format!("idem-cli-test-edit-{}", uuid::Uuid::new_v4().simple());
+    let topology = Topology::new(q.as_str()).tiers(idem_cli::topology::parse_tiers("1s").unwrap());
+    idem_cli::topology::declare(&conn, &topology).await.unwrap();
+    let seen = Arc::new(Mutex::new(Vec::<i64>::new()));
+    let s = seen.clone();
+    let consumer = Consumer::builder("edit-test")
+        .store(MemoryStore::new())
+        .handler(move |Json(c): Json<Charge>| {
+            let s = s.clone();
+            async move {
+                s.lock().unwrap().push(c.cents);
+                if c.cents < 0 {
+                    return Err(HandlerError::permanent(
+                        "ValidationError: cents must be positive",
+                    ));
+                }
+                Ok(())
+            }
+        })
+        .unwrap();
+    let worker = Worker::builder(common::url(), topology.clone(), consumer.clone())
+        .build()
+        .unwrap()
+        .spawn();
+    let publisher = Publisher::connect(&common::url()).await.unwrap();
+    let mut m =
+        idem_core::Message::new(r#"{"cents":-500,"to":"acme"}"#).with_message_id("charge-1");
+    publisher.publish("", &q, &mut m).await.unwrap();
+    let dlq_name = topology.dlq();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while idem_cli::broker::probe(&conn, &dlq_name)
+        .await
+        .unwrap()
+        .unwrap()
+        .messages
+        < 1
+    {
+        assert!(Instant::now() < deadline, "never dead-lettered");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+
+    let out = idem(&["dlq", "show", &q, "--id", "charge-1"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let shown = text(&out.stdout);
+    assert!(
+        shown.contains("\"cents\": -500") && shown.contains("x-idem-error: ValidationError"),
+        "{shown}"
+    );
+
+    let out = idem(&[
+        "dlq",
+        "edit",
+        &q,
+        "--id",
+        "charge-1",
+        "--json-set",
+        "/cents=500",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let shown = dlq::show(&conn, &q, &Selector::All, 4096, 10)
+        .await
+        .unwrap();
+    assert_eq!(shown.len(), 1);
+    let h = &shown[0].headers;
+    assert!(h.contains_key(idem_core::dedup::EDITED_HEADER), "{h:?}");
+    assert_eq!(
+        h.get(idem_core::dedup::ORIGINAL_FINGERPRINT_HEADER)
+            .map(String::as_str),
+        Some(dlq::sha256_hex(br#"{"cents":-500,"to":"acme"}"#).as_str())
+    );
+    assert!(shown[0].body.text.contains("\"cents\": 500"));
+
+    let out = idem(&["dlq", "replay", &q, "--id", "charge-1"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while consumer.stats().processed < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the edited copy never ran: {:?}",
+            consumer.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let stats = worker.shutdown_and_join().await.unwrap();
+    assert_eq!(*seen.lock().unwrap(), [-500, 500]);
+    assert_eq!(
+        (stats.processed, stats.duplicates, stats.dead_lettered),
+        (1, 0, 1),
+        "{stats:?}"
+    );
+    assert_eq!(
+        idem_cli::broker::probe(&conn, &dlq_name)
+            .await
+            .unwrap()
+            .unwrap()
+            .messages,
+        0
+    );
+    let ch = conn.create_channel().await.unwrap();
+    topology.delete_on(&ch).await.unwrap();
+    publisher.close().await;
+}
