@@ -43,7 +43,39 @@ pub(crate) async fn run_dlq(
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
     // Everything that can be refused is refused before connecting.
-    let selector = match &cmd {
+    let (prepared, write_token) = prepare(&cmd)?;
+    let conn = broker::connect_as(url, name, tls).await?;
+    if let DlqCommand::Serve { listen, queues, .. } = cmd {
+        for q in &queues {
+            dlq::resolve(&conn, q).await?;
+        }
+        writeln!(
+            out,
+            "serving the dead letters of {} on http://{listen}/ ({}) until SIGINT/SIGTERM",
+            queues.join(", "),
+            if write_token.is_some() {
+                "writes allowed with the token"
+            } else {
+                "read-only"
+            }
+        )
+        .map_err(write_err)?;
+        out.flush().map_err(write_err)?;
+        let config = crate::serve::ConsoleConfig {
+            queues,
+            write_token,
+        };
+        return crate::serve::serve(conn, config, listen, idem_amqp::shutdown::signal()).await;
+    }
+    let result = run_dlq_on(&conn, cmd, prepared, out).await;
+    let _ = conn.close(200, "bye".into()).await;
+    result
+}
+
+/// Parses and checks what `cmd` needs before connecting: its selector, rate, edit,
+/// import file, rules, and the console's write token.
+fn prepare(cmd: &DlqCommand) -> Result<(Prepared, Option<String>), CliError> {
+    let selector = match cmd {
         DlqCommand::List { filter, .. }
         | DlqCommand::Stats { filter, .. }
         | DlqCommand::Export { filter, .. } => selector(false, filter, None)?,
@@ -70,11 +102,11 @@ pub(crate) async fn run_dlq(
         | DlqCommand::Redrive { .. }
         | DlqCommand::Serve { .. } => Selector::All,
     };
-    let rate = match &cmd {
+    let rate = match cmd {
         DlqCommand::Replay { rate: Some(r), .. } => Some(dlq::parse_rate(r)?),
         _ => None,
     };
-    let edit = match &cmd {
+    let edit = match cmd {
         DlqCommand::Edit {
             json_set,
             body_file,
@@ -93,11 +125,11 @@ pub(crate) async fn run_dlq(
         }),
         _ => None,
     };
-    let import = match &cmd {
+    let import = match cmd {
         DlqCommand::Import { file, .. } => Some(read_import(file)?),
         _ => None,
     };
-    let rules = match &cmd {
+    let rules = match cmd {
         DlqCommand::Redrive {
             rules, interval, ..
         } => {
@@ -110,7 +142,7 @@ pub(crate) async fn run_dlq(
         }
         _ => None,
     };
-    let write_token = match &cmd {
+    let write_token = match cmd {
         DlqCommand::Serve {
             allow_writes: true, ..
         } => match std::env::var("IDEM_DLQ_TOKEN") {
@@ -122,29 +154,6 @@ pub(crate) async fn run_dlq(
         },
         _ => None,
     };
-    let conn = broker::connect_as(url, name, tls).await?;
-    if let DlqCommand::Serve { listen, queues, .. } = cmd {
-        for q in &queues {
-            dlq::resolve(&conn, q).await?;
-        }
-        writeln!(
-            out,
-            "serving the dead letters of {} on http://{listen}/ ({}) until SIGINT/SIGTERM",
-            queues.join(", "),
-            if write_token.is_some() {
-                "writes allowed with the token"
-            } else {
-                "read-only"
-            }
-        )
-        .map_err(write_err)?;
-        out.flush().map_err(write_err)?;
-        let config = crate::serve::ConsoleConfig {
-            queues,
-            write_token,
-        };
-        return crate::serve::serve(conn, config, listen, idem_amqp::shutdown::signal()).await;
-    }
     let prepared = Prepared {
         selector,
         rate,
@@ -152,9 +161,7 @@ pub(crate) async fn run_dlq(
         import,
         rules,
     };
-    let result = run_dlq_on(&conn, cmd, prepared, out).await;
-    let _ = conn.close(200, "bye".into()).await;
-    result
+    Ok((prepared, write_token))
 }
 
 /// What was parsed and checked before connecting.
@@ -184,38 +191,7 @@ async fn run_dlq_on(
             if as_json {
                 return json(out, &entries);
             }
-            let mut t = Table::new(
-                &[
-                    "#",
-                    "MESSAGE ID",
-                    "KEY",
-                    "KIND",
-                    "ATT",
-                    "FIRST FAILED",
-                    "LAST FAILED",
-                    "ERROR",
-                ],
-                &[6, 36, 36, 9, 4, 19, 19],
-            );
-            for e in &entries {
-                t.row(vec![
-                    e.position.to_string(),
-                    or_dash(e.message_id.as_deref()),
-                    or_dash(e.key.as_deref()),
-                    e.kind(),
-                    e.count().map_or_else(|| "-".to_owned(), |a| a.to_string()),
-                    short_time(e.first_time().as_deref()),
-                    short_time(e.last_time().as_deref()),
-                    or_dash(e.error_text().as_deref()),
-                ]);
-            }
-            t.write(out, terminal_width()).map_err(write_err)?;
-            writeln!(
-                out,
-                "{} message(s) of the DLQ of {queue} listed; every message stays in the DLQ",
-                entries.len()
-            )
-            .map_err(write_err)
+            print_list(out, &queue, &entries)
         }
         DlqCommand::Stats {
             queue,
@@ -227,36 +203,7 @@ async fn run_dlq_on(
             if as_json {
                 return json(out, &stats);
             }
-            let mut t = Table::new(
-                &[
-                    "GROUP",
-                    "COUNT",
-                    "KIND",
-                    "FIRST SEEN",
-                    "LAST SEEN",
-                    "ERROR (normalised)",
-                ],
-                &[10, 8, 9, 19, 19],
-            );
-            for g in &stats.groups {
-                t.row(vec![
-                    g.id.clone(),
-                    g.count.to_string(),
-                    g.error_kind.clone(),
-                    short_time(g.first_seen.as_deref()),
-                    short_time(g.last_seen.as_deref()),
-                    g.error.clone(),
-                ]);
-            }
-            t.write(out, terminal_width()).map_err(write_err)?;
-            writeln!(
-                out,
-                "{} message(s) of {} in {} group(s); every message stays in the DLQ (select a group with --group GROUP)",
-                stats.scanned,
-                stats.dlq,
-                stats.groups.len()
-            )
-            .map_err(write_err)
+            print_stats(out, &stats)
         }
         DlqCommand::Show {
             queue,
@@ -269,40 +216,16 @@ async fn run_dlq_on(
             if as_json {
                 return json(out, &shown);
             }
-            for m in &shown {
-                dlq::write_shown(out, m).map_err(write_err)?;
-                writeln!(out).map_err(write_err)?;
-            }
-            if shown.is_empty() {
-                return Err(CliError::NotFound(format!(
-                    "no message of the DLQ of {queue} matches"
-                )));
-            }
-            Ok(())
+            print_shown(out, &queue, &shown)
         }
-        DlqCommand::Export { queue, .. } => {
-            let n = dlq::export(conn, &queue, &selector, out).await?;
-            eprintln!(
-                "exported {n} message(s) of the DLQ of {queue}; every message stays in the DLQ"
-            );
-            Ok(())
-        }
+        DlqCommand::Export { queue, .. } => export(conn, &queue, &selector, out).await,
         DlqCommand::Import {
             queue,
             json: as_json,
             ..
         } => {
             let messages = p.import.unwrap_or_default();
-            let report = dlq::import(conn, &queue, &messages).await?;
-            if as_json {
-                return json(out, &report);
-            }
-            writeln!(
-                out,
-                "imported {} of {} message(s) into {}",
-                report.imported, report.read, report.dlq
-            )
-            .map_err(write_err)
+            import(conn, &queue, &messages, as_json, out).await
         }
         DlqCommand::Edit {
             queue,
@@ -317,17 +240,7 @@ async fn run_dlq_on(
             if as_json {
                 return json(out, &report);
             }
-            writeln!(
-                out,
-                "edited {} ({} cop{}) in {}: body sha256 {} (x-idem-original-sha256 {}); it is at the tail of the DLQ",
-                report.message_id,
-                report.edited,
-                if report.edited == 1 { "y" } else { "ies" },
-                report.dlq,
-                report.edited_sha256,
-                report.original_sha256
-            )
-            .map_err(write_err)
+            print_edit(out, &report)
         }
         DlqCommand::Replay {
             queue,
@@ -342,15 +255,8 @@ async fn run_dlq_on(
                 dry_run,
                 rate: p.rate,
             };
-            let report = match dedup_redis {
-                Some(url) => {
-                    let lookup =
-                        dlq::lookup::DedupLookup::redis(&url, &dedup_prefix, dedup_consumer)
-                            .await?;
-                    dlq::replay_predicting(conn, &queue, &selector, &options, &lookup).await?
-                }
-                None => dlq::replay_with(conn, &queue, &selector, &options).await?,
-            };
+            let dedup = dedup_redis.map(|url| (url, dedup_prefix, dedup_consumer));
+            let report = replay(conn, &queue, &selector, &options, dedup).await?;
             print_report(out, &report, as_json, "replay")?;
             partial(&report, "replayed")
         }
@@ -368,26 +274,7 @@ async fn run_dlq_on(
                 let reports = dlq::redrive::redrive(conn, &rules, dry_run).await?;
                 return print_redrive(out, &reports, as_json, dry_run);
             }
-            let every = dlq::parse_age(&interval).unwrap_or(std::time::Duration::from_secs(30));
-            let mut failed = None;
-            dlq::redrive::redrive_every(
-                conn,
-                &rules,
-                every,
-                idem_amqp::shutdown::signal(),
-                |round| {
-                    let r = round.and_then(|reports| print_redrive(out, &reports, as_json, false));
-                    if let Err(e) = r {
-                        eprintln!("error: {e}");
-                        failed = Some(e);
-                    }
-                },
-            )
-            .await;
-            match failed {
-                Some(e) if matches!(e, CliError::Failed(_)) => Err(e),
-                _ => Ok(()),
-            }
+            watch_redrive(conn, &rules, &interval, as_json, out).await
         }
         DlqCommand::Serve { .. } => Ok(()),
         DlqCommand::Purge {
@@ -401,6 +288,183 @@ async fn run_dlq_on(
             partial(&report, "purged")
         }
     }
+}
+
+/// The table of `dlq list`.
+fn print_list(out: &mut dyn Write, queue: &str, entries: &[dlq::DlqEntry]) -> Result<(), CliError> {
+    let mut t = Table::new(
+        &[
+            "#",
+            "MESSAGE ID",
+            "KEY",
+            "KIND",
+            "ATT",
+            "FIRST FAILED",
+            "LAST FAILED",
+            "ERROR",
+        ],
+        &[6, 36, 36, 9, 4, 19, 19],
+    );
+    for e in entries {
+        t.row(vec![
+            e.position.to_string(),
+            or_dash(e.message_id.as_deref()),
+            or_dash(e.key.as_deref()),
+            e.kind(),
+            e.count().map_or_else(|| "-".to_owned(), |a| a.to_string()),
+            short_time(e.first_time().as_deref()),
+            short_time(e.last_time().as_deref()),
+            or_dash(e.error_text().as_deref()),
+        ]);
+    }
+    t.write(out, terminal_width()).map_err(write_err)?;
+    writeln!(
+        out,
+        "{} message(s) of the DLQ of {queue} listed; every message stays in the DLQ",
+        entries.len()
+    )
+    .map_err(write_err)
+}
+
+/// The table of `dlq stats`.
+fn print_stats(out: &mut dyn Write, stats: &dlq::DlqStats) -> Result<(), CliError> {
+    let mut t = Table::new(
+        &[
+            "GROUP",
+            "COUNT",
+            "KIND",
+            "FIRST SEEN",
+            "LAST SEEN",
+            "ERROR (normalised)",
+        ],
+        &[10, 8, 9, 19, 19],
+    );
+    for g in &stats.groups {
+        t.row(vec![
+            g.id.clone(),
+            g.count.to_string(),
+            g.error_kind.clone(),
+            short_time(g.first_seen.as_deref()),
+            short_time(g.last_seen.as_deref()),
+            g.error.clone(),
+        ]);
+    }
+    t.write(out, terminal_width()).map_err(write_err)?;
+    writeln!(
+        out,
+        "{} message(s) of {} in {} group(s); every message stays in the DLQ (select a group with --group GROUP)",
+        stats.scanned,
+        stats.dlq,
+        stats.groups.len()
+    )
+    .map_err(write_err)
+}
+
+/// `dlq redrive --watch`: a round every `interval` until SIGINT/SIGTERM.
+async fn watch_redrive(
+    conn: &lapin::Connection,
+    rules: &dlq::redrive::Rules,
+    interval: &str,
+    as_json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    let every = dlq::parse_age(interval).unwrap_or(std::time::Duration::from_secs(30));
+    let mut failed = None;
+    dlq::redrive::redrive_every(conn, rules, every, idem_amqp::shutdown::signal(), |round| {
+        let r = round.and_then(|reports| print_redrive(out, &reports, as_json, false));
+        if let Err(e) = r {
+            eprintln!("error: {e}");
+            failed = Some(e);
+        }
+    })
+    .await;
+    match failed {
+        Some(e) if matches!(e, CliError::Failed(_)) => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// What `dlq edit` did.
+fn print_edit(out: &mut dyn Write, report: &dlq::EditReport) -> Result<(), CliError> {
+    writeln!(
+        out,
+        "edited {} ({} cop{}) in {}: body sha256 {} (x-idem-original-sha256 {}); it is at the tail of the DLQ",
+        report.message_id,
+        report.edited,
+        if report.edited == 1 { "y" } else { "ies" },
+        report.dlq,
+        report.edited_sha256,
+        report.original_sha256
+    )
+    .map_err(write_err)
+}
+
+/// `dlq replay`, predicting duplicates from a Redis dedup store when `dedup` names
+/// one (its URL, key prefix and consumer).
+async fn replay(
+    conn: &lapin::Connection,
+    queue: &str,
+    selector: &Selector,
+    options: &ReplayOptions,
+    dedup: Option<(String, String, Option<String>)>,
+) -> Result<MoveReport, CliError> {
+    match dedup {
+        Some((url, prefix, consumer)) => {
+            let lookup = dlq::lookup::DedupLookup::redis(&url, &prefix, consumer).await?;
+            dlq::replay_predicting(conn, queue, selector, options, &lookup).await
+        }
+        None => dlq::replay_with(conn, queue, selector, options).await,
+    }
+}
+
+/// The messages `dlq show` found; none is an error.
+fn print_shown(
+    out: &mut dyn Write,
+    queue: &str,
+    shown: &[dlq::ShownMessage],
+) -> Result<(), CliError> {
+    for m in shown {
+        dlq::write_shown(out, m).map_err(write_err)?;
+        writeln!(out).map_err(write_err)?;
+    }
+    if shown.is_empty() {
+        return Err(CliError::NotFound(format!(
+            "no message of the DLQ of {queue} matches"
+        )));
+    }
+    Ok(())
+}
+
+/// `dlq import`: publishes the file's messages to the DLQ and says how many.
+async fn import(
+    conn: &lapin::Connection,
+    queue: &str,
+    messages: &[dlq::wire::WireMessage],
+    as_json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    let report = dlq::import(conn, queue, messages).await?;
+    if as_json {
+        return json(out, &report);
+    }
+    writeln!(
+        out,
+        "imported {} of {} message(s) into {}",
+        report.imported, report.read, report.dlq
+    )
+    .map_err(write_err)
+}
+
+/// `dlq export`: the JSON lines on `out`, the count on stderr (stdout is the file).
+async fn export(
+    conn: &lapin::Connection,
+    queue: &str,
+    selector: &Selector,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    let n = dlq::export(conn, queue, selector, out).await?;
+    eprintln!("exported {n} message(s) of the DLQ of {queue}; every message stays in the DLQ");
+    Ok(())
 }
 
 fn partial(report: &MoveReport, verb: &str) -> Result<(), CliError> {
