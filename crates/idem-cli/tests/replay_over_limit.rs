@@ -49,9 +49,10 @@ async fn replay_of_an_over_limit_dead_letter_runs_it_once_and_acks_it() {
     // three times (see idem_core::crash): the carried delivery count is 3, over the
     // limit of 2, and it carries the failure history of an earlier typed failure
     // (error type, host, pid, immediate retries, backtrace).
-    let mut crashed = Message::new(r#"{"cents":500}"#)
-        .with_message_id("over-1")
-        .with_header(BROKER_DELIVERY_COUNT_HEADER, 3u32);
+    // As the transport hands it to the consumer: RabbitMQ's `x-delivery-count` of 3
+    // mapped into the delivery's count.
+    let mut crashed = Message::new(r#"{"cents":500}"#).with_message_id("over-1");
+    crashed.delivery.delivery_count = 3;
     crashed.delivery.redelivered = true;
     crashed.delivery.queue = q.clone();
     let mut failure = Failure::new(ErrorKind::Transient, "ledger locked", 0, SystemTime::now());
