@@ -13,7 +13,9 @@ use idem_core::dedup::{
 };
 use sqlx::Pool;
 
-use crate::backend::{Arg, Backend, Dialect};
+#[cfg(feature = "postgres")]
+use crate::backend::Dialect;
+use crate::backend::{Arg, Backend};
 use crate::schema::{self, CleanupHandle, InvalidTableName, TableName, CLEANUP_BATCH};
 
 mod queries;
