@@ -54,7 +54,7 @@ async fn run(pool: &PgPool, table: &str, insert: String) -> Report {
     let count = format!("SELECT count(*) FROM {table} WHERE k = $1");
     let report = Harness::new(move |trouble| {
         // A short lease: a crashed delivery's claim expires in real time.
-        let dedup = DedupLayer::new(layer_store).lease(Duration::from_millis(300));
+        let dedup = DedupLayer::new(layer_store).lease(Duration::from_secs(2));
         Consumer::builder("strict-harness")
             .dedup(dedup)
             .layer(trouble)

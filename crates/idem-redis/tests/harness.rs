@@ -50,7 +50,7 @@ async fn run(prefix: &str, profile: Profile, n: usize, seed: u64) -> idem_core::
     let layer_store = s.clone();
     let report = Harness::new(move |trouble| {
         // A short lease: a crashed delivery's claim expires in real time.
-        let dedup = DedupLayer::new(layer_store).lease(Duration::from_millis(300));
+        let dedup = DedupLayer::new(layer_store).lease(Duration::from_secs(2));
         Consumer::builder("harness-redis")
             .dedup(dedup)
             .layer(trouble)

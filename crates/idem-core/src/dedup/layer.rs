@@ -4,7 +4,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tower::{Layer, Service};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::admission::{admit, Admission, Claimed, DedupSettings};
 use super::bounded::Bounded;
@@ -365,12 +365,12 @@ impl Admission for LeaseSession {
     }
 
     async fn succeeded(&mut self) -> Result<(), HandlerError> {
-        finish(&self.config, &self.key, &self.owner, Completion::Succeeded).await;
+        finish(self, Completion::Succeeded).await;
         Ok(())
     }
 
     async fn poisoned(&mut self) {
-        finish(&self.config, &self.key, &self.owner, Completion::Poisoned).await;
+        finish(self, Completion::Poisoned).await;
     }
 
     async fn released(&mut self) {
@@ -425,7 +425,10 @@ where
 /// Writes the `done` record. The handler's effect has happened, so a store failure
 /// here does not turn into a retry (which would run the effect again); it is retried
 /// briefly, then logged, and the claim stays `processing` until its lease expires.
-async fn finish(config: &Config, key: &ScopedKey, owner: &OwnerToken, completion: Completion) {
+async fn finish(session: &LeaseSession, completion: Completion) {
+    let LeaseSession {
+        config, key, owner, ..
+    } = session;
     let mut backoff = Duration::from_millis(50);
     for attempt in 1..=3 {
         let t = Instant::now();
@@ -438,11 +441,7 @@ async fn finish(config: &Config, key: &ScopedKey, owner: &OwnerToken, completion
                 .await,
         ) {
             Ok(true) => return,
-            Ok(false) => {
-                warn!(key = %key, "lease expired before completion; another worker may run this message again");
-                metrics::counter!("idem_dedup_lease_lost_total").increment(1);
-                return;
-            }
+            Ok(false) => return complete_after_expiry(session, completion).await,
             Err(err) if attempt == 3 => {
                 warn!(key = %key, error = %err, "could not record completion; a redelivery before the lease expires is retried, after it runs again");
                 metrics::counter!("idem_dedup_complete_failed_total").increment(1);
@@ -452,5 +451,39 @@ async fn finish(config: &Config, key: &ScopedKey, owner: &OwnerToken, completion
                 backoff *= 2;
             }
         }
+    }
+}
+
+/// The lease ran out before the `done` record was written (a store or process too
+/// slow to extend it in time). The effect has happened: unless another owner took the
+/// key meanwhile, claim it again under a fresh token and write the record at once, so
+/// a later copy is a duplicate instead of a second run.
+async fn complete_after_expiry(session: &LeaseSession, completion: Completion) {
+    let LeaseSession {
+        config,
+        key,
+        fingerprint,
+        ..
+    } = session;
+    let fresh = OwnerToken::generate();
+    let store = &config.store;
+    let reclaimed = store
+        .claim(key, &fresh, fingerprint.as_deref(), config.lease)
+        .await;
+    let recorded = match reclaimed {
+        Ok(Claim::Acquired) => store
+            .complete(key, &fresh, completion, config.settings.retention)
+            .await
+            .unwrap_or(false),
+        // Another owner recorded it meanwhile: a later copy is a duplicate.
+        Ok(Claim::Done { .. }) => true,
+        Ok(Claim::Busy { .. }) | Err(_) => false,
+    };
+    if recorded {
+        debug!(key = %key, "lease expired before completion; no one had taken the key, completion recorded");
+        metrics::counter!("idem_dedup_lease_recovered_total").increment(1);
+    } else {
+        warn!(key = %key, "lease expired before completion and another worker holds the key; it may run this message again");
+        metrics::counter!("idem_dedup_lease_lost_total").increment(1);
     }
 }

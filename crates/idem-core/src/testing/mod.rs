@@ -67,8 +67,12 @@
 //! - a lease store's claim stays held until its lease expires, in real time: the
 //!   redelivered copy is answered "busy" until then, and the harness redelivers it
 //!   after a short real wait (at most 50 ms at a time). **Give lease stores a short
-//!   lease in these tests** (e.g. `DedupLayer::new(..).lease(Duration::from_millis(300))`)
-//!   or every crash costs a full lease (30 s by default) of test time;
+//!   lease in these tests** (e.g. `DedupLayer::new(..).lease(Duration::from_secs(2))`)
+//!   or every crash costs a full lease (30 s by default) of test time. Not much
+//!   shorter: a lease is extended every third of it, and on a loaded machine (a CI
+//!   runner building in parallel) a few hundred milliseconds can pass between two
+//!   extensions, so a lease well under a second can run out under a handler that is
+//!   still running, and another copy of its message runs beside it;
 //! - a crash after the handler's effect on a lease store re-runs the handler once the
 //!   lease expires: the effect and the dedup record are not atomic there. That is
 //!   the window lease stores leave open, and the harness reports such re-runs under

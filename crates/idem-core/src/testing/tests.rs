@@ -28,7 +28,7 @@ fn memory_harness(fx: &Effects) -> Harness {
     let fx = fx.clone();
     Harness::new(move |trouble| {
         Consumer::builder("harness-memory")
-            .dedup(DedupLayer::new(MemoryStore::new()).lease(Duration::from_millis(300)))
+            .dedup(DedupLayer::new(MemoryStore::new()).lease(Duration::from_secs(2)))
             .layer(trouble)
             .handler_with_state(count_effect, fx)
     })

@@ -1,0 +1,117 @@
+//! A lease that runs out before the `done` record is written.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower::{Service, ServiceBuilder, ServiceExt};
+
+use super::*;
+use crate::error::HandlerError;
+use crate::message::Message;
+
+/// A memory store whose lease extensions fail, as from a store or process too slow to
+/// extend in time: every claim runs out after its first lease.
+#[derive(Clone)]
+struct NoExtend(MemoryStore);
+
+#[async_trait::async_trait]
+impl DedupStore for NoExtend {
+    async fn claim(
+        &self,
+        key: &ScopedKey,
+        owner: &OwnerToken,
+        fingerprint: Option<&str>,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        self.0.claim(key, owner, fingerprint, lease).await
+    }
+    async fn extend(&self, _: &ScopedKey, _: &OwnerToken, _: Duration) -> Result<bool, StoreError> {
+        Err(StoreError::new("timed out"))
+    }
+    async fn complete(
+        &self,
+        key: &ScopedKey,
+        owner: &OwnerToken,
+        completion: Completion,
+        retention: Duration,
+    ) -> Result<bool, StoreError> {
+        self.0.complete(key, owner, completion, retention).await
+    }
+    async fn release(&self, key: &ScopedKey, owner: &OwnerToken) -> Result<bool, StoreError> {
+        self.0.release(key, owner).await
+    }
+    async fn reopen_poisoned(
+        &self,
+        key: &ScopedKey,
+        owner: &OwnerToken,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        self.0.reopen_poisoned(key, owner, lease).await
+    }
+}
+
+const LEASE: Duration = Duration::from_secs(3);
+
+/// A handler that takes 10 s (past the 3 s lease) and counts its runs.
+fn slow(runs: Arc<AtomicUsize>) -> tower::util::BoxCloneSyncService<Message, (), HandlerError> {
+    tower::util::BoxCloneSyncService::new(tower::service_fn(move |_m: Message| {
+        let runs = runs.clone();
+        async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            Ok::<(), HandlerError>(())
+        }
+    }))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_that_ran_out_unclaimed_still_gets_its_done_record() {
+    let store = NoExtend(MemoryStore::new());
+    let layer = DedupLayer::new(store.clone()).scope("c").lease(LEASE);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(slow(runs.clone()));
+    let first = svc
+        .clone()
+        .oneshot(Message::new("a").with_message_id("k"))
+        .await
+        .unwrap();
+    assert!(first.is_handled());
+    // The redelivery of the same message is a duplicate: the effect does not run again.
+    let again = svc
+        .oneshot(Message::new("a").with_message_id("k"))
+        .await
+        .unwrap();
+    assert_eq!(again, Processed::Duplicate);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_key_taken_over_after_the_lease_ran_out_is_left_to_its_new_owner() {
+    let store = NoExtend(MemoryStore::new());
+    let layer = DedupLayer::new(store.clone()).scope("c").lease(LEASE);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(slow(runs.clone()));
+    let mut first = svc.clone();
+    let first = tokio::spawn(first.call(Message::new("a").with_message_id("k")));
+    // Past the first claim's lease: another owner takes the key and holds it.
+    tokio::time::sleep(LEASE + Duration::from_secs(1)).await;
+    let key = ScopedKey::new("c", "k");
+    let other = OwnerToken::generate();
+    let taken = store
+        .claim(&key, &other, None, Duration::from_secs(60))
+        .await;
+    assert_eq!(taken.unwrap(), Claim::Acquired);
+    assert!(first.await.unwrap().unwrap().is_handled());
+    // The first run's late completion did not overwrite the new owner's claim.
+    assert!(store
+        .0
+        .complete(&key, &other, Completion::Succeeded, Duration::from_secs(60))
+        .await
+        .unwrap());
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
