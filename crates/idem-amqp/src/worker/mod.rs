@@ -139,6 +139,10 @@ struct Shared {
     retry_queues: Vec<(Duration, String)>,
     #[cfg(feature = "prometheus")]
     prometheus: Option<std::net::SocketAddr>,
+    #[cfg(feature = "prometheus")]
+    dlq_sample_interval: Duration,
+    readiness: crate::readiness::Readiness,
+    health: Arc<crate::health::WorkerHealth>,
 }
 
 /// Consumes one RabbitMQ queue with an idem [`Consumer`]. See the [module docs](self).
@@ -215,11 +219,29 @@ impl Worker {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<Stats, Error> {
         let shared = self.shared;
         #[cfg(feature = "prometheus")]
-        let _endpoint = match shared.prometheus {
-            Some(addr) => Some(crate::prometheus::spawn_endpoint(addr).await?),
+        let _listener = match shared.prometheus {
+            Some(addr) => Some(crate::prometheus::listen(addr)?),
             None => None,
         };
-        let shutdown = shutdown.fuse();
+        let _ready = {
+            let health = shared.health.clone();
+            let breaker = shared.consumer.breaker().cloned();
+            shared.readiness.register(
+                crate::readiness::SourceKind::Consumer,
+                shared.consumer.name(),
+                move || health.reasons(breaker.as_ref()),
+            )
+        };
+        // The series alert rules use exist (at 0) before anything happens.
+        #[cfg(feature = "prometheus")]
+        crate::health::count_crash_loop(&shared.consumer, None);
+        let health = shared.health.clone();
+        // Not ready from the moment the shutdown starts.
+        let shutdown = async move {
+            shutdown.await;
+            health.stopping();
+        }
+        .fuse();
         let mut shutdown = std::pin::pin!(shutdown);
         let permits = Arc::new(Semaphore::new(shared.concurrency as usize));
         // The handler tasks of every session. Owned by this future: when it is dropped
