@@ -37,6 +37,12 @@
 //!   healthy store) can take the messages. When the breaker closes (a store probe
 //!   answered) it reconnects and resumes. A worker started during a store outage
 //!   connects (so a wrong URL still fails at once), then waits paused.
+//! - **Readiness**: while it runs, the worker is a source of
+//!   [`Readiness::global`](crate::readiness::Readiness::global) (or the registry given to
+//!   [`WorkerBuilder::readiness`]), not ready without a broker connection, with its
+//!   breaker open, or once its shutdown started; the listener of
+//!   [`WorkerBuilder::prometheus`] serves it at `/ready`. With the `prometheus` feature it
+//!   also samples its dead-letter queue's depth and age (see [`crate::health`]).
 //! - **Shutdown**: when the shutdown future completes, the worker cancels its consumer
 //!   (`basic.cancel`), lets in-flight handlers finish and settles them, up to the
 //!   shutdown timeout (default 30 s), sends the pending coalesced ack, then closes.
@@ -218,11 +224,7 @@ impl Worker {
     /// connections are re-established until shutdown.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<Stats, Error> {
         let shared = self.shared;
-        #[cfg(feature = "prometheus")]
-        let _listener = match shared.prometheus {
-            Some(addr) => Some(crate::prometheus::listen(addr)?),
-            None => None,
-        };
+        // Registered before the listener serves: never a 200 before the worker is known.
         let _ready = {
             let health = shared.health.clone();
             let breaker = shared.consumer.breaker().cloned();
@@ -231,6 +233,11 @@ impl Worker {
                 shared.consumer.name(),
                 move || health.reasons(breaker.as_ref()),
             )
+        };
+        #[cfg(feature = "prometheus")]
+        let _listener = match shared.prometheus {
+            Some(addr) => Some(crate::prometheus::listen(addr)?),
+            None => None,
         };
         // The series alert rules use exist (at 0) before anything happens.
         #[cfg(feature = "prometheus")]
