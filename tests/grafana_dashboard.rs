@@ -1,8 +1,9 @@
-//! The Grafana dashboard (`docs/grafana/idem.json`) queries only metrics that idem
-//! exports. A worker with its Prometheus endpoint and an outbox relay run messages
-//! through every outcome (processed, retry, dead letter, duplicate); then `/metrics`
-//! is scraped, every PromQL expression of the dashboard is parsed (promql-parser), and
-//! each metric name it selects must be in the scrape.
+//! The Grafana dashboard (`docs/grafana/idem.json`) and the alert rules
+//! (`docs/prometheus/idem-rules.yml`) query only metrics that idem exports. A worker
+//! with its Prometheus endpoint and an outbox relay run messages through every outcome
+//! (processed, retry, dead letter, duplicate); then `/metrics` is scraped, every PromQL
+//! expression of the dashboard and of the rules is parsed (promql-parser), and each
+//! metric name it selects must be in the scrape.
 //!
 //! Its own test binary: the worker installs the process-global metrics recorder.
 //! Needs RabbitMQ (`AMQP_URL`) and PostgreSQL (`DATABASE_URL`); see the README section
@@ -23,6 +24,22 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const DASHBOARD: &str = include_str!("../docs/grafana/idem.json");
+const RULES: &str = include_str!("../docs/prometheus/idem-rules.yml");
+
+/// The `expr` of every alert rule (the file keeps each on one line).
+fn rule_exprs() -> Vec<String> {
+    let exprs: Vec<String> = RULES
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("expr:"))
+        .map(|e| e.trim().to_owned())
+        .collect();
+    let alerts = RULES
+        .lines()
+        .filter(|l| l.trim().starts_with("- alert:"))
+        .count();
+    assert_eq!(exprs.len(), alerts, "one single-line expr per alert rule");
+    exprs
+}
 
 /// Every `expr` (panel targets) and variable query of the dashboard.
 fn queries(dashboard: &serde_json::Value) -> Vec<String> {
@@ -101,6 +118,19 @@ async fn scrape(addr: std::net::SocketAddr) -> String {
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     out
+}
+
+#[test]
+fn every_alert_rule_parses_and_selects_idem_metrics() {
+    let all = rule_exprs();
+    assert!(all.len() >= 5, "{all:?}");
+    for expr in &all {
+        let ast = parser::parse(expr).unwrap_or_else(|e| panic!("{expr}: {e}"));
+        let mut names = BTreeSet::new();
+        selected(&ast, &mut names);
+        assert!(!names.is_empty(), "{expr} selects no metric");
+        assert!(names.iter().all(|n| n.starts_with("idem_")), "{names:?}");
+    }
 }
 
 #[test]
@@ -234,6 +264,11 @@ async fn every_metric_the_dashboard_queries_is_exported_by_a_worker_and_a_relay(
     for expr in queries(&dashboard) {
         selected(&parser::parse(&as_promql(&expr)).unwrap(), &mut wanted);
     }
+    let mut in_rules = BTreeSet::new();
+    for expr in rule_exprs() {
+        selected(&parser::parse(&expr).unwrap(), &mut in_rules);
+    }
+    wanted.extend(in_rules.iter().cloned());
     let variable = dashboard["templating"]["list"][1]["definition"]
         .as_str()
         .unwrap();
@@ -268,7 +303,7 @@ async fn every_metric_the_dashboard_queries_is_exported_by_a_worker_and_a_relay(
 
     assert!(
         missing.is_empty(),
-        "the dashboard queries metrics that are not exported: {missing:?}\n{text}"
+        "the dashboard or the alert rules query metrics that are not exported: {missing:?}\n{text}"
     );
     assert_eq!(relayed.published, 4);
     assert_eq!(
@@ -294,5 +329,16 @@ async fn every_metric_the_dashboard_queries_is_exported_by_a_worker_and_a_relay(
         "idem_consumer_paused",
     ] {
         assert!(wanted.contains(name), "the dashboard lost {name}");
+    }
+    // The names the alert rules are about.
+    for name in [
+        "idem_dlq_messages",
+        "idem_dlq_oldest_age_seconds",
+        "idem_consumer_paused",
+        "idem_outbox_oldest_pending_seconds",
+        "idem_crash_loop_dead_lettered_total",
+        "idem_consumer_ready",
+    ] {
+        assert!(in_rules.contains(name), "the alert rules lost {name}");
     }
 }

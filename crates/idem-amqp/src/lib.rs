@@ -56,9 +56,11 @@ pub mod error;
 #[doc(hidden)]
 pub mod failpoints;
 pub mod headers;
+pub mod health;
 #[cfg(feature = "prometheus")]
 pub mod prometheus;
 pub mod publisher;
+pub mod readiness;
 pub mod replay;
 pub mod shutdown;
 pub mod tiers;

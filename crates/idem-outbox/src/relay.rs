@@ -1,8 +1,10 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use idem_amqp::readiness::{Readiness, Registration, SourceKind};
 use idem_amqp::{Endpoints, Outgoing, Publisher};
 use idem_core::{Message, TlsConfig};
 use sqlx::postgres::PgListener;
@@ -49,6 +51,10 @@ pub struct Relay {
     cleanup_after: Duration,
     published: AtomicU64,
     refused: AtomicU64,
+    /// Where [`run`](Relay::run) reports readiness, and the oldest pending age it allows.
+    readiness: Option<(Readiness, Duration)>,
+    /// When the oldest pending row was enqueued, as of the last status read.
+    oldest_pending_since: Arc<Mutex<Option<Instant>>>,
     #[cfg(feature = "_failpoints")]
     fail_after_publish: std::sync::atomic::AtomicU32,
 }
@@ -73,6 +79,7 @@ pub struct RelayBuilder {
     batch_size: i64,
     poll_interval: Duration,
     cleanup_after: Duration,
+    readiness: Option<(Readiness, Duration)>,
     #[cfg(feature = "_failpoints")]
     fail_after_publish: u32,
 }
@@ -122,6 +129,19 @@ impl RelayBuilder {
         self
     }
 
+    /// While [`run`](Relay::run) runs, report readiness into `registry` (usually
+    /// [`Readiness::global`], which the workers' Prometheus listener serves at
+    /// `/ready`): not ready while the oldest pending row is older than
+    /// `max_pending_age`. The age is the one read at the end of each round that was
+    /// not full (the rounds that set `idem_outbox_oldest_pending_seconds`), grown by
+    /// the time since: a relay that cannot reach its database or the broker turns not
+    /// ready once its oldest row passes the threshold. The source is named after the
+    /// outbox table. Default: no readiness source.
+    pub fn readiness(mut self, registry: &Readiness, max_pending_age: Duration) -> Self {
+        self.readiness = Some((registry.clone(), max_pending_age));
+        self
+    }
+
     /// Test-only crash point (internal feature `_failpoints`): the first `times` rounds fail
     /// right after their batch was published and confirmed, before the rows are
     /// marked, as if the process died there. The rows stay pending and are published
@@ -149,6 +169,8 @@ impl RelayBuilder {
             cleanup_after: self.cleanup_after,
             published: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            readiness: self.readiness,
+            oldest_pending_since: Arc::default(),
             #[cfg(feature = "_failpoints")]
             fail_after_publish: std::sync::atomic::AtomicU32::new(self.fail_after_publish),
         }
@@ -171,6 +193,7 @@ impl Relay {
             batch_size: 500,
             poll_interval: Duration::from_secs(1),
             cleanup_after: Duration::from_secs(7 * 24 * 3600),
+            readiness: None,
             #[cfg(feature = "_failpoints")]
             fail_after_publish: 0,
         }
@@ -362,6 +385,7 @@ impl Relay {
     /// `idem_outbox_oldest_pending_seconds`.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<RelayStats, OutboxError> {
         let mut shutdown = std::pin::pin!(shutdown);
+        let _ready = self.register_readiness();
         let mut listener: Option<PgListener> = None;
         let mut failures = 0u32;
         let mut last_cleanup = tokio::time::Instant::now();
@@ -379,6 +403,8 @@ impl Relay {
                     let wait = Duration::from_millis(100u64 << failures.min(8))
                         .min(Duration::from_secs(30));
                     tracing::warn!(error = %e, retry_in = ?wait, "outbox relay round failed");
+                    // Readiness and the lag gauges still follow the rows while rounds fail.
+                    self.report_gauges().await;
                     tokio::select! {
                         _ = &mut shutdown => return Ok(self.stats()),
                         _ = tokio::time::sleep(wait) => {}
@@ -425,6 +451,31 @@ impl Relay {
             metrics::gauge!("idem_outbox_pending").set(s.pending as f64);
             metrics::gauge!("idem_outbox_oldest_pending_seconds")
                 .set(s.oldest_pending_age.map_or(0.0, |d| d.as_secs_f64()));
+            *lock(&self.oldest_pending_since) = s
+                .oldest_pending_age
+                .and_then(|age| Instant::now().checked_sub(age));
         }
     }
+
+    /// The relay's readiness source, when asked for (see [`RelayBuilder::readiness`]).
+    fn register_readiness(&self) -> Option<Registration> {
+        let (registry, max_age) = self.readiness.as_ref()?;
+        let (since, max_age) = (self.oldest_pending_since.clone(), *max_age);
+        Some(registry.register(
+            SourceKind::Relay,
+            self.outbox.table_name(),
+            move || match *lock(&since) {
+                Some(t) if t.elapsed() > max_age => vec![format!(
+                    "oldest pending outbox row is {} s old (threshold {} s)",
+                    t.elapsed().as_secs(),
+                    max_age.as_secs()
+                )],
+                _ => Vec::new(),
+            },
+        ))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -13,6 +13,10 @@ use crate::topology::{short, Topology};
 /// Default longest wait before a settled delivery's ack is sent.
 const ACK_FLUSH_INTERVAL: Duration = Duration::from_millis(1);
 
+/// Default interval of the dead-letter queue sampler.
+#[cfg(feature = "prometheus")]
+const DLQ_SAMPLE_INTERVAL: Duration = Duration::from_secs(15);
+
 /// Configures a [`Worker`]. See [`Worker::builder`].
 pub struct WorkerBuilder {
     endpoints: Endpoints,
@@ -30,6 +34,9 @@ pub struct WorkerBuilder {
     ack_flush_batch: Option<usize>,
     #[cfg(feature = "prometheus")]
     prometheus: Option<std::net::SocketAddr>,
+    #[cfg(feature = "prometheus")]
+    dlq_sample_interval: Duration,
+    readiness: Option<crate::readiness::Readiness>,
 }
 
 /// How the worker acks: coalesced (`flush` set) or one `basic.ack` per delivery.
@@ -77,6 +84,9 @@ impl Worker {
             ack_flush_batch: None,
             #[cfg(feature = "prometheus")]
             prometheus: None,
+            #[cfg(feature = "prometheus")]
+            dlq_sample_interval: DLQ_SAMPLE_INTERVAL,
+            readiness: None,
         }
     }
 }
@@ -158,10 +168,31 @@ impl WorkerBuilder {
     }
 
     /// Serves the `metrics` of this process in the Prometheus text format at
-    /// `http://<addr>/metrics` while the worker runs. Installs the global recorder.
+    /// `http://<addr>/metrics`, and the probes `/live` and `/ready`, while the worker
+    /// runs. One listener per process: the first worker binds it and installs the
+    /// global recorder, later workers given the same address join it, and a worker
+    /// given another address fails to start with [`Error::Metrics`]. See
+    /// [`crate::prometheus`].
     #[cfg(feature = "prometheus")]
     pub fn prometheus(mut self, addr: std::net::SocketAddr) -> Self {
         self.prometheus = Some(addr);
+        self
+    }
+
+    /// How often the worker samples its dead-letter queue for `idem_dlq_messages` and
+    /// `idem_dlq_oldest_age_seconds` (default 15 s; zero turns sampling off). See
+    /// [`crate::health`].
+    #[cfg(feature = "prometheus")]
+    pub fn dlq_sample_interval(mut self, every: Duration) -> Self {
+        self.dlq_sample_interval = every;
+        self
+    }
+
+    /// The readiness registry this worker reports into while it runs (default:
+    /// [`Readiness::global`](crate::readiness::Readiness::global), the one the
+    /// Prometheus listener serves at `/ready`). See [`crate::readiness`].
+    pub fn readiness(mut self, registry: crate::readiness::Readiness) -> Self {
+        self.readiness = Some(registry);
         self
     }
 
@@ -228,6 +259,12 @@ impl WorkerBuilder {
             acks,
             #[cfg(feature = "prometheus")]
             prometheus: self.prometheus,
+            #[cfg(feature = "prometheus")]
+            dlq_sample_interval: self.dlq_sample_interval,
+            readiness: self
+                .readiness
+                .unwrap_or_else(crate::readiness::Readiness::global),
+            health: Arc::default(),
         };
         Ok(Worker {
             shared: Arc::new(shared),

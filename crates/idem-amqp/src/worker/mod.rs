@@ -37,6 +37,12 @@
 //!   healthy store) can take the messages. When the breaker closes (a store probe
 //!   answered) it reconnects and resumes. A worker started during a store outage
 //!   connects (so a wrong URL still fails at once), then waits paused.
+//! - **Readiness**: while it runs, the worker is a source of
+//!   [`Readiness::global`](crate::readiness::Readiness::global) (or the registry given to
+//!   [`WorkerBuilder::readiness`]), not ready without a broker connection, with its
+//!   breaker open, or once its shutdown started; the listener of
+//!   [`WorkerBuilder::prometheus`] serves it at `/ready`. With the `prometheus` feature it
+//!   also samples its dead-letter queue's depth and age (see [`crate::health`]).
 //! - **Shutdown**: when the shutdown future completes, the worker cancels its consumer
 //!   (`basic.cancel`), lets in-flight handlers finish and settles them, up to the
 //!   shutdown timeout (default 30 s), sends the pending coalesced ack, then closes.
@@ -139,6 +145,10 @@ struct Shared {
     retry_queues: Vec<(Duration, String)>,
     #[cfg(feature = "prometheus")]
     prometheus: Option<std::net::SocketAddr>,
+    #[cfg(feature = "prometheus")]
+    dlq_sample_interval: Duration,
+    readiness: crate::readiness::Readiness,
+    health: Arc<crate::health::WorkerHealth>,
 }
 
 /// Consumes one RabbitMQ queue with an idem [`Consumer`]. See the [module docs](self).
@@ -214,12 +224,31 @@ impl Worker {
     /// connections are re-established until shutdown.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<Stats, Error> {
         let shared = self.shared;
+        // Registered before the listener serves: never a 200 before the worker is known.
+        let _ready = {
+            let health = shared.health.clone();
+            let breaker = shared.consumer.breaker().cloned();
+            shared.readiness.register(
+                crate::readiness::SourceKind::Consumer,
+                shared.consumer.name(),
+                move || health.reasons(breaker.as_ref()),
+            )
+        };
         #[cfg(feature = "prometheus")]
-        let _endpoint = match shared.prometheus {
-            Some(addr) => Some(crate::prometheus::spawn_endpoint(addr).await?),
+        let _listener = match shared.prometheus {
+            Some(addr) => Some(crate::prometheus::listen(addr)?),
             None => None,
         };
-        let shutdown = shutdown.fuse();
+        // The series alert rules use exist (at 0) before anything happens.
+        #[cfg(feature = "prometheus")]
+        crate::health::count_crash_loop(&shared.consumer, None);
+        let health = shared.health.clone();
+        // Not ready from the moment the shutdown starts.
+        let shutdown = async move {
+            shutdown.await;
+            health.stopping();
+        }
+        .fuse();
         let mut shutdown = std::pin::pin!(shutdown);
         let permits = Arc::new(Semaphore::new(shared.concurrency as usize));
         // The handler tasks of every session. Owned by this future: when it is dropped

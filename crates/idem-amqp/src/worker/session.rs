@@ -21,6 +21,7 @@ use super::settle::{handle, report, Record};
 use super::{breaker_opens, drain, End, Shared};
 use crate::acks::AckCoalescer;
 use crate::error::Error;
+use crate::health::WorkerHealth;
 
 pub(super) struct Session {
     /// `None` once closed (or handed to the closing task by `Drop`).
@@ -33,6 +34,10 @@ pub(super) struct Session {
     /// This channel's ack coalescer (tags restart with each channel); `None` when acks
     /// are sent one per delivery.
     acks: Option<AckCoalescer<Record>>,
+    /// The worker's health: told when this session's connection goes.
+    health: Arc<WorkerHealth>,
+    /// The dead-letter queue sampler, on its own channel.
+    sampler: Option<JoinHandle<()>>,
 }
 
 impl Drop for Session {
@@ -43,6 +48,7 @@ impl Drop for Session {
     /// worker's task set; the coalescer's flusher by its own `Drop`.
     fn drop(&mut self) {
         self.events.abort();
+        self.stop_watching();
         let Some(conn) = self.conn.take() else { return };
         if !conn.status().connected() {
             return;
@@ -71,6 +77,8 @@ impl Session {
         match Self::channels(shared, &conn).await {
             Ok((publish, consume, stream)) => {
                 let events = tokio::spawn(log_events(conn.events_listener(), url));
+                shared.health.connected(conn.status().clone());
+                let sampler = spawn_sampler(shared, &conn).await;
                 tracing::info!(queue = %shared.topology.queue(), prefetch = shared.prefetch, "consuming");
                 let acks = shared.acks.flush.map(|(batch, interval)| {
                     let hooked = shared.clone();
@@ -85,6 +93,8 @@ impl Session {
                     stream,
                     events,
                     acks,
+                    health: shared.health.clone(),
+                    sampler,
                 })
             }
             Err(e) => {
@@ -219,8 +229,18 @@ impl Session {
         end
     }
 
+    /// The connection is no longer this worker's: readiness and the sampler stop
+    /// looking at it.
+    fn stop_watching(&mut self) {
+        self.health.disconnected();
+        if let Some(s) = self.sampler.take() {
+            s.abort();
+        }
+    }
+
     async fn close(mut self) {
         self.events.abort();
+        self.stop_watching();
         let Some(conn) = self.conn.take() else { return };
         if conn.status().connected() {
             let _ = self.consume.close(200, "bye".into()).await;
@@ -244,4 +264,30 @@ async fn log_events(events: impl futures_util::Stream<Item = Event>, url: String
             _ => {}
         }
     }
+}
+
+/// Starts the dead-letter queue sampler on a channel of its own (none when sampling is
+/// off, or without the `prometheus` feature).
+#[cfg(feature = "prometheus")]
+async fn spawn_sampler(shared: &Shared, conn: &Connection) -> Option<JoinHandle<()>> {
+    if shared.dlq_sample_interval.is_zero() {
+        return None;
+    }
+    match conn.create_channel().await {
+        Ok(ch) => Some(tokio::spawn(crate::health::sample_dlq(
+            ch,
+            shared.dlq.clone(),
+            shared.dlq_sample_interval,
+            shared.health.clone(),
+        ))),
+        Err(e) => {
+            tracing::warn!(error = %e, "no channel for the dead-letter queue sampler");
+            None
+        }
+    }
+}
+
+#[cfg(not(feature = "prometheus"))]
+async fn spawn_sampler(_: &Shared, _: &Connection) -> Option<JoinHandle<()>> {
+    None
 }

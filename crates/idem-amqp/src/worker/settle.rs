@@ -152,6 +152,11 @@ pub(super) async fn handle(
     // The dead-letter hook is told only once the dead-letter copy is confirmed.
     let dead_lettered =
         matches!(wire, Some(Wire::Ack)) && matches!(disposition, Disposition::DeadLetter { .. });
+    if dead_lettered {
+        shared.health.dead_lettered();
+        #[cfg(feature = "prometheus")]
+        crate::health::count_crash_loop(&shared.consumer, Some(&disposition));
+    }
     let done = (shared.on_settle.is_some() || dead_lettered).then(|| Done {
         message_id: properties.message_id().clone(),
         failed_before,
