@@ -90,4 +90,6 @@ pub use memory::MemoryStore;
 pub use store::{Claim, Completion, DedupStore, OwnerToken, ScopedKey, StoreError, StoreErrorKind};
 
 #[cfg(test)]
+pub(crate) mod fakes;
+#[cfg(test)]
 mod tests;
