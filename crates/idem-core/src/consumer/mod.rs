@@ -1,6 +1,6 @@
 //! The consumer pipeline: handler, classification, timeout, dedup, retry policy.
 //!
-//! A [`Consumer`] is what a transport runs for every delivery: it turns a [`Message`](crate::Message)
+//! A [`Consumer`] is what a transport runs for every delivery: it turns a [`Message`]
 //! into a [`Disposition`] (ack, retry after a delay, dead-letter), records a tracing
 //! span and metrics, and counts outcomes. Transports differ only in how they carry a
 //! disposition out, so the in-memory broker and RabbitMQ behave the same.
