@@ -133,11 +133,11 @@ mod tests {
     use super::*;
     use crate::dedup::MemoryStore;
 
-    use crate::dedup::fakes::BrokenStore::Silent;
+    use crate::dedup::fakes::FakeStore;
 
     #[tokio::test]
     async fn a_store_that_does_not_answer_in_time_is_a_timeout() {
-        let bounded = Bounded::new(Arc::new(Silent), Duration::from_millis(20));
+        let bounded = Bounded::new(Arc::new(FakeStore::silent()), Duration::from_millis(20));
         let key = ScopedKey::new("c", "k");
         let err = bounded
             .claim(&key, &OwnerToken::generate(), None, Duration::from_secs(1))

@@ -1,62 +1,104 @@
-//! Stores that fail on purpose, for the unit tests of the dedup stage, the bound on
-//! store calls and the consumer.
+//! A store that fails on purpose, for the unit tests of the dedup stage, the bound on
+//! store calls, the circuit breaker and the consumer.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{Claim, Completion, DedupStore, OwnerToken, ScopedKey, StoreError};
+use super::{Claim, Completion, DedupStore, MemoryStore, OwnerToken, ScopedKey, StoreError};
 
-/// A store whose every call fails the same way.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum BrokenStore {
-    /// Every call answers "connection refused": the stage must fail closed.
-    Down,
+/// A memory store that can be cut: while `down`, every call fails ("connection
+/// refused"); a silent one never answers. Clones share the switch and the counts.
+#[derive(Clone, Default)]
+pub(crate) struct FakeStore {
+    store: MemoryStore,
+    /// Every call fails while this is set.
+    pub(crate) down: Arc<AtomicBool>,
     /// No call ever answers.
-    Silent,
+    silent: bool,
+    /// Calls that reached the store while it was down (probes included).
+    pub(crate) calls_while_down: Arc<AtomicUsize>,
+    /// Health probes run.
+    pub(crate) probes: Arc<AtomicUsize>,
 }
 
-impl BrokenStore {
-    async fn fail<T>(self) -> Result<T, StoreError> {
-        match self {
-            BrokenStore::Down => Err(StoreError::new("connection refused")),
-            BrokenStore::Silent => std::future::pending().await,
+impl FakeStore {
+    /// A store that is down from the start: the stage must fail closed.
+    pub(crate) fn down() -> Self {
+        let store = FakeStore::default();
+        store.down.store(true, Ordering::SeqCst);
+        store
+    }
+
+    /// A store that never answers.
+    pub(crate) fn silent() -> Self {
+        FakeStore {
+            silent: true,
+            ..FakeStore::default()
+        }
+    }
+
+    async fn gate(&self) -> Result<(), StoreError> {
+        if self.silent {
+            std::future::pending::<()>().await;
+        }
+        if self.down.load(Ordering::SeqCst) {
+            self.calls_while_down.fetch_add(1, Ordering::SeqCst);
+            Err(StoreError::new("connection refused (test)"))
+        } else {
+            Ok(())
         }
     }
 }
 
 #[async_trait]
-impl DedupStore for BrokenStore {
+impl DedupStore for FakeStore {
     async fn claim(
         &self,
-        _: &ScopedKey,
-        _: &OwnerToken,
-        _: Option<&str>,
-        _: Duration,
+        key: &ScopedKey,
+        owner: &OwnerToken,
+        fingerprint: Option<&str>,
+        lease: Duration,
     ) -> Result<Claim, StoreError> {
-        self.fail().await
+        self.gate().await?;
+        self.store.claim(key, owner, fingerprint, lease).await
     }
-    async fn extend(&self, _: &ScopedKey, _: &OwnerToken, _: Duration) -> Result<bool, StoreError> {
-        self.fail().await
+    async fn extend(
+        &self,
+        key: &ScopedKey,
+        owner: &OwnerToken,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        self.gate().await?;
+        self.store.extend(key, owner, lease).await
     }
     async fn complete(
         &self,
-        _: &ScopedKey,
-        _: &OwnerToken,
-        _: Completion,
-        _: Duration,
+        key: &ScopedKey,
+        owner: &OwnerToken,
+        completion: Completion,
+        retention: Duration,
     ) -> Result<bool, StoreError> {
-        self.fail().await
+        self.gate().await?;
+        self.store.complete(key, owner, completion, retention).await
     }
-    async fn release(&self, _: &ScopedKey, _: &OwnerToken) -> Result<bool, StoreError> {
-        self.fail().await
+    async fn release(&self, key: &ScopedKey, owner: &OwnerToken) -> Result<bool, StoreError> {
+        self.gate().await?;
+        self.store.release(key, owner).await
     }
     async fn reopen_poisoned(
         &self,
-        _: &ScopedKey,
-        _: &OwnerToken,
-        _: Duration,
+        key: &ScopedKey,
+        owner: &OwnerToken,
+        lease: Duration,
     ) -> Result<bool, StoreError> {
-        self.fail().await
+        self.gate().await?;
+        self.store.reopen_poisoned(key, owner, lease).await
+    }
+    async fn health(&self) -> Result<(), StoreError> {
+        self.probes.fetch_add(1, Ordering::SeqCst);
+        self.gate().await
     }
 }

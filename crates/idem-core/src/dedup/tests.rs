@@ -268,14 +268,16 @@ async fn busy_elsewhere_is_retried_without_spending_an_attempt() {
     assert_eq!(runs.load(Ordering::SeqCst), 0);
 }
 
-use super::fakes::BrokenStore::Down as DownStore;
+use super::fakes::FakeStore;
 
 #[tokio::test]
 async fn store_down_is_transient_and_the_handler_does_not_run() {
     let runs = Arc::new(AtomicUsize::new(0));
-    let svc = stack(DedupLayer::new(DownStore).scope("c"), runs.clone(), |_| {
-        Ok(())
-    });
+    let svc = stack(
+        DedupLayer::new(FakeStore::down()).scope("c"),
+        runs.clone(),
+        |_| Ok(()),
+    );
     let err = svc
         .oneshot(Message::new("a").with_message_id("k"))
         .await

@@ -152,13 +152,13 @@ async fn permanent_errors_and_requested_delays_are_never_retried_at_once() {
     }
 }
 
-use crate::dedup::fakes::BrokenStore::Down as DownStore;
+use crate::dedup::fakes::FakeStore;
 
 #[tokio::test]
 async fn store_failures_are_not_retried_at_once() {
     let calls = Calls::default();
     let consumer = Consumer::builder("c")
-        .dedup(DedupLayer::new(DownStore))
+        .dedup(DedupLayer::new(FakeStore::down()))
         .without_circuit_breaker()
         .backoff(fast_backoff(5))
         .immediate_retries(5)
