@@ -20,7 +20,7 @@ use lapin::types::{AMQPValue, FieldArray, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
 
 mod common;
-use common::{fails_once, short_tiers, unique, url};
+use common::{fails_once, short_tiers, unique, url, wait_until};
 
 async fn broker() -> (Connection, Channel) {
     common::broker("idem-test-admin").await
@@ -28,14 +28,6 @@ async fn broker() -> (Connection, Channel) {
 
 fn fast_backoff(attempts: u32) -> Backoff {
     idem_testkit::backoff(Duration::from_secs(1), attempts)
-}
-
-async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn wait_until_async<F: Future<Output = bool>>(

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use idem_amqp::{DelayTiers, Topology, Worker};
 use idem_core::{Consumer, HandlerError, IdempotencyKey, MemoryStore, Message};
@@ -16,7 +16,7 @@ use lapin::types::{AMQPValue, ByteArray, DecimalValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
 
 mod common;
-use common::{unique, url};
+use common::{unique, url, wait_until};
 
 async fn broker() -> (Connection, Channel) {
     common::broker("idem-test-bad-headers").await
@@ -43,14 +43,6 @@ impl Drop for Cleanup {
             });
         })
         .join();
-    }
-}
-
-async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

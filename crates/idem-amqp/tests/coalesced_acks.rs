@@ -36,6 +36,7 @@ use lapin::Channel;
 
 mod common;
 use common::{unique, url};
+use idem_testkit::broker::wait_until;
 
 async fn broker() -> (lapin::Connection, Channel) {
     common::broker("idem-test-acks").await
@@ -85,17 +86,6 @@ async fn wait_for(what: &str, limit: Duration, cond: impl AsyncFnMut() -> bool) 
 }
 
 /// Polls `cond` until it holds (true) or `limit` passes (false).
-async fn wait_until(limit: Duration, mut cond: impl AsyncFnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while !cond().await {
-        if start.elapsed() > limit {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    true
-}
-
 /// How many of each disposition name.
 fn summary(names: &[&'static str]) -> Vec<(&'static str, usize)> {
     let mut out: Vec<(&'static str, usize)> = Vec::new();

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use idem_amqp::DelayTiers;
 use idem_core::{HandlerError, State};
@@ -41,5 +41,14 @@ pub(crate) async fn fails_once(State(calls): State<Arc<AtomicUsize>>) -> Result<
         Err(HandlerError::transient(std::io::Error::other("once")))
     } else {
         Ok(())
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds; panics naming `what` after `limit`.
+pub(crate) async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
