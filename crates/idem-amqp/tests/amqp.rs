@@ -10,49 +10,24 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use idem_amqp::{DelayTiers, Error, Publisher, QueueType, Topology, Worker};
-use idem_core::backoff::Jitter;
+use idem_amqp::{Error, Publisher, QueueType, Topology, Worker};
 use idem_core::{Backoff, Consumer, HandlerError, HeaderValue, Json, MemoryStore, Message};
-use idem_testkit::Service;
+use idem_testkit::broker::inspect_queue;
 use lapin::options::{
     BasicGetOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldArray, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
 
-fn url() -> String {
-    idem_amqp::amqp_url_from_env()
-}
+mod common;
+use common::{fails_once, short_tiers, unique, url, wait_until};
 
 async fn broker() -> (Connection, Channel) {
-    let url = url();
-    let conn =
-        Service::RabbitMq.expect_connected(&url, idem_amqp::connect(&url, "idem-test-admin").await);
-    let ch = conn.create_channel().await.unwrap();
-    (conn, ch)
-}
-
-fn unique(prefix: &str) -> String {
-    format!("idem-test-{prefix}-{}", uuid::Uuid::new_v4().simple())
-}
-
-fn short_tiers() -> DelayTiers {
-    DelayTiers::new([Duration::from_secs(1)]).unwrap()
+    common::broker("idem-test-admin").await
 }
 
 fn fast_backoff(attempts: u32) -> Backoff {
-    Backoff::exponential(Duration::from_secs(1))
-        .jitter(Jitter::None)
-        .max_attempts(attempts)
-}
-
-async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    idem_testkit::backoff(Duration::from_secs(1), attempts)
 }
 
 async fn wait_until_async<F: Future<Output = bool>>(
@@ -68,14 +43,7 @@ async fn wait_until_async<F: Future<Output = bool>>(
 }
 
 async fn count(ch: &Channel, queue: &str) -> u32 {
-    ch.queue_declare(
-        queue.into(),
-        QueueDeclareOptions::default().passive(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap()
-    .message_count()
+    idem_testkit::broker::ready_count(ch, queue).await
 }
 
 async fn get_one(ch: &Channel, queue: &str) -> Option<lapin::message::BasicGetMessage> {
@@ -797,15 +765,8 @@ async fn two_workers_compete_and_each_message_is_processed_once() {
         let ch = ch.clone();
         let q = topo.queue().to_owned();
         async move {
-            ch.queue_declare(
-                q.as_str().into(),
-                QueueDeclareOptions::default().passive(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap()
-            .consumer_count()
-                == 2
+            let q = inspect_queue(&ch, &q).await.unwrap();
+            q.consumer_count() == 2
         }
     })
     .await;
@@ -846,16 +807,7 @@ async fn quorum_topology_retries_through_its_delay_queue() {
     let consumer = Consumer::builder("quorum-test")
         .store(MemoryStore::new())
         .backoff(fast_backoff(3))
-        .handler(move || {
-            let n = c.fetch_add(1, Ordering::SeqCst);
-            async move {
-                if n == 0 {
-                    Err(HandlerError::transient(std::io::Error::other("once")))
-                } else {
-                    Ok(())
-                }
-            }
-        })
+        .handler_with_state(fails_once, c)
         .unwrap();
     // The worker declares the topology itself (the default).
     let worker = Worker::builder(url(), topo.clone(), consumer.clone())
@@ -867,16 +819,7 @@ async fn quorum_topology_retries_through_its_delay_queue() {
         let q = topo.queue().to_owned();
         async move {
             // A passive declare of a missing queue closes the channel: probe on a fresh one.
-            probe
-                .await
-                .unwrap()
-                .queue_declare(
-                    q.as_str().into(),
-                    QueueDeclareOptions::default().passive(),
-                    FieldTable::default(),
-                )
-                .await
-                .is_ok()
+            inspect_queue(&probe.await.unwrap(), &q).await.is_ok()
         }
     })
     .await;

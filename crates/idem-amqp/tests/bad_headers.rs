@@ -6,34 +6,20 @@
 #![allow(clippy::unwrap_used)] // tests may unwrap (project rule)
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use idem_amqp::{DelayTiers, Topology, Worker};
-use idem_core::backoff::Jitter;
-use idem_core::{Backoff, Consumer, HandlerError, IdempotencyKey, MemoryStore, Message};
-use idem_testkit::Service;
+use idem_core::{Consumer, HandlerError, IdempotencyKey, MemoryStore, Message};
 use lapin::options::BasicGetOptions;
 use lapin::types::{AMQPValue, ByteArray, DecimalValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
 
-fn url() -> String {
-    idem_amqp::amqp_url_from_env()
-}
+mod common;
+use common::{unique, url, wait_until};
 
 async fn broker() -> (Connection, Channel) {
-    let url = url();
-    let conn = Service::RabbitMq.expect_connected(
-        &url,
-        idem_amqp::connect(&url, "idem-test-bad-headers").await,
-    );
-    let ch = conn.create_channel().await.unwrap();
-    (conn, ch)
-}
-
-fn unique(prefix: &str) -> String {
-    format!("idem-test-{prefix}-{}", uuid::Uuid::new_v4().simple())
+    common::broker("idem-test-bad-headers").await
 }
 
 /// Deletes a test's queues when dropped, also when the test fails.
@@ -57,14 +43,6 @@ impl Drop for Cleanup {
             });
         })
         .join();
-    }
-}
-
-async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -105,39 +83,7 @@ fn header_text(props: &BasicProperties, name: &str) -> Option<String> {
         .map(|s| s.to_string())
 }
 
-/// Everything logged at `warn` and above while the guard lives, as text.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Captured {
-    fn install(&self) -> tracing::subscriber::DefaultGuard {
-        let sink = self.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::WARN)
-            .with_ansi(false)
-            .with_writer(move || sink.clone())
-            .finish();
-        tracing::subscriber::set_default(subscriber)
-    }
-
-    fn lines(&self) -> Vec<String> {
-        String::from_utf8(self.0.lock().unwrap().clone())
-            .unwrap()
-            .lines()
-            .map(str::to_owned)
-            .collect()
-    }
-}
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+use idem_testkit::logs::LogCapture as Captured;
 
 /// How a published `x-idem-attempts` value must be read.
 enum Read {
@@ -161,11 +107,7 @@ async fn raw_attempts_headers_follow_one_monotonic_rule() {
     // Budget: 2 attempts. The handler is always down.
     let consumer = Consumer::builder("bad-attempts")
         .store(MemoryStore::new())
-        .backoff(
-            Backoff::exponential(Duration::from_secs(1))
-                .jitter(Jitter::None)
-                .max_attempts(2),
-        )
+        .backoff(idem_testkit::backoff(Duration::from_secs(1), 2))
         .handler(move |key: IdempotencyKey, msg: Message| {
             r.lock()
                 .unwrap()

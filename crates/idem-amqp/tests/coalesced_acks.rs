@@ -17,51 +17,33 @@
 #![allow(clippy::unwrap_used)] // tests may unwrap (project rule)
 
 use std::collections::{HashMap, HashSet};
-use std::io::Write;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use idem_amqp::{DelayTiers, Publisher, Topology, Worker};
-use idem_core::backoff::Jitter;
 use idem_core::breaker::BreakerConfig;
 use idem_core::{
-    Backoff, Body, Consumer, HandlerError, IdempotencyKey, MemoryStore, Message, ResultExt, State,
+    Body, Consumer, HandlerError, IdempotencyKey, MemoryStore, Message, ResultExt, State,
 };
 use idem_sql::sqlx::postgres::PgPoolOptions;
 use idem_sql::sqlx::{PgPool, Postgres};
 use idem_sql::{PgInbox, Tx};
+use idem_testkit::logs::LogCapture as Captured;
 use idem_testkit::Service;
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use lapin::Channel;
 
-fn url() -> String {
-    idem_amqp::amqp_url_from_env()
-}
+mod common;
+use common::{unique, url};
+use idem_testkit::broker::wait_until;
 
 async fn broker() -> (lapin::Connection, Channel) {
-    let url = url();
-    let conn =
-        Service::RabbitMq.expect_connected(&url, idem_amqp::connect(&url, "idem-test-acks").await);
-    let ch = conn.create_channel().await.unwrap();
-    (conn, ch)
-}
-
-fn unique(prefix: &str) -> String {
-    format!("idem-test-{prefix}-{}", uuid::Uuid::new_v4().simple())
+    common::broker("idem-test-acks").await
 }
 
 async fn ready(ch: &Channel, queue: &str) -> u32 {
-    ch.queue_declare(
-        queue.into(),
-        QueueDeclareOptions::default().passive(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap()
-    .message_count()
+    idem_testkit::broker::ready_count(ch, queue).await
 }
 
 /// `(ready, unacked)` of `queue` as the broker counts them (`rabbitmqctl`).
@@ -104,17 +86,6 @@ async fn wait_for(what: &str, limit: Duration, cond: impl AsyncFnMut() -> bool) 
 }
 
 /// Polls `cond` until it holds (true) or `limit` passes (false).
-async fn wait_until(limit: Duration, mut cond: impl AsyncFnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while !cond().await {
-        if start.elapsed() > limit {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    true
-}
-
 /// How many of each disposition name.
 fn summary(names: &[&'static str]) -> Vec<(&'static str, usize)> {
     let mut out: Vec<(&'static str, usize)> = Vec::new();
@@ -133,38 +104,9 @@ fn captured() -> &'static Captured {
     static LOGS: OnceLock<Captured> = OnceLock::new();
     LOGS.get_or_init(|| {
         let logs = Captured::default();
-        let sink = logs.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::WARN)
-            .with_ansi(false)
-            .with_writer(move || sink.clone())
-            .finish();
-        tracing::subscriber::set_global_default(subscriber).unwrap();
+        logs.install_global("warn");
         logs
     })
-}
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Captured {
-    fn lines_with(&self, needle: &str) -> Vec<String> {
-        String::from_utf8_lossy(&self.0.lock().unwrap())
-            .lines()
-            .filter(|l| l.contains(needle))
-            .map(str::to_owned)
-            .collect()
-    }
-}
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 const MIXED: usize = 240;
@@ -226,11 +168,7 @@ async fn mixed_outcomes(coalesce: bool) {
     };
     let consumer = Consumer::builder("acks-mixed")
         .store(MemoryStore::new())
-        .backoff(
-            Backoff::exponential(Duration::from_secs(1))
-                .jitter(Jitter::None)
-                .max_attempts(5),
-        )
+        .backoff(idem_testkit::backoff(Duration::from_secs(1), 5))
         .circuit_breaker(
             BreakerConfig::new()
                 .failure_threshold(3)

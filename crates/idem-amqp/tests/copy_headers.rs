@@ -17,10 +17,9 @@ use std::time::{Duration, Instant};
 
 use idem_amqp::convert::headers_from_table;
 use idem_amqp::{DelayTiers, Publisher, Topology, Worker};
-use idem_core::backoff::Jitter;
 use idem_core::memory::MemoryBroker;
 use idem_core::outcome::headers as h;
-use idem_core::{Backoff, Consumer, HandlerError, HeaderValue, Headers, MemoryStore, Message};
+use idem_core::{Consumer, HandlerError, HeaderValue, Headers, MemoryStore, Message};
 use lapin::options::BasicGetOptions;
 
 const CONSUMER: &str = "copy-headers";
@@ -62,11 +61,7 @@ fn failing_consumer(seen: Arc<Mutex<Vec<Headers>>>) -> Consumer {
     });
     Consumer::builder(CONSUMER)
         .store(MemoryStore::new())
-        .backoff(
-            Backoff::exponential(Duration::from_secs(1))
-                .jitter(Jitter::None)
-                .max_attempts(2),
-        )
+        .backoff(idem_testkit::backoff(Duration::from_secs(1), 2))
         .service(service)
         .unwrap()
 }

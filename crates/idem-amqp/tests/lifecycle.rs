@@ -26,8 +26,6 @@ use idem_amqp::{Publisher, Topology, Worker};
 use idem_core::{Consumer, DedupLayer, HandlerError, IdempotencyKey, MemoryStore, Message, State};
 use idem_testkit::broker::{connection_open, queue_counts, wait_until, QueueCounts};
 use idem_testkit::Service;
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use lapin::Channel;
 
 const PREFETCH: u16 = 20;
@@ -156,12 +154,7 @@ impl Stage {
 }
 
 async fn ready_and_consumers(ch: &Channel, queue: &str) -> (u32, u32) {
-    let q = ch
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions::default().passive(),
-            FieldTable::default(),
-        )
+    let q = idem_testkit::broker::inspect_queue(ch, queue)
         .await
         .unwrap();
     (q.message_count(), q.consumer_count())
@@ -334,18 +327,7 @@ async fn scenario(stage: Stage, how: DropBy) {
         }
         Stage::Redis(prefix) => {
             let mut redis = idem_testkit::redis().await;
-            let keys: Vec<String> = redis::cmd("KEYS")
-                .arg(format!("{prefix}*"))
-                .query_async(&mut redis)
-                .await
-                .unwrap();
-            if !keys.is_empty() {
-                let _: () = redis::cmd("DEL")
-                    .arg(keys)
-                    .query_async(&mut redis)
-                    .await
-                    .unwrap();
-            }
+            idem_testkit::delete_redis_keys(&mut redis, &format!("{prefix}*")).await;
         }
         Stage::Memory(_) => {}
     }

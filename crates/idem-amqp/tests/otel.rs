@@ -14,28 +14,14 @@ use std::time::{Duration, Instant};
 
 use idem_amqp::convert::headers_from_table;
 use idem_amqp::{DelayTiers, Publisher, Topology, Worker};
-use idem_core::backoff::Jitter;
-use idem_core::{otel, Backoff, Consumer, HandlerError, MemoryStore, Message};
+use idem_core::{otel, Consumer, HandlerError, MemoryStore, Message};
 use idem_testkit::Service;
 use lapin::options::BasicGetOptions;
-use opentelemetry::trace::{SpanId, TraceId, TracerProvider as _};
+use opentelemetry::trace::{SpanId, TraceId};
 use opentelemetry::Value;
-use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
-use tracing_subscriber::layer::SubscriberExt;
+use opentelemetry_sdk::trace::SpanData;
 
-fn attr(span: &SpanData, name: &str) -> Option<Value> {
-    span.attributes
-        .iter()
-        .find(|kv| kv.key.as_str() == name)
-        .map(|kv| kv.value.clone())
-}
-
-fn links(span: &SpanData) -> Vec<SpanId> {
-    span.links
-        .iter()
-        .map(|l| l.span_context.span_id())
-        .collect()
-}
+use idem_testkit::spans::{attr, links};
 
 /// Handler: body `flaky` fails (transient) on its first attempt only, `doomed` always,
 /// anything else succeeds.
@@ -43,11 +29,7 @@ fn consumer() -> Consumer {
     let calls: Arc<Mutex<HashMap<Vec<u8>, u32>>> = Arc::default();
     Consumer::builder("otel-amqp")
         .store(MemoryStore::new())
-        .backoff(
-            Backoff::exponential(Duration::from_secs(1))
-                .jitter(Jitter::None)
-                .max_attempts(2),
-        )
+        .backoff(idem_testkit::backoff(Duration::from_secs(1), 2))
         .handler(move |msg: Message| {
             let n = {
                 let mut calls = calls.lock().unwrap();
@@ -69,13 +51,8 @@ fn consumer() -> Consumer {
 
 #[tokio::test]
 async fn publish_retry_and_dead_letter_copies_share_the_publishers_trace() {
-    let exporter = InMemorySpanExporter::default();
-    let provider = SdkTracerProvider::builder()
-        .with_simple_exporter(exporter.clone())
-        .build();
-    let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("idem-test"));
     // Current-thread runtime: the worker's tasks run on this thread, under this subscriber.
-    let _guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
+    let (exporter, _guard) = idem_testkit::spans::capture();
 
     let url = idem_amqp::amqp_url_from_env();
     let conn = Service::RabbitMq

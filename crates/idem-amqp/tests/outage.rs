@@ -15,7 +15,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use idem_amqp::{DelayTiers, Publisher, Topology, Worker};
-use idem_core::backoff::Jitter;
 use idem_core::{Backoff, Consumer, HandlerError, IdempotencyKey, Message, State};
 use idem_redis::RedisStore;
 use idem_sql::sqlx::postgres::PgPoolOptions;
@@ -126,9 +125,7 @@ async fn count(queue: &str) -> u32 {
 
 /// The retry budget of the test: 3 attempts, about 2 s from first to last.
 fn budget() -> Backoff {
-    Backoff::exponential(Duration::from_secs(1))
-        .jitter(Jitter::None)
-        .max_attempts(3)
+    idem_testkit::backoff(Duration::from_secs(1), 3)
 }
 
 /// Handler runs that returned `Ok`: key and when.
@@ -200,19 +197,8 @@ impl Store {
     async fn cleanup(&self) {
         match self {
             Store::Redis { store } => {
-                let mut conn = store.connection();
-                let keys: Vec<String> = redis::cmd("KEYS")
-                    .arg(format!("{}:*", store.prefix()))
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap();
-                if !keys.is_empty() {
-                    let _: () = redis::cmd("DEL")
-                        .arg(&keys)
-                        .query_async(&mut conn)
-                        .await
-                        .unwrap();
-                }
+                let pattern = format!("{}:*", store.prefix());
+                idem_testkit::delete_redis_keys(&mut store.connection(), &pattern).await;
             }
             Store::Pg {
                 admin,

@@ -10,19 +10,29 @@ use std::time::Duration;
 
 use idem_amqp::{Error, Publisher};
 use idem_core::Message;
+use idem_testkit::broker::declare_queue as declare;
 use idem_testkit::{unique, Service};
-use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::FieldTable;
-use lapin::Channel;
+use lapin::options::{BasicGetOptions, QueueDeleteOptions};
+use lapin::{Channel, Connection};
 
-async fn declare(ch: &Channel, queue: &str) {
-    ch.queue_declare(
-        queue.into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+/// The broker's URL, an admin connection and channel, and a fresh queue named after
+/// `tag`, declared.
+async fn set_up(tag: &str) -> (String, Connection, Channel, String) {
+    let url = Service::RabbitMq.url();
+    let admin = Service::RabbitMq.expect_connected(
+        &url,
+        idem_amqp::connect(&url, "idem-test-publish-batch-admin").await,
+    );
+    let ch = admin.create_channel().await.unwrap();
+    let queue = unique(tag);
+    declare(&ch, &queue).await;
+    (url, admin, ch, queue)
+}
+
+async fn delete(ch: &Channel, queue: &str) {
+    ch.queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
 }
 
 /// Reads `queue` until `want` messages came or 5 s passed (a confirmed publish can
@@ -51,14 +61,7 @@ fn numbered(range: std::ops::Range<usize>) -> Vec<Message> {
 
 #[tokio::test]
 async fn publish_batch_confirms_and_delivers_every_message_in_order_across_windows() {
-    let url = Service::RabbitMq.url();
-    let admin = Service::RabbitMq.expect_connected(
-        &url,
-        idem_amqp::connect(&url, "idem-test-publish-batch-admin").await,
-    );
-    let ch = admin.create_channel().await.unwrap();
-    let queue = unique("publish-batch");
-    declare(&ch, &queue).await;
+    let (url, _admin, ch, queue) = set_up("publish-batch").await;
     // 2 500 messages in windows of 1 000: three windows, the last one partial.
     let publisher = Service::RabbitMq.expect_connected(
         &url,
@@ -79,21 +82,12 @@ async fn publish_batch_confirms_and_delivers_every_message_in_order_across_windo
     let expected: Vec<String> = (0..2500).map(|i| format!("m{i}")).collect();
     assert_eq!(bodies, expected);
     publisher.close().await;
-    ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-        .await
-        .unwrap();
+    delete(&ch, &queue).await;
 }
 
 #[tokio::test]
 async fn publish_batch_reports_an_unroutable_message_and_delivers_the_others() {
-    let url = Service::RabbitMq.url();
-    let admin = Service::RabbitMq.expect_connected(
-        &url,
-        idem_amqp::connect(&url, "idem-test-publish-batch-admin").await,
-    );
-    let ch = admin.create_channel().await.unwrap();
-    let queue = unique("publish-batch-returned");
-    declare(&ch, &queue).await;
+    let (url, _admin, ch, queue) = set_up("publish-batch-returned").await;
     let missing_queue = format!("{queue}-missing");
     let publisher = Publisher::builder(url.as_str())
         .connection_name("idem-test-publish-batch-returned")
@@ -137,21 +131,12 @@ async fn publish_batch_reports_an_unroutable_message_and_delivers_the_others() {
         ["m0", "m1", "m2", "m5", "m6", "m7"]
     );
     publisher.close().await;
-    ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-        .await
-        .unwrap();
+    delete(&ch, &queue).await;
 }
 
 #[tokio::test]
 async fn publish_batch_to_a_missing_exchange_fails_clearly_and_the_publisher_recovers() {
-    let url = Service::RabbitMq.url();
-    let admin = Service::RabbitMq.expect_connected(
-        &url,
-        idem_amqp::connect(&url, "idem-test-publish-batch-admin").await,
-    );
-    let ch = admin.create_channel().await.unwrap();
-    let queue = unique("publish-batch-no-exchange");
-    declare(&ch, &queue).await;
+    let (url, _admin, ch, queue) = set_up("publish-batch-no-exchange").await;
     let exchange = unique("no-such-exchange");
     let publisher = Publisher::builder(url.as_str())
         .connection_name("idem-test-publish-batch-no-exchange")
@@ -190,7 +175,5 @@ async fn publish_batch_to_a_missing_exchange_fails_clearly_and_the_publisher_rec
     let expected: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
     assert_eq!(bodies, expected);
     publisher.close().await;
-    ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-        .await
-        .unwrap();
+    delete(&ch, &queue).await;
 }

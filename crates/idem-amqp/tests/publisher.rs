@@ -6,8 +6,8 @@
 
 use idem_amqp::{Error, Outgoing, Publisher};
 use idem_core::Message;
-use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::FieldTable;
+use idem_testkit::broker::declare_queue;
+use lapin::options::{BasicGetOptions, QueueDeleteOptions};
 
 #[tokio::test]
 async fn publish_each_reports_every_message_on_its_own_and_keeps_the_order() {
@@ -19,13 +19,7 @@ async fn publish_each_reports_every_message_on_its_own_and_keeps_the_order() {
         });
     let ch = admin.create_channel().await.unwrap();
     let queue = format!("idem-test-publish-each-{}", uuid::Uuid::new_v4().simple());
-    ch.queue_declare(
-        queue.as_str().into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    declare_queue(&ch, &queue).await;
     let missing = format!("{queue}-missing");
     let publisher = Publisher::builder(url.as_str())
         .connection_name("idem-test-publish-each-publisher")

@@ -10,17 +10,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use idem_amqp::{DelayTiers, Error, Publisher, QueueType, Topology, Worker};
-use idem_core::backoff::Jitter;
-use idem_core::{Backoff, Consumer, HandlerError, MemoryStore, Message};
+use idem_core::{Consumer, MemoryStore, Message};
 use idem_testkit::Service;
 use lapin::options::QueueDeclareOptions;
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::Connection;
 
-fn url() -> String {
-    idem_amqp::amqp_url_from_env()
-}
+mod common;
+use common::{fails_once, url};
 
 async fn connect() -> Connection {
     let url = url();
@@ -65,13 +63,7 @@ async fn declare(conn: &Connection, queue: &str, args: FieldTable) -> Result<(),
 /// Whether `queue` exists (a passive declare on a fresh channel).
 async fn exists(conn: &Connection, queue: &str) -> bool {
     let ch = conn.create_channel().await.unwrap();
-    let r = ch
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions::default().passive(),
-            FieldTable::default(),
-        )
-        .await;
+    let r = idem_testkit::broker::inspect_queue(&ch, queue).await;
     if r.is_ok() {
         let _ = ch.close(200, "bye".into()).await;
     }
@@ -97,21 +89,8 @@ async fn quorum_delay_queue_dead_letters_at_least_once_and_a_retry_comes_back() 
     let c = calls.clone();
     let consumer = Consumer::builder("qq-retry")
         .store(MemoryStore::new())
-        .backoff(
-            Backoff::exponential(Duration::from_secs(1))
-                .jitter(Jitter::None)
-                .max_attempts(3),
-        )
-        .handler(move || {
-            let n = c.fetch_add(1, Ordering::SeqCst);
-            async move {
-                if n == 0 {
-                    Err(HandlerError::transient(std::io::Error::other("once")))
-                } else {
-                    Ok(())
-                }
-            }
-        })
+        .backoff(idem_testkit::backoff(Duration::from_secs(1), 3))
+        .handler_with_state(fails_once, c)
         .unwrap();
     let worker = Worker::builder(url(), t.clone(), consumer.clone())
         .build()

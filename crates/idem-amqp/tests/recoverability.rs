@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use idem_amqp::convert::headers_from_table;
 use idem_amqp::{DelayTiers, Error, Publisher, Topology, Worker};
-use idem_core::backoff::Jitter;
 use idem_core::outcome::headers as h;
 use idem_core::{
     Backoff, Consumer, Disposition, ErrorKind, HandlerError, HeaderValue, Headers, MemoryStore,
@@ -84,9 +83,7 @@ fn topology(tag: &str) -> Topology {
 }
 
 fn one_retry() -> Backoff {
-    Backoff::exponential(Duration::from_secs(1))
-        .jitter(Jitter::None)
-        .max_attempts(2)
+    idem_testkit::backoff(Duration::from_secs(1), 2)
 }
 
 async fn next<T>(rx: &mut mpsc::UnboundedReceiver<T>, what: &str) -> T {

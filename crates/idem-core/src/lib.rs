@@ -90,23 +90,13 @@ pub mod __private {
     use std::pin::Pin;
     use std::time::Duration;
 
-    use tower::util::BoxCloneSyncService;
-
-    use crate::dedup::Processed;
     use crate::error::HandlerError;
-    use crate::message::Message;
 
     pub use crate::redact::{redact_in, redact_url};
     pub use crate::text::{parse_rfc3339, rfc3339, truncate};
 
     /// A boxed `Send` future.
     pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
-
-    /// The handler stack below dedup: classified errors, no response.
-    pub type ClassifiedService = BoxCloneSyncService<Message, (), HandlerError>;
-
-    /// The stack with dedup: says whether the handler ran or the message was a duplicate.
-    pub type DedupedService = BoxCloneSyncService<Message, Processed, HandlerError>;
 
     /// The message is being processed elsewhere under a live lease: retry after `delay`
     /// without spending an attempt. For dedup stages only: a handler returning this

@@ -5,11 +5,9 @@
 #![allow(clippy::unwrap_used)] // tests may unwrap (project rule)
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use idem_core::backoff::Jitter;
 use idem_core::memory::MemoryBroker;
 use idem_core::outcome::headers as h;
 use idem_core::{
@@ -17,44 +15,10 @@ use idem_core::{
 };
 
 fn fast_backoff(attempts: u32) -> Backoff {
-    Backoff::exponential(Duration::from_millis(5))
-        .jitter(Jitter::None)
-        .max_attempts(attempts)
+    idem_testkit::backoff(Duration::from_millis(5), attempts)
 }
 
-/// Everything logged at `warn` and above while the guard lives, as text.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Captured {
-    fn install(&self) -> tracing::subscriber::DefaultGuard {
-        let sink = self.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::WARN)
-            .with_ansi(false)
-            .with_writer(move || sink.clone())
-            .finish();
-        tracing::subscriber::set_default(subscriber)
-    }
-
-    fn lines(&self) -> Vec<String> {
-        String::from_utf8(self.0.lock().unwrap().clone())
-            .unwrap()
-            .lines()
-            .map(str::to_owned)
-            .collect()
-    }
-}
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+use idem_testkit::logs::LogCapture as Captured;
 
 type Runs = Arc<Mutex<HashMap<String, Vec<u32>>>>;
 

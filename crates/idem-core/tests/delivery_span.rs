@@ -11,9 +11,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use idem_core::backoff::Jitter;
 use idem_core::memory::MemoryBroker;
-use idem_core::{Backoff, Consumer, HandlerError, MemoryStore, Message};
+use idem_core::{Consumer, HandlerError, MemoryStore, Message};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing_subscriber::layer::{Context, SubscriberExt};
@@ -80,11 +79,7 @@ async fn delivery_span_names_queue_key_attempt_and_outcome() {
     let seen = calls.clone();
     let consumer = Consumer::builder("span-fields")
         .store(MemoryStore::new())
-        .backoff(
-            Backoff::exponential(Duration::from_secs(1))
-                .jitter(Jitter::None)
-                .max_attempts(3),
-        )
+        .backoff(idem_testkit::backoff(Duration::from_secs(1), 3))
         .handler(move |msg: Message| {
             let seen = seen.clone();
             async move {

@@ -9,49 +9,20 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use idem_core::backoff::Jitter;
 use idem_core::memory::MemoryBroker;
-use idem_core::{otel, Backoff, Consumer, HandlerError, MemoryStore, Message};
-use opentelemetry::trace::{SpanId, TracerProvider as _};
+use idem_core::{otel, Consumer, HandlerError, MemoryStore, Message};
+use opentelemetry::trace::SpanId;
 use opentelemetry::Value;
-use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
-use tracing_subscriber::layer::SubscriberExt;
+use opentelemetry_sdk::trace::SpanData;
 
-/// Installs (for this thread) a subscriber exporting to an in-memory exporter.
-fn tracing_to_memory() -> (InMemorySpanExporter, tracing::subscriber::DefaultGuard) {
-    let exporter = InMemorySpanExporter::default();
-    let provider = SdkTracerProvider::builder()
-        .with_simple_exporter(exporter.clone())
-        .build();
-    let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("idem-test"));
-    let guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
-    (exporter, guard)
-}
-
-fn attr(span: &SpanData, name: &str) -> Option<Value> {
-    span.attributes
-        .iter()
-        .find(|kv| kv.key.as_str() == name)
-        .map(|kv| kv.value.clone())
-}
-
-fn links(span: &SpanData) -> Vec<SpanId> {
-    span.links
-        .iter()
-        .map(|l| l.span_context.span_id())
-        .collect()
-}
+use idem_testkit::spans::{attr, capture as tracing_to_memory, links};
 
 /// A consumer whose handler fails (transient) `failures` times, then succeeds.
 fn flaky(failures: u32, max_attempts: u32) -> Consumer {
     let calls = Arc::new(AtomicU32::new(0));
     Consumer::builder("otel-memory")
         .store(MemoryStore::new())
-        .backoff(
-            Backoff::exponential(Duration::from_secs(1))
-                .jitter(Jitter::None)
-                .max_attempts(max_attempts),
-        )
+        .backoff(idem_testkit::backoff(Duration::from_secs(1), max_attempts))
         .handler(move || {
             let calls = calls.clone();
             async move {

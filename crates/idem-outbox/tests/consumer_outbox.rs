@@ -8,90 +8,14 @@ use std::time::{Duration, SystemTime};
 use idem_core::{Consumer, Disposition, HandlerError, IdempotencyKey, Message, State};
 use idem_outbox::{follow_up_id, follow_up_id_at, Outbox, OutboxMessage, Relay};
 use idem_sql::{PgInbox, Tx};
-use idem_testkit::Service;
-use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ConnectionProperties};
-use sqlx::{PgPool, Postgres};
+use sqlx::Postgres;
 
-fn amqp_url() -> String {
-    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
-struct Fixture {
-    pool: PgPool,
-    outbox: Outbox,
-    id: String,
-    queue: String,
-    ch: Channel,
-    _conn: Connection,
-}
+mod common;
+use common::{amqp_url, message_id, Fixture};
 
 impl Fixture {
-    async fn new() -> Self {
-        let url = std::env::var("DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-        let pool = Service::PostgreSql.expect_connected(
-            &url,
-            sqlx::postgres::PgPoolOptions::new()
-                .max_connections(8)
-                .acquire_timeout(Duration::from_secs(5))
-                .connect(&url)
-                .await,
-        );
-        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
-        let outbox = Outbox::new(&format!("idem_outbox_c{id}")).unwrap();
-        outbox.ensure_schema(&pool).await.unwrap();
-        let amqp = amqp_url();
-        let conn = Service::RabbitMq.expect_connected(
-            &amqp,
-            Connection::connect(&amqp, ConnectionProperties::default()).await,
-        );
-        let ch = conn.create_channel().await.unwrap();
-        let queue = format!("idem-test-consumer-outbox-{id}");
-        ch.queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-        Fixture {
-            pool,
-            outbox,
-            id,
-            queue,
-            ch,
-            _conn: conn,
-        }
-    }
-
     fn relay(&self) -> Relay {
         Relay::builder(self.pool.clone(), self.outbox.clone(), amqp_url()).build()
-    }
-
-    /// The queue's messages (acked): waits up to 5 s for `expected`, then takes
-    /// whatever else is there, so extra copies still show.
-    async fn take(&self, expected: usize) -> Vec<lapin::message::Delivery> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        let mut out = Vec::new();
-        loop {
-            let got = self
-                .ch
-                .basic_get(self.queue.as_str().into(), BasicGetOptions::default())
-                .await
-                .unwrap();
-            match got {
-                Some(m) => {
-                    m.ack(BasicAckOptions::default()).await.unwrap();
-                    out.push(m.delivery);
-                }
-                None if out.len() >= expected || tokio::time::Instant::now() > deadline => {
-                    return out
-                }
-                None => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        }
     }
 
     async fn rows(&self) -> i64 {
@@ -103,29 +27,6 @@ impl Fixture {
         .await
         .unwrap()
     }
-
-    async fn cleanup(self, extra_tables: &[String]) {
-        self.ch
-            .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
-            .await
-            .unwrap();
-        let mut tables = vec![self.outbox.table_name().to_owned()];
-        tables.extend_from_slice(extra_tables);
-        for t in tables {
-            sqlx::query(&format!("DROP TABLE IF EXISTS {t}"))
-                .execute(&self.pool)
-                .await
-                .unwrap();
-        }
-    }
-}
-
-fn message_id(d: &lapin::message::Delivery) -> String {
-    d.properties
-        .message_id()
-        .as_ref()
-        .map(|s| s.to_string())
-        .unwrap_or_default()
 }
 
 /// What the deposit handler of these tests shares across runs.
@@ -201,7 +102,7 @@ async fn deposit_consumer(f: &Fixture, fail_runs: u32) -> (Consumer, Ctx, Vec<St
 
 #[tokio::test]
 async fn follow_ups_of_a_rolled_back_run_are_never_published() {
-    let f = Fixture::new().await;
+    let f = Fixture::new("c").await;
     let (consumer, ctx, tables) = deposit_consumer(&f, u32::MAX).await;
     let out = consumer
         .process(Message::new("{}").with_message_id("d-1"))
@@ -224,7 +125,7 @@ async fn follow_ups_of_a_rolled_back_run_are_never_published() {
 
 #[tokio::test]
 async fn rerun_after_rollback_and_redelivery_after_commit_publish_each_follow_up_once() {
-    let f = Fixture::new().await;
+    let f = Fixture::new("c").await;
     // Run 1 enqueues and fails (as a crash before commit would: rolled back);
     // run 2 commits; then the broker redelivers (as after a crash before the ack).
     let (consumer, ctx, tables) = deposit_consumer(&f, 1).await;
@@ -276,7 +177,7 @@ async fn rerun_after_rollback_and_redelivery_after_commit_publish_each_follow_up
 
 #[tokio::test]
 async fn a_follow_up_enqueued_after_the_handler_returned_is_refused() {
-    let f = Fixture::new().await;
+    let f = Fixture::new("c").await;
     let kept: Arc<Mutex<Option<Tx<Postgres>>>> = Arc::default();
     let k = kept.clone();
     let inbox_table = format!("idem_co_late_{}", f.id);
@@ -307,7 +208,7 @@ async fn a_follow_up_enqueued_after_the_handler_returned_is_refused() {
 
 #[tokio::test]
 async fn delayed_rows_wait_for_their_time() {
-    let f = Fixture::new().await;
+    let f = Fixture::new("c").await;
     let mut tx = f.pool.begin().await.unwrap();
     let msg = |body: &[u8]| OutboxMessage::new("", f.queue.clone(), body.to_vec());
     let now_id = f.outbox.enqueue(&mut tx, msg(b"now")).await.unwrap();

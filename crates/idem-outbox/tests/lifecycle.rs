@@ -13,17 +13,14 @@ use std::time::Duration;
 
 use idem_outbox::{Outbox, OutboxMessage, Relay};
 use idem_testkit::broker::{connection_open, wait_until};
-use idem_testkit::Service;
-use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::FieldTable;
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeleteOptions};
 use sqlx::PgPool;
 
 const KEYS: usize = 10;
 const PER_KEY: usize = 60;
 
-fn amqp_url() -> String {
-    idem_amqp::amqp_url_from_env()
-}
+mod common;
+use common::amqp_url;
 
 /// Rows not yet published, and how many of them another transaction could lease now.
 async fn pending_and_free(pool: &PgPool, table: &str) -> (i64, i64) {
@@ -47,30 +44,13 @@ async fn pending_and_free(pool: &PgPool, table: &str) -> (i64, i64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lifecycle_a_relay_aborted_mid_batch_leaves_no_lease_and_no_connection() {
-    let url = Service::PostgreSql.url();
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(8)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect(&url)
-        .await;
-    let pool = Service::PostgreSql.expect_connected(&url, pool);
+    let pool = common::pg().await;
     let table = idem_testkit::unique("lifecycle_outbox");
     let outbox = Outbox::new(&table).unwrap();
     outbox.ensure_schema(&pool).await.unwrap();
+    let (conn, ch, queue) =
+        common::named_queue("idem-test-relay-lifecycle", "relay_lifecycle").await;
     let amqp = amqp_url();
-    let conn = Service::RabbitMq.expect_connected(
-        &amqp,
-        idem_amqp::connect(&amqp, "idem-test-relay-lifecycle").await,
-    );
-    let ch = conn.create_channel().await.unwrap();
-    let queue = idem_testkit::unique("relay_lifecycle");
-    ch.queue_declare(
-        queue.as_str().into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
 
     // Rows interleaved across keys, so every batch holds several keys' runs.
     let mut tx = pool.begin().await.unwrap();
@@ -92,16 +72,7 @@ async fn lifecycle_a_relay_aborted_mid_batch_leaves_no_lease_and_no_connection()
         .build();
     let task = tokio::spawn(async move { relay.run(std::future::pending()).await });
     let started = wait_until(Duration::from_secs(30), async || {
-        let ready = ch
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions::default().passive(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap()
-            .message_count();
-        ready > 0
+        idem_testkit::broker::ready_count(&ch, &queue).await > 0
     })
     .await;
     assert!(started, "the first relay published nothing in 30 s");

@@ -13,47 +13,19 @@ use std::time::Duration;
 use idem_amqp::convert::headers_from_table;
 use idem_core::otel;
 use idem_outbox::{Outbox, OutboxMessage, Relay};
-use idem_testkit::Service;
-use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::FieldTable;
-use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
+use lapin::options::{BasicGetOptions, QueueDeleteOptions};
 use tracing::Instrument;
-use tracing_subscriber::layer::SubscriberExt;
+
+mod common;
 
 #[tokio::test]
 async fn the_relay_publishes_the_enqueuers_trace_context() {
-    let exporter = InMemorySpanExporter::default();
-    let provider = SdkTracerProvider::builder()
-        .with_simple_exporter(exporter.clone())
-        .build();
-    let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("idem-test"));
     // Current-thread runtime: everything below runs on this thread, under this subscriber.
-    let _guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
+    let (exporter, _guard) = idem_testkit::spans::capture();
 
-    let pg_url = Service::PostgreSql.url();
-    let pool = Service::PostgreSql.expect_connected(
-        &pg_url,
-        sqlx::postgres::PgPoolOptions::new()
-            .max_connections(2)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect(&pg_url)
-            .await,
-    );
-    let amqp_url = idem_amqp::amqp_url_from_env();
-    let conn = Service::RabbitMq.expect_connected(
-        &amqp_url,
-        idem_amqp::connect(&amqp_url, "idem-test-outbox-otel").await,
-    );
-    let ch = conn.create_channel().await.unwrap();
-    let queue = idem_testkit::unique("outbox_otel");
-    ch.queue_declare(
-        queue.as_str().into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    let pool = common::pg().await;
+    let (conn, ch, queue) = common::named_queue("idem-test-outbox-otel", "outbox_otel").await;
+    let amqp_url = common::amqp_url();
     let outbox = Outbox::new(&idem_testkit::unique("outbox_otel")).unwrap();
     outbox.ensure_schema(&pool).await.unwrap();
 

@@ -7,131 +7,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idem_core::{Consumer, Disposition, MemoryStore, Message};
-use idem_outbox::{Outbox, OutboxError, OutboxMessage, Relay};
-use idem_testkit::Service;
-use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ConnectionProperties};
-use sqlx::PgPool;
+use idem_outbox::{OutboxError, OutboxMessage, Relay};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
-fn amqp_url() -> String {
-    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
-async fn pg() -> PgPool {
-    let url = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(8)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect(&url)
-        .await;
-    Service::PostgreSql.expect_connected(&url, pool)
-}
-
-async fn rabbit() -> (Connection, Channel) {
-    let url = amqp_url();
-    let conn = Service::RabbitMq.expect_connected(
-        &url,
-        Connection::connect(&url, ConnectionProperties::default()).await,
-    );
-    let ch = conn.create_channel().await.unwrap();
-    (conn, ch)
-}
-
-/// A unique table and queue, removed on drop of the returned guard's owner (explicit `cleanup`).
-struct Fixture {
-    pool: PgPool,
-    outbox: Outbox,
-    queue: String,
-    ch: Channel,
-    _conn: Connection,
-}
-
-impl Fixture {
-    async fn new() -> Self {
-        let id = uuid::Uuid::new_v4().simple().to_string();
-        let pool = pg().await;
-        let outbox = Outbox::new(&format!("idem_outbox_t{}", &id[..12])).unwrap();
-        outbox.ensure_schema(&pool).await.unwrap();
-        let (conn, ch) = rabbit().await;
-        let queue = format!("idem-test-outbox-{id}");
-        ch.queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-        Fixture {
-            pool,
-            outbox,
-            queue,
-            ch,
-            _conn: conn,
-        }
-    }
-
-    async fn enqueue(&self, msg: OutboxMessage) -> uuid::Uuid {
-        let mut tx = self.pool.begin().await.unwrap();
-        let id = self.outbox.enqueue(&mut tx, msg).await.unwrap();
-        tx.commit().await.unwrap();
-        id
-    }
-
-    /// The queue's messages, in order, acked: waits up to 10 s for `expected` of them
-    /// (a confirmed publish may take a moment to become visible to another connection's
-    /// `basic.get`), then takes whatever else is there, so extra copies still show.
-    async fn take(&self, expected: usize) -> Vec<lapin::message::Delivery> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        let mut out = Vec::new();
-        loop {
-            match self
-                .ch
-                .basic_get(self.queue.as_str().into(), BasicGetOptions::default())
-                .await
-                .unwrap()
-            {
-                Some(m) => {
-                    m.ack(BasicAckOptions::default()).await.unwrap();
-                    out.push(m.delivery);
-                }
-                None if out.len() >= expected || tokio::time::Instant::now() > deadline => {
-                    return out
-                }
-                None => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        }
-    }
-
-    async fn cleanup(self) {
-        self.ch
-            .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
-            .await
-            .unwrap();
-        sqlx::query(&format!(
-            "DROP TABLE IF EXISTS {}",
-            self.outbox.table_name()
-        ))
-        .execute(&self.pool)
-        .await
-        .unwrap();
-    }
-}
-
-fn message_id(d: &lapin::message::Delivery) -> String {
-    d.properties
-        .message_id()
-        .as_ref()
-        .map(|s| s.to_string())
-        .unwrap_or_default()
-}
+mod common;
+use common::{amqp_url, message_id, Fixture};
 
 #[tokio::test]
 async fn rollback_publishes_nothing_commit_publishes_once() {
-    let f = Fixture::new().await;
+    let f = Fixture::new("t").await;
     let mut tx = f.pool.begin().await.unwrap();
     f.outbox
         .enqueue(
@@ -174,12 +59,12 @@ async fn rollback_publishes_nothing_commit_publishes_once() {
         "a marked row is not published again"
     );
     assert!(f.take(0).await.is_empty());
-    f.cleanup().await;
+    f.cleanup(&[]).await;
 }
 
 #[tokio::test]
 async fn crash_after_publish_republishes_same_id_and_dedup_absorbs_it() {
-    let f = Fixture::new().await;
+    let f = Fixture::new("t").await;
     let id = f
         .enqueue(OutboxMessage::new("", f.queue.clone(), b"deposit".to_vec()))
         .await;
@@ -230,7 +115,7 @@ async fn crash_after_publish_republishes_same_id_and_dedup_absorbs_it() {
         ]
     );
     assert_eq!(applied.load(Ordering::SeqCst), 1);
-    f.cleanup().await;
+    f.cleanup(&[]).await;
 }
 
 /// Enqueues `per_key` rows for each of `keys` keys, interleaved, in one transaction;
@@ -305,47 +190,43 @@ async fn race_two_relays(
     (sa.unwrap(), sb.unwrap())
 }
 
-#[tokio::test]
-async fn two_relays_publish_each_row_once_and_keep_per_key_order() {
-    let f = Fixture::new().await;
-    let (keys, per_key) = (5, 40);
-    enqueue_keyed(&f, keys, per_key).await;
-    let (sa, sb) = race_two_relays(&f, 7).await;
+/// One race of two relays over `keys` × `per_key` fresh rows: each row published
+/// once, every key's rows in order.
+async fn race_round(f: &Fixture, (keys, per_key): (usize, usize), batch: i64, what: &str) {
+    enqueue_keyed(f, keys, per_key).await;
+    let (sa, sb) = race_two_relays(f, batch).await;
     assert_eq!(
         sa.published + sb.published,
         (keys * per_key) as u64,
-        "each row published once: {sa:?} {sb:?}"
+        "{what}: each row published once: {sa:?} {sb:?}"
     );
     let got = f.take(keys * per_key).await;
-    assert_eq!(got.len(), keys * per_key);
+    assert_eq!(got.len(), keys * per_key, "{what}");
     assert_key_order(&got, HashMap::new());
-    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn two_relays_publish_each_row_once_and_keep_per_key_order() {
+    let f = Fixture::new("t").await;
+    race_round(&f, (5, 40), 7, "one race").await;
+    f.cleanup(&[]).await;
 }
 
 /// The race above, fifty times over, so an ordering bug that needs an unlucky
 /// interleaving shows up inside one test run.
 #[tokio::test]
 async fn two_relays_race_fifty_times_each_row_once_in_key_order() {
-    let f = Fixture::new().await;
+    let f = Fixture::new("t").await;
     let (keys, per_key) = (4, 12);
     let rounds = async {
         for round in 0..50 {
-            enqueue_keyed(&f, keys, per_key).await;
-            let (sa, sb) = race_two_relays(&f, 5).await;
-            assert_eq!(
-                sa.published + sb.published,
-                (keys * per_key) as u64,
-                "round {round}: each row published once: {sa:?} {sb:?}"
-            );
-            let got = f.take(keys * per_key).await;
-            assert_eq!(got.len(), keys * per_key, "round {round}");
-            assert_key_order(&got, HashMap::new());
+            race_round(&f, (keys, per_key), 5, &format!("round {round}")).await;
         }
     };
     tokio::time::timeout(Duration::from_secs(180), rounds)
         .await
         .expect("fifty relay races finish within 3 minutes");
-    f.cleanup().await;
+    f.cleanup(&[]).await;
 }
 
 /// Builds the gap by hand: another "relay" (an open transaction) holds the middle row of
@@ -353,7 +234,7 @@ async fn two_relays_race_fifty_times_each_row_once_in_key_order() {
 /// before the held one may go out.
 #[tokio::test]
 async fn relay_leaves_a_key_alone_behind_a_row_another_relay_holds() {
-    let f = Fixture::new().await;
+    let f = Fixture::new("t").await;
     enqueue_keyed(&f, 1, 5).await; // key-0: 0:0 .. 0:4, ids ascending
     let t = f.outbox.table_name().to_owned();
     let ids: Vec<i64> = sqlx::query_scalar(&format!("SELECT id FROM {t} ORDER BY id"))
@@ -393,7 +274,7 @@ async fn relay_leaves_a_key_alone_behind_a_row_another_relay_holds() {
     let next = assert_key_order(&got, HashMap::new());
     assert_key_order(&rest, next);
     assert_eq!(rest.len(), 3);
-    f.cleanup().await;
+    f.cleanup(&[]).await;
 }
 
 /// Two transactions enqueue the same key; the one that started later commits first if
@@ -401,7 +282,7 @@ async fn relay_leaves_a_key_alone_behind_a_row_another_relay_holds() {
 /// its message goes out second, whatever a relay does in between.
 #[tokio::test]
 async fn concurrent_enqueues_of_one_key_go_out_in_commit_order() {
-    let f = Fixture::new().await;
+    let f = Fixture::new("t").await;
     let msg = |body: &str| {
         OutboxMessage::new("", f.queue.clone(), body.as_bytes().to_vec()).ordering_key("acct-7")
     };
@@ -438,7 +319,7 @@ async fn concurrent_enqueues_of_one_key_go_out_in_commit_order() {
         !finished_early,
         "the second enqueue of a key waits for the first transaction"
     );
-    f.cleanup().await;
+    f.cleanup(&[]).await;
 }
 
 /// A TCP proxy to RabbitMQ that can be cut and restored, to take the broker away.
@@ -487,7 +368,7 @@ impl Proxy {
 
 #[tokio::test]
 async fn broker_down_rows_wait_then_go() {
-    let f = Fixture::new().await;
+    let f = Fixture::new("t").await;
     let proxy = Proxy::start().await;
     let relay = Relay::builder(f.pool.clone(), f.outbox.clone(), proxy.url()).build();
     f.enqueue(OutboxMessage::new("", f.queue.clone(), b"first".to_vec()))
@@ -527,12 +408,12 @@ async fn broker_down_rows_wait_then_go() {
     assert!(published, "row published once the broker is back");
     let bodies: Vec<Vec<u8>> = f.take(2).await.into_iter().map(|d| d.data).collect();
     assert_eq!(bodies, vec![b"first".to_vec(), b"during outage".to_vec()]);
-    f.cleanup().await;
+    f.cleanup(&[]).await;
 }
 
 #[tokio::test]
 async fn notify_wakes_the_running_relay_and_cleanup_removes_old_rows() {
-    let f = Fixture::new().await;
+    let f = Fixture::new("t").await;
     let relay = Arc::new(
         Relay::builder(f.pool.clone(), f.outbox.clone(), amqp_url())
             .poll_interval(Duration::from_secs(30))
@@ -575,12 +456,12 @@ async fn notify_wakes_the_running_relay_and_cleanup_removes_old_rows() {
         1,
         "old published rows deleted"
     );
-    f.cleanup().await;
+    f.cleanup(&[]).await;
 }
 
 #[tokio::test]
 async fn bad_messages_are_refused_at_enqueue() {
-    let f = Fixture::new().await;
+    let f = Fixture::new("t").await;
     let mut tx = f.pool.begin().await.unwrap();
     let err = f
         .outbox
@@ -624,5 +505,5 @@ async fn bad_messages_are_refused_at_enqueue() {
         "{err}"
     );
     drop(tx);
-    f.cleanup().await;
+    f.cleanup(&[]).await;
 }

@@ -139,15 +139,6 @@ async fn lone_operations_go_alone_and_concurrent_ones_share_bounded_calls() {
         "concurrent operations shared calls: {seen:?}"
     );
 
-    let mut conn = s.connection();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}:*"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let _: () = redis::cmd("DEL")
-        .arg(&keys)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let pattern = format!("{prefix}:*");
+    idem_testkit::delete_redis_keys(&mut s.connection(), &pattern).await;
 }

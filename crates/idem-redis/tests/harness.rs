@@ -10,32 +10,9 @@ use std::time::Duration;
 
 use idem_core::testing::{CrashPoint, Expected, Harness, Profile};
 use idem_core::{Consumer, DedupLayer, IdempotencyKey, Message, State};
-use idem_redis::RedisStore;
-use idem_testkit::Service;
 
-async fn store(prefix: &str) -> RedisStore {
-    let url = Service::Redis.url();
-    Service::Redis.expect_connected(
-        &url,
-        RedisStore::builder(&url).prefix(prefix).connect().await,
-    )
-}
-
-async fn cleanup(store: &RedisStore) {
-    let mut conn = store.connection();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}:*", store.prefix()))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    if !keys.is_empty() {
-        let _: () = redis::cmd("DEL")
-            .arg(&keys)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-    }
-}
+mod common;
+use common::{cleanup, store};
 
 type Effects = Arc<Mutex<HashMap<String, u64>>>;
 

@@ -63,17 +63,8 @@ async fn first_claim_after_recovery(mode: Mode) {
         "the first claim after Redis came back failed: {first:?}"
     );
 
-    let mut conn = store.connection();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}:*"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let _: () = redis::cmd("DEL")
-        .arg(&keys)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let pattern = format!("{prefix}:*");
+    idem_testkit::delete_redis_keys(&mut store.connection(), &pattern).await;
 }
 
 #[tokio::test]

@@ -16,30 +16,8 @@ fn url() -> String {
     Service::Redis.url()
 }
 
-async fn store(prefix: &str) -> RedisStore {
-    let url = url();
-    Service::Redis.expect_connected(
-        &url,
-        RedisStore::builder(&url).prefix(prefix).connect().await,
-    )
-}
-
-/// Deletes every key under the test's prefix.
-async fn cleanup(store: &RedisStore) {
-    let mut conn = store.connection();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}:*", store.prefix()))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    if !keys.is_empty() {
-        let _: () = redis::cmd("DEL")
-            .arg(&keys)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-    }
-}
+mod common;
+use common::{cleanup, store};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_suite_and_race() {

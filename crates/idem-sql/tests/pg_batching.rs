@@ -5,48 +5,26 @@
 #![allow(clippy::unwrap_used)] // test helpers panic on setup failures by design
 #![cfg(feature = "postgres")]
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use idem_core::dedup::{Claim, Completion, DedupStore, OwnerToken, ScopedKey};
 use idem_sql::PgStore;
+use idem_testkit::logs::LogCapture;
 use idem_testkit::unique;
 use sqlx::postgres::PgPoolOptions;
 
-/// Everything sqlx logs, as text.
-#[derive(Clone, Default)]
-struct Log(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Log {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Log {
-    /// Batch statements on `table` logged so far.
-    fn batches(&self, table: &str) -> usize {
-        let text = String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned();
-        text.lines()
-            .filter(|l| l.contains(table) && l.contains("WITH ins AS"))
-            .count()
-    }
+/// Batch statements on `table` in what sqlx logged so far.
+fn batches(log: &LogCapture, table: &str) -> usize {
+    log.lines_with(table)
+        .iter()
+        .filter(|l| l.contains("WITH ins AS"))
+        .count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lone_operations_go_alone_and_concurrent_claims_share_statements() {
-    let log = Log::default();
-    let writer = log.clone();
-    tracing_subscriber::fmt()
-        .with_env_filter("sqlx::query=debug")
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .init();
+    let log = LogCapture::default();
+    log.install_global("sqlx::query=debug");
     let pool =
         idem_testkit::postgres(PgPoolOptions::new().max_connections(8), &unique("pgb")).await;
     let table = unique("pgbatch");
@@ -71,7 +49,7 @@ async fn lone_operations_go_alone_and_concurrent_claims_share_statements() {
             .await
             .unwrap());
     }
-    assert_eq!(log.batches(&table), 6, "one statement per lone operation");
+    assert_eq!(batches(&log, &table), 6, "one statement per lone operation");
 
     let tasks: Vec<_> = (0..100)
         .map(|i| {
@@ -105,7 +83,7 @@ async fn lone_operations_go_alone_and_concurrent_claims_share_statements() {
     for t in tasks {
         t.await.unwrap();
     }
-    let statements = log.batches(&table) - 6;
+    let statements = batches(&log, &table) - 6;
     // 300 operations: 100 claims and 100 completions batched (the duplicates'
     // claims go through the batch, then the single-row statements).
     assert!(

@@ -83,3 +83,40 @@ pub async fn wait_until(limit: Duration, mut cond: impl AsyncFnMut() -> bool) ->
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Declares `queue` on `ch` with the default options (a classic queue, not durable,
+/// not exclusive): the queue most tests publish to. Panics if the broker refuses.
+#[cfg(feature = "amqp")]
+pub async fn declare_queue(ch: &lapin::Channel, queue: &str) {
+    use lapin::{options::QueueDeclareOptions, types::FieldTable};
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("declaring queue {queue}: {e}"));
+}
+
+/// A passive declare of `queue` on `ch`: the queue's message and consumer counts, or
+/// the broker's error when it does not exist (which also closes `ch`).
+#[cfg(feature = "amqp")]
+pub async fn inspect_queue(ch: &lapin::Channel, queue: &str) -> Result<lapin::Queue, lapin::Error> {
+    use lapin::{options::QueueDeclareOptions, types::FieldTable};
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions::default().passive(),
+        FieldTable::default(),
+    )
+    .await
+}
+
+/// The number of ready messages in `queue` (a passive declare on `ch`). Panics if
+/// the queue does not exist.
+#[cfg(feature = "amqp")]
+pub async fn ready_count(ch: &lapin::Channel, queue: &str) -> u32 {
+    inspect_queue(ch, queue)
+        .await
+        .unwrap_or_else(|e| panic!("queue {queue}: {e}"))
+        .message_count()
+}

@@ -8,7 +8,9 @@
 //!   how to run the services. Start commands are machine-specific, so they are never
 //!   part of the message.
 //! - `rabbitmq()`, `redis()`, `postgres()`, `mariadb()` (features `amqp`, `redis`,
-//!   `postgres`, `mysql`): connect or fail with that message.
+//!   `postgres`, `mysql`): connect or fail with that message; `delete_redis_keys()`
+//!   cleans a test's Redis keys up.
+//! - [`backoff`]: a retry budget without jitter.
 //! - [`unique`]: a fresh name for queues, keys, tables and prefixes, so tests that run
 //!   at the same time never share state.
 //! - [`fault_proxy`]: a TCP proxy that cuts a service off (refused or reset
@@ -16,7 +18,10 @@
 //! - [`conformance`]: the behavioural suite every dedup store must pass (published in
 //!   idem-core behind its `conformance` feature; re-exported here).
 //! - [`broker`]: what the local RabbitMQ node reports (queue counts, open
-//!   connections), read with `rabbitmqctl`.
+//!   connections), read with `rabbitmqctl`; with feature `amqp`, queue declares over
+//!   a channel (`declare_queue`, `inspect_queue`, `ready_count`).
+//! - `spans` (feature `otel`): exports spans to memory, to assert trace context.
+//! - [`logs`]: captures what is logged, for tests that assert a warning.
 //! - [`cluster`]: starts the RabbitMQ and Redis test clusters of `.ci/cluster` on first use.
 //!
 //! ```no_run
@@ -41,8 +46,13 @@ pub mod cluster;
 /// `conformance`); re-exported here for the workspace's own tests.
 pub use idem_core::conformance;
 pub mod fault_proxy;
+pub mod logs;
 mod service;
+#[cfg(feature = "otel")]
+pub mod spans;
 
+#[cfg(feature = "redis")]
+pub use service::delete_redis_keys;
 #[cfg(feature = "mysql")]
 pub use service::mariadb;
 #[cfg(feature = "postgres")]
@@ -52,6 +62,15 @@ pub use service::rabbitmq;
 #[cfg(feature = "redis")]
 pub use service::redis;
 pub use service::Service;
+
+/// A retry budget without jitter, so a test knows when each retry comes: `attempts`
+/// attempts in all, the first retry after `first`, each later one after twice the
+/// previous delay.
+pub fn backoff(first: std::time::Duration, attempts: u32) -> idem_core::Backoff {
+    idem_core::Backoff::exponential(first)
+        .jitter(idem_core::Jitter::None)
+        .max_attempts(attempts)
+}
 
 /// A name no other test run uses: `idem_t` and 12 random hex digits, then `_` and
 /// `tag` (e.g. `idem_t3f9c0a1b2d4e_orders`).

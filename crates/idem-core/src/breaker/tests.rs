@@ -2,84 +2,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use std::time::Instant;
 
-use async_trait::async_trait;
-
 use super::*;
 use crate::backoff::{Backoff, Jitter};
 use crate::consumer::Consumer;
-use crate::dedup::{Claim, Completion, DedupStore, MemoryStore, OwnerToken, ScopedKey, StoreError};
+use crate::dedup::StoreError;
 use crate::memory::MemoryBroker;
 
-/// A memory store that can be cut: every call fails while `down`.
-#[derive(Clone, Default)]
-struct Flaky {
-    store: MemoryStore,
-    down: Arc<AtomicBool>,
-    /// Calls that reached the store while it was down (probes included).
-    calls_while_down: Arc<AtomicUsize>,
-    probes: Arc<AtomicUsize>,
-}
-
-impl Flaky {
-    fn gate(&self) -> Result<(), StoreError> {
-        if self.down.load(Ordering::SeqCst) {
-            self.calls_while_down.fetch_add(1, Ordering::SeqCst);
-            Err(StoreError::new("connection refused (test)"))
-        } else {
-            Ok(())
-        }
-    }
-}
-
-#[async_trait]
-impl DedupStore for Flaky {
-    async fn claim(
-        &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        fingerprint: Option<&str>,
-        lease: Duration,
-    ) -> Result<Claim, StoreError> {
-        self.gate()?;
-        self.store.claim(key, owner, fingerprint, lease).await
-    }
-    async fn extend(
-        &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        lease: Duration,
-    ) -> Result<bool, StoreError> {
-        self.gate()?;
-        self.store.extend(key, owner, lease).await
-    }
-    async fn complete(
-        &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        completion: Completion,
-        retention: Duration,
-    ) -> Result<bool, StoreError> {
-        self.gate()?;
-        self.store.complete(key, owner, completion, retention).await
-    }
-    async fn release(&self, key: &ScopedKey, owner: &OwnerToken) -> Result<bool, StoreError> {
-        self.gate()?;
-        self.store.release(key, owner).await
-    }
-    async fn reopen_poisoned(
-        &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        lease: Duration,
-    ) -> Result<bool, StoreError> {
-        self.gate()?;
-        self.store.reopen_poisoned(key, owner, lease).await
-    }
-    async fn health(&self) -> Result<(), StoreError> {
-        self.probes.fetch_add(1, Ordering::SeqCst);
-        self.gate()
-    }
-}
+use crate::dedup::fakes::FakeStore as Flaky;
 
 fn backoff() -> Backoff {
     // The whole retry budget: 3 attempts within about 30 ms.

@@ -19,7 +19,7 @@ use crate::handler::{Handler, HandlerService, HandlerState, SharedService};
 use crate::message::Message;
 use crate::outcome::{DeadLetterHook, DeadLettered};
 
-use crate::__private::ClassifiedService;
+use super::ClassifiedService;
 
 /// The service a layer given to [`ConsumerBuilder::layer`] wraps: the handler (and the
 /// layers added after this one), boxed, with its errors as [`BoxError`]s that keep

@@ -1,6 +1,6 @@
 //! The consumer pipeline: handler, classification, timeout, dedup, retry policy.
 //!
-//! A [`Consumer`] is what a transport runs for every delivery: it turns a [`Message`](crate::Message)
+//! A [`Consumer`] is what a transport runs for every delivery: it turns a [`Message`]
 //! into a [`Disposition`] (ack, retry after a delay, dead-letter), records a tracing
 //! span and metrics, and counts outcomes. Transports differ only in how they carry a
 //! disposition out, so the in-memory broker and RabbitMQ behave the same.
@@ -77,10 +77,10 @@ use tower::Layer;
 use crate::backoff::Backoff;
 use crate::breaker::{CircuitBreaker, HealthCheck};
 use crate::crash::CrashGuard;
-use crate::dedup::{DedupLayer, DedupSettings};
+use crate::dedup::{DedupLayer, DedupSettings, Processed};
+use crate::error::HandlerError;
+use crate::message::Message;
 use crate::outcome::{DeadLetterHook, DeadLettered, Disposition, Settled};
-
-use crate::__private::{ClassifiedService, DedupedService};
 
 mod builder;
 mod delivery;
@@ -92,6 +92,18 @@ pub use stats::Stats;
 
 use builder::ImmediateRetries;
 use stats::{Counters, Meters};
+
+/// The handler stack a [`Deduplicate`] stage wraps: the consumer's handler with its
+/// middleware, timeout and error classification. It takes a message and answers `()`
+/// when the handler succeeded, or the classified [`HandlerError`]. Cheap to clone.
+pub type ClassifiedService = BoxCloneSyncService<Message, (), HandlerError>;
+
+/// What a [`Deduplicate`] stage makes of a [`ClassifiedService`]: the same stack
+/// behind the stage, answering [`Processed`] (whether the handler ran, or the
+/// message was a duplicate and was skipped). Build one with
+/// `tower::util::BoxCloneSyncService::new` from any `tower::Service` that is
+/// `Clone + Send + Sync`.
+pub type DedupedService = BoxCloneSyncService<Message, Processed, HandlerError>;
 
 /// A dedup stage: wraps the classified handler stack. Implemented by
 /// [`DedupLayer`] (lease stores) and by the SQL transactional inbox; both admit

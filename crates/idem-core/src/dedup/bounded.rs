@@ -133,54 +133,11 @@ mod tests {
     use super::*;
     use crate::dedup::MemoryStore;
 
-    /// A store that never answers.
-    #[derive(Debug)]
-    struct Silent;
-
-    #[async_trait]
-    impl DedupStore for Silent {
-        async fn claim(
-            &self,
-            _: &ScopedKey,
-            _: &OwnerToken,
-            _: Option<&str>,
-            _: Duration,
-        ) -> Result<Claim, StoreError> {
-            std::future::pending().await
-        }
-        async fn extend(
-            &self,
-            _: &ScopedKey,
-            _: &OwnerToken,
-            _: Duration,
-        ) -> Result<bool, StoreError> {
-            std::future::pending().await
-        }
-        async fn complete(
-            &self,
-            _: &ScopedKey,
-            _: &OwnerToken,
-            _: Completion,
-            _: Duration,
-        ) -> Result<bool, StoreError> {
-            std::future::pending().await
-        }
-        async fn release(&self, _: &ScopedKey, _: &OwnerToken) -> Result<bool, StoreError> {
-            std::future::pending().await
-        }
-        async fn reopen_poisoned(
-            &self,
-            _: &ScopedKey,
-            _: &OwnerToken,
-            _: Duration,
-        ) -> Result<bool, StoreError> {
-            std::future::pending().await
-        }
-    }
+    use crate::dedup::fakes::FakeStore;
 
     #[tokio::test]
     async fn a_store_that_does_not_answer_in_time_is_a_timeout() {
-        let bounded = Bounded::new(Arc::new(Silent), Duration::from_millis(20));
+        let bounded = Bounded::new(Arc::new(FakeStore::silent()), Duration::from_millis(20));
         let key = ScopedKey::new("c", "k");
         let err = bounded
             .claim(&key, &OwnerToken::generate(), None, Duration::from_secs(1))

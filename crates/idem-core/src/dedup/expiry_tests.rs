@@ -6,50 +6,10 @@ use std::time::Duration;
 
 use tower::{Service, ServiceBuilder, ServiceExt};
 
+use super::fakes::FakeStore;
 use super::*;
 use crate::error::HandlerError;
 use crate::message::Message;
-
-/// A memory store whose lease extensions fail, as from a store or process too slow to
-/// extend in time: every claim runs out after its first lease.
-#[derive(Clone)]
-struct NoExtend(MemoryStore);
-
-#[async_trait::async_trait]
-impl DedupStore for NoExtend {
-    async fn claim(
-        &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        fingerprint: Option<&str>,
-        lease: Duration,
-    ) -> Result<Claim, StoreError> {
-        self.0.claim(key, owner, fingerprint, lease).await
-    }
-    async fn extend(&self, _: &ScopedKey, _: &OwnerToken, _: Duration) -> Result<bool, StoreError> {
-        Err(StoreError::new("timed out"))
-    }
-    async fn complete(
-        &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        completion: Completion,
-        retention: Duration,
-    ) -> Result<bool, StoreError> {
-        self.0.complete(key, owner, completion, retention).await
-    }
-    async fn release(&self, key: &ScopedKey, owner: &OwnerToken) -> Result<bool, StoreError> {
-        self.0.release(key, owner).await
-    }
-    async fn reopen_poisoned(
-        &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        lease: Duration,
-    ) -> Result<bool, StoreError> {
-        self.0.reopen_poisoned(key, owner, lease).await
-    }
-}
 
 const LEASE: Duration = Duration::from_secs(3);
 
@@ -67,7 +27,7 @@ fn slow(runs: Arc<AtomicUsize>) -> tower::util::BoxCloneSyncService<Message, (),
 
 #[tokio::test(start_paused = true)]
 async fn a_lease_that_ran_out_unclaimed_still_gets_its_done_record() {
-    let store = NoExtend(MemoryStore::new());
+    let store = FakeStore::no_extend();
     let layer = DedupLayer::new(store.clone()).scope("c").lease(LEASE);
     let runs = Arc::new(AtomicUsize::new(0));
     let svc = ServiceBuilder::new()
@@ -90,7 +50,7 @@ async fn a_lease_that_ran_out_unclaimed_still_gets_its_done_record() {
 
 #[tokio::test(start_paused = true)]
 async fn a_key_taken_over_after_the_lease_ran_out_is_left_to_its_new_owner() {
-    let store = NoExtend(MemoryStore::new());
+    let store = FakeStore::no_extend();
     let layer = DedupLayer::new(store.clone()).scope("c").lease(LEASE);
     let runs = Arc::new(AtomicUsize::new(0));
     let svc = ServiceBuilder::new()
@@ -109,7 +69,7 @@ async fn a_key_taken_over_after_the_lease_ran_out_is_left_to_its_new_owner() {
     assert!(first.await.unwrap().unwrap().is_handled());
     // The first run's late completion did not overwrite the new owner's claim.
     assert!(store
-        .0
+        .memory()
         .complete(&key, &other, Completion::Succeeded, Duration::from_secs(60))
         .await
         .unwrap());

@@ -92,4 +92,6 @@ pub use store::{Claim, Completion, DedupStore, OwnerToken, ScopedKey, StoreError
 #[cfg(test)]
 mod expiry_tests;
 #[cfg(test)]
+pub(crate) mod fakes;
+#[cfg(test)]
 mod tests;

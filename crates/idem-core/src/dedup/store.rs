@@ -1,15 +1,18 @@
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::__private::BoxFuture;
 use crate::error::BoxError;
 
 /// A store's health probe: resolves `Ok` once the store answers. The circuit breaker
-/// runs it while open ([`crate::breaker`]).
-pub type HealthCheck = Arc<dyn Fn() -> BoxFuture<Result<(), StoreError>> + Send + Sync>;
+/// runs it while open ([`crate::breaker`]). Build one from an async block:
+/// `Arc::new(move || Box::pin(async move { .. }))`.
+pub type HealthCheck =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>> + Send + Sync>;
 
 /// An idempotency key scoped by consumer name: two consumers of one message (fan-out)
 /// each have their own record.

@@ -268,51 +268,16 @@ async fn busy_elsewhere_is_retried_without_spending_an_attempt() {
     assert_eq!(runs.load(Ordering::SeqCst), 0);
 }
 
-/// A store that always fails: the layer must fail closed.
-struct DownStore;
-
-#[async_trait::async_trait]
-impl DedupStore for DownStore {
-    async fn claim(
-        &self,
-        _: &ScopedKey,
-        _: &OwnerToken,
-        _: Option<&str>,
-        _: Duration,
-    ) -> Result<Claim, StoreError> {
-        Err(StoreError::new("connection refused"))
-    }
-    async fn extend(&self, _: &ScopedKey, _: &OwnerToken, _: Duration) -> Result<bool, StoreError> {
-        Err(StoreError::new("connection refused"))
-    }
-    async fn complete(
-        &self,
-        _: &ScopedKey,
-        _: &OwnerToken,
-        _: Completion,
-        _: Duration,
-    ) -> Result<bool, StoreError> {
-        Err(StoreError::new("connection refused"))
-    }
-    async fn release(&self, _: &ScopedKey, _: &OwnerToken) -> Result<bool, StoreError> {
-        Err(StoreError::new("connection refused"))
-    }
-    async fn reopen_poisoned(
-        &self,
-        _: &ScopedKey,
-        _: &OwnerToken,
-        _: Duration,
-    ) -> Result<bool, StoreError> {
-        Err(StoreError::new("connection refused"))
-    }
-}
+use super::fakes::FakeStore;
 
 #[tokio::test]
 async fn store_down_is_transient_and_the_handler_does_not_run() {
     let runs = Arc::new(AtomicUsize::new(0));
-    let svc = stack(DedupLayer::new(DownStore).scope("c"), runs.clone(), |_| {
-        Ok(())
-    });
+    let svc = stack(
+        DedupLayer::new(FakeStore::down()).scope("c"),
+        runs.clone(),
+        |_| Ok(()),
+    );
     let err = svc
         .oneshot(Message::new("a").with_message_id("k"))
         .await

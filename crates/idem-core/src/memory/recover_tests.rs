@@ -8,9 +8,7 @@ use std::time::Duration;
 use super::*;
 use crate::backoff::{Backoff, Jitter};
 use crate::consumer::Consumer;
-use crate::dedup::{
-    Claim, Completion, DedupLayer, DedupStore, MemoryStore, OwnerToken, ScopedKey, StoreError,
-};
+use crate::dedup::{DedupLayer, MemoryStore};
 use crate::error::HandlerError;
 use crate::message::HeaderValue;
 use crate::outcome::{headers as h, Failure, MAX_BACKTRACE_LEN};
@@ -154,50 +152,13 @@ async fn permanent_errors_and_requested_delays_are_never_retried_at_once() {
     }
 }
 
-/// A store that always fails.
-struct DownStore;
-
-#[async_trait::async_trait]
-impl DedupStore for DownStore {
-    async fn claim(
-        &self,
-        _: &ScopedKey,
-        _: &OwnerToken,
-        _: Option<&str>,
-        _: Duration,
-    ) -> Result<Claim, StoreError> {
-        Err(StoreError::new("connection refused"))
-    }
-    async fn extend(&self, _: &ScopedKey, _: &OwnerToken, _: Duration) -> Result<bool, StoreError> {
-        Err(StoreError::new("connection refused"))
-    }
-    async fn complete(
-        &self,
-        _: &ScopedKey,
-        _: &OwnerToken,
-        _: Completion,
-        _: Duration,
-    ) -> Result<bool, StoreError> {
-        Err(StoreError::new("connection refused"))
-    }
-    async fn release(&self, _: &ScopedKey, _: &OwnerToken) -> Result<bool, StoreError> {
-        Err(StoreError::new("connection refused"))
-    }
-    async fn reopen_poisoned(
-        &self,
-        _: &ScopedKey,
-        _: &OwnerToken,
-        _: Duration,
-    ) -> Result<bool, StoreError> {
-        Err(StoreError::new("connection refused"))
-    }
-}
+use crate::dedup::fakes::FakeStore;
 
 #[tokio::test]
 async fn store_failures_are_not_retried_at_once() {
     let calls = Calls::default();
     let consumer = Consumer::builder("c")
-        .dedup(DedupLayer::new(DownStore))
+        .dedup(DedupLayer::new(FakeStore::down()))
         .without_circuit_breaker()
         .backoff(fast_backoff(5))
         .immediate_retries(5)

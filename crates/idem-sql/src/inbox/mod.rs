@@ -15,9 +15,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use idem_core::__private::{ClassifiedService, DedupedService};
 use idem_core::breaker::HealthCheck;
 use idem_core::consumer::Deduplicate;
+use idem_core::consumer::{ClassifiedService, DedupedService};
 use idem_core::dedup::admission::admit;
 use idem_core::dedup::{DedupSettings, KeyExtractor, MissingKey, StoreError, StoreErrorKind};
 use idem_core::{HandlerError, Message, Processed};

@@ -1,0 +1,123 @@
+//! A store that fails on purpose, for the unit tests of the dedup stage, the bound on
+//! store calls, the circuit breaker and the consumer.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::{Claim, Completion, DedupStore, MemoryStore, OwnerToken, ScopedKey, StoreError};
+
+/// A memory store that can be cut: while `down`, every call fails ("connection
+/// refused"); a silent one never answers. Clones share the switch and the counts.
+#[derive(Clone, Default)]
+pub(crate) struct FakeStore {
+    store: MemoryStore,
+    /// Every call fails while this is set.
+    pub(crate) down: Arc<AtomicBool>,
+    /// No call ever answers.
+    silent: bool,
+    /// Lease extensions fail (a store or process too slow to extend in time): every
+    /// claim runs out after its first lease.
+    no_extend: bool,
+    /// Calls that reached the store while it was down (probes included).
+    pub(crate) calls_while_down: Arc<AtomicUsize>,
+    /// Health probes run.
+    pub(crate) probes: Arc<AtomicUsize>,
+}
+
+impl FakeStore {
+    /// A store that is down from the start: the stage must fail closed.
+    pub(crate) fn down() -> Self {
+        let store = FakeStore::default();
+        store.down.store(true, Ordering::SeqCst);
+        store
+    }
+
+    /// A store that never answers.
+    pub(crate) fn silent() -> Self {
+        FakeStore {
+            silent: true,
+            ..FakeStore::default()
+        }
+    }
+
+    /// A store whose lease extensions fail; everything else works.
+    pub(crate) fn no_extend() -> Self {
+        FakeStore {
+            no_extend: true,
+            ..FakeStore::default()
+        }
+    }
+
+    /// The memory store behind the fake, to look at or change its records directly.
+    pub(crate) fn memory(&self) -> &MemoryStore {
+        &self.store
+    }
+
+    async fn gate(&self) -> Result<(), StoreError> {
+        if self.silent {
+            std::future::pending::<()>().await;
+        }
+        if self.down.load(Ordering::SeqCst) {
+            self.calls_while_down.fetch_add(1, Ordering::SeqCst);
+            Err(StoreError::new("connection refused (test)"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait]
+impl DedupStore for FakeStore {
+    async fn claim(
+        &self,
+        key: &ScopedKey,
+        owner: &OwnerToken,
+        fingerprint: Option<&str>,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        self.gate().await?;
+        self.store.claim(key, owner, fingerprint, lease).await
+    }
+    async fn extend(
+        &self,
+        key: &ScopedKey,
+        owner: &OwnerToken,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        self.gate().await?;
+        if self.no_extend {
+            return Err(StoreError::new("timed out (test)"));
+        }
+        self.store.extend(key, owner, lease).await
+    }
+    async fn complete(
+        &self,
+        key: &ScopedKey,
+        owner: &OwnerToken,
+        completion: Completion,
+        retention: Duration,
+    ) -> Result<bool, StoreError> {
+        self.gate().await?;
+        self.store.complete(key, owner, completion, retention).await
+    }
+    async fn release(&self, key: &ScopedKey, owner: &OwnerToken) -> Result<bool, StoreError> {
+        self.gate().await?;
+        self.store.release(key, owner).await
+    }
+    async fn reopen_poisoned(
+        &self,
+        key: &ScopedKey,
+        owner: &OwnerToken,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        self.gate().await?;
+        self.store.reopen_poisoned(key, owner, lease).await
+    }
+    async fn health(&self) -> Result<(), StoreError> {
+        self.probes.fetch_add(1, Ordering::SeqCst);
+        self.gate().await
+    }
+}
