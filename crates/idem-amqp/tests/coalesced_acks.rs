@@ -85,7 +85,6 @@ async fn wait_for(what: &str, limit: Duration, cond: impl AsyncFnMut() -> bool) 
     );
 }
 
-/// Polls `cond` until it holds (true) or `limit` passes (false).
 /// How many of each disposition name.
 fn summary(names: &[&'static str]) -> Vec<(&'static str, usize)> {
     let mut out: Vec<(&'static str, usize)> = Vec::new();
