@@ -476,7 +476,7 @@ pub struct MoveReport {
     pub scanned: u64,
     /// Messages selected.
     pub matched: u64,
-    /// With a dedup store lookup (`--dedup-redis`): selected messages whose key is
+    /// With a dedup store lookup (`--dedup-redis` or `--dedup-postgres`): selected messages whose key is
     /// already done, which the consumer will ack as duplicates without running them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub duplicates: Option<u64>,
