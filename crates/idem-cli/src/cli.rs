@@ -233,8 +233,14 @@ pub enum DlqCommand {
         #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR:PORT")]
         listen: std::net::SocketAddr,
         /// A work queue to show (repeatable; named as for the other dlq commands).
-        #[arg(long = "queue", value_name = "Q", required = true)]
+        /// Without it, every queue named *.dlq, found through the RabbitMQ
+        /// management API (which must then be reachable).
+        #[arg(long = "queue", value_name = "Q")]
         queues: Vec<String>,
+        /// The management API used without --queue: http://host:port[/prefix]
+        /// (default: port 15672 of the broker's host, the broker URL's credentials).
+        #[arg(long, value_name = "URL", conflicts_with = "queues")]
+        management_url: Option<String>,
         /// Allow replay, purge and edit (each needs `Authorization: Bearer
         /// $IDEM_DLQ_TOKEN`).
         #[arg(long)]

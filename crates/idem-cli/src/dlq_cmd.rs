@@ -45,7 +45,17 @@ pub(crate) async fn run_dlq(
     // Everything that can be refused is refused before connecting.
     let (prepared, write_token) = prepare(&cmd)?;
     let conn = broker::connect_as(url, name, tls).await?;
-    if let DlqCommand::Serve { listen, queues, .. } = cmd {
+    if let DlqCommand::Serve {
+        listen,
+        mut queues,
+        management_url,
+        ..
+    } = cmd
+    {
+        if queues.is_empty() {
+            let m = crate::serve::discover::Management::new(url, management_url.as_deref())?;
+            queues = crate::serve::discover::discover(&m).await?;
+        }
         for q in &queues {
             dlq::resolve(&conn, q).await?;
         }
