@@ -302,6 +302,143 @@ async fn reads_change_nothing(kind: &str, reads: usize) {
     qs.cleanup().await;
 }
 
+/// A classic DLQ with single active consumer, whose active consumer is someone
+/// else's: a read's consumer never gets a message, so the read gives it up and takes
+/// the snapshot with `basic.get`; it lists every ready message in order and leaves
+/// them unchanged, with no delivery spent.
+#[tokio::test]
+async fn a_read_that_gets_no_delivery_falls_back_to_basic_get() {
+    read_behind_another_active_consumer("classic").await;
+}
+
+/// The same on a quorum DLQ, where RabbitMQ refuses `basic.get` with single active
+/// consumer: the read stops with that error instead of waiting for ever, and the DLQ
+/// is unchanged, with no delivery spent.
+#[tokio::test]
+async fn a_read_behind_a_quorum_single_active_consumer_stops_and_changes_nothing() {
+    read_behind_another_active_consumer("quorum").await;
+}
+
+async fn read_behind_another_active_consumer(kind: &str) {
+    use futures_util::StreamExt;
+    use lapin::options::{
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions,
+    };
+    let conn = common::connect().await;
+    let q = format!("idem-cli-test-sac-{}", uuid::Uuid::new_v4().simple());
+    let dlq_name = format!("{q}.dlq");
+    let ch = conn.create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), long(kind));
+    args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    ch.queue_declare(
+        dlq_name.as_str().into(),
+        QueueDeclareOptions::durable(),
+        args,
+    )
+    .await
+    .unwrap();
+    let publisher = Publisher::connect(&common::url()).await.unwrap();
+    let qs = Queues {
+        conn,
+        q: q.clone(),
+        dlq: dlq_name.clone(),
+        publisher,
+    };
+    let sent: Vec<_> = (0..20).map(|i| dead_letter(&q, i)).collect();
+    qs.publish_all(&dlq_name, &sent).await;
+
+    // The single active consumer: holds message 0, gets nothing more.
+    let other = qs.conn.create_channel().await.unwrap();
+    other
+        .basic_qos(1, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut active = other
+        .basic_consume(
+            dlq_name.as_str().into(),
+            "active".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let held = active.next().await.unwrap().unwrap();
+    assert_eq!(
+        held.properties.message_id().as_ref().unwrap().as_str(),
+        "m0000"
+    );
+
+    let listed = dlq::list(&qs.conn, &dlq_name, 100).await;
+    if kind == "quorum" {
+        let err = listed.unwrap_err().to_string();
+        assert!(err.contains("single active consumer"), "{err}");
+    } else {
+        let ids: Vec<_> = listed
+            .unwrap()
+            .iter()
+            .map(|e| e.message_id.clone().unwrap())
+            .collect();
+        let want: Vec<_> = (1..20).map(|i| format!("m{i:04}")).collect();
+        assert_eq!(ids, want);
+    }
+
+    other
+        .basic_cancel("active".into(), BasicCancelOptions::default())
+        .await
+        .unwrap();
+    other
+        .basic_ack(held.delivery_tag, BasicAckOptions::default())
+        .await
+        .unwrap();
+    let _ = other.close(200, "bye".into()).await;
+    // basic.get is refused on a quorum queue with single active consumer: a consumer.
+    let ch = qs.conn.create_channel().await.unwrap();
+    let mut taker = ch
+        .basic_consume(
+            dlq_name.as_str().into(),
+            "taker".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut left = Vec::new();
+    while left.len() < 19 {
+        let d = tokio::time::timeout(Duration::from_secs(10), taker.next())
+            .await
+            .expect("the DLQ holds 19 messages")
+            .unwrap()
+            .unwrap();
+        let mut t = d
+            .properties
+            .headers()
+            .clone()
+            .unwrap_or_default()
+            .inner()
+            .clone();
+        let count = t.remove("x-delivery-count");
+        assert!(
+            matches!(count, None | Some(AMQPValue::LongLongInt(0))),
+            "a read spent a delivery: x-delivery-count {count:?}"
+        );
+        t.remove("x-acquired-count");
+        left.push((
+            d.properties.clone().with_headers(FieldTable::from(t)),
+            d.data,
+        ));
+    }
+    assert_eq!(qs.depth(&dlq_name).await, 0, "nothing more");
+    let _ = ch.close(200, "bye".into()).await;
+    for (i, ((p, b), (sp, sb))) in left.iter().zip(&sent[1..]).enumerate() {
+        assert_eq!((p, b), (sp, sb), "message {} changed", i + 1);
+    }
+    qs.cleanup().await;
+}
+
 /// `replay --group G --rate 200/s` moves exactly G's messages to Q, takes at least
 /// |G|/200 s, and leaves the other groups in the DLQ in their order.
 #[tokio::test]

@@ -33,7 +33,12 @@
 //! `basic.ack` with `multiple`) and at most 16 copies await their confirm, which keeps
 //! a quorum queue channel under the 32 pending commands past which it holds acks back.
 //! If someone else empties the queue during a read, the read notices after a second
-//! without deliveries (the queue has no ready message) and stops there.
+//! without deliveries (the queue has no ready message) and stops there. If its
+//! consumer gets nothing for five seconds while the queue has ready messages (the
+//! queue has a single active consumer and it is someone else's), the read cancels
+//! its consumer and takes the rest with `basic.get`, which RabbitMQ refuses on a
+//! quorum queue with single active consumer: then the read stops with that error,
+//! having changed nothing.
 //!
 //! The whole snapshot is read even for `list --limit N` (only the first N are
 //! shown), so the restored messages keep their relative order; messages dead-lettered

@@ -35,6 +35,10 @@ const READ_ACK_BATCH: usize = 8;
 /// was emptied by someone else.
 const READ_IDLE: Duration = Duration::from_secs(1);
 
+/// Idle checks that found ready messages after which a read gives up its consumer
+/// and takes the rest of the snapshot with `basic.get`.
+const READ_STALLED: u32 = 5;
+
 /// How a scan takes its messages.
 enum Source {
     /// `basic.get`, one by one: for the commands that remove messages.
@@ -148,7 +152,17 @@ impl Scan {
     /// The next message of the snapshot, not yet acked: the caller removes it (ack) or
     /// restores it ([`Scan::restore`]).
     pub(super) async fn next(&mut self) -> Result<Option<(Delivery, DlqEntry)>, CliError> {
-        let delivery = if matches!(self.source, Source::Get) {
+        if !matches!(self.source, Source::Get) {
+            if let Some(delivery) = self.next_consumed().await? {
+                return Ok(Some(self.took(delivery)));
+            }
+            if self.remaining == 0 {
+                return Ok(None);
+            }
+            // The consumer stalled (or the broker cancelled it): the rest one by one.
+            self.source = Source::Get;
+        }
+        let delivery = {
             if self.remaining == 0 {
                 return Ok(None);
             }
@@ -163,26 +177,30 @@ impl Scan {
                 return Ok(None);
             };
             got.delivery
-        } else {
-            match self.next_consumed().await? {
-                Some(delivery) => delivery,
-                None => return Ok(None),
-            }
         };
+        Ok(Some(self.took(delivery)))
+    }
+
+    /// Counts `delivery` as the next message of the snapshot.
+    fn took(&mut self, delivery: Delivery) -> (Delivery, DlqEntry) {
         self.remaining = self.remaining.saturating_sub(1);
         self.position += 1;
         self.held.insert(delivery.delivery_tag);
         let msg = idem_amqp::convert::message_from_delivery(&delivery, &self.dlq);
         let entry =
             DlqEntry::from_delivery(&msg, delivery.properties.headers().as_ref(), self.position);
-        Ok(Some((delivery, entry)))
+        (delivery, entry)
     }
 
     /// The next delivery of a read's consumer. Once the snapshot is read (or the
     /// queue turns out to be empty) the consumer is cancelled, and what the broker
     /// sent before the cancel is still handed out (none, unless someone else took
-    /// messages from the queue meanwhile).
+    /// messages from the queue meanwhile). A consumer that gets nothing for
+    /// [`READ_STALLED`] idle checks although the queue has ready messages (another
+    /// consumer is the single active one, say) is cancelled too, and the caller reads
+    /// the rest with `basic.get`.
     async fn next_consumed(&mut self) -> Result<Option<Delivery>, CliError> {
+        let mut idle = 0;
         loop {
             if self.remaining == 0 {
                 self.cancel_consumer().await?;
@@ -205,8 +223,11 @@ impl Scan {
                     match tokio::time::timeout(READ_IDLE, consumer.next()).await {
                         Ok(got) => got,
                         Err(_) => {
+                            idle += 1;
                             if self.ready().await? == 0 {
                                 self.remaining = 0;
+                            } else if idle >= READ_STALLED {
+                                self.cancel_consumer().await?;
                             }
                             continue;
                         }
