@@ -194,21 +194,9 @@ pub enum DlqCommand {
         /// replay takes at least count/N seconds).
         #[arg(long, value_name = "N/s")]
         rate: Option<String>,
-        /// The consumers' Redis dedup store: report the messages whose key is already
-        /// done ("will be acked as a duplicate") before replaying.
-        #[arg(long, value_name = "URL")]
-        dedup_redis: Option<String>,
-        /// Key prefix of that store.
-        #[arg(
-            long,
-            value_name = "PREFIX",
-            default_value = "idem",
-            requires = "dedup_redis"
-        )]
-        dedup_prefix: String,
-        /// Consumer name for messages without x-idem-consumer.
-        #[arg(long, value_name = "NAME", requires = "dedup_redis")]
-        dedup_consumer: Option<String>,
+        /// The dedup store to predict duplicates from.
+        #[command(flatten)]
+        dedup: DedupArgs,
         /// Change nothing; print what would move.
         #[arg(long)]
         dry_run: bool,
@@ -245,8 +233,14 @@ pub enum DlqCommand {
         #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR:PORT")]
         listen: std::net::SocketAddr,
         /// A work queue to show (repeatable; named as for the other dlq commands).
-        #[arg(long = "queue", value_name = "Q", required = true)]
+        /// Without it, every queue named *.dlq, found through the RabbitMQ
+        /// management API (which must then be reachable).
+        #[arg(long = "queue", value_name = "Q")]
         queues: Vec<String>,
+        /// The management API used without --queue: http://host:port[/prefix]
+        /// (default: port 15672 of the broker's host, the broker URL's credentials).
+        #[arg(long, value_name = "URL", conflicts_with = "queues")]
+        management_url: Option<String>,
         /// Allow replay, purge and edit (each needs `Authorization: Bearer
         /// $IDEM_DLQ_TOKEN`).
         #[arg(long)]
@@ -273,6 +267,59 @@ pub enum DlqCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `dlq replay`'s dedup store, to predict which messages will be acked as
+/// duplicates (see [`crate::dlq::lookup`]).
+#[derive(Clone, Debug, Default, Args)]
+pub struct DedupArgs {
+    /// The consumers' Redis dedup store: report the messages whose key is already
+    /// done ("will be acked as a duplicate") before replaying.
+    #[arg(long, value_name = "URL", group = "dedup_store")]
+    pub dedup_redis: Option<String>,
+    /// Key prefix of that store.
+    #[arg(
+        long,
+        value_name = "PREFIX",
+        default_value = "idem",
+        requires = "dedup_redis"
+    )]
+    pub dedup_prefix: String,
+    /// The consumers' PostgreSQL dedup store (an idem-sql lease store or inbox):
+    /// report the messages whose key is already done before replaying. TLS as
+    /// for the broker (--tls-*), sslmode in the URL.
+    #[arg(long, value_name = "URL", group = "dedup_store")]
+    pub dedup_postgres: Option<String>,
+    /// Table of that store: idem_dedup (lease store) or idem_inbox (inbox) unless
+    /// the consumers configured another; schema.name allowed.
+    #[arg(
+        long,
+        value_name = "TABLE",
+        default_value = "idem_dedup",
+        requires = "dedup_postgres"
+    )]
+    pub dedup_table: String,
+    /// Consumer name for messages without x-idem-consumer.
+    #[arg(long, value_name = "NAME", requires = "dedup_store")]
+    pub dedup_consumer: Option<String>,
+}
+
+impl DedupArgs {
+    /// The lookup these options name, if any (connected).
+    pub async fn lookup(
+        &self,
+        tls: &idem_core::TlsConfig,
+    ) -> Result<Option<crate::dlq::lookup::DedupLookup>, crate::error::CliError> {
+        use crate::dlq::lookup::DedupLookup;
+        let consumer = self.dedup_consumer.clone();
+        Ok(match (&self.dedup_redis, &self.dedup_postgres) {
+            (Some(url), _) => Some(DedupLookup::redis(url, &self.dedup_prefix, consumer).await?),
+            (None, Some(url)) => {
+                Some(DedupLookup::postgres(url, tls, &self.dedup_table, consumer).await?)
+            }
+            (None, None) => None,
+        })
+    }
 }
 
 /// The filters every `dlq` command shares; a message must pass all those given.

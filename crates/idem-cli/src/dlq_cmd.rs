@@ -45,7 +45,17 @@ pub(crate) async fn run_dlq(
     // Everything that can be refused is refused before connecting.
     let (prepared, write_token) = prepare(&cmd)?;
     let conn = broker::connect_as(url, name, tls).await?;
-    if let DlqCommand::Serve { listen, queues, .. } = cmd {
+    if let DlqCommand::Serve {
+        listen,
+        mut queues,
+        management_url,
+        ..
+    } = cmd
+    {
+        if queues.is_empty() {
+            let m = crate::serve::discover::Management::new(url, management_url.as_deref())?;
+            queues = crate::serve::discover::discover(&m).await?;
+        }
         for q in &queues {
             dlq::resolve(&conn, q).await?;
         }
@@ -67,7 +77,7 @@ pub(crate) async fn run_dlq(
         };
         return crate::serve::serve(conn, config, listen, idem_amqp::shutdown::signal()).await;
     }
-    let result = run_dlq_on(&conn, cmd, prepared, out).await;
+    let result = run_dlq_on(&conn, tls, cmd, prepared, out).await;
     let _ = conn.close(200, "bye".into()).await;
     result
 }
@@ -175,6 +185,7 @@ struct Prepared {
 
 async fn run_dlq_on(
     conn: &lapin::Connection,
+    tls: &idem_core::TlsConfig,
     cmd: DlqCommand,
     p: Prepared,
     out: &mut dyn Write,
@@ -246,17 +257,14 @@ async fn run_dlq_on(
             queue,
             dry_run,
             json: as_json,
-            dedup_redis,
-            dedup_prefix,
-            dedup_consumer,
+            dedup,
             ..
         } => {
             let options = ReplayOptions {
                 dry_run,
                 rate: p.rate,
             };
-            let dedup = dedup_redis.map(|url| (url, dedup_prefix, dedup_consumer));
-            let report = replay(conn, &queue, &selector, &options, dedup).await?;
+            let report = replay(conn, &queue, &selector, &options, &dedup, tls).await?;
             print_report(out, &report, as_json, "replay")?;
             partial(&report, "replayed")
         }
@@ -399,20 +407,17 @@ fn print_edit(out: &mut dyn Write, report: &dlq::EditReport) -> Result<(), CliEr
     .map_err(write_err)
 }
 
-/// `dlq replay`, predicting duplicates from a Redis dedup store when `dedup` names
-/// one (its URL, key prefix and consumer).
+/// `dlq replay`, predicting duplicates from a dedup store when `dedup` names one.
 async fn replay(
     conn: &lapin::Connection,
     queue: &str,
     selector: &Selector,
     options: &ReplayOptions,
-    dedup: Option<(String, String, Option<String>)>,
+    dedup: &crate::cli::DedupArgs,
+    tls: &idem_core::TlsConfig,
 ) -> Result<MoveReport, CliError> {
-    match dedup {
-        Some((url, prefix, consumer)) => {
-            let lookup = dlq::lookup::DedupLookup::redis(&url, &prefix, consumer).await?;
-            dlq::replay_predicting(conn, queue, selector, options, &lookup).await
-        }
+    match dedup.lookup(tls).await? {
+        Some(lookup) => dlq::replay_predicting(conn, queue, selector, options, &lookup).await,
         None => dlq::replay_with(conn, queue, selector, options).await,
     }
 }

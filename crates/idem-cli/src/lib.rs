@@ -15,10 +15,10 @@
 //! | `idem dlq export Q [FILTERS] > F.jsonl` | JSON lines: properties, typed headers, body as base64; every message stays |
 //! | `idem dlq import Q F.jsonl` | publishes an export to `Q.dlq`, in order, confirmed (the whole file checked first) |
 //! | `idem dlq edit Q --id ID (--json-set /ptr=value... \| --body-file F)` | replaces a body: edited copy confirmed first, then the original removed; `x-idem-edited`, `x-idem-original-sha256` |
-//! | `idem dlq replay Q (--all \| FILTERS) [--rate N/s] [--dry-run] [--dedup-redis URL]` | back to the original queue, every failure header cleared, `x-idem-replay` set; with a store, predicted duplicates reported (see [`dlq::lookup`]) |
+//! | `idem dlq replay Q (--all \| FILTERS) [--rate N/s] [--dry-run] [--dedup-redis URL \| --dedup-postgres URL [--dedup-table T]]` | back to the original queue, every failure header cleared, `x-idem-replay` set; with a store, predicted duplicates reported (see [`dlq::lookup`]) |
 //! | `idem dlq purge Q (--all \| FILTERS) --yes [--dry-run]` | delete messages |
 //! | `idem dlq redrive --rules F [--dry-run] [--watch [--interval 30s]]` | run redrive rules (see [`dlq::redrive`]) |
-//! | `idem dlq serve --queue Q... [--listen 127.0.0.1:8080] [--allow-writes]` | the console and its JSON API (see [`serve`]) |
+//! | `idem dlq serve [--queue Q... \| --management-url URL] [--listen 127.0.0.1:8080] [--allow-writes]` | the console and its JSON API (see [`serve`]); without `--queue`, every `*.dlq` queue the RabbitMQ management API lists (see [`serve::discover`]), exit 2 asking for `--queue` when that API cannot be reached |
 //! | `idem topology declare Q [--quorum] [--delivery-limit N] [--tiers 1s,5s,30s]` | declare `Q`, `Q.retry.<tier>`, `Q.dlq` |
 //! | `idem topology show Q [--tiers ..]` | depth and consumers of each queue, missing ones marked |
 //! | `idem outbox status [--table idem_outbox]` | pending rows and the oldest one's age (`DATABASE_URL`) |

@@ -33,12 +33,22 @@ pub struct OutboxReport {
 /// Connects a pool of `max` connections, failing fast (exit 2) if the database is
 /// unreachable.
 async fn connect(url: &str, tls: &TlsConfig, max: u32) -> Result<sqlx::PgPool, CliError> {
+    connect_pool(url, tls, max, "set DATABASE_URL or --database-url").await
+}
+
+/// [`connect`], the unreachable error ending with `hint` (where the URL comes from).
+pub(crate) async fn connect_pool(
+    url: &str,
+    tls: &TlsConfig,
+    max: u32,
+    hint: &str,
+) -> Result<sqlx::PgPool, CliError> {
     let safe_url = idem_core::redact::redact_url(url);
     let unreachable = |detail: String| {
         let detail = scrub(&detail, url);
         crate::tls::tls_error("PostgreSQL", &safe_url, &detail).unwrap_or_else(|| {
             CliError::Unreachable(format!(
-                "cannot connect to PostgreSQL at {safe_url}: {detail} (is it running? set DATABASE_URL or --database-url)",
+                "cannot connect to PostgreSQL at {safe_url}: {detail} (is it running? {hint})",
             ))
         })
     };

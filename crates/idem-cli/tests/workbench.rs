@@ -81,13 +81,20 @@ impl Queues {
     /// Q and Q.dlq, quorum queues; the DLQ with the delivery limit of 20 RabbitMQ 4.x
     /// gives every quorum queue.
     async fn new(name: &str) -> Queues {
+        Queues::of_type(name, "quorum").await
+    }
+
+    /// Q and Q.dlq of `x-queue-type` `kind` (`quorum`: the DLQ with a delivery
+    /// limit of 20).
+    async fn of_type(name: &str, kind: &str) -> Queues {
         let conn = common::connect().await;
         let q = format!("idem-cli-test-{name}-{}", uuid::Uuid::new_v4().simple());
         let dlq = format!("{q}.dlq");
         let ch = conn.create_channel().await.unwrap();
-        for (queue, limit) in [(&q, None), (&dlq, Some(20))] {
+        let limit = (kind == "quorum").then_some(20);
+        for (queue, limit) in [(&q, None), (&dlq, limit)] {
             let mut args = FieldTable::default();
-            args.insert("x-queue-type".into(), long("quorum"));
+            args.insert("x-queue-type".into(), long(kind));
             if let Some(l) = limit {
                 args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(l));
             }
@@ -168,12 +175,42 @@ impl Queues {
     }
 }
 
+/// A GET of the console API at `addr` (HTTP/1.0, so the body is not chunked):
+/// the status and the JSON body.
+fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    let out = text(&out);
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    let status = head[9..12].parse().unwrap();
+    (
+        status,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
 /// 1 000 dead letters in 3 groups in a quorum DLQ with delivery limit 20: 100 reads
-/// (show, stats, list, export, in turn) leave the count, the order, the properties and
-/// the headers exactly as they were, and no read spends a delivery.
-#[tokio::test]
+/// (show, stats, list, export and GETs of the console API, in turn) leave the count,
+/// the order, the properties and the headers exactly as they were, and no read
+/// spends a delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_reads_of_a_thousand_dead_letters_change_nothing() {
-    let qs = Queues::new("reads").await;
+    reads_change_nothing("quorum", 100).await;
+}
+
+/// The same reads of a classic DLQ (25 of them: the read path is the same).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_of_a_classic_dlq_change_nothing_either() {
+    reads_change_nothing("classic", 25).await;
+}
+
+/// `reads` reads of 1 000 dead letters in a DLQ of type `kind`, in turn show, stats,
+/// list, export and a GET of the console API (groups, messages of a group, queues).
+async fn reads_change_nothing(kind: &str, reads: usize) {
+    let qs = Queues::of_type("reads", kind).await;
     let sent: Vec<_> = (0..1000).map(|i| dead_letter(&qs.q, i)).collect();
     qs.publish_all(&qs.dlq, &sent).await;
 
@@ -184,8 +221,20 @@ async fn a_hundred_reads_of_a_thousand_dead_letters_change_nothing() {
         [334, 333, 333]
     );
     let g = group0.groups[0].id.clone();
-    for run in 0..100 {
-        match run % 4 {
+
+    // The console, read-only, on a connection of its own.
+    let config = idem_cli::serve::ConsoleConfig {
+        queues: vec![qs.q.clone()],
+        write_token: None,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = idem_cli::serve::router(common::connect().await, config);
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let get = |path: String| tokio::task::spawn_blocking(move || http_get(addr, &path));
+
+    for run in 0..reads {
+        match run % 5 {
             0 => {
                 let f = Filter {
                     group: Some(g.clone()),
@@ -207,19 +256,185 @@ async fn a_hundred_reads_of_a_thousand_dead_letters_change_nothing() {
                 assert_eq!(l.len(), 1000, "run {run}");
                 assert_eq!(l[999].message_id.as_deref(), Some("m0999"));
             }
-            _ => {
+            3 => {
                 let mut out = Vec::new();
                 let n = dlq::export(&qs.conn, &qs.q, &Selector::All, &mut out)
                     .await
                     .unwrap();
                 assert_eq!(n, 1000, "run {run}");
             }
+            _ => match (run / 5) % 3 {
+                0 => {
+                    let (status, body) = get(format!("/api/queues/{}/groups", qs.q)).await.unwrap();
+                    assert_eq!(status, 200, "run {run}: {body}");
+                    assert_eq!(body["scanned"], 1000, "run {run}");
+                    assert_eq!(body["groups"][0]["id"], g.as_str(), "run {run}");
+                }
+                1 => {
+                    let path = format!("/api/queues/{}/messages?group={g}&limit=7", qs.q);
+                    let (status, body) = get(path).await.unwrap();
+                    assert_eq!(status, 200, "run {run}: {body}");
+                    let ids: Vec<_> = body
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|m| m["entry"]["message_id"].as_str().unwrap().to_owned())
+                        .collect();
+                    assert_eq!(
+                        ids,
+                        ["m0000", "m0003", "m0006", "m0009", "m0012", "m0015", "m0018"]
+                    );
+                }
+                _ => {
+                    let (status, body) = get("/api/queues".to_owned()).await.unwrap();
+                    assert_eq!(status, 200, "run {run}: {body}");
+                    assert_eq!(body["queues"][0]["depth"], 1000, "run {run}");
+                }
+            },
         }
     }
+    server.abort();
     let left = qs.take_all(&qs.dlq).await;
     assert_eq!(left.len(), 1000);
     for (i, ((p, b), (sp, sb))) in left.iter().zip(&sent).enumerate() {
         assert_eq!((p, b), (sp, sb), "message {i} changed");
+    }
+    qs.cleanup().await;
+}
+
+/// A classic DLQ with single active consumer, whose active consumer is someone
+/// else's: a read's consumer never gets a message, so the read gives it up and takes
+/// the snapshot with `basic.get`; it lists every ready message in order and leaves
+/// them unchanged, with no delivery spent.
+#[tokio::test]
+async fn a_read_that_gets_no_delivery_falls_back_to_basic_get() {
+    read_behind_another_active_consumer("classic").await;
+}
+
+/// The same on a quorum DLQ, where RabbitMQ refuses `basic.get` with single active
+/// consumer: the read stops with that error instead of waiting for ever, and the DLQ
+/// is unchanged, with no delivery spent.
+#[tokio::test]
+async fn a_read_behind_a_quorum_single_active_consumer_stops_and_changes_nothing() {
+    read_behind_another_active_consumer("quorum").await;
+}
+
+async fn read_behind_another_active_consumer(kind: &str) {
+    use futures_util::StreamExt;
+    use lapin::options::{
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions,
+    };
+    let conn = common::connect().await;
+    let q = format!("idem-cli-test-sac-{}", uuid::Uuid::new_v4().simple());
+    let dlq_name = format!("{q}.dlq");
+    let ch = conn.create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), long(kind));
+    args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    ch.queue_declare(
+        dlq_name.as_str().into(),
+        QueueDeclareOptions::durable(),
+        args,
+    )
+    .await
+    .unwrap();
+    let publisher = Publisher::connect(&common::url()).await.unwrap();
+    let qs = Queues {
+        conn,
+        q: q.clone(),
+        dlq: dlq_name.clone(),
+        publisher,
+    };
+    let sent: Vec<_> = (0..20).map(|i| dead_letter(&q, i)).collect();
+    qs.publish_all(&dlq_name, &sent).await;
+
+    // The single active consumer: holds message 0, gets nothing more.
+    let other = qs.conn.create_channel().await.unwrap();
+    other
+        .basic_qos(1, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut active = other
+        .basic_consume(
+            dlq_name.as_str().into(),
+            "active".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let held = active.next().await.unwrap().unwrap();
+    assert_eq!(
+        held.properties.message_id().as_ref().unwrap().as_str(),
+        "m0000"
+    );
+
+    let listed = dlq::list(&qs.conn, &dlq_name, 100).await;
+    if kind == "quorum" {
+        let err = listed.unwrap_err().to_string();
+        assert!(err.contains("single active consumer"), "{err}");
+    } else {
+        let ids: Vec<_> = listed
+            .unwrap()
+            .iter()
+            .map(|e| e.message_id.clone().unwrap())
+            .collect();
+        let want: Vec<_> = (1..20).map(|i| format!("m{i:04}")).collect();
+        assert_eq!(ids, want);
+    }
+
+    other
+        .basic_cancel("active".into(), BasicCancelOptions::default())
+        .await
+        .unwrap();
+    other
+        .basic_ack(held.delivery_tag, BasicAckOptions::default())
+        .await
+        .unwrap();
+    let _ = other.close(200, "bye".into()).await;
+    // basic.get is refused on a quorum queue with single active consumer: a consumer.
+    let ch = qs.conn.create_channel().await.unwrap();
+    let mut taker = ch
+        .basic_consume(
+            dlq_name.as_str().into(),
+            "taker".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut left = Vec::new();
+    while left.len() < 19 {
+        let d = tokio::time::timeout(Duration::from_secs(10), taker.next())
+            .await
+            .expect("the DLQ holds 19 messages")
+            .unwrap()
+            .unwrap();
+        let mut t = d
+            .properties
+            .headers()
+            .clone()
+            .unwrap_or_default()
+            .inner()
+            .clone();
+        let count = t.remove("x-delivery-count");
+        assert!(
+            matches!(count, None | Some(AMQPValue::LongLongInt(0))),
+            "a read spent a delivery: x-delivery-count {count:?}"
+        );
+        t.remove("x-acquired-count");
+        left.push((
+            d.properties.clone().with_headers(FieldTable::from(t)),
+            d.data,
+        ));
+    }
+    assert_eq!(qs.depth(&dlq_name).await, 0, "nothing more");
+    let _ = ch.close(200, "bye".into()).await;
+    for (i, ((p, b), (sp, sb))) in left.iter().zip(&sent[1..]).enumerate() {
+        assert_eq!((p, b), (sp, sb), "message {} changed", i + 1);
     }
     qs.cleanup().await;
 }

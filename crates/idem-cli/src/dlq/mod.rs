@@ -6,7 +6,7 @@
 //! # Reading never hands a message back
 //!
 //! Every operation takes the messages present when it starts (a snapshot of the queue
-//! depth) with `basic.get`, one by one. A message the operation does not remove
+//! depth). A message the operation does not remove
 //! (every message of `list` and `stats`, the unselected ones of `replay` and `purge`)
 //! is *restored*: an exact copy (same body, properties and headers, minus the
 //! broker's per-delivery `x-delivery-count` / `x-acquired-count`) is published back to
@@ -20,6 +20,26 @@
 //! "When is delivery count incremented?"). Twenty `idem dlq list` runs must not delete
 //! a dead letter. Classic queues have no delivery limit, but use the same path.
 //!
+//! The commands that remove messages (`replay`, `purge`, `edit`) take them with
+//! `basic.get`, one by one. The reads (`list`, `stats`, `show`, `export`, the
+//! console's GETs, the look-ahead of a predicting replay) take them through a consumer
+//! instead, so that the broker streams them rather than answering one `basic.get` at
+//! a time (on a quorum queue each `basic.get` is a consensus round: a read of 1 000
+//! dead letters took seconds, it now takes a fraction of one). The consumer's
+//! prefetch is at most the snapshot (128 at most), and the last *prefetch* messages
+//! of the snapshot are acked only after the consumer is cancelled: the broker never
+//! has credit to send a message past the snapshot (a restored copy, or a message
+//! dead-lettered meanwhile), so nothing is handed back. Acks go out in batches (one
+//! `basic.ack` with `multiple`) and at most 16 copies await their confirm, which keeps
+//! a quorum queue channel under the 32 pending commands past which it holds acks back.
+//! If someone else empties the queue during a read, the read notices after a second
+//! without deliveries (the queue has no ready message) and stops there. If its
+//! consumer gets nothing for five seconds while the queue has ready messages (the
+//! queue has a single active consumer and it is someone else's), the read cancels
+//! its consumer and takes the rest with `basic.get`, which RabbitMQ refuses on a
+//! quorum queue with single active consumer: then the read stops with that error,
+//! having changed nothing.
+//!
 //! The whole snapshot is read even for `list --limit N` (only the first N are
 //! shown), so the restored messages keep their relative order; messages dead-lettered
 //! while a command runs land among them. A crash between the confirm of a copy and the
@@ -27,7 +47,7 @@
 //! loss. A copy is a new message for the broker: a message TTL the DLQ may have (by
 //! policy) starts again for it. If a copy is refused (e.g. the DLQ is full with `reject-publish`), the command
 //! stops with an error and the broker returns the messages it still holds (the only
-//! case where a message is handed back).
+//! case where a message is handed back: for a read, up to the 128 it was sent ahead).
 //!
 //! - `list` and `stats` remove nothing.
 //! - `replay` re-publishes a matching message to its original queue with publisher
@@ -461,7 +481,7 @@ pub struct MoveReport {
     pub scanned: u64,
     /// Messages selected.
     pub matched: u64,
-    /// With a dedup store lookup (`--dedup-redis`): selected messages whose key is
+    /// With a dedup store lookup (`--dedup-redis` or `--dedup-postgres`): selected messages whose key is
     /// already done, which the consumer will ack as duplicates without running them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub duplicates: Option<u64>,

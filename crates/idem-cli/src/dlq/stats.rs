@@ -81,7 +81,7 @@ pub async fn stats_where(
     limit: Option<u64>,
     selector: &Selector,
 ) -> Result<DlqStats, CliError> {
-    let mut scan = Scan::open(conn, queue).await?;
+    let mut scan = Scan::open_reading(conn, queue).await?;
     let mut groups: BTreeMap<GroupKey, ErrorGroup> = BTreeMap::new();
     let mut scanned = 0;
     let result = async {

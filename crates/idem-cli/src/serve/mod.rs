@@ -11,6 +11,9 @@
 //! | `POST /api/queues/{q}/purge` | body `{"ids": [..]}` or `{"group": ".."}`, optional `"dry_run"` |
 //! | `POST /api/queues/{q}/edit` | body `{"id": "..", "json_set": ["/cents=500"]}` or `{"id": "..", "body_base64": ".."}` |
 //!
+//! `idem dlq serve` without `--queue` finds the queues to serve through the RabbitMQ
+//! management API ([`discover`]).
+//!
 //! Reads never change a queue (see [`crate::dlq`]). Writes are refused with 403
 //! unless the console was started with writes allowed; then each needs the header
 //! `Authorization: Bearer <token>` (401 without it, 403 with another token; tokens are
@@ -31,6 +34,8 @@ use serde_json::json;
 
 use crate::dlq::{self, Filter, ReplayOptions, Selector};
 use crate::error::CliError;
+
+pub mod discover;
 
 const PAGE: &str = include_str!("console.html");
 const SCRIPT: &str = include_str!("console.js");

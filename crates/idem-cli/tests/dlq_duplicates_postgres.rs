@@ -1,0 +1,179 @@
+//! `idem dlq replay --dedup-postgres URL` reports, in a dry run and in a real run, the
+//! messages the consumer will ack as duplicates because their key is already done in
+//! its PostgreSQL dedup store (an `idem_sql` lease store table), and those recorded
+//! with another payload; expired records count as absent. Real RabbitMQ and
+//! PostgreSQL (see the README, "Running the tests"); a table of its own, dropped at the
+//! end.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::{dead, ids, Fixture};
+use idem_core::dedup::{Claim, Completion, DedupStore, OwnerToken, ScopedKey};
+use idem_core::ErrorKind::Transient;
+use idem_sql::PgStore;
+use idem_testkit::Service;
+
+fn idem(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_idem"))
+        .args(args)
+        .env("AMQP_URL", common::url())
+        .env("COLUMNS", "200")
+        .output()
+        .expect("run the idem binary")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Records `key` of the fixture's consumer as done in `store`, with `fingerprint`,
+/// kept for `retention`.
+async fn record(
+    store: &PgStore,
+    key: &str,
+    fingerprint: Option<&str>,
+    completion: Completion,
+    retention: Duration,
+) {
+    let key = ScopedKey::new("test-consumer", key);
+    let owner = OwnerToken::generate();
+    let claim = store
+        .claim(&key, &owner, fingerprint, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(claim, Claim::Acquired);
+    assert!(store
+        .complete(&key, &owner, completion, retention)
+        .await
+        .unwrap());
+}
+
+#[tokio::test]
+async fn replay_predicts_duplicates_from_a_postgres_dedup_table() {
+    let f = Fixture::new("pgdups").await;
+    f.bury_all(&[
+        dead("done-1", "timeout", Transient),
+        dead("fresh-1", "timeout", Transient),
+        dead("other-1", "timeout", Transient),
+        dead("expired-1", "timeout", Transient),
+        dead("poisoned-1", "timeout", Transient),
+    ])
+    .await;
+    let url = Service::PostgreSql.url();
+    let pool = Service::PostgreSql.expect_connected(
+        &url,
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(&url)
+            .await,
+    );
+    let table = format!("idem_cli_test_{}", uuid::Uuid::new_v4().simple());
+    let store = PgStore::new(pool.clone()).try_table(&table).unwrap();
+    store.ensure_schema().await.unwrap();
+    // The fixture's messages carry x-idem-consumer test-consumer, x-idem-key key-<id>
+    // and the body "body of <id>".
+    let fp = idem_cli::dlq::sha256_hex(b"body of done-1");
+    let long = Duration::from_secs(600);
+    record(&store, "key-done-1", Some(&fp), Completion::Succeeded, long).await;
+    let other = idem_cli::dlq::sha256_hex(b"another payload");
+    record(
+        &store,
+        "key-other-1",
+        Some(&other),
+        Completion::Succeeded,
+        long,
+    )
+    .await;
+    let short = Duration::from_millis(1);
+    record(&store, "key-expired-1", None, Completion::Succeeded, short).await;
+    record(&store, "key-poisoned-1", None, Completion::Poisoned, long).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    for dry in [true, false] {
+        let mut args = vec![
+            "dlq",
+            "replay",
+            f.queue.as_str(),
+            "--all",
+            "--json",
+            "--dedup-postgres",
+            url.as_str(),
+            "--dedup-table",
+            table.as_str(),
+        ];
+        if dry {
+            args.push("--dry-run");
+        }
+        let out = idem(&args);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["duplicates"], 1, "{v}");
+        let outcome = |id: &str| {
+            v["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["message_id"] == id)
+                .unwrap()["outcome"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
+        assert!(
+            outcome("done-1").ends_with("will be acked as a duplicate"),
+            "{v}"
+        );
+        assert!(
+            outcome("other-1").ends_with("will be dead-lettered: different payload"),
+            "{v}"
+        );
+        for runs in ["fresh-1", "expired-1", "poisoned-1"] {
+            let o = outcome(runs);
+            assert!(
+                !o.contains("duplicate") && !o.contains("different"),
+                "{runs}: {v}"
+            );
+        }
+        if dry {
+            assert_eq!(f.depth(&f.queue).await, 0, "a dry run moves nothing");
+            assert_eq!(f.depth(&f.dlq()).await, 5, "a dry run moves nothing");
+        }
+    }
+    assert_eq!(
+        ids(&f.drain(&f.queue, 5).await),
+        ["done-1", "fresh-1", "other-1", "expired-1", "poisoned-1"]
+    );
+
+    // A table that is not there: one clear error, nothing moved.
+    f.bury_all(&[dead("late-1", "timeout", Transient)]).await;
+    let missing = format!("{table}_missing");
+    let out = idem(&[
+        "dlq",
+        "replay",
+        f.queue.as_str(),
+        "--all",
+        "--dedup-postgres",
+        url.as_str(),
+        "--dedup-table",
+        missing.as_str(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains("--dedup-table"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(f.depth(&f.dlq()).await, 1, "nothing moved");
+
+    sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    f.cleanup().await;
+}
