@@ -85,6 +85,29 @@ async fn wait_for(what: &str, limit: Duration, cond: impl AsyncFnMut() -> bool) 
     );
 }
 
+/// Waits until the work queue holds nothing ready or unacked and its delay queues
+/// nothing ready. The delay queues are read before and after the work queue, so a copy
+/// moving from a delay queue into the work queue between two reads is still seen.
+async fn drained(ch: &Channel, topo: &Topology) {
+    let tiers = topo.get_tiers().as_slice().to_vec();
+    wait_for(
+        "the work and delay queues to hold nothing ready or unacked",
+        Duration::from_secs(30),
+        async || {
+            let mut delayed = 0;
+            for t in &tiers {
+                delayed += ready(ch, &topo.retry_queue(*t)).await;
+            }
+            let work = broker_counts(topo.queue()).await;
+            for t in &tiers {
+                delayed += ready(ch, &topo.retry_queue(*t)).await;
+            }
+            delayed == 0 && work == (0, 0)
+        },
+    )
+    .await;
+}
+
 /// How many of each disposition name.
 fn summary(names: &[&'static str]) -> Vec<(&'static str, usize)> {
     let mut out: Vec<(&'static str, usize)> = Vec::new();
@@ -255,25 +278,7 @@ async fn mixed_outcomes(coalesce: bool) {
     }
     // Everything settled: nothing ready and nothing unacked on the work queue while the
     // worker still runs (acks flushed by the interval, not by a shutdown).
-    // Delay queues are read before and after the work queue, so a copy moving from a
-    // delay queue into the work queue between two reads is still seen.
-    let tiers = topo.get_tiers().as_slice().to_vec();
-    wait_for(
-        "the work and delay queues to hold nothing ready or unacked",
-        Duration::from_secs(30),
-        async || {
-            let mut delayed = 0;
-            for t in &tiers {
-                delayed += ready(&ch, &topo.retry_queue(*t)).await;
-            }
-            let work = broker_counts(topo.queue()).await;
-            for t in &tiers {
-                delayed += ready(&ch, &topo.retry_queue(*t)).await;
-            }
-            delayed == 0 && work == (0, 0)
-        },
-    )
-    .await;
+    drained(&ch, &topo).await;
 
     let stats = running.shutdown_and_join().await.unwrap();
     assert_eq!(
@@ -523,25 +528,7 @@ async fn a_crash_between_settle_and_flush_loses_nothing() {
         async || count_applied().await == CRASH_MESSAGES as i64,
     )
     .await;
-    // Delay queues are read before and after the work queue, so a copy moving from a
-    // delay queue into the work queue between two reads is still seen.
-    let tiers = topo.get_tiers().as_slice().to_vec();
-    wait_for(
-        "the work and delay queues to hold nothing ready or unacked",
-        Duration::from_secs(30),
-        async || {
-            let mut delayed = 0;
-            for t in &tiers {
-                delayed += ready(&ch, &topo.retry_queue(*t)).await;
-            }
-            let work = broker_counts(topo.queue()).await;
-            for t in &tiers {
-                delayed += ready(&ch, &topo.retry_queue(*t)).await;
-            }
-            delayed == 0 && work == (0, 0)
-        },
-    )
-    .await;
+    drained(&ch, &topo).await;
     running.shutdown_and_join().await.unwrap();
 
     let total: i64 =

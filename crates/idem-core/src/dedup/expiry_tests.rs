@@ -25,14 +25,22 @@ fn slow(runs: Arc<AtomicUsize>) -> tower::util::BoxCloneSyncService<Message, (),
     }))
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_lease_that_ran_out_unclaimed_still_gets_its_done_record() {
+/// A store whose extensions fail, and the dedup stage over [`slow`] on it.
+fn stack() -> (FakeStore, Stack, Arc<AtomicUsize>) {
     let store = FakeStore::no_extend();
     let layer = DedupLayer::new(store.clone()).scope("c").lease(LEASE);
     let runs = Arc::new(AtomicUsize::new(0));
     let svc = ServiceBuilder::new()
         .layer(layer)
         .service(slow(runs.clone()));
+    (store, svc, runs)
+}
+
+type Stack = DedupService<tower::util::BoxCloneSyncService<Message, (), HandlerError>>;
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_that_ran_out_unclaimed_still_gets_its_done_record() {
+    let (_store, svc, runs) = stack();
     let first = svc
         .clone()
         .oneshot(Message::new("a").with_message_id("k"))
@@ -50,12 +58,7 @@ async fn a_lease_that_ran_out_unclaimed_still_gets_its_done_record() {
 
 #[tokio::test(start_paused = true)]
 async fn a_key_taken_over_after_the_lease_ran_out_is_left_to_its_new_owner() {
-    let store = FakeStore::no_extend();
-    let layer = DedupLayer::new(store.clone()).scope("c").lease(LEASE);
-    let runs = Arc::new(AtomicUsize::new(0));
-    let svc = ServiceBuilder::new()
-        .layer(layer)
-        .service(slow(runs.clone()));
+    let (store, svc, runs) = stack();
     let mut first = svc.clone();
     let first = tokio::spawn(first.call(Message::new("a").with_message_id("k")));
     // Past the first claim's lease: another owner takes the key and holds it.
