@@ -28,14 +28,33 @@
 //!   hard stop of every worker, as described under
 //!   [Dropping a worker](crate::worker#dropping-a-worker).
 //!
-//! # Connections: one per consumer (known limit)
+//! # Connections
 //!
-//! Each consumer keeps **its own AMQP connection** (named `idem:<consumer>` unless its
-//! closure sets [`WorkerBuilder::connection_name`]), with its channels on it, exactly
-//! as a lone [`Worker`]: the worker's reconnection, breaker pause (which closes the
-//! connection to hand prefetched deliveries back) and drop rules are per connection.
-//! Sharing one connection between consumers, with one channel each, is not done yet:
-//! a service of `n` consumers opens `n` connections.
+//! By default each consumer keeps **its own AMQP connection** (named `idem:<consumer>`
+//! unless its closure sets [`WorkerBuilder::connection_name`]), exactly as a lone
+//! [`Worker`]. With [`ServiceBuilder::connections`]`(n)` the consumers share `n`
+//! connections instead (consumer `i` on connection `i % n`), each consumer with its
+//! own channels on it (one to consume, one to publish its retry and dead-letter
+//! copies and, with the `prometheus` feature, one for the dead-letter sampler). On a
+//! shared connection:
+//!
+//! - **A channel error** (a refused declaration, a broker-side cancel) ends that
+//!   consumer's channels only; it opens new ones on the same connection.
+//! - **A lost connection** ends the channels of every consumer on it. The first of
+//!   them to reconnect opens the new connection (same backoff as a lone worker), the
+//!   others open their channels on it: never two connections for one slot.
+//! - **A breaker pause** closes only the paused consumer's channels (which hands its
+//!   prefetched deliveries back); the connection stays for the others.
+//! - **Stop**: each consumer closes its channels; the service closes the connections
+//!   once every consumer has stopped. A hard stop (drop) closes the channels as they
+//!   are dropped and the connection with its last handle.
+//! - The connection's name and TLS settings are the service's
+//!   ([`ServiceBuilder::connection_name`], [`ServiceBuilder::tls`]); a consumer's own
+//!   `connection_name` and `tls` are not used.
+//!
+//! Sharing trades isolation for fewer connections: a connection-level failure stops
+//! every consumer on it until it is back, and its consumers share one TCP socket's
+//! throughput and the broker's flow control (a blocked connection blocks all of them).
 //!
 //! # Names
 //!
@@ -46,6 +65,7 @@
 //! task.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::FutureExt;
@@ -56,7 +76,7 @@ use tokio::task::JoinSet;
 use crate::endpoints::Endpoints;
 use crate::error::Error;
 use crate::topology::Topology;
-use crate::worker::{Worker, WorkerBuilder};
+use crate::worker::{SharedConnection, Worker, WorkerBuilder};
 
 /// Default time a service's workers have to drain in-flight handlers on shutdown.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -67,6 +87,9 @@ type Configure = Box<dyn FnOnce(WorkerBuilder) -> WorkerBuilder + Send>;
 /// Configures a [`Service`]. See [`Service::builder`].
 pub struct ServiceBuilder {
     endpoints: Endpoints,
+    connections: Option<usize>,
+    connection_name: String,
+    tls: idem_core::TlsConfig,
     #[cfg(feature = "prometheus")]
     listen: Option<std::net::SocketAddr>,
     shutdown_timeout: Duration,
@@ -97,6 +120,7 @@ impl std::fmt::Debug for ServiceBuilder {
 /// let emails = Consumer::builder("emails").store(MemoryStore::new()).handler(|| async {})?;
 /// let service = Service::builder(idem_amqp::amqp_url_from_env())
 ///     .listen("0.0.0.0:9090".parse()?) // /metrics, /live, /ready for both
+///     .connections(1) // both on one connection, a channel each
 ///     .consumer(Topology::new("charges"), billing, |w| w.prefetch(100).concurrency(20))
 ///     .consumer(Topology::new("emails"), emails, |w| w.prefetch(10))
 ///     .shutdown_timeout(Duration::from_secs(20))
@@ -108,6 +132,8 @@ impl std::fmt::Debug for ServiceBuilder {
 /// ```
 pub struct Service {
     workers: Vec<(String, Worker)>,
+    /// The shared connections (empty: each consumer has its own).
+    pool: Vec<Arc<SharedConnection>>,
     #[cfg(feature = "prometheus")]
     listen: Option<std::net::SocketAddr>,
 }
@@ -130,6 +156,9 @@ impl Service {
     pub fn builder(endpoints: impl Into<Endpoints>) -> ServiceBuilder {
         ServiceBuilder {
             endpoints: endpoints.into(),
+            connections: None,
+            connection_name: "idem:service".to_owned(),
+            tls: idem_core::TlsConfig::default(),
             #[cfg(feature = "prometheus")]
             listen: None,
             shutdown_timeout: SHUTDOWN_TIMEOUT,
@@ -162,6 +191,29 @@ impl ServiceBuilder {
         self
     }
 
+    /// Consumers share `n` connections (at least 1), one channel pair each: consumer
+    /// `i` (in the order added) uses connection `i % n`. Default: no sharing, each
+    /// consumer opens its own connection. See [Connections](self#connections).
+    pub fn connections(mut self, n: usize) -> Self {
+        self.connections = Some(n.max(1));
+        self
+    }
+
+    /// Name the broker shows for the shared connections (default `idem:service`;
+    /// with several, `#1`, `#2`... appended). Only with [`connections`](Self::connections).
+    pub fn connection_name(mut self, name: impl Into<String>) -> Self {
+        self.connection_name = name.into();
+        self
+    }
+
+    /// TLS settings of the shared connections (see [`crate::tls`]). Only with
+    /// [`connections`](Self::connections); a consumer's own connection takes the
+    /// settings of its closure ([`WorkerBuilder::tls`]).
+    pub fn tls(mut self, tls: idem_core::TlsConfig) -> Self {
+        self.tls = tls;
+        self
+    }
+
     /// How long a stop waits for in-flight handlers, for all consumers at once
     /// (default 30 s). Replaces a timeout set in a consumer's closure.
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
@@ -175,20 +227,36 @@ impl ServiceBuilder {
     /// were refused.
     pub fn build(self) -> Result<Service, Error> {
         let mut workers: Vec<(String, Worker)> = Vec::with_capacity(self.consumers.len());
-        for (topology, consumer, configure) in self.consumers {
+        let n = self.connections.unwrap_or(0);
+        let pool: Vec<Arc<SharedConnection>> = (0..n)
+            .map(|i| {
+                let name = match n {
+                    1 => self.connection_name.clone(),
+                    _ => format!("{}#{}", self.connection_name, i + 1),
+                };
+                Arc::new(SharedConnection::new(
+                    self.endpoints.clone(),
+                    self.tls.clone(),
+                    name,
+                ))
+            })
+            .collect();
+        for (i, (topology, consumer, configure)) in self.consumers.into_iter().enumerate() {
             let name = consumer.name().to_owned();
             if workers.iter().any(|(n, _)| *n == name) {
                 return Err(Error::DuplicateConsumer(name));
             }
             let builder = Worker::builder(&self.endpoints, topology, consumer);
-            let worker = configure(builder)
-                .shutdown_timeout(self.shutdown_timeout)
-                .build()
-                .map_err(|e| Error::consumer(&name, e))?;
+            let mut builder = configure(builder).shutdown_timeout(self.shutdown_timeout);
+            if let Some(conn) = pool.get(i % n.max(1)) {
+                builder = builder.shared_connection(conn.clone());
+            }
+            let worker = builder.build().map_err(|e| Error::consumer(&name, e))?;
             workers.push((name, worker));
         }
         Ok(Service {
             workers,
+            pool,
             #[cfg(feature = "prometheus")]
             listen: self.listen,
         })
@@ -283,6 +351,9 @@ impl Service {
                     stop.send_replace(true);
                 }
             }
+        }
+        for conn in &self.pool {
+            conn.close().await;
         }
         if let Some(p) = panic {
             std::panic::resume_unwind(p);
