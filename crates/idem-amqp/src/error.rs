@@ -115,6 +115,18 @@ pub enum Error {
     /// The Prometheus endpoint could not start.
     #[error("metrics endpoint: {0}")]
     Metrics(String),
+    /// A consumer of a [`Service`](crate::Service) failed (its settings were refused,
+    /// or its first connection or declaration failed); the service stopped.
+    #[error("consumer {consumer:?}: {source}")]
+    Consumer {
+        /// The consumer's name.
+        consumer: String,
+        /// Why it failed.
+        source: Box<Error>,
+    },
+    /// Two consumers of one [`Service`](crate::Service) have the same name.
+    #[error("two consumers of the service are named {0:?}: names must differ (metrics, readiness and errors name consumers by name)")]
+    DuplicateConsumer(String),
     /// [`Publisher::publish_delayed`](crate::Publisher::publish_delayed) was asked for
     /// a delay longer than the queue's longest delay tier; nothing was published.
     #[error("delay {delay:?} is longer than the longest delay tier of queue {queue:?} ({longest:?}): nothing published; add a longer tier (Topology::tiers) or hold the message elsewhere until it is due")]
@@ -165,5 +177,12 @@ fn no_endpoint_text(errors: &[Error]) -> String {
 impl Error {
     pub(crate) fn amqp(op: &'static str) -> impl FnOnce(lapin::Error) -> Error {
         move |source| Error::Amqp { op, source }
+    }
+
+    pub(crate) fn consumer(name: &str, source: Error) -> Error {
+        Error::Consumer {
+            consumer: name.to_owned(),
+            source: Box::new(source),
+        }
     }
 }

@@ -13,6 +13,8 @@
 //! path of idem (the outbox relay and the `idem` CLI use it), with the one header rule
 //! of [`headers`] and the replay rules of [`replay`]. Every connection takes one broker
 //! URL or several ([`Endpoints`]: the first that answers, the next one after a loss).
+//! [`Service`] runs several consumers in one process, with one metrics listener and
+//! one graceful stop for all of them.
 //!
 //! ```no_run
 //! use idem_amqp::{Publisher, Topology, Worker};
@@ -62,6 +64,7 @@ pub mod prometheus;
 pub mod publisher;
 pub mod readiness;
 pub mod replay;
+pub mod service;
 pub mod shutdown;
 pub mod tiers;
 pub mod tls;
@@ -73,6 +76,7 @@ pub use endpoints::Endpoints;
 pub use error::Error;
 pub use idem_core::{TlsConfig, TlsFailure};
 pub use publisher::{connect, Outgoing, Publisher, PublisherBuilder, RawOutgoing};
+pub use service::{Service, ServiceBuilder, ServiceStats};
 pub use tiers::DelayTiers;
 pub use tls::connect_tls;
 pub use topology::{QueueType, Topology};

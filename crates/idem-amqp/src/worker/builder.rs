@@ -37,6 +37,7 @@ pub struct WorkerBuilder {
     #[cfg(feature = "prometheus")]
     dlq_sample_interval: Duration,
     readiness: Option<crate::readiness::Readiness>,
+    shared_connection: Option<Arc<super::SharedConnection>>,
 }
 
 /// How the worker acks: coalesced (`flush` set) or one `basic.ack` per delivery.
@@ -87,6 +88,7 @@ impl Worker {
             #[cfg(feature = "prometheus")]
             dlq_sample_interval: DLQ_SAMPLE_INTERVAL,
             readiness: None,
+            shared_connection: None,
         }
     }
 }
@@ -196,6 +198,13 @@ impl WorkerBuilder {
         self
     }
 
+    /// Consume on `conn`, shared with other workers of a [`Service`](crate::Service),
+    /// instead of a connection of the worker's own.
+    pub(crate) fn shared_connection(mut self, conn: Arc<super::SharedConnection>) -> Self {
+        self.shared_connection = Some(conn);
+        self
+    }
+
     /// Checks the configuration and builds the worker.
     ///
     /// Refuses a dedup retention shorter than the retry horizon *in broker time*
@@ -265,6 +274,7 @@ impl WorkerBuilder {
                 .readiness
                 .unwrap_or_else(crate::readiness::Readiness::global),
             health: Arc::default(),
+            shared_connection: self.shared_connection,
         };
         Ok(Worker {
             shared: Arc::new(shared),

@@ -121,10 +121,12 @@ use crate::topology::Topology;
 mod builder;
 mod session;
 mod settle;
+mod shared_conn;
 
 use builder::AckConfig;
 pub use builder::WorkerBuilder;
 use session::Session;
+pub(crate) use shared_conn::SharedConnection;
 
 const RECONNECT_MIN: Duration = Duration::from_millis(200);
 const RECONNECT_MAX: Duration = Duration::from_secs(30);
@@ -149,6 +151,8 @@ struct Shared {
     dlq_sample_interval: Duration,
     readiness: crate::readiness::Readiness,
     health: Arc<crate::health::WorkerHealth>,
+    /// The connection shared with other workers of a service, if any.
+    shared_connection: Option<Arc<SharedConnection>>,
 }
 
 /// Consumes one RabbitMQ queue with an idem [`Consumer`]. See the [module docs](self).

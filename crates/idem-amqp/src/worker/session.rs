@@ -23,14 +23,33 @@ use crate::acks::AckCoalescer;
 use crate::error::Error;
 use crate::health::WorkerHealth;
 
+/// The connection a session consumes on: its own, or one shared with other workers of
+/// a [`Service`](crate::Service), which the session never closes (it closes only its
+/// channels).
+enum Conn {
+    Own(Box<Connection>),
+    Shared(Arc<Connection>),
+}
+
+impl std::ops::Deref for Conn {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        match self {
+            Conn::Own(c) => c,
+            Conn::Shared(c) => c,
+        }
+    }
+}
+
 pub(super) struct Session {
     /// `None` once closed (or handed to the closing task by `Drop`).
-    conn: Option<Connection>,
+    conn: Option<Conn>,
     // Shared by the delivery tasks: one Arc clone per delivery instead of a Channel clone.
     publish: Arc<Channel>,
     consume: Channel,
     stream: lapin::Consumer,
-    events: JoinHandle<()>,
+    /// The task logging the connection's events (the shared connection has its own).
+    events: Option<JoinHandle<()>>,
     /// This channel's ack coalescer (tags restart with each channel); `None` when acks
     /// are sent one per delivery.
     acks: Option<AckCoalescer<Record>>,
@@ -46,10 +65,14 @@ impl Drop for Session {
     /// close the connection now, so the broker hands every unacked delivery back at
     /// once instead of when the process exits. Handler tasks were aborted by the
     /// worker's task set; the coalescer's flusher by its own `Drop`.
+    /// On a shared connection only the channels go: they close when their last
+    /// handle is dropped, with the session and its aborted handler tasks.
     fn drop(&mut self) {
-        self.events.abort();
+        self.stop_events();
         self.stop_watching();
-        let Some(conn) = self.conn.take() else { return };
+        let Some(Conn::Own(conn)) = self.conn.take() else {
+            return;
+        };
         if !conn.status().connected() {
             return;
         }
@@ -70,13 +93,19 @@ impl Drop for Session {
 
 impl Session {
     pub(super) async fn open(shared: &Arc<Shared>) -> Result<Session, Error> {
-        let (conn, url) = shared
-            .endpoints
-            .connect_indexed(&shared.connection_name, &shared.tls)
-            .await?;
+        let (conn, url) = match &shared.shared_connection {
+            Some(pool) => (Conn::Shared(pool.get().await?), None),
+            None => {
+                let (conn, url) = shared
+                    .endpoints
+                    .connect_indexed(&shared.connection_name, &shared.tls)
+                    .await?;
+                (Conn::Own(Box::new(conn)), Some(url))
+            }
+        };
         match Self::channels(shared, &conn).await {
             Ok((publish, consume, stream)) => {
-                let events = tokio::spawn(log_events(conn.events_listener(), url));
+                let events = url.map(|url| tokio::spawn(log_events(conn.events_listener(), url)));
                 shared.health.connected(conn.status().clone());
                 let sampler = spawn_sampler(shared, &conn).await;
                 tracing::info!(queue = %shared.topology.queue(), prefetch = shared.prefetch, "consuming");
@@ -98,7 +127,10 @@ impl Session {
                 })
             }
             Err(e) => {
-                let _ = conn.close(200, "setup failed".into()).await;
+                // A shared connection stays; the channels opened so far close when dropped.
+                if let Conn::Own(conn) = conn {
+                    let _ = conn.close(200, "setup failed".into()).await;
+                }
                 Err(e)
             }
         }
@@ -238,19 +270,27 @@ impl Session {
         }
     }
 
+    fn stop_events(&mut self) {
+        if let Some(events) = self.events.take() {
+            events.abort();
+        }
+    }
+
     async fn close(mut self) {
-        self.events.abort();
+        self.stop_events();
         self.stop_watching();
         let Some(conn) = self.conn.take() else { return };
         if conn.status().connected() {
             let _ = self.consume.close(200, "bye".into()).await;
             let _ = self.publish.close(200, "bye".into()).await;
-            let _ = conn.close(200, "bye".into()).await;
+            if let Conn::Own(conn) = conn {
+                let _ = conn.close(200, "bye".into()).await;
+            }
         }
     }
 }
 
-async fn log_events(events: impl futures_util::Stream<Item = Event>, url: String) {
+pub(super) async fn log_events(events: impl futures_util::Stream<Item = Event>, url: String) {
     let mut events = std::pin::pin!(events);
     while let Some(event) = events.next().await {
         match event {

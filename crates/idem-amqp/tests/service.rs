@@ -1,0 +1,438 @@
+//! A `Service` runs several consumers in one process and stops them together: against
+//! the real local RabbitMQ (`AMQP_URL`), with `rabbitmqctl` to read what the broker
+//! holds. Its own test binary: the service installs the process-global metrics
+//! recorder.
+//!
+//! - Three consumers (three queues, an in-memory dedup store each) share 300 messages;
+//!   the service is stopped (its handle's graceful stop, what SIGTERM does) while
+//!   handlers run: every handler that started finishes, nothing stays unacked, and a
+//!   second service finishes the rest with every message applied exactly once. Once
+//!   with a connection per consumer, once with the three on one shared connection,
+//!   where one scrape of the shared listener also shows all three consumers' series.
+//! - The shared connection is closed by the broker mid-run: all three consumers carry
+//!   on over one new connection, every message applied exactly once.
+//! - A consumer whose queue cannot be declared fails the service: the others are
+//!   stopped and the error names it.
+
+#![allow(clippy::unwrap_used)] // tests may unwrap (project rule)
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+
+use common::{broker, short_tiers, unique, url};
+use idem_amqp::{Error, Publisher, Service, Topology};
+use idem_core::{Consumer, IdempotencyKey, MemoryStore, Message, State};
+use idem_testkit::broker::{connection_open, declare_queue, queue_counts, wait_until};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const PER_CONSUMER: usize = 100;
+
+/// What the handlers of every consumer saw.
+#[derive(Default)]
+struct Probe {
+    started: AtomicUsize,
+    finished: AtomicUsize,
+    effects: Mutex<HashMap<String, usize>>,
+}
+
+impl Probe {
+    fn applied(&self) -> usize {
+        self.effects.lock().unwrap().len()
+    }
+
+    /// Messages of the consumer `name` applied.
+    fn applied_by(&self, name: &str) -> usize {
+        let effects = self.effects.lock().unwrap();
+        effects.keys().filter(|k| k.starts_with(name)).count()
+    }
+
+    fn in_flight(&self) -> usize {
+        self.started.load(Ordering::SeqCst) - self.finished.load(Ordering::SeqCst)
+    }
+}
+
+/// A handler's state: the probe, and a gate each run takes one permit from before it
+/// applies its effect (so a test can hold handlers in flight).
+#[derive(Clone)]
+struct Ctx {
+    probe: Arc<Probe>,
+    gate: Arc<Semaphore>,
+}
+
+/// Waits for a permit of its consumer's gate, then applies its effect.
+async fn handler(State(ctx): State<Ctx>, key: IdempotencyKey) {
+    let probe = ctx.probe;
+    probe.started.fetch_add(1, Ordering::SeqCst);
+    ctx.gate.acquire().await.unwrap().forget();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    *probe
+        .effects
+        .lock()
+        .unwrap()
+        .entry(key.as_str().to_owned())
+        .or_default() += 1;
+    probe.finished.fetch_add(1, Ordering::SeqCst);
+}
+
+/// One consumer of the test: its queue, name and dedup store.
+struct Lane {
+    topology: Topology,
+    name: String,
+    store: MemoryStore,
+    /// Permits for the handlers of this consumer (none at first).
+    gate: Arc<Semaphore>,
+}
+
+impl Lane {
+    fn consumer(&self, probe: &Arc<Probe>) -> Consumer {
+        let ctx = Ctx {
+            probe: probe.clone(),
+            gate: self.gate.clone(),
+        };
+        Consumer::builder(self.name.as_str())
+            .store(self.store.clone())
+            .handler_with_state(handler, ctx)
+            .unwrap()
+    }
+
+    fn open_gate(&self) {
+        self.gate.add_permits(Semaphore::MAX_PERMITS / 8);
+    }
+}
+
+fn service(lanes: &[Lane], probe: &Arc<Probe>, shared: Option<&str>) -> idem_amqp::ServiceBuilder {
+    let builder = match shared {
+        Some(name) => Service::builder(url()).connections(1).connection_name(name),
+        None => Service::builder(url()),
+    };
+    lanes.iter().fold(builder, |s, lane| {
+        s.consumer(lane.topology.clone(), lane.consumer(probe), |w| {
+            w.prefetch(10).concurrency(4)
+        })
+    })
+}
+
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+async fn wait_for(what: &str, limit: Duration, cond: impl Fn() -> bool) {
+    assert!(
+        wait_until(limit, async || cond()).await,
+        "timed out waiting for {what}"
+    );
+}
+
+/// Three lanes with unique queues (declared, with short delay tiers) and
+/// `per_lane` messages published to each.
+async fn lanes(ch: &lapin::Channel, per_lane: usize) -> Vec<Lane> {
+    let publisher = Publisher::connect(&url()).await.unwrap();
+    let mut lanes = Vec::new();
+    for l in ["a", "b", "c"] {
+        let queue = unique(&format!("service-{l}"));
+        let lane = Lane {
+            name: format!("{queue}-consumer"),
+            topology: Topology::new(queue).tiers(short_tiers()),
+            store: MemoryStore::new(),
+            gate: Arc::new(Semaphore::new(0)),
+        };
+        lane.topology.declare_on(ch).await.unwrap();
+        let mut msgs: Vec<Message> = (0..per_lane)
+            .map(|i| Message::new("x").with_message_id(format!("{}-{i}", lane.name)))
+            .collect();
+        publisher
+            .publish_batch("", lane.topology.queue(), &mut msgs)
+            .await
+            .unwrap();
+        lanes.push(lane);
+    }
+    lanes
+}
+
+/// Runs `rabbitmqctl` with `args`; its output.
+fn rabbitmqctl(args: &[&str]) -> String {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl must be on PATH for this test (it ships with RabbitMQ)");
+    assert!(out.status.success(), "rabbitmqctl {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The broker's ids of the client connections named `name`; with `close`, closes them.
+async fn connections_named(name: &str, close: bool) -> usize {
+    let needle = format!("{{\"connection_name\",\"{name}\"}}");
+    tokio::task::spawn_blocking(move || {
+        let list = rabbitmqctl(&[
+            "list_connections",
+            "pid",
+            "client_properties",
+            "--quiet",
+            "--no-table-headers",
+        ]);
+        let pids: Vec<&str> = list
+            .lines()
+            .filter(|l| l.contains(&needle))
+            .filter_map(|l| l.split_once('\t').map(|(pid, _)| pid.trim()))
+            .collect();
+        if close {
+            for pid in &pids {
+                rabbitmqctl(&["close_connection", pid, "idem-test: service reconnect"]);
+            }
+        }
+        pids.len()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_stops_all_consumers_together_and_loses_nothing() {
+    stop_in_flight_then_finish(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_on_one_shared_connection_stops_together_and_serves_one_metrics() {
+    stop_in_flight_then_finish(Some(unique("service-conn"))).await;
+}
+
+/// With `shared` (a connection name): on one shared connection, with the listener.
+async fn stop_in_flight_then_finish(shared: Option<String>) {
+    let (_conn, ch) = broker("idem-test-service-admin").await;
+    let lanes = lanes(&ch, PER_CONSUMER).await;
+    let addr = {
+        let probe = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        probe.local_addr().unwrap()
+    };
+
+    // First run: stopped while handlers of every consumer are running.
+    let first = Arc::new(Probe::default());
+    let mut builder =
+        service(&lanes, &first, shared.as_deref()).shutdown_timeout(Duration::from_secs(10));
+    if shared.is_some() {
+        builder = builder.listen(addr);
+    }
+    let running = builder.build().unwrap().spawn();
+    for lane in &lanes {
+        lane.gate.add_permits(20);
+    }
+    wait_for(
+        "20 messages applied per consumer, and handlers held",
+        Duration::from_secs(30),
+        || lanes.iter().all(|l| first.applied_by(&l.name) == 20) && first.in_flight() >= 3,
+    )
+    .await;
+    if let Some(name) = &shared {
+        let body = scrape(addr).await;
+        assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+        for lane in &lanes {
+            let series = format!(r#"idem_processed_total{{consumer="{}"}}"#, lane.name);
+            assert!(body.contains(&series), "no {series} in:\n{body}");
+            let own = format!("idem:{}", lane.name);
+            assert_eq!(connections_named(&own, false).await, 0, "{own}");
+        }
+        assert_eq!(
+            connections_named(name, false).await,
+            1,
+            "one shared connection"
+        );
+    }
+    let in_flight = first.in_flight();
+    // The stop starts while handlers are held, then they may finish.
+    running.shutdown();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for lane in &lanes {
+        lane.open_gate();
+    }
+    let stats = running.join().await.unwrap();
+    assert!(in_flight > 0, "the stop found no handler running");
+    assert_eq!(
+        first.started.load(Ordering::SeqCst),
+        first.finished.load(Ordering::SeqCst),
+        "a handler in flight at the stop was cut off"
+    );
+    let names: Vec<&str> = stats.iter().map(|(n, _)| n.as_str()).collect();
+    let expected: Vec<&str> = lanes.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(names, expected);
+    let first_applied = first.applied();
+    assert!(
+        first_applied < 3 * PER_CONSUMER,
+        "nothing left for the second run"
+    );
+    for lane in &lanes {
+        let q = lane.topology.queue().to_owned();
+        let settled = wait_until(Duration::from_secs(5), async || {
+            let c = queue_counts(&q).await;
+            c.unacked == 0 && c.consumers == 0
+        })
+        .await;
+        assert!(settled, "{q} after the stop: {:?}", queue_counts(&q).await);
+        assert!(!connection_open(&format!("idem:{}", lane.name)).await);
+    }
+    if let Some(name) = &shared {
+        assert!(
+            !connection_open(name).await,
+            "the shared connection stayed open"
+        );
+    }
+    let left: u64 = {
+        let mut n = 0;
+        for lane in &lanes {
+            n += queue_counts(lane.topology.queue()).await.ready;
+        }
+        n
+    };
+    assert_eq!(
+        left as usize + first_applied,
+        3 * PER_CONSUMER,
+        "every message is either applied (and acked) or back in its queue"
+    );
+
+    // Second run: finishes the rest.
+    let second = Arc::new(Probe::default());
+    for lane in &lanes {
+        lane.open_gate();
+    }
+    let running = service(&lanes, &second, shared.as_deref())
+        .build()
+        .unwrap()
+        .spawn();
+    wait_for("every message applied", Duration::from_secs(30), || {
+        first_applied + second.applied() >= 3 * PER_CONSUMER
+    })
+    .await;
+    let stats = running.shutdown_and_join().await.unwrap();
+    for (name, s) in &stats {
+        assert_eq!(
+            s.duplicates, 0,
+            "{name}: an ack of the first run was not sent"
+        );
+    }
+    let mut all = first.effects.lock().unwrap().clone();
+    for (key, n) in second.effects.lock().unwrap().iter() {
+        *all.entry(key.clone()).or_default() += n;
+    }
+    assert_exactly_once(&all, 3 * PER_CONSUMER);
+    cleanup(&ch, &lanes).await;
+}
+
+fn assert_exactly_once(effects: &HashMap<String, usize>, total: usize) {
+    assert_eq!(effects.len(), total);
+    let twice: Vec<_> = effects.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(twice.is_empty(), "applied more than once: {twice:?}");
+}
+
+/// Checks every lane's queue is empty and settled, then deletes its topology.
+async fn cleanup(ch: &lapin::Channel, lanes: &[Lane]) {
+    for lane in lanes {
+        let q = lane.topology.queue().to_owned();
+        let empty = wait_until(Duration::from_secs(5), async || {
+            let c = queue_counts(&q).await;
+            c.ready == 0 && c.unacked == 0 && c.consumers == 0
+        })
+        .await;
+        assert!(empty, "{q} at the end: {:?}", queue_counts(&q).await);
+        lane.topology.delete_on(ch).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_consumers_move_together_to_a_new_shared_connection() {
+    const PER_LANE: usize = 50;
+    let (_conn, ch) = broker("idem-test-service-reconnect-admin").await;
+    let lanes = lanes(&ch, PER_LANE).await;
+    let name = unique("service-conn");
+    let probe = Arc::new(Probe::default());
+    for lane in &lanes {
+        lane.open_gate();
+    }
+    let running = service(&lanes, &probe, Some(&name))
+        .build()
+        .unwrap()
+        .spawn();
+    wait_for("30 messages applied", Duration::from_secs(30), || {
+        probe.applied() >= 30
+    })
+    .await;
+    assert_eq!(connections_named(&name, true).await, 1);
+    wait_for("every message applied", Duration::from_secs(60), || {
+        probe.applied() >= 3 * PER_LANE
+    })
+    .await;
+    assert_eq!(
+        connections_named(&name, false).await,
+        1,
+        "one connection again"
+    );
+    let stats = running.shutdown_and_join().await.unwrap();
+    assert_eq!(stats.len(), 3);
+    let effects = probe.effects.lock().unwrap().clone();
+    assert_exactly_once(&effects, 3 * PER_LANE);
+    cleanup(&ch, &lanes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_fails_naming_the_consumer_and_stops_the_others() {
+    let (_conn, ch) = broker("idem-test-service-fail-admin").await;
+    let good = Topology::new(unique("service-good"));
+    let bad = Topology::new(unique("service-bad"));
+    // A plain queue under the bad topology's name: its declaration is refused.
+    declare_queue(&ch, bad.queue()).await;
+    let good_name = format!("{}-consumer", good.queue());
+    let bad_name = format!("{}-consumer", bad.queue());
+    let consumer = |name: &str| {
+        Consumer::builder(name)
+            .store(MemoryStore::new())
+            .handler(|| async {})
+            .unwrap()
+    };
+    let service = Service::builder(url())
+        .consumer(good.clone(), consumer(&good_name), |w| w)
+        .consumer(bad.clone(), consumer(&bad_name), |w| w)
+        .build()
+        .unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(30), service.run(std::future::pending()))
+        .await
+        .expect("the service did not stop after a consumer failed")
+        .unwrap_err();
+    match &err {
+        Error::Consumer { consumer, source } => {
+            assert_eq!(consumer, &bad_name);
+            assert!(matches!(**source, Error::Inequivalent { .. }), "{source}");
+        }
+        other => panic!("expected Error::Consumer, got {other}"),
+    }
+    assert!(err.to_string().contains(&bad_name), "{err}");
+    let closed = wait_until(Duration::from_secs(5), async || {
+        !connection_open(&format!("idem:{good_name}")).await
+    })
+    .await;
+    assert!(closed, "the good consumer's connection stayed open");
+
+    // Two consumers with one name are refused before anything runs.
+    let dup = Service::builder(url())
+        .consumer(good.clone(), consumer(&good_name), |w| w)
+        .consumer(bad.clone(), consumer(&good_name), |w| w)
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(dup, Error::DuplicateConsumer(ref n) if *n == good_name),
+        "{dup}"
+    );
+
+    good.delete_on(&ch).await.unwrap();
+    bad.delete_on(&ch).await.unwrap();
+}
