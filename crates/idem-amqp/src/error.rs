@@ -42,6 +42,22 @@ pub enum Error {
         /// What to do about it.
         hint: String,
     },
+    /// An exchange exists with another type or other flags than the topology
+    /// declares (`PRECONDITION_FAILED`).
+    #[error("exchange {exchange:?} exists with another type or other flags: {detail}. {hint}")]
+    ExchangeInequivalent {
+        /// The exchange.
+        exchange: String,
+        /// The broker's reason.
+        detail: String,
+        /// What to do about it.
+        hint: String,
+    },
+    /// A [`Topology`](crate::Topology) the broker cannot declare as given (an exchange
+    /// named twice with two types, a binding to the default exchange, a binding to an
+    /// exchange that does not exist, ...); nothing after it was declared.
+    #[error("invalid topology: {0}")]
+    Topology(String),
     /// The TLS handshake failed: the broker is reachable but its certificate (or ours)
     /// was refused. See [`crate::tls`].
     #[error("TLS handshake with RabbitMQ at {url} failed: {failure} ({detail}); {}", failure.hint())]
@@ -160,6 +176,13 @@ pub(crate) fn is_precondition_failed(e: &lapin::Error) -> bool {
     use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
     matches!(e.kind(), lapin::ErrorKind::ProtocolError(p)
         if *p.kind() == AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED))
+}
+
+/// Whether the broker answered `NOT_FOUND` (404), e.g. a binding to a missing exchange.
+pub(crate) fn is_not_found(e: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p)
+        if *p.kind() == AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
 }
 
 fn no_endpoint_text(errors: &[Error]) -> String {

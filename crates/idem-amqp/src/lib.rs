@@ -79,6 +79,6 @@ pub use publisher::{connect, Outgoing, Publisher, PublisherBuilder, RawOutgoing}
 pub use service::{Service, ServiceBuilder, ServiceStats};
 pub use tiers::DelayTiers;
 pub use tls::connect_tls;
-pub use topology::{QueueType, Topology};
+pub use topology::{Binding, Exchange, ExchangeKind, QueueType, Topology};
 pub use url::{amqp_url_from_env, redact_url, DEFAULT_AMQP_URL};
 pub use worker::{Worker, WorkerBuilder};

@@ -8,6 +8,20 @@
 //!   and never blocks the consumer;
 //! - `Q.dlq`: where dead-lettered messages are kept for an operator.
 //!
+//! **Exchanges and bindings** ([`exchange`] module). A topology can also declare
+//! exchanges ([`Topology::exchange`]) and bind its work queue to exchanges with routing
+//! keys ([`Topology::bind`]). Several consuming services of one stream of messages each
+//! have their own topology (their own `Q`, delay queues and DLQ), all bound to the same
+//! exchange: one publish to the exchange gives each of them a copy. Retry copies and
+//! replays never go back through the exchange: a retry copy is published to the
+//! failing consumer's own delay queue through the default exchange and comes back to
+//! its own `Q` only, and `idem dlq replay` publishes to the queue the message failed in
+//! (`x-idem-original-queue`), also through the default exchange. The other subscribers
+//! already have their copy; sending a retry through the exchange would hand every one
+//! of them a second copy (absorbed by their dedup, but run through each subscriber's
+//! stack and counted as a duplicate), and would reach no one at all once the binding
+//! changed.
+//!
 //! Declaring is idempotent and can be turned off ([`Topology::declare`]) when the
 //! queues are managed elsewhere; they must then exist with the same arguments.
 //!
@@ -51,12 +65,16 @@
 
 use std::time::Duration;
 
-use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::Channel;
 
 use crate::error::Error;
 use crate::tiers::DelayTiers;
+
+pub mod exchange;
+
+pub use exchange::{Binding, Exchange, ExchangeKind};
 
 /// Classic or quorum queues.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -85,6 +103,8 @@ pub struct Topology {
     queue_type: QueueType,
     delivery_limit: Option<u32>,
     declare: bool,
+    exchanges: Vec<Exchange>,
+    bindings: Vec<Binding>,
 }
 
 impl From<&str> for Topology {
@@ -119,7 +139,56 @@ impl Topology {
             queue_type: QueueType::Classic,
             delivery_limit: None,
             declare: true,
+            exchanges: Vec::new(),
+            bindings: Vec::new(),
         }
+    }
+
+    /// Declares `exchange` too (before the queues; idempotent). Several topologies
+    /// may declare the same exchange: each consuming service declares what it binds
+    /// to, so the services can start in any order. Naming an exchange twice keeps one
+    /// entry; naming it twice with two types is refused when the topology is checked
+    /// or declared ([`Error::Topology`]).
+    ///
+    /// ```
+    /// use idem_amqp::{Exchange, Topology};
+    /// // Two services, each with its own queue, delay queues and DLQ, both fed by
+    /// // one publish to the fanout exchange "orders".
+    /// let billing = Topology::new("billing").exchange(Exchange::fanout("orders")).bind("orders", "");
+    /// let audit = Topology::new("audit").exchange(Exchange::fanout("orders")).bind("orders", "");
+    /// assert_eq!(billing.bindings()[0].exchange(), "orders");
+    /// assert_eq!(audit.exchanges()[0].name(), "orders");
+    /// ```
+    pub fn exchange(mut self, exchange: Exchange) -> Self {
+        if !self.exchanges.contains(&exchange) {
+            self.exchanges.push(exchange);
+        }
+        self
+    }
+
+    /// Binds the work queue to `exchange` with `routing_key` (declared after the
+    /// queues; idempotent). The exchange must be declared by this topology
+    /// ([`exchange`](Self::exchange)) or exist already (e.g. `amq.topic`). For a topic
+    /// exchange the key is a pattern (`order.*`, `order.#`); a fanout exchange ignores
+    /// it. Several bindings are allowed (several exchanges, several keys). idem never
+    /// removes a binding: one left out of the topology later stays until an operator
+    /// removes it.
+    pub fn bind(mut self, exchange: impl Into<String>, routing_key: impl Into<String>) -> Self {
+        let binding = Binding::new(exchange.into(), routing_key.into());
+        if !self.bindings.contains(&binding) {
+            self.bindings.push(binding);
+        }
+        self
+    }
+
+    /// The exchanges this topology declares, in the order given.
+    pub fn exchanges(&self) -> &[Exchange] {
+        &self.exchanges
+    }
+
+    /// The bindings of the work queue, in the order given.
+    pub fn bindings(&self) -> &[Binding] {
+        &self.bindings
     }
 
     /// The delay tiers (default 1 s, 5 s, 30 s, 2 min, 10 min, 30 min).
@@ -188,11 +257,33 @@ impl Topology {
         names
     }
 
-    pub(crate) fn check_names(&self) -> Result<(), Error> {
+    /// Checks what the broker would refuse before anything is declared: names over
+    /// 255 bytes ([`Error::NameTooLong`]), an exchange named with two types, an exchange
+    /// idem cannot declare (`""`, `amq.*`), a binding to the default exchange
+    /// ([`Error::Topology`]).
+    pub fn check(&self) -> Result<(), Error> {
         for name in self.queue_names() {
             short(&name)?;
         }
+        for (i, x) in self.exchanges.iter().enumerate() {
+            x.check()?;
+            if let Some(other) = self.exchanges[..i].iter().find(|o| o.name() == x.name()) {
+                return Err(Error::Topology(format!(
+                    "exchange {:?} is named twice, as {} and as {}",
+                    x.name(),
+                    other.kind(),
+                    x.kind()
+                )));
+            }
+        }
+        for b in &self.bindings {
+            b.check()?;
+        }
         Ok(())
+    }
+
+    pub(crate) fn check_names(&self) -> Result<(), Error> {
+        self.check()
     }
 
     fn base_args(&self) -> FieldTable {
@@ -201,9 +292,43 @@ impl Topology {
         args
     }
 
-    /// Declares every queue on `channel` (idempotent; fails with `PRECONDITION_FAILED`
-    /// if a queue exists with other arguments).
+    /// Declares the exchanges, then every queue, then the bindings on `channel`
+    /// (idempotent). A queue that exists with other arguments is
+    /// [`Error::Inequivalent`], an exchange of another type
+    /// [`Error::ExchangeInequivalent`], a binding to an exchange that does not exist
+    /// [`Error::Topology`]; the broker closes `channel` after such an error.
     pub async fn declare_on(&self, channel: &Channel) -> Result<(), Error> {
+        self.check()?;
+        for x in &self.exchanges {
+            x.declare_on(channel).await?;
+        }
+        self.declare_queues(channel).await?;
+        for b in &self.bindings {
+            channel
+                .queue_bind(
+                    short(&self.queue)?,
+                    short(b.exchange())?,
+                    short(b.routing_key())?,
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| {
+                    if crate::error::is_not_found(&e) {
+                        Error::Topology(format!(
+                            "cannot bind queue {:?} to exchange {:?}: the exchange does not exist (declare it with Topology::exchange, or create it before the workers start)",
+                            self.queue,
+                            b.exchange()
+                        ))
+                    } else {
+                        Error::amqp("queue.bind")(e)
+                    }
+                })?;
+        }
+        Ok(())
+    }
+
+    async fn declare_queues(&self, channel: &Channel) -> Result<(), Error> {
         let durable = QueueDeclareOptions::durable();
         let declare = |name: String, args: FieldTable| async move {
             channel
@@ -276,7 +401,9 @@ impl Topology {
         }
     }
 
-    /// Deletes every queue of this topology (tests, benchmarks, tear-down tools).
+    /// Deletes every queue of this topology (tests, benchmarks, tear-down tools); their
+    /// bindings go with them. Exchanges are left alone (other topologies may bind to
+    /// them): [`Exchange::delete_on`] deletes one.
     pub async fn delete_on(&self, channel: &Channel) -> Result<(), Error> {
         for name in self.queue_names() {
             channel
@@ -312,5 +439,36 @@ mod tests {
         assert_eq!(t.dlq(), "jobs.dlq");
         assert_eq!(t.queue_names().len(), 8);
         assert!(Topology::new("q".repeat(250)).check_names().is_err());
+    }
+
+    #[test]
+    fn exchanges_and_bindings_are_checked_before_declaring() {
+        let t = Topology::new("billing")
+            .exchange(Exchange::fanout("orders"))
+            .exchange(Exchange::fanout("orders"))
+            .bind("orders", "")
+            .bind("orders", "")
+            .bind("amq.topic", "order.*");
+        assert_eq!(t.exchanges().len(), 1, "the same exchange twice is one");
+        assert_eq!(t.bindings().len(), 2, "the same binding twice is one");
+        assert!(t.check().is_ok());
+        // The queues are unchanged by bindings.
+        assert_eq!(t.queue_names(), Topology::new("billing").queue_names());
+
+        let two_types = Topology::new("q")
+            .exchange(Exchange::fanout("orders"))
+            .exchange(Exchange::topic("orders"));
+        let err = two_types.check().unwrap_err().to_string();
+        assert!(err.contains("named twice, as fanout and as topic"), "{err}");
+        for bad in [Exchange::direct(""), Exchange::topic("amq.topic")] {
+            let err = Topology::new("q").exchange(bad).check().unwrap_err();
+            assert!(matches!(err, Error::Topology(_)), "{err}");
+        }
+        let err = Topology::new("q").bind("", "q").check().unwrap_err();
+        assert!(err.to_string().contains("default exchange"), "{err}");
+        let long_key = Topology::new("q").bind("orders", "k".repeat(256));
+        assert!(matches!(long_key.check(), Err(Error::NameTooLong(_))));
+        assert_eq!(ExchangeKind::parse("Topic"), Some(ExchangeKind::Topic));
+        assert_eq!(ExchangeKind::parse("headers"), None);
     }
 }

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use lapin::options::QueueDeclareOptions;
+use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Connection};
@@ -92,6 +92,37 @@ pub async fn probe(conn: &Connection, queue: &str) -> Result<Option<QueueCounts>
         close_channel(&channel).await;
     }
     Ok(found)
+}
+
+/// Whether `exchange` exists (passive declare on a throwaway channel; nothing is
+/// created).
+pub async fn exchange_exists(conn: &Connection, exchange: &str) -> Result<bool, CliError> {
+    let channel = open_channel(conn).await?;
+    let name = ShortString::try_new(exchange).map_err(|_| {
+        CliError::Usage(format!(
+            "exchange name too long for AMQP (max 255 bytes): {exchange:?}"
+        ))
+    })?;
+    let options = ExchangeDeclareOptions {
+        passive: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    match channel
+        .exchange_declare(
+            name,
+            lapin::ExchangeKind::Direct,
+            options,
+            FieldTable::default(),
+        )
+        .await
+    {
+        Ok(()) => {
+            close_channel(&channel).await;
+            Ok(true)
+        }
+        Err(e) if is_not_found(&e) => Ok(false),
+        Err(e) => Err(CliError::amqp("exchange.declare (passive)")(e)),
+    }
 }
 
 pub(crate) async fn open_channel(conn: &Connection) -> Result<Channel, CliError> {

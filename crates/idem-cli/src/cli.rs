@@ -384,11 +384,18 @@ impl FilterArgs {
 /// `idem topology ...`
 #[derive(Debug, Subcommand)]
 pub enum TopologyCommand {
-    /// Declare Q, Q.retry.<tier> and Q.dlq (idempotent).
+    /// Declare Q, Q.retry.<tier> and Q.dlq, the exchanges given and the bindings of Q
+    /// (idempotent).
     #[command(after_help = EXIT_CODES)]
     Declare {
         /// Work queue Q.
         queue: String,
+        /// Also declare exchange NAME of TYPE (direct, topic or fanout); repeatable.
+        #[arg(long = "exchange", value_name = "NAME=TYPE")]
+        exchanges: Vec<String>,
+        /// Bind Q to EXCHANGE with ROUTING_KEY (none: ""); repeatable.
+        #[arg(long = "bind", value_name = "EXCHANGE[=ROUTING_KEY]")]
+        bindings: Vec<String>,
         /// Quorum queues instead of classic ones.
         #[arg(long)]
         quorum: bool,
@@ -399,12 +406,19 @@ pub enum TopologyCommand {
         #[arg(long, value_name = "LIST")]
         tiers: Option<String>,
     },
-    /// Show the queues, their depth and consumers; missing queues are shown as missing
-    /// (exit 1 if any is missing).
+    /// Show the queues, their depth and consumers, the exchanges and the bindings given;
+    /// missing queues and exchanges are shown as missing (exit 1 if any is missing).
+    /// Bindings are listed as given: AMQP cannot list them.
     #[command(after_help = EXIT_CODES)]
     Show {
         /// Work queue Q.
         queue: String,
+        /// Exchange NAME of TYPE to look for; repeatable.
+        #[arg(long = "exchange", value_name = "NAME=TYPE")]
+        exchanges: Vec<String>,
+        /// A binding of Q to list; repeatable.
+        #[arg(long = "bind", value_name = "EXCHANGE[=ROUTING_KEY]")]
+        bindings: Vec<String>,
         /// Delay tiers to look for (default 1s,5s,30s,2m,10m,30m).
         #[arg(long, value_name = "LIST")]
         tiers: Option<String>,

@@ -19,8 +19,8 @@
 //! | `idem dlq purge Q (--all \| FILTERS) --yes [--dry-run]` | delete messages |
 //! | `idem dlq redrive --rules F [--dry-run] [--watch [--interval 30s]]` | run redrive rules (see [`dlq::redrive`]) |
 //! | `idem dlq serve [--queue Q... \| --management-url URL] [--listen 127.0.0.1:8080] [--allow-writes]` | the console and its JSON API (see [`serve`]); without `--queue`, every `*.dlq` queue the RabbitMQ management API lists (see [`serve::discover`]), exit 2 asking for `--queue` when that API cannot be reached |
-//! | `idem topology declare Q [--quorum] [--delivery-limit N] [--tiers 1s,5s,30s]` | declare `Q`, `Q.retry.<tier>`, `Q.dlq` |
-//! | `idem topology show Q [--tiers ..]` | depth and consumers of each queue, missing ones marked |
+//! | `idem topology declare Q [--quorum] [--delivery-limit N] [--tiers 1s,5s,30s] [--exchange NAME=TYPE...] [--bind EXCHANGE[=KEY]...]` | declare `Q`, `Q.retry.<tier>`, `Q.dlq`, the exchanges and the bindings of `Q` |
+//! | `idem topology show Q [--tiers ..] [--exchange NAME=TYPE...] [--bind EXCHANGE[=KEY]...]` | depth and consumers of each queue, whether each exchange exists, the bindings as given; missing ones marked |
 //! | `idem outbox status [--table idem_outbox]` | pending rows and the oldest one's age (`DATABASE_URL`) |
 //! | `idem outbox relay [--table idem_outbox] [--batch N] [--poll-ms MS] [--create-table]` | run an outbox relay until SIGINT/SIGTERM (`DATABASE_URL`, `--url`) |
 //!
@@ -84,7 +84,7 @@ use serde::Serialize;
 
 use crate::cli::{Cli, Command, OutboxCommand, TopologyCommand};
 use crate::error::{CliError, EXIT_USAGE};
-use crate::render::{terminal_width, Table};
+use crate::render::terminal_width;
 
 /// Parses `args` (the program name first), runs the command on a new tokio runtime,
 /// prints errors on stderr and returns the exit code.
@@ -221,23 +221,43 @@ async fn run_topology(
     match cmd {
         TopologyCommand::Declare {
             queue,
+            exchanges,
+            bindings,
             quorum,
             delivery_limit,
             tiers,
         } => {
             let t = topology::topology_for(&queue, tiers.as_deref(), quorum, delivery_limit)?;
+            let t = topology::with_routing(t, &exchanges, &bindings)?;
             let conn = broker::connect_as(url, name, tls).await?;
             let result = topology::declare(&conn, &t).await;
             let _ = conn.close(200, "bye".into()).await;
             result?;
-            writeln!(out, "declared: {}", t.queue_names().join(", ")).map_err(write_err)
+            writeln!(out, "declared: {}", t.queue_names().join(", ")).map_err(write_err)?;
+            for x in t.exchanges() {
+                writeln!(out, "declared exchange {:?} ({})", x.name(), x.kind())
+                    .map_err(write_err)?;
+            }
+            for b in t.bindings() {
+                writeln!(
+                    out,
+                    "bound {queue:?} to exchange {:?} with routing key {:?}",
+                    b.exchange(),
+                    b.routing_key()
+                )
+                .map_err(write_err)?;
+            }
+            Ok(())
         }
         TopologyCommand::Show {
             queue,
+            exchanges,
+            bindings,
             tiers,
             json: as_json,
         } => {
             let t = topology::topology_for(&queue, tiers.as_deref(), false, None)?;
+            let t = topology::with_routing(t, &exchanges, &bindings)?;
             let conn = broker::connect_as(url, name, tls).await?;
             let result = topology::show(&conn, &t).await;
             let _ = conn.close(200, "bye".into()).await;
@@ -245,32 +265,18 @@ async fn run_topology(
             if as_json {
                 json(out, &states)?;
             } else {
-                let mut t = Table::new(
-                    &["QUEUE", "ROLE", "STATE", "MESSAGES", "CONSUMERS"],
-                    &[80, 12, 8, 10],
-                );
-                let num = |n: Option<u32>| n.map_or_else(|| "-".to_owned(), |n| n.to_string());
-                for s in &states {
-                    t.row(vec![
-                        s.name.clone(),
-                        s.role.clone(),
-                        if s.exists { "ok" } else { "MISSING" }.to_owned(),
-                        num(s.messages),
-                        num(s.consumers),
-                    ]);
-                }
-                t.write(out, terminal_width()).map_err(write_err)?;
+                topology::write_table(&states, out, terminal_width()).map_err(write_err)?;
             }
             let missing: Vec<&str> = states
                 .iter()
-                .filter(|s| !s.exists)
+                .filter(|s| s.exists == Some(false))
                 .map(|s| s.name.as_str())
                 .collect();
             if missing.is_empty() {
                 Ok(())
             } else {
                 Err(CliError::NotFound(format!(
-                    "missing queue(s): {} (declare them with `idem topology declare {queue}`)",
+                    "missing: {} (declare them with `idem topology declare {queue}`, with the same --exchange options)",
                     missing.join(", ")
                 )))
             }

@@ -1,14 +1,19 @@
-//! `idem topology`: declare the queues of a work queue, or show what exists.
+//! `idem topology`: declare the queues of a work queue, the exchanges it is fed from
+//! and its bindings, or show what exists.
+//!
+//! Exchanges are given as `--exchange NAME=TYPE` (`direct`, `topic` or `fanout`) and
+//! bindings of the work queue as `--bind EXCHANGE[=ROUTING_KEY]` (no key: `""`). `=`
+//! cannot appear in an exchange name, so the first `=` splits.
 
 use std::time::Duration;
 
 use idem_amqp::topology::tier_name;
 use idem_amqp::DelayTiers;
-use idem_amqp::{QueueType, Topology};
+use idem_amqp::{Exchange, ExchangeKind, QueueType, Topology};
 use lapin::Connection;
 use serde::Serialize;
 
-use crate::broker::{close_channel, open_channel, probe};
+use crate::broker::{close_channel, exchange_exists, open_channel, probe};
 use crate::error::CliError;
 
 /// Parses a tier list such as `1s,5s,30s,2m,500ms,1h`.
@@ -60,30 +65,38 @@ pub async fn declare(conn: &Connection, topology: &Topology) -> Result<(), CliEr
     close_channel(&channel).await;
     result.map_err(|e| match e {
         idem_amqp::Error::NameTooLong(_) => CliError::Usage(e.to_string()),
-        idem_amqp::Error::Inequivalent { .. } => CliError::Failed(e.to_string()),
+        idem_amqp::Error::Inequivalent { .. }
+        | idem_amqp::Error::ExchangeInequivalent { .. }
+        | idem_amqp::Error::Topology(_) => CliError::Failed(e.to_string()),
         other => CliError::Failed(format!(
             "{other} (if a queue already exists with other arguments, e.g. classic vs --quorum or other tiers, delete it first or use the same options)"
         )),
     })
 }
 
-/// One queue of a topology and its state.
+/// One queue, exchange or binding of a topology and its state.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct QueueState {
-    /// Queue name.
+    /// Queue or exchange name (for a binding: the exchange bound to).
     pub name: String,
-    /// `work`, `dead-letter` or `retry <tier>`.
+    /// `work`, `dead-letter`, `retry <tier>`, `exchange <type>` or `binding`.
     pub role: String,
-    /// Whether the queue exists.
-    pub exists: bool,
-    /// Ready messages (None if missing).
+    /// Whether it exists; `None` for a binding (AMQP 0-9-1 cannot list bindings, so
+    /// they are shown as configured, not checked).
+    pub exists: Option<bool>,
+    /// Ready messages (None if missing, or not a queue).
     pub messages: Option<u32>,
-    /// Consumers (None if missing).
+    /// Consumers (None if missing, or not a queue).
     pub consumers: Option<u32>,
+    /// A binding's routing key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub routing_key: Option<String>,
 }
 
-/// The state of every queue of `topology` (passive declares, one throwaway channel
-/// per queue; nothing is created).
+/// The state of every queue of `topology`, then of its exchanges, then its bindings
+/// (passive declares, one throwaway channel per queue or exchange; nothing is created).
+/// Bindings are listed as configured: AMQP cannot list them (`rabbitmqctl
+/// list_bindings` can).
 pub async fn show(conn: &Connection, topology: &Topology) -> Result<Vec<QueueState>, CliError> {
     let mut roles = vec![
         (topology.queue().to_owned(), "work".to_owned()),
@@ -99,14 +112,125 @@ pub async fn show(conn: &Connection, topology: &Topology) -> Result<Vec<QueueSta
     for (name, role) in roles {
         let counts = probe(conn, &name).await?;
         states.push(QueueState {
-            exists: counts.is_some(),
+            exists: Some(counts.is_some()),
             messages: counts.map(|c| c.messages),
             consumers: counts.map(|c| c.consumers),
             name,
             role,
+            routing_key: None,
+        });
+    }
+    for x in topology.exchanges() {
+        states.push(QueueState {
+            name: x.name().to_owned(),
+            role: format!("exchange {}", x.kind()),
+            exists: Some(exchange_exists(conn, x.name()).await?),
+            messages: None,
+            consumers: None,
+            routing_key: None,
+        });
+    }
+    for b in topology.bindings() {
+        states.push(QueueState {
+            name: b.exchange().to_owned(),
+            role: "binding".to_owned(),
+            exists: None,
+            messages: None,
+            consumers: None,
+            routing_key: Some(b.routing_key().to_owned()),
         });
     }
     Ok(states)
+}
+
+/// `show`'s table: one line per queue, exchange and binding.
+pub fn write_table(
+    states: &[QueueState],
+    out: &mut dyn std::io::Write,
+    width: usize,
+) -> std::io::Result<()> {
+    let mut t = crate::render::Table::new(
+        &["NAME", "ROLE", "STATE", "MESSAGES", "CONSUMERS"],
+        &[80, 40, 9, 10],
+    );
+    let num = |n: Option<u32>| n.map_or_else(|| "-".to_owned(), |n| n.to_string());
+    for s in states {
+        let role = match &s.routing_key {
+            Some(key) => format!("binding, key {key:?}"),
+            None => s.role.clone(),
+        };
+        let state = match s.exists {
+            Some(true) => "ok",
+            Some(false) => "MISSING",
+            None => "unchecked",
+        };
+        t.row(vec![
+            s.name.clone(),
+            role,
+            state.to_owned(),
+            num(s.messages),
+            num(s.consumers),
+        ]);
+    }
+    t.write(out, width)?;
+    if states.iter().any(|s| s.exists.is_none()) {
+        writeln!(
+            out,
+            "bindings are shown as configured: AMQP cannot list them (`rabbitmqctl list_bindings` does)"
+        )?;
+    }
+    Ok(())
+}
+
+/// Parses `--exchange NAME=TYPE` (`direct`, `topic` or `fanout`).
+///
+/// ```
+/// let x = idem_cli::topology::parse_exchange("orders=fanout").unwrap();
+/// assert_eq!((x.name(), x.kind()), ("orders", idem_amqp::ExchangeKind::Fanout));
+/// ```
+pub fn parse_exchange(text: &str) -> Result<Exchange, CliError> {
+    let bad = || {
+        CliError::Usage(format!(
+            "invalid --exchange {text:?}: use NAME=TYPE with TYPE direct, topic or fanout (e.g. orders=fanout)"
+        ))
+    };
+    let (name, kind) = text.split_once('=').ok_or_else(bad)?;
+    let kind = ExchangeKind::parse(kind.trim()).ok_or_else(bad)?;
+    if name.is_empty() {
+        return Err(bad());
+    }
+    Ok(Exchange::new(name, kind))
+}
+
+/// Parses `--bind EXCHANGE[=ROUTING_KEY]` into the exchange and the key (`""` when
+/// none is given).
+pub fn parse_binding(text: &str) -> Result<(String, String), CliError> {
+    let (exchange, key) = text.split_once('=').unwrap_or((text, ""));
+    if exchange.is_empty() {
+        return Err(CliError::Usage(format!(
+            "invalid --bind {text:?}: use EXCHANGE or EXCHANGE=ROUTING_KEY (e.g. orders=order.created)"
+        )));
+    }
+    Ok((exchange.to_owned(), key.to_owned()))
+}
+
+/// `topology` with the exchanges (`--exchange`) and bindings (`--bind`) given.
+pub fn with_routing(
+    mut topology: Topology,
+    exchanges: &[String],
+    bindings: &[String],
+) -> Result<Topology, CliError> {
+    for x in exchanges {
+        topology = topology.exchange(parse_exchange(x)?);
+    }
+    for b in bindings {
+        let (exchange, key) = parse_binding(b)?;
+        topology = topology.bind(exchange, key);
+    }
+    topology
+        .check()
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    Ok(topology)
 }
 
 /// The topology for `queue` with these options.
@@ -155,5 +279,41 @@ mod tests {
         assert!(parse_tiers("5d").is_err());
         assert!(parse_tiers("s").is_err());
         assert!(topology_for("q", None, false, Some(3)).is_err());
+    }
+
+    #[test]
+    fn exchanges_and_bindings_parse() {
+        let t = with_routing(
+            Topology::new("billing"),
+            &["orders=topic".to_owned()],
+            &["orders=order.*".to_owned(), "audit-all".to_owned()],
+        )
+        .unwrap();
+        assert_eq!(t.exchanges(), &[Exchange::topic("orders")]);
+        let b: Vec<(&str, &str)> = t
+            .bindings()
+            .iter()
+            .map(|b| (b.exchange(), b.routing_key()))
+            .collect();
+        assert_eq!(b, [("orders", "order.*"), ("audit-all", "")]);
+        // A key may hold '=': only the first one splits.
+        assert_eq!(
+            parse_binding("x=a=b").unwrap(),
+            ("x".to_owned(), "a=b".to_owned())
+        );
+        for bad in ["orders", "orders=headers", "=fanout"] {
+            assert!(parse_exchange(bad).is_err(), "{bad}");
+        }
+        assert!(parse_binding("=key").is_err());
+        // What the broker would refuse is refused before connecting.
+        for (xs, bs) in [
+            (vec!["orders=topic", "orders=fanout"], vec![]),
+            (vec!["amq.topic=topic"], vec![]),
+        ] {
+            let xs: Vec<String> = xs.into_iter().map(str::to_owned).collect();
+            let bs: Vec<String> = bs;
+            let err = with_routing(Topology::new("q"), &xs, &bs).unwrap_err();
+            assert!(matches!(err, CliError::Usage(_)), "{err}");
+        }
     }
 }
