@@ -145,7 +145,7 @@ async fn one_publish_reaches_each_service_once_and_retries_and_replays_stay_in_t
     };
     let (billing, audit) = (service("billing"), service("audit"));
     let topologies = [billing.clone(), audit.clone()];
-    cleaned_up(&topologies, &[orders.clone()], async {
+    cleaned_up(&topologies, std::slice::from_ref(&orders), async {
         let conn = common::connect().await;
         for t in [&billing, &audit] {
             idem_cli::topology::declare(&conn, t).await.unwrap();
@@ -291,7 +291,7 @@ async fn topic_bindings_route_by_routing_key_and_an_unrouted_publish_is_returned
         .bind(events.name(), "order.#")
         .bind(events.name(), "invoice.*");
     let topologies = [billing.clone(), audit.clone()];
-    cleaned_up(&topologies, &[events.clone()], async {
+    cleaned_up(&topologies, std::slice::from_ref(&events), async {
         let conn = common::connect().await;
         for t in [&billing, &audit] {
             idem_cli::topology::declare(&conn, t).await.unwrap();
@@ -352,122 +352,126 @@ async fn topology_declare_and_show_with_exchanges_and_bindings() {
         .tiers(idem_cli::topology::parse_tiers("1s").unwrap())
         .exchange(Exchange::topic(x.as_str()))
         .bind(x.as_str(), "order.*");
-    cleaned_up(&[topology.clone()], &[Exchange::topic(x.as_str())], async {
-        let exchange_arg = format!("{x}=topic");
-        let bind_arg = format!("{x}=order.*");
-        let routing = ["--exchange", &exchange_arg, "--bind", &bind_arg];
-        let declare: Vec<&str> = ["topology", "declare", &q, "--tiers", "1s"]
-            .into_iter()
-            .chain(routing)
-            .collect();
-        let out = idem(&declare);
-        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-        let said = text(&out.stdout);
-        assert!(
-            said.contains(&format!("declared exchange {x:?} (topic)"))
-                && said.contains(&format!(
-                    "bound {q:?} to exchange {x:?} with routing key \"order.*\""
-                )),
-            "{said}"
-        );
+    cleaned_up(
+        std::slice::from_ref(&topology),
+        &[Exchange::topic(x.as_str())],
+        async {
+            let exchange_arg = format!("{x}=topic");
+            let bind_arg = format!("{x}=order.*");
+            let routing = ["--exchange", &exchange_arg, "--bind", &bind_arg];
+            let declare: Vec<&str> = ["topology", "declare", &q, "--tiers", "1s"]
+                .into_iter()
+                .chain(routing)
+                .collect();
+            let out = idem(&declare);
+            assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+            let said = text(&out.stdout);
+            assert!(
+                said.contains(&format!("declared exchange {x:?} (topic)"))
+                    && said.contains(&format!(
+                        "bound {q:?} to exchange {x:?} with routing key \"order.*\""
+                    )),
+                "{said}"
+            );
 
-        // The binding is real: a publish with a matching key reaches the queue.
-        let conn = common::connect().await;
-        let publisher = Publisher::connect(&common::url()).await.unwrap();
-        let mut m = Message::new("{}").with_message_id("o1");
-        publisher
-            .publish(&x, "order.created", &mut m)
-            .await
-            .unwrap();
-        assert_eq!(depth(&conn, &q).await, 1);
+            // The binding is real: a publish with a matching key reaches the queue.
+            let conn = common::connect().await;
+            let publisher = Publisher::connect(&common::url()).await.unwrap();
+            let mut m = Message::new("{}").with_message_id("o1");
+            publisher
+                .publish(&x, "order.created", &mut m)
+                .await
+                .unwrap();
+            assert_eq!(depth(&conn, &q).await, 1);
 
-        let show: Vec<&str> = ["topology", "show", &q, "--tiers", "1s"]
-            .into_iter()
-            .chain(routing)
-            .collect();
-        let out = idem(&[show.as_slice(), &["--json"]].concat());
-        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let rows: Vec<(&str, &str, &serde_json::Value)> = v
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| {
-                (
-                    r["name"].as_str().unwrap(),
-                    r["role"].as_str().unwrap(),
-                    &r["exists"],
-                )
-            })
-            .collect();
-        let yes = serde_json::Value::Bool(true);
-        let unknown = serde_json::Value::Null;
-        assert_eq!(
-            rows,
-            [
-                (q.as_str(), "work", &yes),
-                (format!("{q}.dlq").as_str(), "dead-letter", &yes),
-                (format!("{q}.retry.1s").as_str(), "retry 1s", &yes),
-                (x.as_str(), "exchange topic", &yes),
-                (x.as_str(), "binding", &unknown),
-            ]
-        );
-        assert_eq!(v[0]["messages"], 1);
-        assert_eq!(v[4]["routing_key"], "order.*");
+            let show: Vec<&str> = ["topology", "show", &q, "--tiers", "1s"]
+                .into_iter()
+                .chain(routing)
+                .collect();
+            let out = idem(&[show.as_slice(), &["--json"]].concat());
+            assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let rows: Vec<(&str, &str, &serde_json::Value)> = v
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| {
+                    (
+                        r["name"].as_str().unwrap(),
+                        r["role"].as_str().unwrap(),
+                        &r["exists"],
+                    )
+                })
+                .collect();
+            let yes = serde_json::Value::Bool(true);
+            let unknown = serde_json::Value::Null;
+            assert_eq!(
+                rows,
+                [
+                    (q.as_str(), "work", &yes),
+                    (format!("{q}.dlq").as_str(), "dead-letter", &yes),
+                    (format!("{q}.retry.1s").as_str(), "retry 1s", &yes),
+                    (x.as_str(), "exchange topic", &yes),
+                    (x.as_str(), "binding", &unknown),
+                ]
+            );
+            assert_eq!(v[0]["messages"], 1);
+            assert_eq!(v[4]["routing_key"], "order.*");
 
-        // The table, with an exchange that does not exist: marked, exit 1.
-        let absent_arg = format!("{absent}=fanout");
-        let out = idem(&[show.as_slice(), &["--exchange", &absent_arg]].concat());
-        assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
-        let table = text(&out.stdout);
-        let line = |needle: &str| {
-            table
-                .lines()
-                .find(|l| l.contains(needle))
-                .unwrap_or_else(|| panic!("no {needle:?} in {table}"))
-                .to_owned()
-        };
-        assert!(line("exchange topic").contains("ok"), "{table}");
-        assert!(line(&absent).contains("MISSING"), "{table}");
-        assert!(
-            line("binding, key \"order.*\"").contains("unchecked"),
-            "{table}"
-        );
-        assert!(text(&out.stderr).contains(&absent), "{}", text(&out.stderr));
+            // The table, with an exchange that does not exist: marked, exit 1.
+            let absent_arg = format!("{absent}=fanout");
+            let out = idem(&[show.as_slice(), &["--exchange", &absent_arg]].concat());
+            assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+            let table = text(&out.stdout);
+            let line = |needle: &str| {
+                table
+                    .lines()
+                    .find(|l| l.contains(needle))
+                    .unwrap_or_else(|| panic!("no {needle:?} in {table}"))
+                    .to_owned()
+            };
+            assert!(line("exchange topic").contains("ok"), "{table}");
+            assert!(line(&absent).contains("MISSING"), "{table}");
+            assert!(
+                line("binding, key \"order.*\"").contains("unchecked"),
+                "{table}"
+            );
+            assert!(text(&out.stderr).contains(&absent), "{}", text(&out.stderr));
 
-        // Declaring the exchange with another type is refused (exit 4), as is a
-        // binding to an exchange that does not exist; neither creates anything.
-        let other_type = format!("{x}=fanout");
-        let out = idem(&[
-            "topology",
-            "declare",
-            &q,
-            "--tiers",
-            "1s",
-            "--exchange",
-            &other_type,
-        ]);
-        assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
-        assert!(
-            text(&out.stderr).contains("exists with another type"),
-            "{}",
-            text(&out.stderr)
-        );
-        let to_absent = format!("{absent}=k");
-        let out = idem(&[
-            "topology", "declare", &q, "--tiers", "1s", "--bind", &to_absent,
-        ]);
-        assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
-        assert!(
-            text(&out.stderr).contains("the exchange does not exist"),
-            "{}",
-            text(&out.stderr)
-        );
-        assert!(!idem_cli::broker::exchange_exists(&conn, &absent)
-            .await
-            .unwrap());
-        publisher.close().await;
-        let _ = conn.close(200, "bye".into()).await;
-    })
+            // Declaring the exchange with another type is refused (exit 4), as is a
+            // binding to an exchange that does not exist; neither creates anything.
+            let other_type = format!("{x}=fanout");
+            let out = idem(&[
+                "topology",
+                "declare",
+                &q,
+                "--tiers",
+                "1s",
+                "--exchange",
+                &other_type,
+            ]);
+            assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+            assert!(
+                text(&out.stderr).contains("exists with another type"),
+                "{}",
+                text(&out.stderr)
+            );
+            let to_absent = format!("{absent}=k");
+            let out = idem(&[
+                "topology", "declare", &q, "--tiers", "1s", "--bind", &to_absent,
+            ]);
+            assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+            assert!(
+                text(&out.stderr).contains("the exchange does not exist"),
+                "{}",
+                text(&out.stderr)
+            );
+            assert!(!idem_cli::broker::exchange_exists(&conn, &absent)
+                .await
+                .unwrap());
+            publisher.close().await;
+            let _ = conn.close(200, "bye".into()).await;
+        },
+    )
     .await;
 }
