@@ -475,3 +475,73 @@ async fn topology_declare_and_show_with_exchanges_and_bindings() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_worker_declares_its_exchange_and_binding_and_refuses_a_binding_to_no_exchange() {
+    let run = idem_testkit::unique("wdecl");
+    let orders = Exchange::fanout(format!("{run}_orders"));
+    let billing = Topology::new(format!("{run}_billing"))
+        .tiers(idem_cli::topology::parse_tiers("1s").unwrap())
+        .exchange(orders.clone())
+        .bind(orders.name(), "");
+    let absent = format!("{run}_absent");
+    let orphan = Topology::new(format!("{run}_orphan"))
+        .tiers(idem_cli::topology::parse_tiers("1s").unwrap())
+        .bind(absent.as_str(), "");
+    let topologies = [billing.clone(), orphan.clone()];
+    cleaned_up(&topologies, std::slice::from_ref(&orders), async {
+        let calls = Calls::default();
+        let worker = Worker::builder(
+            common::url(),
+            billing.clone(),
+            recording_consumer("billing", &calls, never_fails),
+        )
+        .build()
+        .unwrap()
+        .spawn();
+        // Nothing declared by the test: the publish is returned until the worker has
+        // declared the exchange and bound its queue, then it is routed.
+        let publisher = Publisher::connect(&common::url()).await.unwrap();
+        let conn = common::connect().await;
+        wait_for("the worker declares the exchange", async || {
+            idem_cli::broker::exchange_exists(&conn, orders.name())
+                .await
+                .unwrap()
+        })
+        .await;
+        let mut m = Message::new("{}").with_message_id("w1");
+        wait_for(
+            "a publish to the exchange is routed",
+            async || match publisher.publish(orders.name(), "", &mut m).await {
+                Ok(()) => true,
+                Err(idem_amqp::Error::Returned { .. }) => false,
+                Err(e) => panic!("{e}"),
+            },
+        )
+        .await;
+        wait_for("the worker applies it", async || applied(&calls, "w1") == 1).await;
+        let stats = worker.shutdown_and_join().await.unwrap();
+        assert_eq!((stats.processed, stats.duplicates), (1, 0), "{stats:?}");
+
+        // A binding to an exchange nobody declared: the worker does not start.
+        let worker = Worker::builder(
+            common::url(),
+            orphan.clone(),
+            recording_consumer("orphan", &calls, never_fails),
+        )
+        .build()
+        .unwrap()
+        .spawn();
+        let err = worker.join().await.unwrap_err();
+        assert!(
+            matches!(&err, idem_amqp::Error::Topology(t) if t.contains(&absent)),
+            "{err}"
+        );
+        assert!(!idem_cli::broker::exchange_exists(&conn, &absent)
+            .await
+            .unwrap());
+        publisher.close().await;
+        let _ = conn.close(200, "bye".into()).await;
+    })
+    .await;
+}
