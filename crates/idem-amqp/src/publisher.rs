@@ -8,6 +8,13 @@
 //! first try, so re-publishing after an error reuses it and consumers dedup the copy.
 //! Headers are encoded by [`crate::headers`] (one rule for every publisher of idem).
 //!
+//! A publish names an exchange and a routing key: `publish("", "charges", ..)` goes to
+//! queue `charges` through the default exchange; `publish("orders", "order.created",
+//! ..)` goes to every queue bound to exchange `orders` with a matching key (declared
+//! with [`Topology::exchange`](crate::Topology::exchange) and
+//! [`Topology::bind`](crate::Topology::bind); see [`crate::topology::exchange`]). A
+//! publish that no binding matches is [`Error::Returned`], never silently dropped.
+//!
 //! A [`Publisher`] is built with [`Publisher::builder`]:
 //!
 //! ```no_run
