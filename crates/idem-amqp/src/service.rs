@@ -395,16 +395,23 @@ impl Service {
         WorkerHandle::spawn(|shutdown| self.run(shutdown.wait()))
     }
 
-    /// Starts every worker and task on `set`; returns the consumers' names.
-    fn start(self, set: &mut JoinSet<Ended>, stop: &watch::Sender<bool>) -> Vec<String> {
+    /// Starts every worker (with its readiness source in `ready`) and task on `set`;
+    /// returns the consumers' names.
+    fn start(
+        self,
+        ready: Vec<crate::readiness::Registration>,
+        set: &mut JoinSet<Ended>,
+        stop: &watch::Sender<bool>,
+    ) -> Vec<String> {
         let mut names = Vec::with_capacity(self.workers.len());
-        for (i, (name, worker)) in self.workers.into_iter().enumerate() {
+        let workers = self.workers.into_iter().zip(ready);
+        for (i, ((name, worker), ready)) in workers.enumerate() {
             let mut asked = stop.subscribe();
             let stopped = async move {
                 // An error means the service is gone: stop as well.
                 let _ = asked.wait_for(|s| *s).await;
             };
-            set.spawn(async move { Ended::Worker(i, worker.run(stopped).await) });
+            set.spawn(async move { Ended::Worker(i, worker.run_registered(ready, stopped).await) });
             names.push(name);
         }
         for task in self.tasks {
@@ -436,6 +443,13 @@ impl Service {
     /// service with neither consumers nor tasks waits for `shutdown` and returns no
     /// stats. See [Stopping](self#stopping).
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<ServiceStats, Error> {
+        // Every worker is a readiness source before the listener serves: `/ready`
+        // never answers 200 for a service whose consumers are not known yet.
+        let ready: Vec<_> = self
+            .workers
+            .iter()
+            .map(|(_, w)| w.register_readiness())
+            .collect();
         // Bound before any worker starts: a wrong address fails the whole service.
         #[cfg(feature = "prometheus")]
         let _listener = match self.listen {
@@ -447,7 +461,7 @@ impl Service {
         let tasks = self.tasks.len();
         // Owned by this future: dropping it aborts every worker and task (a hard stop).
         let mut set: JoinSet<Ended> = JoinSet::new();
-        let names = self.start(&mut set, &stop);
+        let names = self.start(ready, &mut set, &stop);
         if set.is_empty() {
             // Nothing to run: serve the listener (if any) until asked to stop.
             shutdown.await;

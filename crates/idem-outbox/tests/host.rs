@@ -4,7 +4,7 @@
 //! binary: the service's listener installs the process-global metrics recorder, and
 //! `/ready` answers for every source of the process.
 //!
-//! - `/ready` follows the relay: 200 while its outbox is empty, 503 naming the relay
+//! - `/ready` knows both consumers from its first answer, and follows the relay: 200 while its outbox is empty, 503 naming the relay
 //!   once a row it cannot publish (no queue is bound to its routing key) is older than
 //!   the relay's threshold, 200 again once the queue exists and the relay's retry has
 //!   published the row. The consumers stay ready throughout.
@@ -155,9 +155,14 @@ fn host(
     service
 }
 
-/// `GET path` on the listener: the status code and the body.
-async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
+/// `GET path` on the listener: the status code and the body; `None` while nothing
+/// listens (the host binds its listener once it runs).
+async fn try_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = match TcpStream::connect(addr).await {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return None,
+        Err(e) => panic!("connecting to the listener at {addr}: {e}"),
+    };
     let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
     let mut out = String::new();
@@ -168,23 +173,46 @@ async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
         .and_then(|c| c.parse().ok())
         .unwrap_or_else(|| panic!("not an HTTP answer: {out}"));
     let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    (status, body.to_owned())
+    Some((status, body.to_owned()))
 }
 
-/// Polls `/ready` until it answers `status`; the JSON body then.
-async fn ready_turns(addr: SocketAddr, status: u16, limit: Duration) -> serde_json::Value {
+async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    try_get(addr, path)
+        .await
+        .unwrap_or_else(|| panic!("nothing listens at {addr}"))
+}
+
+/// Polls `/ready` until it answers `status` with a source for the relay of `table`
+/// (which registers once it runs); the JSON body then.
+async fn ready_turns(
+    addr: SocketAddr,
+    table: &str,
+    status: u16,
+    limit: Duration,
+) -> serde_json::Value {
     let start = std::time::Instant::now();
     loop {
-        let (got, body) = get(addr, "/ready").await;
-        if got == status {
-            return serde_json::from_str(&body).unwrap();
+        let last = try_get(addr, "/ready").await;
+        if let Some((got, body)) = &last {
+            let body: serde_json::Value = serde_json::from_str(body).unwrap();
+            if *got == status && has_source(&body, "relay", table) {
+                return body;
+            }
         }
         assert!(
             start.elapsed() < limit,
-            "/ready did not turn {status} within {limit:?}; last answer {got}: {body}"
+            "/ready did not turn {status} within {limit:?}; last answer: {last:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+fn has_source(body: &serde_json::Value, kind: &str, name: &str) -> bool {
+    body["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|s| s["kind"] == kind && s["name"] == name)
 }
 
 /// The `ready` field of the source of `kind` named `name` in a `/ready` body.
@@ -243,8 +271,28 @@ async fn host_two_consumers_and_relay_drain_on_stop_and_ready_follows_the_relay(
     );
     let running = service.spawn();
 
+    // The consumers are readiness sources before the listener answers at all.
+    let start = std::time::Instant::now();
+    let first_answer = loop {
+        if let Some((_, body)) = try_get(addr, "/ready").await {
+            break serde_json::from_str::<serde_json::Value>(&body).unwrap();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the listener never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    for lane in &lanes {
+        let name = format!("{}-consumer", lane.queue());
+        assert!(
+            has_source(&first_answer, "consumer", &name),
+            "{first_answer}"
+        );
+    }
+
     // `/ready` follows the relay.
-    let body = ready_turns(addr, 200, Duration::from_secs(20)).await;
+    let body = ready_turns(addr, &table, 200, Duration::from_secs(20)).await;
     assert!(source_ready(&body, "relay", &table), "{body}");
     let mut tx = pool.begin().await.unwrap();
     outbox
@@ -255,7 +303,7 @@ async fn host_two_consumers_and_relay_drain_on_stop_and_ready_follows_the_relay(
         .await
         .unwrap();
     tx.commit().await.unwrap();
-    let body = ready_turns(addr, 503, Duration::from_secs(15)).await;
+    let body = ready_turns(addr, &table, 503, Duration::from_secs(15)).await;
     let reasons: Vec<&str> = body["reasons"]
         .as_array()
         .unwrap()
@@ -272,7 +320,7 @@ async fn host_two_consumers_and_relay_drain_on_stop_and_ready_follows_the_relay(
         assert!(source_ready(&body, "consumer", &name), "{body}");
     }
     declare_queue(&ch, &late_queue).await;
-    let body = ready_turns(addr, 200, Duration::from_secs(30)).await;
+    let body = ready_turns(addr, &table, 200, Duration::from_secs(30)).await;
     assert!(source_ready(&body, "relay", &table), "{body}");
     assert_eq!(
         ready_count(&ch, &late_queue).await,

@@ -7,7 +7,10 @@
 //! service gives each task a [`TaskContext`]: the shutdown signal, shared with every
 //! consumer, and the readiness registry its listener serves at `/ready`. A task
 //! registers there if it has something to say about readiness (see
-//! [`crate::readiness`]).
+//! [`crate::readiness`]). The consumers are sources before the listener serves its
+//! first answer; a task registers when it starts running, just after. A check that
+//! must hold `/ready` at 503 from the very first probe is registered by the
+//! application before the service runs.
 //!
 //! What the service does with a task:
 //!

@@ -227,17 +227,31 @@ impl Worker {
     /// credentials or queue arguments should stop a deployment); after that, lost
     /// connections are re-established until shutdown.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<Stats, Error> {
-        let shared = self.shared;
         // Registered before the listener serves: never a 200 before the worker is known.
-        let _ready = {
-            let health = shared.health.clone();
-            let breaker = shared.consumer.breaker().cloned();
-            shared.readiness.register(
-                crate::readiness::SourceKind::Consumer,
-                shared.consumer.name(),
-                move || health.reasons(breaker.as_ref()),
-            )
-        };
+        let ready = self.register_readiness();
+        self.run_registered(ready, shutdown).await
+    }
+
+    /// The worker's readiness source, registered now (a [`Service`](crate::Service)
+    /// registers every worker before its listener serves and its tasks start).
+    pub(crate) fn register_readiness(&self) -> crate::readiness::Registration {
+        let shared = &self.shared;
+        let health = shared.health.clone();
+        let breaker = shared.consumer.breaker().cloned();
+        shared.readiness.register(
+            crate::readiness::SourceKind::Consumer,
+            shared.consumer.name(),
+            move || health.reasons(breaker.as_ref()),
+        )
+    }
+
+    /// [`run`](Self::run), with the readiness source `_ready` registered beforehand.
+    pub(crate) async fn run_registered(
+        self,
+        _ready: crate::readiness::Registration,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<Stats, Error> {
+        let shared = self.shared;
         #[cfg(feature = "prometheus")]
         let _listener = match shared.prometheus {
             Some(addr) => Some(crate::prometheus::listen(addr)?),
