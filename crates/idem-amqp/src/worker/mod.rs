@@ -292,10 +292,23 @@ impl Worker {
                     _ = breaker.wait_closed() => {}
                 }
             }
+            // On its own task: a stop (or a hard stop) while it connects leaves it to
+            // finish, and the session it opens is then dropped, which closes its
+            // connection. Dropped mid-handshake instead, the connection could come up
+            // with no handle left to close it.
+            let opening = {
+                let shared = shared.clone();
+                tokio::spawn(async move { Session::open(&shared).await })
+            };
             let opened = tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
-                s = Session::open(&shared) => s,
+                s = opening => match s {
+                    Ok(s) => s,
+                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    // Cancelled: the runtime is shutting down.
+                    Err(_) => break,
+                },
             };
             let session = match opened {
                 Ok(s) => s,
