@@ -67,7 +67,8 @@
 //! - the connection is closed right away (from a task spawned by the drop), which
 //!   hands every unacked delivery back to the queue for other consumers. Deliveries
 //!   whose effect was already recorded come back as duplicates and are acked without
-//!   running.
+//!   running. A connection still being opened finishes opening on its own task and is
+//!   closed at once (the same for a graceful stop that comes while it connects).
 //!
 //! A handler cut off mid-way may have done part of its work: the same case as a
 //! crash, with the same answers (the inbox rolls back; a lease store runs the message
