@@ -1,7 +1,7 @@
 //! Billing, effectively-once: a card is charged once however often the message comes.
 //!
 //! ```text
-//! cargo run --example billing
+//! cargo run --example billing [-- --listen 127.0.0.1:9090]
 //! ```
 //!
 //! Each message asks to charge a card and carries a unique charge id as its
@@ -14,14 +14,17 @@
 //!   its channel without acking), so the broker redelivers it to the next worker;
 //! - ... which then finds the inbox row and acks the copy without billing again.
 //!
-//! Ends with `summary: deliveries=8 billed=6 duplicates=2 double_billed=0`. Uses
+//! The worker runs in a host (`idem::amqp::Service`), as a billing process with
+//! several consumers would; `--listen ADDR` serves its `/metrics`, `/live` and
+//! `/ready` while it runs. Ends with
+//! `summary: deliveries=8 billed=6 duplicates=2 double_billed=0`. Uses
 //! `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`); recreates
 //! the tables `billing_charges` and `billing_inbox` and the queue `billing` at start
 //! and removes them at the end.
 
 use std::time::Duration;
 
-use idem::amqp::{Publisher, Topology, Worker};
+use idem::amqp::{Publisher, Service, Topology};
 use idem::sql::{PgInbox, Tx};
 use idem::{Consumer, HandlerError, IdempotencyKey, Json, Message};
 use idem_examples::{describe, Finished};
@@ -128,19 +131,34 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let finished = Finished::new(7);
     let f = finished.clone();
-    let worker = Worker::builder(&url, topology.clone(), consumer)
-        .prefetch(4)
-        .on_settle(move |s| {
-            if matches!(s.disposition, idem::Disposition::Ack { duplicate: true })
-                || !matches!(s.disposition, idem::Disposition::Ack { .. })
-            {
-                println!("settle   {}", describe(&s));
-            }
-            f.record(&s);
+    // The billing process: a host for its consumers (one here; each further consumer,
+    // or an outbox relay, is one more line), with one graceful stop for all of them.
+    let mut service = Service::builder(&url)
+        .consumer(topology.clone(), consumer, |w| {
+            w.prefetch(4).on_settle(move |s| {
+                if matches!(s.disposition, idem::Disposition::Ack { duplicate: true })
+                    || !matches!(s.disposition, idem::Disposition::Ack { .. })
+                {
+                    println!("settle   {}", describe(&s));
+                }
+                f.record(&s);
+            })
         })
-        .build()?;
-    let stats =
-        idem_examples::run_until_finished(worker, &finished, Duration::from_secs(60)).await?;
+        .shutdown_timeout(Duration::from_secs(10));
+    if let Some(addr) = idem_examples::arg("--listen") {
+        // /metrics, /live and /ready for every consumer of the process.
+        service = service.listen(addr.parse()?);
+    }
+    let stats = idem_examples::run_until_finished(
+        service.build()?.spawn(),
+        &finished,
+        Duration::from_secs(60),
+    )
+    .await?;
+    let (_, stats) = stats
+        .into_iter()
+        .next()
+        .ok_or("the service ran no consumer")?;
 
     let billed: i64 = sqlx::query_scalar("SELECT count(*) FROM billing_charges")
         .fetch_one(&pool)

@@ -174,7 +174,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("database back up");
     });
     let stats =
-        idem_examples::run_until_finished(worker, &finished, Duration::from_secs(60)).await?;
+        idem_examples::run_until_finished(worker.spawn(), &finished, Duration::from_secs(60))
+            .await?;
 
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM stock")
         .fetch_one(&db)

@@ -13,11 +13,13 @@
 //! commit together). The same relay publishes the announcements to the
 //! `transfer-announcements` queue; each carries an id derived from the deposit's, so
 //! however often a deposit is redelivered or its handler re-run, it is announced under
-//! one id. While the transfers run, the example keeps crashing and
-//! restarting the relay and the consumer at random moments (aborting their tasks, which
-//! drops their broker and database connections mid-work) and kills the consumer's
-//! database connections with `pg_terminate_backend`. Then it lets everything drain and
-//! checks the invariants. Its last line:
+//! one id. The consumer and the relay run in one host (`idem::amqp::Service`, the relay
+//! as a hosted task), as one process of the deposit service would. While the transfers
+//! run, the example keeps crashing the host at random moments (dropping its handle,
+//! which aborts the consumer and the relay mid-work with their broker and database
+//! connections), stopping it gracefully (what SIGTERM does) and starting it again, and
+//! kills the consumer's database connections with `pg_terminate_backend`. Then it lets
+//! everything drain and checks the invariants. Its last line:
 //!
 //! `transfer: transfers=N deposits_applied=N money_conserved=true duplicates=0 announced=N`
 //!
@@ -33,10 +35,10 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use idem::amqp::{Topology, Worker};
+use idem::amqp::{Service, Topology};
 use idem::outbox::{follow_up_id_at, Outbox, OutboxMessage, Relay};
 use idem::sql::{PgInbox, Tx, TxConn};
-use idem::{Consumer, HandlerError, IdempotencyKey, Json, State};
+use idem::{Consumer, HandlerError, IdempotencyKey, Json, State, WorkerHandle};
 use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use sqlx::{PgPool, Postgres};
@@ -121,28 +123,30 @@ async fn pool(url: &str, app: &str, max: u32) -> Result<PgPool, String> {
         })
 }
 
-fn start_consumer(
+/// The deposit service as one process runs it: the deposit consumer and the outbox
+/// relay in one host, stopped together (`shutdown_and_join`, what SIGTERM does).
+fn start_host(
     url: &str,
     consumer: Consumer,
-) -> Result<tokio::task::JoinHandle<()>, idem::amqp::Error> {
-    let worker = Worker::builder(url, Topology::new(QUEUE), consumer)
-        .prefetch(20)
-        .connection_name("idem-example-transfer")
-        .build()?;
-    Ok(tokio::spawn(async move {
-        let _ = worker.run(std::future::pending()).await;
-    }))
-}
-
-fn start_relay(pool: &PgPool, outbox: &Outbox, url: &str) -> tokio::task::JoinHandle<()> {
+    pool: &PgPool,
+    outbox: &Outbox,
+) -> Result<Host, idem::amqp::Error> {
     let relay = Relay::builder(pool.clone(), outbox.clone(), url)
+        .connection_name("idem-example-transfer-relay")
         .batch_size(50)
         .poll_interval(Duration::from_millis(200))
         .build();
-    tokio::spawn(async move {
-        let _ = relay.run(std::future::pending()).await;
-    })
+    let service = Service::builder(url)
+        .consumer(Topology::new(QUEUE), consumer, |w| {
+            w.prefetch(20).connection_name("idem-example-transfer")
+        })
+        .task(relay)
+        .shutdown_timeout(Duration::from_secs(10))
+        .build()?;
+    Ok(service.spawn())
 }
+
+type Host = WorkerHandle<Result<idem::amqp::ServiceStats, idem::amqp::Error>>;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -220,25 +224,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         })
     };
 
-    // Chaos: crash and restart the relay and the consumer while transfers flow.
-    let mut relay = start_relay(&app, &outbox, &amqp_url);
-    let mut worker = start_consumer(&amqp_url, consumer.clone())?;
-    let (mut relay_crashes, mut consumer_crashes, mut db_kills) = (0, 0, 0);
+    // Chaos: crash, stop and restart the host while transfers flow.
+    let mut host = start_host(&amqp_url, consumer.clone(), &app, &outbox)?;
+    let (mut crashes, mut restarts, mut db_kills) = (0, 0, 0);
     let chaos_until = Instant::now() + Duration::from_millis(transfers as u64 * 8 + 1500);
     while Instant::now() < chaos_until {
         tokio::time::sleep(Duration::from_millis(fastrand::u64(150..600))).await;
         match fastrand::u8(0..3) {
             0 => {
-                relay.abort();
-                relay_crashes += 1;
-                println!("crash    relay aborted mid-work; restarting");
-                relay = start_relay(&app, &outbox, &amqp_url);
+                drop(host); // a hard stop: the consumer and the relay die mid-work
+                crashes += 1;
+                println!("crash    host aborted mid-work (unacked deliveries go back to the queue, the relay's round rolls back); restarting");
+                host = start_host(&amqp_url, consumer.clone(), &app, &outbox)?;
             }
             1 => {
-                worker.abort();
-                consumer_crashes += 1;
-                println!("crash    consumer aborted mid-work (unacked deliveries go back to the queue); restarting");
-                worker = start_consumer(&amqp_url, consumer.clone())?;
+                host.shutdown_and_join().await?;
+                restarts += 1;
+                println!("restart  host stopped gracefully (in-flight deposits and the relay's round finished); starting again");
+                host = start_host(&amqp_url, consumer.clone(), &app, &outbox)?;
             }
             _ => {
                 let killed: i64 = sqlx::query_scalar(
@@ -252,7 +255,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     producer.await?.map_err(|e| e.to_string())?;
-    println!("chaos    over: {relay_crashes} relay crashes, {consumer_crashes} consumer crashes, {db_kills} database kills; draining");
+    println!("chaos    over: {crashes} host crashes, {restarts} graceful restarts, {db_kills} database kills; draining");
 
     // Drain: every committed transfer must arrive exactly once.
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -267,8 +270,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    relay.abort();
-    worker.abort();
+    host.shutdown_and_join().await?;
     let stats = consumer.stats();
 
     let total: i64 = sqlx::query_scalar("SELECT sum(cents)::BIGINT FROM transfer_accounts")

@@ -133,7 +133,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         })
         .build()?;
     let stats =
-        idem_examples::run_until_finished(worker, &finished, Duration::from_secs(60)).await?;
+        idem_examples::run_until_finished(worker.spawn(), &finished, Duration::from_secs(60))
+            .await?;
 
     let sent = mailer
         .sent

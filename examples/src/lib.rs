@@ -15,14 +15,14 @@ pub fn arg(name: &str) -> Option<String> {
         .and_then(|i| args.get(i + 1).cloned())
 }
 
-/// Runs `worker` until every message has a final outcome (or `limit` passes), then
-/// shuts it down gracefully and returns its consumer's stats.
-pub async fn run_until_finished(
-    worker: idem::amqp::Worker,
+/// Waits until every message has a final outcome (or `limit` passes), then shuts
+/// `running` (a spawned worker or service) down gracefully and returns what it
+/// returned: a worker's stats, or a service's stats per consumer.
+pub async fn run_until_finished<T>(
+    running: idem::WorkerHandle<Result<T, idem::amqp::Error>>,
     finished: &Finished,
     limit: Duration,
-) -> Result<idem::Stats, Box<dyn std::error::Error>> {
-    let running = worker.spawn();
+) -> Result<T, Box<dyn std::error::Error>> {
     let waited = finished.wait(limit).await;
     let stats = running.shutdown_and_join().await?;
     waited?;

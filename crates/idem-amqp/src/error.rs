@@ -140,6 +140,16 @@ pub enum Error {
         /// Why it failed.
         source: Box<Error>,
     },
+    /// A hosted task of a [`Service`](crate::Service) (the outbox relay, or any
+    /// [`HostedTask`](crate::service::HostedTask)) returned an error; the service
+    /// stopped.
+    #[error("hosted task {task:?}: {source}")]
+    Task {
+        /// The task's name.
+        task: String,
+        /// Why it failed.
+        source: crate::service::TaskError,
+    },
     /// Two consumers of one [`Service`](crate::Service) have the same name.
     #[error("two consumers of the service are named {0:?}: names must differ (metrics, readiness and errors name consumers by name)")]
     DuplicateConsumer(String),

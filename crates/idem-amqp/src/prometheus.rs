@@ -12,7 +12,8 @@
 //! `idem_consumer_ready{consumer}` (1 ready, 0 not) of every worker registered, from
 //! the same answer.
 //!
-//! **One listener per process.** The first worker started with
+//! **One listener per process.** The first [`Service`](crate::Service) started with
+//! [`ServiceBuilder::listen`](crate::ServiceBuilder::listen), worker started with
 //! [`WorkerBuilder::prometheus`](crate::WorkerBuilder::prometheus) (or the first
 //! [`listen`]) installs the process-global `metrics` recorder and binds the address;
 //! every later one given the *same* address joins that listener, and one given another

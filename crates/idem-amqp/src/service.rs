@@ -12,12 +12,18 @@
 //!
 //! # Stopping
 //!
-//! - **Graceful stop**: every worker is asked to stop at the same moment and stops as
-//!   a lone worker does (cancels its consumer, lets in-flight handlers finish and
-//!   settles them, sends the pending acks, closes). They drain concurrently, so the one
-//!   [`shutdown_timeout`](ServiceBuilder::shutdown_timeout) bounds the whole stop (plus
-//!   the time to send the last acks and close the connections). The service's timeout
-//!   replaces any timeout set in a consumer's closure.
+//! - **Graceful stop**: every worker and hosted task is asked to stop at the same
+//!   moment. A worker stops as a lone worker does (cancels its consumer, lets in-flight
+//!   handlers finish and settles them, sends the pending acks, closes); a task finishes
+//!   the work under way (the relay: its current round) and returns. They drain
+//!   concurrently, so the one [`shutdown_timeout`](ServiceBuilder::shutdown_timeout)
+//!   bounds the whole stop (plus the time to send the last acks and close the
+//!   connections). The service's timeout replaces any timeout set in a consumer's
+//!   closure; a task still running when it passes is dropped.
+//! - **A task fails** (returns an error): as a worker that fails, the others are
+//!   stopped gracefully and the service returns [`Error::Task`] naming it. A task
+//!   that ends on its own without an error stops nothing; a service whose consumers
+//!   and tasks have all ended returns.
 //! - **A worker fails**: a worker fails only when its first connection or topology
 //!   declaration fails (see [`Worker::run`]). The service then stops the other workers
 //!   gracefully and returns [`Error::Consumer`] naming the consumer that failed (the
@@ -56,13 +62,23 @@
 //! every consumer on it until it is back, and its consumers share one TCP socket's
 //! throughput and the broker's flow control (a blocked connection blocks all of them).
 //!
+//! # Hosted tasks: the outbox relay
+//!
+//! [`ServiceBuilder::task`] adds work that is not a consumer, a [`HostedTask`]: it
+//! starts with the consumers, is told to stop at the same moment, and has the same
+//! shutdown timeout (see [`task`] for what happens when a task fails or overruns).
+//! The outbox relay (`idem_outbox::Relay`) is one: `idem-outbox` builds on this
+//! crate, so it implements the trait and the service never names it. A relay built
+//! with `RelayBuilder::readiness(&Readiness::global(), max_age)` reports into the
+//! registry the service's listener serves, so `/ready` turns 503 when its oldest
+//! pending row is too old.
+//!
 //! # Names
 //!
 //! Consumer names must differ within a service ([`Error::DuplicateConsumer`]
 //! otherwise): metrics (`consumer="..."`), readiness reasons and errors name
-//! consumers by their name. The outbox relay is not part of a service: it lives in
-//! `idem-outbox`, which depends on this crate; run it beside the service on its own
-//! task.
+//! consumers by their name. Task names need not (two relays of one outbox table
+//! compete for its rows, as they would in two processes).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -75,8 +91,12 @@ use tokio::task::JoinSet;
 
 use crate::endpoints::Endpoints;
 use crate::error::Error;
+use crate::readiness::Readiness;
 use crate::topology::Topology;
 use crate::worker::{SharedConnection, Worker, WorkerBuilder};
+
+pub mod task;
+pub use task::{HostedTask, TaskContext, TaskError};
 
 /// Default time a service's workers have to drain in-flight handlers on shutdown.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -94,14 +114,17 @@ pub struct ServiceBuilder {
     listen: Option<std::net::SocketAddr>,
     shutdown_timeout: Duration,
     consumers: Vec<(Topology, Consumer, Configure)>,
+    tasks: Vec<Box<dyn HostedTask>>,
 }
 
 impl std::fmt::Debug for ServiceBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let names: Vec<&str> = self.consumers.iter().map(|(_, c, _)| c.name()).collect();
+        let tasks: Vec<String> = self.tasks.iter().map(|t| t.name()).collect();
         f.debug_struct("ServiceBuilder")
             .field("endpoints", &self.endpoints)
             .field("consumers", &names)
+            .field("tasks", &tasks)
             .field("shutdown_timeout", &self.shutdown_timeout)
             .finish_non_exhaustive()
     }
@@ -132,6 +155,8 @@ impl std::fmt::Debug for ServiceBuilder {
 /// ```
 pub struct Service {
     workers: Vec<(String, Worker)>,
+    tasks: Vec<Box<dyn HostedTask>>,
+    shutdown_timeout: Duration,
     /// The shared connections (empty: each consumer has its own).
     pool: Vec<Arc<SharedConnection>>,
     #[cfg(feature = "prometheus")]
@@ -141,13 +166,16 @@ pub struct Service {
 impl std::fmt::Debug for Service {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let names: Vec<&str> = self.workers.iter().map(|(n, _)| n.as_str()).collect();
+        let tasks: Vec<String> = self.tasks.iter().map(|t| t.name()).collect();
         f.debug_struct("Service")
             .field("consumers", &names)
+            .field("tasks", &tasks)
             .finish_non_exhaustive()
     }
 }
 
-/// Each consumer's stats when the service stopped, in the order they were added.
+/// Each consumer's stats when the service stopped, in the order they were added
+/// (hosted tasks have none here: a task keeps its own counts, e.g. `Relay::stats`).
 pub type ServiceStats = Vec<(String, Stats)>;
 
 impl Service {
@@ -163,6 +191,7 @@ impl Service {
             listen: None,
             shutdown_timeout: SHUTDOWN_TIMEOUT,
             consumers: Vec::new(),
+            tasks: Vec::new(),
         }
     }
 }
@@ -179,6 +208,14 @@ impl ServiceBuilder {
     ) -> Self {
         self.consumers
             .push((topology.into(), consumer, Box::new(configure)));
+        self
+    }
+
+    /// Adds a hosted task (the outbox relay, or any [`HostedTask`]): run beside the
+    /// consumers, stopped with them within the one shutdown timeout. See
+    /// [Hosted tasks](self#hosted-tasks-the-outbox-relay).
+    pub fn task(mut self, task: impl HostedTask) -> Self {
+        self.tasks.push(Box::new(task));
         self
     }
 
@@ -214,8 +251,9 @@ impl ServiceBuilder {
         self
     }
 
-    /// How long a stop waits for in-flight handlers, for all consumers at once
-    /// (default 30 s). Replaces a timeout set in a consumer's closure.
+    /// How long a stop waits for in-flight handlers, for all consumers at once, and
+    /// for the hosted tasks to return (default 30 s). Replaces a timeout set in a
+    /// consumer's closure.
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
         self.shutdown_timeout = timeout;
         self
@@ -256,6 +294,8 @@ impl ServiceBuilder {
         }
         Ok(Service {
             workers,
+            tasks: self.tasks,
+            shutdown_timeout: self.shutdown_timeout,
             pool,
             #[cfg(feature = "prometheus")]
             listen: self.listen,
@@ -263,8 +303,68 @@ impl ServiceBuilder {
     }
 }
 
-/// A worker task's end: its index and what its `run` returned.
-type Ended = (usize, Result<Stats, Error>);
+/// A task of the service's [`JoinSet`] that ended.
+enum Ended {
+    /// A consumer's worker: its index and what its `run` returned.
+    Worker(usize, Result<Stats, Error>),
+    /// A hosted task: its name and what it returned (`None`: dropped at the shutdown
+    /// timeout).
+    Task(String, Option<Result<(), TaskError>>),
+}
+
+/// What the service's tasks ended with so far.
+struct Outcome {
+    stats: Vec<Option<Stats>>,
+    failed: Option<Error>,
+    panic: Option<Box<dyn std::any::Any + Send>>,
+}
+
+impl Outcome {
+    /// Records `joined`; returns whether the service must stop because of it.
+    fn record(
+        &mut self,
+        joined: Result<Ended, tokio::task::JoinError>,
+        names: &[String],
+        stopping: bool,
+    ) -> bool {
+        match joined {
+            Ok(Ended::Worker(i, Ok(s))) => self.stats[i] = Some(s),
+            Ok(Ended::Worker(i, Err(e))) => {
+                tracing::error!(consumer = %names[i], error = %e, "consumer failed; stopping the service");
+                self.failed
+                    .get_or_insert_with(|| Error::consumer(&names[i], e));
+                return true;
+            }
+            Ok(Ended::Task(name, Some(Ok(())))) if stopping => {
+                tracing::debug!(task = %name, "hosted task stopped");
+            }
+            Ok(Ended::Task(name, Some(Ok(())))) => {
+                tracing::info!(task = %name, "hosted task finished its work; the service carries on");
+            }
+            Ok(Ended::Task(name, Some(Err(e)))) => {
+                tracing::error!(task = %name, error = %e, "hosted task failed; stopping the service");
+                self.failed.get_or_insert(Error::Task {
+                    task: name,
+                    source: e,
+                });
+                return true;
+            }
+            Ok(Ended::Task(name, None)) => {
+                tracing::warn!(task = %name, "hosted task still running at the shutdown timeout; dropped");
+            }
+            Err(e) if e.is_panic() => {
+                tracing::error!(
+                    "a consumer's worker or a hosted task panicked; stopping the service"
+                );
+                self.panic.get_or_insert(e.into_panic());
+                return true;
+            }
+            // Cancelled: only when the runtime shuts down; nothing left to report.
+            Err(_) => return true,
+        }
+        false
+    }
+}
 
 impl Service {
     /// The consumers' names, in the order they were added.
@@ -272,16 +372,21 @@ impl Service {
         self.workers.iter().map(|(n, _)| n.as_str())
     }
 
-    /// Runs every consumer until SIGINT (Ctrl-C) or SIGTERM, then stops them all
-    /// gracefully. See [Stopping](self#stopping).
+    /// The hosted tasks' names, in the order they were added.
+    pub fn tasks(&self) -> impl Iterator<Item = String> + '_ {
+        self.tasks.iter().map(|t| t.name())
+    }
+
+    /// Runs every consumer and hosted task until SIGINT (Ctrl-C) or SIGTERM, then
+    /// stops them all gracefully. See [Stopping](self#stopping).
     pub async fn run_until_signal(self) -> Result<ServiceStats, Error> {
         self.run(crate::shutdown::signal()).await
     }
 
     /// Runs the service on its own tokio task until the handle asks it to stop; the
     /// handle's [`shutdown_and_join`](WorkerHandle::shutdown_and_join) stops every
-    /// consumer gracefully and returns what [`run`](Self::run) returns. Dropping the
-    /// handle is a hard stop of every consumer.
+    /// consumer and task gracefully and returns what [`run`](Self::run) returns.
+    /// Dropping the handle is a hard stop of every consumer and task.
     ///
     /// # Panics
     ///
@@ -290,12 +395,61 @@ impl Service {
         WorkerHandle::spawn(|shutdown| self.run(shutdown.wait()))
     }
 
-    /// Runs every consumer until `shutdown` completes, then stops them all
-    /// gracefully and returns each consumer's stats. If a consumer fails (its first
-    /// connection or declaration), stops the others and returns [`Error::Consumer`]
-    /// naming it. A service without consumers waits for `shutdown` and returns no
+    /// Starts every worker (with its readiness source in `ready`) and task on `set`;
+    /// returns the consumers' names.
+    fn start(
+        self,
+        ready: Vec<crate::readiness::Registration>,
+        set: &mut JoinSet<Ended>,
+        stop: &watch::Sender<bool>,
+    ) -> Vec<String> {
+        let mut names = Vec::with_capacity(self.workers.len());
+        let workers = self.workers.into_iter().zip(ready);
+        for (i, ((name, worker), ready)) in workers.enumerate() {
+            let mut asked = stop.subscribe();
+            let stopped = async move {
+                // An error means the service is gone: stop as well.
+                let _ = asked.wait_for(|s| *s).await;
+            };
+            set.spawn(async move { Ended::Worker(i, worker.run_registered(ready, stopped).await) });
+            names.push(name);
+        }
+        for task in self.tasks {
+            let name = task.name();
+            let ctx = TaskContext::new(stop.subscribe(), Readiness::global());
+            let overdue = {
+                let stopped = ctx.shutdown();
+                let timeout = self.shutdown_timeout;
+                async move {
+                    stopped.await;
+                    tokio::time::sleep(timeout).await;
+                }
+            };
+            set.spawn(async move {
+                let ended = tokio::select! {
+                    r = task.run(ctx) => Some(r),
+                    () = overdue => None,
+                };
+                Ended::Task(name, ended)
+            });
+        }
+        names
+    }
+
+    /// Runs every consumer and hosted task until `shutdown` completes, then stops
+    /// them all gracefully and returns each consumer's stats. If a consumer fails
+    /// (its first connection or declaration) or a task returns an error, stops the
+    /// others and returns [`Error::Consumer`] or [`Error::Task`] naming it. A
+    /// service with neither consumers nor tasks waits for `shutdown` and returns no
     /// stats. See [Stopping](self#stopping).
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<ServiceStats, Error> {
+        // Every worker is a readiness source before the listener serves: `/ready`
+        // never answers 200 for a service whose consumers are not known yet.
+        let ready: Vec<_> = self
+            .workers
+            .iter()
+            .map(|(_, w)| w.register_readiness())
+            .collect();
         // Bound before any worker starts: a wrong address fails the whole service.
         #[cfg(feature = "prometheus")]
         let _listener = match self.listen {
@@ -303,67 +457,48 @@ impl Service {
             None => None,
         };
         let (stop, _) = watch::channel(false);
-        let mut names = Vec::with_capacity(self.workers.len());
-        // Owned by this future: dropping it aborts every worker task (a hard stop).
-        let mut tasks: JoinSet<Ended> = JoinSet::new();
-        for (i, (name, worker)) in self.workers.into_iter().enumerate() {
-            let mut asked = stop.subscribe();
-            let stopped = async move {
-                // An error means the service is gone: stop as well.
-                let _ = asked.wait_for(|s| *s).await;
-            };
-            tasks.spawn(async move { (i, worker.run(stopped).await) });
-            names.push(name);
-        }
-        if names.is_empty() {
+        let pool = self.pool.clone();
+        let tasks = self.tasks.len();
+        // Owned by this future: dropping it aborts every worker and task (a hard stop).
+        let mut set: JoinSet<Ended> = JoinSet::new();
+        let names = self.start(ready, &mut set, &stop);
+        if set.is_empty() {
             // Nothing to run: serve the listener (if any) until asked to stop.
             shutdown.await;
             return Ok(Vec::new());
         }
-        let mut stats: Vec<Option<Stats>> = vec![None; names.len()];
-        let mut failed: Option<Error> = None;
-        let mut panic = None;
+        let mut outcome = Outcome {
+            stats: vec![None; names.len()],
+            failed: None,
+            panic: None,
+        };
         let mut shutdown = std::pin::pin!(shutdown.fuse());
         loop {
             let joined = tokio::select! {
                 _ = &mut shutdown, if !*stop.borrow() => {
-                    tracing::info!(consumers = names.len(), "service stopping");
+                    tracing::info!(consumers = names.len(), tasks, "service stopping");
                     stop.send_replace(true);
                     continue;
                 }
-                joined = tasks.join_next() => joined,
+                joined = set.join_next() => joined,
             };
             let Some(joined) = joined else { break };
-            match joined {
-                Ok((i, Ok(s))) => stats[i] = Some(s),
-                Ok((i, Err(e))) => {
-                    tracing::error!(consumer = %names[i], error = %e, "consumer failed; stopping the service");
-                    failed.get_or_insert_with(|| Error::consumer(&names[i], e));
-                    stop.send_replace(true);
-                }
-                Err(e) if e.is_panic() => {
-                    tracing::error!("a consumer's worker panicked; stopping the service");
-                    panic.get_or_insert(e.into_panic());
-                    stop.send_replace(true);
-                }
-                // Cancelled: only when the runtime shuts down; nothing left to report.
-                Err(_) => {
-                    stop.send_replace(true);
-                }
+            if outcome.record(joined, &names, *stop.borrow()) {
+                stop.send_replace(true);
             }
         }
-        for conn in &self.pool {
+        for conn in &pool {
             conn.close().await;
         }
-        if let Some(p) = panic {
+        if let Some(p) = outcome.panic {
             std::panic::resume_unwind(p);
         }
-        if let Some(e) = failed {
+        if let Some(e) = outcome.failed {
             return Err(e);
         }
         Ok(names
             .into_iter()
-            .zip(stats)
+            .zip(outcome.stats)
             .map(|(n, s)| (n, s.unwrap_or_default()))
             .collect())
     }

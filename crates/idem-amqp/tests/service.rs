@@ -13,19 +13,25 @@
 //!   on over one new connection, every message applied exactly once.
 //! - A consumer whose queue cannot be declared fails the service: the others are
 //!   stopped and the error names it.
+//! - Hosted tasks: one that returns an error fails the service (its consumer is
+//!   stopped, the error names the task); on a stop, a task waiting for its shutdown
+//!   signal returns, and one that ignores it is dropped at the shutdown timeout. The
+//!   outbox relay as a hosted task is tested in idem-outbox (`tests/host.rs`).
 
 #![allow(clippy::unwrap_used)] // tests may unwrap (project rule)
 
 mod common;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
 use common::{broker, short_tiers, unique, url};
+use futures_util::future::BoxFuture;
+use idem_amqp::service::{HostedTask, TaskContext, TaskError};
 use idem_amqp::{Error, Publisher, Service, Topology};
 use idem_core::{Consumer, IdempotencyKey, MemoryStore, Message, State};
 use idem_testkit::broker::{connection_open, declare_queue, queue_counts, wait_until};
@@ -435,4 +441,126 @@ async fn service_fails_naming_the_consumer_and_stops_the_others() {
 
     good.delete_on(&ch).await.unwrap();
     bad.delete_on(&ch).await.unwrap();
+}
+
+/// A hosted task built from a closure.
+struct FnTask<F>(&'static str, F);
+
+impl<F, Fut> HostedTask for FnTask<F>
+where
+    F: FnOnce(TaskContext) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), TaskError>> + Send + 'static,
+{
+    fn name(&self) -> String {
+        self.0.to_owned()
+    }
+
+    fn run(self: Box<Self>, ctx: TaskContext) -> BoxFuture<'static, Result<(), TaskError>> {
+        Box::pin((self.1)(ctx))
+    }
+}
+
+/// Sets its flag when dropped.
+struct DropFlag(Arc<AtomicBool>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+fn idle_consumer(name: &str) -> Consumer {
+    Consumer::builder(name)
+        .store(MemoryStore::new())
+        .handler(|| async {})
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_task_error_stops_the_consumers_and_names_the_task() {
+    let (_conn, ch) = broker("idem-test-service-task-admin").await;
+    let topology = Topology::new(unique("service-task-fail"));
+    let name = format!("{}-consumer", topology.queue());
+    let service = Service::builder(url())
+        .consumer(topology.clone(), idle_consumer(&name), |w| w)
+        .task(FnTask("doomed", |_ctx| async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Err::<(), TaskError>("the task's database is gone".into())
+        }))
+        .build()
+        .unwrap();
+    assert_eq!(service.tasks().collect::<Vec<_>>(), ["doomed"]);
+    let err = tokio::time::timeout(Duration::from_secs(30), service.run(std::future::pending()))
+        .await
+        .expect("the service did not stop after a task failed")
+        .unwrap_err();
+    match &err {
+        Error::Task { task, source } => {
+            assert_eq!(task, "doomed");
+            assert_eq!(source.to_string(), "the task's database is gone");
+        }
+        other => panic!("expected Error::Task, got {other}"),
+    }
+    assert_eq!(
+        err.to_string(),
+        r#"hosted task "doomed": the task's database is gone"#
+    );
+    let closed = wait_until(Duration::from_secs(5), async || {
+        !connection_open(&format!("idem:{name}")).await
+    })
+    .await;
+    assert!(closed, "the consumer's connection stayed open");
+    topology.delete_on(&ch).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_stops_its_tasks_and_drops_one_that_overruns_the_shutdown_timeout() {
+    let (_conn, ch) = broker("idem-test-service-task-admin").await;
+    let topology = Topology::new(unique("service-task-stop"));
+    let name = format!("{}-consumer", topology.queue());
+    let (polite_stopped, stubborn_dropped) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let (told, dropped) = (polite_stopped.clone(), stubborn_dropped.clone());
+    let running = Service::builder(url())
+        .consumer(topology.clone(), idle_consumer(&name), |w| w)
+        .task(FnTask("polite", move |ctx: TaskContext| async move {
+            assert!(!ctx.is_stopping());
+            ctx.shutdown().await;
+            assert!(ctx.is_stopping());
+            told.store(true, Ordering::SeqCst);
+            Ok(())
+        }))
+        .task(FnTask("stubborn", move |_ctx| async move {
+            let _flag = DropFlag(dropped);
+            std::future::pending::<Result<(), TaskError>>().await
+        }))
+        .shutdown_timeout(Duration::from_millis(500))
+        .build()
+        .unwrap()
+        .spawn();
+    assert!(
+        wait_until(Duration::from_secs(10), async || {
+            connection_open(&format!("idem:{name}")).await
+        })
+        .await,
+        "the consumer did not connect"
+    );
+    assert!(!polite_stopped.load(Ordering::SeqCst));
+    assert!(!stubborn_dropped.load(Ordering::SeqCst));
+    let stats = tokio::time::timeout(Duration::from_secs(30), running.shutdown_and_join())
+        .await
+        .expect("the service did not stop")
+        .unwrap();
+    assert_eq!(stats.len(), 1, "stats are the consumers'");
+    assert!(
+        polite_stopped.load(Ordering::SeqCst),
+        "a task was not told to stop"
+    );
+    assert!(
+        stubborn_dropped.load(Ordering::SeqCst),
+        "a task past the shutdown timeout was not dropped"
+    );
+    topology.delete_on(&ch).await.unwrap();
 }

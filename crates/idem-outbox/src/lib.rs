@@ -49,6 +49,7 @@ mod error;
 #[cfg(feature = "inbox")]
 #[cfg_attr(docsrs, doc(cfg(feature = "inbox")))]
 pub mod follow_up;
+pub mod hosted;
 mod message;
 #[cfg(feature = "otel")]
 mod otel;

@@ -206,6 +206,17 @@ impl Relay {
             .is_ok()
     }
 
+    /// The outbox table this relay publishes.
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    /// Closes the relay's broker connection (after [`run`](Self::run) or
+    /// [`drain`](Self::drain) returned). A hosted relay closes it when it stops.
+    pub async fn close(self) {
+        self.publisher.close().await;
+    }
+
     /// Counts so far.
     pub fn stats(&self) -> RelayStats {
         RelayStats {
@@ -382,7 +393,10 @@ impl Relay {
     /// retried with backoff (rows stay in the outbox meanwhile); the relay never gives
     /// up. Wakes on NOTIFY from [`Outbox::enqueue`], polls as a fallback, cleans up old
     /// published rows, and reports the gauges `idem_outbox_pending` and
-    /// `idem_outbox_oldest_pending_seconds`.
+    /// `idem_outbox_oldest_pending_seconds`. To run it inside an
+    /// [`idem_amqp::Service`] beside the consumers, with their listener and stop,
+    /// pass the relay to [`ServiceBuilder::task`](idem_amqp::ServiceBuilder::task)
+    /// (see [`crate::hosted`]).
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<RelayStats, OutboxError> {
         let mut shutdown = std::pin::pin!(shutdown);
         let _ready = self.register_readiness();

@@ -171,9 +171,13 @@ impl WorkerBuilder {
 
     /// Serves the `metrics` of this process in the Prometheus text format at
     /// `http://<addr>/metrics`, and the probes `/live` and `/ready`, while the worker
-    /// runs. One listener per process: the first worker binds it and installs the
-    /// global recorder, later workers given the same address join it, and a worker
-    /// given another address fails to start with [`Error::Metrics`]. See
+    /// runs: [`prometheus::listen`](crate::prometheus::listen) held for the worker's
+    /// run. For a process of one lone worker; a process of several consumers (or a
+    /// consumer and the outbox relay) runs them in a [`Service`](crate::Service) and
+    /// gives the address once, to [`ServiceBuilder::listen`](crate::ServiceBuilder::listen).
+    /// One listener per process: the first worker binds it and installs the global
+    /// recorder, later workers given the same address join it, and a worker given
+    /// another address fails to start with [`Error::Metrics`]. See
     /// [`crate::prometheus`].
     #[cfg(feature = "prometheus")]
     pub fn prometheus(mut self, addr: std::net::SocketAddr) -> Self {

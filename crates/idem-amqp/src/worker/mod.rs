@@ -67,7 +67,8 @@
 //! - the connection is closed right away (from a task spawned by the drop), which
 //!   hands every unacked delivery back to the queue for other consumers. Deliveries
 //!   whose effect was already recorded come back as duplicates and are acked without
-//!   running.
+//!   running. A connection still being opened finishes opening on its own task and is
+//!   closed at once (the same for a graceful stop that comes while it connects).
 //!
 //! A handler cut off mid-way may have done part of its work: the same case as a
 //! crash, with the same answers (the inbox rolls back; a lease store runs the message
@@ -227,17 +228,31 @@ impl Worker {
     /// credentials or queue arguments should stop a deployment); after that, lost
     /// connections are re-established until shutdown.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<Stats, Error> {
-        let shared = self.shared;
         // Registered before the listener serves: never a 200 before the worker is known.
-        let _ready = {
-            let health = shared.health.clone();
-            let breaker = shared.consumer.breaker().cloned();
-            shared.readiness.register(
-                crate::readiness::SourceKind::Consumer,
-                shared.consumer.name(),
-                move || health.reasons(breaker.as_ref()),
-            )
-        };
+        let ready = self.register_readiness();
+        self.run_registered(ready, shutdown).await
+    }
+
+    /// The worker's readiness source, registered now (a [`Service`](crate::Service)
+    /// registers every worker before its listener serves and its tasks start).
+    pub(crate) fn register_readiness(&self) -> crate::readiness::Registration {
+        let shared = &self.shared;
+        let health = shared.health.clone();
+        let breaker = shared.consumer.breaker().cloned();
+        shared.readiness.register(
+            crate::readiness::SourceKind::Consumer,
+            shared.consumer.name(),
+            move || health.reasons(breaker.as_ref()),
+        )
+    }
+
+    /// [`run`](Self::run), with the readiness source `_ready` registered beforehand.
+    pub(crate) async fn run_registered(
+        self,
+        _ready: crate::readiness::Registration,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<Stats, Error> {
+        let shared = self.shared;
         #[cfg(feature = "prometheus")]
         let _listener = match shared.prometheus {
             Some(addr) => Some(crate::prometheus::listen(addr)?),
@@ -278,10 +293,23 @@ impl Worker {
                     _ = breaker.wait_closed() => {}
                 }
             }
+            // On its own task: a stop (or a hard stop) while it connects leaves it to
+            // finish, and the session it opens is then dropped, which closes its
+            // connection. Dropped mid-handshake instead, the connection could come up
+            // with no handle left to close it.
+            let opening = {
+                let shared = shared.clone();
+                tokio::spawn(async move { Session::open(&shared).await })
+            };
             let opened = tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
-                s = Session::open(&shared) => s,
+                s = opening => match s {
+                    Ok(s) => s,
+                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    // Cancelled: the runtime is shutting down.
+                    Err(_) => break,
+                },
             };
             let session = match opened {
                 Ok(s) => s,
