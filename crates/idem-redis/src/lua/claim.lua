@@ -4,9 +4,11 @@
 -- done -> {'d', completion, has fingerprint, fingerprint}
 -- processing under our own token (a retried claim whose first reply was lost) -> {'a'}
 -- processing under another token -> {'b', remaining lease ms}
-local s = redis.call('HGET', KEYS[1], 's')
+-- One HMGET reads every field; a record has no fields only when it is absent (every
+-- write sets 's'), so the HSET needs no DEL before it.
+local r = redis.call('HMGET', KEYS[1], 's', 'o', 'c', 'f')
+local s = r[1]
 if not s then
-  redis.call('DEL', KEYS[1])
   if ARGV[3] == '1' then
     redis.call('HSET', KEYS[1], 's', 'p', 'o', ARGV[1], 'f', ARGV[4])
   else
@@ -16,12 +18,11 @@ if not s then
   return {'a'}
 end
 if s == 'd' then
-  local c = redis.call('HGET', KEYS[1], 'c') or 's'
-  local f = redis.call('HGET', KEYS[1], 'f')
-  if f then return {'d', c, '1', f} end
+  local c = r[3] or 's'
+  if r[4] then return {'d', c, '1', r[4]} end
   return {'d', c, '0', ''}
 end
-if redis.call('HGET', KEYS[1], 'o') == ARGV[1] then
+if r[2] == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return {'a'}
 end

@@ -1,5 +1,6 @@
 -- Extend our own lease. ARGV: 1 owner token, 2 lease ms. 1 if extended, else 0.
-if redis.call('HGET', KEYS[1], 's') == 'p' and redis.call('HGET', KEYS[1], 'o') == ARGV[1] then
+local r = redis.call('HMGET', KEYS[1], 's', 'o')
+if r[1] == 'p' and r[2] == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return 1
 end

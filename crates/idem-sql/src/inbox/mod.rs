@@ -7,6 +7,8 @@
 
 mod queries;
 mod session;
+#[cfg(feature = "postgres")]
+mod starts;
 mod tx;
 
 use std::fmt;
@@ -29,7 +31,25 @@ use crate::backend::Backend;
 use crate::schema::{self, CleanupHandle, InvalidTableName, TableName, CLEANUP_BATCH};
 use queries::Queries;
 use session::InboxSession;
+#[cfg(feature = "postgres")]
+use starts::StartCounter;
 pub use tx::{NoInbox, Tx, TxClosed, TxConn};
+
+/// Without PostgreSQL support, no batched start counter exists.
+#[cfg(not(feature = "postgres"))]
+#[derive(Clone)]
+enum StartCounter {}
+
+#[cfg(not(feature = "postgres"))]
+impl StartCounter {
+    fn for_pool<P>(_: &P, _: &TableName) -> Option<Self> {
+        None
+    }
+
+    async fn count(&self, _: &Arc<str>, _: &str, _: i64) -> Result<i64, StoreError> {
+        match *self {}
+    }
+}
 
 /// Default table of the inbox.
 pub const DEFAULT_INBOX_TABLE: &str = "idem_inbox";
@@ -95,6 +115,8 @@ pub struct SqlInbox<DB: Backend> {
     table: TableName,
     q: Queries,
     settings: DedupSettings,
+    /// PostgreSQL: the start counts of concurrent deliveries, batched.
+    starts: Option<StartCounter>,
 }
 
 impl<DB: Backend> Clone for SqlInbox<DB> {
@@ -104,6 +126,7 @@ impl<DB: Backend> Clone for SqlInbox<DB> {
             table: self.table.clone(),
             q: self.q.clone(),
             settings: self.settings.clone(),
+            starts: self.starts.clone(),
         }
     }
 }
@@ -124,8 +147,10 @@ impl<DB: Backend> SqlInbox<DB> {
     /// is poison, retention 7 days, payload fingerprints checked, store timeout 5 s.
     pub fn new(pool: Pool<DB>) -> Self {
         let table = TableName::trusted(DEFAULT_INBOX_TABLE);
+        let q = Queries::new(DB::DIALECT, &table);
         SqlInbox {
-            q: Queries::new(DB::DIALECT, &table),
+            starts: StartCounter::for_pool(&pool, &q.starts_table),
+            q,
             pool,
             table,
             settings: DedupSettings::default(),
@@ -135,6 +160,7 @@ impl<DB: Backend> SqlInbox<DB> {
     /// Uses table `table` (an already validated name).
     pub fn table(mut self, table: TableName) -> Self {
         self.q = Queries::new(DB::DIALECT, &table);
+        self.starts = StartCounter::for_pool(&self.pool, &self.q.starts_table);
         self.table = table;
         self
     }

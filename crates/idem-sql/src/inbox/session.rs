@@ -185,9 +185,14 @@ impl<DB: Backend> Keyed<DB> {
         Ok(u32::try_from(n.saturating_sub(1)).unwrap_or(0))
     }
 
-    /// Takes a connection, records the start on it and begins the message's
-    /// transaction there: one pool acquire per message.
+    /// Records the start and begins the message's transaction. On PostgreSQL the
+    /// start goes out with those of concurrent deliveries (see `starts.rs`);
+    /// elsewhere it is recorded on the connection that then begins the transaction
+    /// (one pool acquire per message).
     async fn start(&self) -> Result<(Transaction<'static, DB>, u32), HandlerError> {
+        if let Some(counter) = &self.inbox.starts {
+            return self.start_batched(counter).await;
+        }
         let (conn, earlier) = self
             .bounded("start count", async {
                 let mut conn = self.inbox.pool.acquire().await?;
@@ -196,6 +201,41 @@ impl<DB: Backend> Keyed<DB> {
             })
             .await?;
         match self.bounded("begin", DB::begin_on(conn)).await {
+            Ok(tx) => Ok((tx, earlier)),
+            Err(e) => {
+                self.clear_start().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// [`start`](Self::start) with the batched counter: the count (committed when
+    /// its answer arrives), then `BEGIN`. One after the other, never side by side:
+    /// the batch takes a pool connection of its own, and a message must not hold
+    /// one while it waits for the batch (a pool of one connection would wait for
+    /// itself).
+    async fn start_batched(
+        &self,
+        counter: &super::StartCounter,
+    ) -> Result<(Transaction<'static, DB>, u32), HandlerError> {
+        let limit = self.inbox.settings.effective_store_timeout();
+        let keep = ms(self.inbox.settings.retention);
+        let counted = tokio::time::timeout(limit, counter.count(&self.consumer, &self.key, keep));
+        let earlier = match counted.await {
+            Ok(Ok(n)) => u32::try_from(n.saturating_sub(1)).unwrap_or(0),
+            Ok(Err(e)) => return Err(HandlerError::store_unavailable(e)),
+            Err(_) => {
+                // The count may have committed after all: a later success clears it.
+                return Err(HandlerError::store_unavailable(
+                    StoreError::new(format!(
+                        "SQL inbox start count on table {} timed out after {limit:?} (store_timeout)",
+                        self.inbox.table
+                    ))
+                    .with_kind(StoreErrorKind::Timeout),
+                ));
+            }
+        };
+        match self.bounded("begin", DB::begin(&self.inbox.pool)).await {
             Ok(tx) => Ok((tx, earlier)),
             Err(e) => {
                 self.clear_start().await;
