@@ -1,0 +1,435 @@
+//! `idem verify` against the real RabbitMQ and PostgreSQL: after a real run through an
+//! outbox, its relay and a worker with the PostgreSQL inbox it exits 0; it names a
+//! deleted inbox record and purged messages as lost, reports stuck records and outbox
+//! rows, and configuration hazards. Each test has its own queues and tables and
+//! removes them at the end (see the README, "Running the tests", for the services).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use idem_amqp::{DelayTiers, Topology, Worker};
+use idem_core::dedup::{Claim, DedupStore, OwnerToken, ScopedKey};
+use idem_core::{Consumer, HandlerError};
+use idem_outbox::{Outbox, OutboxMessage, Relay};
+use idem_sql::{PgInbox, PgStore, Tx};
+use idem_testkit::Service;
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeleteOptions};
+use lapin::Connection;
+use sqlx::{PgPool, Postgres};
+
+const CONSUMER: &str = "verify-test";
+
+/// A unique topology (one 1 s delay tier), outbox table and inbox table.
+struct Fixture {
+    pool: PgPool,
+    conn: Connection,
+    topology: Topology,
+    outbox: Outbox,
+    inbox: String,
+    extra_tables: Vec<String>,
+}
+
+impl Fixture {
+    async fn new() -> Fixture {
+        let url = Service::PostgreSql.url();
+        let pool = Service::PostgreSql.expect_connected(
+            &url,
+            sqlx::postgres::PgPoolOptions::new()
+                .max_connections(6)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect(&url)
+                .await,
+        );
+        let amqp = Service::RabbitMq.url();
+        let conn = Service::RabbitMq
+            .expect_connected(&amqp, idem_amqp::connect(&amqp, "idem-verify-test").await);
+        let id = idem_testkit::unique("verify");
+        let topology =
+            Topology::new(id.as_str()).tiers(DelayTiers::new([Duration::from_secs(1)]).unwrap());
+        let ch = conn.create_channel().await.unwrap();
+        topology.declare_on(&ch).await.unwrap();
+        let _ = ch.close(200, "bye".into()).await;
+        let outbox = Outbox::new(&format!("{id}_outbox")).unwrap();
+        outbox.ensure_schema(&pool).await.unwrap();
+        let inbox = format!("{id}_inbox");
+        PgInbox::new(pool.clone())
+            .try_table(&inbox)
+            .unwrap()
+            .ensure_schema()
+            .await
+            .unwrap();
+        Fixture {
+            pool,
+            conn,
+            topology,
+            outbox,
+            inbox,
+            extra_tables: Vec::new(),
+        }
+    }
+
+    fn queue(&self) -> &str {
+        self.topology.queue()
+    }
+
+    /// Enqueues `n` messages through the outbox in one transaction; their ids.
+    async fn enqueue(&self, n: usize) -> Vec<String> {
+        let mut tx = self.pool.begin().await.unwrap();
+        let mut ids = Vec::new();
+        for i in 0..n {
+            let msg = OutboxMessage::new("", self.queue(), format!("transfer {i}").into_bytes());
+            ids.push(self.outbox.enqueue(&mut tx, msg).await.unwrap().to_string());
+        }
+        tx.commit().await.unwrap();
+        ids
+    }
+
+    /// Publishes every pending row (the relay, with publisher confirms).
+    async fn relay(&self) {
+        let relay = Relay::builder(
+            self.pool.clone(),
+            self.outbox.clone(),
+            Service::RabbitMq.url(),
+        )
+        .build();
+        relay.drain().await.unwrap();
+    }
+
+    async fn inbox_rows(&self) -> i64 {
+        sqlx::query_scalar(&format!("SELECT count(*) FROM {}", self.inbox))
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    /// Runs a worker with the PostgreSQL inbox until the inbox holds `total` records,
+    /// then stops it gracefully.
+    async fn consume_until(&self, total: i64) {
+        let inbox = PgInbox::new(self.pool.clone())
+            .try_table(&self.inbox)
+            .unwrap();
+        let consumer = Consumer::builder(CONSUMER)
+            .dedup(inbox)
+            .handler(|_tx: Tx<Postgres>| async { Ok::<(), HandlerError>(()) })
+            .unwrap();
+        let worker = Worker::builder(Service::RabbitMq.url(), self.topology.clone(), consumer)
+            .connection_name("idem-verify-test-worker")
+            .prefetch(10)
+            .build()
+            .unwrap();
+        let handle = worker.spawn();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while self.inbox_rows().await < total {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the worker recorded {} of {total} messages within 30 s",
+                self.inbox_rows().await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        handle.shutdown_and_join().await.unwrap();
+    }
+
+    /// Waits until the work queue holds `n` ready messages.
+    async fn await_depth(&self, n: u32) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let depth = idem_cli::broker::probe(&self.conn, self.queue())
+                .await
+                .unwrap()
+                .unwrap()
+                .messages;
+            if depth == n {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} holds {depth} messages, expected {n}",
+                self.queue()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Runs `idem verify` on this fixture's queue, outbox and inbox with `extra`
+    /// options.
+    fn verify(&self, extra: &[&str]) -> Output {
+        self.verify_records(&self.inbox, extra)
+    }
+
+    /// [`Fixture::verify`] reading the records from `table`.
+    fn verify_records(&self, table: &str, extra: &[&str]) -> Output {
+        let mut args = vec![
+            "verify",
+            self.queue(),
+            "--consumer",
+            CONSUMER,
+            "--outbox-table",
+            self.outbox.table_name(),
+            "--dedup-table",
+            table,
+            "--tiers",
+            "1s",
+            "--since",
+            "1h",
+            "--grace",
+            "0s",
+            "--recheck-after",
+            "0s",
+        ];
+        args.extend_from_slice(extra);
+        Command::new(env!("CARGO_BIN_EXE_idem"))
+            .args(&args)
+            .env("AMQP_URL", Service::RabbitMq.url())
+            .env("DATABASE_URL", Service::PostgreSql.url())
+            .output()
+            .expect("run the idem binary")
+    }
+
+    async fn cleanup(self) {
+        let ch = self.conn.create_channel().await.unwrap();
+        for q in self.topology.queue_names() {
+            let _ = ch
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        let mut tables = vec![
+            self.outbox.table_name().to_owned(),
+            self.inbox.clone(),
+            format!("{}_starts", self.inbox),
+        ];
+        tables.extend(self.extra_tables.iter().cloned());
+        for t in tables {
+            sqlx::query(&format!("DROP TABLE IF EXISTS {t}"))
+                .execute(&self.pool)
+                .await
+                .unwrap();
+        }
+        let _ = self.conn.close(200, "bye".into()).await;
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// The ids of the findings of class `class` in a `--json` report.
+fn finding_ids(report: &serde_json::Value, class: &str) -> BTreeSet<String> {
+    report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["class"] == class)
+        .map(|f| f["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn verify_after_a_real_outbox_run_exits_0() {
+    let f = Fixture::new().await;
+    let ids = f.enqueue(40).await;
+    f.relay().await;
+    f.consume_until(40).await;
+    let out = f.verify(&[]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.starts_with("verify: lost=0 stuck=0 at_risk=0 hazards=0"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("(40 published"), "{stdout}");
+    assert!(stdout.contains("done=40 "), "{stdout}");
+    // The JSON document says the same.
+    let out = f.verify(&["--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["counts"]["published"], ids.len());
+    assert_eq!(report["counts"]["done"], 40);
+    assert_eq!(report["findings"].as_array().unwrap().len(), 0);
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn verify_names_a_deleted_inbox_record_and_purged_messages() {
+    let f = Fixture::new().await;
+    let done = f.enqueue(20).await;
+    f.relay().await;
+    f.consume_until(20).await;
+    let waiting = f.enqueue(20).await;
+    f.relay().await;
+    f.await_depth(20).await;
+
+    // Delete one inbox record ...
+    let deleted = done[7].clone();
+    let n = sqlx::query(&format!(
+        "DELETE FROM {} WHERE consumer = $1 AND idem_key = $2",
+        f.inbox
+    ))
+    .bind(CONSUMER)
+    .bind(&deleted)
+    .execute(&f.pool)
+    .await
+    .unwrap()
+    .rows_affected();
+    assert_eq!(n, 1, "the inbox recorded {deleted} under the message id");
+    // ... and purge 10 queued messages.
+    let ch = f.conn.create_channel().await.unwrap();
+    let mut purged = BTreeSet::new();
+    for _ in 0..10 {
+        let got = ch
+            .basic_get(f.queue().into(), BasicGetOptions { no_ack: false })
+            .await
+            .unwrap()
+            .expect("a queued message");
+        purged.insert(
+            got.delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .unwrap()
+                .to_string(),
+        );
+        got.delivery.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    let _ = ch.close(200, "bye".into()).await;
+    assert!(purged.iter().all(|id| waiting.contains(id)));
+
+    let out = f.verify(&[]);
+    let stdout = text(&out.stdout);
+    println!("{stdout}");
+    assert_eq!(out.status.code(), Some(5), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.starts_with("verify: lost=11 stuck=0 at_risk=0 hazards=0"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("done=19 "), "{stdout}");
+    assert!(stdout.contains("queued=10 "), "{stdout}");
+    let mut lost = purged.clone();
+    lost.insert(deleted.clone());
+    for id in &lost {
+        assert!(
+            stdout.contains(&format!("\nlost {id}: ")),
+            "{id} not named: {stdout}"
+        );
+    }
+    assert_eq!(stdout.matches("\nlost ").count(), 11, "{stdout}");
+    assert!(
+        text(&out.stderr).contains("lost=11"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = f.verify(&["--json"]);
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(finding_ids(&report, "lost"), lost);
+    assert_eq!(
+        report["counts"]["queued"], 10,
+        "the reads put every message back"
+    );
+    f.await_depth(10).await;
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn verify_reports_a_record_past_its_lease_and_a_stuck_outbox_row() {
+    let mut f = Fixture::new().await;
+    // A lease store's table, with a key claimed for 1 s and never completed.
+    let store_table = format!("{}_dedup", f.inbox.trim_end_matches("_inbox"));
+    let store = PgStore::new(f.pool.clone())
+        .try_table(&store_table)
+        .unwrap();
+    store.ensure_schema().await.unwrap();
+    f.extra_tables.push(store_table.clone());
+    let key = ScopedKey::new(CONSUMER, "crashed-while-processing");
+    let claim = store
+        .claim(&key, &OwnerToken::generate(), None, Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert_eq!(claim, Claim::Acquired);
+    // An outbox row no relay publishes.
+    let pending = f.enqueue(1).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let out = f.verify_records(&store_table, &["--stuck-after", "1s"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(5), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.starts_with("verify: lost=0 stuck=2 "), "{stdout}");
+    assert!(
+        stdout.contains("\nstuck crashed-while-processing: record processing"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("\nstuck {}: outbox row pending", pending[0])),
+        "{stdout}"
+    );
+    assert!(stdout.contains("pending=1 "), "{stdout}");
+
+    // Within the lease and the threshold, neither is stuck.
+    let fresh = ScopedKey::new(CONSUMER, "processing-now");
+    store
+        .claim(
+            &fresh,
+            &OwnerToken::generate(),
+            None,
+            Duration::from_secs(300),
+        )
+        .await
+        .unwrap();
+    let out = f.verify_records(&store_table, &["--stuck-after", "1h", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        finding_ids(&report, "stuck"),
+        BTreeSet::from(["crashed-while-processing".to_owned()])
+    );
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn verify_reports_config_hazards() {
+    let f = Fixture::new().await;
+    let out = f.verify(&["--delivery-limit", "20", "--crash-limit", "3"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "nothing published, safe limits: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let out = f.verify(&[
+        "--delivery-limit",
+        "3",
+        "--crash-limit",
+        "3",
+        "--retention",
+        "1s",
+        "--pool-size",
+        "5",
+        "--concurrency",
+        "20",
+    ]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(5), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.starts_with("verify: lost=0 stuck=0 at_risk=0 hazards=3"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "\nhazard delivery_limit: the queue's delivery_limit 3 is not above the crash limit 3"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("\nhazard retention: dedup retention 1s is shorter than the retry horizon"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("\nhazard pool_size: pool size 5 is smaller than the concurrency 20"),
+        "{stdout}"
+    );
+    f.cleanup().await;
+}
