@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use idem_amqp::{DelayTiers, Topology, Worker};
 use idem_core::dedup::{Claim, DedupStore, OwnerToken, ScopedKey};
-use idem_core::{Consumer, HandlerError};
+use idem_core::{Consumer, HandlerError, Stats, WorkerHandle};
 use idem_outbox::{Outbox, OutboxMessage, Relay};
 use idem_sql::{PgInbox, PgStore, Tx};
 use idem_testkit::Service;
@@ -38,7 +38,7 @@ impl Fixture {
         let pool = Service::PostgreSql.expect_connected(
             &url,
             sqlx::postgres::PgPoolOptions::new()
-                .max_connections(6)
+                .max_connections(10)
                 .acquire_timeout(Duration::from_secs(10))
                 .connect(&url)
                 .await,
@@ -105,22 +105,29 @@ impl Fixture {
             .unwrap()
     }
 
-    /// Runs a worker with the PostgreSQL inbox until the inbox holds `total` records,
-    /// then stops it gracefully.
-    async fn consume_until(&self, total: i64) {
+    /// Starts a worker with the PostgreSQL inbox (prefetch 5) whose handler takes
+    /// `pause`.
+    fn worker(&self, pause: Duration) -> WorkerHandle<Result<Stats, idem_amqp::Error>> {
         let inbox = PgInbox::new(self.pool.clone())
             .try_table(&self.inbox)
             .unwrap();
         let consumer = Consumer::builder(CONSUMER)
             .dedup(inbox)
-            .handler(|_tx: Tx<Postgres>| async { Ok::<(), HandlerError>(()) })
+            .handler(move |_tx: Tx<Postgres>| async move {
+                tokio::time::sleep(pause).await;
+                Ok::<(), HandlerError>(())
+            })
             .unwrap();
-        let worker = Worker::builder(Service::RabbitMq.url(), self.topology.clone(), consumer)
+        Worker::builder(Service::RabbitMq.url(), self.topology.clone(), consumer)
             .connection_name("idem-verify-test-worker")
-            .prefetch(10)
+            .prefetch(5)
             .build()
-            .unwrap();
-        let handle = worker.spawn();
+            .unwrap()
+            .spawn()
+    }
+
+    /// Waits until the inbox holds `total` records.
+    async fn await_records(&self, total: i64) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         while self.inbox_rows().await < total {
             assert!(
@@ -130,7 +137,32 @@ impl Fixture {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Runs a worker until the inbox holds `total` records, then stops it gracefully.
+    async fn consume_until(&self, total: i64) {
+        let handle = self.worker(Duration::ZERO);
+        self.await_records(total).await;
         handle.shutdown_and_join().await.unwrap();
+    }
+
+    /// Waits until the work queue has `n` consumers.
+    async fn await_consumers(&self, n: u32) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let q = idem_cli::broker::probe(&self.conn, self.queue())
+                .await
+                .unwrap();
+            if q.is_some_and(|q| q.consumers == n) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} has no {n} consumer(s) after 10 s",
+                self.queue()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Waits until the work queue holds `n` ready messages.
@@ -176,8 +208,6 @@ impl Fixture {
             "--since",
             "1h",
             "--grace",
-            "0s",
-            "--recheck-after",
             "0s",
         ];
         args.extend_from_slice(extra);
@@ -252,6 +282,46 @@ async fn verify_after_a_real_outbox_run_exits_0() {
     f.cleanup().await;
 }
 
+// Two runtime threads: the test blocks one while `idem verify` runs, the worker
+// keeps the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_while_a_worker_runs_counts_held_deliveries_in_flight_not_lost() {
+    let f = Fixture::new().await;
+    // 40 messages of 400 ms each, 5 at a time: about 3 s of work, during which the
+    // worker always holds unacked deliveries that no queue read and no record shows.
+    let handle = f.worker(Duration::from_millis(400));
+    f.await_consumers(1).await;
+    f.enqueue(40).await;
+    f.relay().await;
+    f.await_records(1).await;
+    let out = f.verify(&["--recheck-after", "6s", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}{}", text(&out.stdout), text(&out.stderr)));
+    let c = &report["counts"];
+    println!("counts during the run: {c}");
+    assert_eq!(out.status.code(), Some(0), "{report:#}");
+    assert_eq!(
+        (c["lost"].as_u64(), c["stuck"].as_u64()),
+        (Some(0), Some(0))
+    );
+    let accounted = ["done", "queued", "in_flight"]
+        .iter()
+        .map(|k| c[*k].as_u64().unwrap())
+        .sum::<u64>();
+    assert_eq!(accounted, 40, "{c}");
+    assert!(
+        c["in_flight"].as_u64().unwrap() >= 1,
+        "the deliveries the worker held were found by the second look: {c}"
+    );
+    assert!(
+        report["notes"].to_string().contains("1 consumer(s)"),
+        "the live consumer is noted: {report:#}"
+    );
+    f.await_records(40).await;
+    handle.shutdown_and_join().await.unwrap();
+    f.cleanup().await;
+}
+
 #[tokio::test]
 async fn verify_names_a_deleted_inbox_record_and_purged_messages() {
     let f = Fixture::new().await;
@@ -297,7 +367,8 @@ async fn verify_names_a_deleted_inbox_record_and_purged_messages() {
     let _ = ch.close(200, "bye".into()).await;
     assert!(purged.iter().all(|id| waiting.contains(id)));
 
-    let out = f.verify(&[]);
+    // The lost ids are looked for twice; nothing is in flight here.
+    let out = f.verify(&["--recheck-after", "0s"]);
     let stdout = text(&out.stdout);
     println!("{stdout}");
     assert_eq!(out.status.code(), Some(5), "{stdout}{}", text(&out.stderr));
@@ -322,7 +393,7 @@ async fn verify_names_a_deleted_inbox_record_and_purged_messages() {
         text(&out.stderr)
     );
 
-    let out = f.verify(&["--json"]);
+    let out = f.verify(&["--recheck-after", "0s", "--json"]);
     assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(finding_ids(&report, "lost"), lost);
