@@ -11,19 +11,24 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use idem_amqp::{DelayTiers, Topology, Worker};
-use idem_core::dedup::{Claim, DedupStore, OwnerToken, ScopedKey};
+use idem_core::dedup::{Claim, Completion, DedupStore, OwnerToken, ScopedKey};
 use idem_core::{Consumer, HandlerError, Stats, WorkerHandle};
 use idem_outbox::{Outbox, OutboxMessage, Relay};
+use idem_redis::RedisStore;
 use idem_sql::{PgInbox, PgStore, Tx};
 use idem_testkit::Service;
-use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeleteOptions};
-use lapin::Connection;
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection};
 use sqlx::{PgPool, Postgres};
 
 const CONSUMER: &str = "verify-test";
 
 /// A unique topology (one 1 s delay tier), outbox table and inbox table.
 struct Fixture {
+    tiers: &'static str,
     pool: PgPool,
     conn: Connection,
     topology: Topology,
@@ -34,6 +39,11 @@ struct Fixture {
 
 impl Fixture {
     async fn new() -> Fixture {
+        Fixture::with_tiers("1s", Duration::from_secs(1)).await
+    }
+
+    /// A fixture whose topology has the one delay tier `tier` (`name` as for --tiers).
+    async fn with_tiers(name: &'static str, tier: Duration) -> Fixture {
         let url = Service::PostgreSql.url();
         let pool = Service::PostgreSql.expect_connected(
             &url,
@@ -47,8 +57,7 @@ impl Fixture {
         let conn = Service::RabbitMq
             .expect_connected(&amqp, idem_amqp::connect(&amqp, "idem-verify-test").await);
         let id = idem_testkit::unique("verify");
-        let topology =
-            Topology::new(id.as_str()).tiers(DelayTiers::new([Duration::from_secs(1)]).unwrap());
+        let topology = Topology::new(id.as_str()).tiers(DelayTiers::new([tier]).unwrap());
         let ch = conn.create_channel().await.unwrap();
         topology.declare_on(&ch).await.unwrap();
         let _ = ch.close(200, "bye".into()).await;
@@ -62,6 +71,7 @@ impl Fixture {
             .await
             .unwrap();
         Fixture {
+            tiers: name,
             pool,
             conn,
             topology,
@@ -167,9 +177,14 @@ impl Fixture {
 
     /// Waits until the work queue holds `n` ready messages.
     async fn await_depth(&self, n: u32) {
+        self.await_depth_of(self.queue(), n).await;
+    }
+
+    /// Waits until `queue` holds `n` ready messages.
+    async fn await_depth_of(&self, queue: &str, n: u32) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
-            let depth = idem_cli::broker::probe(&self.conn, self.queue())
+            let depth = idem_cli::broker::probe(&self.conn, queue)
                 .await
                 .unwrap()
                 .unwrap()
@@ -179,11 +194,36 @@ impl Fixture {
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "{} holds {depth} messages, expected {n}",
-                self.queue()
+                "{queue} holds {depth} messages, expected {n}"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Publishes a message with id `id` and `headers` straight into `queue`,
+    /// confirmed.
+    async fn put(&self, queue: &str, id: &str, headers: FieldTable) {
+        let ch = self.conn.create_channel().await.unwrap();
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        let props = BasicProperties::default()
+            .with_message_id(id.into())
+            .with_headers(headers);
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                b"{}",
+                props,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack(), "{confirm:?}");
+        let _ = ch.close(200, "bye".into()).await;
     }
 
     /// Runs `idem verify` on this fixture's queue, outbox and inbox with `extra`
@@ -204,7 +244,7 @@ impl Fixture {
             "--dedup-table",
             table,
             "--tiers",
-            "1s",
+            self.tiers,
             "--since",
             "1h",
             "--grace",
@@ -240,6 +280,21 @@ impl Fixture {
         }
         let _ = self.conn.close(200, "bye".into()).await;
     }
+}
+
+/// Records `key` of the test consumer as done in `store`, kept for `retention`.
+async fn record(store: &impl DedupStore, key: &str, completion: Completion, retention: Duration) {
+    let key = ScopedKey::new(CONSUMER, key);
+    let owner = OwnerToken::generate();
+    let claim = store
+        .claim(&key, &owner, None, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(claim, Claim::Acquired);
+    assert!(store
+        .complete(&key, &owner, completion, retention)
+        .await
+        .unwrap());
 }
 
 fn text(b: &[u8]) -> String {
@@ -502,5 +557,132 @@ async fn verify_reports_config_hazards() {
         stdout.contains("\nhazard pool_size: pool size 5 is smaller than the concurrency 20"),
         "{stdout}"
     );
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn verify_reports_old_dead_letters_and_copies_outliving_their_record() {
+    let mut f = Fixture::with_tiers("30s", Duration::from_secs(30)).await;
+    let store_table = format!("{}_dedup", f.inbox.trim_end_matches("_inbox"));
+    let store = PgStore::new(f.pool.clone())
+        .try_table(&store_table)
+        .unwrap();
+    store.ensure_schema().await.unwrap();
+    f.extra_tables.push(store_table.clone());
+    // A copy waits 30 s in the delay queue while its done record expires in 10 s.
+    record(
+        &store,
+        "late-copy",
+        Completion::Succeeded,
+        Duration::from_secs(10),
+    )
+    .await;
+    let retry = f.topology.retry_queue(Duration::from_secs(30));
+    f.put(&retry, "late-copy", FieldTable::default()).await;
+    // Two dead letters: one from 2023 (older than the 7 d retention), one from now.
+    let dead = |at: String| {
+        let mut t = FieldTable::default();
+        t.insert("x-idem-error".into(), AMQPValue::LongString("boom".into()));
+        t.insert(
+            "x-idem-last-failed-at".into(),
+            AMQPValue::LongString(at.as_str().into()),
+        );
+        t
+    };
+    let dlq = f.topology.dlq();
+    f.put(&dlq, "old-dead", dead("2023-11-14T22:13:20Z".to_owned()))
+        .await;
+    let now = idem_core::__private::rfc3339(std::time::SystemTime::now());
+    f.put(&dlq, "young-dead", dead(now)).await;
+
+    let out = f.verify_records(&store_table, &["--retention", "7d"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(5), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.starts_with("verify: lost=0 stuck=0 at_risk=2 hazards=0"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("\nat-risk late-copy: a copy waits in {retry} (up to 30s) while its done record expires in ")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("\nat-risk old-dead: in {dlq} for ")),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("young-dead"), "{stdout}");
+    // Reading moved nothing out of either queue.
+    f.await_depth_of(&retry, 1).await;
+    f.await_depth_of(&dlq, 2).await;
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn verify_reads_a_redis_store_and_an_id_list() {
+    let f = Fixture::new().await;
+    let url = Service::Redis.url();
+    let prefix = idem_testkit::unique("verify");
+    let store = Service::Redis.expect_connected(
+        &url,
+        RedisStore::builder(&url).prefix(&prefix).connect().await,
+    );
+    let day = Duration::from_secs(86_400);
+    record(&store, "a", Completion::Succeeded, day).await;
+    record(&store, "b", Completion::Succeeded, day).await;
+    record(&store, "c", Completion::Poisoned, day).await;
+    f.put(f.queue(), "d", FieldTable::default()).await;
+    let ids = std::env::temp_dir().join(format!("{prefix}.ids"));
+    std::fs::write(&ids, "a\nb\nc\n# a comment\nd\ne\n").unwrap();
+
+    let out = Command::new(env!("CARGO_BIN_EXE_idem"))
+        .args([
+            "verify",
+            f.queue(),
+            "--consumer",
+            CONSUMER,
+            "--ids",
+            ids.to_str().unwrap(),
+            "--dedup-redis",
+            &url,
+            "--dedup-prefix",
+            &prefix,
+            "--tiers",
+            "1s",
+            "--recheck-after",
+            "0s",
+        ])
+        .env("AMQP_URL", Service::RabbitMq.url())
+        .output()
+        .expect("run the idem binary");
+    let stdout = text(&out.stdout);
+    let _ = std::fs::remove_file(&ids);
+    let mut conn = store.connection();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        let _: i64 = redis::cmd("DEL")
+            .arg(&keys)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    assert_eq!(out.status.code(), Some(5), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.starts_with("verify: lost=1 stuck=0 at_risk=0 hazards=0"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("  ids (5 published) against redis"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("done=2 poisoned=1 queued=1 "), "{stdout}");
+    assert!(
+        stdout.contains("\nlost e: given in the id list; "),
+        "{stdout}"
+    );
+    f.await_depth(1).await;
     f.cleanup().await;
 }
