@@ -113,6 +113,10 @@ pub struct VerifyArgs {
     /// PostgreSQL URL of the dedup table, when not the outbox's database.
     #[arg(long, value_name = "URL", conflicts_with = "dedup_redis")]
     pub dedup_postgres: Option<String>,
+    /// MariaDB/MySQL URL of the dedup table (an idem_sql MySqlInbox or MySqlStore),
+    /// instead of PostgreSQL.
+    #[arg(long, value_name = "URL", conflicts_with_all = ["dedup_redis", "dedup_postgres"])]
+    pub dedup_mysql: Option<String>,
     /// The consumer's Redis dedup store instead of a PostgreSQL table.
     #[arg(long, value_name = "URL")]
     pub dedup_redis: Option<String>,

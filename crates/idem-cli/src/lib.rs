@@ -23,7 +23,7 @@
 //! | `idem topology show Q [--tiers ..]` | depth and consumers of each queue, missing ones marked |
 //! | `idem outbox status [--table idem_outbox]` | pending rows and the oldest one's age (`DATABASE_URL`) |
 //! | `idem outbox relay [--table idem_outbox] [--batch N] [--poll-ms MS] [--create-table]` | run an outbox relay until SIGINT/SIGTERM (`DATABASE_URL`, `--url`) |
-//! | `idem verify Q --consumer NAME [--since 24h] [--grace 60s] [--ids FILE] [--dedup-table T \| --dedup-redis URL] [--json]` | lost, stuck and at-risk messages of a window and configuration hazards, exit 5 if any (see [`verify`]) |
+//! | `idem verify Q --consumer NAME [--since 24h] [--grace 60s] [--ids FILE] [--dedup-table T] [--dedup-postgres URL \| --dedup-mysql URL \| --dedup-redis URL] [--json]` | lost, stuck and at-risk messages of a window and configuration hazards, exit 5 if any (see [`verify`]) |
 //!
 //! `FILTERS` (a message must pass all given; see [`dlq::Filter`]): `--id ID...`,
 //! `--group G` (an id `stats` prints), `--error-type T`, `--consumer NAME`,

@@ -15,7 +15,7 @@ use idem_core::dedup::{Claim, Completion, DedupStore, OwnerToken, ScopedKey};
 use idem_core::{Consumer, HandlerError, Stats, WorkerHandle};
 use idem_outbox::{Outbox, OutboxMessage, Relay};
 use idem_redis::RedisStore;
-use idem_sql::{PgInbox, PgStore, Tx};
+use idem_sql::{MySqlStore, PgInbox, PgStore, Tx};
 use idem_testkit::Service;
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions,
@@ -684,5 +684,85 @@ async fn verify_reads_a_redis_store_and_an_id_list() {
         "{stdout}"
     );
     f.await_depth(1).await;
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn verify_reads_a_mysql_lease_store_table() {
+    let f = Fixture::new().await;
+    let url = Service::MariaDb.url();
+    let pool = Service::MariaDb.expect_connected(
+        &url,
+        sqlx::mysql::MySqlPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(&url)
+            .await,
+    );
+    let table = format!("{}_dedup", f.inbox.trim_end_matches("_inbox"));
+    let store = MySqlStore::new(pool.clone()).try_table(&table).unwrap();
+    store.ensure_schema().await.unwrap();
+    let day = Duration::from_secs(86_400);
+    record(&store, "a", Completion::Succeeded, day).await;
+    record(&store, "p", Completion::Poisoned, day).await;
+    let stuck = ScopedKey::new(CONSUMER, "stuck-key");
+    let claim = store
+        .claim(
+            &stuck,
+            &OwnerToken::generate(),
+            None,
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(claim, Claim::Acquired);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let ids = std::env::temp_dir().join(format!("{table}.ids"));
+    std::fs::write(&ids, "a\np\nb\n").unwrap();
+
+    let out = Command::new(env!("CARGO_BIN_EXE_idem"))
+        .args([
+            "verify",
+            f.queue(),
+            "--consumer",
+            CONSUMER,
+            "--ids",
+            ids.to_str().unwrap(),
+            "--dedup-mysql",
+            &url,
+            "--dedup-table",
+            &table,
+            "--tiers",
+            "1s",
+            "--recheck-after",
+            "0s",
+        ])
+        .env("AMQP_URL", Service::RabbitMq.url())
+        .output()
+        .expect("run the idem binary");
+    let stdout = text(&out.stdout);
+    let _ = std::fs::remove_file(&ids);
+    sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.starts_with("verify: lost=1 stuck=1 at_risk=0 hazards=0"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("  ids (3 published) against mysql {table}")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("done=1 poisoned=1 "), "{stdout}");
+    assert!(
+        stdout.contains("\nlost b: given in the id list; "),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("\nstuck stuck-key: record processing, its lease ended "),
+        "{stdout}"
+    );
     f.cleanup().await;
 }

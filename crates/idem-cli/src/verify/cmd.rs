@@ -81,26 +81,35 @@ pub(crate) async fn run_verify(
         },
     };
     let needs_db = matches!(source, Source::Outbox { .. })
-        || (args.dedup_redis.is_none() && args.dedup_postgres.is_none());
+        || (args.dedup_redis.is_none()
+            && args.dedup_postgres.is_none()
+            && args.dedup_mysql.is_none());
     let db = if needs_db {
         let hint = "set DATABASE_URL or --database-url";
         Some(crate::outbox::connect_pool(&args.database_url, tls, 2, hint).await?)
     } else {
         None
     };
-    let records = match (&args.dedup_redis, &args.dedup_postgres, &db) {
-        (Some(redis), _, _) => Records::redis(redis, &args.dedup_prefix).await?,
-        (None, Some(pg), _) => {
+    let records = match (
+        &args.dedup_mysql,
+        &args.dedup_redis,
+        &args.dedup_postgres,
+        &db,
+    ) {
+        (Some(url), _, _, _) => Records::mysql(url, tls, &args.dedup_table).await?,
+        (None, Some(redis), _, _) => Records::redis(redis, &args.dedup_prefix).await?,
+        (None, None, Some(pg), _) => {
             let hint = "check --dedup-postgres";
             let pool = crate::outbox::connect_pool(pg, tls, 2, hint).await?;
             Records::postgres(pool, &args.dedup_table).await?
         }
-        (None, None, Some(pool)) => Records::postgres(pool.clone(), &args.dedup_table).await?,
-        (None, None, None) => {
-            return Err(CliError::Usage(
-                "no dedup store: give --database-url, --dedup-postgres or --dedup-redis".to_owned(),
-            ))
+        (None, None, None, Some(pool)) => {
+            Records::postgres(pool.clone(), &args.dedup_table).await?
         }
+        (None, None, None, None) => return Err(CliError::Usage(
+            "no dedup store: give --database-url, --dedup-postgres, --dedup-mysql or --dedup-redis"
+                .to_owned(),
+        )),
     };
     let conn = crate::broker::connect_as(url, name, tls).await?;
     let result = verify(&conn, db.as_ref(), &source, &records, &opts).await;

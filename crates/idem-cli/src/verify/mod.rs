@@ -8,7 +8,8 @@
 //!    as a confirmed copy before its original is acked, as the `dlq` reads do, see
 //!    [`crate::dlq`]);
 //! 2. in the consumer's dedup records (an `idem_sql` inbox or lease-store table in
-//!    PostgreSQL, or an `idem_redis` store), under the consumer's name and the message
+//!    PostgreSQL or MariaDB/MySQL, or an `idem_redis` store; not SQLite), under the
+//!    consumer's name and the message
 //!    id as key (the default key; a consumer with another key extractor cannot be
 //!    checked this way).
 //!
@@ -18,7 +19,7 @@
 //! outbox row not yet published), `recent` (published less than the grace period ago:
 //! not judged), or **lost** (none of these). Besides, verify reports:
 //!
-//! - **stuck**: `processing` records past their lease (PostgreSQL tables; Redis
+//! - **stuck**: `processing` records past their lease (SQL tables; Redis
 //!   deletes a record when its lease ends), and outbox rows pending longer than
 //!   `--stuck-after`;
 //! - **at risk**: DLQ messages dead-lettered longer ago than the dedup retention (a
@@ -55,6 +56,7 @@ mod published;
 mod queues;
 mod records;
 mod render;
+mod sql;
 #[cfg(test)]
 mod tests;
 

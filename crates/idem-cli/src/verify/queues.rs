@@ -63,13 +63,21 @@ impl Seen {
 }
 
 /// Reads the DLQ, the delay queues (longest tier first) and the work queue of
-/// `topology`; a missing queue is noted in `notes` and skipped, as are consumers on
-/// the work queue (their unacked deliveries cannot be read).
+/// `topology`. A missing work queue is an error (a wrong name or vhost would make
+/// every id look lost); a missing delay queue or DLQ is noted in `notes` and
+/// skipped, as are consumers on the work queue (their unacked deliveries cannot be
+/// read).
 pub(super) async fn read(
     conn: &Connection,
     topology: &Topology,
     notes: &mut Vec<String>,
 ) -> Result<Seen, CliError> {
+    if probe(conn, topology.queue()).await?.is_none() {
+        return Err(CliError::NotFound(format!(
+            "work queue {:?} does not exist: check the name and the vhost in --url",
+            topology.queue()
+        )));
+    }
     let mut queues = vec![(topology.dlq(), Role::Dead)];
     let mut tiers = topology.get_tiers().as_slice().to_vec();
     tiers.sort_unstable_by(|a, b| b.cmp(a));

@@ -1,6 +1,7 @@
 //! The consumer's dedup records, read only: an `idem_sql` inbox or lease-store table
-//! in PostgreSQL (one layout: `consumer`, `idem_key`, `state`, `expires_at` in
-//! milliseconds since the epoch on the database's clock), or an `idem_redis` store
+//! in PostgreSQL or MariaDB/MySQL (one layout: `consumer`, `idem_key`, `state`,
+//! `expires_at` in milliseconds since the epoch on the database's clock; the SQL is
+//! in [`sql`](super::sql)), or an `idem_redis` store
 //! (a hash per key: `s` is `p` processing or `d` done, `c` is `p` for poisoned; the
 //! key's TTL is the lease or the retention).
 
@@ -11,7 +12,7 @@ use idem_redis::RedisStore;
 use idem_sql::TableName;
 use serde::Serialize;
 
-use super::{Class, Finding};
+use super::{sql, Class, Finding};
 use crate::error::CliError;
 
 /// Keys looked up per query.
@@ -55,34 +56,16 @@ pub enum Records {
         /// The table.
         table: TableName,
     },
+    /// A MariaDB/MySQL table of an `idem_sql` inbox or lease store.
+    MySql {
+        /// The pool.
+        pool: sqlx::MySqlPool,
+        /// The table.
+        table: TableName,
+    },
     /// An `idem_redis` store.
     Redis(RedisStore),
 }
-
-fn db_error(e: sqlx::Error, table: &TableName) -> CliError {
-    match &e {
-        sqlx::Error::Database(db) if db.code().as_deref() == Some("42P01") => {
-            CliError::NotFound(format!(
-                "no table {table} in that database: name the consumer's dedup table with --dedup-table (idem_inbox for the inbox, idem_dedup for the lease store, unless configured otherwise)"
-            ))
-        }
-        sqlx::Error::Database(db) => {
-            CliError::Failed(format!("reading records from {table} failed: {}", db.message()))
-        }
-        _ => CliError::Unreachable(format!("reading records from {table} failed: {e}")),
-    }
-}
-
-fn state(s: &str) -> Option<RecordState> {
-    match s {
-        "processing" => Some(RecordState::Processing),
-        "succeeded" => Some(RecordState::Succeeded),
-        "poisoned" => Some(RecordState::Poisoned),
-        _ => None,
-    }
-}
-
-const NOW_MS: &str = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)";
 
 impl Records {
     /// Records in PostgreSQL `table` (checked to exist now).
@@ -91,8 +74,24 @@ impl Records {
         sqlx::query(&format!("SELECT 1 FROM {table} LIMIT 1"))
             .fetch_optional(&pool)
             .await
-            .map_err(|e| db_error(e, &table))?;
+            .map_err(|e| sql::error(e, &table))?;
         Ok(Records::Postgres { pool, table })
+    }
+
+    /// Records in MariaDB/MySQL `table` at `url` (`ssl-mode` and `tls` as for the
+    /// stores), checked to exist now.
+    pub async fn mysql(
+        url: &str,
+        tls: &idem_core::TlsConfig,
+        table: &str,
+    ) -> Result<Self, CliError> {
+        let table = TableName::parse(table).map_err(|e| CliError::Usage(e.to_string()))?;
+        let pool = sql::connect_mysql(url, tls).await?;
+        sqlx::query(&format!("SELECT 1 FROM {table} LIMIT 1"))
+            .fetch_optional(&pool)
+            .await
+            .map_err(|e| sql::error(e, &table))?;
+        Ok(Records::MySql { pool, table })
     }
 
     /// Records in the Redis store at `url` with key prefix `prefix`.
@@ -109,6 +108,7 @@ impl Records {
     pub fn describe(&self) -> String {
         match self {
             Records::Postgres { table, .. } => format!("postgres {table}"),
+            Records::MySql { table, .. } => format!("mysql {table}"),
             Records::Redis(_) => "redis".to_owned(),
         }
     }
@@ -122,54 +122,46 @@ impl Records {
     ) -> Result<HashMap<String, Record>, CliError> {
         let mut found = HashMap::new();
         for chunk in keys.chunks(CHUNK) {
-            match self {
+            let rows = match self {
                 Records::Postgres { pool, table } => {
-                    let sql = format!(
-                        "SELECT idem_key, state, expires_at - {NOW_MS} FROM {table} \
-                         WHERE consumer = $1 AND idem_key = ANY($2)"
-                    );
-                    let rows: Vec<(String, String, i64)> = sqlx::query_as(&sql)
-                        .bind(consumer)
-                        .bind(chunk)
-                        .fetch_all(pool)
-                        .await
-                        .map_err(|e| db_error(e, table))?;
-                    for (key, s, expires_in) in rows {
-                        if let Some(state) = state(&s) {
-                            let expires_in_ms = Some(expires_in);
-                            found.insert(
-                                key,
-                                Record {
-                                    state,
-                                    expires_in_ms,
-                                },
-                            );
-                        }
-                    }
+                    sql::lookup_postgres(pool, table, consumer, chunk).await?
                 }
-                Records::Redis(store) => redis_lookup(store, consumer, chunk, &mut found).await?,
+                Records::MySql { pool, table } => {
+                    sql::lookup_mysql(pool, table, consumer, chunk).await?
+                }
+                Records::Redis(store) => {
+                    redis_lookup(store, consumer, chunk, &mut found).await?;
+                    continue;
+                }
+            };
+            for (key, s, expires_in) in rows {
+                if let Some(state) = sql::state(&s) {
+                    let expires_in_ms = Some(expires_in);
+                    found.insert(
+                        key,
+                        Record {
+                            state,
+                            expires_in_ms,
+                        },
+                    );
+                }
             }
         }
         Ok(found)
     }
 
-    /// `processing` records of `consumer` past their lease (PostgreSQL; Redis drops a
+    /// `processing` records of `consumer` past their lease (SQL tables; Redis drops a
     /// record when its lease ends, so there are none to see).
     pub async fn stuck(&self, consumer: &str) -> Result<Vec<Finding>, CliError> {
-        let Records::Postgres { pool, table } = self else {
-            return Ok(Vec::new());
+        let rows = match self {
+            Records::Postgres { pool, table } => {
+                sql::stuck_postgres(pool, table, consumer, STUCK_RECORDS).await?
+            }
+            Records::MySql { pool, table } => {
+                sql::stuck_mysql(pool, table, consumer, STUCK_RECORDS).await?
+            }
+            Records::Redis(_) => return Ok(Vec::new()),
         };
-        let sql = format!(
-            "SELECT idem_key, {NOW_MS} - expires_at FROM {table} \
-             WHERE consumer = $1 AND state = 'processing' AND expires_at < {NOW_MS} \
-             ORDER BY expires_at LIMIT $2"
-        );
-        let rows: Vec<(String, i64)> = sqlx::query_as(&sql)
-            .bind(consumer)
-            .bind(STUCK_RECORDS)
-            .fetch_all(pool)
-            .await
-            .map_err(|e| db_error(e, table))?;
         Ok(rows
             .into_iter()
             .map(|(key, past)| {
