@@ -14,8 +14,8 @@
 //!    checked this way).
 //!
 //! Each id ends up in one class: `done` (a `succeeded` or `poisoned` record, expired
-//! or not), `queued`, `delayed`, `dead_lettered`, `in_flight` (a `processing` record
-//! within its lease, or found only by the second look, see below), `pending` (an
+//! or not), `queued`, `delayed`, `dead_lettered`, `in_flight` (a `processing` record,
+//! also past its lease, or found only by the second look, see below), `pending` (an
 //! outbox row not yet published), `recent` (published less than the grace period ago:
 //! not judged), or **lost** (none of these). Besides, verify reports:
 //!
@@ -203,7 +203,8 @@ pub struct Counts {
     pub delayed: u64,
     /// In the DLQ.
     pub dead_lettered: u64,
-    /// Processing within the lease, or found only by the second look.
+    /// With a `processing` record (past its lease too: also a stuck finding), or
+    /// found only by the second look.
     pub in_flight: u64,
     /// Outbox rows not yet published.
     pub pending: u64,
