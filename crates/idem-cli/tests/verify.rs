@@ -258,27 +258,55 @@ impl Fixture {
             .output()
             .expect("run the idem binary")
     }
+}
 
-    async fn cleanup(self) {
-        let ch = self.conn.create_channel().await.unwrap();
-        for q in self.topology.queue_names() {
-            let _ = ch
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
+/// Removes the fixture's queues and tables when it goes out of scope, also when the
+/// test failed (on a thread of its own: a test's runtime may be the current thread).
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let queues = self.topology.queue_names();
         let mut tables = vec![
             self.outbox.table_name().to_owned(),
             self.inbox.clone(),
             format!("{}_starts", self.inbox),
         ];
         tables.extend(self.extra_tables.iter().cloned());
-        for t in tables {
-            sqlx::query(&format!("DROP TABLE IF EXISTS {t}"))
-                .execute(&self.pool)
-                .await
-                .unwrap();
+        let cleanup = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(remove(queues, tables));
+        });
+        let _ = cleanup.join();
+    }
+}
+
+async fn remove(queues: Vec<String>, tables: Vec<String>) {
+    let amqp = Service::RabbitMq.url();
+    if let Ok(conn) = idem_amqp::connect(&amqp, "idem-verify-test-cleanup").await {
+        if let Ok(ch) = conn.create_channel().await {
+            for q in &queues {
+                let _ = ch
+                    .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                    .await;
+            }
         }
-        let _ = self.conn.close(200, "bye".into()).await;
+        let _ = conn.close(200, "bye".into()).await;
+    }
+    if let Ok(pool) = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&Service::PostgreSql.url())
+        .await
+    {
+        for t in tables {
+            let _ = sqlx::query(&format!("DROP TABLE IF EXISTS {t}"))
+                .execute(&pool)
+                .await;
+        }
+        pool.close().await;
     }
 }
 
@@ -334,7 +362,6 @@ async fn verify_after_a_real_outbox_run_exits_0() {
     assert_eq!(report["counts"]["published"], ids.len());
     assert_eq!(report["counts"]["done"], 40);
     assert_eq!(report["findings"].as_array().unwrap().len(), 0);
-    f.cleanup().await;
 }
 
 // Two runtime threads: the test blocks one while `idem verify` runs, the worker
@@ -374,7 +401,6 @@ async fn verify_while_a_worker_runs_counts_held_deliveries_in_flight_not_lost() 
     );
     f.await_records(40).await;
     handle.shutdown_and_join().await.unwrap();
-    f.cleanup().await;
 }
 
 #[tokio::test]
@@ -457,7 +483,6 @@ async fn verify_names_a_deleted_inbox_record_and_purged_messages() {
         "the reads put every message back"
     );
     f.await_depth(10).await;
-    f.cleanup().await;
 }
 
 #[tokio::test]
@@ -511,7 +536,6 @@ async fn verify_reports_a_record_past_its_lease_and_a_stuck_outbox_row() {
         finding_ids(&report, "stuck"),
         BTreeSet::from(["crashed-while-processing".to_owned()])
     );
-    f.cleanup().await;
 }
 
 #[tokio::test]
@@ -557,7 +581,6 @@ async fn verify_reports_config_hazards() {
         stdout.contains("\nhazard pool_size: pool size 5 is smaller than the concurrency 20"),
         "{stdout}"
     );
-    f.cleanup().await;
 }
 
 #[tokio::test]
@@ -614,7 +637,6 @@ async fn verify_reports_old_dead_letters_and_copies_outliving_their_record() {
     // Reading moved nothing out of either queue.
     f.await_depth_of(&retry, 1).await;
     f.await_depth_of(&dlq, 2).await;
-    f.cleanup().await;
 }
 
 #[tokio::test]
@@ -684,7 +706,6 @@ async fn verify_reads_a_redis_store_and_an_id_list() {
         "{stdout}"
     );
     f.await_depth(1).await;
-    f.cleanup().await;
 }
 
 #[tokio::test]
@@ -764,5 +785,4 @@ async fn verify_reads_a_mysql_lease_store_table() {
         stdout.contains("\nstuck stuck-key: record processing, its lease ended "),
         "{stdout}"
     );
-    f.cleanup().await;
 }
