@@ -58,27 +58,29 @@ impl Fixture {
             .expect_connected(&amqp, idem_amqp::connect(&amqp, "idem-verify-test").await);
         let id = idem_testkit::unique("verify");
         let topology = Topology::new(id.as_str()).tiers(DelayTiers::new([tier]).unwrap());
-        let ch = conn.create_channel().await.unwrap();
-        topology.declare_on(&ch).await.unwrap();
-        let _ = ch.close(200, "bye".into()).await;
         let outbox = Outbox::new(&format!("{id}_outbox")).unwrap();
-        outbox.ensure_schema(&pool).await.unwrap();
-        let inbox = format!("{id}_inbox");
-        PgInbox::new(pool.clone())
-            .try_table(&inbox)
-            .unwrap()
-            .ensure_schema()
-            .await
-            .unwrap();
-        Fixture {
+        // Built before anything is created, so that its Drop removes whatever the
+        // steps below created, also when one of them fails.
+        let f = Fixture {
             tiers: name,
             pool,
             conn,
             topology,
             outbox,
-            inbox,
+            inbox: format!("{id}_inbox"),
             extra_tables: Vec::new(),
-        }
+        };
+        let ch = f.conn.create_channel().await.unwrap();
+        f.topology.declare_on(&ch).await.unwrap();
+        let _ = ch.close(200, "bye".into()).await;
+        f.outbox.ensure_schema(&f.pool).await.unwrap();
+        PgInbox::new(f.pool.clone())
+            .try_table(&f.inbox)
+            .unwrap()
+            .ensure_schema()
+            .await
+            .unwrap();
+        f
     }
 
     fn queue(&self) -> &str {
