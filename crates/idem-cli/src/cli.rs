@@ -13,6 +13,7 @@ Exit codes:
   3  partial failure: some messages were handled, the others stay where they were
   4  the broker or the database refused an operation, or the login
      (wrong user name, password or vhost)
+  5  idem verify found something (lost, stuck, at risk or a hazard)
   6  TLS failure: unknown CA, wrong host name, expired certificate, client certificate refused";
 
 /// idem operator tool: dead-letter queues, topology and outbox.
@@ -68,6 +69,104 @@ pub enum Command {
     /// The transactional outbox table.
     #[command(subcommand, after_help = EXIT_CODES)]
     Outbox(OutboxCommand),
+    /// Check after the fact that what was published was applied once: every id of
+    /// the window (outbox rows, or --ids) must be done in the consumer's dedup
+    /// records, or still in the work queue, a delay queue or the DLQ (read without
+    /// consuming). Reports lost, stuck and at-risk messages and configuration
+    /// hazards; exit 5 if it found any. See docs/operations.md, "Checking
+    /// exactly-once after the fact".
+    #[command(after_help = EXIT_CODES)]
+    Verify(VerifyArgs),
+}
+
+/// `idem verify ...`
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Work queue Q (verify reads Q, Q.retry.<tier> and Q.dlq).
+    pub queue: String,
+    /// The consumer's name (its records' scope, x-idem-consumer).
+    #[arg(long, value_name = "NAME")]
+    pub consumer: String,
+    /// PostgreSQL URL of the outbox, and of the dedup table unless --dedup-postgres
+    /// or --dedup-redis [env: DATABASE_URL; default:
+    /// postgres://postgres@127.0.0.1:5432/postgres].
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        hide_env_values = true,
+        hide_env = true,
+        default_value = crate::outbox::DEFAULT_DATABASE_URL,
+        hide_default_value = true
+    )]
+    pub database_url: String,
+    /// Outbox table whose rows of the window are what was published.
+    #[arg(long, default_value = "idem_outbox", value_name = "TABLE")]
+    pub outbox_table: String,
+    /// A file of published message ids, one per line (`-` for stdin), instead of
+    /// the outbox (the window and --grace do not apply).
+    #[arg(long, value_name = "FILE")]
+    pub ids: Option<String>,
+    /// The dedup table: idem_inbox (inbox) or idem_dedup (lease store) unless the
+    /// consumer configured another; schema.name allowed.
+    #[arg(long, default_value = "idem_inbox", value_name = "TABLE")]
+    pub dedup_table: String,
+    /// PostgreSQL URL of the dedup table, when not the outbox's database.
+    #[arg(long, value_name = "URL", conflicts_with = "dedup_redis")]
+    pub dedup_postgres: Option<String>,
+    /// MariaDB/MySQL URL of the dedup table (an idem_sql MySqlInbox or MySqlStore),
+    /// instead of PostgreSQL.
+    #[arg(long, value_name = "URL", conflicts_with_all = ["dedup_redis", "dedup_postgres"])]
+    pub dedup_mysql: Option<String>,
+    /// The consumer's Redis dedup store instead of a PostgreSQL table.
+    #[arg(long, value_name = "URL")]
+    pub dedup_redis: Option<String>,
+    /// Key prefix of that Redis store.
+    #[arg(long, default_value = "idem", value_name = "PREFIX")]
+    pub dedup_prefix: String,
+    /// Start of the window: outbox rows created at or after TIME (RFC 3339 or an
+    /// age such as 2h).
+    #[arg(long, default_value = "24h", value_name = "TIME")]
+    pub since: String,
+    /// End of the window (default: now).
+    #[arg(long, value_name = "TIME")]
+    pub until: Option<String>,
+    /// Rows published less than this ago are not judged (e.g. 60s, 5m).
+    #[arg(long, default_value = "60s", value_name = "AGE")]
+    pub grace: String,
+    /// Outbox rows due and pending longer than this are stuck.
+    #[arg(long, default_value = "5m", value_name = "AGE")]
+    pub stuck_after: String,
+    /// Wait before the second look for ids found nowhere (in-flight deliveries).
+    #[arg(long, default_value = "3s", value_name = "AGE")]
+    pub recheck_after: String,
+    /// Delay tiers of the topology (default 1s,5s,30s,2m,10m,30m).
+    #[arg(long, value_name = "LIST")]
+    pub tiers: Option<String>,
+    /// The consumer's dedup retention.
+    #[arg(long, default_value = "7d", value_name = "AGE")]
+    pub retention: String,
+    /// The consumer's backoff attempts (for the retry horizon through the tiers).
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    pub max_attempts: u32,
+    /// The retry horizon, instead of computing it from --tiers and --max-attempts.
+    #[arg(long, value_name = "AGE")]
+    pub horizon: Option<String>,
+    /// The consumer's crash limit.
+    #[arg(long, default_value_t = idem_core::crash::DEFAULT_CRASH_LIMIT, value_name = "N")]
+    pub crash_limit: u32,
+    /// The work queue's x-delivery-limit (quorum queue), to check it against the
+    /// crash limit.
+    #[arg(long, value_name = "N")]
+    pub delivery_limit: Option<u32>,
+    /// The consumer's SQL pool size, to check it against --concurrency.
+    #[arg(long, value_name = "N", requires = "concurrency")]
+    pub pool_size: Option<u32>,
+    /// The worker's concurrency.
+    #[arg(long, value_name = "N", requires = "pool_size")]
+    pub concurrency: Option<u32>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `idem dlq ...`

@@ -7,6 +7,7 @@
 //! | 2 | the broker or the database cannot be reached |
 //! | 3 | partial failure: some messages were handled, others could not be (they stay where they were) |
 //! | 4 | the broker or the database refused an operation (e.g. a queue exists with other arguments) or the connection (wrong user name, password or vhost) |
+//! | 5 | `idem verify` found something: lost, stuck or at-risk messages, or a configuration hazard |
 //! | 6 | TLS failure: the server's certificate was refused (unknown CA, wrong host name, expired) or it refused ours, or a TLS file is unusable |
 //!
 //! No error text carries a password: URLs are redacted before they are stored.
@@ -23,6 +24,8 @@ pub const EXIT_UNREACHABLE: u8 = 2;
 pub const EXIT_PARTIAL: u8 = 3;
 /// The broker or the database refused an operation.
 pub const EXIT_FAILED: u8 = 4;
+/// `idem verify` found something.
+pub const EXIT_FINDINGS: u8 = 5;
 /// A TLS failure (certificate refused either way, unusable TLS file).
 pub const EXIT_TLS: u8 = 6;
 
@@ -48,6 +51,10 @@ pub enum CliError {
     /// client certificate refused, or an unusable TLS file (exit 6).
     #[error("{0}")]
     Tls(String),
+    /// `idem verify` found lost, stuck or at-risk messages or a hazard (exit 5); the
+    /// report was printed.
+    #[error("{0}")]
+    Findings(String),
 }
 
 impl CliError {
@@ -59,6 +66,7 @@ impl CliError {
             CliError::Partial(_) => EXIT_PARTIAL,
             CliError::Failed(_) => EXIT_FAILED,
             CliError::Tls(_) => EXIT_TLS,
+            CliError::Findings(_) => EXIT_FINDINGS,
         }
     }
 

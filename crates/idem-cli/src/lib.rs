@@ -23,6 +23,7 @@
 //! | `idem topology show Q [--tiers ..] [--exchange NAME=TYPE...] [--bind EXCHANGE[=KEY]...]` | depth and consumers of each queue, whether each exchange exists, the bindings as given; missing ones marked |
 //! | `idem outbox status [--table idem_outbox]` | pending rows and the oldest one's age (`DATABASE_URL`) |
 //! | `idem outbox relay [--table idem_outbox] [--batch N] [--poll-ms MS] [--create-table]` | run an outbox relay until SIGINT/SIGTERM (`DATABASE_URL`, `--url`) |
+//! | `idem verify Q --consumer NAME [--since 24h] [--grace 60s] [--ids FILE] [--dedup-table T] [--dedup-postgres URL \| --dedup-mysql URL \| --dedup-redis URL] [--json]` | lost, stuck and at-risk messages of a window and configuration hazards, exit 5 if any (see [`verify`]) |
 //!
 //! `FILTERS` (a message must pass all given; see [`dlq::Filter`]): `--id ID...`,
 //! `--group G` (an id `stats` prints), `--error-type T`, `--consumer NAME`,
@@ -45,6 +46,7 @@
 //! | 2 | the broker or the database cannot be reached |
 //! | 3 | partial failure: some messages were handled, the others stay where they were |
 //! | 4 | the broker or the database refused an operation or the login |
+//! | 5 | `idem verify` found lost, stuck or at-risk messages, or a configuration hazard |
 //! | 6 | TLS failure: a certificate refused either way, or an unusable TLS file |
 //!
 //! The same operations are available to programs:
@@ -75,6 +77,7 @@ pub mod render;
 pub mod serve;
 pub mod tls;
 pub mod topology;
+pub mod verify;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -157,6 +160,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
     match cli.command {
         Command::Dlq(cmd) => dlq_cmd::run_dlq(&cli.url, name, &tls, cmd, out).await,
         Command::Topology(cmd) => run_topology(&cli.url, name, &tls, cmd, out).await,
+        Command::Verify(args) => verify::cmd::run_verify(&cli.url, name, &tls, args, out).await,
         Command::Outbox(OutboxCommand::Status {
             table,
             database_url,

@@ -124,6 +124,7 @@ pub use purge::purge;
 pub use replay::{
     parse_rate, replay, replay_predicting, replay_properties, replay_with, ReplayOptions,
 };
+pub(crate) use scan::visit_queue;
 pub use scan::{list, list_where};
 pub use show::{render_body, show, write_shown, RenderedBody, ShownMessage, DEFAULT_MAX_BYTES};
 pub use stats::{stats, stats_where, DlqStats, ErrorGroup};

@@ -82,12 +82,16 @@ pub(super) struct Scan {
 impl Scan {
     pub(super) async fn open(conn: &Connection, name: &str) -> Result<Self, CliError> {
         let resolved = resolve(conn, name).await?;
+        Scan::open_exact(conn, resolved.queue, resolved.dlq).await
+    }
+
+    /// [`Scan::open`] on the queue named `read` exactly (`queue`: its work queue).
+    async fn open_exact(conn: &Connection, queue: String, read: String) -> Result<Self, CliError> {
         let channel = open_channel(conn).await?;
         // Count again on the reading channel: the snapshot is what this channel sees.
-        let Some(counts) = passive_declare(&channel, &resolved.dlq).await? else {
+        let Some(counts) = passive_declare(&channel, &read).await? else {
             return Err(CliError::NotFound(format!(
-                "queue {:?} was deleted while the command started",
-                resolved.dlq
+                "queue {read:?} was deleted while the command started"
             )));
         };
         channel
@@ -96,8 +100,8 @@ impl Scan {
             .map_err(CliError::amqp("confirm.select"))?;
         Ok(Scan {
             channel,
-            queue: resolved.queue,
-            dlq: resolved.dlq,
+            queue,
+            dlq: read,
             remaining: u64::from(counts.messages),
             position: 0,
             restoring: VecDeque::new(),
@@ -116,7 +120,12 @@ impl Scan {
     /// streams the messages instead of answering one `basic.get` at a time, which on
     /// a quorum queue is a consensus round each.
     pub(super) async fn open_reading(conn: &Connection, name: &str) -> Result<Self, CliError> {
-        let mut scan = Scan::open(conn, name).await?;
+        Scan::open(conn, name).await?.start_reading().await
+    }
+
+    /// Turns a freshly opened scan into a read (see [`Scan::open_reading`]).
+    async fn start_reading(self) -> Result<Self, CliError> {
+        let mut scan = self;
         if scan.remaining == 0 {
             scan.source = Source::Done;
             return Ok(scan);
@@ -459,6 +468,29 @@ pub async fn list_where(
     })
     .await
     .map(|_| entries)
+}
+
+/// Reads every message of the queue named exactly `queue` (a work queue, a delay
+/// queue, a DLQ) as [`visit`] reads a DLQ, and hands each to `f` with its entry:
+/// every message stays, each one read is put back as a confirmed copy at the tail
+/// before its original is acked, nothing is handed back to the broker (module docs).
+/// `idem verify` reads the queues of a topology this way.
+pub(crate) async fn visit_queue(
+    conn: &Connection,
+    queue: &str,
+    mut f: impl FnMut(&Delivery, DlqEntry),
+) -> Result<(), CliError> {
+    let scan = Scan::open_exact(conn, queue.to_owned(), queue.to_owned()).await?;
+    let mut scan = scan.start_reading().await?;
+    let result = async {
+        while let Some((delivery, entry)) = scan.next().await? {
+            scan.restore(&delivery, entry.position).await?;
+            f(&delivery, entry);
+        }
+        Ok::<_, CliError>(())
+    }
+    .await;
+    scan.finish(result).await
 }
 
 /// Reads every message of the DLQ of `queue` and hands each to `f` with its entry;
