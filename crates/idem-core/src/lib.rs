@@ -51,6 +51,7 @@ pub mod memory;
 pub mod message;
 #[cfg(feature = "otel")]
 pub mod otel;
+pub mod ordered;
 pub mod outcome;
 pub mod read;
 pub mod redact;
