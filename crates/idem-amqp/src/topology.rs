@@ -85,6 +85,7 @@ pub struct Topology {
     queue_type: QueueType,
     delivery_limit: Option<u32>,
     declare: bool,
+    single_active_consumer: bool,
 }
 
 impl From<&str> for Topology {
@@ -119,6 +120,7 @@ impl Topology {
             queue_type: QueueType::Classic,
             delivery_limit: None,
             declare: true,
+            single_active_consumer: false,
         }
     }
 
@@ -146,6 +148,21 @@ impl Topology {
             QueueType::Quorum => self.delivery_limit,
             QueueType::Classic => None,
         }
+    }
+
+    /// Declares the work queue with `x-single-active-consumer` (default false): of all
+    /// consumers of the queue, the broker delivers to one at a time and fails over to
+    /// the next when it goes, so an [ordered](crate::ordered) worker keeps its keys'
+    /// order across processes. Changing it on an existing queue is refused by the
+    /// broker (`PRECONDITION_FAILED`).
+    pub fn single_active_consumer(mut self, on: bool) -> Self {
+        self.single_active_consumer = on;
+        self
+    }
+
+    /// Whether the work queue is single-active-consumer.
+    pub fn get_single_active_consumer(&self) -> bool {
+        self.single_active_consumer
     }
 
     /// Whether the worker declares the queues at start-up and after each reconnect
@@ -219,6 +236,9 @@ impl Topology {
                 "x-delivery-limit".into(),
                 AMQPValue::LongLongInt(limit.into()),
             );
+        }
+        if self.single_active_consumer {
+            work.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
         }
         declare(self.queue.clone(), work)
             .await

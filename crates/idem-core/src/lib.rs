@@ -49,9 +49,9 @@ pub mod headers;
 pub mod ident;
 pub mod memory;
 pub mod message;
+pub mod ordered;
 #[cfg(feature = "otel")]
 pub mod otel;
-pub mod ordered;
 pub mod outcome;
 pub mod read;
 pub mod redact;

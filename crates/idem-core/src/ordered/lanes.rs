@@ -91,7 +91,9 @@ impl<T> Lanes<T> {
                 );
                 Ok(Admit::Run(item))
             }
-            Some(lane) if lane.parked.len() < self.limits.per_key && *parked < self.limits.total => {
+            Some(lane)
+                if lane.parked.len() < self.limits.per_key && *parked < self.limits.total =>
+            {
                 lane.parked.push_back(item);
                 *parked += 1;
                 Ok(Admit::Parked)

@@ -108,8 +108,13 @@ async fn runners_keep_per_key_order_under_concurrency() {
         for key in 0..KEYS {
             let name = key.to_string();
             if let Admit::Run(first) = l.admit(&name, (key, seq)).await {
-                let (l, seen, running, peak, busy) =
-                    (l.clone(), seen.clone(), running.clone(), peak.clone(), busy.clone());
+                let (l, seen, running, peak, busy) = (
+                    l.clone(),
+                    seen.clone(),
+                    running.clone(),
+                    peak.clone(),
+                    busy.clone(),
+                );
                 runners.push(tokio::spawn(async move {
                     let mut item = first;
                     loop {
@@ -138,7 +143,10 @@ async fn runners_keep_per_key_order_under_concurrency() {
     for key in 0..KEYS {
         assert_eq!(seen[&key], (0..PER_KEY).collect::<Vec<_>>(), "key {key}");
     }
-    assert!(peak.load(Ordering::SeqCst) > 1, "different keys must overlap");
+    assert!(
+        peak.load(Ordering::SeqCst) > 1,
+        "different keys must overlap"
+    );
     assert_eq!((l.active(), l.parked()), (0, 0));
 }
 
