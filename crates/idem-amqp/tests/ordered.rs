@@ -337,3 +337,67 @@ async fn stop_during_an_in_place_wait_keeps_the_order() {
     assert_eq!(successes(&log, "A"), vec![0, 1, 2, 3, 4]);
     topo.delete_on(&ch).await.unwrap();
 }
+
+/// Bounded parking: with 2 parked per key, a third message of a key whose head is
+/// stuck stops the worker from taking deliveries (head-of-line blocking, documented),
+/// and nothing is dropped: once the head finishes, every message runs, in order.
+#[tokio::test]
+async fn a_full_lane_stops_intake_and_drops_nothing() {
+    use idem_amqp::ordered::OrderLimits;
+    use idem_core::State;
+    let (_conn, ch) = common::broker("idem-test-ordered-admin").await;
+    let topo = Topology::new(unique("ordered-full")).tiers(short_tiers());
+    topo.declare_on(&ch).await.unwrap();
+    let log: Log = Arc::default();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    async fn handle(
+        State((log, gate)): State<(Log, Arc<tokio::sync::Semaphore>)>,
+        m: Message,
+    ) -> Result<(), HandlerError> {
+        let key = m.header_str("x-key").unwrap().to_owned();
+        let seq = seq_of(&m);
+        if key == "A" && seq == 0 {
+            // The head waits until the test opens the gate.
+            let _ = gate.acquire().await.unwrap();
+        }
+        log.lock().unwrap().push((key, seq, 1, true));
+        Ok(())
+    }
+    let consumer = Consumer::builder("ordered-full")
+        .store(MemoryStore::new())
+        .handler_with_state(handle, (log.clone(), gate.clone()))
+        .unwrap();
+    let worker = Worker::builder(url(), topo.clone(), consumer.clone())
+        .prefetch(20)
+        .ordered(Ordering::by(HeaderKey::new("x-key")).limits(OrderLimits::new(2, 100)))
+        .build()
+        .unwrap();
+    let running = worker.spawn();
+    let publisher = Publisher::connect(&url()).await.unwrap();
+    let mut batch: Vec<Message> = vec![msg("B", 0)];
+    batch.extend((0..6).map(|i| msg("A", i)));
+    batch.extend((1..5).map(|i| msg("B", i)));
+    publisher
+        .publish_batch("", topo.queue(), &mut batch)
+        .await
+        .unwrap();
+    wait_until("B0 handled", Duration::from_secs(10), || {
+        consumer.stats().processed == 1
+    })
+    .await;
+    // A0 runs, A1 and A2 park, A3 waits for room: B1..B4 behind it are not taken.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(consumer.stats().processed, 1, "{:?}", log.lock().unwrap());
+    gate.add_permits(1);
+    wait_until("11 handled", Duration::from_secs(10), || {
+        consumer.stats().processed == 11
+    })
+    .await;
+    running.shutdown_and_join().await.unwrap();
+    assert_eq!(successes(&log, "A"), (0..6).collect::<Vec<_>>());
+    assert_eq!(successes(&log, "B"), (0..5).collect::<Vec<_>>());
+    for q in topo.queue_names() {
+        assert_eq!(queue_len(&ch, &q).await, 0, "queue {q} should be empty");
+    }
+    topo.delete_on(&ch).await.unwrap();
+}

@@ -6,7 +6,8 @@
 //! - `unordered, per-delivery acks`: `coalesce_acks(false)`, the ack mode an ordered
 //!   worker uses, so the table separates the cost of the acks from that of the lanes;
 //! - `ordered K=<k>` for each `--keys` value: `WorkerBuilder::ordered` by header
-//!   `x-bench-key`, message `i` of key `i % k`.
+//!   `x-bench-key`, message `i` of key `i % k`;
+//! - `ordered K=<largest>, coalesced acks`: the same with `Ordering::coalesce_acks(true)`.
 //!
 //! Every message carries the key header, whatever the variant. The report gives the
 //! median, min and max msgs/s over the rounds and the median CPU microseconds per
@@ -33,6 +34,8 @@ enum Variant {
     Unordered,
     PerDeliveryAcks,
     Ordered(u64),
+    /// Ordered, `Ordering::coalesce_acks(true)`.
+    OrderedCoalesced(u64),
 }
 
 impl Variant {
@@ -41,6 +44,7 @@ impl Variant {
             Variant::Unordered => "unordered".into(),
             Variant::PerDeliveryAcks => "unordered, per-delivery acks".into(),
             Variant::Ordered(k) => format!("ordered K={k}"),
+            Variant::OrderedCoalesced(k) => format!("ordered K={k}, coalesced acks"),
         }
     }
 }
@@ -59,6 +63,7 @@ pub(crate) async fn run(args: NoopArgs) -> Result<(), BoxError> {
     let mut variants = vec![Variant::Unordered, Variant::PerDeliveryAcks];
     variants.extend(args.keys.iter().map(|k| Variant::Ordered((*k).max(1))));
     let keys_max = args.keys.iter().copied().max().unwrap_or(1).max(1);
+    variants.push(Variant::OrderedCoalesced(keys_max));
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     let mut cpu: Vec<Vec<PerMessage>> = vec![Vec::new(); variants.len()];
     for round in 0..base.rounds.max(1) {
@@ -66,7 +71,7 @@ pub(crate) async fn run(args: NoopArgs) -> Result<(), BoxError> {
             let topo = Topology::new(format!("idem-bench-{}", uuid::Uuid::new_v4().simple()));
             topo.declare_on(&ch).await?;
             let keys = match variant {
-                Variant::Ordered(k) => *k,
+                Variant::Ordered(k) | Variant::OrderedCoalesced(k) => *k,
                 _ => keys_max,
             };
             fill_keyed(&publisher, topo.queue(), base.messages, keys).await?;
@@ -146,6 +151,9 @@ async fn run_variant(
         Variant::Unordered => worker,
         Variant::PerDeliveryAcks => worker.coalesce_acks(false),
         Variant::Ordered(_) => worker.ordered(Ordering::by(HeaderKey::new(KEY_HEADER))),
+        Variant::OrderedCoalesced(_) => {
+            worker.ordered(Ordering::by(HeaderKey::new(KEY_HEADER)).coalesce_acks(true))
+        }
     };
     let running = worker.build()?.spawn();
     let elapsed = clock.wait().await;

@@ -15,9 +15,10 @@
 //!   delivered, so the key's order holds (the in-place attempts are not carried: the
 //!   redelivered head starts its attempt count again; the crash guard and a quorum
 //!   queue's delivery limit still count its deliveries).
-//! - **Acks are per delivery** (coalescing is turned off): a head waiting in place
-//!   would otherwise hold back the coalesced ack of every later delivery, and with
-//!   them the whole prefetch window.
+//! - **Acks are per delivery** (coalescing is turned off unless
+//!   [`Ordering::coalesce_acks`] keeps it): a head waiting in place would otherwise
+//!   hold back the coalesced ack of every later delivery, and with them the whole
+//!   prefetch window.
 //! - **Bounded**: parked deliveries are bounded per key and in all
 //!   ([`OrderLimits`]; the total never above the prefetch). Over a bound the worker
 //!   stops taking deliveries until the lane moves: nothing is dropped or reordered,
@@ -51,6 +52,7 @@ pub struct Ordering {
     pub(crate) key: OrderKey,
     pub(crate) limits: OrderLimits,
     pub(crate) after: AfterDeadLetter,
+    pub(crate) coalesce_acks: bool,
 }
 
 impl Ordering {
@@ -61,7 +63,17 @@ impl Ordering {
             key: OrderKey::new(extractor),
             limits: OrderLimits::default(),
             after: AfterDeadLetter::default(),
+            coalesce_acks: false,
         }
+    }
+
+    /// Keeps the worker's coalesced acks (default false: one ack per delivery).
+    /// Faster when failures are rare, but while a head waits to retry in place it
+    /// holds back the ack of every later delivery, so once the prefetch window is full
+    /// of them the worker stops receiving, for every key, until the head settles.
+    pub fn coalesce_acks(mut self, on: bool) -> Self {
+        self.coalesce_acks = on;
+        self
     }
 
     /// Bounds on parked deliveries (default 32 per key, 1024 in all; the total is

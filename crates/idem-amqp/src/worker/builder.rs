@@ -202,7 +202,8 @@ impl WorkerBuilder {
 
     /// Runs deliveries in per-key lanes: one at a time per key, in queue order,
     /// transient failures retried in place (see [`crate::ordered`]). Turns coalesced
-    /// acks off. With several processes, consume a single-active-consumer queue
+    /// acks off unless [`Ordering::coalesce_acks`](crate::ordered::Ordering::coalesce_acks)
+    /// keeps them. With several processes, consume a single-active-consumer queue
     /// ([`Topology::single_active_consumer`], [`crate::ordered::Shards`]).
     ///
     /// [`build`](Self::build) refuses a backoff whose retry horizon (the sum of its
@@ -262,13 +263,14 @@ impl WorkerBuilder {
         let prefetch = usize::from(self.prefetch);
         let acks = AckConfig {
             // Ordered: a head retried in place would hold back every later ack.
-            flush: (self.coalesce_acks && self.ordering.is_none()).then(|| {
-                let batch = self
-                    .ack_flush_batch
-                    .unwrap_or(prefetch / 4)
-                    .clamp(1, prefetch);
-                (batch, self.ack_flush_interval)
-            }),
+            flush: (self.coalesce_acks && self.ordering.as_ref().is_none_or(|o| o.coalesce_acks))
+                .then(|| {
+                    let batch = self
+                        .ack_flush_batch
+                        .unwrap_or(prefetch / 4)
+                        .clamp(1, prefetch);
+                    (batch, self.ack_flush_interval)
+                }),
         };
         let retry_queues = self
             .topology
