@@ -81,11 +81,11 @@ impl QueueType {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Topology {
     queue: String,
+    single_active_consumer: bool,
     tiers: DelayTiers,
     queue_type: QueueType,
     delivery_limit: Option<u32>,
     declare: bool,
-    single_active_consumer: bool,
 }
 
 impl From<&str> for Topology {
@@ -116,11 +116,11 @@ impl Topology {
     pub fn new(queue: impl Into<String>) -> Self {
         Topology {
             queue: queue.into(),
+            single_active_consumer: false,
             tiers: DelayTiers::default(),
             queue_type: QueueType::Classic,
             delivery_limit: None,
             declare: true,
-            single_active_consumer: false,
         }
     }
 
