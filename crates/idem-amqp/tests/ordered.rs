@@ -401,3 +401,94 @@ async fn a_full_lane_stops_intake_and_drops_nothing() {
     }
     topo.delete_on(&ch).await.unwrap();
 }
+
+/// Across processes: two ordered workers on a single-active-consumer queue. Only one
+/// receives at a time; when it stops, the other takes over from where it left off, and
+/// each key's messages are applied once each, in order.
+#[tokio::test]
+async fn single_active_consumer_hands_over_in_order() {
+    let (_conn, ch) = common::broker("idem-test-ordered-admin").await;
+    let topo = Topology::new(unique("ordered-sac"))
+        .tiers(short_tiers())
+        .single_active_consumer(true);
+    topo.declare_on(&ch).await.unwrap();
+    // (worker, key, seq) in the order the handlers finished.
+    let log: Arc<Mutex<Vec<(u8, String, u32)>>> = Arc::default();
+    let store = MemoryStore::new();
+    let make = |id: u8| {
+        let log = log.clone();
+        Consumer::builder("ordered-sac")
+            .store(store.clone())
+            .handler(move |m: Message| {
+                let log = log.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    let key = m.header_str("x-key").unwrap().to_owned();
+                    log.lock().unwrap().push((id, key, seq_of(&m)));
+                    Ok::<(), HandlerError>(())
+                }
+            })
+            .unwrap()
+    };
+    let (c1, c2) = (make(1), make(2));
+    let ordering = Ordering::by(HeaderKey::new("x-key"));
+    let start = |c: &Consumer| {
+        Worker::builder(url(), topo.clone(), c.clone())
+            .prefetch(10)
+            .ordered(ordering.clone())
+            .build()
+            .unwrap()
+            .spawn()
+    };
+    let w1 = start(&c1);
+    // The first consumer to subscribe is the active one.
+    common::wait_until_async("w1 subscribed", Duration::from_secs(10), || {
+        let ch = ch.clone();
+        let q = topo.queue().to_owned();
+        async move {
+            idem_testkit::broker::inspect_queue(&ch, &q)
+                .await
+                .is_ok_and(|q| q.consumer_count() == 1)
+        }
+    })
+    .await;
+    let w2 = start(&c2);
+    let publisher = Publisher::connect(&url()).await.unwrap();
+    let mut batch = Vec::new();
+    for i in 0..25 {
+        batch.extend([msg("A", i), msg("B", i)]);
+    }
+    publisher
+        .publish_batch("", topo.queue(), &mut batch)
+        .await
+        .unwrap();
+    wait_until("w1 handled 10", Duration::from_secs(20), || {
+        c1.stats().processed >= 10
+    })
+    .await;
+    assert_eq!(
+        c2.stats().processed,
+        0,
+        "w2 must stand by while w1 is active"
+    );
+    w1.shutdown_and_join().await.unwrap();
+    wait_until("50 handled", Duration::from_secs(30), || {
+        c1.stats().processed + c2.stats().processed == 50
+    })
+    .await;
+    w2.shutdown_and_join().await.unwrap();
+    let log = log.lock().unwrap().clone();
+    for key in ["A", "B"] {
+        let seqs: Vec<u32> = log.iter().filter(|e| e.1 == key).map(|e| e.2).collect();
+        assert_eq!(seqs, (0..25).collect::<Vec<_>>(), "key {key}");
+    }
+    let first_of_w2 = log.iter().position(|e| e.0 == 2).unwrap();
+    assert!(
+        log[first_of_w2..].iter().all(|e| e.0 == 2),
+        "one active consumer at a time"
+    );
+    for q in topo.queue_names() {
+        assert_eq!(queue_len(&ch, &q).await, 0, "queue {q} should be empty");
+    }
+    topo.delete_on(&ch).await.unwrap();
+}
