@@ -59,6 +59,7 @@ pub mod error;
 pub mod failpoints;
 pub mod headers;
 pub mod health;
+pub mod ordered;
 #[cfg(feature = "prometheus")]
 pub mod prometheus;
 pub mod publisher;

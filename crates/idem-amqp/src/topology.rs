@@ -99,6 +99,7 @@ impl QueueType {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Topology {
     queue: String,
+    single_active_consumer: bool,
     tiers: DelayTiers,
     queue_type: QueueType,
     delivery_limit: Option<u32>,
@@ -135,6 +136,7 @@ impl Topology {
     pub fn new(queue: impl Into<String>) -> Self {
         Topology {
             queue: queue.into(),
+            single_active_consumer: false,
             tiers: DelayTiers::default(),
             queue_type: QueueType::Classic,
             delivery_limit: None,
@@ -215,6 +217,21 @@ impl Topology {
             QueueType::Quorum => self.delivery_limit,
             QueueType::Classic => None,
         }
+    }
+
+    /// Declares the work queue with `x-single-active-consumer` (default false): of all
+    /// consumers of the queue, the broker delivers to one at a time and fails over to
+    /// the next when it goes, so an [ordered](crate::ordered) worker keeps its keys'
+    /// order across processes. Changing it on an existing queue is refused by the
+    /// broker (`PRECONDITION_FAILED`).
+    pub fn single_active_consumer(mut self, on: bool) -> Self {
+        self.single_active_consumer = on;
+        self
+    }
+
+    /// Whether the work queue is single-active-consumer.
+    pub fn get_single_active_consumer(&self) -> bool {
+        self.single_active_consumer
     }
 
     /// Whether the worker declares the queues at start-up and after each reconnect
@@ -344,6 +361,9 @@ impl Topology {
                 "x-delivery-limit".into(),
                 AMQPValue::LongLongInt(limit.into()),
             );
+        }
+        if self.single_active_consumer {
+            work.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
         }
         declare(self.queue.clone(), work)
             .await

@@ -56,6 +56,20 @@ pub(crate) struct ConsumerArgs {
     pub(crate) tls_key: Option<std::path::PathBuf>,
 }
 
+/// Arguments of `amqp-noop`: the consumer arguments, and the ordered comparison.
+#[derive(clap::Args)]
+pub(crate) struct NoopArgs {
+    #[command(flatten)]
+    pub(crate) base: ConsumerArgs,
+    /// Instead of idem vs the baselines: idem unordered vs ordered by key, for each
+    /// `--keys` value (see `amqp_ordered`).
+    #[arg(long)]
+    pub(crate) ordered: bool,
+    /// With `--ordered`: the key counts to compare, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,10,1000")]
+    pub(crate) keys: Vec<u64>,
+}
+
 impl ConsumerArgs {
     /// A plain lapin consumer of `queue` with this prefetch, for the hand-written
     /// baselines: the connection (close it when done), its channel and the deliveries.

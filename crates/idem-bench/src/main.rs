@@ -23,6 +23,7 @@
 //! to read the output.
 
 mod amqp_noop;
+mod amqp_ordered;
 mod amqp_store;
 mod chart;
 mod cpu;
@@ -52,7 +53,8 @@ struct Cli {
 enum Scenario {
     /// RabbitMQ, no-op handler, at-least-once: idem worker vs a plain lapin consumer
     /// acking each delivery, and vs a best-case lapin loop acking with multiple=true.
-    AmqpNoop(amqp_noop::ConsumerArgs),
+    /// With --ordered: unordered vs ordered by key for each --keys value.
+    AmqpNoop(amqp_noop::NoopArgs),
     /// RabbitMQ + Redis lease store, no-op handler: idem vs lapin + one SET NX PX per message.
     AmqpRedis(amqp_store::Args),
     /// RabbitMQ + PostgreSQL transactional inbox, one insert per message: idem vs lapin +
@@ -84,7 +86,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
     let cli = Cli::parse();
     let report = match cli.scenario {
-        Scenario::AmqpNoop(args) => amqp_noop::run(args).await?,
+        Scenario::AmqpNoop(args) if args.ordered => return amqp_ordered::run(args).await,
+        Scenario::AmqpNoop(args) => amqp_noop::run(args.base).await?,
         Scenario::AmqpRedis(args) => amqp_store::run(amqp_store::Store::Redis, args).await?,
         Scenario::AmqpPostgres(args) => amqp_store::run(amqp_store::Store::Postgres, args).await?,
         Scenario::OutboxRelay(args) => outbox_relay::run(args).await?,
@@ -126,7 +129,7 @@ mod tests {
     #[test]
     fn rounds_default_to_five_in_every_comparing_scenario() {
         let rounds = |args: &[&str]| match Cli::try_parse_from(args).unwrap().scenario {
-            Scenario::AmqpNoop(a) => a.rounds,
+            Scenario::AmqpNoop(a) => a.base.rounds,
             Scenario::AmqpRedis(a) | Scenario::AmqpPostgres(a) => a.base.rounds,
             Scenario::OutboxRelay(a) => a.rounds,
             Scenario::Publish(a) => a.rounds,

@@ -116,4 +116,20 @@ pub(crate) struct RunArgs {
     /// REDIS_CLUSTER_URL), with node kills among the faults.
     #[arg(long)]
     pub(crate) cluster: bool,
+    /// Give every message an ordering key (`x-chaos-key`, `n % keys`) and a per-key
+    /// sequence number (`n / keys`); `--messages` becomes `keys x per-key`. The
+    /// verifier then counts `reordered`: valid messages whose effect was applied after
+    /// the effect of a later message of their key.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) keys: u64,
+    /// Messages per key (with `--keys`).
+    #[arg(long, default_value_t = 50)]
+    pub(crate) per_key: u64,
+    /// The workers consume in per-key lanes (`WorkerBuilder::ordered`) from a
+    /// single-active-consumer queue; a run with `reordered>0` fails. Needs `--keys`.
+    #[arg(long)]
+    pub(crate) ordered: bool,
+    /// Share of handler calls that fail transiently (before the effect), in percent.
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) transient_percent: f64,
 }

@@ -162,6 +162,12 @@ impl Names {
 }
 
 /// Delay tiers short enough for a run of a few seconds; quorum queues on a cluster.
+/// [`topology`], single-active-consumer for an ordered run (controller and workers
+/// must declare it alike).
+pub(crate) fn topology_for(queue: &str, ordered: bool) -> Topology {
+    topology(queue).single_active_consumer(ordered)
+}
+
 pub(crate) fn topology(queue: &str) -> Topology {
     let tiers = DelayTiers::new([
         Duration::from_secs(1),

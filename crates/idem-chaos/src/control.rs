@@ -26,7 +26,16 @@ enum Event {
     Fault(Fault),
 }
 
-pub(crate) async fn run(args: RunArgs) -> Result<bool, BoxError> {
+pub(crate) async fn run(mut args: RunArgs) -> Result<bool, BoxError> {
+    if args.ordered && args.keys == 0 {
+        return Err("--ordered needs --keys".into());
+    }
+    if args.keys > 0 && args.outbox {
+        return Err("--keys cannot be combined with --outbox (the relay's batches are not published in key order)".into());
+    }
+    if args.keys > 0 {
+        args.messages = args.keys.saturating_mul(args.per_key.max(1));
+    }
     let started = Instant::now();
     let seed = args.seed.unwrap_or_else(|| fastrand::u64(..));
     let mut rng = fastrand::Rng::with_seed(seed);
@@ -91,7 +100,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<bool, BoxError> {
         admin.redis = Some(common::redis_conn(&common::redis_url()).await?);
     }
     create_tables(&admin.pg, &names, args.outbox).await?;
-    let topology = common::topology(&names.queue());
+    let topology = common::topology_for(&names.queue(), args.ordered);
     {
         let ch = admin.channel().await?;
         topology.declare_on(&ch).await?;
@@ -114,6 +123,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<bool, BoxError> {
         args.store,
         &windows,
         args.follow_ups,
+        args.keys,
     )
     .await;
     let totals = match totals {
@@ -137,6 +147,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<bool, BoxError> {
         && totals.verdict.dead_lettered == totals.poison
         && totals.verdict.dlq_foreign == 0
         && totals.verdict.poison_applied == 0
+        && (!args.ordered || totals.reordered == Some(0))
         && totals.follow_ups.as_ref().is_none_or(FollowUps::exact);
     if args.keep {
         println!(
@@ -197,6 +208,12 @@ pub(crate) async fn run(args: RunArgs) -> Result<bool, BoxError> {
         totals.poison,
         fleet.kills,
     );
+    if let Some(reordered) = totals.reordered {
+        println!(
+            "chaos: ordered={} keys={} per_key={} lost={} duplicates={} reordered={reordered}",
+            args.ordered, args.keys, args.per_key, totals.verdict.lost, totals.verdict.duplicates,
+        );
+    }
     Ok(ok)
 }
 
@@ -240,6 +257,7 @@ async fn drive(
         generation: 0,
         failpoints: faults.contains(&Fault::Failpoints),
         follow_ups: args.follow_ups,
+        ordering: (args.ordered, args.transient_percent),
         failpoint_p: [args.commit_failpoint_p, args.retry_failpoint_p],
         dead: HashSet::new(),
         aborts: HashMap::new(),
@@ -286,6 +304,7 @@ async fn drive(
         published.clone(),
         outbox,
         args.publish_rate,
+        args.keys,
     )));
     let mut windows = Vec::new();
 

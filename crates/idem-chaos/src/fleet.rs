@@ -37,6 +37,9 @@ pub(crate) struct Fleet {
     pub(crate) failpoints: bool,
     /// Workers enqueue a follow-up per effect (`worker --follow-ups`).
     pub(crate) follow_ups: bool,
+    /// Workers consume ordered (`worker --ordered`); share of handler calls failing
+    /// transiently (`worker --transient-percent`).
+    pub(crate) ordering: (bool, f64),
     /// Probability of each of [`FAILPOINTS`].
     pub(crate) failpoint_p: [f64; 2],
     /// Names of workers that died (SIGKILL, crash point, anything else).
@@ -69,6 +72,8 @@ impl Fleet {
             .args(["--store", self.store.as_str()])
             .args(["--prefetch", &self.prefetch.to_string()])
             .args(self.follow_ups.then_some("--follow-ups"))
+            .args(self.ordering.0.then_some("--ordered"))
+            .args(["--transient-percent", &self.ordering.1.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))

@@ -14,6 +14,8 @@ use crate::common::{self, BoxError, Names};
 use crate::setup::Admin;
 
 pub(crate) const PUBLISH_BATCH: usize = 200;
+/// The ordering key of a message of a `--keys` run (`n % keys`).
+pub(crate) const KEY_HEADER: &str = "x-chaos-key";
 
 /// What has been published so far, shared by the producer and the fault injector.
 #[derive(Default)]
@@ -52,6 +54,7 @@ pub(crate) async fn produce(
     published: Arc<Published>,
     outbox: Option<Outbox>,
     rate: u32,
+    keys: u64,
 ) -> Result<(), BoxError> {
     // On a cluster: every node's URL; the publisher moves on to the next node when
     // its connection is lost.
@@ -90,7 +93,13 @@ pub(crate) async fn produce(
             .zip(&flags)
             .map(|(&n, &bad)| {
                 let id = format!("{}-{n}", names.run);
-                Message::new(body(&id, n, bad)).with_message_id(id)
+                let msg = Message::new(body(&id, n, bad)).with_message_id(id);
+                match keys {
+                    0 => msg,
+                    k => msg
+                        .with_header(KEY_HEADER, (n % k).to_string())
+                        .with_header("x-chaos-seq", (n / k).to_string()),
+                }
             })
             .collect();
         let mut ok = false;

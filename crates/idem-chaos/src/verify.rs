@@ -154,6 +154,31 @@ pub(crate) struct Totals {
     pub(crate) verdict: Verdict,
     /// With `--follow-ups`: the consumer outbox's record.
     pub(crate) follow_ups: Option<FollowUps>,
+    /// With `--keys`: effects applied after the effect of a later message of their
+    /// key ([`count_reordered`]).
+    pub(crate) reordered: Option<i64>,
+}
+
+/// Counts the effects applied out of their key's sequence: `applied` lists the ids of
+/// the effects in the order they were applied (`<run>-<n>`; key `n % keys`, sequence
+/// `n / keys`); an effect counts when an effect of a later message of its key was
+/// applied before it. Lost or poison messages (no effect) do not count.
+pub(crate) fn count_reordered(applied: &[String], keys: u64) -> i64 {
+    let mut highest: HashMap<u64, u64> = HashMap::new();
+    let mut reordered = 0;
+    for id in applied {
+        let Some(n) = id.rsplit_once('-').and_then(|(_, n)| n.parse::<u64>().ok()) else {
+            continue;
+        };
+        let (key, seq) = (n % keys.max(1), n / keys.max(1));
+        match highest.get(&key) {
+            Some(&top) if top > seq => reordered += 1,
+            _ => {
+                highest.insert(key, seq);
+            }
+        }
+    }
+    reordered
 }
 
 /// Reads (and removes) every message of the DLQ: the message ids.
@@ -186,6 +211,7 @@ pub(crate) async fn verify(
     store: Store,
     durability_windows: &[(String, String)],
     follow_ups: bool,
+    keys: u64,
 ) -> Result<Totals, BoxError> {
     let t = |k: &str| names.table(k);
     let (published, effects, invocations, dupes) =
@@ -251,7 +277,17 @@ pub(crate) async fn verify(
     } else {
         None
     };
+    let reordered = if keys > 0 {
+        let applied: Vec<String> =
+            sqlx::query_scalar(&format!("SELECT msg_id FROM {effects} ORDER BY at, msg_id"))
+                .fetch_all(&admin.pg)
+                .await?;
+        Some(count_reordered(&applied, keys))
+    } else {
+        None
+    };
     Ok(Totals {
+        reordered,
         confirmed: evidence.published.len() as i64,
         poison: evidence.published.values().filter(|p| **p).count() as i64,
         effects: evidence.effects.len() as i64,
@@ -265,6 +301,18 @@ pub(crate) async fn verify(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reordered_counts_effects_applied_after_a_later_one_of_their_key() {
+        let ids = |ns: &[u64]| ns.iter().map(|n| format!("run-{n}")).collect::<Vec<_>>();
+        // 2 keys: key 0 = 0, 2, 4; key 1 = 1, 3, 5.
+        assert_eq!(count_reordered(&ids(&[0, 1, 2, 3, 4, 5]), 2), 0);
+        assert_eq!(count_reordered(&ids(&[1, 0, 3, 2, 5, 4]), 2), 0);
+        assert_eq!(count_reordered(&ids(&[2, 0, 4, 1, 3, 5]), 2), 1);
+        assert_eq!(count_reordered(&ids(&[4, 2, 0, 1, 5, 3]), 2), 3);
+        // Gaps (lost or poison) are no reorder.
+        assert_eq!(count_reordered(&ids(&[0, 4, 1, 5]), 2), 0);
+    }
 
     fn ids(list: &[&str]) -> HashSet<String> {
         list.iter().map(|s| (*s).to_owned()).collect()

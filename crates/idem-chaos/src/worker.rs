@@ -8,7 +8,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use idem_amqp::ordered::Ordering;
 use idem_amqp::Worker;
+use idem_core::dedup::HeaderKey;
 use idem_core::{Body, Consumer, DedupLayer, HandlerError, IdempotencyKey, ResultExt, State};
 use idem_outbox::{Outbox, OutboxMessage};
 use idem_redis::RedisStore;
@@ -45,6 +47,13 @@ pub(crate) struct WorkerArgs {
     /// outbox (table `chaos_followups_<run>`).
     #[arg(long)]
     pub(crate) follow_ups: bool,
+    /// Consume in per-key lanes (header `x-chaos-key`) from a single-active-consumer
+    /// queue.
+    #[arg(long)]
+    pub(crate) ordered: bool,
+    /// Share of handler calls that fail transiently before the effect, in percent.
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) transient_percent: f64,
 }
 
 #[derive(Clone)]
@@ -55,6 +64,8 @@ struct Ctx {
     log: PgPool,
     worker: Arc<str>,
     q: Arc<Queries>,
+    /// Share of calls failing transiently, in percent.
+    transient_percent: f64,
     /// The consumer outbox of follow-ups (`--follow-ups`).
     follow_ups: Option<Outbox>,
 }
@@ -86,6 +97,16 @@ impl Ctx {
             .execute(&self.log)
             .await
             .transient()?;
+        Ok(())
+    }
+
+    /// Fails transiently in `transient_percent` of the calls.
+    fn maybe_fail(&self) -> Result<(), HandlerError> {
+        if fastrand::f64() * 100.0 < self.transient_percent {
+            return Err(HandlerError::transient(std::io::Error::other(
+                "injected transient failure (--transient-percent)",
+            )));
+        }
         Ok(())
     }
 
@@ -125,6 +146,7 @@ async fn inbox_handler(
 ) -> Result<(), HandlerError> {
     ctx.invoked(&key).await?;
     check_payload(&body, &key)?;
+    ctx.maybe_fail()?;
     let mut conn = tx.conn().await?;
     let applied = sqlx::query(&ctx.q.effect)
         .bind(key.as_str())
@@ -154,6 +176,7 @@ async fn lease_handler(
 ) -> Result<(), HandlerError> {
     ctx.invoked(&key).await?;
     check_payload(&body, &key)?;
+    ctx.maybe_fail()?;
     let applied = sqlx::query(&ctx.q.effect)
         .bind(key.as_str())
         .bind(&*ctx.worker)
@@ -233,6 +256,7 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<(), BoxError> {
             ),
         }),
         follow_ups: None,
+        transient_percent: args.transient_percent,
     };
     let mut ctx = ctx;
     if args.follow_ups {
@@ -280,15 +304,18 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<(), BoxError> {
             .handler_timeout(Duration::from_secs(30))
             .handler_with_state(lease_handler, ctx)?,
     };
-    let worker = Worker::builder(
+    let mut worker = Worker::builder(
         common::amqp_url(),
-        common::topology(&names.queue()),
+        common::topology_for(&names.queue(), args.ordered),
         consumer,
     )
     .prefetch(args.prefetch)
     .connection_name(&args.name)
-    .shutdown_timeout(Duration::from_secs(10))
-    .build()?;
+    .shutdown_timeout(Duration::from_secs(10));
+    if args.ordered {
+        worker = worker.ordered(Ordering::by(HeaderKey::new(crate::produce::KEY_HEADER)));
+    }
+    let worker = worker.build()?;
     let stats = worker.run(stop_requested()).await?;
     eprintln!("worker {} stopped: {stats}", args.name);
     Ok(())

@@ -49,6 +49,7 @@ pub mod headers;
 pub mod ident;
 pub mod memory;
 pub mod message;
+pub mod ordered;
 #[cfg(feature = "otel")]
 pub mod otel;
 pub mod outcome;

@@ -28,6 +28,11 @@ pub struct Stores;
 #[doc = include_str!("../../../docs/transport.md")]
 pub struct Transport;
 
+/// The snippets of `docs/ordering.md`.
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/ordering.md")]
+pub struct Ordering;
+
 /// The snippets of `docs/testing.md`.
 #[cfg(doctest)]
 #[doc = include_str!("../../../docs/testing.md")]

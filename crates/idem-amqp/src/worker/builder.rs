@@ -38,6 +38,7 @@ pub struct WorkerBuilder {
     dlq_sample_interval: Duration,
     readiness: Option<crate::readiness::Readiness>,
     shared_connection: Option<Arc<super::SharedConnection>>,
+    ordering: Option<crate::ordered::Ordering>,
 }
 
 /// How the worker acks: coalesced (`flush` set) or one `basic.ack` per delivery.
@@ -89,6 +90,7 @@ impl Worker {
             dlq_sample_interval: DLQ_SAMPLE_INTERVAL,
             readiness: None,
             shared_connection: None,
+            ordering: None,
         }
     }
 }
@@ -202,6 +204,20 @@ impl WorkerBuilder {
         self
     }
 
+    /// Runs deliveries in per-key lanes: one at a time per key, in queue order,
+    /// transient failures retried in place (see [`crate::ordered`]). Turns coalesced
+    /// acks off unless [`Ordering::coalesce_acks`](crate::ordered::Ordering::coalesce_acks)
+    /// keeps them. With several processes, consume a single-active-consumer queue
+    /// ([`Topology::single_active_consumer`], [`crate::ordered::Shards`]).
+    ///
+    /// [`build`](Self::build) refuses a backoff whose retry horizon (the sum of its
+    /// delays, which a delivery now waits unacked) is not below the broker's consumer
+    /// timeout.
+    pub fn ordered(mut self, ordering: crate::ordered::Ordering) -> Self {
+        self.ordering = Some(ordering);
+        self
+    }
+
     /// Consume on `conn`, shared with other workers of a [`Service`](crate::Service),
     /// instead of a connection of the worker's own.
     pub(crate) fn shared_connection(mut self, conn: Arc<super::SharedConnection>) -> Self {
@@ -233,19 +249,32 @@ impl WorkerBuilder {
                 );
             }
         }
+        if self.ordering.is_some() {
+            let horizon = self.consumer.backoff().horizon();
+            if horizon >= self.broker_timeout {
+                return Err(idem_core::ConfigError::TimeoutTooLong {
+                    what: "the ordered worker's in-place retry horizon (sum of backoff delays)",
+                    value: horizon,
+                    broker: self.broker_timeout,
+                }
+                .into());
+            }
+        }
         let concurrency = self
             .concurrency
             .unwrap_or(usize::from(self.prefetch))
             .min(usize::from(self.prefetch));
         let prefetch = usize::from(self.prefetch);
         let acks = AckConfig {
-            flush: self.coalesce_acks.then(|| {
-                let batch = self
-                    .ack_flush_batch
-                    .unwrap_or(prefetch / 4)
-                    .clamp(1, prefetch);
-                (batch, self.ack_flush_interval)
-            }),
+            // Ordered: a head retried in place would hold back every later ack.
+            flush: (self.coalesce_acks && self.ordering.as_ref().is_none_or(|o| o.coalesce_acks))
+                .then(|| {
+                    let batch = self
+                        .ack_flush_batch
+                        .unwrap_or(prefetch / 4)
+                        .clamp(1, prefetch);
+                    (batch, self.ack_flush_interval)
+                }),
         };
         let retry_queues = self
             .topology
@@ -279,6 +308,14 @@ impl WorkerBuilder {
                 .unwrap_or_else(crate::readiness::Readiness::global),
             health: Arc::default(),
             shared_connection: self.shared_connection,
+            ordered: self.ordering.map(|o| super::lane::Ordered {
+                key: o.key,
+                after: o.after,
+                lanes: idem_core::ordered::Lanes::new(idem_core::ordered::OrderLimits::new(
+                    o.limits.per_key,
+                    o.limits.total.min(prefetch),
+                )),
+            }),
         };
         Ok(Worker {
             shared: Arc::new(shared),

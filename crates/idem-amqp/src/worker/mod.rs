@@ -120,6 +120,7 @@ use crate::error::Error;
 use crate::topology::Topology;
 
 mod builder;
+mod lane;
 mod session;
 mod settle;
 mod shared_conn;
@@ -154,6 +155,8 @@ struct Shared {
     health: Arc<crate::health::WorkerHealth>,
     /// The connection shared with other workers of a service, if any.
     shared_connection: Option<Arc<SharedConnection>>,
+    /// Per-key lanes of an ordered worker.
+    ordered: Option<lane::Ordered>,
 }
 
 /// Consumes one RabbitMQ queue with an idem [`Consumer`]. See the [module docs](self).

@@ -8,16 +8,18 @@ use std::sync::Arc;
 
 use futures_util::future::Fuse;
 use futures_util::StreamExt;
+use idem_core::ordered::Admit;
 use idem_core::DeliveryMode;
 use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Event};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
-use super::settle::{handle, report, Record};
+use super::lane::{run_lane, run_unkeyed, Job};
+use super::settle::{handle, prepare, report, Record};
 use super::{breaker_opens, drain, End, Shared};
 use crate::acks::AckCoalescer;
 use crate::error::Error;
@@ -57,6 +59,9 @@ pub(super) struct Session {
     health: Arc<WorkerHealth>,
     /// The dead-letter queue sampler, on its own channel.
     sampler: Option<JoinHandle<()>>,
+    /// Turns true when the session ends: ordered deliveries waiting to retry in
+    /// place stop waiting.
+    lane_stop: watch::Sender<bool>,
 }
 
 impl Drop for Session {
@@ -124,6 +129,7 @@ impl Session {
                     acks,
                     health: shared.health.clone(),
                     sampler,
+                    lane_stop: watch::Sender::new(false),
                 })
             }
             Err(e) => {
@@ -179,6 +185,14 @@ impl Session {
         mut shutdown: Pin<&mut Fuse<F>>,
     ) -> End {
         let end = loop {
+            // Forget the tasks that ended (their results are `()`).
+            while let Some(done) = tasks.try_join_next() {
+                if let Err(e) = done {
+                    if e.is_panic() {
+                        tracing::error!(error = %e, "a delivery task panicked; the broker redelivers its message");
+                    }
+                }
+            }
             let permit = tokio::select! {
                 biased;
                 _ = &mut shutdown => break End::Shutdown,
@@ -206,21 +220,45 @@ impl Session {
                         }
                         _ => None,
                     };
-                    tasks.spawn(handle(
-                        shared.clone(),
-                        self.publish.clone(),
-                        delivery,
+                    let Some(ordered) = &shared.ordered else {
+                        tasks.spawn(handle(
+                            shared.clone(),
+                            self.publish.clone(),
+                            delivery,
+                            settler,
+                            permit,
+                        ));
+                        continue;
+                    };
+                    let prepared = prepare(shared, delivery);
+                    let Some(key) = ordered.key.key_of(&prepared.msg) else {
+                        let publish = self.publish.clone();
+                        tasks.spawn(run_unkeyed(
+                            shared.clone(),
+                            publish,
+                            prepared,
+                            settler,
+                            permit,
+                        ));
+                        continue;
+                    };
+                    let job = Job::new(
+                        prepared,
                         settler,
-                        permit,
-                    ));
-                    // Forget the tasks that ended (their results are `()`).
-                    while let Some(done) = tasks.try_join_next() {
-                        if let Err(e) = done {
-                            if e.is_panic() {
-                                tracing::error!(error = %e, "a delivery task panicked; the broker redelivers its message");
-                            }
-                        }
+                        self.publish.clone(),
+                        self.lane_stop.subscribe(),
+                    );
+                    // Waits while the key's lane (or all lanes) are full: back-pressure.
+                    let admitted = tokio::select! {
+                        biased;
+                        _ = &mut shutdown => break End::Shutdown,
+                        _ = breaker_opens(shared) => break End::Paused,
+                        a = ordered.lanes.admit(&key, job) => a,
+                    };
+                    if let Admit::Run(job) = admitted {
+                        tasks.spawn(run_lane(shared.clone(), key, job, permit));
                     }
+                    // Parked: it takes a permit when its lane reaches it; this one is free.
                 }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, queue = %shared.topology.queue(), "consumer error");
@@ -232,6 +270,14 @@ impl Session {
                 }
             }
         };
+        // Parked deliveries of this session go back to the queue when its channel
+        // closes (ahead of anything not yet delivered); in-place retry waits hand
+        // their delivery back. In this order: a runner whose head was handed back
+        // finds no follower to run ahead of it.
+        if let Some(ordered) = &shared.ordered {
+            drop(ordered.lanes.clear());
+        }
+        let _ = self.lane_stop.send(true);
         if let End::Shutdown = end {
             tracing::info!(queue = %shared.topology.queue(), "shutting down: cancelling the consumer and finishing in-flight handlers");
             let tag = self.stream.tag();

@@ -66,14 +66,18 @@ enum Wire {
     Requeue,
 }
 
-/// Runs one delivery and settles it. Holds its permit until settled.
-pub(super) async fn handle(
-    shared: Arc<Shared>,
-    publish: Arc<Channel>,
-    delivery: Delivery,
-    settler: Option<AckSettler<Record>>,
-    _permit: OwnedSemaphorePermit,
-) {
+/// A delivery converted for the consumer, with what settling it needs.
+pub(super) struct Prepared {
+    delivery_tag: u64,
+    properties: BasicProperties,
+    body: Bytes,
+    acker: Acker,
+    pub(super) msg: idem_core::Message,
+}
+
+/// Converts `delivery` once: the ordered path reads its key from the message before
+/// the handler runs.
+pub(super) fn prepare(shared: &Shared, delivery: Delivery) -> Prepared {
     let Delivery {
         delivery_tag,
         exchange,
@@ -85,15 +89,50 @@ pub(super) async fn handle(
         ..
     } = delivery;
     let body = Bytes::from(data);
-    let queue = shared.topology.queue();
     let msg = to_message(
         &exchange,
         &routing_key,
         redelivered,
         &properties,
         body.clone(),
-        queue,
+        shared.topology.queue(),
     );
+    Prepared {
+        delivery_tag,
+        properties,
+        body,
+        acker,
+        msg,
+    }
+}
+
+/// Runs one delivery and settles it. Holds its permit until settled.
+pub(super) async fn handle(
+    shared: Arc<Shared>,
+    publish: Arc<Channel>,
+    delivery: Delivery,
+    settler: Option<AckSettler<Record>>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let prepared = prepare(&shared, delivery);
+    run_prepared(&shared, &publish, prepared, settler, None).await;
+}
+
+/// Runs a prepared delivery (in its key's lane when `lane` is set) and settles it.
+pub(super) async fn run_prepared(
+    shared: &Arc<Shared>,
+    publish: &Arc<Channel>,
+    prepared: Prepared,
+    settler: Option<AckSettler<Record>>,
+    lane: Option<&super::lane::LaneRun<'_>>,
+) {
+    let Prepared {
+        delivery_tag,
+        properties,
+        body,
+        acker,
+        msg,
+    } = prepared;
     let consumer = &shared.consumer;
     let at_most_once = consumer.mode() == DeliveryMode::AtMostOnce;
     if at_most_once {
@@ -108,8 +147,9 @@ pub(super) async fn handle(
         consumer.name(),
         shared.topology.effective_delivery_limit(),
     );
-    let disposition = match over {
-        Some(over) if !at_most_once => over,
+    let disposition = match (over, lane) {
+        (Some(over), _) if !at_most_once => over,
+        (_, Some(lane)) => lane.process(consumer, msg, failed_before).await,
         _ => consumer.process(msg).await,
     };
     let wire = if at_most_once {
@@ -138,11 +178,11 @@ pub(super) async fn handle(
                     .iter()
                     .find(|(t, _)| *t == tier)
                     .map_or(shared.dlq.as_str(), |(_, q)| q.as_str());
-                forward(&publish, target, &body, &properties, headers, "retry").await
+                forward(publish, target, &body, &properties, headers, "retry").await
             }
             Disposition::DeadLetter { headers, .. } => {
                 let dlq = shared.dlq.as_str();
-                forward(&publish, dlq, &body, &properties, headers, "dead-letter").await
+                forward(publish, dlq, &body, &properties, headers, "dead-letter").await
             }
             // A disposition added to idem-core after this transport was written: hand
             // the delivery back untouched, which loses nothing.
@@ -152,6 +192,9 @@ pub(super) async fn handle(
     // The dead-letter hook is told only once the dead-letter copy is confirmed.
     let dead_lettered =
         matches!(wire, Some(Wire::Ack)) && matches!(disposition, Disposition::DeadLetter { .. });
+    if let (Some(lane), true) = (lane, dead_lettered) {
+        lane.dead_lettered();
+    }
     if dead_lettered {
         shared.health.dead_lettered();
         #[cfg(feature = "prometheus")]
@@ -164,18 +207,18 @@ pub(super) async fn handle(
         dead_lettered,
     });
     match wire {
-        None => report(&shared, done),
+        None => report(shared, done),
         Some(Wire::Ack) => match settler {
             // Reported by the flusher once the ack covering it is sent.
             Some(settler) => {
                 if let Err(done) = settler.settle(delivery_tag, Settle::Ack(done)) {
                     // The session ended: the ack is dropped, the broker redelivers.
-                    report(&shared, done.flatten());
+                    report(shared, done.flatten());
                 }
             }
             None => {
                 ack(&acker).await;
-                report(&shared, done);
+                report(shared, done);
             }
         },
         Some(Wire::Requeue) => {
@@ -185,7 +228,7 @@ pub(super) async fn handle(
             if let Some(settler) = settler {
                 let _ = settler.settle(delivery_tag, Settle::Requeued);
             }
-            report(&shared, done);
+            report(shared, done);
         }
     }
 }

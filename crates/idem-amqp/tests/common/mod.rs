@@ -52,3 +52,17 @@ pub(crate) async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Polls the async `cond` every 50 ms until it holds; panics naming `what` after
+/// `limit`.
+pub(crate) async fn wait_until_async<F: std::future::Future<Output = bool>>(
+    what: &str,
+    limit: Duration,
+    mut cond: impl FnMut() -> F,
+) {
+    let start = Instant::now();
+    while !cond().await {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

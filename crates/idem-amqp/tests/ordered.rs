@@ -1,0 +1,494 @@
+//! Ordered consumption by key against the real local RabbitMQ (`AMQP_URL`, default
+//! `amqp://guest:guest@127.0.0.1:5672/%2f`): per-key lanes, retries in place,
+//! dead-letters that the key's later messages follow. Every test uses its own queues
+//! and deletes them.
+
+#![allow(clippy::unwrap_used)] // tests may unwrap (project rule)
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use idem_amqp::ordered::{AfterDeadLetter, Ordering};
+use idem_amqp::{Publisher, Topology, Worker};
+use idem_core::dedup::HeaderKey;
+use idem_core::{Attempt, Consumer, HandlerError, MemoryStore, Message};
+
+mod common;
+use common::{short_tiers, unique, url, wait_until};
+
+/// What the handler saw: key, sequence number, attempt, and whether it succeeded.
+type Log = Arc<Mutex<Vec<(String, u32, u32, bool)>>>;
+
+fn msg(key: &str, seq: u32) -> Message {
+    Message::new(format!("{key}-{seq}"))
+        .with_message_id(format!("{key}-{seq}"))
+        .with_header("x-key", key)
+        .with_header("x-seq", seq.to_string())
+}
+
+fn seq_of(m: &Message) -> u32 {
+    m.header_str("x-seq").unwrap().parse().unwrap()
+}
+
+/// A consumer logging every call; `fails(key, seq, attempt)` says which calls fail
+/// (`Some(true)`: transient, `Some(false)`: permanent, after 300 ms, so that the
+/// key's later messages park behind it).
+fn consumer(
+    name: &str,
+    first_retry: Duration,
+    attempts: u32,
+    log: Log,
+    fails: fn(&str, u32, u32) -> Option<bool>,
+) -> Consumer {
+    Consumer::builder(name)
+        .store(MemoryStore::new())
+        .backoff(idem_testkit::backoff(first_retry, attempts))
+        .handler(move |m: Message, Attempt(n): Attempt| {
+            let log = log.clone();
+            async move {
+                let key = m.header_str("x-key").unwrap().to_owned();
+                let seq = seq_of(&m);
+                let fail = fails(&key, seq, n);
+                log.lock().unwrap().push((key, seq, n, fail.is_none()));
+                match fail {
+                    None => Ok(()),
+                    Some(true) => Err(HandlerError::transient(std::io::Error::other("not yet"))),
+                    Some(false) => {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        Err(HandlerError::permanent(std::io::Error::other("bad")))
+                    }
+                }
+            }
+        })
+        .unwrap()
+}
+
+fn successes(log: &Log, key: &str) -> Vec<u32> {
+    log.lock()
+        .unwrap()
+        .iter()
+        .filter(|(k, _, _, ok)| k == key && *ok)
+        .map(|(_, s, _, _)| *s)
+        .collect()
+}
+
+async fn queue_len(ch: &lapin::Channel, queue: &str) -> u32 {
+    idem_testkit::broker::ready_count(ch, queue).await
+}
+
+/// Issue 24's head-of-line test: key A's head fails 3 times; key B's 100 messages
+/// finish meanwhile; A's later messages run after its head, in order; no retry copy
+/// goes through a delay queue.
+#[tokio::test]
+async fn failing_head_blocks_only_its_key() {
+    let (_conn, ch) = common::broker("idem-test-ordered-admin").await;
+    let topo = Topology::new(unique("ordered-hol")).tiers(short_tiers());
+    topo.declare_on(&ch).await.unwrap();
+    let log: Log = Arc::default();
+    // A0 fails on attempts 1..=3, then succeeds; retries after 0.5, 1 and 2 s.
+    let consumer = consumer(
+        "ordered-hol",
+        Duration::from_millis(500),
+        10,
+        log.clone(),
+        |k, s, n| (k == "A" && s == 0 && n <= 3).then_some(true),
+    );
+    let worker = Worker::builder(url(), topo.clone(), consumer.clone())
+        .prefetch(20)
+        .ordered(Ordering::by(HeaderKey::new("x-key")))
+        .build()
+        .unwrap();
+    let running = worker.spawn();
+    let publisher = Publisher::connect(&url()).await.unwrap();
+    let mut batch = vec![msg("A", 0)];
+    batch.extend((0..50).map(|i| msg("B", i)));
+    batch.extend([msg("A", 1), msg("A", 2)]);
+    batch.extend((50..100).map(|i| msg("B", i)));
+    batch.extend([msg("A", 3), msg("A", 4)]);
+    publisher
+        .publish_batch("", topo.queue(), &mut batch)
+        .await
+        .unwrap();
+
+    wait_until("105 handled", Duration::from_secs(30), || {
+        consumer.stats().processed == 105
+    })
+    .await;
+    let stats = running.shutdown_and_join().await.unwrap();
+    assert_eq!(
+        (stats.processed, stats.retries, stats.dead_lettered),
+        (105, 3, 0)
+    );
+    let log = log.lock().unwrap().clone();
+    // Every call of key A, in order: the head's 4 attempts, then its followers.
+    let a: Vec<(u32, u32)> = log
+        .iter()
+        .filter(|e| e.0 == "A")
+        .map(|e| (e.1, e.2))
+        .collect();
+    assert_eq!(
+        a,
+        vec![
+            (0, 1),
+            (0, 2),
+            (0, 3),
+            (0, 4),
+            (1, 1),
+            (2, 1),
+            (3, 1),
+            (4, 1)
+        ]
+    );
+    // B ran to the end while A's head waited, in order.
+    let head_done = log.iter().position(|e| e.0 == "A" && e.3).unwrap();
+    let b_before: Vec<u32> = log[..head_done]
+        .iter()
+        .filter(|e| e.0 == "B")
+        .map(|e| e.1)
+        .collect();
+    assert_eq!(
+        b_before,
+        (0..100).collect::<Vec<_>>(),
+        "B must finish meanwhile, in order"
+    );
+    // Retried in place: nothing went through a delay queue or the DLQ.
+    for q in topo.queue_names() {
+        assert_eq!(queue_len(&ch, &q).await, 0, "queue {q} should be empty");
+    }
+    topo.delete_on(&ch).await.unwrap();
+}
+
+/// The control: the same traffic without ordering lets A's followers overtake its
+/// failing head (the retry copy rejoins the queue behind them).
+#[tokio::test]
+async fn without_ordering_followers_overtake_the_head() {
+    let (_conn, ch) = common::broker("idem-test-ordered-admin").await;
+    let topo = Topology::new(unique("unordered-hol")).tiers(short_tiers());
+    topo.declare_on(&ch).await.unwrap();
+    let log: Log = Arc::default();
+    let consumer = consumer(
+        "unordered-hol",
+        Duration::from_millis(500),
+        10,
+        log.clone(),
+        |k, s, n| (k == "A" && s == 0 && n <= 1).then_some(true),
+    );
+    let worker = Worker::builder(url(), topo.clone(), consumer.clone())
+        .prefetch(20)
+        .build()
+        .unwrap();
+    let running = worker.spawn();
+    let publisher = Publisher::connect(&url()).await.unwrap();
+    let mut batch: Vec<Message> = (0..5).map(|i| msg("A", i)).collect();
+    publisher
+        .publish_batch("", topo.queue(), &mut batch)
+        .await
+        .unwrap();
+    wait_until("5 handled", Duration::from_secs(30), || {
+        consumer.stats().processed == 5
+    })
+    .await;
+    running.shutdown_and_join().await.unwrap();
+    let a = successes(&log, "A");
+    assert_ne!(
+        a,
+        vec![0, 1, 2, 3, 4],
+        "the head's retry copy should land after its followers"
+    );
+    assert_eq!(a.last(), Some(&0));
+    topo.delete_on(&ch).await.unwrap();
+}
+
+/// With `FollowToDlq`, the messages parked behind a dead-lettered head follow it to
+/// the DLQ in order without running; once the lane has emptied, the key runs again.
+#[tokio::test]
+async fn followers_follow_a_dead_lettered_head() {
+    let (_conn, ch) = common::broker("idem-test-ordered-admin").await;
+    let topo = Topology::new(unique("ordered-dlq")).tiers(short_tiers());
+    topo.declare_on(&ch).await.unwrap();
+    let log: Log = Arc::default();
+    // A0 fails permanently; its handler call is slow enough for A1..A3 to park.
+    let consumer = consumer(
+        "ordered-dlq",
+        Duration::from_millis(100),
+        10,
+        log.clone(),
+        |k, s, _| (k == "A" && s == 0).then_some(false),
+    );
+    let worker = Worker::builder(url(), topo.clone(), consumer.clone())
+        .prefetch(10)
+        .ordered(
+            Ordering::by(HeaderKey::new("x-key")).after_dead_letter(AfterDeadLetter::FollowToDlq),
+        )
+        .build()
+        .unwrap();
+    let running = worker.spawn();
+    let publisher = Publisher::connect(&url()).await.unwrap();
+    let mut batch: Vec<Message> = (0..4).map(|i| msg("A", i)).collect();
+    batch.push(msg("B", 0));
+    publisher
+        .publish_batch("", topo.queue(), &mut batch)
+        .await
+        .unwrap();
+    // The head counts as dead-lettered; its followers did not run.
+    common::wait_until_async("4 dead letters", Duration::from_secs(20), || {
+        let ch = ch.clone();
+        let dlq = topo.dlq();
+        async move { queue_len(&ch, &dlq).await == 4 }
+    })
+    .await;
+    assert_eq!(consumer.stats().dead_lettered, 1);
+    wait_until("B handled", Duration::from_secs(20), || {
+        consumer.stats().processed == 1
+    })
+    .await;
+    // The lane is empty now: a new message of A runs.
+    let mut later = vec![msg("A", 4)];
+    publisher
+        .publish_batch("", topo.queue(), &mut later)
+        .await
+        .unwrap();
+    wait_until("A4 handled", Duration::from_secs(20), || {
+        consumer.stats().processed == 2
+    })
+    .await;
+    running.shutdown_and_join().await.unwrap();
+    assert_eq!(successes(&log, "A"), vec![4]);
+    let calls_a: Vec<u32> = log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e.0 == "A")
+        .map(|e| e.1)
+        .collect();
+    assert_eq!(calls_a, vec![0, 4], "A1..A3 must not run");
+    let mut dead = Vec::new();
+    while let Some(m) = ch
+        .basic_get(
+            topo.dlq().as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+    {
+        dead.push(String::from_utf8(m.delivery.data.clone()).unwrap());
+    }
+    assert_eq!(dead, vec!["A-0", "A-1", "A-2", "A-3"], "in order");
+    topo.delete_on(&ch).await.unwrap();
+}
+
+/// A worker stopped while its head waits to retry in place hands the head back; the
+/// next worker runs the key from its head, in order, nothing lost.
+#[tokio::test]
+async fn stop_during_an_in_place_wait_keeps_the_order() {
+    let (_conn, ch) = common::broker("idem-test-ordered-admin").await;
+    let topo = Topology::new(unique("ordered-stop")).tiers(short_tiers());
+    topo.declare_on(&ch).await.unwrap();
+    let log: Log = Arc::default();
+    // The first worker's A0 fails and waits 60 s to retry; the second's succeeds.
+    let first = consumer(
+        "ordered-stop",
+        Duration::from_secs(60),
+        3,
+        log.clone(),
+        |k, s, n| (k == "A" && s == 0 && n == 1).then_some(true),
+    );
+    let ordering = Ordering::by(HeaderKey::new("x-key"));
+    let w1 = Worker::builder(url(), topo.clone(), first.clone())
+        .prefetch(10)
+        .ordered(ordering.clone())
+        .build()
+        .unwrap()
+        .spawn();
+    let publisher = Publisher::connect(&url()).await.unwrap();
+    let mut batch: Vec<Message> = (0..5).map(|i| msg("A", i)).collect();
+    publisher
+        .publish_batch("", topo.queue(), &mut batch)
+        .await
+        .unwrap();
+    wait_until("A0's first failure", Duration::from_secs(10), || {
+        first.stats().retries == 1
+    })
+    .await;
+    w1.shutdown_and_join().await.unwrap();
+    assert_eq!(
+        first.stats().processed,
+        0,
+        "followers must not run while the head waits"
+    );
+    let second = consumer(
+        "ordered-stop",
+        Duration::from_secs(60),
+        3,
+        log.clone(),
+        |_, _, _| None,
+    );
+    let w2 = Worker::builder(url(), topo.clone(), second.clone())
+        .prefetch(10)
+        .ordered(ordering)
+        .build()
+        .unwrap()
+        .spawn();
+    wait_until("5 handled", Duration::from_secs(20), || {
+        second.stats().processed == 5
+    })
+    .await;
+    w2.shutdown_and_join().await.unwrap();
+    assert_eq!(successes(&log, "A"), vec![0, 1, 2, 3, 4]);
+    topo.delete_on(&ch).await.unwrap();
+}
+
+/// Bounded parking: with 2 parked per key, a third message of a key whose head is
+/// stuck stops the worker from taking deliveries (head-of-line blocking, documented),
+/// and nothing is dropped: once the head finishes, every message runs, in order.
+#[tokio::test]
+async fn a_full_lane_stops_intake_and_drops_nothing() {
+    use idem_amqp::ordered::OrderLimits;
+    use idem_core::State;
+    let (_conn, ch) = common::broker("idem-test-ordered-admin").await;
+    let topo = Topology::new(unique("ordered-full")).tiers(short_tiers());
+    topo.declare_on(&ch).await.unwrap();
+    let log: Log = Arc::default();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    async fn handle(
+        State((log, gate)): State<(Log, Arc<tokio::sync::Semaphore>)>,
+        m: Message,
+    ) -> Result<(), HandlerError> {
+        let key = m.header_str("x-key").unwrap().to_owned();
+        let seq = seq_of(&m);
+        if key == "A" && seq == 0 {
+            // The head waits until the test opens the gate.
+            let _ = gate.acquire().await.unwrap();
+        }
+        log.lock().unwrap().push((key, seq, 1, true));
+        Ok(())
+    }
+    let consumer = Consumer::builder("ordered-full")
+        .store(MemoryStore::new())
+        .handler_with_state(handle, (log.clone(), gate.clone()))
+        .unwrap();
+    let worker = Worker::builder(url(), topo.clone(), consumer.clone())
+        .prefetch(20)
+        .ordered(Ordering::by(HeaderKey::new("x-key")).limits(OrderLimits::new(2, 100)))
+        .build()
+        .unwrap();
+    let running = worker.spawn();
+    let publisher = Publisher::connect(&url()).await.unwrap();
+    let mut batch: Vec<Message> = vec![msg("B", 0)];
+    batch.extend((0..6).map(|i| msg("A", i)));
+    batch.extend((1..5).map(|i| msg("B", i)));
+    publisher
+        .publish_batch("", topo.queue(), &mut batch)
+        .await
+        .unwrap();
+    wait_until("B0 handled", Duration::from_secs(10), || {
+        consumer.stats().processed == 1
+    })
+    .await;
+    // A0 runs, A1 and A2 park, A3 waits for room: B1..B4 behind it are not taken.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(consumer.stats().processed, 1, "{:?}", log.lock().unwrap());
+    gate.add_permits(1);
+    wait_until("11 handled", Duration::from_secs(10), || {
+        consumer.stats().processed == 11
+    })
+    .await;
+    running.shutdown_and_join().await.unwrap();
+    assert_eq!(successes(&log, "A"), (0..6).collect::<Vec<_>>());
+    assert_eq!(successes(&log, "B"), (0..5).collect::<Vec<_>>());
+    for q in topo.queue_names() {
+        assert_eq!(queue_len(&ch, &q).await, 0, "queue {q} should be empty");
+    }
+    topo.delete_on(&ch).await.unwrap();
+}
+
+/// Across processes: two ordered workers on a single-active-consumer queue. Only one
+/// receives at a time; when it stops, the other takes over from where it left off, and
+/// each key's messages are applied once each, in order.
+#[tokio::test]
+async fn single_active_consumer_hands_over_in_order() {
+    let (_conn, ch) = common::broker("idem-test-ordered-admin").await;
+    let topo = Topology::new(unique("ordered-sac"))
+        .tiers(short_tiers())
+        .single_active_consumer(true);
+    topo.declare_on(&ch).await.unwrap();
+    // (worker, key, seq) in the order the handlers finished.
+    let log: Arc<Mutex<Vec<(u8, String, u32)>>> = Arc::default();
+    let store = MemoryStore::new();
+    let make = |id: u8| {
+        let log = log.clone();
+        Consumer::builder("ordered-sac")
+            .store(store.clone())
+            .handler(move |m: Message| {
+                let log = log.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    let key = m.header_str("x-key").unwrap().to_owned();
+                    log.lock().unwrap().push((id, key, seq_of(&m)));
+                    Ok::<(), HandlerError>(())
+                }
+            })
+            .unwrap()
+    };
+    let (c1, c2) = (make(1), make(2));
+    let ordering = Ordering::by(HeaderKey::new("x-key"));
+    let start = |c: &Consumer| {
+        Worker::builder(url(), topo.clone(), c.clone())
+            .prefetch(10)
+            .ordered(ordering.clone())
+            .build()
+            .unwrap()
+            .spawn()
+    };
+    let w1 = start(&c1);
+    // The first consumer to subscribe is the active one.
+    common::wait_until_async("w1 subscribed", Duration::from_secs(10), || {
+        let ch = ch.clone();
+        let q = topo.queue().to_owned();
+        async move {
+            idem_testkit::broker::inspect_queue(&ch, &q)
+                .await
+                .is_ok_and(|q| q.consumer_count() == 1)
+        }
+    })
+    .await;
+    let w2 = start(&c2);
+    let publisher = Publisher::connect(&url()).await.unwrap();
+    let mut batch = Vec::new();
+    for i in 0..25 {
+        batch.extend([msg("A", i), msg("B", i)]);
+    }
+    publisher
+        .publish_batch("", topo.queue(), &mut batch)
+        .await
+        .unwrap();
+    wait_until("w1 handled 10", Duration::from_secs(20), || {
+        c1.stats().processed >= 10
+    })
+    .await;
+    assert_eq!(
+        c2.stats().processed,
+        0,
+        "w2 must stand by while w1 is active"
+    );
+    w1.shutdown_and_join().await.unwrap();
+    wait_until("50 handled", Duration::from_secs(30), || {
+        c1.stats().processed + c2.stats().processed == 50
+    })
+    .await;
+    w2.shutdown_and_join().await.unwrap();
+    let log = log.lock().unwrap().clone();
+    for key in ["A", "B"] {
+        let seqs: Vec<u32> = log.iter().filter(|e| e.1 == key).map(|e| e.2).collect();
+        assert_eq!(seqs, (0..25).collect::<Vec<_>>(), "key {key}");
+    }
+    let first_of_w2 = log.iter().position(|e| e.0 == 2).unwrap();
+    assert!(
+        log[first_of_w2..].iter().all(|e| e.0 == 2),
+        "one active consumer at a time"
+    );
+    for q in topo.queue_names() {
+        assert_eq!(queue_len(&ch, &q).await, 0, "queue {q} should be empty");
+    }
+    topo.delete_on(&ch).await.unwrap();
+}
