@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idem_amqp::Worker;
+use idem_core::batch::Batch;
 use idem_core::{Body, Consumer, DedupLayer, HandlerError, IdempotencyKey, ResultExt, State};
 use idem_outbox::{Outbox, OutboxMessage};
 use idem_redis::RedisStore;
@@ -45,7 +46,14 @@ pub(crate) struct WorkerArgs {
     /// outbox (table `chaos_followups_<run>`).
     #[arg(long)]
     pub(crate) follow_ups: bool,
+    /// Consume with a batch handler of this many messages.
+    #[arg(long)]
+    pub(crate) batch: Option<usize>,
 }
+
+/// The crash point inside a batch: after one message's savepoint (its effect written
+/// in the batch's open transaction), before the next message's.
+pub(crate) const BETWEEN_SAVEPOINTS: &str = "batch-between-savepoints";
 
 #[derive(Clone)]
 struct Ctx {
@@ -145,6 +153,44 @@ async fn inbox_handler(
             .transient()?;
     }
     Ok(()) // the inbox commits the effect, its follow-up and its dedup row together
+}
+
+/// The inbox handler, per message of a batch, each in its savepoint of the batch's
+/// transaction.
+async fn inbox_batch_handler(
+    State(ctx): State<Ctx>,
+    batch: Batch<Body>,
+) -> Result<(), HandlerError> {
+    let mut first = true;
+    batch
+        .each(|item| {
+            if !std::mem::take(&mut first) {
+                idem_amqp::failpoints::hit(BETWEEN_SAVEPOINTS);
+            }
+            let ctx = ctx.clone();
+            async move {
+                let key: IdempotencyKey = item.extract()?;
+                let tx: Tx<Postgres> = item.extract()?;
+                inbox_handler(State(ctx), key, tx, item.into_inner()).await
+            }
+        })
+        .await
+}
+
+/// The lease-store handler, per message of a batch.
+async fn lease_batch_handler(
+    State(ctx): State<Ctx>,
+    batch: Batch<Body>,
+) -> Result<(), HandlerError> {
+    batch
+        .each(|item| {
+            let ctx = ctx.clone();
+            async move {
+                let key: IdempotencyKey = item.extract()?;
+                lease_handler(State(ctx), key, item.into_inner()).await
+            }
+        })
+        .await
 }
 
 async fn lease_handler(
@@ -251,10 +297,15 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<(), BoxError> {
                 .try_table(&names.table("inbox"))?
                 .retention(Duration::from_secs(3600));
             inbox.ensure_schema().await?;
-            builder
+            let builder = builder
                 .dedup(inbox)
-                .handler_timeout(Duration::from_secs(30))
-                .handler_with_state(inbox_handler, ctx)?
+                .handler_timeout(Duration::from_secs(30));
+            match args.batch {
+                Some(n) => builder
+                    .batch_size(n)
+                    .batch_handler_with_state(inbox_batch_handler, ctx)?,
+                None => builder.handler_with_state(inbox_handler, ctx)?,
+            }
         }
         Store::Redis => {
             let redis = RedisStore::builder(&common::redis_url()).prefix(names.redis_prefix());
@@ -271,10 +322,13 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<(), BoxError> {
             let layer = DedupLayer::new(store)
                 .lease(LEASE)
                 .retention(Duration::from_secs(3600));
-            builder
-                .dedup(layer)
-                .handler_timeout(LEASE / 2)
-                .handler_with_state(lease_handler, ctx)?
+            let builder = builder.dedup(layer).handler_timeout(LEASE / 2);
+            match args.batch {
+                Some(n) => builder
+                    .batch_size(n)
+                    .batch_handler_with_state(lease_batch_handler, ctx)?,
+                None => builder.handler_with_state(lease_handler, ctx)?,
+            }
         }
         Store::None => builder
             .handler_timeout(Duration::from_secs(30))
