@@ -63,6 +63,8 @@ pub(crate) struct Report {
     /// Empty unless the scenario runs a batch side (`--batch N`), and its batch size.
     pub(crate) batch: Vec<f64>,
     pub(crate) batch_size: Option<usize>,
+    /// How the batch handler writes: `each` (a savepoint per message) or `bulk`.
+    pub(crate) batch_mode: &'static str,
     /// CPU per message of each run, by side (scenarios that sample it).
     pub(crate) cpu: Vec<(Side, crate::cpu::PerMessage)>,
 }
@@ -78,6 +80,7 @@ impl Report {
             best_case: Vec::new(),
             batch: Vec::new(),
             batch_size: None,
+            batch_mode: "each",
             cpu: Vec::new(),
         }
     }
@@ -191,8 +194,9 @@ impl fmt::Display for Report {
             let base = Spread::of(&ratios(&self.batch, &self.baseline));
             write!(
                 f,
-                r#","batch_size":{},"batch_msgs_per_s":{},"batch_vs_per_message":{},"batch_vs_per_message_min":{},"batch_vs_per_message_max":{},"batch_vs_baseline":{},"batch_vs_baseline_min":{},"batch_vs_baseline_max":{}"#,
+                r#","batch_size":{},"batch_mode":"{}","batch_msgs_per_s":{},"batch_vs_per_message":{},"batch_vs_per_message_min":{},"batch_vs_per_message_max":{},"batch_vs_baseline":{},"batch_vs_baseline_min":{},"batch_vs_baseline_max":{}"#,
                 self.batch_size.unwrap_or(0),
+                self.batch_mode,
                 Num(median(&self.batch), 0),
                 Num(per.median, 3),
                 Num(per.min, 3),
@@ -268,6 +272,7 @@ mod tests {
             best_case: Vec::new(),
             batch: Vec::new(),
             batch_size: None,
+            batch_mode: "each",
             cpu: Vec::new(),
         };
         assert_eq!(
@@ -302,6 +307,21 @@ mod tests {
     }
 
     #[test]
+    fn json_line_with_a_batch_side_gives_both_batch_ratios_with_their_spread() {
+        let mut r = Report::new("amqp-postgres", 10, 5);
+        r.idem = vec![100.0, 50.0, 100.0];
+        r.baseline = vec![200.0, 100.0, 100.0];
+        r.batch = vec![300.0, 200.0, 100.0];
+        r.batch_size = Some(50);
+        let line = r.to_string();
+        // Per round: batch / idem = 3 4 1; batch / baseline = 1.5 2 1.
+        assert!(
+            line.ends_with(r#","batch_size":50,"batch_mode":"each","batch_msgs_per_s":200,"batch_vs_per_message":3.000,"batch_vs_per_message_min":1.000,"batch_vs_per_message_max":4.000,"batch_vs_baseline":1.500,"batch_vs_baseline_min":1.000,"batch_vs_baseline_max":2.000}"#),
+            "{line}"
+        );
+    }
+
+    #[test]
     fn json_line_of_amqp_noop_has_the_best_case_fields() {
         let r = Report {
             scenario: "amqp-noop",
@@ -310,6 +330,9 @@ mod tests {
             idem: vec![120.0, 100.0, 150.0, 90.0, 100.0],
             baseline: vec![100.0, 100.0, 100.0, 100.0, 50.0],
             best_case: vec![200.0, 200.0, 100.0, 300.0, 200.0],
+            batch: Vec::new(),
+            batch_size: None,
+            batch_mode: "each",
             cpu: Vec::new(),
         };
         // Per-round ratios: baseline 1.2 1 1.5 0.9 2; best case 0.6 0.5 1.5 0.3 0.5.

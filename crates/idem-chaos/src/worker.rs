@@ -322,12 +322,19 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<(), BoxError> {
             let layer = DedupLayer::new(store)
                 .lease(LEASE)
                 .retention(Duration::from_secs(3600));
-            let builder = builder.dedup(layer).handler_timeout(LEASE / 2);
+            let builder = builder.dedup(layer);
             match args.batch {
+                // A batch's timeout covers all its messages: a batch cut off by it has
+                // applied some effects that a lease store cannot take back, and every
+                // message of it runs again. Each message's lease is extended while its
+                // batch runs, so the timeout need not fit in the lease.
                 Some(n) => builder
+                    .handler_timeout(Duration::from_secs(30))
                     .batch_size(n)
                     .batch_handler_with_state(lease_batch_handler, ctx)?,
-                None => builder.handler_with_state(lease_handler, ctx)?,
+                None => builder
+                    .handler_timeout(LEASE / 2)
+                    .handler_with_state(lease_handler, ctx)?,
             }
         }
         Store::None => builder
