@@ -258,7 +258,13 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<(), BoxError> {
     let db = common::database_url();
     let concurrency = u32::from(args.prefetch);
     // Each in-flight message holds an inbox connection; duplicates waiting hold one too.
-    let pool = common::pg_pool(&db, &args.name, concurrency + 2).await?;
+    // A batch holds one for all its messages: a few batches run at once (more wait for
+    // a connection, within the inbox's store timeout).
+    let connections = match args.batch {
+        Some(_) => 12,
+        None => concurrency + 2,
+    };
+    let pool = common::pg_pool(&db, &args.name, connections).await?;
     let log = common::pg_pool(&db, &args.name, 2).await?;
     let ctx = Ctx {
         pool: pool.clone(),
