@@ -120,7 +120,7 @@ pub(crate) async fn run(args: ConsumerArgs) -> Result<Report, BoxError> {
             fill(&publisher, topo.queue(), args.messages).await?;
             let cpu = crate::cpu::Sample::now();
             let result = match side {
-                Side::Idem => run_idem(&args, &topo).await,
+                Side::Idem | Side::Batch => run_idem(&args, &topo).await,
                 Side::Baseline => run_baseline(&args, topo.queue()).await,
                 Side::BestCase => run_best_case(&args, topo.queue()).await,
             };

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use idem_amqp::{Publisher, Topology, Worker};
+use idem_core::batch::Batch;
 use idem_core::{Consumer, IdempotencyKey, State};
 use idem_sql::{PgInbox, Tx};
 use lapin::options::BasicAckOptions;
@@ -56,6 +57,17 @@ pub(crate) struct Args {
         default_value = "postgres://postgres@127.0.0.1:5432/postgres"
     )]
     database_url: String,
+    /// Also run idem with a batch handler of this many messages (amqp-postgres),
+    /// interleaved with the per-message idem run and the hand-written loop.
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Longest wait before a short batch closes, in milliseconds (with --batch).
+    #[arg(long, default_value_t = 20)]
+    batch_wait_ms: u64,
+    /// With --batch: the handler writes the whole batch in one multi-row `INSERT` on
+    /// the batch's transaction (no savepoint per message) instead of `Batch::each`.
+    #[arg(long)]
+    batch_bulk: bool,
 }
 
 pub(crate) async fn run(store: Store, args: Args) -> Result<Report, BoxError> {
@@ -82,8 +94,16 @@ pub(crate) async fn run(store: Store, args: Args) -> Result<Report, BoxError> {
         "amqp-postgres"
     };
     let mut report = Report::new(scenario, args.base.messages, args.base.prefetch);
+    let batch = args.batch.filter(|_| store == Store::Postgres);
+    report.batch_size = batch;
+    report.batch_mode = if args.batch_bulk { "bulk" } else { "each" };
+    let sides: &[Side] = if batch.is_some() {
+        &[Side::Idem, Side::Batch, Side::Baseline]
+    } else {
+        &[Side::Idem, Side::Baseline]
+    };
     for round in 0..args.base.rounds.max(1) {
-        for idem in [true, false] {
+        for &side in sides {
             let run_id = uuid::Uuid::new_v4().simple().to_string();
             let topo = Topology::new(format!("idem-bench-{run_id}"));
             topo.declare_on(&ch).await?;
@@ -97,15 +117,19 @@ pub(crate) async fn run(store: Store, args: Args) -> Result<Report, BoxError> {
                 .await?;
             }
             let cpu = crate::cpu::Sample::now();
-            let result = match (store, idem, &pool) {
-                (Store::Redis, true, _) => run_idem_redis(&args, &topo, &run_id).await,
-                (Store::Redis, false, _) => run_baseline_redis(&args, topo.queue(), &run_id).await,
-                (Store::Postgres, true, Some(pool)) => {
-                    run_idem_pg(&args, &topo, pool, &tables).await
+            let result = match (store, side, &pool) {
+                (Store::Redis, Side::Baseline, _) => {
+                    run_baseline_redis(&args, topo.queue(), &run_id).await
                 }
-                (Store::Postgres, false, Some(pool)) => {
+                (Store::Redis, _, _) => run_idem_redis(&args, &topo, &run_id).await,
+                (Store::Postgres, Side::Baseline, Some(pool)) => {
                     run_baseline_pg(&args, topo.queue(), pool, &tables).await
                 }
+                (Store::Postgres, Side::Batch, Some(pool)) => {
+                    let size = batch.unwrap_or(1);
+                    run_batch_pg(&args, &topo, pool, &tables, size).await
+                }
+                (Store::Postgres, _, Some(pool)) => run_idem_pg(&args, &topo, pool, &tables).await,
                 (Store::Postgres, _, None) => Err("no pool".into()),
             };
             let used = cpu.per_message(args.base.messages);
@@ -122,7 +146,6 @@ pub(crate) async fn run(store: Store, args: Args) -> Result<Report, BoxError> {
                 }
             }
             let elapsed = result?;
-            let side = if idem { Side::Idem } else { Side::Baseline };
             report.record(round, side, elapsed);
             report.record_cpu(side, used);
         }
@@ -273,6 +296,78 @@ async fn run_idem_pg(
             },
             Arc::new(format!("INSERT INTO {tables}_effects (id) VALUES ($1)")),
         )?;
+    run_worker(args, topo, consumer, clock).await
+}
+
+/// The batch side: the same effect insert per message, each in its savepoint of the
+/// batch's one transaction.
+async fn effects_in_batch(
+    batch: Batch<IdempotencyKey>,
+    State(insert): State<Arc<String>>,
+) -> Result<(), idem_core::HandlerError> {
+    batch
+        .each(|item| {
+            let insert = insert.clone();
+            async move {
+                let tx: Tx<Postgres> = item.extract()?;
+                let mut conn = tx.conn().await?;
+                sqlx::query(&insert)
+                    .bind(item.as_str())
+                    .execute(&mut *conn)
+                    .await?;
+                Ok::<(), idem_core::HandlerError>(())
+            }
+        })
+        .await
+}
+
+/// The bulk batch side: every message's effect in one statement on the batch's
+/// transaction.
+async fn effects_in_bulk(
+    batch: Batch<IdempotencyKey>,
+    tx: Tx<Postgres>,
+    State(insert): State<Arc<String>>,
+) -> Result<(), idem_core::HandlerError> {
+    let ids: Vec<String> = batch.iter().map(|k| k.as_str().to_owned()).collect();
+    let mut conn = tx.conn().await?;
+    sqlx::query(&insert).bind(ids).execute(&mut *conn).await?;
+    Ok(())
+}
+
+async fn run_batch_pg(
+    args: &Args,
+    topo: &Topology,
+    pool: &PgPool,
+    tables: &str,
+    size: usize,
+) -> Result<Duration, BoxError> {
+    let inbox = PgInbox::new(pool.clone()).try_table(&format!("{tables}_inbox"))?;
+    inbox.ensure_schema().await?;
+    let clock = Clock::new(args.base.messages);
+    let c = clock.clone();
+    let builder = Consumer::builder("idem-bench-pg-batch")
+        .dedup(inbox)
+        .batch_size(size)
+        .batch_wait(Duration::from_millis(args.batch_wait_ms));
+    if args.batch_bulk {
+        let consumer = builder.batch_handler_with_state(
+            move |batch: Batch<IdempotencyKey>, tx: Tx<Postgres>, state: State<Arc<String>>| {
+                c.started();
+                effects_in_bulk(batch, tx, state)
+            },
+            Arc::new(format!(
+                "INSERT INTO {tables}_effects (id) SELECT * FROM unnest($1::text[])"
+            )),
+        )?;
+        return run_worker(args, topo, consumer, clock).await;
+    }
+    let consumer = builder.batch_handler_with_state(
+        move |batch: Batch<IdempotencyKey>, state: State<Arc<String>>| {
+            c.started();
+            effects_in_batch(batch, state)
+        },
+        Arc::new(format!("INSERT INTO {tables}_effects (id) VALUES ($1)")),
+    )?;
     run_worker(args, topo, consumer, clock).await
 }
 

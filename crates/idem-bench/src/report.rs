@@ -17,6 +17,8 @@ pub(crate) enum Side {
     Baseline,
     /// `amqp-noop` only: the best-case hand-written loop (`multiple=true` acks).
     BestCase,
+    /// `amqp-postgres --batch N`: idem with a batch handler.
+    Batch,
 }
 
 impl Side {
@@ -25,6 +27,7 @@ impl Side {
             Side::Idem => "idem",
             Side::Baseline => "baseline",
             Side::BestCase => "best-case baseline",
+            Side::Batch => "idem batch",
         }
     }
 }
@@ -57,6 +60,11 @@ pub(crate) struct Report {
     pub(crate) baseline: Vec<f64>,
     /// Empty unless the scenario has a best-case baseline (`amqp-noop`).
     pub(crate) best_case: Vec<f64>,
+    /// Empty unless the scenario runs a batch side (`--batch N`), and its batch size.
+    pub(crate) batch: Vec<f64>,
+    pub(crate) batch_size: Option<usize>,
+    /// How the batch handler writes: `each` (a savepoint per message) or `bulk`.
+    pub(crate) batch_mode: &'static str,
     /// CPU per message of each run, by side (scenarios that sample it).
     pub(crate) cpu: Vec<(Side, crate::cpu::PerMessage)>,
 }
@@ -70,6 +78,9 @@ impl Report {
             idem: Vec::new(),
             baseline: Vec::new(),
             best_case: Vec::new(),
+            batch: Vec::new(),
+            batch_size: None,
+            batch_mode: "each",
             cpu: Vec::new(),
         }
     }
@@ -103,6 +114,7 @@ impl Report {
             Side::Idem => self.idem.push(rate),
             Side::Baseline => self.baseline.push(rate),
             Side::BestCase => self.best_case.push(rate),
+            Side::Batch => self.batch.push(rate),
         }
     }
 
@@ -114,6 +126,9 @@ impl Report {
         ];
         if !self.best_case.is_empty() {
             series.push((Side::BestCase.label(), self.best_case.as_slice()));
+        }
+        if !self.batch.is_empty() {
+            series.push((Side::Batch.label(), self.batch.as_slice()));
         }
         series
     }
@@ -174,15 +189,33 @@ impl fmt::Display for Report {
                 Num(best.max, 3),
             )?;
         }
+        if !self.batch.is_empty() {
+            let per = Spread::of(&ratios(&self.batch, &self.idem));
+            let base = Spread::of(&ratios(&self.batch, &self.baseline));
+            write!(
+                f,
+                r#","batch_size":{},"batch_mode":"{}","batch_msgs_per_s":{},"batch_vs_per_message":{},"batch_vs_per_message_min":{},"batch_vs_per_message_max":{},"batch_vs_baseline":{},"batch_vs_baseline_min":{},"batch_vs_baseline_max":{}"#,
+                self.batch_size.unwrap_or(0),
+                self.batch_mode,
+                Num(median(&self.batch), 0),
+                Num(per.median, 3),
+                Num(per.min, 3),
+                Num(per.max, 3),
+                Num(base.median, 3),
+                Num(base.min, 3),
+                Num(base.max, 3),
+            )?;
+        }
         if !self.cpu.is_empty() {
             f.write_str(r#","cpu_us_per_msg":{"#)?;
             let mut first = true;
-            for side in [Side::Idem, Side::Baseline, Side::BestCase] {
+            for side in [Side::Idem, Side::Baseline, Side::BestCase, Side::Batch] {
                 if let Some(cpu) = self.cpu_of(side) {
                     let key = match side {
                         Side::Idem => "idem",
                         Side::Baseline => "baseline",
                         Side::BestCase => "best_case",
+                        Side::Batch => "batch",
                     };
                     write!(f, r#"{}"{key}":{cpu}"#, if first { "" } else { "," })?;
                     first = false;
@@ -237,6 +270,9 @@ mod tests {
             idem: vec![90.0, 100.0, 80.0],
             baseline: vec![100.0, 100.0, 100.0],
             best_case: Vec::new(),
+            batch: Vec::new(),
+            batch_size: None,
+            batch_mode: "each",
             cpu: Vec::new(),
         };
         assert_eq!(
@@ -271,6 +307,21 @@ mod tests {
     }
 
     #[test]
+    fn json_line_with_a_batch_side_gives_both_batch_ratios_with_their_spread() {
+        let mut r = Report::new("amqp-postgres", 10, 5);
+        r.idem = vec![100.0, 50.0, 100.0];
+        r.baseline = vec![200.0, 100.0, 100.0];
+        r.batch = vec![300.0, 200.0, 100.0];
+        r.batch_size = Some(50);
+        let line = r.to_string();
+        // Per round: batch / idem = 3 4 1; batch / baseline = 1.5 2 1.
+        assert!(
+            line.ends_with(r#","batch_size":50,"batch_mode":"each","batch_msgs_per_s":200,"batch_vs_per_message":3.000,"batch_vs_per_message_min":1.000,"batch_vs_per_message_max":4.000,"batch_vs_baseline":1.500,"batch_vs_baseline_min":1.000,"batch_vs_baseline_max":2.000}"#),
+            "{line}"
+        );
+    }
+
+    #[test]
     fn json_line_of_amqp_noop_has_the_best_case_fields() {
         let r = Report {
             scenario: "amqp-noop",
@@ -279,6 +330,9 @@ mod tests {
             idem: vec![120.0, 100.0, 150.0, 90.0, 100.0],
             baseline: vec![100.0, 100.0, 100.0, 100.0, 50.0],
             best_case: vec![200.0, 200.0, 100.0, 300.0, 200.0],
+            batch: Vec::new(),
+            batch_size: None,
+            batch_mode: "each",
             cpu: Vec::new(),
         };
         // Per-round ratios: baseline 1.2 1 1.5 0.9 2; best case 0.6 0.5 1.5 0.3 0.5.

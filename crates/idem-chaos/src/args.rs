@@ -87,6 +87,15 @@ pub(crate) struct RunArgs {
     /// Probability of the `after-retry-publish-before-ack` crash point on its armed worker.
     #[arg(long, default_value_t = 0.2)]
     pub(crate) retry_failpoint_p: f64,
+    /// With `--batch`: probability of the `batch-between-savepoints` crash point (inside
+    /// a batch's transaction, after one message's savepoint, before the next one's) on
+    /// its armed worker.
+    #[arg(long, default_value_t = 0.02)]
+    pub(crate) savepoint_failpoint_p: f64,
+    /// Workers consume with a batch handler of this many messages (each message in its
+    /// savepoint on the PostgreSQL inbox); raise `--prefetch` to at least this.
+    #[arg(long)]
+    pub(crate) batch: Option<usize>,
     /// Keep the run's tables, queues, Redis keys and worker logs.
     #[arg(long)]
     pub(crate) keep: bool,

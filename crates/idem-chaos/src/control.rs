@@ -167,11 +167,13 @@ pub(crate) async fn run(mut args: RunArgs) -> Result<bool, BoxError> {
         .collect();
     fired_list.sort();
     println!(
-        "chaos: faults injected: {} failpoint-aborts={} (after-commit-before-ack={}, after-retry-publish-before-ack={}) unexpected-worker-exits={}",
+        "chaos: faults injected: {} failpoint-aborts={} (after-commit-before-ack={}, after-retry-publish-before-ack={}, {}={}) unexpected-worker-exits={}",
         fired_list.join(" "),
         fleet.failpoint_aborts(),
         fleet.aborts.get(AFTER_COMMIT_BEFORE_ACK).copied().unwrap_or(0),
         fleet.aborts.get(AFTER_RETRY_PUBLISH_BEFORE_ACK).copied().unwrap_or(0),
+        crate::worker::BETWEEN_SAVEPOINTS,
+        fleet.aborts.get(crate::worker::BETWEEN_SAVEPOINTS).copied().unwrap_or(0),
         fleet.unexpected.len(),
     );
     println!(
@@ -258,7 +260,12 @@ async fn drive(
         failpoints: faults.contains(&Fault::Failpoints),
         follow_ups: args.follow_ups,
         ordering: (args.ordered, args.transient_percent),
-        failpoint_p: [args.commit_failpoint_p, args.retry_failpoint_p],
+        failpoint_p: [
+            args.commit_failpoint_p,
+            args.retry_failpoint_p,
+            args.savepoint_failpoint_p,
+        ],
+        batch: args.batch,
         dead: HashSet::new(),
         aborts: HashMap::new(),
         kills: 0,

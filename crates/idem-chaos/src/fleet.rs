@@ -12,10 +12,14 @@ use tokio::process::{Child, ChildStdin, Command};
 
 use crate::common::{BoxError, Names, Store};
 
-/// The crash points armed on workers 0 and 1 (small probabilities, `--*-failpoint-p`),
-/// each until it has fired `ABORTS_PER_FAILPOINT` times (a re-spawned worker is
-/// re-armed until then).
-pub(crate) const FAILPOINTS: [&str; 2] = [AFTER_COMMIT_BEFORE_ACK, AFTER_RETRY_PUBLISH_BEFORE_ACK];
+/// The crash points armed on workers 0, 1 and (with `--batch`) 2 (small
+/// probabilities, `--*-failpoint-p`), each until it has fired `ABORTS_PER_FAILPOINT`
+/// times (a re-spawned worker is re-armed until then).
+pub(crate) const FAILPOINTS: [&str; 3] = [
+    AFTER_COMMIT_BEFORE_ACK,
+    AFTER_RETRY_PUBLISH_BEFORE_ACK,
+    crate::worker::BETWEEN_SAVEPOINTS,
+];
 pub(crate) const ABORTS_PER_FAILPOINT: u32 = 1;
 
 pub(crate) struct WorkerProc {
@@ -41,7 +45,9 @@ pub(crate) struct Fleet {
     /// transiently (`worker --transient-percent`).
     pub(crate) ordering: (bool, f64),
     /// Probability of each of [`FAILPOINTS`].
-    pub(crate) failpoint_p: [f64; 2],
+    pub(crate) failpoint_p: [f64; 3],
+    /// Workers run a batch handler of this many messages (`worker --batch`).
+    pub(crate) batch: Option<usize>,
     /// Names of workers that died (SIGKILL, crash point, anything else).
     pub(crate) dead: HashSet<String>,
     pub(crate) aborts: HashMap<&'static str, u32>,
@@ -57,6 +63,10 @@ impl Fleet {
             return None;
         }
         let point = *FAILPOINTS.get(slot)?;
+        // The savepoint crash point is inside a batch handler only.
+        if point == crate::worker::BETWEEN_SAVEPOINTS && self.batch.is_none() {
+            return None;
+        }
         let fired = self.aborts.get(point).copied().unwrap_or(0);
         (fired < ABORTS_PER_FAILPOINT)
             .then(|| (point, format!("{point}={}", self.failpoint_p[slot])))
@@ -74,6 +84,11 @@ impl Fleet {
             .args(self.follow_ups.then_some("--follow-ups"))
             .args(self.ordering.0.then_some("--ordered"))
             .args(["--transient-percent", &self.ordering.1.to_string()])
+            .args(
+                self.batch
+                    .iter()
+                    .flat_map(|n| ["--batch".to_owned(), n.to_string()]),
+            )
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))

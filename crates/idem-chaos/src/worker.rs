@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use idem_amqp::ordered::Ordering;
 use idem_amqp::Worker;
+use idem_core::batch::Batch;
 use idem_core::dedup::HeaderKey;
 use idem_core::{Body, Consumer, DedupLayer, HandlerError, IdempotencyKey, ResultExt, State};
 use idem_outbox::{Outbox, OutboxMessage};
@@ -54,7 +55,14 @@ pub(crate) struct WorkerArgs {
     /// Share of handler calls that fail transiently before the effect, in percent.
     #[arg(long, default_value_t = 0.0)]
     pub(crate) transient_percent: f64,
+    /// Consume with a batch handler of this many messages.
+    #[arg(long)]
+    pub(crate) batch: Option<usize>,
 }
+
+/// The crash point inside a batch: after one message's savepoint (its effect written
+/// in the batch's open transaction), before the next message's.
+pub(crate) const BETWEEN_SAVEPOINTS: &str = "batch-between-savepoints";
 
 #[derive(Clone)]
 struct Ctx {
@@ -169,6 +177,44 @@ async fn inbox_handler(
     Ok(()) // the inbox commits the effect, its follow-up and its dedup row together
 }
 
+/// The inbox handler, per message of a batch, each in its savepoint of the batch's
+/// transaction.
+async fn inbox_batch_handler(
+    State(ctx): State<Ctx>,
+    batch: Batch<Body>,
+) -> Result<(), HandlerError> {
+    let mut first = true;
+    batch
+        .each(|item| {
+            if !std::mem::take(&mut first) {
+                idem_amqp::failpoints::hit(BETWEEN_SAVEPOINTS);
+            }
+            let ctx = ctx.clone();
+            async move {
+                let key: IdempotencyKey = item.extract()?;
+                let tx: Tx<Postgres> = item.extract()?;
+                inbox_handler(State(ctx), key, tx, item.into_inner()).await
+            }
+        })
+        .await
+}
+
+/// The lease-store handler, per message of a batch.
+async fn lease_batch_handler(
+    State(ctx): State<Ctx>,
+    batch: Batch<Body>,
+) -> Result<(), HandlerError> {
+    batch
+        .each(|item| {
+            let ctx = ctx.clone();
+            async move {
+                let key: IdempotencyKey = item.extract()?;
+                lease_handler(State(ctx), key, item.into_inner()).await
+            }
+        })
+        .await
+}
+
 async fn lease_handler(
     State(ctx): State<Ctx>,
     key: IdempotencyKey,
@@ -235,7 +281,13 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<(), BoxError> {
     let db = common::database_url();
     let concurrency = u32::from(args.prefetch);
     // Each in-flight message holds an inbox connection; duplicates waiting hold one too.
-    let pool = common::pg_pool(&db, &args.name, concurrency + 2).await?;
+    // A batch holds one for all its messages: a few batches run at once (more wait for
+    // a connection, within the inbox's store timeout).
+    let connections = match args.batch {
+        Some(_) => 12,
+        None => concurrency + 2,
+    };
+    let pool = common::pg_pool(&db, &args.name, connections).await?;
     let log = common::pg_pool(&db, &args.name, 2).await?;
     let ctx = Ctx {
         pool: pool.clone(),
@@ -275,10 +327,15 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<(), BoxError> {
                 .try_table(&names.table("inbox"))?
                 .retention(Duration::from_secs(3600));
             inbox.ensure_schema().await?;
-            builder
+            let builder = builder
                 .dedup(inbox)
-                .handler_timeout(Duration::from_secs(30))
-                .handler_with_state(inbox_handler, ctx)?
+                .handler_timeout(Duration::from_secs(30));
+            match args.batch {
+                Some(n) => builder
+                    .batch_size(n)
+                    .batch_handler_with_state(inbox_batch_handler, ctx)?,
+                None => builder.handler_with_state(inbox_handler, ctx)?,
+            }
         }
         Store::Redis => {
             let redis = RedisStore::builder(&common::redis_url()).prefix(names.redis_prefix());
@@ -295,10 +352,20 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<(), BoxError> {
             let layer = DedupLayer::new(store)
                 .lease(LEASE)
                 .retention(Duration::from_secs(3600));
-            builder
-                .dedup(layer)
-                .handler_timeout(LEASE / 2)
-                .handler_with_state(lease_handler, ctx)?
+            let builder = builder.dedup(layer);
+            match args.batch {
+                // A batch's timeout covers all its messages: a batch cut off by it has
+                // applied some effects that a lease store cannot take back, and every
+                // message of it runs again. Each message's lease is extended while its
+                // batch runs, so the timeout need not fit in the lease.
+                Some(n) => builder
+                    .handler_timeout(Duration::from_secs(30))
+                    .batch_size(n)
+                    .batch_handler_with_state(lease_batch_handler, ctx)?,
+                None => builder
+                    .handler_timeout(LEASE / 2)
+                    .handler_with_state(lease_handler, ctx)?,
+            }
         }
         Store::None => builder
             .handler_timeout(Duration::from_secs(30))

@@ -245,6 +245,27 @@ impl HandlerError {
         self
     }
 
+    /// A copy of this failure for one message of a batch that failed as a whole:
+    /// its text and type, and a verdict that retries the message and charges it an
+    /// attempt (a store failure stays one, a requested delay is kept; anything else,
+    /// a permanent error or a discard included, becomes transient).
+    pub(crate) fn batch_copy(&self) -> HandlerError {
+        let verdict = match self.verdict {
+            v @ (Verdict::StoreDown
+            | Verdict::RetryAfter(_)
+            | Verdict::Busy(_)
+            | Verdict::Release) => v,
+            _ => Verdict::Fail(Some(ErrorKind::Transient)),
+        };
+        HandlerError {
+            verdict,
+            key: None,
+            type_name: self.type_name,
+            backtrace: None,
+            source: self.chain().into(),
+        }
+    }
+
     /// What this failure asks of the consumer.
     pub(crate) fn verdict(&self) -> Verdict {
         self.verdict

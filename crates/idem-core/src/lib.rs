@@ -34,6 +34,7 @@
 #![doc(test(attr(deny(warnings), allow(dead_code, unused_variables))))]
 
 pub mod backoff;
+pub mod batch;
 pub mod breaker;
 pub mod classify;
 #[cfg(feature = "conformance")]

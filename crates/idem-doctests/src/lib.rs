@@ -18,6 +18,11 @@ pub struct Readme;
 #[doc = include_str!("../../../docs/operations.md")]
 pub struct Operations;
 
+/// The snippets of `docs/batch.md`.
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/batch.md")]
+pub struct Batch;
+
 /// The snippets of `docs/stores.md`.
 #[cfg(doctest)]
 #[doc = include_str!("../../../docs/stores.md")]

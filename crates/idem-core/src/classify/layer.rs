@@ -42,6 +42,11 @@ impl ClassifyLayer {
             policy: Arc::new(policy),
         }
     }
+
+    /// The policy, for the batch runner (which classifies per message).
+    pub(crate) fn policy(&self) -> Arc<dyn Classify> {
+        self.policy.clone()
+    }
 }
 
 impl<S> Layer<S> for ClassifyLayer {
@@ -110,7 +115,7 @@ impl<S> ClassifyService<S> {
     }
 }
 
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {
         (*s).to_owned()
     } else if let Some(s) = panic.downcast_ref::<String>() {

@@ -22,6 +22,7 @@
 
 mod layer;
 
+pub(crate) use layer::panic_message;
 pub use layer::{ClassifyLayer, ClassifyService, PanicError};
 
 use std::error::Error as StdError;

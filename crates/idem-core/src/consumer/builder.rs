@@ -10,6 +10,7 @@ use tower::{Layer, Service, ServiceExt};
 use super::stats::Counters;
 use super::{ConfigError, Consumer, Deduplicate, DeliveryMode, Inner};
 use crate::backoff::Backoff;
+use crate::batch::BatchConfig;
 use crate::breaker::{BreakerConfig, BreakerLayer, CircuitBreaker};
 use crate::classify::{Classify, ClassifyLayer};
 use crate::crash::{CrashGuard, DEFAULT_CRASH_LIMIT};
@@ -19,7 +20,9 @@ use crate::handler::{Handler, HandlerService, HandlerState, SharedService};
 use crate::message::Message;
 use crate::outcome::{DeadLetterHook, DeadLettered};
 
-use super::ClassifiedService;
+use super::{ClassifiedService, DedupedService};
+
+mod batch;
 
 /// The service a layer given to [`ConsumerBuilder::layer`] wraps: the handler (and the
 /// layers added after this one), boxed, with its errors as [`BoxError`]s that keep
@@ -42,6 +45,7 @@ pub struct ConsumerBuilder {
     backtraces: bool,
     on_dead_letter: Option<DeadLetterHook>,
     layers: Vec<LayerFn>,
+    batch: BatchConfig,
 }
 
 /// Immediate (in-process) retries: how many, and the pause before each.
@@ -69,6 +73,7 @@ impl fmt::Debug for ConsumerBuilder {
             .field("backtrace_header", &self.backtraces)
             .field("on_dead_letter", &self.on_dead_letter.is_some())
             .field("layers", &self.layers.len())
+            .field("batch", &self.batch)
             .finish_non_exhaustive()
     }
 }
@@ -102,6 +107,7 @@ impl Consumer {
             backtraces: false,
             on_dead_letter: None,
             layers: Vec::new(),
+            batch: BatchConfig::default(),
         }
     }
 }
@@ -367,9 +373,23 @@ impl ConsumerBuilder {
         self,
         service: BoxCloneSyncService<Message, (), BoxError>,
     ) -> Result<Consumer, ConfigError> {
+        let (name, mode) = self.check()?;
+        let timeout = self.handler_timeout;
+        let timed = tower::timeout::Timeout::new(service, timeout)
+            .map_err(move |e: BoxError| HandlerTimeoutError::name_elapsed(e, timeout));
+        let classified: ClassifiedService = BoxCloneSyncService::new(self.classifier.layer(timed));
+        let service = match &self.dedup {
+            Some(stage) => stage.wrap(name.as_str().into(), classified),
+            None => BoxCloneSyncService::new(classified.map_response(|()| Processed::Handled)),
+        };
+        self.assemble(name, mode, service)
+    }
+
+    /// Checks the settings; answers the consumer's name and delivery mode.
+    fn check(&self) -> Result<(String, DeliveryMode), ConfigError> {
         let name = self.name.trim().to_owned();
         if name.is_empty() || name.len() > 200 || name.chars().any(char::is_control) {
-            return Err(ConfigError::InvalidName(self.name));
+            return Err(ConfigError::InvalidName(self.name.clone()));
         }
         let mode = self.mode.unwrap_or(if self.dedup.is_some() {
             DeliveryMode::EffectivelyOnce
@@ -390,14 +410,16 @@ impl ConsumerBuilder {
                 return Err(ConfigError::RetentionTooShort { retention, horizon });
             }
         }
-        let timeout = self.handler_timeout;
-        let timed = tower::timeout::Timeout::new(service, timeout)
-            .map_err(move |e: BoxError| HandlerTimeoutError::name_elapsed(e, timeout));
-        let classified: ClassifiedService = BoxCloneSyncService::new(self.classifier.layer(timed));
-        let service = match &self.dedup {
-            Some(stage) => stage.wrap(name.as_str().into(), classified),
-            None => BoxCloneSyncService::new(classified.map_response(|()| Processed::Handled)),
-        };
+        Ok((name, mode))
+    }
+
+    /// The consumer around its dedup-stage service: breaker, counters, settings.
+    fn assemble(
+        self,
+        name: String,
+        mode: DeliveryMode,
+        service: DedupedService,
+    ) -> Result<Consumer, ConfigError> {
         let breaker_config = match (self.breaker, &self.dedup) {
             (BreakerSetting::On(c), _) => Some(c),
             (BreakerSetting::Default, Some(_)) => Some(BreakerConfig::default()),

@@ -75,6 +75,7 @@ use tower::util::BoxCloneSyncService;
 use tower::Layer;
 
 use crate::backoff::Backoff;
+use crate::batch::BatchRunner;
 use crate::breaker::{CircuitBreaker, HealthCheck};
 use crate::crash::CrashGuard;
 use crate::dedup::{DedupLayer, DedupSettings, Processed};
@@ -120,6 +121,14 @@ pub trait Deduplicate: Send + Sync + 'static {
     /// A cheap probe of the stage's store, for the circuit breaker (default: none;
     /// the breaker then closes after its probe delay and lets traffic find out).
     fn health_check(&self) -> Option<HealthCheck> {
+        None
+    }
+    /// Wraps a [batch handler](crate::batch) for a stage that admits a whole batch at
+    /// once (the SQL inbox on PostgreSQL: one admission statement, one transaction).
+    /// `None` (the default): the consumer collects batches under the stage's
+    /// per-message [`wrap`](Self::wrap) instead, each message admitted on its own.
+    fn wrap_batch(&self, consumer: Arc<str>, runner: BatchRunner) -> Option<DedupedService> {
+        let _ = (consumer, runner);
         None
     }
 }

@@ -157,6 +157,65 @@ pub trait Admission: Send {
     fn released(&mut self) -> impl Future<Output = ()> + Send;
 }
 
+/// What admission reads from a message besides its key: its payload fingerprint
+/// (when fingerprints are on), whether an operator replays it, and the fingerprint of
+/// the body an operator edited it from.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Reading {
+    /// The key.
+    pub key: String,
+    /// SHA-256 of the body, if the settings record fingerprints.
+    pub fingerprint: Option<String>,
+    replay: bool,
+    edited_from: Option<String>,
+}
+
+impl Reading {
+    /// Reads `msg`, whose key is `key`.
+    pub fn of(settings: &DedupSettings, msg: &Message, key: &str) -> Self {
+        Reading {
+            key: key.to_owned(),
+            fingerprint: settings.fingerprint.then(|| sha256_hex(&msg.body)),
+            replay: crate::read::read_in::<String>(msg, REPLAY_HEADER)
+                .is_some_and(|v| !v.is_empty()),
+            edited_from: crate::read::read_in::<String>(msg, ORIGINAL_FINGERPRINT_HEADER)
+                .filter(|v| !v.is_empty()),
+        }
+    }
+
+    /// Resolves `msg`'s key with the settings' extractor and reads it.
+    pub fn resolve(settings: &DedupSettings, msg: &Message) -> Result<Self, HandlerError> {
+        let key = resolve_key(settings.key.as_ref(), settings.missing_key, msg)?;
+        Ok(Reading::of(settings, msg, &key))
+    }
+
+    /// The verdict on a key found done (`completion`, with fingerprint `recorded`):
+    /// a duplicate, a permanent error (another payload, or poisoned without a
+    /// replay), or [`Processed::Handled`] for a poisoned key an operator replays (the
+    /// stage then reopens it and runs the handler).
+    pub fn done(
+        &self,
+        completion: Completion,
+        recorded: Option<&str>,
+    ) -> Result<Processed, HandlerError> {
+        match (&self.fingerprint, recorded) {
+            (Some(now), Some(then)) if now != then && self.edited_from.as_deref() != Some(then) => {
+                Err(HandlerError::permanent(PayloadMismatchError(
+                    self.key.clone(),
+                )))
+            }
+            _ => match (completion, self.replay) {
+                (Completion::Succeeded, _) => Ok(Processed::Duplicate),
+                (Completion::Poisoned, false) => Err(HandlerError::permanent(
+                    PreviouslyPoisonedError(self.key.clone()),
+                )),
+                (Completion::Poisoned, true) => Ok(Processed::Handled),
+            },
+        }
+    }
+}
+
 /// The one admission of every dedup stage: resolves the key, opens the stage's
 /// session for it with `open(key, fingerprint)`, waits for the message's
 /// [crash-guard turn](crate::crash), claims, decides, runs `inner` if admitted and
@@ -205,12 +264,8 @@ where
     S: Service<Message, Response = (), Error = HandlerError>,
     S::Future: Send,
 {
-    let fingerprint = settings.fingerprint.then(|| sha256_hex(&msg.body));
-    let replay = crate::read::read_in::<String>(&msg, REPLAY_HEADER).is_some_and(|v| !v.is_empty());
-    // An operator's edit: the fingerprint of the body the message had before.
-    let edited_from =
-        crate::read::read_in::<String>(&msg, ORIGINAL_FINGERPRINT_HEADER).filter(|v| !v.is_empty());
-    let mut session = open(key, fingerprint.as_deref())?;
+    let reading = Reading::of(settings, &msg, key);
+    let mut session = open(key, reading.fingerprint.as_deref())?;
 
     // A suspect (redelivered) message waits until it can run alone; see `crate::crash`.
     // The turn lasts until the outcome is recorded.
@@ -223,22 +278,7 @@ where
             completion,
             fingerprint: recorded,
         } => {
-            let verdict = match (&fingerprint, &recorded) {
-                (Some(now), Some(then))
-                    if now != then && edited_from.as_deref() != Some(then.as_str()) =>
-                {
-                    Err(HandlerError::permanent(PayloadMismatchError(
-                        key.to_owned(),
-                    )))
-                }
-                _ => match (completion, replay) {
-                    (Completion::Succeeded, _) => Ok(Processed::Duplicate),
-                    (Completion::Poisoned, false) => Err(HandlerError::permanent(
-                        PreviouslyPoisonedError(key.to_owned()),
-                    )),
-                    (Completion::Poisoned, true) => Ok(Processed::Handled),
-                },
-            };
+            let verdict = reading.done(completion, recorded.as_deref());
             if !matches!(verdict, Ok(Processed::Handled)) {
                 session.declined().await;
                 return verdict;

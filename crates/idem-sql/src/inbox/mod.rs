@@ -5,6 +5,8 @@
 //! [`session`] (one message's admission steps); this module holds the inbox, its
 //! settings and its tower service.
 
+#[cfg(feature = "postgres")]
+mod batch;
 mod queries;
 mod session;
 #[cfg(feature = "postgres")]
@@ -296,6 +298,33 @@ impl<DB: Backend> Deduplicate for SqlInbox<DB> {
     }
 
     fn lease_duration(&self) -> Option<Duration> {
+        None
+    }
+
+    /// On PostgreSQL, a batch handler runs each batch in one transaction (see
+    /// [`idem_core::batch`]); on SQLite and MariaDB/MySQL each message of a batch is
+    /// admitted in a transaction of its own.
+    fn wrap_batch(
+        &self,
+        consumer: Arc<str>,
+        runner: idem_core::batch::BatchRunner,
+    ) -> Option<DedupedService> {
+        #[cfg(feature = "postgres")]
+        if let Some(pg) = (self as &dyn std::any::Any).downcast_ref::<SqlInbox<sqlx::Postgres>>() {
+            let sql = Arc::new(batch::BatchSql::new(&pg.table, &pg.q));
+            let inbox = Arc::new(pg.clone());
+            let config = runner.config();
+            return Some(idem_core::batch::collected(config, move |messages| {
+                let run = batch::Run {
+                    inbox: inbox.clone(),
+                    sql: sql.clone(),
+                    consumer: consumer.clone(),
+                    runner: runner.clone(),
+                };
+                Box::pin(run.run(messages))
+            }));
+        }
+        let _ = (consumer, runner);
         None
     }
 

@@ -68,6 +68,10 @@ pub struct TxClosed;
 pub struct NoInbox;
 
 impl<DB: Backend> Tx<DB> {
+    pub(crate) fn from_parts(slot: Slot<DB>, scope: Arc<Scope>) -> Self {
+        Tx { slot, scope }
+    }
+
     /// Locks the transaction for a few statements. Keep the guard only while you use
     /// it if you run work concurrently inside the handler, and do not lock again while
     /// you hold it: a second `conn()` in the same handler waits for the first guard to
