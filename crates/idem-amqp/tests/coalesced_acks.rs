@@ -547,7 +547,9 @@ async fn a_crash_between_settle_and_flush_loses_nothing() {
 
     topo.delete_on(&ch).await.unwrap();
     publisher.close().await;
-    for table in [names.applied(), names.inbox()] {
+    // The inbox also made its start counters' table, `<inbox>_starts`.
+    let starts = format!("{}_starts", names.inbox());
+    for table in [names.applied(), names.inbox(), starts] {
         idem_sql::sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
             .execute(&pool)
             .await

@@ -320,10 +320,13 @@ async fn scenario(stage: Stage, how: DropBy) {
     topology.delete_on(&ch).await.unwrap();
     match stage {
         Stage::Inbox(pool, table) => {
-            idem_sql::sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
-                .execute(&pool)
-                .await
-                .unwrap();
+            // The inbox also made its start counters' table, `<inbox>_starts`.
+            for t in [table.clone(), format!("{table}_starts")] {
+                idem_sql::sqlx::query(&format!("DROP TABLE IF EXISTS {t}"))
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            }
         }
         Stage::Redis(prefix) => {
             let mut redis = idem_testkit::redis().await;

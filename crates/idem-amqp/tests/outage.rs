@@ -205,7 +205,8 @@ impl Store {
                 effects,
                 inbox,
             } => {
-                for t in [effects, inbox] {
+                // The inbox also made its start counters' table, `<inbox>_starts`.
+                for t in [effects.clone(), inbox.clone(), format!("{inbox}_starts")] {
                     admin
                         .execute(&*format!("DROP TABLE IF EXISTS {t}"))
                         .await
