@@ -88,13 +88,6 @@ impl<DB: Backend> InboxSession<DB> {
 }
 
 impl<DB: Backend> Keyed<DB> {
-    fn store_error(&self, op: &str, e: sqlx::Error) -> HandlerError {
-        HandlerError::store_unavailable(crate::schema::store_error(
-            format!("SQL inbox {op} on table {} failed", self.inbox.table),
-            e,
-        ))
-    }
-
     /// Runs one of the inbox's own steps within the store timeout.
     async fn bounded<T>(
         &self,
@@ -102,16 +95,7 @@ impl<DB: Backend> Keyed<DB> {
         step: impl std::future::Future<Output = Result<T, sqlx::Error>>,
     ) -> Result<T, HandlerError> {
         let limit = self.inbox.settings.effective_store_timeout();
-        match tokio::time::timeout(limit, step).await {
-            Ok(r) => r.map_err(|e| self.store_error(op, e)),
-            Err(_) => Err(HandlerError::store_unavailable(
-                StoreError::new(format!(
-                    "SQL inbox {op} on table {} timed out after {limit:?} (store_timeout)",
-                    self.inbox.table
-                ))
-                .with_kind(StoreErrorKind::Timeout),
-            )),
-        }
+        bounded("", op, &self.inbox.table, limit, step).await
     }
 
     fn keep(&self) -> Arg {
@@ -401,5 +385,31 @@ impl<DB: Backend> Admission for InboxSession<DB> {
     async fn released(&mut self) {
         self.rollback().await;
         self.k.clear_start().await;
+    }
+}
+
+/// Runs the inbox step `op` within `limit` (the store timeout); a failure or a timeout
+/// becomes a store-unavailable [`HandlerError`] naming `{path}{op}` and the table.
+/// Shared by the per-message path (`path` empty) and the batch path (`"batch "`).
+pub(super) async fn bounded<T>(
+    path: &str,
+    op: &str,
+    table: &(dyn std::fmt::Display + Sync),
+    limit: std::time::Duration,
+    step: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, HandlerError> {
+    match tokio::time::timeout(limit, step).await {
+        Ok(r) => r.map_err(|e| {
+            HandlerError::store_unavailable(crate::schema::store_error(
+                format!("SQL inbox {path}{op} on table {table} failed"),
+                e,
+            ))
+        }),
+        Err(_) => Err(HandlerError::store_unavailable(
+            StoreError::new(format!(
+                "SQL inbox {path}{op} on table {table} timed out after {limit:?} (store_timeout)"
+            ))
+            .with_kind(StoreErrorKind::Timeout),
+        )),
     }
 }

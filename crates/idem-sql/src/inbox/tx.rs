@@ -68,6 +68,8 @@ pub struct TxClosed;
 pub struct NoInbox;
 
 impl<DB: Backend> Tx<DB> {
+    /// Used by the PostgreSQL batch path only.
+    #[cfg(feature = "postgres")]
     pub(crate) fn from_parts(slot: Slot<DB>, scope: Arc<Scope>) -> Self {
         Tx { slot, scope }
     }

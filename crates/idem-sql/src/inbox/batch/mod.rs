@@ -17,7 +17,7 @@ use std::sync::Arc;
 use idem_core::batch::{whole_batch_failure, BatchInput, BatchRunner};
 use idem_core::crash::CrashGuard;
 use idem_core::dedup::admission::Reading;
-use idem_core::dedup::{Completion, StoreError, StoreErrorKind};
+use idem_core::dedup::{Completion, StoreError};
 use idem_core::{HandlerError, IdempotencyKey, Message, Processed};
 use sqlx::{Postgres, Transaction};
 use tokio::sync::Mutex;
@@ -51,13 +51,6 @@ pub(crate) struct Run {
 }
 
 impl Run {
-    fn store_error(&self, op: &str, e: sqlx::Error) -> HandlerError {
-        HandlerError::store_unavailable(crate::schema::store_error(
-            format!("SQL inbox batch {op} on table {} failed", self.inbox.table),
-            e,
-        ))
-    }
-
     /// One of the inbox's own steps, within the store timeout.
     async fn bounded<T>(
         &self,
@@ -65,16 +58,7 @@ impl Run {
         step: impl std::future::Future<Output = Result<T, sqlx::Error>>,
     ) -> Result<T, HandlerError> {
         let limit = self.inbox.settings.effective_store_timeout();
-        match tokio::time::timeout(limit, step).await {
-            Ok(r) => r.map_err(|e| self.store_error(op, e)),
-            Err(_) => Err(HandlerError::store_unavailable(
-                StoreError::new(format!(
-                    "SQL inbox batch {op} on table {} timed out after {limit:?} (store_timeout)",
-                    self.inbox.table
-                ))
-                .with_kind(StoreErrorKind::Timeout),
-            )),
-        }
+        super::session::bounded("batch ", op, &self.inbox.table, limit, step).await
     }
 
     fn keep_ms(&self) -> i64 {
