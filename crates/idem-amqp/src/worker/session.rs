@@ -10,12 +10,13 @@ use futures_util::future::Fuse;
 use futures_util::StreamExt;
 use idem_core::ordered::Admit;
 use idem_core::DeliveryMode;
+use lapin::message::Delivery;
 use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Event};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::lane::{run_lane, run_unkeyed, Job};
@@ -210,55 +211,12 @@ impl Session {
             };
             match next {
                 Some(Ok(delivery)) => {
-                    // At-most-once acks each delivery before its handler: not coalesced.
-                    let settler = match &self.acks {
-                        Some(acks)
-                            if shared.consumer.mode() != DeliveryMode::AtMostOnce
-                                && acks.register(delivery.delivery_tag) =>
-                        {
-                            Some(acks.settler())
-                        }
-                        _ => None,
-                    };
-                    let Some(ordered) = &shared.ordered else {
-                        tasks.spawn(handle(
-                            shared.clone(),
-                            self.publish.clone(),
-                            delivery,
-                            settler,
-                            permit,
-                        ));
-                        continue;
-                    };
-                    let prepared = prepare(shared, delivery);
-                    let Some(key) = ordered.key.key_of(&prepared.msg) else {
-                        let publish = self.publish.clone();
-                        tasks.spawn(run_unkeyed(
-                            shared.clone(),
-                            publish,
-                            prepared,
-                            settler,
-                            permit,
-                        ));
-                        continue;
-                    };
-                    let job = Job::new(
-                        prepared,
-                        settler,
-                        self.publish.clone(),
-                        self.lane_stop.subscribe(),
-                    );
-                    // Waits while the key's lane (or all lanes) are full: back-pressure.
-                    let admitted = tokio::select! {
-                        biased;
-                        _ = &mut shutdown => break End::Shutdown,
-                        _ = breaker_opens(shared) => break End::Paused,
-                        a = ordered.lanes.admit(&key, job) => a,
-                    };
-                    if let Admit::Run(job) = admitted {
-                        tasks.spawn(run_lane(shared.clone(), key, job, permit));
+                    if let Some(end) = self
+                        .dispatch(shared, delivery, permit, tasks, shutdown.as_mut())
+                        .await
+                    {
+                        break end;
                     }
-                    // Parked: it takes a permit when its lane reaches it; this one is free.
                 }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, queue = %shared.topology.queue(), "consumer error");
@@ -270,6 +228,76 @@ impl Session {
                 }
             }
         };
+        self.wind_down(end, shared, permits).await
+    }
+
+    /// Hands one delivery to its task: at once, or through its key's lane on an
+    /// ordered worker (waiting while the lane is full). `Some` when the session must
+    /// end instead.
+    async fn dispatch<F: Future<Output = ()>>(
+        &self,
+        shared: &Arc<Shared>,
+        delivery: Delivery,
+        permit: OwnedSemaphorePermit,
+        tasks: &mut JoinSet<()>,
+        mut shutdown: Pin<&mut Fuse<F>>,
+    ) -> Option<End> {
+        // At-most-once acks each delivery before its handler: not coalesced.
+        let settler = match &self.acks {
+            Some(acks)
+                if shared.consumer.mode() != DeliveryMode::AtMostOnce
+                    && acks.register(delivery.delivery_tag) =>
+            {
+                Some(acks.settler())
+            }
+            _ => None,
+        };
+        let Some(ordered) = &shared.ordered else {
+            tasks.spawn(handle(
+                shared.clone(),
+                self.publish.clone(),
+                delivery,
+                settler,
+                permit,
+            ));
+            return None;
+        };
+        let prepared = prepare(shared, delivery);
+        let Some(key) = ordered.key.key_of(&prepared.msg) else {
+            let publish = self.publish.clone();
+            tasks.spawn(run_unkeyed(
+                shared.clone(),
+                publish,
+                prepared,
+                settler,
+                permit,
+            ));
+            return None;
+        };
+        let job = Job::new(
+            prepared,
+            settler,
+            self.publish.clone(),
+            self.lane_stop.subscribe(),
+        );
+        // Waits while the key's lane (or all lanes) are full: back-pressure.
+        let admitted = tokio::select! {
+            biased;
+            _ = &mut shutdown => return Some(End::Shutdown),
+            _ = breaker_opens(shared) => return Some(End::Paused),
+            a = ordered.lanes.admit(&key, job) => a,
+        };
+        if let Admit::Run(job) = admitted {
+            tasks.spawn(run_lane(shared.clone(), key, job, permit));
+        }
+        // Parked: it takes a permit when its lane reaches it; this one is free.
+        None
+    }
+
+    /// Ends the session: parked deliveries handed back, in-flight handlers finished
+    /// (on a shutdown or a pause), pending acks sent, the channel closed. Returns
+    /// `end`.
+    async fn wind_down(mut self, end: End, shared: &Arc<Shared>, permits: &Arc<Semaphore>) -> End {
         // Parked deliveries of this session go back to the queue when its channel
         // closes (ahead of anything not yet delivered); in-place retry waits hand
         // their delivery back. In this order: a runner whose head was handed back
