@@ -6,7 +6,6 @@
 use std::time::SystemTime;
 
 use idem_core::crash::prior_deliveries;
-use idem_core::outcome::headers as idem_headers;
 use idem_core::{Disposition, ErrorKind, Failure, Message};
 
 /// A dead-letter disposition if `msg` was delivered more often than the queue's
@@ -27,13 +26,9 @@ pub(crate) fn over_limit(msg: &Message, consumer: &str, limit: Option<u32>) -> O
     let error = format!(
         "delivered {prior} times without being settled, more than the queue's x-delivery-limit ({limit}), counted across idem's busy copies"
     );
-    // Already read (and a malformed value logged) when the delivery was converted.
-    let attempts = idem_core::read::read_quiet::<u32>(msg, idem_headers::ATTEMPTS).unwrap_or(0);
-    let mut failure = Failure::new(ErrorKind::Permanent, &error, attempts, now);
-    failure.first_failed_at =
-        idem_core::read::read_quiet::<SystemTime>(msg, idem_headers::FIRST_FAILED_AT)
-            .map_or(now, |t| t.min(now));
-    failure.key = msg.properties.message_id.clone();
+    // From the context read when the delivery was converted: its attempts, first
+    // failure and message id (no dedup stage ran, so no key was resolved).
+    let failure = Failure::for_delivery(&msg.context, ErrorKind::Permanent, &error, now);
     Some(Disposition::dead_letter(msg, consumer, failure))
 }
 

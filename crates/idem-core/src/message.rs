@@ -4,7 +4,8 @@
 //! [`Message`]: body, AMQP-style properties, headers, where it came from and which
 //! attempt this is. Middleware passes per-delivery values to handlers through
 //! [`Extensions`] (the dedup layer puts the [`IdempotencyKey`](crate::IdempotencyKey)
-//! there, the SQL inbox its transaction).
+//! there, the SQL inbox its transaction); the consumer and its dedup stage share the
+//! delivery's [`DeliveryContext`](crate::consumer::DeliveryContext).
 
 use std::any::{Any, TypeId};
 use std::collections::{BTreeMap, HashMap};
@@ -149,6 +150,11 @@ pub struct Message {
     pub delivery: DeliveryInfo,
     /// Per-delivery values set by middleware (not transmitted).
     pub extensions: Extensions,
+    /// What the delivery carries through the consumer (not transmitted): its attempt
+    /// numbers, read once, the consumer's crash guard, the key the dedup stage
+    /// resolved. Set by the transport and the consumer; see
+    /// [`DeliveryContext`](crate::consumer::DeliveryContext).
+    pub context: crate::consumer::DeliveryContext,
 }
 
 impl Message {
