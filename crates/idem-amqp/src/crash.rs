@@ -56,13 +56,17 @@ mod tests {
 
         // The busy copy comes back and is answered busy again after one more crash.
         let mut copy = Message::new("x")
+            .with_message_id("m-1")
+            .with_header(h::ATTEMPTS, 1u32)
             .with_header(DELIVERY_COUNT_HEADER, 2u32)
             .with_header(BROKER_DELIVERY_COUNT_HEADER, 1u32);
         copy.delivery.redelivered = true;
         copy.delivery.delivery_count = 1;
-        let again = failure(0).retry_headers(&copy);
+        // As the transport converts it: its context read once.
+        copy.context = idem_core::DeliveryContext::read(&copy);
+        let again = failure(1).retry_headers(&copy);
         assert_eq!(again[DELIVERY_COUNT_HEADER], HeaderValue::Int(3));
-        let settled = failure(1).retry_headers(&copy);
+        let settled = failure(2).retry_headers(&copy);
         assert_eq!(settled[DELIVERY_COUNT_HEADER], HeaderValue::Int(0));
 
         assert!(over_limit(&copy, "c", Some(3)).is_none());
@@ -74,6 +78,9 @@ mod tests {
             }) => {
                 assert_eq!(f.kind, ErrorKind::Permanent);
                 assert!(f.error.contains("x-delivery-limit (2)"), "{}", f.error);
+                // From the delivery's context: its attempts so far, its message id.
+                assert_eq!((f.attempts, f.key.as_deref()), (1, Some("m-1")));
+                assert_eq!(headers[h::KEY], HeaderValue::from("m-1"));
                 assert_eq!(headers[h::CONSUMER], HeaderValue::from("c"));
                 assert_eq!(headers[h::ERROR_KIND], HeaderValue::from("permanent"));
             }

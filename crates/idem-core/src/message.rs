@@ -127,7 +127,9 @@ pub struct DeliveryInfo {
     pub queue: String,
     /// Whether the broker flagged it as redelivered.
     pub redelivered: bool,
-    /// 1 for a first delivery, `n + 1` after `n` failed attempts (from [`ATTEMPTS_HEADER`]).
+    /// 1 for a first delivery, `n + 1` after `n` failed attempts (from [`ATTEMPTS_HEADER`],
+    /// as the delivery's [context](crate::consumer::DeliveryContext::attempt) read it;
+    /// set by the transport and by [`Consumer::process`](crate::Consumer::process)).
     pub attempt: u32,
     /// How many times the broker delivered this very message before, when the broker
     /// counts (RabbitMQ quorum queues: `x-delivery-count`, mapped by the transport);
