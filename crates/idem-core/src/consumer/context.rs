@@ -1,35 +1,5 @@
 //! [`DeliveryContext`]: what one delivery carries through the consumer besides its
-//! content.
-//!
-//! Several stages of one delivery need the same few facts: the transport and the
-//! consumer need the attempt numbers of `x-idem-attempts` and `x-idem-first-failed-at`,
-//! the dedup stage needs the consumer's [crash guard](crate::crash), and the consumer
-//! needs the key the dedup stage resolved, to name it in the failure record
-//! (`x-idem-key`). They travel in one typed value, [`Message::context`]:
-//!
-//! - **Read once.** [`DeliveryContext::read`] is the one reading of those two headers
-//!   under the [header rule](crate::read) (a malformed value is logged once, and
-//!   counts as absent). A transport reads it when it converts a delivery (RabbitMQ:
-//!   `message_from_delivery`; the in-memory broker when it delivers), and then takes
-//!   its numbers from the context, never from the headers again.
-//!   [`Consumer::process`](crate::Consumer::process) reads a message that arrives
-//!   without one (built by hand with [`Message::new`]), and uses the transport's
-//!   reading otherwise. A context is read from the headers the message had then:
-//!   editing the `x-idem-*` headers of a read message does not change it (replace it
-//!   with a new reading).
-//! - **Given the consumer's guard.** `process` puts its crash guard into the context
-//!   of every run; a dedup stage waits for its [turn](crate::crash::CrashGuard::turn)
-//!   through [`crash_guard`](DeliveryContext::crash_guard).
-//! - **Given the key.** A dedup stage records the key it resolved with
-//!   [`record_key`](DeliveryContext::record_key) as soon as it has one; the consumer
-//!   reads it back after the stack ran, however the run ended. The key is kept in a
-//!   slot that the clones of a context share, so the record reaches the consumer
-//!   although the message itself moved into the stack; `process` gives each delivery
-//!   a new, empty slot. A message whose key could not be resolved (no key, an
-//!   oversized one) is named by its `message_id` instead, if it has one.
-//!
-//! The failure record of a delivery is built from its context by the one constructor
-//! [`Failure::for_delivery`](crate::Failure::for_delivery).
+//! content (see the type's docs).
 
 use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
@@ -39,7 +9,38 @@ use crate::headers;
 use crate::message::Message;
 
 /// One delivery's context: its attempt numbers (read once), the consumer's crash
-/// guard, and the key its dedup stage resolved. See the [module docs](self).
+/// guard, and the key its dedup stage resolved.
+///
+/// Several stages of one delivery need the same few facts: the transport and the
+/// consumer need the attempt numbers of `x-idem-attempts` and `x-idem-first-failed-at`,
+/// the dedup stage needs the consumer's [crash guard](crate::crash), and the consumer
+/// needs the key the dedup stage resolved, to name it in the failure record
+/// (`x-idem-key`). They travel in one typed value, [`Message::context`]:
+///
+/// - **Read once.** [`DeliveryContext::read`] is the one reading of those two headers
+///   under the [header rule](crate::read) (a malformed value is logged once, and
+///   counts as absent). A transport reads it when it converts a delivery (RabbitMQ:
+///   `message_from_delivery`; the in-memory broker when it delivers), and then takes
+///   its numbers from the context, never from the headers again.
+///   [`Consumer::process`](crate::Consumer::process) reads a message that arrives
+///   without one (built by hand with [`Message::new`]), and uses the transport's
+///   reading otherwise. A context is read from the headers the message had then:
+///   editing the `x-idem-*` headers of a read message does not change it (replace it
+///   with a new reading). An [in-place retry](crate::ordered::process_in_place) takes
+///   the next run's numbers from the failure record it wrote into the headers.
+/// - **Given the consumer's guard.** `process` puts its crash guard into the context
+///   of every run; a dedup stage waits for its [turn](crate::crash::CrashGuard::turn)
+///   through [`crash_guard`](DeliveryContext::crash_guard).
+/// - **Given the key.** A dedup stage records the key it resolved with
+///   [`record_key`](DeliveryContext::record_key) as soon as it has one; the consumer
+///   reads it back after the stack ran, however the run ended. The key is kept in a
+///   slot that the clones of a context share, so the record reaches the consumer
+///   although the message itself moved into the stack; `process` gives each delivery
+///   a new, empty slot. A message whose key could not be resolved (no key, an
+///   oversized one) is named by its `message_id` instead, if it has one.
+///
+/// The failure record of a delivery is built from its context by the one constructor
+/// [`Failure::for_delivery`](crate::Failure::for_delivery).
 ///
 /// The default context is not read yet: no failed attempts, no crash guard, no key.
 #[derive(Clone, Debug, Default)]
