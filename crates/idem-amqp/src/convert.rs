@@ -21,7 +21,9 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
 use idem_core::outcome::headers as idem_headers;
-use idem_core::{DeliveryInfo, HeaderValue, Headers, Message, Properties, UnmappedHeaders};
+use idem_core::{
+    DeliveryContext, DeliveryInfo, HeaderValue, Headers, Message, Properties, UnmappedHeaders,
+};
 use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::BasicProperties;
@@ -29,6 +31,10 @@ use lapin::BasicProperties;
 use crate::error::Error;
 
 /// Converts a delivery consumed from `queue` into a [`Message`], copying the body.
+///
+/// The message's [`DeliveryContext`] is read here, once (its `x-idem-attempts` and
+/// `x-idem-first-failed-at`, a malformed value logged once), and
+/// [`DeliveryInfo::attempt`] set from it.
 ///
 /// When the delivery carries `x-idem-original-exchange` / `x-idem-original-routing-key`
 /// (a retry copy coming back from a delay queue), those name the original publish and
@@ -66,6 +72,10 @@ pub(crate) fn to_message(
             .and_then(|secs| UNIX_EPOCH.checked_add(Duration::from_secs(secs))),
         kind: props.kind().as_ref().map(|s| s.as_str().to_owned()),
     };
+    // The delivery's one reading of `x-idem-attempts` and `x-idem-first-failed-at`:
+    // the worker and the consumer take the numbers from it.
+    msg.context = DeliveryContext::read(&msg);
+    msg.delivery.attempt = msg.context.attempt();
     msg
 }
 

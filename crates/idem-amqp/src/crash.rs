@@ -6,7 +6,6 @@
 use std::time::SystemTime;
 
 use idem_core::crash::prior_deliveries;
-use idem_core::outcome::headers as idem_headers;
 use idem_core::{Disposition, ErrorKind, Failure, Message};
 
 /// A dead-letter disposition if `msg` was delivered more often than the queue's
@@ -27,13 +26,9 @@ pub(crate) fn over_limit(msg: &Message, consumer: &str, limit: Option<u32>) -> O
     let error = format!(
         "delivered {prior} times without being settled, more than the queue's x-delivery-limit ({limit}), counted across idem's busy copies"
     );
-    // Already read (and a malformed value logged) when the delivery was converted.
-    let attempts = idem_core::read::read_quiet::<u32>(msg, idem_headers::ATTEMPTS).unwrap_or(0);
-    let mut failure = Failure::new(ErrorKind::Permanent, &error, attempts, now);
-    failure.first_failed_at =
-        idem_core::read::read_quiet::<SystemTime>(msg, idem_headers::FIRST_FAILED_AT)
-            .map_or(now, |t| t.min(now));
-    failure.key = msg.properties.message_id.clone();
+    // From the context read when the delivery was converted: its attempts, first
+    // failure and message id (no dedup stage ran, so no key was resolved).
+    let failure = Failure::for_delivery(&msg.context, ErrorKind::Permanent, &error, now);
     Some(Disposition::dead_letter(msg, consumer, failure))
 }
 
@@ -61,13 +56,17 @@ mod tests {
 
         // The busy copy comes back and is answered busy again after one more crash.
         let mut copy = Message::new("x")
+            .with_message_id("m-1")
+            .with_header(h::ATTEMPTS, 1u32)
             .with_header(DELIVERY_COUNT_HEADER, 2u32)
             .with_header(BROKER_DELIVERY_COUNT_HEADER, 1u32);
         copy.delivery.redelivered = true;
         copy.delivery.delivery_count = 1;
-        let again = failure(0).retry_headers(&copy);
+        // As the transport converts it: its context read once.
+        copy.context = idem_core::DeliveryContext::read(&copy);
+        let again = failure(1).retry_headers(&copy);
         assert_eq!(again[DELIVERY_COUNT_HEADER], HeaderValue::Int(3));
-        let settled = failure(1).retry_headers(&copy);
+        let settled = failure(2).retry_headers(&copy);
         assert_eq!(settled[DELIVERY_COUNT_HEADER], HeaderValue::Int(0));
 
         assert!(over_limit(&copy, "c", Some(3)).is_none());
@@ -79,6 +78,9 @@ mod tests {
             }) => {
                 assert_eq!(f.kind, ErrorKind::Permanent);
                 assert!(f.error.contains("x-delivery-limit (2)"), "{}", f.error);
+                // From the delivery's context: its attempts so far, its message id.
+                assert_eq!((f.attempts, f.key.as_deref()), (1, Some("m-1")));
+                assert_eq!(headers[h::KEY], HeaderValue::from("m-1"));
                 assert_eq!(headers[h::CONSUMER], HeaderValue::from("c"));
                 assert_eq!(headers[h::ERROR_KIND], HeaderValue::from("permanent"));
             }

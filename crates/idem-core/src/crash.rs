@@ -85,7 +85,9 @@ pub fn is_suspect(msg: &Message) -> bool {
 }
 
 /// A consumer's crash-loop settings and its isolation lock. The [`Consumer`] puts
-/// it into every message's extensions; dedup stages read it there. Cheap to clone.
+/// it into every message's [context](crate::DeliveryContext); dedup stages read it
+/// there ([`DeliveryContext::crash_guard`](crate::DeliveryContext::crash_guard)).
+/// Cheap to clone.
 ///
 /// [`Consumer`]: crate::Consumer
 #[derive(Clone, Debug)]
@@ -152,15 +154,6 @@ impl CrashGuard {
         } else {
             Turn::Shared(self.turns.clone().read_owned().await)
         }
-    }
-
-    /// The guard of `msg` (put there by the consumer), or a default one without
-    /// isolation partners when the stage runs outside a [`Consumer`](crate::Consumer).
-    pub fn of(msg: &Message) -> CrashGuard {
-        msg.extensions
-            .get::<CrashGuard>()
-            .cloned()
-            .unwrap_or_default()
     }
 }
 

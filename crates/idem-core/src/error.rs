@@ -59,7 +59,6 @@ impl fmt::Display for ErrorKind {
 /// `std::error::Error` converts into it with `?`.
 pub struct HandlerError {
     verdict: Verdict,
-    key: Option<String>,
     type_name: Option<&'static str>,
     backtrace: Option<Box<Backtrace>>,
     source: BoxError,
@@ -239,7 +238,7 @@ impl HandlerError {
         Self::with_verdict(Verdict::Release, err.into(), informative_type_name::<E>())
     }
 
-    /// This error, turned into a [release](Self::release) (its message and key kept).
+    /// This error, turned into a [release](Self::release) (its message kept).
     pub(crate) fn into_release(mut self) -> Self {
         self.verdict = Verdict::Release;
         self
@@ -259,7 +258,6 @@ impl HandlerError {
         };
         HandlerError {
             verdict,
-            key: None,
             type_name: self.type_name,
             backtrace: None,
             source: self.chain().into(),
@@ -314,7 +312,7 @@ impl HandlerError {
     }
 
     /// A failure with an explicit verdict. Wrapping an error that crossed a tower
-    /// layer keeps its message, key and backtrace, and the verdict asked for here
+    /// layer keeps its message and backtrace, and the verdict asked for here
     /// replaces its own (the outer marker wins).
     fn with_verdict(verdict: Verdict, source: BoxError, type_name: Option<&'static str>) -> Self {
         match source.downcast::<Classified>() {
@@ -326,7 +324,6 @@ impl HandlerError {
     fn new(verdict: Verdict, source: BoxError, type_name: Option<&'static str>) -> Self {
         HandlerError {
             verdict,
-            key: None,
             type_name: type_name.or_else(|| known_type_name(source.as_ref())),
             backtrace: capture_backtrace(),
             source,
@@ -361,20 +358,6 @@ impl HandlerError {
     #[cfg(test)]
     pub(crate) fn counts_attempt(&self) -> bool {
         !matches!(self.verdict, Verdict::Busy(_) | Verdict::Release)
-    }
-
-    /// The idempotency key of the failed message, when the dedup layer found one.
-    pub fn key(&self) -> Option<&str> {
-        self.key.as_deref()
-    }
-
-    /// Records the idempotency key of the failed message (kept if one is already set),
-    /// for the `x-idem-key` dead-letter header. Dedup stages call this.
-    pub fn with_key(mut self, key: &str) -> Self {
-        if self.key.is_none() {
-            self.key = Some(key.to_owned());
-        }
-        self
     }
 
     /// The underlying error.

@@ -64,7 +64,7 @@ pub mod tls;
 
 pub use backoff::{Backoff, Jitter};
 pub use breaker::{BreakerConfig, CircuitBreaker};
-pub use consumer::{ConfigError, Consumer, ConsumerBuilder, DeliveryMode, Stats};
+pub use consumer::{ConfigError, Consumer, ConsumerBuilder, DeliveryContext, DeliveryMode, Stats};
 pub use crash::{CrashLoopError, DEFAULT_CRASH_LIMIT};
 pub use dedup::{DedupLayer, DedupStore, MemoryStore, Processed};
 pub use error::{

@@ -4,7 +4,8 @@
 //! [`Message`]: body, AMQP-style properties, headers, where it came from and which
 //! attempt this is. Middleware passes per-delivery values to handlers through
 //! [`Extensions`] (the dedup layer puts the [`IdempotencyKey`](crate::IdempotencyKey)
-//! there, the SQL inbox its transaction).
+//! there, the SQL inbox its transaction); the consumer and its dedup stage share the
+//! delivery's [`DeliveryContext`](crate::consumer::DeliveryContext).
 
 use std::any::{Any, TypeId};
 use std::collections::{BTreeMap, HashMap};
@@ -126,7 +127,9 @@ pub struct DeliveryInfo {
     pub queue: String,
     /// Whether the broker flagged it as redelivered.
     pub redelivered: bool,
-    /// 1 for a first delivery, `n + 1` after `n` failed attempts (from [`ATTEMPTS_HEADER`]).
+    /// 1 for a first delivery, `n + 1` after `n` failed attempts (from [`ATTEMPTS_HEADER`],
+    /// as the delivery's [context](crate::consumer::DeliveryContext::attempt) read it;
+    /// set by the transport and by [`Consumer::process`](crate::Consumer::process)).
     pub attempt: u32,
     /// How many times the broker delivered this very message before, when the broker
     /// counts (RabbitMQ quorum queues: `x-delivery-count`, mapped by the transport);
@@ -149,6 +152,11 @@ pub struct Message {
     pub delivery: DeliveryInfo,
     /// Per-delivery values set by middleware (not transmitted).
     pub extensions: Extensions,
+    /// What the delivery carries through the consumer (not transmitted): its attempt
+    /// numbers, read once, the consumer's crash guard, the key the dedup stage
+    /// resolved. Set by the transport and the consumer; see
+    /// [`DeliveryContext`](crate::consumer::DeliveryContext).
+    pub context: crate::consumer::DeliveryContext,
 }
 
 impl Message {

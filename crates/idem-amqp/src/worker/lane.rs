@@ -58,23 +58,15 @@ pub(crate) struct LaneRun<'a> {
 
 impl LaneRun<'_> {
     /// Runs `msg` as its lane's head: retried in place; dead-lettered without running
-    /// when its key follows a dead-lettered head.
-    pub(super) async fn process(
-        &self,
-        consumer: &Consumer,
-        msg: Message,
-        failed_before: u32,
-    ) -> Disposition {
+    /// when its key follows a dead-lettered head (its failure record from the
+    /// delivery's context, as the consumer's: no dedup stage ran, so it names the
+    /// message id, not the ordering key).
+    pub(super) async fn process(&self, consumer: &Consumer, msg: Message) -> Disposition {
         if self.ordered.after == AfterDeadLetter::FollowToDlq
             && self.ordered.lanes.is_poisoned(self.key)
         {
-            let mut failure = Failure::new(
-                ErrorKind::Permanent,
-                FOLLOWED,
-                failed_before,
-                SystemTime::now(),
-            );
-            failure.key = Some(self.key.to_owned());
+            let now = SystemTime::now();
+            let failure = Failure::for_delivery(&msg.context, ErrorKind::Permanent, FOLLOWED, now);
             return Disposition::dead_letter(&msg, consumer.name(), failure);
         }
         let mut stop = self.stop.clone();

@@ -138,10 +138,8 @@ pub(super) async fn run_prepared(
     if at_most_once {
         ack(&acker).await;
     }
-    // Already read (and a malformed value logged) when the delivery was converted.
-    let failed_before =
-        idem_core::read::read_quiet::<u32>(&msg, idem_core::outcome::headers::ATTEMPTS)
-            .unwrap_or(0);
+    // Read once, when the delivery was converted.
+    let failed_before = msg.context.failed_before();
     let over = crash::over_limit(
         &msg,
         consumer.name(),
@@ -149,7 +147,7 @@ pub(super) async fn run_prepared(
     );
     let disposition = match (over, lane) {
         (Some(over), _) if !at_most_once => over,
-        (_, Some(lane)) => lane.process(consumer, msg, failed_before).await,
+        (_, Some(lane)) => lane.process(consumer, msg).await,
         _ => consumer.process(msg).await,
     };
     let wire = if at_most_once {

@@ -6,52 +6,33 @@ use std::time::{Instant, SystemTime};
 use tower::ServiceExt;
 use tracing::{field, Instrument};
 
+use super::context::DeliveryContext;
 use super::policy::{self, Decision, History, Policy};
 use super::stats::Meters;
 use super::Consumer;
 use crate::dedup::Processed;
 use crate::error::{capturing_backtraces, ErrorKind, HandlerError};
 use crate::message::Message;
-use crate::outcome::{headers, Disposition, Failure, Origin, MAX_BACKTRACE_LEN, MAX_HEADER_LEN};
+use crate::outcome::{Disposition, Failure, Origin, MAX_BACKTRACE_LEN, MAX_HEADER_LEN};
 use crate::text::truncate;
-
-/// What a delivery brings into the consumer, read from it once on arrival (the
-/// message itself then moves into the stack): the consumer's only reading of
-/// `x-idem-attempts` and `x-idem-first-failed-at`, and what its copies will say about
-/// the original.
-struct Arrival {
-    /// Failed attempts before this delivery.
-    failed_before: u32,
-    /// When the first of them failed.
-    first_failed_at: Option<SystemTime>,
-    /// The route and crash counts the copies carry.
-    origin: Origin,
-    /// The key a failure record names when the dedup stage found none.
-    fallback_key: Option<String>,
-}
-
-impl Arrival {
-    fn read(msg: &Message) -> Self {
-        let failed_before = msg.failed_attempts();
-        Arrival {
-            failed_before,
-            first_failed_at: crate::read::read_in::<SystemTime>(msg, headers::FIRST_FAILED_AT),
-            origin: Origin::of(msg, failed_before),
-            fallback_key: msg.properties.message_id.clone(),
-        }
-    }
-}
 
 impl Consumer {
     /// Runs the stack on one delivery and decides what the transport must do.
+    ///
+    /// The delivery's [context](DeliveryContext) is the one the transport read into
+    /// [`Message::context`], or, for a message that arrives without one, read here
+    /// from its headers; [`DeliveryInfo::attempt`](crate::DeliveryInfo::attempt) is
+    /// set from it. Its failure record names the key the dedup stage resolved.
     ///
     /// In at-most-once mode the transport has acked already; a failure then yields
     /// [`Disposition::Ack`] after being logged and counted as dropped.
     pub async fn process(&self, mut msg: Message) -> Disposition {
         let inner = &self.inner;
         let meters = inner.meters.get_or_init(|| Meters::new(&inner.name));
-        let arrival = Arrival::read(&msg);
-        msg.delivery.attempt = arrival.failed_before.saturating_add(1);
+        let ctx = DeliveryContext::for_run(&msg, inner.crash_guard.clone());
+        let origin = Origin::of(&msg, ctx.failed_before());
+        msg.delivery.attempt = ctx.attempt();
+        msg.context = ctx.clone();
         let span = tracing::info_span!(
             "idem.delivery",
             consumer = %inner.name,
@@ -67,7 +48,6 @@ impl Consumer {
         // W3C trace context: parent from the message, link to the previous attempt.
         #[cfg(feature = "otel")]
         let had_parent = crate::otel::adopt(&span, &msg);
-        msg.extensions.insert(inner.crash_guard.clone());
         let started = Instant::now();
         let (result, spent) = self.run_tries(msg, &span, meters).await;
         span.record("immediate_retries", spent);
@@ -75,8 +55,8 @@ impl Consumer {
         meters.latency.record(elapsed.as_secs_f64());
 
         let history = History {
-            failed_before: arrival.failed_before,
-            first_failed_at: arrival.first_failed_at,
+            failed_before: ctx.failed_before(),
+            first_failed_at: ctx.first_failed_at(),
             now: SystemTime::now(),
         };
         let policy = Policy {
@@ -91,8 +71,8 @@ impl Consumer {
         let disposition = match result {
             Ok(_) => self.disposition(decision, None),
             Err(err) => {
-                let failure = self.failure(&err, &history, arrival.fallback_key, spent);
-                self.disposition(decision, Some((failure, &arrival.origin)))
+                let failure = self.failure(&err, &ctx, history.now, spent);
+                self.disposition(decision, Some((failure, &origin)))
             }
         };
         #[cfg(feature = "otel")]
@@ -163,32 +143,26 @@ impl Consumer {
         }
     }
 
-    /// The failure record of `err`, as retry and dead-letter copies carry it. Its
-    /// attempt count is the one before this delivery; [`disposition`](Self::disposition)
-    /// sets the one the decision charged.
+    /// The failure record of `err`, as retry and dead-letter copies carry it: built
+    /// from the delivery's context by [`Failure::for_delivery`]. Its attempt count is
+    /// the one before this delivery; [`disposition`](Self::disposition) sets the one
+    /// the decision charged.
     fn failure(
         &self,
         err: &HandlerError,
-        history: &History,
-        fallback_key: Option<String>,
+        ctx: &DeliveryContext,
+        now: SystemTime,
         immediate_retries: u32,
     ) -> Failure {
-        Failure {
-            first_failed_at: history.first_failed_at(),
-            key: err.key().map(str::to_owned).or(fallback_key),
-            error_type: err.type_name().map(|t| truncate(t, MAX_HEADER_LEN)),
-            immediate_retries,
-            backtrace: err
-                .backtrace()
-                .filter(|_| self.inner.backtraces)
-                .map(|b| truncate(&b.to_string(), MAX_BACKTRACE_LEN)),
-            ..Failure::new(
-                err.kind().unwrap_or(ErrorKind::Transient),
-                &err.chain(),
-                history.failed_before,
-                history.now,
-            )
-        }
+        let kind = err.kind().unwrap_or(ErrorKind::Transient);
+        let mut failure = Failure::for_delivery(ctx, kind, &err.chain(), now);
+        failure.error_type = err.type_name().map(|t| truncate(t, MAX_HEADER_LEN));
+        failure.immediate_retries = immediate_retries;
+        failure.backtrace = err
+            .backtrace()
+            .filter(|_| self.inner.backtraces)
+            .map(|b| truncate(&b.to_string(), MAX_BACKTRACE_LEN));
+        failure
     }
 
     /// Turns the policy's decision into what the transport carries out: for a failed
@@ -220,10 +194,8 @@ impl Consumer {
                 delay_kind,
                 attempts,
             } => {
-                let failure = Failure {
-                    attempts,
-                    ..failure
-                };
+                let mut failure = failure;
+                failure.attempts = attempts;
                 Disposition::Retry {
                     headers: failure.retry_headers_from(origin),
                     delay,
@@ -232,10 +204,8 @@ impl Consumer {
                 }
             }
             Decision::DeadLetter { attempts } => {
-                let failure = Failure {
-                    attempts,
-                    ..failure
-                };
+                let mut failure = failure;
+                failure.attempts = attempts;
                 Disposition::DeadLetter {
                     headers: failure.dead_letter_headers_from(origin, &inner.name),
                     failure,

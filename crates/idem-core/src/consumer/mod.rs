@@ -84,11 +84,13 @@ use crate::message::Message;
 use crate::outcome::{DeadLetterHook, DeadLettered, Disposition, Settled};
 
 mod builder;
+mod context;
 mod delivery;
 pub(crate) mod policy;
 mod stats;
 
 pub use builder::{ConsumerBuilder, HandlerStack, DEFAULT_IMMEDIATE_RETRY_DELAY};
+pub use context::DeliveryContext;
 pub use stats::Stats;
 
 use builder::ImmediateRetries;

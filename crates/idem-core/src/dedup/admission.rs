@@ -21,7 +21,6 @@ use super::layer::{
     REPLAY_HEADER,
 };
 use super::store::Completion;
-use crate::crash::CrashGuard;
 use crate::error::{ErrorKind, HandlerError};
 use crate::message::Message;
 
@@ -231,7 +230,9 @@ impl Reading {
 /// | busy | busy error: retried later, no attempt spent |
 /// | store failure | the stage's store error: transient |
 ///
-/// Every error carries the key ([`HandlerError::with_key`]).
+/// The key is recorded in the message's [context](crate::DeliveryContext::record_key)
+/// as soon as it is resolved, so that the consumer's failure record names it however
+/// admission ends; the crash guard comes from that context too.
 #[doc(hidden)]
 pub async fn admit<A, S, O>(
     settings: &DedupSettings,
@@ -247,8 +248,8 @@ where
 {
     let key = resolve_key(settings.key.as_ref(), settings.missing_key, &msg)?;
     tracing::Span::current().record("key", key.as_str());
-    let outcome = admit_keyed(settings, open, inner, msg, &key).await;
-    outcome.map_err(|e| e.with_key(&key))
+    msg.context.record_key(&key);
+    admit_keyed(settings, open, inner, msg, &key).await
 }
 
 /// [`admit`] once the key is known.
@@ -269,7 +270,7 @@ where
 
     // A suspect (redelivered) message waits until it can run alone; see `crate::crash`.
     // The turn lasts until the outcome is recorded.
-    let guard = CrashGuard::of(&msg);
+    let guard = msg.context.crash_guard();
     let _turn = guard.turn(&msg).await;
     let (claimed, earlier) = session.claim().await?;
     match claimed {

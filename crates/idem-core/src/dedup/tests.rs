@@ -126,14 +126,14 @@ async fn transient_failure_releases_so_a_retry_runs() {
         runs.clone(),
         |_| Err(HandlerError::transient("db down")),
     );
-    let err = failing
-        .oneshot(Message::new("a").with_message_id("k"))
-        .await
-        .unwrap_err();
+    let msg = Message::new("a").with_message_id("k");
+    let ctx = msg.context.clone();
+    let err = failing.oneshot(msg).await.unwrap_err();
+    assert_eq!(err.kind(), Some(ErrorKind::Transient));
     assert_eq!(
-        err.key(),
+        ctx.key(),
         Some("k"),
-        "the key travels with the error for the DLQ headers"
+        "the key is recorded in the delivery's context for the DLQ headers"
     );
     let ok = stack(DedupLayer::new(store).scope("c"), runs.clone(), |_| Ok(()));
     assert!(ok
@@ -431,7 +431,7 @@ async fn crash_limit_dead_letters_without_running() {
         assert_eq!(crash_once(&store, "k", lease).await, Some(n));
     }
     let mut m = Message::new("a").with_message_id("k");
-    m.extensions.insert(crate::crash::CrashGuard::new(3));
+    m.context = m.context.with_crash_guard(crate::crash::CrashGuard::new(3));
     let err = svc.clone().oneshot(m).await.unwrap_err();
     assert_eq!(err.kind(), Some(ErrorKind::Permanent));
     assert!(
@@ -463,7 +463,7 @@ async fn crash_count_below_the_limit_runs_and_a_settled_outcome_clears_it() {
         assert_eq!(crash_once(&store, "k", lease).await, Some(n));
     }
     let mut m = Message::new("a").with_message_id("k");
-    m.extensions.insert(crate::crash::CrashGuard::new(3));
+    m.context = m.context.with_crash_guard(crate::crash::CrashGuard::new(3));
     let err = svc.oneshot(m).await.unwrap_err();
     assert_eq!(err.kind(), Some(ErrorKind::Transient));
     assert_eq!(

@@ -307,9 +307,12 @@ struct Delivery {
 }
 
 impl Delivery {
-    /// Runs one delivery, then merges the disposition's copy headers onto the
-    /// original's and publishes the copy, as the RabbitMQ worker does.
-    async fn handle(self, msg: Message) {
+    /// Reads the delivery's context (its one reading of the attempt headers, as the
+    /// RabbitMQ transport does when it converts a delivery), runs it, then merges the
+    /// disposition's copy headers onto the original's and publishes the copy, as the
+    /// RabbitMQ worker does.
+    async fn handle(self, mut msg: Message) {
+        msg.context = crate::consumer::DeliveryContext::read(&msg);
         let original = msg.clone();
         let disposition = self.consumer.process(msg).await;
         let dlq = format!("{}{DLQ_SUFFIX}", self.queue);
@@ -334,7 +337,7 @@ impl Delivery {
         }
         let settled = Settled::new(
             original.properties.message_id.as_deref(),
-            crate::read::read_quiet::<u32>(&original, crate::message::ATTEMPTS_HEADER).unwrap_or(0),
+            original.context.failed_before(),
             &self.queue,
             &disposition,
         );

@@ -2,7 +2,7 @@
 
 use std::future::Future;
 
-use crate::consumer::Consumer;
+use crate::consumer::{Consumer, DeliveryContext};
 use crate::message::Message;
 use crate::outcome::{copy_onto, Disposition};
 
@@ -13,7 +13,10 @@ const STOPPED: &str =
 /// Runs `msg` through `consumer`; while the answer is a [`Disposition::Retry`], waits
 /// its delay here and runs the message again, with the headers the retry copy would
 /// have carried (so `x-idem-attempts` counts up and the consumer's attempt budget and
-/// dead-letter decision apply unchanged). Returns the first other disposition.
+/// dead-letter decision apply unchanged; the run takes its attempt numbers from the
+/// retry's failure record, without reading the headers back). Returns the first other
+/// disposition. A `msg` whose [context](DeliveryContext) the transport read starts
+/// from that reading.
 ///
 /// When `stop` completes during a wait, returns [`Disposition::Release`]: the
 /// transport hands the original back (RabbitMQ: `basic.nack requeue=true`), which
@@ -29,7 +32,13 @@ pub async fn process_in_place(
     let mut stop = std::pin::pin!(stop);
     loop {
         let disposition = consumer.process(msg.clone()).await;
-        let Disposition::Retry { delay, headers, .. } = &disposition else {
+        let Disposition::Retry {
+            delay,
+            headers,
+            failure,
+            ..
+        } = &disposition
+        else {
             return disposition;
         };
         tokio::select! {
@@ -42,5 +51,7 @@ pub async fn process_in_place(
             _ = tokio::time::sleep(*delay) => {}
         }
         copy_onto(&mut msg.headers, headers);
+        // The next run's attempt numbers are the ones the copy's headers now carry.
+        msg.context = DeliveryContext::after_retry(&msg, failure);
     }
 }

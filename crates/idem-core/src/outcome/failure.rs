@@ -3,6 +3,7 @@
 use std::time::SystemTime;
 
 use super::{headers, MAX_BACKTRACE_LEN, MAX_ERROR_LEN, MAX_HEADER_LEN};
+use crate::consumer::DeliveryContext;
 use crate::crash::prior_deliveries;
 use crate::error::ErrorKind;
 use crate::headers::{ATTEMPTS, BROKER_DELIVERY_COUNT, DELIVERY_COUNT};
@@ -97,8 +98,9 @@ impl Failure {
     /// [`MAX_ERROR_LEN`]), the `attempts` it counts and the time
     /// it happened `at`, which is also taken as the first failure's time. No key, no
     /// error type, no backtrace, no immediate retries: set those fields afterwards
-    /// where they are known. Every record idem builds starts here, so a field added
-    /// later gets its default in one place.
+    /// where they are known. Every record starts here (idem's own through
+    /// [`for_delivery`](Self::for_delivery)), so a field added later gets its default
+    /// in one place.
     ///
     /// ```
     /// use std::time::SystemTime;
@@ -121,6 +123,41 @@ impl Failure {
             immediate_retries: 0,
             backtrace: None,
         }
+    }
+
+    /// The failure record of the delivery whose context is `context`, failing with
+    /// `kind` and `error` at `at`: its attempts are the delivery's
+    /// [failed attempts before it](DeliveryContext::failed_before) (a retry or
+    /// dead-letter decision then sets the count it charged); its first failure is the
+    /// one the delivery carries, or `at` (a recorded time after `at`, from clock skew
+    /// or a forged header, counts as `at`); its key is the one the dedup stage
+    /// [resolved](DeliveryContext::key), else the message id. Error type, backtrace
+    /// and immediate retries are left for the caller, as with [`new`](Self::new).
+    ///
+    /// Every failure record idem builds for a delivery comes from here: the
+    /// consumer's, and a transport's for a delivery it refuses without running.
+    ///
+    /// ```
+    /// use std::time::SystemTime;
+    /// use idem_core::{DeliveryContext, ErrorKind, Failure, Message};
+    ///
+    /// let msg = Message::new("x").with_message_id("m-1").with_header("x-idem-attempts", 2u32);
+    /// let ctx = DeliveryContext::read(&msg);
+    /// let failure = Failure::for_delivery(&ctx, ErrorKind::Permanent, "refused", SystemTime::now());
+    /// assert_eq!((failure.attempts, failure.key.as_deref()), (2, Some("m-1")));
+    /// ```
+    pub fn for_delivery(
+        context: &DeliveryContext,
+        kind: ErrorKind,
+        error: &str,
+        at: SystemTime,
+    ) -> Self {
+        let mut failure = Failure::new(kind, error, context.failed_before(), at);
+        if let Some(first) = context.first_failed_at() {
+            failure.first_failed_at = first.min(at);
+        }
+        failure.key = context.failure_key().map(str::to_owned);
+        failure
     }
 
     /// The failure history every copy carries: attempts, error, kind, first and last
@@ -210,8 +247,11 @@ impl Failure {
     }
 }
 
-/// The failed attempts of `msg` under the header rule, without a log: for the public
-/// header builders, whose caller has read (and logged) the delivery already.
+/// The failed attempts of `msg`, for the public header builders: those its
+/// [context](DeliveryContext) read, or, for a message without one (built by hand),
+/// its header under the header rule without a log.
 fn quiet_attempts(msg: &Message) -> u32 {
-    crate::read::read_quiet::<u32>(msg, ATTEMPTS).unwrap_or(0)
+    msg.context
+        .read_failed_before()
+        .unwrap_or_else(|| crate::read::read_quiet::<u32>(msg, ATTEMPTS).unwrap_or(0))
 }

@@ -7,17 +7,7 @@ use crate::error::ErrorKind;
 
 #[test]
 fn dispositions_print_one_line() {
-    let failure = |kind| Failure {
-        kind,
-        error: "gateway timed out".into(),
-        attempts: 1,
-        first_failed_at: UNIX_EPOCH,
-        last_failed_at: UNIX_EPOCH,
-        key: None,
-        error_type: None,
-        immediate_retries: 0,
-        backtrace: None,
-    };
+    let failure = |kind| Failure::new(kind, "gateway timed out", 1, UNIX_EPOCH);
     let retry = |ms, delay_kind| Disposition::Retry {
         delay: Duration::from_millis(ms),
         delay_kind,

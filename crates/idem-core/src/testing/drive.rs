@@ -285,7 +285,7 @@ fn next_step(d: &Disposition, delivered: &Message, backoff: &Backoff) -> Step {
             msg.delivery.attempt = failure.attempts.saturating_add(1);
             // No attempt spent: the key is busy under a live lease (or the store is
             // failing); that ends in real time, not on the virtual clock.
-            let wait = failure.attempts <= delivered.failed_attempts();
+            let wait = failure.attempts <= delivered.context.failed_before();
             // The virtual clock uses the un-jittered backoff delay, so that a seed
             // replays the same order; explicit delays (retry_after, busy) as given.
             let delay = if *delay_kind == DelayKind::AtLeast {

@@ -26,10 +26,12 @@ pub(super) enum Outcome {
 pub(super) async fn deliver(
     consumer: Consumer,
     cell: Arc<KeyCell>,
-    p: Pending,
+    mut p: Pending,
     concurrent: bool,
 ) -> (Pending, Outcome) {
     let (tx, rx) = oneshot::channel();
+    // The delivery's one reading of its attempt headers, as a transport does it.
+    p.msg.context = crate::consumer::DeliveryContext::read(&p.msg);
     let mut msg = p.msg.clone();
     msg.extensions = Default::default();
     msg.extensions.insert(Ticket {

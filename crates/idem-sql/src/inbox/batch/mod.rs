@@ -71,7 +71,7 @@ impl Run {
             return Vec::new();
         };
         // The collector makes a suspect a batch of its own: it runs alone.
-        let guard = CrashGuard::of(first);
+        let guard = first.context.crash_guard();
         let _turn = guard.turn(first).await;
         let mut entries = self.read(messages);
         let started: Vec<String> = entries
@@ -92,19 +92,15 @@ impl Run {
         entries
             .into_iter()
             .map(|e| {
-                let answer = e
-                    .answer
-                    .unwrap_or_else(|| Err(HandlerError::transient(TxClosed)));
-                match (answer, e.reading) {
-                    (Err(err), Some(r)) => Err(err.with_key(&r.key)),
-                    (answer, _) => answer,
-                }
+                e.answer
+                    .unwrap_or_else(|| Err(HandlerError::transient(TxClosed)))
             })
             .collect()
     }
 
-    /// Resolves each message's key; a key already in the batch is busy (retried
-    /// later, when its twin has settled).
+    /// Resolves each message's key and records it in the message's context (for its
+    /// failure record); a key already in the batch is busy (retried later, when its
+    /// twin has settled).
     fn read(&self, messages: Vec<Message>) -> Vec<Entry> {
         let settings = &self.inbox.settings;
         let mut seen = HashSet::new();
@@ -118,6 +114,7 @@ impl Run {
                     earlier: 0,
                 },
                 Ok(r) => {
+                    msg.context.record_key(&r.key);
                     let answer = (!seen.insert(r.key.clone()))
                         .then(|| Err(idem_core::__private::busy(settings.min_busy_delay)));
                     Entry {
