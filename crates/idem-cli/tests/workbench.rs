@@ -7,10 +7,10 @@
 
 mod common;
 
-use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::{idem, text, unspent};
 use idem_amqp::{Publisher, RawOutgoing, Topology, Worker};
 use idem_cli::dlq::{self, Filter, Selector};
 use idem_core::outcome::headers as h;
@@ -21,19 +21,6 @@ use lapin::{BasicProperties, Connection};
 
 fn long(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s.as_bytes()))
-}
-
-fn idem(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_idem"))
-        .args(args)
-        .env("AMQP_URL", common::url())
-        .env("COLUMNS", "200")
-        .output()
-        .expect("run the idem binary")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 const GROUPS: [(&str, &str); 3] = [
@@ -146,17 +133,7 @@ impl Queues {
             .await
             .unwrap()
         {
-            let mut headers = m.delivery.properties.headers().clone().unwrap_or_default();
-            let count = headers.inner().get("x-delivery-count").cloned();
-            assert!(
-                matches!(count, None | Some(AMQPValue::LongLongInt(0))),
-                "a read spent a delivery: x-delivery-count {count:?}"
-            );
-            let mut t = headers.inner().clone();
-            t.remove("x-delivery-count");
-            t.remove("x-acquired-count");
-            headers = FieldTable::from(t);
-            let props = m.delivery.properties.clone().with_headers(headers);
+            let props = unspent(&m.delivery.properties, queue);
             out.push((props, m.delivery.data));
         }
         let _ = ch.close(200, "bye".into()).await;
@@ -413,23 +390,7 @@ async fn read_behind_another_active_consumer(kind: &str) {
             .expect("the DLQ holds 19 messages")
             .unwrap()
             .unwrap();
-        let mut t = d
-            .properties
-            .headers()
-            .clone()
-            .unwrap_or_default()
-            .inner()
-            .clone();
-        let count = t.remove("x-delivery-count");
-        assert!(
-            matches!(count, None | Some(AMQPValue::LongLongInt(0))),
-            "a read spent a delivery: x-delivery-count {count:?}"
-        );
-        t.remove("x-acquired-count");
-        left.push((
-            d.properties.clone().with_headers(FieldTable::from(t)),
-            d.data,
-        ));
+        left.push((unspent(&d.properties, &dlq_name), d.data));
     }
     assert_eq!(qs.depth(&dlq_name).await, 0, "nothing more");
     let _ = ch.close(200, "bye".into()).await;
