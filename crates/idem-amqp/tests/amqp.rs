@@ -5,14 +5,13 @@
 #![allow(clippy::unwrap_used)] // tests may unwrap (project rule)
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use idem_amqp::{Error, Publisher, QueueType, Topology, Worker};
 use idem_core::{Backoff, Consumer, HandlerError, HeaderValue, Json, MemoryStore, Message};
-use idem_testkit::broker::inspect_queue;
+use idem_testkit::broker::{close_connections_named, inspect_queue};
 use lapin::options::{
     BasicGetOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
 };
@@ -20,7 +19,7 @@ use lapin::types::{AMQPValue, FieldArray, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
 
 mod common;
-use common::{fails_once, short_tiers, unique, url, wait_until};
+use common::{fails_once, short_tiers, unique, url, wait_until, wait_until_async};
 
 async fn broker() -> (Connection, Channel) {
     common::broker("idem-test-admin").await
@@ -28,18 +27,6 @@ async fn broker() -> (Connection, Channel) {
 
 fn fast_backoff(attempts: u32) -> Backoff {
     idem_testkit::backoff(Duration::from_secs(1), attempts)
-}
-
-async fn wait_until_async<F: Future<Output = bool>>(
-    what: &str,
-    limit: Duration,
-    mut cond: impl FnMut() -> F,
-) {
-    let start = Instant::now();
-    while !cond().await {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn count(ch: &Channel, queue: &str) -> u32 {
@@ -609,49 +596,6 @@ async fn graceful_shutdown_finishes_in_flight_and_loses_nothing() {
     topo.delete_on(&ch).await.unwrap();
 }
 
-async fn close_connections_named(name: &str) -> usize {
-    let name = name.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let out = std::process::Command::new("rabbitmqctl")
-            .args([
-                "list_connections",
-                "pid",
-                "client_properties",
-                "--quiet",
-                "--no-table-headers",
-            ])
-            .output()
-            .expect("rabbitmqctl must be installed to run this test");
-        assert!(
-            out.status.success(),
-            "rabbitmqctl list_connections failed: {out:?}"
-        );
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let mut closed = 0;
-        // The client-given name is in client_properties as {"connection_name","<name>"}.
-        let needle = format!("{{\"connection_name\",\"{name}\"}}");
-        for line in text.lines() {
-            let Some((pid, props)) = line.split_once('\t') else {
-                continue;
-            };
-            if props.contains(&needle) {
-                let out = std::process::Command::new("rabbitmqctl")
-                    .args(["close_connection", pid.trim(), "idem-test forced close"])
-                    .output()
-                    .unwrap();
-                assert!(
-                    out.status.success(),
-                    "rabbitmqctl close_connection failed: {out:?}"
-                );
-                closed += 1;
-            }
-        }
-        closed
-    })
-    .await
-    .unwrap()
-}
-
 #[tokio::test]
 async fn forced_connection_close_resumes_consuming() {
     let (_conn, ch) = broker().await;
@@ -692,7 +636,7 @@ async fn forced_connection_close_resumes_consuming() {
     })
     .await;
     assert_eq!(
-        close_connections_named(&conn_name).await,
+        close_connections_named(&conn_name, "idem-test forced close").await,
         1,
         "the worker's connection was not found"
     );

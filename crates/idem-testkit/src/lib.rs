@@ -18,10 +18,13 @@
 //! - [`conformance`]: the behavioural suite every dedup store must pass (published in
 //!   idem-core behind its `conformance` feature; re-exported here).
 //! - [`broker`]: what the local RabbitMQ node reports (queue counts, open
-//!   connections), read with `rabbitmqctl`; with feature `amqp`, queue declares over
+//!   connections, a queue settled after a stop), read with `rabbitmqctl`; with feature `amqp`, queue declares over
 //!   a channel (`declare_queue`, `inspect_queue`, `ready_count`).
 //! - `spans` (feature `otel`): exports spans to memory, to assert trace context.
 //! - [`logs`]: captures what is logged, for tests that assert a warning.
+//! - [`probe`]: counts what test handlers applied, with a gate that holds them in
+//!   flight, for the tests that stop a process mid-run.
+//! - [`http`]: a bare `GET` for the tests of the metrics and readiness listeners.
 //! - [`cluster`]: starts the RabbitMQ and Redis test clusters of `.ci/cluster` on first use.
 //!
 //! ```no_run
@@ -46,7 +49,9 @@ pub mod cluster;
 /// `conformance`); re-exported here for the workspace's own tests.
 pub use idem_core::conformance;
 pub mod fault_proxy;
+pub mod http;
 pub mod logs;
+pub mod probe;
 mod service;
 #[cfg(feature = "otel")]
 pub mod spans;
