@@ -19,7 +19,9 @@ use lapin::types::{AMQPValue, FieldArray, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
 
 mod common;
-use common::{fails_once, short_tiers, unique, url, wait_until, wait_until_async};
+use common::{
+    fails_once, header, header_str, short_tiers, unique, url, wait_until, wait_until_async,
+};
 
 async fn broker() -> (Connection, Channel) {
     common::broker("idem-test-admin").await
@@ -37,16 +39,6 @@ async fn get_one(ch: &Channel, queue: &str) -> Option<lapin::message::BasicGetMe
     ch.basic_get(queue.into(), BasicGetOptions { no_ack: true })
         .await
         .unwrap()
-}
-
-fn header<'a>(props: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
-    props.headers().as_ref().and_then(|h| h.inner().get(name))
-}
-
-fn header_str(props: &BasicProperties, name: &str) -> Option<String> {
-    header(props, name)
-        .and_then(|v| v.as_long_string())
-        .map(|s| s.to_string())
 }
 
 async fn publish_to_queue(

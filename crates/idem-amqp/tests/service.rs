@@ -35,8 +35,8 @@ use idem_amqp::service::{HostedTask, TaskContext, TaskError};
 use idem_amqp::{Error, Publisher, Service, Topology};
 use idem_core::{Consumer, IdempotencyKey, MemoryStore, Message, State};
 use idem_testkit::broker::{
-    assert_settled, close_connections_named, connection_open, connections_named, declare_queue,
-    queue_counts, wait_until,
+    assert_settled, close_connections_named, connection_closes, connection_open, connections_named,
+    declare_queue, queue_counts, wait_until,
 };
 use idem_testkit::http::get_raw;
 use idem_testkit::probe::{assert_each_once, Probe};
@@ -328,10 +328,7 @@ async fn service_fails_naming_the_consumer_and_stops_the_others() {
         other => panic!("expected Error::Consumer, got {other}"),
     }
     assert!(err.to_string().contains(&bad_name), "{err}");
-    let closed = wait_until(Duration::from_secs(5), async || {
-        !connection_open(&format!("idem:{good_name}")).await
-    })
-    .await;
+    let closed = connection_closes(&format!("idem:{good_name}"), Duration::from_secs(5)).await;
     assert!(closed, "the good consumer's connection stayed open");
 
     // Two consumers with one name are refused before anything runs.
@@ -411,10 +408,7 @@ async fn service_task_error_stops_the_consumers_and_names_the_task() {
         err.to_string(),
         r#"hosted task "doomed": the task's database is gone"#
     );
-    let closed = wait_until(Duration::from_secs(5), async || {
-        !connection_open(&format!("idem:{name}")).await
-    })
-    .await;
+    let closed = connection_closes(&format!("idem:{name}"), Duration::from_secs(5)).await;
     assert!(closed, "the consumer's connection stayed open");
     topology.delete_on(&ch).await.unwrap();
 }

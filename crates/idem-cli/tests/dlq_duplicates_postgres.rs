@@ -42,14 +42,11 @@ async fn replay_predicts_duplicates_from_a_postgres_dedup_table() {
     ])
     .await;
     let url = Service::PostgreSql.url();
-    let pool = Service::PostgreSql.expect_connected(
-        &url,
-        sqlx::postgres::PgPoolOptions::new()
-            .max_connections(2)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect(&url)
-            .await,
-    );
+    let pool = idem_testkit::postgres(
+        sqlx::postgres::PgPoolOptions::new().max_connections(2),
+        "idem-cli-test",
+    )
+    .await;
     let table = format!("idem_cli_test_{}", uuid::Uuid::new_v4().simple());
     let store = PgStore::new(pool.clone()).try_table(&table).unwrap();
     store.ensure_schema().await.unwrap();

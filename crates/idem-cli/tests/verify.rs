@@ -48,15 +48,11 @@ impl Fixture {
 
     /// A fixture whose topology has the one delay tier `tier` (`name` as for --tiers).
     async fn with_tiers(name: &'static str, tier: Duration) -> Fixture {
-        let url = Service::PostgreSql.url();
-        let pool = Service::PostgreSql.expect_connected(
-            &url,
-            sqlx::postgres::PgPoolOptions::new()
-                .max_connections(7)
-                .acquire_timeout(Duration::from_secs(10))
-                .connect(&url)
-                .await,
-        );
+        let pool = idem_testkit::postgres(
+            sqlx::postgres::PgPoolOptions::new().max_connections(7),
+            "idem-verify-test",
+        )
+        .await;
         let amqp = Service::RabbitMq.url();
         let conn = Service::RabbitMq
             .expect_connected(&amqp, idem_amqp::connect(&amqp, "idem-verify-test").await);
@@ -689,14 +685,7 @@ async fn verify_reads_a_redis_store_and_an_id_list() {
 async fn verify_reads_a_mysql_lease_store_table() {
     let f = Fixture::new().await;
     let url = Service::MariaDb.url();
-    let pool = Service::MariaDb.expect_connected(
-        &url,
-        sqlx::mysql::MySqlPoolOptions::new()
-            .max_connections(2)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect(&url)
-            .await,
-    );
+    let pool = idem_testkit::mariadb(sqlx::mysql::MySqlPoolOptions::new().max_connections(2)).await;
     let table = format!("{}_dedup", f.inbox.trim_end_matches("_inbox"));
     let store = MySqlStore::new(pool.clone()).try_table(&table).unwrap();
     store.ensure_schema().await.unwrap();

@@ -80,6 +80,12 @@ pub async fn connection_open(name: &str) -> bool {
     .unwrap()
 }
 
+/// Waits up to `limit` until no client connection named `name` is open on the local
+/// node; whether it closed in time.
+pub async fn connection_closes(name: &str, limit: Duration) -> bool {
+    wait_until(limit, async || !connection_open(name).await).await
+}
+
 /// The broker's ids of the client connections named `name` (the `connection_name`
 /// client property), read with `rabbitmqctl` (blocking).
 fn connection_pids(name: &str) -> Vec<String> {

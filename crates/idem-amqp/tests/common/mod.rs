@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use idem_amqp::DelayTiers;
 use idem_core::{HandlerError, State};
 use idem_testkit::Service;
-use lapin::{Channel, Connection};
+use lapin::types::AMQPValue;
+use lapin::{BasicProperties, Channel, Connection};
 
 /// `AMQP_URL`, or the local broker.
 pub(crate) fn url() -> String {
@@ -65,4 +66,16 @@ pub(crate) async fn wait_until_async<F: std::future::Future<Output = bool>>(
         assert!(start.elapsed() < limit, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Header `name` of a delivery's properties, if it is there.
+pub(crate) fn header<'a>(props: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
+    props.headers().as_ref().and_then(|h| h.inner().get(name))
+}
+
+/// Header `name` of a delivery's properties as text, if it is there as a long string.
+pub(crate) fn header_str(props: &BasicProperties, name: &str) -> Option<String> {
+    header(props, name)
+        .and_then(|v| v.as_long_string())
+        .map(|s| s.to_string())
 }
