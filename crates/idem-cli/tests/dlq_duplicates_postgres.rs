@@ -114,9 +114,6 @@ async fn replay_predicts_duplicates_from_a_postgres_dedup_table() {
     );
     assert_eq!(f.depth(&f.dlq()).await, 1, "nothing moved");
 
-    sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
-        .execute(&pool)
-        .await
-        .unwrap();
+    idem_testkit::drop_pg_table(&pool, &table).await;
     f.cleanup().await;
 }

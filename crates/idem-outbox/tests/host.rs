@@ -392,8 +392,5 @@ async fn host_two_consumers_and_relay_drain_on_stop_and_ready_follows_the_relay(
     ch.queue_delete(late_queue.as_str().into(), Default::default())
         .await
         .unwrap();
-    sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
-        .execute(&pool)
-        .await
-        .unwrap();
+    idem_testkit::drop_pg_table(&pool, &table).await;
 }

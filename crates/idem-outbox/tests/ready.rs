@@ -86,10 +86,7 @@ async fn relay_ready_until_its_oldest_pending_row_passes_the_threshold() {
 
     let _ = stop.send(());
     running.await.unwrap().unwrap();
-    sqlx::query(&format!("DROP TABLE IF EXISTS {}", outbox.table_name()))
-        .execute(&pool)
-        .await
-        .unwrap();
+    idem_testkit::drop_pg_table(&pool, outbox.table_name()).await;
     assert!(
         registry.report().sources.is_empty(),
         "the source left with the relay"

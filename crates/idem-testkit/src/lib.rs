@@ -9,7 +9,7 @@
 //!   part of the message.
 //! - `rabbitmq()`, `redis()`, `postgres()`, `mariadb()` (features `amqp`, `redis`,
 //!   `postgres`, `mysql`): connect or fail with that message; `delete_redis_keys()`
-//!   cleans a test's Redis keys up.
+//!   and `drop_pg_table()` clean a test's Redis keys and tables up.
 //! - [`backoff`]: a retry budget without jitter.
 //! - [`unique`]: a fresh name for queues, keys, tables and prefixes, so tests that run
 //!   at the same time never share state.
@@ -60,13 +60,13 @@ pub mod spans;
 pub use service::delete_redis_keys;
 #[cfg(feature = "mysql")]
 pub use service::mariadb;
-#[cfg(feature = "postgres")]
-pub use service::postgres;
 #[cfg(feature = "amqp")]
 pub use service::rabbitmq;
 #[cfg(feature = "redis")]
 pub use service::redis;
 pub use service::Service;
+#[cfg(feature = "postgres")]
+pub use service::{drop_pg_table, postgres};
 
 /// A retry budget without jitter, so a test knows when each retry comes: `attempts`
 /// attempts in all, the first retry after `first`, each later one after twice the
