@@ -8,16 +8,12 @@ use std::time::Duration;
 use idem_amqp::{Publisher, Topology, Worker};
 use idem_core::{Consumer, MemoryStore, Message};
 use idem_testkit::http::get_raw;
-use idem_testkit::Service;
 use tokio::net::TcpListener;
 
 #[tokio::test]
 async fn worker_serves_consumer_metrics_on_its_endpoint() {
     let url = idem_amqp::amqp_url_from_env();
-    let admin = Service::RabbitMq.expect_connected(
-        &url,
-        idem_amqp::connect(&url, "idem-test-metrics-admin").await,
-    );
+    let admin = idem_testkit::rabbitmq("idem-test-metrics-admin").await;
     let ch = admin.create_channel().await.unwrap();
     let topo = Topology::new(format!(
         "idem-test-metrics-{}",

@@ -103,10 +103,7 @@ impl Drop for Vhost {
 async fn ready_turns_503_when_the_broker_connection_is_closed_and_200_after_reconnecting() {
     let _serial = SERIAL.lock().await;
     let url = idem_amqp::amqp_url_from_env();
-    let admin = Service::RabbitMq.expect_connected(
-        &url,
-        idem_amqp::connect(&url, "idem-test-ready-admin").await,
-    );
+    let admin = idem_testkit::rabbitmq("idem-test-ready-admin").await;
     let _ = admin.close(200, "bye".into()).await;
     let vhost = tokio::task::spawn_blocking(Vhost::new).await.unwrap();
     let vurl = in_vhost(&url, &vhost.0);
@@ -181,10 +178,7 @@ async fn ready_turns_503_when_the_broker_connection_is_closed_and_200_after_reco
 async fn ready_turns_503_when_redis_is_cut_and_200_when_it_returns() {
     let _serial = SERIAL.lock().await;
     let url = idem_amqp::amqp_url_from_env();
-    let admin = Service::RabbitMq.expect_connected(
-        &url,
-        idem_amqp::connect(&url, "idem-test-ready-admin").await,
-    );
+    let admin = idem_testkit::rabbitmq("idem-test-ready-admin").await;
     let ch = admin.create_channel().await.unwrap();
     let redis_url = "redis://127.0.0.1:6379";
     let direct = Service::Redis.expect_connected(redis_url, RedisStore::connect(redis_url).await);
@@ -290,10 +284,7 @@ async fn ready_turns_503_when_redis_is_cut_and_200_when_it_returns() {
 async fn ready_and_metrics_of_two_workers_on_one_listener() {
     let _serial = SERIAL.lock().await;
     let url = idem_amqp::amqp_url_from_env();
-    let admin = Service::RabbitMq.expect_connected(
-        &url,
-        idem_amqp::connect(&url, "idem-test-ready-admin").await,
-    );
+    let admin = idem_testkit::rabbitmq("idem-test-ready-admin").await;
     let ch = admin.create_channel().await.unwrap();
     let listener = listener();
     let addr = listener.local_addr();

@@ -10,18 +10,14 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{idem, text, unspent};
+use common::{declare_durable, idem, long, text, unspent};
 use idem_amqp::{Publisher, RawOutgoing, Topology, Worker};
 use idem_cli::dlq::{self, Filter, Selector};
 use idem_core::outcome::headers as h;
 use idem_core::{Consumer, HandlerError, Json, MemoryStore};
-use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{BasicGetOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString};
 use lapin::{BasicProperties, Connection};
-
-fn long(s: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(s.as_bytes()))
-}
 
 const GROUPS: [(&str, &str); 3] = [
     ("transient", "gateway timeout after {} ms"),
@@ -80,14 +76,11 @@ impl Queues {
         let ch = conn.create_channel().await.unwrap();
         let limit = (kind == "quorum").then_some(20);
         for (queue, limit) in [(&q, None), (&dlq, limit)] {
-            let mut args = FieldTable::default();
-            args.insert("x-queue-type".into(), long(kind));
+            let mut args = vec![("x-queue-type", long(kind))];
             if let Some(l) = limit {
-                args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(l));
+                args.push(("x-delivery-limit", AMQPValue::LongLongInt(l)));
             }
-            ch.queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), args)
-                .await
-                .unwrap();
+            declare_durable(&ch, queue, &args).await;
         }
         let publisher = Publisher::connect(&common::url()).await.unwrap();
         Queues {
@@ -305,16 +298,11 @@ async fn read_behind_another_active_consumer(kind: &str) {
     let q = format!("idem-cli-test-sac-{}", uuid::Uuid::new_v4().simple());
     let dlq_name = format!("{q}.dlq");
     let ch = conn.create_channel().await.unwrap();
-    let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), long(kind));
-    args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
-    ch.queue_declare(
-        dlq_name.as_str().into(),
-        QueueDeclareOptions::durable(),
-        args,
-    )
-    .await
-    .unwrap();
+    let args = [
+        ("x-queue-type", long(kind)),
+        ("x-single-active-consumer", AMQPValue::Boolean(true)),
+    ];
+    declare_durable(&ch, &dlq_name, &args).await;
     let publisher = Publisher::connect(&common::url()).await.unwrap();
     let qs = Queues {
         conn,

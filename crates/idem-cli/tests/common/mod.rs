@@ -12,7 +12,7 @@ use idem_core::dedup::{Claim, Completion, DedupStore, OwnerToken, ScopedKey};
 use idem_core::{ErrorKind, Failure, HeaderValue, Message};
 use idem_testkit::Service;
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Connection};
 
 pub fn url() -> String {
@@ -139,6 +139,22 @@ pub async fn replay_all(queue: &str) -> String {
     let mut out = Vec::new();
     idem_cli::run(cli, &mut out).await.unwrap();
     text(&out)
+}
+
+/// `s` as an AMQP long string (a header or queue argument value).
+pub fn long(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes()))
+}
+
+/// Declares the durable queue `name` on `ch` with the queue arguments `args`.
+pub async fn declare_durable(ch: &lapin::Channel, name: &str, args: &[(&str, AMQPValue)]) {
+    let mut table = FieldTable::default();
+    for (k, v) in args {
+        table.insert((*k).into(), v.clone());
+    }
+    ch.queue_declare(name.into(), QueueDeclareOptions::durable(), table)
+        .await
+        .unwrap();
 }
 
 /// One failed message to put into the DLQ.
