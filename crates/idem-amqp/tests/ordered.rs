@@ -9,12 +9,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use idem_amqp::ordered::{AfterDeadLetter, Ordering};
-use idem_amqp::{Publisher, Topology, Worker};
+use idem_amqp::Topology;
 use idem_core::dedup::HeaderKey;
 use idem_core::{Attempt, Consumer, HandlerError, MemoryStore, Message};
 
 mod common;
-use common::{short_tiers, unique, url, wait_until};
+use common::wait_until;
 
 /// What the handler saw: key, sequence number, attempt, and whether it succeeded.
 type Log = Arc<Mutex<Vec<(String, u32, u32, bool)>>>;
@@ -81,32 +81,26 @@ fn by_key() -> Ordering {
     Ordering::by(HeaderKey::new("x-key"))
 }
 
-/// A test's declared topology (one 1 s delay tier, `topology` applied to it), the
-/// admin channel and a publisher.
+/// The common fixture and the log of the consumers it makes.
 struct Fixture {
-    /// The tag of the test's names, also its consumer's name.
-    name: &'static str,
+    base: common::Fixture,
     /// What the handlers of [`Fixture::consumer`] saw.
     log: Log,
-    _conn: lapin::Connection,
-    ch: lapin::Channel,
-    topo: Topology,
-    publisher: Publisher,
+}
+
+impl std::ops::Deref for Fixture {
+    type Target = common::Fixture;
+
+    fn deref(&self) -> &common::Fixture {
+        &self.base
+    }
 }
 
 impl Fixture {
-    async fn new(name: &'static str, topology: impl FnOnce(Topology) -> Topology) -> Fixture {
-        let (_conn, ch) = common::broker("idem-test-ordered-admin").await;
-        let topo = topology(Topology::new(unique(name)).tiers(short_tiers()));
-        topo.declare_on(&ch).await.unwrap();
-        let publisher = Publisher::connect(&url()).await.unwrap();
+    async fn new(name: &'static str, shape: impl FnOnce(Topology) -> Topology) -> Fixture {
         Fixture {
-            name,
+            base: common::Fixture::with(name, shape).await,
             log: Log::default(),
-            _conn,
-            ch,
-            topo,
-            publisher,
         }
     }
 
@@ -118,43 +112,6 @@ impl Fixture {
         fails: fn(&str, u32, u32) -> Option<bool>,
     ) -> Consumer {
         consumer(self.name, first_retry, attempts, self.log.clone(), fails)
-    }
-
-    /// A worker of `consumer` on the topology with `prefetch`, ordered by `ordering`
-    /// if given, started.
-    fn start(
-        &self,
-        consumer: &Consumer,
-        prefetch: u16,
-        ordering: Option<Ordering>,
-    ) -> idem_core::WorkerHandle<Result<idem_core::Stats, idem_amqp::Error>> {
-        let builder =
-            Worker::builder(url(), self.topo.clone(), consumer.clone()).prefetch(prefetch);
-        let builder = match ordering {
-            Some(o) => builder.ordered(o),
-            None => builder,
-        };
-        builder.build().unwrap().spawn()
-    }
-
-    /// Publishes `batch` to the work queue, confirmed.
-    async fn publish(&self, mut batch: Vec<Message>) {
-        self.publisher
-            .publish_batch("", self.topo.queue(), &mut batch)
-            .await
-            .unwrap();
-    }
-
-    /// Asserts that every queue of the topology is empty, then deletes it.
-    async fn assert_empty_and_delete(self) {
-        for q in self.topo.queue_names() {
-            assert_eq!(
-                queue_len(&self.ch, &q).await,
-                0,
-                "queue {q} should be empty"
-            );
-        }
-        self.topo.delete_on(&self.ch).await.unwrap();
     }
 }
 
@@ -177,7 +134,7 @@ async fn failing_head_blocks_only_its_key() {
     let consumer = f.consumer(Duration::from_millis(500), 10, |k, s, n| {
         (k == "A" && s == 0 && n <= 3).then_some(true)
     });
-    let running = f.start(&consumer, 20, Some(by_key()));
+    let running = f.start(&consumer, |w| w.prefetch(20).ordered(by_key()));
     let mut batch = vec![msg("A", 0)];
     batch.extend((0..50).map(|i| msg("B", i)));
     batch.extend([msg("A", 1), msg("A", 2)]);
@@ -235,8 +192,8 @@ async fn without_ordering_followers_overtake_the_head() {
     let consumer = f.consumer(Duration::from_millis(500), 10, |k, s, n| {
         (k == "A" && s == 0 && n <= 1).then_some(true)
     });
-    let running = f.start(&consumer, 20, None);
-    f.publish((0..5).map(|i| msg("A", i)).collect()).await;
+    let running = f.start(&consumer, |w| w.prefetch(20));
+    f.publish((0..5).map(|i| msg("A", i))).await;
     processed(&consumer, 5, 30).await;
     running.shutdown_and_join().await.unwrap();
     let a = successes(&f.log, "A");
@@ -246,7 +203,7 @@ async fn without_ordering_followers_overtake_the_head() {
         "the head's retry copy should land after its followers"
     );
     assert_eq!(a.last(), Some(&0));
-    f.topo.delete_on(&f.ch).await.unwrap();
+    f.delete().await;
 }
 
 /// With `FollowToDlq`, the messages parked behind a dead-lettered head follow it to
@@ -260,7 +217,7 @@ async fn followers_follow_a_dead_lettered_head() {
         (k == "A" && s == 0).then_some(false)
     });
     let ordering = by_key().after_dead_letter(AfterDeadLetter::FollowToDlq);
-    let running = f.start(&consumer, 10, Some(ordering));
+    let running = f.start(&consumer, |w| w.prefetch(10).ordered(ordering));
     let mut batch: Vec<Message> = (0..4).map(|i| msg("A", i)).collect();
     batch.push(msg("B", 0));
     f.publish(batch).await;
@@ -311,8 +268,8 @@ async fn stop_during_an_in_place_wait_keeps_the_order() {
     let first = f.consumer(Duration::from_secs(60), 3, |k, s, n| {
         (k == "A" && s == 0 && n == 1).then_some(true)
     });
-    let w1 = f.start(&first, 10, Some(by_key()));
-    f.publish((0..5).map(|i| msg("A", i)).collect()).await;
+    let w1 = f.start(&first, |w| w.prefetch(10).ordered(by_key()));
+    f.publish((0..5).map(|i| msg("A", i))).await;
     wait_until("A0's first failure", Duration::from_secs(10), || {
         first.stats().retries == 1
     })
@@ -324,11 +281,11 @@ async fn stop_during_an_in_place_wait_keeps_the_order() {
         "followers must not run while the head waits"
     );
     let second = f.consumer(Duration::from_secs(60), 3, |_, _, _| None);
-    let w2 = f.start(&second, 10, Some(by_key()));
+    let w2 = f.start(&second, |w| w.prefetch(10).ordered(by_key()));
     processed(&second, 5, 20).await;
     w2.shutdown_and_join().await.unwrap();
     assert_eq!(successes(&f.log, "A"), vec![0, 1, 2, 3, 4]);
-    f.topo.delete_on(&f.ch).await.unwrap();
+    f.delete().await;
 }
 
 /// Bounded parking: with 2 parked per key, a third message of a key whose head is
@@ -357,11 +314,8 @@ async fn a_full_lane_stops_intake_and_drops_nothing() {
         .store(MemoryStore::new())
         .handler_with_state(handle, (f.log.clone(), gate.clone()))
         .unwrap();
-    let running = f.start(
-        &consumer,
-        20,
-        Some(by_key().limits(OrderLimits::new(2, 100))),
-    );
+    let ordering = by_key().limits(OrderLimits::new(2, 100));
+    let running = f.start(&consumer, |w| w.prefetch(20).ordered(ordering));
     let mut batch: Vec<Message> = vec![msg("B", 0)];
     batch.extend((0..6).map(|i| msg("A", i)));
     batch.extend((1..5).map(|i| msg("B", i)));
@@ -404,7 +358,7 @@ async fn single_active_consumer_hands_over_in_order() {
             .unwrap()
     };
     let (c1, c2) = (make(1), make(2));
-    let w1 = f.start(&c1, 10, Some(by_key()));
+    let w1 = f.start(&c1, |w| w.prefetch(10).ordered(by_key()));
     // The first consumer to subscribe is the active one.
     common::wait_until_async("w1 subscribed", Duration::from_secs(10), || {
         let ch = ch.clone();
@@ -416,7 +370,7 @@ async fn single_active_consumer_hands_over_in_order() {
         }
     })
     .await;
-    let w2 = f.start(&c2, 10, Some(by_key()));
+    let w2 = f.start(&c2, |w| w.prefetch(10).ordered(by_key()));
     let mut batch = Vec::new();
     for i in 0..25 {
         batch.extend([msg("A", i), msg("B", i)]);
