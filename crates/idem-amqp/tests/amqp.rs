@@ -166,7 +166,7 @@ async fn ack_outcome_maps_headers_and_leaves_no_copies() {
 async fn retry_copy_waits_its_tier_and_keeps_the_original_route() {
     let f = Fixture::new("retry").await;
     let (ch, topo) = (&f.ch, &f.topo);
-    let (exchange, rk) = bind_exchange(&ch, &topo).await;
+    let (exchange, rk) = bind_exchange(ch, topo).await;
     let attempts = Arc::new(Mutex::new(Vec::<(Instant, Message)>::new()));
     let a = attempts.clone();
     let consumer = Consumer::builder("retry-test")
@@ -239,9 +239,9 @@ async fn retry_copy_waits_its_tier_and_keeps_the_original_route() {
         Some("text/plain")
     );
     assert_eq!(&second.body[..], b"payload");
-    assert_eq!(count(&ch, &retry_q).await, 0);
-    assert_eq!(count(&ch, &topo.dlq()).await, 0);
-    topo.delete_on(&ch).await.unwrap();
+    assert_eq!(count(ch, &retry_q).await, 0);
+    assert_eq!(count(ch, &topo.dlq()).await, 0);
+    topo.delete_on(ch).await.unwrap();
     ch.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
         .await
         .unwrap();
@@ -251,7 +251,7 @@ async fn retry_copy_waits_its_tier_and_keeps_the_original_route() {
 async fn exhausted_attempts_dead_letter_with_full_headers() {
     let f = Fixture::new("exhaust").await;
     let (ch, topo) = (&f.ch, &f.topo);
-    let (exchange, rk) = bind_exchange(&ch, &topo).await;
+    let (exchange, rk) = bind_exchange(ch, topo).await;
     let runs = Arc::new(AtomicUsize::new(0));
     let r = runs.clone();
     let consumer = Consumer::builder("exhaust-test")
@@ -280,7 +280,7 @@ async fn exhausted_attempts_dead_letter_with_full_headers() {
     );
     assert_eq!(runs.load(Ordering::SeqCst), 2);
 
-    let dead = get_one(&ch, &topo.dlq())
+    let dead = get_one(ch, &topo.dlq())
         .await
         .expect("a message in the DLQ");
     let p = &dead.delivery.properties;
@@ -321,8 +321,8 @@ async fn exhausted_attempts_dead_letter_with_full_headers() {
         header(p, "x-custom").and_then(|v| v.as_long_long_int()),
         Some(42)
     );
-    assert_eq!(count(&ch, topo.queue()).await, 0);
-    topo.delete_on(&ch).await.unwrap();
+    assert_eq!(count(ch, topo.queue()).await, 0);
+    topo.delete_on(ch).await.unwrap();
     ch.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
         .await
         .unwrap();
@@ -397,7 +397,7 @@ async fn bad_input_is_dead_lettered_at_once() {
         "only the well-formed message reaches the handler"
     );
     let mut by_key = HashMap::new();
-    while let Some(m) = get_one(&ch, &topo.dlq()).await {
+    while let Some(m) = get_one(ch, &topo.dlq()).await {
         let p = m.delivery.properties.clone();
         let id = p
             .message_id()
@@ -531,7 +531,7 @@ async fn graceful_shutdown_finishes_in_flight_and_loses_nothing() {
         }
         assert_eq!(stats.processed as usize, runs.len());
     }
-    let left = count(&ch, topo.queue()).await;
+    let left = count(ch, topo.queue()).await;
     assert_eq!(
         left as u64 + stats.processed,
         20,
@@ -735,7 +735,7 @@ async fn publisher_reports_returns_and_sets_message_ids() {
         .clone()
         .expect("an id was generated");
     assert_eq!(uuid::Uuid::parse_str(&id).unwrap().get_version_num(), 7);
-    let got = get_one(&ch, topo.queue()).await.unwrap();
+    let got = get_one(ch, topo.queue()).await.unwrap();
     assert_eq!(
         got.delivery
             .properties
@@ -759,7 +759,7 @@ async fn publisher_reports_returns_and_sets_message_ids() {
         .await
         .unwrap();
     assert!(batch.iter().all(|m| m.properties.message_id.is_some()));
-    assert_eq!(count(&ch, topo.queue()).await, 50);
+    assert_eq!(count(ch, topo.queue()).await, 50);
     publisher.close().await;
     f.delete().await;
 }
@@ -822,9 +822,9 @@ async fn at_most_once_acks_before_the_handler_and_never_retries() {
         (stats.processed, stats.retries, stats.dead_lettered),
         (0, 0, 0)
     );
-    assert_eq!(count(&ch, topo.queue()).await, 0, "acked on receipt");
+    assert_eq!(count(ch, topo.queue()).await, 0, "acked on receipt");
     assert_eq!(
-        count(&ch, &topo.dlq()).await,
+        count(ch, &topo.dlq()).await,
         0,
         "failures are dropped, not dead-lettered"
     );
@@ -869,7 +869,7 @@ async fn at_most_once_loses_the_message_when_the_worker_dies_mid_handler() {
     running.abort(); // the worker dies: its connection is dropped
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        count(&ch, topo.queue()).await,
+        count(ch, topo.queue()).await,
         0,
         "at-most-once: not redelivered"
     );

@@ -256,7 +256,7 @@ async fn followers_follow_a_dead_lettered_head() {
         dead.push(String::from_utf8(m.delivery.data.clone()).unwrap());
     }
     assert_eq!(dead, vec!["A-0", "A-1", "A-2", "A-3"], "in order");
-    topo.delete_on(&ch).await.unwrap();
+    topo.delete_on(ch).await.unwrap();
 }
 
 /// A worker stopped while its head waits to retry in place hands the head back; the
