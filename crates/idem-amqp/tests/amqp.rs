@@ -5,14 +5,13 @@
 #![allow(clippy::unwrap_used)] // tests may unwrap (project rule)
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use idem_amqp::{Error, Publisher, QueueType, Topology, Worker};
 use idem_core::{Backoff, Consumer, HandlerError, HeaderValue, Json, MemoryStore, Message};
-use idem_testkit::broker::inspect_queue;
+use idem_testkit::broker::{close_connections_named, inspect_queue};
 use lapin::options::{
     BasicGetOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
 };
@@ -20,7 +19,9 @@ use lapin::types::{AMQPValue, FieldArray, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
 
 mod common;
-use common::{fails_once, short_tiers, unique, url, wait_until};
+use common::{
+    fails_once, header, header_str, short_tiers, unique, url, wait_until, wait_until_async, Fixture,
+};
 
 async fn broker() -> (Connection, Channel) {
     common::broker("idem-test-admin").await
@@ -28,18 +29,6 @@ async fn broker() -> (Connection, Channel) {
 
 fn fast_backoff(attempts: u32) -> Backoff {
     idem_testkit::backoff(Duration::from_secs(1), attempts)
-}
-
-async fn wait_until_async<F: Future<Output = bool>>(
-    what: &str,
-    limit: Duration,
-    mut cond: impl FnMut() -> F,
-) {
-    let start = Instant::now();
-    while !cond().await {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn count(ch: &Channel, queue: &str) -> u32 {
@@ -50,16 +39,6 @@ async fn get_one(ch: &Channel, queue: &str) -> Option<lapin::message::BasicGetMe
     ch.basic_get(queue.into(), BasicGetOptions { no_ack: true })
         .await
         .unwrap()
-}
-
-fn header<'a>(props: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
-    props.headers().as_ref().and_then(|h| h.inner().get(name))
-}
-
-fn header_str(props: &BasicProperties, name: &str) -> Option<String> {
-    header(props, name)
-        .and_then(|v| v.as_long_string())
-        .map(|s| s.to_string())
 }
 
 async fn publish_to_queue(
@@ -101,9 +80,8 @@ async fn bind_exchange(ch: &Channel, topology: &Topology) -> (String, String) {
 
 #[tokio::test]
 async fn ack_outcome_maps_headers_and_leaves_no_copies() {
-    let (_conn, ch) = broker().await;
-    let topo = Topology::new(unique("ack")).tiers(short_tiers());
-    topo.declare_on(&ch).await.unwrap();
+    let f = Fixture::new("ack").await;
+    let (ch, topo) = (&f.ch, &f.topo);
     let seen = Arc::new(Mutex::new(Vec::<Message>::new()));
     let s = seen.clone();
     let consumer = Consumer::builder("ack-test")
@@ -116,13 +94,9 @@ async fn ack_outcome_maps_headers_and_leaves_no_copies() {
             }
         })
         .unwrap();
-    let worker = Worker::builder(url(), topo.clone(), consumer.clone())
-        .prefetch(10)
-        .build()
-        .unwrap();
-    let running = worker.spawn();
+    let running = f.start(&consumer, |w| w.prefetch(10));
 
-    let publisher = Publisher::connect(&url()).await.unwrap();
+    let publisher = &f.publisher;
     // Odd and oversized headers must not break the conversion.
     let mut headers = FieldTable::default();
     headers.insert("x-n".into(), AMQPValue::LongInt(7));
@@ -156,7 +130,7 @@ async fn ack_outcome_maps_headers_and_leaves_no_copies() {
     .await
     .unwrap();
     publish_to_queue(
-        &publisher,
+        publisher,
         topo.queue(),
         (0..3).map(|i| Message::new(format!("m{i}")).with_message_id(format!("ack-m{i}"))),
     )
@@ -185,18 +159,14 @@ async fn ack_outcome_maps_headers_and_leaves_no_copies() {
     assert_eq!(first.delivery.queue, topo.queue());
     assert_eq!(first.delivery.routing_key, topo.queue());
     assert_eq!(first.delivery.attempt, 1);
-    for q in topo.queue_names() {
-        assert_eq!(count(&ch, &q).await, 0, "queue {q} should be empty");
-    }
-    topo.delete_on(&ch).await.unwrap();
+    f.assert_empty_and_delete().await;
 }
 
 #[tokio::test]
 async fn retry_copy_waits_its_tier_and_keeps_the_original_route() {
-    let (_conn, ch) = broker().await;
-    let topo = Topology::new(unique("retry")).tiers(short_tiers());
-    topo.declare_on(&ch).await.unwrap();
-    let (exchange, rk) = bind_exchange(&ch, &topo).await;
+    let f = Fixture::new("retry").await;
+    let (ch, topo) = (&f.ch, &f.topo);
+    let (exchange, rk) = bind_exchange(ch, topo).await;
     let attempts = Arc::new(Mutex::new(Vec::<(Instant, Message)>::new()));
     let a = attempts.clone();
     let consumer = Consumer::builder("retry-test")
@@ -215,12 +185,9 @@ async fn retry_copy_waits_its_tier_and_keeps_the_original_route() {
             }
         })
         .unwrap();
-    let worker = Worker::builder(url(), topo.clone(), consumer.clone())
-        .build()
-        .unwrap();
-    let running = worker.spawn();
+    let running = f.start(&consumer, |w| w);
 
-    let publisher = Publisher::connect(&url()).await.unwrap();
+    let publisher = &f.publisher;
     let mut msg = Message::new("payload")
         .with_message_id("retry-1")
         .with_content_type("text/plain")
@@ -272,9 +239,9 @@ async fn retry_copy_waits_its_tier_and_keeps_the_original_route() {
         Some("text/plain")
     );
     assert_eq!(&second.body[..], b"payload");
-    assert_eq!(count(&ch, &retry_q).await, 0);
-    assert_eq!(count(&ch, &topo.dlq()).await, 0);
-    topo.delete_on(&ch).await.unwrap();
+    assert_eq!(count(ch, &retry_q).await, 0);
+    assert_eq!(count(ch, &topo.dlq()).await, 0);
+    topo.delete_on(ch).await.unwrap();
     ch.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
         .await
         .unwrap();
@@ -282,10 +249,9 @@ async fn retry_copy_waits_its_tier_and_keeps_the_original_route() {
 
 #[tokio::test]
 async fn exhausted_attempts_dead_letter_with_full_headers() {
-    let (_conn, ch) = broker().await;
-    let topo = Topology::new(unique("exhaust")).tiers(short_tiers());
-    topo.declare_on(&ch).await.unwrap();
-    let (exchange, rk) = bind_exchange(&ch, &topo).await;
+    let f = Fixture::new("exhaust").await;
+    let (ch, topo) = (&f.ch, &f.topo);
+    let (exchange, rk) = bind_exchange(ch, topo).await;
     let runs = Arc::new(AtomicUsize::new(0));
     let r = runs.clone();
     let consumer = Consumer::builder("exhaust-test")
@@ -296,11 +262,8 @@ async fn exhausted_attempts_dead_letter_with_full_headers() {
             async { Err::<(), _>(std::io::Error::other("still down")) }
         })
         .unwrap();
-    let worker = Worker::builder(url(), topo.clone(), consumer.clone())
-        .build()
-        .unwrap();
-    let running = worker.spawn();
-    let publisher = Publisher::connect(&url()).await.unwrap();
+    let running = f.start(&consumer, |w| w);
+    let publisher = &f.publisher;
     let mut msg = Message::new("body-x")
         .with_message_id("exhaust-1")
         .with_header("x-custom", 42i64);
@@ -317,7 +280,7 @@ async fn exhausted_attempts_dead_letter_with_full_headers() {
     );
     assert_eq!(runs.load(Ordering::SeqCst), 2);
 
-    let dead = get_one(&ch, &topo.dlq())
+    let dead = get_one(ch, &topo.dlq())
         .await
         .expect("a message in the DLQ");
     let p = &dead.delivery.properties;
@@ -358,8 +321,8 @@ async fn exhausted_attempts_dead_letter_with_full_headers() {
         header(p, "x-custom").and_then(|v| v.as_long_long_int()),
         Some(42)
     );
-    assert_eq!(count(&ch, topo.queue()).await, 0);
-    topo.delete_on(&ch).await.unwrap();
+    assert_eq!(count(ch, topo.queue()).await, 0);
+    topo.delete_on(ch).await.unwrap();
     ch.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
         .await
         .unwrap();
@@ -373,9 +336,8 @@ struct Order {
 
 #[tokio::test]
 async fn bad_input_is_dead_lettered_at_once() {
-    let (_conn, ch) = broker().await;
-    let topo = Topology::new(unique("bad")).tiers(short_tiers());
-    topo.declare_on(&ch).await.unwrap();
+    let f = Fixture::new("bad").await;
+    let (ch, topo) = (&f.ch, &f.topo);
     let runs = Arc::new(AtomicUsize::new(0));
     let r = runs.clone();
     let consumer = Consumer::builder("bad-test")
@@ -392,11 +354,8 @@ async fn bad_input_is_dead_lettered_at_once() {
             }
         })
         .unwrap();
-    let worker = Worker::builder(url(), topo.clone(), consumer.clone())
-        .build()
-        .unwrap();
-    let running = worker.spawn();
-    let publisher = Publisher::connect(&url()).await.unwrap();
+    let running = f.start(&consumer, |w| w);
+    let publisher = &f.publisher;
     let q = topo.queue();
     // Invalid JSON, unknown content type, huge error: each keyed.
     let mut bad_json = Message::new("{not json").with_message_id("bad-json");
@@ -438,7 +397,7 @@ async fn bad_input_is_dead_lettered_at_once() {
         "only the well-formed message reaches the handler"
     );
     let mut by_key = HashMap::new();
-    while let Some(m) = get_one(&ch, &topo.dlq()).await {
+    while let Some(m) = get_one(ch, &topo.dlq()).await {
         let p = m.delivery.properties.clone();
         let id = p
             .message_id()
@@ -480,14 +439,13 @@ async fn bad_input_is_dead_lettered_at_once() {
         .unwrap()
         .to_lowercase()
         .contains("key"));
-    topo.delete_on(&ch).await.unwrap();
+    f.delete().await;
 }
 
 #[tokio::test]
 async fn handlers_in_flight_never_exceed_prefetch() {
-    let (_conn, ch) = broker().await;
-    let topo = Topology::new(unique("prefetch")).tiers(short_tiers());
-    topo.declare_on(&ch).await.unwrap();
+    let f = Fixture::new("prefetch").await;
+    let topo = &f.topo;
     let current = Arc::new(AtomicUsize::new(0));
     let max = Arc::new(AtomicUsize::new(0));
     let (c, m) = (current.clone(), max.clone());
@@ -504,18 +462,14 @@ async fn handlers_in_flight_never_exceed_prefetch() {
             }
         })
         .unwrap();
-    let publisher = Publisher::connect(&url()).await.unwrap();
+    let publisher = &f.publisher;
     publish_to_queue(
-        &publisher,
+        publisher,
         topo.queue(),
         (0..60).map(|i| Message::new("x").with_message_id(format!("p{i}"))),
     )
     .await;
-    let worker = Worker::builder(url(), topo.clone(), consumer.clone())
-        .prefetch(4)
-        .build()
-        .unwrap();
-    let running = worker.spawn();
+    let running = f.start(&consumer, |w| w.prefetch(4));
     wait_until("60 processed", Duration::from_secs(15), || {
         consumer.stats().processed == 60
     })
@@ -527,14 +481,13 @@ async fn handlers_in_flight_never_exceed_prefetch() {
         max >= 2,
         "deliveries were not processed concurrently (max {max})"
     );
-    topo.delete_on(&ch).await.unwrap();
+    f.delete().await;
 }
 
 #[tokio::test]
 async fn graceful_shutdown_finishes_in_flight_and_loses_nothing() {
-    let (_conn, ch) = broker().await;
-    let topo = Topology::new(unique("shutdown")).tiers(short_tiers());
-    topo.declare_on(&ch).await.unwrap();
+    let f = Fixture::new("shutdown").await;
+    let (ch, topo) = (&f.ch, &f.topo);
     let store = MemoryStore::new();
     let runs = Arc::new(Mutex::new(HashMap::<String, (usize, usize)>::new()));
     let make_consumer = |runs: Arc<Mutex<HashMap<String, (usize, usize)>>>| {
@@ -552,20 +505,16 @@ async fn graceful_shutdown_finishes_in_flight_and_loses_nothing() {
             })
             .unwrap()
     };
-    let publisher = Publisher::connect(&url()).await.unwrap();
+    let publisher = &f.publisher;
     publish_to_queue(
-        &publisher,
+        publisher,
         topo.queue(),
         (0..20).map(|i| Message::new("x").with_message_id(format!("s{i}"))),
     )
     .await;
 
     let first = make_consumer(runs.clone());
-    let worker = Worker::builder(url(), topo.clone(), first.clone())
-        .prefetch(5)
-        .build()
-        .unwrap();
-    let running = worker.spawn();
+    let running = f.start(&first, |w| w.prefetch(5));
     wait_until("handlers started", Duration::from_secs(5), || {
         !runs.lock().unwrap().is_empty()
     })
@@ -582,7 +531,7 @@ async fn graceful_shutdown_finishes_in_flight_and_loses_nothing() {
         }
         assert_eq!(stats.processed as usize, runs.len());
     }
-    let left = count(&ch, topo.queue()).await;
+    let left = count(ch, topo.queue()).await;
     assert_eq!(
         left as u64 + stats.processed,
         20,
@@ -590,11 +539,7 @@ async fn graceful_shutdown_finishes_in_flight_and_loses_nothing() {
     );
 
     let second = make_consumer(runs.clone());
-    let worker = Worker::builder(url(), topo.clone(), second.clone())
-        .prefetch(5)
-        .build()
-        .unwrap();
-    let running = worker.spawn();
+    let running = f.start(&second, |w| w.prefetch(5));
     wait_until("rest processed", Duration::from_secs(10), || {
         second.stats().processed == u64::from(left)
     })
@@ -606,57 +551,13 @@ async fn graceful_shutdown_finishes_in_flight_and_loses_nothing() {
         runs.values().all(|(s, f)| (*s, *f) == (1, 1)),
         "a message was processed twice: {runs:?}"
     );
-    topo.delete_on(&ch).await.unwrap();
-}
-
-async fn close_connections_named(name: &str) -> usize {
-    let name = name.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let out = std::process::Command::new("rabbitmqctl")
-            .args([
-                "list_connections",
-                "pid",
-                "client_properties",
-                "--quiet",
-                "--no-table-headers",
-            ])
-            .output()
-            .expect("rabbitmqctl must be installed to run this test");
-        assert!(
-            out.status.success(),
-            "rabbitmqctl list_connections failed: {out:?}"
-        );
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let mut closed = 0;
-        // The client-given name is in client_properties as {"connection_name","<name>"}.
-        let needle = format!("{{\"connection_name\",\"{name}\"}}");
-        for line in text.lines() {
-            let Some((pid, props)) = line.split_once('\t') else {
-                continue;
-            };
-            if props.contains(&needle) {
-                let out = std::process::Command::new("rabbitmqctl")
-                    .args(["close_connection", pid.trim(), "idem-test forced close"])
-                    .output()
-                    .unwrap();
-                assert!(
-                    out.status.success(),
-                    "rabbitmqctl close_connection failed: {out:?}"
-                );
-                closed += 1;
-            }
-        }
-        closed
-    })
-    .await
-    .unwrap()
+    f.delete().await;
 }
 
 #[tokio::test]
 async fn forced_connection_close_resumes_consuming() {
-    let (_conn, ch) = broker().await;
-    let topo = Topology::new(unique("forced")).tiers(short_tiers());
-    topo.declare_on(&ch).await.unwrap();
+    let f = Fixture::new("forced").await;
+    let (ch, topo) = (&f.ch, &f.topo);
     let effects = Arc::new(Mutex::new(HashMap::<String, usize>::new()));
     let e = effects.clone();
     let consumer = Consumer::builder("forced-test")
@@ -674,15 +575,10 @@ async fn forced_connection_close_resumes_consuming() {
         })
         .unwrap();
     let conn_name = unique("conn");
-    let worker = Worker::builder(url(), topo.clone(), consumer.clone())
-        .prefetch(5)
-        .connection_name(&conn_name)
-        .build()
-        .unwrap();
-    let running = worker.spawn();
-    let publisher = Publisher::connect(&url()).await.unwrap();
+    let running = f.start(&consumer, |w| w.prefetch(5).connection_name(&conn_name));
+    let publisher = &f.publisher;
     publish_to_queue(
-        &publisher,
+        publisher,
         topo.queue(),
         (0..30).map(|i| Message::new("x").with_message_id(format!("f{i}"))),
     )
@@ -692,13 +588,13 @@ async fn forced_connection_close_resumes_consuming() {
     })
     .await;
     assert_eq!(
-        close_connections_named(&conn_name).await,
+        close_connections_named(&conn_name, "idem-test forced close").await,
         1,
         "the worker's connection was not found"
     );
     // Published after the close: only a resumed consumer can take these.
     publish_to_queue(
-        &publisher,
+        publisher,
         topo.queue(),
         (30..40).map(|i| Message::new("x").with_message_id(format!("f{i}"))),
     )
@@ -720,14 +616,13 @@ async fn forced_connection_close_resumes_consuming() {
         effects.values().all(|n| *n == 1),
         "an effect ran twice: {effects:?}"
     );
-    topo.delete_on(&ch).await.unwrap();
+    f.delete().await;
 }
 
 #[tokio::test]
 async fn two_workers_compete_and_each_message_is_processed_once() {
-    let (_conn, ch) = broker().await;
-    let topo = Topology::new(unique("compete")).tiers(short_tiers());
-    topo.declare_on(&ch).await.unwrap();
+    let f = Fixture::new("compete").await;
+    let (ch, topo) = (&f.ch, &f.topo);
     let store = MemoryStore::new();
     let effects = Arc::new(Mutex::new(HashMap::<String, usize>::new()));
     let make = |tag: &'static str, per_worker: Arc<AtomicUsize>| {
@@ -751,16 +646,8 @@ async fn two_workers_compete_and_each_message_is_processed_once() {
     };
     let (n1, n2) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let (c1, c2) = (make("a", n1.clone()), make("b", n2.clone()));
-    let w1 = Worker::builder(url(), topo.clone(), c1.clone())
-        .prefetch(10)
-        .build()
-        .unwrap()
-        .spawn();
-    let w2 = Worker::builder(url(), topo.clone(), c2.clone())
-        .prefetch(10)
-        .build()
-        .unwrap()
-        .spawn();
+    let w1 = f.start(&c1, |w| w.prefetch(10));
+    let w2 = f.start(&c2, |w| w.prefetch(10));
     wait_until_async("two consumers", Duration::from_secs(5), || {
         let ch = ch.clone();
         let q = topo.queue().to_owned();
@@ -771,9 +658,9 @@ async fn two_workers_compete_and_each_message_is_processed_once() {
     })
     .await;
     // Every message published twice (a publisher retry): 200 deliveries, 100 effects.
-    let publisher = Publisher::connect(&url()).await.unwrap();
+    let publisher = &f.publisher;
     let msgs = || (0..100).map(|i| Message::new("x").with_message_id(format!("c{i}")));
-    publish_to_queue(&publisher, topo.queue(), msgs().chain(msgs())).await;
+    publish_to_queue(publisher, topo.queue(), msgs().chain(msgs())).await;
     let settled = || {
         let (a, b) = (c1.stats(), c2.stats());
         a.processed + a.duplicates + b.processed + b.duplicates
@@ -792,7 +679,7 @@ async fn two_workers_compete_and_each_message_is_processed_once() {
     let effects = effects.lock().unwrap().clone();
     assert_eq!(effects.len(), 100);
     assert!(effects.values().all(|n| *n == 1));
-    topo.delete_on(&ch).await.unwrap();
+    f.delete().await;
 }
 
 #[tokio::test]
@@ -810,10 +697,10 @@ async fn quorum_topology_retries_through_its_delay_queue() {
         .handler_with_state(fails_once, c)
         .unwrap();
     // The worker declares the topology itself (the default).
-    let worker = Worker::builder(url(), topo.clone(), consumer.clone())
+    let running = Worker::builder(url(), topo.clone(), consumer.clone())
         .build()
-        .unwrap();
-    let running = worker.spawn();
+        .unwrap()
+        .spawn();
     wait_until_async("queue declared", Duration::from_secs(5), || {
         let probe = conn.create_channel();
         let q = topo.queue().to_owned();
@@ -837,9 +724,8 @@ async fn quorum_topology_retries_through_its_delay_queue() {
 
 #[tokio::test]
 async fn publisher_reports_returns_and_sets_message_ids() {
-    let (_conn, ch) = broker().await;
-    let topo = Topology::new(unique("pub")).tiers(short_tiers());
-    topo.declare_on(&ch).await.unwrap();
+    let f = Fixture::new("pub").await;
+    let (ch, topo) = (&f.ch, &f.topo);
     let publisher = Publisher::connect(&url()).await.unwrap();
     let mut msg = Message::new("no id");
     publisher.publish("", topo.queue(), &mut msg).await.unwrap();
@@ -849,7 +735,7 @@ async fn publisher_reports_returns_and_sets_message_ids() {
         .clone()
         .expect("an id was generated");
     assert_eq!(uuid::Uuid::parse_str(&id).unwrap().get_version_num(), 7);
-    let got = get_one(&ch, topo.queue()).await.unwrap();
+    let got = get_one(ch, topo.queue()).await.unwrap();
     assert_eq!(
         got.delivery
             .properties
@@ -873,9 +759,9 @@ async fn publisher_reports_returns_and_sets_message_ids() {
         .await
         .unwrap();
     assert!(batch.iter().all(|m| m.properties.message_id.is_some()));
-    assert_eq!(count(&ch, topo.queue()).await, 50);
+    assert_eq!(count(ch, topo.queue()).await, 50);
     publisher.close().await;
-    topo.delete_on(&ch).await.unwrap();
+    f.delete().await;
 }
 
 #[tokio::test]
@@ -897,9 +783,8 @@ async fn unreachable_broker_fails_fast_without_leaking_the_password() {
 
 #[tokio::test]
 async fn at_most_once_acks_before_the_handler_and_never_retries() {
-    let (_conn, ch) = broker().await;
-    let topo = Topology::new(unique("at-most-once")).tiers(short_tiers());
-    topo.declare_on(&ch).await.unwrap();
+    let f = Fixture::new("at-most-once").await;
+    let (ch, topo) = (&f.ch, &f.topo);
     let runs = Arc::new(AtomicUsize::new(0));
     let r = runs.clone();
     let consumer = Consumer::builder("at-most-once-test")
@@ -914,18 +799,14 @@ async fn at_most_once_acks_before_the_handler_and_never_retries() {
             }
         })
         .unwrap();
-    let publisher = Publisher::connect(&url()).await.unwrap();
+    let publisher = &f.publisher;
     publish_to_queue(
-        &publisher,
+        publisher,
         topo.queue(),
         (0..5).map(|i| Message::new("x").with_message_id(format!("amo{i}"))),
     )
     .await;
-    let worker = Worker::builder(url(), topo.clone(), consumer.clone())
-        .prefetch(5)
-        .build()
-        .unwrap();
-    let running = worker.spawn();
+    let running = f.start(&consumer, |w| w.prefetch(5));
     wait_until("5 handled", Duration::from_secs(10), || {
         consumer.stats().dropped == 5
     })
@@ -941,22 +822,21 @@ async fn at_most_once_acks_before_the_handler_and_never_retries() {
         (stats.processed, stats.retries, stats.dead_lettered),
         (0, 0, 0)
     );
-    assert_eq!(count(&ch, topo.queue()).await, 0, "acked on receipt");
+    assert_eq!(count(ch, topo.queue()).await, 0, "acked on receipt");
     assert_eq!(
-        count(&ch, &topo.dlq()).await,
+        count(ch, &topo.dlq()).await,
         0,
         "failures are dropped, not dead-lettered"
     );
-    topo.delete_on(&ch).await.unwrap();
+    f.delete().await;
 }
 
 #[tokio::test]
 async fn at_most_once_loses_the_message_when_the_worker_dies_mid_handler() {
     // The defining property of at-most-once: the ack went out before the handler ran,
     // so a worker that dies mid-handler does not get the message back.
-    let (_conn, ch) = broker().await;
-    let topo = Topology::new(unique("at-most-once-crash")).tiers(short_tiers());
-    topo.declare_on(&ch).await.unwrap();
+    let f = Fixture::new("at-most-once-crash").await;
+    let (ch, topo) = (&f.ch, &f.topo);
     let started = Arc::new(tokio::sync::Notify::new());
     let s = started.clone();
     let consumer = Consumer::builder("at-most-once-crash")
@@ -969,9 +849,9 @@ async fn at_most_once_loses_the_message_when_the_worker_dies_mid_handler() {
             }
         })
         .unwrap();
-    let publisher = Publisher::connect(&url()).await.unwrap();
+    let publisher = &f.publisher;
     publish_to_queue(
-        &publisher,
+        publisher,
         topo.queue(),
         [Message::new("x").with_message_id("amo-crash")],
     )
@@ -989,9 +869,9 @@ async fn at_most_once_loses_the_message_when_the_worker_dies_mid_handler() {
     running.abort(); // the worker dies: its connection is dropped
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        count(&ch, topo.queue()).await,
+        count(ch, topo.queue()).await,
         0,
         "at-most-once: not redelivered"
     );
-    topo.delete_on(&ch).await.unwrap();
+    f.delete().await;
 }

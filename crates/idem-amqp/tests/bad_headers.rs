@@ -16,7 +16,7 @@ use lapin::types::{AMQPValue, ByteArray, DecimalValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
 
 mod common;
-use common::{unique, url, wait_until};
+use common::{header, header_str, unique, url, wait_until};
 
 async fn broker() -> (Connection, Channel) {
     common::broker("idem-test-bad-headers").await
@@ -71,16 +71,6 @@ async fn drain(ch: &Channel, queue: &str) -> Vec<BasicProperties> {
         out.push(m.delivery.properties.clone());
     }
     out
-}
-
-fn header<'a>(props: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
-    props.headers().as_ref().and_then(|h| h.inner().get(name))
-}
-
-fn header_text(props: &BasicProperties, name: &str) -> Option<String> {
-    header(props, name)
-        .and_then(|v| v.as_long_string())
-        .map(|s| s.to_string())
 }
 
 use idem_testkit::logs::LogCapture as Captured;
@@ -356,20 +346,20 @@ async fn integer_key_headers_are_keys_and_wrong_types_are_named() {
     let dlq: HashMap<String, BasicProperties> = drain(&ch, &topo.dlq())
         .await
         .into_iter()
-        .map(|p| (header_text(&p, "x-case").unwrap(), p))
+        .map(|p| (header_str(&p, "x-case").unwrap(), p))
         .collect();
     assert_eq!(dlq.len(), bad.len());
     for (case, _, found) in &bad {
         let p = &dlq[*case];
         assert_eq!(
-            header_text(p, "x-idem-error"),
+            header_str(p, "x-idem-error"),
             Some(format!(
                 "idempotency-key header x-idempotency-key holds {found}{tail}"
             )),
             "{case}"
         );
         assert_eq!(
-            header_text(p, "x-idem-error-kind").as_deref(),
+            header_str(p, "x-idem-error-kind").as_deref(),
             Some("permanent")
         );
     }

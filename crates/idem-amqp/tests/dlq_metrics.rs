@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use idem_amqp::{Publisher, Topology, Worker};
 use idem_core::{Consumer, HandlerError, MemoryStore, Message};
-use idem_testkit::Service;
 use lapin::options::{QueueDeclareOptions, QueuePurgeOptions};
 use lapin::types::FieldTable;
 
@@ -26,10 +25,7 @@ fn gauge(text: &str, name: &str, queue: &str) -> Option<f64> {
 async fn dlq_depth_and_age_are_sampled_without_consuming() {
     let metrics = idem_amqp::prometheus::install_recorder().unwrap();
     let url = idem_amqp::amqp_url_from_env();
-    let conn = Service::RabbitMq.expect_connected(
-        &url,
-        idem_amqp::connect(&url, "idem-test-dlq-metrics").await,
-    );
+    let conn = idem_testkit::rabbitmq("idem-test-dlq-metrics").await;
     let ch = conn.create_channel().await.unwrap();
     let topo = Topology::new(idem_testkit::unique("dlq-metrics"));
     topo.declare_on(&ch).await.unwrap();

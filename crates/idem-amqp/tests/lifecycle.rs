@@ -24,7 +24,9 @@ use std::time::{Duration, Instant};
 
 use idem_amqp::{Publisher, Topology, Worker};
 use idem_core::{Consumer, DedupLayer, HandlerError, IdempotencyKey, MemoryStore, Message, State};
-use idem_testkit::broker::{connection_open, queue_counts, wait_until, QueueCounts};
+use idem_testkit::broker::{
+    connection_closes, connection_open, queue_counts, wait_until, QueueCounts,
+};
 use idem_testkit::Service;
 use lapin::Channel;
 
@@ -266,10 +268,7 @@ async fn scenario(stage: Stage, how: DropBy) {
             consumers: 0
         }
     );
-    let closed = wait_until(Duration::from_secs(10), async || {
-        !connection_open(&stuck_name).await
-    })
-    .await;
+    let closed = connection_closes(&stuck_name, Duration::from_secs(10)).await;
     assert!(
         closed,
         "the dropped worker's connection {stuck_name} is still open"
@@ -387,10 +386,7 @@ async fn lifecycle_a_dropped_publisher_closes_its_connection() {
     .await;
     assert!(listed, "the publisher's connection {name} never showed up");
     drop(publisher);
-    let closed = wait_until(Duration::from_secs(10), async || {
-        !connection_open(&name).await
-    })
-    .await;
+    let closed = connection_closes(&name, Duration::from_secs(10)).await;
     assert!(
         closed,
         "a dropped publisher left its connection {name} open"

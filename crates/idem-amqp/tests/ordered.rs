@@ -9,12 +9,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use idem_amqp::ordered::{AfterDeadLetter, Ordering};
-use idem_amqp::{Publisher, Topology, Worker};
+use idem_amqp::Topology;
 use idem_core::dedup::HeaderKey;
 use idem_core::{Attempt, Consumer, HandlerError, MemoryStore, Message};
 
 mod common;
-use common::{short_tiers, unique, url, wait_until};
+use common::wait_until;
 
 /// What the handler saw: key, sequence number, attempt, and whether it succeeded.
 type Log = Arc<Mutex<Vec<(String, u32, u32, bool)>>>;
@@ -76,50 +76,79 @@ async fn queue_len(ch: &lapin::Channel, queue: &str) -> u32 {
     idem_testkit::broker::ready_count(ch, queue).await
 }
 
+/// Ordering by the `x-key` header.
+fn by_key() -> Ordering {
+    Ordering::by(HeaderKey::new("x-key"))
+}
+
+/// The common fixture and the log of the consumers it makes.
+struct Fixture {
+    base: common::Fixture,
+    /// What the handlers of [`Fixture::consumer`] saw.
+    log: Log,
+}
+
+impl std::ops::Deref for Fixture {
+    type Target = common::Fixture;
+
+    fn deref(&self) -> &common::Fixture {
+        &self.base
+    }
+}
+
+impl Fixture {
+    async fn new(name: &'static str, shape: impl FnOnce(Topology) -> Topology) -> Fixture {
+        Fixture {
+            base: common::Fixture::with(name, shape).await,
+            log: Log::default(),
+        }
+    }
+
+    /// [`consumer`] named after the test, logging into the fixture's log.
+    fn consumer(
+        &self,
+        first_retry: Duration,
+        attempts: u32,
+        fails: fn(&str, u32, u32) -> Option<bool>,
+    ) -> Consumer {
+        consumer(self.name, first_retry, attempts, self.log.clone(), fails)
+    }
+}
+
+/// Waits up to `secs` seconds until `consumer` has processed `n` messages.
+async fn processed(consumer: &Consumer, n: u64, secs: u64) {
+    let what = format!("{n} processed");
+    wait_until(&what, Duration::from_secs(secs), || {
+        consumer.stats().processed == n
+    })
+    .await;
+}
+
 /// Issue 24's head-of-line test: key A's head fails 3 times; key B's 100 messages
 /// finish meanwhile; A's later messages run after its head, in order; no retry copy
 /// goes through a delay queue.
 #[tokio::test]
 async fn failing_head_blocks_only_its_key() {
-    let (_conn, ch) = common::broker("idem-test-ordered-admin").await;
-    let topo = Topology::new(unique("ordered-hol")).tiers(short_tiers());
-    topo.declare_on(&ch).await.unwrap();
-    let log: Log = Arc::default();
+    let f = Fixture::new("ordered-hol", |t| t).await;
     // A0 fails on attempts 1..=3, then succeeds; retries after 0.5, 1 and 2 s.
-    let consumer = consumer(
-        "ordered-hol",
-        Duration::from_millis(500),
-        10,
-        log.clone(),
-        |k, s, n| (k == "A" && s == 0 && n <= 3).then_some(true),
-    );
-    let worker = Worker::builder(url(), topo.clone(), consumer.clone())
-        .prefetch(20)
-        .ordered(Ordering::by(HeaderKey::new("x-key")))
-        .build()
-        .unwrap();
-    let running = worker.spawn();
-    let publisher = Publisher::connect(&url()).await.unwrap();
+    let consumer = f.consumer(Duration::from_millis(500), 10, |k, s, n| {
+        (k == "A" && s == 0 && n <= 3).then_some(true)
+    });
+    let running = f.start(&consumer, |w| w.prefetch(20).ordered(by_key()));
     let mut batch = vec![msg("A", 0)];
     batch.extend((0..50).map(|i| msg("B", i)));
     batch.extend([msg("A", 1), msg("A", 2)]);
     batch.extend((50..100).map(|i| msg("B", i)));
     batch.extend([msg("A", 3), msg("A", 4)]);
-    publisher
-        .publish_batch("", topo.queue(), &mut batch)
-        .await
-        .unwrap();
+    f.publish(batch).await;
 
-    wait_until("105 handled", Duration::from_secs(30), || {
-        consumer.stats().processed == 105
-    })
-    .await;
+    processed(&consumer, 105, 30).await;
     let stats = running.shutdown_and_join().await.unwrap();
     assert_eq!(
         (stats.processed, stats.retries, stats.dead_lettered),
         (105, 3, 0)
     );
-    let log = log.lock().unwrap().clone();
+    let log = f.log.lock().unwrap().clone();
     // Every call of key A, in order: the head's 4 attempts, then its followers.
     let a: Vec<(u32, u32)> = log
         .iter()
@@ -152,84 +181,46 @@ async fn failing_head_blocks_only_its_key() {
         "B must finish meanwhile, in order"
     );
     // Retried in place: nothing went through a delay queue or the DLQ.
-    for q in topo.queue_names() {
-        assert_eq!(queue_len(&ch, &q).await, 0, "queue {q} should be empty");
-    }
-    topo.delete_on(&ch).await.unwrap();
+    f.assert_empty_and_delete().await;
 }
 
 /// The control: the same traffic without ordering lets A's followers overtake its
 /// failing head (the retry copy rejoins the queue behind them).
 #[tokio::test]
 async fn without_ordering_followers_overtake_the_head() {
-    let (_conn, ch) = common::broker("idem-test-ordered-admin").await;
-    let topo = Topology::new(unique("unordered-hol")).tiers(short_tiers());
-    topo.declare_on(&ch).await.unwrap();
-    let log: Log = Arc::default();
-    let consumer = consumer(
-        "unordered-hol",
-        Duration::from_millis(500),
-        10,
-        log.clone(),
-        |k, s, n| (k == "A" && s == 0 && n <= 1).then_some(true),
-    );
-    let worker = Worker::builder(url(), topo.clone(), consumer.clone())
-        .prefetch(20)
-        .build()
-        .unwrap();
-    let running = worker.spawn();
-    let publisher = Publisher::connect(&url()).await.unwrap();
-    let mut batch: Vec<Message> = (0..5).map(|i| msg("A", i)).collect();
-    publisher
-        .publish_batch("", topo.queue(), &mut batch)
-        .await
-        .unwrap();
-    wait_until("5 handled", Duration::from_secs(30), || {
-        consumer.stats().processed == 5
-    })
-    .await;
+    let f = Fixture::new("unordered-hol", |t| t).await;
+    let consumer = f.consumer(Duration::from_millis(500), 10, |k, s, n| {
+        (k == "A" && s == 0 && n <= 1).then_some(true)
+    });
+    let running = f.start(&consumer, |w| w.prefetch(20));
+    f.publish((0..5).map(|i| msg("A", i))).await;
+    processed(&consumer, 5, 30).await;
     running.shutdown_and_join().await.unwrap();
-    let a = successes(&log, "A");
+    let a = successes(&f.log, "A");
     assert_ne!(
         a,
         vec![0, 1, 2, 3, 4],
         "the head's retry copy should land after its followers"
     );
     assert_eq!(a.last(), Some(&0));
-    topo.delete_on(&ch).await.unwrap();
+    f.delete().await;
 }
 
 /// With `FollowToDlq`, the messages parked behind a dead-lettered head follow it to
 /// the DLQ in order without running; once the lane has emptied, the key runs again.
 #[tokio::test]
 async fn followers_follow_a_dead_lettered_head() {
-    let (_conn, ch) = common::broker("idem-test-ordered-admin").await;
-    let topo = Topology::new(unique("ordered-dlq")).tiers(short_tiers());
-    topo.declare_on(&ch).await.unwrap();
-    let log: Log = Arc::default();
+    let f = Fixture::new("ordered-dlq", |t| t).await;
+    let (ch, topo) = (&f.ch, &f.topo);
     // A0 fails permanently; its handler call is slow enough for A1..A3 to park.
-    let consumer = consumer(
-        "ordered-dlq",
-        Duration::from_millis(100),
-        10,
-        log.clone(),
-        |k, s, _| (k == "A" && s == 0).then_some(false),
-    );
-    let worker = Worker::builder(url(), topo.clone(), consumer.clone())
-        .prefetch(10)
-        .ordered(
-            Ordering::by(HeaderKey::new("x-key")).after_dead_letter(AfterDeadLetter::FollowToDlq),
-        )
-        .build()
-        .unwrap();
-    let running = worker.spawn();
-    let publisher = Publisher::connect(&url()).await.unwrap();
+    let consumer = f.consumer(Duration::from_millis(100), 10, |k, s, _| {
+        (k == "A" && s == 0).then_some(false)
+    });
+    let ordering = by_key().after_dead_letter(AfterDeadLetter::FollowToDlq);
+    let running = f.start(&consumer, |w| w.prefetch(10).ordered(ordering));
     let mut batch: Vec<Message> = (0..4).map(|i| msg("A", i)).collect();
     batch.push(msg("B", 0));
-    publisher
-        .publish_batch("", topo.queue(), &mut batch)
-        .await
-        .unwrap();
+    f.publish(batch).await;
     // The head counts as dead-lettered; its followers did not run.
     common::wait_until_async("4 dead letters", Duration::from_secs(20), || {
         let ch = ch.clone();
@@ -238,23 +229,14 @@ async fn followers_follow_a_dead_lettered_head() {
     })
     .await;
     assert_eq!(consumer.stats().dead_lettered, 1);
-    wait_until("B handled", Duration::from_secs(20), || {
-        consumer.stats().processed == 1
-    })
-    .await;
+    processed(&consumer, 1, 20).await;
     // The lane is empty now: a new message of A runs.
-    let mut later = vec![msg("A", 4)];
-    publisher
-        .publish_batch("", topo.queue(), &mut later)
-        .await
-        .unwrap();
-    wait_until("A4 handled", Duration::from_secs(20), || {
-        consumer.stats().processed == 2
-    })
-    .await;
+    f.publish(vec![msg("A", 4)]).await;
+    processed(&consumer, 2, 20).await;
     running.shutdown_and_join().await.unwrap();
-    assert_eq!(successes(&log, "A"), vec![4]);
-    let calls_a: Vec<u32> = log
+    assert_eq!(successes(&f.log, "A"), vec![4]);
+    let calls_a: Vec<u32> = f
+        .log
         .lock()
         .unwrap()
         .iter()
@@ -274,38 +256,20 @@ async fn followers_follow_a_dead_lettered_head() {
         dead.push(String::from_utf8(m.delivery.data.clone()).unwrap());
     }
     assert_eq!(dead, vec!["A-0", "A-1", "A-2", "A-3"], "in order");
-    topo.delete_on(&ch).await.unwrap();
+    topo.delete_on(ch).await.unwrap();
 }
 
 /// A worker stopped while its head waits to retry in place hands the head back; the
 /// next worker runs the key from its head, in order, nothing lost.
 #[tokio::test]
 async fn stop_during_an_in_place_wait_keeps_the_order() {
-    let (_conn, ch) = common::broker("idem-test-ordered-admin").await;
-    let topo = Topology::new(unique("ordered-stop")).tiers(short_tiers());
-    topo.declare_on(&ch).await.unwrap();
-    let log: Log = Arc::default();
+    let f = Fixture::new("ordered-stop", |t| t).await;
     // The first worker's A0 fails and waits 60 s to retry; the second's succeeds.
-    let first = consumer(
-        "ordered-stop",
-        Duration::from_secs(60),
-        3,
-        log.clone(),
-        |k, s, n| (k == "A" && s == 0 && n == 1).then_some(true),
-    );
-    let ordering = Ordering::by(HeaderKey::new("x-key"));
-    let w1 = Worker::builder(url(), topo.clone(), first.clone())
-        .prefetch(10)
-        .ordered(ordering.clone())
-        .build()
-        .unwrap()
-        .spawn();
-    let publisher = Publisher::connect(&url()).await.unwrap();
-    let mut batch: Vec<Message> = (0..5).map(|i| msg("A", i)).collect();
-    publisher
-        .publish_batch("", topo.queue(), &mut batch)
-        .await
-        .unwrap();
+    let first = f.consumer(Duration::from_secs(60), 3, |k, s, n| {
+        (k == "A" && s == 0 && n == 1).then_some(true)
+    });
+    let w1 = f.start(&first, |w| w.prefetch(10).ordered(by_key()));
+    f.publish((0..5).map(|i| msg("A", i))).await;
     wait_until("A0's first failure", Duration::from_secs(10), || {
         first.stats().retries == 1
     })
@@ -316,26 +280,12 @@ async fn stop_during_an_in_place_wait_keeps_the_order() {
         0,
         "followers must not run while the head waits"
     );
-    let second = consumer(
-        "ordered-stop",
-        Duration::from_secs(60),
-        3,
-        log.clone(),
-        |_, _, _| None,
-    );
-    let w2 = Worker::builder(url(), topo.clone(), second.clone())
-        .prefetch(10)
-        .ordered(ordering)
-        .build()
-        .unwrap()
-        .spawn();
-    wait_until("5 handled", Duration::from_secs(20), || {
-        second.stats().processed == 5
-    })
-    .await;
+    let second = f.consumer(Duration::from_secs(60), 3, |_, _, _| None);
+    let w2 = f.start(&second, |w| w.prefetch(10).ordered(by_key()));
+    processed(&second, 5, 20).await;
     w2.shutdown_and_join().await.unwrap();
-    assert_eq!(successes(&log, "A"), vec![0, 1, 2, 3, 4]);
-    topo.delete_on(&ch).await.unwrap();
+    assert_eq!(successes(&f.log, "A"), vec![0, 1, 2, 3, 4]);
+    f.delete().await;
 }
 
 /// Bounded parking: with 2 parked per key, a third message of a key whose head is
@@ -345,10 +295,7 @@ async fn stop_during_an_in_place_wait_keeps_the_order() {
 async fn a_full_lane_stops_intake_and_drops_nothing() {
     use idem_amqp::ordered::OrderLimits;
     use idem_core::State;
-    let (_conn, ch) = common::broker("idem-test-ordered-admin").await;
-    let topo = Topology::new(unique("ordered-full")).tiers(short_tiers());
-    topo.declare_on(&ch).await.unwrap();
-    let log: Log = Arc::default();
+    let f = Fixture::new("ordered-full", |t| t).await;
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     async fn handle(
         State((log, gate)): State<(Log, Arc<tokio::sync::Semaphore>)>,
@@ -365,41 +312,24 @@ async fn a_full_lane_stops_intake_and_drops_nothing() {
     }
     let consumer = Consumer::builder("ordered-full")
         .store(MemoryStore::new())
-        .handler_with_state(handle, (log.clone(), gate.clone()))
+        .handler_with_state(handle, (f.log.clone(), gate.clone()))
         .unwrap();
-    let worker = Worker::builder(url(), topo.clone(), consumer.clone())
-        .prefetch(20)
-        .ordered(Ordering::by(HeaderKey::new("x-key")).limits(OrderLimits::new(2, 100)))
-        .build()
-        .unwrap();
-    let running = worker.spawn();
-    let publisher = Publisher::connect(&url()).await.unwrap();
+    let ordering = by_key().limits(OrderLimits::new(2, 100));
+    let running = f.start(&consumer, |w| w.prefetch(20).ordered(ordering));
     let mut batch: Vec<Message> = vec![msg("B", 0)];
     batch.extend((0..6).map(|i| msg("A", i)));
     batch.extend((1..5).map(|i| msg("B", i)));
-    publisher
-        .publish_batch("", topo.queue(), &mut batch)
-        .await
-        .unwrap();
-    wait_until("B0 handled", Duration::from_secs(10), || {
-        consumer.stats().processed == 1
-    })
-    .await;
+    f.publish(batch).await;
+    processed(&consumer, 1, 10).await;
     // A0 runs, A1 and A2 park, A3 waits for room: B1..B4 behind it are not taken.
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert_eq!(consumer.stats().processed, 1, "{:?}", log.lock().unwrap());
+    assert_eq!(consumer.stats().processed, 1, "{:?}", f.log.lock().unwrap());
     gate.add_permits(1);
-    wait_until("11 handled", Duration::from_secs(10), || {
-        consumer.stats().processed == 11
-    })
-    .await;
+    processed(&consumer, 11, 10).await;
     running.shutdown_and_join().await.unwrap();
-    assert_eq!(successes(&log, "A"), (0..6).collect::<Vec<_>>());
-    assert_eq!(successes(&log, "B"), (0..5).collect::<Vec<_>>());
-    for q in topo.queue_names() {
-        assert_eq!(queue_len(&ch, &q).await, 0, "queue {q} should be empty");
-    }
-    topo.delete_on(&ch).await.unwrap();
+    assert_eq!(successes(&f.log, "A"), (0..6).collect::<Vec<_>>());
+    assert_eq!(successes(&f.log, "B"), (0..5).collect::<Vec<_>>());
+    f.assert_empty_and_delete().await;
 }
 
 /// Across processes: two ordered workers on a single-active-consumer queue. Only one
@@ -407,11 +337,8 @@ async fn a_full_lane_stops_intake_and_drops_nothing() {
 /// each key's messages are applied once each, in order.
 #[tokio::test]
 async fn single_active_consumer_hands_over_in_order() {
-    let (_conn, ch) = common::broker("idem-test-ordered-admin").await;
-    let topo = Topology::new(unique("ordered-sac"))
-        .tiers(short_tiers())
-        .single_active_consumer(true);
-    topo.declare_on(&ch).await.unwrap();
+    let f = Fixture::new("ordered-sac", |t| t.single_active_consumer(true)).await;
+    let (ch, topo) = (&f.ch, &f.topo);
     // (worker, key, seq) in the order the handlers finished.
     let log: Arc<Mutex<Vec<(u8, String, u32)>>> = Arc::default();
     let store = MemoryStore::new();
@@ -431,16 +358,7 @@ async fn single_active_consumer_hands_over_in_order() {
             .unwrap()
     };
     let (c1, c2) = (make(1), make(2));
-    let ordering = Ordering::by(HeaderKey::new("x-key"));
-    let start = |c: &Consumer| {
-        Worker::builder(url(), topo.clone(), c.clone())
-            .prefetch(10)
-            .ordered(ordering.clone())
-            .build()
-            .unwrap()
-            .spawn()
-    };
-    let w1 = start(&c1);
+    let w1 = f.start(&c1, |w| w.prefetch(10).ordered(by_key()));
     // The first consumer to subscribe is the active one.
     common::wait_until_async("w1 subscribed", Duration::from_secs(10), || {
         let ch = ch.clone();
@@ -452,16 +370,12 @@ async fn single_active_consumer_hands_over_in_order() {
         }
     })
     .await;
-    let w2 = start(&c2);
-    let publisher = Publisher::connect(&url()).await.unwrap();
+    let w2 = f.start(&c2, |w| w.prefetch(10).ordered(by_key()));
     let mut batch = Vec::new();
     for i in 0..25 {
         batch.extend([msg("A", i), msg("B", i)]);
     }
-    publisher
-        .publish_batch("", topo.queue(), &mut batch)
-        .await
-        .unwrap();
+    f.publish(batch).await;
     wait_until("w1 handled 10", Duration::from_secs(20), || {
         c1.stats().processed >= 10
     })
@@ -487,8 +401,5 @@ async fn single_active_consumer_hands_over_in_order() {
         log[first_of_w2..].iter().all(|e| e.0 == 2),
         "one active consumer at a time"
     );
-    for q in topo.queue_names() {
-        assert_eq!(queue_len(&ch, &q).await, 0, "queue {q} should be empty");
-    }
-    topo.delete_on(&ch).await.unwrap();
+    f.assert_empty_and_delete().await;
 }

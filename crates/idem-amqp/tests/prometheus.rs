@@ -7,27 +7,13 @@ use std::time::Duration;
 
 use idem_amqp::{Publisher, Topology, Worker};
 use idem_core::{Consumer, MemoryStore, Message};
-use idem_testkit::Service;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-
-async fn scrape(addr: std::net::SocketAddr) -> String {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
+use idem_testkit::http::get_raw;
+use tokio::net::TcpListener;
 
 #[tokio::test]
 async fn worker_serves_consumer_metrics_on_its_endpoint() {
     let url = idem_amqp::amqp_url_from_env();
-    let admin = Service::RabbitMq.expect_connected(
-        &url,
-        idem_amqp::connect(&url, "idem-test-metrics-admin").await,
-    );
+    let admin = idem_testkit::rabbitmq("idem-test-metrics-admin").await;
     let ch = admin.create_channel().await.unwrap();
     let topo = Topology::new(format!(
         "idem-test-metrics-{}",
@@ -67,7 +53,7 @@ async fn worker_serves_consumer_metrics_on_its_endpoint() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let body = scrape(addr).await;
+    let body = get_raw(addr, "/metrics").await;
     running.shutdown_and_join().await.unwrap();
     topo.delete_on(&ch).await.unwrap();
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");

@@ -19,10 +19,7 @@ use lapin::{Channel, Connection};
 /// `tag`, declared.
 async fn set_up(tag: &str) -> (String, Connection, Channel, String) {
     let url = Service::RabbitMq.url();
-    let admin = Service::RabbitMq.expect_connected(
-        &url,
-        idem_amqp::connect(&url, "idem-test-publish-batch-admin").await,
-    );
+    let admin = idem_testkit::rabbitmq("idem-test-publish-batch-admin").await;
     let ch = admin.create_channel().await.unwrap();
     let queue = unique(tag);
     declare(&ch, &queue).await;

@@ -17,10 +17,10 @@ use idem_amqp::prometheus::Listener;
 use idem_amqp::{Publisher, Topology, Worker};
 use idem_core::{Consumer, MemoryStore, Message};
 use idem_redis::RedisStore;
+use idem_testkit::broker::{close_connections_named, rabbitmqctl};
 use idem_testkit::fault_proxy::{FaultProxy, Mode};
+use idem_testkit::http::get;
 use idem_testkit::Service;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// The tests of this binary run one after the other.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -30,22 +30,6 @@ const FLIP: Duration = Duration::from_secs(2);
 
 fn unique(prefix: &str) -> String {
     format!("idem-test-{prefix}-{}", uuid::Uuid::new_v4().simple())
-}
-
-/// `(status, body)` of `GET path`.
-async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    let status = out
-        .get(9..12)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP answer: {out}"));
-    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
-    (status, body)
 }
 
 /// Polls `/ready` every 10 ms until it answers `status`; returns how long that took
@@ -73,37 +57,6 @@ async fn ready_becomes(
 /// A listener of this process at a free port: the workers of the test join it.
 fn listener() -> Listener {
     idem_amqp::prometheus::listen("127.0.0.1:0".parse().unwrap()).unwrap()
-}
-
-fn rabbitmqctl(args: &[&str]) -> String {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl must be installed to run this test (it ships with RabbitMQ)");
-    assert!(out.status.success(), "rabbitmqctl {args:?} failed: {out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Closes every connection the client named `name`; returns how many.
-fn close_connections_named(name: &str) -> usize {
-    let list = rabbitmqctl(&[
-        "list_connections",
-        "pid",
-        "client_properties",
-        "--quiet",
-        "--no-table-headers",
-    ]);
-    let needle = format!("{{\"connection_name\",\"{name}\"}}");
-    let pids: Vec<&str> = list
-        .lines()
-        .filter_map(|l| l.split_once('\t'))
-        .filter(|(_, props)| props.contains(&needle))
-        .map(|(pid, _)| pid.trim())
-        .collect();
-    for pid in &pids {
-        rabbitmqctl(&["close_connection", pid, "idem-test: /ready test"]);
-    }
-    pids.len()
 }
 
 /// `url` with its vhost replaced by `vhost`.
@@ -150,10 +103,7 @@ impl Drop for Vhost {
 async fn ready_turns_503_when_the_broker_connection_is_closed_and_200_after_reconnecting() {
     let _serial = SERIAL.lock().await;
     let url = idem_amqp::amqp_url_from_env();
-    let admin = Service::RabbitMq.expect_connected(
-        &url,
-        idem_amqp::connect(&url, "idem-test-ready-admin").await,
-    );
+    let admin = idem_testkit::rabbitmq("idem-test-ready-admin").await;
     let _ = admin.close(200, "bye".into()).await;
     let vhost = tokio::task::spawn_blocking(Vhost::new).await.unwrap();
     let vurl = in_vhost(&url, &vhost.0);
@@ -176,17 +126,16 @@ async fn ready_turns_503_when_the_broker_connection_is_closed_and_200_after_reco
 
     // Refuse its reconnection for a while, so that the 503 lasts long enough to be
     // seen (an unhindered reconnect takes a few milliseconds).
-    let closed = tokio::task::spawn_blocking({
-        let conn_name = conn_name.clone();
+    tokio::task::spawn_blocking({
         let vhost = vhost.0.clone();
-        move || {
-            rabbitmqctl(&["clear_permissions", "-p", &vhost, "guest"]);
-            let n = close_connections_named(&conn_name);
-            (n, Instant::now())
-        }
+        move || rabbitmqctl(&["clear_permissions", "-p", &vhost, "guest"])
     })
     .await
     .unwrap();
+    let closed = (
+        close_connections_named(&conn_name, "idem-test: /ready test").await,
+        Instant::now(),
+    );
     assert_eq!(
         closed.0, 1,
         "the worker's connection {conn_name} was not found"
@@ -229,10 +178,7 @@ async fn ready_turns_503_when_the_broker_connection_is_closed_and_200_after_reco
 async fn ready_turns_503_when_redis_is_cut_and_200_when_it_returns() {
     let _serial = SERIAL.lock().await;
     let url = idem_amqp::amqp_url_from_env();
-    let admin = Service::RabbitMq.expect_connected(
-        &url,
-        idem_amqp::connect(&url, "idem-test-ready-admin").await,
-    );
+    let admin = idem_testkit::rabbitmq("idem-test-ready-admin").await;
     let ch = admin.create_channel().await.unwrap();
     let redis_url = "redis://127.0.0.1:6379";
     let direct = Service::Redis.expect_connected(redis_url, RedisStore::connect(redis_url).await);
@@ -338,10 +284,7 @@ async fn ready_turns_503_when_redis_is_cut_and_200_when_it_returns() {
 async fn ready_and_metrics_of_two_workers_on_one_listener() {
     let _serial = SERIAL.lock().await;
     let url = idem_amqp::amqp_url_from_env();
-    let admin = Service::RabbitMq.expect_connected(
-        &url,
-        idem_amqp::connect(&url, "idem-test-ready-admin").await,
-    );
+    let admin = idem_testkit::rabbitmq("idem-test-ready-admin").await;
     let ch = admin.create_channel().await.unwrap();
     let listener = listener();
     let addr = listener.local_addr();

@@ -23,8 +23,8 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
@@ -34,35 +34,15 @@ use futures_util::future::BoxFuture;
 use idem_amqp::service::{HostedTask, TaskContext, TaskError};
 use idem_amqp::{Error, Publisher, Service, Topology};
 use idem_core::{Consumer, IdempotencyKey, MemoryStore, Message, State};
-use idem_testkit::broker::{connection_open, declare_queue, queue_counts, wait_until};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use idem_testkit::broker::{
+    assert_settled, close_connections_named, connection_closes, connection_open, connections_named,
+    declare_queue, queue_counts, wait_until,
+};
+use idem_testkit::http::get_raw;
+use idem_testkit::probe::{assert_each_once, Probe};
+use tokio::net::TcpListener;
 
 const PER_CONSUMER: usize = 100;
-
-/// What the handlers of every consumer saw.
-#[derive(Default)]
-struct Probe {
-    started: AtomicUsize,
-    finished: AtomicUsize,
-    effects: Mutex<HashMap<String, usize>>,
-}
-
-impl Probe {
-    fn applied(&self) -> usize {
-        self.effects.lock().unwrap().len()
-    }
-
-    /// Messages of the consumer `name` applied.
-    fn applied_by(&self, name: &str) -> usize {
-        let effects = self.effects.lock().unwrap();
-        effects.keys().filter(|k| k.starts_with(name)).count()
-    }
-
-    fn in_flight(&self) -> usize {
-        self.started.load(Ordering::SeqCst) - self.finished.load(Ordering::SeqCst)
-    }
-}
 
 /// A handler's state: the probe, and a gate each run takes one permit from before it
 /// applies its effect (so a test can hold handlers in flight).
@@ -74,17 +54,10 @@ struct Ctx {
 
 /// Waits for a permit of its consumer's gate, then applies its effect.
 async fn handler(State(ctx): State<Ctx>, key: IdempotencyKey) {
-    let probe = ctx.probe;
-    probe.started.fetch_add(1, Ordering::SeqCst);
-    ctx.gate.acquire().await.unwrap().forget();
-    tokio::time::sleep(Duration::from_millis(5)).await;
-    *probe
-        .effects
-        .lock()
-        .unwrap()
-        .entry(key.as_str().to_owned())
-        .or_default() += 1;
-    probe.finished.fetch_add(1, Ordering::SeqCst);
+    let effect = key.as_str().to_owned();
+    ctx.probe
+        .run(&ctx.gate, Duration::from_millis(5), effect)
+        .await;
 }
 
 /// One consumer of the test: its queue, name and dedup store.
@@ -125,16 +98,6 @@ fn service(lanes: &[Lane], probe: &Arc<Probe>, shared: Option<&str>) -> idem_amq
     })
 }
 
-async fn scrape(addr: std::net::SocketAddr) -> String {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
 async fn wait_for(what: &str, limit: Duration, cond: impl Fn() -> bool) {
     assert!(
         wait_until(limit, async || cond()).await,
@@ -166,43 +129,6 @@ async fn lanes(ch: &lapin::Channel, per_lane: usize) -> Vec<Lane> {
         lanes.push(lane);
     }
     lanes
-}
-
-/// Runs `rabbitmqctl` with `args`; its output.
-fn rabbitmqctl(args: &[&str]) -> String {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl must be on PATH for this test (it ships with RabbitMQ)");
-    assert!(out.status.success(), "rabbitmqctl {args:?}: {out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The broker's ids of the client connections named `name`; with `close`, closes them.
-async fn connections_named(name: &str, close: bool) -> usize {
-    let needle = format!("{{\"connection_name\",\"{name}\"}}");
-    tokio::task::spawn_blocking(move || {
-        let list = rabbitmqctl(&[
-            "list_connections",
-            "pid",
-            "client_properties",
-            "--quiet",
-            "--no-table-headers",
-        ]);
-        let pids: Vec<&str> = list
-            .lines()
-            .filter(|l| l.contains(&needle))
-            .filter_map(|l| l.split_once('\t').map(|(pid, _)| pid.trim()))
-            .collect();
-        if close {
-            for pid in &pids {
-                rabbitmqctl(&["close_connection", pid, "idem-test: service reconnect"]);
-            }
-        }
-        pids.len()
-    })
-    .await
-    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -238,23 +164,19 @@ async fn stop_in_flight_then_finish(shared: Option<String>) {
     wait_for(
         "20 messages applied per consumer, and handlers held",
         Duration::from_secs(30),
-        || lanes.iter().all(|l| first.applied_by(&l.name) == 20) && first.in_flight() >= 3,
+        || lanes.iter().all(|l| first.applied_with(&l.name) == 20) && first.in_flight() >= 3,
     )
     .await;
     if let Some(name) = &shared {
-        let body = scrape(addr).await;
+        let body = get_raw(addr, "/metrics").await;
         assert!(body.starts_with("HTTP/1.1 200"), "{body}");
         for lane in &lanes {
             let series = format!(r#"idem_processed_total{{consumer="{}"}}"#, lane.name);
             assert!(body.contains(&series), "no {series} in:\n{body}");
             let own = format!("idem:{}", lane.name);
-            assert_eq!(connections_named(&own, false).await, 0, "{own}");
+            assert_eq!(connections_named(&own).await, 0, "{own}");
         }
-        assert_eq!(
-            connections_named(name, false).await,
-            1,
-            "one shared connection"
-        );
+        assert_eq!(connections_named(name).await, 1, "one shared connection");
     }
     let in_flight = first.in_flight();
     // The stop starts while handlers are held, then they may finish.
@@ -265,11 +187,7 @@ async fn stop_in_flight_then_finish(shared: Option<String>) {
     }
     let stats = running.join().await.unwrap();
     assert!(in_flight > 0, "the stop found no handler running");
-    assert_eq!(
-        first.started.load(Ordering::SeqCst),
-        first.finished.load(Ordering::SeqCst),
-        "a handler in flight at the stop was cut off"
-    );
+    first.assert_none_cut_off();
     let names: Vec<&str> = stats.iter().map(|(n, _)| n.as_str()).collect();
     let expected: Vec<&str> = lanes.iter().map(|l| l.name.as_str()).collect();
     assert_eq!(names, expected);
@@ -279,13 +197,7 @@ async fn stop_in_flight_then_finish(shared: Option<String>) {
         "nothing left for the second run"
     );
     for lane in &lanes {
-        let q = lane.topology.queue().to_owned();
-        let settled = wait_until(Duration::from_secs(5), async || {
-            let c = queue_counts(&q).await;
-            c.unacked == 0 && c.consumers == 0
-        })
-        .await;
-        assert!(settled, "{q} after the stop: {:?}", queue_counts(&q).await);
+        assert_settled(lane.topology.queue(), Duration::from_secs(5)).await;
         assert!(!connection_open(&format!("idem:{}", lane.name)).await);
     }
     if let Some(name) = &shared {
@@ -327,18 +239,13 @@ async fn stop_in_flight_then_finish(shared: Option<String>) {
             "{name}: an ack of the first run was not sent"
         );
     }
-    let mut all = first.effects.lock().unwrap().clone();
-    for (key, n) in second.effects.lock().unwrap().iter() {
-        *all.entry(key.clone()).or_default() += n;
-    }
-    assert_exactly_once(&all, 3 * PER_CONSUMER);
+    assert_exactly_once(&first.merged(&second), 3 * PER_CONSUMER);
     cleanup(&ch, &lanes).await;
 }
 
 fn assert_exactly_once(effects: &HashMap<String, usize>, total: usize) {
     assert_eq!(effects.len(), total);
-    let twice: Vec<_> = effects.iter().filter(|(_, n)| **n != 1).collect();
-    assert!(twice.is_empty(), "applied more than once: {twice:?}");
+    assert_each_once(effects);
 }
 
 /// Checks every lane's queue is empty and settled, then deletes its topology.
@@ -373,19 +280,18 @@ async fn service_consumers_move_together_to_a_new_shared_connection() {
         probe.applied() >= 30
     })
     .await;
-    assert_eq!(connections_named(&name, true).await, 1);
+    assert_eq!(
+        close_connections_named(&name, "idem-test: service reconnect").await,
+        1
+    );
     wait_for("every message applied", Duration::from_secs(60), || {
         probe.applied() >= 3 * PER_LANE
     })
     .await;
-    assert_eq!(
-        connections_named(&name, false).await,
-        1,
-        "one connection again"
-    );
+    assert_eq!(connections_named(&name).await, 1, "one connection again");
     let stats = running.shutdown_and_join().await.unwrap();
     assert_eq!(stats.len(), 3);
-    let effects = probe.effects.lock().unwrap().clone();
+    let effects = probe.effects();
     assert_exactly_once(&effects, 3 * PER_LANE);
     cleanup(&ch, &lanes).await;
 }
@@ -422,10 +328,7 @@ async fn service_fails_naming_the_consumer_and_stops_the_others() {
         other => panic!("expected Error::Consumer, got {other}"),
     }
     assert!(err.to_string().contains(&bad_name), "{err}");
-    let closed = wait_until(Duration::from_secs(5), async || {
-        !connection_open(&format!("idem:{good_name}")).await
-    })
-    .await;
+    let closed = connection_closes(&format!("idem:{good_name}"), Duration::from_secs(5)).await;
     assert!(closed, "the good consumer's connection stayed open");
 
     // Two consumers with one name are refused before anything runs.
@@ -505,10 +408,7 @@ async fn service_task_error_stops_the_consumers_and_names_the_task() {
         err.to_string(),
         r#"hosted task "doomed": the task's database is gone"#
     );
-    let closed = wait_until(Duration::from_secs(5), async || {
-        !connection_open(&format!("idem:{name}")).await
-    })
-    .await;
+    let closed = connection_closes(&format!("idem:{name}"), Duration::from_secs(5)).await;
     assert!(closed, "the consumer's connection stayed open");
     topology.delete_on(&ch).await.unwrap();
 }

@@ -5,29 +5,9 @@
 //! Needs RabbitMQ (with `rabbitmqctl` on the PATH), PostgreSQL and Redis; see the
 //! crate README.
 
-use std::collections::HashMap;
-use std::process::Command;
+mod support;
 
-/// `key=value` fields of the summary line.
-fn fields(line: &str) -> HashMap<&str, i64> {
-    line.trim_start_matches("chaos:")
-        .split_whitespace()
-        .filter_map(|f| f.split_once('='))
-        .filter_map(|(k, v)| Some((k, v.parse().ok()?)))
-        .collect()
-}
-
-fn run(args: &[&str]) -> (std::process::ExitStatus, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_idem-chaos"))
-        .args(args)
-        .output()
-        .expect("run idem-chaos");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let report = format!("--- stdout\n{stdout}\n--- stderr\n{stderr}");
-    let last = stdout.lines().last().unwrap_or_default().to_owned();
-    (out.status, last, report)
-}
+use support::{run, summary};
 
 fn check(store: &str, faults: &str) -> String {
     let (status, last, report) = run(&[
@@ -52,15 +32,7 @@ fn check(store: &str, faults: &str) -> String {
         "--drain-timeout",
         "120",
     ]);
-    assert!(
-        status.success(),
-        "idem-chaos failed ({status}); if a service is down, stderr says how to start it\n{report}"
-    );
-    assert!(
-        last.starts_with("chaos: published="),
-        "last line: {last}\n{report}"
-    );
-    let f = fields(&last);
+    let f = summary(status, &last, &report);
     let get = |k: &str| *f.get(k).unwrap_or_else(|| panic!("no {k} in {last:?}"));
     assert_eq!(get("confirmed"), 1500, "{report}");
     assert_eq!(get("lost"), 0, "{report}");

@@ -34,30 +34,10 @@ fn broker_restart_loses_nothing_and_every_client_reconnects_on_its_own() {
         "60",
     ]);
     let report = &run.report;
-    assert!(
-        run.status.success(),
-        "idem-chaos failed ({}); if a service is down, stderr says how to start it\n{report}",
-        run.status
-    );
+    // Every message is eventually confirmed or committed to the outbox.
+    run.assert_exactly_once(2000);
     let last = "chaos: published=";
     assert_eq!(run.get(last, "published"), 2000, "{report}");
-    assert_eq!(
-        run.get(last, "confirmed"),
-        2000,
-        "every message is eventually confirmed or committed to the outbox\n{report}"
-    );
-    assert_eq!(run.get(last, "lost"), 0, "{report}");
-    assert_eq!(run.get(last, "duplicates"), 0, "{report}");
-    assert_eq!(
-        run.get(last, "dead_lettered"),
-        run.get(last, "poison"),
-        "{report}"
-    );
-    assert_eq!(
-        run.get(last, "effects"),
-        run.get(last, "confirmed") - run.get(last, "poison"),
-        "one effect per confirmed valid message\n{report}"
-    );
 
     // One restart, and nothing restarted the workers: no kill, no crash point, no exit.
     let injected = "chaos: faults injected:";

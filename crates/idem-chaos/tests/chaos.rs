@@ -2,29 +2,9 @@
 //! connection closes and `pg_terminate_backend`, PostgreSQL inbox. Needs RabbitMQ
 //! (with `rabbitmqctl` on the PATH) and PostgreSQL; see the crate README.
 
-use std::collections::HashMap;
-use std::process::Command;
+mod support;
 
-/// `key=value` fields of the summary line.
-fn fields(line: &str) -> HashMap<&str, i64> {
-    line.trim_start_matches("chaos:")
-        .split_whitespace()
-        .filter_map(|f| f.split_once('='))
-        .filter_map(|(k, v)| Some((k, v.parse().ok()?)))
-        .collect()
-}
-
-fn run(args: &[&str]) -> (std::process::ExitStatus, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_idem-chaos"))
-        .args(args)
-        .output()
-        .expect("run idem-chaos");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let report = format!("--- stdout\n{stdout}\n--- stderr\n{stderr}");
-    let last = stdout.lines().last().unwrap_or_default().to_owned();
-    (out.status, last, report)
-}
+use support::{fields, run, summary};
 
 /// The control group: the same faults without any dedup. The checker must see the
 /// duplicates (the `after-commit-before-ack` crash point re-runs a handled message)
@@ -84,15 +64,7 @@ fn ci_sized_run_loses_nothing_and_applies_nothing_twice() {
         "--drain-timeout",
         "120",
     ]);
-    assert!(
-        status.success(),
-        "idem-chaos failed ({status}); if a service is down, stderr says how to start it\n{report}"
-    );
-    assert!(
-        last.starts_with("chaos: published="),
-        "last line: {last}\n{report}"
-    );
-    let f = fields(&last);
+    let f = summary(status, &last, &report);
     let get = |k: &str| *f.get(k).unwrap_or_else(|| panic!("no {k} in {last:?}"));
     assert_eq!(get("published"), 2500, "{report}");
     assert_eq!(

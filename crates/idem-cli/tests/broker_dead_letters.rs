@@ -11,7 +11,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{ids, Fixture};
+use common::{declare_durable, ids, long, unspent, Fixture};
 use idem_cli::dlq;
 use idem_core::dedup::REPLAY_HEADER;
 use idem_core::outcome::headers as h;
@@ -19,12 +19,8 @@ use lapin::options::{
     BasicGetOptions, BasicPublishOptions, BasicRejectOptions, ConfirmSelectOptions,
     QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
-
-fn long(s: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(s.as_bytes()))
-}
 
 async fn confirm_channel(conn: &Connection) -> Channel {
     let ch = conn.create_channel().await.unwrap();
@@ -108,16 +104,11 @@ async fn broker_dead_letters_are_listed_grouped_and_replayed_to_their_queue() {
     // A second queue dead-letters into the same DLQ: replay must send its message back
     // there, not to Q.
     let side = format!("{q}-side");
-    let mut side_args = FieldTable::default();
-    side_args.insert("x-dead-letter-exchange".into(), long(""));
-    side_args.insert("x-dead-letter-routing-key".into(), long(&f.dlq()));
-    ch.queue_declare(
-        side.as_str().into(),
-        QueueDeclareOptions::durable(),
-        side_args,
-    )
-    .await
-    .unwrap();
+    let to_dlq = [
+        ("x-dead-letter-exchange", long("")),
+        ("x-dead-letter-routing-key", long(&f.dlq())),
+    ];
+    declare_durable(&ch, &side, &to_dlq).await;
 
     // 1. TTL: two messages published through amq.direct with a routing key expire in Q.
     let rk = format!("rk-{}", uuid::Uuid::new_v4().simple());
@@ -254,17 +245,12 @@ async fn a_hundred_lists_leave_a_quorum_dlq_unchanged() {
     let conn = common::connect().await;
     let q = format!("idem-cli-test-qq-reads-{}", uuid::Uuid::new_v4().simple());
     let dlq_name = format!("{q}.dlq");
-    let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), long("quorum"));
-    args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(20));
     let ch = confirm_channel(&conn).await;
-    ch.queue_declare(
-        dlq_name.as_str().into(),
-        QueueDeclareOptions::durable(),
-        args,
-    )
-    .await
-    .unwrap();
+    let quorum = [
+        ("x-queue-type", long("quorum")),
+        ("x-delivery-limit", AMQPValue::LongLongInt(20)),
+    ];
+    declare_durable(&ch, &dlq_name, &quorum).await;
     let sent: Vec<(String, BasicProperties)> = (1..=5)
         .map(|i| {
             let id = format!("m{i}");
@@ -301,25 +287,7 @@ async fn a_hundred_lists_leave_a_quorum_dlq_unchanged() {
             .unwrap_or_else(|| panic!("{id} is gone"));
         assert_eq!(m.delivery.data, format!("body of {id}").into_bytes());
         // The broker adds x-delivery-count to this delivery: 0, no read ever counted.
-        let mut headers = m
-            .delivery
-            .properties
-            .headers()
-            .clone()
-            .unwrap()
-            .inner()
-            .clone();
-        let count = headers.remove("x-delivery-count");
-        assert!(
-            matches!(count, None | Some(AMQPValue::LongLongInt(0))),
-            "{id}: x-delivery-count {count:?}"
-        );
-        let props = m
-            .delivery
-            .properties
-            .clone()
-            .with_headers(FieldTable::from(headers));
-        assert_eq!(&props, p, "{id}");
+        assert_eq!(&unspent(&m.delivery.properties, id), p, "{id}");
     }
     assert!(ch2
         .basic_get(dlq_name.as_str().into(), BasicGetOptions { no_ack: true })
@@ -340,21 +308,14 @@ async fn delivery_limit_dead_letters_show_their_reason_and_replay_to_their_queue
     let q = format!("idem-cli-test-qq-limit-{}", uuid::Uuid::new_v4().simple());
     let dlq_name = format!("{q}.dlq");
     let ch = confirm_channel(&conn).await;
-    let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), long("quorum"));
-    args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(1));
-    args.insert("x-dead-letter-exchange".into(), long(""));
-    args.insert("x-dead-letter-routing-key".into(), long(&dlq_name));
-    ch.queue_declare(q.as_str().into(), QueueDeclareOptions::durable(), args)
-        .await
-        .unwrap();
-    ch.queue_declare(
-        dlq_name.as_str().into(),
-        QueueDeclareOptions::durable(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    let args = [
+        ("x-queue-type", long("quorum")),
+        ("x-delivery-limit", AMQPValue::LongLongInt(1)),
+        ("x-dead-letter-exchange", long("")),
+        ("x-dead-letter-routing-key", long(&dlq_name)),
+    ];
+    declare_durable(&ch, &q, &args).await;
+    declare_durable(&ch, &dlq_name, &[]).await;
     publish(&ch, "", &q, "body of poison-1", props("poison-1")).await;
     // Another client takes it and hands it back until the broker gives up on it.
     let taker = conn.create_channel().await.unwrap();

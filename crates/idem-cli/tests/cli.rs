@@ -5,22 +5,14 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::Command;
 
-use common::{dead, ids, Fixture};
+use common::{dead, ids, text, Fixture};
 use idem_core::ErrorKind::Transient;
 
-fn idem(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_idem"))
-        .args(args)
-        .env("AMQP_URL", common::url())
-        .env("COLUMNS", "100")
-        .output()
-        .expect("run the idem binary")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+/// The binary against the local broker, in a terminal 100 characters wide.
+fn idem(args: &[&str]) -> std::process::Output {
+    common::idem_at(&common::url(), 100, args)
 }
 
 #[tokio::test]

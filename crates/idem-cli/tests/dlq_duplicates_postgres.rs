@@ -9,27 +9,13 @@
 
 mod common;
 
-use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{dead, ids, Fixture};
-use idem_core::dedup::{Claim, Completion, DedupStore, OwnerToken, ScopedKey};
+use common::{dead, idem, ids, outcome, record_done, replay_report, text, Fixture};
+use idem_core::dedup::{Completion, ScopedKey};
 use idem_core::ErrorKind::Transient;
 use idem_sql::PgStore;
 use idem_testkit::Service;
-
-fn idem(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_idem"))
-        .args(args)
-        .env("AMQP_URL", common::url())
-        .env("COLUMNS", "200")
-        .output()
-        .expect("run the idem binary")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 /// Records `key` of the fixture's consumer as done in `store`, with `fingerprint`,
 /// kept for `retention`.
@@ -41,16 +27,7 @@ async fn record(
     retention: Duration,
 ) {
     let key = ScopedKey::new("test-consumer", key);
-    let owner = OwnerToken::generate();
-    let claim = store
-        .claim(&key, &owner, fingerprint, Duration::from_secs(30))
-        .await
-        .unwrap();
-    assert_eq!(claim, Claim::Acquired);
-    assert!(store
-        .complete(&key, &owner, completion, retention)
-        .await
-        .unwrap());
+    record_done(store, &key, fingerprint, completion, retention).await;
 }
 
 #[tokio::test]
@@ -65,14 +42,11 @@ async fn replay_predicts_duplicates_from_a_postgres_dedup_table() {
     ])
     .await;
     let url = Service::PostgreSql.url();
-    let pool = Service::PostgreSql.expect_connected(
-        &url,
-        sqlx::postgres::PgPoolOptions::new()
-            .max_connections(2)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect(&url)
-            .await,
-    );
+    let pool = idem_testkit::postgres(
+        sqlx::postgres::PgPoolOptions::new().max_connections(2),
+        "idem-cli-test",
+    )
+    .await;
     let table = format!("idem_cli_test_{}", uuid::Uuid::new_v4().simple());
     let store = PgStore::new(pool.clone()).try_table(&table).unwrap();
     store.ensure_schema().await.unwrap();
@@ -95,46 +69,15 @@ async fn replay_predicts_duplicates_from_a_postgres_dedup_table() {
     record(&store, "key-poisoned-1", None, Completion::Poisoned, long).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
 
+    let dedup = ["--dedup-postgres", &url, "--dedup-table", &table];
     for dry in [true, false] {
-        let mut args = vec![
-            "dlq",
-            "replay",
-            f.queue.as_str(),
-            "--all",
-            "--json",
-            "--dedup-postgres",
-            url.as_str(),
-            "--dedup-table",
-            table.as_str(),
-        ];
-        if dry {
-            args.push("--dry-run");
-        }
-        let out = idem(&args);
-        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(v["duplicates"], 1, "{v}");
-        let outcome = |id: &str| {
-            v["messages"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|m| m["message_id"] == id)
-                .unwrap()["outcome"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        };
+        let v = replay_report(&f.queue, &dedup, dry, &["done-1"]);
         assert!(
-            outcome("done-1").ends_with("will be acked as a duplicate"),
-            "{v}"
-        );
-        assert!(
-            outcome("other-1").ends_with("will be dead-lettered: different payload"),
+            outcome(&v, "other-1").ends_with("will be dead-lettered: different payload"),
             "{v}"
         );
         for runs in ["fresh-1", "expired-1", "poisoned-1"] {
-            let o = outcome(runs);
+            let o = outcome(&v, runs);
             assert!(
                 !o.contains("duplicate") && !o.contains("different"),
                 "{runs}: {v}"
@@ -171,9 +114,6 @@ async fn replay_predicts_duplicates_from_a_postgres_dedup_table() {
     );
     assert_eq!(f.depth(&f.dlq()).await, 1, "nothing moved");
 
-    sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
-        .execute(&pool)
-        .await
-        .unwrap();
+    idem_testkit::drop_pg_table(&pool, &table).await;
     f.cleanup().await;
 }

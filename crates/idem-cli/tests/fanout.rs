@@ -12,31 +12,14 @@ mod common;
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
-use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use clap::Parser;
+use common::{depth, idem, replay_all, text, wait_for};
 use futures_util::FutureExt;
 use idem_amqp::{Exchange, Publisher, Topology, Worker};
 use idem_core::{Consumer, HandlerError, MemoryStore, Message};
 use lapin::options::{BasicAckOptions, BasicGetOptions};
-
-async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
-async fn depth(conn: &lapin::Connection, queue: &str) -> u32 {
-    idem_cli::broker::probe(conn, queue)
-        .await
-        .unwrap()
-        .expect("queue exists")
-        .messages
-}
 
 /// Deletes the topologies' queues and the exchanges (best effort: runs after a
 /// failed test too).
@@ -213,19 +196,7 @@ async fn one_publish_reaches_each_service_once_and_retries_and_replays_stay_in_t
 
         // The operator replays billing's dead letter with the CLI: it goes back to
         // billing's queue only.
-        let cli = idem_cli::cli::Cli::try_parse_from([
-            "idem",
-            "--url",
-            &common::url(),
-            "dlq",
-            "replay",
-            billing.queue(),
-            "--all",
-        ])
-        .unwrap();
-        let mut out = Vec::new();
-        idem_cli::run(cli, &mut out).await.unwrap();
-        let out = String::from_utf8_lossy(&out);
+        let out = replay_all(billing.queue()).await;
         assert!(out.contains("1 of 1"), "{out}");
         // The copy was confirmed before the command returned: had it gone to the
         // exchange, audit's queue (no consumer now) would hold it.
@@ -327,19 +298,6 @@ async fn topic_bindings_route_by_routing_key_and_an_unrouted_publish_is_returned
         let _ = conn.close(200, "bye".into()).await;
     })
     .await;
-}
-
-fn idem(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_idem"))
-        .args(args)
-        .env("AMQP_URL", common::url())
-        .env("COLUMNS", "200")
-        .output()
-        .expect("run the idem binary")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 #[tokio::test]

@@ -157,10 +157,7 @@ async fn relay_command_publishes_until_sigterm() {
     ch.queue_delete(queue.as_str().into(), Default::default())
         .await
         .unwrap();
-    sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
-        .execute(&pool)
-        .await
-        .unwrap();
+    idem_testkit::drop_pg_table(&pool, &table).await;
     assert!(published, "rows still pending; relay output:\n{out}");
     assert_eq!(depth, 3, "three messages in the queue");
     assert_eq!(status.code(), Some(0), "{out}");

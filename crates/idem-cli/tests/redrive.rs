@@ -6,26 +6,12 @@
 
 mod common;
 
-use std::process::{Command, Output};
-
-use common::{dead, ids, Fixture};
+use common::{dead, idem, ids, text, Fixture};
 use idem_cli::dlq::redrive::{REDRIVE_COUNT_HEADER, REDRIVE_RULE_HEADER};
 use idem_core::ErrorKind::{Permanent, Transient};
 use idem_core::HeaderValue;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
-
-fn idem(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_idem"))
-        .args(args)
-        .env("AMQP_URL", common::url())
-        .output()
-        .expect("run the idem binary")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 #[tokio::test]
 async fn rules_replay_one_group_park_another_and_hold_after_max_replays() {

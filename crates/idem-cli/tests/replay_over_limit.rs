@@ -11,29 +11,13 @@ mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
-use clap::Parser;
+use common::{depth, replay_all, wait_for};
 use idem_amqp::{Publisher, QueueType, Topology, Worker};
 use idem_core::crash::{BROKER_DELIVERY_COUNT_HEADER, DELIVERY_COUNT_HEADER};
 use idem_core::outcome::headers as h;
 use idem_core::{Consumer, ErrorKind, Failure, HandlerError, MemoryStore, Message};
-
-async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
-async fn depth(conn: &lapin::Connection, queue: &str) -> u32 {
-    idem_cli::broker::probe(conn, queue)
-        .await
-        .unwrap()
-        .expect("queue exists")
-        .messages
-}
 
 #[tokio::test]
 async fn replay_of_an_over_limit_dead_letter_runs_it_once_and_acks_it() {
@@ -105,19 +89,7 @@ async fn replay_of_an_over_limit_dead_letter_runs_it_once_and_acks_it() {
     );
 
     // The operator replays it with the CLI.
-    let cli = idem_cli::cli::Cli::try_parse_from([
-        "idem",
-        "--url",
-        &common::url(),
-        "dlq",
-        "replay",
-        &q,
-        "--all",
-    ])
-    .unwrap();
-    let mut out = Vec::new();
-    idem_cli::run(cli, &mut out).await.unwrap();
-    let out = String::from_utf8_lossy(&out);
+    let out = replay_all(&q).await;
     assert!(out.contains("1 of 1"), "{out}");
 
     // It runs once and is acked: nothing left in Q or its DLQ.

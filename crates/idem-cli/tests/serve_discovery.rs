@@ -8,19 +8,7 @@
 
 mod common;
 
-use std::process::{Command, Output};
-
-fn idem(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_idem"))
-        .args(args)
-        .env("AMQP_URL", common::url())
-        .output()
-        .expect("run the idem binary")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
+use common::{idem, text};
 
 #[tokio::test]
 async fn without_queue_and_without_a_management_api_serve_asks_for_queue() {

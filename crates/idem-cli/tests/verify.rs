@@ -6,10 +6,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::BTreeSet;
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use common::{record_done, text};
 use idem_amqp::{DelayTiers, Topology, Worker};
 use idem_core::dedup::{Claim, Completion, DedupStore, OwnerToken, ScopedKey};
 use idem_core::{Consumer, HandlerError, Stats, WorkerHandle};
@@ -44,15 +48,11 @@ impl Fixture {
 
     /// A fixture whose topology has the one delay tier `tier` (`name` as for --tiers).
     async fn with_tiers(name: &'static str, tier: Duration) -> Fixture {
-        let url = Service::PostgreSql.url();
-        let pool = Service::PostgreSql.expect_connected(
-            &url,
-            sqlx::postgres::PgPoolOptions::new()
-                .max_connections(7)
-                .acquire_timeout(Duration::from_secs(10))
-                .connect(&url)
-                .await,
-        );
+        let pool = idem_testkit::postgres(
+            sqlx::postgres::PgPoolOptions::new().max_connections(7),
+            "idem-verify-test",
+        )
+        .await;
         let amqp = Service::RabbitMq.url();
         let conn = Service::RabbitMq
             .expect_connected(&amqp, idem_amqp::connect(&amqp, "idem-verify-test").await);
@@ -262,6 +262,22 @@ impl Fixture {
     }
 }
 
+impl Fixture {
+    /// Runs `idem verify` on this fixture's queue with the message ids listed in the
+    /// file `ids`, reading the dedup records with the options `store`.
+    fn verify_ids(&self, ids: &Path, store: &[&str]) -> Output {
+        let ids = ids.to_str().unwrap();
+        let mut args = vec!["verify", self.queue(), "--consumer", CONSUMER, "--ids", ids];
+        args.extend_from_slice(store);
+        args.extend(["--tiers", self.tiers, "--recheck-after", "0s"]);
+        Command::new(env!("CARGO_BIN_EXE_idem"))
+            .args(&args)
+            .env("AMQP_URL", Service::RabbitMq.url())
+            .output()
+            .expect("run the idem binary")
+    }
+}
+
 /// Removes the fixture's queues and tables when it goes out of scope, also when the
 /// test failed (on a thread of its own: a test's runtime may be the current thread).
 impl Drop for Fixture {
@@ -315,20 +331,7 @@ async fn remove(queues: Vec<String>, tables: Vec<String>) {
 /// Records `key` of the test consumer as done in `store`, kept for `retention`.
 async fn record(store: &impl DedupStore, key: &str, completion: Completion, retention: Duration) {
     let key = ScopedKey::new(CONSUMER, key);
-    let owner = OwnerToken::generate();
-    let claim = store
-        .claim(&key, &owner, None, Duration::from_secs(30))
-        .await
-        .unwrap();
-    assert_eq!(claim, Claim::Acquired);
-    assert!(store
-        .complete(&key, &owner, completion, retention)
-        .await
-        .unwrap());
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+    record_done(store, &key, None, completion, retention).await;
 }
 
 /// The ids of the findings of class `class` in a `--json` report.
@@ -657,41 +660,10 @@ async fn verify_reads_a_redis_store_and_an_id_list() {
     let ids = std::env::temp_dir().join(format!("{prefix}.ids"));
     std::fs::write(&ids, "a\nb\nc\n# a comment\nd\ne\n").unwrap();
 
-    let out = Command::new(env!("CARGO_BIN_EXE_idem"))
-        .args([
-            "verify",
-            f.queue(),
-            "--consumer",
-            CONSUMER,
-            "--ids",
-            ids.to_str().unwrap(),
-            "--dedup-redis",
-            &url,
-            "--dedup-prefix",
-            &prefix,
-            "--tiers",
-            "1s",
-            "--recheck-after",
-            "0s",
-        ])
-        .env("AMQP_URL", Service::RabbitMq.url())
-        .output()
-        .expect("run the idem binary");
+    let out = f.verify_ids(&ids, &["--dedup-redis", &url, "--dedup-prefix", &prefix]);
     let stdout = text(&out.stdout);
     let _ = std::fs::remove_file(&ids);
-    let mut conn = store.connection();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}*"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    if !keys.is_empty() {
-        let _: i64 = redis::cmd("DEL")
-            .arg(&keys)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-    }
+    idem_testkit::delete_redis_keys(&mut store.connection(), &format!("{prefix}*")).await;
     assert_eq!(out.status.code(), Some(5), "{stdout}{}", text(&out.stderr));
     assert!(
         stdout.starts_with("verify: lost=1 stuck=0 at_risk=0 hazards=0"),
@@ -713,14 +685,7 @@ async fn verify_reads_a_redis_store_and_an_id_list() {
 async fn verify_reads_a_mysql_lease_store_table() {
     let f = Fixture::new().await;
     let url = Service::MariaDb.url();
-    let pool = Service::MariaDb.expect_connected(
-        &url,
-        sqlx::mysql::MySqlPoolOptions::new()
-            .max_connections(2)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect(&url)
-            .await,
-    );
+    let pool = idem_testkit::mariadb(sqlx::mysql::MySqlPoolOptions::new().max_connections(2)).await;
     let table = format!("{}_dedup", f.inbox.trim_end_matches("_inbox"));
     let store = MySqlStore::new(pool.clone()).try_table(&table).unwrap();
     store.ensure_schema().await.unwrap();
@@ -742,26 +707,7 @@ async fn verify_reads_a_mysql_lease_store_table() {
     let ids = std::env::temp_dir().join(format!("{table}.ids"));
     std::fs::write(&ids, "a\np\nb\n").unwrap();
 
-    let out = Command::new(env!("CARGO_BIN_EXE_idem"))
-        .args([
-            "verify",
-            f.queue(),
-            "--consumer",
-            CONSUMER,
-            "--ids",
-            ids.to_str().unwrap(),
-            "--dedup-mysql",
-            &url,
-            "--dedup-table",
-            &table,
-            "--tiers",
-            "1s",
-            "--recheck-after",
-            "0s",
-        ])
-        .env("AMQP_URL", Service::RabbitMq.url())
-        .output()
-        .expect("run the idem binary");
+    let out = f.verify_ids(&ids, &["--dedup-mysql", &url, "--dedup-table", &table]);
     let stdout = text(&out.stdout);
     let _ = std::fs::remove_file(&ids);
     sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))

@@ -7,34 +7,17 @@
 
 mod common;
 
-use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::{declare_durable, idem, long, text, unspent};
 use idem_amqp::{Publisher, RawOutgoing, Topology, Worker};
 use idem_cli::dlq::{self, Filter, Selector};
 use idem_core::outcome::headers as h;
 use idem_core::{Consumer, HandlerError, Json, MemoryStore};
-use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{BasicGetOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString};
 use lapin::{BasicProperties, Connection};
-
-fn long(s: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(s.as_bytes()))
-}
-
-fn idem(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_idem"))
-        .args(args)
-        .env("AMQP_URL", common::url())
-        .env("COLUMNS", "200")
-        .output()
-        .expect("run the idem binary")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 const GROUPS: [(&str, &str); 3] = [
     ("transient", "gateway timeout after {} ms"),
@@ -93,14 +76,11 @@ impl Queues {
         let ch = conn.create_channel().await.unwrap();
         let limit = (kind == "quorum").then_some(20);
         for (queue, limit) in [(&q, None), (&dlq, limit)] {
-            let mut args = FieldTable::default();
-            args.insert("x-queue-type".into(), long(kind));
+            let mut args = vec![("x-queue-type", long(kind))];
             if let Some(l) = limit {
-                args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(l));
+                args.push(("x-delivery-limit", AMQPValue::LongLongInt(l)));
             }
-            ch.queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), args)
-                .await
-                .unwrap();
+            declare_durable(&ch, queue, &args).await;
         }
         let publisher = Publisher::connect(&common::url()).await.unwrap();
         Queues {
@@ -146,17 +126,7 @@ impl Queues {
             .await
             .unwrap()
         {
-            let mut headers = m.delivery.properties.headers().clone().unwrap_or_default();
-            let count = headers.inner().get("x-delivery-count").cloned();
-            assert!(
-                matches!(count, None | Some(AMQPValue::LongLongInt(0))),
-                "a read spent a delivery: x-delivery-count {count:?}"
-            );
-            let mut t = headers.inner().clone();
-            t.remove("x-delivery-count");
-            t.remove("x-acquired-count");
-            headers = FieldTable::from(t);
-            let props = m.delivery.properties.clone().with_headers(headers);
+            let props = unspent(&m.delivery.properties, queue);
             out.push((props, m.delivery.data));
         }
         let _ = ch.close(200, "bye".into()).await;
@@ -328,16 +298,11 @@ async fn read_behind_another_active_consumer(kind: &str) {
     let q = format!("idem-cli-test-sac-{}", uuid::Uuid::new_v4().simple());
     let dlq_name = format!("{q}.dlq");
     let ch = conn.create_channel().await.unwrap();
-    let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), long(kind));
-    args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
-    ch.queue_declare(
-        dlq_name.as_str().into(),
-        QueueDeclareOptions::durable(),
-        args,
-    )
-    .await
-    .unwrap();
+    let args = [
+        ("x-queue-type", long(kind)),
+        ("x-single-active-consumer", AMQPValue::Boolean(true)),
+    ];
+    declare_durable(&ch, &dlq_name, &args).await;
     let publisher = Publisher::connect(&common::url()).await.unwrap();
     let qs = Queues {
         conn,
@@ -413,23 +378,7 @@ async fn read_behind_another_active_consumer(kind: &str) {
             .expect("the DLQ holds 19 messages")
             .unwrap()
             .unwrap();
-        let mut t = d
-            .properties
-            .headers()
-            .clone()
-            .unwrap_or_default()
-            .inner()
-            .clone();
-        let count = t.remove("x-delivery-count");
-        assert!(
-            matches!(count, None | Some(AMQPValue::LongLongInt(0))),
-            "a read spent a delivery: x-delivery-count {count:?}"
-        );
-        t.remove("x-acquired-count");
-        left.push((
-            d.properties.clone().with_headers(FieldTable::from(t)),
-            d.data,
-        ));
+        left.push((unspent(&d.properties, &dlq_name), d.data));
     }
     assert_eq!(qs.depth(&dlq_name).await, 0, "nothing more");
     let _ = ch.close(200, "bye".into()).await;

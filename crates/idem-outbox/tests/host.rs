@@ -20,44 +20,24 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use idem_amqp::readiness::{Readiness, SourceKind};
 use idem_amqp::{DelayTiers, Service, ServiceBuilder, Topology};
 use idem_core::{Consumer, IdempotencyKey, MemoryStore, State};
 use idem_outbox::{Outbox, OutboxMessage, Relay};
-use idem_testkit::broker::{connection_open, declare_queue, queue_counts, ready_count, wait_until};
+use idem_testkit::broker::{
+    assert_settled, connection_open, declare_queue, ready_count, wait_until,
+};
+use idem_testkit::http::{get, try_get};
+use idem_testkit::probe::{assert_each_once, Probe};
 use sqlx::PgPool;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-
-/// What the handlers of both consumers saw.
-#[derive(Default)]
-struct Probe {
-    started: AtomicUsize,
-    finished: AtomicUsize,
-    effects: Mutex<HashMap<String, usize>>,
-}
-
-impl Probe {
-    fn applied(&self) -> usize {
-        self.effects.lock().unwrap().len()
-    }
-
-    fn applied_to(&self, queue: &str) -> usize {
-        let effects = self.effects.lock().unwrap();
-        effects.keys().filter(|k| k.starts_with(queue)).count()
-    }
-
-    fn in_flight(&self) -> usize {
-        self.started.load(Ordering::SeqCst) - self.finished.load(Ordering::SeqCst)
-    }
-}
 
 /// A handler's state: the probe, its queue's name (the effects are keyed
 /// `<queue>/<message id>`), and a gate each run takes a permit from before it applies
@@ -70,16 +50,10 @@ struct Ctx {
 }
 
 async fn handler(State(ctx): State<Ctx>, key: IdempotencyKey) {
-    ctx.probe.started.fetch_add(1, Ordering::SeqCst);
-    ctx.gate.acquire().await.unwrap().forget();
-    tokio::time::sleep(Duration::from_millis(2)).await;
-    *ctx.probe
-        .effects
-        .lock()
-        .unwrap()
-        .entry(format!("{}/{key}", ctx.queue))
-        .or_default() += 1;
-    ctx.probe.finished.fetch_add(1, Ordering::SeqCst);
+    let effect = format!("{}/{key}", ctx.queue);
+    ctx.probe
+        .run(&ctx.gate, Duration::from_millis(2), effect)
+        .await;
 }
 
 /// One consumer of the host: its queue, its dedup store (kept across both hosts) and
@@ -153,33 +127,6 @@ fn host(
         });
     }
     service
-}
-
-/// `GET path` on the listener: the status code and the body; `None` while nothing
-/// listens (the host binds its listener once it runs).
-async fn try_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut s = match TcpStream::connect(addr).await {
-        Ok(s) => s,
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return None,
-        Err(e) => panic!("connecting to the listener at {addr}: {e}"),
-    };
-    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP answer: {out}"));
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    Some((status, body.to_owned()))
-}
-
-async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    try_get(addr, path)
-        .await
-        .unwrap_or_else(|| panic!("nothing listens at {addr}"))
 }
 
 /// Polls `/ready` until it answers `status` with a source for the relay of `table`
@@ -355,7 +302,7 @@ async fn host_two_consumers_and_relay_drain_on_stop_and_ready_follows_the_relay(
     }
     assert!(
         wait_until(Duration::from_secs(30), async || {
-            queues.iter().all(|q| first.applied_to(q) == 20) && first.in_flight() >= 2
+            queues.iter().all(|q| first.applied_with(q) == 20) && first.in_flight() >= 2
         })
         .await,
         "20 rows applied per consumer and handlers held: applied {} in flight {}",
@@ -376,11 +323,7 @@ async fn host_two_consumers_and_relay_drain_on_stop_and_ready_follows_the_relay(
     }
     let stats = running.join().await.unwrap();
     assert!(in_flight > 0, "the stop found no handler running");
-    assert_eq!(
-        first.started.load(Ordering::SeqCst),
-        first.finished.load(Ordering::SeqCst),
-        "a handler in flight at the stop was cut off"
-    );
+    first.assert_none_cut_off();
     assert_eq!(stats.len(), 2);
     // Rows enqueued after the stop: nothing publishes them.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -388,12 +331,7 @@ async fn host_two_consumers_and_relay_drain_on_stop_and_ready_follows_the_relay(
     let produced = producer.await.unwrap();
 
     for q in queues {
-        let settled = wait_until(Duration::from_secs(5), async || {
-            let c = queue_counts(q).await;
-            c.unacked == 0 && c.consumers == 0
-        })
-        .await;
-        assert!(settled, "{q} after the stop: {:?}", queue_counts(q).await);
+        assert_settled(q, Duration::from_secs(5)).await;
     }
     assert!(
         !connection_open(&connection).await,
@@ -443,14 +381,10 @@ async fn host_two_consumers_and_relay_drain_on_stop_and_ready_follows_the_relay(
     for (name, s) in &stats {
         assert_eq!(s.duplicates, 0, "{name}: a duplicate delivery");
     }
-    let mut all = first.effects.lock().unwrap().clone();
-    for (key, n) in second.effects.lock().unwrap().iter() {
-        *all.entry(key.clone()).or_default() += n;
-    }
+    let all = first.merged(&second);
     let applied: HashSet<String> = all.keys().cloned().collect();
     assert_eq!(applied, produced, "the rows applied are the rows enqueued");
-    let twice: Vec<_> = all.iter().filter(|(_, n)| **n != 1).collect();
-    assert!(twice.is_empty(), "applied more than once: {twice:?}");
+    assert_each_once(&all);
 
     for lane in &lanes {
         lane.topology.delete_on(&ch).await.unwrap();
@@ -458,8 +392,5 @@ async fn host_two_consumers_and_relay_drain_on_stop_and_ready_follows_the_relay(
     ch.queue_delete(late_queue.as_str().into(), Default::default())
         .await
         .unwrap();
-    sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
-        .execute(&pool)
-        .await
-        .unwrap();
+    idem_testkit::drop_pg_table(&pool, &table).await;
 }

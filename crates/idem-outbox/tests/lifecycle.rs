@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use idem_outbox::{Outbox, OutboxMessage, Relay};
-use idem_testkit::broker::{connection_open, wait_until};
+use idem_testkit::broker::{connection_closes, wait_until};
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeleteOptions};
 use sqlx::PgPool;
 
@@ -95,10 +95,7 @@ async fn lifecycle_a_relay_aborted_mid_batch_leaves_no_lease_and_no_connection()
         "rows still leased 2 s after the abort: (pending, free) = {:?}",
         pending_and_free(&pool, &table).await
     );
-    let closed = wait_until(Duration::from_secs(10), async || {
-        !connection_open(&name).await
-    })
-    .await;
+    let closed = connection_closes(&name, Duration::from_secs(10)).await;
     assert!(
         closed,
         "the aborted relay's connection {name} is still open"

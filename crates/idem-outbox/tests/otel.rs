@@ -65,10 +65,7 @@ async fn the_relay_publishes_the_enqueuers_trace_context() {
     ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await
         .unwrap();
-    sqlx::query(&format!("DROP TABLE IF EXISTS {}", outbox.table_name()))
-        .execute(&pool)
-        .await
-        .unwrap();
+    idem_testkit::drop_pg_table(&pool, outbox.table_name()).await;
     let _ = conn.close(200, "bye".into()).await;
 
     assert_eq!(published.len(), 2);

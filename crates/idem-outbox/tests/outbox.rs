@@ -439,23 +439,12 @@ async fn notify_wakes_the_running_relay_and_cleanup_removes_old_rows() {
     );
     running.shutdown_and_join().await.unwrap();
 
-    assert_eq!(
-        f.outbox
-            .cleanup(&f.pool, Duration::from_secs(3600), 10)
-            .await
-            .unwrap(),
-        0,
-        "recent rows kept"
-    );
+    let cleanup = |older_than| f.outbox.cleanup(&f.pool, older_than, 10);
+    let deleted = cleanup(Duration::from_secs(3600)).await.unwrap();
+    assert_eq!(deleted, 0, "recent rows kept");
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(
-        f.outbox
-            .cleanup(&f.pool, Duration::from_millis(1), 10)
-            .await
-            .unwrap(),
-        1,
-        "old published rows deleted"
-    );
+    let deleted = cleanup(Duration::from_millis(1)).await.unwrap();
+    assert_eq!(deleted, 1, "old published rows deleted");
     f.cleanup(&[]).await;
 }
 
@@ -463,47 +452,25 @@ async fn notify_wakes_the_running_relay_and_cleanup_removes_old_rows() {
 async fn bad_messages_are_refused_at_enqueue() {
     let f = Fixture::new("t").await;
     let mut tx = f.pool.begin().await.unwrap();
-    let err = f
-        .outbox
-        .enqueue(&mut tx, OutboxMessage::new("", "", b"x".to_vec()))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, OutboxError::InvalidMessage(_)));
-    let err = f
-        .outbox
-        .enqueue(
-            &mut tx,
-            OutboxMessage::new("", "q".repeat(300), b"x".to_vec()),
-        )
-        .await
-        .unwrap_err();
-    assert!(matches!(err, OutboxError::InvalidMessage(_)));
-    // One header rule (idem_amqp::headers): an over-long name is refused, not dropped.
-    let err = f
-        .outbox
-        .enqueue(
-            &mut tx,
-            OutboxMessage::new("", "q", b"x".to_vec()).header("h".repeat(256), "v"),
-        )
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(&err, OutboxError::InvalidMessage(m) if m.contains("max 255 bytes")),
-        "{err}"
-    );
-    let err = f
-        .outbox
-        .enqueue(
-            &mut tx,
-            OutboxMessage::new("", "q", b"x".to_vec())
-                .header("raw", idem_core::HeaderValue::Bytes(vec![1])),
-        )
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(&err, OutboxError::InvalidMessage(m) if m.contains("\"raw\"")),
-        "{err}"
-    );
+    let to_q = || OutboxMessage::new("", "q", b"x".to_vec());
+    // (message, what the refusal says; "": any refusal as an invalid message)
+    let cases = [
+        (OutboxMessage::new("", "", b"x".to_vec()), ""),
+        (OutboxMessage::new("", "q".repeat(300), b"x".to_vec()), ""),
+        // One header rule (idem_amqp::headers): an over-long name is refused, not dropped.
+        (to_q().header("h".repeat(256), "v"), "max 255 bytes"),
+        (
+            to_q().header("raw", idem_core::HeaderValue::Bytes(vec![1])),
+            "\"raw\"",
+        ),
+    ];
+    for (msg, says) in cases {
+        let err = f.outbox.enqueue(&mut tx, msg).await.unwrap_err();
+        assert!(
+            matches!(&err, OutboxError::InvalidMessage(m) if m.contains(says)),
+            "{err}"
+        );
+    }
     drop(tx);
     f.cleanup(&[]).await;
 }

@@ -10,19 +10,14 @@ use std::time::{Duration, Instant};
 
 use idem_amqp::readiness::Readiness;
 use idem_outbox::{Outbox, OutboxMessage, Relay};
-use idem_testkit::Service;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_ready_until_its_oldest_pending_row_passes_the_threshold() {
-    let url = Service::PostgreSql.url();
-    let pool = Service::PostgreSql.expect_connected(
-        &url,
-        sqlx::postgres::PgPoolOptions::new()
-            .max_connections(4)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect(&url)
-            .await,
-    );
+    let pool = idem_testkit::postgres(
+        sqlx::postgres::PgPoolOptions::new().max_connections(4),
+        "idem-outbox-ready-test",
+    )
+    .await;
     let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
     let outbox = Outbox::new(&format!("idem_outbox_r{id}")).unwrap();
     outbox.ensure_schema(&pool).await.unwrap();
@@ -91,10 +86,7 @@ async fn relay_ready_until_its_oldest_pending_row_passes_the_threshold() {
 
     let _ = stop.send(());
     running.await.unwrap().unwrap();
-    sqlx::query(&format!("DROP TABLE IF EXISTS {}", outbox.table_name()))
-        .execute(&pool)
-        .await
-        .unwrap();
+    idem_testkit::drop_pg_table(&pool, outbox.table_name()).await;
     assert!(
         registry.report().sources.is_empty(),
         "the source left with the relay"

@@ -17,10 +17,12 @@ pub struct QueueCounts {
     pub consumers: u64,
 }
 
-fn rabbitmqctl(args: &[&str]) -> String {
+/// Runs `rabbitmqctl` with `args` on the local node and returns what it printed.
+/// Panics if it is not on the PATH or the command fails. It blocks: an async test
+/// calls it in `tokio::task::spawn_blocking` where it must not stall its runtime.
+pub fn rabbitmqctl(args: &[&str]) -> String {
     let out = Command::new("rabbitmqctl")
         .args(args)
-        .args(["--quiet", "--no-table-headers"])
         .output()
         .expect("rabbitmqctl must be on PATH for this test (it ships with RabbitMQ)");
     assert!(
@@ -31,11 +33,19 @@ fn rabbitmqctl(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `rabbitmqctl` with `args` and the options of a listing read by a program: no
+/// banner, no table headers.
+fn list(args: &[&str]) -> String {
+    let mut all = args.to_vec();
+    all.extend(["--quiet", "--no-table-headers"]);
+    rabbitmqctl(&all)
+}
+
 /// The counts of `queue` on the local node. Panics if the queue does not exist.
 pub async fn queue_counts(queue: &str) -> QueueCounts {
     let queue = queue.to_owned();
     tokio::task::spawn_blocking(move || {
-        let text = rabbitmqctl(&[
+        let text = list(&[
             "list_queues",
             "name",
             "messages_ready",
@@ -62,9 +72,50 @@ pub async fn queue_counts(queue: &str) -> QueueCounts {
 pub async fn connection_open(name: &str) -> bool {
     let name = name.to_owned();
     tokio::task::spawn_blocking(move || {
-        rabbitmqctl(&["list_connections", "client_properties"])
+        list(&["list_connections", "client_properties"])
             .lines()
             .any(|line| line.contains(&format!("\"{name}\"")))
+    })
+    .await
+    .unwrap()
+}
+
+/// Waits up to `limit` until no client connection named `name` is open on the local
+/// node; whether it closed in time.
+pub async fn connection_closes(name: &str, limit: Duration) -> bool {
+    wait_until(limit, async || !connection_open(name).await).await
+}
+
+/// The broker's ids of the client connections named `name` (the `connection_name`
+/// client property), read with `rabbitmqctl` (blocking).
+fn connection_pids(name: &str) -> Vec<String> {
+    let needle = format!("{{\"connection_name\",\"{name}\"}}");
+    list(&["list_connections", "pid", "client_properties"])
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .filter(|(_, props)| props.contains(&needle))
+        .map(|(pid, _)| pid.trim().to_owned())
+        .collect()
+}
+
+/// How many client connections named `name` are open on the local node.
+pub async fn connections_named(name: &str) -> usize {
+    let name = name.to_owned();
+    tokio::task::spawn_blocking(move || connection_pids(&name).len())
+        .await
+        .unwrap()
+}
+
+/// Closes every client connection named `name` on the local node, as an operator
+/// would (`rabbitmqctl close_connection`, with `reason`); returns how many it closed.
+pub async fn close_connections_named(name: &str, reason: &str) -> usize {
+    let (name, reason) = (name.to_owned(), reason.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let pids = connection_pids(&name);
+        for pid in &pids {
+            rabbitmqctl(&["close_connection", pid, &reason]);
+        }
+        pids.len()
     })
     .await
     .unwrap()
@@ -82,6 +133,21 @@ pub async fn wait_until(limit: Duration, mut cond: impl AsyncFnMut() -> bool) ->
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Waits up to `limit` until `queue` has no unacknowledged message and no consumer
+/// (what a graceful stop leaves behind); panics with its counts if it does not.
+pub async fn assert_settled(queue: &str, limit: Duration) {
+    let settled = wait_until(limit, async || {
+        let c = queue_counts(queue).await;
+        c.unacked == 0 && c.consumers == 0
+    })
+    .await;
+    assert!(
+        settled,
+        "{queue} after the stop: {:?}",
+        queue_counts(queue).await
+    );
 }
 
 /// Declares `queue` on `ch` with the default options (a classic queue, not durable,

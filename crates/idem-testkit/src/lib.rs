@@ -9,7 +9,7 @@
 //!   part of the message.
 //! - `rabbitmq()`, `redis()`, `postgres()`, `mariadb()` (features `amqp`, `redis`,
 //!   `postgres`, `mysql`): connect or fail with that message; `delete_redis_keys()`
-//!   cleans a test's Redis keys up.
+//!   and `drop_pg_table()` clean a test's Redis keys and tables up.
 //! - [`backoff`]: a retry budget without jitter.
 //! - [`unique`]: a fresh name for queues, keys, tables and prefixes, so tests that run
 //!   at the same time never share state.
@@ -18,10 +18,13 @@
 //! - [`conformance`]: the behavioural suite every dedup store must pass (published in
 //!   idem-core behind its `conformance` feature; re-exported here).
 //! - [`broker`]: what the local RabbitMQ node reports (queue counts, open
-//!   connections), read with `rabbitmqctl`; with feature `amqp`, queue declares over
+//!   connections, a queue settled after a stop), read with `rabbitmqctl`; with feature `amqp`, queue declares over
 //!   a channel (`declare_queue`, `inspect_queue`, `ready_count`).
 //! - `spans` (feature `otel`): exports spans to memory, to assert trace context.
 //! - [`logs`]: captures what is logged, for tests that assert a warning.
+//! - [`probe`]: counts what test handlers applied, with a gate that holds them in
+//!   flight, for the tests that stop a process mid-run.
+//! - [`http`]: a bare `GET` for the tests of the metrics and readiness listeners.
 //! - [`cluster`]: starts the RabbitMQ and Redis test clusters of `.ci/cluster` on first use.
 //!
 //! ```no_run
@@ -46,7 +49,9 @@ pub mod cluster;
 /// `conformance`); re-exported here for the workspace's own tests.
 pub use idem_core::conformance;
 pub mod fault_proxy;
+pub mod http;
 pub mod logs;
+pub mod probe;
 mod service;
 #[cfg(feature = "otel")]
 pub mod spans;
@@ -55,13 +60,13 @@ pub mod spans;
 pub use service::delete_redis_keys;
 #[cfg(feature = "mysql")]
 pub use service::mariadb;
-#[cfg(feature = "postgres")]
-pub use service::postgres;
 #[cfg(feature = "amqp")]
 pub use service::rabbitmq;
 #[cfg(feature = "redis")]
 pub use service::redis;
 pub use service::Service;
+#[cfg(feature = "postgres")]
+pub use service::{drop_pg_table, postgres};
 
 /// A retry budget without jitter, so a test knows when each retry comes: `attempts`
 /// attempts in all, the first retry after `first`, each later one after twice the

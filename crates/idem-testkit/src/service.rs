@@ -196,6 +196,16 @@ pub async fn postgres(
     Service::PostgreSql.expect_connected(&url, connect)
 }
 
+/// Drops `table` from the database of `pool` if it is there: a test's clean-up.
+/// Panics if PostgreSQL refuses.
+#[cfg(feature = "postgres")]
+pub async fn drop_pg_table(pool: &sqlx::PgPool, table: &str) {
+    sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
+        .execute(pool)
+        .await
+        .unwrap_or_else(|e| panic!("dropping table {table}: {e}"));
+}
+
 /// A pool on the test MariaDB / MySQL ([`Service::MariaDb`]) built from `options`, or a
 /// panic saying it is not reachable. Waits at most 5 s for the first connection.
 #[cfg(feature = "mysql")]

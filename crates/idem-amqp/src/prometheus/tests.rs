@@ -1,18 +1,8 @@
 use super::*;
 use crate::readiness::SourceKind;
+use idem_testkit::http::get_raw as get;
 use metrics_exporter_prometheus::PrometheusBuilder;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-async fn get(addr: SocketAddr, path: &str) -> String {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
 
 #[tokio::test]
 async fn serves_metrics_liveness_and_readiness() {

@@ -5,10 +5,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use idem_amqp::DelayTiers;
-use idem_core::{HandlerError, State};
+use idem_amqp::{DelayTiers, Publisher, Topology, Worker, WorkerBuilder};
+use idem_core::{Consumer, HandlerError, Message, State, Stats, WorkerHandle};
 use idem_testkit::Service;
-use lapin::{Channel, Connection};
+use lapin::types::AMQPValue;
+use lapin::{BasicProperties, Channel, Connection};
 
 /// `AMQP_URL`, or the local broker.
 pub(crate) fn url() -> String {
@@ -64,5 +65,87 @@ pub(crate) async fn wait_until_async<F: std::future::Future<Output = bool>>(
     while !cond().await {
         assert!(start.elapsed() < limit, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Header `name` of a delivery's properties, if it is there.
+pub(crate) fn header<'a>(props: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
+    props.headers().as_ref().and_then(|h| h.inner().get(name))
+}
+
+/// Header `name` of a delivery's properties as text, if it is there as a long string.
+pub(crate) fn header_str(props: &BasicProperties, name: &str) -> Option<String> {
+    header(props, name)
+        .and_then(|v| v.as_long_string())
+        .map(|s| s.to_string())
+}
+
+/// A test's own topology (a unique queue named after `tag`, one 1 s delay tier),
+/// declared, with an admin channel and a publisher.
+pub(crate) struct Fixture {
+    /// The tag the queue's name starts from.
+    pub(crate) name: &'static str,
+    _conn: Connection,
+    pub(crate) ch: Channel,
+    pub(crate) topo: Topology,
+    pub(crate) publisher: Publisher,
+}
+
+impl Fixture {
+    pub(crate) async fn new(name: &'static str) -> Fixture {
+        Fixture::with(name, |t| t).await
+    }
+
+    /// A fixture whose topology `shape` changes before it is declared.
+    pub(crate) async fn with(
+        name: &'static str,
+        shape: impl FnOnce(Topology) -> Topology,
+    ) -> Fixture {
+        let (_conn, ch) = broker("idem-test-admin").await;
+        let topo = shape(Topology::new(unique(name)).tiers(short_tiers()));
+        topo.declare_on(&ch).await.unwrap();
+        let publisher = Publisher::connect(&url()).await.unwrap();
+        Fixture {
+            name,
+            _conn,
+            ch,
+            topo,
+            publisher,
+        }
+    }
+
+    /// A worker of `consumer` on the topology, `configure`d, started.
+    pub(crate) fn start(
+        &self,
+        consumer: &Consumer,
+        configure: impl FnOnce(WorkerBuilder) -> WorkerBuilder,
+    ) -> WorkerHandle<Result<Stats, idem_amqp::Error>> {
+        configure(Worker::builder(url(), self.topo.clone(), consumer.clone()))
+            .build()
+            .unwrap()
+            .spawn()
+    }
+
+    /// Publishes `msgs` to the work queue, confirmed.
+    pub(crate) async fn publish(&self, msgs: impl IntoIterator<Item = Message>) {
+        let mut batch: Vec<Message> = msgs.into_iter().collect();
+        self.publisher
+            .publish_batch("", self.topo.queue(), &mut batch)
+            .await
+            .unwrap();
+    }
+
+    /// Asserts that every queue of the topology is empty, then deletes it.
+    pub(crate) async fn assert_empty_and_delete(&self) {
+        for q in self.topo.queue_names() {
+            let n = idem_testkit::broker::ready_count(&self.ch, &q).await;
+            assert_eq!(n, 0, "queue {q} should be empty");
+        }
+        self.delete().await;
+    }
+
+    /// Deletes the topology.
+    pub(crate) async fn delete(&self) {
+        self.topo.delete_on(&self.ch).await.unwrap();
     }
 }

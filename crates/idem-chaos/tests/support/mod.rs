@@ -1,9 +1,11 @@
-//! Shared by the restart tests: runs the chaos binary, reads its report lines, and
-//! makes sure the restarted service is running again when a test ends, pass or fail.
+//! Shared by the chaos tests: runs the chaos binary and reads its report lines; for
+//! the restart tests, makes sure the restarted service is running again when a test
+//! ends, pass or fail.
 
 // Each test binary uses a part of this module.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, ExitStatus};
@@ -23,6 +25,8 @@ pub(crate) struct Run {
     pub(crate) status: ExitStatus,
     /// Every `chaos:` line of stdout.
     pub(crate) lines: Vec<String>,
+    /// The last line of stdout, whatever it is (the summary when the run finished).
+    pub(crate) last: String,
     /// stdout and stderr, for failure messages.
     pub(crate) report: String,
 }
@@ -47,6 +51,34 @@ impl Run {
     }
 }
 
+impl Run {
+    /// Panics with the report unless the run exited 0 and its summary line says that
+    /// all `total` messages were confirmed, none was lost or applied twice, only
+    /// poison was dead-lettered, and each confirmed valid message had one effect.
+    pub(crate) fn assert_exactly_once(&self, total: i64) {
+        let report = &self.report;
+        assert!(
+            self.status.success(),
+            "idem-chaos failed ({}); if a service is down, stderr says how to start it\n{report}",
+            self.status
+        );
+        let last = "chaos: published=";
+        assert_eq!(self.get(last, "confirmed"), total, "{report}");
+        assert_eq!(self.get(last, "lost"), 0, "{report}");
+        assert_eq!(self.get(last, "duplicates"), 0, "{report}");
+        assert_eq!(
+            self.get(last, "dead_lettered"),
+            self.get(last, "poison"),
+            "a valid message was dead-lettered\n{report}"
+        );
+        assert_eq!(
+            self.get(last, "effects"),
+            self.get(last, "confirmed") - self.get(last, "poison"),
+            "one effect per confirmed valid message\n{report}"
+        );
+    }
+}
+
 /// Runs the chaos binary with `args`, prints its `chaos:` lines (shown with
 /// `--nocapture`, and on failure) and returns them.
 pub(crate) fn run_chaos(args: &[&str]) -> Run {
@@ -68,8 +100,43 @@ pub(crate) fn run_chaos(args: &[&str]) -> Run {
     Run {
         status: out.status,
         lines,
+        last: stdout.lines().last().unwrap_or_default().to_owned(),
         report: format!("--- stdout\n{stdout}\n--- stderr\n{stderr}"),
     }
+}
+
+/// [`run_chaos`] as the status, the last line of stdout and the report for failure
+/// messages.
+pub(crate) fn run(args: &[&str]) -> (ExitStatus, String, String) {
+    let run = run_chaos(args);
+    (run.status, run.last, run.report)
+}
+
+/// Panics with the report unless the run exited 0 and its last line is the summary
+/// (`chaos: published=...`); the summary's integer fields then.
+pub(crate) fn summary<'a>(
+    status: ExitStatus,
+    last: &'a str,
+    report: &str,
+) -> HashMap<&'a str, i64> {
+    assert!(
+        status.success(),
+        "idem-chaos failed ({status}); if a service is down, stderr says how to start it\n{report}"
+    );
+    assert!(
+        last.starts_with("chaos: published="),
+        "last line: {last}\n{report}"
+    );
+    fields(last)
+}
+
+/// The integer `key=value` fields of a `chaos:` summary line.
+pub(crate) fn fields(line: &str) -> HashMap<&str, i64> {
+    line.trim_start_matches("chaos:")
+        .split_whitespace()
+        .filter_map(|f| f.split_once('='))
+        .filter_map(|(k, v)| Some((k, v.parse().ok()?)))
+        .collect()
 }
 
 fn listening(port: u16) -> bool {

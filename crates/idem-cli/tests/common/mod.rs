@@ -3,15 +3,17 @@
 
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
+use std::process::{Command, Output};
 use std::time::{Duration, SystemTime};
 
 use idem_amqp::DelayTiers;
 use idem_amqp::{Publisher, Topology};
+use idem_core::dedup::{Claim, Completion, DedupStore, OwnerToken, ScopedKey};
 use idem_core::{ErrorKind, Failure, HeaderValue, Message};
 use idem_testkit::Service;
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
-use lapin::Connection;
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Connection};
 
 pub fn url() -> String {
     Service::RabbitMq.url()
@@ -20,6 +22,139 @@ pub fn url() -> String {
 pub async fn connect() -> Connection {
     let url = url();
     Service::RabbitMq.expect_connected(&url, idem_amqp::connect(&url, "idem-cli-test").await)
+}
+
+/// Runs the `idem` binary of this build with `args`, the local broker as `AMQP_URL`
+/// and a terminal 200 characters wide (`COLUMNS`), so tables keep their long cells.
+pub fn idem(args: &[&str]) -> Output {
+    idem_at(&url(), 200, args)
+}
+
+/// Runs the `idem` binary with `args`, `url` as `AMQP_URL` and a terminal `columns`
+/// characters wide.
+pub fn idem_at(url: &str, columns: u16, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_idem"))
+        .args(args)
+        .env("AMQP_URL", url)
+        .env("COLUMNS", columns.to_string())
+        .output()
+        .expect("run the idem binary")
+}
+
+/// Output bytes as text (invalid UTF-8 replaced), for assertions and messages.
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Polls `check` every 25 ms until it holds; panics with `what` after 30 s.
+pub async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Ready messages of `queue`, as `idem_cli::broker::probe` reads them; panics if the
+/// queue does not exist.
+pub async fn depth(conn: &Connection, queue: &str) -> u32 {
+    idem_cli::broker::probe(conn, queue)
+        .await
+        .unwrap()
+        .expect("queue exists")
+        .messages
+}
+
+/// Records `key` as done in `store` as a consumer would: claims it with
+/// `fingerprint`, then completes it as `completion`, kept for `retention`. Returns
+/// the owner token, for a release at the end of the test.
+pub async fn record_done(
+    store: &impl DedupStore,
+    key: &ScopedKey,
+    fingerprint: Option<&str>,
+    completion: Completion,
+    retention: Duration,
+) -> OwnerToken {
+    let owner = OwnerToken::generate();
+    let claim = store
+        .claim(key, &owner, fingerprint, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(claim, Claim::Acquired);
+    assert!(store
+        .complete(key, &owner, completion, retention)
+        .await
+        .unwrap());
+    owner
+}
+
+/// `idem dlq replay QUEUE --all --json` with `dedup` (the options naming the dedup
+/// store), as a dry run if `dry`: asserts exit 0 and that the report counts exactly
+/// the messages `duplicates` as ones the consumer will ack as duplicates; returns the
+/// JSON report.
+pub fn replay_report(
+    queue: &str,
+    dedup: &[&str],
+    dry: bool,
+    duplicates: &[&str],
+) -> serde_json::Value {
+    let mut args = vec!["dlq", "replay", queue, "--all", "--json"];
+    args.extend_from_slice(dedup);
+    if dry {
+        args.push("--dry-run");
+    }
+    let out = idem(&args);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["duplicates"], duplicates.len(), "{v}");
+    for id in duplicates {
+        assert!(
+            outcome(&v, id).ends_with("will be acked as a duplicate"),
+            "{id}: {v}"
+        );
+    }
+    v
+}
+
+/// The `outcome` line of message `id` in a `dlq replay --json` report.
+pub fn outcome(report: &serde_json::Value, id: &str) -> String {
+    report["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["message_id"] == id)
+        .unwrap()["outcome"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Runs `idem dlq replay QUEUE --all` in this process against the local broker and
+/// returns what it printed.
+pub async fn replay_all(queue: &str) -> String {
+    use clap::Parser as _;
+    let url = url();
+    let args = ["idem", "--url", &url, "dlq", "replay", queue, "--all"];
+    let cli = idem_cli::cli::Cli::try_parse_from(args).unwrap();
+    let mut out = Vec::new();
+    idem_cli::run(cli, &mut out).await.unwrap();
+    text(&out)
+}
+
+/// `s` as an AMQP long string (a header or queue argument value).
+pub fn long(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes()))
+}
+
+/// Declares the durable queue `name` on `ch` with the queue arguments `args`.
+pub async fn declare_durable(ch: &lapin::Channel, name: &str, args: &[(&str, AMQPValue)]) {
+    let mut table = FieldTable::default();
+    for (k, v) in args {
+        table.insert((*k).into(), v.clone());
+    }
+    ch.queue_declare(name.into(), QueueDeclareOptions::durable(), table)
+        .await
+        .unwrap();
 }
 
 /// One failed message to put into the DLQ.
@@ -162,6 +297,20 @@ impl Fixture {
         self.publisher.close().await;
         let _ = self.conn.close(200, "bye".into()).await;
     }
+}
+
+/// `props` of message `what` without the headers the broker adds to each delivery
+/// (`x-delivery-count`, `x-acquired-count`), after asserting that no earlier read
+/// was counted as a delivery (`x-delivery-count` absent or 0).
+pub fn unspent(props: &BasicProperties, what: &str) -> BasicProperties {
+    let mut t = props.headers().clone().unwrap_or_default().inner().clone();
+    let count = t.remove("x-delivery-count");
+    assert!(
+        matches!(count, None | Some(AMQPValue::LongLongInt(0))),
+        "{what}: a read spent a delivery: x-delivery-count {count:?}"
+    );
+    t.remove("x-acquired-count");
+    props.clone().with_headers(FieldTable::from(t))
 }
 
 pub fn ids(msgs: &[Message]) -> Vec<String> {

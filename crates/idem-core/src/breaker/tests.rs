@@ -39,12 +39,39 @@ fn watch_states(b: &CircuitBreaker) -> Arc<std::sync::Mutex<Vec<bool>>> {
 
 const PREFETCH: usize = 10;
 
-#[tokio::test]
-async fn an_outage_longer_than_the_retry_budget_pauses_the_worker_and_dead_letters_nothing() {
+/// A broker whose queue `q` holds `n` messages, `m-0` to `m-<n-1>`.
+fn queue_of(n: usize) -> MemoryBroker {
     let broker = MemoryBroker::new();
-    for i in 0..200 {
+    for i in 0..n {
         broker.publish("q", Message::new("{}").with_message_id(format!("m-{i}")));
     }
+    broker
+}
+
+/// Takes `store` down now and brings it back after `ms` milliseconds.
+fn outage(store: &Flaky, ms: u64) {
+    store.down.store(true, Ordering::SeqCst);
+    let s = store.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        s.down.store(false, Ordering::SeqCst);
+    });
+}
+
+/// A consumer of `store` with the test budget, the test breaker and a handler that
+/// does nothing.
+fn guarded(store: &Flaky) -> Consumer {
+    Consumer::builder("c")
+        .store(store.clone())
+        .backoff(backoff())
+        .circuit_breaker(config())
+        .handler(|| async {})
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_outage_longer_than_the_retry_budget_pauses_the_worker_and_dead_letters_nothing() {
+    let broker = queue_of(200);
     let store = Flaky::default();
     let handled = Arc::new(AtomicUsize::new(0));
     let (h, s) = (handled.clone(), store.clone());
@@ -58,11 +85,7 @@ async fn an_outage_longer_than_the_retry_budget_pauses_the_worker_and_dead_lette
                 async move {
                     if n == 50 {
                         // The store goes down for ten times the whole retry budget.
-                        s.down.store(true, Ordering::SeqCst);
-                        tokio::spawn(async move {
-                            tokio::time::sleep(Duration::from_millis(300)).await;
-                            s.down.store(false, Ordering::SeqCst);
-                        });
+                        outage(&s, 300);
                     }
                 }
             },
@@ -103,17 +126,9 @@ async fn without_a_breaker_the_same_outage_churns_retries_but_dead_letters_nothi
     // What the breaker saves: without it every delivery keeps hitting the dead store
     // and making retry copies for the whole outage. Store failures still never end in
     // the DLQ (a message past its budget is retried, uncharged).
-    let broker = MemoryBroker::new();
-    for i in 0..20 {
-        broker.publish("q", Message::new("{}").with_message_id(format!("m-{i}")));
-    }
+    let broker = queue_of(20);
     let store = Flaky::default();
-    store.down.store(true, Ordering::SeqCst);
-    let s = store.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        s.down.store(false, Ordering::SeqCst);
-    });
+    outage(&store, 300);
     let consumer = Consumer::builder("c")
         .store(store)
         .backoff(backoff())
@@ -132,18 +147,10 @@ async fn without_a_breaker_the_same_outage_churns_retries_but_dead_letters_nothi
 
 #[tokio::test]
 async fn a_worker_started_while_the_store_is_down_waits_open_then_resumes() {
-    let broker = MemoryBroker::new();
-    for i in 0..30 {
-        broker.publish("q", Message::new("{}").with_message_id(format!("m-{i}")));
-    }
+    let broker = queue_of(30);
     let store = Flaky::default();
     store.down.store(true, Ordering::SeqCst);
-    let consumer = Consumer::builder("c")
-        .store(store.clone())
-        .backoff(backoff())
-        .circuit_breaker(config())
-        .handler(|| async {})
-        .unwrap();
+    let consumer = guarded(&store);
     let breaker = consumer.breaker().unwrap().clone();
     let worker = tokio::spawn(broker.worker("q", consumer).run_until_idle());
     tokio::time::timeout(Duration::from_secs(5), breaker.wait_open())
@@ -212,12 +219,7 @@ async fn state_machine_opens_after_the_threshold_and_closes_on_a_probe() {
 #[tokio::test]
 async fn open_breaker_releases_deliveries_without_spending_attempts() {
     let store = Flaky::default();
-    let consumer = Consumer::builder("c")
-        .store(store.clone())
-        .backoff(backoff())
-        .circuit_breaker(config())
-        .handler(|| async {})
-        .unwrap();
+    let consumer = guarded(&store);
     store.down.store(true, Ordering::SeqCst);
     let msg = || Message::new("{}").with_message_id("m");
     // Below the threshold: ordinary transient failures, one attempt each.
@@ -280,12 +282,7 @@ async fn a_call_that_started_before_the_failures_does_not_reset_the_count() {
 #[tokio::test]
 async fn a_store_failure_on_the_last_attempt_is_retried_not_dead_lettered() {
     let store = Flaky::default();
-    let consumer = Consumer::builder("c")
-        .store(store.clone())
-        .backoff(backoff())
-        .circuit_breaker(config())
-        .handler(|| async {})
-        .unwrap();
+    let consumer = guarded(&store);
     store.down.store(true, Ordering::SeqCst);
     // Two failures already spent of a budget of three.
     let msg = Message::new("{}")
