@@ -3,12 +3,12 @@
 //! the public API.
 
 /// Longest identifier accepted: PostgreSQL's limit (MariaDB allows 64).
-pub const MAX_IDENTIFIER_LEN: usize = 63;
+pub(crate) const MAX_IDENTIFIER_LEN: usize = 63;
 
 /// Whether `part` is a plain SQL identifier: `[A-Za-z_][A-Za-z0-9_]*`, at most
 /// [`MAX_IDENTIFIER_LEN`] bytes. Such a name needs no quoting in any supported
 /// database and cannot carry SQL.
-pub fn is_identifier(part: &str) -> bool {
+pub(crate) fn is_identifier(part: &str) -> bool {
     let mut chars = part.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
         && part.len() <= MAX_IDENTIFIER_LEN
@@ -16,7 +16,7 @@ pub fn is_identifier(part: &str) -> bool {
 }
 
 /// Splits a table name, `name` or `schema.name`, into its schema and table parts if
-/// each is an [identifier](is_identifier).
+/// each is an identifier (`[A-Za-z_][A-Za-z0-9_]*`, at most 63 bytes).
 pub fn split_table_name(name: &str) -> Option<(Option<&str>, &str)> {
     let (schema, table) = match name.split_once('.') {
         Some((s, t)) => (Some(s), t),

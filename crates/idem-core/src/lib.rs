@@ -46,8 +46,7 @@ pub mod dedup;
 pub mod error;
 pub mod handler;
 pub mod headers;
-#[doc(hidden)]
-pub mod ident;
+pub(crate) mod ident;
 pub mod memory;
 pub mod message;
 pub mod ordered;
@@ -94,6 +93,11 @@ pub mod __private {
 
     use crate::error::HandlerError;
 
+    pub use crate::batch::plumbing::{
+        collected, extensions_mut, whole_batch_failure, with_scope, ItemScope,
+    };
+    pub use crate::dedup::admission::{admit, Admission, Claimed, Reading};
+    pub use crate::ident::split_table_name;
     pub use crate::redact::{redact_in, redact_url};
     pub use crate::text::{parse_rfc3339, rfc3339, truncate};
 

@@ -34,7 +34,7 @@ pub struct OutboxStatus {
 /// `name` or `schema.name`, each part a plain SQL identifier (the check idem-sql uses
 /// too).
 pub(crate) fn valid_identifier(name: &str) -> bool {
-    idem_core::ident::split_table_name(name).is_some()
+    idem_core::__private::split_table_name(name).is_some()
 }
 
 impl Outbox {

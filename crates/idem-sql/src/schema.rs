@@ -24,7 +24,7 @@ pub struct InvalidTableName(pub String);
 impl TableName {
     /// Validates `name`.
     pub fn parse(name: &str) -> Result<Self, InvalidTableName> {
-        let (schema, table) = idem_core::ident::split_table_name(name)
+        let (schema, table) = idem_core::__private::split_table_name(name)
             .ok_or_else(|| InvalidTableName(name.to_owned()))?;
         Ok(TableName {
             schema: schema.map(str::to_owned),

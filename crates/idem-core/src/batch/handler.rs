@@ -54,14 +54,12 @@ impl BatchInput {
     }
 
     /// Mutable batch-wide values, for dedup stages.
-    #[doc(hidden)]
-    pub fn extensions_mut(&mut self) -> &mut Extensions {
+    pub(crate) fn extensions_mut(&mut self) -> &mut Extensions {
         &mut self.extensions
     }
 
     /// What [`Batch::each`](super::Batch::each) wraps around each message's work.
-    #[doc(hidden)]
-    pub fn with_scope(mut self, scope: Arc<dyn ItemScope>) -> Self {
+    pub(crate) fn with_scope(mut self, scope: Arc<dyn ItemScope>) -> Self {
         self.scope = Some(scope);
         self
     }
@@ -216,11 +214,4 @@ impl BatchRunner {
     fn classified(&self, e: HandlerError) -> HandlerError {
         e.classify_with(|err| resolve(self.classify.as_ref(), err))
     }
-}
-
-/// Copies of a failure that hit a whole batch (a commit that failed), one per
-/// message: each retries its message (a store failure stays one).
-#[doc(hidden)]
-pub fn whole_batch_failure(err: &HandlerError, n: usize) -> Vec<HandlerError> {
-    (0..n).map(|_| err.batch_copy()).collect()
 }

@@ -73,6 +73,7 @@
 
 mod collector;
 mod handler;
+pub(crate) mod plumbing;
 #[cfg(test)]
 mod tests;
 
@@ -83,14 +84,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use crate::error::{HandlerError, IntoHandlerResult};
-use crate::handler::{BoxFuture, FromMessage};
+use crate::handler::FromMessage;
 use crate::message::Message;
 
 pub use collector::BatchLost;
 pub(crate) use collector::Collector;
-#[doc(hidden)]
-pub use handler::whole_batch_failure;
 pub use handler::{BatchHandler, BatchInput, BatchRunner, FromBatch};
+pub(crate) use plumbing::ItemScope;
 
 /// Default most messages in one batch.
 pub const DEFAULT_BATCH_SIZE: usize = 50;
@@ -117,17 +117,6 @@ impl Default for BatchConfig {
             wait: DEFAULT_BATCH_WAIT,
         }
     }
-}
-
-/// What a dedup stage wraps around each message's work in a batch (the SQL inbox:
-/// a savepoint). Called by [`Batch::each`]: `enter` before a message's closure,
-/// `leave(keep)` after it (`keep` false: undo the message's writes).
-#[doc(hidden)]
-pub trait ItemScope: Send + Sync + 'static {
-    /// Before one message's work.
-    fn enter(&self) -> BoxFuture<Result<(), HandlerError>>;
-    /// After it: keep its writes, or undo them.
-    fn leave(&self, keep: bool) -> BoxFuture<Result<(), HandlerError>>;
 }
 
 /// The outcomes recorded for a batch's messages (`None`: no failure recorded).
@@ -324,23 +313,4 @@ impl<T: FromMessage<S> + Send, S> FromBatch<S> for Batch<T> {
             scope: input.scope.clone(),
         })
     }
-}
-
-/// The per-message service of a dedup stage that admits whole batches: collects the
-/// messages into batches (as [`BatchConfig`] says) and runs each closed batch with
-/// `run`, which answers one result per message, in order. For
-/// [`Deduplicate::wrap_batch`](crate::consumer::Deduplicate::wrap_batch).
-#[doc(hidden)]
-pub fn collected<F>(config: BatchConfig, run: F) -> crate::consumer::DedupedService
-where
-    F: Fn(Vec<Message>) -> BoxFuture<Vec<Result<crate::Processed, HandlerError>>>
-        + Send
-        + Sync
-        + 'static,
-{
-    let collector = Collector::new(config, Arc::new(run));
-    tower::util::BoxCloneSyncService::new(tower::service_fn(move |msg: Message| {
-        let collector = collector.clone();
-        async move { collector.submit(msg).await }
-    }))
 }

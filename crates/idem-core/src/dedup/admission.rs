@@ -89,7 +89,6 @@ impl DedupSettings {
 }
 
 /// What a stage found when it tried to claim a message's key.
-#[doc(hidden)]
 #[derive(Debug)]
 pub enum Claimed {
     /// The claim is ours: the handler may run.
@@ -114,7 +113,6 @@ pub enum Claimed {
 /// `reopen` (operator replay of a poisoned key), then either `declined` (not admitted)
 /// or `prepare`, `guard` around the handler and one of `succeeded`, `poisoned`,
 /// `released`. A crash-looping message goes from `claim` straight to `poisoned`.
-#[doc(hidden)]
 pub trait Admission: Send {
     /// Claims the key; returns what was found and how many earlier starts of the
     /// message never settled (0 if the stage does not count starts).
@@ -159,7 +157,6 @@ pub trait Admission: Send {
 /// What admission reads from a message besides its key: its payload fingerprint
 /// (when fingerprints are on), whether an operator replays it, and the fingerprint of
 /// the body an operator edited it from.
-#[doc(hidden)]
 #[derive(Debug)]
 pub struct Reading {
     /// The key.
@@ -233,7 +230,6 @@ impl Reading {
 /// The key is recorded in the message's [context](crate::DeliveryContext::record_key)
 /// as soon as it is resolved, so that the consumer's failure record names it however
 /// admission ends; the crash guard comes from that context too.
-#[doc(hidden)]
 pub async fn admit<A, S, O>(
     settings: &DedupSettings,
     open: O,

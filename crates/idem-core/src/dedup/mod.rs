@@ -66,8 +66,7 @@
 //! # }
 //! ```
 
-#[doc(hidden)]
-pub mod admission;
+pub(crate) mod admission;
 pub mod batch;
 mod bounded;
 pub(crate) mod key;

@@ -19,10 +19,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use idem_core::__private::admit;
 use idem_core::breaker::HealthCheck;
 use idem_core::consumer::Deduplicate;
 use idem_core::consumer::{ClassifiedService, DedupedService};
-use idem_core::dedup::admission::admit;
 use idem_core::dedup::{DedupSettings, KeyExtractor, MissingKey, StoreError, StoreErrorKind};
 use idem_core::{HandlerError, Message, Processed};
 use sqlx::Pool;
@@ -314,7 +314,7 @@ impl<DB: Backend> Deduplicate for SqlInbox<DB> {
             let sql = Arc::new(batch::BatchSql::new(&pg.table, &pg.q));
             let inbox = Arc::new(pg.clone());
             let config = runner.config();
-            return Some(idem_core::batch::collected(config, move |messages| {
+            return Some(idem_core::__private::collected(config, move |messages| {
                 let run = batch::Run {
                     inbox: inbox.clone(),
                     sql: sql.clone(),

@@ -1,5 +1,5 @@
 //! One message's admission through the inbox: the storage steps that
-//! [`admit`](idem_core::dedup::admission::admit) calls.
+//! [`admit`](idem_core::__private::admit) calls.
 //!
 //! The claim is the open transaction: `claim` records the start (crash counting),
 //! begins the transaction and inserts the dedup row in it; the handler receives the
@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use idem_core::dedup::admission::{Admission, Claimed};
+use idem_core::__private::{Admission, Claimed};
 use idem_core::dedup::{Completion, StoreError, StoreErrorKind};
 use idem_core::{HandlerError, Message};
 use sqlx::Transaction;

@@ -14,9 +14,10 @@ use std::collections::HashSet;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use idem_core::batch::{whole_batch_failure, BatchInput, BatchRunner};
+use idem_core::__private::Reading;
+use idem_core::__private::{extensions_mut, whole_batch_failure, with_scope};
+use idem_core::batch::{BatchInput, BatchRunner};
 use idem_core::crash::CrashGuard;
-use idem_core::dedup::admission::Reading;
 use idem_core::dedup::{Completion, StoreError};
 use idem_core::{HandlerError, IdempotencyKey, Message, Processed};
 use sqlx::{Postgres, Transaction};
@@ -357,14 +358,15 @@ impl Run {
         }
         let mut input = BatchInput::new(messages);
         let batch_scope = scope(first_key.as_deref().unwrap_or(""));
-        input
-            .extensions_mut()
-            .insert(InboxTx(slot.clone(), batch_scope));
-        let input = input.with_scope(Arc::new(Savepoints {
-            slot: slot.clone(),
-            limit: self.inbox.settings.effective_store_timeout(),
-            open: AtomicBool::new(false),
-        }));
+        extensions_mut(&mut input).insert(InboxTx(slot.clone(), batch_scope));
+        let input = with_scope(
+            input,
+            Arc::new(Savepoints {
+                slot: slot.clone(),
+                limit: self.inbox.settings.effective_store_timeout(),
+                open: AtomicBool::new(false),
+            }),
+        );
         let results = self.runner.run(input).await;
         let tx = slot.lock().await.take();
         (tx, results)

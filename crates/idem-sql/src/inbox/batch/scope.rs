@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use idem_core::batch::{BatchInput, FromBatch, ItemScope};
+use idem_core::__private::ItemScope;
+use idem_core::batch::{BatchInput, FromBatch};
 use idem_core::dedup::{StoreError, StoreErrorKind};
 use idem_core::HandlerError;
 use sqlx::Postgres;
