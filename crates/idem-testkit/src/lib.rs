@@ -25,6 +25,8 @@
 //! - [`probe`]: counts what test handlers applied, with a gate that holds them in
 //!   flight, for the tests that stop a process mid-run.
 //! - [`http`]: a bare `GET` for the tests of the metrics and readiness listeners.
+//! - [`lease_batch`]: a batch handler over a lease store, end to end, counting the
+//!   store calls of the batch.
 //! - [`cluster`]: starts the RabbitMQ and Redis test clusters of `.ci/cluster` on first use.
 //!
 //! ```no_run
@@ -50,6 +52,7 @@ pub mod cluster;
 pub use idem_core::conformance;
 pub mod fault_proxy;
 pub mod http;
+pub mod lease_batch;
 pub mod logs;
 pub mod probe;
 mod service;
