@@ -76,6 +76,12 @@
 //! `store_timeout`) loses only its own answer, and an operation whose caller gave up
 //! before it was sent is not sent at all.
 //!
+//! A [batch handler](idem_core::batch)'s claims, completions and releases come as
+//! calls on many keys ([`DedupStore::claim_many`], `complete_many`, `release_many`):
+//! each is sent at once as script calls of its own, not through the queue: one
+//! `EVALSHA` for up to [`RedisStoreBuilder::max_batch`] operations (more: one call
+//! per `max_batch`, all in flight together), split by slot on a cluster as below.
+//!
 //! On a Redis Cluster the keys of one script call must share a hash slot, so a batch
 //! is split by slot ([CRC16 of the hash tag](https://redis.io/docs/latest/operate/oss_and_stack/reference/cluster-spec/#hash-tags),
 //! as Redis computes it) into one script call per slot, all sent at once over the

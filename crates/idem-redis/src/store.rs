@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use idem_core::dedup::{
-    BatchExecutor, Batcher, Claim, Completion, DedupStore, OwnerToken, ScopedKey, StoreError,
-    DEFAULT_MAX_BATCH,
+    BatchExecutor, Batcher, Claim, ClaimRequest, CompleteRequest, Completion, DedupStore,
+    OwnerToken, ReleaseRequest, ScopedKey, StoreError, DEFAULT_MAX_BATCH,
 };
 use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
@@ -150,8 +150,70 @@ impl RedisStore {
         } else {
             self.batcher.submit(op).await?
         };
-        T::from_redis_value(reply)
-            .map_err(|e| StoreError::new(format!("unexpected Redis {} reply: {e}", label(name))))
+        typed(name, reply)
+    }
+
+    /// Operations of one `*_many` call, sent at once as script calls of their own
+    /// (not through the queue): one call for up to [`max_batch`](Self::max_batch)
+    /// operations, on a cluster one per hash slot among them, all in flight together.
+    async fn run_many<T: FromRedisValue>(&self, ops: Vec<Op>) -> Vec<Result<T, StoreError>> {
+        let names: Vec<&'static str> = ops.iter().map(|op| op.name).collect();
+        let size = self.batcher.max_batch();
+        let mut chunks: Vec<Vec<Op>> = Vec::new();
+        for op in ops {
+            match chunks.last_mut() {
+                Some(chunk) if chunk.len() < size => chunk.push(op),
+                _ => chunks.push(vec![op]),
+            }
+        }
+        let exec = self.batcher.executor();
+        let calls = chunks.into_iter().map(|chunk| exec.execute(chunk));
+        let replies = futures_util::future::join_all(calls).await;
+        replies
+            .into_iter()
+            .flatten()
+            .zip(names)
+            .map(|(reply, name)| reply.and_then(|r| typed(name, r)))
+            .collect()
+    }
+
+    fn op(&self, name: &'static str, key: &ScopedKey, args: Vec<Arg>) -> Op {
+        Op {
+            name,
+            record: self.redis_key(key),
+            args,
+        }
+    }
+}
+
+/// A script reply as `T`.
+fn typed<T: FromRedisValue>(name: &str, reply: Value) -> Result<T, StoreError> {
+    T::from_redis_value(reply)
+        .map_err(|e| StoreError::new(format!("unexpected Redis {} reply: {e}", label(name))))
+}
+
+fn claim_args(
+    owner: &OwnerToken,
+    fingerprint: Option<&str>,
+    lease: Duration,
+    memory: Duration,
+) -> Vec<Arg> {
+    vec![
+        text(owner.as_str()),
+        millis(lease),
+        text(if fingerprint.is_some() { "1" } else { "0" }),
+        text(fingerprint.unwrap_or("")),
+        millis(memory),
+    ]
+}
+
+fn parse_counting(reply: &[String]) -> Result<(Claim, Option<u32>), StoreError> {
+    match reply.first().map(String::as_str) {
+        Some("a") if reply.len() == 2 => {
+            let n = reply[1].parse::<u32>().map_err(|_| bad_reply(reply))?;
+            Ok((Claim::Acquired, Some(n)))
+        }
+        _ => Ok((parse_claim(reply)?, Some(0))),
     }
 }
 
@@ -417,21 +479,58 @@ impl DedupStore for RedisStore {
         lease: Duration,
         memory: Duration,
     ) -> Result<(Claim, Option<u32>), StoreError> {
-        let args = vec![
-            text(owner.as_str()),
-            millis(lease),
-            text(if fingerprint.is_some() { "1" } else { "0" }),
-            text(fingerprint.unwrap_or("")),
-            millis(memory),
-        ];
+        let args = claim_args(owner, fingerprint, lease, memory);
         let reply: Vec<String> = self.run("claim_counting", key, args).await?;
-        match reply.first().map(String::as_str) {
-            Some("a") if reply.len() == 2 => {
-                let n = reply[1].parse::<u32>().map_err(|_| bad_reply(&reply))?;
-                Ok((Claim::Acquired, Some(n)))
-            }
-            _ => Ok((parse_claim(&reply)?, Some(0))),
-        }
+        parse_counting(&reply)
+    }
+
+    async fn claim_many(
+        &self,
+        requests: &[ClaimRequest],
+        lease: Duration,
+        memory: Duration,
+    ) -> Vec<Result<(Claim, Option<u32>), StoreError>> {
+        let ops = requests
+            .iter()
+            .map(|r| {
+                let args = claim_args(&r.owner, r.fingerprint.as_deref(), lease, memory);
+                self.op("claim_counting", &r.key, args)
+            })
+            .collect();
+        let replies: Vec<Result<Vec<String>, StoreError>> = self.run_many(ops).await;
+        replies
+            .into_iter()
+            .map(|r| r.and_then(|reply| parse_counting(&reply)))
+            .collect()
+    }
+
+    async fn complete_many(
+        &self,
+        requests: &[CompleteRequest],
+        retention: Duration,
+    ) -> Vec<Result<bool, StoreError>> {
+        let ops = requests
+            .iter()
+            .map(|r| {
+                let args = vec![
+                    text(r.owner.as_str()),
+                    text(completion_code(r.completion)),
+                    millis(retention),
+                ];
+                self.op("complete", &r.key, args)
+            })
+            .collect();
+        let replies: Vec<Result<i64, StoreError>> = self.run_many(ops).await;
+        replies.into_iter().map(|r| r.map(|n| n == 1)).collect()
+    }
+
+    async fn release_many(&self, requests: &[ReleaseRequest]) -> Vec<Result<bool, StoreError>> {
+        let ops = requests
+            .iter()
+            .map(|r| self.op("release", &r.key, vec![text(r.owner.as_str())]))
+            .collect();
+        let replies: Vec<Result<i64, StoreError>> = self.run_many(ops).await;
+        replies.into_iter().map(|r| r.map(|n| n == 1)).collect()
     }
 
     async fn extend(
@@ -479,25 +578,4 @@ impl DedupStore for RedisStore {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keys_are_unambiguous_and_one_slot() {
-        let k = |c: &str, k: &str| record_key("idem", &ScopedKey::new(c, k));
-        assert_ne!(k("a:b", "c"), k("a", "b:c"));
-        assert_eq!(k("billing", "k1"), "idem:{7:billing:k1}");
-        assert!(matches!(millis(Duration::ZERO), Arg::Int(1)));
-    }
-
-    #[test]
-    fn slots_follow_the_cluster_hash_tag_rule() {
-        // Known slots (CLUSTER KEYSLOT).
-        assert_eq!(slot("foo"), 12182);
-        assert_eq!(slot("{user1000}.following"), slot("user1000"));
-        assert_eq!(slot("foo{}{bar}"), slot("foo{}{bar}"));
-        assert_ne!(slot("foo{}{bar}"), slot("bar"), "empty tag: the whole key");
-        let record = record_key("idem", &ScopedKey::new("billing", "k1"));
-        assert_eq!(slot(&record), slot(&starts_key(&record)));
-    }
-}
+mod tests;

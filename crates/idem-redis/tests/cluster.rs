@@ -204,3 +204,15 @@ async fn an_unreachable_cluster_fails_fast_and_names_the_nodes_without_passwords
         "{err}"
     );
 }
+
+/// A batch handler over the cluster store: the batch's keys hash to many slots, and
+/// its claim call (one per slot, all in flight together) still answers every key as
+/// the single-node store does (`idem_testkit::lease_batch`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_handler_claims_its_keys_across_slots() {
+    let prefix = unique("cbatch");
+    let s = store(&prefix).await;
+    assert!(s.is_cluster());
+    idem_testkit::lease_batch::check(Arc::new(s.clone()), &unique("batch")).await;
+    cleanup(&s).await;
+}

@@ -22,6 +22,8 @@
 //!   a channel (`declare_queue`, `inspect_queue`, `ready_count`).
 //! - `spans` (feature `otel`): exports spans to memory, to assert trace context.
 //! - [`logs`]: captures what is logged, for tests that assert a warning.
+//! - [`lease_batch`]: a batch handler over a lease store, end to end, counting the
+//!   store calls of the batch.
 //! - [`cluster`]: starts the RabbitMQ and Redis test clusters of `.ci/cluster` on first use.
 //!
 //! ```no_run
@@ -46,6 +48,7 @@ pub mod cluster;
 /// `conformance`); re-exported here for the workspace's own tests.
 pub use idem_core::conformance;
 pub mod fault_proxy;
+pub mod lease_batch;
 pub mod logs;
 mod service;
 #[cfg(feature = "otel")]

@@ -124,7 +124,8 @@ pub trait Deduplicate: Send + Sync + 'static {
         None
     }
     /// Wraps a [batch handler](crate::batch) for a stage that admits a whole batch at
-    /// once (the SQL inbox on PostgreSQL: one admission statement, one transaction).
+    /// once (the SQL inbox on PostgreSQL: one admission statement, one transaction;
+    /// [`DedupLayer`]: one claim call and one completion call per batch).
     /// `None` (the default): the consumer collects batches under the stage's
     /// per-message [`wrap`](Self::wrap) instead, each message admitted on its own.
     fn wrap_batch(&self, consumer: Arc<str>, runner: BatchRunner) -> Option<DedupedService> {
@@ -145,6 +146,9 @@ impl Deduplicate for DedupLayer {
     }
     fn health_check(&self) -> Option<HealthCheck> {
         Some(DedupLayer::health_check(self))
+    }
+    fn wrap_batch(&self, consumer: Arc<str>, runner: BatchRunner) -> Option<DedupedService> {
+        Some(self.for_consumer(consumer).batch_service(runner))
     }
 }
 

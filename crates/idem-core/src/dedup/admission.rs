@@ -272,6 +272,53 @@ where
     let guard = CrashGuard::of(&msg);
     let _turn = guard.turn(&msg).await;
     let (claimed, earlier) = session.claim().await?;
+    match decide(settings, &reading, &mut session, claimed, earlier, &guard).await {
+        Decision::Run => {}
+        Decision::Declined(answer) => return answer,
+        Decision::Crashed(err) => {
+            session.poisoned().await;
+            return Err(err);
+        }
+    }
+
+    msg.extensions.insert(IdempotencyKey(key.to_owned()));
+    session.prepare(&mut msg);
+    let result = session.guard(inner.call(msg)).await;
+    match settlement(&result) {
+        Settlement::Succeeded => session.succeeded().await?,
+        Settlement::Poisoned => session.poisoned().await,
+        Settlement::Released => session.released().await,
+    }
+    result.map(|()| Processed::Handled)
+}
+
+/// What admission decided once a key's claim was answered.
+#[derive(Debug)]
+pub(crate) enum Decision {
+    /// The claim is held (acquired, or a poisoned key reopened for a replay): run the
+    /// handler.
+    Run,
+    /// Not admitted: the message's answer (a duplicate, a permanent error, busy). The
+    /// session's `declined` has run.
+    Declined(Result<Processed, HandlerError>),
+    /// The claim is held but the message crash-looped: record it poisoned, answer
+    /// this permanent error, never run it.
+    Crashed(HandlerError),
+}
+
+/// The decision on one key from what its claim found (`earlier` unsettled starts
+/// behind it): the rows of [`admit`]'s table between the claim and the handler.
+/// Calls the session's `reopen` for an operator's replay and its `declined` when the
+/// message is not admitted. Used by [`admit`] and by the lease-store batch path.
+pub(crate) async fn decide<A: Admission>(
+    settings: &DedupSettings,
+    reading: &Reading,
+    session: &mut A,
+    claimed: Claimed,
+    earlier: u32,
+    guard: &CrashGuard,
+) -> Decision {
+    let key = &reading.key;
     match claimed {
         Claimed::Acquired => {}
         Claimed::Done {
@@ -281,19 +328,19 @@ where
             let verdict = reading.done(completion, recorded.as_deref());
             if !matches!(verdict, Ok(Processed::Handled)) {
                 session.declined().await;
-                return verdict;
+                return Decision::Declined(verdict);
             }
             let reopened = match session.reopen().await {
                 Ok(r) => r,
                 Err(e) => {
                     session.declined().await;
-                    return Err(e);
+                    return Decision::Declined(Err(e));
                 }
             };
             if !reopened {
                 // Someone else reopened it first, or it changed under us: look again later.
                 session.declined().await;
-                return Err(HandlerError::busy(settings.min_busy_delay));
+                return Decision::Declined(Err(HandlerError::busy(settings.min_busy_delay)));
             }
             debug!(key = %key, "operator replay reopened a poisoned record");
         }
@@ -301,36 +348,37 @@ where
             session.declined().await;
             let delay =
                 retry_in.map_or(settings.min_busy_delay, |r| r.max(settings.min_busy_delay));
-            return Err(HandlerError::busy(delay));
+            return Decision::Declined(Err(HandlerError::busy(delay)));
         }
     }
-    if let Err(crashed) = guard.check(earlier) {
-        warn!(key = %key, times = crashed.times, "message crashed or hung the worker too often; dead-lettering it without running it");
-        session.poisoned().await;
-        return Err(HandlerError::permanent(crashed));
+    match guard.check(earlier) {
+        Ok(()) => Decision::Run,
+        Err(crashed) => {
+            warn!(key = %key, times = crashed.times, "message crashed or hung the worker too often; dead-lettering it without running it");
+            Decision::Crashed(HandlerError::permanent(crashed))
+        }
     }
+}
 
-    msg.extensions.insert(IdempotencyKey(key.to_owned()));
-    session.prepare(&mut msg);
-    let result = session.guard(inner.call(msg)).await;
+/// How the outcome of a handler that ran is recorded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Settlement {
+    /// `done(succeeded)`: the handler succeeded, or dropped the message on purpose (a
+    /// discard is recorded done like a success, so a redelivery is a duplicate; the
+    /// SQL inbox commits the handler's transaction).
+    Succeeded,
+    /// `done(poisoned)`: a permanent failure.
+    Poisoned,
+    /// The claim is given back: any other failure.
+    Released,
+}
+
+/// How `result`, a handler's, is recorded.
+pub(crate) fn settlement(result: &Result<(), HandlerError>) -> Settlement {
     match result {
-        Ok(()) => {
-            session.succeeded().await?;
-            Ok(Processed::Handled)
-        }
-        // Dropped on purpose: recorded done like a success, so a redelivery is a
-        // duplicate (the SQL inbox commits the handler's transaction).
-        Err(e) if e.is_discard() => {
-            session.succeeded().await?;
-            Err(e)
-        }
-        Err(e) if e.kind() == Some(ErrorKind::Permanent) => {
-            session.poisoned().await;
-            Err(e)
-        }
-        Err(e) => {
-            session.released().await;
-            Err(e)
-        }
+        Ok(()) => Settlement::Succeeded,
+        Err(e) if e.is_discard() => Settlement::Succeeded,
+        Err(e) if e.kind() == Some(ErrorKind::Permanent) => Settlement::Poisoned,
+        Err(_) => Settlement::Released,
     }
 }

@@ -7,7 +7,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::store::{
-    Claim, Completion, DedupStore, OwnerToken, ScopedKey, StoreError, StoreErrorKind,
+    Claim, ClaimRequest, CompleteRequest, Completion, DedupStore, OwnerToken, ReleaseRequest,
+    ScopedKey, StoreError, StoreErrorKind,
 };
 
 /// Default limit on one store call (connection or pool wait included): 5 s.
@@ -60,6 +61,22 @@ impl Bounded {
                 self.timeout
             ))
             .with_kind(StoreErrorKind::Timeout)),
+        }
+    }
+}
+
+impl Bounded {
+    /// A call for `n` keys within the limit: when it runs out of time, every key gets
+    /// a copy of the timeout.
+    async fn run_many<T>(
+        &self,
+        op: &str,
+        n: usize,
+        fut: impl Future<Output = Vec<Result<T, StoreError>>>,
+    ) -> Vec<Result<T, StoreError>> {
+        match self.run(op, async { Ok(fut.await) }).await {
+            Ok(answers) => answers,
+            Err(e) => (0..n).map(|_| Err(e.clone())).collect(),
         }
     }
 }
@@ -122,6 +139,27 @@ impl DedupStore for Bounded {
     ) -> Result<bool, StoreError> {
         self.run("reopen", self.inner.reopen_poisoned(key, owner, lease))
             .await
+    }
+    async fn claim_many(
+        &self,
+        requests: &[ClaimRequest],
+        lease: Duration,
+        memory: Duration,
+    ) -> Vec<Result<(Claim, Option<u32>), StoreError>> {
+        let call = self.inner.claim_many(requests, lease, memory);
+        self.run_many("claim", requests.len(), call).await
+    }
+    async fn complete_many(
+        &self,
+        requests: &[CompleteRequest],
+        retention: Duration,
+    ) -> Vec<Result<bool, StoreError>> {
+        let call = self.inner.complete_many(requests, retention);
+        self.run_many("complete", requests.len(), call).await
+    }
+    async fn release_many(&self, requests: &[ReleaseRequest]) -> Vec<Result<bool, StoreError>> {
+        let call = self.inner.release_many(requests);
+        self.run_many("release", requests.len(), call).await
     }
     async fn health(&self) -> Result<(), StoreError> {
         self.run("health probe", self.inner.health()).await

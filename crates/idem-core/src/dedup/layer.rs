@@ -9,7 +9,10 @@ use tracing::{debug, warn};
 use super::admission::{admit, Admission, Claimed, DedupSettings};
 use super::bounded::Bounded;
 use super::key::{KeyExtractor, MissingKey};
-use super::store::{Claim, Completion, DedupStore, OwnerToken, ScopedKey, StoreError};
+use super::store::{
+    Claim, CompleteRequest, Completion, DedupStore, OwnerToken, ReleaseRequest, ScopedKey,
+    StoreError,
+};
 use crate::__private::BoxFuture;
 use crate::error::HandlerError;
 use crate::message::Message;
@@ -57,16 +60,16 @@ pub struct PreviouslyPoisonedError(pub String);
 pub struct PayloadMismatchError(pub String);
 
 #[derive(Clone)]
-struct Config {
+pub(super) struct Config {
     /// The key scope: the consumer's name once a consumer wraps the layer.
-    scope: Arc<str>,
+    pub(super) scope: Arc<str>,
     /// Whether [`DedupLayer::scope`] was called.
     scope_set: bool,
     /// `raw` behind [`Bounded`] (the store timeout).
-    store: Arc<dyn DedupStore>,
+    pub(super) store: Arc<dyn DedupStore>,
     raw: Arc<dyn DedupStore>,
-    settings: DedupSettings,
-    lease: Duration,
+    pub(super) settings: DedupSettings,
+    pub(super) lease: Duration,
 }
 
 /// Default scope of a layer used on its own (outside a consumer) without
@@ -83,7 +86,7 @@ const DEFAULT_SCOPE: &str = "default";
 /// live in one [`DedupSettings`].
 #[derive(Clone)]
 pub struct DedupLayer {
-    config: Arc<Config>,
+    pub(super) config: Arc<Config>,
 }
 
 impl std::fmt::Debug for DedupLayer {
@@ -289,22 +292,40 @@ where
     }
 }
 
-fn store_failure(err: StoreError) -> HandlerError {
+pub(super) fn store_failure(err: StoreError) -> HandlerError {
     HandlerError::store_unavailable(err)
 }
 
-fn timed<T>(start: Instant, op: &'static str, r: T) -> T {
+pub(super) fn timed<T>(start: Instant, op: &'static str, r: T) -> T {
     metrics::histogram!("idem_store_duration_seconds", "op" => op)
         .record(start.elapsed().as_secs_f64());
     r
 }
 
 /// One message's admission through a lease store.
-struct LeaseSession {
-    config: Arc<Config>,
-    key: ScopedKey,
-    owner: OwnerToken,
-    fingerprint: Option<String>,
+pub(super) struct LeaseSession {
+    pub(super) config: Arc<Config>,
+    pub(super) key: ScopedKey,
+    pub(super) owner: OwnerToken,
+    pub(super) fingerprint: Option<String>,
+}
+
+/// What the layer makes of a store's claim answer: a busy key's wait is at most the
+/// lease.
+pub(super) fn claimed(claim: Claim, lease: Duration) -> Claimed {
+    match claim {
+        Claim::Acquired => Claimed::Acquired,
+        Claim::Done {
+            completion,
+            fingerprint,
+        } => Claimed::Done {
+            completion,
+            fingerprint,
+        },
+        Claim::Busy { retry_in } => Claimed::Busy {
+            retry_in: Some(retry_in.min(lease)),
+        },
+    }
 }
 
 impl Admission for LeaseSession {
@@ -325,20 +346,7 @@ impl Admission for LeaseSession {
                 .await,
         )
         .map_err(store_failure)?;
-        let claimed = match claim {
-            Claim::Acquired => Claimed::Acquired,
-            Claim::Done {
-                completion,
-                fingerprint,
-            } => Claimed::Done {
-                completion,
-                fingerprint,
-            },
-            Claim::Busy { retry_in } => Claimed::Busy {
-                retry_in: Some(retry_in.min(c.lease)),
-            },
-        };
-        Ok((claimed, starts.unwrap_or(0)))
+        Ok((claimed(claim, c.lease), starts.unwrap_or(0)))
     }
 
     async fn reopen(&mut self) -> Result<bool, HandlerError> {
@@ -361,39 +369,74 @@ impl Admission for LeaseSession {
         F: Future + Send,
         F::Output: Send,
     {
-        with_lease(&self.config, &self.key, &self.owner, handler)
+        with_lease(&self.config, std::slice::from_ref(self), handler)
     }
 
     async fn succeeded(&mut self) -> Result<(), HandlerError> {
-        finish(self, Completion::Succeeded).await;
+        finish(&self.config, &[(&*self, Completion::Succeeded)]).await;
         Ok(())
     }
 
     async fn poisoned(&mut self) {
-        finish(self, Completion::Poisoned).await;
+        finish(&self.config, &[(&*self, Completion::Poisoned)]).await;
     }
 
     async fn released(&mut self) {
-        let t = Instant::now();
-        let released = self.config.store.release(&self.key, &self.owner).await;
-        match timed(t, "release", released) {
+        release(&self.config, &[&*self]).await;
+    }
+}
+
+/// Gives the claims of `sessions` back: one `release` call for one, one
+/// `release_many` call for several. Failures are logged: a claim that was not
+/// released frees itself when its lease expires.
+pub(super) async fn release(config: &Config, sessions: &[&LeaseSession]) {
+    let t = Instant::now();
+    let answers = match sessions {
+        [] => return,
+        [one] => vec![config.store.release(&one.key, &one.owner).await],
+        many => {
+            let requests: Vec<ReleaseRequest> = many
+                .iter()
+                .map(|s| ReleaseRequest::new(s.key.clone(), s.owner.clone()))
+                .collect();
+            config.store.release_many(&requests).await
+        }
+    };
+    let answers = timed(t, "release", answers);
+    for (session, released) in sessions.iter().zip(padded(answers, sessions.len())) {
+        match released {
             Ok(true) => {}
-            Ok(false) => warn!(key = %self.key, "lease was lost before release"),
-            // The claim frees itself when the lease expires.
+            Ok(false) => warn!(key = %session.key, "lease was lost before release"),
             Err(err) => {
-                warn!(key = %self.key, error = %err, "release failed; the lease will expire")
+                warn!(key = %session.key, error = %err, "release failed; the lease will expire")
             }
         }
     }
 }
 
-/// Runs the handler future, pushing the lease forward every third of it. The timer is
-/// only armed if the handler does not finish on its first poll.
+/// `answers` of a store call for `n` keys, exactly `n` of them: a missing answer is
+/// a store error.
+pub(super) fn padded<T>(
+    mut answers: Vec<Result<T, StoreError>>,
+    n: usize,
+) -> Vec<Result<T, StoreError>> {
+    answers.truncate(n);
+    while answers.len() < n {
+        answers.push(Err(StoreError::new(
+            "the store answered fewer keys than it was asked",
+        )));
+    }
+    answers
+}
+
+/// Runs the handler future, pushing the leases of `held` (one message's, or a batch's)
+/// forward every third of the lease, all at once. The timer is only armed if the
+/// handler does not finish on its first poll.
 ///
 /// If this future is dropped before the handler finishes (its worker was dropped, or a
 /// process crashed), the claim is left as it is: it frees itself when the lease runs
 /// out, and the crash-loop guard counts that start as one that never settled.
-async fn with_lease<F>(config: &Config, key: &ScopedKey, owner: &OwnerToken, fut: F) -> F::Output
+pub(super) async fn with_lease<F>(config: &Config, held: &[LeaseSession], fut: F) -> F::Output
 where
     F: std::future::Future,
 {
@@ -412,45 +455,67 @@ where
         tokio::select! {
             out = &mut fut => return out,
             _ = ticker.tick() => {
-                match config.store.extend(key, owner, config.lease).await {
-                    Ok(true) => {}
-                    Ok(false) => warn!(key = %key, "lease lost while the handler runs; another worker may take over"),
-                    Err(err) => warn!(key = %key, error = %err, "lease extension failed"),
+                let extended = held
+                    .iter()
+                    .map(|s| async move { (&s.key, config.store.extend(&s.key, &s.owner, config.lease).await) });
+                for (key, answer) in futures_util::future::join_all(extended).await {
+                    match answer {
+                        Ok(true) => {}
+                        Ok(false) => warn!(key = %key, "lease lost while the handler runs; another worker may take over"),
+                        Err(err) => warn!(key = %key, error = %err, "lease extension failed"),
+                    }
                 }
             }
         }
     }
 }
 
-/// Writes the `done` record. The handler's effect has happened, so a store failure
-/// here does not turn into a retry (which would run the effect again); it is retried
-/// briefly, then logged, and the claim stays `processing` until its lease expires.
-async fn finish(session: &LeaseSession, completion: Completion) {
-    let LeaseSession {
-        config, key, owner, ..
-    } = session;
+/// Writes the `done` records of `done` (one message's, or a batch's): one `complete`
+/// call for one, one `complete_many` call for several. The handlers' effects have
+/// happened, so a store failure here does not turn into a retry (which would run the
+/// effects again); the keys that failed are retried briefly, together, then logged,
+/// and their claims stay `processing` until their leases expire.
+pub(super) async fn finish(config: &Config, done: &[(&LeaseSession, Completion)]) {
+    let mut pending: Vec<(&LeaseSession, Completion)> = done.to_vec();
     let mut backoff = Duration::from_millis(50);
     for attempt in 1..=3 {
         let t = Instant::now();
-        match timed(
-            t,
-            "complete",
-            config
-                .store
-                .complete(key, owner, completion, config.settings.retention)
-                .await,
-        ) {
-            Ok(true) => return,
-            Ok(false) => return complete_after_expiry(session, completion).await,
-            Err(err) if attempt == 3 => {
-                warn!(key = %key, error = %err, "could not record completion; a redelivery before the lease expires is retried, after it runs again");
-                metrics::counter!("idem_dedup_complete_failed_total").increment(1);
+        let retention = config.settings.retention;
+        let answers = match pending.as_slice() {
+            [] => return,
+            [(one, completion)] => vec![
+                config
+                    .store
+                    .complete(&one.key, &one.owner, *completion, retention)
+                    .await,
+            ],
+            many => {
+                let requests: Vec<CompleteRequest> = many
+                    .iter()
+                    .map(|(s, c)| CompleteRequest::new(s.key.clone(), s.owner.clone(), *c))
+                    .collect();
+                config.store.complete_many(&requests, retention).await
             }
-            Err(_) => {
-                tokio::time::sleep(backoff).await;
-                backoff *= 2;
+        };
+        let answers = padded(timed(t, "complete", answers), pending.len());
+        let mut failed = Vec::new();
+        for ((session, completion), answer) in pending.into_iter().zip(answers) {
+            match answer {
+                Ok(true) => {}
+                Ok(false) => complete_after_expiry(session, completion).await,
+                Err(err) if attempt == 3 => {
+                    warn!(key = %session.key, error = %err, "could not record completion; a redelivery before the lease expires is retried, after it runs again");
+                    metrics::counter!("idem_dedup_complete_failed_total").increment(1);
+                }
+                Err(_) => failed.push((session, completion)),
             }
         }
+        if failed.is_empty() {
+            return;
+        }
+        pending = failed;
+        tokio::time::sleep(backoff).await;
+        backoff *= 2;
     }
 }
 
@@ -458,7 +523,7 @@ async fn finish(session: &LeaseSession, completion: Completion) {
 /// slow to extend it in time). The effect has happened: unless another owner took the
 /// key meanwhile, claim it again under a fresh token and write the record at once, so
 /// a later copy is a duplicate instead of a second run.
-async fn complete_after_expiry(session: &LeaseSession, completion: Completion) {
+pub(super) async fn complete_after_expiry(session: &LeaseSession, completion: Completion) {
     let LeaseSession {
         config,
         key,

@@ -42,6 +42,15 @@
 //! ever widens "same payload" to the body the key was first recorded with; it cannot
 //! make a message with an unrelated payload run under a key that succeeded.
 //!
+//! # Batch handlers
+//!
+//! Under a [batch handler](crate::batch) the layer admits a whole batch at once: one
+//! [`DedupStore::claim_many`] call for every key, each key decided as above, the
+//! handler on the admitted messages (their leases extended while it runs), then one
+//! [`DedupStore::complete_many`] call for the succeeded, discarded and poisoned
+//! messages and one [`DedupStore::release_many`] call for the transiently failed
+//! ones. A batch of one message uses the single-key calls. See `docs/batch.md`.
+//!
 //! The SQL transactional inbox (`idem_sql::SqlInbox`) admits messages through the same
 //! steps (the `admission` module, not part of the public API) and shares the same settings ([`DedupSettings`]); only the
 //! storage differs.
@@ -72,6 +81,7 @@ pub mod batch;
 mod bounded;
 pub(crate) mod key;
 mod layer;
+mod layer_batch;
 mod memory;
 pub(crate) mod store;
 
@@ -87,8 +97,13 @@ pub use layer::{
     EDITED_HEADER, ORIGINAL_FINGERPRINT_HEADER, REPLAY_HEADER,
 };
 pub use memory::MemoryStore;
-pub use store::{Claim, Completion, DedupStore, OwnerToken, ScopedKey, StoreError, StoreErrorKind};
+pub use store::{
+    Claim, ClaimRequest, CompleteRequest, Completion, DedupStore, OwnerToken, ReleaseRequest,
+    ScopedKey, StoreError, StoreErrorKind,
+};
 
+#[cfg(test)]
+mod batch_admit_tests;
 #[cfg(test)]
 mod expiry_tests;
 #[cfg(test)]

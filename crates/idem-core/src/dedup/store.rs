@@ -181,6 +181,70 @@ impl StoreError {
     }
 }
 
+/// One key of a [`DedupStore::claim_many`] call: the key, the token that is to hold
+/// the claim, and the payload fingerprint to record with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ClaimRequest {
+    /// The key.
+    pub key: ScopedKey,
+    /// The token that holds the claim if it is acquired.
+    pub owner: OwnerToken,
+    /// The payload fingerprint recorded with the claim.
+    pub fingerprint: Option<String>,
+}
+
+impl ClaimRequest {
+    /// A claim of `key` for `owner`, recording `fingerprint`.
+    pub fn new(key: ScopedKey, owner: OwnerToken, fingerprint: Option<String>) -> Self {
+        ClaimRequest {
+            key,
+            owner,
+            fingerprint,
+        }
+    }
+}
+
+/// One key of a [`DedupStore::complete_many`] call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CompleteRequest {
+    /// The key.
+    pub key: ScopedKey,
+    /// The token that holds the claim.
+    pub owner: OwnerToken,
+    /// How the message ended.
+    pub completion: Completion,
+}
+
+impl CompleteRequest {
+    /// `owner`'s claim of `key`, to be recorded done with `completion`.
+    pub fn new(key: ScopedKey, owner: OwnerToken, completion: Completion) -> Self {
+        CompleteRequest {
+            key,
+            owner,
+            completion,
+        }
+    }
+}
+
+/// One key of a [`DedupStore::release_many`] call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReleaseRequest {
+    /// The key.
+    pub key: ScopedKey,
+    /// The token that holds the claim.
+    pub owner: OwnerToken,
+}
+
+impl ReleaseRequest {
+    /// `owner`'s claim of `key`, to be given back.
+    pub fn new(key: ScopedKey, owner: OwnerToken) -> Self {
+        ReleaseRequest { key, owner }
+    }
+}
+
 /// The dedup state machine of a store:
 /// `absent -> processing(owner, lease) -> done(retention)`, `processing -> absent` on
 /// release. Every implementation must make each method a single atomic step.
@@ -249,6 +313,59 @@ pub trait DedupStore: Send + Sync + 'static {
         lease: Duration,
     ) -> Result<bool, StoreError>;
 
+    /// [`claim_counting`](Self::claim_counting) of many keys in one call (the dedup
+    /// layer's [batch handlers](crate::batch)): one answer per request, in order, each
+    /// exactly what `claim_counting` would answer for it alone. `lease` and `memory`
+    /// apply to every key. The keys of one call are distinct.
+    ///
+    /// A call that fails as a whole answers each request with a copy of its error. The
+    /// default claims the keys one after the other; stores with a round trip per call
+    /// override it to claim them all in one.
+    async fn claim_many(
+        &self,
+        requests: &[ClaimRequest],
+        lease: Duration,
+        memory: Duration,
+    ) -> Vec<Result<(Claim, Option<u32>), StoreError>> {
+        let mut answers = Vec::with_capacity(requests.len());
+        for r in requests {
+            let fingerprint = r.fingerprint.as_deref();
+            answers.push(
+                self.claim_counting(&r.key, &r.owner, fingerprint, lease, memory)
+                    .await,
+            );
+        }
+        answers
+    }
+
+    /// [`complete`](Self::complete) of many held claims in one call, each kept for
+    /// `retention`: one answer per request, in order, as `complete` would answer it.
+    /// The default completes them one after the other.
+    async fn complete_many(
+        &self,
+        requests: &[CompleteRequest],
+        retention: Duration,
+    ) -> Vec<Result<bool, StoreError>> {
+        let mut answers = Vec::with_capacity(requests.len());
+        for r in requests {
+            answers.push(
+                self.complete(&r.key, &r.owner, r.completion, retention)
+                    .await,
+            );
+        }
+        answers
+    }
+
+    /// [`release`](Self::release) of many held claims in one call: one answer per
+    /// request, in order. The default releases them one after the other.
+    async fn release_many(&self, requests: &[ReleaseRequest]) -> Vec<Result<bool, StoreError>> {
+        let mut answers = Vec::with_capacity(requests.len());
+        for r in requests {
+            answers.push(self.release(&r.key, &r.owner).await);
+        }
+        answers
+    }
+
     /// A cheap round trip proving the store answers, used by the consumer's circuit
     /// breaker to decide when an outage is over. The default extends the lease of a
     /// key that no one holds (`idem-health/probe`): one read that changes nothing.
@@ -312,6 +429,24 @@ impl<T: DedupStore + ?Sized> DedupStore for Arc<T> {
         lease: Duration,
     ) -> Result<bool, StoreError> {
         (**self).reopen_poisoned(key, owner, lease).await
+    }
+    async fn claim_many(
+        &self,
+        requests: &[ClaimRequest],
+        lease: Duration,
+        memory: Duration,
+    ) -> Vec<Result<(Claim, Option<u32>), StoreError>> {
+        (**self).claim_many(requests, lease, memory).await
+    }
+    async fn complete_many(
+        &self,
+        requests: &[CompleteRequest],
+        retention: Duration,
+    ) -> Vec<Result<bool, StoreError>> {
+        (**self).complete_many(requests, retention).await
+    }
+    async fn release_many(&self, requests: &[ReleaseRequest]) -> Vec<Result<bool, StoreError>> {
+        (**self).release_many(requests).await
     }
     async fn health(&self) -> Result<(), StoreError> {
         (**self).health().await

@@ -8,8 +8,8 @@ use async_trait::async_trait;
 #[cfg(feature = "postgres")]
 use idem_core::dedup::Batcher;
 use idem_core::dedup::{
-    Claim, Completion, DedupStore, OwnerToken, ScopedKey, StoreError, StoreErrorKind,
-    DEFAULT_MAX_BATCH,
+    Claim, ClaimRequest, CompleteRequest, Completion, DedupStore, OwnerToken, ReleaseRequest,
+    ScopedKey, StoreError, DEFAULT_MAX_BATCH,
 };
 use sqlx::Pool;
 
@@ -18,6 +18,7 @@ use crate::backend::Dialect;
 use crate::backend::{Arg, Backend};
 use crate::schema::{self, CleanupHandle, InvalidTableName, TableName, CLEANUP_BATCH};
 
+mod many;
 mod queries;
 use queries::Queries;
 
@@ -31,6 +32,13 @@ pub(crate) const POISONED: &str = "poisoned";
 pub(crate) fn ms(d: Duration) -> i64 {
     // At least 1 ms; at most ~292 million years.
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 4).max(1)
+}
+
+fn state_of(completion: Completion) -> &'static str {
+    match completion {
+        Completion::Succeeded => SUCCEEDED,
+        Completion::Poisoned => POISONED,
+    }
 }
 
 fn text(s: &str) -> Arg {
@@ -67,6 +75,12 @@ fn text(s: &str) -> Arg {
 /// already has a row (a duplicate, a busy or expired lease), a reopen. A failed batch statement fails each of its
 /// operations with its own copy of the [`StoreError`]; a caller that gives up (the
 /// dedup layer's `store_timeout`) loses only its own answer.
+///
+/// A [batch handler](idem_core::batch)'s calls on many keys are one statement each on
+/// PostgreSQL while batching is on, sent at once (not queued): `claim_many` inserts
+/// the absent keys, takes over the expired ones and reads the others (a key it cannot
+/// decide, a row committed by another transaction meanwhile, runs the single-row
+/// claim after it); `complete_many` and `release_many` are the batch statement above.
 ///
 /// SQLite and MariaDB keep the single-row statements. SQLite runs in-process (no
 /// network round trip to save) and serialises writers anyway. MariaDB has no
@@ -353,12 +367,7 @@ impl<DB: Backend> SqlStore<DB> {
         lease: Duration,
         counting: bool,
     ) -> Result<(Claim, Option<u32>), StoreError> {
-        DB::DIALECT
-            .check_lengths(key.consumer(), key.key(), Some(owner.as_str()), fingerprint)
-            .map_err(|m| {
-                StoreError::new(format!("SQL dedup claim of {key} refused: {m}"))
-                    .with_kind(StoreErrorKind::Invalid)
-            })?;
+        many::check_claim::<DB>(key, owner, fingerprint)?;
         let q = &self.inner.q;
         let err = self.err("claim");
         let (insert, take_over) = if counting {
@@ -506,10 +515,7 @@ impl<DB: Backend> DedupStore for SqlStore<DB> {
         completion: Completion,
         retention: Duration,
     ) -> Result<bool, StoreError> {
-        let state = match completion {
-            Completion::Succeeded => SUCCEEDED,
-            Completion::Poisoned => POISONED,
-        };
+        let state = state_of(completion);
         #[cfg(feature = "postgres")]
         if let Some(done) = self
             .batched_settle(|| pg_batch::Op::Update {
@@ -547,6 +553,27 @@ impl<DB: Backend> DedupStore for SqlStore<DB> {
         Ok(self.exec("release", &self.inner.q.release, args).await? == 1)
     }
 
+    async fn claim_many(
+        &self,
+        requests: &[ClaimRequest],
+        lease: Duration,
+        memory: Duration,
+    ) -> Vec<Result<(Claim, Option<u32>), StoreError>> {
+        self.claims(requests, lease, memory).await
+    }
+
+    async fn complete_many(
+        &self,
+        requests: &[CompleteRequest],
+        retention: Duration,
+    ) -> Vec<Result<bool, StoreError>> {
+        self.completions(requests, retention).await
+    }
+
+    async fn release_many(&self, requests: &[ReleaseRequest]) -> Vec<Result<bool, StoreError>> {
+        self.releases(requests).await
+    }
+
     async fn reopen_poisoned(
         &self,
         key: &ScopedKey,
@@ -567,3 +594,6 @@ impl<DB: Backend> DedupStore for SqlStore<DB> {
 /// "Batching".
 #[cfg(feature = "postgres")]
 mod pg_batch;
+/// The one-statement claims of many keys on PostgreSQL.
+#[cfg(feature = "postgres")]
+mod pg_claims;

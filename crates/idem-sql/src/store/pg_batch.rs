@@ -57,6 +57,8 @@ pub(crate) struct Exec {
     pub(crate) pool: PgPool,
     pub(crate) table: TableName,
     sql: String,
+    /// The statement of `claim_many` (see `pg_claims`).
+    pub(crate) claims: String,
 }
 
 impl Exec {
@@ -90,7 +92,13 @@ impl Exec {
              UNION ALL SELECT 1, i, NULL, NULL, NULL FROM upd \
              UNION ALL SELECT 2, i, NULL, NULL, NULL FROM del"
         );
-        Exec { pool, table, sql }
+        let claims = super::pg_claims::statement(&table);
+        Exec {
+            pool,
+            table,
+            sql,
+            claims,
+        }
     }
 
     fn error(&self, e: sqlx::Error, ops: usize) -> StoreError {
@@ -258,4 +266,22 @@ impl BatchExecutor for Exec {
             .map(|a| a.unwrap_or(Ok(Answer::Fallback)))
             .collect()
     }
+}
+
+/// Completions or releases of many keys in one batch statement.
+pub(super) async fn settle_many(exec: &Exec, ops: Vec<Op>) -> Vec<Result<bool, StoreError>> {
+    if ops.is_empty() {
+        return Vec::new();
+    }
+    exec.execute(ops)
+        .await
+        .into_iter()
+        .map(|reply| match reply {
+            Ok(Answer::Settled(done)) => Ok(done),
+            Ok(_) => Err(StoreError::new(
+                "SQL dedup batch answered a settle with a claim",
+            )),
+            Err(e) => Err(e),
+        })
+        .collect()
 }

@@ -47,8 +47,10 @@ impl ConsumerBuilder {
     ///
     /// Tower layers given to [`layer`](Self::layer) wrap each message on its way
     /// into its batch (a rate limit counts messages, a load shedder refuses single
-    /// messages): under a per-message dedup stage, after the message's admission; with
-    /// a stage that admits whole batches (the SQL inbox on PostgreSQL), before it.
+    /// messages): with a stage that admits whole batches (a lease store's
+    /// [`DedupLayer`](crate::DedupLayer), the SQL inbox on PostgreSQL), before the
+    /// batch's admission; under a per-message stage (the SQL inbox on SQLite and
+    /// MySQL), after the message's own admission.
     pub fn batch_handler_with_state<H, T, S>(
         mut self,
         handler: H,
