@@ -10,6 +10,12 @@
 //!   transaction. Baseline: per message, `BEGIN`, `INSERT ... ON CONFLICT DO NOTHING`
 //!   into a dedup table, the same effect insert, `COMMIT`, ack.
 //!
+//! With `--batch N` a third side runs in each round, between the two: the same worker
+//! with a batch handler of N messages doing per message what the per-message handler
+//! does (Redis: nothing, through `Batch::each`, so the store's claim and completion are
+//! the whole work, as on the other sides; PostgreSQL: the same effect insert, through
+//! `Batch::each` or, with `--batch-bulk`, one multi-row insert per batch).
+//!
 //! Same shape as `amqp-noop`: fresh queues and tables per run, runs alternate idem and
 //! baseline, medians and the median per-round ratio.
 
@@ -57,20 +63,25 @@ pub(crate) struct Args {
         default_value = "postgres://postgres@127.0.0.1:5432/postgres"
     )]
     database_url: String,
-    /// Also run idem with a batch handler of this many messages (amqp-postgres),
-    /// interleaved with the per-message idem run and the hand-written loop.
+    /// Also run idem with a batch handler of this many messages, interleaved with the
+    /// per-message idem run and the hand-written loop.
     #[arg(long)]
     batch: Option<usize>,
     /// Longest wait before a short batch closes, in milliseconds (with --batch).
     #[arg(long, default_value_t = 20)]
     batch_wait_ms: u64,
-    /// With --batch: the handler writes the whole batch in one multi-row `INSERT` on
-    /// the batch's transaction (no savepoint per message) instead of `Batch::each`.
+    /// With --batch (amqp-postgres only): the handler writes the whole batch in one
+    /// multi-row `INSERT` on the batch's transaction (no savepoint per message) instead
+    /// of `Batch::each`.
     #[arg(long)]
     batch_bulk: bool,
 }
 
 pub(crate) async fn run(store: Store, args: Args) -> Result<Report, BoxError> {
+    if store == Store::Redis && args.batch_bulk {
+        // The per-message Redis handler writes nothing: there is no bulk write to mirror.
+        return Err("--batch-bulk is for amqp-postgres only".into());
+    }
     let tls = args.base.tls()?;
     let publisher = Publisher::builder(&args.base.url)
         .connection_name("idem-bench-fill")
@@ -94,7 +105,7 @@ pub(crate) async fn run(store: Store, args: Args) -> Result<Report, BoxError> {
         "amqp-postgres"
     };
     let mut report = Report::new(scenario, args.base.messages, args.base.prefetch);
-    let batch = args.batch.filter(|_| store == Store::Postgres);
+    let batch = args.batch;
     report.batch_size = batch;
     report.batch_mode = if args.batch_bulk { "bulk" } else { "each" };
     let sides: &[Side] = if batch.is_some() {
@@ -120,6 +131,10 @@ pub(crate) async fn run(store: Store, args: Args) -> Result<Report, BoxError> {
             let result = match (store, side, &pool) {
                 (Store::Redis, Side::Baseline, _) => {
                     run_baseline_redis(&args, topo.queue(), &run_id).await
+                }
+                (Store::Redis, Side::Batch, _) => {
+                    let size = batch.unwrap_or(1);
+                    run_batch_redis(&args, &topo, &run_id, size).await
                 }
                 (Store::Redis, _, _) => run_idem_redis(&args, &topo, &run_id).await,
                 (Store::Postgres, Side::Baseline, Some(pool)) => {
@@ -236,6 +251,32 @@ async fn run_idem_redis(args: &Args, topo: &Topology, run_id: &str) -> Result<Du
         .handler(move || {
             c.started();
             async {}
+        })?;
+    run_worker(args, topo, consumer, clock).await
+}
+
+/// The Redis batch side: the per-message side's store, prefix and (no-op) work, the
+/// work run per message through `Batch::each`.
+async fn run_batch_redis(
+    args: &Args,
+    topo: &Topology,
+    run_id: &str,
+    size: usize,
+) -> Result<Duration, BoxError> {
+    let store = idem_redis::RedisStore::builder(&args.redis_url)
+        .tls(args.base.tls()?)
+        .prefix(format!("idem-bench-{run_id}"))
+        .connect()
+        .await?;
+    let clock = Clock::new(args.base.messages);
+    let c = clock.clone();
+    let consumer = Consumer::builder("idem-bench-redis-batch")
+        .store(store)
+        .batch_size(size)
+        .batch_wait(Duration::from_millis(args.batch_wait_ms))
+        .batch_handler(move |batch: Batch<IdempotencyKey>| {
+            c.started();
+            batch.each(|_| async {})
         })?;
     run_worker(args, topo, consumer, clock).await
 }

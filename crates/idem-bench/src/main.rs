@@ -5,6 +5,7 @@
 //! ```text
 //! cargo run --release -p idem-bench -- amqp-noop --messages 20000 --prefetch 200
 //! cargo run --release -p idem-bench -- amqp-redis --messages 20000 --prefetch 200
+//! cargo run --release -p idem-bench -- amqp-redis --messages 20000 --prefetch 200 --batch 50
 //! cargo run --release -p idem-bench -- amqp-postgres --messages 20000 --prefetch 200
 //! cargo run --release -p idem-bench -- outbox-relay --messages 20000
 //! cargo run --release -p idem-bench -- publish --messages 20000
@@ -56,6 +57,7 @@ enum Scenario {
     /// With --ordered: unordered vs ordered by key for each --keys value.
     AmqpNoop(amqp_noop::NoopArgs),
     /// RabbitMQ + Redis lease store, no-op handler: idem vs lapin + one SET NX PX per message.
+    /// With --batch N: also idem with a batch handler of N messages (no-op per message).
     AmqpRedis(amqp_store::Args),
     /// RabbitMQ + PostgreSQL transactional inbox, one insert per message: idem vs lapin +
     /// one INSERT ... ON CONFLICT DO NOTHING and the insert in a transaction per message.
@@ -145,6 +147,33 @@ mod tests {
             assert_eq!(rounds(&["idem-bench", scenario]), 5, "{scenario}");
         }
         assert_eq!(rounds(&["idem-bench", "amqp-noop", "--rounds", "7"]), 7);
+    }
+
+    #[tokio::test]
+    async fn amqp_redis_refuses_a_bulk_batch_before_connecting() {
+        // The per-message Redis handler writes nothing, so a bulk batch would not be
+        // the same work: refused, before any service is reached (the URL is unusable).
+        let cli = Cli::try_parse_from([
+            "idem-bench",
+            "amqp-redis",
+            "--batch",
+            "50",
+            "--batch-bulk",
+            "--url",
+            "amqp://nowhere.invalid:1/%2f",
+        ])
+        .unwrap();
+        let Scenario::AmqpRedis(a) = cli.scenario else {
+            panic!("not amqp-redis")
+        };
+        let err = crate::amqp_store::run(crate::amqp_store::Store::Redis, a)
+            .await
+            .err()
+            .map(|e| e.to_string());
+        assert_eq!(
+            err.as_deref(),
+            Some("--batch-bulk is for amqp-postgres only")
+        );
     }
 
     #[test]

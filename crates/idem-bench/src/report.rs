@@ -17,7 +17,7 @@ pub(crate) enum Side {
     Baseline,
     /// `amqp-noop` only: the best-case hand-written loop (`multiple=true` acks).
     BestCase,
-    /// `amqp-postgres --batch N`: idem with a batch handler.
+    /// `amqp-redis` or `amqp-postgres` with `--batch N`: idem with a batch handler.
     Batch,
 }
 
@@ -63,7 +63,8 @@ pub(crate) struct Report {
     /// Empty unless the scenario runs a batch side (`--batch N`), and its batch size.
     pub(crate) batch: Vec<f64>,
     pub(crate) batch_size: Option<usize>,
-    /// How the batch handler writes: `each` (a savepoint per message) or `bulk`.
+    /// How the batch handler does its work: `each` (per message through `Batch::each`;
+    /// a savepoint per message on PostgreSQL) or `bulk` (one multi-row insert).
     pub(crate) batch_mode: &'static str,
     /// CPU per message of each run, by side (scenarios that sample it).
     pub(crate) cpu: Vec<(Side, crate::cpu::PerMessage)>,
