@@ -65,6 +65,7 @@ pub(crate) async fn run(args: Args) -> Result<Report, BoxError> {
             )
             .await?;
             fill(&pool, &outbox, &queue, args.messages).await?;
+            let cpu = crate::cpu::Sample::now();
             let result: Result<(Duration, u64), BoxError> = if idem {
                 let relay = Relay::builder(pool.clone(), outbox.clone(), args.url.clone())
                     .batch_size(args.batch)
@@ -78,6 +79,7 @@ pub(crate) async fn run(args: Args) -> Result<Report, BoxError> {
             } else {
                 baseline(&pool, &outbox, &args).await
             };
+            let used = cpu.per_message(args.messages);
             let _ = ch
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
                 .await;
@@ -88,11 +90,9 @@ pub(crate) async fn run(args: Args) -> Result<Report, BoxError> {
             if published != args.messages {
                 return Err(format!("published {published} of {} rows", args.messages).into());
             }
-            report.record(
-                round,
-                if idem { Side::Idem } else { Side::Baseline },
-                elapsed,
-            );
+            let side = if idem { Side::Idem } else { Side::Baseline };
+            report.record(round, side, elapsed);
+            report.record_cpu(side, used);
         }
     }
     let _ = admin.close(200, "bye".into()).await;
