@@ -3,7 +3,12 @@
 //! `sql_suite!(DB, pool_fn, placeholder_fn)` expands to the tests; `pool_fn(tag)` is an
 //! async fn returning `(Pool<DB>, guard)` (the guard cleans up, e.g. a temp dir) and
 //! `placeholder_fn(n)` the n-th bind placeholder of the dialect, `text_fn(col)` a
-//! column as decodable text.
+//! column as decodable text. [`pg`] is the set-up of the PostgreSQL inbox tests.
+
+#![allow(dead_code, unused_macros)] // each test binary uses its own part of it
+
+#[cfg(feature = "postgres")]
+pub(crate) mod pg;
 
 pub(crate) use idem_testkit::unique;
 
