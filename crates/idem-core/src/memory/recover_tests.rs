@@ -22,6 +22,13 @@ fn fast_backoff(attempts: u32) -> Backoff {
 
 type Calls = Arc<AtomicU32>;
 
+/// Publishes `id` to `q` again and runs `consumer`: the delivery is a duplicate.
+async fn redelivery_is_a_duplicate(broker: &MemoryBroker, consumer: Consumer, id: &str) {
+    broker.publish("q", Message::new("{}").with_message_id(id));
+    let stats = broker.worker("q", consumer).run_until_idle().await;
+    assert_eq!(stats.duplicates, 1);
+}
+
 /// A handler that fails (transiently) on its first `fail` calls, then succeeds.
 fn flaky(
     fail: u32,
@@ -73,9 +80,7 @@ async fn immediate_retries_absorb_a_blip_without_a_retry_copy() {
     );
     // The claim was re-taken by the successful try and completed: a redelivery is a
     // duplicate and does not run the handler.
-    broker.publish("q", Message::new("{}").with_message_id("m"));
-    let stats = broker.worker("q", consumer).run_until_idle().await;
-    assert_eq!(stats.duplicates, 1);
+    redelivery_is_a_duplicate(&broker, consumer, "m").await;
     assert_eq!(calls.load(Ordering::SeqCst), 3);
 }
 
@@ -274,9 +279,7 @@ async fn discard_acks_counts_and_records_done() {
     assert!(stats.to_string().contains("discarded=1"), "{stats}");
     assert!(broker.is_empty("q") && broker.is_empty("q.dlq"));
     // Recorded done: the redelivery is a duplicate, the handler does not run again.
-    broker.publish("q", Message::new("{}").with_message_id("old"));
-    let stats = broker.worker("q", consumer).run_until_idle().await;
-    assert_eq!(stats.duplicates, 1);
+    redelivery_is_a_duplicate(&broker, consumer, "old").await;
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
 
