@@ -12,6 +12,20 @@ pub(crate) mod pg;
 
 pub(crate) use idem_testkit::unique;
 
+use idem_core::{Disposition, ErrorKind};
+
+/// Checks that `d` is the disposition `name` (`retry` or `dead_letter`, as
+/// [`Disposition::name`] says) of a failure of `kind` whose error says `needle`.
+pub(crate) fn assert_failure(d: &Disposition, name: &str, kind: ErrorKind, needle: &str) {
+    let failure = match d {
+        Disposition::Retry { failure, .. } | Disposition::DeadLetter { failure, .. } => failure,
+        other => panic!("expected a {name}, got {other:?}"),
+    };
+    assert_eq!(d.name(), name, "{d:?}");
+    assert_eq!(failure.kind, kind, "{d:?}");
+    assert!(failure.error.contains(needle), "{}", failure.error);
+}
+
 /// Expands to the shared suite for one database (see the module docs).
 macro_rules! sql_suite {
     ($db:ty, $pool:path, $ph:path, $text:path) => {
@@ -456,17 +470,12 @@ macro_rules! sql_suite {
                 .crash_limit(3)
                 .handler_with_state(effect, f.ctx.clone())
                 .unwrap();
-            match w.process(Message::new("{}").with_message_id("pay-c")).await {
-                Disposition::DeadLetter { failure, .. } => {
-                    assert_eq!(failure.kind, ErrorKind::Permanent);
-                    assert!(
-                        failure.error.contains("crashed or hung the worker 3 times"),
-                        "{}",
-                        failure.error
-                    );
-                }
-                other => panic!("expected a dead-letter, got {other:?}"),
-            }
+            common::assert_failure(
+                &w.process(Message::new("{}").with_message_id("pay-c")).await,
+                "dead_letter",
+                ErrorKind::Permanent,
+                "crashed or hung the worker 3 times",
+            );
             assert_eq!(f.runs(), 0, "not run again");
             assert_eq!(f.state("pay-c").await.as_deref(), Some("poisoned"));
             // Below the limit it runs; the success clears the counter with the effect.
