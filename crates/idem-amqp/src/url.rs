@@ -32,24 +32,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn redacts_password_only() {
-        assert_eq!(
-            redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"),
-            "amqp://guest:***@127.0.0.1:5672/%2f"
-        );
-        assert_eq!(
-            redact_url("amqps://u:p%40ss@host/vh?heartbeat=10"),
-            "amqps://u:***@host/vh?heartbeat=10"
-        );
-        // An '@' in the path is not userinfo.
-        assert_eq!(redact_url("amqp://host/v@h"), "amqp://host/v@h");
-        // A lone user name may be a token: it is hidden too.
-        assert_eq!(redact_url("amqp://user@host"), "amqp://***@host");
-        assert_eq!(redact_url("not a url"), "not a url");
-        assert_eq!(redact_url("amqp://:pw@h"), "amqp://:***@h");
-    }
-
-    #[test]
     fn scrub_removes_password_from_text() {
         let url = "amqp://app:hunter2@mq/%2f";
         let text = format!("failed to reach {url}: auth hunter2 refused");

@@ -36,6 +36,15 @@ fn messages(round: u64) -> Vec<Message> {
         .collect()
 }
 
+/// A batch of messages per call, with keys of their own (round 1, 2, ...).
+fn fresh_batches() -> impl FnMut() -> Vec<Message> {
+    let mut round = 0u64;
+    move || {
+        round += 1;
+        messages(round)
+    }
+}
+
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -46,13 +55,10 @@ fn bench(c: &mut Criterion) {
     group.throughput(Throughput::Elements(BATCH as u64));
     group.measurement_time(Duration::from_secs(8));
 
-    let mut round = 0u64;
+    let mut batches = fresh_batches();
     group.bench_function("bare_handler", |b| {
         b.to_async(&rt).iter_batched(
-            || {
-                round += 1;
-                messages(round)
-            },
+            &mut batches,
             |msgs| async move {
                 for m in msgs {
                     let Json(order) =
@@ -70,13 +76,10 @@ fn bench(c: &mut Criterion) {
         .store(store.clone())
         .handler(handle)
         .expect("valid consumer");
-    let mut round = 0u64;
+    let mut batches = fresh_batches();
     group.bench_function("consumer_process", |b| {
         b.to_async(&rt).iter_batched(
-            || {
-                round += 1;
-                messages(round)
-            },
+            &mut batches,
             |msgs| {
                 let direct = direct.clone();
                 async move {
@@ -93,13 +96,12 @@ fn bench(c: &mut Criterion) {
         .store(store)
         .handler(handle)
         .expect("valid consumer");
-    let mut round = 0u64;
+    let mut batches = fresh_batches();
     group.bench_function("memory_broker_full_stack", |b| {
         b.to_async(&rt).iter_batched(
             || {
-                round += 1;
                 let broker = MemoryBroker::new();
-                for m in messages(round) {
+                for m in batches() {
                     broker.publish("bench", m);
                 }
                 broker

@@ -144,26 +144,36 @@ pub const EDITED: &str = "x-idem-edited";
 pub const ORIGINAL_FINGERPRINT: &str = "x-idem-original-sha256";
 
 /// Every header idem writes to record a failure or an unsettled delivery: the failure
-/// history, who failed it, and the crash-loop delivery count. An operator's replay
-/// removes all of them, so the replayed message starts with no attempts, no delivery
-/// count and no stale error. The `x-idem-*` headers not listed here are
+/// history ([`FAILURE_RECORD`]), who failed it, and the crash-loop delivery count. An
+/// operator's replay removes all of them, so the replayed message starts with no
+/// attempts, no delivery count and no stale error. The `x-idem-*` headers not listed here are
 /// [`KEPT_ON_REPLAY`]; a test of this crate fails when a header is in neither list.
-pub const FAILURE: [&str; 14] = [
-    ATTEMPTS,
-    ERROR,
-    ERROR_KIND,
-    FIRST_FAILED_AT,
-    LAST_FAILED_AT,
-    ORIGINAL_QUEUE,
-    CONSUMER,
-    KEY,
-    ERROR_TYPE,
-    HOST,
-    PID,
-    IMMEDIATE_RETRIES,
-    BACKTRACE,
-    DELIVERY_COUNT,
-];
+pub const FAILURE: [&str; 14] = joined(
+    &FAILURE_RECORD,
+    &[ORIGINAL_QUEUE, CONSUMER, KEY, DELIVERY_COUNT],
+);
+
+/// `first` then `then`, as one array of `N` (a build error unless `N` is their total).
+const fn joined<const N: usize>(
+    first: &[&'static str],
+    then: &[&'static str],
+) -> [&'static str; N] {
+    assert!(
+        first.len() + then.len() == N,
+        "N must be the length of both lists"
+    );
+    let mut out = [""; N];
+    let mut i = 0;
+    while i < N {
+        out[i] = if i < first.len() {
+            first[i]
+        } else {
+            then[i - first.len()]
+        };
+        i += 1;
+    }
+    out
+}
 
 /// The `x-idem-*` headers a replay keeps: where the message was first published (a
 /// replay may route on it), the replay marker itself (replaced by the new replay's),

@@ -165,10 +165,14 @@ pub fn read_quiet<T: FromHeader>(msg: &Message, name: &str) -> Option<T> {
 
 /// A value and its type, bounded, for logs and errors: `-1 (integer)`, `"abc" (string)`.
 pub fn describe(value: &HeaderValue) -> String {
-    DescribeValue(value).to_string()
+    let kind = match value {
+        HeaderValue::String(_) => "string",
+        HeaderValue::Int(_) => "integer",
+        HeaderValue::Bool(_) => "boolean",
+        HeaderValue::Bytes(_) => "binary, not UTF-8 text",
+    };
+    format!("{} ({kind})", DisplayValue(value))
 }
-
-struct DescribeValue<'a>(&'a HeaderValue);
 
 /// The value alone, bounded: `5`, `"abc"`.
 struct DisplayValue<'a>(&'a HeaderValue);
@@ -180,17 +184,6 @@ impl fmt::Display for DisplayValue<'_> {
             HeaderValue::Int(i) => write!(f, "{i}"),
             HeaderValue::Bool(b) => write!(f, "{b}"),
             HeaderValue::Bytes(b) => write!(f, "{} bytes", b.len()),
-        }
-    }
-}
-
-impl fmt::Display for DescribeValue<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0 {
-            HeaderValue::String(s) => write!(f, "{:?} (string)", truncate(s, 64)),
-            HeaderValue::Int(i) => write!(f, "{i} (integer)"),
-            HeaderValue::Bool(b) => write!(f, "{b} (boolean)"),
-            HeaderValue::Bytes(b) => write!(f, "{} bytes (binary, not UTF-8 text)", b.len()),
         }
     }
 }

@@ -368,62 +368,27 @@ mod tests {
     // Texts as rustls 0.23 prints them (through lapin, redis-rs and sqlx).
     #[test]
     fn classifies_rustls_messages() {
-        assert_eq!(
-            TlsFailure::classify("invalid peer certificate: UnknownIssuer"),
-            Some(TlsFailure::UnknownCa)
-        );
-        assert_eq!(
-            TlsFailure::classify("io error: invalid peer certificate: certificate not valid for name \"127.0.0.1\"; certificate is only valid for DnsName(\"localhost\")"),
-            Some(TlsFailure::WrongHostName)
-        );
-        assert_eq!(
-            TlsFailure::classify("invalid peer certificate: certificate expired: verification time 1764000000 (UNIX), but certificate is not valid after 1700000000 (64000000 seconds ago)"),
-            Some(TlsFailure::Expired)
-        );
-        assert_eq!(
-            TlsFailure::classify("received fatal alert: CertificateRequired"),
-            Some(TlsFailure::ClientCertificateRefused)
-        );
-        assert_eq!(
-            TlsFailure::classify(
-                "error returned from database: connection requires a valid client certificate"
-            ),
-            Some(TlsFailure::ClientCertificateRefused)
-        );
-        assert_eq!(
-            TlsFailure::classify("received corrupt message of type InvalidContentType"),
-            Some(TlsFailure::Other)
-        );
-        assert_eq!(
-            TlsFailure::classify("error occurred while attempting to establish a TLS connection: server does not support TLS"),
-            Some(TlsFailure::Other)
-        );
-        assert_eq!(
-            TlsFailure::classify("Connection refused (os error 111)"),
-            None
-        );
-        assert_eq!(
-            TlsFailure::classify("IO error: Connection reset by peer (os error 104)"),
-            None
-        );
-        assert_eq!(
-            TlsFailure::classify_tls_connect("IO error: Connection reset by peer (os error 104)"),
-            Some(TlsFailure::ClosedDuringHandshake)
-        );
-        assert_eq!(
-            TlsFailure::classify_tls_connect("Connection refused (os error 111)"),
-            None
-        );
-        assert_eq!(
-            TlsFailure::classify("password authentication failed for user \"tls_ssl_user\""),
-            None
-        );
-        assert_eq!(
-            TlsFailure::classify(
-                "ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN"
-            ),
-            None
-        );
+        let classify = TlsFailure::classify;
+        let during_connect = TlsFailure::classify_tls_connect;
+        type Classifier = fn(&str) -> Option<TlsFailure>;
+        let cases: [(Classifier, &str, Option<TlsFailure>); 13] = [
+            (classify, "invalid peer certificate: UnknownIssuer", Some(TlsFailure::UnknownCa)),
+            (classify, "io error: invalid peer certificate: certificate not valid for name \"127.0.0.1\"; certificate is only valid for DnsName(\"localhost\")", Some(TlsFailure::WrongHostName)),
+            (classify, "invalid peer certificate: certificate expired: verification time 1764000000 (UNIX), but certificate is not valid after 1700000000 (64000000 seconds ago)", Some(TlsFailure::Expired)),
+            (classify, "received fatal alert: CertificateRequired", Some(TlsFailure::ClientCertificateRefused)),
+            (classify, "error returned from database: connection requires a valid client certificate", Some(TlsFailure::ClientCertificateRefused)),
+            (classify, "received corrupt message of type InvalidContentType", Some(TlsFailure::Other)),
+            (classify, "error occurred while attempting to establish a TLS connection: server does not support TLS", Some(TlsFailure::Other)),
+            (classify, "Connection refused (os error 111)", None),
+            (classify, "IO error: Connection reset by peer (os error 104)", None),
+            (during_connect, "IO error: Connection reset by peer (os error 104)", Some(TlsFailure::ClosedDuringHandshake)),
+            (during_connect, "Connection refused (os error 111)", None),
+            (classify, "password authentication failed for user \"tls_ssl_user\"", None),
+            (classify, "ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN", None),
+        ];
+        for (classify, text, expected) in cases {
+            assert_eq!(classify(text), expected, "{text}");
+        }
     }
 
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {

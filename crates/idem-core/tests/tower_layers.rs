@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use idem_core::backoff::Jitter;
 use idem_core::memory::MemoryBroker;
-use idem_core::{Backoff, Consumer, HandlerService, MemoryStore, Message, Metadata, State};
+use idem_core::{Backoff, Consumer, HandlerService, MemoryStore, Message, Metadata, State, Stats};
 use tokio::time::Instant;
 use tower::limit::{ConcurrencyLimitLayer, RateLimitLayer};
 use tower::load_shed::LoadShedLayer;
@@ -42,21 +42,30 @@ async fn busy_for_20ms(State(g): State<Gauge>) {
     g.runs.fetch_add(1, Ordering::SeqCst);
 }
 
-#[tokio::test(start_paused = true)]
-async fn concurrency_limit_caps_the_handlers_running_at_once() {
+/// 30 messages on `queue` (prefetch 16) for `busy_for_20ms`, under a concurrency
+/// limit of `limit` handlers if one is given: the worker's stats and the gauge.
+async fn run_busy(queue: &str, limit: Option<usize>) -> (Stats, Gauge) {
     let broker = MemoryBroker::new();
-    publish(&broker, "limit", 30);
+    publish(&broker, queue, 30);
     let gauge = Gauge::default();
-    let consumer = Consumer::builder("limit")
-        .store(MemoryStore::new())
-        .layer(ConcurrencyLimitLayer::new(3))
+    let mut builder = Consumer::builder(queue).store(MemoryStore::new());
+    if let Some(limit) = limit {
+        builder = builder.layer(ConcurrencyLimitLayer::new(limit));
+    }
+    let consumer = builder
         .handler_with_state(busy_for_20ms, gauge.clone())
         .unwrap();
     let stats = broker
-        .worker("limit", consumer)
+        .worker(queue, consumer)
         .prefetch(16)
         .run_until_idle()
         .await;
+    (stats, gauge)
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrency_limit_caps_the_handlers_running_at_once() {
+    let (stats, gauge) = run_busy("limit", Some(3)).await;
     assert_eq!(
         (stats.processed, stats.retries, stats.dead_lettered),
         (30, 0, 0)
@@ -66,18 +75,7 @@ async fn concurrency_limit_caps_the_handlers_running_at_once() {
     assert_eq!(gauge.max.load(Ordering::SeqCst), 3);
 
     // Control: without the layer, the prefetch alone lets more run at once.
-    let broker = MemoryBroker::new();
-    publish(&broker, "nolimit", 30);
-    let gauge = Gauge::default();
-    let consumer = Consumer::builder("nolimit")
-        .store(MemoryStore::new())
-        .handler_with_state(busy_for_20ms, gauge.clone())
-        .unwrap();
-    broker
-        .worker("nolimit", consumer)
-        .prefetch(16)
-        .run_until_idle()
-        .await;
+    let (_, gauge) = run_busy("nolimit", None).await;
     assert!(gauge.max.load(Ordering::SeqCst) > 3);
 }
 

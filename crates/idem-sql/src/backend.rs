@@ -91,6 +91,22 @@ macro_rules! backend {
                 q
             }
 
+            /// Runs `sql` and decodes its first row, if any, with `decode`.
+            async fn fetch_row<T>(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                sql: &str,
+                args: Vec<Arg>,
+                decode: impl FnOnce(&<$db as sqlx::Database>::Row) -> Result<T, sqlx::Error>,
+            ) -> Result<Option<T>, sqlx::Error> {
+                use sqlx::Executor as _;
+                let q = bind_all(sqlx::query(sql), args);
+                conn.fetch_optional(q)
+                    .await?
+                    .as_ref()
+                    .map(decode)
+                    .transpose()
+            }
+
             impl Backend for $db {
                 const DIALECT: Dialect = $dialect;
 
@@ -115,19 +131,10 @@ macro_rules! backend {
                     sql: &'a str,
                     args: Vec<Arg>,
                 ) -> BoxFuture<'a, Result<Option<Record>, sqlx::Error>> {
-                    Box::pin(async move {
-                        use sqlx::{Executor as _, Row as _};
-                        let q = bind_all(sqlx::query(sql), args);
-                        match conn.fetch_optional(q).await? {
-                            Some(r) => Ok(Some((
-                                r.try_get(0)?,
-                                r.try_get(1)?,
-                                r.try_get(2)?,
-                                r.try_get(3)?,
-                            ))),
-                            None => Ok(None),
-                        }
-                    })
+                    use sqlx::Row as _;
+                    Box::pin(fetch_row(conn, sql, args, |r| {
+                        Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?))
+                    }))
                 }
 
                 fn fetch_int<'a>(
@@ -135,14 +142,8 @@ macro_rules! backend {
                     sql: &'a str,
                     args: Vec<Arg>,
                 ) -> BoxFuture<'a, Result<Option<i64>, sqlx::Error>> {
-                    Box::pin(async move {
-                        use sqlx::{Executor as _, Row as _};
-                        let q = bind_all(sqlx::query(sql), args);
-                        match conn.fetch_optional(q).await? {
-                            Some(r) => Ok(Some(r.try_get(0)?)),
-                            None => Ok(None),
-                        }
-                    })
+                    use sqlx::Row as _;
+                    Box::pin(fetch_row(conn, sql, args, |r| r.try_get(0)))
                 }
 
                 fn begin(

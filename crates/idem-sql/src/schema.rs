@@ -84,28 +84,21 @@ pub(crate) fn ddl(dialect: Dialect, table: &TableName) -> Vec<String> {
     let t = table.to_string();
     let base = table.name();
     match dialect {
-        Dialect::Postgres => vec![
-            format!(
-                "CREATE TABLE IF NOT EXISTS {t} (\
-                 consumer TEXT NOT NULL, idem_key TEXT NOT NULL, state TEXT NOT NULL, \
-                 owner TEXT, fingerprint TEXT, expires_at BIGINT NOT NULL, \
-                 PRIMARY KEY (consumer, idem_key))"
-            ),
-            format!("CREATE INDEX IF NOT EXISTS {base}_expires_idx ON {t} (expires_at)"),
-        ],
-        Dialect::Sqlite => {
-            let index = match table.schema() {
-                Some(s) => format!("{s}.{base}_expires_idx"),
-                None => format!("{base}_expires_idx"),
+        Dialect::Postgres | Dialect::Sqlite => {
+            // SQLite puts the index in the table's schema and names the table bare.
+            let (int, index) = match (dialect, table.schema()) {
+                (Dialect::Postgres, _) => ("BIGINT", format!("{base}_expires_idx ON {t}")),
+                (_, Some(s)) => ("INTEGER", format!("{s}.{base}_expires_idx ON {base}")),
+                (_, None) => ("INTEGER", format!("{base}_expires_idx ON {base}")),
             };
             vec![
                 format!(
                     "CREATE TABLE IF NOT EXISTS {t} (\
                      consumer TEXT NOT NULL, idem_key TEXT NOT NULL, state TEXT NOT NULL, \
-                     owner TEXT, fingerprint TEXT, expires_at INTEGER NOT NULL, \
+                     owner TEXT, fingerprint TEXT, expires_at {int} NOT NULL, \
                      PRIMARY KEY (consumer, idem_key))"
                 ),
-                format!("CREATE INDEX IF NOT EXISTS {index} ON {base} (expires_at)"),
+                format!("CREATE INDEX IF NOT EXISTS {index} (expires_at)"),
             ]
         }
         // Binary collation: keys compare byte for byte, as in Redis and PostgreSQL.

@@ -25,6 +25,26 @@
 use idem_core::redact::redact_url;
 use idem_core::TlsConfig;
 
+/// The connect options `$options` parsed from `$url` (an error without the password),
+/// with the CA (set by the driver's `$ca`) and the client identity of `$tls`.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+macro_rules! with_certificates {
+    ($options:ty, $ca:ident, $url:expr, $tls:expr) => {{
+        let mut options: $options = $url.parse().map_err(|e: sqlx::Error| {
+            sqlx::Error::Configuration(idem_core::redact::redact_in(&e.to_string(), $url).into())
+        })?;
+        if let Some(pem) = $tls.ca_pem() {
+            options = options.$ca(pem.to_vec());
+        }
+        if let Some((cert, key)) = $tls.client_identity_pem() {
+            options = options
+                .ssl_client_cert_from_pem(cert)
+                .ssl_client_key_from_pem(key);
+        }
+        options
+    }};
+}
+
 /// PostgreSQL connect options for `url` with `tls` applied (see the [module docs](self)).
 /// The error never contains the password.
 #[cfg(feature = "postgres")]
@@ -33,17 +53,7 @@ pub fn pg_connect_options(
     tls: &TlsConfig,
 ) -> Result<sqlx::postgres::PgConnectOptions, sqlx::Error> {
     use sqlx::postgres::{PgConnectOptions, PgSslMode};
-    let mut options: PgConnectOptions = url.parse().map_err(|e: sqlx::Error| {
-        sqlx::Error::Configuration(idem_core::redact::redact_in(&e.to_string(), url).into())
-    })?;
-    if let Some(pem) = tls.ca_pem() {
-        options = options.ssl_root_cert_from_pem(pem.to_vec());
-    }
-    if let Some((cert, key)) = tls.client_identity_pem() {
-        options = options
-            .ssl_client_cert_from_pem(cert)
-            .ssl_client_key_from_pem(key);
-    }
+    let options = with_certificates!(PgConnectOptions, ssl_root_cert_from_pem, url, tls);
     let level = match options.get_ssl_mode() {
         PgSslMode::Disable => Level::Off,
         PgSslMode::Allow | PgSslMode::Prefer => Level::Opportunistic,
@@ -70,17 +80,7 @@ pub fn mysql_connect_options(
     tls: &TlsConfig,
 ) -> Result<sqlx::mysql::MySqlConnectOptions, sqlx::Error> {
     use sqlx::mysql::{MySqlConnectOptions, MySqlSslMode};
-    let mut options: MySqlConnectOptions = url.parse().map_err(|e: sqlx::Error| {
-        sqlx::Error::Configuration(idem_core::redact::redact_in(&e.to_string(), url).into())
-    })?;
-    if let Some(pem) = tls.ca_pem() {
-        options = options.ssl_ca_from_pem(pem.to_vec());
-    }
-    if let Some((cert, key)) = tls.client_identity_pem() {
-        options = options
-            .ssl_client_cert_from_pem(cert)
-            .ssl_client_key_from_pem(key);
-    }
+    let options = with_certificates!(MySqlConnectOptions, ssl_ca_from_pem, url, tls);
     let level = match options.get_ssl_mode() {
         MySqlSslMode::Disabled => Level::Off,
         MySqlSslMode::Preferred => Level::Opportunistic,
@@ -152,44 +152,43 @@ fn warn_no_host_check(db: &str, target: &str) {
 mod tests {
     use super::*;
 
+    /// Checks each `(query, insecure, mode)`: `url?query` with the default `TlsConfig`
+    /// (or one accepting invalid certificates) connects in `mode`, as `connect_mode`
+    /// names it.
+    #[cfg(any(feature = "postgres", feature = "mysql"))]
+    fn assert_modes(
+        url: &str,
+        connect_mode: impl Fn(&str, &TlsConfig) -> String,
+        cases: &[(&str, bool, &str)],
+    ) {
+        for &(query, insecure, expected) in cases {
+            let tls = if insecure {
+                TlsConfig::new().danger_accept_invalid_certs()
+            } else {
+                TlsConfig::default()
+            };
+            let mode = connect_mode(&format!("{url}?{query}"), &tls);
+            assert_eq!(mode, expected, "{query}, insecure: {insecure}");
+        }
+    }
+
     #[cfg(feature = "postgres")]
     #[test]
     fn pg_modes() {
-        use sqlx::postgres::PgSslMode;
-        let mode =
-            |url: &str, tls: &TlsConfig| pg_connect_options(url, tls).unwrap().get_ssl_mode();
-        let d = TlsConfig::default();
-        let u = "postgres://u:p@db:5432/x";
-        assert!(matches!(
-            mode(&format!("{u}?sslmode=require"), &d),
-            PgSslMode::VerifyFull
-        ));
-        assert!(matches!(
-            mode(&format!("{u}?sslmode=verify-full"), &d),
-            PgSslMode::VerifyFull
-        ));
-        assert!(matches!(
-            mode(&format!("{u}?sslmode=verify-ca"), &d),
-            PgSslMode::VerifyCa
-        ));
-        assert!(matches!(
-            mode(&format!("{u}?sslmode=disable"), &d),
-            PgSslMode::Disable
-        ));
-        assert!(matches!(
-            mode(&format!("{u}?sslmode=prefer"), &d),
-            PgSslMode::Prefer
-        ));
-        let insecure = TlsConfig::new().danger_accept_invalid_certs();
-        assert!(matches!(
-            mode(&format!("{u}?sslmode=verify-full"), &insecure),
-            PgSslMode::Require
-        ));
-        assert!(matches!(
-            mode(&format!("{u}?sslmode=disable"), &insecure),
-            PgSslMode::Disable
-        ));
-        let e = pg_connect_options("postgres://u:hunter2@db:notaport/x", &d)
+        assert_modes(
+            "postgres://u:p@db:5432/x",
+            |url, tls| format!("{:?}", pg_connect_options(url, tls).unwrap().get_ssl_mode()),
+            &[
+                ("sslmode=require", false, "VerifyFull"),
+                ("sslmode=verify-full", false, "VerifyFull"),
+                ("sslmode=verify-ca", false, "VerifyCa"),
+                ("sslmode=disable", false, "Disable"),
+                ("sslmode=prefer", false, "Prefer"),
+                ("sslmode=verify-full", true, "Require"),
+                ("sslmode=disable", true, "Disable"),
+            ],
+        );
+        let e = pg_connect_options("postgres://u:hunter2@db:notaport/x", &TlsConfig::default())
             .unwrap_err()
             .to_string();
         assert!(!e.contains("hunter2"), "{e}");
@@ -198,27 +197,20 @@ mod tests {
     #[cfg(feature = "mysql")]
     #[test]
     fn mysql_modes() {
-        use sqlx::mysql::MySqlSslMode;
-        let mode =
-            |url: &str, tls: &TlsConfig| mysql_connect_options(url, tls).unwrap().get_ssl_mode();
-        let d = TlsConfig::default();
-        let u = "mysql://u:p@db:3306/x";
-        assert!(matches!(
-            mode(&format!("{u}?ssl-mode=REQUIRED"), &d),
-            MySqlSslMode::VerifyIdentity
-        ));
-        assert!(matches!(
-            mode(&format!("{u}?ssl-mode=DISABLED"), &d),
-            MySqlSslMode::Disabled
-        ));
-        assert!(matches!(
-            mode(&format!("{u}?ssl-mode=VERIFY_CA"), &d),
-            MySqlSslMode::VerifyCa
-        ));
-        let insecure = TlsConfig::new().danger_accept_invalid_certs();
-        assert!(matches!(
-            mode(&format!("{u}?ssl-mode=VERIFY_IDENTITY"), &insecure),
-            MySqlSslMode::Required
-        ));
+        assert_modes(
+            "mysql://u:p@db:3306/x",
+            |url, tls| {
+                format!(
+                    "{:?}",
+                    mysql_connect_options(url, tls).unwrap().get_ssl_mode()
+                )
+            },
+            &[
+                ("ssl-mode=REQUIRED", false, "VerifyIdentity"),
+                ("ssl-mode=DISABLED", false, "Disabled"),
+                ("ssl-mode=VERIFY_CA", false, "VerifyCa"),
+                ("ssl-mode=VERIFY_IDENTITY", true, "Required"),
+            ],
+        );
     }
 }

@@ -6,76 +6,34 @@
 #![allow(clippy::unwrap_used)] // test helpers panic on setup failures by design
 #![cfg(feature = "postgres")]
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use idem_core::testing::{CrashPoint, Harness, Profile};
-use idem_core::{Consumer, HandlerError, IdempotencyKey, Message, State};
-use idem_sql::{PgInbox, Tx};
-use sqlx::postgres::PgPoolOptions;
+use idem_core::{Consumer, Handler, HandlerError, IdempotencyKey, Message, State};
+use idem_sql::Tx;
 use sqlx::{PgPool, Postgres};
 
-fn url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
+mod common;
+use common::pg::{self, Tables};
 
-async fn pool() -> PgPool {
-    // Deliveries in flight hold an inbox transaction each while the plain-pool handler
-    // takes a second connection: room for both.
-    match PgPoolOptions::new()
-        .max_connections(32)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect(&url())
-        .await
-    {
-        Ok(p) => p,
-        Err(e) => panic!(
-            "PostgreSQL not reachable at {} (set DATABASE_URL; see README \"Running the tests\"): start it with `bash .ci/services`: {e}",
-            url().split('@').next_back().unwrap_or("")
-        ),
-    }
-}
-
-fn unique(tag: &str) -> String {
-    format!(
-        "idem_t{}_{tag}",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
+/// This test's inbox and charges table (`order_id`). Deliveries in flight hold an
+/// inbox transaction each while the plain-pool handler takes a second connection:
+/// room for both.
+async fn tables() -> Tables {
+    Tables::new(
+        pg::pool("harness", 32).await,
+        "inbox",
+        "id BIGSERIAL PRIMARY KEY, order_id TEXT NOT NULL",
     )
-}
-
-/// The tables of one test, dropped at the end.
-struct Tables {
-    pool: PgPool,
-    charges: String,
-    inbox: PgInbox,
+    .await
 }
 
 impl Tables {
-    async fn new() -> Self {
-        let pool = pool().await;
-        let charges = unique("charges");
-        sqlx::query(&format!(
-            "CREATE TABLE {charges} (id BIGSERIAL PRIMARY KEY, order_id TEXT NOT NULL)"
-        ))
-        .execute(&pool)
-        .await
-        .unwrap();
-        let inbox = PgInbox::new(pool.clone())
-            .try_table(&unique("inbox"))
-            .unwrap();
-        inbox.ensure_schema().await.unwrap();
-        Tables {
-            pool,
-            charges,
-            inbox,
-        }
-    }
-
     /// The handlers' state: the pool and the insert into this test's charges table.
     fn state(&self) -> Charges {
         Charges {
             pool: self.pool.clone(),
-            insert: format!("INSERT INTO {} (order_id) VALUES ($1)", self.charges),
+            insert: format!("INSERT INTO {} (order_id) VALUES ($1)", self.effects),
         }
     }
 
@@ -84,7 +42,7 @@ impl Tables {
         &self,
         key: String,
     ) -> impl std::future::Future<Output = Result<u64, sqlx::Error>> + 'static {
-        let (pool, table) = (self.pool.clone(), self.charges.clone());
+        let (pool, table) = (self.pool.clone(), self.effects.clone());
         async move {
             sqlx::query_scalar::<_, i64>(&format!(
                 "SELECT count(*) FROM {table} WHERE order_id = $1"
@@ -96,17 +54,19 @@ impl Tables {
         }
     }
 
-    async fn drop_all(self) {
-        for t in [
-            self.charges,
-            self.inbox.table_name().to_string(),
-            self.inbox.starts_table_name().to_string(),
-        ] {
-            sqlx::query(&format!("DROP TABLE IF EXISTS {t}"))
-                .execute(&self.pool)
-                .await
-                .unwrap();
-        }
+    /// A harness for the consumer `name` on this test's inbox, running `handler`.
+    fn harness<H, T>(&self, name: &'static str, handler: H) -> Harness
+    where
+        H: Handler<T, Charges>,
+        T: 'static,
+    {
+        let (inbox, charges) = (self.inbox.clone(), self.state());
+        Harness::new(move |trouble| {
+            Consumer::builder(name)
+                .dedup(inbox)
+                .layer(trouble)
+                .handler_with_state(handler, charges)
+        })
     }
 }
 
@@ -152,25 +112,19 @@ fn orders(n: usize) -> Vec<Message> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handler_writing_through_tx_passes_the_default_profile() {
-    let t = Tables::new().await;
-    let charges = t.state();
-    let inbox = t.inbox.clone();
+    let t = tables().await;
     // 300 keeps `cargo test` short; IDEM_HARNESS_MESSAGES=1000 measures the README's figure.
     let n = std::env::var("IDEM_HARNESS_MESSAGES")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(300);
     let started = Instant::now();
-    let report = Harness::new(move |trouble| {
-        Consumer::builder("harness-tx")
-            .dedup(inbox)
-            .layer(trouble)
-            .handler_with_state(charge_in_tx, charges)
-    })
-    .messages(orders(n))
-    .run(|key| t.charge_count(key))
-    .await
-    .unwrap();
+    let report = t
+        .harness("harness-tx", charge_in_tx)
+        .messages(orders(n))
+        .run(|key| t.charge_count(key))
+        .await
+        .unwrap();
     let took = started.elapsed();
     println!("{n} messages, default profile, PostgreSQL inbox: {took:?}\n{report}");
     // The inbox has no lease-store window: every crash point must leave one effect.
@@ -181,21 +135,15 @@ async fn handler_writing_through_tx_passes_the_default_profile() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handler_writing_outside_tx_is_caught() {
-    let t = Tables::new().await;
-    let charges = t.state();
-    let inbox = t.inbox.clone();
-    let report = Harness::new(move |trouble| {
-        Consumer::builder("harness-pool")
-            .dedup(inbox)
-            .layer(trouble)
-            .handler_with_state(charge_outside_tx, charges)
-    })
-    .messages(orders(20))
-    .profile(Profile::crash_at(CrashPoint::AfterEffect))
-    .seed(16)
-    .run(|key| t.charge_count(key))
-    .await
-    .unwrap();
+    let t = tables().await;
+    let report = t
+        .harness("harness-pool", charge_outside_tx)
+        .messages(orders(20))
+        .profile(Profile::crash_at(CrashPoint::AfterEffect))
+        .seed(16)
+        .run(|key| t.charge_count(key))
+        .await
+        .unwrap();
     t.drop_all().await;
     // Every message crashed after its effect: the inbox rolled back its record, not
     // the effect, so the redelivery charged again. Violations, not windows.
@@ -219,19 +167,13 @@ async fn handler_writing_outside_tx_is_caught() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handler_writing_outside_tx_is_caught_by_the_default_profile() {
-    let t = Tables::new().await;
-    let charges = t.state();
-    let inbox = t.inbox.clone();
-    let report = Harness::new(move |trouble| {
-        Consumer::builder("harness-pool-default")
-            .dedup(inbox)
-            .layer(trouble)
-            .handler_with_state(charge_outside_tx, charges)
-    })
-    .messages(orders(200))
-    .run(|key| t.charge_count(key))
-    .await
-    .unwrap();
+    let t = tables().await;
+    let report = t
+        .harness("harness-pool-default", charge_outside_tx)
+        .messages(orders(200))
+        .run(|key| t.charge_count(key))
+        .await
+        .unwrap();
     t.drop_all().await;
     // Whatever the seed, the default profile crashes some of 200 messages after
     // their effect, and each of those is charged twice.

@@ -6,29 +6,13 @@
 #![cfg(feature = "postgres")]
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use idem_core::{Consumer, Disposition, ErrorKind, HandlerError, IdempotencyKey, Message, State};
-use idem_sql::{PgInbox, Tx};
-use sqlx::postgres::PgPoolOptions;
-use sqlx::{Executor as _, PgPool, Postgres};
+use idem_sql::Tx;
+use sqlx::{Executor as _, Postgres};
 
-async fn pool() -> PgPool {
-    let url = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    // One connection: every message reuses the connection the last one committed on.
-    match PgPoolOptions::new()
-        .max_connections(1)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect(&url)
-        .await
-    {
-        Ok(p) => p,
-        Err(e) => panic!(
-            "PostgreSQL not reachable (set DATABASE_URL): start it with `service postgresql start`: {e}"
-        ),
-    }
-}
+mod common;
+use common::pg::{self, Tables};
 
 /// What the handler does in its transaction before returning `Ok`.
 #[derive(Clone, Copy)]
@@ -83,21 +67,16 @@ async fn handler(
 }
 
 async fn run(misuse: Misuse) -> (Vec<Disposition>, i64, i64) {
-    let pool = pool().await;
-    let id = uuid::Uuid::new_v4().simple().to_string();
-    let (fx, table) = (format!("idem_cc_fx_{id}"), format!("idem_cc_inbox_{id}"));
-    pool.execute(&*format!("CREATE TABLE {fx} (k TEXT PRIMARY KEY)"))
-        .await
-        .unwrap();
-    let inbox = PgInbox::new(pool.clone()).try_table(&table).unwrap();
-    inbox.ensure_schema().await.unwrap();
+    // One connection: every message reuses the connection the last one committed on.
+    let t = Tables::new(pg::pool("cc", 1).await, "cc_inbox", "k TEXT PRIMARY KEY").await;
+    let table = t.inbox.table_name().to_string();
     let ctx = Ctx {
-        fx: fx.as_str().into(),
+        fx: t.effects.as_str().into(),
         inbox: table.as_str().into(),
         misuse,
     };
     let consumer = Consumer::builder("cc")
-        .dedup(inbox)
+        .dedup(t.inbox.clone())
         .handler_with_state(handler, ctx)
         .unwrap();
     let mut out = Vec::new();
@@ -109,7 +88,7 @@ async fn run(misuse: Misuse) -> (Vec<Disposition>, i64, i64) {
         );
     }
     // The pool's only connection must be back outside any transaction.
-    let mut conn = pool.acquire().await.unwrap();
+    let mut conn = t.pool.acquire().await.unwrap();
     let err = conn.execute("SAVEPOINT probe").await.unwrap_err();
     assert_eq!(
         err.as_database_error().and_then(|d| d.code()).as_deref(),
@@ -117,24 +96,31 @@ async fn run(misuse: Misuse) -> (Vec<Disposition>, i64, i64) {
         "connection left inside a transaction"
     );
     drop(conn);
-    let count = |t: String| {
-        let pool = pool.clone();
-        async move {
-            sqlx::query_scalar::<_, i64>(&format!("SELECT count(*) FROM {t}"))
-                .fetch_one(&pool)
-                .await
-                .unwrap()
-        }
-    };
-    let (effects, rows) = (count(fx.clone()).await, count(table.clone()).await);
+    let (effects, rows) = (t.count(&t.effects).await, t.count(&table).await);
     // Every outcome here settles the message: no start counter may stay behind (a
     // leftover would charge the next delivery of "m-1" with a crash it never had).
-    let starts = count(format!("{table}_starts")).await;
+    let starts = t.count(&t.inbox.starts_table_name().to_string()).await;
     assert_eq!(starts, 0, "start counter left behind");
-    for t in [fx, table.clone(), format!("{table}_starts")] {
-        pool.execute(&*format!("DROP TABLE {t}")).await.unwrap();
-    }
+    t.drop_all().await;
     (out, effects, rows)
+}
+
+/// Runs `misuse`: the first delivery commits its effect and its inbox row, the second
+/// is a duplicate.
+async fn assert_commits_once(misuse: Misuse) {
+    let (out, effects, rows) = run(misuse).await;
+    assert_eq!(out[0], Disposition::Ack { duplicate: false });
+    assert_eq!(out[1], Disposition::Ack { duplicate: true });
+    assert_eq!((effects, rows), (1, 1));
+}
+
+/// Runs `misuse`: no delivery is acked (each is a transient retry) and no inbox row is
+/// written; the number of effects written.
+async fn assert_not_acked(misuse: Misuse) -> i64 {
+    let (out, effects, rows) = run(misuse).await;
+    assert!(out.iter().all(is_transient_retry), "{out:?}");
+    assert_eq!(rows, 0);
+    effects
 }
 
 fn is_transient_retry(d: &Disposition) -> bool {
@@ -143,37 +129,25 @@ fn is_transient_retry(d: &Disposition) -> bool {
 
 #[tokio::test]
 async fn commits_effect_and_row_then_duplicate() {
-    let (out, effects, rows) = run(Misuse::None).await;
-    assert_eq!(out[0], Disposition::Ack { duplicate: false });
-    assert_eq!(out[1], Disposition::Ack { duplicate: true });
-    assert_eq!((effects, rows), (1, 1));
+    assert_commits_once(Misuse::None).await;
 }
 
 #[tokio::test]
 async fn swallowed_statement_error_is_not_acked_and_writes_nothing() {
-    let (out, effects, rows) = run(Misuse::SwallowedError).await;
-    assert!(out.iter().all(is_transient_retry), "{out:?}");
-    assert_eq!((effects, rows), (0, 0));
+    assert_eq!(assert_not_acked(Misuse::SwallowedError).await, 0);
 }
 
 #[tokio::test]
 async fn handler_savepoints_still_work() {
-    let (out, effects, rows) = run(Misuse::SavepointRecovered).await;
-    assert_eq!(out[0], Disposition::Ack { duplicate: false });
-    assert_eq!(out[1], Disposition::Ack { duplicate: true });
-    assert_eq!((effects, rows), (1, 1));
+    assert_commits_once(Misuse::SavepointRecovered).await;
 }
 
 #[tokio::test]
 async fn deleted_inbox_row_is_not_acked() {
-    let (out, effects, rows) = run(Misuse::DeletesInboxRow).await;
-    assert!(out.iter().all(is_transient_retry), "{out:?}");
-    assert_eq!((effects, rows), (0, 0));
+    assert_eq!(assert_not_acked(Misuse::DeletesInboxRow).await, 0);
 }
 
 #[tokio::test]
 async fn handler_ending_the_transaction_is_not_acked() {
-    let (out, _, rows) = run(Misuse::RawRollback).await;
-    assert!(out.iter().all(is_transient_retry), "{out:?}");
-    assert_eq!(rows, 0);
+    assert_not_acked(Misuse::RawRollback).await;
 }

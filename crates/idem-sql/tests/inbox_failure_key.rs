@@ -13,31 +13,16 @@ use idem_core::dedup::HeaderKey;
 use idem_core::outcome::headers as h;
 use idem_core::{Backoff, Consumer, Disposition, HandlerError, HeaderValue, Jitter, Message};
 use idem_sql::PgInbox;
-use idem_testkit::unique;
-use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
+
+mod common;
+use common::{pg, unique};
 
 /// An inbox keyed by the `order-id` header, so the key differs from the message id.
 async fn setup(tag: &str) -> (PgPool, PgInbox) {
-    let pool = idem_testkit::postgres(PgPoolOptions::new().max_connections(4), &unique(tag)).await;
-    let inbox = PgInbox::new(pool.clone())
-        .try_table(&unique(tag))
-        .unwrap()
-        .key(HeaderKey::new("order-id"));
-    inbox.ensure_schema().await.unwrap();
+    let pool = pg::pool(tag, 4).await;
+    let inbox = pg::inbox(&pool, tag).await.key(HeaderKey::new("order-id"));
     (pool, inbox)
-}
-
-async fn drop_tables(pool: &PgPool, inbox: &PgInbox) {
-    for t in [
-        inbox.table_name().to_string(),
-        inbox.starts_table_name().to_string(),
-    ] {
-        sqlx::query(&format!("DROP TABLE IF EXISTS {t}"))
-            .execute(pool)
-            .await
-            .unwrap();
-    }
 }
 
 fn backoff() -> Backoff {
@@ -96,7 +81,7 @@ async fn per_message_failures_name_the_inbox_key() {
     // No `order-id`: poisoned before a key is resolved; the message id is named.
     let d = consumer.process(order("m-3", None, "poison")).await;
     assert_eq!(named_key(&d), dead("m-3"));
-    drop_tables(&pool, &inbox).await;
+    pg::drop_inbox(&pool, &inbox, []).await;
 }
 
 /// Fails a message whose body is `poison` on its own; fails the whole batch when one
@@ -144,5 +129,5 @@ async fn batch_failures_name_the_inbox_key() {
         assert!(matches!(d, Disposition::Retry { .. }), "{key}: {d:?}");
         assert_eq!(named_key(&d).0.as_deref(), Some(key));
     }
-    drop_tables(&pool, &inbox).await;
+    pg::drop_inbox(&pool, &inbox, []).await;
 }

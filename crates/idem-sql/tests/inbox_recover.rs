@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idem_core::{Consumer, Disposition, HandlerError, IdempotencyKey, Message, State};
-use idem_sql::{SqlInbox, Tx};
-use idem_testkit::{postgres as connect, unique};
-use sqlx::postgres::PgPoolOptions;
-use sqlx::PgPool;
+use idem_sql::Tx;
+
+mod common;
+use common::pg::{self, Tables};
 
 #[derive(Clone)]
 struct Ctx {
@@ -49,61 +49,36 @@ async fn write_then_maybe_fail(
     Ok(())
 }
 
-struct Fixture {
-    pool: PgPool,
-    fx: String,
-    inbox: SqlInbox<sqlx::Postgres>,
+/// The inbox and the effect table (`k`, `run`) of one test.
+async fn tables(tag: &str) -> Tables {
+    Tables::new(
+        pg::pool(tag, 4).await,
+        "inbox",
+        "k TEXT NOT NULL, run BIGINT NOT NULL",
+    )
+    .await
 }
 
-impl Fixture {
-    async fn new(tag: &str) -> Self {
-        let pool = connect(PgPoolOptions::new().max_connections(4), &unique(tag)).await;
-        let fx = unique("fx");
-        sqlx::query(&format!(
-            "CREATE TABLE {fx} (k TEXT NOT NULL, run BIGINT NOT NULL)"
-        ))
-        .execute(&pool)
-        .await
-        .unwrap();
-        let inbox = SqlInbox::<sqlx::Postgres>::new(pool.clone())
-            .try_table(&unique("inbox"))
-            .unwrap();
-        inbox.ensure_schema().await.unwrap();
-        Fixture { pool, fx, inbox }
-    }
-
+impl Tables {
     fn ctx(&self, fail_first: usize) -> Ctx {
         Ctx {
-            insert: format!("INSERT INTO {} (k, run) VALUES ($1, $2)", self.fx).into(),
+            insert: format!("INSERT INTO {} (k, run) VALUES ($1, $2)", self.effects).into(),
             runs: Arc::default(),
             fail_first,
         }
     }
 
     async fn runs_kept(&self) -> Vec<i64> {
-        sqlx::query_scalar(&format!("SELECT run FROM {} ORDER BY run", self.fx))
+        sqlx::query_scalar(&format!("SELECT run FROM {} ORDER BY run", self.effects))
             .fetch_all(&self.pool)
             .await
             .unwrap()
-    }
-
-    async fn drop_tables(self) {
-        for t in [
-            self.fx.clone(),
-            self.inbox.table_name().to_string(),
-            self.inbox.starts_table_name().to_string(),
-        ] {
-            sqlx::query(&format!("DROP TABLE IF EXISTS {t}"))
-                .execute(&self.pool)
-                .await
-                .unwrap();
-        }
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_immediate_retry_runs_in_a_new_transaction() {
-    let f = Fixture::new("inbox-immediate").await;
+    let f = tables("inbox-immediate").await;
     let ctx = f.ctx(2);
     let consumer = Consumer::builder("ledger")
         .dedup(f.inbox.clone())
@@ -128,12 +103,12 @@ async fn each_immediate_retry_runs_in_a_new_transaction() {
         Disposition::Ack { duplicate: true }
     );
     assert_eq!(ctx.runs.load(Ordering::SeqCst), 3);
-    f.drop_tables().await;
+    f.drop_all().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_discard_commits_the_inbox_row_as_done() {
-    let f = Fixture::new("inbox-discard").await;
+    let f = tables("inbox-discard").await;
     let ctx = f.ctx(usize::MAX);
     let consumer = Consumer::builder("ledger")
         .dedup(f.inbox.clone())
@@ -154,5 +129,5 @@ async fn a_discard_commits_the_inbox_row_as_done() {
     );
     assert_eq!(ctx.runs.load(Ordering::SeqCst), 1);
     assert_eq!(consumer.stats().discarded, 1);
-    f.drop_tables().await;
+    f.drop_all().await;
 }

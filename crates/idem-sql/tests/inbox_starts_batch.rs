@@ -10,24 +10,15 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use idem_core::{Consumer, Disposition, HandlerError, IdempotencyKey, Message, State};
-use idem_sql::{PgInbox, Tx};
-use sqlx::postgres::PgPoolOptions;
-use sqlx::{Executor as _, PgPool, Postgres};
+use idem_sql::Tx;
+use sqlx::{Executor as _, Postgres};
 
-async fn pool(max: u32) -> PgPool {
-    let url = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    match PgPoolOptions::new()
-        .max_connections(max)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect(&url)
-        .await
-    {
-        Ok(p) => p,
-        Err(e) => panic!(
-            "PostgreSQL not reachable (set DATABASE_URL): start it with `service postgresql start`: {e}"
-        ),
-    }
+mod common;
+use common::pg::{self, Tables};
+
+/// An inbox and an effect table (`k`) on a pool of `max` connections.
+async fn tables(max: u32) -> Tables {
+    Tables::new(pg::pool("sb", max).await, "sb_inbox", "k TEXT PRIMARY KEY").await
 }
 
 /// Inserts the key into the effects table, after a short pause so that deliveries
@@ -46,52 +37,13 @@ async fn handler(
     Ok(())
 }
 
-struct Tables {
-    pool: PgPool,
-    fx: String,
-    inbox: String,
-}
-
-impl Tables {
-    async fn new(pool: PgPool) -> Self {
-        let id = uuid::Uuid::new_v4().simple().to_string();
-        let (fx, inbox) = (format!("idem_sb_fx_{id}"), format!("idem_sb_inbox_{id}"));
-        pool.execute(&*format!("CREATE TABLE {fx} (k TEXT PRIMARY KEY)"))
-            .await
-            .unwrap();
-        Tables { pool, fx, inbox }
-    }
-
-    async fn count(&self, table: &str) -> i64 {
-        sqlx::query_scalar::<_, i64>(&format!("SELECT count(*) FROM {table}"))
-            .fetch_one(&self.pool)
-            .await
-            .unwrap()
-    }
-
-    async fn drop_all(&self) {
-        for t in [
-            self.fx.clone(),
-            self.inbox.clone(),
-            format!("{}_starts", self.inbox),
-        ] {
-            let _ = self
-                .pool
-                .execute(&*format!("DROP TABLE IF EXISTS {t}"))
-                .await;
-        }
-    }
-}
-
 /// `n` distinct messages at once on a pool of `max` connections: each is applied
 /// once and acked, and no start counter stays behind.
 async fn concurrent_distinct_messages(max: u32, n: usize) {
-    let t = Tables::new(pool(max).await).await;
-    let inbox = PgInbox::new(t.pool.clone()).try_table(&t.inbox).unwrap();
-    inbox.ensure_schema().await.unwrap();
-    let fx: Arc<str> = t.fx.as_str().into();
+    let t = tables(max).await;
+    let fx: Arc<str> = t.effects.as_str().into();
     let consumer = Consumer::builder("sb")
-        .dedup(inbox)
+        .dedup(t.inbox.clone())
         .handler_with_state(handler, fx)
         .unwrap();
     let runs = (0..n).map(|i| {
@@ -103,9 +55,9 @@ async fn concurrent_distinct_messages(max: u32, n: usize) {
     });
     let out = join_all(runs).await;
     let (effects, rows, starts) = (
-        t.count(&t.fx).await,
-        t.count(&t.inbox).await,
-        t.count(&format!("{}_starts", t.inbox)).await,
+        t.count(&t.effects).await,
+        t.count(&t.inbox.table_name().to_string()).await,
+        t.count(&t.inbox.starts_table_name().to_string()).await,
     );
     t.drop_all().await;
     for d in &out {
@@ -129,21 +81,19 @@ async fn concurrent_messages_on_a_small_pool_each_apply_once() {
 /// statements), the message runs once, and the crash limit is not reached.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_key_twice_at_once_counts_each_start_and_runs_once() {
-    let t = Tables::new(pool(8).await).await;
-    let inbox = PgInbox::new(t.pool.clone()).try_table(&t.inbox).unwrap();
-    inbox.ensure_schema().await.unwrap();
+    let t = tables(8).await;
     // One earlier crash of "dup", as a killed worker leaves it.
     t.pool
         .execute(&*format!(
-            "INSERT INTO {}_starts (consumer, idem_key, starts, expires_at) \
+            "INSERT INTO {} (consumer, idem_key, starts, expires_at) \
              VALUES ('sb', 'dup', 1, 9000000000000000)",
-            t.inbox
+            t.inbox.starts_table_name()
         ))
         .await
         .unwrap();
-    let fx: Arc<str> = t.fx.as_str().into();
+    let fx: Arc<str> = t.effects.as_str().into();
     let consumer = Consumer::builder("sb")
-        .dedup(inbox)
+        .dedup(t.inbox.clone())
         .crash_limit(3)
         .handler_with_state(handler, fx)
         .unwrap();
@@ -161,8 +111,8 @@ async fn same_key_twice_at_once_counts_each_start_and_runs_once() {
     });
     let out = join_all(runs).await;
     let (effects, starts) = (
-        t.count(&t.fx).await,
-        t.count(&format!("{}_starts", t.inbox)).await,
+        t.count(&t.effects).await,
+        t.count(&t.inbox.starts_table_name().to_string()).await,
     );
     t.drop_all().await;
     let dup: Vec<&Disposition> = out.iter().take(2).collect();

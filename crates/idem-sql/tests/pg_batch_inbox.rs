@@ -14,9 +14,10 @@ use idem_core::testing::Harness;
 use idem_core::{Backoff, Consumer, Disposition, HandlerError, Jitter, Message};
 use idem_sql::{PgInbox, Tx};
 use idem_testkit::logs::LogCapture;
-use idem_testkit::unique;
-use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, Postgres};
+
+mod common;
+use common::{pg, unique};
 
 /// The statement log is process-wide: the tests of this file run one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -61,31 +62,15 @@ async fn record(
 }
 
 async fn setup(tag: &str) -> (PgPool, PgInbox, String) {
-    let pool = idem_testkit::postgres(PgPoolOptions::new().max_connections(8), &unique(tag)).await;
-    let inbox = PgInbox::new(pool.clone()).try_table(&unique(tag)).unwrap();
-    inbox.ensure_schema().await.unwrap();
-    let effects = unique("effects");
-    sqlx::query(&format!(
-        "CREATE TABLE {effects} (idem_key TEXT NOT NULL, attempt INT NOT NULL, \
-         tx BIGINT NOT NULL DEFAULT txid_current())"
-    ))
-    .execute(&pool)
-    .await
-    .unwrap();
+    let pool = pg::pool(tag, 8).await;
+    let inbox = pg::inbox(&pool, tag).await;
+    let effects = pg::effect_table(
+        &pool,
+        "idem_key TEXT NOT NULL, attempt INT NOT NULL, \
+         tx BIGINT NOT NULL DEFAULT txid_current()",
+    )
+    .await;
     (pool, inbox, effects)
-}
-
-async fn drop_tables(pool: &PgPool, inbox: &PgInbox, effects: &str) {
-    for t in [
-        inbox.table_name().to_string(),
-        inbox.starts_table_name().to_string(),
-        effects.to_owned(),
-    ] {
-        sqlx::query(&format!("DROP TABLE IF EXISTS {t}"))
-            .execute(pool)
-            .await
-            .unwrap();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -246,7 +231,7 @@ async fn batch_of_100_with_2_poison_1_duplicate_1_transient_commits_96_in_one_tr
         l.contains(&format!("INSERT INTO {}", inbox.starts_table_name()))
     });
     assert_eq!(starts.len(), 2, "one start-count statement per batch");
-    drop_tables(&pool, &inbox, &effects).await;
+    pg::drop_inbox(&pool, &inbox, [effects]).await;
 }
 
 fn positions(lines: &[String], f: impl Fn(&str) -> bool) -> Vec<usize> {
@@ -298,5 +283,5 @@ async fn the_harness_passes_on_a_batch_handler_over_the_inbox() {
     .unwrap();
     eprintln!("{report}");
     report.assert_ok();
-    drop_tables(&pool, &inbox, &effects).await;
+    pg::drop_inbox(&pool, &inbox, [effects]).await;
 }

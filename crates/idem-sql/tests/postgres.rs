@@ -78,17 +78,13 @@ async fn store_connections_killed_is_transient_never_duplicate_then_recovers() {
 
     assert!(terminate(&app).await >= 1, "killed the store's connections");
     tokio::time::sleep(Duration::from_millis(100)).await;
-    match consumer.process(msg("a")).await {
-        Disposition::Retry { failure, .. } => {
-            assert_eq!(failure.kind, ErrorKind::Transient);
-            assert!(
-                failure.error.contains("dedup store unavailable"),
-                "{}",
-                failure.error
-            );
-        }
-        d => panic!("a dead connection must be a transient retry, never a duplicate: {d:?}"),
-    }
+    // A dead connection must be a transient retry, never a duplicate.
+    common::assert_failure(
+        &consumer.process(msg("a")).await,
+        "retry",
+        ErrorKind::Transient,
+        "dedup store unavailable",
+    );
     let mut settled = None;
     for _ in 0..20 {
         match consumer.process(msg("b")).await {
@@ -145,36 +141,31 @@ async fn killed_mid_handler(
 async fn inbox_connection_killed_mid_handler_rolls_back_then_recovers() {
     let app = common::unique("pgkill");
     let pool = connect(PgPoolOptions::new().max_connections(4), &app).await;
-    let fx = common::unique("fx");
-    sqlx::query(&format!("CREATE TABLE {fx} (k TEXT NOT NULL)"))
-        .execute(&pool)
-        .await
-        .unwrap();
-    let inbox = SqlInbox::<sqlx::Postgres>::new(pool.clone())
-        .try_table(&common::unique("inbox"))
-        .unwrap();
-    inbox.ensure_schema().await.unwrap();
+    let t = common::pg::Tables::new(pool, "inbox", "k TEXT NOT NULL").await;
     let ctx = KillCtx {
         app: app.clone(),
-        insert: format!("INSERT INTO {fx} (k) VALUES ($1)").into(),
+        insert: format!("INSERT INTO {} (k) VALUES ($1)", t.effects).into(),
         runs: Arc::new(AtomicUsize::new(0)),
     };
     let consumer = Consumer::builder("billing")
-        .dedup(inbox.clone())
+        .dedup(t.inbox.clone())
         .handler_with_state(killed_mid_handler, ctx.clone())
         .unwrap();
     let msg = Message::new("{}").with_message_id("pay-k");
-    match consumer.process(msg.clone()).await {
-        Disposition::Retry { failure, .. } => assert_eq!(failure.kind, ErrorKind::Transient),
-        d => panic!("killed transaction must be retried: {d:?}"),
-    }
+    // The killed transaction must be retried.
+    common::assert_failure(
+        &consumer.process(msg.clone()).await,
+        "retry",
+        ErrorKind::Transient,
+        "",
+    );
     assert_eq!(
-        count(&pool, &fx).await,
+        t.count(&t.effects).await,
         0,
         "nothing of the killed transaction survived"
     );
     assert_eq!(
-        state_of(&pool, &inbox.table_name().to_string(), "pay-k").await,
+        state_of(&t.pool, &t.inbox.table_name().to_string(), "pay-k").await,
         None
     );
     assert_eq!(
@@ -186,11 +177,9 @@ async fn inbox_connection_killed_mid_handler_rolls_back_then_recovers() {
         Disposition::Ack { duplicate: true }
     );
     assert_eq!(
-        count(&pool, &fx).await,
+        t.count(&t.effects).await,
         2,
         "the successful run's two writes, once"
     );
-    drop_table(&pool, &fx).await;
-    drop_table(&pool, &inbox.table_name().to_string()).await;
-    drop_table(&pool, &inbox.starts_table_name().to_string()).await;
+    t.drop_all().await;
 }

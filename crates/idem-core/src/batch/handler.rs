@@ -94,26 +94,7 @@ pub trait BatchHandler<T, S>: Clone + Send + Sync + Sized + 'static {
 
 macro_rules! impl_batch_handler {
     ($($ty:ident),*) => {
-        #[allow(non_snake_case, unused_mut, unused_variables)]
-        impl<F, Fut, R, S, $($ty,)*> BatchHandler<($($ty,)*), S> for F
-        where
-            F: FnOnce($($ty,)*) -> Fut + Clone + Send + Sync + 'static,
-            Fut: Future<Output = R> + Send + 'static,
-            R: IntoHandlerResult,
-            S: Send + Sync + 'static,
-            $($ty: FromBatch<S> + Send + 'static,)*
-        {
-            fn call(self, input: BatchInput, state: S) -> BoxFuture<Result<(), HandlerError>> {
-                $(
-                    let $ty = match $ty::from_batch(&input, &state) {
-                        Ok(v) => v,
-                        Err(e) => return Box::pin(std::future::ready(Err(e))),
-                    };
-                )*
-                let fut = self($($ty,)*);
-                Box::pin(async move { fut.await.into_handler_result() })
-            }
-        }
+        crate::handler::impl_fn_handler!(BatchHandler, BatchInput, FromBatch::from_batch; $($ty),*);
     };
 }
 

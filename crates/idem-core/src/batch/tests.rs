@@ -103,6 +103,25 @@ async fn a_batch_closes_at_its_size_or_after_its_wait() {
     );
 }
 
+/// Two messages with `bodies` at once through the consumer `name`, which batches them
+/// in twos for `handler`; their dispositions.
+async fn two_at_once<H, T>(name: &str, handler: H, bodies: [&str; 2]) -> [Disposition; 2]
+where
+    H: BatchHandler<T, ()>,
+    T: 'static,
+{
+    let c = Consumer::builder(name)
+        .store(MemoryStore::new())
+        .batch_size(2)
+        .batch_handler(handler)
+        .unwrap();
+    let (a, b) = tokio::join!(
+        c.process(msg(&format!("{name}-1"), bodies[0])),
+        c.process(msg(&format!("{name}-2"), bodies[1]))
+    );
+    [a, b]
+}
+
 async fn fails_whole(batch: Batch<Message>) -> Result<(), HandlerError> {
     assert!(!batch.is_empty());
     Err(HandlerError::permanent("bulk insert failed"))
@@ -110,13 +129,7 @@ async fn fails_whole(batch: Batch<Message>) -> Result<(), HandlerError> {
 
 #[tokio::test]
 async fn a_whole_batch_error_retries_every_message_charging_an_attempt() {
-    let c = Consumer::builder("whole")
-        .store(MemoryStore::new())
-        .batch_size(2)
-        .batch_handler(fails_whole)
-        .unwrap();
-    let (a, b) = tokio::join!(c.process(msg("w1", "x")), c.process(msg("w2", "y")));
-    for d in [a, b] {
+    for d in two_at_once("whole", fails_whole, ["x", "y"]).await {
         match d {
             Disposition::Retry { failure, .. } => {
                 assert_eq!(failure.attempts, 1, "one attempt charged");
@@ -139,12 +152,7 @@ async fn bulk(batch: Batch<Json<i64>>) -> Result<(), HandlerError> {
 
 #[tokio::test]
 async fn a_bulk_handler_fails_single_messages() {
-    let c = Consumer::builder("bulk")
-        .store(MemoryStore::new())
-        .batch_size(2)
-        .batch_handler(bulk)
-        .unwrap();
-    let (a, b) = tokio::join!(c.process(msg("b1", "3")), c.process(msg("b2", "-3")));
+    let [a, b] = two_at_once("bulk", bulk, ["3", "-3"]).await;
     assert_eq!(a, Disposition::Ack { duplicate: false });
     assert!(matches!(b, Disposition::DeadLetter { .. }), "{b:?}");
 }

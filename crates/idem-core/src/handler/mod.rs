@@ -160,20 +160,23 @@ pub trait HandlerState: Clone + Send + Sync + 'static {}
 
 impl<S: Clone + Send + Sync + 'static> HandlerState for S {}
 
-macro_rules! impl_handler {
-    ($($ty:ident),*) => {
+/// Implements a handler trait (`Handler`, or `BatchHandler` for batches) for the async
+/// functions of the listed argument types: each argument is extracted from the input
+/// with `$from::$extract` (a failure is the call's error), then the function runs.
+macro_rules! impl_fn_handler {
+    ($trait:ident, $input:ty, $from:ident :: $extract:ident; $($ty:ident),*) => {
         #[allow(non_snake_case, unused_mut, unused_variables)]
-        impl<F, Fut, R, S, $($ty,)*> Handler<($($ty,)*), S> for F
+        impl<F, Fut, R, S, $($ty,)*> $trait<($($ty,)*), S> for F
         where
             F: FnOnce($($ty,)*) -> Fut + Clone + Send + Sync + 'static,
             Fut: Future<Output = R> + Send + 'static,
             R: IntoHandlerResult,
             S: Send + Sync + 'static,
-            $($ty: FromMessage<S> + Send + 'static,)*
+            $($ty: $from<S> + Send + 'static,)*
         {
-            fn call(self, msg: Message, state: S) -> BoxFuture<Result<(), HandlerError>> {
+            fn call(self, input: $input, state: S) -> BoxFuture<Result<(), HandlerError>> {
                 $(
-                    let $ty = match $ty::from_message(&msg, &state) {
+                    let $ty = match $ty::$extract(&input, &state) {
                         Ok(v) => v,
                         Err(e) => return Box::pin(std::future::ready(Err(e))),
                     };
@@ -182,6 +185,13 @@ macro_rules! impl_handler {
                 Box::pin(async move { fut.await.into_handler_result() })
             }
         }
+    };
+}
+pub(crate) use impl_fn_handler;
+
+macro_rules! impl_handler {
+    ($($ty:ident),*) => {
+        impl_fn_handler!(Handler, Message, FromMessage::from_message; $($ty),*);
     };
 }
 

@@ -97,12 +97,21 @@ impl MemoryBroker {
 
     fn push(&self, queue: &str, mut msg: Message) {
         msg.delivery.queue = queue.to_owned();
+        self.enqueue(queue, msg, false);
+    }
+
+    /// Adds `msg` to `queue` (at its head with `front`), without its extensions, and
+    /// wakes the waiting consumers.
+    fn enqueue(&self, queue: &str, mut msg: Message, front: bool) {
         msg.extensions = Default::default();
-        self.queues()
-            .entry(queue.to_owned())
-            .or_default()
-            .ready
-            .push_back(msg);
+        let mut queues = self.queues();
+        let ready = &mut queues.entry(queue.to_owned()).or_default().ready;
+        if front {
+            ready.push_front(msg);
+        } else {
+            ready.push_back(msg);
+        }
+        drop(queues);
         self.shared.changed.notify_waiters();
     }
 
@@ -128,13 +137,7 @@ impl MemoryBroker {
     /// requeued one.
     fn requeue(&self, queue: &str, mut msg: Message) {
         msg.delivery.redelivered = true;
-        msg.extensions = Default::default();
-        self.queues()
-            .entry(queue.to_owned())
-            .or_default()
-            .ready
-            .push_front(msg);
-        self.shared.changed.notify_waiters();
+        self.enqueue(queue, msg, true);
     }
 
     fn pop(&self, queue: &str) -> Option<Message> {

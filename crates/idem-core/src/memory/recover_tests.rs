@@ -22,6 +22,20 @@ fn fast_backoff(attempts: u32) -> Backoff {
 
 type Calls = Arc<AtomicU32>;
 
+/// A broker with one message `id` on `q`, and a call counter for its handler.
+fn one_message(id: &str) -> (MemoryBroker, Calls) {
+    let broker = MemoryBroker::new();
+    broker.publish("q", Message::new("{}").with_message_id(id));
+    (broker, Calls::default())
+}
+
+/// Publishes `id` to `q` again and runs `consumer`: the delivery is a duplicate.
+async fn redelivery_is_a_duplicate(broker: &MemoryBroker, consumer: Consumer, id: &str) {
+    broker.publish("q", Message::new("{}").with_message_id(id));
+    let stats = broker.worker("q", consumer).run_until_idle().await;
+    assert_eq!(stats.duplicates, 1);
+}
+
 /// A handler that fails (transiently) on its first `fail` calls, then succeeds.
 fn flaky(
     fail: u32,
@@ -40,9 +54,7 @@ fn flaky(
 
 #[tokio::test]
 async fn immediate_retries_absorb_a_blip_without_a_retry_copy() {
-    let broker = MemoryBroker::new();
-    broker.publish("q", Message::new("{}").with_message_id("m"));
-    let calls = Calls::default();
+    let (broker, calls) = one_message("m");
     let consumer = Consumer::builder("c")
         .store(MemoryStore::new())
         .backoff(fast_backoff(5))
@@ -73,17 +85,13 @@ async fn immediate_retries_absorb_a_blip_without_a_retry_copy() {
     );
     // The claim was re-taken by the successful try and completed: a redelivery is a
     // duplicate and does not run the handler.
-    broker.publish("q", Message::new("{}").with_message_id("m"));
-    let stats = broker.worker("q", consumer).run_until_idle().await;
-    assert_eq!(stats.duplicates, 1);
+    redelivery_is_a_duplicate(&broker, consumer, "m").await;
     assert_eq!(calls.load(Ordering::SeqCst), 3);
 }
 
 #[tokio::test]
 async fn exhausted_immediate_retries_become_a_retry_copy_that_says_so() {
-    let broker = MemoryBroker::new();
-    broker.publish("q", Message::new("{}").with_message_id("m"));
-    let calls = Calls::default();
+    let (broker, calls) = one_message("m");
     let seen = Arc::new(Mutex::new(Vec::new()));
     let (c, s) = (calls.clone(), seen.clone());
     let consumer = Consumer::builder("c")
@@ -236,9 +244,7 @@ fn immediate_retries_must_fit_the_broker_timeout() {
 
 #[tokio::test]
 async fn discard_acks_counts_and_records_done() {
-    let broker = MemoryBroker::new();
-    broker.publish("q", Message::new("{}").with_message_id("old"));
-    let calls = Calls::default();
+    let (broker, calls) = one_message("old");
     let consumer = Consumer::builder("c")
         .store(MemoryStore::new())
         .handler_with_state(
@@ -274,9 +280,7 @@ async fn discard_acks_counts_and_records_done() {
     assert!(stats.to_string().contains("discarded=1"), "{stats}");
     assert!(broker.is_empty("q") && broker.is_empty("q.dlq"));
     // Recorded done: the redelivery is a duplicate, the handler does not run again.
-    broker.publish("q", Message::new("{}").with_message_id("old"));
-    let stats = broker.worker("q", consumer).run_until_idle().await;
-    assert_eq!(stats.duplicates, 1);
+    redelivery_is_a_duplicate(&broker, consumer, "old").await;
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
 

@@ -23,8 +23,9 @@ fn probe(fx: &Effects) -> impl FnMut(String) -> std::future::Ready<Result<u64, I
     move |key| std::future::ready(Ok(fx.lock().unwrap().get(&key).copied().unwrap_or(0)))
 }
 
-/// A memory-store consumer with a short lease, so crashes cost little real time.
-fn memory_harness(fx: &Effects) -> Harness {
+/// `n` messages tagged `tag` for a memory-store consumer with a short lease, so crashes
+/// cost little real time.
+fn memory_harness(fx: &Effects, n: usize, tag: &str) -> Harness {
     let fx = fx.clone();
     Harness::new(move |trouble| {
         Consumer::builder("harness-memory")
@@ -32,17 +33,18 @@ fn memory_harness(fx: &Effects) -> Harness {
             .layer(trouble)
             .handler_with_state(count_effect, fx)
     })
+    .messages(messages(n, tag))
+}
+
+/// Runs `harness`, its effects counted in `fx`.
+async fn run_counted(harness: Harness, fx: &Effects) -> Report {
+    harness.run(probe(fx)).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_store_default_profile_reports_only_lease_windows() {
     let fx = Effects::default();
-    let report = memory_harness(&fx)
-        .messages(messages(200, "m"))
-        .seed(11)
-        .run(probe(&fx))
-        .await
-        .unwrap();
+    let report = run_counted(memory_harness(&fx, 200, "m").seed(11), &fx).await;
     report.assert_ok_allowing_lease_window();
     let t = report.totals();
     assert!(t.crashes.iter().all(|&c| c > 0), "{report}");
@@ -69,13 +71,10 @@ async fn memory_store_default_profile_reports_only_lease_windows() {
 async fn crashes_before_handler_and_after_commit_never_repeat_an_effect() {
     for point in [CrashPoint::BeforeHandler, CrashPoint::AfterCommit] {
         let fx = Effects::default();
-        let report = memory_harness(&fx)
-            .messages(messages(30, "c"))
+        let harness = memory_harness(&fx, 30, "c")
             .profile(Profile::crash_at(point))
-            .seed(3)
-            .run(probe(&fx))
-            .await
-            .unwrap();
+            .seed(3);
+        let report = run_counted(harness, &fx).await;
         report.assert_ok();
         assert_eq!(report.totals().crashes[point as usize], 30, "{report}");
         assert!(fx.lock().unwrap().values().all(|&n| n == 1));
@@ -154,14 +153,11 @@ async fn the_same_seed_replays_the_same_trouble() {
             crash: 0.5,
             ..Profile::default()
         };
-        memory_harness(&fx)
-            .messages(messages(60, "seed"))
+        let harness = memory_harness(&fx, 60, "seed")
             .profile(profile)
             .concurrency(1)
-            .seed(seed)
-            .run(probe(&fx))
-            .await
-            .unwrap()
+            .seed(seed);
+        run_counted(harness, &fx).await
     };
     let (a, b, c) = (run(42).await, run(42).await, run(43).await);
     assert_eq!(a.totals(), b.totals());
@@ -201,12 +197,7 @@ async fn a_consumer_without_the_trouble_layer_is_refused() {
 async fn thousand_messages_default_profile_memory_store() {
     let fx = Effects::default();
     let started = Instant::now();
-    let report = memory_harness(&fx)
-        .messages(messages(1000, "k"))
-        .seed(2026)
-        .run(probe(&fx))
-        .await
-        .unwrap();
+    let report = run_counted(memory_harness(&fx, 1000, "k").seed(2026), &fx).await;
     let took = started.elapsed();
     // A counter on a lease store: its repeats in the lease-store window are real, so
     // only the opt-in accepts them; anything else still fails.

@@ -47,6 +47,31 @@ pub(crate) struct Scope {
     pub(crate) follow_ups: AtomicU32,
 }
 
+/// The accessors [`Tx`] and [`TxConn`] share: what they read is the message's
+/// [`Scope`] (a `TxConn` counts follow-ups on its `Tx`'s counter).
+macro_rules! scope_accessors {
+    () => {
+        /// The name of the consumer handling the message (the scope of its dedup key).
+        pub fn consumer(&self) -> &str {
+            &self.scope.consumer
+        }
+
+        /// The message's idempotency key, as the inbox recorded it.
+        pub fn key(&self) -> &str {
+            &self.scope.key
+        }
+
+        /// The position of the next follow-up message of this handler run: 0, then 1, ...
+        /// Each call takes one position; every run of the handler (a retry, a redelivery
+        /// after a crash) starts again at 0, so a handler that publishes its follow-ups in
+        /// a fixed order numbers them the same way on every run. The consumer outbox
+        /// (`idem_outbox::Outbox::enqueue_follow_up`) derives follow-up ids from it.
+        pub fn next_follow_up(&self) -> u32 {
+            self.scope.follow_ups.fetch_add(1, Ordering::Relaxed)
+        }
+    };
+}
+
 impl<DB: Backend> fmt::Debug for Tx<DB> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Tx").finish_non_exhaustive()
@@ -88,24 +113,7 @@ impl<DB: Backend> Tx<DB> {
             .map_err(|_| TxClosed)
     }
 
-    /// The name of the consumer handling the message (the scope of its dedup key).
-    pub fn consumer(&self) -> &str {
-        &self.scope.consumer
-    }
-
-    /// The message's idempotency key, as the inbox recorded it.
-    pub fn key(&self) -> &str {
-        &self.scope.key
-    }
-
-    /// The position of the next follow-up message of this handler run: 0, then 1, ...
-    /// Each call takes one position; every run of the handler (a retry, a redelivery
-    /// after a crash) starts again at 0, so a handler that publishes its follow-ups in
-    /// a fixed order numbers them the same way on every run. The consumer outbox
-    /// (`idem_outbox::Outbox::enqueue_follow_up`) derives follow-up ids from it.
-    pub fn next_follow_up(&self) -> u32 {
-        self.scope.follow_ups.fetch_add(1, Ordering::Relaxed)
-    }
+    scope_accessors!();
 }
 
 /// A locked [`Tx`]: dereferences to the database connection (`&mut *conn` is an
@@ -116,21 +124,7 @@ pub struct TxConn<'a, DB: Backend> {
 }
 
 impl<DB: Backend> TxConn<'_, DB> {
-    /// The name of the consumer handling the message ([`Tx::consumer`]).
-    pub fn consumer(&self) -> &str {
-        &self.scope.consumer
-    }
-
-    /// The message's idempotency key ([`Tx::key`]).
-    pub fn key(&self) -> &str {
-        &self.scope.key
-    }
-
-    /// The position of the next follow-up message ([`Tx::next_follow_up`]; the same
-    /// counter).
-    pub fn next_follow_up(&self) -> u32 {
-        self.scope.follow_ups.fetch_add(1, Ordering::Relaxed)
-    }
+    scope_accessors!();
 }
 
 impl<DB: Backend> fmt::Debug for TxConn<'_, DB> {

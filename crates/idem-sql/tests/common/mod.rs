@@ -3,9 +3,28 @@
 //! `sql_suite!(DB, pool_fn, placeholder_fn)` expands to the tests; `pool_fn(tag)` is an
 //! async fn returning `(Pool<DB>, guard)` (the guard cleans up, e.g. a temp dir) and
 //! `placeholder_fn(n)` the n-th bind placeholder of the dialect, `text_fn(col)` a
-//! column as decodable text.
+//! column as decodable text. [`pg`] is the set-up of the PostgreSQL inbox tests.
+
+#![allow(dead_code, unused_macros)] // each test binary uses its own part of it
+
+#[cfg(feature = "postgres")]
+pub(crate) mod pg;
 
 pub(crate) use idem_testkit::unique;
+
+use idem_core::{Disposition, ErrorKind};
+
+/// Checks that `d` is the disposition `name` (`retry` or `dead_letter`, as
+/// [`Disposition::name`] says) of a failure of `kind` whose error says `needle`.
+pub(crate) fn assert_failure(d: &Disposition, name: &str, kind: ErrorKind, needle: &str) {
+    let failure = match d {
+        Disposition::Retry { failure, .. } | Disposition::DeadLetter { failure, .. } => failure,
+        other => panic!("expected a {name}, got {other:?}"),
+    };
+    assert_eq!(d.name(), name, "{d:?}");
+    assert_eq!(failure.kind, kind, "{d:?}");
+    assert!(failure.error.contains(needle), "{}", failure.error);
+}
 
 /// Expands to the shared suite for one database (see the module docs).
 macro_rules! sql_suite {
@@ -451,17 +470,12 @@ macro_rules! sql_suite {
                 .crash_limit(3)
                 .handler_with_state(effect, f.ctx.clone())
                 .unwrap();
-            match w.process(Message::new("{}").with_message_id("pay-c")).await {
-                Disposition::DeadLetter { failure, .. } => {
-                    assert_eq!(failure.kind, ErrorKind::Permanent);
-                    assert!(
-                        failure.error.contains("crashed or hung the worker 3 times"),
-                        "{}",
-                        failure.error
-                    );
-                }
-                other => panic!("expected a dead-letter, got {other:?}"),
-            }
+            common::assert_failure(
+                &w.process(Message::new("{}").with_message_id("pay-c")).await,
+                "dead_letter",
+                ErrorKind::Permanent,
+                "crashed or hung the worker 3 times",
+            );
             assert_eq!(f.runs(), 0, "not run again");
             assert_eq!(f.state("pay-c").await.as_deref(), Some("poisoned"));
             // Below the limit it runs; the success clears the counter with the effect.

@@ -1,0 +1,84 @@
+//! The set-up of the PostgreSQL inbox tests: a pool on the test server, an inbox on a
+//! fresh table, the table a handler writes its effect to, and their clean-up.
+
+use idem_sql::PgInbox;
+use idem_testkit::drop_pg_table;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+
+use super::unique;
+
+/// A pool of at most `max` connections on the test PostgreSQL, named after `tag`.
+pub(crate) async fn pool(tag: &str, max: u32) -> PgPool {
+    idem_testkit::postgres(PgPoolOptions::new().max_connections(max), &unique(tag)).await
+}
+
+/// An inbox on a fresh table named after `tag`, its schema created.
+pub(crate) async fn inbox(pool: &PgPool, tag: &str) -> PgInbox {
+    let inbox = PgInbox::new(pool.clone()).try_table(&unique(tag)).unwrap();
+    inbox.ensure_schema().await.unwrap();
+    inbox
+}
+
+/// Creates a fresh effect table of `columns` (SQL column definitions); its name.
+pub(crate) async fn effect_table(pool: &PgPool, columns: &str) -> String {
+    let effects = unique("effects");
+    sqlx::query(&format!("CREATE TABLE {effects} ({columns})"))
+        .execute(pool)
+        .await
+        .unwrap();
+    effects
+}
+
+/// The number of rows in `table`.
+pub(crate) async fn count(pool: &PgPool, table: &str) -> i64 {
+    sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// Drops the inbox's tables (records and start counters) and the tables `others`.
+pub(crate) async fn drop_inbox(
+    pool: &PgPool,
+    inbox: &PgInbox,
+    others: impl IntoIterator<Item = String>,
+) {
+    let own = [
+        inbox.table_name().to_string(),
+        inbox.starts_table_name().to_string(),
+    ];
+    for table in own.into_iter().chain(others) {
+        drop_pg_table(pool, &table).await;
+    }
+}
+
+/// The tables of one test: an inbox and the effect table of its handler.
+pub(crate) struct Tables {
+    pub(crate) pool: PgPool,
+    pub(crate) effects: String,
+    pub(crate) inbox: PgInbox,
+}
+
+impl Tables {
+    /// A fresh inbox named after `tag` and a fresh effect table of `columns`.
+    pub(crate) async fn new(pool: PgPool, tag: &str, columns: &str) -> Self {
+        let effects = effect_table(&pool, columns).await;
+        let inbox = inbox(&pool, tag).await;
+        Tables {
+            pool,
+            effects,
+            inbox,
+        }
+    }
+
+    /// The number of rows in `table`.
+    pub(crate) async fn count(&self, table: &str) -> i64 {
+        count(&self.pool, table).await
+    }
+
+    /// Drops the effect table and the inbox's tables.
+    pub(crate) async fn drop_all(self) {
+        drop_inbox(&self.pool, &self.inbox, [self.effects]).await;
+    }
+}
