@@ -46,6 +46,42 @@ pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// Asserts that `out` exited with `code` (its stderr in the message) and parses its
+/// stdout as JSON.
+pub fn exit_json(out: &Output, code: i32) -> serde_json::Value {
+    assert_eq!(out.status.code(), Some(code), "{}", text(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Asserts that `out` exited with `code` (its output in the message) and returns its
+/// stdout as text.
+pub fn exit_text(out: &Output, code: i32) -> String {
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{stdout}{}",
+        text(&out.stderr)
+    );
+    stdout
+}
+
+/// Asserts that `said` contains each of `parts`.
+pub fn assert_says(said: &str, parts: &[&str]) {
+    for part in parts {
+        assert!(said.contains(part), "no {part:?} in {said}");
+    }
+}
+
+/// The string `field` of every element of the JSON array `v`.
+pub fn fields<'a>(v: &'a serde_json::Value, field: &str) -> Vec<&'a str> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e[field].as_str().unwrap())
+        .collect()
+}
+
 /// Polls `check` every 25 ms until it holds; panics with `what` after 30 s.
 pub async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -230,6 +266,17 @@ impl Fixture {
         self.publish_raw("", &self.dlq(), msg).await;
     }
 
+    /// Publishes into `Q.dlq` a message `id` whose `x-idem-original-queue` does not
+    /// exist: a replay of it is returned by the broker.
+    pub async fn bury_unroutable(&self, id: &str) {
+        let mut msg = Message::new(format!("body of {id}")).with_message_id(id);
+        msg.headers.insert(
+            idem_core::outcome::headers::ORIGINAL_QUEUE.into(),
+            format!("idem-cli-test-nowhere-{}", uuid::Uuid::new_v4().simple()).into(),
+        );
+        self.publish_raw("", &self.dlq(), msg).await;
+    }
+
     pub async fn publish_raw(&self, exchange: &str, routing_key: &str, mut msg: Message) {
         self.publisher
             .publish(exchange, routing_key, &mut msg)
@@ -240,6 +287,13 @@ impl Fixture {
     pub async fn bury_all(&self, list: &[Dead<'_>]) {
         for d in list {
             self.bury(d).await;
+        }
+    }
+
+    /// Buries one message per id of `ids`, each failed with `error` of `kind`.
+    pub async fn bury_each(&self, ids: &[&str], error: &str, kind: ErrorKind) {
+        for id in ids {
+            self.bury(&dead(id, error, kind)).await;
         }
     }
 
@@ -261,18 +315,8 @@ impl Fixture {
     /// Waits until `queue` holds exactly `expected` ready messages (requeues on channel
     /// close are asynchronous), then reads and removes them all, in order.
     pub async fn drain(&self, queue: &str, expected: u32) -> Vec<Message> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let n = self.depth(queue).await;
-            if n == expected {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{queue} holds {n} ready messages, expected {expected}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let what = format!("{queue} holds {expected} ready messages");
+        wait_for(&what, async || self.depth(queue).await == expected).await;
         let ch = self.conn.create_channel().await.unwrap();
         let mut out = Vec::new();
         while let Some(m) = ch
