@@ -235,9 +235,9 @@ async fn run_dlq_on(
             json: as_json,
             ..
         } => {
-            let Some(change) = p.edit else {
-                return Err(CliError::Usage("nothing to edit".to_owned()));
-            };
+            let change = p
+                .edit
+                .ok_or_else(|| CliError::Usage("nothing to edit".to_owned()))?;
             let report = dlq::edit(conn, &queue, &id, &change).await?;
             json_or(out, as_json, &report, |out| print_edit(out, &report))
         }
@@ -263,9 +263,9 @@ async fn run_dlq_on(
             json: as_json,
             ..
         } => {
-            let Some(rules) = p.rules else {
-                return Err(CliError::Usage("no rules".to_owned()));
-            };
+            let rules = p
+                .rules
+                .ok_or_else(|| CliError::Usage("no rules".to_owned()))?;
             if !watch {
                 let reports = dlq::redrive::redrive(conn, &rules, dry_run).await?;
                 return print_redrive(out, &reports, as_json, dry_run);

@@ -229,18 +229,12 @@ async fn broker_dead_letters_are_listed_grouped_and_replayed_to_their_queue() {
         let id = m.properties.message_id.clone().unwrap();
         assert_eq!(m.body.as_ref(), format!("body of {id}").as_bytes());
     }
-    let ttl = back
-        .iter()
-        .find(|m| m.properties.message_id.as_deref() == Some("ttl-1"))
-        .unwrap();
+    let ttl = common::by_id(&back, "ttl-1");
     assert_eq!(ttl.header_str(h::ORIGINAL_EXCHANGE), Some("amq.direct"));
     assert_eq!(ttl.header_str(h::ORIGINAL_ROUTING_KEY), Some(rk.as_str()));
     // (The broker removed their 1 ms expiration when they died; the copies have none,
     // or they would not have waited in Q for the drain above.)
-    let rej = back
-        .iter()
-        .find(|m| m.properties.message_id.as_deref() == Some("rej-1"))
-        .unwrap();
+    let rej = common::by_id(&back, "rej-1");
     assert_eq!(rej.header_str(h::ORIGINAL_EXCHANGE), Some(""));
     assert_eq!(rej.header_str(h::ORIGINAL_ROUTING_KEY), Some(q.as_str()));
     assert_eq!(f.depth(&f.dlq()).await, 0);

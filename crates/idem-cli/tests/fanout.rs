@@ -19,7 +19,7 @@ use common::{depth, idem, replay_all, text, wait_for};
 use futures_util::FutureExt;
 use idem_amqp::{Exchange, Publisher, Topology, Worker};
 use idem_core::{Consumer, HandlerError, MemoryStore, Message, Stats, WorkerHandle};
-use lapin::options::{BasicAckOptions, BasicGetOptions};
+use lapin::options::BasicAckOptions;
 use lapin::Connection;
 
 /// Deletes the topologies' queues and the exchanges (best effort: runs after a
@@ -259,11 +259,7 @@ async fn one_publish_reaches_each_service_once_and_retries_and_replays_stay_in_t
 /// Takes every ready message of `queue`, returning their message ids in order.
 async fn drain_ids(ch: &lapin::Channel, queue: &str) -> Vec<String> {
     let mut ids = Vec::new();
-    while let Some(m) = ch
-        .basic_get(queue.into(), BasicGetOptions::default())
-        .await
-        .unwrap()
-    {
+    for m in common::get_all(ch, queue, false).await {
         ids.push(
             m.properties
                 .message_id()

@@ -6,25 +6,17 @@
 
 mod common;
 
-use common::{assert_says, dead, exit_text, idem, ids, Fixture};
+use common::{assert_says, dead, declare_durable, exit_text, idem, ids, Fixture};
 use idem_cli::dlq::redrive::{REDRIVE_COUNT_HEADER, REDRIVE_RULE_HEADER};
 use idem_core::ErrorKind::{Permanent, Transient};
 use idem_core::HeaderValue;
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 
 #[tokio::test]
 async fn rules_replay_one_group_park_another_and_hold_after_max_replays() {
     let f = Fixture::new("redrive").await;
     let parked = format!("{}.parked", f.queue);
     let ch = f.conn.create_channel().await.unwrap();
-    ch.queue_declare(
-        parked.as_str().into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    declare_durable(&ch, &parked, &[]).await;
     // Dead-lettered at BASE (2023): "older than 10m" holds for all of them.
     f.bury_all(&[
         dead("t1", "gateway timeout after 30 s", Transient),

@@ -15,7 +15,7 @@ use idem_amqp::{Publisher, RawOutgoing, Topology, Worker};
 use idem_cli::dlq::{self, Filter, Selector};
 use idem_core::outcome::headers as h;
 use idem_core::{Consumer, HandlerError, Json, MemoryStore};
-use lapin::options::{BasicGetOptions, QueueDeleteOptions};
+use lapin::options::QueueDeleteOptions;
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString};
 use lapin::{BasicProperties, Connection};
 
@@ -116,17 +116,12 @@ impl Queues {
     /// per-delivery headers, after checking no delivery was ever counted) and body.
     async fn take_all(&self, queue: &str) -> Vec<(BasicProperties, Vec<u8>)> {
         let ch = self.conn.create_channel().await.unwrap();
-        let mut out = Vec::new();
-        while let Some(m) = ch
-            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
-            .await
-            .unwrap()
-        {
-            let props = unspent(&m.delivery.properties, queue);
-            out.push((props, m.delivery.data));
-        }
+        let taken = common::get_all(&ch, queue, true).await;
         let _ = ch.close(200, "bye".into()).await;
-        out
+        taken
+            .into_iter()
+            .map(|m| (unspent(&m.delivery.properties, queue), m.delivery.data))
+            .collect()
     }
 
     async fn cleanup(self) {

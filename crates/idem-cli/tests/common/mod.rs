@@ -11,6 +11,7 @@ use idem_amqp::{Publisher, Topology};
 use idem_core::dedup::{Claim, Completion, DedupStore, OwnerToken, ScopedKey};
 use idem_core::{ErrorKind, Failure, HeaderValue, Message};
 use idem_testkit::Service;
+use lapin::message::BasicGetMessage;
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Connection};
@@ -64,6 +65,13 @@ pub fn exit_text(out: &Output, code: i32) -> String {
         text(&out.stderr)
     );
     stdout
+}
+
+/// [`exit_text`], also asserting that the output starts with `head`.
+pub fn exit_starting(out: &Output, code: i32, head: &str) -> String {
+    let said = exit_text(out, code);
+    assert!(said.starts_with(head), "{said}");
+    said
 }
 
 /// Asserts that `said` contains each of `parts`.
@@ -175,6 +183,20 @@ pub async fn replay_all(queue: &str) -> String {
     let mut out = Vec::new();
     idem_cli::run(cli, &mut out).await.unwrap();
     text(&out)
+}
+
+/// Every ready message of `queue`, got one by one on `ch` (acked by the broker when
+/// `no_ack`, else held until acked), in order.
+pub async fn get_all(ch: &lapin::Channel, queue: &str, no_ack: bool) -> Vec<BasicGetMessage> {
+    let mut out = Vec::new();
+    while let Some(m) = ch
+        .basic_get(queue.into(), BasicGetOptions { no_ack })
+        .await
+        .unwrap()
+    {
+        out.push(m);
+    }
+    out
 }
 
 /// `s` as an AMQP long string (a header or queue argument value).
@@ -319,11 +341,7 @@ impl Fixture {
         wait_for(&what, async || self.depth(queue).await == expected).await;
         let ch = self.conn.create_channel().await.unwrap();
         let mut out = Vec::new();
-        while let Some(m) = ch
-            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
-            .await
-            .unwrap()
-        {
+        for m in get_all(&ch, queue, false).await {
             out.push(idem_amqp::convert::message_from_delivery(
                 &m.delivery,
                 queue,
@@ -361,6 +379,13 @@ pub fn ids(msgs: &[Message]) -> Vec<String> {
     msgs.iter()
         .map(|m| m.properties.message_id.clone().unwrap_or_default())
         .collect()
+}
+
+/// The message of `msgs` whose message id is `id`.
+pub fn by_id<'a>(msgs: &'a [Message], id: &str) -> &'a Message {
+    msgs.iter()
+        .find(|m| m.properties.message_id.as_deref() == Some(id))
+        .unwrap_or_else(|| panic!("no message {id}"))
 }
 
 pub fn header<'a>(m: &'a Message, name: &str) -> Option<&'a HeaderValue> {
