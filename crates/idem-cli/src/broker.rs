@@ -40,6 +40,42 @@ pub async fn connect_as(
     Ok(idem_amqp::connect_tls(url, name, tls).await?)
 }
 
+/// Where and as whom a command connects: the broker URL(s) (`--url`), the connection
+/// name and the TLS settings.
+#[derive(Clone, Copy)]
+pub(crate) struct Target<'a> {
+    pub(crate) url: &'a str,
+    pub(crate) name: &'a str,
+    pub(crate) tls: &'a idem_core::TlsConfig,
+}
+
+impl std::fmt::Debug for Target<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("url", &idem_core::redact::redact_url(self.url))
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Target<'_> {
+    /// [`connect_as`] this target.
+    pub(crate) async fn connect(&self) -> Result<Connection, CliError> {
+        connect_as(self.url, self.name, self.tls).await
+    }
+
+    /// Connects, runs `f` on the connection, then closes it whatever `f` returned.
+    pub(crate) async fn with_connection<T>(
+        &self,
+        f: impl AsyncFnOnce(&Connection) -> Result<T, CliError>,
+    ) -> Result<T, CliError> {
+        let conn = self.connect().await?;
+        let result = f(&conn).await;
+        let _ = conn.close(200, "bye".into()).await;
+        result
+    }
+}
+
 /// A queue name as an AMQP short string.
 pub(crate) fn queue_name(name: &str) -> Result<ShortString, CliError> {
     ShortString::try_new(name).map_err(|_| {

@@ -81,24 +81,20 @@ pub enum Command {
 
 /// `idem verify ...`
 #[derive(Debug, Args)]
+#[command(mut_arg("database_url", |a| a.help(
+    "PostgreSQL URL of the outbox, and of the dedup table unless --dedup-postgres or \
+     --dedup-redis [env: DATABASE_URL; default: postgres://postgres@127.0.0.1:5432/postgres]"
+)))]
 pub struct VerifyArgs {
     /// Work queue Q (verify reads Q, Q.retry.<tier> and Q.dlq).
     pub queue: String,
     /// The consumer's name (its records' scope, x-idem-consumer).
     #[arg(long, value_name = "NAME")]
     pub consumer: String,
-    /// PostgreSQL URL of the outbox, and of the dedup table unless --dedup-postgres
-    /// or --dedup-redis [env: DATABASE_URL; default:
-    /// postgres://postgres@127.0.0.1:5432/postgres].
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        hide_env_values = true,
-        hide_env = true,
-        default_value = crate::outbox::DEFAULT_DATABASE_URL,
-        hide_default_value = true
-    )]
-    pub database_url: String,
+    /// The outbox's database, also the dedup table's unless --dedup-postgres or
+    /// --dedup-redis (the help line says so).
+    #[command(flatten)]
+    pub database: DatabaseArgs,
     /// Outbox table whose rows of the window are what was published.
     #[arg(long, default_value = "idem_outbox", value_name = "TABLE")]
     pub outbox_table: String,
@@ -527,6 +523,21 @@ pub enum TopologyCommand {
     },
 }
 
+/// The PostgreSQL database of the outbox: `--database-url`, env `DATABASE_URL`.
+#[derive(Clone, Debug, Args)]
+pub struct DatabaseArgs {
+    /// PostgreSQL URL [env: DATABASE_URL; default: postgres://postgres@127.0.0.1:5432/postgres].
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        hide_env_values = true,
+        hide_env = true,
+        default_value = crate::outbox::DEFAULT_DATABASE_URL,
+        hide_default_value = true
+    )]
+    pub database_url: String,
+}
+
 /// `idem outbox ...`
 #[derive(Debug, Subcommand)]
 pub enum OutboxCommand {
@@ -536,16 +547,9 @@ pub enum OutboxCommand {
         /// Outbox table.
         #[arg(long, default_value = "idem_outbox")]
         table: String,
-        /// PostgreSQL URL [env: DATABASE_URL; default: postgres://postgres@127.0.0.1:5432/postgres].
-        #[arg(
-            long,
-            env = "DATABASE_URL",
-            hide_env_values = true,
-            hide_env = true,
-            default_value = crate::outbox::DEFAULT_DATABASE_URL,
-            hide_default_value = true
-        )]
-        database_url: String,
+        /// The outbox's database.
+        #[command(flatten)]
+        database: DatabaseArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -557,16 +561,9 @@ pub enum OutboxCommand {
         /// Outbox table.
         #[arg(long, default_value = "idem_outbox")]
         table: String,
-        /// PostgreSQL URL [env: DATABASE_URL; default: postgres://postgres@127.0.0.1:5432/postgres].
-        #[arg(
-            long,
-            env = "DATABASE_URL",
-            hide_env_values = true,
-            hide_env = true,
-            default_value = crate::outbox::DEFAULT_DATABASE_URL,
-            hide_default_value = true
-        )]
-        database_url: String,
+        /// The outbox's database.
+        #[command(flatten)]
+        database: DatabaseArgs,
         /// Rows per relay round.
         #[arg(long, default_value_t = 500)]
         batch: i64,

@@ -7,7 +7,7 @@ use crate::cli::{DlqCommand, FilterArgs};
 use crate::dlq::{self, MoveReport, ReplayOptions, Selector};
 use crate::error::CliError;
 use crate::render::{terminal_width, Table};
-use crate::{broker, json, or_dash, short_time, write_err};
+use crate::{broker, json, json_or, or_dash, short_time, write_err};
 
 /// The selector of a command's filters; `all` (replay and purge) must come alone, and
 /// one of the two must be given when `required`.
@@ -36,15 +36,12 @@ fn read_import(file: &str) -> Result<Vec<dlq::wire::WireMessage>, CliError> {
 }
 
 pub(crate) async fn run_dlq(
-    url: &str,
-    name: &str,
-    tls: &idem_core::TlsConfig,
+    target: broker::Target<'_>,
     cmd: DlqCommand,
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
     // Everything that can be refused is refused before connecting.
     let (prepared, write_token) = prepare(&cmd)?;
-    let conn = broker::connect_as(url, name, tls).await?;
     if let DlqCommand::Serve {
         listen,
         mut queues,
@@ -52,8 +49,9 @@ pub(crate) async fn run_dlq(
         ..
     } = cmd
     {
+        let conn = target.connect().await?;
         if queues.is_empty() {
-            let m = crate::serve::discover::Management::new(url, management_url.as_deref())?;
+            let m = crate::serve::discover::Management::new(target.url, management_url.as_deref())?;
             queues = crate::serve::discover::discover(&m).await?;
         }
         for q in &queues {
@@ -77,9 +75,9 @@ pub(crate) async fn run_dlq(
         };
         return crate::serve::serve(conn, config, listen, idem_amqp::shutdown::signal()).await;
     }
-    let result = run_dlq_on(&conn, tls, cmd, prepared, out).await;
-    let _ = conn.close(200, "bye".into()).await;
-    result
+    target
+        .with_connection(async |conn| run_dlq_on(conn, target.tls, cmd, prepared, out).await)
+        .await
 }
 
 /// Parses and checks what `cmd` needs before connecting: its selector, rate, edit,
@@ -199,10 +197,9 @@ async fn run_dlq_on(
             ..
         } => {
             let entries = dlq::list_where(conn, &queue, limit, &selector).await?;
-            if as_json {
-                return json(out, &entries);
-            }
-            print_list(out, &queue, &entries)
+            json_or(out, as_json, &entries, |out| {
+                print_list(out, &queue, &entries)
+            })
         }
         DlqCommand::Stats {
             queue,
@@ -211,10 +208,7 @@ async fn run_dlq_on(
             ..
         } => {
             let stats = dlq::stats_where(conn, &queue, limit, &selector).await?;
-            if as_json {
-                return json(out, &stats);
-            }
-            print_stats(out, &stats)
+            json_or(out, as_json, &stats, |out| print_stats(out, &stats))
         }
         DlqCommand::Show {
             queue,
@@ -224,10 +218,7 @@ async fn run_dlq_on(
             ..
         } => {
             let shown = dlq::show(conn, &queue, &selector, max_bytes, limit).await?;
-            if as_json {
-                return json(out, &shown);
-            }
-            print_shown(out, &queue, &shown)
+            json_or(out, as_json, &shown, |out| print_shown(out, &queue, &shown))
         }
         DlqCommand::Export { queue, .. } => export(conn, &queue, &selector, out).await,
         DlqCommand::Import {
@@ -244,14 +235,11 @@ async fn run_dlq_on(
             json: as_json,
             ..
         } => {
-            let Some(change) = p.edit else {
-                return Err(CliError::Usage("nothing to edit".to_owned()));
-            };
+            let change = p
+                .edit
+                .ok_or_else(|| CliError::Usage("nothing to edit".to_owned()))?;
             let report = dlq::edit(conn, &queue, &id, &change).await?;
-            if as_json {
-                return json(out, &report);
-            }
-            print_edit(out, &report)
+            json_or(out, as_json, &report, |out| print_edit(out, &report))
         }
         DlqCommand::Replay {
             queue,
@@ -275,9 +263,9 @@ async fn run_dlq_on(
             json: as_json,
             ..
         } => {
-            let Some(rules) = p.rules else {
-                return Err(CliError::Usage("no rules".to_owned()));
-            };
+            let rules = p
+                .rules
+                .ok_or_else(|| CliError::Usage("no rules".to_owned()))?;
             if !watch {
                 let reports = dlq::redrive::redrive(conn, &rules, dry_run).await?;
                 return print_redrive(out, &reports, as_json, dry_run);
@@ -449,15 +437,14 @@ async fn import(
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
     let report = dlq::import(conn, queue, messages).await?;
-    if as_json {
-        return json(out, &report);
-    }
-    writeln!(
-        out,
-        "imported {} of {} message(s) into {}",
-        report.imported, report.read, report.dlq
-    )
-    .map_err(write_err)
+    json_or(out, as_json, &report, |out| {
+        writeln!(
+            out,
+            "imported {} of {} message(s) into {}",
+            report.imported, report.read, report.dlq
+        )
+        .map_err(write_err)
+    })
 }
 
 /// `dlq export`: the JSON lines on `out`, the count on stderr (stdout is the file).

@@ -75,6 +75,21 @@ impl CliError {
         ExitCode::from(self.exit_code())
     }
 
+    /// The error of a failed SQL query: a missing table (42P01: PostgreSQL's undefined
+    /// table; 42S02: MySQL's) is `missing`, another error the database returned
+    /// `failed: <its message>`, anything else (the connection) `unreachable: <error>`.
+    pub(crate) fn sql(e: &sqlx::Error, missing: String, failed: &str, unreachable: &str) -> Self {
+        match e {
+            sqlx::Error::Database(db)
+                if matches!(db.code().as_deref(), Some("42P01" | "42S02")) =>
+            {
+                CliError::NotFound(missing)
+            }
+            sqlx::Error::Database(db) => CliError::Failed(format!("{failed}: {}", db.message())),
+            _ => CliError::Unreachable(format!("{unreachable}: {e}")),
+        }
+    }
+
     pub(crate) fn amqp(op: &str) -> impl FnOnce(lapin::Error) -> CliError + '_ {
         move |e| {
             if e.is_io_error() || matches!(e.kind(), lapin::ErrorKind::InvalidConnectionState(_)) {

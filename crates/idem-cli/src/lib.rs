@@ -85,7 +85,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use serde::Serialize;
 
-use crate::cli::{Cli, Command, OutboxCommand, TopologyCommand};
+use crate::cli::{Cli, Command, DatabaseArgs, OutboxCommand, TopologyCommand};
 use crate::error::{CliError, EXIT_USAGE};
 use crate::render::terminal_width;
 
@@ -137,6 +137,20 @@ pub(crate) fn json(out: &mut dyn Write, value: &impl Serialize) -> Result<(), Cl
     writeln!(out).map_err(write_err)
 }
 
+/// `value` as JSON when `as_json`, else what `text` writes.
+pub(crate) fn json_or(
+    out: &mut dyn Write,
+    as_json: bool,
+    value: &impl Serialize,
+    text: impl FnOnce(&mut dyn Write) -> Result<(), CliError>,
+) -> Result<(), CliError> {
+    if as_json {
+        json(out, value)
+    } else {
+        text(out)
+    }
+}
+
 /// `2023-11-14T22:13:20.123Z` -> `2023-11-14 22:13:20`.
 pub(crate) fn short_time(t: Option<&str>) -> String {
     match t {
@@ -153,36 +167,39 @@ pub(crate) fn or_dash(s: Option<&str>) -> String {
 /// Runs a parsed command, writing its output to `out`.
 pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
     let tls = cli.tls.config()?;
-    let name = cli
-        .connection_name
-        .as_deref()
-        .unwrap_or(broker::DEFAULT_CONNECTION_NAME);
+    let target = broker::Target {
+        url: &cli.url,
+        name: cli
+            .connection_name
+            .as_deref()
+            .unwrap_or(broker::DEFAULT_CONNECTION_NAME),
+        tls: &tls,
+    };
     match cli.command {
-        Command::Dlq(cmd) => dlq_cmd::run_dlq(&cli.url, name, &tls, cmd, out).await,
-        Command::Topology(cmd) => run_topology(&cli.url, name, &tls, cmd, out).await,
-        Command::Verify(args) => verify::cmd::run_verify(&cli.url, name, &tls, args, out).await,
+        Command::Dlq(cmd) => dlq_cmd::run_dlq(target, cmd, out).await,
+        Command::Topology(cmd) => run_topology(target, cmd, out).await,
+        Command::Verify(args) => verify::cmd::run_verify(target, args, out).await,
         Command::Outbox(OutboxCommand::Status {
             table,
-            database_url,
+            database: DatabaseArgs { database_url },
             json: as_json,
         }) => {
             let report = outbox::status_tls(&database_url, &tls, &table).await?;
-            if as_json {
-                return json(out, &report);
-            }
-            let age = report
-                .oldest_pending_age_secs
-                .map_or_else(|| "-".to_owned(), |s| format!("{s:.1}s"));
-            writeln!(
-                out,
-                "outbox {}: {} pending (oldest {age}), {} published awaiting cleanup",
-                report.table, report.pending, report.published
-            )
-            .map_err(write_err)
+            json_or(out, as_json, &report, |out| {
+                let age = report
+                    .oldest_pending_age_secs
+                    .map_or_else(|| "-".to_owned(), |s| format!("{s:.1}s"));
+                writeln!(
+                    out,
+                    "outbox {}: {} pending (oldest {age}), {} published awaiting cleanup",
+                    report.table, report.pending, report.published
+                )
+                .map_err(write_err)
+            })
         }
         Command::Outbox(OutboxCommand::Relay {
             table,
-            database_url,
+            database: DatabaseArgs { database_url },
             batch,
             poll_ms,
             create_table,
@@ -216,9 +233,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
 }
 
 async fn run_topology(
-    url: &str,
-    name: &str,
-    tls: &idem_core::TlsConfig,
+    target: broker::Target<'_>,
     cmd: TopologyCommand,
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
@@ -233,10 +248,9 @@ async fn run_topology(
         } => {
             let t = topology::topology_for(&queue, tiers.as_deref(), quorum, delivery_limit)?;
             let t = topology::with_routing(t, &exchanges, &bindings)?;
-            let conn = broker::connect_as(url, name, tls).await?;
-            let result = topology::declare(&conn, &t).await;
-            let _ = conn.close(200, "bye".into()).await;
-            result?;
+            target
+                .with_connection(async |conn| topology::declare(conn, &t).await)
+                .await?;
             writeln!(out, "declared: {}", t.queue_names().join(", ")).map_err(write_err)?;
             for x in t.exchanges() {
                 writeln!(out, "declared exchange {:?} ({})", x.name(), x.kind())
@@ -262,15 +276,12 @@ async fn run_topology(
         } => {
             let t = topology::topology_for(&queue, tiers.as_deref(), false, None)?;
             let t = topology::with_routing(t, &exchanges, &bindings)?;
-            let conn = broker::connect_as(url, name, tls).await?;
-            let result = topology::show(&conn, &t).await;
-            let _ = conn.close(200, "bye".into()).await;
-            let states = result?;
-            if as_json {
-                json(out, &states)?;
-            } else {
-                topology::write_table(&states, out, terminal_width()).map_err(write_err)?;
-            }
+            let states = target
+                .with_connection(async |conn| topology::show(conn, &t).await)
+                .await?;
+            json_or(out, as_json, &states, |out| {
+                topology::write_table(&states, out, terminal_width()).map_err(write_err)
+            })?;
             let missing: Vec<&str> = states
                 .iter()
                 .filter(|s| s.exists == Some(false))

@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{declare_durable, ids, long, unspent, Fixture};
@@ -17,7 +16,7 @@ use idem_core::dedup::REPLAY_HEADER;
 use idem_core::outcome::headers as h;
 use lapin::options::{
     BasicGetOptions, BasicPublishOptions, BasicRejectOptions, ConfirmSelectOptions,
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    QueueBindOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
@@ -53,18 +52,8 @@ async fn publish(ch: &Channel, exchange: &str, rk: &str, body: &str, props: Basi
 }
 
 async fn wait_depth(f: &Fixture, queue: &str, n: u32) {
-    let start = Instant::now();
-    loop {
-        let got = f.depth(queue).await;
-        if got == n {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "{queue} holds {got} messages, expected {n}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let what = format!("{queue} holds {n} messages");
+    common::wait_for(&what, async || f.depth(queue).await == n).await;
 }
 
 /// Another client takes `n` messages from `queue` and rejects them without requeue:
@@ -83,6 +72,41 @@ async fn reject_from(conn: &Connection, queue: &str, n: usize) {
             .unwrap();
     }
     let _ = ch.close(200, "bye".into()).await;
+}
+
+/// A connection, a confirm channel on it, a unique queue name
+/// `idem-cli-test-{name}-<uuid>` and its DLQ's.
+async fn quorum_setup(name: &str) -> (Connection, Channel, String, String) {
+    let conn = common::connect().await;
+    let q = format!("idem-cli-test-{name}-{}", uuid::Uuid::new_v4().simple());
+    let dlq_name = format!("{q}.dlq");
+    let ch = confirm_channel(&conn).await;
+    (conn, ch, q, dlq_name)
+}
+
+/// The arguments of a quorum queue with the delivery limit `limit`.
+fn quorum(limit: i64) -> [(&'static str, AMQPValue); 2] {
+    [
+        ("x-queue-type", long("quorum")),
+        ("x-delivery-limit", AMQPValue::LongLongInt(limit)),
+    ]
+}
+
+/// The arguments of a queue whose dead letters go to `dlq` (default exchange).
+fn dead_letters_to(dlq: &str) -> [(&'static str, AMQPValue); 2] {
+    [
+        ("x-dead-letter-exchange", long("")),
+        ("x-dead-letter-routing-key", long(dlq)),
+    ]
+}
+
+/// Deletes `queues`.
+async fn delete_queues(ch: &Channel, queues: &[&str]) {
+    for name in queues {
+        ch.queue_delete((*name).into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+    }
 }
 
 fn props(id: &str) -> BasicProperties {
@@ -104,11 +128,7 @@ async fn broker_dead_letters_are_listed_grouped_and_replayed_to_their_queue() {
     // A second queue dead-letters into the same DLQ: replay must send its message back
     // there, not to Q.
     let side = format!("{q}-side");
-    let to_dlq = [
-        ("x-dead-letter-exchange", long("")),
-        ("x-dead-letter-routing-key", long(&f.dlq())),
-    ];
-    declare_durable(&ch, &side, &to_dlq).await;
+    declare_durable(&ch, &side, &dead_letters_to(&f.dlq())).await;
 
     // 1. TTL: two messages published through amq.direct with a routing key expire in Q.
     let rk = format!("rk-{}", uuid::Uuid::new_v4().simple());
@@ -180,13 +200,8 @@ async fn broker_dead_letters_are_listed_grouped_and_replayed_to_their_queue() {
     );
 
     // The binary shows them too.
-    let out = Command::new(env!("CARGO_BIN_EXE_idem"))
-        .args(["dlq", "list", &q])
-        .env("AMQP_URL", common::url())
-        .env("COLUMNS", "250")
-        .output()
-        .unwrap();
-    let table = String::from_utf8_lossy(&out.stdout);
+    let out = common::idem_at(&common::url(), 250, &["dlq", "list", &q]);
+    let table = common::text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{table}");
     let line = table.lines().find(|l| l.contains("ttl-1")).unwrap();
     assert!(
@@ -214,25 +229,17 @@ async fn broker_dead_letters_are_listed_grouped_and_replayed_to_their_queue() {
         let id = m.properties.message_id.clone().unwrap();
         assert_eq!(m.body.as_ref(), format!("body of {id}").as_bytes());
     }
-    let ttl = back
-        .iter()
-        .find(|m| m.properties.message_id.as_deref() == Some("ttl-1"))
-        .unwrap();
+    let ttl = common::by_id(&back, "ttl-1");
     assert_eq!(ttl.header_str(h::ORIGINAL_EXCHANGE), Some("amq.direct"));
     assert_eq!(ttl.header_str(h::ORIGINAL_ROUTING_KEY), Some(rk.as_str()));
     // (The broker removed their 1 ms expiration when they died; the copies have none,
     // or they would not have waited in Q for the drain above.)
-    let rej = back
-        .iter()
-        .find(|m| m.properties.message_id.as_deref() == Some("rej-1"))
-        .unwrap();
+    let rej = common::by_id(&back, "rej-1");
     assert_eq!(rej.header_str(h::ORIGINAL_EXCHANGE), Some(""));
     assert_eq!(rej.header_str(h::ORIGINAL_ROUTING_KEY), Some(q.as_str()));
     assert_eq!(f.depth(&f.dlq()).await, 0);
 
-    ch.queue_delete(side.as_str().into(), QueueDeleteOptions::default())
-        .await
-        .unwrap();
+    delete_queues(&ch, &[&side]).await;
     let _ = conn.close(200, "bye".into()).await;
     f.cleanup().await;
 }
@@ -242,15 +249,8 @@ async fn broker_dead_letters_are_listed_grouped_and_replayed_to_their_queue() {
 /// dead-letter target of its own).
 #[tokio::test]
 async fn a_hundred_lists_leave_a_quorum_dlq_unchanged() {
-    let conn = common::connect().await;
-    let q = format!("idem-cli-test-qq-reads-{}", uuid::Uuid::new_v4().simple());
-    let dlq_name = format!("{q}.dlq");
-    let ch = confirm_channel(&conn).await;
-    let quorum = [
-        ("x-queue-type", long("quorum")),
-        ("x-delivery-limit", AMQPValue::LongLongInt(20)),
-    ];
-    declare_durable(&ch, &dlq_name, &quorum).await;
+    let (conn, ch, q, dlq_name) = quorum_setup("qq-reads").await;
+    declare_durable(&ch, &dlq_name, &quorum(20)).await;
     let sent: Vec<(String, BasicProperties)> = (1..=5)
         .map(|i| {
             let id = format!("m{i}");
@@ -294,9 +294,7 @@ async fn a_hundred_lists_leave_a_quorum_dlq_unchanged() {
         .await
         .unwrap()
         .is_none());
-    ch2.queue_delete(dlq_name.as_str().into(), QueueDeleteOptions::default())
-        .await
-        .unwrap();
+    delete_queues(&ch2, &[&dlq_name]).await;
     let _ = conn.close(200, "bye".into()).await;
 }
 
@@ -304,33 +302,15 @@ async fn a_hundred_lists_leave_a_quorum_dlq_unchanged() {
 /// too often (reason `delivery_limit`, the 4.x default path for poison messages).
 #[tokio::test]
 async fn delivery_limit_dead_letters_show_their_reason_and_replay_to_their_queue() {
-    let conn = common::connect().await;
-    let q = format!("idem-cli-test-qq-limit-{}", uuid::Uuid::new_v4().simple());
-    let dlq_name = format!("{q}.dlq");
-    let ch = confirm_channel(&conn).await;
-    let args = [
-        ("x-queue-type", long("quorum")),
-        ("x-delivery-limit", AMQPValue::LongLongInt(1)),
-        ("x-dead-letter-exchange", long("")),
-        ("x-dead-letter-routing-key", long(&dlq_name)),
-    ];
-    declare_durable(&ch, &q, &args).await;
+    let (conn, ch, q, dlq_name) = quorum_setup("qq-limit").await;
+    declare_durable(&ch, &q, &[quorum(1), dead_letters_to(&dlq_name)].concat()).await;
     declare_durable(&ch, &dlq_name, &[]).await;
     publish(&ch, "", &q, "body of poison-1", props("poison-1")).await;
     // Another client takes it and hands it back until the broker gives up on it.
     let taker = conn.create_channel().await.unwrap();
     let start = Instant::now();
     loop {
-        let depth = ch
-            .queue_declare(
-                dlq_name.as_str().into(),
-                QueueDeclareOptions::default().passive(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap()
-            .message_count();
-        if depth == 1 {
+        if common::depth(&conn, &dlq_name).await == 1 {
             break;
         }
         assert!(
@@ -371,10 +351,6 @@ async fn delivery_limit_dead_letters_show_their_reason_and_replay_to_their_queue
     assert_eq!(back.delivery.data, b"body of poison-1");
     let headers = back.delivery.properties.headers().clone().unwrap();
     assert!(!headers.inner().contains_key("x-death"), "{headers:?}");
-    for name in [q.as_str(), dlq_name.as_str()] {
-        ch.queue_delete(name.into(), QueueDeleteOptions::default())
-            .await
-            .unwrap();
-    }
+    delete_queues(&ch, &[&q, &dlq_name]).await;
     let _ = conn.close(200, "bye".into()).await;
 }

@@ -7,7 +7,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{dead, ids, text, Fixture};
+use common::{dead, exit_json, fields, ids, text, Fixture};
 use idem_core::ErrorKind::Transient;
 
 /// The binary against the local broker, in a terminal 100 characters wide.
@@ -26,16 +26,8 @@ async fn dlq_list_json_and_table() {
         ))
         .await;
     }
-    let out = idem(&["dlq", "list", &f.queue, "--json"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let got: Vec<&str> = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["message_id"].as_str().unwrap())
-        .collect();
-    assert_eq!(got, ["m1", "m2", "m3"]);
+    let v = exit_json(&idem(&["dlq", "list", &f.queue, "--json"]), 0);
+    assert_eq!(fields(&v, "message_id"), ["m1", "m2", "m3"]);
     assert_eq!(v[0]["attempts"], 3);
     assert_eq!(v[0]["error_kind"], "transient");
 
@@ -78,15 +70,8 @@ async fn purge_needs_yes() {
 async fn replay_with_unroutable_message_exits_3() {
     let f = Fixture::new("bin-partial").await;
     f.bury(&dead("good", "x", Transient)).await;
-    let mut lost = idem_core::Message::new("x").with_message_id("lost");
-    lost.headers.insert(
-        idem_core::outcome::headers::ORIGINAL_QUEUE.into(),
-        format!("idem-cli-test-nowhere-{}", uuid::Uuid::new_v4().simple()).into(),
-    );
-    f.publish_raw("", &f.dlq(), lost).await;
-    let out = idem(&["dlq", "replay", &f.queue, "--all", "--json"]);
-    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    f.bury_unroutable("lost").await;
+    let v = exit_json(&idem(&["dlq", "replay", &f.queue, "--all", "--json"]), 3);
     assert_eq!(
         (v["done"].as_u64(), v["failed"].as_u64()),
         (Some(1), Some(1))
@@ -152,17 +137,12 @@ async fn topology_declare_and_show() {
     let out = idem(&["topology", "declare", &q, "--tiers", "1s,5s"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 
-    let out = idem(&["topology", "show", &q, "--tiers", "1s,5s", "--json"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let names: Vec<&str> = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["name"].as_str().unwrap())
-        .collect();
+    let v = exit_json(
+        &idem(&["topology", "show", &q, "--tiers", "1s,5s", "--json"]),
+        0,
+    );
     assert_eq!(
-        names,
+        fields(&v, "name"),
         [
             q.clone(),
             format!("{q}.dlq"),

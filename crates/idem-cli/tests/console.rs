@@ -48,6 +48,26 @@ fn http(
     (status, body[start..end].to_owned())
 }
 
+/// [`http`] on a blocking thread.
+async fn send(
+    addr: SocketAddr,
+    method: &'static str,
+    path: String,
+    token: Option<&'static str>,
+    body: &'static str,
+) -> (u16, String) {
+    tokio::task::spawn_blocking(move || http(addr, method, &path, token, body))
+        .await
+        .unwrap()
+}
+
+/// The body of a GET of `path` without a token, asserting status 200.
+async fn get_ok(addr: SocketAddr, path: String) -> String {
+    let (code, body) = send(addr, "GET", path, None, "").await;
+    assert_eq!(code, 200, "{body}");
+    body
+}
+
 async fn start(f: &Fixture, writes: bool) -> SocketAddr {
     let conn = common::connect().await;
     let config = ConsoleConfig {
@@ -82,35 +102,20 @@ async fn the_api_reads_without_changing_and_writes_only_with_the_token() {
     let rw = start(&f, true).await;
     let q = f.queue.clone();
 
-    let (code, body) =
-        tokio::task::spawn_blocking(move || http(ro, "GET", "/api/queues", None, ""))
-            .await
-            .unwrap();
-    assert_eq!(code, 200, "{body}");
+    let body = get_ok(ro, "/api/queues".to_owned()).await;
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["queues"][0]["depth"], 3);
     assert!(!body.contains("guest"), "no credentials in the API: {body}");
 
-    let path = format!("/api/queues/{q}/groups");
-    let (code, body) = tokio::task::spawn_blocking(move || http(ro, "GET", &path, None, ""))
-        .await
-        .unwrap();
-    assert_eq!(code, 200, "{body}");
+    let body = get_ok(ro, format!("/api/queues/{q}/groups")).await;
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["groups"].as_array().unwrap().len(), 3);
 
-    let path = format!("/api/queues/{q}/messages?id=hostile");
-    let (code, body) = tokio::task::spawn_blocking(move || http(ro, "GET", &path, None, ""))
-        .await
-        .unwrap();
-    assert_eq!(code, 200, "{body}");
+    let body = get_ok(ro, format!("/api/queues/{q}/messages?id=hostile")).await;
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v[0]["body"]["text"], HOSTILE);
 
-    let path = "/api/queues/not-served/groups".to_owned();
-    let (code, _) = tokio::task::spawn_blocking(move || http(ro, "GET", &path, None, ""))
-        .await
-        .unwrap();
+    let (code, _) = send(ro, "GET", "/api/queues/not-served/groups".into(), None, "").await;
     assert_eq!(code, 404);
 
     // Writes: refused read-only, without a token, with a wrong one.
@@ -121,10 +126,7 @@ async fn the_api_reads_without_changing_and_writes_only_with_the_token() {
         (rw, None, 401),
         (rw, Some("wrong-token-0123456789"), 403),
     ] {
-        let p = replay.clone();
-        let (code, body) = tokio::task::spawn_blocking(move || http(addr, "POST", &p, token, req))
-            .await
-            .unwrap();
+        let (code, body) = send(addr, "POST", replay.clone(), token, req).await;
         assert_eq!(code, want, "{body}");
     }
     assert_eq!(
@@ -132,10 +134,7 @@ async fn the_api_reads_without_changing_and_writes_only_with_the_token() {
         0,
         "a refused write changes nothing"
     );
-    let p = replay.clone();
-    let (code, body) = tokio::task::spawn_blocking(move || http(rw, "POST", &p, Some(TOKEN), req))
-        .await
-        .unwrap();
+    let (code, body) = send(rw, "POST", replay, Some(TOKEN), req).await;
     assert_eq!(code, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["done"], 1);

@@ -196,12 +196,7 @@ async fn replay_by_pattern_and_target_from_original_queue_header() {
 async fn replay_to_a_missing_queue_leaves_the_message_in_the_dlq() {
     let f = Fixture::new("replay-lost").await;
     f.bury(&dead("ok1", "x", Transient)).await;
-    let mut orphan = Message::new("body of orphan").with_message_id("orphan");
-    orphan.headers.insert(
-        h::ORIGINAL_QUEUE.into(),
-        format!("idem-cli-test-nowhere-{}", uuid::Uuid::new_v4().simple()).into(),
-    );
-    f.publish_raw("", &f.dlq(), orphan).await;
+    f.bury_unroutable("orphan").await;
     f.bury(&dead("ok2", "x", Transient)).await;
 
     let report = dlq::replay(&f.conn, &f.queue, &Selector::All, false)

@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{dead, ids, outcome, record_done, replay_report, Fixture};
+use common::{ids, outcome, record_done, replay_report, Fixture};
 use idem_core::dedup::{Completion, DedupStore, ScopedKey};
 use idem_core::ErrorKind::Transient;
 use idem_redis::RedisStore;
@@ -17,11 +17,8 @@ use idem_testkit::Service;
 #[tokio::test]
 async fn replay_reports_which_messages_will_be_acked_as_duplicates() {
     let f = Fixture::new("dups").await;
-    f.bury_all(&[
-        dead("done-1", "timeout", Transient),
-        dead("fresh-1", "timeout", Transient),
-    ])
-    .await;
+    f.bury_each(&["done-1", "fresh-1"], "timeout", Transient)
+        .await;
     let url = Service::Redis.url();
     let prefix = format!("idem-cli-test-{}", uuid::Uuid::new_v4().simple());
     let store = Service::Redis.expect_connected(

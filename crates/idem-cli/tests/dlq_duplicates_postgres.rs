@@ -11,7 +11,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{dead, idem, ids, outcome, record_done, replay_report, text, Fixture};
+use common::{idem, ids, outcome, record_done, replay_report, text, Fixture};
 use idem_core::dedup::{Completion, ScopedKey};
 use idem_core::ErrorKind::Transient;
 use idem_sql::PgStore;
@@ -33,14 +33,8 @@ async fn record(
 #[tokio::test]
 async fn replay_predicts_duplicates_from_a_postgres_dedup_table() {
     let f = Fixture::new("pgdups").await;
-    f.bury_all(&[
-        dead("done-1", "timeout", Transient),
-        dead("fresh-1", "timeout", Transient),
-        dead("other-1", "timeout", Transient),
-        dead("expired-1", "timeout", Transient),
-        dead("poisoned-1", "timeout", Transient),
-    ])
-    .await;
+    let buried = ["done-1", "fresh-1", "other-1", "expired-1", "poisoned-1"];
+    f.bury_each(&buried, "timeout", Transient).await;
     let url = Service::PostgreSql.url();
     let pool = idem_testkit::postgres(
         sqlx::postgres::PgPoolOptions::new().max_connections(2),
@@ -88,13 +82,10 @@ async fn replay_predicts_duplicates_from_a_postgres_dedup_table() {
             assert_eq!(f.depth(&f.dlq()).await, 5, "a dry run moves nothing");
         }
     }
-    assert_eq!(
-        ids(&f.drain(&f.queue, 5).await),
-        ["done-1", "fresh-1", "other-1", "expired-1", "poisoned-1"]
-    );
+    assert_eq!(ids(&f.drain(&f.queue, 5).await), buried);
 
     // A table that is not there: one clear error, nothing moved.
-    f.bury_all(&[dead("late-1", "timeout", Transient)]).await;
+    f.bury_each(&["late-1"], "timeout", Transient).await;
     let missing = format!("{table}_missing");
     let out = idem(&[
         "dlq",

@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use idem_cli::outbox::{status, DEFAULT_DATABASE_URL};
 use idem_outbox::{Outbox, OutboxMessage};
 use idem_testkit::Service;
@@ -85,13 +87,7 @@ async fn relay_command_publishes_until_sigterm() {
     let id = uuid::Uuid::new_v4().simple().to_string();
     let table = format!("idem_cli_relay_{id}");
     let queue = format!("idem-cli-relay-{id}");
-    ch.queue_declare(
-        queue.as_str().into(),
-        Default::default(),
-        Default::default(),
-    )
-    .await
-    .unwrap();
+    common::declare_durable(&ch, &queue, &[]).await;
 
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_idem"))
         .args([

@@ -6,25 +6,17 @@
 
 mod common;
 
-use common::{dead, idem, ids, text, Fixture};
+use common::{assert_says, dead, declare_durable, exit_text, idem, ids, Fixture};
 use idem_cli::dlq::redrive::{REDRIVE_COUNT_HEADER, REDRIVE_RULE_HEADER};
 use idem_core::ErrorKind::{Permanent, Transient};
 use idem_core::HeaderValue;
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 
 #[tokio::test]
 async fn rules_replay_one_group_park_another_and_hold_after_max_replays() {
     let f = Fixture::new("redrive").await;
     let parked = format!("{}.parked", f.queue);
     let ch = f.conn.create_channel().await.unwrap();
-    ch.queue_declare(
-        parked.as_str().into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    declare_durable(&ch, &parked, &[]).await;
     // Dead-lettered at BASE (2023): "older than 10m" holds for all of them.
     f.bury_all(&[
         dead("t1", "gateway timeout after 30 s", Transient),
@@ -62,23 +54,22 @@ to = "{parked}"
     .unwrap();
     let rules = rules.to_str().unwrap().to_owned();
 
-    let out = idem(&["dlq", "redrive", "--rules", &rules, "--dry-run"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let plan = text(&out.stdout);
-    assert!(
-        plan.contains("rule gateway-timeouts: would replay 2"),
-        "{plan}"
+    let plan = exit_text(
+        &idem(&["dlq", "redrive", "--rules", &rules, "--dry-run"]),
+        0,
     );
-    assert!(
-        plan.contains("rule park-validation: would move 2"),
-        "{plan}"
+    assert_says(
+        &plan,
+        &[
+            "rule gateway-timeouts: would replay 2",
+            "rule park-validation: would move 2",
+            "nothing was changed",
+        ],
     );
-    assert!(plan.contains("nothing was changed"), "{plan}");
     assert_eq!(f.depth(&f.dlq()).await, 5);
     assert_eq!(f.depth(&f.queue).await, 0);
 
-    let out = idem(&["dlq", "redrive", "--rules", &rules]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    exit_text(&idem(&["dlq", "redrive", "--rules", &rules]), 0);
     let replayed = f.drain(&f.queue, 2).await;
     assert_eq!(ids(&replayed), ["t1", "t2"]);
     assert_eq!(
@@ -123,18 +114,8 @@ to = "{parked}"
         .headers
         .insert(REDRIVE_COUNT_HEADER.into(), HeaderValue::Int(2));
     f.publish_raw("", &f.dlq(), again).await;
-    let out = idem(&["dlq", "redrive", "--rules", &rules]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stdout).contains("replayed 0 message(s)"),
-        "{}",
-        text(&out.stdout)
-    );
-    assert!(
-        text(&out.stdout).contains("1 held for a person"),
-        "{}",
-        text(&out.stdout)
-    );
+    let said = exit_text(&idem(&["dlq", "redrive", "--rules", &rules]), 0);
+    assert_says(&said, &["replayed 0 message(s)", "1 held for a person"]);
     assert_eq!(ids(&f.drain(&f.dlq(), 1).await), ["t3"]);
     assert_eq!(f.depth(&f.queue).await, 0);
 

@@ -244,43 +244,20 @@ fn amqps_with_flags_and_env_and_tls_failures_exit_6() {
 fn postgres_tls_with_flags_and_tls_failures_exit_6() {
     let table = format!("idem_tls_missing_{}", uuid::Uuid::new_v4().simple());
     let db = format!("--database-url={PG}");
-    // Connected and verified: the table is simply missing (exit 1, not 2 or 6).
-    let out = run(
-        &["outbox", "status", &db, "--table", &table],
-        &client("ca.pem"),
-    );
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    assert!(stderr(&out).contains("does not exist"), "{}", stderr(&out));
-
-    let out = run(
-        &["outbox", "status", &db, "--table", &table],
-        &client("other-ca.pem"),
-    );
-    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
-    assert!(stderr(&out).contains("unknown CA"), "{}", stderr(&out));
     let by_ip = format!("--database-url={}", PG.replace("localhost", "127.0.0.1"));
-    let out = run(
-        &["outbox", "status", &by_ip, "--table", &table],
-        &client("ca.pem"),
-    );
-    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
-    assert!(stderr(&out).contains("host name"), "{}", stderr(&out));
-    let out = run(
-        &[
-            "outbox",
-            "status",
-            &db,
-            "--table",
-            &table,
-            "--tls-ca",
-            &cert("ca.pem"),
-        ],
-        &[],
-    );
-    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("client certificate refused"),
-        "{}",
-        stderr(&out)
-    );
+    let no_client_cert = vec!["--tls-ca".to_owned(), cert("ca.pem")];
+    // Connected and verified: the table is simply missing (exit 1, not 2 or 6); then
+    // the TLS failures (exit 6).
+    let cases = [
+        (&db, client("ca.pem"), 1, "does not exist"),
+        (&db, client("other-ca.pem"), 6, "unknown CA"),
+        (&by_ip, client("ca.pem"), 6, "host name"),
+        (&db, no_client_cert, 6, "client certificate refused"),
+    ];
+    for (url, tls, code, want) in &cases {
+        let out = run(&["outbox", "status", url, "--table", &table], tls);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(*code), "{err}");
+        assert!(err.contains(want), "{err}");
+    }
 }

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{record_done, text};
+use common::{assert_says, depth, exit_json, exit_starting, record_done, text, wait_for};
 use idem_amqp::{DelayTiers, Topology, Worker};
 use idem_core::dedup::{Claim, Completion, DedupStore, OwnerToken, ScopedKey};
 use idem_core::{Consumer, HandlerError, Stats, WorkerHandle};
@@ -87,6 +87,16 @@ impl Fixture {
         self.topology.queue()
     }
 
+    /// A lease store with a table of this fixture's (removed with it), and the
+    /// table's name.
+    async fn lease_store(&mut self) -> (PgStore, String) {
+        let table = format!("{}_dedup", self.inbox.trim_end_matches("_inbox"));
+        let store = PgStore::new(self.pool.clone()).try_table(&table).unwrap();
+        store.ensure_schema().await.unwrap();
+        self.extra_tables.push(table.clone());
+        (store, table)
+    }
+
     /// Enqueues `n` messages through the outbox in one transaction; their ids.
     async fn enqueue(&self, n: usize) -> Vec<String> {
         let mut tx = self.pool.begin().await.unwrap();
@@ -140,15 +150,8 @@ impl Fixture {
 
     /// Waits until the inbox holds `total` records.
     async fn await_records(&self, total: i64) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while self.inbox_rows().await < total {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the worker recorded {} of {total} messages within 30 s",
-                self.inbox_rows().await
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let what = format!("the worker records {total} messages");
+        wait_for(&what, async || self.inbox_rows().await >= total).await;
     }
 
     /// Runs a worker until the inbox holds `total` records, then stops it gracefully.
@@ -160,21 +163,12 @@ impl Fixture {
 
     /// Waits until the work queue has `n` consumers.
     async fn await_consumers(&self, n: u32) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let q = idem_cli::broker::probe(&self.conn, self.queue())
-                .await
-                .unwrap();
-            if q.is_some_and(|q| q.consumers == n) {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{} has no {n} consumer(s) after 10 s",
-                self.queue()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let what = format!("{} has {n} consumer(s)", self.queue());
+        wait_for(&what, async || {
+            let q = idem_cli::broker::probe(&self.conn, self.queue()).await;
+            q.unwrap().is_some_and(|q| q.consumers == n)
+        })
+        .await;
     }
 
     /// Waits until the work queue holds `n` ready messages.
@@ -184,22 +178,8 @@ impl Fixture {
 
     /// Waits until `queue` holds `n` ready messages.
     async fn await_depth_of(&self, queue: &str, n: u32) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let depth = idem_cli::broker::probe(&self.conn, queue)
-                .await
-                .unwrap()
-                .unwrap()
-                .messages;
-            if depth == n {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{queue} holds {depth} messages, expected {n}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let what = format!("{queue} holds {n} messages");
+        wait_for(&what, async || depth(&self.conn, queue).await == n).await;
     }
 
     /// Publishes a message with id `id` and `headers` straight into `queue`,
@@ -351,19 +331,14 @@ async fn verify_after_a_real_outbox_run_exits_0() {
     let ids = f.enqueue(40).await;
     f.relay().await;
     f.consume_until(40).await;
-    let out = f.verify(&[]);
-    let stdout = text(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
-    assert!(
-        stdout.starts_with("verify: lost=0 stuck=0 at_risk=0 hazards=0"),
-        "{stdout}"
+    let stdout = exit_starting(
+        &f.verify(&[]),
+        0,
+        "verify: lost=0 stuck=0 at_risk=0 hazards=0",
     );
-    assert!(stdout.contains("(40 published"), "{stdout}");
-    assert!(stdout.contains("done=40 "), "{stdout}");
+    assert_says(&stdout, &["(40 published", "done=40 "]);
     // The JSON document says the same.
-    let out = f.verify(&["--json"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = exit_json(&f.verify(&["--json"]), 0);
     assert_eq!(report["counts"]["published"], ids.len());
     assert_eq!(report["counts"]["done"], 40);
     assert_eq!(report["findings"].as_array().unwrap().len(), 0);
@@ -454,22 +429,13 @@ async fn verify_names_a_deleted_inbox_record_and_purged_messages() {
 
     // The lost ids are looked for twice; nothing is in flight here.
     let out = f.verify(&["--recheck-after", "0s"]);
-    let stdout = text(&out.stdout);
+    let stdout = exit_starting(&out, 5, "verify: lost=11 stuck=0 at_risk=0 hazards=0");
     println!("{stdout}");
-    assert_eq!(out.status.code(), Some(5), "{stdout}{}", text(&out.stderr));
-    assert!(
-        stdout.starts_with("verify: lost=11 stuck=0 at_risk=0 hazards=0"),
-        "{stdout}"
-    );
-    assert!(stdout.contains("done=19 "), "{stdout}");
-    assert!(stdout.contains("queued=10 "), "{stdout}");
+    assert_says(&stdout, &["done=19 ", "queued=10 "]);
     let mut lost = purged.clone();
     lost.insert(deleted.clone());
     for id in &lost {
-        assert!(
-            stdout.contains(&format!("\nlost {id}: ")),
-            "{id} not named: {stdout}"
-        );
+        assert_says(&stdout, &[&format!("\nlost {id}: ")]);
     }
     assert_eq!(stdout.matches("\nlost ").count(), 11, "{stdout}");
     assert!(
@@ -478,9 +444,7 @@ async fn verify_names_a_deleted_inbox_record_and_purged_messages() {
         text(&out.stderr)
     );
 
-    let out = f.verify(&["--recheck-after", "0s", "--json"]);
-    assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = exit_json(&f.verify(&["--recheck-after", "0s", "--json"]), 5);
     assert_eq!(finding_ids(&report, "lost"), lost);
     assert_eq!(
         report["counts"]["queued"], 10,
@@ -493,12 +457,7 @@ async fn verify_names_a_deleted_inbox_record_and_purged_messages() {
 async fn verify_reports_a_record_past_its_lease_and_a_stuck_outbox_row() {
     let mut f = Fixture::new().await;
     // A lease store's table, with a key claimed for 1 s and never completed.
-    let store_table = format!("{}_dedup", f.inbox.trim_end_matches("_inbox"));
-    let store = PgStore::new(f.pool.clone())
-        .try_table(&store_table)
-        .unwrap();
-    store.ensure_schema().await.unwrap();
-    f.extra_tables.push(store_table.clone());
+    let (store, store_table) = f.lease_store().await;
     let key = ScopedKey::new(CONSUMER, "crashed-while-processing");
     let claim = store
         .claim(&key, &OwnerToken::generate(), None, Duration::from_secs(1))
@@ -509,19 +468,19 @@ async fn verify_reports_a_record_past_its_lease_and_a_stuck_outbox_row() {
     let pending = f.enqueue(1).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
-    let out = f.verify_records(&store_table, &["--stuck-after", "1s"]);
-    let stdout = text(&out.stdout);
-    assert_eq!(out.status.code(), Some(5), "{stdout}{}", text(&out.stderr));
-    assert!(stdout.starts_with("verify: lost=0 stuck=2 "), "{stdout}");
-    assert!(
-        stdout.contains("\nstuck crashed-while-processing: record processing"),
-        "{stdout}"
+    let stdout = exit_starting(
+        &f.verify_records(&store_table, &["--stuck-after", "1s"]),
+        5,
+        "verify: lost=0 stuck=2 ",
     );
-    assert!(
-        stdout.contains(&format!("\nstuck {}: outbox row pending", pending[0])),
-        "{stdout}"
+    assert_says(
+        &stdout,
+        &[
+            "\nstuck crashed-while-processing: record processing",
+            &format!("\nstuck {}: outbox row pending", pending[0]),
+            "pending=1 ",
+        ],
     );
-    assert!(stdout.contains("pending=1 "), "{stdout}");
 
     // Within the lease and the threshold, neither is stuck.
     let fresh = ScopedKey::new(CONSUMER, "processing-now");
@@ -565,37 +524,21 @@ async fn verify_reports_config_hazards() {
         "--concurrency",
         "20",
     ]);
-    let stdout = text(&out.stdout);
-    assert_eq!(out.status.code(), Some(5), "{stdout}{}", text(&out.stderr));
-    assert!(
-        stdout.starts_with("verify: lost=0 stuck=0 at_risk=0 hazards=3"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains(
-            "\nhazard delivery_limit: the queue's delivery_limit 3 is not above the crash limit 3"
-        ),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("\nhazard retention: dedup retention 1s is shorter than the retry horizon"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("\nhazard pool_size: pool size 5 is smaller than the concurrency 20"),
-        "{stdout}"
+    let stdout = exit_starting(&out, 5, "verify: lost=0 stuck=0 at_risk=0 hazards=3");
+    assert_says(
+        &stdout,
+        &[
+            "\nhazard delivery_limit: the queue's delivery_limit 3 is not above the crash limit 3",
+            "\nhazard retention: dedup retention 1s is shorter than the retry horizon",
+            "\nhazard pool_size: pool size 5 is smaller than the concurrency 20",
+        ],
     );
 }
 
 #[tokio::test]
 async fn verify_reports_old_dead_letters_and_copies_outliving_their_record() {
     let mut f = Fixture::with_tiers("30s", Duration::from_secs(30)).await;
-    let store_table = format!("{}_dedup", f.inbox.trim_end_matches("_inbox"));
-    let store = PgStore::new(f.pool.clone())
-        .try_table(&store_table)
-        .unwrap();
-    store.ensure_schema().await.unwrap();
-    f.extra_tables.push(store_table.clone());
+    let (store, store_table) = f.lease_store().await;
     // A copy waits 30 s in the delay queue while its done record expires in 10 s.
     record(
         &store,
@@ -622,20 +565,17 @@ async fn verify_reports_old_dead_letters_and_copies_outliving_their_record() {
     let now = idem_core::__private::rfc3339(std::time::SystemTime::now());
     f.put(&dlq, "young-dead", dead(now)).await;
 
-    let out = f.verify_records(&store_table, &["--retention", "7d"]);
-    let stdout = text(&out.stdout);
-    assert_eq!(out.status.code(), Some(5), "{stdout}{}", text(&out.stderr));
-    assert!(
-        stdout.starts_with("verify: lost=0 stuck=0 at_risk=2 hazards=0"),
-        "{stdout}"
+    let stdout = exit_starting(
+        &f.verify_records(&store_table, &["--retention", "7d"]),
+        5,
+        "verify: lost=0 stuck=0 at_risk=2 hazards=0",
     );
-    assert!(
-        stdout.contains(&format!("\nat-risk late-copy: a copy waits in {retry} (up to 30s) while its done record expires in ")),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains(&format!("\nat-risk old-dead: in {dlq} for ")),
-        "{stdout}"
+    assert_says(
+        &stdout,
+        &[
+            &format!("\nat-risk late-copy: a copy waits in {retry} (up to 30s) while its done record expires in "),
+            &format!("\nat-risk old-dead: in {dlq} for "),
+        ],
     );
     assert!(!stdout.contains("young-dead"), "{stdout}");
     // Reading moved nothing out of either queue.
@@ -661,22 +601,16 @@ async fn verify_reads_a_redis_store_and_an_id_list() {
     std::fs::write(&ids, "a\nb\nc\n# a comment\nd\ne\n").unwrap();
 
     let out = f.verify_ids(&ids, &["--dedup-redis", &url, "--dedup-prefix", &prefix]);
-    let stdout = text(&out.stdout);
     let _ = std::fs::remove_file(&ids);
     idem_testkit::delete_redis_keys(&mut store.connection(), &format!("{prefix}*")).await;
-    assert_eq!(out.status.code(), Some(5), "{stdout}{}", text(&out.stderr));
-    assert!(
-        stdout.starts_with("verify: lost=1 stuck=0 at_risk=0 hazards=0"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("  ids (5 published) against redis"),
-        "{stdout}"
-    );
-    assert!(stdout.contains("done=2 poisoned=1 queued=1 "), "{stdout}");
-    assert!(
-        stdout.contains("\nlost e: given in the id list; "),
-        "{stdout}"
+    let stdout = exit_starting(&out, 5, "verify: lost=1 stuck=0 at_risk=0 hazards=0");
+    assert_says(
+        &stdout,
+        &[
+            "  ids (5 published) against redis",
+            "done=2 poisoned=1 queued=1 ",
+            "\nlost e: given in the id list; ",
+        ],
     );
     f.await_depth(1).await;
 }
@@ -708,28 +642,19 @@ async fn verify_reads_a_mysql_lease_store_table() {
     std::fs::write(&ids, "a\np\nb\n").unwrap();
 
     let out = f.verify_ids(&ids, &["--dedup-mysql", &url, "--dedup-table", &table]);
-    let stdout = text(&out.stdout);
     let _ = std::fs::remove_file(&ids);
     sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
         .execute(&pool)
         .await
         .unwrap();
-    assert_eq!(out.status.code(), Some(5), "{stdout}{}", text(&out.stderr));
-    assert!(
-        stdout.starts_with("verify: lost=1 stuck=1 at_risk=0 hazards=0"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains(&format!("  ids (3 published) against mysql {table}")),
-        "{stdout}"
-    );
-    assert!(stdout.contains("done=1 poisoned=1 "), "{stdout}");
-    assert!(
-        stdout.contains("\nlost b: given in the id list; "),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("\nstuck stuck-key: record processing, its lease ended "),
-        "{stdout}"
+    let stdout = exit_starting(&out, 5, "verify: lost=1 stuck=1 at_risk=0 hazards=0");
+    assert_says(
+        &stdout,
+        &[
+            &format!("  ids (3 published) against mysql {table}"),
+            "done=1 poisoned=1 ",
+            "\nlost b: given in the id list; ",
+            "\nstuck stuck-key: record processing, its lease ended ",
+        ],
     );
 }

@@ -15,7 +15,7 @@ use idem_amqp::{Publisher, RawOutgoing, Topology, Worker};
 use idem_cli::dlq::{self, Filter, Selector};
 use idem_core::outcome::headers as h;
 use idem_core::{Consumer, HandlerError, Json, MemoryStore};
-use lapin::options::{BasicGetOptions, QueueDeleteOptions};
+use lapin::options::QueueDeleteOptions;
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString};
 use lapin::{BasicProperties, Connection};
 
@@ -109,28 +109,19 @@ impl Queues {
     }
 
     async fn depth(&self, queue: &str) -> u32 {
-        idem_cli::broker::probe(&self.conn, queue)
-            .await
-            .unwrap()
-            .unwrap()
-            .messages
+        common::depth(&self.conn, queue).await
     }
 
     /// Removes every message of `queue`, in order: properties (without the broker's
     /// per-delivery headers, after checking no delivery was ever counted) and body.
     async fn take_all(&self, queue: &str) -> Vec<(BasicProperties, Vec<u8>)> {
         let ch = self.conn.create_channel().await.unwrap();
-        let mut out = Vec::new();
-        while let Some(m) = ch
-            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
-            .await
-            .unwrap()
-        {
-            let props = unspent(&m.delivery.properties, queue);
-            out.push((props, m.delivery.data));
-        }
+        let taken = common::get_all(&ch, queue, true).await;
         let _ = ch.close(200, "bye".into()).await;
-        out
+        taken
+            .into_iter()
+            .map(|m| (unspent(&m.delivery.properties, queue), m.delivery.data))
+            .collect()
     }
 
     async fn cleanup(self) {
@@ -419,26 +410,24 @@ async fn replay_of_one_group_at_a_rate_moves_exactly_that_group() {
         "100 messages at 200/s took {took:?}"
     );
 
-    let moved = qs.take_all(&qs.q).await;
-    let want: Vec<String> = (0..300)
-        .filter(|i| i % 3 == 1)
-        .map(|i| format!("m{i:04}"))
-        .collect();
-    let got: Vec<String> = moved
-        .iter()
-        .map(|(p, _)| p.message_id().clone().unwrap().to_string())
-        .collect();
-    assert_eq!(got, want);
-    let left = qs.take_all(&qs.dlq).await;
-    let want: Vec<String> = (0..300)
-        .filter(|i| i % 3 != 1)
-        .map(|i| format!("m{i:04}"))
-        .collect();
-    let got: Vec<String> = left
-        .iter()
-        .map(|(p, _)| p.message_id().clone().unwrap().to_string())
-        .collect();
-    assert_eq!(got, want, "the other groups stay, in order");
+    // The ids of the 300 messages whose number passes `keep`.
+    let numbered = |keep: fn(&usize) -> bool| -> Vec<String> {
+        (0..300).filter(keep).map(|i| format!("m{i:04}")).collect()
+    };
+    let ids_of = |taken: Vec<(BasicProperties, Vec<u8>)>| -> Vec<String> {
+        taken
+            .iter()
+            .map(|(p, _)| p.message_id().clone().unwrap().to_string())
+            .collect()
+    };
+    let moved = ids_of(qs.take_all(&qs.q).await);
+    assert_eq!(moved, numbered(|i| i % 3 == 1));
+    let left = ids_of(qs.take_all(&qs.dlq).await);
+    assert_eq!(
+        left,
+        numbered(|i| i % 3 != 1),
+        "the other groups stay, in order"
+    );
     qs.cleanup().await;
 }
 

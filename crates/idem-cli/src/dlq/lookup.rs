@@ -138,16 +138,15 @@ impl DedupLookup {
             .bind(key.key())
             .fetch_optional(pool)
             .await
-            .map_err(|e| match &e {
-                sqlx::Error::Database(db) if db.code().as_deref() == Some("42P01") => {
-                    CliError::NotFound(format!(
+            .map_err(|e| {
+                CliError::sql(
+                    &e,
+                    format!(
                         "no table {table} in that database: name the consumer's dedup table with --dedup-table (idem_dedup for the lease store, idem_inbox for the inbox, unless configured otherwise)"
-                    ))
-                }
-                sqlx::Error::Database(db) => {
-                    CliError::Failed(format!("dedup store lookup in {table} failed: {}", db.message()))
-                }
-                _ => CliError::Unreachable(format!("dedup store lookup failed: {e}")),
+                    ),
+                    &format!("dedup store lookup in {table} failed"),
+                    "dedup store lookup failed",
+                )
             })?;
         Ok(row.and_then(|(state, fingerprint)| match state.as_str() {
             "succeeded" => Some(Done {

@@ -417,6 +417,20 @@ impl Scan {
         Ok(())
     }
 
+    /// Reads every message, each put back as a confirmed copy before `f` gets it
+    /// (module docs), then finishes the scan.
+    async fn visit_all(mut self, mut f: impl FnMut(&Delivery, DlqEntry)) -> Result<(), CliError> {
+        let result = async {
+            while let Some((delivery, entry)) = self.next().await? {
+                self.restore(&delivery, entry.position).await?;
+                f(&delivery, entry);
+            }
+            Ok::<_, CliError>(())
+        }
+        .await;
+        self.finish(result).await
+    }
+
     /// Settles the restores, then closes the channel. On an error, whatever is still
     /// unacked is handed back by the broker.
     pub(super) async fn finish(mut self, result: Result<(), CliError>) -> Result<(), CliError> {
@@ -478,19 +492,10 @@ pub async fn list_where(
 pub(crate) async fn visit_queue(
     conn: &Connection,
     queue: &str,
-    mut f: impl FnMut(&Delivery, DlqEntry),
+    f: impl FnMut(&Delivery, DlqEntry),
 ) -> Result<(), CliError> {
     let scan = Scan::open_exact(conn, queue.to_owned(), queue.to_owned()).await?;
-    let mut scan = scan.start_reading().await?;
-    let result = async {
-        while let Some((delivery, entry)) = scan.next().await? {
-            scan.restore(&delivery, entry.position).await?;
-            f(&delivery, entry);
-        }
-        Ok::<_, CliError>(())
-    }
-    .await;
-    scan.finish(result).await
+    scan.start_reading().await?.visit_all(f).await
 }
 
 /// Reads every message of the DLQ of `queue` and hands each to `f` with its entry;
@@ -498,17 +503,9 @@ pub(crate) async fn visit_queue(
 pub(super) async fn visit(
     conn: &Connection,
     queue: &str,
-    mut f: impl FnMut(&Delivery, DlqEntry),
+    f: impl FnMut(&Delivery, DlqEntry),
 ) -> Result<String, CliError> {
-    let mut scan = Scan::open_reading(conn, queue).await?;
-    let result = async {
-        while let Some((delivery, entry)) = scan.next().await? {
-            scan.restore(&delivery, entry.position).await?;
-            f(&delivery, entry);
-        }
-        Ok::<_, CliError>(())
-    }
-    .await;
+    let scan = Scan::open_reading(conn, queue).await?;
     let dlq = scan.dlq.clone();
-    scan.finish(result).await.map(|()| dlq)
+    scan.visit_all(f).await.map(|()| dlq)
 }

@@ -23,7 +23,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -252,14 +252,39 @@ fn move_selector(r: MoveRequest) -> Result<Selector, ApiError> {
     selector(r.ids, r.group, None, r.all)
 }
 
+/// A write to a served queue: the queue of the path and the JSON body, extracted in
+/// that order, then the request authorised (401/403) and the queue checked (404).
+struct WriteRequest<T> {
+    s: AppState,
+    q: String,
+    body: T,
+}
+
+impl<T: serde::de::DeserializeOwned> FromRequest<AppState> for WriteRequest<T> {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, s: &AppState) -> Result<Self, Response> {
+        let (mut parts, body) = req.into_parts();
+        let Path(q) = Path::<String>::from_request_parts(&mut parts, s)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let headers = parts.headers.clone();
+        let Json(body) = Json::<T>::from_request(Request::from_parts(parts, body), s)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        authorize(s, &headers).map_err(IntoResponse::into_response)?;
+        known(s, &q).map_err(IntoResponse::into_response)?;
+        Ok(WriteRequest {
+            s: s.clone(),
+            q,
+            body,
+        })
+    }
+}
+
 async fn replay(
-    State(s): State<AppState>,
-    Path(q): Path<String>,
-    headers: HeaderMap,
-    Json(r): Json<MoveRequest>,
+    WriteRequest { s, q, body: r }: WriteRequest<MoveRequest>,
 ) -> Result<Response, ApiError> {
-    authorize(&s, &headers)?;
-    known(&s, &q)?;
     if r.rate.is_some_and(|x| !(x.is_finite() && x > 0.0)) {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
@@ -275,13 +300,8 @@ async fn replay(
 }
 
 async fn purge(
-    State(s): State<AppState>,
-    Path(q): Path<String>,
-    headers: HeaderMap,
-    Json(r): Json<MoveRequest>,
+    WriteRequest { s, q, body: r }: WriteRequest<MoveRequest>,
 ) -> Result<Response, ApiError> {
-    authorize(&s, &headers)?;
-    known(&s, &q)?;
     let dry_run = r.dry_run;
     let sel = move_selector(r)?;
     Ok(Json(dlq::purge(&s.conn, &q, &sel, dry_run).await?).into_response())
@@ -297,14 +317,9 @@ struct EditRequest {
 }
 
 async fn edit(
-    State(s): State<AppState>,
-    Path(q): Path<String>,
-    headers: HeaderMap,
-    Json(r): Json<EditRequest>,
+    WriteRequest { s, q, body: r }: WriteRequest<EditRequest>,
 ) -> Result<Response, ApiError> {
     use base64::Engine as _;
-    authorize(&s, &headers)?;
-    known(&s, &q)?;
     let change = match (r.body_base64, r.json_set.is_empty()) {
         (Some(b), true) => dlq::Edit::Body(
             base64::engine::general_purpose::STANDARD

@@ -67,12 +67,11 @@ pub(crate) fn options(args: &VerifyArgs) -> Result<VerifyOptions, CliError> {
 /// Runs `idem verify`: prints the report, then fails with exit 5 if it found
 /// anything.
 pub(crate) async fn run_verify(
-    url: &str,
-    name: &str,
-    tls: &idem_core::TlsConfig,
+    target: crate::broker::Target<'_>,
     args: VerifyArgs,
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
+    let tls = target.tls;
     let opts = options(&args)?;
     let source = match &args.ids {
         Some(path) => Source::Ids(read_ids_file(path)?),
@@ -86,7 +85,7 @@ pub(crate) async fn run_verify(
             && args.dedup_mysql.is_none());
     let db = if needs_db {
         let hint = "set DATABASE_URL or --database-url";
-        Some(crate::outbox::connect_pool(&args.database_url, tls, 2, hint).await?)
+        Some(crate::outbox::connect_pool(&args.database.database_url, tls, 2, hint).await?)
     } else {
         None
     };
@@ -111,18 +110,14 @@ pub(crate) async fn run_verify(
                 .to_owned(),
         )),
     };
-    let conn = crate::broker::connect_as(url, name, tls).await?;
-    let result = verify(&conn, db.as_ref(), &source, &records, &opts).await;
-    let _ = conn.close(200, "bye".into()).await;
+    let result = target
+        .with_connection(async |conn| verify(conn, db.as_ref(), &source, &records, &opts).await)
+        .await;
     if let Some(pool) = &db {
         pool.close().await;
     }
     let report = result?;
-    if args.json {
-        crate::json(out, &report)?;
-    } else {
-        write_text(out, &report)?;
-    }
+    crate::json_or(out, args.json, &report, |out| write_text(out, &report))?;
     if report.is_clean() {
         return Ok(());
     }

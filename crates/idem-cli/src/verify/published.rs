@@ -52,17 +52,15 @@ pub(super) fn from_ids(ids: &[String]) -> Vec<Published> {
 }
 
 fn table_error(e: sqlx::Error, table: &str) -> CliError {
-    match &e {
-        sqlx::Error::Database(db) if db.code().as_deref() == Some("42P01") => {
-            CliError::NotFound(format!(
-                "outbox table {table:?} does not exist in that database (check --outbox-table and --database-url)"
-            ))
-        }
-        sqlx::Error::Database(db) => {
-            CliError::Failed(format!("reading outbox {table} failed: {}", db.message()))
-        }
-        _ => CliError::Unreachable(format!("reading outbox {table} failed: {e}")),
-    }
+    let what = format!("reading outbox {table} failed");
+    CliError::sql(
+        &e,
+        format!(
+            "outbox table {table:?} does not exist in that database (check --outbox-table and --database-url)"
+        ),
+        &what,
+        &what,
+    )
 }
 
 fn epoch_secs(t: std::time::SystemTime) -> f64 {

@@ -153,12 +153,14 @@ impl Records {
     /// `processing` records of `consumer` past their lease (SQL tables; Redis drops a
     /// record when its lease ends, so there are none to see).
     pub async fn stuck(&self, consumer: &str) -> Result<Vec<Finding>, CliError> {
-        let rows = match self {
+        let rows: Vec<sql::Stuck> = match self {
             Records::Postgres { pool, table } => {
-                sql::stuck_postgres(pool, table, consumer, STUCK_RECORDS).await?
+                let query = sql::stuck_postgres(table);
+                sql::fetch(pool, &query, table, consumer, STUCK_RECORDS).await?
             }
             Records::MySql { pool, table } => {
-                sql::stuck_mysql(pool, table, consumer, STUCK_RECORDS).await?
+                let query = sql::stuck_mysql(table);
+                sql::fetch(pool, &query, table, consumer, STUCK_RECORDS).await?
             }
             Records::Redis(_) => return Ok(Vec::new()),
         };

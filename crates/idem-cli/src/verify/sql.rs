@@ -21,18 +21,15 @@ const MY_NOW_MS: &str =
 /// The error for a failed query on `table`: a missing table is a usage error that
 /// names the option.
 pub(super) fn error(e: sqlx::Error, table: &TableName) -> CliError {
-    match &e {
-        // 42P01: PostgreSQL's undefined table; 42S02: MySQL's.
-        sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("42P01" | "42S02")) => {
-            CliError::NotFound(format!(
-                "no table {table} in that database: name the consumer's dedup table with --dedup-table (idem_inbox for the inbox, idem_dedup for the lease store, unless configured otherwise)"
-            ))
-        }
-        sqlx::Error::Database(db) => {
-            CliError::Failed(format!("reading records from {table} failed: {}", db.message()))
-        }
-        _ => CliError::Unreachable(format!("reading records from {table} failed: {e}")),
-    }
+    let what = format!("reading records from {table} failed");
+    CliError::sql(
+        &e,
+        format!(
+            "no table {table} in that database: name the consumer's dedup table with --dedup-table (idem_inbox for the inbox, idem_dedup for the lease store, unless configured otherwise)"
+        ),
+        &what,
+        &what,
+    )
 }
 
 /// A `state` column's value.
@@ -45,6 +42,31 @@ pub(super) fn state(s: &str) -> Option<RecordState> {
     }
 }
 
+/// Runs `sql` on `pool` with the consumer and `value` bound, in that order; errors
+/// as [`error`].
+pub(super) async fn fetch<'q, DB, R, V>(
+    pool: &sqlx::Pool<DB>,
+    sql: &'q str,
+    table: &TableName,
+    consumer: &'q str,
+    value: V,
+) -> Result<Vec<R>, CliError>
+where
+    DB: sqlx::Database,
+    DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+    for<'c> &'c sqlx::Pool<DB>: sqlx::Executor<'c, Database = DB>,
+    &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    V: 'q + sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    R: for<'r> sqlx::FromRow<'r, DB::Row> + Send + Unpin,
+{
+    sqlx::query_as(sql)
+        .bind(consumer)
+        .bind(value)
+        .fetch_all(pool)
+        .await
+        .map_err(|e| error(e, table))
+}
+
 pub(super) async fn lookup_postgres(
     pool: &sqlx::PgPool,
     table: &TableName,
@@ -55,12 +77,7 @@ pub(super) async fn lookup_postgres(
         "SELECT idem_key, state, expires_at - {PG_NOW_MS} FROM {table} \
          WHERE consumer = $1 AND idem_key = ANY($2)"
     );
-    sqlx::query_as(&sql)
-        .bind(consumer)
-        .bind(keys)
-        .fetch_all(pool)
-        .await
-        .map_err(|e| error(e, table))
+    fetch(pool, &sql, table, consumer, keys).await
 }
 
 pub(super) async fn lookup_mysql(
@@ -87,44 +104,24 @@ pub(super) async fn lookup_mysql(
 }
 
 /// Key and milliseconds since its lease ended.
-type Stuck = (String, i64);
+pub(super) type Stuck = (String, i64);
 
-pub(super) async fn stuck_postgres(
-    pool: &sqlx::PgPool,
-    table: &TableName,
-    consumer: &str,
-    limit: i64,
-) -> Result<Vec<Stuck>, CliError> {
-    let sql = format!(
+/// The PostgreSQL query of [`Stuck`] rows: binds the consumer, then the limit.
+pub(super) fn stuck_postgres(table: &TableName) -> String {
+    format!(
         "SELECT idem_key, {PG_NOW_MS} - expires_at FROM {table} \
          WHERE consumer = $1 AND state = 'processing' AND expires_at < {PG_NOW_MS} \
          ORDER BY expires_at LIMIT $2"
-    );
-    sqlx::query_as(&sql)
-        .bind(consumer)
-        .bind(limit)
-        .fetch_all(pool)
-        .await
-        .map_err(|e| error(e, table))
+    )
 }
 
-pub(super) async fn stuck_mysql(
-    pool: &sqlx::MySqlPool,
-    table: &TableName,
-    consumer: &str,
-    limit: i64,
-) -> Result<Vec<Stuck>, CliError> {
-    let sql = format!(
+/// [`stuck_postgres`] for MariaDB/MySQL.
+pub(super) fn stuck_mysql(table: &TableName) -> String {
+    format!(
         "SELECT CONVERT(idem_key USING utf8mb4), {MY_NOW_MS} - CAST(expires_at AS SIGNED) \
          FROM {table} WHERE consumer = ? AND state = 'processing' AND expires_at < {MY_NOW_MS} \
          ORDER BY expires_at LIMIT ?"
-    );
-    sqlx::query_as(&sql)
-        .bind(consumer)
-        .bind(limit)
-        .fetch_all(pool)
-        .await
-        .map_err(|e| error(e, table))
+    )
 }
 
 /// A pool of 2 on the MariaDB/MySQL database at `url`, failing fast (exit 2) when it

@@ -27,11 +27,17 @@ fn copy(id: &str, role: Role) -> Copy {
     }
 }
 
-fn rec(state: RecordState, expires_in_ms: i64) -> Record {
-    Record {
-        state,
-        expires_in_ms: Some(expires_in_ms),
-    }
+/// The records of `list`: key, state, milliseconds until the record expires.
+fn records(list: &[(&str, RecordState, i64)]) -> HashMap<String, Record> {
+    list.iter()
+        .map(|&(key, state, expires_in_ms)| {
+            let record = Record {
+                state,
+                expires_in_ms: Some(expires_in_ms),
+            };
+            (key.to_owned(), record)
+        })
+        .collect()
 }
 
 #[test]
@@ -57,15 +63,12 @@ fn each_published_id_lands_in_one_class() {
             copy("dead", Role::Work),
         ],
     };
-    let found: HashMap<String, Record> = [
-        ("done", rec(RecordState::Succeeded, 1000)),
-        ("poisoned", rec(RecordState::Poisoned, 1000)),
-        ("processing", rec(RecordState::Processing, 1000)),
-        ("expired-done", rec(RecordState::Succeeded, -1000)),
-    ]
-    .into_iter()
-    .map(|(k, r)| (k.to_owned(), r))
-    .collect();
+    let found = records(&[
+        ("done", RecordState::Succeeded, 1000),
+        ("poisoned", RecordState::Poisoned, 1000),
+        ("processing", RecordState::Processing, 1000),
+        ("expired-done", RecordState::Succeeded, -1000),
+    ]);
     let out = classify(&published, &seen, &found, Duration::from_secs(60));
     let c = &out.counts;
     assert_eq!(c.published, 10);
@@ -92,8 +95,7 @@ fn the_second_look_turns_found_ids_into_in_flight() {
         Duration::ZERO,
     );
     assert_eq!(out.unresolved.len(), 2);
-    let found: HashMap<String, Record> =
-        [("a".to_owned(), rec(RecordState::Succeeded, 1000))].into();
+    let found = records(&[("a", RecordState::Succeeded, 1000)]);
     out.recheck(&Seen::default(), &found);
     assert_eq!(out.counts.in_flight, 1);
     assert_eq!(out.unresolved.iter().collect::<Vec<_>>(), vec!["b"]);
@@ -133,15 +135,12 @@ fn at_risk_dead_letters_and_copies_outliving_their_record() {
             copy("fresh", Role::Work),
         ],
     };
-    let found: HashMap<String, Record> = [
-        ("short", rec(RecordState::Succeeded, 10_000)),
-        ("long", rec(RecordState::Succeeded, 60_000)),
-        ("expired", rec(RecordState::Succeeded, -5_000)),
-        ("fresh", rec(RecordState::Succeeded, 5_000)),
-    ]
-    .into_iter()
-    .map(|(k, r)| (k.to_owned(), r))
-    .collect();
+    let found = records(&[
+        ("short", RecordState::Succeeded, 10_000),
+        ("long", RecordState::Succeeded, 60_000),
+        ("expired", RecordState::Succeeded, -5_000),
+        ("fresh", RecordState::Succeeded, 5_000),
+    ]);
     let risks = at_risk(&seen, &found, 7 * day, now);
     let ids: Vec<(&str, &str)> = risks
         .iter()

@@ -11,6 +11,7 @@ use idem_amqp::{Publisher, Topology};
 use idem_core::dedup::{Claim, Completion, DedupStore, OwnerToken, ScopedKey};
 use idem_core::{ErrorKind, Failure, HeaderValue, Message};
 use idem_testkit::Service;
+use lapin::message::BasicGetMessage;
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Connection};
@@ -44,6 +45,49 @@ pub fn idem_at(url: &str, columns: u16, args: &[&str]) -> Output {
 /// Output bytes as text (invalid UTF-8 replaced), for assertions and messages.
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
+}
+
+/// Asserts that `out` exited with `code` (its stderr in the message) and parses its
+/// stdout as JSON.
+pub fn exit_json(out: &Output, code: i32) -> serde_json::Value {
+    assert_eq!(out.status.code(), Some(code), "{}", text(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Asserts that `out` exited with `code` (its output in the message) and returns its
+/// stdout as text.
+pub fn exit_text(out: &Output, code: i32) -> String {
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{stdout}{}",
+        text(&out.stderr)
+    );
+    stdout
+}
+
+/// [`exit_text`], also asserting that the output starts with `head`.
+pub fn exit_starting(out: &Output, code: i32, head: &str) -> String {
+    let said = exit_text(out, code);
+    assert!(said.starts_with(head), "{said}");
+    said
+}
+
+/// Asserts that `said` contains each of `parts`.
+pub fn assert_says(said: &str, parts: &[&str]) {
+    for part in parts {
+        assert!(said.contains(part), "no {part:?} in {said}");
+    }
+}
+
+/// The string `field` of every element of the JSON array `v`.
+pub fn fields<'a>(v: &'a serde_json::Value, field: &str) -> Vec<&'a str> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e[field].as_str().unwrap())
+        .collect()
 }
 
 /// Polls `check` every 25 ms until it holds; panics with `what` after 30 s.
@@ -141,6 +185,20 @@ pub async fn replay_all(queue: &str) -> String {
     text(&out)
 }
 
+/// Every ready message of `queue`, got one by one on `ch` (acked by the broker when
+/// `no_ack`, else held until acked), in order.
+pub async fn get_all(ch: &lapin::Channel, queue: &str, no_ack: bool) -> Vec<BasicGetMessage> {
+    let mut out = Vec::new();
+    while let Some(m) = ch
+        .basic_get(queue.into(), BasicGetOptions { no_ack })
+        .await
+        .unwrap()
+    {
+        out.push(m);
+    }
+    out
+}
+
 /// `s` as an AMQP long string (a header or queue argument value).
 pub fn long(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s.as_bytes()))
@@ -230,6 +288,17 @@ impl Fixture {
         self.publish_raw("", &self.dlq(), msg).await;
     }
 
+    /// Publishes into `Q.dlq` a message `id` whose `x-idem-original-queue` does not
+    /// exist: a replay of it is returned by the broker.
+    pub async fn bury_unroutable(&self, id: &str) {
+        let mut msg = Message::new(format!("body of {id}")).with_message_id(id);
+        msg.headers.insert(
+            idem_core::outcome::headers::ORIGINAL_QUEUE.into(),
+            format!("idem-cli-test-nowhere-{}", uuid::Uuid::new_v4().simple()).into(),
+        );
+        self.publish_raw("", &self.dlq(), msg).await;
+    }
+
     pub async fn publish_raw(&self, exchange: &str, routing_key: &str, mut msg: Message) {
         self.publisher
             .publish(exchange, routing_key, &mut msg)
@@ -240,6 +309,13 @@ impl Fixture {
     pub async fn bury_all(&self, list: &[Dead<'_>]) {
         for d in list {
             self.bury(d).await;
+        }
+    }
+
+    /// Buries one message per id of `ids`, each failed with `error` of `kind`.
+    pub async fn bury_each(&self, ids: &[&str], error: &str, kind: ErrorKind) {
+        for id in ids {
+            self.bury(&dead(id, error, kind)).await;
         }
     }
 
@@ -261,25 +337,11 @@ impl Fixture {
     /// Waits until `queue` holds exactly `expected` ready messages (requeues on channel
     /// close are asynchronous), then reads and removes them all, in order.
     pub async fn drain(&self, queue: &str, expected: u32) -> Vec<Message> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let n = self.depth(queue).await;
-            if n == expected {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{queue} holds {n} ready messages, expected {expected}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let what = format!("{queue} holds {expected} ready messages");
+        wait_for(&what, async || self.depth(queue).await == expected).await;
         let ch = self.conn.create_channel().await.unwrap();
         let mut out = Vec::new();
-        while let Some(m) = ch
-            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
-            .await
-            .unwrap()
-        {
+        for m in get_all(&ch, queue, false).await {
             out.push(idem_amqp::convert::message_from_delivery(
                 &m.delivery,
                 queue,
@@ -317,6 +379,13 @@ pub fn ids(msgs: &[Message]) -> Vec<String> {
     msgs.iter()
         .map(|m| m.properties.message_id.clone().unwrap_or_default())
         .collect()
+}
+
+/// The message of `msgs` whose message id is `id`.
+pub fn by_id<'a>(msgs: &'a [Message], id: &str) -> &'a Message {
+    msgs.iter()
+        .find(|m| m.properties.message_id.as_deref() == Some(id))
+        .unwrap_or_else(|| panic!("no message {id}"))
 }
 
 pub fn header<'a>(m: &'a Message, name: &str) -> Option<&'a HeaderValue> {
