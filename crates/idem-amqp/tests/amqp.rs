@@ -20,7 +20,8 @@ use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
 
 mod common;
 use common::{
-    fails_once, header, header_str, short_tiers, unique, url, wait_until, wait_until_async, Fixture,
+    fails_once, header, header_str, messages, short_tiers, unique, url, wait_until,
+    wait_until_async, Fixture,
 };
 
 async fn broker() -> (Connection, Channel) {
@@ -39,15 +40,6 @@ async fn get_one(ch: &Channel, queue: &str) -> Option<lapin::message::BasicGetMe
     ch.basic_get(queue.into(), BasicGetOptions { no_ack: true })
         .await
         .unwrap()
-}
-
-async fn publish_to_queue(
-    publisher: &Publisher,
-    queue: &str,
-    msgs: impl IntoIterator<Item = Message>,
-) {
-    let mut msgs: Vec<Message> = msgs.into_iter().collect();
-    publisher.publish_batch("", queue, &mut msgs).await.unwrap();
 }
 
 /// An exchange bound to the topology's queue with a routing key, so the origin of a
@@ -96,7 +88,6 @@ async fn ack_outcome_maps_headers_and_leaves_no_copies() {
         .unwrap();
     let running = f.start(&consumer, |w| w.prefetch(10));
 
-    let publisher = &f.publisher;
     // Odd and oversized headers must not break the conversion.
     let mut headers = FieldTable::default();
     headers.insert("x-n".into(), AMQPValue::LongInt(7));
@@ -129,12 +120,8 @@ async fn ack_outcome_maps_headers_and_leaves_no_copies() {
     .unwrap()
     .await
     .unwrap();
-    publish_to_queue(
-        publisher,
-        topo.queue(),
-        (0..3).map(|i| Message::new(format!("m{i}")).with_message_id(format!("ack-m{i}"))),
-    )
-    .await;
+    f.publish((0..3).map(|i| Message::new(format!("m{i}")).with_message_id(format!("ack-m{i}"))))
+        .await;
 
     wait_until("4 processed", Duration::from_secs(10), || {
         consumer.stats().processed == 4
@@ -445,7 +432,6 @@ async fn bad_input_is_dead_lettered_at_once() {
 #[tokio::test]
 async fn handlers_in_flight_never_exceed_prefetch() {
     let f = Fixture::new("prefetch").await;
-    let topo = &f.topo;
     let current = Arc::new(AtomicUsize::new(0));
     let max = Arc::new(AtomicUsize::new(0));
     let (c, m) = (current.clone(), max.clone());
@@ -462,13 +448,7 @@ async fn handlers_in_flight_never_exceed_prefetch() {
             }
         })
         .unwrap();
-    let publisher = &f.publisher;
-    publish_to_queue(
-        publisher,
-        topo.queue(),
-        (0..60).map(|i| Message::new("x").with_message_id(format!("p{i}"))),
-    )
-    .await;
+    f.publish(messages("p", 0..60)).await;
     let running = f.start(&consumer, |w| w.prefetch(4));
     wait_until("60 processed", Duration::from_secs(15), || {
         consumer.stats().processed == 60
@@ -505,13 +485,7 @@ async fn graceful_shutdown_finishes_in_flight_and_loses_nothing() {
             })
             .unwrap()
     };
-    let publisher = &f.publisher;
-    publish_to_queue(
-        publisher,
-        topo.queue(),
-        (0..20).map(|i| Message::new("x").with_message_id(format!("s{i}"))),
-    )
-    .await;
+    f.publish(messages("s", 0..20)).await;
 
     let first = make_consumer(runs.clone());
     let running = f.start(&first, |w| w.prefetch(5));
@@ -576,13 +550,7 @@ async fn forced_connection_close_resumes_consuming() {
         .unwrap();
     let conn_name = unique("conn");
     let running = f.start(&consumer, |w| w.prefetch(5).connection_name(&conn_name));
-    let publisher = &f.publisher;
-    publish_to_queue(
-        publisher,
-        topo.queue(),
-        (0..30).map(|i| Message::new("x").with_message_id(format!("f{i}"))),
-    )
-    .await;
+    f.publish(messages("f", 0..30)).await;
     wait_until("some processed", Duration::from_secs(5), || {
         consumer.stats().processed >= 3
     })
@@ -593,12 +561,7 @@ async fn forced_connection_close_resumes_consuming() {
         "the worker's connection was not found"
     );
     // Published after the close: only a resumed consumer can take these.
-    publish_to_queue(
-        publisher,
-        topo.queue(),
-        (30..40).map(|i| Message::new("x").with_message_id(format!("f{i}"))),
-    )
-    .await;
+    f.publish(messages("f", 30..40)).await;
     wait_until_async("all 40 effects", Duration::from_secs(20), || {
         let e = effects.clone();
         async move { e.lock().unwrap().len() == 40 }
@@ -658,9 +621,8 @@ async fn two_workers_compete_and_each_message_is_processed_once() {
     })
     .await;
     // Every message published twice (a publisher retry): 200 deliveries, 100 effects.
-    let publisher = &f.publisher;
-    let msgs = || (0..100).map(|i| Message::new("x").with_message_id(format!("c{i}")));
-    publish_to_queue(publisher, topo.queue(), msgs().chain(msgs())).await;
+    let msgs = || messages("c", 0..100);
+    f.publish(msgs().chain(msgs())).await;
     let settled = || {
         let (a, b) = (c1.stats(), c2.stats());
         a.processed + a.duplicates + b.processed + b.duplicates
@@ -799,13 +761,7 @@ async fn at_most_once_acks_before_the_handler_and_never_retries() {
             }
         })
         .unwrap();
-    let publisher = &f.publisher;
-    publish_to_queue(
-        publisher,
-        topo.queue(),
-        (0..5).map(|i| Message::new("x").with_message_id(format!("amo{i}"))),
-    )
-    .await;
+    f.publish(messages("amo", 0..5)).await;
     let running = f.start(&consumer, |w| w.prefetch(5));
     wait_until("5 handled", Duration::from_secs(10), || {
         consumer.stats().dropped == 5
@@ -849,13 +805,8 @@ async fn at_most_once_loses_the_message_when_the_worker_dies_mid_handler() {
             }
         })
         .unwrap();
-    let publisher = &f.publisher;
-    publish_to_queue(
-        publisher,
-        topo.queue(),
-        [Message::new("x").with_message_id("amo-crash")],
-    )
-    .await;
+    f.publish([Message::new("x").with_message_id("amo-crash")])
+        .await;
     let worker = Worker::builder(url(), topo.clone(), consumer)
         .prefetch(1)
         .connection_name(unique("amo-crash"))

@@ -143,6 +143,17 @@ fn kind(i: usize) -> &'static str {
     }
 }
 
+/// Publishes messages `m-<i>` of [`kind`] `i`, `i` in `range`, confirmed.
+async fn publish_mixed(publisher: &Publisher, topo: &Topology, range: std::ops::Range<usize>) {
+    let mut msgs: Vec<Message> = range
+        .map(|i| Message::new(kind(i)).with_message_id(format!("m-{i}")))
+        .collect();
+    publisher
+        .publish_batch("", topo.queue(), &mut msgs)
+        .await
+        .unwrap();
+}
+
 #[derive(Clone)]
 struct Mixed {
     applied: Arc<Mutex<HashMap<String, u32>>>,
@@ -209,13 +220,7 @@ async fn mixed_outcomes(coalesce: bool) {
     let running = worker.spawn();
 
     let publisher = Publisher::connect(&url()).await.unwrap();
-    let mut msgs: Vec<Message> = (0..MIXED)
-        .map(|i| Message::new(kind(i)).with_message_id(format!("m-{i}")))
-        .collect();
-    publisher
-        .publish_batch("", topo.queue(), &mut msgs)
-        .await
-        .unwrap();
+    publish_mixed(&publisher, &topo, 0..MIXED).await;
 
     // Mid-run, the "store" fails: the breaker opens, in-flight deliveries are handed
     // back (requeue nacks), the worker flushes its acks, pauses and reconnects on a new
@@ -235,13 +240,7 @@ async fn mixed_outcomes(coalesce: bool) {
     state.outage.store(false, Ordering::SeqCst);
 
     // Duplicates of delivered messages, published while the rest is still flowing.
-    let mut dups: Vec<Message> = (0..DUPLICATES)
-        .map(|i| Message::new(kind(i)).with_message_id(format!("m-{i}")))
-        .collect();
-    publisher
-        .publish_batch("", topo.queue(), &mut dups)
-        .await
-        .unwrap();
+    publish_mixed(&publisher, &topo, 0..DUPLICATES).await;
 
     let expected: HashSet<String> = (0..MIXED)
         .filter(|i| kind(*i) != "poison")

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use idem_amqp::{Publisher, Topology, Worker};
+use idem_amqp::{Publisher, Topology, Worker, WorkerBuilder};
 use idem_core::{Consumer, DedupLayer, HandlerError, IdempotencyKey, MemoryStore, Message, State};
 use idem_testkit::broker::{
     connection_closes, connection_open, queue_counts, wait_until, QueueCounts,
@@ -125,6 +125,27 @@ enum Stage {
 }
 
 impl Stage {
+    /// A worker (prefetch [`PREFETCH`]) on the declared `topology` of this stage's
+    /// consumer, its handlers `stuck` or not, reporting to `probe`.
+    async fn worker(
+        &self,
+        url: &str,
+        topology: &Topology,
+        probe: &Arc<Probe>,
+        stuck: bool,
+    ) -> WorkerBuilder {
+        let side = Side {
+            probe: probe.clone(),
+            stuck,
+        };
+        Worker::builder(
+            url,
+            topology.clone().declare(false),
+            self.consumer(side).await,
+        )
+        .prefetch(PREFETCH)
+    }
+
     async fn consumer(&self, side: Side) -> Consumer {
         let builder = Consumer::builder("lifecycle");
         match self {
@@ -181,20 +202,12 @@ async fn scenario(stage: Stage, how: DropBy) {
 
     let probe = Arc::new(Probe::default());
     let stuck_name = idem_testkit::unique("stuck_worker");
-    let stuck = Worker::builder(
-        url.as_str(),
-        topology.clone().declare(false),
-        stage
-            .consumer(Side {
-                probe: probe.clone(),
-                stuck: true,
-            })
-            .await,
-    )
-    .prefetch(PREFETCH)
-    .connection_name(&stuck_name)
-    .build()
-    .unwrap();
+    let stuck = stage
+        .worker(&url, &topology, &probe, true)
+        .await
+        .connection_name(&stuck_name)
+        .build()
+        .unwrap();
 
     let all_started = {
         let probe = probe.clone();
@@ -279,20 +292,12 @@ async fn scenario(stage: Stage, how: DropBy) {
     );
 
     // A second worker applies each message exactly once.
-    let second = Worker::builder(
-        url.as_str(),
-        topology.clone().declare(false),
-        stage
-            .consumer(Side {
-                probe: probe.clone(),
-                stuck: false,
-            })
-            .await,
-    )
-    .prefetch(PREFETCH)
-    .build()
-    .unwrap()
-    .spawn();
+    let second = stage
+        .worker(&url, &topology, &probe, false)
+        .await
+        .build()
+        .unwrap()
+        .spawn();
     let limit = Duration::from_secs(30);
     let applied = wait_until(limit, async || {
         probe.effects().len() == usize::from(PREFETCH)

@@ -56,6 +56,28 @@ fn numbered(range: std::ops::Range<usize>) -> Vec<Message> {
     range.map(|i| Message::new(format!("m{i}"))).collect()
 }
 
+/// Asserts that `queue` holds the bodies `m0` to `m<n-1>`, in order.
+async fn assert_numbered(ch: &Channel, queue: &str, n: usize) {
+    let bodies = drain(ch, queue, n).await;
+    let expected: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
+    assert_eq!(bodies, expected);
+}
+
+/// The first failure of `err`, once it is an `Error::Batch` of `failed` of `total`.
+fn first_failure(err: &Error, failed: usize, total: usize) -> &Error {
+    match err {
+        Error::Batch {
+            failed: f,
+            total: t,
+            first,
+        } => {
+            assert_eq!((*f, *t), (failed, total), "{err}");
+            first
+        }
+        other => panic!("expected Error::Batch, got {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn publish_batch_confirms_and_delivers_every_message_in_order_across_windows() {
     let (url, _admin, ch, queue) = set_up("publish-batch").await;
@@ -75,9 +97,7 @@ async fn publish_batch_confirms_and_delivers_every_message_in_order_across_windo
         .unwrap();
     // Every message got its id before the first try (a re-publish reuses it).
     assert!(msgs.iter().all(|m| m.properties.message_id.is_some()));
-    let bodies = drain(&ch, &queue, 2500).await;
-    let expected: Vec<String> = (0..2500).map(|i| format!("m{i}")).collect();
-    assert_eq!(bodies, expected);
+    assert_numbered(&ch, &queue, 2500).await;
     publisher.close().await;
     delete(&ch, &queue).await;
 }
@@ -101,20 +121,11 @@ async fn publish_batch_reports_an_unroutable_message_and_delivers_the_others() {
         .publish_batch("", &missing_queue, &mut unroutable)
         .await
         .unwrap_err();
-    match &err {
-        Error::Batch {
-            failed,
-            total,
-            first,
-        } => {
-            assert_eq!((*failed, *total), (2, 2), "{err}");
-            assert!(
-                matches!(&**first, Error::Returned { code: 312, routing_key, .. } if *routing_key == missing_queue),
-                "{first:?}"
-            );
-        }
-        other => panic!("expected Error::Batch, got {other:?}"),
-    }
+    let first = first_failure(&err, 2, 2);
+    assert!(
+        matches!(first, Error::Returned { code: 312, routing_key, .. } if *routing_key == missing_queue),
+        "{first:?}"
+    );
     // The error names the destination, so a reader knows what to bind.
     assert!(err.to_string().contains("2 of 2"), "{err}");
     // A returned message does not break the channel: the next batch goes through.
@@ -146,31 +157,20 @@ async fn publish_batch_to_a_missing_exchange_fails_clearly_and_the_publisher_rec
         .publish_batch(&exchange, &queue, &mut msgs)
         .await
         .unwrap_err();
-    match &err {
-        Error::Batch {
-            failed,
-            total,
-            first,
-        } => {
-            assert_eq!((*failed, *total), (10, 10), "{err}");
-            assert!(matches!(&**first, Error::Amqp { .. }), "{first:?}");
-            // The broker's reason (404 NOT_FOUND, no exchange ...) reaches the caller.
-            let text = first.to_string();
-            assert!(
-                text.contains("NOT_FOUND") || text.contains("no exchange"),
-                "{text}"
-            );
-        }
-        other => panic!("expected Error::Batch, got {other:?}"),
-    }
+    let first = first_failure(&err, 10, 10);
+    assert!(matches!(first, Error::Amqp { .. }), "{first:?}");
+    // The broker's reason (404 NOT_FOUND, no exchange ...) reaches the caller.
+    let text = first.to_string();
+    assert!(
+        text.contains("NOT_FOUND") || text.contains("no exchange"),
+        "{text}"
+    );
     // The next call opens a new channel: the same messages (same ids) now go through.
     publisher
         .publish_batch("", &queue, &mut msgs)
         .await
         .unwrap();
-    let bodies = drain(&ch, &queue, 10).await;
-    let expected: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
-    assert_eq!(bodies, expected);
+    assert_numbered(&ch, &queue, 10).await;
     publisher.close().await;
     delete(&ch, &queue).await;
 }

@@ -71,15 +71,20 @@ impl Broker {
         q.message_count()
     }
 
+    /// A topology of its own (a unique queue named after `tag`, one 1 s delay tier),
+    /// declared.
+    async fn declared(&self, tag: &str) -> Topology {
+        let topo =
+            Topology::new(unique(tag)).tiers(DelayTiers::new([Duration::from_secs(1)]).unwrap());
+        topo.declare_on(&self.ch).await.unwrap();
+        topo
+    }
+
     async fn finish(self, topo: &Topology) {
         topo.delete_on(&self.ch).await.unwrap();
         self.publisher.close().await;
         let _ = self.conn.close(200, "bye".into()).await;
     }
-}
-
-fn topology(tag: &str) -> Topology {
-    Topology::new(unique(tag)).tiers(DelayTiers::new([Duration::from_secs(1)]).unwrap())
 }
 
 fn one_retry() -> Backoff {
@@ -96,8 +101,7 @@ async fn next<T>(rx: &mut mpsc::UnboundedReceiver<T>, what: &str) -> T {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn immediate_retries_absorb_a_blip_without_a_retry_copy() {
     let b = broker("idem-test-immediate-retries").await;
-    let topo = topology("immediate");
-    topo.declare_on(&b.ch).await.unwrap();
+    let topo = b.declared("immediate").await;
     let calls = Arc::new(AtomicU32::new(0));
     let c = calls.clone();
     let consumer = Consumer::builder("immediate")
@@ -149,8 +153,7 @@ async fn immediate_retries_absorb_a_blip_without_a_retry_copy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_carry_the_full_record_and_the_hook_fires_after_the_confirm() {
     let b = broker("idem-test-dead-letter-hook").await;
-    let topo = topology("dlhook");
-    topo.declare_on(&b.ch).await.unwrap();
+    let topo = b.declared("dlhook").await;
     let seen: Arc<Mutex<Vec<Headers>>> = Arc::default();
     let s = seen.clone();
     let (hook_tx, mut hooked) = mpsc::unbounded_channel();
@@ -229,8 +232,7 @@ async fn dead_letters_carry_the_full_record_and_the_hook_fires_after_the_confirm
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discard_acks_without_a_copy_and_a_redelivery_is_a_duplicate() {
     let b = broker("idem-test-discard").await;
-    let topo = topology("discard");
-    topo.declare_on(&b.ch).await.unwrap();
+    let topo = b.declared("discard").await;
     let calls = Arc::new(AtomicU32::new(0));
     let c = calls.clone();
     let consumer = Consumer::builder("discard")

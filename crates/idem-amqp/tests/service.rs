@@ -131,6 +131,15 @@ async fn lanes(ch: &lapin::Channel, per_lane: usize) -> Vec<Lane> {
     lanes
 }
 
+/// Runs `service` until it fails; panics if it is still running after 30 s, naming
+/// `what` should have stopped it.
+async fn failure(service: Service, what: &str) -> Error {
+    tokio::time::timeout(Duration::from_secs(30), service.run(std::future::pending()))
+        .await
+        .unwrap_or_else(|_| panic!("the service did not stop after {what}"))
+        .unwrap_err()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_stops_all_consumers_together_and_loses_nothing() {
     stop_in_flight_then_finish(None).await;
@@ -316,10 +325,7 @@ async fn service_fails_naming_the_consumer_and_stops_the_others() {
         .consumer(bad.clone(), consumer(&bad_name), |w| w)
         .build()
         .unwrap();
-    let err = tokio::time::timeout(Duration::from_secs(30), service.run(std::future::pending()))
-        .await
-        .expect("the service did not stop after a consumer failed")
-        .unwrap_err();
+    let err = failure(service, "a consumer failed").await;
     match &err {
         Error::Consumer { consumer, source } => {
             assert_eq!(consumer, &bad_name);
@@ -393,10 +399,7 @@ async fn service_task_error_stops_the_consumers_and_names_the_task() {
         .build()
         .unwrap();
     assert_eq!(service.tasks().collect::<Vec<_>>(), ["doomed"]);
-    let err = tokio::time::timeout(Duration::from_secs(30), service.run(std::future::pending()))
-        .await
-        .expect("the service did not stop after a task failed")
-        .unwrap_err();
+    let err = failure(service, "a task failed").await;
     match &err {
         Error::Task { task, source } => {
             assert_eq!(task, "doomed");

@@ -19,7 +19,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use idem_amqp::{Publisher, Topology, Worker};
+use idem_amqp::{Publisher, Topology, Worker, WorkerBuilder};
 use idem_core::{Consumer, DeliveryMode, Message};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
@@ -42,9 +42,8 @@ pub(crate) struct ConsumerArgs {
     /// Rounds; each round runs idem, then the baseline(s).
     #[arg(long, default_value_t = 5)]
     pub(crate) rounds: u32,
-    /// Broker URL (default amqp://guest:***@127.0.0.1:5672/%2f; passwords are not printed).
-    #[arg(long, env = "AMQP_URL", hide_env_values = true, default_value = idem_amqp::DEFAULT_AMQP_URL, hide_default_value = true)]
-    pub(crate) url: String,
+    #[command(flatten)]
+    pub(crate) amqp: crate::urls::AmqpUrl,
     /// PEM CA to trust for amqps:// and rediss:// (env IDEM_TLS_CA).
     #[arg(long, env = idem_core::tls::ENV_TLS_CA)]
     pub(crate) tls_ca: Option<std::path::PathBuf>,
@@ -78,7 +77,7 @@ impl ConsumerArgs {
         queue: &str,
         name: &str,
     ) -> Result<(lapin::Connection, lapin::Channel, lapin::Consumer), BoxError> {
-        let conn = idem_amqp::connect_tls(&self.url, name, &self.tls()?).await?;
+        let conn = idem_amqp::connect_tls(&self.amqp.url, name, &self.tls()?).await?;
         let ch = conn.create_channel().await?;
         ch.basic_qos(self.prefetch, BasicQosOptions::default())
             .await?;
@@ -93,6 +92,47 @@ impl ConsumerArgs {
         Ok((conn, ch, deliveries))
     }
 
+    /// The connections of a run: the publisher that fills the queues and an admin
+    /// channel that declares and deletes them.
+    pub(crate) async fn broker(&self) -> Result<Broker, BoxError> {
+        let tls = self.tls()?;
+        let publisher = Publisher::builder(&self.amqp.url)
+            .connection_name("idem-bench-fill")
+            .tls(tls.clone())
+            .connect()
+            .await?;
+        let admin = idem_amqp::connect_tls(&self.amqp.url, "idem-bench-admin", &tls).await?;
+        let ch = admin.create_channel().await?;
+        Ok(Broker {
+            publisher,
+            admin,
+            ch,
+        })
+    }
+
+    /// Runs a worker of `consumer` on `topo` (this prefetch and TLS, connection
+    /// `name`, then `configure`) until `clock` has seen every message settle; the time
+    /// from the first delivery to the last settle.
+    pub(crate) async fn run_worker(
+        &self,
+        topo: &Topology,
+        consumer: Consumer,
+        clock: Arc<Clock>,
+        name: &str,
+        configure: impl FnOnce(WorkerBuilder) -> WorkerBuilder,
+    ) -> Result<Duration, BoxError> {
+        let c = clock.clone();
+        let worker = Worker::builder(&self.amqp.url, topo.clone(), consumer)
+            .tls(self.tls()?)
+            .prefetch(self.prefetch)
+            .connection_name(name)
+            .on_settle(move |_| c.settled());
+        let running = configure(worker).build()?.spawn();
+        let elapsed = clock.wait().await;
+        running.shutdown_and_join().await?;
+        elapsed
+    }
+
     /// The TLS settings for amqps:// and rediss:// URLs.
     pub(crate) fn tls(&self) -> Result<idem_core::TlsConfig, idem_core::TlsConfigError> {
         idem_core::TlsConfig::from_files(
@@ -103,21 +143,32 @@ impl ConsumerArgs {
     }
 }
 
+/// The publisher and the admin channel of a run (see [`ConsumerArgs::broker`]).
+pub(crate) struct Broker {
+    /// Fills the queues.
+    pub(crate) publisher: Publisher,
+    admin: lapin::Connection,
+    /// Declares and deletes the queues (and their topology).
+    pub(crate) ch: lapin::Channel,
+}
+
+impl Broker {
+    /// Closes the publisher and the admin connection.
+    pub(crate) async fn close(self) {
+        self.publisher.close().await;
+        let _ = self.admin.close(200, "bye".into()).await;
+    }
+}
+
 pub(crate) async fn run(args: ConsumerArgs) -> Result<Report, BoxError> {
-    let tls = args.tls()?;
-    let publisher = Publisher::builder(&args.url)
-        .connection_name("idem-bench-fill")
-        .tls(tls.clone())
-        .connect()
-        .await?;
-    let admin = idem_amqp::connect_tls(&args.url, "idem-bench-admin", &tls).await?;
-    let ch = admin.create_channel().await?;
+    let broker = args.broker().await?;
+    let ch = &broker.ch;
     let mut report = Report::new("amqp-noop", args.messages, args.prefetch);
     for round in 0..args.rounds.max(1) {
         for side in [Side::Idem, Side::Baseline, Side::BestCase] {
             let topo = Topology::new(format!("idem-bench-{}", uuid::Uuid::new_v4().simple()));
-            topo.declare_on(&ch).await?;
-            fill(&publisher, topo.queue(), args.messages).await?;
+            topo.declare_on(ch).await?;
+            fill(&broker.publisher, topo.queue(), args.messages).await?;
             let cpu = crate::cpu::Sample::now();
             let result = match side {
                 Side::Idem | Side::Batch => run_idem(&args, &topo).await,
@@ -125,14 +176,13 @@ pub(crate) async fn run(args: ConsumerArgs) -> Result<Report, BoxError> {
                 Side::BestCase => run_best_case(&args, topo.queue()).await,
             };
             let used = cpu.per_message(args.messages);
-            topo.delete_on(&ch).await?;
+            topo.delete_on(ch).await?;
             let elapsed = result?;
             report.record(round, side, elapsed);
             report.record_cpu(side, used);
         }
     }
-    publisher.close().await;
-    let _ = admin.close(200, "bye".into()).await;
+    broker.close().await;
     Ok(report)
 }
 
@@ -196,26 +246,22 @@ impl Clock {
     }
 }
 
-async fn run_idem(args: &ConsumerArgs, topo: &Topology) -> Result<Duration, BoxError> {
-    let clock = Clock::new(args.messages);
+/// An at-least-once consumer `name` whose handler does nothing but start `clock`.
+pub(crate) fn noop_consumer(name: &str, clock: &Arc<Clock>) -> Result<Consumer, BoxError> {
     let c = clock.clone();
-    let consumer = Consumer::builder("idem-bench-noop")
+    Ok(Consumer::builder(name)
         .mode(DeliveryMode::AtLeastOnce)
         .handler(move || {
             c.started();
             async {}
-        })?;
-    let c = clock.clone();
-    let worker = Worker::builder(&args.url, topo.clone(), consumer)
-        .tls(args.tls()?)
-        .prefetch(args.prefetch)
-        .connection_name("idem-bench-idem")
-        .on_settle(move |_| c.settled())
-        .build()?;
-    let running = worker.spawn();
-    let elapsed = clock.wait().await;
-    running.shutdown_and_join().await?;
-    elapsed
+        })?)
+}
+
+async fn run_idem(args: &ConsumerArgs, topo: &Topology) -> Result<Duration, BoxError> {
+    let clock = Clock::new(args.messages);
+    let consumer = noop_consumer("idem-bench-noop", &clock)?;
+    args.run_worker(topo, consumer, clock, "idem-bench-idem", |w| w)
+        .await
 }
 
 async fn run_baseline(args: &ConsumerArgs, queue: &str) -> Result<Duration, BoxError> {

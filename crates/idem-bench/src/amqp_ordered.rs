@@ -16,11 +16,11 @@
 use std::time::Duration;
 
 use idem_amqp::ordered::Ordering;
-use idem_amqp::{Publisher, Topology, Worker};
+use idem_amqp::{Publisher, Topology, WorkerBuilder};
 use idem_core::dedup::HeaderKey;
-use idem_core::{Consumer, DeliveryMode, Message};
+use idem_core::Message;
 
-use crate::amqp_noop::{Clock, NoopArgs};
+use crate::amqp_noop::{noop_consumer, Clock, NoopArgs};
 use crate::cpu::{PerMessage, Sample};
 use crate::report::{median, Spread};
 
@@ -52,14 +52,8 @@ impl Variant {
 /// Runs the rounds and prints the table.
 pub(crate) async fn run(args: NoopArgs) -> Result<(), BoxError> {
     let base = &args.base;
-    let tls = base.tls()?;
-    let publisher = Publisher::builder(&base.url)
-        .connection_name("idem-bench-fill")
-        .tls(tls.clone())
-        .connect()
-        .await?;
-    let admin = idem_amqp::connect_tls(&base.url, "idem-bench-admin", &tls).await?;
-    let ch = admin.create_channel().await?;
+    let broker = base.broker().await?;
+    let ch = &broker.ch;
     let mut variants = vec![Variant::Unordered, Variant::PerDeliveryAcks];
     variants.extend(args.keys.iter().map(|k| Variant::Ordered((*k).max(1))));
     let keys_max = args.keys.iter().copied().max().unwrap_or(1).max(1);
@@ -69,16 +63,16 @@ pub(crate) async fn run(args: NoopArgs) -> Result<(), BoxError> {
     for round in 0..base.rounds.max(1) {
         for (i, variant) in variants.iter().enumerate() {
             let topo = Topology::new(format!("idem-bench-{}", uuid::Uuid::new_v4().simple()));
-            topo.declare_on(&ch).await?;
+            topo.declare_on(ch).await?;
             let keys = match variant {
                 Variant::Ordered(k) | Variant::OrderedCoalesced(k) => *k,
                 _ => keys_max,
             };
-            fill_keyed(&publisher, topo.queue(), base.messages, keys).await?;
+            fill_keyed(&broker.publisher, topo.queue(), base.messages, keys).await?;
             let sample = Sample::now();
             let result = run_variant(&args, &topo, *variant).await;
             let used = sample.per_message(base.messages);
-            topo.delete_on(&ch).await?;
+            topo.delete_on(ch).await?;
             let elapsed = result?;
             let rate = base.messages as f64 / elapsed.as_secs_f64();
             eprintln!("round {round} {}: {rate:.0} msgs/s", variant.label());
@@ -86,8 +80,7 @@ pub(crate) async fn run(args: NoopArgs) -> Result<(), BoxError> {
             cpu[i].push(used);
         }
     }
-    publisher.close().await;
-    let _ = admin.close(200, "bye".into()).await;
+    broker.close().await;
     println!("{}", table(&args, &variants, &rates, &cpu));
     Ok(())
 }
@@ -134,20 +127,8 @@ async fn run_variant(
 ) -> Result<Duration, BoxError> {
     let base = &args.base;
     let clock = Clock::new(base.messages);
-    let c = clock.clone();
-    let consumer = Consumer::builder("idem-bench-ordered")
-        .mode(DeliveryMode::AtLeastOnce)
-        .handler(move || {
-            c.started();
-            async {}
-        })?;
-    let c = clock.clone();
-    let mut worker = Worker::builder(&base.url, topo.clone(), consumer)
-        .tls(base.tls()?)
-        .prefetch(base.prefetch)
-        .connection_name("idem-bench-ordered")
-        .on_settle(move |_| c.settled());
-    worker = match variant {
+    let consumer = noop_consumer("idem-bench-ordered", &clock)?;
+    let configure = |worker: WorkerBuilder| match variant {
         Variant::Unordered => worker,
         Variant::PerDeliveryAcks => worker.coalesce_acks(false),
         Variant::Ordered(_) => worker.ordered(Ordering::by(HeaderKey::new(KEY_HEADER))),
@@ -155,10 +136,8 @@ async fn run_variant(
             worker.ordered(Ordering::by(HeaderKey::new(KEY_HEADER)).coalesce_acks(true))
         }
     };
-    let running = worker.build()?.spawn();
-    let elapsed = clock.wait().await;
-    running.shutdown_and_join().await?;
-    elapsed
+    base.run_worker(topo, consumer, clock, "idem-bench-ordered", configure)
+        .await
 }
 
 /// Fills `queue` with `n` persistent 256-byte messages, message `i` of key `i % keys`.

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use idem_amqp::{Publisher, Topology, Worker};
+use idem_amqp::Topology;
 use idem_core::batch::Batch;
 use idem_core::{Consumer, IdempotencyKey, State};
 use idem_sql::{PgInbox, Tx};
@@ -47,14 +47,9 @@ pub(crate) enum Store {
 pub(crate) struct Args {
     #[command(flatten)]
     pub(crate) base: crate::amqp_noop::ConsumerArgs,
-    /// Redis URL (amqp-redis).
-    #[arg(
-        long,
-        env = "REDIS_URL",
-        hide_env_values = true,
-        default_value = "redis://127.0.0.1:6379"
-    )]
-    redis_url: String,
+    // --redis-url, for amqp-redis.
+    #[command(flatten)]
+    redis: crate::urls::RedisUrl,
     /// PostgreSQL URL (amqp-postgres).
     #[arg(
         long,
@@ -83,13 +78,8 @@ pub(crate) async fn run(store: Store, args: Args) -> Result<Report, BoxError> {
         return Err("--batch-bulk is for amqp-postgres only".into());
     }
     let tls = args.base.tls()?;
-    let publisher = Publisher::builder(&args.base.url)
-        .connection_name("idem-bench-fill")
-        .tls(tls.clone())
-        .connect()
-        .await?;
-    let admin = idem_amqp::connect_tls(&args.base.url, "idem-bench-admin", &tls).await?;
-    let ch = admin.create_channel().await?;
+    let broker = args.base.broker().await?;
+    let ch = &broker.ch;
     let pool = match store {
         Store::Postgres => Some(
             sqlx::postgres::PgPoolOptions::new()
@@ -117,8 +107,8 @@ pub(crate) async fn run(store: Store, args: Args) -> Result<Report, BoxError> {
         for &side in sides {
             let run_id = uuid::Uuid::new_v4().simple().to_string();
             let topo = Topology::new(format!("idem-bench-{run_id}"));
-            topo.declare_on(&ch).await?;
-            fill(&publisher, topo.queue(), args.base.messages).await?;
+            topo.declare_on(ch).await?;
+            fill(&broker.publisher, topo.queue(), args.base.messages).await?;
             let tables = format!("idem_bench_{}", &run_id[..12]);
             if let Some(pool) = &pool {
                 sqlx::query(&format!(
@@ -148,10 +138,15 @@ pub(crate) async fn run(store: Store, args: Args) -> Result<Report, BoxError> {
                 (Store::Postgres, _, None) => Err("no pool".into()),
             };
             let used = cpu.per_message(args.base.messages);
-            topo.delete_on(&ch).await?;
+            topo.delete_on(ch).await?;
             if store == Store::Redis {
                 // Both sides' keys: idem's `idem-bench-<run>:{..}` and the baseline's.
-                delete_keys(&args.redis_url, &tls, &format!("idem-bench-*{run_id}*")).await?;
+                delete_keys(
+                    &args.redis.redis_url,
+                    &tls,
+                    &format!("idem-bench-*{run_id}*"),
+                )
+                .await?;
             }
             if let Some(pool) = &pool {
                 for t in ["effects", "inbox", "inbox_starts", "dedup"] {
@@ -165,8 +160,7 @@ pub(crate) async fn run(store: Store, args: Args) -> Result<Report, BoxError> {
             report.record_cpu(side, used);
         }
     }
-    publisher.close().await;
-    let _ = admin.close(200, "bye".into()).await;
+    broker.close().await;
     Ok(report)
 }
 
@@ -225,25 +219,22 @@ async fn run_worker(
     consumer: Consumer,
     clock: Arc<Clock>,
 ) -> Result<Duration, BoxError> {
-    let c = clock.clone();
-    let worker = Worker::builder(&args.base.url, topo.clone(), consumer)
-        .tls(args.base.tls()?)
-        .prefetch(args.base.prefetch)
-        .connection_name("idem-bench-idem")
-        .on_settle(move |_| c.settled())
-        .build()?;
-    let running = worker.spawn();
-    let elapsed = clock.wait().await;
-    running.shutdown_and_join().await?;
-    elapsed
+    args.base
+        .run_worker(topo, consumer, clock, "idem-bench-idem", |w| w)
+        .await
 }
 
-async fn run_idem_redis(args: &Args, topo: &Topology, run_id: &str) -> Result<Duration, BoxError> {
-    let store = idem_redis::RedisStore::builder(&args.redis_url)
+/// The Redis store of a run's idem sides, its keys under `idem-bench-<run_id>`.
+async fn redis_store(args: &Args, run_id: &str) -> Result<idem_redis::RedisStore, BoxError> {
+    Ok(idem_redis::RedisStore::builder(&args.redis.redis_url)
         .tls(args.base.tls()?)
         .prefix(format!("idem-bench-{run_id}"))
         .connect()
-        .await?;
+        .await?)
+}
+
+async fn run_idem_redis(args: &Args, topo: &Topology, run_id: &str) -> Result<Duration, BoxError> {
+    let store = redis_store(args, run_id).await?;
     let clock = Clock::new(args.base.messages);
     let c = clock.clone();
     let consumer = Consumer::builder("idem-bench-redis")
@@ -263,11 +254,7 @@ async fn run_batch_redis(
     run_id: &str,
     size: usize,
 ) -> Result<Duration, BoxError> {
-    let store = idem_redis::RedisStore::builder(&args.redis_url)
-        .tls(args.base.tls()?)
-        .prefix(format!("idem-bench-{run_id}"))
-        .connect()
-        .await?;
+    let store = redis_store(args, run_id).await?;
     let clock = Clock::new(args.base.messages);
     let c = clock.clone();
     let consumer = Consumer::builder("idem-bench-redis-batch")
@@ -282,7 +269,7 @@ async fn run_batch_redis(
 }
 
 async fn run_baseline_redis(args: &Args, queue: &str, run_id: &str) -> Result<Duration, BoxError> {
-    let client = redis_client(&args.redis_url, &args.base.tls()?)?;
+    let client = redis_client(&args.redis.redis_url, &args.base.tls()?)?;
     let redis = redis::aio::ConnectionManager::new(client).await?;
     let prefix = Arc::new(format!("idem-bench-base-{run_id}"));
     baseline(args, queue, move |id| {
@@ -318,14 +305,20 @@ async fn effect(
     Ok(())
 }
 
+/// The inbox of a run's idem sides, table `<tables>_inbox`, its schema created.
+async fn pg_inbox(pool: &PgPool, tables: &str) -> Result<PgInbox, BoxError> {
+    let inbox = PgInbox::new(pool.clone()).try_table(&format!("{tables}_inbox"))?;
+    inbox.ensure_schema().await?;
+    Ok(inbox)
+}
+
 async fn run_idem_pg(
     args: &Args,
     topo: &Topology,
     pool: &PgPool,
     tables: &str,
 ) -> Result<Duration, BoxError> {
-    let inbox = PgInbox::new(pool.clone()).try_table(&format!("{tables}_inbox"))?;
-    inbox.ensure_schema().await?;
+    let inbox = pg_inbox(pool, tables).await?;
     let clock = Clock::new(args.base.messages);
     let c = clock.clone();
     let consumer = Consumer::builder("idem-bench-pg")
@@ -382,8 +375,7 @@ async fn run_batch_pg(
     tables: &str,
     size: usize,
 ) -> Result<Duration, BoxError> {
-    let inbox = PgInbox::new(pool.clone()).try_table(&format!("{tables}_inbox"))?;
-    inbox.ensure_schema().await?;
+    let inbox = pg_inbox(pool, tables).await?;
     let clock = Clock::new(args.base.messages);
     let c = clock.clone();
     let builder = Consumer::builder("idem-bench-pg-batch")

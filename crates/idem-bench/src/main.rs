@@ -33,6 +33,7 @@ mod publish;
 mod report;
 mod soak;
 mod sweep;
+mod urls;
 
 use clap::{Parser, Subcommand};
 

@@ -31,9 +31,8 @@ pub(crate) struct Args {
     /// Rounds; each round runs idem then the baseline.
     #[arg(long, default_value_t = 5)]
     pub(crate) rounds: u32,
-    /// Broker URL (default amqp://guest:***@127.0.0.1:5672/%2f; passwords are not printed).
-    #[arg(long, env = "AMQP_URL", hide_env_values = true, default_value = idem_amqp::DEFAULT_AMQP_URL, hide_default_value = true)]
-    url: String,
+    #[command(flatten)]
+    amqp: crate::urls::AmqpUrl,
     /// PostgreSQL URL.
     #[arg(
         long,
@@ -49,7 +48,7 @@ pub(crate) async fn run(args: Args) -> Result<Report, BoxError> {
         .max_connections(4)
         .connect(&args.database_url)
         .await?;
-    let admin = idem_amqp::connect(&args.url, "idem-bench-admin").await?;
+    let admin = idem_amqp::connect(&args.amqp.url, "idem-bench-admin").await?;
     let ch = admin.create_channel().await?;
     let mut report = Report::new("outbox-relay", args.messages, 0);
     for round in 0..args.rounds.max(1) {
@@ -67,7 +66,7 @@ pub(crate) async fn run(args: Args) -> Result<Report, BoxError> {
             fill(&pool, &outbox, &queue, args.messages).await?;
             let cpu = crate::cpu::Sample::now();
             let result: Result<(Duration, u64), BoxError> = if idem {
-                let relay = Relay::builder(pool.clone(), outbox.clone(), args.url.clone())
+                let relay = Relay::builder(pool.clone(), outbox.clone(), args.amqp.url.clone())
                     .batch_size(args.batch)
                     .build();
                 let start = Instant::now();
@@ -118,7 +117,7 @@ async fn baseline(
     outbox: &Outbox,
     args: &Args,
 ) -> Result<(Duration, u64), BoxError> {
-    let conn = idem_amqp::connect(&args.url, "idem-bench-baseline").await?;
+    let conn = idem_amqp::connect(&args.amqp.url, "idem-bench-baseline").await?;
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let t = outbox.table_name();

@@ -43,21 +43,20 @@ pub(crate) struct Args {
     /// Rounds; each round runs idem then the baseline.
     #[arg(long, default_value_t = 5)]
     pub(crate) rounds: u32,
-    /// Broker URL (default amqp://guest:***@127.0.0.1:5672/%2f; passwords are not printed).
-    #[arg(long, env = "AMQP_URL", hide_env_values = true, default_value = idem_amqp::DEFAULT_AMQP_URL, hide_default_value = true)]
-    url: String,
+    #[command(flatten)]
+    amqp: crate::urls::AmqpUrl,
 }
 
 pub(crate) async fn run(args: Args) -> Result<Report, BoxError> {
     let window = args.max_in_flight.max(1);
-    let admin = idem_amqp::connect(&args.url, "idem-bench-admin").await?;
+    let admin = idem_amqp::connect(&args.amqp.url, "idem-bench-admin").await?;
     let ch = admin.create_channel().await?;
-    let publisher = Publisher::builder(args.url.as_str())
+    let publisher = Publisher::builder(args.amqp.url.as_str())
         .connection_name("idem-bench-publish-idem")
         .max_in_flight(window)
         .connect()
         .await?;
-    let conn = idem_amqp::connect(&args.url, "idem-bench-publish-baseline").await?;
+    let conn = idem_amqp::connect(&args.amqp.url, "idem-bench-publish-baseline").await?;
     let base = conn.create_channel().await?;
     base.confirm_select(ConfirmSelectOptions::default()).await?;
     let body = bytes::Bytes::from(vec![b'x'; args.size]);

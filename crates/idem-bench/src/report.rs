@@ -163,31 +163,44 @@ impl fmt::Display for Num {
     }
 }
 
+/// The JSON fields `,"<name>":<median>,"<name>_min":<min>,"<name>_max":<max>` of a
+/// spread of ratios (3 decimals).
+struct RatioFields(&'static str, Spread);
+
+impl fmt::Display for RatioFields {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let RatioFields(name, s) = self;
+        write!(
+            f,
+            r#","{name}":{},"{name}_min":{},"{name}_max":{}"#,
+            Num(s.median, 3),
+            Num(s.min, 3),
+            Num(s.max, 3),
+        )
+    }
+}
+
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ratio = Spread::of(&ratios(&self.idem, &self.baseline));
         write!(
             f,
-            r#"{{"scenario":"{}","messages":{},"prefetch":{},"rounds":{},"msgs_per_s":{},"baseline_msgs_per_s":{},"ratio":{},"ratio_min":{},"ratio_max":{}"#,
+            r#"{{"scenario":"{}","messages":{},"prefetch":{},"rounds":{},"msgs_per_s":{},"baseline_msgs_per_s":{}{}"#,
             self.scenario,
             self.messages,
             self.prefetch,
             self.idem.len().min(self.baseline.len()),
             Num(median(&self.idem), 0),
             Num(median(&self.baseline), 0),
-            Num(ratio.median, 3),
-            Num(ratio.min, 3),
-            Num(ratio.max, 3),
+            RatioFields("ratio", ratio),
         )?;
         if !self.best_case.is_empty() {
             let best = Spread::of(&ratios(&self.idem, &self.best_case));
             write!(
                 f,
-                r#","best_case_baseline_msgs_per_s":{},"best_case_ratio":{},"best_case_ratio_min":{},"best_case_ratio_max":{}"#,
+                r#","best_case_baseline_msgs_per_s":{}{}"#,
                 Num(median(&self.best_case), 0),
-                Num(best.median, 3),
-                Num(best.min, 3),
-                Num(best.max, 3),
+                RatioFields("best_case_ratio", best),
             )?;
         }
         if !self.batch.is_empty() {
@@ -195,16 +208,12 @@ impl fmt::Display for Report {
             let base = Spread::of(&ratios(&self.batch, &self.baseline));
             write!(
                 f,
-                r#","batch_size":{},"batch_mode":"{}","batch_msgs_per_s":{},"batch_vs_per_message":{},"batch_vs_per_message_min":{},"batch_vs_per_message_max":{},"batch_vs_baseline":{},"batch_vs_baseline_min":{},"batch_vs_baseline_max":{}"#,
+                r#","batch_size":{},"batch_mode":"{}","batch_msgs_per_s":{}{}{}"#,
                 self.batch_size.unwrap_or(0),
                 self.batch_mode,
                 Num(median(&self.batch), 0),
-                Num(per.median, 3),
-                Num(per.min, 3),
-                Num(per.max, 3),
-                Num(base.median, 3),
-                Num(base.min, 3),
-                Num(base.max, 3),
+                RatioFields("batch_vs_per_message", per),
+                RatioFields("batch_vs_baseline", base),
             )?;
         }
         if !self.cpu.is_empty() {
@@ -264,18 +273,9 @@ mod tests {
 
     #[test]
     fn json_line_keeps_its_fields_and_adds_the_spread() {
-        let r = Report {
-            scenario: "x",
-            messages: 10,
-            prefetch: 5,
-            idem: vec![90.0, 100.0, 80.0],
-            baseline: vec![100.0, 100.0, 100.0],
-            best_case: Vec::new(),
-            batch: Vec::new(),
-            batch_size: None,
-            batch_mode: "each",
-            cpu: Vec::new(),
-        };
+        let mut r = Report::new("x", 10, 5);
+        r.idem = vec![90.0, 100.0, 80.0];
+        r.baseline = vec![100.0, 100.0, 100.0];
         assert_eq!(
             r.to_string(),
             r#"{"scenario":"x","messages":10,"prefetch":5,"rounds":3,"msgs_per_s":90,"baseline_msgs_per_s":100,"ratio":0.900,"ratio_min":0.800,"ratio_max":1.000}"#
@@ -324,18 +324,10 @@ mod tests {
 
     #[test]
     fn json_line_of_amqp_noop_has_the_best_case_fields() {
-        let r = Report {
-            scenario: "amqp-noop",
-            messages: 10,
-            prefetch: 5,
-            idem: vec![120.0, 100.0, 150.0, 90.0, 100.0],
-            baseline: vec![100.0, 100.0, 100.0, 100.0, 50.0],
-            best_case: vec![200.0, 200.0, 100.0, 300.0, 200.0],
-            batch: Vec::new(),
-            batch_size: None,
-            batch_mode: "each",
-            cpu: Vec::new(),
-        };
+        let mut r = Report::new("amqp-noop", 10, 5);
+        r.idem = vec![120.0, 100.0, 150.0, 90.0, 100.0];
+        r.baseline = vec![100.0, 100.0, 100.0, 100.0, 50.0];
+        r.best_case = vec![200.0, 200.0, 100.0, 300.0, 200.0];
         // Per-round ratios: baseline 1.2 1 1.5 0.9 2; best case 0.6 0.5 1.5 0.3 0.5.
         assert_eq!(
             r.to_string(),

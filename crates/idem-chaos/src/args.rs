@@ -69,9 +69,8 @@ pub(crate) struct RunArgs {
     /// Worker processes.
     #[arg(long, default_value_t = 3)]
     pub(crate) workers: u32,
-    /// Prefetch (and concurrency) of each worker.
-    #[arg(long, default_value_t = 10)]
-    pub(crate) prefetch: u16,
+    #[command(flatten)]
+    pub(crate) consume: ConsumeArgs,
     /// Share of poison messages (invalid payload), in percent.
     #[arg(long, default_value_t = 2.0)]
     pub(crate) poison_percent: f64,
@@ -92,10 +91,6 @@ pub(crate) struct RunArgs {
     /// its armed worker.
     #[arg(long, default_value_t = 0.02)]
     pub(crate) savepoint_failpoint_p: f64,
-    /// Workers consume with a batch handler of this many messages (each message in its
-    /// savepoint on the PostgreSQL inbox); raise `--prefetch` to at least this.
-    #[arg(long)]
-    pub(crate) batch: Option<usize>,
     /// Keep the run's tables, queues, Redis keys and worker logs.
     #[arg(long)]
     pub(crate) keep: bool,
@@ -104,12 +99,6 @@ pub(crate) struct RunArgs {
     /// running in the controller, instead of the publisher.
     #[arg(long)]
     pub(crate) outbox: bool,
-    /// store=postgres: the handler also enqueues one follow-up message per applied
-    /// effect through the consumer outbox (`Outbox::enqueue_follow_up` on the inbox
-    /// transaction, table `chaos_followups_<run>`); the verifier then checks that
-    /// every effect has exactly its one follow-up, under its derived id, and no other.
-    #[arg(long)]
-    pub(crate) follow_ups: bool,
     /// Publish at most this many messages per second (0: as fast as confirms allow),
     /// so the publisher and the relay are still at work when faults are injected.
     #[arg(long, default_value_t = 0)]
@@ -134,11 +123,49 @@ pub(crate) struct RunArgs {
     /// Messages per key (with `--keys`).
     #[arg(long, default_value_t = 50)]
     pub(crate) per_key: u64,
-    /// The workers consume in per-key lanes (`WorkerBuilder::ordered`) from a
-    /// single-active-consumer queue; a run with `reordered>0` fails. Needs `--keys`.
+}
+
+/// How every worker consumes: the controller parses these flags and hands them, the
+/// same, to each worker process it starts ([`ConsumeArgs::worker_flags`]).
+#[derive(clap::Args, Clone, Debug)]
+pub(crate) struct ConsumeArgs {
+    /// Prefetch (and concurrency) of each worker.
+    #[arg(long, default_value_t = 10)]
+    pub(crate) prefetch: u16,
+    /// Workers consume with a batch handler of this many messages (each message in its
+    /// savepoint on the PostgreSQL inbox); raise `--prefetch` to at least this.
+    #[arg(long)]
+    pub(crate) batch: Option<usize>,
+    /// store=postgres: the handler also enqueues one follow-up message per applied
+    /// effect through the consumer outbox (`Outbox::enqueue_follow_up` on the inbox
+    /// transaction, table `chaos_followups_<run>`); the verifier then checks that
+    /// every effect has exactly its one follow-up, under its derived id, and no other.
+    #[arg(long)]
+    pub(crate) follow_ups: bool,
+    /// The workers consume in per-key lanes (`WorkerBuilder::ordered`, header
+    /// `x-chaos-key`) from a single-active-consumer queue; a run with `reordered>0`
+    /// fails. Needs `--keys`.
     #[arg(long)]
     pub(crate) ordered: bool,
     /// Share of handler calls that fail transiently (before the effect), in percent.
     #[arg(long, default_value_t = 0.0)]
     pub(crate) transient_percent: f64,
+}
+
+impl ConsumeArgs {
+    /// These settings as the command-line flags of a worker process.
+    pub(crate) fn worker_flags(&self) -> Vec<String> {
+        let mut flags = vec![
+            "--prefetch".to_owned(),
+            self.prefetch.to_string(),
+            "--transient-percent".to_owned(),
+            self.transient_percent.to_string(),
+        ];
+        flags.extend(self.follow_ups.then(|| "--follow-ups".to_owned()));
+        flags.extend(self.ordered.then(|| "--ordered".to_owned()));
+        if let Some(n) = self.batch {
+            flags.extend(["--batch".to_owned(), n.to_string()]);
+        }
+        flags
+    }
 }

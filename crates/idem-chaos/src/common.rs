@@ -200,25 +200,16 @@ pub(crate) async fn pg_pool(
     application_name: &str,
     max: u32,
 ) -> Result<PgPool, BoxError> {
-    let opts: PgConnectOptions = url.parse().map_err(|e| {
-        format!(
-            "invalid DATABASE_URL {}: {e}",
-            idem_core::redact::redact_url(url)
-        )
-    })?;
+    let opts: PgConnectOptions = url
+        .parse()
+        .map_err(|e| invalid_url("DATABASE_URL", url, e))?;
     PgPoolOptions::new()
         .max_connections(max)
         .min_connections(0)
         .acquire_timeout(Duration::from_secs(10))
         .connect_with(opts.application_name(application_name))
         .await
-        .map_err(|e| {
-            format!(
-                "PostgreSQL not reachable at {} ({e}): is PostgreSQL running? see the README section \"Running the tests\", or set DATABASE_URL",
-                idem_core::redact::redact_url(url)
-            )
-            .into()
-        })
+        .map_err(|e| not_reachable("PostgreSQL", "DATABASE_URL", url, e))
 }
 
 /// A connection to the first broker node that answers.
@@ -235,25 +226,29 @@ pub(crate) async fn rabbit(name: &str) -> Result<lapin::Connection, BoxError> {
 }
 
 pub(crate) async fn redis_conn(url: &str) -> Result<redis::aio::ConnectionManager, BoxError> {
-    let client = redis::Client::open(url).map_err(|e| {
-        format!(
-            "invalid REDIS_URL {}: {e}",
-            idem_core::redact::redact_url(url)
-        )
-    })?;
+    let client = redis::Client::open(url).map_err(|e| invalid_url("REDIS_URL", url, e))?;
     let config = redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(2)))
         .set_response_timeout(Some(Duration::from_secs(5)))
         .set_number_of_retries(3);
     redis::aio::ConnectionManager::new_with_config(client, config)
         .await
-        .map_err(|e| {
-            format!(
-                "Redis not reachable at {} ({e}): is Redis running? see the README section \"Running the tests\", or set REDIS_URL",
-                idem_core::redact::redact_url(url)
-            )
-            .into()
-        })
+        .map_err(|e| not_reachable("Redis", "REDIS_URL", url, e))
+}
+
+/// The error for a `url` (from `var`) that does not parse; the password redacted.
+fn invalid_url(var: &str, url: &str, e: impl std::fmt::Display) -> BoxError {
+    format!("invalid {var} {}: {e}", idem_core::redact::redact_url(url)).into()
+}
+
+/// The error for a `service` that does not answer at `url` (from `var`): what to
+/// start, where to read, what to set. The password redacted.
+fn not_reachable(service: &str, var: &str, url: &str, e: impl std::fmt::Display) -> BoxError {
+    format!(
+        "{service} not reachable at {} ({e}): is {service} running? see the README section \"Running the tests\", or set {var}",
+        idem_core::redact::redact_url(url)
+    )
+    .into()
 }
 
 /// Deletes every key of the node behind `conn` that matches `pattern` (a SCAN pattern)

@@ -27,7 +27,7 @@ enum Event {
 }
 
 pub(crate) async fn run(mut args: RunArgs) -> Result<bool, BoxError> {
-    if args.ordered && args.keys == 0 {
+    if args.consume.ordered && args.keys == 0 {
         return Err("--ordered needs --keys".into());
     }
     if args.keys > 0 && args.outbox {
@@ -53,7 +53,7 @@ pub(crate) async fn run(mut args: RunArgs) -> Result<bool, BoxError> {
         }
         f
     });
-    if args.follow_ups && args.store != Store::Postgres {
+    if args.consume.follow_ups && args.store != Store::Postgres {
         return Err("--follow-ups needs --store postgres: the consumer outbox writes through the inbox transaction".into());
     }
     let single_node_only = [Fault::RedisKill, Fault::RedisRestart, Fault::BrokerRestart];
@@ -100,7 +100,7 @@ pub(crate) async fn run(mut args: RunArgs) -> Result<bool, BoxError> {
         admin.redis = Some(common::redis_conn(&common::redis_url()).await?);
     }
     create_tables(&admin.pg, &names, args.outbox).await?;
-    let topology = common::topology_for(&names.queue(), args.ordered);
+    let topology = common::topology_for(&names.queue(), args.consume.ordered);
     {
         let ch = admin.channel().await?;
         topology.declare_on(&ch).await?;
@@ -122,7 +122,7 @@ pub(crate) async fn run(mut args: RunArgs) -> Result<bool, BoxError> {
         &fleet,
         args.store,
         &windows,
-        args.follow_ups,
+        args.consume.follow_ups,
         args.keys,
     )
     .await;
@@ -147,7 +147,7 @@ pub(crate) async fn run(mut args: RunArgs) -> Result<bool, BoxError> {
         && totals.verdict.dead_lettered == totals.poison
         && totals.verdict.dlq_foreign == 0
         && totals.verdict.poison_applied == 0
-        && (!args.ordered || totals.reordered == Some(0))
+        && (!args.consume.ordered || totals.reordered == Some(0))
         && totals.follow_ups.as_ref().is_none_or(FollowUps::exact);
     if args.keep {
         println!(
@@ -213,7 +213,11 @@ pub(crate) async fn run(mut args: RunArgs) -> Result<bool, BoxError> {
     if let Some(reordered) = totals.reordered {
         println!(
             "chaos: ordered={} keys={} per_key={} lost={} duplicates={} reordered={reordered}",
-            args.ordered, args.keys, args.per_key, totals.verdict.lost, totals.verdict.duplicates,
+            args.consume.ordered,
+            args.keys,
+            args.per_key,
+            totals.verdict.lost,
+            totals.verdict.duplicates,
         );
     }
     Ok(ok)
@@ -253,19 +257,16 @@ async fn drive(
         exe: std::env::current_exe()?,
         names: names.clone(),
         store: args.store,
-        prefetch: args.prefetch,
         log_dir: log_dir.to_owned(),
         procs: Vec::new(),
         generation: 0,
         failpoints: faults.contains(&Fault::Failpoints),
-        follow_ups: args.follow_ups,
-        ordering: (args.ordered, args.transient_percent),
+        consume: args.consume.clone(),
         failpoint_p: [
             args.commit_failpoint_p,
             args.retry_failpoint_p,
             args.savepoint_failpoint_p,
         ],
-        batch: args.batch,
         dead: HashSet::new(),
         aborts: HashMap::new(),
         kills: 0,

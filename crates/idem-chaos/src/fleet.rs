@@ -10,6 +10,7 @@ use std::time::Duration;
 use idem_amqp::failpoints::{AFTER_COMMIT_BEFORE_ACK, AFTER_RETRY_PUBLISH_BEFORE_ACK};
 use tokio::process::{Child, ChildStdin, Command};
 
+use crate::args::ConsumeArgs;
 use crate::common::{BoxError, Names, Store};
 
 /// The crash points armed on workers 0, 1 and (with `--batch`) 2 (small
@@ -34,20 +35,15 @@ pub(crate) struct Fleet {
     pub(crate) exe: PathBuf,
     pub(crate) names: Names,
     pub(crate) store: Store,
-    pub(crate) prefetch: u16,
     pub(crate) log_dir: PathBuf,
     pub(crate) procs: Vec<WorkerProc>,
     pub(crate) generation: u32,
     pub(crate) failpoints: bool,
-    /// Workers enqueue a follow-up per effect (`worker --follow-ups`).
-    pub(crate) follow_ups: bool,
-    /// Workers consume ordered (`worker --ordered`); share of handler calls failing
-    /// transiently (`worker --transient-percent`).
-    pub(crate) ordering: (bool, f64),
+    /// How the workers consume (their prefetch, batch, follow-ups, ordering and
+    /// transient failures), passed to each one.
+    pub(crate) consume: ConsumeArgs,
     /// Probability of each of [`FAILPOINTS`].
     pub(crate) failpoint_p: [f64; 3],
-    /// Workers run a batch handler of this many messages (`worker --batch`).
-    pub(crate) batch: Option<usize>,
     /// Names of workers that died (SIGKILL, crash point, anything else).
     pub(crate) dead: HashSet<String>,
     pub(crate) aborts: HashMap<&'static str, u32>,
@@ -64,7 +60,7 @@ impl Fleet {
         }
         let point = *FAILPOINTS.get(slot)?;
         // The savepoint crash point is inside a batch handler only.
-        if point == crate::worker::BETWEEN_SAVEPOINTS && self.batch.is_none() {
+        if point == crate::worker::BETWEEN_SAVEPOINTS && self.consume.batch.is_none() {
             return None;
         }
         let fired = self.aborts.get(point).copied().unwrap_or(0);
@@ -80,15 +76,7 @@ impl Fleet {
         cmd.arg("worker")
             .args(["--run", &self.names.run, "--name", &name])
             .args(["--store", self.store.as_str()])
-            .args(["--prefetch", &self.prefetch.to_string()])
-            .args(self.follow_ups.then_some("--follow-ups"))
-            .args(self.ordering.0.then_some("--ordered"))
-            .args(["--transient-percent", &self.ordering.1.to_string()])
-            .args(
-                self.batch
-                    .iter()
-                    .flat_map(|n| ["--batch".to_owned(), n.to_string()]),
-            )
+            .args(self.consume.worker_flags())
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))

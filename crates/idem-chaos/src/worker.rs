@@ -38,26 +38,12 @@ pub(crate) struct WorkerArgs {
     /// The dedup store.
     #[arg(long, value_enum)]
     pub(crate) store: Store,
-    /// Prefetch (and concurrency).
-    #[arg(long, default_value_t = 10)]
-    pub(crate) prefetch: u16,
     /// On the cluster (`AMQP_CLUSTER_URL`, this worker's preferred node first).
     #[arg(long)]
     pub(crate) cluster: bool,
-    /// store=postgres: enqueue a follow-up per applied effect through the consumer
-    /// outbox (table `chaos_followups_<run>`).
-    #[arg(long)]
-    pub(crate) follow_ups: bool,
-    /// Consume in per-key lanes (header `x-chaos-key`) from a single-active-consumer
-    /// queue.
-    #[arg(long)]
-    pub(crate) ordered: bool,
-    /// Share of handler calls that fail transiently before the effect, in percent.
-    #[arg(long, default_value_t = 0.0)]
-    pub(crate) transient_percent: f64,
-    /// Consume with a batch handler of this many messages.
-    #[arg(long)]
-    pub(crate) batch: Option<usize>,
+    /// How to consume: the controller's flags, passed on.
+    #[command(flatten)]
+    pub(crate) consume: crate::args::ConsumeArgs,
 }
 
 /// The crash point inside a batch: after one message's savepoint (its effect written
@@ -97,15 +83,21 @@ impl std::fmt::Display for BadPayload {
 impl std::error::Error for BadPayload {}
 
 impl Ctx {
-    /// Logs the invocation on its own autocommit connection, before any work.
-    async fn invoked(&self, key: &IdempotencyKey) -> Result<(), HandlerError> {
-        sqlx::query(&self.q.invocation)
+    /// Runs the log statement `sql` for `key` and this worker on the log pool's own
+    /// autocommit connection.
+    async fn log_row(&self, sql: &str, key: &IdempotencyKey) -> Result<(), HandlerError> {
+        sqlx::query(sql)
             .bind(key.as_str())
             .bind(&*self.worker)
             .execute(&self.log)
             .await
             .transient()?;
         Ok(())
+    }
+
+    /// Logs the invocation on its own autocommit connection, before any work.
+    async fn invoked(&self, key: &IdempotencyKey) -> Result<(), HandlerError> {
+        self.log_row(&self.q.invocation, key).await
     }
 
     /// Fails transiently in `transient_percent` of the calls.
@@ -121,13 +113,7 @@ impl Ctx {
     /// The effect was already there: record the attempt (it is what "applied twice"
     /// would have been without the unique constraint).
     async fn duplicate(&self, key: &IdempotencyKey) -> Result<(), HandlerError> {
-        sqlx::query(&self.q.dupe)
-            .bind(key.as_str())
-            .bind(&*self.worker)
-            .execute(&self.log)
-            .await
-            .transient()?;
-        Ok(())
+        self.log_row(&self.q.dupe, key).await
     }
 }
 
@@ -279,11 +265,11 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<(), BoxError> {
     }
     let names = Names::new(&args.run);
     let db = common::database_url();
-    let concurrency = u32::from(args.prefetch);
+    let concurrency = u32::from(args.consume.prefetch);
     // Each in-flight message holds an inbox connection; duplicates waiting hold one too.
     // A batch holds one for all its messages: a few batches run at once (more wait for
     // a connection, within the inbox's store timeout).
-    let connections = match args.batch {
+    let connections = match args.consume.batch {
         Some(_) => 12,
         None => concurrency + 2,
     };
@@ -308,10 +294,10 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<(), BoxError> {
             ),
         }),
         follow_ups: None,
-        transient_percent: args.transient_percent,
+        transient_percent: args.consume.transient_percent,
     };
     let mut ctx = ctx;
-    if args.follow_ups {
+    if args.consume.follow_ups {
         if args.store != Store::Postgres {
             return Err("--follow-ups needs --store postgres (the consumer outbox writes through the inbox transaction)".into());
         }
@@ -330,7 +316,7 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<(), BoxError> {
             let builder = builder
                 .dedup(inbox)
                 .handler_timeout(Duration::from_secs(30));
-            match args.batch {
+            match args.consume.batch {
                 Some(n) => builder
                     .batch_size(n)
                     .batch_handler_with_state(inbox_batch_handler, ctx)?,
@@ -353,7 +339,7 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<(), BoxError> {
                 .lease(LEASE)
                 .retention(Duration::from_secs(3600));
             let builder = builder.dedup(layer);
-            match args.batch {
+            match args.consume.batch {
                 // A batch's timeout covers all its messages: a batch cut off by it has
                 // applied some effects that a lease store cannot take back, and every
                 // message of it runs again. Each message's lease is extended while its
@@ -373,13 +359,13 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<(), BoxError> {
     };
     let mut worker = Worker::builder(
         common::amqp_url(),
-        common::topology_for(&names.queue(), args.ordered),
+        common::topology_for(&names.queue(), args.consume.ordered),
         consumer,
     )
-    .prefetch(args.prefetch)
+    .prefetch(args.consume.prefetch)
     .connection_name(&args.name)
     .shutdown_timeout(Duration::from_secs(10));
-    if args.ordered {
+    if args.consume.ordered {
         worker = worker.ordered(Ordering::by(HeaderKey::new(crate::produce::KEY_HEADER)));
     }
     let worker = worker.build()?;

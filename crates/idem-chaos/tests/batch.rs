@@ -7,10 +7,10 @@
 
 mod support;
 
-use support::{fields, run, summary};
+use support::run_chaos;
 
 fn check(store: &str, faults: &str) -> String {
-    let (status, last, report) = run(&[
+    let run = run_chaos(&[
         "--messages",
         "1500",
         "--kills",
@@ -32,20 +32,8 @@ fn check(store: &str, faults: &str) -> String {
         "--drain-timeout",
         "120",
     ]);
-    let f = summary(status, &last, &report);
-    let get = |k: &str| *f.get(k).unwrap_or_else(|| panic!("no {k} in {last:?}"));
-    assert_eq!(get("confirmed"), 1500, "{report}");
-    assert_eq!(get("lost"), 0, "{report}");
-    assert_eq!(get("duplicates"), 0, "{report}");
-    assert!(get("poison") > 0, "the run must include poison\n{report}");
-    assert_eq!(get("dead_lettered"), get("poison"), "{report}");
-    assert_eq!(
-        get("effects"),
-        get("confirmed") - get("poison"),
-        "one effect per confirmed valid message\n{report}"
-    );
-    assert_eq!(get("kills"), 2, "{report}");
-    report
+    run.assert_exactly_once_with_poison(1500, 2);
+    run.report
 }
 
 #[test]
@@ -69,7 +57,7 @@ fn batches_on_the_redis_lease_store_lose_nothing_and_apply_nothing_twice() {
 /// applied twice, every poison message dead-lettered.
 #[test]
 fn redis_batches_admitted_whole_survive_kills_and_transient_failures() {
-    let (status, last, report) = run(&[
+    let run = run_chaos(&[
         "--messages",
         "1500",
         "--kills",
@@ -89,17 +77,6 @@ fn redis_batches_admitted_whole_survive_kills_and_transient_failures() {
         "--drain-timeout",
         "120",
     ]);
-    assert!(status.success(), "idem-chaos failed ({status})\n{report}");
-    let f = fields(&last);
-    let get = |k: &str| {
-        *f.get(k)
-            .unwrap_or_else(|| panic!("no {k} in {last:?}\n{report}"))
-    };
-    assert_eq!(get("confirmed"), 1500, "{report}");
-    assert_eq!((get("lost"), get("duplicates")), (0, 0), "{report}");
-    assert!(get("poison") > 0, "the run must include poison\n{report}");
-    assert_eq!(get("dead_lettered"), get("poison"), "{report}");
-    assert_eq!(get("effects"), get("confirmed") - get("poison"), "{report}");
-    assert_eq!(get("kills"), 3, "{report}");
-    println!("{last}");
+    run.assert_exactly_once_with_poison(1500, 3);
+    println!("{}", run.last);
 }

@@ -4,7 +4,7 @@
 
 mod support;
 
-use support::{fields, run, summary};
+use support::{fields, run, run_chaos, Run};
 
 /// The control group: the same faults without any dedup. The checker must see the
 /// duplicates (the `after-commit-before-ack` crash point re-runs a handled message)
@@ -48,11 +48,12 @@ fn run_without_dedup_is_caught_applying_twice() {
     );
 }
 
-#[test]
-fn ci_sized_run_loses_nothing_and_applies_nothing_twice() {
-    let (status, last, report) = run(&[
+/// A run on the PostgreSQL inbox with 3 kills and 2 rounds of connection closes,
+/// `pg_terminate_backend` and crash points; `extra` arguments on top.
+fn postgres_run(messages: &str, extra: &[&str]) -> Run {
+    let mut args = vec![
         "--messages",
-        "2500",
+        messages,
         "--kills",
         "3",
         "--store",
@@ -63,72 +64,45 @@ fn ci_sized_run_loses_nothing_and_applies_nothing_twice() {
         "2",
         "--drain-timeout",
         "120",
-    ]);
-    let f = summary(status, &last, &report);
-    let get = |k: &str| *f.get(k).unwrap_or_else(|| panic!("no {k} in {last:?}"));
-    assert_eq!(get("published"), 2500, "{report}");
-    assert_eq!(
-        get("confirmed"),
-        2500,
-        "every publish is eventually confirmed\n{report}"
-    );
-    assert_eq!(get("lost"), 0, "{report}");
-    assert_eq!(get("duplicates"), 0, "{report}");
+    ];
+    args.extend_from_slice(extra);
+    run_chaos(&args)
+}
+
+#[test]
+fn ci_sized_run_loses_nothing_and_applies_nothing_twice() {
+    let run = postgres_run("2500", &[]);
+    run.assert_exactly_once_with_poison(2500, 3);
+    let report = &run.report;
+    assert_eq!(run.total("published"), 2500, "{report}");
     assert!(
-        get("poison") > 0,
-        "the run must include poison messages\n{report}"
-    );
-    assert_eq!(get("dead_lettered"), get("poison"), "{report}");
-    assert_eq!(
-        get("effects"),
-        get("confirmed") - get("poison"),
-        "one effect per confirmed valid message\n{report}"
-    );
-    assert!(
-        get("invocations") >= get("confirmed"),
+        run.total("invocations") >= run.total("confirmed"),
         "every message was run at least once\n{report}"
     );
-    assert_eq!(get("kills"), 3, "{report}");
     // 2 rounds of conn-close and pg-terminate at least (crash-point aborts come on top).
-    assert!(get("faults") >= 4, "{report}");
+    assert!(run.total("faults") >= 4, "{report}");
 }
 
 /// The consumer outbox under the same faults: each applied effect has exactly its one
 /// follow-up (the id derived from the message's key), none lost, none extra.
 #[test]
 fn follow_ups_through_the_consumer_outbox_are_neither_lost_nor_duplicated() {
-    let (status, last, report) = run(&[
-        "--messages",
-        "1500",
-        "--kills",
-        "3",
-        "--store",
-        "postgres",
-        "--follow-ups",
-        "--faults",
-        "conn-close,pg-terminate,failpoints",
-        "--rounds",
-        "2",
-        "--drain-timeout",
-        "120",
-    ]);
+    let run = postgres_run("1500", &["--follow-ups"]);
+    let report = &run.report;
     assert!(
-        status.success(),
-        "idem-chaos failed ({status}); if a service is down, stderr says how to start it\n{report}"
+        run.status.success(),
+        "idem-chaos failed ({}); if a service is down, stderr says how to start it\n{report}",
+        run.status
     );
-    let f = fields(&last);
-    let follow_line = report
-        .lines()
-        .find(|l| l.starts_with("chaos: follow_ups="))
-        .unwrap_or_else(|| panic!("no follow-up line\n{report}"));
-    let fu = fields(follow_line);
-    assert_eq!(f["lost"], 0, "{report}");
-    assert_eq!(f["duplicates"], 0, "{report}");
-    assert!(f["effects"] > 0, "{report}");
+    assert_eq!(run.total("lost"), 0, "{report}");
+    assert_eq!(run.total("duplicates"), 0, "{report}");
+    assert!(run.total("effects") > 0, "{report}");
+    let follow_ups = |key: &str| run.get("chaos: follow_ups=", key);
     assert_eq!(
-        fu["follow_ups"], f["effects"],
+        follow_ups("follow_ups"),
+        run.total("effects"),
         "one follow-up per effect\n{report}"
     );
-    assert_eq!(fu["follow_ups_lost"], 0, "{report}");
-    assert_eq!(fu["follow_ups_unexpected"], 0, "{report}");
+    assert_eq!(follow_ups("follow_ups_lost"), 0, "{report}");
+    assert_eq!(follow_ups("follow_ups_unexpected"), 0, "{report}");
 }

@@ -39,53 +39,27 @@ fn cluster_run(store: &str) -> support::Run {
     let _turn = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
     require_cluster();
     let run = run_chaos(&["--cluster", "--messages", "2000", "--store", store]);
+    let report = &run.report;
     let last = run.lines.last().cloned().unwrap_or_default();
     assert!(
         last.starts_with("chaos: published="),
-        "last line: {last}\n{}",
-        run.report
+        "last line: {last}\n{report}"
     );
     // At least one RabbitMQ node and one Redis master were killed (and came back).
-    assert!(
-        run.get("chaos: faults injected:", "rabbit-node-kill") >= 1,
-        "{}",
-        run.report
-    );
-    assert!(
-        run.get("chaos: faults injected:", "redis-master-kill") >= 1,
-        "{}",
-        run.report
-    );
-    assert!(
-        run.get("chaos: published=", "node_kills") >= 2,
-        "{}",
-        run.report
-    );
-    assert_eq!(
-        run.get("chaos: published=", "confirmed"),
-        2000,
-        "{}",
-        run.report
-    );
-    assert_eq!(run.get("chaos: published=", "lost"), 0, "{}", run.report);
-    assert_eq!(
-        run.get("chaos: drained=", "dlq_foreign"),
-        0,
-        "{}",
-        run.report
-    );
+    let injected = |fault: &str| run.get("chaos: faults injected:", fault);
+    assert!(injected("rabbit-node-kill") >= 1, "{report}");
+    assert!(injected("redis-master-kill") >= 1, "{report}");
+    assert!(run.total("node_kills") >= 2, "{report}");
+    assert_eq!(run.total("confirmed"), 2000, "{report}");
+    assert_eq!(run.total("lost"), 0, "{report}");
+    assert_eq!(run.get("chaos: drained=", "dlq_foreign"), 0, "{report}");
     run
 }
 
 #[test]
 fn postgres_inbox_on_clusters_loses_nothing_and_applies_nothing_twice() {
     let run = cluster_run("postgres");
-    assert_eq!(
-        run.get("chaos: published=", "duplicates"),
-        0,
-        "{}",
-        run.report
-    );
+    assert_eq!(run.total("duplicates"), 0, "{}", run.report);
     assert!(run.status.success(), "{}", run.report);
 }
 
@@ -98,7 +72,7 @@ fn redis_cluster_store_loses_nothing_under_node_kills() {
     let run = cluster_run("redis");
     println!(
         "chaos: redis cluster re-runs: duplicates={} reruns_after_crash={} reruns_after_durability_fault={}",
-        run.get("chaos: published=", "duplicates"),
+        run.total("duplicates"),
         run.get("chaos: drained=", "reruns_after_crash"),
         run.get("chaos: drained=", "reruns_after_durability_fault"),
     );

@@ -88,21 +88,13 @@ impl Outbox {
         ))
         .execute(&mut *tx)
         .await?;
-        sqlx::query(&format!(
-            "CREATE INDEX IF NOT EXISTS {idx}_pending ON {t} (id) WHERE published_at IS NULL"
-        ))
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(&format!(
-            "CREATE INDEX IF NOT EXISTS {idx}_ordering ON {t} (ordering_key, id) WHERE published_at IS NULL AND ordering_key IS NOT NULL"
-        ))
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(&format!(
-            "CREATE INDEX IF NOT EXISTS {idx}_published ON {t} (published_at) WHERE published_at IS NOT NULL"
-        ))
-        .execute(&mut *tx)
-        .await?;
+        for index in [
+            format!("CREATE INDEX IF NOT EXISTS {idx}_pending ON {t} (id) WHERE published_at IS NULL"),
+            format!("CREATE INDEX IF NOT EXISTS {idx}_ordering ON {t} (ordering_key, id) WHERE published_at IS NULL AND ordering_key IS NOT NULL"),
+            format!("CREATE INDEX IF NOT EXISTS {idx}_published ON {t} (published_at) WHERE published_at IS NOT NULL"),
+        ] {
+            sqlx::query(&index).execute(&mut *tx).await?;
+        }
         tx.commit().await?;
         Ok(())
     }

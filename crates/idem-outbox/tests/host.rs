@@ -154,22 +154,26 @@ async fn ready_turns(
     }
 }
 
-fn has_source(body: &serde_json::Value, kind: &str, name: &str) -> bool {
-    body["sources"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|s| s["kind"] == kind && s["name"] == name)
-}
-
-/// The `ready` field of the source of `kind` named `name` in a `/ready` body.
-fn source_ready(body: &serde_json::Value, kind: &str, name: &str) -> bool {
+/// The source of `kind` named `name` in a `/ready` body, if it is there.
+fn source<'a>(
+    body: &'a serde_json::Value,
+    kind: &str,
+    name: &str,
+) -> Option<&'a serde_json::Value> {
     body["sources"]
         .as_array()
         .unwrap()
         .iter()
         .find(|s| s["kind"] == kind && s["name"] == name)
-        .unwrap_or_else(|| panic!("no {kind} {name} in {body}"))["ready"]
+}
+
+fn has_source(body: &serde_json::Value, kind: &str, name: &str) -> bool {
+    source(body, kind, name).is_some()
+}
+
+/// The `ready` field of the source of `kind` named `name` in a `/ready` body.
+fn source_ready(body: &serde_json::Value, kind: &str, name: &str) -> bool {
+    source(body, kind, name).unwrap_or_else(|| panic!("no {kind} {name} in {body}"))["ready"]
         .as_bool()
         .unwrap()
 }

@@ -1,6 +1,7 @@
 //! Set-up shared by the AMQP transport's tests.
 #![allow(dead_code)] // each test binary uses its own part of it
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -78,6 +79,11 @@ pub(crate) fn header_str(props: &BasicProperties, name: &str) -> Option<String> 
     header(props, name)
         .and_then(|v| v.as_long_string())
         .map(|s| s.to_string())
+}
+
+/// Messages with body `x` and ids `<prefix><i>`, `i` in `range`.
+pub(crate) fn messages(prefix: &str, range: Range<usize>) -> impl Iterator<Item = Message> + '_ {
+    range.map(move |i| Message::new("x").with_message_id(format!("{prefix}{i}")))
 }
 
 /// A test's own topology (a unique queue named after `tag`, one 1 s delay tier),

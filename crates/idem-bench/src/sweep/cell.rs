@@ -33,15 +33,10 @@ pub(crate) struct CellArgs {
     /// Redis key prefix of the cell.
     #[arg(long, default_value = "")]
     pub(crate) prefix: String,
-    #[arg(long, env = "AMQP_URL", hide_env_values = true, default_value = idem_amqp::DEFAULT_AMQP_URL, hide_default_value = true)]
-    pub(crate) url: String,
-    #[arg(
-        long,
-        env = "REDIS_URL",
-        hide_env_values = true,
-        default_value = "redis://127.0.0.1:6379"
-    )]
-    pub(crate) redis_url: String,
+    #[command(flatten)]
+    pub(crate) amqp: crate::urls::AmqpUrl,
+    #[command(flatten)]
+    pub(crate) redis: crate::urls::RedisUrl,
 }
 
 /// `cell: <msgs/s> <peak KiB> <most in flight>` -> (rate, peak, most in flight).
@@ -91,7 +86,7 @@ async fn consumer(
     let builder: ConsumerBuilder = match args.store {
         CellStore::Noop => Consumer::builder("idem-bench-sweep").mode(DeliveryMode::AtLeastOnce),
         CellStore::Redis => {
-            let store = idem_redis::RedisStore::builder(&args.redis_url)
+            let store = idem_redis::RedisStore::builder(&args.redis.redis_url)
                 .prefix(args.prefix.clone())
                 .connect()
                 .await?;
@@ -126,7 +121,7 @@ pub(crate) async fn run_cell(args: CellArgs) -> Result<(), BoxError> {
     })
     .await?;
     let (c, f) = (clock.clone(), in_flight.clone());
-    let worker = Worker::builder(&args.url, Topology::new(args.queue.clone()), consumer)
+    let worker = Worker::builder(&args.amqp.url, Topology::new(args.queue.clone()), consumer)
         .prefetch(args.prefetch)
         .connection_name("idem-bench-sweep-cell")
         .on_settle(move |_| {

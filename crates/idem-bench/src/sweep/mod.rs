@@ -111,17 +111,10 @@ pub(crate) struct Args {
     /// Where to write the Markdown table (default: target/idem-bench/sweep.md).
     #[arg(long)]
     pub(crate) table: Option<PathBuf>,
-    /// Broker URL (default amqp://guest:***@127.0.0.1:5672/%2f; passwords are not printed).
-    #[arg(long, env = "AMQP_URL", hide_env_values = true, default_value = idem_amqp::DEFAULT_AMQP_URL, hide_default_value = true)]
-    url: String,
-    /// Redis URL.
-    #[arg(
-        long,
-        env = "REDIS_URL",
-        hide_env_values = true,
-        default_value = "redis://127.0.0.1:6379"
-    )]
-    redis_url: String,
+    #[command(flatten)]
+    amqp: crate::urls::AmqpUrl,
+    #[command(flatten)]
+    redis: crate::urls::RedisUrl,
 }
 
 /// Messages for a cell (see the module docs).
@@ -156,7 +149,7 @@ fn plan(args: &Args) -> Vec<Plan> {
 
 pub(crate) async fn run(args: Args, chart_path: Option<PathBuf>) -> Result<(), BoxError> {
     let exe = std::env::current_exe()?;
-    let admin = idem_amqp::connect(&args.url, "idem-bench-sweep-admin").await?;
+    let admin = idem_amqp::connect(&args.amqp.url, "idem-bench-sweep-admin").await?;
     let ch = admin.create_channel().await?;
     let mut cells = Vec::new();
     for plan in plan(&args) {
@@ -200,7 +193,7 @@ async fn measure(
     topo.declare_on(ch).await?;
     let prefix = format!("idem-bench-sweep-{run_id}");
     let result = async {
-        fill(&args.url, topo.queue(), messages, size).await?;
+        fill(&args.amqp.url, topo.queue(), messages, size).await?;
         let mut child = std::process::Command::new(exe);
         child
             .arg("sweep-cell")
@@ -209,8 +202,8 @@ async fn measure(
             .args(["--prefetch", &prefetch.to_string()])
             .args(["--store", store.name()])
             .args(["--prefix", &prefix])
-            .env("AMQP_URL", &args.url)
-            .env("REDIS_URL", &args.redis_url)
+            .env("AMQP_URL", &args.amqp.url)
+            .env("REDIS_URL", &args.redis.redis_url)
             .stdin(Stdio::null())
             .stderr(Stdio::inherit());
         if let Some(n) = batch {
@@ -230,7 +223,7 @@ async fn measure(
     topo.delete_on(ch).await?;
     if store == CellStore::Redis {
         crate::amqp_store::delete_keys(
-            &args.redis_url,
+            &args.redis.redis_url,
             &idem_core::TlsConfig::default(),
             &format!("{prefix}*"),
         )

@@ -79,6 +79,25 @@ impl Run {
     }
 }
 
+impl Run {
+    /// Field `key` of the summary line (`chaos: published=...`).
+    pub(crate) fn total(&self, key: &str) -> i64 {
+        self.get("chaos: published=", key)
+    }
+
+    /// [`Run::assert_exactly_once`], and the run included poison and made `kills`
+    /// SIGKILLs.
+    pub(crate) fn assert_exactly_once_with_poison(&self, total: i64, kills: i64) {
+        self.assert_exactly_once(total);
+        let report = &self.report;
+        assert!(
+            self.total("poison") > 0,
+            "the run must include poison\n{report}"
+        );
+        assert_eq!(self.total("kills"), kills, "{report}");
+    }
+}
+
 /// Runs the chaos binary with `args`, prints its `chaos:` lines (shown with
 /// `--nocapture`, and on failure) and returns them.
 pub(crate) fn run_chaos(args: &[&str]) -> Run {
@@ -110,24 +129,6 @@ pub(crate) fn run_chaos(args: &[&str]) -> Run {
 pub(crate) fn run(args: &[&str]) -> (ExitStatus, String, String) {
     let run = run_chaos(args);
     (run.status, run.last, run.report)
-}
-
-/// Panics with the report unless the run exited 0 and its last line is the summary
-/// (`chaos: published=...`); the summary's integer fields then.
-pub(crate) fn summary<'a>(
-    status: ExitStatus,
-    last: &'a str,
-    report: &str,
-) -> HashMap<&'a str, i64> {
-    assert!(
-        status.success(),
-        "idem-chaos failed ({status}); if a service is down, stderr says how to start it\n{report}"
-    );
-    assert!(
-        last.starts_with("chaos: published="),
-        "last line: {last}\n{report}"
-    );
-    fields(last)
 }
 
 /// The integer `key=value` fields of a `chaos:` summary line.
