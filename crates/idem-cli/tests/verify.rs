@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use common::{record_done, text};
 use idem_amqp::{DelayTiers, Topology, Worker};
-use idem_core::dedup::{Claim, Completion, DedupStore, OwnerToken, ScopedKey};
+use idem_core::dedup::{Claim, ClaimRequest, Completion, DedupStore, OwnerToken, ScopedKey};
 use idem_core::{Consumer, HandlerError, Stats, WorkerHandle};
 use idem_outbox::{Outbox, OutboxMessage, Relay};
 use idem_redis::RedisStore;
@@ -501,7 +501,10 @@ async fn verify_reports_a_record_past_its_lease_and_a_stuck_outbox_row() {
     f.extra_tables.push(store_table.clone());
     let key = ScopedKey::new(CONSUMER, "crashed-while-processing");
     let claim = store
-        .claim(&key, &OwnerToken::generate(), None, Duration::from_secs(1))
+        .claim(
+            &ClaimRequest::new(key.clone(), OwnerToken::generate(), None),
+            Duration::from_secs(1),
+        )
         .await
         .unwrap();
     assert_eq!(claim, Claim::Acquired);
@@ -527,9 +530,7 @@ async fn verify_reports_a_record_past_its_lease_and_a_stuck_outbox_row() {
     let fresh = ScopedKey::new(CONSUMER, "processing-now");
     store
         .claim(
-            &fresh,
-            &OwnerToken::generate(),
-            None,
+            &ClaimRequest::new(fresh.clone(), OwnerToken::generate(), None),
             Duration::from_secs(300),
         )
         .await
@@ -695,9 +696,7 @@ async fn verify_reads_a_mysql_lease_store_table() {
     let stuck = ScopedKey::new(CONSUMER, "stuck-key");
     let claim = store
         .claim(
-            &stuck,
-            &OwnerToken::generate(),
-            None,
+            &ClaimRequest::new(stuck.clone(), OwnerToken::generate(), None),
             Duration::from_secs(1),
         )
         .await

@@ -247,9 +247,8 @@ async fn an_edited_replay_is_a_new_version_of_the_same_message() {
 #[tokio::test]
 async fn busy_elsewhere_is_retried_without_spending_an_attempt() {
     let store = MemoryStore::new();
-    let k = ScopedKey::new("c", "k");
     store
-        .claim(&k, &OwnerToken::generate(), None, Duration::from_secs(20))
+        .claim(&fresh_claim("c", "k"), Duration::from_secs(20))
         .await
         .unwrap();
     let runs = Arc::new(AtomicUsize::new(0));
@@ -268,7 +267,7 @@ async fn busy_elsewhere_is_retried_without_spending_an_attempt() {
     assert_eq!(runs.load(Ordering::SeqCst), 0);
 }
 
-use super::fakes::FakeStore;
+use super::fakes::{fresh_claim, FakeStore};
 
 #[tokio::test]
 async fn store_down_is_transient_and_the_handler_does_not_run() {
@@ -308,12 +307,7 @@ async fn long_handler_keeps_its_lease() {
     tokio::time::sleep(Duration::from_secs(7)).await;
     // Well past the 3 s lease: still held thanks to extensions.
     let other = store
-        .claim(
-            &ScopedKey::new("c", "k"),
-            &OwnerToken::generate(),
-            None,
-            Duration::from_secs(3),
-        )
+        .claim(&fresh_claim("c", "k"), Duration::from_secs(3))
         .await
         .unwrap();
     assert!(matches!(other, Claim::Busy { .. }), "{other:?}");
@@ -349,8 +343,7 @@ proptest! {
         rt.block_on(async move {
             let lease = Duration::from_millis(1000);
             let store = MemoryStore::new();
-            let k = ScopedKey::new("c", "k");
-            let owners = [OwnerToken::generate(), OwnerToken::generate()];
+            let owners = [fresh_claim("c", "k"), fresh_claim("c", "k")];
             // Model: who holds the claim and until when (ms), or done.
             let mut now: u64 = 0;
             let mut holder: Option<(usize, u64)> = None;
@@ -363,7 +356,7 @@ proptest! {
                         now += ms;
                     }
                     Op::Claim(o) => {
-                        let got = store.claim(&k, &owners[o], None, lease).await.unwrap();
+                        let got = store.claim(&owners[o], lease).await.unwrap();
                         let expected_acquire = !done && live(holder, now).is_none();
                         if done {
                             prop_assert!(matches!(got, Claim::Done { .. }), "completion lost: {:?}", got);
@@ -375,19 +368,19 @@ proptest! {
                         }
                     }
                     Op::Complete(o) => {
-                        let ok = store.complete(&k, &owners[o], Completion::Succeeded, Duration::from_secs(1_000_000)).await.unwrap();
+                        let ok = store.complete(&owners[o].held, Completion::Succeeded, Duration::from_secs(1_000_000)).await.unwrap();
                         let expected = live(holder, now).is_some_and(|(h, _)| h == o) && !done;
                         prop_assert_eq!(ok, expected, "complete by {}", o);
                         if ok { done = true; holder = None; }
                     }
                     Op::Release(o) => {
-                        let ok = store.release(&k, &owners[o]).await.unwrap();
+                        let ok = store.release(&owners[o].held).await.unwrap();
                         let expected = live(holder, now).is_some_and(|(h, _)| h == o) && !done;
                         prop_assert_eq!(ok, expected, "release by {}", o);
                         if ok { holder = None; }
                     }
                     Op::Extend(o) => {
-                        let ok = store.extend(&k, &owners[o], lease).await.unwrap();
+                        let ok = store.extend(&owners[o].held, lease).await.unwrap();
                         let expected = live(holder, now).is_some_and(|(h, _)| h == o) && !done;
                         prop_assert_eq!(ok, expected, "extend by {}", o);
                         if ok { holder = Some((o, now + 1000)); }
@@ -401,15 +394,8 @@ proptest! {
 
 /// A worker that claimed `key` and died: the claim is never settled.
 async fn crash_once(store: &MemoryStore, key: &str, lease: Duration) -> Option<u32> {
-    let scoped = ScopedKey::new("c", key);
     let (claim, earlier) = store
-        .claim_counting(
-            &scoped,
-            &OwnerToken::generate(),
-            None,
-            lease,
-            Duration::from_secs(60),
-        )
+        .claim_counting(&fresh_claim("c", key), lease, Duration::from_secs(60))
         .await
         .unwrap();
     assert_eq!(claim, Claim::Acquired);
@@ -505,19 +491,19 @@ async fn consumer_name_scopes_the_keys() {
         audit.process(m()).await,
         Disposition::Ack { duplicate: false }
     );
-    let billing_key = ScopedKey::new("billing", "k");
-    let other_key = ScopedKey::new("other", "k");
-    let owner = OwnerToken::generate();
     let lease = Duration::from_secs(1);
     assert!(matches!(
         store
-            .claim(&billing_key, &owner, None, lease)
+            .claim(&fresh_claim("billing", "k"), lease)
             .await
             .unwrap(),
         Claim::Done { .. }
     ));
     assert_eq!(
-        store.claim(&other_key, &owner, None, lease).await.unwrap(),
+        store
+            .claim(&fresh_claim("other", "k"), lease)
+            .await
+            .unwrap(),
         Claim::Acquired
     );
 }
