@@ -185,6 +185,37 @@ async fn process_all(consumer: &Consumer, messages: Vec<Message>) -> Vec<Disposi
     out
 }
 
+/// The messages of [`check`]'s batch besides its 14 successes: key (`<name>-` and
+/// this), body, and the disposition it must get.
+type Outcome = (&'static str, &'static str, fn(&Disposition) -> bool);
+
+/// [`Outcome`]s: poison, transient, discarded, duplicate, payload mismatch, busy.
+const OUTCOMES: [Outcome; 6] = [
+    ("poison", "poison", |d| {
+        matches!(d, Disposition::DeadLetter { .. })
+    }),
+    (
+        "transient",
+        "transient",
+        |d| matches!(d, Disposition::Retry { failure, .. } if failure.attempts == 1),
+    ),
+    ("discard", "discard", |d| {
+        matches!(d, Disposition::Discard { .. })
+    }),
+    ("dup", "ok", |d| *d == Disposition::Ack { duplicate: true }),
+    (
+        "mismatch",
+        "B",
+        |d| matches!(d, Disposition::DeadLetter { failure, .. } if failure.error.contains("different payload")),
+    ),
+    // Retried without spending an attempt.
+    (
+        "busy",
+        "ok",
+        |d| matches!(d, Disposition::Retry { failure, .. } if failure.attempts == 0),
+    ),
+];
+
 /// One batch of 20 messages of consumer `name` over `store` (keys are the message ids
 /// `<name>-...`; the caller cleans the store up): 14 that succeed, and one each that
 /// is poison, fails transiently, is discarded, is a duplicate (its key done), carries
@@ -205,47 +236,15 @@ pub async fn check(store: Arc<dyn DedupStore>, name: &str) {
         .batch_handler_with_state(by_body, seen.clone())
         .unwrap();
     let mut messages: Vec<Message> = (0..14).map(|i| msg(&id(&format!("ok{i}")), "ok")).collect();
-    for (what, body) in [
-        ("poison", "poison"),
-        ("transient", "transient"),
-        ("discard", "discard"),
-        ("dup", "ok"),
-        ("mismatch", "B"),
-        ("busy", "ok"),
-    ] {
-        messages.push(msg(&id(what), body));
-    }
+    messages.extend(OUTCOMES.iter().map(|(what, body, _)| msg(&id(what), body)));
     let d = process_all(&consumer, messages).await;
 
     for (i, d) in d.iter().take(14).enumerate() {
         assert_eq!(*d, Disposition::Ack { duplicate: false }, "ok{i}");
     }
-    assert!(
-        matches!(&d[14], Disposition::DeadLetter { .. }),
-        "poison: {:?}",
-        d[14]
-    );
-    assert!(
-        matches!(&d[15], Disposition::Retry { failure, .. } if failure.attempts == 1),
-        "transient: {:?}",
-        d[15]
-    );
-    assert!(
-        matches!(&d[16], Disposition::Discard { .. }),
-        "discard: {:?}",
-        d[16]
-    );
-    assert_eq!(d[17], Disposition::Ack { duplicate: true }, "duplicate");
-    assert!(
-        matches!(&d[18], Disposition::DeadLetter { failure, .. } if failure.error.contains("different payload")),
-        "mismatch: {:?}",
-        d[18]
-    );
-    assert!(
-        matches!(&d[19], Disposition::Retry { failure, .. } if failure.attempts == 0),
-        "busy: retried without spending an attempt, {:?}",
-        d[19]
-    );
+    for ((what, _, expected), d) in OUTCOMES.iter().zip(&d[14..]) {
+        assert!(expected(d), "{what}: {d:?}");
+    }
 
     assert_eq!(seen.calls.load(Ordering::SeqCst), 1, "one handler call");
     let mut keys = seen.keys.lock().unwrap().clone();
