@@ -41,7 +41,7 @@ tokio = { version = "1", features = ["rt-multi-thread", "macros"] }
 const LIB: &str = r#"
 use std::time::Duration;
 
-use idem::dedup::{Claim, Completion, DedupStore, OwnerToken, ScopedKey, StoreError};
+use idem::dedup::{Claim, ClaimRequest, Completion, DedupStore, HeldClaim, StoreError};
 use idem::MemoryStore;
 
 #[derive(Clone, Debug, Default)]
@@ -49,37 +49,25 @@ pub struct MyStore(MemoryStore);
 
 #[async_trait::async_trait]
 impl DedupStore for MyStore {
-    async fn claim(
-        &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        fingerprint: Option<&str>,
-        lease: Duration,
-    ) -> Result<Claim, StoreError> {
-        self.0.claim(key, owner, fingerprint, lease).await
+    async fn claim(&self, req: &ClaimRequest, lease: Duration) -> Result<Claim, StoreError> {
+        self.0.claim(req, lease).await
     }
-    async fn extend(&self, key: &ScopedKey, owner: &OwnerToken, lease: Duration) -> Result<bool, StoreError> {
-        self.0.extend(key, owner, lease).await
+    async fn extend(&self, held: &HeldClaim, lease: Duration) -> Result<bool, StoreError> {
+        self.0.extend(held, lease).await
     }
     async fn complete(
         &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
+        held: &HeldClaim,
         completion: Completion,
         retention: Duration,
     ) -> Result<bool, StoreError> {
-        self.0.complete(key, owner, completion, retention).await
+        self.0.complete(held, completion, retention).await
     }
-    async fn release(&self, key: &ScopedKey, owner: &OwnerToken) -> Result<bool, StoreError> {
-        self.0.release(key, owner).await
+    async fn release(&self, held: &HeldClaim) -> Result<bool, StoreError> {
+        self.0.release(held).await
     }
-    async fn reopen_poisoned(
-        &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        lease: Duration,
-    ) -> Result<bool, StoreError> {
-        self.0.reopen_poisoned(key, owner, lease).await
+    async fn reopen_poisoned(&self, held: &HeldClaim, lease: Duration) -> Result<bool, StoreError> {
+        self.0.reopen_poisoned(held, lease).await
     }
 }
 "#;

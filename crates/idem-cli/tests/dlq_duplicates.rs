@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::{ids, outcome, record_done, replay_report, Fixture};
-use idem_core::dedup::{Completion, DedupStore, ScopedKey};
+use idem_core::dedup::{Completion, DedupStore, HeldClaim, ScopedKey};
 use idem_core::ErrorKind::Transient;
 use idem_redis::RedisStore;
 use idem_testkit::Service;
@@ -42,6 +42,6 @@ async fn replay_reports_which_messages_will_be_acked_as_duplicates() {
         }
     }
     assert_eq!(ids(&f.drain(&f.queue, 2).await), ["done-1", "fresh-1"]);
-    let _ = store.release(&key, &owner).await;
+    let _ = store.release(&HeldClaim::new(key, owner)).await;
     f.cleanup().await;
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use common::{assert_says, depth, exit_json, exit_starting, record_done, text, wait_for};
 use idem_amqp::{DelayTiers, Topology, Worker};
-use idem_core::dedup::{Claim, Completion, DedupStore, OwnerToken, ScopedKey};
+use idem_core::dedup::{Claim, ClaimRequest, Completion, DedupStore, OwnerToken, ScopedKey};
 use idem_core::{Consumer, HandlerError, Stats, WorkerHandle};
 use idem_outbox::{Outbox, OutboxMessage, Relay};
 use idem_redis::RedisStore;
@@ -460,7 +460,10 @@ async fn verify_reports_a_record_past_its_lease_and_a_stuck_outbox_row() {
     let (store, store_table) = f.lease_store().await;
     let key = ScopedKey::new(CONSUMER, "crashed-while-processing");
     let claim = store
-        .claim(&key, &OwnerToken::generate(), None, Duration::from_secs(1))
+        .claim(
+            &ClaimRequest::new(key.clone(), OwnerToken::generate(), None),
+            Duration::from_secs(1),
+        )
         .await
         .unwrap();
     assert_eq!(claim, Claim::Acquired);
@@ -486,9 +489,7 @@ async fn verify_reports_a_record_past_its_lease_and_a_stuck_outbox_row() {
     let fresh = ScopedKey::new(CONSUMER, "processing-now");
     store
         .claim(
-            &fresh,
-            &OwnerToken::generate(),
-            None,
+            &ClaimRequest::new(fresh.clone(), OwnerToken::generate(), None),
             Duration::from_secs(300),
         )
         .await
@@ -629,9 +630,7 @@ async fn verify_reads_a_mysql_lease_store_table() {
     let stuck = ScopedKey::new(CONSUMER, "stuck-key");
     let claim = store
         .claim(
-            &stuck,
-            &OwnerToken::generate(),
-            None,
+            &ClaimRequest::new(stuck.clone(), OwnerToken::generate(), None),
             Duration::from_secs(1),
         )
         .await

@@ -14,7 +14,8 @@ use redis::Script;
 /// The operations the batch script knows, by the name sent in `ARGV`.
 const OPERATIONS: [(&str, &str); 6] = [
     ("claim", include_str!("lua/claim.lua")),
-    ("claim_counting", include_str!("lua/claim_counting.lua")),
+    // One script for both claims: with a fifth argument (the counter's memory) it counts.
+    ("claim_counting", include_str!("lua/claim.lua")),
     ("extend", include_str!("lua/extend.lua")),
     ("complete", include_str!("lua/complete.lua")),
     ("release", include_str!("lua/release.lua")),

@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use idem_core::dedup::{
     BatchExecutor, Batcher, Claim, ClaimRequest, CompleteRequest, Completion, DedupStore,
-    OwnerToken, ReleaseRequest, ScopedKey, StoreError, DEFAULT_MAX_BATCH,
+    HeldClaim, ScopedKey, StoreError, DEFAULT_MAX_BATCH,
 };
 use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
@@ -129,18 +129,9 @@ impl RedisStore {
         self.conn.clone()
     }
 
-    /// Queues one operation on `key` for the next script call and returns its reply.
-    async fn run<T: FromRedisValue>(
-        &self,
-        name: &'static str,
-        key: &ScopedKey,
-        args: Vec<Arg>,
-    ) -> Result<T, StoreError> {
-        let op = Op {
-            name,
-            record: self.redis_key(key),
-            args,
-        };
+    /// Queues `op` for the next script call and returns its reply.
+    async fn run<T: FromRedisValue>(&self, op: Op) -> Result<T, StoreError> {
+        let name = op.name;
         let reply = if self.batcher.max_batch() == 1 {
             // Batching off: the operation's own script call, from the caller's task.
             let mut replies = self.batcher.executor().execute(vec![op]).await;
@@ -177,12 +168,49 @@ impl RedisStore {
             .collect()
     }
 
-    fn op(&self, name: &'static str, key: &ScopedKey, args: Vec<Arg>) -> Op {
+    /// The operation `name` on the record of `held`: its arguments are the owner
+    /// token, then `args`.
+    fn op<const N: usize>(&self, name: &'static str, held: &HeldClaim, args: [Arg; N]) -> Op {
+        let mut all = Vec::with_capacity(N + 1);
+        all.push(text(held.owner.as_str()));
+        all.extend(args);
         Op {
             name,
-            record: self.redis_key(key),
-            args,
+            record: self.redis_key(&held.key),
+            args: all,
         }
+    }
+
+    /// The claim of `req`; a counting one (`claim_counting`) if `memory` is given.
+    fn claim_op(&self, req: &ClaimRequest, lease: Duration, memory: Option<Duration>) -> Op {
+        let fingerprint = req.fingerprint.as_deref();
+        let flag = text(if fingerprint.is_some() { "1" } else { "0" });
+        let args = [millis(lease), flag, text(fingerprint.unwrap_or(""))];
+        let mut op = self.op("claim", &req.held, args);
+        if let Some(memory) = memory {
+            op.name = "claim_counting";
+            op.args.push(millis(memory));
+        }
+        op
+    }
+
+    /// The completion of `held` with `completion`, kept for `retention`.
+    fn complete_op(&self, held: &HeldClaim, completion: Completion, retention: Duration) -> Op {
+        let args = [text(completion_code(completion)), millis(retention)];
+        self.op("complete", held, args)
+    }
+
+    /// Runs `op`, whose reply is 1 if it took effect.
+    async fn run_bool(&self, op: Op) -> Result<bool, StoreError> {
+        let n: i64 = self.run(op).await?;
+        Ok(n == 1)
+    }
+
+    /// Runs `ops` at once (see [`run_many`](Self::run_many)); each reply is 1 if its
+    /// operation took effect.
+    async fn run_many_bool(&self, ops: Vec<Op>) -> Vec<Result<bool, StoreError>> {
+        let replies: Vec<Result<i64, StoreError>> = self.run_many(ops).await;
+        replies.into_iter().map(|r| r.map(|n| n == 1)).collect()
     }
 }
 
@@ -190,21 +218,6 @@ impl RedisStore {
 fn typed<T: FromRedisValue>(name: &str, reply: Value) -> Result<T, StoreError> {
     T::from_redis_value(reply)
         .map_err(|e| StoreError::new(format!("unexpected Redis {} reply: {e}", label(name))))
-}
-
-fn claim_args(
-    owner: &OwnerToken,
-    fingerprint: Option<&str>,
-    lease: Duration,
-    memory: Duration,
-) -> Vec<Arg> {
-    vec![
-        text(owner.as_str()),
-        millis(lease),
-        text(if fingerprint.is_some() { "1" } else { "0" }),
-        text(fingerprint.unwrap_or("")),
-        millis(memory),
-    ]
 }
 
 fn parse_counting(reply: &[String]) -> Result<(Claim, Option<u32>), StoreError> {
@@ -454,33 +467,18 @@ fn bad_reply(reply: &[String]) -> StoreError {
 
 #[async_trait]
 impl DedupStore for RedisStore {
-    async fn claim(
-        &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        fingerprint: Option<&str>,
-        lease: Duration,
-    ) -> Result<Claim, StoreError> {
-        let args = vec![
-            text(owner.as_str()),
-            millis(lease),
-            text(if fingerprint.is_some() { "1" } else { "0" }),
-            text(fingerprint.unwrap_or("")),
-        ];
-        let reply: Vec<String> = self.run("claim", key, args).await?;
+    async fn claim(&self, req: &ClaimRequest, lease: Duration) -> Result<Claim, StoreError> {
+        let reply: Vec<String> = self.run(self.claim_op(req, lease, None)).await?;
         parse_claim(&reply)
     }
 
     async fn claim_counting(
         &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        fingerprint: Option<&str>,
+        req: &ClaimRequest,
         lease: Duration,
         memory: Duration,
     ) -> Result<(Claim, Option<u32>), StoreError> {
-        let args = claim_args(owner, fingerprint, lease, memory);
-        let reply: Vec<String> = self.run("claim_counting", key, args).await?;
+        let reply: Vec<String> = self.run(self.claim_op(req, lease, Some(memory))).await?;
         parse_counting(&reply)
     }
 
@@ -492,10 +490,7 @@ impl DedupStore for RedisStore {
     ) -> Vec<Result<(Claim, Option<u32>), StoreError>> {
         let ops = requests
             .iter()
-            .map(|r| {
-                let args = claim_args(&r.owner, r.fingerprint.as_deref(), lease, memory);
-                self.op("claim_counting", &r.key, args)
-            })
+            .map(|r| self.claim_op(r, lease, Some(memory)))
             .collect();
         let replies: Vec<Result<Vec<String>, StoreError>> = self.run_many(ops).await;
         replies
@@ -511,69 +506,38 @@ impl DedupStore for RedisStore {
     ) -> Vec<Result<bool, StoreError>> {
         let ops = requests
             .iter()
-            .map(|r| {
-                let args = vec![
-                    text(r.owner.as_str()),
-                    text(completion_code(r.completion)),
-                    millis(retention),
-                ];
-                self.op("complete", &r.key, args)
-            })
+            .map(|r| self.complete_op(&r.held, r.completion, retention))
             .collect();
-        let replies: Vec<Result<i64, StoreError>> = self.run_many(ops).await;
-        replies.into_iter().map(|r| r.map(|n| n == 1)).collect()
+        self.run_many_bool(ops).await
     }
 
-    async fn release_many(&self, requests: &[ReleaseRequest]) -> Vec<Result<bool, StoreError>> {
-        let ops = requests
-            .iter()
-            .map(|r| self.op("release", &r.key, vec![text(r.owner.as_str())]))
-            .collect();
-        let replies: Vec<Result<i64, StoreError>> = self.run_many(ops).await;
-        replies.into_iter().map(|r| r.map(|n| n == 1)).collect()
+    async fn release_many(&self, claims: &[HeldClaim]) -> Vec<Result<bool, StoreError>> {
+        let ops = claims.iter().map(|h| self.op("release", h, [])).collect();
+        self.run_many_bool(ops).await
     }
 
-    async fn extend(
-        &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        lease: Duration,
-    ) -> Result<bool, StoreError> {
-        let args = vec![text(owner.as_str()), millis(lease)];
-        let n: i64 = self.run("extend", key, args).await?;
-        Ok(n == 1)
+    async fn extend(&self, held: &HeldClaim, lease: Duration) -> Result<bool, StoreError> {
+        self.run_bool(self.op("extend", held, [millis(lease)]))
+            .await
     }
 
     async fn complete(
         &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
+        held: &HeldClaim,
         completion: Completion,
         retention: Duration,
     ) -> Result<bool, StoreError> {
-        let args = vec![
-            text(owner.as_str()),
-            text(completion_code(completion)),
-            millis(retention),
-        ];
-        let n: i64 = self.run("complete", key, args).await?;
-        Ok(n == 1)
+        self.run_bool(self.complete_op(held, completion, retention))
+            .await
     }
 
-    async fn release(&self, key: &ScopedKey, owner: &OwnerToken) -> Result<bool, StoreError> {
-        let n: i64 = self.run("release", key, vec![text(owner.as_str())]).await?;
-        Ok(n == 1)
+    async fn release(&self, held: &HeldClaim) -> Result<bool, StoreError> {
+        self.run_bool(self.op("release", held, [])).await
     }
 
-    async fn reopen_poisoned(
-        &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        lease: Duration,
-    ) -> Result<bool, StoreError> {
-        let args = vec![text(owner.as_str()), millis(lease)];
-        let n: i64 = self.run("reopen", key, args).await?;
-        Ok(n == 1)
+    async fn reopen_poisoned(&self, held: &HeldClaim, lease: Duration) -> Result<bool, StoreError> {
+        self.run_bool(self.op("reopen", held, [millis(lease)]))
+            .await
     }
 }
 

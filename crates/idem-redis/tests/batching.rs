@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use idem_core::dedup::{Claim, Completion, DedupStore, OwnerToken, ScopedKey};
+use idem_core::dedup::{
+    Claim, ClaimRequest, Completion, DedupStore, HeldClaim, OwnerToken, ScopedKey,
+};
 use idem_redis::RedisStore;
 use idem_testkit::{unique, Service};
 
@@ -69,17 +71,15 @@ async fn lone_operations_go_alone_and_concurrent_ones_share_bounded_calls() {
     assert_eq!(s.max_batch(), 16);
     let long = Duration::from_secs(60);
     // Load the script first, so that no EVALSHA-then-EVAL pair is counted.
-    let warm = ScopedKey::new("c", "warm-up");
-    s.claim(&warm, &OwnerToken::generate(), None, long)
-        .await
-        .unwrap();
+    let warm = ClaimRequest::new(ScopedKey::new("c", "warm-up"), OwnerToken::generate(), None);
+    s.claim(&warm, long).await.unwrap();
     let calls = Calls::watch(&url, &prefix).await;
 
     // One at a time: one call per operation, each alone.
     for i in 0..3 {
         let k = ScopedKey::new("c", format!("lone-{i}"));
-        let o = OwnerToken::generate();
-        assert_eq!(s.claim(&k, &o, None, long).await.unwrap(), Claim::Acquired);
+        let req = ClaimRequest::new(k, OwnerToken::generate(), None);
+        assert_eq!(s.claim(&req, long).await.unwrap(), Claim::Acquired);
     }
     assert_eq!(calls.until(3).await, vec![1, 1, 1], "lone operations");
 
@@ -87,7 +87,9 @@ async fn lone_operations_go_alone_and_concurrent_ones_share_bounded_calls() {
     let owners: Vec<OwnerToken> = (0..100).map(|_| OwnerToken::generate()).collect();
     for (i, o) in owners.iter().enumerate() {
         let k = ScopedKey::new("c", format!("held-{i}"));
-        s.claim(&k, o, None, long).await.unwrap();
+        s.claim(&ClaimRequest::new(k, o.clone(), None), long)
+            .await
+            .unwrap();
     }
     calls.until(103).await;
     calls.0.lock().unwrap().clear();
@@ -104,7 +106,7 @@ async fn lone_operations_go_alone_and_concurrent_ones_share_bounded_calls() {
                 OwnerToken::generate()
             };
             let done = s
-                .complete(&k, &owner, Completion::Succeeded, long)
+                .complete(&HeldClaim::new(k, owner), Completion::Succeeded, long)
                 .await
                 .unwrap();
             (done == (i % 2 == 0))
@@ -115,10 +117,8 @@ async fn lone_operations_go_alone_and_concurrent_ones_share_bounded_calls() {
         tasks.push(tokio::spawn(async move {
             let s = s2;
             let k = ScopedKey::new("c", format!("fresh-{i}"));
-            let c = s
-                .claim(&k, &OwnerToken::generate(), None, long)
-                .await
-                .unwrap();
+            let req = ClaimRequest::new(k, OwnerToken::generate(), None);
+            let c = s.claim(&req, long).await.unwrap();
             (c == Claim::Acquired)
                 .then_some(())
                 .ok_or(format!("claim {i}: {c:?}"))

@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use idem_core::dedup::{Claim, Completion, DedupStore, OwnerToken, ScopedKey};
+use idem_core::dedup::{Claim, ClaimRequest, Completion, DedupStore, OwnerToken, ScopedKey};
 use idem_core::redact::redact_url;
 use idem_redis::RedisStore;
 use idem_testkit::{conformance, unique};
@@ -106,14 +106,9 @@ async fn records_spread_over_masters_one_slot_per_message() {
     let mut conn = s.connection();
     for i in 0..32 {
         let k = ScopedKey::new("billing", format!("order-{i}"));
+        let req = ClaimRequest::new(k.clone(), owner.clone(), None);
         let (claim, starts) = s
-            .claim_counting(
-                &k,
-                &owner,
-                None,
-                Duration::from_secs(30),
-                Duration::from_secs(60),
-            )
+            .claim_counting(&req, Duration::from_secs(30), Duration::from_secs(60))
             .await
             .unwrap();
         assert_eq!((claim, starts), (Claim::Acquired, Some(0)));
@@ -134,7 +129,7 @@ async fn records_spread_over_masters_one_slot_per_message() {
         assert_eq!(slot(rkey.clone()).await, slot(format!("{rkey}:n")).await);
         if i % 2 == 0 {
             assert!(s
-                .complete(&k, &owner, Completion::Succeeded, Duration::from_secs(60))
+                .complete(&req.held, Completion::Succeeded, Duration::from_secs(60))
                 .await
                 .unwrap());
         }
@@ -174,10 +169,9 @@ async fn one_seed_url_with_cluster_mode_finds_the_rest() {
     let owner = OwnerToken::generate();
     for i in 0..16 {
         let k = ScopedKey::new("seed", format!("k{i}"));
+        let req = ClaimRequest::new(k, owner.clone(), None);
         assert_eq!(
-            s.claim(&k, &owner, None, Duration::from_secs(30))
-                .await
-                .unwrap(),
+            s.claim(&req, Duration::from_secs(30)).await.unwrap(),
             Claim::Acquired,
             "a key on any master is reachable through one seed"
         );

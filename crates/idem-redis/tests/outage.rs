@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use idem_core::dedup::{Claim, DedupStore, OwnerToken, ScopedKey, StoreErrorKind};
+use idem_core::dedup::{Claim, ClaimRequest, DedupStore, OwnerToken, ScopedKey, StoreErrorKind};
 use idem_redis::RedisStore;
 use idem_testkit::fault_proxy::{FaultProxy, Mode};
 use idem_testkit::Service;
@@ -26,13 +26,9 @@ async fn first_claim_after_recovery(mode: Mode) {
     let store = through(&proxy, &prefix).await;
     let lease = Duration::from_secs(5);
     let claim = |k: &str| {
-        let key = ScopedKey::new("outage", k.to_owned());
+        let req = ClaimRequest::new(ScopedKey::new("outage", k), OwnerToken::generate(), None);
         let store = store.clone();
-        async move {
-            store
-                .claim(&key, &OwnerToken::generate(), None, lease)
-                .await
-        }
+        async move { store.claim(&req, lease).await }
     };
     assert_eq!(claim("before").await.unwrap(), Claim::Acquired);
 

@@ -5,7 +5,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use idem_core::dedup::{Claim, Completion, DedupStore, OwnerToken, ScopedKey};
+use idem_core::dedup::{
+    Claim, ClaimRequest, Completion, DedupStore, HeldClaim, OwnerToken, ScopedKey,
+};
 use idem_core::{Consumer, Disposition, Message};
 use idem_redis::RedisStore;
 use idem_testkit::{conformance, unique, Service};
@@ -34,11 +36,9 @@ async fn record_layout_prefix_ttl_and_one_slot() {
     let prefix = unique("layout");
     let s = store(&prefix).await;
     let k = ScopedKey::new("billing", "order:{7}");
-    let o = OwnerToken::generate();
+    let o = ClaimRequest::new(k.clone(), OwnerToken::generate(), Some("fp".into()));
     assert_eq!(
-        s.claim(&k, &o, Some("fp"), Duration::from_secs(30))
-            .await
-            .unwrap(),
+        s.claim(&o, Duration::from_secs(30)).await.unwrap(),
         Claim::Acquired
     );
     let rkey = s.redis_key(&k);
@@ -51,7 +51,7 @@ async fn record_layout_prefix_ttl_and_one_slot() {
         .unwrap();
     assert!(ttl > 0 && ttl <= 30_000, "lease is a TTL: {ttl}");
     assert!(s
-        .complete(&k, &o, Completion::Succeeded, Duration::from_secs(3600))
+        .complete(&o.held, Completion::Succeeded, Duration::from_secs(3600))
         .await
         .unwrap());
     let ttl: i64 = redis::cmd("PTTL")
@@ -62,7 +62,7 @@ async fn record_layout_prefix_ttl_and_one_slot() {
     assert!(ttl > 30_000, "done record kept for the retention: {ttl}");
     // A completion retried after a lost reply finds its own completion: still true.
     assert!(s
-        .complete(&k, &o, Completion::Succeeded, Duration::from_secs(3600))
+        .complete(&o.held, Completion::Succeeded, Duration::from_secs(3600))
         .await
         .unwrap());
     cleanup(&s).await;
@@ -113,12 +113,9 @@ async fn two_workers_same_message_run_handler_once() {
 async fn killed_connection_reconnects_without_error() {
     let prefix = unique("kill");
     let s = store(&prefix).await;
-    let k = ScopedKey::new("c", "k1");
-    let o = OwnerToken::generate();
+    let o = ClaimRequest::new(ScopedKey::new("c", "k1"), OwnerToken::generate(), None);
     assert_eq!(
-        s.claim(&k, &o, None, Duration::from_secs(30))
-            .await
-            .unwrap(),
+        s.claim(&o, Duration::from_secs(30)).await.unwrap(),
         Claim::Acquired
     );
     // Kill exactly this store's connection from a second connection (a blanket
@@ -142,9 +139,7 @@ async fn killed_connection_reconnects_without_error() {
     // The first command after the kill hits the dead socket; the store retries once
     // on the reconnected manager. The claim retry finds its own token: Acquired.
     assert_eq!(
-        s.claim(&k, &o, None, Duration::from_secs(30))
-            .await
-            .unwrap(),
+        s.claim(&o, Duration::from_secs(30)).await.unwrap(),
         Claim::Acquired
     );
     let id2: i64 = redis::cmd("CLIENT")
@@ -154,7 +149,7 @@ async fn killed_connection_reconnects_without_error() {
         .unwrap();
     assert_ne!(id, id2, "a new connection");
     assert!(s
-        .complete(&k, &o, Completion::Succeeded, Duration::from_secs(60))
+        .complete(&o.held, Completion::Succeeded, Duration::from_secs(60))
         .await
         .unwrap());
     cleanup(&s).await;
@@ -234,9 +229,10 @@ async fn redis_down_is_transient_never_duplicate_and_recovers() {
     proxy.stop();
     tokio::time::sleep(Duration::from_millis(50)).await;
     let k = ScopedKey::new("billing", format!("{prefix}-a"));
+    let req = ClaimRequest::new(k, OwnerToken::generate(), None);
     let started = Instant::now();
     let err = s
-        .claim(&k, &OwnerToken::generate(), None, Duration::from_secs(5))
+        .claim(&req, Duration::from_secs(5))
         .await
         .expect_err("store down must be an error, not Done");
     eprintln!(
@@ -345,9 +341,8 @@ async fn claims_count_unsettled_starts() {
     let claim = |owner: OwnerToken| {
         let (s, key) = (s.clone(), key.clone());
         async move {
-            s.claim_counting(&key, &owner, Some("fp"), lease, memory)
-                .await
-                .unwrap()
+            let req = ClaimRequest::new(key, owner, Some("fp".into()));
+            s.claim_counting(&req, lease, memory).await.unwrap()
         }
     };
     for n in 0..3 {
@@ -364,7 +359,10 @@ async fn claims_count_unsettled_starts() {
     }
     let owner = OwnerToken::generate();
     assert_eq!(claim(owner.clone()).await, (Claim::Acquired, Some(3)));
-    assert!(s.release(&key, &owner).await.unwrap());
+    assert!(s
+        .release(&HeldClaim::new(key.clone(), owner))
+        .await
+        .unwrap());
     let owner = OwnerToken::generate();
     assert_eq!(
         claim(owner.clone()).await,
@@ -372,7 +370,11 @@ async fn claims_count_unsettled_starts() {
         "release clears"
     );
     assert!(s
-        .complete(&key, &owner, Completion::Succeeded, memory)
+        .complete(
+            &HeldClaim::new(key.clone(), owner),
+            Completion::Succeeded,
+            memory
+        )
         .await
         .unwrap());
     let mut conn = s.connection();

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use idem_core::dedup::{Claim, Completion, DedupStore, OwnerToken, ScopedKey};
+use idem_core::dedup::{Claim, ClaimRequest, Completion, DedupStore, OwnerToken, ScopedKey};
 use idem_sql::PgStore;
 use idem_testkit::logs::LogCapture;
 use idem_testkit::unique;
@@ -39,13 +39,10 @@ async fn lone_operations_go_alone_and_concurrent_claims_share_statements() {
 
     for i in 0..3 {
         let k = ScopedKey::new("c", format!("lone-{i}"));
-        let o = OwnerToken::generate();
-        assert_eq!(
-            store.claim(&k, &o, None, long).await.unwrap(),
-            Claim::Acquired
-        );
+        let o = ClaimRequest::new(k, OwnerToken::generate(), None);
+        assert_eq!(store.claim(&o, long).await.unwrap(), Claim::Acquired);
         assert!(store
-            .complete(&k, &o, Completion::Succeeded, long)
+            .complete(&o.held, Completion::Succeeded, long)
             .await
             .unwrap());
     }
@@ -56,19 +53,17 @@ async fn lone_operations_go_alone_and_concurrent_claims_share_statements() {
             let store = store.clone();
             tokio::spawn(async move {
                 let k = ScopedKey::new("c", format!("many-{i}"));
-                let o = OwnerToken::generate();
                 let fp = format!("fp-{i}");
-                let c = store.claim(&k, &o, Some(&fp), long).await.unwrap();
+                let o = ClaimRequest::new(k.clone(), OwnerToken::generate(), Some(fp.clone()));
+                let c = store.claim(&o, long).await.unwrap();
                 assert_eq!(c, Claim::Acquired, "claim {i}");
                 let done = store
-                    .complete(&k, &o, Completion::Succeeded, long)
+                    .complete(&o.held, Completion::Succeeded, long)
                     .await
                     .unwrap();
                 assert!(done, "complete {i}");
-                let again = store
-                    .claim(&k, &OwnerToken::generate(), None, long)
-                    .await
-                    .unwrap();
+                let stranger = ClaimRequest::new(k, OwnerToken::generate(), None);
+                let again = store.claim(&stranger, long).await.unwrap();
                 assert_eq!(
                     again,
                     Claim::Done {

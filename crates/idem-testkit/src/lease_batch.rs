@@ -11,8 +11,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use idem_core::batch::Batch;
 use idem_core::dedup::{
-    Claim, ClaimRequest, CompleteRequest, Completion, DedupStore, OwnerToken, ReleaseRequest,
-    ScopedKey, StoreError,
+    Claim, ClaimRequest, CompleteRequest, Completion, DedupStore, HeldClaim, OwnerToken, ScopedKey,
+    StoreError,
 };
 use idem_core::{Consumer, Disposition, HandlerError, IdempotencyKey, Message, State};
 
@@ -82,29 +82,18 @@ impl CountingStore {
 
 #[async_trait]
 impl DedupStore for CountingStore {
-    async fn claim(
-        &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        fingerprint: Option<&str>,
-        lease: Duration,
-    ) -> Result<Claim, StoreError> {
+    async fn claim(&self, req: &ClaimRequest, lease: Duration) -> Result<Claim, StoreError> {
         self.count(0);
-        self.inner.claim(key, owner, fingerprint, lease).await
+        self.inner.claim(req, lease).await
     }
     async fn claim_counting(
         &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        fingerprint: Option<&str>,
+        req: &ClaimRequest,
         lease: Duration,
         memory: Duration,
     ) -> Result<(Claim, Option<u32>), StoreError> {
         self.count(0);
-        let claim = self
-            .inner
-            .claim_counting(key, owner, fingerprint, lease, memory);
-        claim.await
+        self.inner.claim_counting(req, lease, memory).await
     }
     async fn claim_many(
         &self,
@@ -115,24 +104,18 @@ impl DedupStore for CountingStore {
         self.count(1);
         self.inner.claim_many(requests, lease, memory).await
     }
-    async fn extend(
-        &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        lease: Duration,
-    ) -> Result<bool, StoreError> {
+    async fn extend(&self, held: &HeldClaim, lease: Duration) -> Result<bool, StoreError> {
         self.count(6);
-        self.inner.extend(key, owner, lease).await
+        self.inner.extend(held, lease).await
     }
     async fn complete(
         &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
+        held: &HeldClaim,
         completion: Completion,
         retention: Duration,
     ) -> Result<bool, StoreError> {
         self.count(2);
-        self.inner.complete(key, owner, completion, retention).await
+        self.inner.complete(held, completion, retention).await
     }
     async fn complete_many(
         &self,
@@ -142,22 +125,17 @@ impl DedupStore for CountingStore {
         self.count(3);
         self.inner.complete_many(requests, retention).await
     }
-    async fn release(&self, key: &ScopedKey, owner: &OwnerToken) -> Result<bool, StoreError> {
+    async fn release(&self, held: &HeldClaim) -> Result<bool, StoreError> {
         self.count(4);
-        self.inner.release(key, owner).await
+        self.inner.release(held).await
     }
-    async fn release_many(&self, requests: &[ReleaseRequest]) -> Vec<Result<bool, StoreError>> {
+    async fn release_many(&self, claims: &[HeldClaim]) -> Vec<Result<bool, StoreError>> {
         self.count(5);
-        self.inner.release_many(requests).await
+        self.inner.release_many(claims).await
     }
-    async fn reopen_poisoned(
-        &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        lease: Duration,
-    ) -> Result<bool, StoreError> {
+    async fn reopen_poisoned(&self, held: &HeldClaim, lease: Duration) -> Result<bool, StoreError> {
         self.count(6);
-        self.inner.reopen_poisoned(key, owner, lease).await
+        self.inner.reopen_poisoned(held, lease).await
     }
 }
 
@@ -207,6 +185,37 @@ async fn process_all(consumer: &Consumer, messages: Vec<Message>) -> Vec<Disposi
     out
 }
 
+/// The messages of [`check`]'s batch besides its 14 successes: key (`<name>-` and
+/// this), body, and the disposition it must get.
+type Outcome = (&'static str, &'static str, fn(&Disposition) -> bool);
+
+/// [`Outcome`]s: poison, transient, discarded, duplicate, payload mismatch, busy.
+const OUTCOMES: [Outcome; 6] = [
+    ("poison", "poison", |d| {
+        matches!(d, Disposition::DeadLetter { .. })
+    }),
+    (
+        "transient",
+        "transient",
+        |d| matches!(d, Disposition::Retry { failure, .. } if failure.attempts == 1),
+    ),
+    ("discard", "discard", |d| {
+        matches!(d, Disposition::Discard { .. })
+    }),
+    ("dup", "ok", |d| *d == Disposition::Ack { duplicate: true }),
+    (
+        "mismatch",
+        "B",
+        |d| matches!(d, Disposition::DeadLetter { failure, .. } if failure.error.contains("different payload")),
+    ),
+    // Retried without spending an attempt.
+    (
+        "busy",
+        "ok",
+        |d| matches!(d, Disposition::Retry { failure, .. } if failure.attempts == 0),
+    ),
+];
+
 /// One batch of 20 messages of consumer `name` over `store` (keys are the message ids
 /// `<name>-...`; the caller cleans the store up): 14 that succeed, and one each that
 /// is poison, fails transiently, is discarded, is a duplicate (its key done), carries
@@ -227,47 +236,15 @@ pub async fn check(store: Arc<dyn DedupStore>, name: &str) {
         .batch_handler_with_state(by_body, seen.clone())
         .unwrap();
     let mut messages: Vec<Message> = (0..14).map(|i| msg(&id(&format!("ok{i}")), "ok")).collect();
-    for (what, body) in [
-        ("poison", "poison"),
-        ("transient", "transient"),
-        ("discard", "discard"),
-        ("dup", "ok"),
-        ("mismatch", "B"),
-        ("busy", "ok"),
-    ] {
-        messages.push(msg(&id(what), body));
-    }
+    messages.extend(OUTCOMES.iter().map(|(what, body, _)| msg(&id(what), body)));
     let d = process_all(&consumer, messages).await;
 
     for (i, d) in d.iter().take(14).enumerate() {
         assert_eq!(*d, Disposition::Ack { duplicate: false }, "ok{i}");
     }
-    assert!(
-        matches!(&d[14], Disposition::DeadLetter { .. }),
-        "poison: {:?}",
-        d[14]
-    );
-    assert!(
-        matches!(&d[15], Disposition::Retry { failure, .. } if failure.attempts == 1),
-        "transient: {:?}",
-        d[15]
-    );
-    assert!(
-        matches!(&d[16], Disposition::Discard { .. }),
-        "discard: {:?}",
-        d[16]
-    );
-    assert_eq!(d[17], Disposition::Ack { duplicate: true }, "duplicate");
-    assert!(
-        matches!(&d[18], Disposition::DeadLetter { failure, .. } if failure.error.contains("different payload")),
-        "mismatch: {:?}",
-        d[18]
-    );
-    assert!(
-        matches!(&d[19], Disposition::Retry { failure, .. } if failure.attempts == 0),
-        "busy: retried without spending an attempt, {:?}",
-        d[19]
-    );
+    for ((what, _, expected), d) in OUTCOMES.iter().zip(&d[14..]) {
+        assert!(expected(d), "{what}: {d:?}");
+    }
 
     assert_eq!(seen.calls.load(Ordering::SeqCst), 1, "one handler call");
     let mut keys = seen.keys.lock().unwrap().clone();
@@ -306,24 +283,20 @@ async fn prepare(store: &Arc<dyn DedupStore>, name: &str) {
         let d = single.process(msg(&id(what), body)).await;
         assert_eq!(d, Disposition::Ack { duplicate: false });
     }
-    let busy = ScopedKey::new(name, id("busy"));
-    let held = store
-        .claim(&busy, &OwnerToken::generate(), None, LONG)
-        .await;
-    assert_eq!(held.unwrap(), Claim::Acquired);
+    assert_eq!(look(store, name, "busy").await, Claim::Acquired);
+}
+
+/// A claim of `{name}-{what}` (consumer `name`) by a fresh owner: what the store holds.
+async fn look(store: &Arc<dyn DedupStore>, name: &str, what: &str) -> Claim {
+    let key = ScopedKey::new(name, format!("{name}-{what}"));
+    let req = ClaimRequest::new(key, OwnerToken::generate(), None);
+    store.claim(&req, LONG).await.unwrap()
 }
 
 /// The records [`check`]'s batch left: done for the succeeded and discarded, poisoned,
 /// released for the transient failure, the busy key untouched.
 async fn records_left(store: &Arc<dyn DedupStore>, name: &str) {
-    let id = |what: &str| format!("{name}-{what}");
-    let look = |what: &str| {
-        let (store, key) = (store.clone(), ScopedKey::new(name, id(what)));
-        async move {
-            let owner = OwnerToken::generate();
-            store.claim(&key, &owner, None, LONG).await.unwrap()
-        }
-    };
+    let look = |what| look(store, name, what);
     for what in ["ok0", "ok13", "discard"] {
         let found = look(what).await;
         assert!(

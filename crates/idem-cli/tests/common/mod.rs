@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use idem_amqp::DelayTiers;
 use idem_amqp::{Publisher, Topology};
-use idem_core::dedup::{Claim, Completion, DedupStore, OwnerToken, ScopedKey};
+use idem_core::dedup::{Claim, ClaimRequest, Completion, DedupStore, OwnerToken, ScopedKey};
 use idem_core::{ErrorKind, Failure, HeaderValue, Message};
 use idem_testkit::Service;
 use lapin::message::BasicGetMessage;
@@ -119,17 +119,15 @@ pub async fn record_done(
     completion: Completion,
     retention: Duration,
 ) -> OwnerToken {
-    let owner = OwnerToken::generate();
-    let claim = store
-        .claim(key, &owner, fingerprint, Duration::from_secs(30))
-        .await
-        .unwrap();
+    let fingerprint = fingerprint.map(str::to_owned);
+    let req = ClaimRequest::new(key.clone(), OwnerToken::generate(), fingerprint);
+    let claim = store.claim(&req, Duration::from_secs(30)).await.unwrap();
     assert_eq!(claim, Claim::Acquired);
     assert!(store
-        .complete(key, &owner, completion, retention)
+        .complete(&req.held, completion, retention)
         .await
         .unwrap());
-    owner
+    req.held.owner
 }
 
 /// `idem dlq replay QUEUE --all --json` with `dedup` (the options naming the dedup

@@ -2,7 +2,7 @@
 //! [`complete_and_release_many`].
 
 use super::*;
-use crate::dedup::{ClaimRequest, CompleteRequest, ReleaseRequest};
+use crate::dedup::CompleteRequest;
 
 async fn claims(
     store: &dyn DedupStore,
@@ -18,7 +18,7 @@ async fn claims(
     answers
         .into_iter()
         .zip(requests)
-        .map(|(a, r)| ok(a, &format!("claim_many of {}", r.key)))
+        .map(|(a, r)| ok(a, &format!("claim_many of {}", r.held.key)))
         .collect()
 }
 
@@ -37,19 +37,17 @@ pub async fn claim_many_as_one_by_one(store: &dyn DedupStore, scope: &str) {
     let k = |name: &str| key(scope, &format!("many-{name}"));
     let (done, poisoned, held, expired) = (k("done"), k("poisoned"), k("held"), k("expired"));
     let (fresh, bare) = (k("fresh"), k("bare"));
-    let a = OwnerToken::generate();
     for (key, completion) in [
         (&done, Completion::Succeeded),
         (&poisoned, Completion::Poisoned),
     ] {
-        assert_eq!(claim(store, key, &a, LONG).await, Claim::Acquired);
-        assert!(ok(
-            store.complete(key, &a, completion, LONG).await,
-            "complete"
-        ));
+        let a = holder(key);
+        assert_eq!(claim(store, &a, LONG).await, Claim::Acquired);
+        assert!(complete(store, &a, completion, LONG).await);
     }
-    assert_eq!(claim(store, &held, &a, LONG).await, Claim::Acquired);
-    let counted = store.claim_counting(&expired, &a, None, LEASE, LONG).await;
+    assert_eq!(claim(store, &holder(&held), LONG).await, Claim::Acquired);
+    let expiring = ClaimRequest::new(expired.clone(), OwnerToken::generate(), None);
+    let counted = store.claim_counting(&expiring, LEASE, LONG).await;
     assert!(matches!(
         ok(counted, "claim_counting"),
         (Claim::Acquired, _)
@@ -100,25 +98,24 @@ pub async fn claim_many_as_one_by_one(store: &dyn DedupStore, scope: &str) {
     );
 
     // The acquired claims are held, by their requests' owners, with their fingerprints.
-    let stranger = OwnerToken::generate();
     for i in [0, 4, 5] {
-        let r = &requests[i];
+        let r = &requests[i].held;
         assert!(
             matches!(
-                claim(store, &r.key, &stranger, LONG).await,
+                claim(store, &holder(&r.key), LONG).await,
                 Claim::Busy { .. }
             ),
             "{} is held after claim_many",
             r.key
         );
-        let completed = store.complete(&r.key, &r.owner, Completion::Succeeded, LONG);
         assert!(
-            ok(completed.await, "complete"),
+            complete(store, r, Completion::Succeeded, LONG).await,
             "{} is held by its request's owner",
             r.key
         );
     }
-    let recorded = store.claim(&bare, &stranger, None, LONG).await;
+    let stranger = ClaimRequest::new(bare.clone(), OwnerToken::generate(), None);
+    let recorded = store.claim(&stranger, LONG).await;
     assert_eq!(
         ok(recorded, "claim"),
         Claim::Done {
@@ -145,7 +142,7 @@ pub async fn complete_and_release_many(store: &dyn DedupStore, scope: &str) {
     for (claim, _) in claims(store, &requests, LONG).await {
         assert_eq!(claim, Claim::Acquired);
     }
-    let owner = |i: usize| requests[i].owner.clone();
+    let owner = |i: usize| requests[i].held.owner.clone();
     let stranger = OwnerToken::generate();
     let completions = vec![
         CompleteRequest::new(keys[0].clone(), owner(0), Completion::Succeeded),
@@ -159,9 +156,9 @@ pub async fn complete_and_release_many(store: &dyn DedupStore, scope: &str) {
         .collect();
     assert_eq!(answers, [true, true, false], "complete_many: owners only");
     let releases = vec![
-        ReleaseRequest::new(keys[2].clone(), owner(2)),
-        ReleaseRequest::new(keys[3].clone(), stranger.clone()),
-        ReleaseRequest::new(keys[4].clone(), owner(4)),
+        requests[2].held.clone(),
+        HeldClaim::new(keys[3].clone(), stranger.clone()),
+        requests[4].held.clone(),
     ];
     let answers = store.release_many(&releases).await;
     let answers: Vec<bool> = answers.into_iter().map(|a| ok(a, "release_many")).collect();

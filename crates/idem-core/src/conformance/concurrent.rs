@@ -11,7 +11,8 @@ pub async fn race(store: Arc<dyn DedupStore>, scope: &str, n: usize) {
     for _ in 0..n {
         let (store, k) = (store.clone(), k.clone());
         tasks.push(tokio::spawn(async move {
-            store.claim(&k, &OwnerToken::generate(), None, LONG).await
+            let req = ClaimRequest::new(k, OwnerToken::generate(), None);
+            store.claim(&req, LONG).await
         }));
     }
     let mut acquired = 0;
@@ -66,83 +67,78 @@ where
 ///    reopen the done keys, which succeeds only for the poisoned ones (so a claim of
 ///    a poisoned key may also see it held again: `Busy`).
 pub async fn concurrent(store: Arc<dyn DedupStore>, scope: &str, n: usize) {
-    let many = Many::new(scope, n);
+    let many = Arc::new(Many::new(scope, n));
     let winners = many.claims(&store).await;
     many.settle(&store, &winners).await;
     many.fresh_claims(&store).await;
 }
 
-/// The keys and owners of [`concurrent`]: `n` keys with one owner each, and `pairs`
-/// shared keys with two racing owners each.
+/// The claims of [`concurrent`]: `n` keys with one owner each (`claims[i]`, with
+/// fingerprint `fp-i`), and `pairs` shared keys with two racing owners each
+/// (`racers[2p]` and `racers[2p + 1]`, no fingerprint). Shared with every task.
 struct Many {
     n: usize,
     pairs: usize,
-    keys: Arc<Vec<ScopedKey>>,
-    owners: Arc<Vec<OwnerToken>>,
-    shared: Arc<Vec<ScopedKey>>,
-    racers: Arc<Vec<OwnerToken>>,
+    claims: Vec<ClaimRequest>,
+    racers: Vec<ClaimRequest>,
 }
 
 impl Many {
     fn new(scope: &str, n: usize) -> Self {
-        let keys: Arc<Vec<ScopedKey>> =
-            Arc::new((0..n).map(|i| key(scope, &format!("many-{i}"))).collect());
-        let owners: Arc<Vec<OwnerToken>> =
-            Arc::new((0..n).map(|_| OwnerToken::generate()).collect());
+        let claims = (0..n)
+            .map(|i| {
+                let k = key(scope, &format!("many-{i}"));
+                ClaimRequest::new(k, OwnerToken::generate(), Some(format!("fp-{i}")))
+            })
+            .collect();
         let pairs = (n / 8).max(1);
-        let shared: Arc<Vec<ScopedKey>> = Arc::new(
-            (0..pairs)
-                .map(|i| key(scope, &format!("shared-{i}")))
-                .collect(),
-        );
-        let racers: Arc<Vec<OwnerToken>> =
-            Arc::new((0..2 * pairs).map(|_| OwnerToken::generate()).collect());
+        let racers = (0..2 * pairs)
+            .map(|r| {
+                let k = key(scope, &format!("shared-{}", r / 2));
+                ClaimRequest::new(k, OwnerToken::generate(), None)
+            })
+            .collect();
         Many {
             n,
             pairs,
-            keys,
-            owners,
-            shared,
+            claims,
             racers,
         }
     }
 
+    /// The `i`th key.
+    fn key(&self, i: usize) -> &ScopedKey {
+        &self.claims[i].held.key
+    }
+
+    /// Fresh owners of every key, one each.
+    fn others(&self) -> Arc<Vec<HeldClaim>> {
+        Arc::new((0..self.n).map(|i| holder(self.key(i))).collect())
+    }
+
     /// Round 1: claims, own keys and shared keys at once. Returns each shared key's
     /// winning racer.
-    async fn claims(&self, store: &Arc<dyn DedupStore>) -> Arc<Vec<usize>> {
-        let Many {
-            n,
-            pairs,
-            keys,
-            owners,
-            shared,
-            racers,
-        } = self;
-        let (n, pairs) = (*n, *pairs);
-        // Round 1: claims, own keys and shared keys at once.
-        let claims = {
-            let (keys, owners, shared, racers) =
-                (keys.clone(), owners.clone(), shared.clone(), racers.clone());
-            all_at_once(store, n + 2 * pairs, move |s, i| {
-                let (keys, owners, shared, racers) =
-                    (keys.clone(), owners.clone(), shared.clone(), racers.clone());
-                async move {
-                    if i < n {
-                        let fp = format!("fp-{i}");
-                        s.claim(&keys[i], &owners[i], Some(&fp), LONG).await
-                    } else {
-                        let r = i - n;
-                        s.claim(&shared[r / 2], &racers[r], None, LONG).await
-                    }
-                }
-            })
-            .await
-        };
+    async fn claims(self: &Arc<Self>, store: &Arc<dyn DedupStore>) -> Arc<Vec<usize>> {
+        let (n, pairs) = (self.n, self.pairs);
+        let many = self.clone();
+        let claims = all_at_once(store, n + 2 * pairs, move |s, i| {
+            let many = many.clone();
+            async move {
+                let req = many.claims.get(i).unwrap_or_else(|| &many.racers[i - n]);
+                s.claim(req, LONG).await
+            }
+        })
+        .await;
         let mut winners = vec![None; pairs];
         for (i, c) in claims.into_iter().enumerate() {
             let c = ok(c, "concurrent claim");
             if i < n {
-                assert_eq!(c, Claim::Acquired, "claim of {} by its only owner", keys[i]);
+                assert_eq!(
+                    c,
+                    Claim::Acquired,
+                    "claim of {} by its only owner",
+                    self.key(i)
+                );
             } else {
                 let r = i - n;
                 match c {
@@ -150,7 +146,7 @@ impl Many {
                         assert!(
                             winners[r / 2].replace(r).is_none(),
                             "both owners acquired {}",
-                            shared[r / 2]
+                            self.racers[r].held.key
                         );
                     }
                     Claim::Busy { retry_in } => assert!(
@@ -165,64 +161,40 @@ impl Many {
             winners
                 .into_iter()
                 .enumerate()
-                .map(|(p, w)| w.unwrap_or_else(|| panic!("no owner acquired {}", shared[p])))
+                .map(|(p, w)| {
+                    w.unwrap_or_else(|| panic!("no owner acquired {}", self.racers[2 * p].held.key))
+                })
                 .collect(),
         );
         winners
     }
 
-    /// Round 2: settle, beside strangers and race losers.
-    async fn settle(&self, store: &Arc<dyn DedupStore>, winners: &[usize]) {
-        let Many {
-            n,
-            pairs,
-            keys,
-            owners,
-            shared,
-            racers,
-        } = self;
-        let (n, pairs) = (*n, *pairs);
-        // Round 2: settle, beside strangers and race losers. Per key: 4 operations.
-        let strangers: Arc<Vec<OwnerToken>> =
-            Arc::new((0..n).map(|_| OwnerToken::generate()).collect());
-        let settled = {
-            let (keys, owners, shared, racers, strangers) = (
-                keys.clone(),
-                owners.clone(),
-                shared.clone(),
-                racers.clone(),
-                strangers.clone(),
-            );
-            all_at_once(store, 4 * n + 2 * pairs, move |s, j| {
-                let (keys, owners, shared, racers, strangers) = (
-                    keys.clone(),
-                    owners.clone(),
-                    shared.clone(),
-                    racers.clone(),
-                    strangers.clone(),
-                );
-                async move {
-                    if j >= 4 * n {
-                        let r = j - 4 * n;
-                        return s
-                            .complete(&shared[r / 2], &racers[r], Completion::Succeeded, LONG)
-                            .await;
-                    }
-                    let (i, which) = (j / 4, j % 4);
-                    let (k, owner, stranger) = (&keys[i], &owners[i], &strangers[i]);
-                    match (which, i % 4) {
-                        (0, 0) => s.complete(k, owner, Completion::Succeeded, LONG).await,
-                        (0, 1) => s.complete(k, owner, Completion::Poisoned, LONG).await,
-                        (0, 2) => s.release(k, owner).await,
-                        (0, _) => s.extend(k, owner, LONG).await,
-                        (1, _) => s.complete(k, stranger, Completion::Succeeded, LONG).await,
-                        (2, _) => s.release(k, stranger).await,
-                        _ => s.extend(k, stranger, LONG).await,
-                    }
+    /// Round 2: settle, beside strangers and race losers. Per key: 4 operations.
+    async fn settle(self: &Arc<Self>, store: &Arc<dyn DedupStore>, winners: &[usize]) {
+        let (n, pairs) = (self.n, self.pairs);
+        let strangers = self.others();
+        let many = self.clone();
+        let settled = all_at_once(store, 4 * n + 2 * pairs, move |s, j| {
+            let (many, strangers) = (many.clone(), strangers.clone());
+            async move {
+                if j >= 4 * n {
+                    let racer = &many.racers[j - 4 * n].held;
+                    return s.complete(racer, Completion::Succeeded, LONG).await;
                 }
-            })
-            .await
-        };
+                let (i, which) = (j / 4, j % 4);
+                let (owner, stranger) = (&many.claims[i].held, &strangers[i]);
+                match (which, i % 4) {
+                    (0, 0) => s.complete(owner, Completion::Succeeded, LONG).await,
+                    (0, 1) => s.complete(owner, Completion::Poisoned, LONG).await,
+                    (0, 2) => s.release(owner).await,
+                    (0, _) => s.extend(owner, LONG).await,
+                    (1, _) => s.complete(stranger, Completion::Succeeded, LONG).await,
+                    (2, _) => s.release(stranger).await,
+                    _ => s.extend(stranger, LONG).await,
+                }
+            }
+        })
+        .await;
         for (j, r) in settled.into_iter().enumerate() {
             let done = ok(r, "concurrent settle");
             if j >= 4 * n {
@@ -231,7 +203,7 @@ impl Many {
                     done,
                     winners[r / 2] == r,
                     "completion of {} by {} (only the claim's winner may complete)",
-                    shared[r / 2],
+                    self.racers[r].held.key,
                     if winners[r / 2] == r {
                         "the winner"
                     } else {
@@ -239,57 +211,58 @@ impl Many {
                     }
                 );
             } else if j % 4 == 0 {
-                assert!(done, "owner's operation {} on {}", (j / 4) % 4, keys[j / 4]);
+                assert!(
+                    done,
+                    "owner's operation {} on {}",
+                    (j / 4) % 4,
+                    self.key(j / 4)
+                );
             } else {
                 assert!(
                     !done,
                     "stranger's operation {} on {} must be refused",
                     j % 4,
-                    keys[j / 4]
+                    self.key(j / 4)
                 );
             }
         }
     }
 
     /// Round 3: fresh claims see each key's own state; reopen the done ones.
-    async fn fresh_claims(&self, store: &Arc<dyn DedupStore>) {
-        let Many { n, keys, .. } = self;
-        let n = *n;
-        // Round 3: fresh claims see each key's own state; reopen the done ones.
-        let fresh: Arc<Vec<OwnerToken>> =
-            Arc::new((0..n).map(|_| OwnerToken::generate()).collect());
-        let reopeners: Arc<Vec<OwnerToken>> =
-            Arc::new((0..n).map(|_| OwnerToken::generate()).collect());
-        let answers = {
-            let (keys, fresh, reopeners) = (keys.clone(), fresh.clone(), reopeners.clone());
-            all_at_once(store, 2 * n, move |s, j| {
-                let (keys, fresh, reopeners) = (keys.clone(), fresh.clone(), reopeners.clone());
-                async move {
-                    let (i, reopen) = (j / 2, j % 2 == 1);
-                    let k = &keys[i];
-                    if reopen {
-                        if i % 4 < 2 {
-                            let reopened = s.reopen_poisoned(k, &reopeners[i], LONG).await?;
-                            return Ok((None, Some(reopened)));
-                        }
-                        return Ok((None, None));
+    async fn fresh_claims(self: &Arc<Self>, store: &Arc<dyn DedupStore>) {
+        let n = self.n;
+        let fresh: Arc<Vec<ClaimRequest>> = Arc::new(
+            (0..n)
+                .map(|i| {
+                    let fp = Some(format!("fresh-{i}"));
+                    ClaimRequest::new(self.key(i).clone(), OwnerToken::generate(), fp)
+                })
+                .collect(),
+        );
+        let reopeners = self.others();
+        let answers = all_at_once(store, 2 * n, move |s, j| {
+            let (fresh, reopeners) = (fresh.clone(), reopeners.clone());
+            async move {
+                let (i, reopen) = (j / 2, j % 2 == 1);
+                if reopen {
+                    if i % 4 < 2 {
+                        let reopened = s.reopen_poisoned(&reopeners[i], LONG).await?;
+                        return Ok((None, Some(reopened)));
                     }
-                    let fp = format!("fresh-{i}");
-                    if i % 2 == 0 {
-                        let (c, starts) = s
-                            .claim_counting(k, &fresh[i], Some(&fp), LONG, LONG)
-                            .await?;
-                        Ok((Some((c, starts)), None))
-                    } else {
-                        let c = s.claim(k, &fresh[i], Some(&fp), LONG).await?;
-                        Ok::<_, StoreError>((Some((c, None)), None))
-                    }
+                    return Ok((None, None));
                 }
-            })
-            .await
-        };
+                if i % 2 == 0 {
+                    let (c, starts) = s.claim_counting(&fresh[i], LONG, LONG).await?;
+                    Ok((Some((c, starts)), None))
+                } else {
+                    let c = s.claim(&fresh[i], LONG).await?;
+                    Ok::<_, StoreError>((Some((c, None)), None))
+                }
+            }
+        })
+        .await;
         for (j, r) in answers.into_iter().enumerate() {
-            let (i, k) = (j / 2, &keys[j / 2]);
+            let (i, k) = (j / 2, self.key(j / 2));
             match ok(r, "concurrent claim or reopen") {
                 (Some((c, starts)), _) => match i % 4 {
                     0 | 1 => {

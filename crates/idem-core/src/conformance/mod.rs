@@ -20,7 +20,9 @@
 
 use std::time::Duration;
 
-use crate::dedup::{Claim, Completion, DedupStore, OwnerToken, ScopedKey, StoreError};
+use crate::dedup::{
+    Claim, ClaimRequest, Completion, DedupStore, HeldClaim, OwnerToken, ScopedKey, StoreError,
+};
 
 mod batch;
 mod concurrent;
@@ -35,11 +37,48 @@ fn key(scope: &str, name: &str) -> ScopedKey {
     ScopedKey::new(format!("{scope}-consumer"), format!("{scope}-{name}"))
 }
 
-async fn claim(store: &dyn DedupStore, k: &ScopedKey, o: &OwnerToken, lease: Duration) -> Claim {
-    match store.claim(k, o, Some("fp-1"), lease).await {
+/// A claim of `k` by a fresh owner.
+fn holder(k: &ScopedKey) -> HeldClaim {
+    HeldClaim::new(k.clone(), OwnerToken::generate())
+}
+
+/// Claims `h` with fingerprint `fp-1`.
+async fn claim(store: &dyn DedupStore, h: &HeldClaim, lease: Duration) -> Claim {
+    let req = ClaimRequest {
+        held: h.clone(),
+        fingerprint: Some("fp-1".into()),
+    };
+    match store.claim(&req, lease).await {
         Ok(c) => c,
-        Err(e) => panic!("claim of {k} failed: {e}"),
+        Err(e) => panic!("claim of {} failed: {e}", h.key),
     }
+}
+
+/// Completes `h` with `completion`, kept for `retention`.
+async fn complete(
+    store: &dyn DedupStore,
+    h: &HeldClaim,
+    completion: Completion,
+    retention: Duration,
+) -> bool {
+    ok(store.complete(h, completion, retention).await, "complete")
+}
+
+/// `h` does not hold its key (a stranger, a stale owner): complete, release and
+/// extend are refused.
+async fn fenced_off(store: &dyn DedupStore, h: &HeldClaim, who: &str) {
+    assert!(
+        !complete(store, h, Completion::Succeeded, LONG).await,
+        "{who} must not complete"
+    );
+    assert!(
+        !ok(store.release(h).await, "release"),
+        "{who} must not release"
+    );
+    assert!(
+        !ok(store.extend(h, LONG).await, "extend"),
+        "{who} must not extend"
+    );
 }
 
 fn ok<T>(r: Result<T, StoreError>, what: &str) -> T {
@@ -63,22 +102,14 @@ pub async fn run(store: &dyn DedupStore, scope: &str) {
 /// Absent -> processing -> done; a later claim sees `Done` with the fingerprint.
 pub async fn claim_complete_duplicate(store: &dyn DedupStore, scope: &str) {
     let k = key(scope, "complete");
-    let a = OwnerToken::generate();
-    assert_eq!(
-        claim(store, &k, &a, LONG).await,
-        Claim::Acquired,
-        "first claim"
-    );
+    let a = holder(&k);
+    assert_eq!(claim(store, &a, LONG).await, Claim::Acquired, "first claim");
     assert!(
-        ok(
-            store.complete(&k, &a, Completion::Succeeded, LONG).await,
-            "complete"
-        ),
+        complete(store, &a, Completion::Succeeded, LONG).await,
         "owner completes"
     );
-    let b = OwnerToken::generate();
     assert_eq!(
-        claim(store, &k, &b, LONG).await,
+        claim(store, &holder(&k), LONG).await,
         Claim::Done {
             completion: Completion::Succeeded,
             fingerprint: Some("fp-1".into())
@@ -90,9 +121,8 @@ pub async fn claim_complete_duplicate(store: &dyn DedupStore, scope: &str) {
 /// A live claim makes others wait, and says how long.
 pub async fn busy_while_held(store: &dyn DedupStore, scope: &str) {
     let k = key(scope, "busy");
-    let (a, b) = (OwnerToken::generate(), OwnerToken::generate());
-    assert_eq!(claim(store, &k, &a, LONG).await, Claim::Acquired);
-    match claim(store, &k, &b, LONG).await {
+    assert_eq!(claim(store, &holder(&k), LONG).await, Claim::Acquired);
+    match claim(store, &holder(&k), LONG).await {
         Claim::Busy { retry_in } => assert!(
             retry_in <= LONG && retry_in > Duration::ZERO,
             "retry_in {retry_in:?}"
@@ -104,29 +134,12 @@ pub async fn busy_while_held(store: &dyn DedupStore, scope: &str) {
 /// Only the owner may complete, release or extend.
 pub async fn fencing(store: &dyn DedupStore, scope: &str) {
     let k = key(scope, "fencing");
-    let (a, b) = (OwnerToken::generate(), OwnerToken::generate());
-    assert_eq!(claim(store, &k, &a, LONG).await, Claim::Acquired);
+    let (a, b) = (holder(&k), holder(&k));
+    assert_eq!(claim(store, &a, LONG).await, Claim::Acquired);
+    fenced_off(store, &b, "stranger").await;
+    assert!(ok(store.extend(&a, LONG).await, "extend"), "owner extends");
     assert!(
-        !ok(
-            store.complete(&k, &b, Completion::Succeeded, LONG).await,
-            "complete"
-        ),
-        "stranger must not complete"
-    );
-    assert!(
-        !ok(store.release(&k, &b).await, "release"),
-        "stranger must not release"
-    );
-    assert!(
-        !ok(store.extend(&k, &b, LONG).await, "extend"),
-        "stranger must not extend"
-    );
-    assert!(
-        ok(store.extend(&k, &a, LONG).await, "extend"),
-        "owner extends"
-    );
-    assert!(
-        matches!(claim(store, &k, &b, LONG).await, Claim::Busy { .. }),
+        matches!(claim(store, &b, LONG).await, Claim::Busy { .. }),
         "still held by the owner"
     );
 }
@@ -134,15 +147,15 @@ pub async fn fencing(store: &dyn DedupStore, scope: &str) {
 /// Release returns the key to absent.
 pub async fn release_frees(store: &dyn DedupStore, scope: &str) {
     let k = key(scope, "release");
-    let (a, b) = (OwnerToken::generate(), OwnerToken::generate());
-    assert_eq!(claim(store, &k, &a, LONG).await, Claim::Acquired);
-    assert!(ok(store.release(&k, &a).await, "release"), "owner releases");
+    let a = holder(&k);
+    assert_eq!(claim(store, &a, LONG).await, Claim::Acquired);
+    assert!(ok(store.release(&a).await, "release"), "owner releases");
     assert!(
-        !ok(store.release(&k, &a).await, "release"),
+        !ok(store.release(&a).await, "release"),
         "second release is a no-op"
     );
     assert_eq!(
-        claim(store, &k, &b, LONG).await,
+        claim(store, &holder(&k), LONG).await,
         Claim::Acquired,
         "released key can be claimed"
     );
@@ -151,40 +164,30 @@ pub async fn release_frees(store: &dyn DedupStore, scope: &str) {
 /// Poisoned records are done, and only they can be reopened.
 pub async fn poison_and_reopen(store: &dyn DedupStore, scope: &str) {
     let k = key(scope, "poison");
-    let (a, b, c) = (
-        OwnerToken::generate(),
-        OwnerToken::generate(),
-        OwnerToken::generate(),
-    );
-    assert_eq!(claim(store, &k, &a, LONG).await, Claim::Acquired);
-    assert!(ok(
-        store.complete(&k, &a, Completion::Poisoned, LONG).await,
-        "complete"
-    ));
+    let (a, b, c) = (holder(&k), holder(&k), holder(&k));
+    assert_eq!(claim(store, &a, LONG).await, Claim::Acquired);
+    assert!(complete(store, &a, Completion::Poisoned, LONG).await);
     assert!(matches!(
-        claim(store, &k, &b, LONG).await,
+        claim(store, &b, LONG).await,
         Claim::Done {
             completion: Completion::Poisoned,
             ..
         }
     ));
     assert!(
-        ok(store.reopen_poisoned(&k, &b, LONG).await, "reopen"),
+        ok(store.reopen_poisoned(&b, LONG).await, "reopen"),
         "poisoned record reopens"
     );
     assert!(
-        !ok(store.reopen_poisoned(&k, &c, LONG).await, "reopen"),
+        !ok(store.reopen_poisoned(&c, LONG).await, "reopen"),
         "reopened record is processing now"
     );
     assert!(
-        ok(
-            store.complete(&k, &b, Completion::Succeeded, LONG).await,
-            "complete"
-        ),
+        complete(store, &b, Completion::Succeeded, LONG).await,
         "new owner completes"
     );
     assert!(
-        !ok(store.reopen_poisoned(&k, &c, LONG).await, "reopen"),
+        !ok(store.reopen_poisoned(&c, LONG).await, "reopen"),
         "succeeded record never reopens"
     );
 }
@@ -193,10 +196,9 @@ pub async fn poison_and_reopen(store: &dyn DedupStore, scope: &str) {
 pub async fn scoped_by_consumer(store: &dyn DedupStore, scope: &str) {
     let k1 = ScopedKey::new(format!("{scope}-c1"), format!("{scope}-fanout"));
     let k2 = ScopedKey::new(format!("{scope}-c2"), format!("{scope}-fanout"));
-    let (a, b) = (OwnerToken::generate(), OwnerToken::generate());
-    assert_eq!(claim(store, &k1, &a, LONG).await, Claim::Acquired);
+    assert_eq!(claim(store, &holder(&k1), LONG).await, Claim::Acquired);
     assert_eq!(
-        claim(store, &k2, &b, LONG).await,
+        claim(store, &holder(&k2), LONG).await,
         Claim::Acquired,
         "other consumer claims independently"
     );
@@ -207,52 +209,30 @@ pub async fn scoped_by_consumer(store: &dyn DedupStore, scope: &str) {
 pub async fn lease_expiry_and_extension(store: &dyn DedupStore, scope: &str) {
     let k = key(scope, "expiry");
     let kx = key(scope, "extended");
-    let (a, b, x, y) = (
-        OwnerToken::generate(),
-        OwnerToken::generate(),
-        OwnerToken::generate(),
-        OwnerToken::generate(),
-    );
-    assert_eq!(claim(store, &k, &a, LEASE).await, Claim::Acquired);
-    assert_eq!(claim(store, &kx, &x, LEASE).await, Claim::Acquired);
+    let (a, b, x, y) = (holder(&k), holder(&k), holder(&kx), holder(&kx));
+    assert_eq!(claim(store, &a, LEASE).await, Claim::Acquired);
+    assert_eq!(claim(store, &x, LEASE).await, Claim::Acquired);
     for _ in 0..3 {
         tokio::time::sleep(LEASE / 3).await;
         assert!(
-            ok(store.extend(&kx, &x, LEASE).await, "extend"),
+            ok(store.extend(&x, LEASE).await, "extend"),
             "extension of a live lease"
         );
     }
     tokio::time::sleep(LEASE / 3).await;
     // `k` is now past its lease; `kx` was extended a moment ago.
     assert!(
-        matches!(claim(store, &kx, &y, LEASE).await, Claim::Busy { .. }),
+        matches!(claim(store, &y, LEASE).await, Claim::Busy { .. }),
         "extended lease still held"
     );
     assert_eq!(
-        claim(store, &k, &b, LONG).await,
+        claim(store, &b, LONG).await,
         Claim::Acquired,
         "expired lease is taken over"
     );
+    fenced_off(store, &a, "stale owner").await;
     assert!(
-        !ok(
-            store.complete(&k, &a, Completion::Succeeded, LONG).await,
-            "complete"
-        ),
-        "stale owner must not complete"
-    );
-    assert!(
-        !ok(store.release(&k, &a).await, "release"),
-        "stale owner must not release"
-    );
-    assert!(
-        !ok(store.extend(&k, &a, LONG).await, "extend"),
-        "stale owner must not extend"
-    );
-    assert!(
-        ok(
-            store.complete(&k, &b, Completion::Succeeded, LONG).await,
-            "complete"
-        ),
+        complete(store, &b, Completion::Succeeded, LONG).await,
         "new owner completes"
     );
 }
@@ -260,15 +240,12 @@ pub async fn lease_expiry_and_extension(store: &dyn DedupStore, scope: &str) {
 /// A `done` record is forgotten after its retention.
 pub async fn retention_expiry(store: &dyn DedupStore, scope: &str) {
     let k = key(scope, "retention");
-    let (a, b) = (OwnerToken::generate(), OwnerToken::generate());
-    assert_eq!(claim(store, &k, &a, LONG).await, Claim::Acquired);
-    assert!(ok(
-        store.complete(&k, &a, Completion::Succeeded, LEASE).await,
-        "complete"
-    ));
+    let a = holder(&k);
+    assert_eq!(claim(store, &a, LONG).await, Claim::Acquired);
+    assert!(complete(store, &a, Completion::Succeeded, LEASE).await);
     tokio::time::sleep(LEASE + LEASE / 2).await;
     assert_eq!(
-        claim(store, &k, &b, LONG).await,
+        claim(store, &holder(&k), LONG).await,
         Claim::Acquired,
         "expired done record is gone"
     );

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::fakes::FakeStore;
+use super::fakes::{fresh_claim, FakeStore};
 use super::*;
 use crate::batch::Batch;
 use crate::crash::CrashLoopError;
@@ -59,17 +59,13 @@ async fn all(c: &Consumer, messages: Vec<Message>) -> Vec<Disposition> {
     futures_util::future::join_all(messages.into_iter().map(|m| c.process(m))).await
 }
 
-fn key(id: &str) -> ScopedKey {
-    ScopedKey::new("lb", id)
-}
-
 /// What a stranger's claim of `id` finds.
 async fn look(store: &dyn DedupStore, id: &str) -> Claim {
-    let owner = OwnerToken::generate();
-    let found = store
-        .claim(&key(id), &owner, None, Duration::from_secs(1))
-        .await;
-    found.unwrap()
+    let stranger = fresh_claim("lb", id);
+    store
+        .claim(&stranger, Duration::from_secs(1))
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
@@ -112,9 +108,9 @@ async fn a_crash_looping_message_is_dead_lettered_without_running() {
     let c = consumer(DedupLayer::new(store.clone()), 5, &seen);
     // Three starts that never settled (their leases ran out).
     for _ in 0..3 {
-        let (k, owner) = (key("crashy"), OwnerToken::generate());
         let lease = Duration::from_millis(1);
-        let started = store.claim_counting(&k, &owner, None, lease, Duration::from_secs(60));
+        let crashy = fresh_claim("lb", "crashy");
+        let started = store.claim_counting(&crashy, lease, Duration::from_secs(60));
         assert!(matches!(started.await.unwrap(), (Claim::Acquired, _)));
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -249,15 +245,9 @@ struct Many {
 
 #[async_trait::async_trait]
 impl DedupStore for Many {
-    async fn claim(
-        &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        fingerprint: Option<&str>,
-        lease: Duration,
-    ) -> Result<Claim, StoreError> {
+    async fn claim(&self, req: &ClaimRequest, lease: Duration) -> Result<Claim, StoreError> {
         self.single.fetch_add(1, Ordering::SeqCst);
-        self.store.claim(key, owner, fingerprint, lease).await
+        self.store.claim(req, lease).await
     }
     async fn claim_many(
         &self,
@@ -268,23 +258,17 @@ impl DedupStore for Many {
         self.claims.fetch_add(1, Ordering::SeqCst);
         self.store.claim_many(requests, lease, memory).await
     }
-    async fn extend(
-        &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        lease: Duration,
-    ) -> Result<bool, StoreError> {
-        self.store.extend(key, owner, lease).await
+    async fn extend(&self, held: &HeldClaim, lease: Duration) -> Result<bool, StoreError> {
+        self.store.extend(held, lease).await
     }
     async fn complete(
         &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
+        held: &HeldClaim,
         completion: Completion,
         retention: Duration,
     ) -> Result<bool, StoreError> {
         self.single.fetch_add(1, Ordering::SeqCst);
-        self.store.complete(key, owner, completion, retention).await
+        self.store.complete(held, completion, retention).await
     }
     async fn complete_many(
         &self,
@@ -294,17 +278,12 @@ impl DedupStore for Many {
         self.completions.fetch_add(1, Ordering::SeqCst);
         self.store.complete_many(requests, retention).await
     }
-    async fn release(&self, key: &ScopedKey, owner: &OwnerToken) -> Result<bool, StoreError> {
+    async fn release(&self, held: &HeldClaim) -> Result<bool, StoreError> {
         self.single.fetch_add(1, Ordering::SeqCst);
-        self.store.release(key, owner).await
+        self.store.release(held).await
     }
-    async fn reopen_poisoned(
-        &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        lease: Duration,
-    ) -> Result<bool, StoreError> {
-        self.store.reopen_poisoned(key, owner, lease).await
+    async fn reopen_poisoned(&self, held: &HeldClaim, lease: Duration) -> Result<bool, StoreError> {
+        self.store.reopen_poisoned(held, lease).await
     }
 }
 

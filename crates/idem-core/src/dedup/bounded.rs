@@ -7,8 +7,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::store::{
-    Claim, ClaimRequest, CompleteRequest, Completion, DedupStore, OwnerToken, ReleaseRequest,
-    ScopedKey, StoreError, StoreErrorKind,
+    Claim, ClaimRequest, CompleteRequest, Completion, DedupStore, HeldClaim, StoreError,
+    StoreErrorKind,
 };
 
 /// Default limit on one store call (connection or pool wait included): 5 s.
@@ -83,61 +83,35 @@ impl Bounded {
 
 #[async_trait]
 impl DedupStore for Bounded {
-    async fn claim(
-        &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        fingerprint: Option<&str>,
-        lease: Duration,
-    ) -> Result<Claim, StoreError> {
-        self.run("claim", self.inner.claim(key, owner, fingerprint, lease))
-            .await
+    async fn claim(&self, req: &ClaimRequest, lease: Duration) -> Result<Claim, StoreError> {
+        self.run("claim", self.inner.claim(req, lease)).await
     }
     async fn claim_counting(
         &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        fingerprint: Option<&str>,
+        req: &ClaimRequest,
         lease: Duration,
         memory: Duration,
     ) -> Result<(Claim, Option<u32>), StoreError> {
-        let claim = self
-            .inner
-            .claim_counting(key, owner, fingerprint, lease, memory);
+        let claim = self.inner.claim_counting(req, lease, memory);
         self.run("claim", claim).await
     }
-    async fn extend(
-        &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        lease: Duration,
-    ) -> Result<bool, StoreError> {
-        self.run("extend", self.inner.extend(key, owner, lease))
-            .await
+    async fn extend(&self, held: &HeldClaim, lease: Duration) -> Result<bool, StoreError> {
+        self.run("extend", self.inner.extend(held, lease)).await
     }
     async fn complete(
         &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
+        held: &HeldClaim,
         completion: Completion,
         retention: Duration,
     ) -> Result<bool, StoreError> {
-        self.run(
-            "complete",
-            self.inner.complete(key, owner, completion, retention),
-        )
-        .await
+        let call = self.inner.complete(held, completion, retention);
+        self.run("complete", call).await
     }
-    async fn release(&self, key: &ScopedKey, owner: &OwnerToken) -> Result<bool, StoreError> {
-        self.run("release", self.inner.release(key, owner)).await
+    async fn release(&self, held: &HeldClaim) -> Result<bool, StoreError> {
+        self.run("release", self.inner.release(held)).await
     }
-    async fn reopen_poisoned(
-        &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        lease: Duration,
-    ) -> Result<bool, StoreError> {
-        self.run("reopen", self.inner.reopen_poisoned(key, owner, lease))
+    async fn reopen_poisoned(&self, held: &HeldClaim, lease: Duration) -> Result<bool, StoreError> {
+        self.run("reopen", self.inner.reopen_poisoned(held, lease))
             .await
     }
     async fn claim_many(
@@ -157,9 +131,9 @@ impl DedupStore for Bounded {
         let call = self.inner.complete_many(requests, retention);
         self.run_many("complete", requests.len(), call).await
     }
-    async fn release_many(&self, requests: &[ReleaseRequest]) -> Vec<Result<bool, StoreError>> {
-        let call = self.inner.release_many(requests);
-        self.run_many("release", requests.len(), call).await
+    async fn release_many(&self, claims: &[HeldClaim]) -> Vec<Result<bool, StoreError>> {
+        let call = self.inner.release_many(claims);
+        self.run_many("release", claims.len(), call).await
     }
     async fn health(&self) -> Result<(), StoreError> {
         self.run("health probe", self.inner.health()).await
@@ -169,24 +143,23 @@ impl DedupStore for Bounded {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dedup::MemoryStore;
+    use crate::dedup::{MemoryStore, OwnerToken, ScopedKey};
 
     use crate::dedup::fakes::FakeStore;
 
     #[tokio::test]
     async fn a_store_that_does_not_answer_in_time_is_a_timeout() {
         let bounded = Bounded::new(Arc::new(FakeStore::silent()), Duration::from_millis(20));
-        let key = ScopedKey::new("c", "k");
+        let req = ClaimRequest::new(ScopedKey::new("c", "k"), OwnerToken::generate(), None);
         let err = bounded
-            .claim(&key, &OwnerToken::generate(), None, Duration::from_secs(1))
+            .claim(&req, Duration::from_secs(1))
             .await
             .unwrap_err();
         assert_eq!(err.kind(), StoreErrorKind::Timeout);
         assert!(err.to_string().contains("timed out"), "{err}");
         // An answer in time is passed through untouched.
         let quick = Bounded::new(Arc::new(MemoryStore::new()), Duration::from_secs(5));
-        let owner = OwnerToken::generate();
-        let claim = quick.claim(&key, &owner, None, Duration::from_secs(1));
+        let claim = quick.claim(&req, Duration::from_secs(1));
         assert_eq!(claim.await.unwrap(), Claim::Acquired);
     }
 }

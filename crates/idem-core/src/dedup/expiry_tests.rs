@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tower::{Service, ServiceBuilder, ServiceExt};
 
-use super::fakes::FakeStore;
+use super::fakes::{fresh_claim, FakeStore};
 use super::*;
 use crate::error::HandlerError;
 use crate::message::Message;
@@ -63,17 +63,14 @@ async fn a_key_taken_over_after_the_lease_ran_out_is_left_to_its_new_owner() {
     let first = tokio::spawn(first.call(Message::new("a").with_message_id("k")));
     // Past the first claim's lease: another owner takes the key and holds it.
     tokio::time::sleep(LEASE + Duration::from_secs(1)).await;
-    let key = ScopedKey::new("c", "k");
-    let other = OwnerToken::generate();
-    let taken = store
-        .claim(&key, &other, None, Duration::from_secs(60))
-        .await;
+    let other = fresh_claim("c", "k");
+    let taken = store.claim(&other, Duration::from_secs(60)).await;
     assert_eq!(taken.unwrap(), Claim::Acquired);
     assert!(first.await.unwrap().unwrap().is_handled());
     // The first run's late completion did not overwrite the new owner's claim.
     assert!(store
         .memory()
-        .complete(&key, &other, Completion::Succeeded, Duration::from_secs(60))
+        .complete(&other.held, Completion::Succeeded, Duration::from_secs(60))
         .await
         .unwrap());
     assert_eq!(runs.load(Ordering::SeqCst), 1);

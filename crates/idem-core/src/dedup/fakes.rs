@@ -7,7 +7,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{Claim, Completion, DedupStore, MemoryStore, OwnerToken, ScopedKey, StoreError};
+use super::{
+    Claim, ClaimRequest, Completion, DedupStore, HeldClaim, MemoryStore, OwnerToken, ScopedKey,
+    StoreError,
+};
+
+/// A claim of `consumer/key` by a fresh owner, without fingerprint.
+pub(crate) fn fresh_claim(consumer: &str, key: &str) -> ClaimRequest {
+    ClaimRequest::new(ScopedKey::new(consumer, key), OwnerToken::generate(), None)
+}
 
 /// A memory store that can be cut: while `down`, every call fails ("connection
 /// refused"); a silent one never answers. Clones share the switch and the counts.
@@ -71,50 +79,33 @@ impl FakeStore {
 
 #[async_trait]
 impl DedupStore for FakeStore {
-    async fn claim(
-        &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        fingerprint: Option<&str>,
-        lease: Duration,
-    ) -> Result<Claim, StoreError> {
+    async fn claim(&self, req: &ClaimRequest, lease: Duration) -> Result<Claim, StoreError> {
         self.gate().await?;
-        self.store.claim(key, owner, fingerprint, lease).await
+        self.store.claim(req, lease).await
     }
-    async fn extend(
-        &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        lease: Duration,
-    ) -> Result<bool, StoreError> {
+    async fn extend(&self, held: &HeldClaim, lease: Duration) -> Result<bool, StoreError> {
         self.gate().await?;
         if self.no_extend {
             return Err(StoreError::new("timed out (test)"));
         }
-        self.store.extend(key, owner, lease).await
+        self.store.extend(held, lease).await
     }
     async fn complete(
         &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
+        held: &HeldClaim,
         completion: Completion,
         retention: Duration,
     ) -> Result<bool, StoreError> {
         self.gate().await?;
-        self.store.complete(key, owner, completion, retention).await
+        self.store.complete(held, completion, retention).await
     }
-    async fn release(&self, key: &ScopedKey, owner: &OwnerToken) -> Result<bool, StoreError> {
+    async fn release(&self, held: &HeldClaim) -> Result<bool, StoreError> {
         self.gate().await?;
-        self.store.release(key, owner).await
+        self.store.release(held).await
     }
-    async fn reopen_poisoned(
-        &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        lease: Duration,
-    ) -> Result<bool, StoreError> {
+    async fn reopen_poisoned(&self, held: &HeldClaim, lease: Duration) -> Result<bool, StoreError> {
         self.gate().await?;
-        self.store.reopen_poisoned(key, owner, lease).await
+        self.store.reopen_poisoned(held, lease).await
     }
     async fn health(&self) -> Result<(), StoreError> {
         self.probes.fetch_add(1, Ordering::SeqCst);

@@ -10,7 +10,7 @@ use super::admission::{admit, Admission, Claimed, DedupSettings};
 use super::bounded::Bounded;
 use super::key::{KeyExtractor, MissingKey};
 use super::store::{
-    Claim, CompleteRequest, Completion, DedupStore, OwnerToken, ReleaseRequest, ScopedKey,
+    Claim, ClaimRequest, CompleteRequest, Completion, DedupStore, HeldClaim, OwnerToken, ScopedKey,
     StoreError,
 };
 use crate::__private::BoxFuture;
@@ -282,9 +282,11 @@ where
             let open = |key: &str, fingerprint: Option<&str>| {
                 Ok(LeaseSession {
                     config: config.clone(),
-                    key: ScopedKey::new(config.scope.clone(), key),
-                    owner: OwnerToken::generate(),
-                    fingerprint: fingerprint.map(str::to_owned),
+                    request: ClaimRequest::new(
+                        ScopedKey::new(config.scope.clone(), key),
+                        OwnerToken::generate(),
+                        fingerprint.map(str::to_owned),
+                    ),
                 })
             };
             admit(&config.settings, open, inner, msg).await
@@ -302,12 +304,23 @@ pub(super) fn timed<T>(start: Instant, op: &'static str, r: T) -> T {
     r
 }
 
-/// One message's admission through a lease store.
+/// One message's admission through a lease store: its claim request, built once and
+/// borrowed by every store call of the message.
 pub(super) struct LeaseSession {
     pub(super) config: Arc<Config>,
-    pub(super) key: ScopedKey,
-    pub(super) owner: OwnerToken,
-    pub(super) fingerprint: Option<String>,
+    pub(super) request: ClaimRequest,
+}
+
+impl LeaseSession {
+    /// The key and owner of this message's claim.
+    pub(super) fn held(&self) -> &HeldClaim {
+        &self.request.held
+    }
+
+    /// The message's key.
+    pub(super) fn key(&self) -> &ScopedKey {
+        &self.request.held.key
+    }
 }
 
 /// What the layer makes of a store's claim answer: a busy key's wait is at most the
@@ -336,13 +349,7 @@ impl Admission for LeaseSession {
             t,
             "claim",
             c.store
-                .claim_counting(
-                    &self.key,
-                    &self.owner,
-                    self.fingerprint.as_deref(),
-                    c.lease,
-                    c.settings.retention,
-                )
+                .claim_counting(&self.request, c.lease, c.settings.retention)
                 .await,
         )
         .map_err(store_failure)?;
@@ -356,7 +363,7 @@ impl Admission for LeaseSession {
             "reopen",
             self.config
                 .store
-                .reopen_poisoned(&self.key, &self.owner, self.config.lease)
+                .reopen_poisoned(self.held(), self.config.lease)
                 .await,
         )
         .map_err(store_failure)
@@ -393,22 +400,19 @@ pub(super) async fn release(config: &Config, sessions: &[&LeaseSession]) {
     let t = Instant::now();
     let answers = match sessions {
         [] => return,
-        [one] => vec![config.store.release(&one.key, &one.owner).await],
+        [one] => vec![config.store.release(one.held()).await],
         many => {
-            let requests: Vec<ReleaseRequest> = many
-                .iter()
-                .map(|s| ReleaseRequest::new(s.key.clone(), s.owner.clone()))
-                .collect();
-            config.store.release_many(&requests).await
+            let claims: Vec<HeldClaim> = many.iter().map(|s| s.held().clone()).collect();
+            config.store.release_many(&claims).await
         }
     };
     let answers = timed(t, "release", answers);
     for (session, released) in sessions.iter().zip(padded(answers, sessions.len())) {
         match released {
             Ok(true) => {}
-            Ok(false) => warn!(key = %session.key, "lease was lost before release"),
+            Ok(false) => warn!(key = %session.key(), "lease was lost before release"),
             Err(err) => {
-                warn!(key = %session.key, error = %err, "release failed; the lease will expire")
+                warn!(key = %session.key(), error = %err, "release failed; the lease will expire")
             }
         }
     }
@@ -457,7 +461,7 @@ where
             _ = ticker.tick() => {
                 let extended = held
                     .iter()
-                    .map(|s| async move { (&s.key, config.store.extend(&s.key, &s.owner, config.lease).await) });
+                    .map(|s| async move { (s.key(), config.store.extend(s.held(), config.lease).await) });
                 for (key, answer) in futures_util::future::join_all(extended).await {
                     match answer {
                         Ok(true) => {}
@@ -486,13 +490,15 @@ pub(super) async fn finish(config: &Config, done: &[(&LeaseSession, Completion)]
             [(one, completion)] => vec![
                 config
                     .store
-                    .complete(&one.key, &one.owner, *completion, retention)
+                    .complete(one.held(), *completion, retention)
                     .await,
             ],
             many => {
                 let requests: Vec<CompleteRequest> = many
                     .iter()
-                    .map(|(s, c)| CompleteRequest::new(s.key.clone(), s.owner.clone(), *c))
+                    .map(|(s, c)| {
+                        CompleteRequest::new(s.key().clone(), s.request.held.owner.clone(), *c)
+                    })
                     .collect();
                 config.store.complete_many(&requests, retention).await
             }
@@ -504,7 +510,7 @@ pub(super) async fn finish(config: &Config, done: &[(&LeaseSession, Completion)]
                 Ok(true) => {}
                 Ok(false) => complete_after_expiry(session, completion).await,
                 Err(err) if attempt == 3 => {
-                    warn!(key = %session.key, error = %err, "could not record completion; a redelivery before the lease expires is retried, after it runs again");
+                    warn!(key = %session.key(), error = %err, "could not record completion; a redelivery before the lease expires is retried, after it runs again");
                     metrics::counter!("idem_dedup_complete_failed_total").increment(1);
                 }
                 Err(_) => failed.push((session, completion)),
@@ -524,20 +530,19 @@ pub(super) async fn finish(config: &Config, done: &[(&LeaseSession, Completion)]
 /// key meanwhile, claim it again under a fresh token and write the record at once, so
 /// a later copy is a duplicate instead of a second run.
 pub(super) async fn complete_after_expiry(session: &LeaseSession, completion: Completion) {
-    let LeaseSession {
-        config,
-        key,
-        fingerprint,
-        ..
-    } = session;
-    let fresh = OwnerToken::generate();
+    let LeaseSession { config, request } = session;
+    let key = &request.held.key;
+    // A rare path (the lease ran out): the fresh claim may copy the request.
+    let fresh = ClaimRequest::new(
+        key.clone(),
+        OwnerToken::generate(),
+        request.fingerprint.clone(),
+    );
     let store = &config.store;
-    let reclaimed = store
-        .claim(key, &fresh, fingerprint.as_deref(), config.lease)
-        .await;
+    let reclaimed = store.claim(&fresh, config.lease).await;
     let recorded = match reclaimed {
         Ok(Claim::Acquired) => store
-            .complete(key, &fresh, completion, config.settings.retention)
+            .complete(&fresh.held, completion, config.settings.retention)
             .await
             .unwrap_or(false),
         // Another owner recorded it meanwhile: a later copy is a duplicate.

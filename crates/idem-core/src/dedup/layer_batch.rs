@@ -141,9 +141,11 @@ async fn admit(config: &Arc<Config>, entries: &mut [Entry], guard: &CrashGuard) 
             let r = e.reading.as_ref()?;
             let session = LeaseSession {
                 config: config.clone(),
-                key: ScopedKey::new(config.scope.clone(), r.key.as_str()),
-                owner: OwnerToken::generate(),
-                fingerprint: r.fingerprint.clone(),
+                request: ClaimRequest::new(
+                    ScopedKey::new(config.scope.clone(), r.key.as_str()),
+                    OwnerToken::generate(),
+                    r.fingerprint.clone(),
+                ),
             };
             Some((i, session))
         })
@@ -155,12 +157,7 @@ async fn admit(config: &Arc<Config>, entries: &mut [Entry], guard: &CrashGuard) 
         // One message: the single-key call, batched by the store with other callers'.
         [(_, one)] => vec![one.claim().await],
         many => {
-            let requests: Vec<ClaimRequest> = many
-                .iter()
-                .map(|(_, s)| {
-                    ClaimRequest::new(s.key.clone(), s.owner.clone(), s.fingerprint.clone())
-                })
-                .collect();
+            let requests: Vec<ClaimRequest> = many.iter().map(|(_, s)| s.request.clone()).collect();
             let answers = config.store.claim_many(&requests, lease, memory).await;
             padded(timed(t, "claim", answers), many.len())
                 .into_iter()
@@ -223,7 +220,7 @@ async fn handle(
         return Vec::new();
     }
     for (msg, session) in messages.iter_mut().zip(sessions.iter_mut()) {
-        let key = session.key.key().to_owned();
+        let key = session.key().key().to_owned();
         msg.extensions.insert(IdempotencyKey(key));
         session.prepare(msg);
     }

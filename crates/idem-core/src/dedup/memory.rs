@@ -5,7 +5,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
-use super::store::{Claim, Completion, DedupStore, OwnerToken, ScopedKey, StoreError};
+use super::store::{
+    Claim, ClaimRequest, Completion, DedupStore, HeldClaim, OwnerToken, ScopedKey, StoreError,
+};
 
 #[derive(Debug, Clone)]
 enum State {
@@ -90,24 +92,18 @@ impl MemoryStore {
 
 fn held_by<'a>(
     map: &'a mut HashMap<ScopedKey, Entry>,
-    key: &ScopedKey,
-    owner: &OwnerToken,
+    held: &HeldClaim,
     now: Instant,
 ) -> Option<&'a mut Entry> {
-    map.get_mut(key).filter(|e| {
-        e.expires > now && matches!(&e.state, State::Processing { owner: o } if o == owner)
+    map.get_mut(&held.key).filter(|e| {
+        e.expires > now && matches!(&e.state, State::Processing { owner } if *owner == held.owner)
     })
 }
 
 #[async_trait]
 impl DedupStore for MemoryStore {
-    async fn claim(
-        &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        fingerprint: Option<&str>,
-        lease: Duration,
-    ) -> Result<Claim, StoreError> {
+    async fn claim(&self, req: &ClaimRequest, lease: Duration) -> Result<Claim, StoreError> {
+        let HeldClaim { key, owner } = &req.held;
         Ok(self.with(|map, now| {
             if let Some(e) = map.get(key).filter(|e| e.expires > now) {
                 return match &e.state {
@@ -127,7 +123,7 @@ impl DedupStore for MemoryStore {
                         owner: owner.clone(),
                     },
                     expires: now + lease,
-                    fingerprint: fingerprint.map(str::to_owned),
+                    fingerprint: req.fingerprint.clone(),
                 },
             );
             Claim::Acquired
@@ -136,28 +132,21 @@ impl DedupStore for MemoryStore {
 
     async fn claim_counting(
         &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        fingerprint: Option<&str>,
+        req: &ClaimRequest,
         lease: Duration,
         memory: Duration,
     ) -> Result<(Claim, Option<u32>), StoreError> {
-        let claim = self.claim(key, owner, fingerprint, lease).await?;
+        let claim = self.claim(req, lease).await?;
         // Only the claim's holder reaches this: no other start can interleave.
         let earlier = match claim {
-            Claim::Acquired => self.count_start(key, memory),
+            Claim::Acquired => self.count_start(&req.held.key, memory),
             _ => 0,
         };
         Ok((claim, Some(earlier)))
     }
 
-    async fn extend(
-        &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        lease: Duration,
-    ) -> Result<bool, StoreError> {
-        Ok(self.with(|map, now| match held_by(map, key, owner, now) {
+    async fn extend(&self, held: &HeldClaim, lease: Duration) -> Result<bool, StoreError> {
+        Ok(self.with(|map, now| match held_by(map, held, now) {
             Some(e) => {
                 e.expires = now + lease;
                 true
@@ -168,12 +157,11 @@ impl DedupStore for MemoryStore {
 
     async fn complete(
         &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
+        held: &HeldClaim,
         completion: Completion,
         retention: Duration,
     ) -> Result<bool, StoreError> {
-        let done = self.with(|map, now| match held_by(map, key, owner, now) {
+        let done = self.with(|map, now| match held_by(map, held, now) {
             Some(e) => {
                 e.state = State::Done { completion };
                 e.expires = now + retention;
@@ -182,15 +170,15 @@ impl DedupStore for MemoryStore {
             None => false,
         });
         if done {
-            self.clear_starts(key);
+            self.clear_starts(&held.key);
         }
         Ok(done)
     }
 
-    async fn release(&self, key: &ScopedKey, owner: &OwnerToken) -> Result<bool, StoreError> {
+    async fn release(&self, held: &HeldClaim) -> Result<bool, StoreError> {
         Ok(self.with(|map, now| {
-            if held_by(map, key, owner, now).is_some() {
-                map.remove(key);
+            if held_by(map, held, now).is_some() {
+                map.remove(&held.key);
                 true
             } else {
                 false
@@ -198,18 +186,13 @@ impl DedupStore for MemoryStore {
         }))
         .inspect(|released| {
             if *released {
-                self.clear_starts(key);
+                self.clear_starts(&held.key);
             }
         })
     }
 
-    async fn reopen_poisoned(
-        &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        lease: Duration,
-    ) -> Result<bool, StoreError> {
-        Ok(self.with(|map, now| match map.get_mut(key) {
+    async fn reopen_poisoned(&self, held: &HeldClaim, lease: Duration) -> Result<bool, StoreError> {
+        Ok(self.with(|map, now| match map.get_mut(&held.key) {
             Some(e)
                 if e.expires > now
                     && matches!(
@@ -220,7 +203,7 @@ impl DedupStore for MemoryStore {
                     ) =>
             {
                 e.state = State::Processing {
-                    owner: owner.clone(),
+                    owner: held.owner.clone(),
                 };
                 e.expires = now + lease;
                 true

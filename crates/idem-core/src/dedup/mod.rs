@@ -97,8 +97,8 @@ pub use layer::{
 };
 pub use memory::MemoryStore;
 pub use store::{
-    Claim, ClaimRequest, CompleteRequest, Completion, DedupStore, OwnerToken, ReleaseRequest,
-    ScopedKey, StoreError, StoreErrorKind,
+    Claim, ClaimRequest, CompleteRequest, Completion, DedupStore, HeldClaim, OwnerToken, ScopedKey,
+    StoreError, StoreErrorKind,
 };
 
 #[cfg(test)]

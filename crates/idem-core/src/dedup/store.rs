@@ -181,15 +181,34 @@ impl StoreError {
     }
 }
 
-/// One key of a [`DedupStore::claim_many`] call: the key, the token that is to hold
-/// the claim, and the payload fingerprint to record with it.
+/// A claim of `key` by `owner`: what [`extend`](DedupStore::extend),
+/// [`complete`](DedupStore::complete), [`release`](DedupStore::release) and
+/// [`reopen_poisoned`](DedupStore::reopen_poisoned) act on (one key of a
+/// [`DedupStore::release_many`] call), and the heart of every request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HeldClaim {
+    /// The key.
+    pub key: ScopedKey,
+    /// The token that holds (or is to hold) the claim.
+    pub owner: OwnerToken,
+}
+
+impl HeldClaim {
+    /// `owner`'s claim of `key`.
+    pub fn new(key: ScopedKey, owner: OwnerToken) -> Self {
+        HeldClaim { key, owner }
+    }
+}
+
+/// A claim attempt ([`DedupStore::claim`], one key of a [`DedupStore::claim_many`]
+/// call): the key, the token that is to hold the claim, and the payload fingerprint
+/// to record with it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ClaimRequest {
-    /// The key.
-    pub key: ScopedKey,
-    /// The token that holds the claim if it is acquired.
-    pub owner: OwnerToken,
+    /// The key and the token that holds the claim if it is acquired.
+    pub held: HeldClaim,
     /// The payload fingerprint recorded with the claim.
     pub fingerprint: Option<String>,
 }
@@ -198,8 +217,7 @@ impl ClaimRequest {
     /// A claim of `key` for `owner`, recording `fingerprint`.
     pub fn new(key: ScopedKey, owner: OwnerToken, fingerprint: Option<String>) -> Self {
         ClaimRequest {
-            key,
-            owner,
+            held: HeldClaim::new(key, owner),
             fingerprint,
         }
     }
@@ -209,10 +227,8 @@ impl ClaimRequest {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct CompleteRequest {
-    /// The key.
-    pub key: ScopedKey,
-    /// The token that holds the claim.
-    pub owner: OwnerToken,
+    /// The key and the token that holds the claim.
+    pub held: HeldClaim,
     /// How the message ended.
     pub completion: Completion,
 }
@@ -221,27 +237,9 @@ impl CompleteRequest {
     /// `owner`'s claim of `key`, to be recorded done with `completion`.
     pub fn new(key: ScopedKey, owner: OwnerToken, completion: Completion) -> Self {
         CompleteRequest {
-            key,
-            owner,
+            held: HeldClaim::new(key, owner),
             completion,
         }
-    }
-}
-
-/// One key of a [`DedupStore::release_many`] call.
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct ReleaseRequest {
-    /// The key.
-    pub key: ScopedKey,
-    /// The token that holds the claim.
-    pub owner: OwnerToken,
-}
-
-impl ReleaseRequest {
-    /// `owner`'s claim of `key`, to be given back.
-    pub fn new(key: ScopedKey, owner: OwnerToken) -> Self {
-        ReleaseRequest { key, owner }
     }
 }
 
@@ -253,15 +251,9 @@ impl ReleaseRequest {
 /// against every implementation of idem; run it against yours.
 #[async_trait]
 pub trait DedupStore: Send + Sync + 'static {
-    /// Takes the claim if the key is absent or its lease has expired; records the
-    /// payload fingerprint with it.
-    async fn claim(
-        &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        fingerprint: Option<&str>,
-        lease: Duration,
-    ) -> Result<Claim, StoreError>;
+    /// Takes the claim of `req.held.key` for `req.held.owner` if the key is absent or
+    /// its lease has expired; records the payload fingerprint with it.
+    async fn claim(&self, req: &ClaimRequest, lease: Duration) -> Result<Claim, StoreError>;
 
     /// [`claim`](Self::claim), counting the start: an acquired claim is recorded as a
     /// start of the message, and the answer says how many earlier starts of it ended
@@ -273,45 +265,32 @@ pub trait DedupStore: Send + Sync + 'static {
     /// The count is that of the *earlier* starts: `Some(0)` for a first start.
     async fn claim_counting(
         &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        fingerprint: Option<&str>,
+        req: &ClaimRequest,
         lease: Duration,
         memory: Duration,
     ) -> Result<(Claim, Option<u32>), StoreError> {
         let _ = memory;
-        Ok((self.claim(key, owner, fingerprint, lease).await?, None))
+        Ok((self.claim(req, lease).await?, None))
     }
 
-    /// Pushes the lease of a held claim forward. `false` if `owner` no longer holds it.
-    async fn extend(
-        &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        lease: Duration,
-    ) -> Result<bool, StoreError>;
+    /// Pushes the lease of a held claim forward. `false` if its owner no longer holds it.
+    async fn extend(&self, held: &HeldClaim, lease: Duration) -> Result<bool, StoreError>;
 
-    /// `processing -> done`, kept for `retention`. `false` if `owner` no longer holds
-    /// the claim (nothing is changed then).
+    /// `processing -> done`, kept for `retention`. `false` if the owner no longer
+    /// holds the claim (nothing is changed then).
     async fn complete(
         &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
+        held: &HeldClaim,
         completion: Completion,
         retention: Duration,
     ) -> Result<bool, StoreError>;
 
-    /// `processing -> absent`. `false` if `owner` no longer holds the claim.
-    async fn release(&self, key: &ScopedKey, owner: &OwnerToken) -> Result<bool, StoreError>;
+    /// `processing -> absent`. `false` if the owner no longer holds the claim.
+    async fn release(&self, held: &HeldClaim) -> Result<bool, StoreError>;
 
     /// `done(poisoned) -> processing(owner)`, for an operator's replay of a
     /// dead-lettered poison message. `false` if the record is anything else.
-    async fn reopen_poisoned(
-        &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        lease: Duration,
-    ) -> Result<bool, StoreError>;
+    async fn reopen_poisoned(&self, held: &HeldClaim, lease: Duration) -> Result<bool, StoreError>;
 
     /// [`claim_counting`](Self::claim_counting) of many keys in one call (the dedup
     /// layer's [batch handlers](crate::batch)): one answer per request, in order, each
@@ -329,11 +308,7 @@ pub trait DedupStore: Send + Sync + 'static {
     ) -> Vec<Result<(Claim, Option<u32>), StoreError>> {
         let mut answers = Vec::with_capacity(requests.len());
         for r in requests {
-            let fingerprint = r.fingerprint.as_deref();
-            answers.push(
-                self.claim_counting(&r.key, &r.owner, fingerprint, lease, memory)
-                    .await,
-            );
+            answers.push(self.claim_counting(r, lease, memory).await);
         }
         answers
     }
@@ -348,20 +323,17 @@ pub trait DedupStore: Send + Sync + 'static {
     ) -> Vec<Result<bool, StoreError>> {
         let mut answers = Vec::with_capacity(requests.len());
         for r in requests {
-            answers.push(
-                self.complete(&r.key, &r.owner, r.completion, retention)
-                    .await,
-            );
+            answers.push(self.complete(&r.held, r.completion, retention).await);
         }
         answers
     }
 
     /// [`release`](Self::release) of many held claims in one call: one answer per
-    /// request, in order. The default releases them one after the other.
-    async fn release_many(&self, requests: &[ReleaseRequest]) -> Vec<Result<bool, StoreError>> {
-        let mut answers = Vec::with_capacity(requests.len());
-        for r in requests {
-            answers.push(self.release(&r.key, &r.owner).await);
+    /// claim, in order. The default releases them one after the other.
+    async fn release_many(&self, claims: &[HeldClaim]) -> Vec<Result<bool, StoreError>> {
+        let mut answers = Vec::with_capacity(claims.len());
+        for held in claims {
+            answers.push(self.release(held).await);
         }
         answers
     }
@@ -371,9 +343,11 @@ pub trait DedupStore: Send + Sync + 'static {
     /// key that no one holds (`idem-health/probe`): one read that changes nothing.
     /// Stores with a cheaper ping may override it.
     async fn health(&self) -> Result<(), StoreError> {
-        let key = ScopedKey::new("idem-health", "probe");
-        let owner = OwnerToken("idem-health-probe".to_owned());
-        self.extend(&key, &owner, Duration::from_millis(1))
+        let probe = HeldClaim::new(
+            ScopedKey::new("idem-health", "probe"),
+            OwnerToken("idem-health-probe".to_owned()),
+        );
+        self.extend(&probe, Duration::from_millis(1))
             .await
             .map(|_| ())
     }
@@ -381,54 +355,33 @@ pub trait DedupStore: Send + Sync + 'static {
 
 #[async_trait]
 impl<T: DedupStore + ?Sized> DedupStore for Arc<T> {
-    async fn claim(
-        &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        fingerprint: Option<&str>,
-        lease: Duration,
-    ) -> Result<Claim, StoreError> {
-        (**self).claim(key, owner, fingerprint, lease).await
+    async fn claim(&self, req: &ClaimRequest, lease: Duration) -> Result<Claim, StoreError> {
+        (**self).claim(req, lease).await
     }
     async fn claim_counting(
         &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        fingerprint: Option<&str>,
+        req: &ClaimRequest,
         lease: Duration,
         memory: Duration,
     ) -> Result<(Claim, Option<u32>), StoreError> {
-        (**self)
-            .claim_counting(key, owner, fingerprint, lease, memory)
-            .await
+        (**self).claim_counting(req, lease, memory).await
     }
-    async fn extend(
-        &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        lease: Duration,
-    ) -> Result<bool, StoreError> {
-        (**self).extend(key, owner, lease).await
+    async fn extend(&self, held: &HeldClaim, lease: Duration) -> Result<bool, StoreError> {
+        (**self).extend(held, lease).await
     }
     async fn complete(
         &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
+        held: &HeldClaim,
         completion: Completion,
         retention: Duration,
     ) -> Result<bool, StoreError> {
-        (**self).complete(key, owner, completion, retention).await
+        (**self).complete(held, completion, retention).await
     }
-    async fn release(&self, key: &ScopedKey, owner: &OwnerToken) -> Result<bool, StoreError> {
-        (**self).release(key, owner).await
+    async fn release(&self, held: &HeldClaim) -> Result<bool, StoreError> {
+        (**self).release(held).await
     }
-    async fn reopen_poisoned(
-        &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        lease: Duration,
-    ) -> Result<bool, StoreError> {
-        (**self).reopen_poisoned(key, owner, lease).await
+    async fn reopen_poisoned(&self, held: &HeldClaim, lease: Duration) -> Result<bool, StoreError> {
+        (**self).reopen_poisoned(held, lease).await
     }
     async fn claim_many(
         &self,
@@ -445,8 +398,8 @@ impl<T: DedupStore + ?Sized> DedupStore for Arc<T> {
     ) -> Vec<Result<bool, StoreError>> {
         (**self).complete_many(requests, retention).await
     }
-    async fn release_many(&self, requests: &[ReleaseRequest]) -> Vec<Result<bool, StoreError>> {
-        (**self).release_many(requests).await
+    async fn release_many(&self, claims: &[HeldClaim]) -> Vec<Result<bool, StoreError>> {
+        (**self).release_many(claims).await
     }
     async fn health(&self) -> Result<(), StoreError> {
         (**self).health().await

@@ -12,80 +12,80 @@ use crate::message::Message;
 
 type Svc = tower::util::BoxCloneSyncService<Message, Processed, HandlerError>;
 
-fn stack(
-    layer: DedupLayer,
-    runs: Arc<AtomicUsize>,
-    result: fn(&Message) -> Result<(), HandlerError>,
-) -> Svc {
+/// How many times a handler of [`stack`] ran.
+#[derive(Clone, Default)]
+struct Runs(Arc<AtomicUsize>);
+
+impl Runs {
+    /// The runs so far.
+    fn get(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// `layer` over a handler that answers `result` and counts its runs.
+fn stack(layer: DedupLayer, result: fn(&Message) -> Result<(), HandlerError>) -> (Svc, Runs) {
+    let runs = Runs::default();
+    let counter = runs.0.clone();
     let handler = tower::service_fn(move |m: Message| {
-        let runs = runs.clone();
+        let counter = counter.clone();
         async move {
-            runs.fetch_add(1, Ordering::SeqCst);
+            counter.fetch_add(1, Ordering::SeqCst);
             result(&m)
         }
     });
-    tower::util::BoxCloneSyncService::new(
+    let svc = tower::util::BoxCloneSyncService::new(
         ServiceBuilder::new()
             .layer(layer)
             .layer(ClassifyLayer::default())
             .service(handler),
-    )
+    );
+    (svc, runs)
+}
+
+/// The dedup layer on `store`, scope `c`.
+fn scoped(store: impl DedupStore) -> DedupLayer {
+    DedupLayer::new(store).scope("c")
+}
+
+/// A message with body `body` and key `k`.
+fn keyed(body: &str) -> Message {
+    Message::new(body.to_owned()).with_message_id("k")
 }
 
 #[tokio::test]
 async fn duplicate_is_acked_without_running() {
-    let runs = Arc::new(AtomicUsize::new(0));
-    let svc = stack(
-        DedupLayer::new(MemoryStore::new()).scope("c"),
-        runs.clone(),
-        |_| Ok(()),
-    );
-    let m = || Message::new("a").with_message_id("k");
-    assert_eq!(svc.clone().oneshot(m()).await.unwrap(), Processed::Handled);
+    let (svc, runs) = stack(scoped(MemoryStore::new()), |_| Ok(()));
     assert_eq!(
-        svc.clone().oneshot(m()).await.unwrap(),
+        svc.clone().oneshot(keyed("a")).await.unwrap(),
+        Processed::Handled
+    );
+    assert_eq!(
+        svc.clone().oneshot(keyed("a")).await.unwrap(),
         Processed::Duplicate
     );
-    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert_eq!(runs.get(), 1);
 }
 
 #[tokio::test]
 async fn same_key_different_payload_is_poison() {
-    let runs = Arc::new(AtomicUsize::new(0));
-    let svc = stack(
-        DedupLayer::new(MemoryStore::new()).scope("c"),
-        runs.clone(),
-        |_| Ok(()),
-    );
-    svc.clone()
-        .oneshot(Message::new("a").with_message_id("k"))
-        .await
-        .unwrap();
-    let err = svc
-        .oneshot(Message::new("b").with_message_id("k"))
-        .await
-        .unwrap_err();
+    let (svc, runs) = stack(scoped(MemoryStore::new()), |_| Ok(()));
+    svc.clone().oneshot(keyed("a")).await.unwrap();
+    let err = svc.oneshot(keyed("b")).await.unwrap_err();
     assert_eq!(err.kind(), Some(ErrorKind::Permanent));
     assert!(err.chain().contains("different payload"), "{}", err.chain());
-    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert_eq!(runs.get(), 1);
 }
 
 #[tokio::test]
 async fn missing_key_is_poison_or_content_hash() {
-    let runs = Arc::new(AtomicUsize::new(0));
-    let svc = stack(
-        DedupLayer::new(MemoryStore::new()).scope("c"),
-        runs.clone(),
-        |_| Ok(()),
-    );
+    let (svc, runs) = stack(scoped(MemoryStore::new()), |_| Ok(()));
     let err = svc.oneshot(Message::new("a")).await.unwrap_err();
     assert_eq!(err.kind(), Some(ErrorKind::Permanent));
-    assert_eq!(runs.load(Ordering::SeqCst), 0, "no key, no run");
+    assert_eq!(runs.get(), 0, "no key, no run");
 
-    let layer = DedupLayer::new(MemoryStore::new())
-        .scope("c")
-        .missing_key(MissingKey::ContentHash);
-    let svc = stack(layer, runs.clone(), |_| Ok(()));
+    let layer = scoped(MemoryStore::new()).missing_key(MissingKey::ContentHash);
+    let (svc, _) = stack(layer, |_| Ok(()));
     assert!(svc
         .clone()
         .oneshot(Message::new("a"))
@@ -103,30 +103,22 @@ async fn missing_key_is_poison_or_content_hash() {
 
 #[tokio::test]
 async fn oversized_key_is_poison() {
-    let runs = Arc::new(AtomicUsize::new(0));
-    let svc = stack(
-        DedupLayer::new(MemoryStore::new()).scope("c"),
-        runs.clone(),
-        |_| Ok(()),
-    );
+    let (svc, runs) = stack(scoped(MemoryStore::new()), |_| Ok(()));
     let err = svc
         .oneshot(Message::new("a").with_message_id("k".repeat(MAX_KEY_LEN + 1)))
         .await
         .unwrap_err();
     assert_eq!(err.kind(), Some(ErrorKind::Permanent));
-    assert_eq!(runs.load(Ordering::SeqCst), 0);
+    assert_eq!(runs.get(), 0);
 }
 
 #[tokio::test]
 async fn transient_failure_releases_so_a_retry_runs() {
-    let runs = Arc::new(AtomicUsize::new(0));
     let store = MemoryStore::new();
-    let failing = stack(
-        DedupLayer::new(store.clone()).scope("c"),
-        runs.clone(),
-        |_| Err(HandlerError::transient("db down")),
-    );
-    let msg = Message::new("a").with_message_id("k");
+    let (failing, runs) = stack(scoped(store.clone()), |_| {
+        Err(HandlerError::transient("db down"))
+    });
+    let msg = keyed("a");
     let ctx = msg.context.clone();
     let err = failing.oneshot(msg).await.unwrap_err();
     assert_eq!(err.kind(), Some(ErrorKind::Transient));
@@ -135,40 +127,30 @@ async fn transient_failure_releases_so_a_retry_runs() {
         Some("k"),
         "the key is recorded in the delivery's context for the DLQ headers"
     );
-    let ok = stack(DedupLayer::new(store).scope("c"), runs.clone(), |_| Ok(()));
-    assert!(ok
-        .oneshot(Message::new("a").with_message_id("k"))
-        .await
-        .unwrap()
-        .is_handled());
-    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    let (ok, retried) = stack(scoped(store), |_| Ok(()));
+    assert!(ok.oneshot(keyed("a")).await.unwrap().is_handled());
+    assert_eq!((runs.get(), retried.get()), (1, 1));
 }
 
 #[tokio::test]
 async fn poison_is_done_and_only_a_replay_reopens_it() {
-    let runs = Arc::new(AtomicUsize::new(0));
     let store = MemoryStore::new();
-    let poison = stack(
-        DedupLayer::new(store.clone()).scope("c"),
-        runs.clone(),
-        |m| {
-            if m.header_str(REPLAY_HEADER).is_some() {
-                Ok(())
-            } else {
-                Err(HandlerError::permanent("bad"))
-            }
-        },
-    );
-    let m = || Message::new("a").with_message_id("k");
-    assert!(poison.clone().oneshot(m()).await.is_err());
-    let again = poison.clone().oneshot(m()).await.unwrap_err();
+    let (poison, runs) = stack(scoped(store.clone()), |m| {
+        if m.header_str(REPLAY_HEADER).is_some() {
+            Ok(())
+        } else {
+            Err(HandlerError::permanent("bad"))
+        }
+    });
+    assert!(poison.clone().oneshot(keyed("a")).await.is_err());
+    let again = poison.clone().oneshot(keyed("a")).await.unwrap_err();
     assert_eq!(
         again.kind(),
         Some(ErrorKind::Permanent),
         "a plain redelivery is dead-lettered again, not dropped"
     );
     assert!(again.chain().contains("dead-lettered as poison before"));
-    let replay = m().with_header(REPLAY_HEADER, "op-1");
+    let replay = keyed("a").with_header(REPLAY_HEADER, "op-1");
     assert!(
         poison
             .clone()
@@ -182,25 +164,20 @@ async fn poison_is_done_and_only_a_replay_reopens_it() {
         poison.oneshot(replay).await.unwrap().is_duplicate(),
         "a replay of a success is a duplicate"
     );
-    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    assert_eq!(runs.get(), 2);
 }
 
 #[tokio::test]
 async fn an_edited_replay_is_a_new_version_of_the_same_message() {
-    let runs = Arc::new(AtomicUsize::new(0));
     let store = MemoryStore::new();
     // Fails on a negative amount, as a validation error would.
-    let svc = stack(
-        DedupLayer::new(store.clone()).scope("c"),
-        runs.clone(),
-        |m| {
-            if m.body.starts_with(b"-") {
-                Err(HandlerError::permanent("negative amount"))
-            } else {
-                Ok(())
-            }
-        },
-    );
+    let (svc, runs) = stack(scoped(store.clone()), |m| {
+        if m.body.starts_with(b"-") {
+            Err(HandlerError::permanent("negative amount"))
+        } else {
+            Ok(())
+        }
+    });
     let original = Message::new("-500").with_message_id("k");
     assert!(svc.clone().oneshot(original.clone()).await.is_err());
     let original_fp = super::key::sha256_hex(b"-500");
@@ -220,7 +197,7 @@ async fn an_edited_replay_is_a_new_version_of_the_same_message() {
         .await
         .unwrap()
         .is_handled());
-    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    assert_eq!(runs.get(), 2);
     // Once done, a redelivery of the edited copy and a replay of the original are
     // duplicates.
     assert!(svc.clone().oneshot(replayed).await.unwrap().is_duplicate());
@@ -241,23 +218,18 @@ async fn an_edited_replay_is_a_new_version_of_the_same_message() {
         .with_header(REPLAY_HEADER, "op-3");
     let err = svc.oneshot(unrelated).await.unwrap_err();
     assert!(err.chain().contains("different payload"), "{}", err.chain());
-    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    assert_eq!(runs.get(), 2);
 }
 
 #[tokio::test]
 async fn busy_elsewhere_is_retried_without_spending_an_attempt() {
     let store = MemoryStore::new();
-    let k = ScopedKey::new("c", "k");
     store
-        .claim(&k, &OwnerToken::generate(), None, Duration::from_secs(20))
+        .claim(&fresh_claim("c", "k"), Duration::from_secs(20))
         .await
         .unwrap();
-    let runs = Arc::new(AtomicUsize::new(0));
-    let svc = stack(DedupLayer::new(store).scope("c"), runs.clone(), |_| Ok(()));
-    let err = svc
-        .oneshot(Message::new("a").with_message_id("k"))
-        .await
-        .unwrap_err();
+    let (svc, runs) = stack(scoped(store), |_| Ok(()));
+    let err = svc.oneshot(keyed("a")).await.unwrap_err();
     assert!(!err.counts_attempt());
     assert_eq!(err.kind(), Some(ErrorKind::Transient));
     let delay = err.retry_delay().unwrap();
@@ -265,23 +237,15 @@ async fn busy_elsewhere_is_retried_without_spending_an_attempt() {
         delay > Duration::from_secs(1) && delay <= Duration::from_secs(20),
         "{delay:?}"
     );
-    assert_eq!(runs.load(Ordering::SeqCst), 0);
+    assert_eq!(runs.get(), 0);
 }
 
-use super::fakes::FakeStore;
+use super::fakes::{fresh_claim, FakeStore};
 
 #[tokio::test]
 async fn store_down_is_transient_and_the_handler_does_not_run() {
-    let runs = Arc::new(AtomicUsize::new(0));
-    let svc = stack(
-        DedupLayer::new(FakeStore::down()).scope("c"),
-        runs.clone(),
-        |_| Ok(()),
-    );
-    let err = svc
-        .oneshot(Message::new("a").with_message_id("k"))
-        .await
-        .unwrap_err();
+    let (svc, runs) = stack(scoped(FakeStore::down()), |_| Ok(()));
+    let err = svc.oneshot(keyed("a")).await.unwrap_err();
     assert_eq!(err.kind(), Some(ErrorKind::Transient));
     assert!(err.counts_attempt());
     assert!(
@@ -289,7 +253,7 @@ async fn store_down_is_transient_and_the_handler_does_not_run() {
         "{}",
         err.chain()
     );
-    assert_eq!(runs.load(Ordering::SeqCst), 0);
+    assert_eq!(runs.get(), 0);
 }
 
 #[tokio::test(start_paused = true)]
@@ -303,17 +267,12 @@ async fn long_handler_keeps_its_lease() {
         Ok::<(), HandlerError>(())
     });
     let mut svc = ServiceBuilder::new().layer(layer).service(slow);
-    let fut = svc.call(Message::new("a").with_message_id("k"));
+    let fut = svc.call(keyed("a"));
     let handle = tokio::spawn(fut);
     tokio::time::sleep(Duration::from_secs(7)).await;
     // Well past the 3 s lease: still held thanks to extensions.
     let other = store
-        .claim(
-            &ScopedKey::new("c", "k"),
-            &OwnerToken::generate(),
-            None,
-            Duration::from_secs(3),
-        )
+        .claim(&fresh_claim("c", "k"), Duration::from_secs(3))
         .await
         .unwrap();
     assert!(matches!(other, Claim::Busy { .. }), "{other:?}");
@@ -349,8 +308,7 @@ proptest! {
         rt.block_on(async move {
             let lease = Duration::from_millis(1000);
             let store = MemoryStore::new();
-            let k = ScopedKey::new("c", "k");
-            let owners = [OwnerToken::generate(), OwnerToken::generate()];
+            let owners = [fresh_claim("c", "k"), fresh_claim("c", "k")];
             // Model: who holds the claim and until when (ms), or done.
             let mut now: u64 = 0;
             let mut holder: Option<(usize, u64)> = None;
@@ -363,7 +321,7 @@ proptest! {
                         now += ms;
                     }
                     Op::Claim(o) => {
-                        let got = store.claim(&k, &owners[o], None, lease).await.unwrap();
+                        let got = store.claim(&owners[o], lease).await.unwrap();
                         let expected_acquire = !done && live(holder, now).is_none();
                         if done {
                             prop_assert!(matches!(got, Claim::Done { .. }), "completion lost: {:?}", got);
@@ -375,19 +333,19 @@ proptest! {
                         }
                     }
                     Op::Complete(o) => {
-                        let ok = store.complete(&k, &owners[o], Completion::Succeeded, Duration::from_secs(1_000_000)).await.unwrap();
+                        let ok = store.complete(&owners[o].held, Completion::Succeeded, Duration::from_secs(1_000_000)).await.unwrap();
                         let expected = live(holder, now).is_some_and(|(h, _)| h == o) && !done;
                         prop_assert_eq!(ok, expected, "complete by {}", o);
                         if ok { done = true; holder = None; }
                     }
                     Op::Release(o) => {
-                        let ok = store.release(&k, &owners[o]).await.unwrap();
+                        let ok = store.release(&owners[o].held).await.unwrap();
                         let expected = live(holder, now).is_some_and(|(h, _)| h == o) && !done;
                         prop_assert_eq!(ok, expected, "release by {}", o);
                         if ok { holder = None; }
                     }
                     Op::Extend(o) => {
-                        let ok = store.extend(&k, &owners[o], lease).await.unwrap();
+                        let ok = store.extend(&owners[o].held, lease).await.unwrap();
                         let expected = live(holder, now).is_some_and(|(h, _)| h == o) && !done;
                         prop_assert_eq!(ok, expected, "extend by {}", o);
                         if ok { holder = Some((o, now + 1000)); }
@@ -401,15 +359,8 @@ proptest! {
 
 /// A worker that claimed `key` and died: the claim is never settled.
 async fn crash_once(store: &MemoryStore, key: &str, lease: Duration) -> Option<u32> {
-    let scoped = ScopedKey::new("c", key);
     let (claim, earlier) = store
-        .claim_counting(
-            &scoped,
-            &OwnerToken::generate(),
-            None,
-            lease,
-            Duration::from_secs(60),
-        )
+        .claim_counting(&fresh_claim("c", key), lease, Duration::from_secs(60))
         .await
         .unwrap();
     assert_eq!(claim, Claim::Acquired);
@@ -421,16 +372,11 @@ async fn crash_once(store: &MemoryStore, key: &str, lease: Duration) -> Option<u
 async fn crash_limit_dead_letters_without_running() {
     let store = MemoryStore::new();
     let lease = Duration::from_millis(30);
-    let runs = Arc::new(AtomicUsize::new(0));
-    let svc = stack(
-        DedupLayer::new(store.clone()).scope("c").lease(lease),
-        runs.clone(),
-        |_| Ok(()),
-    );
+    let (svc, runs) = stack(scoped(store.clone()).lease(lease), |_| Ok(()));
     for n in 0..3 {
         assert_eq!(crash_once(&store, "k", lease).await, Some(n));
     }
-    let mut m = Message::new("a").with_message_id("k");
+    let mut m = keyed("a");
     m.context = m.context.with_crash_guard(crate::crash::CrashGuard::new(3));
     let err = svc.clone().oneshot(m).await.unwrap_err();
     assert_eq!(err.kind(), Some(ErrorKind::Permanent));
@@ -439,38 +385,28 @@ async fn crash_limit_dead_letters_without_running() {
         "{}",
         err.chain()
     );
-    assert_eq!(runs.load(Ordering::SeqCst), 0, "not run again");
+    assert_eq!(runs.get(), 0, "not run again");
     // Recorded as poison: a plain redelivery is dead-lettered again, still without running.
-    let again = svc
-        .oneshot(Message::new("a").with_message_id("k"))
-        .await
-        .unwrap_err();
+    let again = svc.oneshot(keyed("a")).await.unwrap_err();
     assert_eq!(again.kind(), Some(ErrorKind::Permanent));
-    assert_eq!(runs.load(Ordering::SeqCst), 0);
+    assert_eq!(runs.get(), 0);
 }
 
 #[tokio::test]
 async fn crash_count_below_the_limit_runs_and_a_settled_outcome_clears_it() {
     let store = MemoryStore::new();
     let lease = Duration::from_millis(30);
-    let runs = Arc::new(AtomicUsize::new(0));
-    let svc = stack(
-        DedupLayer::new(store.clone()).scope("c").lease(lease),
-        runs.clone(),
-        |_| Err(HandlerError::transient("down")),
-    );
+    let (svc, runs) = stack(scoped(store.clone()).lease(lease), |_| {
+        Err(HandlerError::transient("down"))
+    });
     for n in 0..2 {
         assert_eq!(crash_once(&store, "k", lease).await, Some(n));
     }
-    let mut m = Message::new("a").with_message_id("k");
+    let mut m = keyed("a");
     m.context = m.context.with_crash_guard(crate::crash::CrashGuard::new(3));
     let err = svc.oneshot(m).await.unwrap_err();
     assert_eq!(err.kind(), Some(ErrorKind::Transient));
-    assert_eq!(
-        runs.load(Ordering::SeqCst),
-        1,
-        "two crashes are below the limit"
-    );
+    assert_eq!(runs.get(), 1, "two crashes are below the limit");
     // The transient failure settled the start: counting begins again.
     assert_eq!(crash_once(&store, "k", lease).await, Some(0));
 }
@@ -487,37 +423,36 @@ async fn consumer_name_scopes_the_keys() {
             .handler(|| async {})
             .unwrap()
     };
-    let m = || Message::new("a").with_message_id("k");
     let billing = consumer("billing", DedupLayer::new(store.clone()).scope("other"));
     assert_eq!(
-        billing.process(m()).await,
+        billing.process(keyed("a")).await,
         Disposition::Ack { duplicate: false }
     );
     // Same consumer name, different layer scope: still the same keys.
     let again = consumer("billing", DedupLayer::new(store.clone()));
     assert_eq!(
-        again.process(m()).await,
+        again.process(keyed("a")).await,
         Disposition::Ack { duplicate: true }
     );
     // Another consumer on the same store has keys of its own.
     let audit = consumer("audit", DedupLayer::new(store.clone()));
     assert_eq!(
-        audit.process(m()).await,
+        audit.process(keyed("a")).await,
         Disposition::Ack { duplicate: false }
     );
-    let billing_key = ScopedKey::new("billing", "k");
-    let other_key = ScopedKey::new("other", "k");
-    let owner = OwnerToken::generate();
     let lease = Duration::from_secs(1);
     assert!(matches!(
         store
-            .claim(&billing_key, &owner, None, lease)
+            .claim(&fresh_claim("billing", "k"), lease)
             .await
             .unwrap(),
         Claim::Done { .. }
     ));
     assert_eq!(
-        store.claim(&other_key, &owner, None, lease).await.unwrap(),
+        store
+            .claim(&fresh_claim("other", "k"), lease)
+            .await
+            .unwrap(),
         Claim::Acquired
     );
 }

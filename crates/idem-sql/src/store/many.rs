@@ -6,13 +6,12 @@
 use std::time::Duration;
 
 use idem_core::dedup::{
-    Claim, ClaimRequest, CompleteRequest, DedupStore, OwnerToken, ReleaseRequest, ScopedKey,
-    StoreError, StoreErrorKind,
+    Claim, ClaimRequest, CompleteRequest, DedupStore, HeldClaim, StoreError, StoreErrorKind,
 };
 
 use super::SqlStore;
 #[cfg(feature = "postgres")]
-use super::{ms, pg_batch, pg_claims, state_of};
+use super::{pg_batch, pg_claims, state_of};
 use crate::backend::Backend;
 
 impl<DB: Backend> SqlStore<DB> {
@@ -29,11 +28,7 @@ impl<DB: Backend> SqlStore<DB> {
         }
         let mut answers = Vec::with_capacity(requests.len());
         for r in requests {
-            let fingerprint = r.fingerprint.as_deref();
-            answers.push(
-                self.claim_counting(&r.key, &r.owner, fingerprint, lease, memory)
-                    .await,
-            );
+            answers.push(self.claim_counting(r, lease, memory).await);
         }
         answers
     }
@@ -48,55 +43,36 @@ impl<DB: Backend> SqlStore<DB> {
         if let Some(batch) = &self.inner.batch {
             let ops = requests
                 .iter()
-                .map(|r| pg_batch::Op::Update {
-                    key: r.key.clone(),
-                    owner: r.owner.clone(),
-                    state: Some(state_of(r.completion)),
-                    ms: ms(retention),
-                })
+                .map(|r| pg_batch::Op::update(&r.held, Some(state_of(r.completion)), retention))
                 .collect();
             return pg_batch::settle_many(batch.executor(), ops).await;
         }
         let mut answers = Vec::with_capacity(requests.len());
         for r in requests {
-            answers.push(
-                self.complete(&r.key, &r.owner, r.completion, retention)
-                    .await,
-            );
+            answers.push(self.complete(&r.held, r.completion, retention).await);
         }
         answers
     }
 
     /// [`DedupStore::release_many`].
-    pub(super) async fn releases(
-        &self,
-        requests: &[ReleaseRequest],
-    ) -> Vec<Result<bool, StoreError>> {
+    pub(super) async fn releases(&self, claims: &[HeldClaim]) -> Vec<Result<bool, StoreError>> {
         #[cfg(feature = "postgres")]
         if let Some(batch) = &self.inner.batch {
-            let ops = requests
-                .iter()
-                .map(|r| pg_batch::Op::Release {
-                    key: r.key.clone(),
-                    owner: r.owner.clone(),
-                })
-                .collect();
+            let ops = claims.iter().map(pg_batch::Op::release).collect();
             return pg_batch::settle_many(batch.executor(), ops).await;
         }
-        let mut answers = Vec::with_capacity(requests.len());
-        for r in requests {
-            answers.push(self.release(&r.key, &r.owner).await);
+        let mut answers = Vec::with_capacity(claims.len());
+        for held in claims {
+            answers.push(self.release(held).await);
         }
         answers
     }
 }
 
 /// Refuses a claim whose key, owner or fingerprint is longer than the table allows.
-pub(super) fn check_claim<DB: Backend>(
-    key: &ScopedKey,
-    owner: &OwnerToken,
-    fingerprint: Option<&str>,
-) -> Result<(), StoreError> {
+pub(super) fn check_claim<DB: Backend>(req: &ClaimRequest) -> Result<(), StoreError> {
+    let HeldClaim { key, owner, .. } = &req.held;
+    let fingerprint = req.fingerprint.as_deref();
     DB::DIALECT
         .check_lengths(key.consumer(), key.key(), Some(owner.as_str()), fingerprint)
         .map_err(|m| {

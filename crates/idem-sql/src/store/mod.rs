@@ -8,8 +8,8 @@ use async_trait::async_trait;
 #[cfg(feature = "postgres")]
 use idem_core::dedup::Batcher;
 use idem_core::dedup::{
-    Claim, ClaimRequest, CompleteRequest, Completion, DedupStore, OwnerToken, ReleaseRequest,
-    ScopedKey, StoreError, DEFAULT_MAX_BATCH,
+    Claim, ClaimRequest, CompleteRequest, Completion, DedupStore, HeldClaim, StoreError,
+    DEFAULT_MAX_BATCH,
 };
 use sqlx::Pool;
 
@@ -233,16 +233,14 @@ impl<DB: Backend> SqlStore<DB> {
     #[cfg(feature = "postgres")]
     async fn batched_claim(
         &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        fingerprint: Option<&str>,
+        req: &ClaimRequest,
         lease: Duration,
         counting: bool,
     ) -> Result<Option<Option<u32>>, StoreError> {
         let op = || pg_batch::Op::Claim {
-            key: key.clone(),
-            owner: owner.clone(),
-            fingerprint: fingerprint.map(str::to_owned),
+            key: req.held.key.clone(),
+            owner: req.held.owner.clone(),
+            fingerprint: req.fingerprint.clone(),
             lease,
             counting,
         };
@@ -338,14 +336,13 @@ impl<DB: Backend> SqlStore<DB> {
     async fn acquired(
         &self,
         conn: &mut DB::Connection,
-        key: &ScopedKey,
-        owner: &OwnerToken,
+        held: &HeldClaim,
         counting: bool,
     ) -> Result<(Claim, Option<u32>), StoreError> {
         if !counting {
             return Ok((Claim::Acquired, None));
         }
-        let args = vec![text(key.consumer()), text(key.key()), text(owner.as_str())];
+        let args = key_owner(held);
         let n = DB::fetch_int(conn, &self.inner.q.read_starts, args)
             .await
             .map_err(self.err("claim"))?
@@ -361,13 +358,12 @@ impl<DB: Backend> SqlStore<DB> {
     /// answer carries the earlier unsettled starts.
     async fn claim_with(
         &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        fingerprint: Option<&str>,
+        req: &ClaimRequest,
         lease: Duration,
         counting: bool,
     ) -> Result<(Claim, Option<u32>), StoreError> {
-        many::check_claim::<DB>(key, owner, fingerprint)?;
+        many::check_claim::<DB>(req)?;
+        let HeldClaim { key, owner, .. } = &req.held;
         let q = &self.inner.q;
         let err = self.err("claim");
         let (insert, take_over) = if counting {
@@ -376,7 +372,7 @@ impl<DB: Backend> SqlStore<DB> {
             (&q.insert, &q.take_over)
         };
         let mut conn = self.inner.pool.acquire().await.map_err(&err)?;
-        let fp = Arg::OptText(fingerprint.map(str::to_owned));
+        let fp = Arg::OptText(req.fingerprint.clone());
         // A row can expire or be deleted between the statements: settle in a few rounds.
         for _ in 0..4 {
             let args = vec![
@@ -387,7 +383,7 @@ impl<DB: Backend> SqlStore<DB> {
                 Arg::Int(ms(lease)),
             ];
             if DB::execute(&mut *conn, insert, args).await.map_err(&err)? == 1 {
-                return self.acquired(&mut *conn, key, owner, counting).await;
+                return self.acquired(&mut *conn, &req.held, counting).await;
             }
             let args = vec![
                 text(owner.as_str()),
@@ -401,7 +397,7 @@ impl<DB: Backend> SqlStore<DB> {
                 .map_err(&err)?
                 == 1
             {
-                return self.acquired(&mut *conn, key, owner, counting).await;
+                return self.acquired(&mut *conn, &req.held, counting).await;
             }
             let args = vec![text(key.consumer()), text(key.key())];
             let Some((state, row_owner, row_fp, left)) =
@@ -416,7 +412,7 @@ impl<DB: Backend> SqlStore<DB> {
             }
             if state == PROCESSING && row_owner.as_deref() == Some(owner.as_str()) {
                 // Our own claim, retried after a lost reply: not a new start.
-                return self.acquired(&mut *conn, key, owner, counting).await;
+                return self.acquired(&mut *conn, &req.held, counting).await;
             }
             return Ok((
                 match state.as_str() {
@@ -443,113 +439,67 @@ impl<DB: Backend> SqlStore<DB> {
 
 #[async_trait]
 impl<DB: Backend> DedupStore for SqlStore<DB> {
-    async fn claim(
-        &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        fingerprint: Option<&str>,
-        lease: Duration,
-    ) -> Result<Claim, StoreError> {
+    async fn claim(&self, req: &ClaimRequest, lease: Duration) -> Result<Claim, StoreError> {
         #[cfg(feature = "postgres")]
-        if self
-            .batched_claim(key, owner, fingerprint, lease, false)
-            .await?
-            .is_some()
-        {
+        if self.batched_claim(req, lease, false).await?.is_some() {
             return Ok(Claim::Acquired);
         }
-        self.claim_with(key, owner, fingerprint, lease, false)
+        self.claim_with(req, lease, false)
             .await
             .map(|(claim, _)| claim)
     }
 
     async fn claim_counting(
         &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        fingerprint: Option<&str>,
+        req: &ClaimRequest,
         lease: Duration,
         _memory: Duration,
     ) -> Result<(Claim, Option<u32>), StoreError> {
         #[cfg(feature = "postgres")]
-        if let Some(starts) = self
-            .batched_claim(key, owner, fingerprint, lease, true)
-            .await?
-        {
+        if let Some(starts) = self.batched_claim(req, lease, true).await? {
             return Ok((Claim::Acquired, starts));
         }
-        self.claim_with(key, owner, fingerprint, lease, true).await
+        self.claim_with(req, lease, true).await
     }
 
-    async fn extend(
-        &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        lease: Duration,
-    ) -> Result<bool, StoreError> {
+    async fn extend(&self, held: &HeldClaim, lease: Duration) -> Result<bool, StoreError> {
         #[cfg(feature = "postgres")]
         if let Some(done) = self
-            .batched_settle(|| pg_batch::Op::Update {
-                key: key.clone(),
-                owner: owner.clone(),
-                state: None,
-                ms: ms(lease),
-            })
+            .batched_settle(|| pg_batch::Op::update(held, None, lease))
             .await?
         {
             return Ok(done);
         }
-        let args = vec![
-            Arg::Int(ms(lease)),
-            text(key.consumer()),
-            text(key.key()),
-            text(owner.as_str()),
-        ];
+        let mut args = vec![Arg::Int(ms(lease))];
+        args.extend(key_owner(held));
         Ok(self.exec("extend", &self.inner.q.extend, args).await? == 1)
     }
 
     async fn complete(
         &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
+        held: &HeldClaim,
         completion: Completion,
         retention: Duration,
     ) -> Result<bool, StoreError> {
         let state = state_of(completion);
         #[cfg(feature = "postgres")]
         if let Some(done) = self
-            .batched_settle(|| pg_batch::Op::Update {
-                key: key.clone(),
-                owner: owner.clone(),
-                state: Some(state),
-                ms: ms(retention),
-            })
+            .batched_settle(|| pg_batch::Op::update(held, Some(state), retention))
             .await?
         {
             return Ok(done);
         }
-        let args = vec![
-            text(state),
-            Arg::Int(ms(retention)),
-            text(key.consumer()),
-            text(key.key()),
-            text(owner.as_str()),
-        ];
+        let mut args = vec![text(state), Arg::Int(ms(retention))];
+        args.extend(key_owner(held));
         Ok(self.exec("complete", &self.inner.q.complete, args).await? == 1)
     }
 
-    async fn release(&self, key: &ScopedKey, owner: &OwnerToken) -> Result<bool, StoreError> {
+    async fn release(&self, held: &HeldClaim) -> Result<bool, StoreError> {
         #[cfg(feature = "postgres")]
-        if let Some(done) = self
-            .batched_settle(|| pg_batch::Op::Release {
-                key: key.clone(),
-                owner: owner.clone(),
-            })
-            .await?
-        {
+        if let Some(done) = self.batched_settle(|| pg_batch::Op::release(held)).await? {
             return Ok(done);
         }
-        let args = vec![text(key.consumer()), text(key.key()), text(owner.as_str())];
+        let args = key_owner(held);
         Ok(self.exec("release", &self.inner.q.release, args).await? == 1)
     }
 
@@ -570,16 +520,12 @@ impl<DB: Backend> DedupStore for SqlStore<DB> {
         self.completions(requests, retention).await
     }
 
-    async fn release_many(&self, requests: &[ReleaseRequest]) -> Vec<Result<bool, StoreError>> {
-        self.releases(requests).await
+    async fn release_many(&self, claims: &[HeldClaim]) -> Vec<Result<bool, StoreError>> {
+        self.releases(claims).await
     }
 
-    async fn reopen_poisoned(
-        &self,
-        key: &ScopedKey,
-        owner: &OwnerToken,
-        lease: Duration,
-    ) -> Result<bool, StoreError> {
+    async fn reopen_poisoned(&self, held: &HeldClaim, lease: Duration) -> Result<bool, StoreError> {
+        let HeldClaim { key, owner, .. } = held;
         let args = vec![
             text(owner.as_str()),
             Arg::Int(ms(lease)),
@@ -588,6 +534,13 @@ impl<DB: Backend> DedupStore for SqlStore<DB> {
         ];
         Ok(self.exec("reopen", &self.inner.q.reopen, args).await? == 1)
     }
+}
+
+/// The arguments `consumer, key, owner` of a held claim, in the order the statements
+/// that select a claim by its owner bind them.
+fn key_owner(held: &HeldClaim) -> Vec<Arg> {
+    let HeldClaim { key, owner, .. } = held;
+    vec![text(key.consumer()), text(key.key()), text(owner.as_str())]
 }
 
 /// The batched path of the lease store on PostgreSQL: see [`SqlStore`]'s docs,

@@ -2,9 +2,10 @@
 //! docs, "Batching".
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use async_trait::async_trait;
-use idem_core::dedup::{BatchExecutor, OwnerToken, ScopedKey, StoreError};
+use idem_core::dedup::{BatchExecutor, HeldClaim, OwnerToken, ScopedKey, StoreError};
 use sqlx::{PgPool, Row};
 
 use super::{ms, PROCESSING};
@@ -33,6 +34,24 @@ pub(crate) enum Op {
 }
 
 impl Op {
+    /// Completes (`state` given) or extends `held`, for `d`.
+    pub(crate) fn update(held: &HeldClaim, state: Option<&'static str>, d: Duration) -> Op {
+        Op::Update {
+            key: held.key.clone(),
+            owner: held.owner.clone(),
+            state,
+            ms: ms(d),
+        }
+    }
+
+    /// Releases `held`.
+    pub(crate) fn release(held: &HeldClaim) -> Op {
+        Op::Release {
+            key: held.key.clone(),
+            owner: held.owner.clone(),
+        }
+    }
+
     fn key(&self) -> &ScopedKey {
         match self {
             Op::Claim { key, .. } | Op::Update { key, .. } | Op::Release { key, .. } => key,

@@ -116,9 +116,9 @@ async fn one_statement(
         sent.iter().map(|&i| f(&requests[i])).collect()
     };
     let rows = sqlx::query(&exec.claims)
-        .bind(col(|r| Some(r.key.consumer().to_owned())))
-        .bind(col(|r| Some(r.key.key().to_owned())))
-        .bind(col(|r| Some(r.owner.as_str().to_owned())))
+        .bind(col(|r| Some(r.held.key.consumer().to_owned())))
+        .bind(col(|r| Some(r.held.key.key().to_owned())))
+        .bind(col(|r| Some(r.held.owner.as_str().to_owned())))
         .bind(col(|r| r.fingerprint.clone()))
         .bind(ms(lease))
         .fetch_all(&exec.pool)
@@ -129,7 +129,7 @@ async fn one_statement(
         let Some(at) = usize::try_from(i - 1).ok().filter(|&at| at < sent.len()) else {
             continue;
         };
-        answers[at] = decide(&row, requests[sent[at]].owner.as_str())?;
+        answers[at] = decide(&row, requests[sent[at]].held.owner.as_str())?;
     }
     Ok(answers)
 }
@@ -146,9 +146,8 @@ pub(super) async fn claim_many<DB: Backend>(
     let mut seen = HashSet::new();
     let mut sent = Vec::new();
     for (i, r) in requests.iter().enumerate() {
-        let fingerprint = r.fingerprint.as_deref();
-        match super::many::check_claim::<DB>(&r.key, &r.owner, fingerprint) {
-            Ok(()) if seen.insert(&r.key) => sent.push(i),
+        match super::many::check_claim::<DB>(r) {
+            Ok(()) if seen.insert(&r.held.key) => sent.push(i),
             Ok(()) => {}
             Err(e) => answers[i] = Some(Err(e)),
         }
@@ -179,12 +178,7 @@ pub(super) async fn claim_many<DB: Backend>(
     for (r, answer) in requests.iter().zip(answers) {
         out.push(match answer {
             Some(answer) => answer,
-            None => {
-                let fingerprint = r.fingerprint.as_deref();
-                store
-                    .claim_with(&r.key, &r.owner, fingerprint, lease, true)
-                    .await
-            }
+            None => store.claim_with(r, lease, true).await,
         });
     }
     out

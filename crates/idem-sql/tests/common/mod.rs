@@ -34,7 +34,8 @@ macro_rules! sql_suite {
         use std::time::Duration;
 
         use idem_core::dedup::{
-            Claim, Completion, DedupStore, OwnerToken, ScopedKey, StoreErrorKind, REPLAY_HEADER,
+            Claim, ClaimRequest, Completion, DedupStore, HeldClaim, OwnerToken, ScopedKey,
+            StoreErrorKind, REPLAY_HEADER,
         };
         use idem_testkit::conformance;
         use idem_core::{
@@ -122,7 +123,7 @@ macro_rules! sql_suite {
         async fn cleanup_removes_only_expired_rows() {
             let (store, _g) = new_store("cleanup").await;
             let t = store.table_name().to_string();
-            let k = |n: &str| ScopedKey::new("c", n);
+            let k = |n: &str, o: &OwnerToken| ClaimRequest::new(ScopedKey::new("c", n), o.clone(), None);
             let short = Duration::from_millis(50);
             let long = Duration::from_secs(3600);
             let live_lease = OwnerToken::generate();
@@ -138,12 +139,12 @@ macro_rules! sql_suite {
                     OwnerToken::generate()
                 };
                 assert_eq!(
-                    store.claim(&k(name), &o, None, lease).await.unwrap(),
+                    store.claim(&k(name, &o), lease).await.unwrap(),
                     Claim::Acquired
                 );
                 if let Some(r) = retention {
                     assert!(store
-                        .complete(&k(name), &o, Completion::Succeeded, r)
+                        .complete(&k(name, &o).held, Completion::Succeeded, r)
                         .await
                         .unwrap());
                 }
@@ -158,7 +159,7 @@ macro_rules! sql_suite {
             );
             assert!(
                 store
-                    .extend(&k("lease-live"), &live_lease, long)
+                    .extend(&k("lease-live", &live_lease).held, long)
                     .await
                     .unwrap(),
                 "live lease untouched"
@@ -166,9 +167,9 @@ macro_rules! sql_suite {
 
             // The background task does the same on its own.
             let o = OwnerToken::generate();
-            store.claim(&k("bg"), &o, None, long).await.unwrap();
+            store.claim(&k("bg", &o), long).await.unwrap();
             store
-                .complete(&k("bg"), &o, Completion::Succeeded, short)
+                .complete(&k("bg", &o).held, Completion::Succeeded, short)
                 .await
                 .unwrap();
             assert_eq!(count(store.pool(), &t).await, 3);
@@ -523,18 +524,12 @@ macro_rules! sql_suite {
             let (store, _g) = new_store("kinds").await;
             let t = store.table_name().to_string();
             drop_table(store.pool(), &t).await;
-            let key = ScopedKey::new("c", "k");
+            let req = ClaimRequest::new(ScopedKey::new("c", "k"), OwnerToken::generate(), None);
             let lease = Duration::from_secs(5);
-            let err = store
-                .claim(&key, &OwnerToken::generate(), None, lease)
-                .await
-                .unwrap_err();
+            let err = store.claim(&req, lease).await.unwrap_err();
             assert_eq!(err.kind(), StoreErrorKind::Refused, "{err}");
             store.pool().close().await;
-            let err = store
-                .claim(&key, &OwnerToken::generate(), None, lease)
-                .await
-                .unwrap_err();
+            let err = store.claim(&req, lease).await.unwrap_err();
             assert_eq!(err.kind(), StoreErrorKind::Unavailable, "{err}");
         }
 
@@ -551,9 +546,8 @@ macro_rules! sql_suite {
             let claim = |owner: OwnerToken| {
                 let (s, key) = (store.clone(), key.clone());
                 async move {
-                    s.claim_counting(&key, &owner, None, lease, memory)
-                        .await
-                        .unwrap()
+                    let req = ClaimRequest::new(key, owner, None);
+                    s.claim_counting(&req, lease, memory).await.unwrap()
                 }
             };
             for n in 0..3 {
@@ -565,14 +559,14 @@ macro_rules! sql_suite {
             let owner = OwnerToken::generate();
             assert_eq!(claim(owner.clone()).await, (Claim::Acquired, Some(3)));
             assert!(store
-                .complete(&key, &owner, Completion::Succeeded, Duration::from_millis(1))
+                .complete(&HeldClaim::new(key.clone(), owner), Completion::Succeeded, Duration::from_millis(1))
                 .await
                 .unwrap());
             tokio::time::sleep(Duration::from_millis(20)).await;
             // The done record expired: a fresh start.
             let owner = OwnerToken::generate();
             assert_eq!(claim(owner.clone()).await, (Claim::Acquired, Some(0)));
-            assert!(store.release(&key, &owner).await.unwrap());
+            assert!(store.release(&HeldClaim::new(key.clone(), owner)).await.unwrap());
             assert_eq!(
                 claim(OwnerToken::generate()).await,
                 (Claim::Acquired, Some(0)),
@@ -586,19 +580,15 @@ macro_rules! sql_suite {
                 .await
                 .unwrap();
             let old = SqlStore::<$db>::new(store.pool().clone()).table(store.table_name().clone());
-            let k2 = ScopedKey::new("c", "k2");
+            let k2 = ClaimRequest::new(ScopedKey::new("c", "k2"), OwnerToken::generate(), None);
             // No run-time fallback: the claim fails, naming the store's error, and
             // ensure_schema is the one upgrade path.
-            let refused = old
-                .claim_counting(&k2, &OwnerToken::generate(), None, lease, memory)
-                .await;
+            let refused = old.claim_counting(&k2, lease, memory).await;
             assert!(refused.is_err(), "a table without `starts`: {refused:?}");
             old.ensure_schema().await.unwrap();
             let (c, n) = old
                 .claim_counting(
-                    &ScopedKey::new("c", "k3"),
-                    &OwnerToken::generate(),
-                    None,
+                    &ClaimRequest::new(ScopedKey::new("c", "k3"), OwnerToken::generate(), None),
                     lease,
                     memory,
                 )
