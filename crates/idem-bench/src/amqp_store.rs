@@ -173,27 +173,8 @@ pub(crate) async fn delete_keys(
 ) -> Result<(), BoxError> {
     let client = redis_client(redis_url, tls)?;
     let mut conn = redis::aio::ConnectionManager::new(client).await?;
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await?;
-        if !keys.is_empty() {
-            let _: i64 = redis::cmd("UNLINK")
-                .arg(&keys)
-                .query_async(&mut conn)
-                .await?;
-        }
-        if next == 0 {
-            return Ok(());
-        }
-        cursor = next;
-    }
+    idem_testkit::tools::unlink_matching(&mut conn, pattern).await?;
+    Ok(())
 }
 
 /// A redis-rs client for `url`, with `tls` for a rediss:// URL.

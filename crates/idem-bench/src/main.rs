@@ -81,12 +81,7 @@ enum Scenario {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    idem_testkit::tools::log_to_stderr();
     let cli = Cli::parse();
     let report = match cli.scenario {
         Scenario::AmqpNoop(args) if args.ordered => return amqp_ordered::run(args).await,

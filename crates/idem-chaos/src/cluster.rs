@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use tokio::process::Command;
 
-use crate::common::{self, BoxError, Cluster};
+use crate::common::{BoxError, Cluster};
 use crate::faults::{announce, announce_restart, rabbitmqctl};
 
 /// Runs `bash .ci/cluster <args>`; its stdout on success.
@@ -300,7 +300,7 @@ pub(crate) async fn delete_redis_keys(cluster: &Cluster, prefix: &str) -> Result
             continue;
         }
         let mut conn = redis_node(&node.addr).await?;
-        deleted += common::unlink_matching(&mut conn, &pattern).await?;
+        deleted += idem_testkit::tools::unlink_matching(&mut conn, &pattern).await?;
     }
     Ok(deleted)
 }

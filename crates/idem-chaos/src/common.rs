@@ -250,37 +250,3 @@ fn not_reachable(service: &str, var: &str, url: &str, e: impl std::fmt::Display)
     )
     .into()
 }
-
-/// Deletes every key of the node behind `conn` that matches `pattern` (a SCAN pattern)
-/// and returns how many went. One `UNLINK` per key, pipelined per SCAN page: on a
-/// cluster node the keys of one page live in different slots, and a multi-key UNLINK
-/// would be refused.
-pub(crate) async fn unlink_matching<C>(conn: &mut C, pattern: &str) -> Result<u64, BoxError>
-where
-    C: redis::aio::ConnectionLike,
-{
-    let mut deleted = 0;
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(conn)
-            .await?;
-        if !keys.is_empty() {
-            let mut pipe = redis::pipe();
-            for key in &keys {
-                pipe.cmd("UNLINK").arg(key);
-            }
-            let counts: Vec<u64> = pipe.query_async(conn).await?;
-            deleted += counts.iter().sum::<u64>();
-        }
-        if next == 0 {
-            return Ok(deleted);
-        }
-        cursor = next;
-    }
-}

@@ -109,7 +109,7 @@ pub(crate) async fn cleanup(admin: &mut Admin, names: &Names) -> Result<(), BoxE
         crate::cluster::delete_redis_keys(cluster, &names.redis_prefix()).await?;
     }
     if let Some(conn) = admin.redis.as_mut() {
-        common::unlink_matching(conn, &format!("{}:*", names.redis_prefix())).await?;
+        idem_testkit::tools::unlink_matching(conn, &format!("{}:*", names.redis_prefix())).await?;
     }
     Ok(())
 }

@@ -58,6 +58,7 @@ pub mod probe;
 mod service;
 #[cfg(feature = "otel")]
 pub mod spans;
+pub mod tools;
 
 #[cfg(feature = "redis")]
 pub use service::delete_redis_keys;
