@@ -43,15 +43,6 @@ const QUORUM_ENV: &str = "IDEM_CRASH_LOOP_QUORUM";
 /// Which worker process this is: 0 for the first, n after n crashes.
 const GEN_ENV: &str = "IDEM_CRASH_LOOP_GEN";
 
-fn database_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-fn redis_url() -> String {
-    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
 struct Names {
     run: String,
 }
@@ -84,15 +75,7 @@ impl Names {
 }
 
 async fn pg_pool(max: u32) -> PgPool {
-    let url = database_url();
-    Service::PostgreSql.expect_connected(
-        &url,
-        PgPoolOptions::new()
-            .max_connections(max)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect(&url)
-            .await,
-    )
+    idem_testkit::postgres(PgPoolOptions::new().max_connections(max), "crash-loop").await
 }
 
 #[derive(Clone)]
@@ -103,8 +86,32 @@ struct Ctx {
     generation: i32,
 }
 
-fn is_poison(body: &[u8]) -> bool {
-    body == b"abort"
+/// The handler's work: the poison message aborts the process, any other takes 20 ms.
+async fn work(body: &[u8]) {
+    if body == b"abort" {
+        std::process::abort();
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+}
+
+impl Ctx {
+    /// The effect: one row for `key` in the applied table, with this worker's generation.
+    async fn apply<'c>(
+        &self,
+        key: &IdempotencyKey,
+        conn: impl sqlx::PgExecutor<'c>,
+    ) -> Result<(), HandlerError> {
+        sqlx::query(&format!(
+            "INSERT INTO {} (msg_id, gen) VALUES ($1, $2)",
+            self.applied
+        ))
+        .bind(key.as_str())
+        .bind(self.generation)
+        .execute(conn)
+        .await
+        .transient()?;
+        Ok(())
+    }
 }
 
 async fn lease_handler(
@@ -112,20 +119,8 @@ async fn lease_handler(
     key: IdempotencyKey,
     Body(body): Body,
 ) -> Result<(), HandlerError> {
-    if is_poison(&body) {
-        std::process::abort();
-    }
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    sqlx::query(&format!(
-        "INSERT INTO {} (msg_id, gen) VALUES ($1, $2)",
-        ctx.applied
-    ))
-    .bind(key.as_str())
-    .bind(ctx.generation)
-    .execute(&ctx.pool)
-    .await
-    .transient()?;
-    Ok(())
+    work(&body).await;
+    ctx.apply(&key, &ctx.pool).await
 }
 
 async fn inbox_handler(
@@ -134,21 +129,9 @@ async fn inbox_handler(
     tx: Tx<Postgres>,
     Body(body): Body,
 ) -> Result<(), HandlerError> {
-    if is_poison(&body) {
-        std::process::abort();
-    }
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    work(&body).await;
     let mut conn = tx.conn().await?;
-    sqlx::query(&format!(
-        "INSERT INTO {} (msg_id, gen) VALUES ($1, $2)",
-        ctx.applied
-    ))
-    .bind(key.as_str())
-    .bind(ctx.generation)
-    .execute(&mut *conn)
-    .await
-    .transient()?;
-    Ok(())
+    ctx.apply(&key, &mut *conn).await
 }
 
 /// Not a test by itself: the worker process the crash-loop tests start (and restart
@@ -177,7 +160,7 @@ fn crash_loop_worker_process() {
         };
         let builder = Consumer::builder(CONSUMER).crash_limit(CRASH_LIMIT);
         let consumer = if store == "redis" {
-            let store = RedisStore::builder(&redis_url())
+            let store = RedisStore::builder(&Service::Redis.url())
                 .prefix(names.prefix())
                 .connect()
                 .await
@@ -518,7 +501,7 @@ async fn crash_loop(store: &str, quorum: bool) -> Figures {
 
 /// The Redis server's `run_id`: it changes when Redis restarts.
 async fn redis_run_id() -> String {
-    let client = redis::Client::open(redis_url()).expect("Redis URL");
+    let client = redis::Client::open(Service::Redis.url()).expect("Redis URL");
     let mut conn = match client.get_multiplexed_async_connection().await {
         Ok(c) => c,
         Err(e) => {
@@ -538,34 +521,13 @@ async fn redis_run_id() -> String {
 }
 
 async fn delete_redis_keys(pattern: &str) {
-    let Ok(client) = redis::Client::open(redis_url()) else {
+    let Ok(client) = redis::Client::open(Service::Redis.url()) else {
         return;
     };
     let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
         return;
     };
-    let mut cursor = 0_u64;
-    loop {
-        let Ok((next, keys)): redis::RedisResult<(u64, Vec<String>)> = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await
-        else {
-            return;
-        };
-        if !keys.is_empty() {
-            let _: redis::RedisResult<()> =
-                redis::cmd("DEL").arg(&keys).query_async(&mut conn).await;
-        }
-        if next == 0 {
-            return;
-        }
-        cursor = next;
-    }
+    let _ = idem_testkit::tools::unlink_matching(&mut conn, pattern).await;
 }
 
 fn report(name: &str, f: &Figures) {
