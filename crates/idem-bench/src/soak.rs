@@ -104,25 +104,26 @@ use crate::cpu::{cpu_secs, process_cpu_secs};
 
 async fn noop(_key: IdempotencyKey) {}
 
-/// The share of the last 10 s in which some task waited for a CPU (Linux PSI).
-fn cpu_pressure() -> Option<f64> {
-    std::fs::read_to_string("/proc/pressure/cpu")
-        .ok()?
-        .lines()
-        .next()?
-        .split_whitespace()
-        .find_map(|f| f.strip_prefix("avg10="))?
-        .parse()
-        .ok()
+/// A number from the Linux file `path`: `pick` finds it in the file's text. `None`
+/// where the file or the number is missing (not Linux, an older kernel).
+fn proc_number(path: &str, pick: impl FnOnce(&str) -> Option<&str>) -> Option<f64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    pick(&text)?.parse().ok()
 }
 
+/// The share of the last 10 s in which some task waited for a CPU (Linux PSI).
+fn cpu_pressure() -> Option<f64> {
+    proc_number("/proc/pressure/cpu", |text| {
+        text.lines()
+            .next()?
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix("avg10="))
+    })
+}
+
+/// The 1-minute load average.
 fn load1() -> Option<f64> {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+    proc_number("/proc/loadavg", |text| text.split_whitespace().next())
 }
 
 /// A reading of Redis `INFO` (whole server: other users of it count too).
