@@ -4,9 +4,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::{DedupLayer, IdempotencyKey, MemoryStore, State};
+use crate::{DedupLayer, Handler, IdempotencyKey, MemoryStore, State};
 
 type Effects = Arc<Mutex<HashMap<String, u64>>>;
+
+/// The lease a [`DedupLayer`] has unless told otherwise.
+const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 
 async fn count_effect(State(fx): State<Effects>, key: IdempotencyKey) {
     *fx.lock().unwrap().entry(key.0).or_default() += 1;
@@ -23,17 +26,35 @@ fn probe(fx: &Effects) -> impl FnMut(String) -> std::future::Ready<Result<u64, I
     move |key| std::future::ready(Ok(fx.lock().unwrap().get(&key).copied().unwrap_or(0)))
 }
 
+/// `n` messages tagged `tag` for the consumer `name`: `handler` on a memory store whose
+/// claims last `lease`, its effects counted in `fx`.
+fn memory_harness_with<H, T>(
+    fx: &Effects,
+    name: &'static str,
+    lease: Duration,
+    handler: H,
+    n: usize,
+    tag: &str,
+) -> Harness
+where
+    H: Handler<T, Effects>,
+    T: 'static,
+{
+    let fx = fx.clone();
+    Harness::new(move |trouble| {
+        Consumer::builder(name)
+            .dedup(DedupLayer::new(MemoryStore::new()).lease(lease))
+            .layer(trouble)
+            .handler_with_state(handler, fx)
+    })
+    .messages(messages(n, tag))
+}
+
 /// `n` messages tagged `tag` for a memory-store consumer with a short lease, so crashes
 /// cost little real time.
 fn memory_harness(fx: &Effects, n: usize, tag: &str) -> Harness {
-    let fx = fx.clone();
-    Harness::new(move |trouble| {
-        Consumer::builder("harness-memory")
-            .dedup(DedupLayer::new(MemoryStore::new()).lease(Duration::from_secs(2)))
-            .layer(trouble)
-            .handler_with_state(count_effect, fx)
-    })
-    .messages(messages(n, tag))
+    let lease = Duration::from_secs(2);
+    memory_harness_with(fx, "harness-memory", lease, count_effect, n, tag)
 }
 
 /// Runs `harness`, its effects counted in `fx`.
@@ -84,25 +105,16 @@ async fn crashes_before_handler_and_after_commit_never_repeat_an_effect() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_effect_is_a_violation_naming_key_seed_and_schedule() {
     let fx = Effects::default();
-    let state = fx.clone();
     // The bug: the handler forgets the effect of message "lost-3".
     async fn forgetful(State(fx): State<Effects>, key: IdempotencyKey) {
         if key.0 != "lost-3" {
             *fx.lock().unwrap().entry(key.0).or_default() += 1;
         }
     }
-    let report = Harness::new(move |trouble| {
-        Consumer::builder("forgetful")
-            .store(MemoryStore::new())
-            .layer(trouble)
-            .handler_with_state(forgetful, state)
-    })
-    .messages(messages(10, "lost"))
-    .profile(Profile::calm())
-    .seed(99)
-    .run(probe(&fx))
-    .await
-    .unwrap();
+    let harness = memory_harness_with(&fx, "forgetful", DEFAULT_LEASE, forgetful, 10, "lost")
+        .profile(Profile::calm())
+        .seed(99);
+    let report = run_counted(harness, &fx).await;
     assert_eq!(report.violations().len(), 1, "{report}");
     let v = &report.violations()[0];
     assert_eq!((v.key.as_str(), v.observed), ("lost-3", 0));
@@ -209,21 +221,14 @@ async fn thousand_messages_default_profile_memory_store() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_longer_than_the_time_limit_fails_naming_the_stuck_key() {
     let fx = Effects::default();
-    let state = fx.clone();
-    let err = Harness::new(move |trouble| {
-        // The default 30 s lease: a crashed claim blocks its key far beyond the limit.
-        Consumer::builder("long-lease")
-            .store(MemoryStore::new())
-            .layer(trouble)
-            .handler_with_state(count_effect, state)
-    })
-    .messages(messages(1, "stuck"))
-    .profile(Profile::crash_at(CrashPoint::BeforeHandler))
-    .seed(8)
-    .time_limit(Duration::from_millis(300))
-    .run(probe(&fx))
-    .await
-    .unwrap_err();
+    // The default 30 s lease: a crashed claim blocks its key far beyond the limit.
+    let err = memory_harness_with(&fx, "long-lease", DEFAULT_LEASE, count_effect, 1, "stuck")
+        .profile(Profile::crash_at(CrashPoint::BeforeHandler))
+        .seed(8)
+        .time_limit(Duration::from_millis(300))
+        .run(probe(&fx))
+        .await
+        .unwrap_err();
     match &err {
         HarnessError::TimeLimit { seed, keys, .. } => {
             assert_eq!((*seed, keys.as_slice()), (8, &["stuck-0".to_owned()][..]));
