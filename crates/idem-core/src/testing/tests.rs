@@ -4,12 +4,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::{DedupLayer, Handler, IdempotencyKey, MemoryStore, State};
+use crate::{ConsumerBuilder, DedupLayer, Handler, IdempotencyKey, MemoryStore, State};
 
 type Effects = Arc<Mutex<HashMap<String, u64>>>;
-
-/// The lease a [`DedupLayer`] has unless told otherwise.
-const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 
 async fn count_effect(State(fx): State<Effects>, key: IdempotencyKey) {
     *fx.lock().unwrap().entry(key.0).or_default() += 1;
@@ -26,35 +23,29 @@ fn probe(fx: &Effects) -> impl FnMut(String) -> std::future::Ready<Result<u64, I
     move |key| std::future::ready(Ok(fx.lock().unwrap().get(&key).copied().unwrap_or(0)))
 }
 
-/// `n` messages tagged `tag` for the consumer `name`: `handler` on a memory store whose
-/// claims last `lease`, its effects counted in `fx`.
-fn memory_harness_with<H, T>(
-    fx: &Effects,
-    name: &'static str,
-    lease: Duration,
-    handler: H,
-    n: usize,
-    tag: &str,
-) -> Harness
+/// `n` messages tagged `tag` for the consumer `build` starts from the trouble layer,
+/// finished with `handler`, whose effects are counted in `fx`.
+fn harness_with<H, T, B>(fx: &Effects, handler: H, build: B, n: usize, tag: &str) -> Harness
 where
     H: Handler<T, Effects>,
     T: 'static,
+    B: FnOnce(TroubleLayer) -> ConsumerBuilder + Send + 'static,
 {
     let fx = fx.clone();
-    Harness::new(move |trouble| {
-        Consumer::builder(name)
-            .dedup(DedupLayer::new(MemoryStore::new()).lease(lease))
-            .layer(trouble)
-            .handler_with_state(handler, fx)
-    })
-    .messages(messages(n, tag))
+    Harness::new(move |trouble| build(trouble).handler_with_state(handler, fx))
+        .messages(messages(n, tag))
 }
 
 /// `n` messages tagged `tag` for a memory-store consumer with a short lease, so crashes
 /// cost little real time.
 fn memory_harness(fx: &Effects, n: usize, tag: &str) -> Harness {
-    let lease = Duration::from_secs(2);
-    memory_harness_with(fx, "harness-memory", lease, count_effect, n, tag)
+    let store = DedupLayer::new(MemoryStore::new()).lease(Duration::from_secs(2));
+    let build = |trouble| {
+        Consumer::builder("harness-memory")
+            .dedup(store)
+            .layer(trouble)
+    };
+    harness_with(fx, count_effect, build, n, tag)
 }
 
 /// Runs `harness`, its effects counted in `fx`.
@@ -111,7 +102,12 @@ async fn a_missing_effect_is_a_violation_naming_key_seed_and_schedule() {
             *fx.lock().unwrap().entry(key.0).or_default() += 1;
         }
     }
-    let harness = memory_harness_with(&fx, "forgetful", DEFAULT_LEASE, forgetful, 10, "lost")
+    let build = |trouble| {
+        Consumer::builder("forgetful")
+            .store(MemoryStore::new())
+            .layer(trouble)
+    };
+    let harness = harness_with(&fx, forgetful, build, 10, "lost")
         .profile(Profile::calm())
         .seed(99);
     let report = run_counted(harness, &fx).await;
@@ -138,17 +134,12 @@ async fn a_missing_effect_is_a_violation_naming_key_seed_and_schedule() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_least_once_without_store_accepts_repeats_but_not_losses() {
     let fx = Effects::default();
-    let state = fx.clone();
-    let report = Harness::new(move |trouble| {
-        Consumer::builder("alo")
-            .layer(trouble)
-            .handler_with_state(count_effect, state)
-    })
-    .messages(messages(100, "alo"))
-    .seed(5)
-    .run(probe(&fx))
-    .await
-    .unwrap();
+    let build = |trouble| Consumer::builder("alo").layer(trouble);
+    let report = run_counted(
+        harness_with(&fx, count_effect, build, 100, "alo").seed(5),
+        &fx,
+    )
+    .await;
     report.assert_ok();
     assert_eq!(report.violations().len(), 0);
     // Without dedup the copies repeat the effect, which at-least-once allows.
@@ -180,16 +171,11 @@ async fn the_same_seed_replays_the_same_trouble() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_without_the_trouble_layer_is_refused() {
     let fx = Effects::default();
-    let state = fx.clone();
-    let err = Harness::new(move |_trouble| {
-        Consumer::builder("no-layer")
-            .store(MemoryStore::new())
-            .handler_with_state(count_effect, state)
-    })
-    .messages(messages(3, "nl"))
-    .run(probe(&fx))
-    .await
-    .unwrap_err();
+    let build = |_trouble| Consumer::builder("no-layer").store(MemoryStore::new());
+    let err = harness_with(&fx, count_effect, build, 3, "nl")
+        .run(probe(&fx))
+        .await
+        .unwrap_err();
     assert!(matches!(err, HarnessError::LayerMissing), "{err}");
     let dup = Harness::new(|t| Consumer::builder("d").layer(t).handler(|| async {}))
         .messages([
@@ -222,7 +208,12 @@ async fn thousand_messages_default_profile_memory_store() {
 async fn a_lease_longer_than_the_time_limit_fails_naming_the_stuck_key() {
     let fx = Effects::default();
     // The default 30 s lease: a crashed claim blocks its key far beyond the limit.
-    let err = memory_harness_with(&fx, "long-lease", DEFAULT_LEASE, count_effect, 1, "stuck")
+    let build = |trouble| {
+        Consumer::builder("long-lease")
+            .store(MemoryStore::new())
+            .layer(trouble)
+    };
+    let err = harness_with(&fx, count_effect, build, 1, "stuck")
         .profile(Profile::crash_at(CrashPoint::BeforeHandler))
         .seed(8)
         .time_limit(Duration::from_millis(300))
