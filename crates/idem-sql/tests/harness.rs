@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use idem_core::testing::{CrashPoint, Harness, Profile};
+use idem_core::testing::{CrashPoint, Harness, Profile, Report};
 use idem_core::{Consumer, Handler, HandlerError, IdempotencyKey, Message, State};
 use idem_sql::Tx;
 use sqlx::{PgPool, Postgres};
@@ -37,25 +37,9 @@ impl Tables {
         }
     }
 
-    /// How many charges `key` has (the harness's effect probe).
-    fn charge_count(
-        &self,
-        key: String,
-    ) -> impl std::future::Future<Output = Result<u64, sqlx::Error>> + 'static {
-        let (pool, table) = (self.pool.clone(), self.effects.clone());
-        async move {
-            sqlx::query_scalar::<_, i64>(&format!(
-                "SELECT count(*) FROM {table} WHERE order_id = $1"
-            ))
-            .bind(key)
-            .fetch_one(&pool)
-            .await
-            .map(|n| n as u64)
-        }
-    }
-
-    /// A harness for the consumer `name` on this test's inbox, running `handler`.
-    fn harness<H, T>(&self, name: &'static str, handler: H) -> Harness
+    /// A harness for the consumer `name` on this test's inbox, running `handler` on
+    /// `n` orders.
+    fn harness<H, T>(&self, name: &'static str, handler: H, n: usize) -> Harness
     where
         H: Handler<T, Charges>,
         T: 'static,
@@ -67,6 +51,13 @@ impl Tables {
                 .layer(trouble)
                 .handler_with_state(handler, charges)
         })
+        .messages(orders(n))
+    }
+
+    /// Runs `harness`, counting each order's charges (the harness's effect probe).
+    async fn run(&self, harness: Harness) -> Report {
+        let probe = |key| pg::rows_for(&self.pool, &self.effects, "order_id", key);
+        harness.run(probe).await.unwrap()
     }
 }
 
@@ -119,12 +110,7 @@ async fn handler_writing_through_tx_passes_the_default_profile() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(300);
     let started = Instant::now();
-    let report = t
-        .harness("harness-tx", charge_in_tx)
-        .messages(orders(n))
-        .run(|key| t.charge_count(key))
-        .await
-        .unwrap();
+    let report = t.run(t.harness("harness-tx", charge_in_tx, n)).await;
     let took = started.elapsed();
     println!("{n} messages, default profile, PostgreSQL inbox: {took:?}\n{report}");
     // The inbox has no lease-store window: every crash point must leave one effect.
@@ -136,14 +122,11 @@ async fn handler_writing_through_tx_passes_the_default_profile() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handler_writing_outside_tx_is_caught() {
     let t = tables().await;
-    let report = t
-        .harness("harness-pool", charge_outside_tx)
-        .messages(orders(20))
+    let harness = t
+        .harness("harness-pool", charge_outside_tx, 20)
         .profile(Profile::crash_at(CrashPoint::AfterEffect))
-        .seed(16)
-        .run(|key| t.charge_count(key))
-        .await
-        .unwrap();
+        .seed(16);
+    let report = t.run(harness).await;
     t.drop_all().await;
     // Every message crashed after its effect: the inbox rolled back its record, not
     // the effect, so the redelivery charged again. Violations, not windows.
@@ -169,11 +152,8 @@ async fn handler_writing_outside_tx_is_caught() {
 async fn handler_writing_outside_tx_is_caught_by_the_default_profile() {
     let t = tables().await;
     let report = t
-        .harness("harness-pool-default", charge_outside_tx)
-        .messages(orders(200))
-        .run(|key| t.charge_count(key))
-        .await
-        .unwrap();
+        .run(t.harness("harness-pool-default", charge_outside_tx, 200))
+        .await;
     t.drop_all().await;
     // Whatever the seed, the default profile crashes some of 200 messages after
     // their effect, and each of those is charged twice.

@@ -11,24 +11,27 @@ use std::time::Duration;
 use idem_core::batch::Batch;
 use idem_core::dedup::HeaderKey;
 use idem_core::outcome::headers as h;
-use idem_core::{Backoff, Consumer, Disposition, HandlerError, HeaderValue, Jitter, Message};
+use idem_core::{
+    Backoff, Consumer, ConsumerBuilder, Disposition, HandlerError, HeaderValue, Jitter, Message,
+};
 use idem_sql::PgInbox;
 use sqlx::PgPool;
 
 mod common;
 use common::{pg, unique};
 
-/// An inbox keyed by the `order-id` header, so the key differs from the message id.
-async fn setup(tag: &str) -> (PgPool, PgInbox) {
+/// An inbox keyed by the `order-id` header, so the key differs from the message id,
+/// and the start of a consumer named after `tag` on it that tries a message three times.
+async fn setup(tag: &str) -> (PgPool, PgInbox, ConsumerBuilder) {
     let pool = pg::pool(tag, 4).await;
     let inbox = pg::inbox(&pool, tag).await.key(HeaderKey::new("order-id"));
-    (pool, inbox)
-}
-
-fn backoff() -> Backoff {
-    Backoff::exponential(Duration::from_millis(10))
+    let backoff = Backoff::exponential(Duration::from_millis(10))
         .jitter(Jitter::None)
-        .max_attempts(3)
+        .max_attempts(3);
+    let consumer = Consumer::builder(unique(&format!("{tag}-c")))
+        .dedup(inbox.clone())
+        .backoff(backoff);
+    (pool, inbox, consumer)
 }
 
 /// `body` with message id `id` and, if given, the `order-id` header.
@@ -58,10 +61,8 @@ fn dead(key: &str) -> (Option<String>, Option<HeaderValue>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_message_failures_name_the_inbox_key() {
-    let (pool, inbox) = setup("fkey").await;
-    let consumer = Consumer::builder(unique("fkey-c"))
-        .dedup(inbox.clone())
-        .backoff(backoff())
+    let (pool, inbox, consumer) = setup("fkey").await;
+    let consumer = consumer
         .handler(|msg: Message| async move {
             match &msg.body[..] {
                 b"poison" => Err(HandlerError::permanent("no such order")),
@@ -102,10 +103,8 @@ async fn judge(batch: Batch<Message>) -> Result<(), HandlerError> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_failures_name_the_inbox_key() {
-    let (pool, inbox) = setup("fkeyb").await;
-    let consumer = Consumer::builder(unique("fkeyb-c"))
-        .dedup(inbox.clone())
-        .backoff(backoff())
+    let (pool, inbox, consumer) = setup("fkeyb").await;
+    let consumer = consumer
         .batch_size(3)
         .batch_wait(Duration::from_secs(2))
         .batch_handler(judge)

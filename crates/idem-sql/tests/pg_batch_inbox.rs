@@ -264,21 +264,7 @@ async fn the_harness_passes_on_a_batch_handler_over_the_inbox() {
             .batch_handler_with_state(record, state)
     })
     .messages((0..60).map(|i| Message::new("ok").with_message_id(format!("h-{i}"))))
-    .run({
-        let (pool, effects) = (pool.clone(), effects.clone());
-        move |key| {
-            let (pool, effects) = (pool.clone(), effects.clone());
-            async move {
-                sqlx::query_scalar::<_, i64>(&format!(
-                    "SELECT count(*) FROM {effects} WHERE idem_key = $1"
-                ))
-                .bind(key)
-                .fetch_one(&pool)
-                .await
-                .map(|n| u64::try_from(n).unwrap_or(0))
-            }
-        }
-    })
+    .run(|key| pg::rows_for(&pool, &effects, "idem_key", key))
     .await
     .unwrap();
     eprintln!("{report}");

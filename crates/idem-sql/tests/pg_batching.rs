@@ -8,10 +8,11 @@
 use std::time::Duration;
 
 use idem_core::dedup::{Claim, ClaimRequest, Completion, DedupStore, OwnerToken, ScopedKey};
-use idem_sql::PgStore;
+use idem_testkit::drop_pg_table;
 use idem_testkit::logs::LogCapture;
-use idem_testkit::unique;
-use sqlx::postgres::PgPoolOptions;
+
+mod common;
+use common::pg;
 
 /// Batch statements on `table` in what sqlx logged so far.
 fn batches(log: &LogCapture, table: &str) -> usize {
@@ -23,16 +24,9 @@ fn batches(log: &LogCapture, table: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lone_operations_go_alone_and_concurrent_claims_share_statements() {
-    let log = LogCapture::default();
-    log.install_global("sqlx::query=debug");
-    let pool =
-        idem_testkit::postgres(PgPoolOptions::new().max_connections(8), &unique("pgb")).await;
-    let table = unique("pgbatch");
-    let store = PgStore::new(pool.clone())
-        .try_table(&table)
-        .unwrap()
-        .max_batch(16);
-    store.ensure_schema().await.unwrap();
+    let (log, pool, store) = pg::logged_store("pgbatch", 8).await;
+    let store = store.max_batch(16);
+    let table = store.table_name().to_string();
     assert!(store.is_batching());
     assert!(!store.clone().max_batch(1).is_batching(), "1 turns it off");
     let long = Duration::from_secs(60);
@@ -90,8 +84,5 @@ async fn lone_operations_go_alone_and_concurrent_claims_share_statements() {
         "concurrent operations shared statements: {statements}"
     );
     eprintln!("300 operations in {statements} batch statements");
-    sqlx::query(&format!("DROP TABLE {table}"))
-        .execute(&pool)
-        .await
-        .unwrap();
+    drop_pg_table(&pool, &table).await;
 }

@@ -8,20 +8,15 @@
 
 use std::sync::Arc;
 
-use idem_sql::PgStore;
-use idem_testkit::logs::LogCapture;
-use idem_testkit::{lease_batch, unique};
-use sqlx::postgres::PgPoolOptions;
+use idem_testkit::{drop_pg_table, lease_batch, unique};
+
+mod common;
+use common::pg;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_claim_call_and_one_completion_call_per_batch() {
-    let log = LogCapture::default();
-    log.install_global("sqlx::query=debug");
-    let pool =
-        idem_testkit::postgres(PgPoolOptions::new().max_connections(4), &unique("plb")).await;
-    let table = unique("lease_batch");
-    let store = PgStore::new(pool.clone()).try_table(&table).unwrap();
-    store.ensure_schema().await.unwrap();
+    let (log, pool, store) = pg::logged_store("lease_batch", 4).await;
+    let table = store.table_name().to_string();
     assert!(store.is_batching());
     lease_batch::check(Arc::new(store), &unique("batch")).await;
     let statements = log.lines_with(&table);
@@ -34,8 +29,5 @@ async fn one_claim_call_and_one_completion_call_per_batch() {
         0,
         "no key of the batch fell back to the single-row claim"
     );
-    sqlx::query(&format!("DROP TABLE {table}"))
-        .execute(&pool)
-        .await
-        .unwrap();
+    drop_pg_table(&pool, &table).await;
 }

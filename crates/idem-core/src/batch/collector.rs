@@ -6,7 +6,7 @@
 //! (the batch still settles the others). The pending batch holds at most one entry per
 //! delivery in flight: memory stays bounded by the transport's prefetch.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::oneshot;
 
@@ -33,10 +33,25 @@ struct Pending<O> {
     generation: u64,
 }
 
+impl<O> Pending<O> {
+    /// Closes the batch being collected: its items, and a new generation.
+    fn close(&mut self) -> Vec<(Message, Reply<O>)> {
+        self.generation = self.generation.wrapping_add(1);
+        std::mem::take(&mut self.items)
+    }
+}
+
 struct Shared<O> {
     run: RunBatch<O>,
     config: BatchConfig,
     pending: Mutex<Pending<O>>,
+}
+
+impl<O> Shared<O> {
+    /// The pending batch (a panic while it was held left it consistent: take it over).
+    fn pending(&self) -> MutexGuard<'_, Pending<O>> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// Collects messages into batches. Cheap to clone (clones share the pending batch).
@@ -77,15 +92,10 @@ impl<O: Send + 'static> Collector<O> {
             self.spawn_run(vec![(msg, reply)]);
         } else {
             let closed = {
-                let mut p = self
-                    .shared
-                    .pending
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
+                let mut p = self.shared.pending();
                 p.items.push((msg, reply));
                 if p.items.len() >= self.shared.config.size {
-                    p.generation = p.generation.wrapping_add(1);
-                    Some(std::mem::take(&mut p.items))
+                    Some(p.close())
                 } else {
                     if p.items.len() == 1 {
                         self.arm_timer(p.generation);
@@ -108,16 +118,11 @@ impl<O: Send + 'static> Collector<O> {
         tokio::spawn(async move {
             tokio::time::sleep(this.shared.config.wait).await;
             let items = {
-                let mut p = this
-                    .shared
-                    .pending
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
+                let mut p = this.shared.pending();
                 if p.generation != generation || p.items.is_empty() {
                     return;
                 }
-                p.generation = p.generation.wrapping_add(1);
-                std::mem::take(&mut p.items)
+                p.close()
             };
             this.spawn_run(items);
         });

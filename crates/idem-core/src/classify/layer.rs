@@ -129,7 +129,7 @@ pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 mod tests {
     use super::*;
     use crate::error::ErrorKind;
-    use crate::handler::HandlerService;
+    use crate::handler::{Handler, HandlerService};
     use std::time::Duration;
     use tower::{ServiceBuilder, ServiceExt};
 
@@ -143,10 +143,15 @@ mod tests {
         Err(std::io::Error::other("db down"))
     }
 
+    /// The error one message fails with when `handler` runs under the default layer.
+    async fn default_failure<H: Handler<T, ()>, T>(handler: H) -> HandlerError {
+        let svc = ClassifyLayer::default().layer(HandlerService::new(handler, ()));
+        svc.oneshot(Message::new("")).await.unwrap_err()
+    }
+
     #[tokio::test]
     async fn panic_is_transient_with_message() {
-        let svc = ClassifyLayer::default().layer(HandlerService::new(panics, ()));
-        let err = svc.oneshot(Message::new("")).await.unwrap_err();
+        let err = default_failure(panics).await;
         assert_eq!(err.kind(), Some(ErrorKind::Transient));
         assert_eq!(err.chain(), "handler panicked: boom");
     }
@@ -163,8 +168,7 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_errors_default_to_transient() {
-        let svc = ClassifyLayer::default().layer(HandlerService::new(io_err, ()));
-        let err = svc.oneshot(Message::new("")).await.unwrap_err();
+        let err = default_failure(io_err).await;
         assert_eq!(err.kind(), Some(ErrorKind::Transient));
         assert_eq!(err.chain(), "db down");
     }

@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::{DedupLayer, IdempotencyKey, MemoryStore, State};
+use crate::{ConsumerBuilder, DedupLayer, Handler, IdempotencyKey, MemoryStore, State};
 
 type Effects = Arc<Mutex<HashMap<String, u64>>>;
 
@@ -23,17 +23,29 @@ fn probe(fx: &Effects) -> impl FnMut(String) -> std::future::Ready<Result<u64, I
     move |key| std::future::ready(Ok(fx.lock().unwrap().get(&key).copied().unwrap_or(0)))
 }
 
+/// `n` messages tagged `tag` for the consumer `build` starts from the trouble layer,
+/// finished with `handler`, whose effects are counted in `fx`.
+fn harness_with<H, T, B>(fx: &Effects, handler: H, build: B, n: usize, tag: &str) -> Harness
+where
+    H: Handler<T, Effects>,
+    T: 'static,
+    B: FnOnce(TroubleLayer) -> ConsumerBuilder + Send + 'static,
+{
+    let fx = fx.clone();
+    Harness::new(move |trouble| build(trouble).handler_with_state(handler, fx))
+        .messages(messages(n, tag))
+}
+
 /// `n` messages tagged `tag` for a memory-store consumer with a short lease, so crashes
 /// cost little real time.
 fn memory_harness(fx: &Effects, n: usize, tag: &str) -> Harness {
-    let fx = fx.clone();
-    Harness::new(move |trouble| {
+    let store = DedupLayer::new(MemoryStore::new()).lease(Duration::from_secs(2));
+    let build = |trouble| {
         Consumer::builder("harness-memory")
-            .dedup(DedupLayer::new(MemoryStore::new()).lease(Duration::from_secs(2)))
+            .dedup(store)
             .layer(trouble)
-            .handler_with_state(count_effect, fx)
-    })
-    .messages(messages(n, tag))
+    };
+    harness_with(fx, count_effect, build, n, tag)
 }
 
 /// Runs `harness`, its effects counted in `fx`.
@@ -84,25 +96,21 @@ async fn crashes_before_handler_and_after_commit_never_repeat_an_effect() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_effect_is_a_violation_naming_key_seed_and_schedule() {
     let fx = Effects::default();
-    let state = fx.clone();
     // The bug: the handler forgets the effect of message "lost-3".
     async fn forgetful(State(fx): State<Effects>, key: IdempotencyKey) {
         if key.0 != "lost-3" {
             *fx.lock().unwrap().entry(key.0).or_default() += 1;
         }
     }
-    let report = Harness::new(move |trouble| {
+    let build = |trouble| {
         Consumer::builder("forgetful")
             .store(MemoryStore::new())
             .layer(trouble)
-            .handler_with_state(forgetful, state)
-    })
-    .messages(messages(10, "lost"))
-    .profile(Profile::calm())
-    .seed(99)
-    .run(probe(&fx))
-    .await
-    .unwrap();
+    };
+    let harness = harness_with(&fx, forgetful, build, 10, "lost")
+        .profile(Profile::calm())
+        .seed(99);
+    let report = run_counted(harness, &fx).await;
     assert_eq!(report.violations().len(), 1, "{report}");
     let v = &report.violations()[0];
     assert_eq!((v.key.as_str(), v.observed), ("lost-3", 0));
@@ -126,17 +134,12 @@ async fn a_missing_effect_is_a_violation_naming_key_seed_and_schedule() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_least_once_without_store_accepts_repeats_but_not_losses() {
     let fx = Effects::default();
-    let state = fx.clone();
-    let report = Harness::new(move |trouble| {
-        Consumer::builder("alo")
-            .layer(trouble)
-            .handler_with_state(count_effect, state)
-    })
-    .messages(messages(100, "alo"))
-    .seed(5)
-    .run(probe(&fx))
-    .await
-    .unwrap();
+    let build = |trouble| Consumer::builder("alo").layer(trouble);
+    let report = run_counted(
+        harness_with(&fx, count_effect, build, 100, "alo").seed(5),
+        &fx,
+    )
+    .await;
     report.assert_ok();
     assert_eq!(report.violations().len(), 0);
     // Without dedup the copies repeat the effect, which at-least-once allows.
@@ -168,16 +171,11 @@ async fn the_same_seed_replays_the_same_trouble() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_without_the_trouble_layer_is_refused() {
     let fx = Effects::default();
-    let state = fx.clone();
-    let err = Harness::new(move |_trouble| {
-        Consumer::builder("no-layer")
-            .store(MemoryStore::new())
-            .handler_with_state(count_effect, state)
-    })
-    .messages(messages(3, "nl"))
-    .run(probe(&fx))
-    .await
-    .unwrap_err();
+    let build = |_trouble| Consumer::builder("no-layer").store(MemoryStore::new());
+    let err = harness_with(&fx, count_effect, build, 3, "nl")
+        .run(probe(&fx))
+        .await
+        .unwrap_err();
     assert!(matches!(err, HarnessError::LayerMissing), "{err}");
     let dup = Harness::new(|t| Consumer::builder("d").layer(t).handler(|| async {}))
         .messages([
@@ -209,21 +207,19 @@ async fn thousand_messages_default_profile_memory_store() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_longer_than_the_time_limit_fails_naming_the_stuck_key() {
     let fx = Effects::default();
-    let state = fx.clone();
-    let err = Harness::new(move |trouble| {
-        // The default 30 s lease: a crashed claim blocks its key far beyond the limit.
+    // The default 30 s lease: a crashed claim blocks its key far beyond the limit.
+    let build = |trouble| {
         Consumer::builder("long-lease")
             .store(MemoryStore::new())
             .layer(trouble)
-            .handler_with_state(count_effect, state)
-    })
-    .messages(messages(1, "stuck"))
-    .profile(Profile::crash_at(CrashPoint::BeforeHandler))
-    .seed(8)
-    .time_limit(Duration::from_millis(300))
-    .run(probe(&fx))
-    .await
-    .unwrap_err();
+    };
+    let err = harness_with(&fx, count_effect, build, 1, "stuck")
+        .profile(Profile::crash_at(CrashPoint::BeforeHandler))
+        .seed(8)
+        .time_limit(Duration::from_millis(300))
+        .run(probe(&fx))
+        .await
+        .unwrap_err();
     match &err {
         HarnessError::TimeLimit { seed, keys, .. } => {
             assert_eq!((*seed, keys.as_slice()), (8, &["stuck-0".to_owned()][..]));

@@ -1,8 +1,11 @@
 //! The set-up of the PostgreSQL inbox tests: a pool on the test server, an inbox on a
 //! fresh table, the table a handler writes its effect to, and their clean-up.
 
-use idem_sql::PgInbox;
+use std::future::Future;
+
+use idem_sql::{PgInbox, PgStore};
 use idem_testkit::drop_pg_table;
+use idem_testkit::logs::LogCapture;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
@@ -11,6 +14,18 @@ use super::unique;
 /// A pool of at most `max` connections on the test PostgreSQL, named after `tag`.
 pub(crate) async fn pool(tag: &str, max: u32) -> PgPool {
     idem_testkit::postgres(PgPoolOptions::new().max_connections(max), &unique(tag)).await
+}
+
+/// sqlx's statement log, captured from now on (filter it by the store's table), and a
+/// lease store on a fresh table named after `tag` over a pool of at most `max`
+/// connections, its schema created.
+pub(crate) async fn logged_store(tag: &str, max: u32) -> (LogCapture, PgPool, PgStore) {
+    let log = LogCapture::default();
+    log.install_global("sqlx::query=debug");
+    let pool = pool(tag, max).await;
+    let store = PgStore::new(pool.clone()).try_table(&unique(tag)).unwrap();
+    store.ensure_schema().await.unwrap();
+    (log, pool, store)
 }
 
 /// An inbox on a fresh table named after `tag`, its schema created.
@@ -36,6 +51,21 @@ pub(crate) async fn count(pool: &PgPool, table: &str) -> i64 {
         .fetch_one(pool)
         .await
         .unwrap()
+}
+
+/// How many rows of `table` have `column` equal to `key`: a harness's effect probe.
+pub(crate) fn rows_for(
+    pool: &PgPool,
+    table: &str,
+    column: &str,
+    key: String,
+) -> impl Future<Output = Result<u64, sqlx::Error>> + 'static {
+    let pool = pool.clone();
+    let sql = format!("SELECT count(*) FROM {table} WHERE {column} = $1");
+    async move {
+        let n: i64 = sqlx::query_scalar(&sql).bind(key).fetch_one(&pool).await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
 }
 
 /// Drops the inbox's tables (records and start counters) and the tables `others`.
