@@ -92,8 +92,7 @@ impl Broker {
 /// queue named after `tag`, one 1 s delay tier), declared.
 async fn declared(tag: &str) -> (Broker, Topology) {
     let b = broker(&format!("idem-test-{tag}")).await;
-    let topo =
-        Topology::new(unique(tag)).tiers(DelayTiers::new([Duration::from_secs(1)]).unwrap());
+    let topo = Topology::new(unique(tag)).tiers(DelayTiers::new([Duration::from_secs(1)]).unwrap());
     topo.declare_on(&b.ch).await.unwrap();
     (b, topo)
 }

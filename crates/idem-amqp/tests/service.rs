@@ -158,9 +158,8 @@ async fn stop_in_flight_then_finish(shared: Option<String>) {
         }
         assert_eq!(connections_named(name).await, 1, "one shared connection");
     }
-    let stats = stop_while_held(running, &first, || lanes.iter().for_each(|l| l.gated.open()))
-        .await
-        .unwrap();
+    let open_gates = || lanes.iter().for_each(|l| l.gated.open());
+    let stats = stop_while_held(running, &first, open_gates).await.unwrap();
     let names: Vec<&str> = stats.iter().map(|(n, _)| n.as_str()).collect();
     let expected: Vec<&str> = lanes.iter().map(|l| l.name.as_str()).collect();
     assert_eq!(names, expected);

@@ -285,9 +285,8 @@ async fn host_two_consumers_and_relay_drain_on_stop_and_ready_follows_the_relay(
         assert!(metrics.contains(&series), "no {series} in:\n{metrics}");
     }
     assert!(metrics.contains("idem_outbox_published_total"), "{metrics}");
-    let stats = stop_while_held(running, &first, || lanes.iter().for_each(|l| l.gated.open()))
-        .await
-        .unwrap();
+    let open_gates = || lanes.iter().for_each(|l| l.gated.open());
+    let stats = stop_while_held(running, &first, open_gates).await.unwrap();
     assert_eq!(stats.len(), 2);
     // Rows enqueued after the stop: nothing publishes them.
     tokio::time::sleep(Duration::from_millis(300)).await;
