@@ -9,14 +9,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use idem_amqp::{Error, Publisher, QueueType, Topology, Worker};
+use idem_amqp::{Error, Exchange, Publisher, QueueType, Topology, Worker};
 use idem_core::{Backoff, Consumer, HandlerError, HeaderValue, Json, MemoryStore, Message};
 use idem_testkit::broker::{close_connections_named, inspect_queue};
-use lapin::options::{
-    BasicGetOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
-};
+use lapin::options::BasicGetOptions;
 use lapin::types::{AMQPValue, FieldArray, FieldTable};
-use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
+use lapin::{BasicProperties, Channel, Connection};
 
 mod common;
 use common::{
@@ -42,31 +40,16 @@ async fn get_one(ch: &Channel, queue: &str) -> Option<lapin::message::BasicGetMe
         .unwrap()
 }
 
-/// An exchange bound to the topology's queue with a routing key, so the origin of a
-/// delivery differs from "" / Q.
+/// A direct exchange bound to the topology's queue with a routing key (both
+/// declared), so the origin of a delivery differs from "" / Q: its name and the key.
 async fn bind_exchange(ch: &Channel, topology: &Topology) -> (String, String) {
     let exchange = unique("ex");
     let rk = format!("rk.{}", uuid::Uuid::new_v4().simple());
-    ch.exchange_declare(
-        exchange.as_str().into(),
-        ExchangeKind::Direct,
-        ExchangeDeclareOptions {
-            auto_delete: false,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    ch.queue_bind(
-        topology.queue().into(),
-        exchange.as_str().into(),
-        rk.as_str().into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    let bound = topology
+        .clone()
+        .exchange(Exchange::direct(&exchange))
+        .bind(&exchange, &rk);
+    bound.declare_on(ch).await.unwrap();
     (exchange, rk)
 }
 
@@ -229,9 +212,7 @@ async fn retry_copy_waits_its_tier_and_keeps_the_original_route() {
     assert_eq!(count(ch, &retry_q).await, 0);
     assert_eq!(count(ch, &topo.dlq()).await, 0);
     topo.delete_on(ch).await.unwrap();
-    ch.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-        .await
-        .unwrap();
+    Exchange::direct(exchange).delete_on(ch).await.unwrap();
 }
 
 #[tokio::test]
@@ -310,9 +291,7 @@ async fn exhausted_attempts_dead_letter_with_full_headers() {
     );
     assert_eq!(count(ch, topo.queue()).await, 0);
     topo.delete_on(ch).await.unwrap();
-    ch.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-        .await
-        .unwrap();
+    Exchange::direct(exchange).delete_on(ch).await.unwrap();
 }
 
 #[derive(serde::Deserialize)]

@@ -13,14 +13,16 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use idem_amqp::convert::headers_from_table;
 use idem_amqp::{DelayTiers, Publisher, Topology, Worker};
 use idem_core::memory::MemoryBroker;
 use idem_core::outcome::headers as h;
 use idem_core::{Consumer, HandlerError, HeaderValue, Headers, MemoryStore, Message};
-use lapin::options::BasicGetOptions;
+
+mod common;
+use common::settled_dead_letter;
 
 const CONSUMER: &str = "copy-headers";
 const KEY: &str = "copy-headers-key";
@@ -105,32 +107,15 @@ async fn memory_broker_and_rabbitmq_write_the_same_copy_headers() {
     // Declared before the worker starts, so the publish below has a queue to go to.
     topo.declare_on(&ch).await.unwrap();
     let amqp_seen = Arc::new(Mutex::new(Vec::new()));
-    let running = Worker::builder(
-        url.as_str(),
-        topo.clone(),
-        failing_consumer(amqp_seen.clone()),
-    )
-    .prefetch(1)
-    .build()
-    .unwrap()
-    .spawn();
+    let consumer = failing_consumer(amqp_seen.clone());
+    let running = Worker::builder(url.as_str(), topo.clone(), consumer.clone())
+        .prefetch(1)
+        .build()
+        .unwrap()
+        .spawn();
     let mut msg = message();
     publisher.publish("", &queue, &mut msg).await.unwrap();
-    let started = Instant::now();
-    let dead = loop {
-        let got = ch
-            .basic_get(topo.dlq().as_str().into(), BasicGetOptions { no_ack: true })
-            .await
-            .unwrap();
-        if let Some(got) = got {
-            break got;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "nothing dead-lettered in 20 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let dead = settled_dead_letter(&ch, &topo, &consumer, 0, Duration::from_secs(20)).await;
     let stats = running.shutdown_and_join().await.unwrap();
     assert_eq!((stats.retries, stats.dead_lettered), (1, 1));
     let amqp_seen = amqp_seen.lock().unwrap().clone();

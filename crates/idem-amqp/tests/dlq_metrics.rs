@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 
 use idem_amqp::{Publisher, Topology, Worker};
 use idem_core::{Consumer, HandlerError, MemoryStore, Message};
-use lapin::options::{QueueDeclareOptions, QueuePurgeOptions};
-use lapin::types::FieldTable;
+use lapin::options::QueuePurgeOptions;
 
 fn gauge(text: &str, name: &str, queue: &str) -> Option<f64> {
     let prefix = format!("{name}{{queue=\"{queue}\"}} ");
@@ -79,15 +78,7 @@ async fn dlq_depth_and_age_are_sampled_without_consuming() {
 
     worker.shutdown_and_join().await.unwrap();
     publisher.close().await;
-    let q = ch
-        .queue_declare(
-            dlq.as_str().into(),
-            QueueDeclareOptions::default().passive(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(q.message_count(), 0);
+    assert_eq!(idem_testkit::broker::ready_count(&ch, &dlq).await, 0);
     assert_eq!(consumer.stats().dead_lettered, 2);
     topo.delete_on(&ch).await.unwrap();
     let _ = conn.close(200, "bye".into()).await;

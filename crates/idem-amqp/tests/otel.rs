@@ -10,18 +10,20 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use idem_amqp::convert::headers_from_table;
 use idem_amqp::{DelayTiers, Publisher, Topology, Worker};
 use idem_core::{otel, Consumer, HandlerError, MemoryStore, Message};
 use idem_testkit::Service;
-use lapin::options::BasicGetOptions;
 use opentelemetry::trace::{SpanId, TraceId};
 use opentelemetry::Value;
 use opentelemetry_sdk::trace::SpanData;
 
 use idem_testkit::spans::{attr, links};
+
+mod common;
+use common::settled_dead_letter;
 
 /// Handler: body `flaky` fails (transient) on its first attempt only, `doomed` always,
 /// anything else succeeds.
@@ -92,25 +94,7 @@ async fn publish_retry_and_dead_letter_copies_share_the_publishers_trace() {
         publisher.publish("", &queue, &mut msg).await.unwrap();
     }
 
-    let started = Instant::now();
-    let mut dead = None;
-    let dead = loop {
-        if dead.is_none() {
-            dead = ch
-                .basic_get(topo.dlq().as_str().into(), BasicGetOptions { no_ack: true })
-                .await
-                .unwrap();
-        }
-        let stats = consumer.stats();
-        if let Some(got) = dead.take_if(|_| stats.processed == 2) {
-            break got;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "not settled in 30 s: {stats}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let dead = settled_dead_letter(&ch, &topo, &consumer, 2, Duration::from_secs(30)).await;
     let stats = running.shutdown_and_join().await.unwrap();
     assert_eq!(
         (stats.processed, stats.retries, stats.dead_lettered),

@@ -123,6 +123,29 @@ async fn count(queue: &str) -> u32 {
     .await
 }
 
+/// A topology of its own (a unique queue named after `tag`, one 1 s delay tier),
+/// declared, and its queue's name.
+async fn declared(tag: &str) -> (String, Topology) {
+    let name = unique(tag);
+    let topo =
+        Topology::new(name.clone()).tiers(DelayTiers::new([Duration::from_secs(1)]).unwrap());
+    with_broker("declare", |ch| {
+        let topo = topo.clone();
+        async move { topo.declare_on(&ch).await }
+    })
+    .await;
+    (name, topo)
+}
+
+/// Deletes the queues of `topo`.
+async fn delete(topo: &Topology) {
+    with_broker("delete", |ch| {
+        let topo = topo.clone();
+        async move { topo.delete_on(&ch).await }
+    })
+    .await;
+}
+
 /// The retry budget of the test: 3 attempts, about 2 s from first to last.
 fn budget() -> Backoff {
     idem_testkit::backoff(Duration::from_secs(1), 3)
@@ -225,14 +248,7 @@ enum Kind {
 
 async fn outage(kind: Kind, mode: Mode) {
     metrics();
-    let name = unique("outage");
-    let topo =
-        Topology::new(name.clone()).tiers(DelayTiers::new([Duration::from_secs(1)]).unwrap());
-    with_broker("declare", |ch| {
-        let topo = topo.clone();
-        async move { topo.declare_on(&ch).await }
-    })
-    .await;
+    let (name, topo) = declared("outage").await;
     let log: Log = Arc::default();
 
     let (proxy, store, consumer) = match kind {
@@ -470,44 +486,30 @@ async fn outage(kind: Kind, mode: Mode) {
     );
 
     step("store cleanup", store.cleanup()).await;
-    with_broker("delete", |ch| {
-        let topo = topo.clone();
-        async move { topo.delete_on(&ch).await }
-    })
-    .await;
+    delete(&topo).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_refused_for_longer_than_the_retry_budget_dead_letters_nothing() {
-    outage(Kind::Redis, Mode::Refuse).await;
+/// One test per store and kind of cut (`test: Kind, Mode;`), each running [`outage`].
+macro_rules! outage_tests {
+    ($($test:ident: $kind:ident, $mode:ident;)+) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $test() {
+            outage(Kind::$kind, Mode::$mode).await;
+        }
+    )+};
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_reset_for_longer_than_the_retry_budget_dead_letters_nothing() {
-    outage(Kind::Redis, Mode::Reset).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pg_inbox_refused_for_longer_than_the_retry_budget_dead_letters_nothing() {
-    outage(Kind::PgInbox, Mode::Refuse).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pg_inbox_reset_for_longer_than_the_retry_budget_dead_letters_nothing() {
-    outage(Kind::PgInbox, Mode::Reset).await;
+outage_tests! {
+    redis_refused_for_longer_than_the_retry_budget_dead_letters_nothing: Redis, Refuse;
+    redis_reset_for_longer_than_the_retry_budget_dead_letters_nothing: Redis, Reset;
+    pg_inbox_refused_for_longer_than_the_retry_budget_dead_letters_nothing: PgInbox, Refuse;
+    pg_inbox_reset_for_longer_than_the_retry_budget_dead_letters_nothing: PgInbox, Reset;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_started_while_redis_is_down_waits_paused_then_processes() {
     metrics();
-    let name = unique("outage-start");
-    let topo =
-        Topology::new(name.clone()).tiers(DelayTiers::new([Duration::from_secs(1)]).unwrap());
-    with_broker("declare", |ch| {
-        let topo = topo.clone();
-        async move { topo.declare_on(&ch).await }
-    })
-    .await;
+    let (name, topo) = declared("outage-start").await;
     let proxy = FaultProxy::start("127.0.0.1:6379").await;
     proxy.set(Mode::Refuse);
     let prefix = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
@@ -578,9 +580,5 @@ async fn worker_started_while_redis_is_down_waits_paused_then_processes() {
     );
     assert_eq!(count(&topo.dlq()).await, 0);
     step("store cleanup", Store::Redis { store }.cleanup()).await;
-    with_broker("delete", |ch| {
-        let topo = topo.clone();
-        async move { topo.delete_on(&ch).await }
-    })
-    .await;
+    delete(&topo).await;
 }

@@ -18,7 +18,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::Connection;
 
 mod common;
-use common::{fails_once, url};
+use common::{fails_once, url, wait_processed};
 
 async fn connect() -> Connection {
     let url = url();
@@ -131,15 +131,8 @@ async fn quorum_delay_queue_dead_letters_at_least_once_and_a_retry_comes_back() 
     let publisher = Publisher::connect(&url()).await.unwrap();
     let mut msg = Message::new("q").with_message_id("qq-1");
     publisher.publish("", t.queue(), &mut msg).await.unwrap();
-    let start = Instant::now();
-    while consumer.stats().processed < 1 {
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "not processed after its retry: {:?}",
-            consumer.stats()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let limit = Duration::from_secs(15);
+    wait_processed("not processed after its retry", limit, &consumer, 1).await;
     let stats = running.shutdown_and_join().await.unwrap();
     assert_eq!((stats.retries, stats.processed), (1, 1), "{stats:?}");
     assert_eq!(calls.load(Ordering::SeqCst), 2);

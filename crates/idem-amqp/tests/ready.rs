@@ -21,6 +21,10 @@ use idem_testkit::broker::{close_connections_named, rabbitmqctl};
 use idem_testkit::fault_proxy::{FaultProxy, Mode};
 use idem_testkit::http::get;
 use idem_testkit::Service;
+use tokio::sync::MutexGuard;
+
+mod common;
+use common::{unique, wait_processed};
 
 /// The tests of this binary run one after the other.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -28,8 +32,21 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// How soon `/ready` must follow a change.
 const FLIP: Duration = Duration::from_secs(2);
 
-fn unique(prefix: &str) -> String {
-    format!("idem-test-{prefix}-{}", uuid::Uuid::new_v4().simple())
+/// What each test starts from: its turn (held until the guard drops), the broker's
+/// URL and an admin connection to it.
+async fn take_turn() -> (MutexGuard<'static, ()>, String, lapin::Connection) {
+    let turn = SERIAL.lock().await;
+    let url = idem_amqp::amqp_url_from_env();
+    let admin = idem_testkit::rabbitmq("idem-test-ready-admin").await;
+    (turn, url, admin)
+}
+
+/// A consumer named `name` with an in-memory store whose handler does nothing.
+fn idle_consumer(name: impl Into<String>) -> Consumer {
+    Consumer::builder(name)
+        .store(MemoryStore::new())
+        .handler(|| async {})
+        .unwrap()
 }
 
 /// Polls `/ready` every 10 ms until it answers `status`; returns how long that took
@@ -101,19 +118,14 @@ impl Drop for Vhost {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_turns_503_when_the_broker_connection_is_closed_and_200_after_reconnecting() {
-    let _serial = SERIAL.lock().await;
-    let url = idem_amqp::amqp_url_from_env();
-    let admin = idem_testkit::rabbitmq("idem-test-ready-admin").await;
+    let (_serial, url, admin) = take_turn().await;
     let _ = admin.close(200, "bye".into()).await;
     let vhost = tokio::task::spawn_blocking(Vhost::new).await.unwrap();
     let vurl = in_vhost(&url, &vhost.0);
     let listener = listener();
     let addr = listener.local_addr();
     let name = unique("ready-broker");
-    let consumer = Consumer::builder(name.clone())
-        .store(MemoryStore::new())
-        .handler(|| async {})
-        .unwrap();
+    let consumer = idle_consumer(name.clone());
     let conn_name = format!("{name}-conn");
     let worker = Worker::builder(vurl.as_str(), Topology::new(name.clone()), consumer)
         .connection_name(conn_name.clone())
@@ -176,9 +188,7 @@ async fn ready_turns_503_when_the_broker_connection_is_closed_and_200_after_reco
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_turns_503_when_redis_is_cut_and_200_when_it_returns() {
-    let _serial = SERIAL.lock().await;
-    let url = idem_amqp::amqp_url_from_env();
-    let admin = idem_testkit::rabbitmq("idem-test-ready-admin").await;
+    let (_serial, url, admin) = take_turn().await;
     let ch = admin.create_channel().await.unwrap();
     let redis_url = "redis://127.0.0.1:6379";
     let direct = Service::Redis.expect_connected(redis_url, RedisStore::connect(redis_url).await);
@@ -226,15 +236,7 @@ async fn ready_turns_503_when_redis_is_cut_and_200_when_it_returns() {
         }
     });
     ready_becomes(addr, 200, Duration::from_secs(10), "worker started").await;
-    let started = Instant::now();
-    while consumer.stats().processed < 20 {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "no traffic: {}",
-            consumer.stats()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_processed("no traffic", Duration::from_secs(10), &consumer, 20).await;
 
     proxy.set(Mode::Refuse);
     let (down, body) = ready_becomes(addr, 503, FLIP, "Redis cut").await;
@@ -260,31 +262,14 @@ async fn ready_turns_503_when_redis_is_cut_and_200_when_it_returns() {
     worker.shutdown_and_join().await.unwrap();
     drop(listener);
     topo.delete_on(&ch).await.unwrap();
-    let mut redis = redis::Client::open(redis_url)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}*"))
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    if !keys.is_empty() {
-        let _: () = redis::cmd("DEL")
-            .arg(&keys)
-            .query_async(&mut redis)
-            .await
-            .unwrap();
-    }
+    let mut redis = idem_testkit::redis().await;
+    idem_testkit::delete_redis_keys(&mut redis, &format!("{prefix}*")).await;
     let _ = admin.close(200, "bye".into()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_and_metrics_of_two_workers_on_one_listener() {
-    let _serial = SERIAL.lock().await;
-    let url = idem_amqp::amqp_url_from_env();
-    let admin = idem_testkit::rabbitmq("idem-test-ready-admin").await;
+    let (_serial, url, admin) = take_turn().await;
     let ch = admin.create_channel().await.unwrap();
     let listener = listener();
     let addr = listener.local_addr();
@@ -294,10 +279,7 @@ async fn ready_and_metrics_of_two_workers_on_one_listener() {
     for name in &names {
         let topo = Topology::new(name.clone());
         topo.declare_on(&ch).await.unwrap();
-        let consumer = Consumer::builder(name.clone())
-            .store(MemoryStore::new())
-            .handler(|| async {})
-            .unwrap();
+        let consumer = idle_consumer(name.clone());
         workers.push(
             Worker::builder(url.as_str(), topo, consumer.clone())
                 .prometheus(addr)
@@ -308,10 +290,7 @@ async fn ready_and_metrics_of_two_workers_on_one_listener() {
         consumers.push(consumer);
     }
     // A worker given another address does not start.
-    let elsewhere = Consumer::builder(unique("ready-c"))
-        .store(MemoryStore::new())
-        .handler(|| async {})
-        .unwrap();
+    let elsewhere = idle_consumer(unique("ready-c"));
     let err = Worker::builder(url.as_str(), Topology::new(unique("ready-c")), elsewhere)
         .prometheus("127.0.0.1:1".parse().unwrap())
         .build()

@@ -10,11 +10,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use idem_amqp::convert::headers_from_table;
-use idem_amqp::{DelayTiers, Error, Publisher, Topology, Worker};
+use idem_amqp::{DelayTiers, Error, Publisher, Topology, Worker, WorkerBuilder};
 use idem_core::outcome::headers as h;
 use idem_core::{
     Backoff, Consumer, Disposition, ErrorKind, HandlerError, HeaderValue, Headers, MemoryStore,
-    Message,
+    Message, Stats, WorkerHandle,
 };
 use idem_testkit::{unique, Service};
 use lapin::options::BasicGetOptions;
@@ -56,28 +56,29 @@ impl Broker {
     }
 
     async fn count(&self, queue: &str) -> u32 {
-        let q = self
-            .ch
-            .queue_declare(
-                queue.into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                Default::default(),
-            )
-            .await
-            .unwrap();
-        q.message_count()
+        idem_testkit::broker::ready_count(&self.ch, queue).await
     }
 
-    /// A topology of its own (a unique queue named after `tag`, one 1 s delay tier),
-    /// declared.
-    async fn declared(&self, tag: &str) -> Topology {
-        let topo =
-            Topology::new(unique(tag)).tiers(DelayTiers::new([Duration::from_secs(1)]).unwrap());
-        topo.declare_on(&self.ch).await.unwrap();
-        topo
+    /// A worker of `consumer` on `topo`, one delivery at a time, `configure`d, started.
+    fn start(
+        &self,
+        topo: &Topology,
+        consumer: Consumer,
+        configure: impl FnOnce(WorkerBuilder) -> WorkerBuilder,
+    ) -> WorkerHandle<Result<Stats, Error>> {
+        configure(Worker::builder(self.url.as_str(), topo.clone(), consumer).prefetch(1))
+            .build()
+            .unwrap()
+            .spawn()
+    }
+
+    /// Publishes a message with body `{}` and message id `id` to the work queue.
+    async fn publish(&self, topo: &Topology, id: &str) {
+        let mut msg = Message::new("{}").with_message_id(id);
+        self.publisher
+            .publish("", topo.queue(), &mut msg)
+            .await
+            .unwrap();
     }
 
     async fn finish(self, topo: &Topology) {
@@ -85,6 +86,15 @@ impl Broker {
         self.publisher.close().await;
         let _ = self.conn.close(200, "bye".into()).await;
     }
+}
+
+/// A broker connection named `idem-test-<tag>` and a topology of its own (a unique
+/// queue named after `tag`, one 1 s delay tier), declared.
+async fn declared(tag: &str) -> (Broker, Topology) {
+    let b = broker(&format!("idem-test-{tag}")).await;
+    let topo = Topology::new(unique(tag)).tiers(DelayTiers::new([Duration::from_secs(1)]).unwrap());
+    topo.declare_on(&b.ch).await.unwrap();
+    (b, topo)
 }
 
 fn one_retry() -> Backoff {
@@ -100,8 +110,7 @@ async fn next<T>(rx: &mut mpsc::UnboundedReceiver<T>, what: &str) -> T {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn immediate_retries_absorb_a_blip_without_a_retry_copy() {
-    let b = broker("idem-test-immediate-retries").await;
-    let topo = b.declared("immediate").await;
+    let (b, topo) = declared("immediate").await;
     let calls = Arc::new(AtomicU32::new(0));
     let c = calls.clone();
     let consumer = Consumer::builder("immediate")
@@ -121,19 +130,12 @@ async fn immediate_retries_absorb_a_blip_without_a_retry_copy() {
         }))
         .unwrap();
     let (tx, mut settled) = mpsc::unbounded_channel();
-    let running = Worker::builder(b.url.as_str(), topo.clone(), consumer)
-        .prefetch(1)
-        .on_settle(move |s| {
+    let running = b.start(&topo, consumer, |w| {
+        w.on_settle(move |s| {
             let _ = tx.send((s.attempt, s.disposition.clone()));
         })
-        .build()
-        .unwrap()
-        .spawn();
-    let mut msg = Message::new("{}").with_message_id("blip-1");
-    b.publisher
-        .publish("", topo.queue(), &mut msg)
-        .await
-        .unwrap();
+    });
+    b.publish(&topo, "blip-1").await;
     assert_eq!(
         next(&mut settled, "settle").await,
         (1, Disposition::Ack { duplicate: false })
@@ -152,8 +154,7 @@ async fn immediate_retries_absorb_a_blip_without_a_retry_copy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_carry_the_full_record_and_the_hook_fires_after_the_confirm() {
-    let b = broker("idem-test-dead-letter-hook").await;
-    let topo = b.declared("dlhook").await;
+    let (b, topo) = declared("dlhook").await;
     let seen: Arc<Mutex<Vec<Headers>>> = Arc::default();
     let s = seen.clone();
     let (hook_tx, mut hooked) = mpsc::unbounded_channel();
@@ -175,16 +176,8 @@ async fn dead_letters_carry_the_full_record_and_the_hook_fires_after_the_confirm
             async { Err::<(), _>(LedgerLocked) }
         }))
         .unwrap();
-    let running = Worker::builder(b.url.as_str(), topo.clone(), consumer)
-        .prefetch(1)
-        .build()
-        .unwrap()
-        .spawn();
-    let mut msg = Message::new("{}").with_message_id("dl-1");
-    b.publisher
-        .publish("", topo.queue(), &mut msg)
-        .await
-        .unwrap();
+    let running = b.start(&topo, consumer, |w| w);
+    b.publish(&topo, "dl-1").await;
 
     let (id, queue, dlq, failure) = next(&mut hooked, "dead-letter hook").await;
     // The hook runs once the copy is confirmed: it is in the DLQ now, no waiting.
@@ -231,8 +224,7 @@ async fn dead_letters_carry_the_full_record_and_the_hook_fires_after_the_confirm
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discard_acks_without_a_copy_and_a_redelivery_is_a_duplicate() {
-    let b = broker("idem-test-discard").await;
-    let topo = b.declared("discard").await;
+    let (b, topo) = declared("discard").await;
     let calls = Arc::new(AtomicU32::new(0));
     let c = calls.clone();
     let consumer = Consumer::builder("discard")
@@ -243,20 +235,13 @@ async fn discard_acks_without_a_copy_and_a_redelivery_is_a_duplicate() {
         }))
         .unwrap();
     let (tx, mut settled) = mpsc::unbounded_channel();
-    let running = Worker::builder(b.url.as_str(), topo.clone(), consumer)
-        .prefetch(1)
-        .on_settle(move |s| {
+    let running = b.start(&topo, consumer, |w| {
+        w.on_settle(move |s| {
             let _ = tx.send(s.disposition.clone());
         })
-        .build()
-        .unwrap()
-        .spawn();
+    });
     for _ in 0..2 {
-        let mut msg = Message::new("{}").with_message_id("stale-1");
-        b.publisher
-            .publish("", topo.queue(), &mut msg)
-            .await
-            .unwrap();
+        b.publish(&topo, "stale-1").await;
     }
     assert_eq!(
         next(&mut settled, "first delivery").await,

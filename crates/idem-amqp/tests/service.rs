@@ -27,62 +27,34 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
-
 use common::{broker, short_tiers, unique, url};
 use futures_util::future::BoxFuture;
 use idem_amqp::service::{HostedTask, TaskContext, TaskError};
 use idem_amqp::{Error, Publisher, Service, Topology};
-use idem_core::{Consumer, IdempotencyKey, MemoryStore, Message, State};
+use idem_core::{Consumer, MemoryStore, Message};
 use idem_testkit::broker::{
     assert_settled, close_connections_named, connection_closes, connection_open, connections_named,
     declare_queue, queue_counts, wait_until,
 };
+use idem_testkit::graceful::{stop_while_held, Gated};
 use idem_testkit::http::get_raw;
 use idem_testkit::probe::{assert_each_once, Probe};
 use tokio::net::TcpListener;
 
 const PER_CONSUMER: usize = 100;
 
-/// A handler's state: the probe, and a gate each run takes one permit from before it
-/// applies its effect (so a test can hold handlers in flight).
-#[derive(Clone)]
-struct Ctx {
-    probe: Arc<Probe>,
-    gate: Arc<Semaphore>,
-}
-
-/// Waits for a permit of its consumer's gate, then applies its effect.
-async fn handler(State(ctx): State<Ctx>, key: IdempotencyKey) {
-    let effect = key.as_str().to_owned();
-    ctx.probe
-        .run(&ctx.gate, Duration::from_millis(5), effect)
-        .await;
-}
-
-/// One consumer of the test: its queue, name and dedup store.
+/// One consumer of the test: its queue, name, dedup store and gate.
 struct Lane {
     topology: Topology,
     name: String,
-    store: MemoryStore,
-    /// Permits for the handlers of this consumer (none at first).
-    gate: Arc<Semaphore>,
+    gated: Gated,
 }
 
 impl Lane {
+    /// Its consumer: each run waits for a permit, then applies the message's key.
     fn consumer(&self, probe: &Arc<Probe>) -> Consumer {
-        let ctx = Ctx {
-            probe: probe.clone(),
-            gate: self.gate.clone(),
-        };
-        Consumer::builder(self.name.as_str())
-            .store(self.store.clone())
-            .handler_with_state(handler, ctx)
-            .unwrap()
-    }
-
-    fn open_gate(&self) {
-        self.gate.add_permits(Semaphore::MAX_PERMITS / 8);
+        self.gated
+            .consumer(self.name.as_str(), probe, Duration::from_millis(5), "")
     }
 }
 
@@ -115,8 +87,7 @@ async fn lanes(ch: &lapin::Channel, per_lane: usize) -> Vec<Lane> {
         let lane = Lane {
             name: format!("{queue}-consumer"),
             topology: Topology::new(queue).tiers(short_tiers()),
-            store: MemoryStore::new(),
-            gate: Arc::new(Semaphore::new(0)),
+            gated: Gated::default(),
         };
         lane.topology.declare_on(ch).await.unwrap();
         let mut msgs: Vec<Message> = (0..per_lane)
@@ -168,7 +139,7 @@ async fn stop_in_flight_then_finish(shared: Option<String>) {
     }
     let running = builder.build().unwrap().spawn();
     for lane in &lanes {
-        lane.gate.add_permits(20);
+        lane.gated.admit(20);
     }
     wait_for(
         "20 messages applied per consumer, and handlers held",
@@ -187,16 +158,8 @@ async fn stop_in_flight_then_finish(shared: Option<String>) {
         }
         assert_eq!(connections_named(name).await, 1, "one shared connection");
     }
-    let in_flight = first.in_flight();
-    // The stop starts while handlers are held, then they may finish.
-    running.shutdown();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    for lane in &lanes {
-        lane.open_gate();
-    }
-    let stats = running.join().await.unwrap();
-    assert!(in_flight > 0, "the stop found no handler running");
-    first.assert_none_cut_off();
+    let open_gates = || lanes.iter().for_each(|l| l.gated.open());
+    let stats = stop_while_held(running, &first, open_gates).await.unwrap();
     let names: Vec<&str> = stats.iter().map(|(n, _)| n.as_str()).collect();
     let expected: Vec<&str> = lanes.iter().map(|l| l.name.as_str()).collect();
     assert_eq!(names, expected);
@@ -231,7 +194,7 @@ async fn stop_in_flight_then_finish(shared: Option<String>) {
     // Second run: finishes the rest.
     let second = Arc::new(Probe::default());
     for lane in &lanes {
-        lane.open_gate();
+        lane.gated.open();
     }
     let running = service(&lanes, &second, shared.as_deref())
         .build()
@@ -279,7 +242,7 @@ async fn service_consumers_move_together_to_a_new_shared_connection() {
     let name = unique("service-conn");
     let probe = Arc::new(Probe::default());
     for lane in &lanes {
-        lane.open_gate();
+        lane.gated.open();
     }
     let running = service(&lanes, &probe, Some(&name))
         .build()

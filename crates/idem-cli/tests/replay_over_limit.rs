@@ -17,7 +17,12 @@ use common::{depth, replay_all, wait_for};
 use idem_amqp::{Publisher, QueueType, Topology, Worker};
 use idem_core::crash::{BROKER_DELIVERY_COUNT_HEADER, DELIVERY_COUNT_HEADER};
 use idem_core::outcome::headers as h;
-use idem_core::{Consumer, ErrorKind, Failure, HandlerError, MemoryStore, Message};
+use idem_core::{Consumer, ErrorKind, Failure, MemoryStore, Message, State};
+
+/// The handler: counts its run in `runs` and succeeds.
+async fn count_run(State(runs): State<Arc<AtomicUsize>>) {
+    runs.fetch_add(1, Ordering::SeqCst);
+}
 
 #[tokio::test]
 async fn replay_of_an_over_limit_dead_letter_runs_it_once_and_acks_it() {
@@ -55,16 +60,9 @@ async fn replay_of_an_over_limit_dead_letter_runs_it_once_and_acks_it() {
     publisher.publish("", &q, &mut busy).await.unwrap();
 
     let runs = Arc::new(AtomicUsize::new(0));
-    let r = runs.clone();
     let consumer = Consumer::builder("overlimit-test")
         .store(MemoryStore::new())
-        .handler(move |_msg: Message| {
-            let r = r.clone();
-            async move {
-                r.fetch_add(1, Ordering::SeqCst);
-                Ok::<(), HandlerError>(())
-            }
-        })
+        .handler_with_state(count_run, runs.clone())
         .unwrap();
     let worker = Worker::builder(common::url(), topology.clone(), consumer.clone())
         .prefetch(5)

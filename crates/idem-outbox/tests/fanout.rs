@@ -40,20 +40,10 @@ async fn a_row_for_an_exchange_reaches_each_bound_queue_once() {
         t.declare_on(&f.ch).await.unwrap();
     }
 
-    let created = f
-        .enqueue(OutboxMessage::new(
-            orders.name(),
-            "order.created",
-            b"created".to_vec(),
-        ))
-        .await;
-    let unbound = f
-        .enqueue(OutboxMessage::new(
-            orders.name(),
-            "payment.failed",
-            b"nobody listens".to_vec(),
-        ))
-        .await;
+    let to_orders =
+        |key: &str, body: &[u8]| f.enqueue(OutboxMessage::new(orders.name(), key, body.to_vec()));
+    let created = to_orders("order.created", b"created").await;
+    let unbound = to_orders("payment.failed", b"nobody listens").await;
     let relay = Relay::builder(f.pool.clone(), f.outbox.clone(), amqp_url()).build();
     let stats = relay.drain().await.unwrap();
     assert_eq!((stats.published, stats.refused), (1, 1), "{stats:?}");

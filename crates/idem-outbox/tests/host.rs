@@ -28,40 +28,22 @@ use std::time::Duration;
 
 use idem_amqp::readiness::{Readiness, SourceKind};
 use idem_amqp::{DelayTiers, Service, ServiceBuilder, Topology};
-use idem_core::{Consumer, IdempotencyKey, MemoryStore, State};
+use idem_core::Consumer;
 use idem_outbox::{Outbox, OutboxMessage, Relay};
 use idem_testkit::broker::{
     assert_settled, connection_open, declare_queue, ready_count, wait_until,
 };
+use idem_testkit::graceful::{stop_while_held, Gated};
 use idem_testkit::http::{get, try_get};
 use idem_testkit::probe::{assert_each_once, Probe};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
-/// A handler's state: the probe, its queue's name (the effects are keyed
-/// `<queue>/<message id>`), and a gate each run takes a permit from before it applies
-/// its effect, so the test can hold handlers in flight.
-#[derive(Clone)]
-struct Ctx {
-    probe: Arc<Probe>,
-    queue: String,
-    gate: Arc<Semaphore>,
-}
-
-async fn handler(State(ctx): State<Ctx>, key: IdempotencyKey) {
-    let effect = format!("{}/{key}", ctx.queue);
-    ctx.probe
-        .run(&ctx.gate, Duration::from_millis(2), effect)
-        .await;
-}
-
-/// One consumer of the host: its queue, its dedup store (kept across both hosts) and
-/// its gate.
+/// One consumer of the host: its queue, and its dedup store (kept across both hosts)
+/// and gate.
 struct Lane {
     topology: Topology,
-    store: MemoryStore,
-    gate: Arc<Semaphore>,
+    gated: Gated,
 }
 
 impl Lane {
@@ -71,8 +53,7 @@ impl Lane {
         topology.declare_on(ch).await.unwrap();
         Lane {
             topology,
-            store: MemoryStore::new(),
-            gate: Arc::new(Semaphore::new(0)),
+            gated: Gated::default(),
         }
     }
 
@@ -80,20 +61,12 @@ impl Lane {
         self.topology.queue()
     }
 
+    /// Its consumer: each run waits for a permit, then applies `<queue>/<message id>`.
     fn consumer(&self, probe: &Arc<Probe>) -> Consumer {
-        let ctx = Ctx {
-            probe: probe.clone(),
-            queue: self.queue().to_owned(),
-            gate: self.gate.clone(),
-        };
-        Consumer::builder(format!("{}-consumer", self.queue()))
-            .store(self.store.clone())
-            .handler_with_state(handler, ctx)
-            .unwrap()
-    }
-
-    fn open_gate(&self) {
-        self.gate.add_permits(Semaphore::MAX_PERMITS / 8);
+        let name = format!("{}-consumer", self.queue());
+        let prefix = format!("{}/", self.queue());
+        self.gated
+            .consumer(name, probe, Duration::from_millis(2), &prefix)
     }
 }
 
@@ -245,15 +218,8 @@ async fn host_two_consumers_and_relay_drain_on_stop_and_ready_follows_the_relay(
     // `/ready` follows the relay.
     let body = ready_turns(addr, &table, 200, Duration::from_secs(20)).await;
     assert!(source_ready(&body, "relay", &table), "{body}");
-    let mut tx = pool.begin().await.unwrap();
-    outbox
-        .enqueue(
-            &mut tx,
-            OutboxMessage::new("", late_queue.as_str(), b"late".to_vec()),
-        )
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    let late = OutboxMessage::new("", late_queue.as_str(), b"late".to_vec());
+    common::enqueue(&pool, &outbox, late).await;
     let body = ready_turns(addr, &table, 503, Duration::from_secs(15)).await;
     let reasons: Vec<&str> = body["reasons"]
         .as_array()
@@ -302,7 +268,7 @@ async fn host_two_consumers_and_relay_drain_on_stop_and_ready_follows_the_relay(
         })
     };
     for lane in &lanes {
-        lane.gate.add_permits(20);
+        lane.gated.admit(20);
     }
     assert!(
         wait_until(Duration::from_secs(30), async || {
@@ -319,15 +285,8 @@ async fn host_two_consumers_and_relay_drain_on_stop_and_ready_follows_the_relay(
         assert!(metrics.contains(&series), "no {series} in:\n{metrics}");
     }
     assert!(metrics.contains("idem_outbox_published_total"), "{metrics}");
-    let in_flight = first.in_flight();
-    running.shutdown();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    for lane in &lanes {
-        lane.open_gate();
-    }
-    let stats = running.join().await.unwrap();
-    assert!(in_flight > 0, "the stop found no handler running");
-    first.assert_none_cut_off();
+    let open_gates = || lanes.iter().for_each(|l| l.gated.open());
+    let stats = stop_while_held(running, &first, open_gates).await.unwrap();
     assert_eq!(stats.len(), 2);
     // Rows enqueued after the stop: nothing publishes them.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -364,7 +323,7 @@ async fn host_two_consumers_and_relay_drain_on_stop_and_ready_follows_the_relay(
     // A second host finishes the rest.
     let second = Arc::new(Probe::default());
     for lane in &lanes {
-        lane.open_gate();
+        lane.gated.open();
     }
     let running = host(&lanes, &second, &pool, &outbox, addr, &connection)
         .build()

@@ -6,6 +6,8 @@
 
 #![allow(clippy::unwrap_used)] // tests may unwrap (project rule)
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use idem_amqp::readiness::Readiness;
@@ -60,12 +62,8 @@ async fn relay_ready_until_its_oldest_pending_row_passes_the_threshold() {
 
     // The row's age counts from its transaction's start.
     let enqueued = Instant::now();
-    let mut tx = pool.begin().await.unwrap();
-    outbox
-        .enqueue(&mut tx, OutboxMessage::new("", "nowhere", b"x".to_vec()))
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    let row = OutboxMessage::new("", "nowhere", b"x".to_vec());
+    common::enqueue(&pool, &outbox, row).await;
     let report = wait(false, Duration::from_secs(10)).await;
     assert!(
         enqueued.elapsed() >= Duration::from_secs(1),

@@ -51,6 +51,7 @@ pub mod cluster;
 /// `conformance`); re-exported here for the workspace's own tests.
 pub use idem_core::conformance;
 pub mod fault_proxy;
+pub mod graceful;
 pub mod http;
 pub mod lease_batch;
 pub mod logs;

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use idem_amqp::{DelayTiers, Publisher, Topology, Worker, WorkerBuilder};
 use idem_core::{Consumer, HandlerError, Message, State, Stats, WorkerHandle};
 use idem_testkit::Service;
+use lapin::message::BasicGetMessage;
+use lapin::options::BasicGetOptions;
 use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Channel, Connection};
 
@@ -55,6 +57,16 @@ pub(crate) async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut
     }
 }
 
+/// Polls every 20 ms until `consumer` has processed `n` messages; panics after
+/// `limit` with `what` and the consumer's stats.
+pub(crate) async fn wait_processed(what: &str, limit: Duration, consumer: &Consumer, n: u64) {
+    let start = Instant::now();
+    while consumer.stats().processed < n {
+        assert!(start.elapsed() < limit, "{what}: {}", consumer.stats());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Polls the async `cond` every 50 ms until it holds; panics naming `what` after
 /// `limit`.
 pub(crate) async fn wait_until_async<F: std::future::Future<Output = bool>>(
@@ -65,6 +77,38 @@ pub(crate) async fn wait_until_async<F: std::future::Future<Output = bool>>(
     let start = Instant::now();
     while !cond().await {
         assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls every 50 ms until a message is taken (no ack) from the DLQ of `topo` and
+/// `consumer` has processed `processed` messages; that message. Panics after `limit`
+/// with what is missing and the consumer's stats.
+pub(crate) async fn settled_dead_letter(
+    ch: &Channel,
+    topo: &Topology,
+    consumer: &Consumer,
+    processed: u64,
+    limit: Duration,
+) -> BasicGetMessage {
+    let started = Instant::now();
+    let mut dead = None;
+    loop {
+        if dead.is_none() {
+            dead = ch
+                .basic_get(topo.dlq().as_str().into(), BasicGetOptions { no_ack: true })
+                .await
+                .unwrap();
+        }
+        let stats = consumer.stats();
+        if let Some(got) = dead.take_if(|_| stats.processed == processed) {
+            return got;
+        }
+        let taken = if dead.is_some() { "taken" } else { "none" };
+        assert!(
+            started.elapsed() < limit,
+            "not settled in {limit:?} (dead letter: {taken}): {stats}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -1,7 +1,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
-use super::classify::{at_risk, classify, hazards, Limits};
+use super::classify::{at_risk, classify, hazards, Limits, Outcome};
 use super::published::{from_ids, read_ids, Published};
 use super::queues::{Copy, Role, Seen};
 use super::records::{Record, RecordState};
@@ -38,6 +38,11 @@ fn records(list: &[(&str, RecordState, i64)]) -> HashMap<String, Record> {
             (key.to_owned(), record)
         })
         .collect()
+}
+
+/// `classify` of ids found in no queue and no store, with `grace` for young ones.
+fn classify_unseen(published: &[Published], grace: Duration) -> Outcome {
+    classify(published, &Seen::default(), &HashMap::new(), grace)
 }
 
 #[test]
@@ -88,12 +93,7 @@ fn each_published_id_lands_in_one_class() {
 #[test]
 fn the_second_look_turns_found_ids_into_in_flight() {
     let published = vec![row("a", 100.0, false), row("b", 100.0, false)];
-    let mut out = classify(
-        &published,
-        &Seen::default(),
-        &HashMap::new(),
-        Duration::ZERO,
-    );
+    let mut out = classify_unseen(&published, Duration::ZERO);
     assert_eq!(out.unresolved.len(), 2);
     let found = records(&[("a", RecordState::Succeeded, 1000)]);
     out.recheck(&Seen::default(), &found);
@@ -105,12 +105,7 @@ fn the_second_look_turns_found_ids_into_in_flight() {
 fn ids_of_a_list_are_always_judged() {
     let published = from_ids(&["x".to_owned(), "y".to_owned(), "x".to_owned()]);
     assert_eq!(published.len(), 2, "duplicates in the list count once");
-    let out = classify(
-        &published,
-        &Seen::default(),
-        &HashMap::new(),
-        Duration::from_secs(3600),
-    );
+    let out = classify_unseen(&published, Duration::from_secs(3600));
     assert_eq!(out.unresolved.len(), 2);
     assert_eq!(out.counts.recent, 0);
 }

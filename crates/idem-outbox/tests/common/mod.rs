@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use idem_outbox::Outbox;
+use idem_outbox::{Outbox, OutboxMessage};
 use idem_testkit::Service;
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeleteOptions};
 use lapin::{Channel, Connection, ConnectionProperties};
@@ -49,6 +49,15 @@ pub(crate) async fn named_queue(name: &str, tag: &str) -> (Connection, Channel, 
     (conn, ch, queue)
 }
 
+/// Enqueues `msg` into `outbox` in a transaction of its own and commits; the row's
+/// message id.
+pub(crate) async fn enqueue(pool: &PgPool, outbox: &Outbox, msg: OutboxMessage) -> uuid::Uuid {
+    let mut tx = pool.begin().await.unwrap();
+    let id = outbox.enqueue(&mut tx, msg).await.unwrap();
+    tx.commit().await.unwrap();
+    id
+}
+
 /// A unique outbox table and queue; `cleanup` removes both.
 pub(crate) struct Fixture {
     /// A pool on the test PostgreSQL.
@@ -85,11 +94,8 @@ impl Fixture {
     }
 
     /// Enqueues `msg` in a transaction of its own and commits.
-    pub(crate) async fn enqueue(&self, msg: idem_outbox::OutboxMessage) -> uuid::Uuid {
-        let mut tx = self.pool.begin().await.unwrap();
-        let id = self.outbox.enqueue(&mut tx, msg).await.unwrap();
-        tx.commit().await.unwrap();
-        id
+    pub(crate) async fn enqueue(&self, msg: OutboxMessage) -> uuid::Uuid {
+        enqueue(&self.pool, &self.outbox, msg).await
     }
 
     /// The queue's messages, in order, acked: waits up to 10 s for `expected` of them
