@@ -462,7 +462,7 @@ async fn verify_reports_a_record_past_its_lease_and_a_stuck_outbox_row() {
     let claim = store
         .claim(
             &ClaimRequest::new(key.clone(), OwnerToken::generate(), None),
-            Duration::from_secs(1),
+            idem_core::dedup::Terms::new(Duration::from_secs(1), Duration::from_secs(86_400)),
         )
         .await
         .unwrap();
@@ -490,7 +490,7 @@ async fn verify_reports_a_record_past_its_lease_and_a_stuck_outbox_row() {
     store
         .claim(
             &ClaimRequest::new(fresh.clone(), OwnerToken::generate(), None),
-            Duration::from_secs(300),
+            idem_core::dedup::Terms::new(Duration::from_secs(300), Duration::from_secs(86_400)),
         )
         .await
         .unwrap();
@@ -631,7 +631,7 @@ async fn verify_reads_a_mysql_lease_store_table() {
     let claim = store
         .claim(
             &ClaimRequest::new(stuck.clone(), OwnerToken::generate(), None),
-            Duration::from_secs(1),
+            idem_core::dedup::Terms::new(Duration::from_secs(1), Duration::from_secs(86_400)),
         )
         .await
         .unwrap();

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use idem_core::dedup::{
-    BatchExecutor, Batcher, Claim, ClaimRequest, CompleteRequest, Completion, DedupStore,
-    HeldClaim, ScopedKey, StoreError, DEFAULT_MAX_BATCH,
+    Answers, BatchExecutor, Batcher, Claim, ClaimRequest, CompleteRequest, Completion,
+    CountedClaim, DedupStore, HeldClaim, ScopedKey, StoreError, StoreResult, Terms,
+    DEFAULT_MAX_BATCH,
 };
 use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
@@ -181,34 +182,35 @@ impl RedisStore {
         }
     }
 
-    /// The claim of `req`; a counting one (`claim_counting`) if `memory` is given.
-    fn claim_op(&self, req: &ClaimRequest, lease: Duration, memory: Option<Duration>) -> Op {
+    /// The claim of `req`; a counting one (`claim_counting`, starts remembered for
+    /// the retention) if `counting`.
+    fn claim_op(&self, req: &ClaimRequest, terms: Terms, counting: bool) -> Op {
         let fingerprint = req.fingerprint.as_deref();
         let flag = text(if fingerprint.is_some() { "1" } else { "0" });
-        let args = [millis(lease), flag, text(fingerprint.unwrap_or(""))];
+        let args = [millis(terms.lease), flag, text(fingerprint.unwrap_or(""))];
         let mut op = self.op("claim", &req.held, args);
-        if let Some(memory) = memory {
+        if counting {
             op.name = "claim_counting";
-            op.args.push(millis(memory));
+            op.args.push(millis(terms.retention));
         }
         op
     }
 
-    /// The completion of `held` with `completion`, kept for `retention`.
-    fn complete_op(&self, held: &HeldClaim, completion: Completion, retention: Duration) -> Op {
-        let args = [text(completion_code(completion)), millis(retention)];
+    /// The completion of `held` with `completion`, kept for the retention.
+    fn complete_op(&self, held: &HeldClaim, completion: Completion, terms: Terms) -> Op {
+        let args = [text(completion_code(completion)), millis(terms.retention)];
         self.op("complete", held, args)
     }
 
     /// Runs `op`, whose reply is 1 if it took effect.
-    async fn run_bool(&self, op: Op) -> Result<bool, StoreError> {
+    async fn run_bool(&self, op: Op) -> StoreResult<bool> {
         let n: i64 = self.run(op).await?;
         Ok(n == 1)
     }
 
     /// Runs `ops` at once (see [`run_many`](Self::run_many)); each reply is 1 if its
     /// operation took effect.
-    async fn run_many_bool(&self, ops: Vec<Op>) -> Vec<Result<bool, StoreError>> {
+    async fn run_many_bool(&self, ops: Vec<Op>) -> Answers<bool> {
         let replies: Vec<Result<i64, StoreError>> = self.run_many(ops).await;
         replies.into_iter().map(|r| r.map(|n| n == 1)).collect()
     }
@@ -220,7 +222,7 @@ fn typed<T: FromRedisValue>(name: &str, reply: Value) -> Result<T, StoreError> {
         .map_err(|e| StoreError::new(format!("unexpected Redis {} reply: {e}", label(name))))
 }
 
-fn parse_counting(reply: &[String]) -> Result<(Claim, Option<u32>), StoreError> {
+fn parse_counting(reply: &[String]) -> StoreResult<CountedClaim> {
     match reply.first().map(String::as_str) {
         Some("a") if reply.len() == 2 => {
             let n = reply[1].parse::<u32>().map_err(|_| bad_reply(reply))?;
@@ -467,76 +469,56 @@ fn bad_reply(reply: &[String]) -> StoreError {
 
 #[async_trait]
 impl DedupStore for RedisStore {
-    async fn claim(&self, req: &ClaimRequest, lease: Duration) -> Result<Claim, StoreError> {
-        let reply: Vec<String> = self.run(self.claim_op(req, lease, None)).await?;
+    async fn claim(&self, req: &ClaimRequest, terms: Terms) -> StoreResult<Claim> {
+        let reply: Vec<String> = self.run(self.claim_op(req, terms, false)).await?;
         parse_claim(&reply)
     }
 
-    async fn claim_counting(
-        &self,
-        req: &ClaimRequest,
-        lease: Duration,
-        memory: Duration,
-    ) -> Result<(Claim, Option<u32>), StoreError> {
-        let reply: Vec<String> = self.run(self.claim_op(req, lease, Some(memory))).await?;
+    async fn claim_counting(&self, req: &ClaimRequest, terms: Terms) -> StoreResult<CountedClaim> {
+        let reply: Vec<String> = self.run(self.claim_op(req, terms, true)).await?;
         parse_counting(&reply)
     }
 
-    async fn claim_many(
-        &self,
-        requests: &[ClaimRequest],
-        lease: Duration,
-        memory: Duration,
-    ) -> Vec<Result<(Claim, Option<u32>), StoreError>> {
+    async fn claim_many(&self, requests: &[ClaimRequest], terms: Terms) -> Answers<CountedClaim> {
         let ops = requests
             .iter()
-            .map(|r| self.claim_op(r, lease, Some(memory)))
+            .map(|r| self.claim_op(r, terms, true))
             .collect();
-        let replies: Vec<Result<Vec<String>, StoreError>> = self.run_many(ops).await;
+        let replies: Answers<Vec<String>> = self.run_many(ops).await;
         replies
             .into_iter()
             .map(|r| r.and_then(|reply| parse_counting(&reply)))
             .collect()
     }
 
-    async fn complete_many(
-        &self,
-        requests: &[CompleteRequest],
-        retention: Duration,
-    ) -> Vec<Result<bool, StoreError>> {
+    async fn complete_many(&self, requests: &[CompleteRequest], terms: Terms) -> Answers<bool> {
         let ops = requests
             .iter()
-            .map(|r| self.complete_op(&r.held, r.completion, retention))
+            .map(|r| self.complete_op(&r.held, r.completion, terms))
             .collect();
         self.run_many_bool(ops).await
     }
 
-    async fn release_many(&self, claims: &[HeldClaim]) -> Vec<Result<bool, StoreError>> {
+    async fn release_many(&self, claims: &[HeldClaim]) -> Answers<bool> {
         let ops = claims.iter().map(|h| self.op("release", h, [])).collect();
         self.run_many_bool(ops).await
     }
 
-    async fn extend(&self, held: &HeldClaim, lease: Duration) -> Result<bool, StoreError> {
-        self.run_bool(self.op("extend", held, [millis(lease)]))
+    async fn extend(&self, held: &HeldClaim, terms: Terms) -> StoreResult<bool> {
+        self.run_bool(self.op("extend", held, [millis(terms.lease)]))
             .await
     }
 
-    async fn complete(
-        &self,
-        held: &HeldClaim,
-        completion: Completion,
-        retention: Duration,
-    ) -> Result<bool, StoreError> {
-        self.run_bool(self.complete_op(held, completion, retention))
-            .await
+    async fn complete(&self, held: &HeldClaim, how: Completion, terms: Terms) -> StoreResult<bool> {
+        self.run_bool(self.complete_op(held, how, terms)).await
     }
 
-    async fn release(&self, held: &HeldClaim) -> Result<bool, StoreError> {
+    async fn release(&self, held: &HeldClaim) -> StoreResult<bool> {
         self.run_bool(self.op("release", held, [])).await
     }
 
-    async fn reopen_poisoned(&self, held: &HeldClaim, lease: Duration) -> Result<bool, StoreError> {
-        self.run_bool(self.op("reopen", held, [millis(lease)]))
+    async fn reopen_poisoned(&self, held: &HeldClaim, terms: Terms) -> StoreResult<bool> {
+        self.run_bool(self.op("reopen", held, [millis(terms.lease)]))
             .await
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use idem_core::dedup::{
-    Claim, ClaimRequest, Completion, DedupStore, HeldClaim, OwnerToken, ScopedKey,
+    Claim, ClaimRequest, Completion, DedupStore, HeldClaim, OwnerToken, ScopedKey, Terms,
 };
 use idem_redis::RedisStore;
 use idem_testkit::{unique, Service};
@@ -69,7 +69,7 @@ async fn lone_operations_go_alone_and_concurrent_ones_share_bounded_calls() {
             .await,
     );
     assert_eq!(s.max_batch(), 16);
-    let long = Duration::from_secs(60);
+    let long = Terms::new(Duration::from_secs(60), Duration::from_secs(60));
     // Load the script first, so that no EVALSHA-then-EVAL pair is counted.
     let warm = ClaimRequest::new(ScopedKey::new("c", "warm-up"), OwnerToken::generate(), None);
     s.claim(&warm, long).await.unwrap();

@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use idem_core::dedup::{Claim, ClaimRequest, Completion, DedupStore, OwnerToken, ScopedKey};
+use idem_core::dedup::{Claim, ClaimRequest, Completion, DedupStore, OwnerToken, ScopedKey, Terms};
 use idem_core::redact::redact_url;
 use idem_redis::RedisStore;
 use idem_testkit::{conformance, unique};
@@ -98,6 +98,9 @@ async fn conformance_suite_and_race_on_a_cluster() {
     cleanup(&s).await;
 }
 
+/// Claims held 30 s, records kept a minute.
+const TERMS: Terms = Terms::new(Duration::from_secs(30), Duration::from_secs(60));
+
 #[tokio::test]
 async fn records_spread_over_masters_one_slot_per_message() {
     let prefix = unique("cspread");
@@ -107,10 +110,7 @@ async fn records_spread_over_masters_one_slot_per_message() {
     for i in 0..32 {
         let k = ScopedKey::new("billing", format!("order-{i}"));
         let req = ClaimRequest::new(k.clone(), owner.clone(), None);
-        let (claim, starts) = s
-            .claim_counting(&req, Duration::from_secs(30), Duration::from_secs(60))
-            .await
-            .unwrap();
+        let (claim, starts) = s.claim_counting(&req, TERMS).await.unwrap();
         assert_eq!((claim, starts), (Claim::Acquired, Some(0)));
         // The record and its start counter hash to one slot (the scripts need both).
         let rkey = s.redis_key(&k);
@@ -129,7 +129,7 @@ async fn records_spread_over_masters_one_slot_per_message() {
         assert_eq!(slot(rkey.clone()).await, slot(format!("{rkey}:n")).await);
         if i % 2 == 0 {
             assert!(s
-                .complete(&req.held, Completion::Succeeded, Duration::from_secs(60))
+                .complete(&req.held, Completion::Succeeded, TERMS)
                 .await
                 .unwrap());
         }
@@ -171,7 +171,7 @@ async fn one_seed_url_with_cluster_mode_finds_the_rest() {
         let k = ScopedKey::new("seed", format!("k{i}"));
         let req = ClaimRequest::new(k, owner.clone(), None);
         assert_eq!(
-            s.claim(&req, Duration::from_secs(30)).await.unwrap(),
+            s.claim(&req, TERMS).await.unwrap(),
             Claim::Acquired,
             "a key on any master is reachable through one seed"
         );

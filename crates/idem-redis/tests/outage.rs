@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use idem_core::dedup::{Claim, ClaimRequest, DedupStore, OwnerToken, ScopedKey, StoreErrorKind};
+use idem_core::dedup::{
+    Claim, ClaimRequest, DedupStore, OwnerToken, ScopedKey, StoreErrorKind, Terms,
+};
 use idem_redis::RedisStore;
 use idem_testkit::fault_proxy::{FaultProxy, Mode};
 use idem_testkit::Service;
@@ -24,7 +26,7 @@ async fn first_claim_after_recovery(mode: Mode) {
     let proxy = FaultProxy::start(REDIS).await;
     let prefix = idem_testkit::unique("outage");
     let store = through(&proxy, &prefix).await;
-    let lease = Duration::from_secs(5);
+    let lease = Terms::new(Duration::from_secs(5), Duration::from_secs(60));
     let claim = |k: &str| {
         let req = ClaimRequest::new(ScopedKey::new("outage", k), OwnerToken::generate(), None);
         let store = store.clone();

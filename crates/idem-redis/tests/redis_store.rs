@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use idem_core::dedup::{
-    Claim, ClaimRequest, Completion, DedupStore, HeldClaim, OwnerToken, ScopedKey,
+    Claim, ClaimRequest, Completion, DedupStore, HeldClaim, OwnerToken, ScopedKey, Terms,
 };
 use idem_core::{Consumer, Disposition, Message};
 use idem_redis::RedisStore;
@@ -37,10 +37,8 @@ async fn record_layout_prefix_ttl_and_one_slot() {
     let s = store(&prefix).await;
     let k = ScopedKey::new("billing", "order:{7}");
     let o = ClaimRequest::new(k.clone(), OwnerToken::generate(), Some("fp".into()));
-    assert_eq!(
-        s.claim(&o, Duration::from_secs(30)).await.unwrap(),
-        Claim::Acquired
-    );
+    let terms = Terms::new(Duration::from_secs(30), Duration::from_secs(3600));
+    assert_eq!(s.claim(&o, terms).await.unwrap(), Claim::Acquired);
     let rkey = s.redis_key(&k);
     assert_eq!(rkey, format!("{prefix}:{{7:billing:order:{{7}}}}"));
     let mut conn = s.connection();
@@ -51,7 +49,7 @@ async fn record_layout_prefix_ttl_and_one_slot() {
         .unwrap();
     assert!(ttl > 0 && ttl <= 30_000, "lease is a TTL: {ttl}");
     assert!(s
-        .complete(&o.held, Completion::Succeeded, Duration::from_secs(3600))
+        .complete(&o.held, Completion::Succeeded, terms)
         .await
         .unwrap());
     let ttl: i64 = redis::cmd("PTTL")
@@ -62,7 +60,7 @@ async fn record_layout_prefix_ttl_and_one_slot() {
     assert!(ttl > 30_000, "done record kept for the retention: {ttl}");
     // A completion retried after a lost reply finds its own completion: still true.
     assert!(s
-        .complete(&o.held, Completion::Succeeded, Duration::from_secs(3600))
+        .complete(&o.held, Completion::Succeeded, terms)
         .await
         .unwrap());
     cleanup(&s).await;
@@ -114,10 +112,8 @@ async fn killed_connection_reconnects_without_error() {
     let prefix = unique("kill");
     let s = store(&prefix).await;
     let o = ClaimRequest::new(ScopedKey::new("c", "k1"), OwnerToken::generate(), None);
-    assert_eq!(
-        s.claim(&o, Duration::from_secs(30)).await.unwrap(),
-        Claim::Acquired
-    );
+    let terms = Terms::new(Duration::from_secs(30), Duration::from_secs(60));
+    assert_eq!(s.claim(&o, terms).await.unwrap(), Claim::Acquired);
     // Kill exactly this store's connection from a second connection (a blanket
     // `CLIENT KILL TYPE normal` would also hit tests running in parallel).
     let mut conn = s.connection();
@@ -138,10 +134,7 @@ async fn killed_connection_reconnects_without_error() {
     assert_eq!(killed, 1);
     // The first command after the kill hits the dead socket; the store retries once
     // on the reconnected manager. The claim retry finds its own token: Acquired.
-    assert_eq!(
-        s.claim(&o, Duration::from_secs(30)).await.unwrap(),
-        Claim::Acquired
-    );
+    assert_eq!(s.claim(&o, terms).await.unwrap(), Claim::Acquired);
     let id2: i64 = redis::cmd("CLIENT")
         .arg("ID")
         .query_async(&mut conn)
@@ -149,7 +142,7 @@ async fn killed_connection_reconnects_without_error() {
         .unwrap();
     assert_ne!(id, id2, "a new connection");
     assert!(s
-        .complete(&o.held, Completion::Succeeded, Duration::from_secs(60))
+        .complete(&o.held, Completion::Succeeded, terms)
         .await
         .unwrap());
     cleanup(&s).await;
@@ -232,7 +225,10 @@ async fn redis_down_is_transient_never_duplicate_and_recovers() {
     let req = ClaimRequest::new(k, OwnerToken::generate(), None);
     let started = Instant::now();
     let err = s
-        .claim(&req, Duration::from_secs(5))
+        .claim(
+            &req,
+            Terms::new(Duration::from_secs(5), Duration::from_secs(60)),
+        )
         .await
         .expect_err("store down must be an error, not Done");
     eprintln!(
@@ -337,12 +333,12 @@ async fn claims_count_unsettled_starts() {
     let s = store(&prefix).await;
     let key = ScopedKey::new("c", "k");
     let lease = Duration::from_millis(300);
-    let memory = Duration::from_secs(60);
+    let terms = Terms::new(lease, Duration::from_secs(60));
     let claim = |owner: OwnerToken| {
         let (s, key) = (s.clone(), key.clone());
         async move {
             let req = ClaimRequest::new(key, owner, Some("fp".into()));
-            s.claim_counting(&req, lease, memory).await.unwrap()
+            s.claim_counting(&req, terms).await.unwrap()
         }
     };
     for n in 0..3 {
@@ -373,7 +369,7 @@ async fn claims_count_unsettled_starts() {
         .complete(
             &HeldClaim::new(key.clone(), owner),
             Completion::Succeeded,
-            memory
+            terms
         )
         .await
         .unwrap());

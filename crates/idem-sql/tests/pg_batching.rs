@@ -29,7 +29,7 @@ async fn lone_operations_go_alone_and_concurrent_claims_share_statements() {
     let table = store.table_name().to_string();
     assert!(store.is_batching());
     assert!(!store.clone().max_batch(1).is_batching(), "1 turns it off");
-    let long = Duration::from_secs(60);
+    let long = idem_core::dedup::Terms::new(Duration::from_secs(60), Duration::from_secs(60));
 
     for i in 0..3 {
         let k = ScopedKey::new("c", format!("lone-{i}"));

@@ -11,8 +11,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use idem_core::batch::Batch;
 use idem_core::dedup::{
-    Claim, ClaimRequest, CompleteRequest, Completion, DedupStore, HeldClaim, OwnerToken, ScopedKey,
-    StoreError,
+    Answers, Claim, ClaimRequest, CompleteRequest, Completion, CountedClaim, DedupStore, HeldClaim,
+    OwnerToken, ScopedKey, StoreResult, Terms,
 };
 use idem_core::{Consumer, Disposition, HandlerError, IdempotencyKey, Message, State};
 
@@ -82,60 +82,41 @@ impl CountingStore {
 
 #[async_trait]
 impl DedupStore for CountingStore {
-    async fn claim(&self, req: &ClaimRequest, lease: Duration) -> Result<Claim, StoreError> {
+    async fn claim(&self, req: &ClaimRequest, terms: Terms) -> StoreResult<Claim> {
         self.count(0);
-        self.inner.claim(req, lease).await
+        self.inner.claim(req, terms).await
     }
-    async fn claim_counting(
-        &self,
-        req: &ClaimRequest,
-        lease: Duration,
-        memory: Duration,
-    ) -> Result<(Claim, Option<u32>), StoreError> {
+    async fn claim_counting(&self, req: &ClaimRequest, terms: Terms) -> StoreResult<CountedClaim> {
         self.count(0);
-        self.inner.claim_counting(req, lease, memory).await
+        self.inner.claim_counting(req, terms).await
     }
-    async fn claim_many(
-        &self,
-        requests: &[ClaimRequest],
-        lease: Duration,
-        memory: Duration,
-    ) -> Vec<Result<(Claim, Option<u32>), StoreError>> {
+    async fn claim_many(&self, requests: &[ClaimRequest], terms: Terms) -> Answers<CountedClaim> {
         self.count(1);
-        self.inner.claim_many(requests, lease, memory).await
+        self.inner.claim_many(requests, terms).await
     }
-    async fn extend(&self, held: &HeldClaim, lease: Duration) -> Result<bool, StoreError> {
+    async fn extend(&self, held: &HeldClaim, terms: Terms) -> StoreResult<bool> {
         self.count(6);
-        self.inner.extend(held, lease).await
+        self.inner.extend(held, terms).await
     }
-    async fn complete(
-        &self,
-        held: &HeldClaim,
-        completion: Completion,
-        retention: Duration,
-    ) -> Result<bool, StoreError> {
+    async fn complete(&self, held: &HeldClaim, how: Completion, terms: Terms) -> StoreResult<bool> {
         self.count(2);
-        self.inner.complete(held, completion, retention).await
+        self.inner.complete(held, how, terms).await
     }
-    async fn complete_many(
-        &self,
-        requests: &[CompleteRequest],
-        retention: Duration,
-    ) -> Vec<Result<bool, StoreError>> {
+    async fn complete_many(&self, requests: &[CompleteRequest], terms: Terms) -> Answers<bool> {
         self.count(3);
-        self.inner.complete_many(requests, retention).await
+        self.inner.complete_many(requests, terms).await
     }
-    async fn release(&self, held: &HeldClaim) -> Result<bool, StoreError> {
+    async fn release(&self, held: &HeldClaim) -> StoreResult<bool> {
         self.count(4);
         self.inner.release(held).await
     }
-    async fn release_many(&self, claims: &[HeldClaim]) -> Vec<Result<bool, StoreError>> {
+    async fn release_many(&self, claims: &[HeldClaim]) -> Answers<bool> {
         self.count(5);
         self.inner.release_many(claims).await
     }
-    async fn reopen_poisoned(&self, held: &HeldClaim, lease: Duration) -> Result<bool, StoreError> {
+    async fn reopen_poisoned(&self, held: &HeldClaim, terms: Terms) -> StoreResult<bool> {
         self.count(6);
-        self.inner.reopen_poisoned(held, lease).await
+        self.inner.reopen_poisoned(held, terms).await
     }
 }
 
@@ -269,7 +250,8 @@ pub async fn check(store: Arc<dyn DedupStore>, name: &str) {
     records_left(&store, name).await;
 }
 
-const LONG: Duration = Duration::from_secs(3600);
+/// An hour's lease and retention: longer than the check.
+const LONG: Terms = Terms::new(Duration::from_secs(3600), Duration::from_secs(3600));
 
 /// The done and held keys of [`check`]: `dup` done with body `ok`, `mismatch` done
 /// with body `A` (through a per-message consumer), `busy` held by a stranger.

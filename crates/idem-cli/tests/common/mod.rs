@@ -121,12 +121,10 @@ pub async fn record_done(
 ) -> OwnerToken {
     let fingerprint = fingerprint.map(str::to_owned);
     let req = ClaimRequest::new(key.clone(), OwnerToken::generate(), fingerprint);
-    let claim = store.claim(&req, Duration::from_secs(30)).await.unwrap();
+    let terms = idem_core::dedup::Terms::new(Duration::from_secs(30), retention);
+    let claim = store.claim(&req, terms).await.unwrap();
     assert_eq!(claim, Claim::Acquired);
-    assert!(store
-        .complete(&req.held, completion, retention)
-        .await
-        .unwrap());
+    assert!(store.complete(&req.held, completion, terms).await.unwrap());
     req.held.owner
 }
 

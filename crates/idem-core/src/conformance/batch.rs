@@ -2,14 +2,14 @@
 //! [`complete_and_release_many`].
 
 use super::*;
-use crate::dedup::CompleteRequest;
+use crate::dedup::{CompleteRequest, CountedClaim};
 
 async fn claims(
     store: &dyn DedupStore,
     requests: &[ClaimRequest],
-    lease: Duration,
-) -> Vec<(Claim, Option<u32>)> {
-    let answers = store.claim_many(requests, lease, LONG).await;
+    terms: Terms,
+) -> Vec<CountedClaim> {
+    let answers = store.claim_many(requests, terms).await;
     assert_eq!(
         answers.len(),
         requests.len(),
@@ -47,7 +47,7 @@ pub async fn claim_many_as_one_by_one(store: &dyn DedupStore, scope: &str) {
     }
     assert_eq!(claim(store, &holder(&held), LONG).await, Claim::Acquired);
     let expiring = ClaimRequest::new(expired.clone(), OwnerToken::generate(), None);
-    let counted = store.claim_counting(&expiring, LEASE, LONG).await;
+    let counted = store.claim_counting(&expiring, SHORT_LEASE).await;
     assert!(matches!(
         ok(counted, "claim_counting"),
         (Claim::Acquired, _)
@@ -81,7 +81,7 @@ pub async fn claim_many_as_one_by_one(store: &dyn DedupStore, scope: &str) {
         "poisoned key"
     );
     assert!(
-        matches!(answers[3].0, Claim::Busy { retry_in } if retry_in > Duration::ZERO && retry_in <= LONG),
+        matches!(answers[3].0, Claim::Busy { retry_in } if retry_in > Duration::ZERO && retry_in <= LONG.lease),
         "held key: busy, got {:?}",
         answers[3].0
     );

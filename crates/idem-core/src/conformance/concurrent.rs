@@ -150,7 +150,7 @@ impl Many {
                         );
                     }
                     Claim::Busy { retry_in } => assert!(
-                        retry_in > Duration::ZERO && retry_in <= LONG,
+                        retry_in > Duration::ZERO && retry_in <= LONG.lease,
                         "retry_in {retry_in:?}"
                     ),
                     other => panic!("racing claim of a fresh key got {other:?}"),
@@ -252,7 +252,7 @@ impl Many {
                     return Ok((None, None));
                 }
                 if i % 2 == 0 {
-                    let (c, starts) = s.claim_counting(&fresh[i], LONG, LONG).await?;
+                    let (c, starts) = s.claim_counting(&fresh[i], LONG).await?;
                     Ok((Some((c, starts)), None))
                 } else {
                     let c = s.claim(&fresh[i], LONG).await?;

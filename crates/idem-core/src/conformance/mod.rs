@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use crate::dedup::{
     Claim, ClaimRequest, Completion, DedupStore, HeldClaim, OwnerToken, ScopedKey, StoreError,
+    Terms,
 };
 
 mod batch;
@@ -31,7 +32,12 @@ pub use batch::{claim_many_as_one_by_one, complete_and_release_many};
 pub use concurrent::{concurrent, race};
 
 const LEASE: Duration = Duration::from_millis(400);
-const LONG: Duration = Duration::from_secs(3600);
+/// An hour's lease and retention: longer than any check.
+const LONG: Terms = Terms::new(Duration::from_secs(3600), Duration::from_secs(3600));
+/// Claims that run out within a check ([`LEASE`]), records that outlast it.
+const SHORT_LEASE: Terms = Terms::new(LEASE, LONG.retention);
+/// Claims that outlast a check, records that run out within it ([`LEASE`]).
+const SHORT_RETENTION: Terms = Terms::new(LONG.lease, LEASE);
 
 fn key(scope: &str, name: &str) -> ScopedKey {
     ScopedKey::new(format!("{scope}-consumer"), format!("{scope}-{name}"))
@@ -43,25 +49,25 @@ fn holder(k: &ScopedKey) -> HeldClaim {
 }
 
 /// Claims `h` with fingerprint `fp-1`.
-async fn claim(store: &dyn DedupStore, h: &HeldClaim, lease: Duration) -> Claim {
+async fn claim(store: &dyn DedupStore, h: &HeldClaim, terms: Terms) -> Claim {
     let req = ClaimRequest {
         held: h.clone(),
         fingerprint: Some("fp-1".into()),
     };
-    match store.claim(&req, lease).await {
+    match store.claim(&req, terms).await {
         Ok(c) => c,
         Err(e) => panic!("claim of {} failed: {e}", h.key),
     }
 }
 
-/// Completes `h` with `completion`, kept for `retention`.
+/// Completes `h` with `completion`, kept for `terms.retention`.
 async fn complete(
     store: &dyn DedupStore,
     h: &HeldClaim,
     completion: Completion,
-    retention: Duration,
+    terms: Terms,
 ) -> bool {
-    ok(store.complete(h, completion, retention).await, "complete")
+    ok(store.complete(h, completion, terms).await, "complete")
 }
 
 /// `h` does not hold its key (a stranger, a stale owner): complete, release and
@@ -124,7 +130,7 @@ pub async fn busy_while_held(store: &dyn DedupStore, scope: &str) {
     assert_eq!(claim(store, &holder(&k), LONG).await, Claim::Acquired);
     match claim(store, &holder(&k), LONG).await {
         Claim::Busy { retry_in } => assert!(
-            retry_in <= LONG && retry_in > Duration::ZERO,
+            retry_in <= LONG.lease && retry_in > Duration::ZERO,
             "retry_in {retry_in:?}"
         ),
         other => panic!("second claim while held must be Busy, got {other:?}"),
@@ -210,22 +216,27 @@ pub async fn lease_expiry_and_extension(store: &dyn DedupStore, scope: &str) {
     let k = key(scope, "expiry");
     let kx = key(scope, "extended");
     let (a, b, x, y) = (holder(&k), holder(&k), holder(&kx), holder(&kx));
-    assert_eq!(claim(store, &a, LEASE).await, Claim::Acquired);
-    assert_eq!(claim(store, &x, LEASE).await, Claim::Acquired);
+    assert_eq!(claim(store, &a, SHORT_LEASE).await, Claim::Acquired);
+    assert_eq!(claim(store, &x, SHORT_LEASE).await, Claim::Acquired);
     // Each extension asks for four leases: without them `kx` would lapse with `k`,
     // and the margin keeps the check from failing on a slow machine (a claim that
     // takes a few hundred milliseconds under load must still find `kx` held).
     for _ in 0..3 {
         tokio::time::sleep(LEASE / 3).await;
         assert!(
-            ok(store.extend(&x, LEASE * 4).await, "extend"),
+            ok(
+                store
+                    .extend(&x, Terms::new(LEASE * 4, LONG.retention))
+                    .await,
+                "extend"
+            ),
             "extension of a live lease"
         );
     }
     tokio::time::sleep(LEASE / 3).await;
     // `k` is now past its lease; `kx` was extended a moment ago.
     assert!(
-        matches!(claim(store, &y, LEASE).await, Claim::Busy { .. }),
+        matches!(claim(store, &y, SHORT_LEASE).await, Claim::Busy { .. }),
         "extended lease still held"
     );
     assert_eq!(
@@ -245,7 +256,7 @@ pub async fn retention_expiry(store: &dyn DedupStore, scope: &str) {
     let k = key(scope, "retention");
     let a = holder(&k);
     assert_eq!(claim(store, &a, LONG).await, Claim::Acquired);
-    assert!(complete(store, &a, Completion::Succeeded, LEASE).await);
+    assert!(complete(store, &a, Completion::Succeeded, SHORT_RETENTION).await);
     tokio::time::sleep(LEASE + LEASE / 2).await;
     assert_eq!(
         claim(store, &holder(&k), LONG).await,

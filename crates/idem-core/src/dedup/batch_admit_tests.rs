@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::fakes::{fresh_claim, FakeStore};
+use super::fakes::{fresh_claim, lease_of, FakeStore};
 use super::*;
 use crate::batch::Batch;
 use crate::crash::CrashLoopError;
@@ -62,10 +62,8 @@ async fn all(c: &Consumer, messages: Vec<Message>) -> Vec<Disposition> {
 /// What a stranger's claim of `id` finds.
 async fn look(store: &dyn DedupStore, id: &str) -> Claim {
     let stranger = fresh_claim("lb", id);
-    store
-        .claim(&stranger, Duration::from_secs(1))
-        .await
-        .unwrap()
+    let terms = lease_of(Duration::from_secs(1));
+    store.claim(&stranger, terms).await.unwrap()
 }
 
 #[tokio::test]
@@ -108,9 +106,9 @@ async fn a_crash_looping_message_is_dead_lettered_without_running() {
     let c = consumer(DedupLayer::new(store.clone()), 5, &seen);
     // Three starts that never settled (their leases ran out).
     for _ in 0..3 {
-        let lease = Duration::from_millis(1);
+        let terms = Terms::new(Duration::from_millis(1), Duration::from_secs(60));
         let crashy = fresh_claim("lb", "crashy");
-        let started = store.claim_counting(&crashy, lease, Duration::from_secs(60));
+        let started = store.claim_counting(&crashy, terms);
         assert!(matches!(started.await.unwrap(), (Claim::Acquired, _)));
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -245,45 +243,31 @@ struct Many {
 
 #[async_trait::async_trait]
 impl DedupStore for Many {
-    async fn claim(&self, req: &ClaimRequest, lease: Duration) -> Result<Claim, StoreError> {
+    async fn claim(&self, req: &ClaimRequest, terms: Terms) -> StoreResult<Claim> {
         self.single.fetch_add(1, Ordering::SeqCst);
-        self.store.claim(req, lease).await
+        self.store.claim(req, terms).await
     }
-    async fn claim_many(
-        &self,
-        requests: &[ClaimRequest],
-        lease: Duration,
-        memory: Duration,
-    ) -> Vec<Result<(Claim, Option<u32>), StoreError>> {
+    async fn claim_many(&self, requests: &[ClaimRequest], terms: Terms) -> Answers<CountedClaim> {
         self.claims.fetch_add(1, Ordering::SeqCst);
-        self.store.claim_many(requests, lease, memory).await
+        self.store.claim_many(requests, terms).await
     }
-    async fn extend(&self, held: &HeldClaim, lease: Duration) -> Result<bool, StoreError> {
-        self.store.extend(held, lease).await
+    async fn extend(&self, held: &HeldClaim, terms: Terms) -> StoreResult<bool> {
+        self.store.extend(held, terms).await
     }
-    async fn complete(
-        &self,
-        held: &HeldClaim,
-        completion: Completion,
-        retention: Duration,
-    ) -> Result<bool, StoreError> {
+    async fn complete(&self, held: &HeldClaim, how: Completion, terms: Terms) -> StoreResult<bool> {
         self.single.fetch_add(1, Ordering::SeqCst);
-        self.store.complete(held, completion, retention).await
+        self.store.complete(held, how, terms).await
     }
-    async fn complete_many(
-        &self,
-        requests: &[CompleteRequest],
-        retention: Duration,
-    ) -> Vec<Result<bool, StoreError>> {
+    async fn complete_many(&self, requests: &[CompleteRequest], terms: Terms) -> Answers<bool> {
         self.completions.fetch_add(1, Ordering::SeqCst);
-        self.store.complete_many(requests, retention).await
+        self.store.complete_many(requests, terms).await
     }
-    async fn release(&self, held: &HeldClaim) -> Result<bool, StoreError> {
+    async fn release(&self, held: &HeldClaim) -> StoreResult<bool> {
         self.single.fetch_add(1, Ordering::SeqCst);
         self.store.release(held).await
     }
-    async fn reopen_poisoned(&self, held: &HeldClaim, lease: Duration) -> Result<bool, StoreError> {
-        self.store.reopen_poisoned(held, lease).await
+    async fn reopen_poisoned(&self, held: &HeldClaim, terms: Terms) -> StoreResult<bool> {
+        self.store.reopen_poisoned(held, terms).await
     }
 }
 

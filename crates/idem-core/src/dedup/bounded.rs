@@ -7,8 +7,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::store::{
-    Claim, ClaimRequest, CompleteRequest, Completion, DedupStore, HeldClaim, StoreError,
-    StoreErrorKind,
+    Answers, Claim, ClaimRequest, CompleteRequest, Completion, CountedClaim, DedupStore, HeldClaim,
+    StoreError, StoreErrorKind, StoreResult, Terms,
 };
 
 /// Default limit on one store call (connection or pool wait included): 5 s.
@@ -83,52 +83,33 @@ impl Bounded {
 
 #[async_trait]
 impl DedupStore for Bounded {
-    async fn claim(&self, req: &ClaimRequest, lease: Duration) -> Result<Claim, StoreError> {
-        self.run("claim", self.inner.claim(req, lease)).await
+    async fn claim(&self, req: &ClaimRequest, terms: Terms) -> StoreResult<Claim> {
+        self.run("claim", self.inner.claim(req, terms)).await
     }
-    async fn claim_counting(
-        &self,
-        req: &ClaimRequest,
-        lease: Duration,
-        memory: Duration,
-    ) -> Result<(Claim, Option<u32>), StoreError> {
-        let claim = self.inner.claim_counting(req, lease, memory);
-        self.run("claim", claim).await
-    }
-    async fn extend(&self, held: &HeldClaim, lease: Duration) -> Result<bool, StoreError> {
-        self.run("extend", self.inner.extend(held, lease)).await
-    }
-    async fn complete(
-        &self,
-        held: &HeldClaim,
-        completion: Completion,
-        retention: Duration,
-    ) -> Result<bool, StoreError> {
-        let call = self.inner.complete(held, completion, retention);
-        self.run("complete", call).await
-    }
-    async fn release(&self, held: &HeldClaim) -> Result<bool, StoreError> {
-        self.run("release", self.inner.release(held)).await
-    }
-    async fn reopen_poisoned(&self, held: &HeldClaim, lease: Duration) -> Result<bool, StoreError> {
-        self.run("reopen", self.inner.reopen_poisoned(held, lease))
+    async fn claim_counting(&self, req: &ClaimRequest, terms: Terms) -> StoreResult<CountedClaim> {
+        self.run("claim", self.inner.claim_counting(req, terms))
             .await
     }
-    async fn claim_many(
-        &self,
-        requests: &[ClaimRequest],
-        lease: Duration,
-        memory: Duration,
-    ) -> Vec<Result<(Claim, Option<u32>), StoreError>> {
-        let call = self.inner.claim_many(requests, lease, memory);
+    async fn extend(&self, held: &HeldClaim, terms: Terms) -> StoreResult<bool> {
+        self.run("extend", self.inner.extend(held, terms)).await
+    }
+    async fn complete(&self, held: &HeldClaim, how: Completion, terms: Terms) -> StoreResult<bool> {
+        let call = self.inner.complete(held, how, terms);
+        self.run("complete", call).await
+    }
+    async fn release(&self, held: &HeldClaim) -> StoreResult<bool> {
+        self.run("release", self.inner.release(held)).await
+    }
+    async fn reopen_poisoned(&self, held: &HeldClaim, terms: Terms) -> StoreResult<bool> {
+        self.run("reopen", self.inner.reopen_poisoned(held, terms))
+            .await
+    }
+    async fn claim_many(&self, requests: &[ClaimRequest], terms: Terms) -> Answers<CountedClaim> {
+        let call = self.inner.claim_many(requests, terms);
         self.run_many("claim", requests.len(), call).await
     }
-    async fn complete_many(
-        &self,
-        requests: &[CompleteRequest],
-        retention: Duration,
-    ) -> Vec<Result<bool, StoreError>> {
-        let call = self.inner.complete_many(requests, retention);
+    async fn complete_many(&self, requests: &[CompleteRequest], terms: Terms) -> Answers<bool> {
+        let call = self.inner.complete_many(requests, terms);
         self.run_many("complete", requests.len(), call).await
     }
     async fn release_many(&self, claims: &[HeldClaim]) -> Vec<Result<bool, StoreError>> {
@@ -151,15 +132,13 @@ mod tests {
     async fn a_store_that_does_not_answer_in_time_is_a_timeout() {
         let bounded = Bounded::new(Arc::new(FakeStore::silent()), Duration::from_millis(20));
         let req = ClaimRequest::new(ScopedKey::new("c", "k"), OwnerToken::generate(), None);
-        let err = bounded
-            .claim(&req, Duration::from_secs(1))
-            .await
-            .unwrap_err();
+        let terms = Terms::new(Duration::from_secs(1), Duration::from_secs(60));
+        let err = bounded.claim(&req, terms).await.unwrap_err();
         assert_eq!(err.kind(), StoreErrorKind::Timeout);
         assert!(err.to_string().contains("timed out"), "{err}");
         // An answer in time is passed through untouched.
         let quick = Bounded::new(Arc::new(MemoryStore::new()), Duration::from_secs(5));
-        let claim = quick.claim(&req, Duration::from_secs(1));
+        let claim = quick.claim(&req, terms);
         assert_eq!(claim.await.unwrap(), Claim::Acquired);
     }
 }

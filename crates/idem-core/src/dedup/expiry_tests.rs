@@ -64,13 +64,14 @@ async fn a_key_taken_over_after_the_lease_ran_out_is_left_to_its_new_owner() {
     // Past the first claim's lease: another owner takes the key and holds it.
     tokio::time::sleep(LEASE + Duration::from_secs(1)).await;
     let other = fresh_claim("c", "k");
-    let taken = store.claim(&other, Duration::from_secs(60)).await;
+    let minute = Terms::new(Duration::from_secs(60), Duration::from_secs(60));
+    let taken = store.claim(&other, minute).await;
     assert_eq!(taken.unwrap(), Claim::Acquired);
     assert!(first.await.unwrap().unwrap().is_handled());
     // The first run's late completion did not overwrite the new owner's claim.
     assert!(store
         .memory()
-        .complete(&other.held, Completion::Succeeded, Duration::from_secs(60))
+        .complete(&other.held, Completion::Succeeded, minute)
         .await
         .unwrap());
     assert_eq!(runs.load(Ordering::SeqCst), 1);

@@ -9,12 +9,18 @@ use async_trait::async_trait;
 
 use super::{
     Claim, ClaimRequest, Completion, DedupStore, HeldClaim, MemoryStore, OwnerToken, ScopedKey,
-    StoreError,
+    StoreError, StoreResult, Terms,
 };
 
 /// A claim of `consumer/key` by a fresh owner, without fingerprint.
 pub(crate) fn fresh_claim(consumer: &str, key: &str) -> ClaimRequest {
     ClaimRequest::new(ScopedKey::new(consumer, key), OwnerToken::generate(), None)
+}
+
+/// Claims held for `lease`, `done` records kept a day: the terms of a test that
+/// only claims.
+pub(crate) fn lease_of(lease: Duration) -> Terms {
+    Terms::new(lease, Duration::from_secs(24 * 3600))
 }
 
 /// A memory store that can be cut: while `down`, every call fails ("connection
@@ -79,35 +85,30 @@ impl FakeStore {
 
 #[async_trait]
 impl DedupStore for FakeStore {
-    async fn claim(&self, req: &ClaimRequest, lease: Duration) -> Result<Claim, StoreError> {
+    async fn claim(&self, req: &ClaimRequest, terms: Terms) -> StoreResult<Claim> {
         self.gate().await?;
-        self.store.claim(req, lease).await
+        self.store.claim(req, terms).await
     }
-    async fn extend(&self, held: &HeldClaim, lease: Duration) -> Result<bool, StoreError> {
+    async fn extend(&self, held: &HeldClaim, terms: Terms) -> StoreResult<bool> {
         self.gate().await?;
         if self.no_extend {
             return Err(StoreError::new("timed out (test)"));
         }
-        self.store.extend(held, lease).await
+        self.store.extend(held, terms).await
     }
-    async fn complete(
-        &self,
-        held: &HeldClaim,
-        completion: Completion,
-        retention: Duration,
-    ) -> Result<bool, StoreError> {
+    async fn complete(&self, held: &HeldClaim, how: Completion, terms: Terms) -> StoreResult<bool> {
         self.gate().await?;
-        self.store.complete(held, completion, retention).await
+        self.store.complete(held, how, terms).await
     }
-    async fn release(&self, held: &HeldClaim) -> Result<bool, StoreError> {
+    async fn release(&self, held: &HeldClaim) -> StoreResult<bool> {
         self.gate().await?;
         self.store.release(held).await
     }
-    async fn reopen_poisoned(&self, held: &HeldClaim, lease: Duration) -> Result<bool, StoreError> {
+    async fn reopen_poisoned(&self, held: &HeldClaim, terms: Terms) -> StoreResult<bool> {
         self.gate().await?;
-        self.store.reopen_poisoned(held, lease).await
+        self.store.reopen_poisoned(held, terms).await
     }
-    async fn health(&self) -> Result<(), StoreError> {
+    async fn health(&self) -> StoreResult<()> {
         self.probes.fetch_add(1, Ordering::SeqCst);
         self.gate().await
     }

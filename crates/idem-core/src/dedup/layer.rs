@@ -11,7 +11,7 @@ use super::bounded::Bounded;
 use super::key::{KeyExtractor, MissingKey};
 use super::store::{
     Claim, ClaimRequest, CompleteRequest, Completion, DedupStore, HeldClaim, OwnerToken, ScopedKey,
-    StoreError,
+    StoreError, Terms,
 };
 use crate::__private::BoxFuture;
 use crate::error::HandlerError;
@@ -69,7 +69,8 @@ pub(super) struct Config {
     pub(super) store: Arc<dyn DedupStore>,
     raw: Arc<dyn DedupStore>,
     pub(super) settings: DedupSettings,
-    pub(super) lease: Duration,
+    /// The lease, and the retention of `settings`: what every store call applies.
+    pub(super) terms: Terms,
 }
 
 /// Default scope of a layer used on its own (outside a consumer) without
@@ -94,7 +95,7 @@ impl std::fmt::Debug for DedupLayer {
         f.debug_struct("DedupLayer")
             .field("scope", &self.config.scope)
             .field("settings", &self.config.settings)
-            .field("lease", &self.config.lease)
+            .field("lease", &self.config.terms.lease)
             .finish_non_exhaustive()
     }
 }
@@ -121,8 +122,8 @@ impl DedupLayer {
                     settings.effective_store_timeout(),
                 )),
                 raw: store,
+                terms: Terms::new(Duration::from_secs(30), settings.retention),
                 settings,
-                lease: Duration::from_secs(30),
             }),
         }
     }
@@ -135,6 +136,7 @@ impl DedupLayer {
     fn edit_settings(self, f: impl FnOnce(&mut DedupSettings)) -> Self {
         self.edit(|c| {
             f(&mut c.settings);
+            c.terms = Terms::new(c.terms.lease, c.settings.retention);
             c.store = Arc::new(Bounded::new(
                 c.raw.clone(),
                 c.settings.effective_store_timeout(),
@@ -199,7 +201,8 @@ impl DedupLayer {
     /// Claim lease (default 30 s, at least 30 ms); extended every third of it while
     /// the handler runs. A crashed worker's claim is free again once it expires.
     pub fn lease(self, lease: Duration) -> Self {
-        self.edit(|c| c.lease = lease.max(Duration::from_millis(30)))
+        let lease = lease.max(Duration::from_millis(30));
+        self.edit(|c| c.terms = Terms::new(lease, c.settings.retention))
     }
 
     /// The shared settings in force.
@@ -209,7 +212,7 @@ impl DedupLayer {
 
     /// The configured lease.
     pub fn lease_duration(&self) -> Duration {
-        self.config.lease
+        self.config.terms.lease
     }
 
     /// The store's health probe, bounded by the store timeout (for the circuit breaker).
@@ -348,12 +351,10 @@ impl Admission for LeaseSession {
         let (claim, starts) = timed(
             t,
             "claim",
-            c.store
-                .claim_counting(&self.request, c.lease, c.settings.retention)
-                .await,
+            c.store.claim_counting(&self.request, c.terms).await,
         )
         .map_err(store_failure)?;
-        Ok((claimed(claim, c.lease), starts.unwrap_or(0)))
+        Ok((claimed(claim, c.terms.lease), starts.unwrap_or(0)))
     }
 
     async fn reopen(&mut self) -> Result<bool, HandlerError> {
@@ -363,7 +364,7 @@ impl Admission for LeaseSession {
             "reopen",
             self.config
                 .store
-                .reopen_poisoned(self.held(), self.config.lease)
+                .reopen_poisoned(self.held(), self.config.terms)
                 .await,
         )
         .map_err(store_failure)
@@ -453,7 +454,7 @@ where
     if let Some(out) = first {
         return out;
     }
-    let period = config.lease / 3;
+    let period = config.terms.lease / 3;
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     loop {
         tokio::select! {
@@ -461,7 +462,7 @@ where
             _ = ticker.tick() => {
                 let extended = held
                     .iter()
-                    .map(|s| async move { (s.key(), config.store.extend(s.held(), config.lease).await) });
+                    .map(|s| async move { (s.key(), config.store.extend(s.held(), config.terms).await) });
                 for (key, answer) in futures_util::future::join_all(extended).await {
                     match answer {
                         Ok(true) => {}
@@ -484,13 +485,12 @@ pub(super) async fn finish(config: &Config, done: &[(&LeaseSession, Completion)]
     let mut backoff = Duration::from_millis(50);
     for attempt in 1..=3 {
         let t = Instant::now();
-        let retention = config.settings.retention;
         let answers = match pending.as_slice() {
             [] => return,
             [(one, completion)] => vec![
                 config
                     .store
-                    .complete(one.held(), *completion, retention)
+                    .complete(one.held(), *completion, config.terms)
                     .await,
             ],
             many => {
@@ -500,7 +500,7 @@ pub(super) async fn finish(config: &Config, done: &[(&LeaseSession, Completion)]
                         CompleteRequest::new(s.key().clone(), s.request.held.owner.clone(), *c)
                     })
                     .collect();
-                config.store.complete_many(&requests, retention).await
+                config.store.complete_many(&requests, config.terms).await
             }
         };
         let answers = padded(timed(t, "complete", answers), pending.len());
@@ -539,10 +539,10 @@ pub(super) async fn complete_after_expiry(session: &LeaseSession, completion: Co
         request.fingerprint.clone(),
     );
     let store = &config.store;
-    let reclaimed = store.claim(&fresh, config.lease).await;
+    let reclaimed = store.claim(&fresh, config.terms).await;
     let recorded = match reclaimed {
         Ok(Claim::Acquired) => store
-            .complete(&fresh.held, completion, config.settings.retention)
+            .complete(&fresh.held, completion, config.terms)
             .await
             .unwrap_or(false),
         // Another owner recorded it meanwhile: a later copy is a duplicate.

@@ -151,18 +151,19 @@ async fn admit(config: &Arc<Config>, entries: &mut [Entry], guard: &CrashGuard) 
         })
         .collect();
     let t = Instant::now();
-    let (lease, memory) = (config.lease, config.settings.retention);
     let answers = match sessions.as_mut_slice() {
         [] => return Admitted::default(),
         // One message: the single-key call, batched by the store with other callers'.
         [(_, one)] => vec![one.claim().await],
         many => {
             let requests: Vec<ClaimRequest> = many.iter().map(|(_, s)| s.request.clone()).collect();
-            let answers = config.store.claim_many(&requests, lease, memory).await;
+            let answers = config.store.claim_many(&requests, config.terms).await;
             padded(timed(t, "claim", answers), many.len())
                 .into_iter()
                 .map(|a| match a {
-                    Ok((claim, starts)) => Ok((claimed(claim, lease), starts.unwrap_or(0))),
+                    Ok((claim, starts)) => {
+                        Ok((claimed(claim, config.terms.lease), starts.unwrap_or(0)))
+                    }
                     Err(e) => Err(store_failure(e)),
                 })
                 .collect()

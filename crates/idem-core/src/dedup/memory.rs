@@ -6,7 +6,8 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use super::store::{
-    Claim, ClaimRequest, Completion, DedupStore, HeldClaim, OwnerToken, ScopedKey, StoreError,
+    Claim, ClaimRequest, Completion, CountedClaim, DedupStore, HeldClaim, OwnerToken, ScopedKey,
+    StoreResult, Terms,
 };
 
 #[derive(Debug, Clone)]
@@ -102,7 +103,7 @@ fn held_by<'a>(
 
 #[async_trait]
 impl DedupStore for MemoryStore {
-    async fn claim(&self, req: &ClaimRequest, lease: Duration) -> Result<Claim, StoreError> {
+    async fn claim(&self, req: &ClaimRequest, terms: Terms) -> StoreResult<Claim> {
         let HeldClaim { key, owner } = &req.held;
         Ok(self.with(|map, now| {
             if let Some(e) = map.get(key).filter(|e| e.expires > now) {
@@ -122,7 +123,7 @@ impl DedupStore for MemoryStore {
                     state: State::Processing {
                         owner: owner.clone(),
                     },
-                    expires: now + lease,
+                    expires: now + terms.lease,
                     fingerprint: req.fingerprint.clone(),
                 },
             );
@@ -130,41 +131,31 @@ impl DedupStore for MemoryStore {
         }))
     }
 
-    async fn claim_counting(
-        &self,
-        req: &ClaimRequest,
-        lease: Duration,
-        memory: Duration,
-    ) -> Result<(Claim, Option<u32>), StoreError> {
-        let claim = self.claim(req, lease).await?;
+    async fn claim_counting(&self, req: &ClaimRequest, terms: Terms) -> StoreResult<CountedClaim> {
+        let claim = self.claim(req, terms).await?;
         // Only the claim's holder reaches this: no other start can interleave.
         let earlier = match claim {
-            Claim::Acquired => self.count_start(&req.held.key, memory),
+            Claim::Acquired => self.count_start(&req.held.key, terms.retention),
             _ => 0,
         };
         Ok((claim, Some(earlier)))
     }
 
-    async fn extend(&self, held: &HeldClaim, lease: Duration) -> Result<bool, StoreError> {
+    async fn extend(&self, held: &HeldClaim, terms: Terms) -> StoreResult<bool> {
         Ok(self.with(|map, now| match held_by(map, held, now) {
             Some(e) => {
-                e.expires = now + lease;
+                e.expires = now + terms.lease;
                 true
             }
             None => false,
         }))
     }
 
-    async fn complete(
-        &self,
-        held: &HeldClaim,
-        completion: Completion,
-        retention: Duration,
-    ) -> Result<bool, StoreError> {
+    async fn complete(&self, held: &HeldClaim, how: Completion, terms: Terms) -> StoreResult<bool> {
         let done = self.with(|map, now| match held_by(map, held, now) {
             Some(e) => {
-                e.state = State::Done { completion };
-                e.expires = now + retention;
+                e.state = State::Done { completion: how };
+                e.expires = now + terms.retention;
                 true
             }
             None => false,
@@ -175,7 +166,7 @@ impl DedupStore for MemoryStore {
         Ok(done)
     }
 
-    async fn release(&self, held: &HeldClaim) -> Result<bool, StoreError> {
+    async fn release(&self, held: &HeldClaim) -> StoreResult<bool> {
         Ok(self.with(|map, now| {
             if held_by(map, held, now).is_some() {
                 map.remove(&held.key);
@@ -191,7 +182,7 @@ impl DedupStore for MemoryStore {
         })
     }
 
-    async fn reopen_poisoned(&self, held: &HeldClaim, lease: Duration) -> Result<bool, StoreError> {
+    async fn reopen_poisoned(&self, held: &HeldClaim, terms: Terms) -> StoreResult<bool> {
         Ok(self.with(|map, now| match map.get_mut(&held.key) {
             Some(e)
                 if e.expires > now
@@ -205,7 +196,7 @@ impl DedupStore for MemoryStore {
                 e.state = State::Processing {
                     owner: held.owner.clone(),
                 };
-                e.expires = now + lease;
+                e.expires = now + terms.lease;
                 true
             }
             _ => false,

@@ -97,8 +97,8 @@ pub use layer::{
 };
 pub use memory::MemoryStore;
 pub use store::{
-    Claim, ClaimRequest, CompleteRequest, Completion, DedupStore, HeldClaim, OwnerToken, ScopedKey,
-    StoreError, StoreErrorKind,
+    Answers, Claim, ClaimRequest, CompleteRequest, Completion, CountedClaim, DedupStore, HeldClaim,
+    OwnerToken, ScopedKey, StoreError, StoreErrorKind, StoreResult, Terms,
 };
 
 #[cfg(test)]

@@ -243,94 +243,115 @@ impl CompleteRequest {
     }
 }
 
+/// What a store call answers: the value, or the [`StoreError`] that kept it from
+/// answering.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A counting claim's answer ([`DedupStore::claim_counting`]): the claim, and how many
+/// earlier starts of the message ended unsettled (`None` when the store does not count
+/// starts).
+pub type CountedClaim = (Claim, Option<u32>);
+
+/// What a call on many keys answers ([`DedupStore::claim_many`],
+/// [`complete_many`](DedupStore::complete_many),
+/// [`release_many`](DedupStore::release_many)): one answer per key, in the order of
+/// the call.
+pub type Answers<T> = Vec<StoreResult<T>>;
+
+/// The times a store applies to what a call writes, fixed by the dedup stage's
+/// settings and handed to every [`DedupStore`] call whole, so that a store reads the
+/// one it needs and a new time setting changes no signature.
+///
+/// Built with [`Terms::new`]; the fields may grow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Terms {
+    /// How long a claim (or an extension of it, or a reopened poisoned record) is held
+    /// before another worker may take the key over.
+    pub lease: Duration,
+    /// How long a `done` record is kept. Counted starts of a message
+    /// ([`DedupStore::claim_counting`]) are remembered as long.
+    pub retention: Duration,
+}
+
+impl Terms {
+    /// Claims held for `lease`; `done` records and counted starts kept for `retention`.
+    pub const fn new(lease: Duration, retention: Duration) -> Self {
+        Terms { lease, retention }
+    }
+}
+
 /// The dedup state machine of a store:
 /// `absent -> processing(owner, lease) -> done(retention)`, `processing -> absent` on
-/// release. Every implementation must make each method a single atomic step.
+/// release. Every implementation must make each method a single atomic step. The times
+/// come in the [`Terms`] of each call.
 ///
 /// The behavioural test suite `idem_core::conformance` (feature `conformance`) runs
 /// against every implementation of idem; run it against yours.
 #[async_trait]
 pub trait DedupStore: Send + Sync + 'static {
-    /// Takes the claim of `req.held.key` for `req.held.owner` if the key is absent or
-    /// its lease has expired; records the payload fingerprint with it.
-    async fn claim(&self, req: &ClaimRequest, lease: Duration) -> Result<Claim, StoreError>;
+    /// Takes the claim of `req.held.key` for `req.held.owner`, for `terms.lease`, if
+    /// the key is absent or its lease has expired; records the payload fingerprint
+    /// with it.
+    async fn claim(&self, req: &ClaimRequest, terms: Terms) -> StoreResult<Claim>;
 
     /// [`claim`](Self::claim), counting the start: an acquired claim is recorded as a
     /// start of the message, and the answer says how many earlier starts of it ended
     /// without a settled outcome (its worker crashed, was killed or hung until the
     /// lease expired). `complete` and `release` clear the count; it is kept for
-    /// `memory` otherwise. `None`: this store does not count starts, and crash loops
-    /// are not detected (the default implementation).
+    /// `terms.retention` otherwise. `None`: this store does not count starts, and
+    /// crash loops are not detected (the default implementation).
     ///
     /// The count is that of the *earlier* starts: `Some(0)` for a first start.
-    async fn claim_counting(
-        &self,
-        req: &ClaimRequest,
-        lease: Duration,
-        memory: Duration,
-    ) -> Result<(Claim, Option<u32>), StoreError> {
-        let _ = memory;
-        Ok((self.claim(req, lease).await?, None))
+    async fn claim_counting(&self, req: &ClaimRequest, terms: Terms) -> StoreResult<CountedClaim> {
+        Ok((self.claim(req, terms).await?, None))
     }
 
-    /// Pushes the lease of a held claim forward. `false` if its owner no longer holds it.
-    async fn extend(&self, held: &HeldClaim, lease: Duration) -> Result<bool, StoreError>;
+    /// Pushes the lease of a held claim forward, to `terms.lease` from now. `false` if
+    /// its owner no longer holds it.
+    async fn extend(&self, held: &HeldClaim, terms: Terms) -> StoreResult<bool>;
 
-    /// `processing -> done`, kept for `retention`. `false` if the owner no longer
-    /// holds the claim (nothing is changed then).
-    async fn complete(
-        &self,
-        held: &HeldClaim,
-        completion: Completion,
-        retention: Duration,
-    ) -> Result<bool, StoreError>;
+    /// `processing -> done`, ended `how`, kept for `terms.retention`. `false` if the
+    /// owner no longer holds the claim (nothing is changed then).
+    async fn complete(&self, held: &HeldClaim, how: Completion, terms: Terms) -> StoreResult<bool>;
 
     /// `processing -> absent`. `false` if the owner no longer holds the claim.
-    async fn release(&self, held: &HeldClaim) -> Result<bool, StoreError>;
+    async fn release(&self, held: &HeldClaim) -> StoreResult<bool>;
 
-    /// `done(poisoned) -> processing(owner)`, for an operator's replay of a
-    /// dead-lettered poison message. `false` if the record is anything else.
-    async fn reopen_poisoned(&self, held: &HeldClaim, lease: Duration) -> Result<bool, StoreError>;
+    /// `done(poisoned) -> processing(owner)` for `terms.lease`, for an operator's
+    /// replay of a dead-lettered poison message. `false` if the record is anything else.
+    async fn reopen_poisoned(&self, held: &HeldClaim, terms: Terms) -> StoreResult<bool>;
 
     /// [`claim_counting`](Self::claim_counting) of many keys in one call (the dedup
     /// layer's [batch handlers](crate::batch)): one answer per request, in order, each
-    /// exactly what `claim_counting` would answer for it alone. `lease` and `memory`
-    /// apply to every key. The keys of one call are distinct.
+    /// exactly what `claim_counting` would answer for it alone. `terms` apply to every
+    /// key. The keys of one call are distinct.
     ///
     /// A call that fails as a whole answers each request with a copy of its error. The
     /// default claims the keys one after the other; stores with a round trip per call
     /// override it to claim them all in one.
-    async fn claim_many(
-        &self,
-        requests: &[ClaimRequest],
-        lease: Duration,
-        memory: Duration,
-    ) -> Vec<Result<(Claim, Option<u32>), StoreError>> {
+    async fn claim_many(&self, requests: &[ClaimRequest], terms: Terms) -> Answers<CountedClaim> {
         let mut answers = Vec::with_capacity(requests.len());
         for r in requests {
-            answers.push(self.claim_counting(r, lease, memory).await);
+            answers.push(self.claim_counting(r, terms).await);
         }
         answers
     }
 
     /// [`complete`](Self::complete) of many held claims in one call, each kept for
-    /// `retention`: one answer per request, in order, as `complete` would answer it.
-    /// The default completes them one after the other.
-    async fn complete_many(
-        &self,
-        requests: &[CompleteRequest],
-        retention: Duration,
-    ) -> Vec<Result<bool, StoreError>> {
+    /// `terms.retention`: one answer per request, in order, as `complete` would answer
+    /// it. The default completes them one after the other.
+    async fn complete_many(&self, requests: &[CompleteRequest], terms: Terms) -> Answers<bool> {
         let mut answers = Vec::with_capacity(requests.len());
         for r in requests {
-            answers.push(self.complete(&r.held, r.completion, retention).await);
+            answers.push(self.complete(&r.held, r.completion, terms).await);
         }
         answers
     }
 
     /// [`release`](Self::release) of many held claims in one call: one answer per
     /// claim, in order. The default releases them one after the other.
-    async fn release_many(&self, claims: &[HeldClaim]) -> Vec<Result<bool, StoreError>> {
+    async fn release_many(&self, claims: &[HeldClaim]) -> Answers<bool> {
         let mut answers = Vec::with_capacity(claims.len());
         for held in claims {
             answers.push(self.release(held).await);
@@ -342,12 +363,13 @@ pub trait DedupStore: Send + Sync + 'static {
     /// breaker to decide when an outage is over. The default extends the lease of a
     /// key that no one holds (`idem-health/probe`): one read that changes nothing.
     /// Stores with a cheaper ping may override it.
-    async fn health(&self) -> Result<(), StoreError> {
+    async fn health(&self) -> StoreResult<()> {
         let probe = HeldClaim::new(
             ScopedKey::new("idem-health", "probe"),
             OwnerToken("idem-health-probe".to_owned()),
         );
-        self.extend(&probe, Duration::from_millis(1))
+        let blink = Duration::from_millis(1);
+        self.extend(&probe, Terms::new(blink, blink))
             .await
             .map(|_| ())
     }
@@ -355,53 +377,34 @@ pub trait DedupStore: Send + Sync + 'static {
 
 #[async_trait]
 impl<T: DedupStore + ?Sized> DedupStore for Arc<T> {
-    async fn claim(&self, req: &ClaimRequest, lease: Duration) -> Result<Claim, StoreError> {
-        (**self).claim(req, lease).await
+    async fn claim(&self, req: &ClaimRequest, terms: Terms) -> StoreResult<Claim> {
+        (**self).claim(req, terms).await
     }
-    async fn claim_counting(
-        &self,
-        req: &ClaimRequest,
-        lease: Duration,
-        memory: Duration,
-    ) -> Result<(Claim, Option<u32>), StoreError> {
-        (**self).claim_counting(req, lease, memory).await
+    async fn claim_counting(&self, req: &ClaimRequest, terms: Terms) -> StoreResult<CountedClaim> {
+        (**self).claim_counting(req, terms).await
     }
-    async fn extend(&self, held: &HeldClaim, lease: Duration) -> Result<bool, StoreError> {
-        (**self).extend(held, lease).await
+    async fn extend(&self, held: &HeldClaim, terms: Terms) -> StoreResult<bool> {
+        (**self).extend(held, terms).await
     }
-    async fn complete(
-        &self,
-        held: &HeldClaim,
-        completion: Completion,
-        retention: Duration,
-    ) -> Result<bool, StoreError> {
-        (**self).complete(held, completion, retention).await
+    async fn complete(&self, held: &HeldClaim, how: Completion, terms: Terms) -> StoreResult<bool> {
+        (**self).complete(held, how, terms).await
     }
-    async fn release(&self, held: &HeldClaim) -> Result<bool, StoreError> {
+    async fn release(&self, held: &HeldClaim) -> StoreResult<bool> {
         (**self).release(held).await
     }
-    async fn reopen_poisoned(&self, held: &HeldClaim, lease: Duration) -> Result<bool, StoreError> {
-        (**self).reopen_poisoned(held, lease).await
+    async fn reopen_poisoned(&self, held: &HeldClaim, terms: Terms) -> StoreResult<bool> {
+        (**self).reopen_poisoned(held, terms).await
     }
-    async fn claim_many(
-        &self,
-        requests: &[ClaimRequest],
-        lease: Duration,
-        memory: Duration,
-    ) -> Vec<Result<(Claim, Option<u32>), StoreError>> {
-        (**self).claim_many(requests, lease, memory).await
+    async fn claim_many(&self, requests: &[ClaimRequest], terms: Terms) -> Answers<CountedClaim> {
+        (**self).claim_many(requests, terms).await
     }
-    async fn complete_many(
-        &self,
-        requests: &[CompleteRequest],
-        retention: Duration,
-    ) -> Vec<Result<bool, StoreError>> {
-        (**self).complete_many(requests, retention).await
+    async fn complete_many(&self, requests: &[CompleteRequest], terms: Terms) -> Answers<bool> {
+        (**self).complete_many(requests, terms).await
     }
-    async fn release_many(&self, claims: &[HeldClaim]) -> Vec<Result<bool, StoreError>> {
+    async fn release_many(&self, claims: &[HeldClaim]) -> Answers<bool> {
         (**self).release_many(claims).await
     }
-    async fn health(&self) -> Result<(), StoreError> {
+    async fn health(&self) -> StoreResult<()> {
         (**self).health().await
     }
 }

@@ -225,7 +225,7 @@ async fn an_edited_replay_is_a_new_version_of_the_same_message() {
 async fn busy_elsewhere_is_retried_without_spending_an_attempt() {
     let store = MemoryStore::new();
     store
-        .claim(&fresh_claim("c", "k"), Duration::from_secs(20))
+        .claim(&fresh_claim("c", "k"), lease_of(Duration::from_secs(20)))
         .await
         .unwrap();
     let (svc, runs) = stack(scoped(store), |_| Ok(()));
@@ -240,7 +240,7 @@ async fn busy_elsewhere_is_retried_without_spending_an_attempt() {
     assert_eq!(runs.get(), 0);
 }
 
-use super::fakes::{fresh_claim, FakeStore};
+use super::fakes::{fresh_claim, lease_of, FakeStore};
 
 #[tokio::test]
 async fn store_down_is_transient_and_the_handler_does_not_run() {
@@ -272,7 +272,7 @@ async fn long_handler_keeps_its_lease() {
     tokio::time::sleep(Duration::from_secs(7)).await;
     // Well past the 3 s lease: still held thanks to extensions.
     let other = store
-        .claim(&fresh_claim("c", "k"), Duration::from_secs(3))
+        .claim(&fresh_claim("c", "k"), lease_of(Duration::from_secs(3)))
         .await
         .unwrap();
     assert!(matches!(other, Claim::Busy { .. }), "{other:?}");
@@ -306,7 +306,7 @@ proptest! {
     fn state_machine_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
         rt.block_on(async move {
-            let lease = Duration::from_millis(1000);
+            let terms = Terms::new(Duration::from_millis(1000), Duration::from_secs(1_000_000));
             let store = MemoryStore::new();
             let owners = [fresh_claim("c", "k"), fresh_claim("c", "k")];
             // Model: who holds the claim and until when (ms), or done.
@@ -321,7 +321,7 @@ proptest! {
                         now += ms;
                     }
                     Op::Claim(o) => {
-                        let got = store.claim(&owners[o], lease).await.unwrap();
+                        let got = store.claim(&owners[o], terms).await.unwrap();
                         let expected_acquire = !done && live(holder, now).is_none();
                         if done {
                             prop_assert!(matches!(got, Claim::Done { .. }), "completion lost: {:?}", got);
@@ -333,7 +333,7 @@ proptest! {
                         }
                     }
                     Op::Complete(o) => {
-                        let ok = store.complete(&owners[o].held, Completion::Succeeded, Duration::from_secs(1_000_000)).await.unwrap();
+                        let ok = store.complete(&owners[o].held, Completion::Succeeded, terms).await.unwrap();
                         let expected = live(holder, now).is_some_and(|(h, _)| h == o) && !done;
                         prop_assert_eq!(ok, expected, "complete by {}", o);
                         if ok { done = true; holder = None; }
@@ -345,7 +345,7 @@ proptest! {
                         if ok { holder = None; }
                     }
                     Op::Extend(o) => {
-                        let ok = store.extend(&owners[o].held, lease).await.unwrap();
+                        let ok = store.extend(&owners[o].held, terms).await.unwrap();
                         let expected = live(holder, now).is_some_and(|(h, _)| h == o) && !done;
                         prop_assert_eq!(ok, expected, "extend by {}", o);
                         if ok { holder = Some((o, now + 1000)); }
@@ -360,7 +360,10 @@ proptest! {
 /// A worker that claimed `key` and died: the claim is never settled.
 async fn crash_once(store: &MemoryStore, key: &str, lease: Duration) -> Option<u32> {
     let (claim, earlier) = store
-        .claim_counting(&fresh_claim("c", key), lease, Duration::from_secs(60))
+        .claim_counting(
+            &fresh_claim("c", key),
+            Terms::new(lease, Duration::from_secs(60)),
+        )
         .await
         .unwrap();
     assert_eq!(claim, Claim::Acquired);
@@ -440,7 +443,7 @@ async fn consumer_name_scopes_the_keys() {
         audit.process(keyed("a")).await,
         Disposition::Ack { duplicate: false }
     );
-    let lease = Duration::from_secs(1);
+    let lease = lease_of(Duration::from_secs(1));
     assert!(matches!(
         store
             .claim(&fresh_claim("billing", "k"), lease)

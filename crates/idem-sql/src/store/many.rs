@@ -3,10 +3,9 @@
 //! batch statement of `pg_batch` for the completions and releases), elsewhere the
 //! single-key statements one after the other.
 
-use std::time::Duration;
-
 use idem_core::dedup::{
-    Claim, ClaimRequest, CompleteRequest, DedupStore, HeldClaim, StoreError, StoreErrorKind,
+    Answers, ClaimRequest, CompleteRequest, CountedClaim, DedupStore, HeldClaim, StoreError,
+    StoreErrorKind, Terms,
 };
 
 use super::SqlStore;
@@ -19,16 +18,15 @@ impl<DB: Backend> SqlStore<DB> {
     pub(super) async fn claims(
         &self,
         requests: &[ClaimRequest],
-        lease: Duration,
-        memory: Duration,
-    ) -> Vec<Result<(Claim, Option<u32>), StoreError>> {
+        terms: Terms,
+    ) -> Answers<CountedClaim> {
         #[cfg(feature = "postgres")]
         if let Some(batch) = &self.inner.batch {
-            return pg_claims::claim_many(self, batch.executor(), requests, lease).await;
+            return pg_claims::claim_many(self, batch.executor(), requests, terms.lease).await;
         }
         let mut answers = Vec::with_capacity(requests.len());
         for r in requests {
-            answers.push(self.claim_counting(r, lease, memory).await);
+            answers.push(self.claim_counting(r, terms).await);
         }
         answers
     }
@@ -37,25 +35,26 @@ impl<DB: Backend> SqlStore<DB> {
     pub(super) async fn completions(
         &self,
         requests: &[CompleteRequest],
-        retention: Duration,
-    ) -> Vec<Result<bool, StoreError>> {
+        terms: Terms,
+    ) -> Answers<bool> {
         #[cfg(feature = "postgres")]
         if let Some(batch) = &self.inner.batch {
+            let keep = terms.retention;
             let ops = requests
                 .iter()
-                .map(|r| pg_batch::Op::update(&r.held, Some(state_of(r.completion)), retention))
+                .map(|r| pg_batch::Op::update(&r.held, Some(state_of(r.completion)), keep))
                 .collect();
             return pg_batch::settle_many(batch.executor(), ops).await;
         }
         let mut answers = Vec::with_capacity(requests.len());
         for r in requests {
-            answers.push(self.complete(&r.held, r.completion, retention).await);
+            answers.push(self.complete(&r.held, r.completion, terms).await);
         }
         answers
     }
 
     /// [`DedupStore::release_many`].
-    pub(super) async fn releases(&self, claims: &[HeldClaim]) -> Vec<Result<bool, StoreError>> {
+    pub(super) async fn releases(&self, claims: &[HeldClaim]) -> Answers<bool> {
         #[cfg(feature = "postgres")]
         if let Some(batch) = &self.inner.batch {
             let ops = claims.iter().map(pg_batch::Op::release).collect();

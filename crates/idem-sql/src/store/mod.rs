@@ -8,8 +8,8 @@ use async_trait::async_trait;
 #[cfg(feature = "postgres")]
 use idem_core::dedup::Batcher;
 use idem_core::dedup::{
-    Claim, ClaimRequest, CompleteRequest, Completion, DedupStore, HeldClaim, StoreError,
-    DEFAULT_MAX_BATCH,
+    Answers, Claim, ClaimRequest, CompleteRequest, Completion, CountedClaim, DedupStore, HeldClaim,
+    StoreError, StoreResult, Terms, DEFAULT_MAX_BATCH,
 };
 use sqlx::Pool;
 
@@ -439,62 +439,54 @@ impl<DB: Backend> SqlStore<DB> {
 
 #[async_trait]
 impl<DB: Backend> DedupStore for SqlStore<DB> {
-    async fn claim(&self, req: &ClaimRequest, lease: Duration) -> Result<Claim, StoreError> {
+    async fn claim(&self, req: &ClaimRequest, terms: Terms) -> StoreResult<Claim> {
         #[cfg(feature = "postgres")]
-        if self.batched_claim(req, lease, false).await?.is_some() {
+        if self.batched_claim(req, terms.lease, false).await?.is_some() {
             return Ok(Claim::Acquired);
         }
-        self.claim_with(req, lease, false)
+        self.claim_with(req, terms.lease, false)
             .await
             .map(|(claim, _)| claim)
     }
 
-    async fn claim_counting(
-        &self,
-        req: &ClaimRequest,
-        lease: Duration,
-        _memory: Duration,
-    ) -> Result<(Claim, Option<u32>), StoreError> {
+    /// Counted starts are kept in the row's `starts` column, so they last as long as
+    /// the row itself.
+    async fn claim_counting(&self, req: &ClaimRequest, terms: Terms) -> StoreResult<CountedClaim> {
         #[cfg(feature = "postgres")]
-        if let Some(starts) = self.batched_claim(req, lease, true).await? {
+        if let Some(starts) = self.batched_claim(req, terms.lease, true).await? {
             return Ok((Claim::Acquired, starts));
         }
-        self.claim_with(req, lease, true).await
+        self.claim_with(req, terms.lease, true).await
     }
 
-    async fn extend(&self, held: &HeldClaim, lease: Duration) -> Result<bool, StoreError> {
+    async fn extend(&self, held: &HeldClaim, terms: Terms) -> StoreResult<bool> {
         #[cfg(feature = "postgres")]
         if let Some(done) = self
-            .batched_settle(|| pg_batch::Op::update(held, None, lease))
+            .batched_settle(|| pg_batch::Op::update(held, None, terms.lease))
             .await?
         {
             return Ok(done);
         }
-        let mut args = vec![Arg::Int(ms(lease))];
+        let mut args = vec![Arg::Int(ms(terms.lease))];
         args.extend(key_owner(held));
         Ok(self.exec("extend", &self.inner.q.extend, args).await? == 1)
     }
 
-    async fn complete(
-        &self,
-        held: &HeldClaim,
-        completion: Completion,
-        retention: Duration,
-    ) -> Result<bool, StoreError> {
-        let state = state_of(completion);
+    async fn complete(&self, held: &HeldClaim, how: Completion, terms: Terms) -> StoreResult<bool> {
+        let state = state_of(how);
         #[cfg(feature = "postgres")]
         if let Some(done) = self
-            .batched_settle(|| pg_batch::Op::update(held, Some(state), retention))
+            .batched_settle(|| pg_batch::Op::update(held, Some(state), terms.retention))
             .await?
         {
             return Ok(done);
         }
-        let mut args = vec![text(state), Arg::Int(ms(retention))];
+        let mut args = vec![text(state), Arg::Int(ms(terms.retention))];
         args.extend(key_owner(held));
         Ok(self.exec("complete", &self.inner.q.complete, args).await? == 1)
     }
 
-    async fn release(&self, held: &HeldClaim) -> Result<bool, StoreError> {
+    async fn release(&self, held: &HeldClaim) -> StoreResult<bool> {
         #[cfg(feature = "postgres")]
         if let Some(done) = self.batched_settle(|| pg_batch::Op::release(held)).await? {
             return Ok(done);
@@ -503,32 +495,23 @@ impl<DB: Backend> DedupStore for SqlStore<DB> {
         Ok(self.exec("release", &self.inner.q.release, args).await? == 1)
     }
 
-    async fn claim_many(
-        &self,
-        requests: &[ClaimRequest],
-        lease: Duration,
-        memory: Duration,
-    ) -> Vec<Result<(Claim, Option<u32>), StoreError>> {
-        self.claims(requests, lease, memory).await
+    async fn claim_many(&self, requests: &[ClaimRequest], terms: Terms) -> Answers<CountedClaim> {
+        self.claims(requests, terms).await
     }
 
-    async fn complete_many(
-        &self,
-        requests: &[CompleteRequest],
-        retention: Duration,
-    ) -> Vec<Result<bool, StoreError>> {
-        self.completions(requests, retention).await
+    async fn complete_many(&self, requests: &[CompleteRequest], terms: Terms) -> Answers<bool> {
+        self.completions(requests, terms).await
     }
 
-    async fn release_many(&self, claims: &[HeldClaim]) -> Vec<Result<bool, StoreError>> {
+    async fn release_many(&self, claims: &[HeldClaim]) -> Answers<bool> {
         self.releases(claims).await
     }
 
-    async fn reopen_poisoned(&self, held: &HeldClaim, lease: Duration) -> Result<bool, StoreError> {
+    async fn reopen_poisoned(&self, held: &HeldClaim, terms: Terms) -> StoreResult<bool> {
         let HeldClaim { key, owner, .. } = held;
         let args = vec![
             text(owner.as_str()),
-            Arg::Int(ms(lease)),
+            Arg::Int(ms(terms.lease)),
             text(key.consumer()),
             text(key.key()),
         ];

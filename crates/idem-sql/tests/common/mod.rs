@@ -139,12 +139,12 @@ macro_rules! sql_suite {
                     OwnerToken::generate()
                 };
                 assert_eq!(
-                    store.claim(&k(name, &o), lease).await.unwrap(),
+                    store.claim(&k(name, &o), idem_core::dedup::Terms::new(lease, long)).await.unwrap(),
                     Claim::Acquired
                 );
                 if let Some(r) = retention {
                     assert!(store
-                        .complete(&k(name, &o).held, Completion::Succeeded, r)
+                        .complete(&k(name, &o).held, Completion::Succeeded, idem_core::dedup::Terms::new(long, r))
                         .await
                         .unwrap());
                 }
@@ -159,7 +159,7 @@ macro_rules! sql_suite {
             );
             assert!(
                 store
-                    .extend(&k("lease-live", &live_lease).held, long)
+                    .extend(&k("lease-live", &live_lease).held, idem_core::dedup::Terms::new(long, long))
                     .await
                     .unwrap(),
                 "live lease untouched"
@@ -167,9 +167,9 @@ macro_rules! sql_suite {
 
             // The background task does the same on its own.
             let o = OwnerToken::generate();
-            store.claim(&k("bg", &o), long).await.unwrap();
+            store.claim(&k("bg", &o), idem_core::dedup::Terms::new(long, long)).await.unwrap();
             store
-                .complete(&k("bg", &o).held, Completion::Succeeded, short)
+                .complete(&k("bg", &o).held, Completion::Succeeded, idem_core::dedup::Terms::new(long, short))
                 .await
                 .unwrap();
             assert_eq!(count(store.pool(), &t).await, 3);
@@ -525,7 +525,7 @@ macro_rules! sql_suite {
             let t = store.table_name().to_string();
             drop_table(store.pool(), &t).await;
             let req = ClaimRequest::new(ScopedKey::new("c", "k"), OwnerToken::generate(), None);
-            let lease = Duration::from_secs(5);
+            let lease = idem_core::dedup::Terms::new(Duration::from_secs(5), Duration::from_secs(60));
             let err = store.claim(&req, lease).await.unwrap_err();
             assert_eq!(err.kind(), StoreErrorKind::Refused, "{err}");
             store.pool().close().await;
@@ -547,7 +547,7 @@ macro_rules! sql_suite {
                 let (s, key) = (store.clone(), key.clone());
                 async move {
                     let req = ClaimRequest::new(key, owner, None);
-                    s.claim_counting(&req, lease, memory).await.unwrap()
+                    s.claim_counting(&req, idem_core::dedup::Terms::new(lease, memory)).await.unwrap()
                 }
             };
             for n in 0..3 {
@@ -559,7 +559,7 @@ macro_rules! sql_suite {
             let owner = OwnerToken::generate();
             assert_eq!(claim(owner.clone()).await, (Claim::Acquired, Some(3)));
             assert!(store
-                .complete(&HeldClaim::new(key.clone(), owner), Completion::Succeeded, Duration::from_millis(1))
+                .complete(&HeldClaim::new(key.clone(), owner), Completion::Succeeded, idem_core::dedup::Terms::new(lease, Duration::from_millis(1)))
                 .await
                 .unwrap());
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -583,14 +583,13 @@ macro_rules! sql_suite {
             let k2 = ClaimRequest::new(ScopedKey::new("c", "k2"), OwnerToken::generate(), None);
             // No run-time fallback: the claim fails, naming the store's error, and
             // ensure_schema is the one upgrade path.
-            let refused = old.claim_counting(&k2, lease, memory).await;
+            let refused = old.claim_counting(&k2, idem_core::dedup::Terms::new(lease, memory)).await;
             assert!(refused.is_err(), "a table without `starts`: {refused:?}");
             old.ensure_schema().await.unwrap();
             let (c, n) = old
                 .claim_counting(
                     &ClaimRequest::new(ScopedKey::new("c", "k3"), OwnerToken::generate(), None),
-                    lease,
-                    memory,
+                    idem_core::dedup::Terms::new(lease, memory),
                 )
                 .await
                 .unwrap();
