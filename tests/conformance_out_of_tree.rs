@@ -39,9 +39,9 @@ tokio = { version = "1", features = ["rt-multi-thread", "macros"] }
 /// A store of "someone else's": it delegates to `MemoryStore`, as a real one would
 /// to its database.
 const LIB: &str = r#"
-use std::time::Duration;
-
-use idem::dedup::{Claim, ClaimRequest, Completion, DedupStore, HeldClaim, StoreError};
+use idem::dedup::{
+    Claim, ClaimRequest, Completion, DedupStore, HeldClaim, StoreResult, Terms,
+};
 use idem::MemoryStore;
 
 #[derive(Clone, Debug, Default)]
@@ -49,25 +49,20 @@ pub struct MyStore(MemoryStore);
 
 #[async_trait::async_trait]
 impl DedupStore for MyStore {
-    async fn claim(&self, req: &ClaimRequest, lease: Duration) -> Result<Claim, StoreError> {
-        self.0.claim(req, lease).await
+    async fn claim(&self, req: &ClaimRequest, terms: Terms) -> StoreResult<Claim> {
+        self.0.claim(req, terms).await
     }
-    async fn extend(&self, held: &HeldClaim, lease: Duration) -> Result<bool, StoreError> {
-        self.0.extend(held, lease).await
+    async fn extend(&self, held: &HeldClaim, terms: Terms) -> StoreResult<bool> {
+        self.0.extend(held, terms).await
     }
-    async fn complete(
-        &self,
-        held: &HeldClaim,
-        completion: Completion,
-        retention: Duration,
-    ) -> Result<bool, StoreError> {
-        self.0.complete(held, completion, retention).await
+    async fn complete(&self, held: &HeldClaim, how: Completion, terms: Terms) -> StoreResult<bool> {
+        self.0.complete(held, how, terms).await
     }
-    async fn release(&self, held: &HeldClaim) -> Result<bool, StoreError> {
+    async fn release(&self, held: &HeldClaim) -> StoreResult<bool> {
         self.0.release(held).await
     }
-    async fn reopen_poisoned(&self, held: &HeldClaim, lease: Duration) -> Result<bool, StoreError> {
-        self.0.reopen_poisoned(held, lease).await
+    async fn reopen_poisoned(&self, held: &HeldClaim, terms: Terms) -> StoreResult<bool> {
+        self.0.reopen_poisoned(held, terms).await
     }
 }
 "#;
