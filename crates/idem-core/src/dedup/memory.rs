@@ -63,8 +63,11 @@ impl MemoryStore {
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut HashMap<ScopedKey, Entry>, Instant) -> T) -> T {
-        let now = Instant::now();
         let mut inner = self.lock();
+        // Read the clock under the lock, so times follow the order of the operations:
+        // read before it, a call that waited for the lock would see a claim made after
+        // its clock read, and answer a `retry_in` longer than the lease.
+        let now = Instant::now();
         // Sweep expired records once per max(1024, len) operations: amortised O(1).
         if inner.ops_until_sweep == 0 {
             inner.map.retain(|_, e| e.expires > now);
@@ -78,8 +81,8 @@ impl MemoryStore {
 
     /// Records one more start of `key`; returns the earlier unsettled ones.
     fn count_start(&self, key: &ScopedKey, memory: Duration) -> u32 {
-        let now = Instant::now();
         let mut inner = self.lock();
+        let now = Instant::now();
         let entry = inner.starts.entry(key.clone()).or_insert((0, now));
         let earlier = if entry.1 > now { entry.0 } else { 0 };
         *entry = (earlier.saturating_add(1), now + memory);
