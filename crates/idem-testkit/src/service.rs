@@ -149,27 +149,18 @@ pub async fn redis() -> ::redis::aio::MultiplexedConnection {
     Service::Redis.expect_connected(&url, conn)
 }
 
-/// Deletes the keys matching `pattern` (a `KEYS` pattern such as `prefix:*`) on the
-/// node `conn` talks to, and returns how many there were: a test's clean-up. Panics
-/// if Redis refuses.
+/// Deletes the keys matching `pattern` (a `SCAN` pattern such as `prefix:*`) on the
+/// node `conn` talks to, and returns how many went: a test's clean-up, through
+/// [`unlink_matching`](crate::tools::unlink_matching). Panics if Redis refuses.
 #[cfg(feature = "redis")]
 pub async fn delete_redis_keys(
     conn: &mut (impl ::redis::aio::ConnectionLike + Send),
     pattern: &str,
 ) -> usize {
-    let keys: Vec<String> = ::redis::cmd("KEYS")
-        .arg(pattern)
-        .query_async(conn)
-        .await
-        .unwrap_or_else(|e| panic!("KEYS {pattern}: {e}"));
-    if !keys.is_empty() {
-        let _: () = ::redis::cmd("DEL")
-            .arg(&keys)
-            .query_async(conn)
-            .await
-            .unwrap_or_else(|e| panic!("DEL of the keys matching {pattern}: {e}"));
+    match crate::tools::unlink_matching(conn, pattern).await {
+        Ok(n) => usize::try_from(n).unwrap_or(usize::MAX),
+        Err(e) => panic!("deleting the keys matching {pattern}: {e}"),
     }
-    keys.len()
 }
 
 /// A pool on the test PostgreSQL ([`Service::PostgreSql`]) built from `options`, its
