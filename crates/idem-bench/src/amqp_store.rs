@@ -50,14 +50,9 @@ pub(crate) struct Args {
     // --redis-url, for amqp-redis.
     #[command(flatten)]
     redis: crate::urls::RedisUrl,
-    /// PostgreSQL URL (amqp-postgres).
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        hide_env_values = true,
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
-    )]
-    database_url: String,
+    // --database-url.
+    #[command(flatten)]
+    postgres: crate::urls::PostgresUrl,
     /// Also run idem with a batch handler of this many messages, interleaved with the
     /// per-message idem run and the hand-written loop.
     #[arg(long)]
@@ -84,7 +79,7 @@ pub(crate) async fn run(store: Store, args: Args) -> Result<Report, BoxError> {
         Store::Postgres => Some(
             sqlx::postgres::PgPoolOptions::new()
                 .max_connections(u32::from(args.base.prefetch).clamp(4, 90))
-                .connect(&args.database_url)
+                .connect(&args.postgres.database_url)
                 .await?,
         ),
         Store::Redis => None,

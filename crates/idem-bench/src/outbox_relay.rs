@@ -33,20 +33,15 @@ pub(crate) struct Args {
     pub(crate) rounds: u32,
     #[command(flatten)]
     amqp: crate::urls::AmqpUrl,
-    /// PostgreSQL URL.
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        hide_env_values = true,
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
-    )]
-    database_url: String,
+    // --database-url.
+    #[command(flatten)]
+    postgres: crate::urls::PostgresUrl,
 }
 
 pub(crate) async fn run(args: Args) -> Result<Report, BoxError> {
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(4)
-        .connect(&args.database_url)
+        .connect(&args.postgres.database_url)
         .await?;
     let admin = idem_amqp::connect(&args.amqp.url, "idem-bench-admin").await?;
     let ch = admin.create_channel().await?;

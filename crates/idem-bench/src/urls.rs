@@ -21,3 +21,16 @@ pub(crate) struct RedisUrl {
     )]
     pub(crate) redis_url: String,
 }
+
+/// `--database-url`: the PostgreSQL server (the scenarios that use one).
+#[derive(clap::Args)]
+pub(crate) struct PostgresUrl {
+    /// PostgreSQL URL (amqp-postgres, outbox-relay).
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        hide_env_values = true,
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    pub(crate) database_url: String,
+}

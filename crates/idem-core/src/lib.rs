@@ -96,7 +96,7 @@ pub mod __private {
     pub use crate::batch::plumbing::{
         collected, extensions_mut, whole_batch_failure, with_scope, ItemScope,
     };
-    pub use crate::dedup::admission::{admit, Admission, Claimed, Reading};
+    pub use crate::dedup::admission::{admit, Admission, BatchEntry, Claimed, Reading};
     pub use crate::ident::split_table_name;
     pub use crate::redact::{redact_in, redact_url};
     pub use crate::text::{parse_rfc3339, rfc3339, truncate};

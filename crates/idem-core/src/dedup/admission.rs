@@ -155,6 +155,18 @@ pub trait Admission: Send {
     fn released(&mut self) -> impl Future<Output = ()> + Send;
 }
 
+/// One message of a batch after [`Reading::batch`]: the message and its reading
+/// while it is still on its way, and its answer once it is known.
+#[derive(Debug)]
+pub struct BatchEntry {
+    /// The message (`None` once it has no further step: its key could not be read).
+    pub msg: Option<Message>,
+    /// Its key and fingerprint, if the key could be read.
+    pub reading: Option<Reading>,
+    /// Set once the message's outcome is known.
+    pub answer: Option<Result<Processed, HandlerError>>,
+}
+
 /// What admission reads from a message besides its key: its payload fingerprint
 /// (when fingerprints are on), whether an operator replays it, and the fingerprint of
 /// the body an operator edited it from.
@@ -185,6 +197,33 @@ impl Reading {
     pub fn resolve(settings: &DedupSettings, msg: &Message) -> Result<Self, HandlerError> {
         let key = resolve_key(settings.key.as_ref(), settings.missing_key, msg)?;
         Ok(Reading::of(settings, msg, &key))
+    }
+
+    /// Reads every message of a batch, in order. A message whose key cannot be
+    /// resolved gets the `missing_key` policy's answer; a key already seen earlier in
+    /// the batch is answered busy (retried once its twin has settled). Each key found
+    /// is recorded in its message's context, so the failure record names it however
+    /// the batch ends.
+    pub fn batch(settings: &DedupSettings, messages: Vec<Message>) -> Vec<BatchEntry> {
+        let mut seen = std::collections::HashSet::new();
+        let entry = |msg: Message| match Reading::resolve(settings, &msg) {
+            Err(e) => BatchEntry {
+                msg: None,
+                reading: None,
+                answer: Some(Err(e)),
+            },
+            Ok(r) => {
+                msg.context.record_key(&r.key);
+                let answer = (!seen.insert(r.key.clone()))
+                    .then(|| Err(HandlerError::busy(settings.min_busy_delay)));
+                BatchEntry {
+                    msg: Some(msg),
+                    reading: Some(r),
+                    answer,
+                }
+            }
+        };
+        messages.into_iter().map(entry).collect()
     }
 
     /// The verdict on a key found done (`completion`, with fingerprint `recorded`):

@@ -11,11 +11,10 @@
 //! ones. A batch of one message uses the single-key calls instead (they share the
 //! store's own batching with other callers).
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::admission::{decide, settlement, Admission, Decision, Reading, Settlement};
+use super::admission::{decide, settlement, Admission, BatchEntry, Decision, Reading, Settlement};
 use super::key::IdempotencyKey;
 use super::layer::{
     claimed, finish, padded, release, store_failure, timed, with_lease, Config, DedupLayer,
@@ -43,12 +42,7 @@ impl DedupLayer {
 }
 
 /// One message of the batch on its way through.
-struct Entry {
-    msg: Option<Message>,
-    reading: Option<Reading>,
-    /// Set once the message's outcome is known.
-    answer: Option<Answer>,
-}
+type Entry = BatchEntry;
 
 /// What the claim step left to do: the messages that run (their place in the batch,
 /// the message, its session; in batch order), and the sessions of crash-looping
@@ -70,7 +64,7 @@ async fn run(config: Arc<Config>, runner: BatchRunner, messages: Vec<Message>) -
     // until the outcomes are recorded.
     let guard = first.context.crash_guard();
     let _turn = guard.turn(first).await;
-    let mut entries = read(&config, messages);
+    let mut entries = Reading::batch(&config.settings, messages);
     let Admitted {
         places,
         messages,
@@ -98,34 +92,6 @@ async fn run(config: Arc<Config>, runner: BatchRunner, messages: Vec<Message>) -
         .map(|e| {
             e.answer
                 .unwrap_or_else(|| Err(HandlerError::transient(crate::batch::BatchLost)))
-        })
-        .collect()
-}
-
-/// Resolves each message's key (the `missing_key` policy applies); a key already in
-/// the batch is busy (retried later, when its twin has settled).
-fn read(config: &Config, messages: Vec<Message>) -> Vec<Entry> {
-    let settings = &config.settings;
-    let mut seen = HashSet::new();
-    messages
-        .into_iter()
-        .map(|msg| match Reading::resolve(settings, &msg) {
-            Err(e) => Entry {
-                msg: None,
-                reading: None,
-                answer: Some(Err(e)),
-            },
-            Ok(r) => {
-                // The consumer's failure record names the key however the batch ends.
-                msg.context.record_key(&r.key);
-                let answer = (!seen.insert(r.key.clone()))
-                    .then(|| Err(HandlerError::busy(settings.min_busy_delay)));
-                Entry {
-                    msg: Some(msg),
-                    reading: Some(r),
-                    answer,
-                }
-            }
         })
         .collect()
 }

@@ -88,16 +88,6 @@ impl<DB: Backend> InboxSession<DB> {
 }
 
 impl<DB: Backend> Keyed<DB> {
-    /// Runs one of the inbox's own steps within the store timeout.
-    async fn bounded<T>(
-        &self,
-        op: &str,
-        step: impl std::future::Future<Output = Result<T, sqlx::Error>>,
-    ) -> Result<T, HandlerError> {
-        let limit = self.inbox.settings.effective_store_timeout();
-        bounded("", op, &self.inbox.table, limit, step).await
-    }
-
     fn keep(&self) -> Arg {
         Arg::Int(ms(self.inbox.settings.retention))
     }
@@ -178,13 +168,14 @@ impl<DB: Backend> Keyed<DB> {
             return self.start_batched(counter).await;
         }
         let (conn, earlier) = self
+            .inbox
             .bounded("start count", async {
                 let mut conn = self.inbox.pool.acquire().await?;
                 let earlier = self.count_start(&mut conn).await?;
                 Ok((conn, earlier))
             })
             .await?;
-        match self.bounded("begin", DB::begin_on(conn)).await {
+        match self.inbox.bounded("begin", DB::begin_on(conn)).await {
             Ok(tx) => Ok((tx, earlier)),
             Err(e) => {
                 self.clear_start().await;
@@ -219,7 +210,11 @@ impl<DB: Backend> Keyed<DB> {
                 ));
             }
         };
-        match self.bounded("begin", DB::begin(&self.inbox.pool)).await {
+        match self
+            .inbox
+            .bounded("begin", DB::begin(&self.inbox.pool))
+            .await
+        {
             Ok(tx) => Ok((tx, earlier)),
             Err(e) => {
                 self.clear_start().await;
@@ -293,7 +288,7 @@ impl<DB: Backend> Admission for InboxSession<DB> {
         // The start is committed before the handler's transaction begins; see
         // `idem_core::crash`.
         let (mut tx, earlier) = self.k.start().await?;
-        match self.k.bounded("claim", self.k.enter(&mut *tx)).await {
+        match self.k.inbox.bounded("claim", self.k.enter(&mut *tx)).await {
             Ok(found) => {
                 self.tx = Some(tx);
                 Ok((found, earlier))
@@ -314,7 +309,7 @@ impl<DB: Backend> Admission for InboxSession<DB> {
         let args = vec![self.k.fp_arg(), self.k.keep(), text(c), text(key)];
         // The row is locked by `enter`: no one can change it in between.
         let reopened = DB::execute(&mut *tx, &self.k.inbox.q.reopen, args);
-        let reopened = self.k.bounded("claim", reopened).await;
+        let reopened = self.k.inbox.bounded("claim", reopened).await;
         self.tx = Some(tx);
         reopened.map(|n| n == 1)
     }
@@ -346,6 +341,7 @@ impl<DB: Backend> Admission for InboxSession<DB> {
         // The start settles with the effect, in the same transaction.
         match self
             .k
+            .inbox
             .bounded("pre-commit check", self.k.guard(&mut tx))
             .await
         {
@@ -363,7 +359,7 @@ impl<DB: Backend> Admission for InboxSession<DB> {
                 return Err(e);
             }
         }
-        if let Err(e) = self.k.bounded("commit", tx.commit()).await {
+        if let Err(e) = self.k.inbox.bounded("commit", tx.commit()).await {
             self.k.clear_start().await;
             return Err(e);
         }
@@ -374,6 +370,7 @@ impl<DB: Backend> Admission for InboxSession<DB> {
         self.rollback().await;
         if let Err(err) = self
             .k
+            .inbox
             .bounded("poison record", self.k.record_poison())
             .await
         {
@@ -388,28 +385,28 @@ impl<DB: Backend> Admission for InboxSession<DB> {
     }
 }
 
-/// Runs the inbox step `op` within `limit` (the store timeout); a failure or a timeout
-/// becomes a store-unavailable [`HandlerError`] naming `{path}{op}` and the table.
-/// Shared by the per-message path (`path` empty) and the batch path (`"batch "`).
-pub(super) async fn bounded<T>(
-    path: &str,
-    op: &str,
-    table: &(dyn std::fmt::Display + Sync),
-    limit: std::time::Duration,
-    step: impl std::future::Future<Output = Result<T, sqlx::Error>>,
-) -> Result<T, HandlerError> {
-    match tokio::time::timeout(limit, step).await {
-        Ok(r) => r.map_err(|e| {
-            HandlerError::store_unavailable(crate::schema::store_error(
-                format!("SQL inbox {path}{op} on table {table} failed"),
-                e,
-            ))
-        }),
-        Err(_) => Err(HandlerError::store_unavailable(
-            StoreError::new(format!(
-                "SQL inbox {path}{op} on table {table} timed out after {limit:?} (store_timeout)"
-            ))
-            .with_kind(StoreErrorKind::Timeout),
-        )),
+impl<DB: Backend> SqlInbox<DB> {
+    /// Runs one of the inbox's own steps (`op`, named in the error) within the store
+    /// timeout; a failure or a timeout is a store failure.
+    pub(super) async fn bounded<T>(
+        &self,
+        op: &str,
+        step: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+    ) -> Result<T, HandlerError> {
+        let (limit, table) = (self.settings.effective_store_timeout(), &self.table);
+        match tokio::time::timeout(limit, step).await {
+            Ok(r) => r.map_err(|e| {
+                HandlerError::store_unavailable(crate::schema::store_error(
+                    format!("SQL inbox {op} on table {table} failed"),
+                    e,
+                ))
+            }),
+            Err(_) => Err(HandlerError::store_unavailable(
+                StoreError::new(format!(
+                    "SQL inbox {op} on table {table} timed out after {limit:?} (store_timeout)"
+                ))
+                .with_kind(StoreErrorKind::Timeout),
+            )),
+        }
     }
 }

@@ -10,7 +10,6 @@
 mod scope;
 mod sql;
 
-use std::collections::HashSet;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -52,16 +51,6 @@ pub(crate) struct Run {
 }
 
 impl Run {
-    /// One of the inbox's own steps, within the store timeout.
-    async fn bounded<T>(
-        &self,
-        op: &str,
-        step: impl std::future::Future<Output = Result<T, sqlx::Error>>,
-    ) -> Result<T, HandlerError> {
-        let limit = self.inbox.settings.effective_store_timeout();
-        super::session::bounded("batch ", op, &self.inbox.table, limit, step).await
-    }
-
     fn keep_ms(&self) -> i64 {
         ms(self.inbox.settings.retention)
     }
@@ -99,32 +88,15 @@ impl Run {
             .collect()
     }
 
-    /// Resolves each message's key and records it in the message's context (for its
-    /// failure record); a key already in the batch is busy (retried later, when its
-    /// twin has settled).
+    /// Reads every key ([`Reading::batch`]); no message has earlier starts yet.
     fn read(&self, messages: Vec<Message>) -> Vec<Entry> {
-        let settings = &self.inbox.settings;
-        let mut seen = HashSet::new();
-        messages
+        Reading::batch(&self.inbox.settings, messages)
             .into_iter()
-            .map(|msg| match Reading::resolve(settings, &msg) {
-                Err(e) => Entry {
-                    msg: None,
-                    reading: None,
-                    answer: Some(Err(e)),
-                    earlier: 0,
-                },
-                Ok(r) => {
-                    msg.context.record_key(&r.key);
-                    let answer = (!seen.insert(r.key.clone()))
-                        .then(|| Err(idem_core::__private::busy(settings.min_busy_delay)));
-                    Entry {
-                        msg: Some(msg),
-                        reading: Some(r),
-                        answer,
-                        earlier: 0,
-                    }
-                }
+            .map(|e| Entry {
+                msg: e.msg,
+                reading: e.reading,
+                answer: e.answer,
+                earlier: 0,
             })
             .collect()
     }
@@ -139,7 +111,8 @@ impl Run {
         guard: &CrashGuard,
     ) -> Result<(), HandlerError> {
         let (conn, counts) = self
-            .bounded("start count", async {
+            .inbox
+            .bounded("batch start count", async {
                 let mut conn = self.inbox.pool.acquire().await?;
                 let counts = self
                     .sql
@@ -154,7 +127,8 @@ impl Run {
             }
         }
         let began = self
-            .bounded("begin", <Postgres as Backend>::begin_on(conn))
+            .inbox
+            .bounded("batch begin", <Postgres as Backend>::begin_on(conn))
             .await;
         let result = match began {
             Ok(tx) => self.in_transaction(entries, started, guard, tx).await,
@@ -180,8 +154,9 @@ impl Run {
             .collect();
         let keep = self.keep_ms();
         let found = self
+            .inbox
             .bounded(
-                "admission",
+                "batch admission",
                 self.sql.admit(tx, &self.consumer, keep, started, &fps),
             )
             .await?;
@@ -224,7 +199,7 @@ impl Run {
         let taken = match found.row {
             Some((_, _, left)) if left <= 0 => {
                 let take = self.sql.take(tx, false, consumer, key, fp, keep);
-                self.bounded("claim", take).await?
+                self.inbox.bounded("batch claim", take).await?
             }
             Some((state, row_fp, _)) if state == SUCCEEDED || state == POISONED => {
                 let completion = if state == SUCCEEDED {
@@ -235,7 +210,7 @@ impl Run {
                 match reading.done(completion, row_fp.as_deref()) {
                     Ok(Processed::Handled) => {
                         let take = self.sql.take(tx, true, consumer, key, fp, keep);
-                        self.bounded("claim", take).await?
+                        self.inbox.bounded("batch claim", take).await?
                     }
                     verdict => {
                         entry.answer = Some(verdict);
@@ -379,7 +354,11 @@ impl Run {
         settled: &Settled,
     ) -> Result<(), HandlerError> {
         let checked = self
-            .bounded("settle", self.sql.finish(&mut tx, &self.consumer, settled))
+            .inbox
+            .bounded(
+                "batch settle",
+                self.sql.finish(&mut tx, &self.consumer, settled),
+            )
             .await;
         match checked {
             Ok(n) if usize::try_from(n).ok() == Some(settled.kept.len()) => {}
@@ -394,14 +373,15 @@ impl Run {
                 return Err(e);
             }
         }
-        self.bounded("commit", tx.commit()).await
+        self.inbox.bounded("batch commit", tx.commit()).await
     }
 
     /// Clears the start counters after a batch that did not commit. A failure only
     /// leaves counters that a later success clears.
     async fn clear_starts(&self, keys: &[String]) {
         let cleared = self
-            .bounded("start clear", async {
+            .inbox
+            .bounded("batch start clear", async {
                 let mut conn = self.inbox.pool.acquire().await?;
                 self.sql.clear_starts(&mut conn, &self.consumer, keys).await
             })
