@@ -18,7 +18,7 @@ use lapin::{BasicProperties, Channel, Connection};
 
 mod common;
 use common::{
-    fails_once, header, header_str, messages, short_tiers, unique, url, wait_until,
+    fails_once, header, header_str, messages, short_tiers, stop_when, unique, url, wait_until,
     wait_until_async, Fixture,
 };
 
@@ -106,11 +106,7 @@ async fn ack_outcome_maps_headers_and_leaves_no_copies() {
     f.publish((0..3).map(|i| Message::new(format!("m{i}")).with_message_id(format!("ack-m{i}"))))
         .await;
 
-    wait_until("4 processed", Duration::from_secs(10), || {
-        consumer.stats().processed == 4
-    })
-    .await;
-    let stats = running.shutdown_and_join().await.unwrap();
+    let stats = stop_when(running, &consumer, "4 processed", 10, |s| s.processed == 4).await;
     assert_eq!(
         (stats.processed, stats.retries, stats.dead_lettered),
         (4, 0, 0)
@@ -170,11 +166,7 @@ async fn retry_copy_waits_its_tier_and_keeps_the_original_route() {
         attempts.lock().unwrap().len() == 1
     })
     .await;
-    wait_until("processed", Duration::from_secs(10), || {
-        consumer.stats().processed == 1
-    })
-    .await;
-    let stats = running.shutdown_and_join().await.unwrap();
+    let stats = stop_when(running, &consumer, "processed", 10, |s| s.processed == 1).await;
     assert_eq!((stats.retries, stats.processed), (1, 1));
 
     let attempts = attempts.lock().unwrap().clone();
@@ -237,11 +229,10 @@ async fn exhausted_attempts_dead_letter_with_full_headers() {
         .with_header("x-custom", 42i64);
     publisher.publish(&exchange, &rk, &mut msg).await.unwrap();
 
-    wait_until("dead-lettered", Duration::from_secs(10), || {
-        consumer.stats().dead_lettered == 1
+    let stats = stop_when(running, &consumer, "dead-lettered", 10, |s| {
+        s.dead_lettered == 1
     })
     .await;
-    let stats = running.shutdown_and_join().await.unwrap();
     assert_eq!(
         (stats.retries, stats.dead_lettered, stats.processed),
         (1, 1, 0)
@@ -348,11 +339,10 @@ async fn bad_input_is_dead_lettered_at_once() {
     .await
     .unwrap();
 
-    wait_until("4 dead-lettered", Duration::from_secs(10), || {
-        consumer.stats().dead_lettered == 4
+    let stats = stop_when(running, &consumer, "4 dead-lettered", 10, |s| {
+        s.dead_lettered == 4
     })
     .await;
-    let stats = running.shutdown_and_join().await.unwrap();
     assert_eq!(
         (stats.retries, stats.processed, stats.dead_lettered),
         (0, 0, 4)
@@ -429,11 +419,10 @@ async fn handlers_in_flight_never_exceed_prefetch() {
         .unwrap();
     f.publish(messages("p", 0..60)).await;
     let running = f.start(&consumer, |w| w.prefetch(4));
-    wait_until("60 processed", Duration::from_secs(15), || {
-        consumer.stats().processed == 60
+    stop_when(running, &consumer, "60 processed", 15, |s| {
+        s.processed == 60
     })
     .await;
-    running.shutdown_and_join().await.unwrap();
     let max = max.load(Ordering::SeqCst);
     assert!(max <= 4, "{max} handlers ran at once with prefetch 4");
     assert!(
@@ -493,11 +482,10 @@ async fn graceful_shutdown_finishes_in_flight_and_loses_nothing() {
 
     let second = make_consumer(runs.clone());
     let running = f.start(&second, |w| w.prefetch(5));
-    wait_until("rest processed", Duration::from_secs(10), || {
-        second.stats().processed == u64::from(left)
+    stop_when(running, &second, "rest processed", 10, |s| {
+        s.processed == u64::from(left)
     })
     .await;
-    running.shutdown_and_join().await.unwrap();
     let runs = runs.lock().unwrap().clone();
     assert_eq!(runs.len(), 20, "every message processed");
     assert!(
@@ -654,11 +642,10 @@ async fn quorum_topology_retries_through_its_delay_queue() {
     let publisher = Publisher::connect(&url()).await.unwrap();
     let mut msg = Message::new("q").with_message_id("quorum-1");
     publisher.publish("", topo.queue(), &mut msg).await.unwrap();
-    wait_until("processed after a retry", Duration::from_secs(10), || {
-        consumer.stats().processed == 1
+    let stats = stop_when(running, &consumer, "processed after a retry", 10, |s| {
+        s.processed == 1
     })
     .await;
-    let stats = running.shutdown_and_join().await.unwrap();
     assert_eq!(stats.retries, 1);
     topo.delete_on(&ch).await.unwrap();
 }

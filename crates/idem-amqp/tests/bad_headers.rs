@@ -16,7 +16,7 @@ use lapin::types::{AMQPValue, ByteArray, DecimalValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
 
 mod common;
-use common::{header, header_str, unique, url, wait_until};
+use common::{header, header_str, stop_when, unique, url};
 
 async fn broker() -> (Connection, Channel) {
     common::broker("idem-test-bad-headers").await
@@ -204,11 +204,10 @@ async fn raw_attempts_headers_follow_one_monotonic_rule() {
         publish_raw(&ch, topo.queue(), Some(id), h).await;
     }
     let n = cases.len() as u64;
-    wait_until("all dead-lettered", Duration::from_secs(30), || {
-        consumer.stats().dead_lettered == n
+    let stats = stop_when(running, &consumer, "all dead-lettered", 30, |s| {
+        s.dead_lettered == n
     })
     .await;
-    let stats = running.shutdown_and_join().await.unwrap();
     // Retries only for the malformed ones (one each, budget 2).
     let malformed = cases.iter().filter(|c| matches!(c.2, Malformed(_))).count() as u64;
     assert_eq!((stats.dead_lettered, stats.retries), (n, malformed));
@@ -327,12 +326,10 @@ async fn integer_key_headers_are_keys_and_wrong_types_are_named() {
     }
 
     let total = (good.len() + 1 + bad.len()) as u64;
-    wait_until("every message settled", Duration::from_secs(30), || {
-        let s = consumer.stats();
+    let stats = stop_when(running, &consumer, "every message settled", 30, |s| {
         s.processed + s.duplicates + s.dead_lettered == total
     })
     .await;
-    let stats = running.shutdown_and_join().await.unwrap();
     assert_eq!(
         (stats.processed, stats.duplicates, stats.dead_lettered),
         (good.len() as u64, 1, bad.len() as u64)

@@ -14,7 +14,7 @@ use idem_amqp::{DelayTiers, Error, Publisher, Topology, Worker, WorkerBuilder};
 use idem_core::outcome::headers as h;
 use idem_core::{
     Backoff, Consumer, Disposition, ErrorKind, HandlerError, HeaderValue, Headers, MemoryStore,
-    Message, Stats, WorkerHandle,
+    Message, Settled, Stats, WorkerHandle,
 };
 use idem_testkit::{unique, Service};
 use lapin::options::BasicGetOptions;
@@ -70,6 +70,26 @@ impl Broker {
             .build()
             .unwrap()
             .spawn()
+    }
+
+    /// A worker of `consumer` on `topo`, as [`Broker::start`] starts it, that sends
+    /// what `report` makes of each settled delivery to the receiver it returns.
+    fn start_reporting<T: Send + 'static>(
+        &self,
+        topo: &Topology,
+        consumer: Consumer,
+        report: impl Fn(&Settled<'_>) -> T + Send + Sync + 'static,
+    ) -> (
+        WorkerHandle<Result<Stats, Error>>,
+        mpsc::UnboundedReceiver<T>,
+    ) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let running = self.start(topo, consumer, |w| {
+            w.on_settle(move |s| {
+                let _ = tx.send(report(&s));
+            })
+        });
+        (running, rx)
     }
 
     /// Publishes a message with body `{}` and message id `id` to the work queue.
@@ -129,12 +149,8 @@ async fn immediate_retries_absorb_a_blip_without_a_retry_copy() {
             }
         }))
         .unwrap();
-    let (tx, mut settled) = mpsc::unbounded_channel();
-    let running = b.start(&topo, consumer, |w| {
-        w.on_settle(move |s| {
-            let _ = tx.send((s.attempt, s.disposition.clone()));
-        })
-    });
+    let (running, mut settled) =
+        b.start_reporting(&topo, consumer, |s| (s.attempt, s.disposition.clone()));
     b.publish(&topo, "blip-1").await;
     assert_eq!(
         next(&mut settled, "settle").await,
@@ -234,12 +250,7 @@ async fn discard_acks_without_a_copy_and_a_redelivery_is_a_duplicate() {
             async { Err::<(), _>(HandlerError::discard("stale event")) }
         }))
         .unwrap();
-    let (tx, mut settled) = mpsc::unbounded_channel();
-    let running = b.start(&topo, consumer, |w| {
-        w.on_settle(move |s| {
-            let _ = tx.send(s.disposition.clone());
-        })
-    });
+    let (running, mut settled) = b.start_reporting(&topo, consumer, |s| s.disposition.clone());
     for _ in 0..2 {
         b.publish(&topo, "stale-1").await;
     }

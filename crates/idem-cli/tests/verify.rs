@@ -161,6 +161,16 @@ impl Fixture {
         handle.shutdown_and_join().await.unwrap();
     }
 
+    /// Takes `n` messages all the way into an empty inbox: enqueued through the
+    /// outbox, relayed, and consumed by a worker until the inbox records them all;
+    /// their ids.
+    async fn deliver(&self, n: usize) -> Vec<String> {
+        let ids = self.enqueue(n).await;
+        self.relay().await;
+        self.consume_until(i64::try_from(n).unwrap()).await;
+        ids
+    }
+
     /// Waits until the work queue has `n` consumers.
     async fn await_consumers(&self, n: u32) {
         let what = format!("{} has {n} consumer(s)", self.queue());
@@ -314,6 +324,18 @@ async fn record(store: &impl DedupStore, key: &str, completion: Completion, rete
     record_done(store, &key, None, completion, retention).await;
 }
 
+/// Claims `key` of the test consumer in `store` for `lease` (kept a day) and never
+/// completes it: a record in processing, stuck once the lease has passed. What the
+/// store answered.
+async fn claim(store: &impl DedupStore, key: &str, lease: Duration) -> Claim {
+    let key = ScopedKey::new(CONSUMER, key);
+    let terms = idem_core::dedup::Terms::new(lease, Duration::from_secs(86_400));
+    store
+        .claim(&ClaimRequest::new(key, OwnerToken::generate(), None), terms)
+        .await
+        .unwrap()
+}
+
 /// The ids of the findings of class `class` in a `--json` report.
 fn finding_ids(report: &serde_json::Value, class: &str) -> BTreeSet<String> {
     report["findings"]
@@ -328,9 +350,7 @@ fn finding_ids(report: &serde_json::Value, class: &str) -> BTreeSet<String> {
 #[tokio::test]
 async fn verify_after_a_real_outbox_run_exits_0() {
     let f = Fixture::new().await;
-    let ids = f.enqueue(40).await;
-    f.relay().await;
-    f.consume_until(40).await;
+    let ids = f.deliver(40).await;
     let stdout = exit_starting(
         &f.verify(&[]),
         0,
@@ -385,9 +405,7 @@ async fn verify_while_a_worker_runs_counts_held_deliveries_in_flight_not_lost() 
 #[tokio::test]
 async fn verify_names_a_deleted_inbox_record_and_purged_messages() {
     let f = Fixture::new().await;
-    let done = f.enqueue(20).await;
-    f.relay().await;
-    f.consume_until(20).await;
+    let done = f.deliver(20).await;
     let waiting = f.enqueue(20).await;
     f.relay().await;
     f.await_depth(20).await;
@@ -458,15 +476,10 @@ async fn verify_reports_a_record_past_its_lease_and_a_stuck_outbox_row() {
     let mut f = Fixture::new().await;
     // A lease store's table, with a key claimed for 1 s and never completed.
     let (store, store_table) = f.lease_store().await;
-    let key = ScopedKey::new(CONSUMER, "crashed-while-processing");
-    let claim = store
-        .claim(
-            &ClaimRequest::new(key.clone(), OwnerToken::generate(), None),
-            idem_core::dedup::Terms::new(Duration::from_secs(1), Duration::from_secs(86_400)),
-        )
-        .await
-        .unwrap();
-    assert_eq!(claim, Claim::Acquired);
+    assert_eq!(
+        claim(&store, "crashed-while-processing", Duration::from_secs(1)).await,
+        Claim::Acquired
+    );
     // An outbox row no relay publishes.
     let pending = f.enqueue(1).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -486,14 +499,7 @@ async fn verify_reports_a_record_past_its_lease_and_a_stuck_outbox_row() {
     );
 
     // Within the lease and the threshold, neither is stuck.
-    let fresh = ScopedKey::new(CONSUMER, "processing-now");
-    store
-        .claim(
-            &ClaimRequest::new(fresh.clone(), OwnerToken::generate(), None),
-            idem_core::dedup::Terms::new(Duration::from_secs(300), Duration::from_secs(86_400)),
-        )
-        .await
-        .unwrap();
+    claim(&store, "processing-now", Duration::from_secs(300)).await;
     let out = f.verify_records(&store_table, &["--stuck-after", "1h", "--json"]);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
@@ -627,15 +633,10 @@ async fn verify_reads_a_mysql_lease_store_table() {
     let day = Duration::from_secs(86_400);
     record(&store, "a", Completion::Succeeded, day).await;
     record(&store, "p", Completion::Poisoned, day).await;
-    let stuck = ScopedKey::new(CONSUMER, "stuck-key");
-    let claim = store
-        .claim(
-            &ClaimRequest::new(stuck.clone(), OwnerToken::generate(), None),
-            idem_core::dedup::Terms::new(Duration::from_secs(1), Duration::from_secs(86_400)),
-        )
-        .await
-        .unwrap();
-    assert_eq!(claim, Claim::Acquired);
+    assert_eq!(
+        claim(&store, "stuck-key", Duration::from_secs(1)).await,
+        Claim::Acquired
+    );
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let ids = std::env::temp_dir().join(format!("{table}.ids"));
     std::fs::write(&ids, "a\np\nb\n").unwrap();

@@ -57,6 +57,21 @@ pub(crate) async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut
     }
 }
 
+/// Waits (see [`wait_until`]) until the stats of `consumer` meet `done`, panicking
+/// naming `what` after `secs` seconds; then stops `running` gracefully and returns
+/// its stats.
+pub(crate) async fn stop_when(
+    running: WorkerHandle<Result<Stats, idem_amqp::Error>>,
+    consumer: &Consumer,
+    what: &str,
+    secs: u64,
+    done: impl Fn(&Stats) -> bool,
+) -> Stats {
+    let limit = Duration::from_secs(secs);
+    wait_until(what, limit, || done(&consumer.stats())).await;
+    running.shutdown_and_join().await.unwrap()
+}
+
 /// Polls every 20 ms until `consumer` has processed `n` messages; panics after
 /// `limit` with `what` and the consumer's stats.
 pub(crate) async fn wait_processed(what: &str, limit: Duration, consumer: &Consumer, n: u64) {
