@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use idem_amqp::readiness::{Readiness, Registration, SourceKind};
-use idem_amqp::{Endpoints, Outgoing, Publisher};
+use idem_amqp::{Endpoints, Outgoing, Publisher, PublisherBuilder};
 use idem_core::{Message, TlsConfig};
 use sqlx::postgres::PgListener;
 use sqlx::{PgPool, Row as _};
@@ -73,9 +73,8 @@ impl std::fmt::Debug for Relay {
 pub struct RelayBuilder {
     pool: PgPool,
     outbox: Outbox,
-    endpoints: Endpoints,
-    connection_name: String,
-    tls: TlsConfig,
+    /// The relay's publisher: endpoints, connection name and TLS.
+    publisher: PublisherBuilder,
     batch_size: i64,
     poll_interval: Duration,
     cleanup_after: Duration,
@@ -88,8 +87,7 @@ impl std::fmt::Debug for RelayBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RelayBuilder")
             .field("outbox", &self.outbox)
-            .field("endpoints", &self.endpoints)
-            .field("connection_name", &self.connection_name)
+            .field("publisher", &self.publisher)
             .field("batch_size", &self.batch_size)
             .finish_non_exhaustive()
     }
@@ -98,7 +96,7 @@ impl std::fmt::Debug for RelayBuilder {
 impl RelayBuilder {
     /// Connection name shown by the broker (default `idem-outbox-relay`).
     pub fn connection_name(mut self, name: impl Into<String>) -> Self {
-        self.connection_name = name.into();
+        self.publisher = self.publisher.connection_name(name);
         self
     }
 
@@ -107,7 +105,7 @@ impl RelayBuilder {
     /// verification cannot be turned off for the broker: a config with
     /// `danger_accept_invalid_certs` makes every round fail.
     pub fn tls(mut self, tls: TlsConfig) -> Self {
-        self.tls = tls;
+        self.publisher = self.publisher.tls(tls);
         self
     }
 
@@ -156,14 +154,10 @@ impl RelayBuilder {
     /// The relay. It connects to the broker on its first round (a broker that is down
     /// at start is retried like any outage).
     pub fn build(self) -> Relay {
-        let publisher = Publisher::builder(self.endpoints)
-            .connection_name(self.connection_name)
-            .tls(self.tls)
-            .build();
         Relay {
             pool: self.pool,
             outbox: self.outbox,
-            publisher,
+            publisher: self.publisher.build(),
             batch_size: self.batch_size,
             poll_interval: self.poll_interval,
             cleanup_after: self.cleanup_after,
@@ -187,9 +181,7 @@ impl Relay {
         RelayBuilder {
             pool,
             outbox,
-            endpoints: endpoints.into(),
-            connection_name: "idem-outbox-relay".to_owned(),
-            tls: TlsConfig::default(),
+            publisher: Publisher::builder(endpoints).connection_name("idem-outbox-relay"),
             batch_size: 500,
             poll_interval: Duration::from_secs(1),
             cleanup_after: Duration::from_secs(7 * 24 * 3600),
