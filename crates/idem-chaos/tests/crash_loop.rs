@@ -78,6 +78,17 @@ async fn pg_pool(max: u32) -> PgPool {
     idem_testkit::postgres(PgPoolOptions::new().max_connections(max), "crash-loop").await
 }
 
+/// How many distinct messages the workers of the run `names` applied so far.
+async fn count_applied_distinct(pool: &PgPool, names: &Names) -> i64 {
+    sqlx::query_scalar(&format!(
+        "SELECT count(DISTINCT msg_id) FROM {}",
+        names.applied()
+    ))
+    .fetch_one(pool)
+    .await
+    .expect("count")
+}
+
 #[derive(Clone)]
 struct Ctx {
     /// Autocommit pool: the Redis-store handler's effect.
@@ -353,13 +364,7 @@ async fn crash_loop(store: &str, quorum: bool) -> Figures {
         if dlq > 0 && to_dlq.is_none() {
             to_dlq = Some(started.elapsed());
         }
-        let applied: i64 = sqlx::query_scalar(&format!(
-            "SELECT count(DISTINCT msg_id) FROM {}",
-            names.applied()
-        ))
-        .fetch_one(&pool)
-        .await
-        .expect("count");
+        let applied = count_applied_distinct(&pool, &names).await;
         if dlq > 0 && applied == HEALTHY as i64 && drained {
             break Ok(());
         }
@@ -395,13 +400,7 @@ async fn crash_loop(store: &str, quorum: bool) -> Figures {
             .fetch_one(&pool)
             .await
             .expect("count");
-    let applied_distinct: i64 = sqlx::query_scalar(&format!(
-        "SELECT count(DISTINCT msg_id) FROM {}",
-        names.applied()
-    ))
-    .fetch_one(&pool)
-    .await
-    .expect("count");
+    let applied_distinct = count_applied_distinct(&pool, &names).await;
     let (rerun, bad_rerun): (i64, i64) = sqlx::query_as(&format!(
         "SELECT count(*), count(*) FILTER (WHERE n <> 2 OR first_gen <> 0) FROM \
          (SELECT msg_id, count(*) AS n, min(gen) AS first_gen FROM {} GROUP BY msg_id HAVING count(*) > 1) r",
@@ -543,6 +542,18 @@ fn report(name: &str, f: &Figures) {
     );
 }
 
+/// The crash loop on the PostgreSQL inbox (a `quorum` queue or a classic one): on top
+/// of [`crash_loop`]'s checks, each healthy message was applied exactly once (no
+/// re-run survives in the inbox); reported as `name`.
+async fn inbox_crash_loop(quorum: bool, name: &str) {
+    let f = crash_loop("postgres", quorum).await;
+    assert_eq!(
+        f.applications, HEALTHY as i64,
+        "inbox: each healthy message applied exactly once"
+    );
+    report(name, &f);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_loop_redis_classic_ends_in_dlq_without_harming_neighbours() {
     let f = crash_loop("redis", false).await;
@@ -557,20 +568,10 @@ async fn crash_loop_redis_quorum_ends_in_dlq_without_harming_neighbours() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_loop_inbox_classic_ends_in_dlq_and_applies_each_healthy_message_once() {
-    let f = crash_loop("postgres", false).await;
-    assert_eq!(
-        f.applications, HEALTHY as i64,
-        "inbox: each healthy message applied exactly once"
-    );
-    report("inbox classic", &f);
+    inbox_crash_loop(false, "inbox classic").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_loop_inbox_quorum_ends_in_dlq_and_applies_each_healthy_message_once() {
-    let f = crash_loop("postgres", true).await;
-    assert_eq!(
-        f.applications, HEALTHY as i64,
-        "inbox: each healthy message applied exactly once"
-    );
-    report("inbox quorum", &f);
+    inbox_crash_loop(true, "inbox quorum").await;
 }

@@ -18,7 +18,7 @@
 
 mod support;
 
-use support::{run_chaos, KeepRunning, Service};
+use support::{run_restart, KeepRunning, Service, RESTART_MESSAGES};
 
 const WORKERS: i64 = 2;
 const PREFETCH: i64 = 10;
@@ -32,44 +32,24 @@ fn redis_restart_without_persistence_loses_nothing_and_reruns_only_what_it_forgo
         PREFETCH.to_string(),
         REPLAYED.to_string(),
     );
-    let run = run_chaos(&[
-        "--messages",
-        "2000",
-        "--store",
+    let run = run_restart(
         "redis",
-        "--workers",
-        &workers,
-        "--prefetch",
-        &prefetch,
-        "--kills",
-        "0",
-        "--faults",
         "redis-restart",
-        "--rounds",
-        "1",
-        "--replay-after-restart",
-        &replayed,
-        "--publish-rate",
-        "100",
-        "--drain-timeout",
-        "60",
-    ]);
+        &[
+            "--workers",
+            &workers,
+            "--prefetch",
+            &prefetch,
+            "--replay-after-restart",
+            &replayed,
+        ],
+    );
     let report = &run.report;
     // No duplicate the restart does not explain (the re-runs it explains are counted
     // apart, below); no valid message dead-lettered because Redis was down.
-    run.assert_exactly_once(2000);
-    let last = "chaos: published=";
+    run.assert_exactly_once(RESTART_MESSAGES);
 
-    let injected = "chaos: faults injected:";
-    assert_eq!(run.get(injected, "redis-restart"), 1, "{report}");
-    assert_eq!(run.get(injected, "unexpected-worker-exits"), 0, "{report}");
-    assert_eq!(run.get(last, "kills"), 0, "{report}");
-
-    let back = "chaos: back after redis-restart:";
-    assert!(
-        run.get(back, "effects") < run.get(last, "effects"),
-        "the workers applied effects after the restart\n{report}"
-    );
+    run.assert_one_restart_kept_the_workers("redis-restart");
     let drained = "chaos: drained=";
     assert_eq!(run.get(drained, "reruns_after_crash"), 0, "{report}");
     assert_eq!(

@@ -76,10 +76,7 @@ async fn charge_in_tx(
     tx: Tx<Postgres>,
 ) -> Result<(), HandlerError> {
     let mut conn = tx.conn().await?;
-    sqlx::query(&c.insert)
-        .bind(key.as_str())
-        .execute(&mut *conn)
-        .await?;
+    pg::insert_effect(&mut conn, &c.insert, key.as_str(), None).await?;
     Ok(())
 }
 

@@ -59,10 +59,7 @@ async fn handler(
             conn.execute("ROLLBACK").await?;
         }
     }
-    let _ = sqlx::query(&insert)
-        .bind(key.as_str())
-        .execute(&mut *conn)
-        .await;
+    let _ = pg::insert_effect(&mut conn, &insert, key.as_str(), None).await;
     Ok(())
 }
 

@@ -33,11 +33,13 @@ async fn write_then_maybe_fail(
 ) -> Result<(), HandlerError> {
     let run = ctx.runs.fetch_add(1, Ordering::SeqCst);
     let mut conn = tx.conn().await?;
-    sqlx::query(&ctx.insert)
-        .bind(key.as_str())
-        .bind(i64::try_from(run).unwrap())
-        .execute(&mut *conn)
-        .await?;
+    pg::insert_effect(
+        &mut conn,
+        &ctx.insert,
+        key.as_str(),
+        Some(i64::try_from(run).unwrap()),
+    )
+    .await?;
     if ctx.fail_first == usize::MAX {
         return Err(HandlerError::discard("superseded"));
     }

@@ -30,10 +30,8 @@ async fn handler(
 ) -> Result<(), HandlerError> {
     tokio::time::sleep(Duration::from_millis(5)).await;
     let mut conn = tx.conn().await?;
-    sqlx::query(&format!("INSERT INTO {fx} (k) VALUES ($1)"))
-        .bind(key.as_str())
-        .execute(&mut *conn)
-        .await?;
+    let insert = format!("INSERT INTO {fx} (k) VALUES ($1)");
+    pg::insert_effect(&mut conn, &insert, key.as_str(), None).await?;
     Ok(())
 }
 

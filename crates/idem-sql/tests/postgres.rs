@@ -122,18 +122,12 @@ async fn killed_mid_handler(
 ) -> Result<(), HandlerError> {
     let run = ctx.runs.fetch_add(1, Ordering::SeqCst);
     let mut conn = tx.conn().await?;
-    sqlx::query(&ctx.insert)
-        .bind(key.as_str())
-        .execute(&mut *conn)
-        .await?;
+    common::pg::insert_effect(&mut conn, &ctx.insert, key.as_str(), None).await?;
     if run == 0 {
         // The database "goes away" under the open transaction.
         terminate(&ctx.app).await;
     }
-    sqlx::query(&ctx.insert)
-        .bind(key.as_str())
-        .execute(&mut *conn)
-        .await?;
+    common::pg::insert_effect(&mut conn, &ctx.insert, key.as_str(), None).await?;
     Ok(())
 }
 

@@ -80,6 +80,22 @@ impl Run {
 }
 
 impl Run {
+    /// Panics with the report unless the run injected `fault` (`broker-restart`,
+    /// `redis-restart`) once, no worker process exited on its own or was killed, and
+    /// the workers applied effects after the service came back.
+    pub(crate) fn assert_one_restart_kept_the_workers(&self, fault: &str) {
+        let report = &self.report;
+        let (injected, last) = ("chaos: faults injected:", "chaos: published=");
+        assert_eq!(self.get(injected, fault), 1, "{report}");
+        assert_eq!(self.get(injected, "unexpected-worker-exits"), 0, "{report}");
+        assert_eq!(self.get(last, "kills"), 0, "{report}");
+        let back = format!("chaos: back after {fault}:");
+        assert!(
+            self.get(&back, "effects") < self.get(last, "effects"),
+            "the workers applied effects after the restart\n{report}"
+        );
+    }
+
     /// Field `key` of the summary line (`chaos: published=...`).
     pub(crate) fn total(&self, key: &str) -> i64 {
         self.get("chaos: published=", key)
@@ -96,6 +112,34 @@ impl Run {
         );
         assert_eq!(self.total("kills"), kills, "{report}");
     }
+}
+
+/// How many messages a restart run publishes.
+pub(crate) const RESTART_MESSAGES: i64 = 2000;
+
+/// Runs the chaos binary for one restart of a service: [`RESTART_MESSAGES`] messages
+/// published at 100 a second to worker processes on `store`, no kill, one round of
+/// `fault`, up to 60 s to drain, and the arguments `extra` on top.
+pub(crate) fn run_restart(store: &str, fault: &str, extra: &[&str]) -> Run {
+    let messages = RESTART_MESSAGES.to_string();
+    let mut args = vec![
+        "--messages",
+        &messages,
+        "--store",
+        store,
+        "--kills",
+        "0",
+        "--faults",
+        fault,
+        "--rounds",
+        "1",
+        "--publish-rate",
+        "100",
+        "--drain-timeout",
+        "60",
+    ];
+    args.extend_from_slice(extra);
+    run_chaos(&args)
 }
 
 /// Runs the chaos binary with `args`, prints its `chaos:` lines (shown with

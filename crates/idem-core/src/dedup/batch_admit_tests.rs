@@ -51,6 +51,22 @@ fn consumer(layer: DedupLayer, size: usize, seen: &Seen) -> Consumer {
         .unwrap()
 }
 
+/// A consumer of batches of two on `store` with a 90 ms lease (a `sleep` body outlasts
+/// several), and what its handler saw.
+fn short_lease_consumer(store: impl DedupStore) -> (Consumer, Seen) {
+    let seen = Seen::default();
+    let layer = DedupLayer::new(store).lease(Duration::from_millis(90));
+    (consumer(layer, 2, &seen), seen)
+}
+
+/// Every delivery was acked, as a duplicate or not as `duplicate` says.
+fn assert_all_acked(d: &[Disposition], duplicate: bool) {
+    assert!(
+        d.iter().all(|d| *d == Disposition::Ack { duplicate }),
+        "{d:?}"
+    );
+}
+
 fn msg(id: &str, body: &str) -> Message {
     Message::new(body.to_owned()).with_message_id(id)
 }
@@ -188,9 +204,7 @@ async fn a_store_that_does_not_answer_fails_each_message_as_a_store_failure() {
 #[tokio::test(start_paused = true)]
 async fn leases_are_extended_while_the_batch_runs() {
     let store = MemoryStore::new();
-    let seen = Seen::default();
-    let layer = DedupLayer::new(store.clone()).lease(Duration::from_millis(90));
-    let c = consumer(layer, 2, &seen);
+    let (c, _seen) = short_lease_consumer(store.clone());
     let running = tokio::spawn({
         let c = c.clone();
         async move { all(&c, vec![msg("l1", "sleep"), msg("l2", "x")]).await }
@@ -204,31 +218,17 @@ async fn leases_are_extended_while_the_batch_runs() {
         );
     }
     let d = running.await.unwrap();
-    assert!(
-        d.iter()
-            .all(|d| *d == Disposition::Ack { duplicate: false }),
-        "{d:?}"
-    );
+    assert_all_acked(&d, false);
 }
 
 #[tokio::test(start_paused = true)]
 async fn completions_that_find_their_leases_gone_are_recorded_all_the_same() {
-    let store = FakeStore::no_extend();
-    let seen = Seen::default();
-    let layer = DedupLayer::new(store.clone()).lease(Duration::from_millis(90));
-    let c = consumer(layer, 2, &seen);
+    let (c, seen) = short_lease_consumer(FakeStore::no_extend());
     let d = all(&c, vec![msg("e1", "sleep"), msg("e2", "sleep")]).await;
-    assert!(
-        d.iter()
-            .all(|d| *d == Disposition::Ack { duplicate: false }),
-        "{d:?}"
-    );
+    assert_all_acked(&d, false);
     // No one took the keys meanwhile: the redeliveries are duplicates.
     let d = all(&c, vec![msg("e1", "sleep"), msg("e2", "sleep")]).await;
-    assert!(
-        d.iter().all(|d| *d == Disposition::Ack { duplicate: true }),
-        "{d:?}"
-    );
+    assert_all_acked(&d, true);
     assert_eq!(seen.calls().len(), 1);
 }
 

@@ -53,17 +53,19 @@ fn keyed(body: &str) -> Message {
     Message::new(body.to_owned()).with_message_id("k")
 }
 
+/// Sends `m` through `svc` twice: the first is handled, the second is a duplicate.
+async fn assert_handled_then_duplicate(svc: &Svc, m: Message) {
+    assert_eq!(
+        svc.clone().oneshot(m.clone()).await.unwrap(),
+        Processed::Handled
+    );
+    assert_eq!(svc.clone().oneshot(m).await.unwrap(), Processed::Duplicate);
+}
+
 #[tokio::test]
 async fn duplicate_is_acked_without_running() {
     let (svc, runs) = stack(scoped(MemoryStore::new()), |_| Ok(()));
-    assert_eq!(
-        svc.clone().oneshot(keyed("a")).await.unwrap(),
-        Processed::Handled
-    );
-    assert_eq!(
-        svc.clone().oneshot(keyed("a")).await.unwrap(),
-        Processed::Duplicate
-    );
+    assert_handled_then_duplicate(&svc, keyed("a")).await;
     assert_eq!(runs.get(), 1);
 }
 
@@ -86,18 +88,7 @@ async fn missing_key_is_poison_or_content_hash() {
 
     let layer = scoped(MemoryStore::new()).missing_key(MissingKey::ContentHash);
     let (svc, _) = stack(layer, |_| Ok(()));
-    assert!(svc
-        .clone()
-        .oneshot(Message::new("a"))
-        .await
-        .unwrap()
-        .is_handled());
-    assert!(svc
-        .clone()
-        .oneshot(Message::new("a"))
-        .await
-        .unwrap()
-        .is_duplicate());
+    assert_handled_then_duplicate(&svc, Message::new("a")).await;
     assert!(svc.oneshot(Message::new("b")).await.unwrap().is_handled());
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::backoff::{Backoff, Jitter};
-use crate::consumer::Consumer;
+use crate::consumer::{Consumer, ConsumerBuilder};
 use crate::dedup::{DedupLayer, MemoryStore};
 use crate::error::HandlerError;
 use crate::message::HeaderValue;
@@ -21,6 +21,21 @@ fn fast_backoff(attempts: u32) -> Backoff {
 }
 
 type Calls = Arc<AtomicU32>;
+
+/// A consumer `c` that tries a failed delivery again `retries` times at once (no
+/// pause between the tries).
+fn retrying_at_once(retries: u32) -> ConsumerBuilder {
+    Consumer::builder("c")
+        .immediate_retries(retries)
+        .immediate_retry_delay(Duration::ZERO)
+}
+
+/// Runs the message `m` straight through `consumer` (no broker); its disposition.
+async fn process_m(consumer: &Consumer) -> Disposition {
+    consumer
+        .process(Message::new("{}").with_message_id("m"))
+        .await
+}
 
 /// A broker with one message `id` on `q`, and a call counter for its handler.
 fn one_message(id: &str) -> (MemoryBroker, Calls) {
@@ -94,11 +109,9 @@ async fn exhausted_immediate_retries_become_a_retry_copy_that_says_so() {
     let (broker, calls) = one_message("m");
     let seen = Arc::new(Mutex::new(Vec::new()));
     let (c, s) = (calls.clone(), seen.clone());
-    let consumer = Consumer::builder("c")
+    let consumer = retrying_at_once(2)
         .store(MemoryStore::new())
         .backoff(fast_backoff(2))
-        .immediate_retries(2)
-        .immediate_retry_delay(Duration::ZERO)
         .service(tower::service_fn(move |m: Message| {
             c.fetch_add(1, Ordering::SeqCst);
             s.lock().unwrap().push(m.headers.clone());
@@ -142,18 +155,14 @@ async fn permanent_errors_and_requested_delays_are_never_retried_at_once() {
     ] {
         let calls = Calls::default();
         let c = calls.clone();
-        let consumer = Consumer::builder("c")
+        let consumer = retrying_at_once(5)
             .store(MemoryStore::new())
-            .immediate_retries(5)
-            .immediate_retry_delay(Duration::ZERO)
             .service(tower::service_fn(move |_m: Message| {
                 c.fetch_add(1, Ordering::SeqCst);
                 std::future::ready(Err::<(), _>(error("no")))
             }))
             .unwrap();
-        let d = consumer
-            .process(Message::new("{}").with_message_id("m"))
-            .await;
+        let d = process_m(&consumer).await;
         assert_eq!(d.name(), expect);
         assert_eq!(calls.load(Ordering::SeqCst), 1, "{expect}: one try only");
         assert_eq!(consumer.stats().immediate_retries, 0);
@@ -165,17 +174,13 @@ use crate::dedup::fakes::FakeStore;
 #[tokio::test]
 async fn store_failures_are_not_retried_at_once() {
     let calls = Calls::default();
-    let consumer = Consumer::builder("c")
+    let consumer = retrying_at_once(5)
         .dedup(DedupLayer::new(FakeStore::down()))
         .without_circuit_breaker()
         .backoff(fast_backoff(5))
-        .immediate_retries(5)
-        .immediate_retry_delay(Duration::ZERO)
         .handler_with_state(flaky(0), calls.clone())
         .unwrap();
-    let d = consumer
-        .process(Message::new("{}").with_message_id("m"))
-        .await;
+    let d = process_m(&consumer).await;
     assert_eq!(d.name(), "retry", "{d}");
     assert_eq!(consumer.stats().immediate_retries, 0);
     assert_eq!(calls.load(Ordering::SeqCst), 0, "never run without a claim");
@@ -185,11 +190,9 @@ async fn store_failures_are_not_retried_at_once() {
 async fn each_try_gets_the_whole_handler_timeout() {
     // The first try hangs past the timeout; the second answers at once.
     let calls = Calls::default();
-    let consumer = Consumer::builder("c")
+    let consumer = retrying_at_once(1)
         .store(MemoryStore::new())
         .handler_timeout(Duration::from_millis(100))
-        .immediate_retries(1)
-        .immediate_retry_delay(Duration::ZERO)
         .handler_with_state(
             |State(calls): State<Calls>| async move {
                 if calls.fetch_add(1, Ordering::SeqCst) == 0 {
@@ -199,9 +202,7 @@ async fn each_try_gets_the_whole_handler_timeout() {
             calls.clone(),
         )
         .unwrap();
-    let d = consumer
-        .process(Message::new("{}").with_message_id("m"))
-        .await;
+    let d = process_m(&consumer).await;
     assert_eq!(d, Disposition::Ack { duplicate: false });
     assert_eq!(calls.load(Ordering::SeqCst), 2);
     assert_eq!(consumer.stats().immediate_retries, 1);
@@ -212,16 +213,12 @@ async fn immediate_retries_are_not_counted_as_crashes() {
     // Each failed try settles (releases) its claim, so the start count the crash guard
     // reads never grows past one, even with more tries than the crash limit.
     let calls = Calls::default();
-    let consumer = Consumer::builder("c")
+    let consumer = retrying_at_once(4)
         .store(MemoryStore::new())
         .crash_limit(1)
-        .immediate_retries(4)
-        .immediate_retry_delay(Duration::ZERO)
         .handler_with_state(flaky(4), calls.clone())
         .unwrap();
-    let d = consumer
-        .process(Message::new("{}").with_message_id("m"))
-        .await;
+    let d = process_m(&consumer).await;
     assert_eq!(d, Disposition::Ack { duplicate: false });
     assert_eq!(calls.load(Ordering::SeqCst), 5);
 }

@@ -285,6 +285,19 @@ macro_rules! sql_suite {
                 }
             }
 
+            /// A fixture on a pool of `$pool(tag)` whose handler does not wait, and the
+            /// pool's guard.
+            async fn open(tag: &str) -> (Self, impl Sized) {
+                let (pool, guard) = $pool(tag).await;
+                (InboxFixture::new(pool, Duration::ZERO).await, guard)
+            }
+
+            /// What the handler does after its write from now on: 0 ok, 1 transient
+            /// error, 2 permanent error.
+            fn set_mode(&self, mode: u8) {
+                self.ctx.mode.store(mode, Ordering::SeqCst);
+            }
+
             fn worker(&self) -> Consumer {
                 Consumer::builder("billing")
                     .dedup(self.inbox.clone())
@@ -336,8 +349,7 @@ macro_rules! sql_suite {
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn inbox_redelivery_after_commit_before_ack_is_duplicate() {
-            let (pool, _g) = $pool("inbox-crash").await;
-            let f = InboxFixture::new(pool, Duration::ZERO).await;
+            let (f, _g) = InboxFixture::open("inbox-crash").await;
             let msg = Message::new("{}").with_message_id("pay-2");
             // Worker 1 commits, then "crashes" before acking: the broker redelivers.
             assert_eq!(
@@ -363,9 +375,8 @@ macro_rules! sql_suite {
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn inbox_transient_error_rolls_back_everything() {
-            let (pool, _g) = $pool("inbox-transient").await;
-            let f = InboxFixture::new(pool, Duration::ZERO).await;
-            f.ctx.mode.store(1, Ordering::SeqCst);
+            let (f, _g) = InboxFixture::open("inbox-transient").await;
+            f.set_mode(1);
             let msg = Message::new("{}").with_message_id("pay-3");
             let retry = match f.worker().process(msg.clone()).await {
                 Disposition::Retry { headers, .. } => headers,
@@ -373,7 +384,7 @@ macro_rules! sql_suite {
             };
             assert_eq!(f.effects().await, 0, "handler's write rolled back");
             assert_eq!(f.state("pay-3").await, None, "nothing recorded");
-            f.ctx.mode.store(0, Ordering::SeqCst);
+            f.set_mode(0);
             let mut next = msg;
             for (k, v) in retry {
                 next.headers.insert(k, v);
@@ -388,9 +399,8 @@ macro_rules! sql_suite {
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn inbox_poison_is_recorded_and_replay_reopens_it() {
-            let (pool, _g) = $pool("inbox-poison").await;
-            let f = InboxFixture::new(pool, Duration::ZERO).await;
-            f.ctx.mode.store(2, Ordering::SeqCst);
+            let (f, _g) = InboxFixture::open("inbox-poison").await;
+            f.set_mode(2);
             let msg = Message::new("{}").with_message_id("pay-4");
             assert!(matches!(
                 f.worker().process(msg.clone()).await,
@@ -406,7 +416,7 @@ macro_rules! sql_suite {
                 "redelivered poison is dead-lettered again, never dropped"
             );
             assert_eq!(f.runs(), 1, "redelivered poison does not run");
-            f.ctx.mode.store(0, Ordering::SeqCst);
+            f.set_mode(0);
             let replay = msg.clone().with_header(REPLAY_HEADER, "operator");
             assert_eq!(
                 f.worker().process(replay.clone()).await,
@@ -424,8 +434,7 @@ macro_rules! sql_suite {
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn inbox_retention_cleanup() {
-            let (pool, _g) = $pool("inbox-retention").await;
-            let mut f = InboxFixture::new(pool, Duration::ZERO).await;
+            let (mut f, _g) = InboxFixture::open("inbox-retention").await;
             f.inbox = f.inbox.clone().retention(Duration::from_millis(100));
             let w = Consumer::builder("billing")
                 .dedup(f.inbox.clone())
@@ -461,8 +470,7 @@ macro_rules! sql_suite {
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn inbox_crash_limit_dead_letters_without_running() {
-            let (pool, _g) = $pool("inbox-crash").await;
-            let f = InboxFixture::new(pool, Duration::ZERO).await;
+            let (f, _g) = InboxFixture::open("inbox-crash").await;
             let starts = f.inbox.starts_table_name().to_string();
             plant_starts(&f, "pay-c", 3).await;
             plant_starts(&f, "pay-d", 2).await;
@@ -491,8 +499,7 @@ macro_rules! sql_suite {
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn inbox_without_starts_table_fails_closed_until_ensure_schema() {
-            let (pool, _g) = $pool("inbox-nostarts").await;
-            let f = InboxFixture::new(pool, Duration::ZERO).await;
+            let (f, _g) = InboxFixture::open("inbox-nostarts").await;
             // A deployment that upgraded without ensure_schema(): no counters table.
             // No run-time fallback: the store error retries the message (nothing
             // applied, nothing lost) and names the missing table.

@@ -7,7 +7,7 @@ use idem_sql::{PgInbox, PgStore};
 use idem_testkit::drop_pg_table;
 use idem_testkit::logs::LogCapture;
 use sqlx::postgres::PgPoolOptions;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
 use super::unique;
 
@@ -43,6 +43,22 @@ pub(crate) async fn effect_table(pool: &PgPool, columns: &str) -> String {
         .await
         .unwrap();
     effects
+}
+
+/// A handler's effect row: runs `insert` on `conn` (the inbox transaction's
+/// connection) with the message's `key` bound as `$1` and `run`, if any, as `$2`.
+pub(crate) async fn insert_effect(
+    conn: &mut PgConnection,
+    insert: &str,
+    key: &str,
+    run: Option<i64>,
+) -> sqlx::Result<()> {
+    let query = sqlx::query(insert).bind(key);
+    let query = match run {
+        Some(run) => query.bind(run),
+        None => query,
+    };
+    query.execute(conn).await.map(drop)
 }
 
 /// The number of rows in `table`.

@@ -60,6 +60,15 @@ fn backoff_retry(delay: Duration, attempts: u32) -> Decision {
     }
 }
 
+/// A retry after at least `delay` (asked for, not the backoff's), with `attempts`.
+fn retry_at_least(delay: Duration, attempts: u32) -> Decision {
+    Decision::Retry {
+        delay,
+        delay_kind: DelayKind::AtLeast,
+        attempts,
+    }
+}
+
 #[test]
 fn ok_acks_and_a_done_key_acks_as_duplicate() {
     assert_eq!(
@@ -101,11 +110,7 @@ fn retry_after_waits_at_least_the_asked_delay_and_spends_an_attempt() {
     let asked = Duration::from_secs(90);
     assert_eq!(
         fail(Verdict::RetryAfter(asked), after(1, 2)),
-        Decision::Retry {
-            delay: asked,
-            delay_kind: DelayKind::AtLeast,
-            attempts: 2,
-        }
+        retry_at_least(asked, 2)
     );
 }
 
@@ -190,11 +195,7 @@ fn busy_key_retries_after_its_delay_without_spending_an_attempt() {
     let delay = Duration::from_millis(250);
     assert_eq!(
         fail(Verdict::Busy(delay), after(4, 20)),
-        Decision::Retry {
-            delay,
-            delay_kind: DelayKind::AtLeast,
-            attempts: 4,
-        }
+        retry_at_least(delay, 4)
     );
 }
 
