@@ -10,6 +10,7 @@ use idem_core::dedup::{
 };
 use idem_core::{Consumer, Disposition, Message};
 use idem_redis::RedisStore;
+use idem_testkit::recovery::assert_recovers;
 use idem_testkit::{conformance, unique, Service};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -251,25 +252,8 @@ async fn redis_down_is_transient_never_duplicate_and_recovers() {
     assert_eq!(runs.load(Ordering::SeqCst), 1, "never ran without a claim");
 
     let back = Proxy::start(proxy.port).await;
-    let mut recovered = None;
-    for _ in 0..50 {
-        match consumer.process(msg("b")).await {
-            Disposition::Retry { .. } => tokio::time::sleep(Duration::from_millis(100)).await,
-            other => {
-                recovered = Some(other);
-                break;
-            }
-        }
-    }
-    assert_eq!(
-        recovered,
-        Some(Disposition::Ack { duplicate: false }),
-        "resumes when Redis is back"
-    );
-    assert_eq!(
-        consumer.process(msg("a")).await,
-        Disposition::Ack { duplicate: true }
-    );
+    let (fresh, done) = (msg("b"), msg("a"));
+    assert_recovers(&consumer, 50, &fresh, &done, "resumes when Redis is back").await;
     assert_eq!(runs.load(Ordering::SeqCst), 2);
     back.stop();
     cleanup(&direct).await;

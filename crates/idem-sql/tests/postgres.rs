@@ -9,6 +9,7 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
 use idem_testkit::postgres as connect;
+use idem_testkit::recovery::assert_recovers;
 
 async fn pool(tag: &str) -> (PgPool, ()) {
     (
@@ -85,25 +86,7 @@ async fn store_connections_killed_is_transient_never_duplicate_then_recovers() {
         ErrorKind::Transient,
         "dedup store unavailable",
     );
-    let mut settled = None;
-    for _ in 0..20 {
-        match consumer.process(msg("b")).await {
-            Disposition::Retry { .. } => tokio::time::sleep(Duration::from_millis(100)).await,
-            d => {
-                settled = Some(d);
-                break;
-            }
-        }
-    }
-    assert_eq!(
-        settled,
-        Some(Disposition::Ack { duplicate: false }),
-        "the pool recovered"
-    );
-    assert_eq!(
-        consumer.process(msg("a")).await,
-        Disposition::Ack { duplicate: true }
-    );
+    assert_recovers(&consumer, 20, &msg("b"), &msg("a"), "the pool recovered").await;
     assert_eq!(runs.load(Ordering::SeqCst), 2);
     drop_table(&pool, &store.table_name().to_string()).await;
 }

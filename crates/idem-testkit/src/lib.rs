@@ -56,6 +56,7 @@ pub mod http;
 pub mod lease_batch;
 pub mod logs;
 pub mod probe;
+pub mod recovery;
 mod service;
 #[cfg(feature = "otel")]
 pub mod spans;
